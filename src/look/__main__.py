@@ -1,0 +1,3 @@
+from look.cli import main
+
+raise SystemExit(main())

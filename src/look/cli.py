@@ -1,0 +1,169 @@
+"""``look`` command line: a thin layer over the library (every subcommand is one library call)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DESCRIPTION = """\
+LOOK: Leave-One-Out K-Nearest-Neighbour supervised pre-training (Feng et al., ICLR 2022).
+
+subcommands:
+  pretrain   pre-train a backbone with LOOK or a baseline (ce, sl_mlp, supcon, nca, mocov2)
+             from a YAML recipe plus --set overrides; resumes automatically in the same --output
+  export     write the backbone of a run or checkpoint as safetensors (loads into timm/torchvision)
+  methods    list the pre-training methods and their options with defaults
+
+Multi-GPU / multi-node: launch `look pretrain` with torchrun, e.g.
+  torchrun --nproc_per_node 8 -m look pretrain --config configs/look_resnet50_imagenet.yaml ...
+Run `look SUBCOMMAND --help` for the options of each subcommand.
+"""
+
+
+def _repo_configs_dirs() -> list[Path]:
+    here = Path(__file__).resolve()
+    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or a recipe name from ``configs/`` (with or without ``.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidates = [d / n for d in _repo_configs_dirs() for n in (name, f"{name}.yaml")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(
+        {p.stem for d in _repo_configs_dirs() if d.is_dir() for p in d.glob("*.yaml")}
+    )
+    raise FileNotFoundError(
+        f"config {name!r} not found (looked at {name} and configs/). Recipes: {available}"
+    )
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train a backbone",
+        description="Pre-train a backbone. Defaults <- --config recipe <- --set overrides. "
+        "The resolved config, metrics (CSV/JSONL/TensorBoard), checkpoints and the exported "
+        "backbone go to --output; re-running with the same --output resumes exactly.",
+    )
+    p.add_argument("--config", help="YAML recipe: a path or a name in configs/")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set method.k=50 --set optim.epochs=20 (repeatable)",
+    )
+    p.add_argument("--output", required=True, help="run directory (created or resumed)")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --output")
+    p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="allow torchvision datasets to be downloaded (never done otherwise)",
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint's backbone as safetensors",
+        description="Write the backbone weights of a run directory or checkpoint file as a "
+        "safetensors file whose keys are those of timm.create_model(name) (or the torchvision "
+        "model) without the classifier.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory or ckpt-*.pt file")
+    p.add_argument("--output", required=True, help="destination .safetensors file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="look", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    _add_pretrain(sub)
+    _add_export(sub)
+    sub.add_parser("methods", help="list methods and their options")
+    return parser
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from look.config import load_config
+    from look.engine.trainer import pretrain
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.download:
+        overrides.append("data.download=true")
+    config_path = resolve_config_path(args.config) if args.config else None
+    cfg = load_config(config_path, overrides)
+    result = pretrain(cfg, args.output, resume=not args.no_resume)
+    if result.backbone_path is not None:
+        print(f"look: done at step {result.global_step}; backbone: {result.backbone_path}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from look.engine.export import export_from_checkpoint
+
+    path = export_from_checkpoint(args.checkpoint, args.output)
+    print(f"look: wrote {path}")
+    return 0
+
+
+def _run_methods(_: argparse.Namespace) -> int:
+    import dataclasses
+
+    from look.methods import METHODS
+
+    for name, cls in METHODS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else ''}")
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            print(f"    {f.name} = {default!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import look
+
+        print(look.__version__)
+        return 0
+    handlers = {"pretrain": _run_pretrain, "export": _run_export, "methods": _run_methods}
+    if args.command not in handlers:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    if args.debug or os.environ.get("LOOK_DEBUG"):
+        return handlers[args.command](args)
+    from look.config import ConfigError
+    from look.engine.trainer import TrainingStepError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError, TrainingStepError, ValueError) as exc:
+        print(f"look: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("look: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""Run configuration: typed dataclasses, YAML recipes as defaults, ``--set key=value`` overrides.
+
+The resolved configuration is a plain ``dict`` of built-in types (never an argparse or OmegaConf
+object), so it can be written next to every run and stored in checkpoints that load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    """Which data to pre-train on (see :class:`look.data.DataSpec` for the meaning of each field)."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    labels: str = "fine"
+    download: bool = False
+    image_size: int | None = None
+    subset: int | None = None
+    augment: str = "auto"
+    corrupt_images: str = "fail"
+    num_workers: int = 2
+    synthetic_num_samples: int = 512
+    synthetic_num_classes: int = 4
+    synthetic_image_size: int = 16
+
+
+@dataclass
+class ModelConfig:
+    """The backbone; the projection head belongs to the method's options."""
+
+    backbone: str = "look_cnn_small"
+    small_stem: bool = False
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule. ``batch_size`` is the *global* batch, split evenly over ranks."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int = 256
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    lars_trust_coefficient: float = 0.001
+    exclude_bias_and_norm_from_wd: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """How the loop runs: device, precision, logging, checkpoints, failure policy."""
+
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    log_every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    deterministic: bool = False
+    nan_policy: str = "stop"  # stop | skip (skip the step; stop after nan_max_consecutive_skips)
+    nan_max_consecutive_skips: int = 10
+    max_steps: int | None = None
+    ddp_timeout_s: float = 600.0
+    export_backbone: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything one pre-training run needs. ``method`` is validated by the method's own options."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "look"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": (
+        "fashion_mnist",
+        "mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "digits",
+        "synthetic",
+    ),
+    "data.augment": ("auto", "none"),
+    "data.corrupt_images": ("fail", "skip"),
+    "optim.name": ("sgd", "lars", "adamw"),
+    "train.amp": ("auto", "none", "bf16", "fp16"),
+    "train.channels_last": ("auto", "true", "false"),
+    "train.nan_policy": ("stop", "skip"),
+}
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field annotation, converting ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string; accept any spelling Python reads as a float.
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return value
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``values``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}.{_suggest(str(key), names)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = dataclass_from_dict(annotation, value, full)
+        else:
+            kwargs[key] = _coerce(value, annotation, full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> None:
+    flat = to_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = flat[section][name]
+        if value not in choices:
+            raise ConfigError(
+                f"{key}={value!r} is not one of {list(choices)}.{_suggest(str(value), choices)}"
+            )
+    positive = {
+        "optim.lr": cfg.optim.lr,
+        "optim.batch_size": cfg.optim.batch_size,
+        "optim.epochs": cfg.optim.epochs,
+        "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.log_every_steps": cfg.train.log_every_steps,
+        "train.ddp_timeout_s": cfg.train.ddp_timeout_s,
+        "train.nan_max_consecutive_skips": cfg.train.nan_max_consecutive_skips,
+        "data.synthetic_num_samples": cfg.data.synthetic_num_samples,
+        "data.synthetic_num_classes": cfg.data.synthetic_num_classes,
+        "data.synthetic_image_size": cfg.data.synthetic_image_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.momentum": cfg.optim.momentum,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "optim.min_lr_ratio": cfg.optim.min_lr_ratio,
+        "data.num_workers": cfg.data.num_workers,
+        "seed": cfg.seed,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if cfg.optim.warmup_epochs > cfg.optim.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs} exceeds optim.epochs={cfg.optim.epochs}"
+        )
+    for key, value in {
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "train.max_steps": cfg.train.max_steps,
+        "data.subset": cfg.data.subset,
+        "data.image_size": cfg.data.image_size,
+    }.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or null, got {value!r}")
+    if not isinstance(cfg.method, dict) or not isinstance(cfg.method.get("name"), str):
+        raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: look, k: 200}")
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig` (method options are checked later)."""
+    cfg = dataclass_from_dict(RunConfig, values, "")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of built-in types (safe for YAML, JSON and ``weights_only`` checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'optim.lr=0.05'`` → (['optim', 'lr'], 0.05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``values`` with each ``key.path=value`` applied (creating method keys)."""
+    result = copy.deepcopy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Defaults ← YAML recipe ← ``--set`` overrides, validated."""
+    values = to_dict(RunConfig())
+    if path is not None:
+        values = _deep_merge(values, load_yaml(path))
+    values = apply_overrides(values, overrides)
+    return config_from_dict(values)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if key == "method" and isinstance(value, dict):
+            # A recipe's method section replaces the default one: options differ between methods.
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def save_yaml(values: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,297 @@
+"""The datasets the training loop and the evaluation protocols iterate over, and their builders."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from look.data.groupings import grouping_for_labels
+from look.data.sources import ImageSource, SubsetSource, load_source
+from look.data.spec import DataSpec, resolve_image_size, validate_spec
+from look.data.synthetic import synthetic_coarse_grouping
+from look.data.transforms import build_eval_transform, build_train_transform, resolve_augment
+
+# A subset is a property of the data spec, not of the run: the same images for every seed and for
+# both the training and the evaluation view of the training split.
+SUBSET_SEED = 0
+
+
+@dataclass(frozen=True, eq=False)
+class DataInfo:
+    """What methods and reports need to know about a dataset.
+
+    ``labels``/``class_names``/``num_classes`` describe the labels the dataset yields (coarse ones
+    when a grouping is applied); ``fine_class_names``/``fine_labels`` are the dataset's own classes
+    of the same images, in the same order, so fine-label evaluation needs no second dataset.
+    ``fine_to_coarse[f]`` is the training class of fine class ``f`` (``None`` for fine labels).
+    """
+
+    num_classes: int
+    num_samples: int
+    class_names: tuple[str, ...]
+    image_size: int
+    fine_class_names: tuple[str, ...]
+    fine_labels: tuple[int, ...] | None
+    labels: torch.Tensor
+    dataset: str = ""
+    grouping: str | None = None
+    fine_to_coarse: tuple[int, ...] | None = None
+
+
+_UINT64_MASK = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """The SplitMix64 finaliser: a bijection of 64-bit integers with strong avalanche."""
+    value = (value + 0x9E3779B97F4A7C15) & _UINT64_MASK
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64_MASK
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _UINT64_MASK
+    return value ^ (value >> 31)
+
+
+def view_seed(seed: int, epoch: int, index: int, view: int) -> int:
+    """A 64-bit seed that depends only on ``(seed, epoch, index, view)``.
+
+    Chained SplitMix64 (each step a bijection of the new word), about 20× cheaper than numpy's
+    SeedSequence, which matters at one call per view.
+    """
+    if min(seed, epoch, index, view) < 0:
+        raise ValueError(
+            f"seed, epoch, index and view must be non-negative, got {seed}, {epoch}, {index}, {view}"
+        )
+    mixed = _splitmix64(seed & _UINT64_MASK)
+    for word in (epoch, index, view):
+        mixed = _splitmix64(mixed ^ (word & _UINT64_MASK))
+    return mixed
+
+
+@contextlib.contextmanager
+def _preserved_global_rngs() -> Iterator[None]:
+    """Restore the CPU torch RNG and python's ``random`` afterwards, so seeding views leaks nothing."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class TrainDataset(Dataset):
+    """Yields ``(views, label, index)``: ``num_views`` augmented views of image ``index``.
+
+    View ``v`` of image ``i`` in epoch ``e`` is drawn from an RNG seeded with
+    ``view_seed(seed, e, i, v)``, so the views do not depend on worker count, worker RNG, resume
+    point or number of ranks. The epoch lives in shared memory, so :meth:`set_epoch` in the main
+    process also reaches persistent DataLoader workers (call it before iterating the loader).
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        num_views: int,
+        seed: int,
+    ) -> None:
+        if num_views < 1:
+            raise ValueError(f"num_views={num_views} must be at least 1")
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be non-negative")
+        if len(labels) != len(source):
+            raise ValueError(f"{len(labels)} labels for {len(source)} images")
+        self.source = source
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.fine_labels = source.labels
+        self.transform = transform
+        self.num_views = num_views
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations ``__getitem__`` draws."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be non-negative")
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, int]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        image = self.source.load(index)
+        epoch = self.epoch
+        views = []
+        with _preserved_global_rngs():
+            for view in range(self.num_views):
+                seed = view_seed(self.seed, epoch, index, view)
+                # Only the CPU generator: torch.manual_seed would also reseed every CUDA device.
+                torch.default_generator.manual_seed(seed)
+                random.seed(seed)
+                views.append(self.transform(image))
+        return tuple(views), int(self.labels[index]), index
+
+    @property
+    def num_skipped_files(self) -> int:
+        """Unreadable image files replaced so far (ImageFolder with ``corrupt_images='skip'``)."""
+        return self.source.num_skipped_files
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        return self.source.skipped_files
+
+
+class EvalDataset(Dataset):
+    """Yields ``(image, label)`` with a deterministic transform; ``fine_labels`` of the same images."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        if len(labels) != len(source):
+            raise ValueError(f"{len(labels)} labels for {len(source)} images")
+        self.source = source
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.fine_labels = source.labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        return self.transform(self.source.load(index)), int(self.labels[index])
+
+    @property
+    def num_skipped_files(self) -> int:
+        """Unreadable image files replaced so far (ImageFolder with ``corrupt_images='skip'``)."""
+        return self.source.num_skipped_files
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        return self.source.skipped_files
+
+
+def stratified_subset(labels: torch.Tensor, size: int, *, seed: int = SUBSET_SEED) -> torch.Tensor:
+    """Sorted indices of ``size`` samples keeping the class proportions of ``labels``.
+
+    Each class gets its proportional share (largest remainder rounding) and at least one sample;
+    which samples is drawn from a numpy generator seeded with ``seed``.
+    """
+    label_array = np.asarray(labels, dtype=np.int64)
+    total = len(label_array)
+    classes, counts = np.unique(label_array, return_counts=True)
+    if not len(classes) <= size <= total:
+        raise ValueError(
+            f"data.subset={size} must lie between the number of classes ({len(classes)}) and the "
+            f"number of training images ({total})"
+        )
+    exact = counts * size / total
+    quota = np.floor(exact).astype(np.int64)
+    # Largest remainder; ties broken by class order so the result is deterministic.
+    remainder_order = np.lexsort((classes, -(exact - quota)))
+    quota[remainder_order[: size - int(quota.sum())]] += 1
+    # Every class keeps at least one sample, taken from the classes with the most.
+    while (quota == 0).any():
+        quota[int(np.argmax(quota))] -= 1
+        quota[int(np.flatnonzero(quota == 0)[0])] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.choice(np.flatnonzero(label_array == c), size=int(q), replace=False)
+        for c, q in zip(classes, quota, strict=True)
+    ]
+    return torch.from_numpy(np.sort(np.concatenate(chosen)))
+
+
+def _labelled_source(
+    spec: DataSpec, split: str, labels: str
+) -> tuple[ImageSource, tuple[str, ...], torch.Tensor, str | None, tuple[int, ...] | None]:
+    """Source of ``split`` (subset applied to the training split) and the labels it is used with."""
+    validate_spec(spec)
+    source = load_source(spec, split)
+    if spec.subset is not None and split == spec.split_train:
+        source = SubsetSource(source, stratified_subset(source.labels, spec.subset))
+    if spec.dataset == "synthetic" and labels == "coarse":
+        grouping = synthetic_coarse_grouping(spec.synthetic_num_classes)
+    else:
+        grouping = grouping_for_labels(spec.dataset, labels)
+    if grouping is None:
+        return source, source.class_names, source.labels, None, None
+    coarse_names, fine_to_coarse = grouping.apply(source.class_names)
+    return (
+        source,
+        coarse_names,
+        fine_to_coarse[source.labels],
+        grouping.name,
+        tuple(fine_to_coarse.tolist()),
+    )
+
+
+def _data_info(
+    spec: DataSpec,
+    source: ImageSource,
+    class_names: tuple[str, ...],
+    targets: torch.Tensor,
+    grouping: str | None,
+    fine_to_coarse: tuple[int, ...] | None,
+) -> DataInfo:
+    return DataInfo(
+        num_classes=len(class_names),
+        num_samples=len(source),
+        class_names=class_names,
+        image_size=resolve_image_size(spec),
+        fine_class_names=source.class_names,
+        fine_labels=tuple(source.labels.tolist()),
+        labels=targets,
+        dataset=spec.dataset,
+        grouping=grouping,
+        fine_to_coarse=fine_to_coarse,
+    )
+
+
+def build_train_dataset(
+    spec: DataSpec, *, num_views: int, seed: int
+) -> tuple[TrainDataset, DataInfo]:
+    """The training split ``spec.split_train`` with ``spec.labels`` and ``num_views`` seeded views.
+
+    Raises ``FileNotFoundError`` (naming the path and the fix) when the data is missing and
+    ``ValueError`` for an unusable spec or grouping.
+    """
+    source, class_names, targets, grouping, fine_to_coarse = _labelled_source(
+        spec, spec.split_train, spec.labels
+    )
+    image_size = resolve_image_size(spec)
+    recipe = resolve_augment(spec.augment, image_size, spec.dataset)
+    transform = build_train_transform(recipe, image_size, source.native_size, spec.dataset)
+    dataset = TrainDataset(source, targets, transform, num_views=num_views, seed=seed)
+    return dataset, _data_info(spec, source, class_names, targets, grouping, fine_to_coarse)
+
+
+def build_eval_dataset(
+    spec: DataSpec, split: str, labels: str = "fine"
+) -> tuple[EvalDataset, DataInfo]:
+    """``split`` of ``spec``'s dataset with the evaluation transform, labelled by ``labels``.
+
+    ``labels`` overrides ``spec.labels`` (``"fine"``, ``"coarse"``, a shipped grouping name or a
+    grouping JSON path). The training split gets the same ``spec.subset`` as the training dataset.
+    """
+    source, class_names, targets, grouping, fine_to_coarse = _labelled_source(spec, split, labels)
+    transform = build_eval_transform(resolve_image_size(spec), source.native_size, spec.dataset)
+    dataset = EvalDataset(source, targets, transform)
+    return dataset, _data_info(spec, source, class_names, targets, grouping, fine_to_coarse)

@@ -1,0 +1,471 @@
+"""Image sources: the raw, un-augmented images of one split of one dataset, with fine labels.
+
+A source returns ``uint8`` tensors ``(C, H, W)`` with C = 1 or 3. Small datasets (Fashion-MNIST,
+MNIST, CIFAR, digits, synthetic) are held in memory as one uint8 tensor and returned as views;
+ImageFolder decodes files on demand and applies the corrupt-image policy.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms.v2 import functional as TF
+
+from look.data.idx import read_idx
+from look.data.spec import DEBIAN_FASHION_MNIST_ROOT, DataSpec, resolve_image_size, resolve_root
+from look.data.synthetic import make_synthetic_images, synthetic_class_names
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# Spelled as torchvision's MNIST.classes, so names agree with torchvision-based code.
+MNIST_CLASSES: tuple[str, ...] = (
+    "0 - zero",
+    "1 - one",
+    "2 - two",
+    "3 - three",
+    "4 - four",
+    "5 - five",
+    "6 - six",
+    "7 - seven",
+    "8 - eight",
+    "9 - nine",
+)
+DIGITS_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
+# digits has no test split of its own: a fixed stratified 70/30 split, the same for every run.
+DIGITS_TEST_FRACTION = 0.3
+DIGITS_SPLIT_SEED = 0
+
+# Decoding failures that mean "this file is not a readable image".
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class CorruptImageError(ValueError):
+    """An image file could not be decoded (and ``corrupt_images='fail'``, or no substitute exists)."""
+
+
+class ImageSource(abc.ABC):
+    """Raw images of one split with their fine labels (``labels``, int64) and ``class_names``."""
+
+    class_names: tuple[str, ...]
+    labels: torch.Tensor
+    # Side length when every image is square of one size (lets transforms skip a resize); else None.
+    native_size: int | None
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def load(self, index: int) -> torch.Tensor:
+        """The image at ``index`` as a uint8 tensor ``(C, H, W)``, C in {1, 3}."""
+
+    @property
+    def num_skipped_files(self) -> int:
+        """How many unreadable files were replaced so far (only ImageFolder with 'skip')."""
+        return 0
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        """Paths of the unreadable files replaced so far."""
+        return ()
+
+
+class TensorImageSource(ImageSource):
+    """Images kept in memory as one uint8 tensor ``(N, C, H, W)``."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        *,
+        description: str,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 (N, 1|3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        if len(images) != len(labels):
+            raise ValueError(f"{description}: {len(images)} images but {len(labels)} labels")
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise ValueError(
+                f"{description}: labels must lie in [0, {len(class_names)}), "
+                f"found [{int(labels.min())}, {int(labels.max())}]"
+            )
+        self.images = images.contiguous()
+        self.labels = labels
+        self.class_names = tuple(class_names)
+        height, width = images.shape[2], images.shape[3]
+        self.native_size = int(height) if height == width else None
+        self.description = description
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class SubsetSource(ImageSource):
+    """The images of ``base`` at ``indices`` (in that order)."""
+
+    def __init__(self, base: ImageSource, indices: torch.Tensor) -> None:
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.labels = base.labels[self.indices]
+        self.class_names = base.class_names
+        self.native_size = base.native_size
+        self.description = f"{base.description}, subset of {len(self.indices)}"
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.base.load(int(self.indices[index]))
+
+    @property
+    def num_skipped_files(self) -> int:
+        return self.base.num_skipped_files
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        return self.base.skipped_files
+
+
+class ImageFolderSource(ImageSource):
+    """Image files in one folder per class, decoded on demand.
+
+    With ``corrupt_images="fail"`` an unreadable file raises :class:`CorruptImageError` naming it.
+    With ``"skip"`` it is replaced by the next readable file of the same class (cyclically, in file
+    order), so the label and the dataset index stay right and the choice does not depend on which
+    worker saw the file first. Unreadable files are recorded in a shared-memory mask, so the count
+    seen from the main process includes those found in DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        class_names: Sequence[str],
+        *,
+        corrupt_images: str,
+        description: str,
+    ) -> None:
+        if corrupt_images not in ("fail", "skip"):
+            raise ValueError(f"corrupt_images={corrupt_images!r}; choose 'fail' or 'skip'")
+        self.paths = tuple(path for path, _ in samples)
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        self.class_names = tuple(class_names)
+        self.native_size = None
+        self.description = description
+        self.corrupt_images = corrupt_images
+        label_array = self.labels.numpy()
+        self._class_members = [
+            np.flatnonzero(label_array == c) for c in range(len(self.class_names))
+        ]
+        # Shared memory: DataLoader workers mark files here and the main process can count them.
+        self._unreadable = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+
+    def _decode(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
+        return TF.pil_to_tensor(rgb)
+
+    def load(self, index: int) -> torch.Tensor:
+        try:
+            return self._decode(index)
+        except _DECODE_ERRORS as error:
+            if self.corrupt_images == "fail":
+                raise CorruptImageError(
+                    f"cannot decode image file {self.paths[index]} ({type(error).__name__}: {error}); "
+                    "remove or replace it, or pass --set data.corrupt_images=skip to replace "
+                    "unreadable files by another image of the same class"
+                ) from error
+            self._mark_unreadable(index, error)
+        members = self._class_members[int(self.labels[index])]
+        start = int(np.searchsorted(members, index))
+        for offset in range(1, len(members)):
+            candidate = int(members[(start + offset) % len(members)])
+            if self._unreadable[candidate]:
+                continue
+            try:
+                return self._decode(candidate)
+            except _DECODE_ERRORS as error:
+                self._mark_unreadable(candidate, error)
+        class_name = self.class_names[int(self.labels[index])]
+        raise CorruptImageError(
+            f"no readable image left in class {class_name!r} (last tried: {self.paths[index]}); "
+            "every file of that class failed to decode"
+        )
+
+    def _mark_unreadable(self, index: int, error: BaseException) -> None:
+        if not self._unreadable[index]:
+            self._unreadable[index] = True
+            warnings.warn(
+                f"skipping unreadable image {self.paths[index]} ({type(error).__name__}: {error})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def num_skipped_files(self) -> int:
+        return int(self._unreadable.sum())
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        return tuple(self.paths[i] for i in torch.nonzero(self._unreadable).flatten().tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+_IDX_FILE_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_TORCHVISION_IDX_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def _check_split(dataset: str, split: str, available: Sequence[str]) -> None:
+    if split not in available:
+        raise ValueError(
+            f"{dataset} has splits {', '.join(available)}; split {split!r} does not exist "
+            "(check data.split_train or the evaluation split)"
+        )
+
+
+def idx_search_folders(dataset: str, root: Path) -> tuple[Path, ...]:
+    """Where IDX files of ``dataset`` are looked for: ``root`` itself, then torchvision's layout."""
+    return (root, root / _TORCHVISION_IDX_FOLDER[dataset] / "raw")
+
+
+def find_idx_file(dataset: str, root: Path, stem: str) -> Path | None:
+    """The first of ``stem`` / ``stem.gz`` in :func:`idx_search_folders`, or ``None``."""
+    for folder in idx_search_folders(dataset, root):
+        for name in (stem, f"{stem}.gz"):
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _missing_idx_error(dataset: str, root: Path, stem: str) -> FileNotFoundError:
+    folders = ", ".join(str(f) for f in idx_search_folders(dataset, root))
+    fixes = []
+    if dataset == "fashion_mnist":
+        fixes.append(
+            f"`apt-get install dataset-fashion-mnist` (installs to {DEBIAN_FASHION_MNIST_ROOT})"
+        )
+    fixes.append("pass --set data.root=DIR with a folder holding the four IDX files (.gz or not)")
+    fixes.append("pass --set data.download=true to download them with torchvision")
+    return FileNotFoundError(
+        f"{dataset}: file {stem} (or {stem}.gz) not found; looked in {folders}. Fix: "
+        + ", or ".join(fixes)
+    )
+
+
+def _download_idx(dataset: str, root: Path) -> None:
+    from torchvision import datasets
+
+    download_class = datasets.FashionMNIST if dataset == "fashion_mnist" else datasets.MNIST
+    for train in (True, False):
+        download_class(str(root), train=train, download=True)
+
+
+def read_idx_dataset(
+    dataset: str, root: Path, split: str, *, download: bool = False
+) -> TensorImageSource:
+    """Fashion-MNIST or MNIST from IDX files in ``root`` or ``root/<FashionMNIST|MNIST>/raw``."""
+    _check_split(dataset, split, tuple(_IDX_FILE_STEMS))
+    image_stem, label_stem = _IDX_FILE_STEMS[split]
+    paths = [find_idx_file(dataset, root, stem) for stem in (image_stem, label_stem)]
+    if None in paths and download:
+        _download_idx(dataset, root)
+        paths = [find_idx_file(dataset, root, stem) for stem in (image_stem, label_stem)]
+    for path, stem in zip(paths, (image_stem, label_stem), strict=True):
+        if path is None:
+            raise _missing_idx_error(dataset, root, stem)
+    image_path, label_path = paths
+    assert image_path is not None and label_path is not None
+    images = read_idx(image_path)
+    labels = read_idx(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{image_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{label_path}: expected {len(images)} labels, got shape {labels.shape}")
+    class_names = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
+    return TensorImageSource(
+        torch.from_numpy(images).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        class_names,
+        description=f"{dataset} {split} from {image_path.parent}",
+    )
+
+
+def read_cifar(
+    dataset: str, root: Path, split: str, *, download: bool = False
+) -> TensorImageSource:
+    """CIFAR-10 or CIFAR-100 (fine labels) through torchvision, in torchvision's layout under ``root``."""
+    from torchvision import datasets
+
+    _check_split(dataset, split, ("train", "test"))
+    dataset_class = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    folder = root / dataset_class.base_folder
+    try:
+        cifar = dataset_class(str(root), train=split == "train", download=download)
+    except RuntimeError as error:
+        if "not found" not in str(error).lower():
+            raise
+        raise FileNotFoundError(
+            f"{dataset}: no readable copy at {folder} ({error}). Fix: pass --set data.root=DIR where "
+            f"DIR/{dataset_class.base_folder} holds the python-version batches, or pass "
+            "--set data.download=true to download it with torchvision"
+        ) from error
+    images = torch.from_numpy(np.ascontiguousarray(cifar.data)).permute(0, 3, 1, 2)
+    labels = torch.tensor(cifar.targets, dtype=torch.int64)
+    return TensorImageSource(
+        images, labels, cifar.classes, description=f"{dataset} {split} from {folder}"
+    )
+
+
+def read_digits(split: str, image_size: int) -> TensorImageSource:
+    """scikit-learn's 8×8 digits, bilinearly upsampled to ``image_size``, split 70/30 (stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    _check_split("digits", split, ("train", "test"))
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train_indices, test_indices = train_test_split(
+        indices,
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    chosen = np.sort(train_indices if split == "train" else test_indices)
+    pixels = torch.tensor(digits.images[chosen], dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != pixels.shape[-1]:
+        pixels = F.interpolate(
+            pixels, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+    images = (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    labels = torch.tensor(digits.target[chosen], dtype=torch.int64)
+    return TensorImageSource(
+        images, labels, DIGITS_CLASSES, description=f"digits {split} (scikit-learn)"
+    )
+
+
+def read_synthetic(spec: DataSpec, split: str) -> TensorImageSource:
+    """The synthetic dataset of :mod:`look.data.synthetic` for ``spec``'s synthetic options."""
+    _check_split("synthetic", split, ("train", "test"))
+    images, labels, _ = make_synthetic_images(
+        num_samples=spec.synthetic_num_samples,
+        num_classes=spec.synthetic_num_classes,
+        image_size=spec.synthetic_image_size,
+        split=split,
+    )
+    return TensorImageSource(
+        images,
+        labels,
+        synthetic_class_names(spec.synthetic_num_classes),
+        description=f"synthetic {split}",
+    )
+
+
+def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path, Path]:
+    """(folder defining the classes, folder holding ``split``) for an ImageFolder root."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"imagefolder root {root} does not exist; pass --set data.root=DIR with one sub-folder "
+            "per class, or with train/ and val/ (or test/) sub-folders of that form"
+        )
+    split_folders = [root / name for name in (split_train, "val", "test") if (root / name).is_dir()]
+    if not (root / split_train).is_dir():
+        # No split sub-folders: the root itself is the (training) dataset.
+        if split != split_train:
+            raise FileNotFoundError(
+                f"imagefolder root {root} has no {split_train}/ folder, so it is used as the training "
+                f"split itself and has no {split!r} split; add {root / split_train} and {root / split} "
+                "sub-folders, or evaluate on the training split"
+            )
+        return root, root
+    train_folder = root / split_train
+    if split == split_train:
+        return train_folder, train_folder
+    fallbacks = {"test": ("test", "val"), "val": ("val", "test")}.get(split, (split,))
+    for name in fallbacks:
+        if (root / name).is_dir():
+            return train_folder, root / name
+    raise FileNotFoundError(
+        f"imagefolder split {split!r} not found: looked for {', '.join(str(root / n) for n in fallbacks)} "
+        f"(existing split folders: {', '.join(str(f) for f in split_folders)})"
+    )
+
+
+def read_image_folder(
+    root: Path, split_train: str, split: str, *, corrupt_images: str
+) -> ImageFolderSource:
+    """An ImageFolder split; class names (and their indices) always come from the training folder."""
+    class_folder, split_folder = _image_folder_layout(root, split_train, split)
+    try:
+        class_names, class_to_index = find_classes(str(class_folder))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"imagefolder: no class sub-folders in {class_folder}; it needs one sub-folder per class "
+            "holding that class's images"
+        ) from error
+    present = sorted(entry.name for entry in split_folder.iterdir() if entry.is_dir())
+    unknown = [name for name in present if name not in class_to_index]
+    if unknown:
+        raise ValueError(
+            f"imagefolder: {split_folder} has class folders {unknown} that the training folder "
+            f"{class_folder} lacks; the splits must use the same class folder names"
+        )
+    samples = make_dataset(
+        str(split_folder), class_to_index, extensions=IMG_EXTENSIONS, allow_empty=True
+    )
+    counts = np.bincount([label for _, label in samples], minlength=len(class_names))
+    empty = [str(split_folder / name) for name in present if counts[class_to_index[name]] == 0]
+    if empty:
+        raise FileNotFoundError(
+            f"imagefolder: empty class folder(s) {', '.join(empty)}: no file with an image extension "
+            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+        )
+    return ImageFolderSource(
+        samples,
+        class_names,
+        corrupt_images=corrupt_images,
+        description=f"imagefolder {split} from {split_folder}",
+    )
+
+
+def load_source(spec: DataSpec, split: str) -> ImageSource:
+    """The raw images and fine labels of ``split`` of the dataset ``spec`` names."""
+    if spec.dataset in ("fashion_mnist", "mnist"):
+        return read_idx_dataset(spec.dataset, resolve_root(spec), split, download=spec.download)
+    if spec.dataset in ("cifar10", "cifar100"):
+        return read_cifar(spec.dataset, resolve_root(spec), split, download=spec.download)
+    if spec.dataset == "digits":
+        return read_digits(split, resolve_image_size(spec))
+    if spec.dataset == "synthetic":
+        return read_synthetic(spec, split)
+    if spec.dataset == "imagefolder":
+        return read_image_folder(
+            resolve_root(spec), spec.split_train, split, corrupt_images=spec.corrupt_images
+        )
+    raise ValueError(f"unknown dataset {spec.dataset!r}")

@@ -1,0 +1,100 @@
+"""Thin helpers over ``torch.distributed``: every function works unchanged in a single process.
+
+Launching is left to ``torchrun``; :func:`init_distributed` only reads the environment it sets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device:
+    """Join the process group set up by ``torchrun`` (if any) and return this rank's device.
+
+    A finite ``timeout_s`` makes a job whose peer died stop instead of hanging forever.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    if launched_by_torchrun() and not is_distributed():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (no gradient); returns a new tensor."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from all ranks along dim 0, in rank order."""
+    if not is_distributed():
+        return tensor.detach()
+    tensor = tensor.detach().contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Like :func:`gather_no_grad`, but gradients flow back to each rank's own slice."""
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_item[valid]`` over *all ranks'* valid items.
+
+    DDP averages gradients over ranks, so the local sum is scaled by the world size; the result has
+    the same gradient as one process computing the mean over the global batch. With no valid item
+    anywhere it is an exact zero that still carries a graph (never NaN).
+    """
+    local_sum = (per_item * valid.to(per_item.dtype)).sum()
+    count = all_reduce_sum(valid.sum().to(torch.float64))
+    if count.item() == 0:
+        return per_item.sum() * 0.0
+    return local_sum * (get_world_size() / count.to(per_item.dtype))

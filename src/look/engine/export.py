@@ -1,0 +1,52 @@
+"""Export the backbone of a pre-training checkpoint as a timm/torchvision-compatible safetensors file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from look.engine.checkpoint import load_checkpoint, load_latest_checkpoint
+from look.models import create_backbone, export_backbone
+
+_BACKBONE_PREFIX = "backbone."
+
+
+def load_checkpoint_from(path: str | Path) -> dict:
+    """A run directory (its newest good checkpoint) or one checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        loaded = load_latest_checkpoint(path / "checkpoints")
+        if loaded is None:
+            raise FileNotFoundError(f"no checkpoint found in {path / 'checkpoints'}")
+        return loaded[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return load_checkpoint(path)
+
+
+def backbone_state_from_checkpoint(state: dict) -> dict:
+    """The online backbone's weights (not the momentum copies) with the method prefix removed."""
+    return {
+        key.removeprefix(_BACKBONE_PREFIX): value
+        for key, value in state["model"].items()
+        if key.startswith(_BACKBONE_PREFIX)
+    }
+
+
+def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+    state = load_checkpoint_from(checkpoint)
+    model_cfg = state["config"]["model"]
+    backbone, _ = create_backbone(model_cfg["backbone"], small_stem=model_cfg["small_stem"])
+    backbone.load_state_dict(backbone_state_from_checkpoint(state))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    export_backbone(
+        backbone,
+        model_cfg["backbone"],
+        str(output),
+        small_stem=model_cfg["small_stem"],
+        extra_metadata={
+            "method": str(state["config"]["method"]["name"]),
+            "global_step": str(state["global_step"]),
+        },
+    )
+    return output

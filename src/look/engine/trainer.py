@@ -1,0 +1,467 @@
+"""The training loop. It does not know which method it runs: it calls ``Method.forward`` and
+``Method.after_optimizer_step`` and handles everything else (devices, DDP, precision, schedules,
+logging, checkpoints that resume exactly, export)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import look
+from look.config import ConfigError, RunConfig, save_yaml, to_dict
+from look.data import DataSpec, build_train_dataset
+from look.engine.checkpoint import (
+    capture_rng_state,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from look.engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+)
+from look.engine.metrics_log import MetricsLogger
+from look.engine.optim import build_lr_scheduler, build_optimizer
+from look.engine.sampler import GlobalBatchSampler
+from look.methods import Batch, Method, MethodContext, build_method, get_method_class
+from look.models import create_backbone, export_backbone
+
+# Sections of the config that define the optimisation problem: a resumed run must match them.
+_RESUME_MUST_MATCH = ("seed", "data", "model", "method", "optim")
+_RESUME_MAY_DIFFER = {("data", "num_workers")}
+
+
+class TrainingStepError(RuntimeError):
+    """A training step failed (non-finite loss, bad values); the message says where."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    epochs_completed: int
+    epoch_seconds: list[float] = field(default_factory=list)
+    backbone_path: Path | None = None
+    skipped_steps: int = 0
+
+
+def resolve_device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use cpu or auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device={name!r} must be auto, cpu, cuda or mps")
+    return name
+
+
+def resolve_amp_dtype(amp: str, device_type: str) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device_type == "cuda" else None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def data_spec_from_config(cfg: RunConfig) -> DataSpec:
+    values = to_dict(cfg.data)
+    values.pop("num_workers")
+    return DataSpec(**values)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _collate(items: list[tuple[tuple[torch.Tensor, ...], int, int]]) -> Batch:
+    num_views = len(items[0][0])
+    views = [torch.stack([item[0][v] for item in items]) for v in range(num_views)]
+    labels = torch.tensor([item[1] for item in items], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in items], dtype=torch.long)
+    return Batch(views=views, labels=labels, indices=indices)
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs: list[str] = []
+    for section in _RESUME_MUST_MATCH:
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if (section, key) in _RESUME_MAY_DIFFER:
+                    continue
+                if old.get(key) != new.get(key):
+                    diffs.append(
+                        f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}"
+                    )
+        elif old != new:
+            diffs.append(f"{section}: checkpoint {old!r} vs now {new!r}")
+    return diffs
+
+
+class Trainer:
+    """One pre-training run in ``output_dir``; re-running it resumes from the last good checkpoint."""
+
+    def __init__(self, cfg: RunConfig, output_dir: str | Path, *, resume: bool = True) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        self.device_type = resolve_device_type(cfg.train.device)
+        self.device = init_distributed(self.device_type, cfg.train.ddp_timeout_s)
+        self.amp_dtype = resolve_amp_dtype(cfg.train.amp, self.device_type)
+        self.channels_last = cfg.train.channels_last == "true" or (
+            cfg.train.channels_last == "auto" and self.device_type == "cuda"
+        )
+        method_cls = get_method_class(str(cfg.method.get("name")))
+        self.resolved = to_dict(cfg)
+        self.resolved["method"] = method_cls.resolved_options(cfg.method)
+
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device_type == "cuda":
+                torch.backends.cudnn.benchmark = False
+        elif self.device_type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.seed)
+
+        self.dataset, self.data_info = build_train_dataset(
+            data_spec_from_config(cfg), num_views=method_cls.num_views, seed=cfg.seed
+        )
+        self.global_batch = cfg.optim.batch_size
+        world = get_world_size()
+        if self.global_batch > self.data_info.num_samples:
+            raise ConfigError(
+                f"optim.batch_size={self.global_batch} is larger than the training set "
+                f"({self.data_info.num_samples} images); lower the batch size."
+            )
+        if self.global_batch % world:
+            raise ConfigError(
+                f"optim.batch_size={self.global_batch} (global) is not divisible by the "
+                f"{world} ranks; pick a multiple of {world}."
+            )
+        backbone, feature_dim = create_backbone(
+            cfg.model.backbone,
+            small_stem=cfg.model.small_stem,
+            pretrained_weights=cfg.model.pretrained_weights,
+        )
+        ctx = MethodContext(
+            num_classes=self.data_info.num_classes, num_samples=self.data_info.num_samples
+        )
+        self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+        self.optimizer = build_optimizer(
+            ((n, p) for n, p in self.method.named_parameters() if p.requires_grad),
+            name=cfg.optim.name,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            momentum=cfg.optim.momentum,
+            exclude_bias_and_norm_from_wd=cfg.optim.exclude_bias_and_norm_from_wd,
+            lars_trust_coefficient=cfg.optim.lars_trust_coefficient,
+        )
+        self.sampler = GlobalBatchSampler(
+            self.data_info.num_samples,
+            self.global_batch,
+            rank=get_rank(),
+            world_size=world,
+            seed=cfg.seed,
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        schedule_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.total_steps = schedule_steps
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(schedule_steps, cfg.train.max_steps)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer,
+            total_steps=schedule_steps,
+            warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch),
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device_type, enabled=self.amp_dtype == torch.float16
+        )
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.logger: MetricsLogger | None = None
+        self.model: torch.nn.Module = self.method
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "epoch": self.global_step // self.steps_per_epoch,
+            "step_in_epoch": self.global_step % self.steps_per_epoch,
+            "global_batch_size": self.global_batch,
+            "world_size": get_world_size(),
+            "config": self.resolved,
+            "look_version": look.__version__,
+        }
+
+    def save(self) -> None:
+        if is_main_process():
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.global_step,
+                self.state_dict(),
+                keep_last=self.cfg.train.keep_checkpoints,
+            )
+        barrier()
+
+    def _try_resume(self) -> bool:
+        if not self.resume:
+            return False
+        loaded = load_latest_checkpoint(self.checkpoint_dir, map_location=self.device)
+        if loaded is None:
+            return False
+        state, path = loaded
+        diffs = _config_differences(state["config"], self.resolved)
+        if diffs:
+            raise ConfigError(
+                f"{self.output_dir} holds a run with a different configuration (checkpoint "
+                f"{path.name}): " + "; ".join(diffs) + ". Use a new --output directory, or "
+                "--no-resume to start over there."
+            )
+        if state["global_batch_size"] != self.global_batch:
+            raise ConfigError("the global batch size changed since the checkpoint")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if is_main_process():
+            print(f"look: resuming {self.output_dir} from {path.name} (step {self.global_step})")
+        return True
+
+    # -- loop --------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start_step: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_step(start_step)
+        self.dataset.set_epoch(epoch)
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.device_type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def _warmup_memory(self) -> None:
+        """One no-grad pass that writes every row, for methods configured to start from a full
+        memory (LOOK's ``memory_init: warmup``)."""
+        self.method.train()
+        loader = self._loader(epoch=0, start_step=0)
+        for batch in tqdm(loader, desc="memory warm-up", disable=not self._show_progress()):
+            with self._autocast():
+                self.method.warmup_step(batch.to(self.device, channels_last=self.channels_last))
+
+    def _show_progress(self) -> bool:
+        return self.cfg.train.progress and is_main_process()
+
+    def _batches(self) -> Iterator[tuple[int, Batch]]:
+        while self.global_step < self.total_steps:
+            epoch = self.global_step // self.steps_per_epoch
+            for batch in self._loader(epoch, self.global_step % self.steps_per_epoch):
+                yield epoch, batch
+                if self.global_step >= self.total_steps:
+                    return
+
+    def _reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(metrics)
+        stacked = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
+        stacked = all_reduce_sum(stacked) / get_world_size()
+        return dict(zip(names, stacked.tolist(), strict=True))
+
+    def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
+        batch = batch.to(self.device, channels_last=self.channels_last)
+        try:
+            with self._autocast():
+                out = self.model(batch)
+        except (ValueError, RuntimeError) as exc:
+            raise TrainingStepError(
+                f"step {self.global_step + 1} (epoch {epoch}, first dataset indices "
+                f"{batch.indices[:8].tolist()}) failed: {exc}. The last good checkpoint in "
+                f"{self.checkpoint_dir} is kept."
+            ) from exc
+        # Agreed across ranks, so every rank skips or stops together.
+        non_finite = all_reduce_sum(torch.isfinite(out.loss.detach()).logical_not().float())
+        if non_finite.item() > 0:
+            message = (
+                f"non-finite loss at step {self.global_step + 1} (epoch {epoch}, first dataset "
+                f"indices {batch.indices[:8].tolist()})"
+            )
+            self.consecutive_skips += 1
+            limit = self.cfg.train.nan_max_consecutive_skips
+            if self.cfg.train.nan_policy == "stop" or self.consecutive_skips > limit:
+                reason = (
+                    ""
+                    if self.cfg.train.nan_policy == "stop"
+                    else f" ({self.consecutive_skips} in a row, more than train.nan_max_consecutive_skips={limit})"
+                )
+                raise TrainingStepError(
+                    message + f"{reason}; stopping. The last good checkpoint in "
+                    f"{self.checkpoint_dir} is kept. Lower optim.lr, enable optim.grad_clip, or "
+                    "set train.nan_policy=skip."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return None
+        self.consecutive_skips = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.method.parameters() if p.requires_grad], self.cfg.optim.grad_clip
+            )
+            out.metrics["grad_norm"] = grad_norm.detach()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out.metrics
+
+    def fit(self) -> TrainResult:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self._try_resume()
+        self.logger = MetricsLogger(
+            self.output_dir, tensorboard=self.cfg.train.tensorboard, enabled=is_main_process()
+        )
+        if resumed:
+            self.logger.truncate_after(self.global_step)
+        else:
+            self.logger.truncate_after(-1)  # a fresh start replaces an old run's curve
+            if is_main_process():
+                save_yaml(self.resolved, self.output_dir / "config.yaml")
+            if self.method.needs_warmup_pass:
+                self._warmup_memory()
+        if is_distributed():
+            self.model = DistributedDataParallel(
+                self.method,
+                device_ids=[self.device.index] if self.device_type == "cuda" else None,
+                broadcast_buffers=False,  # memories are kept identical by their own gathers
+            )
+        if self.cfg.train.compile:
+            self.method.backbone.compile()
+        self.method.train()
+
+        epoch_seconds: list[float] = []
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc=f"pretrain {self.resolved['method']['name']}",
+            unit="step",
+            disable=not self._show_progress(),
+            dynamic_ncols=True,
+        )
+        epoch_start = time.perf_counter()
+        window_start, window_images = time.perf_counter(), 0
+        current_epoch = self.global_step // self.steps_per_epoch
+        for epoch, batch in self._batches():
+            metrics = self._step(epoch, batch)
+            self.scheduler.step()
+            self.global_step += 1
+            self.method.after_optimizer_step(self.global_step / self.total_steps)
+            window_images += self.global_batch
+            progress.update(1)
+            if metrics is not None and (
+                self.global_step % self.cfg.train.log_every_steps == 0
+                or self.global_step == self.total_steps
+            ):
+                values = self._reduce_metrics(metrics)
+                elapsed = time.perf_counter() - window_start
+                values["lr"] = self.optimizer.param_groups[0]["lr"]
+                values["epoch"] = epoch
+                images_per_s = window_images / max(elapsed, 1e-9)
+                self.logger.log(self.global_step, values)
+                progress.set_postfix(
+                    loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}", refresh=False
+                )
+                window_start, window_images = time.perf_counter(), 0
+            epoch_done = self.global_step % self.steps_per_epoch == 0
+            if epoch_done:
+                seconds = time.perf_counter() - epoch_start
+                epoch_seconds.append(seconds)
+                self.logger.log(
+                    self.global_step, {"epoch": epoch, "epoch_seconds": seconds}, split="epoch"
+                )
+                epoch_start = time.perf_counter()
+                current_epoch = epoch + 1
+            if (
+                self.global_step % self.cfg.train.checkpoint_every_steps == 0
+                or epoch_done
+                or self.global_step == self.total_steps
+            ):
+                self.save()
+        progress.close()
+        if self.global_step == 0 or not self.checkpoint_dir.exists():
+            self.save()
+        result = TrainResult(
+            output_dir=self.output_dir,
+            global_step=self.global_step,
+            epochs_completed=current_epoch,
+            epoch_seconds=epoch_seconds,
+            skipped_steps=self.skipped_steps,
+        )
+        if self.cfg.train.export_backbone and is_main_process():
+            result.backbone_path = self.output_dir / "backbone.safetensors"
+            export_backbone(
+                self.method.backbone,
+                self.cfg.model.backbone,
+                str(result.backbone_path),
+                small_stem=self.cfg.model.small_stem,
+                extra_metadata={"method": str(self.resolved["method"]["name"])},
+            )
+        if is_main_process():
+            summary = {
+                "global_step": self.global_step,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "epoch_seconds_this_session": epoch_seconds,
+                "skipped_steps": self.skipped_steps,
+                "world_size": get_world_size(),
+                "device": str(self.device),
+                "num_samples": self.data_info.num_samples,
+                "num_classes": self.data_info.num_classes,
+            }
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        barrier()
+        return result
+
+
+def pretrain(cfg: RunConfig, output_dir: str | Path, *, resume: bool = True) -> TrainResult:
+    """Pre-train as configured, writing config, metrics, checkpoints and the backbone to
+    ``output_dir``; an existing run there is resumed from its last good checkpoint."""
+    return Trainer(cfg, output_dir, resume=resume).fit()

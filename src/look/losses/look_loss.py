@@ -1,0 +1,464 @@
+"""LOOK loss: leave-one-out k-nearest-neighbour classification loss over a feature memory.
+
+For query ``i`` with embedding ``q_i`` and label ``y_i``, ``N_k(i)`` are the ``k`` memory rows with the
+largest ``s_ij = q_i · m_j`` among its candidates (its own row and invalid rows excluded), and
+
+    p_i = Σ_{j∈N_k(i), y_j=y_i} exp(s_ij/τ) / Σ_{j∈N_k(i)} exp(s_ij/τ),    loss_i = −log p_i.
+
+The memory is a detached constant: gradients reach the query only, through the selected
+similarities, which are recomputed with grad after a no-grad search (the top-k selection itself is
+not differentiated). ``k=None`` uses every candidate row, which is NCA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from look.search import (
+    autocast_disabled,
+    check_positive_int,
+    compute_dtype_for,
+    knn_search,
+    validate_search_inputs,
+)
+
+__all__ = ["NO_POSITIVE_RULES", "LookLoss", "LookLossTerms", "look_loss", "look_loss_terms"]
+
+NoPositiveRule = Literal["drop", "nearest"]
+NO_POSITIVE_RULES: tuple[str, ...] = ("drop", "nearest")
+
+
+class LookLossTerms(NamedTuple):
+    """Per-query outputs of :func:`look_loss_terms`.
+
+    Attributes:
+        loss: ``(B,)`` −log p_i (fp32, fp64 for fp64 input); exactly 0 where not ``valid``.
+        valid: ``(B,)`` bool, the queries that take part in the mean.
+        positive_in_topk: ``(B,)`` bool, a same-label row is among the true top-k (before any
+            ``no_positive="nearest"`` swap); with ``k=None``, the query has any same-label candidate.
+        neighbour_indices: ``(B, k_eff)`` int64 memory rows that entered the loss (after the
+            ``"nearest"`` swap), ``-1`` for padding; ``k_eff = min(k, N)``. Empty ``(B, 0)`` for
+            ``k=None`` (all candidates are used; listing them would be ``B × N``).
+        neighbour_agreement: ``(B,)`` fraction of the true neighbours (before any swap; all
+            candidates for ``k=None``) that share the query's label; 0 when there are none.
+    """
+
+    loss: Tensor
+    valid: Tensor
+    positive_in_topk: Tensor
+    neighbour_indices: Tensor
+    neighbour_agreement: Tensor
+
+
+def check_temperature(temperature: float) -> float:
+    """Return ``temperature`` as a float, or raise ``ValueError`` unless it is finite and > 0."""
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return value
+
+
+def _check_k_or_none(k: int | None) -> int | None:
+    return None if k is None else check_positive_int(k)
+
+
+def _check_no_positive(no_positive: str) -> str:
+    if no_positive not in NO_POSITIVE_RULES:
+        raise ValueError(
+            f"no_positive must be one of {NO_POSITIVE_RULES}, got {no_positive!r} "
+            "('drop' leaves such queries out of the mean, 'nearest' swaps in the nearest "
+            "same-label row)"
+        )
+    return no_positive
+
+
+def masked_logsumexp(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """``logsumexp`` over the entries where ``mask`` is True.
+
+    Masked entries get the dtype's most negative *finite* value rather than ``-inf``: an all-masked
+    row then yields a finite (huge negative) result and finite gradients, so no NaN can leak into
+    the backward pass even when that row is later discarded by ``torch.where``.
+    """
+    filled = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return torch.logsumexp(filled, dim=dim)
+
+
+def _validate_loss_inputs(
+    query: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    query_indices: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+) -> None:
+    for name, tensor in (("query_labels", query_labels), ("memory_labels", memory_labels)):
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    validate_search_inputs(
+        query,
+        memory,
+        query_ids=query_indices,
+        memory_ids=memory_ids,
+        memory_valid=memory_valid,
+        query_labels=query_labels,
+        memory_labels=memory_labels,
+    )
+    if not bool(torch.isfinite(query).all()):
+        raise ValueError(
+            "query contains NaN or Inf values; check the encoder output (e.g. a diverged step "
+            "or an fp16 overflow) before computing the LOOK loss"
+        )
+
+
+def _empty_memory_terms(queries: Tensor) -> LookLossTerms:
+    """No memory rows: no query has a neighbour; zero loss that still carries the graph."""
+    batch = queries.shape[0]
+    invalid = torch.zeros(batch, dtype=torch.bool, device=queries.device)
+    return LookLossTerms(
+        loss=queries.sum(dim=1) * 0,
+        valid=invalid,
+        positive_in_topk=invalid.clone(),
+        neighbour_indices=torch.empty(batch, 0, dtype=torch.int64, device=queries.device),
+        neighbour_agreement=queries.new_zeros(batch),
+    )
+
+
+def _all_candidates_terms(
+    queries: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    *,
+    temperature: float,
+    query_ids: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+    chunk_size: int,
+) -> LookLossTerms:
+    """``k=None`` (NCA): every candidate row is a neighbour; logits computed chunk by chunk."""
+    batch, rows = queries.shape[0], memory.shape[0]
+    device, dtype = queries.device, queries.dtype
+    if query_ids is not None and memory_ids is None:
+        memory_ids = torch.arange(rows, device=device)
+    chunk_all: list[Tensor] = []
+    chunk_positive: list[Tensor] = []
+    candidate_count = torch.zeros(batch, dtype=torch.int64, device=device)
+    positive_count = torch.zeros(batch, dtype=torch.int64, device=device)
+    for start in range(0, rows, chunk_size):
+        stop = min(start + chunk_size, rows)
+        # A copy, so that the graph never references the memory's storage: the memory may be
+        # updated in place between this forward and the backward.
+        rows_chunk = memory[start:stop].detach().to(dtype, copy=True)
+        if memory_valid is not None:
+            # Unwritten rows may hold anything (even NaN): zero them so that their masked-out
+            # logits cannot turn into NaN gradients through the product.
+            rows_chunk.masked_fill_(~memory_valid[start:stop].unsqueeze(1), 0.0)
+        logits = queries @ rows_chunk.T / temperature  # (B, c)
+        candidate = torch.ones_like(logits, dtype=torch.bool)
+        if memory_valid is not None:
+            candidate &= memory_valid[start:stop].unsqueeze(0)
+        if query_ids is not None:
+            candidate &= query_ids.unsqueeze(1) != memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
+        positive = candidate & (query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0))
+        candidate_count += candidate.sum(dim=1)
+        positive_count += positive.sum(dim=1)
+        chunk_all.append(masked_logsumexp(logits, candidate))
+        chunk_positive.append(masked_logsumexp(logits, positive))
+    log_denominator = torch.logsumexp(torch.stack(chunk_all, dim=1), dim=1)
+    log_numerator = torch.logsumexp(torch.stack(chunk_positive, dim=1), dim=1)
+    valid = positive_count > 0
+    loss = torch.where(valid, log_denominator - log_numerator, torch.zeros_like(log_denominator))
+    agreement = positive_count.to(dtype) / candidate_count.clamp(min=1).to(dtype)
+    return LookLossTerms(
+        loss=loss,
+        valid=valid,
+        positive_in_topk=valid.clone(),
+        neighbour_indices=torch.empty(batch, 0, dtype=torch.int64, device=device),
+        neighbour_agreement=agreement,
+    )
+
+
+def _top_k_terms(
+    queries: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    *,
+    k: int,
+    temperature: float,
+    query_ids: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+    no_positive: str,
+    chunk_size: int,
+) -> LookLossTerms:
+    """Finite ``k``: no-grad search, then the selected similarities recomputed with grad."""
+    k_eff = min(k, memory.shape[0])
+    search = knn_search(
+        queries,
+        memory,
+        k_eff,
+        query_ids=query_ids,
+        memory_ids=memory_ids,
+        memory_valid=memory_valid,
+        chunk_size=chunk_size,
+        query_labels=query_labels,
+        memory_labels=memory_labels,
+    )
+    neighbour_indices = search.indices
+    is_neighbour = neighbour_indices >= 0
+    safe_indices = neighbour_indices.clamp(min=0)
+    neighbour_labels = memory_labels[safe_indices]
+    is_positive = is_neighbour & (neighbour_labels == query_labels.unsqueeze(1))
+    positive_in_topk = is_positive.any(dim=1)
+    neighbour_count = is_neighbour.sum(dim=1)
+    agreement = is_positive.sum(dim=1).to(queries.dtype) / neighbour_count.clamp(min=1).to(
+        queries.dtype
+    )
+
+    if no_positive == "nearest":
+        # A query whose top-k has no positive has more than k candidates (else its nearest
+        # positive, if any, would be in the top-k), so every slot is real and the last one is the
+        # k-th neighbour: replace it by the nearest same-label candidate of the whole memory.
+        swap = ~positive_in_topk & (search.nearest_positive_index >= 0)  # type: ignore[operator]
+        last = k_eff - 1
+        neighbour_indices = neighbour_indices.clone()
+        neighbour_indices[:, last] = torch.where(
+            swap,
+            search.nearest_positive_index,  # type: ignore[arg-type]
+            neighbour_indices[:, last],
+        )
+        is_neighbour = neighbour_indices >= 0
+        safe_indices = neighbour_indices.clamp(min=0)
+        is_positive = is_positive.clone()
+        is_positive[:, last] |= swap
+    valid = is_positive.any(dim=1)
+
+    # Recompute only the selected similarities, with grad into the query; memory is a constant.
+    # Advanced indexing copies the rows, so in-place memory updates before backward are safe.
+    neighbours = memory.detach()[safe_indices].to(queries.dtype)  # (B, k_eff, d)
+    # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
+    neighbours = neighbours.masked_fill(~is_neighbour.unsqueeze(-1), 0.0)
+    logits = (queries.unsqueeze(1) * neighbours).sum(dim=-1) / temperature  # (B, k_eff)
+    log_denominator = masked_logsumexp(logits, is_neighbour)
+    log_numerator = masked_logsumexp(logits, is_positive)
+    loss = torch.where(valid, log_denominator - log_numerator, torch.zeros_like(log_denominator))
+    return LookLossTerms(
+        loss=loss,
+        valid=valid,
+        positive_in_topk=positive_in_topk,
+        neighbour_indices=neighbour_indices,
+        neighbour_agreement=agreement,
+    )
+
+
+def look_loss_terms(
+    query: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    *,
+    k: int | None,
+    temperature: float,
+    query_indices: Tensor | None = None,
+    memory_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    no_positive: NoPositiveRule = "drop",
+    chunk_size: int = 65536,
+) -> LookLossTerms:
+    """Per-query LOOK loss terms (see the module docstring for the definition).
+
+    Args:
+        query: ``(B, d)`` L2-normalised embeddings (any float dtype; computed in at least fp32).
+        query_labels: ``(B,)`` integer labels.
+        memory: ``(N, d)`` memory rows (fp32/bf16/fp16); treated as a constant (no gradient).
+        memory_labels: ``(N,)`` integer labels of the memory rows.
+        k: neighbours per query (``>= 1``), or ``None`` for all candidate rows (NCA).
+        temperature: τ > 0.
+        query_indices: ``(B,)`` dataset indices of the queries; memory rows with the same id are
+            excluded (leave-one-out). ``None`` excludes nothing.
+        memory_ids: ``(N,)`` ids of the memory rows, default ``arange(N)`` (a bank indexed by
+            dataset index); a queue passes its stored ids.
+        memory_valid: ``(N,)`` bool; rows marked ``False`` (not yet written) are never neighbours.
+        no_positive: what to do with a query whose top-k holds no same-label row: ``"drop"`` it
+            from the mean, or ``"nearest"``: swap its k-th neighbour for the nearest same-label
+            candidate of the whole memory (dropped if there is none). Unused for ``k=None``.
+        chunk_size: memory rows per chunk of the search / of the NCA logits.
+
+    Returns:
+        :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has
+        loss exactly 0; nothing is ever NaN for finite input.
+    """
+    k = _check_k_or_none(k)
+    temperature = check_temperature(temperature)
+    no_positive = _check_no_positive(no_positive)  # type: ignore[assignment]
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    _validate_loss_inputs(
+        query, query_labels, memory, memory_labels, query_indices, memory_ids, memory_valid
+    )
+
+    device = memory.device
+    dtype = compute_dtype_for(query, memory)
+    query_labels = query_labels.to(device)
+    memory_labels = memory_labels.to(device)
+    if query_indices is not None:
+        query_indices = query_indices.to(device)
+    if memory_ids is not None:
+        memory_ids = memory_ids.to(device)
+    if memory_valid is not None:
+        memory_valid = memory_valid.to(device)
+
+    with autocast_disabled(device):
+        queries = query.to(dtype)
+        if memory.shape[0] == 0:
+            return _empty_memory_terms(queries)
+        if k is None:
+            return _all_candidates_terms(
+                queries,
+                query_labels,
+                memory,
+                memory_labels,
+                temperature=temperature,
+                query_ids=query_indices,
+                memory_ids=memory_ids,
+                memory_valid=memory_valid,
+                chunk_size=chunk_size,
+            )
+        return _top_k_terms(
+            queries,
+            query_labels,
+            memory,
+            memory_labels,
+            k=k,
+            temperature=temperature,
+            query_ids=query_indices,
+            memory_ids=memory_ids,
+            memory_valid=memory_valid,
+            no_positive=no_positive,
+            chunk_size=chunk_size,
+        )
+
+
+def masked_mean(loss: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``loss`` over ``valid`` entries; an exact zero (still carrying the graph) if none.
+
+    ``loss`` must already be 0 where not valid (as every ``*_terms`` function returns it), so the
+    sum needs no mask and no host-device synchronisation is required.
+    """
+    return loss.sum() / valid.sum().clamp(min=1).to(loss.dtype)
+
+
+def look_loss(
+    query: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    *,
+    k: int | None,
+    temperature: float,
+    query_indices: Tensor | None = None,
+    memory_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    no_positive: NoPositiveRule = "drop",
+    chunk_size: int = 65536,
+) -> Tensor:
+    """Scalar LOOK loss: mean of :func:`look_loss_terms` ``.loss`` over the valid queries.
+
+    Local mean only; under DDP reduce the terms with
+    ``look.engine.distributed.global_masked_mean`` instead.
+    """
+    terms = look_loss_terms(
+        query,
+        query_labels,
+        memory,
+        memory_labels,
+        k=k,
+        temperature=temperature,
+        query_indices=query_indices,
+        memory_ids=memory_ids,
+        memory_valid=memory_valid,
+        no_positive=no_positive,
+        chunk_size=chunk_size,
+    )
+    return masked_mean(terms.loss, terms.valid)
+
+
+class LookLoss(nn.Module):
+    """Module form of :func:`look_loss`; holds ``k``, ``temperature``, ``no_positive``, ``chunk_size``."""
+
+    def __init__(
+        self,
+        k: int | None,
+        temperature: float,
+        *,
+        no_positive: NoPositiveRule = "drop",
+        chunk_size: int = 65536,
+    ) -> None:
+        super().__init__()
+        self.k = _check_k_or_none(k)
+        self.temperature = check_temperature(temperature)
+        self.no_positive: NoPositiveRule = _check_no_positive(no_positive)  # type: ignore[assignment]
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+
+    def terms(
+        self,
+        query: Tensor,
+        query_labels: Tensor,
+        memory: Tensor,
+        memory_labels: Tensor,
+        *,
+        query_indices: Tensor | None = None,
+        memory_ids: Tensor | None = None,
+        memory_valid: Tensor | None = None,
+    ) -> LookLossTerms:
+        """Per-query terms, as :func:`look_loss_terms` with this module's settings."""
+        return look_loss_terms(
+            query,
+            query_labels,
+            memory,
+            memory_labels,
+            k=self.k,
+            temperature=self.temperature,
+            query_indices=query_indices,
+            memory_ids=memory_ids,
+            memory_valid=memory_valid,
+            no_positive=self.no_positive,
+            chunk_size=self.chunk_size,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        query_labels: Tensor,
+        memory: Tensor,
+        memory_labels: Tensor,
+        *,
+        query_indices: Tensor | None = None,
+        memory_ids: Tensor | None = None,
+        memory_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Scalar loss (local masked mean of :meth:`terms`)."""
+        terms = self.terms(
+            query,
+            query_labels,
+            memory,
+            memory_labels,
+            query_indices=query_indices,
+            memory_ids=memory_ids,
+            memory_valid=memory_valid,
+        )
+        return masked_mean(terms.loss, terms.valid)
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, temperature={self.temperature}, no_positive={self.no_positive!r}, "
+            f"chunk_size={self.chunk_size}"
+        )

@@ -1,0 +1,508 @@
+"""Labelled feature memories: a full bank indexed by dataset index, and a FIFO queue.
+
+Both are :class:`torch.nn.Module` s whose whole state lives in persistent buffers, so they are
+saved and restored through the owning method's ``state_dict``:
+
+- ``features (N, d)``: L2-normalised rows, stored as float32, bfloat16 or float16;
+- ``labels (N,) int64``: label of the sample in each row (-1 while unwritten);
+- ``ids (N,) int64``: dataset index of the sample in each row (-1 while unwritten); losses use it
+  for leave-one-out (a query never sees a row holding its own sample);
+- ``valid (N,) bool``: the row has been written; unwritten rows must never act as neighbours.
+
+``update`` takes the *local* batch. Under ``torch.distributed`` (and ``gather_distributed=True``) it
+first gathers ``(ids, features, labels)`` from all ranks in rank order, so every rank writes the same
+global batch and all ranks hold identical memories, equal to a single process fed the global batch.
+Values are validated *after* the gather: a bad row on one rank makes every rank raise the same
+``ValueError`` (no rank is left waiting in a collective) and no rank writes anything.
+
+Rows are constants: writes happen under ``no_grad`` and in place. A loss must therefore take the
+rows it differentiates through by indexing (a copy), not keep ``features`` itself in its graph, or
+call ``update`` only after ``backward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from look.engine.distributed import gather_no_grad, get_world_size, is_distributed
+
+__all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# A row whose norm is at most this cannot be normalised into a meaningful direction.
+_MIN_ROW_NORM = 1e-12
+
+# How many offending ids an error message lists before it stops.
+_MAX_IDS_IN_MESSAGE = 8
+
+
+def _resolve_storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Map a dtype or its name (``"bf16"``, ``"float16"``, ...) to a supported storage dtype."""
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in _STORAGE_DTYPES:
+            raise ValueError(
+                f"unknown memory dtype {dtype!r}; use one of {sorted(_STORAGE_DTYPES)}"
+            )
+        return _STORAGE_DTYPES[key]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"memory dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}"
+        )
+    return dtype
+
+
+def _gather_rows_no_grad(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate each tensor over ranks along dim 0, in rank order; ranks may hold different
+    numbers of rows (all tensors of one rank share that count).
+
+    :func:`look.engine.distributed.gather_no_grad` needs equal shapes on all ranks, so the row
+    counts are exchanged first and shorter slices are padded, then trimmed after the gather.
+    """
+    if not is_distributed():
+        return [tensor.detach() for tensor in tensors]
+    local_rows = tensors[0].shape[0]
+    device = tensors[0].device
+    row_counts = gather_no_grad(torch.tensor([local_rows], dtype=torch.int64, device=device))
+    counts = row_counts.tolist()
+    max_rows = max(counts)
+    gathered: list[torch.Tensor] = []
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if all(count == max_rows for count in counts):
+            gathered.append(gather_no_grad(tensor))
+            continue
+        padded = tensor.new_zeros((max_rows, *tensor.shape[1:]))
+        padded[:local_rows] = tensor
+        per_rank = gather_no_grad(padded).view(get_world_size(), max_rows, *tensor.shape[1:])
+        gathered.append(torch.cat([per_rank[r, :count] for r, count in enumerate(counts)], dim=0))
+    return gathered
+
+
+class FeatureMemory(nn.Module):
+    """Base class of the labelled memories: buffers, validation, distributed gather, checkpoints.
+
+    Subclasses implement :meth:`_write`, which receives the validated, gathered, L2-normalised
+    global batch (float32) and writes it under ``no_grad``.
+
+    Args:
+        num_rows: number of rows ``N`` (dataset size for a bank, capacity for a queue).
+        dim: feature dimension ``d``.
+        dtype: storage dtype of ``features`` (float32, bfloat16 or float16, or their names).
+        gather_distributed: gather the batch from all ranks before writing when
+            ``torch.distributed`` is initialised. Turn off only if every rank already passes the
+            global batch.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+            raise ValueError(f"memory size must be a positive int, got {num_rows!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"memory dim must be a positive int, got {dim!r}")
+        storage_dtype = _resolve_storage_dtype(dtype)
+        self.gather_distributed = bool(gather_distributed)
+        self.register_buffer("features", torch.zeros(num_rows, dim, dtype=storage_dtype))
+        self.register_buffer("labels", torch.full((num_rows,), -1, dtype=torch.int64))
+        self.register_buffer("ids", torch.full((num_rows,), -1, dtype=torch.int64))
+        self.register_buffer("valid", torch.zeros(num_rows, dtype=torch.bool))
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """Dtype the rows are stored in (follows ``module.to(dtype)``)."""
+        return self.features.dtype
+
+    @property
+    def size(self) -> int:
+        """Number of rows ``N``."""
+        return self.features.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``d``."""
+        return self.features.shape[1]
+
+    def num_valid(self) -> int:
+        """Number of rows written so far (synchronises with the device)."""
+        return int(self.valid.sum().item())
+
+    def memory_bytes(self) -> int:
+        """Bytes held by all buffers (features, labels, ids, valid, ...), for logging."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget every row: zero features, labels and ids -1, nothing valid."""
+        self.features.zero_()
+        self.labels.fill_(-1)
+        self.ids.fill_(-1)
+        self.valid.fill_(False)
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write the local batch into the memory (after gathering it from all ranks).
+
+        Args:
+            ids: ``(B,)`` integer dataset indices of the samples.
+            features: ``(B, d)`` floating embeddings, any float dtype; detached and L2-normalised
+                here before they are stored.
+            labels: ``(B,)`` non-negative integer labels.
+
+        Raises:
+            ValueError: on a wrong shape or dtype, ids out of range, negative labels, or rows that
+                are NaN/Inf or have zero norm. Nothing is written in that case.
+        """
+        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
+        self._write(global_ids, global_features, global_labels)
+
+    def _prepare(
+        self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check shapes, gather over ranks, check values, normalise. Returns the global batch
+        as ``(ids int64, features float32 unit rows, labels int64)`` on the memory's device."""
+        self._check_structure(ids, features, labels)
+        device = self.features.device
+        # Gathered in float32 so that ranks passing different float dtypes still agree, and so
+        # the written values match a single process given the global batch (upcasting is exact).
+        local = (
+            ids.detach().to(device=device, dtype=torch.int64),
+            features.detach().to(device=device, dtype=torch.float32),
+            labels.detach().to(device=device, dtype=torch.int64),
+        )
+        if self.gather_distributed:
+            global_ids, global_features, global_labels = _gather_rows_no_grad(local)
+        else:
+            global_ids, global_features, global_labels = local
+        norms = global_features.norm(dim=1)
+        self._check_values(global_ids, global_features, norms, global_labels)
+        return global_ids, global_features / norms.unsqueeze(1), global_labels
+
+    def _check_structure(
+        self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        for name, tensor in (("ids", ids), ("features", features), ("labels", labels)):
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"features must have shape (B, {self.dim}) for this memory, got "
+                f"{tuple(features.shape)}; check the projection head's output dim"
+            )
+        if not features.is_floating_point():
+            raise ValueError(f"features must be a floating tensor, got dtype {features.dtype}")
+        batch = features.shape[0]
+        for name, tensor in (("ids", ids), ("labels", labels)):
+            if tensor.shape != (batch,):
+                raise ValueError(
+                    f"{name} must have shape ({batch},) to match features, got {tuple(tensor.shape)}"
+                )
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
+
+    def _check_values(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        norms: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        # A NaN/Inf entry makes the norm non-finite; so does a finite row whose norm overflows.
+        bad_feature_rows = ~(torch.isfinite(norms) & (norms > _MIN_ROW_NORM))
+        bad_ids = ~self._ids_in_range(ids)
+        bad_labels = labels < 0
+        # One host synchronisation for all three checks.
+        counts = torch.stack([bad_feature_rows.sum(), bad_ids.sum(), bad_labels.sum()]).tolist()
+        n_bad_features, n_bad_ids, n_bad_labels = counts
+        if n_bad_features:
+            example_ids = ids[bad_feature_rows][:_MAX_IDS_IN_MESSAGE].tolist()
+            raise ValueError(
+                f"{n_bad_features} of {features.shape[0]} feature rows are NaN/Inf or have zero "
+                f"norm (dataset ids {example_ids}); nothing was written to the memory. "
+                "Check the encoder for divergence (lower the learning rate, check mixed precision)"
+            )
+        if n_bad_ids:
+            example_ids = ids[bad_ids][:_MAX_IDS_IN_MESSAGE].tolist()
+            raise ValueError(
+                f"{n_bad_ids} ids are outside {self._id_range_text()}, e.g. {example_ids}; ids must "
+                "be indices into the training dataset the memory was built for"
+            )
+        if n_bad_labels:
+            example_labels = labels[bad_labels][:_MAX_IDS_IN_MESSAGE].tolist()
+            raise ValueError(
+                f"{n_bad_labels} labels are negative, e.g. {example_labels}; labels must be class "
+                "indices >= 0"
+            )
+
+    def _ids_in_range(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= 0
+
+    def _id_range_text(self) -> str:
+        return "[0, inf)"
+
+    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # PyTorch's own message ("size mismatch for features") does not say what changed.
+        for name, buffer in self.named_buffers(recurse=False):
+            key = prefix + name
+            if key not in state_dict or name in self._non_persistent_buffers_set:
+                continue
+            incoming = state_dict[key]
+            if tuple(incoming.shape) != tuple(buffer.shape):
+                raise ValueError(
+                    f"cannot load {type(self).__name__} buffer '{key}': the checkpoint has shape "
+                    f"{tuple(incoming.shape)}, this memory has {tuple(buffer.shape)} "
+                    f"(size={self.size}, dim={self.dim}). The dataset size, queue capacity or "
+                    "embedding dim changed since the checkpoint was written; build the memory "
+                    "with the checkpoint's size and dim, or drop its entries to start afresh"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        dtype_name = str(self.storage_dtype).removeprefix("torch.")
+        return (
+            f"size={self.size}, dim={self.dim}, dtype={dtype_name}, "
+            f"gather_distributed={self.gather_distributed}, "
+            f"mib={self.memory_bytes() / 2**20:.1f}"
+        )
+
+
+class MemoryBank(FeatureMemory):
+    """One row per training sample, indexed by its dataset index.
+
+    Update rule for a written row ``i``: ``m_i <- normalize(momentum * m_i + (1 - momentum) * z_i)``;
+    the first write of a row stores ``z_i`` itself, so unwritten (zero) rows never leak into the
+    average. ``momentum=0`` overwrites (used when a momentum encoder writes the memory).
+
+    Duplicate ids within one global batch (for example two views of one image, or the same sample
+    on two ranks): the *last* occurrence in the gathered batch (rank order, then batch order) is
+    the one applied, once; earlier ones are ignored. This is deterministic and the same on every
+    rank.
+
+    Args:
+        size: number of samples in the training dataset.
+        dim: feature dimension.
+        momentum: ``μ`` in ``[0, 1)``.
+        dtype: storage dtype of the rows.
+        gather_distributed: see :class:`FeatureMemory`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        momentum: float = 0.5,
+        dtype: torch.dtype | str = torch.float32,
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__(size, dim, dtype=dtype, gather_distributed=gather_distributed)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(
+                f"memory momentum must be in [0, 1), got {momentum}; 0 overwrites rows, "
+                "1 would never change them"
+            )
+        self.momentum = float(momentum)
+
+    def _ids_in_range(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= 0) & (ids < self.size)
+
+    def _id_range_text(self) -> str:
+        return f"[0, {self.size}) (the bank's dataset size)"
+
+    @torch.no_grad()
+    def fill_(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write rows without momentum (warm-up), marking them valid.
+
+        Same arguments, gathering and validation as :meth:`update`; duplicates: last one wins.
+        """
+        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
+        self._store(*self._last_occurrences(global_ids, global_features, global_labels))
+
+    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        ids, features, labels = self._last_occurrences(ids, features, labels)
+        if self.momentum > 0.0:
+            previous = self.features[ids].to(torch.float32)
+            mixed = self.momentum * previous + (1.0 - self.momentum) * features
+            mixed_norms = mixed.norm(dim=1, keepdim=True)
+            # A first write, or a mix that cancels out (z = -m at μ = 0.5), stores z itself.
+            use_mixed = self.valid[ids].unsqueeze(1) & (mixed_norms > _MIN_ROW_NORM)
+            features = torch.where(
+                use_mixed, mixed / mixed_norms.clamp_min(_MIN_ROW_NORM), features
+            )
+        self._store(ids, features, labels)
+
+    def _store(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features[ids] = features.to(self.storage_dtype)
+        self.labels[ids] = labels
+        self.ids[ids] = ids
+        self.valid[ids] = True
+
+    @staticmethod
+    def _last_occurrences(
+        ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep only the last occurrence of every id (index writes with repeated indices are
+        undefined on CUDA, and 'last wins' matches writing the batch in order)."""
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        if unique_ids.numel() == ids.numel():
+            return ids, features, labels
+        positions = torch.arange(ids.numel(), device=ids.device)
+        last_position = torch.full_like(unique_ids, -1).scatter_reduce_(
+            0, inverse, positions, reduce="amax"
+        )
+        return ids[last_position], features[last_position], labels[last_position]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+
+class MemoryQueue(FeatureMemory):
+    """FIFO ring buffer of the most recent ``capacity`` embeddings.
+
+    ``ptr`` (persistent) is the next slot to write. A global batch of ``G`` rows is enqueued in
+    order; when ``G > capacity`` only the newest ``capacity`` rows survive, exactly as if they had
+    been written one after another. ``ids`` holds each entry's dataset index, so a loss can leave
+    the query out by id; the same id may appear in several entries (all are left out).
+
+    Args:
+        capacity: number of entries ``Q``.
+        dim: feature dimension.
+        dtype: storage dtype of the rows.
+        gather_distributed: see :class:`FeatureMemory`.
+    """
+
+    ptr: torch.Tensor
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        gather_distributed: bool = True,
+    ) -> None:
+        super().__init__(capacity, dim, dtype=dtype, gather_distributed=gather_distributed)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def capacity(self) -> int:
+        """Number of entries ``Q`` (same as :attr:`size`)."""
+        return self.size
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the queue and rewind ``ptr`` to 0."""
+        super().reset()
+        self.ptr.zero_()
+
+    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        batch = ids.numel()
+        kept = min(batch, self.capacity)
+        first_kept = batch - kept
+        # Slots computed on the device so that enqueueing never waits for the host.
+        slots = (self.ptr + first_kept + torch.arange(kept, device=ids.device)) % self.capacity
+        self.features[slots] = features[first_kept:].to(self.storage_dtype)
+        self.labels[slots] = labels[first_kept:]
+        self.ids[slots] = ids[first_kept:]
+        self.valid[slots] = True
+        self.ptr.copy_((self.ptr + batch) % self.capacity)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        pointer = int(self.ptr.item())
+        if not 0 <= pointer < self.capacity:
+            raise ValueError(
+                f"loaded queue pointer {pointer} is outside [0, {self.capacity}); the checkpoint "
+                f"entry '{prefix}ptr' is corrupt"
+            )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ptr={int(self.ptr.item())}"
+
+
+def build_memory(
+    kind: str,
+    *,
+    num_samples: int | None = None,
+    dim: int,
+    momentum: float = 0.5,
+    queue_size: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    gather_distributed: bool = True,
+) -> FeatureMemory:
+    """Build the memory a method's config asks for.
+
+    Args:
+        kind: ``"bank"`` (one row per training sample, needs ``num_samples``) or ``"queue"``
+            (FIFO of ``queue_size`` entries).
+        num_samples: training dataset size (bank).
+        dim: feature dimension.
+        momentum: bank update momentum (ignored by the queue).
+        queue_size: queue capacity (ignored by the bank).
+        dtype: storage dtype of the rows, a ``torch.dtype`` or a name such as ``"bf16"``.
+        gather_distributed: see :class:`FeatureMemory`.
+    """
+    if kind == "bank":
+        if num_samples is None:
+            raise ValueError("a memory bank needs num_samples (the training dataset size)")
+        return MemoryBank(
+            num_samples,
+            dim,
+            momentum=momentum,
+            dtype=dtype,
+            gather_distributed=gather_distributed,
+        )
+    if kind == "queue":
+        if queue_size is None:
+            raise ValueError("a memory queue needs queue_size (its capacity)")
+        return MemoryQueue(queue_size, dim, dtype=dtype, gather_distributed=gather_distributed)
+    raise ValueError(f"unknown memory kind {kind!r}; use 'bank' or 'queue'")

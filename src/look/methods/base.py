@@ -1,0 +1,111 @@
+"""What every pre-training method provides to the training loop, and nothing more."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from look.config import ConfigError, dataclass_from_dict
+
+
+@dataclass
+class Batch:
+    """One (per-rank) batch: ``views[v]`` is (B, 3, H, W); ``indices`` are dataset indices."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    @classmethod
+    def from_collated(cls, collated: Any) -> Batch:
+        views, labels, indices = collated
+        return cls(views=list(views), labels=labels.long(), indices=indices.long())
+
+    def to(self, device: torch.device, *, channels_last: bool = False) -> Batch:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return Batch(
+            views=[
+                v.to(device, non_blocking=True, memory_format=memory_format) for v in self.views
+            ],
+            labels=self.labels.to(device, non_blocking=True),
+            indices=self.indices.to(device, non_blocking=True),
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class StepOutput:
+    """The loss to back-propagate and detached scalar metrics to log."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know about its data: sizes, not samples."""
+
+    num_classes: int
+    num_samples: int
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``Options`` (a dataclass), ``num_views`` and implement forward.
+
+    The training loop calls only :meth:`forward` (through DDP when distributed),
+    :meth:`after_optimizer_step`, and, on a fresh run, :meth:`warmup_step` for every batch of one
+    pass when :attr:`needs_warmup_pass` is true.
+    """
+
+    name: ClassVar[str] = "base"
+    num_views: ClassVar[int] = 1
+    uses_labels: ClassVar[bool] = True
+    Options: ClassVar[type] = object
+
+    def __init__(self, options: Any, backbone: nn.Module, feature_dim: int, ctx: MethodContext):
+        super().__init__()
+        self.options = options
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.ctx = ctx
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> Any:
+        values = {k: v for k, v in values.items() if k != "name"}
+        options = dataclass_from_dict(cls.Options, values, f"method({cls.name})")
+        validate = getattr(options, "validate", None)
+        if validate is not None:
+            validate()
+        return options
+
+    @classmethod
+    def resolved_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The method section with every default filled in (what gets saved with the run)."""
+        return {"name": cls.name, **dataclasses.asdict(cls.parse_options(values))}
+
+    def forward(self, batch: Batch) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def needs_warmup_pass(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def warmup_step(self, batch: Batch) -> None:
+        """One batch of the pre-training pass that fills a memory before the first step."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        """Momentum / EMA updates; ``progress`` is the fraction of training done, in [0, 1]."""
+
+
+def check_options(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

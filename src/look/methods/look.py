@@ -1,0 +1,155 @@
+"""LOOK: each image must share its label with most of its k nearest neighbours in a memory.
+
+Unlike CE/SupCon/NCA, a class is free to keep several modes: only the k nearest same-memory rows
+matter, not the whole class (METHOD.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from look.config import ConfigError
+from look.engine.distributed import global_masked_mean
+from look.losses import look_loss_terms
+from look.memory import build_memory
+from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
+from look.methods.common import HeadOptions, embed, frozen_copy, momentum_update
+
+_MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LOOKOptions(HeadOptions):
+    k: int | None = 200  # None: every memory row (NCA)
+    temperature: float = 0.1
+    no_positive: str = "drop"  # drop | nearest
+    memory: str = "bank"  # bank (one row per image) | queue (FIFO of queue_size rows)
+    memory_update: str = "momentum"  # momentum: rows from the online encoder | ema_encoder
+    memory_momentum: float = 0.5
+    queue_size: int = 8192
+    encoder_momentum: float = 0.99
+    memory_dtype: str = "float32"
+    memory_init: str = "mask"  # mask: unwritten rows are skipped | warmup: one pass fills the bank
+    chunk_size: int = 65536
+    ce_weight: float = 0.0  # optional auxiliary CE on the pooled features (off in pure LOOK)
+
+    def validate(self) -> None:
+        self.validate_head()
+        check_options(self.k is None or self.k >= 1, f"k must be >= 1 or null (NCA), got {self.k}")
+        check_options(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        choices = {
+            "no_positive": ("drop", "nearest"),
+            "memory": ("bank", "queue"),
+            "memory_update": ("momentum", "ema_encoder"),
+            "memory_dtype": tuple(_MEMORY_DTYPES),
+            "memory_init": ("mask", "warmup"),
+        }
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            check_options(value in allowed, f"{key}={value!r} is not one of {list(allowed)}")
+        check_options(
+            0.0 <= self.memory_momentum < 1.0,
+            f"memory_momentum must be in [0, 1), got {self.memory_momentum}",
+        )
+        check_options(
+            0.0 <= self.encoder_momentum < 1.0,
+            f"encoder_momentum must be in [0, 1), got {self.encoder_momentum}",
+        )
+        check_options(self.queue_size >= 2, f"queue_size must be >= 2, got {self.queue_size}")
+        check_options(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_options(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
+        check_options(
+            not (self.memory == "queue" and self.memory_init == "warmup"),
+            "memory_init=warmup needs memory=bank (a queue fills itself within a few steps)",
+        )
+
+
+class LOOK(Method):
+    name = "look"
+    Options = LOOKOptions
+
+    def __init__(
+        self, options: LOOKOptions, backbone: nn.Module, feature_dim: int, ctx: MethodContext
+    ) -> None:
+        super().__init__(options, backbone, feature_dim, ctx)
+        self.head = options.build_head(feature_dim)
+        memory_rows = ctx.num_samples if options.memory == "bank" else options.queue_size
+        if options.k is not None and options.k >= memory_rows:
+            # Leave-one-out leaves at most N-1 candidates: k >= N is not a valid LOOK setting.
+            raise ConfigError(
+                f"k={options.k} is impossible with a {options.memory} of {memory_rows} rows: "
+                f"leave-one-out leaves at most {memory_rows - 1} neighbours. Use "
+                f"k <= {memory_rows - 1}, or k: null for NCA (all rows)."
+            )
+        self.memory = build_memory(
+            options.memory,
+            num_samples=ctx.num_samples,
+            dim=options.head_out_dim,
+            momentum=options.memory_momentum if options.memory_update == "momentum" else 0.0,
+            queue_size=options.queue_size,
+            dtype=_MEMORY_DTYPES[options.memory_dtype],
+        )
+        if options.memory_update == "ema_encoder":
+            self.ema_backbone = frozen_copy(backbone)
+            self.ema_head = frozen_copy(self.head)
+        self.classifier = nn.Linear(feature_dim, ctx.num_classes) if options.ce_weight > 0 else None
+
+    @property
+    def needs_warmup_pass(self) -> bool:
+        return self.options.memory_init == "warmup"
+
+    def memory_embedding(self, images: torch.Tensor, z_online: torch.Tensor) -> torch.Tensor:
+        if self.options.memory_update == "ema_encoder":
+            with torch.no_grad():
+                return embed(self.ema_backbone, self.ema_head, images)
+        return z_online.detach()
+
+    @torch.no_grad()
+    def warmup_step(self, batch: Batch) -> None:
+        images = batch.views[0]
+        z = embed(self.backbone, self.head, images)
+        self.memory.fill_(batch.indices, self.memory_embedding(images, z), batch.labels)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        images = batch.views[0]
+        features = self.backbone(images)
+        z = F.normalize(self.head(features).float(), dim=1)
+        terms = look_loss_terms(
+            z,
+            batch.labels,
+            self.memory.features,
+            self.memory.labels,
+            k=self.options.k,
+            temperature=self.options.temperature,
+            query_indices=batch.indices,
+            memory_ids=self.memory.ids,
+            memory_valid=self.memory.valid,
+            no_positive=self.options.no_positive,
+            chunk_size=self.options.chunk_size,
+        )
+        loss = global_masked_mean(terms.loss, terms.valid)
+        metrics = {
+            "look_loss": loss.detach(),
+            "dropped_frac": 1.0 - terms.valid.float().mean(),
+            "positive_in_topk_frac": terms.positive_in_topk.float().mean(),
+            "neighbour_agreement": terms.neighbour_agreement.mean(),
+            "memory_filled_frac": self.memory.valid.float().mean(),
+        }
+        if self.classifier is not None:
+            ce = F.cross_entropy(self.classifier(features).float(), batch.labels)
+            metrics["ce_loss"] = ce.detach()
+            loss = loss + self.options.ce_weight * ce
+        # Written after the loss: this batch's rows are never its own neighbours this step.
+        self.memory.update(batch.indices, self.memory_embedding(images, z), batch.labels)
+        metrics["loss"] = loss.detach()
+        return StepOutput(loss, metrics)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        if self.options.memory_update == "ema_encoder":
+            momentum_update(self.backbone, self.ema_backbone, self.options.encoder_momentum)
+            momentum_update(self.head, self.ema_head, self.options.encoder_momentum)

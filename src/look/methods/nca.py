@@ -1,0 +1,22 @@
+"""NCA (Goldberger et al. 2004; Wu et al. 2018 memory-bank form): LOOK with k = every memory row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from look.methods.base import check_options
+from look.methods.look import LOOK, LOOKOptions
+
+
+@dataclass
+class NCAOptions(LOOKOptions):
+    k: int | None = None
+
+    def validate(self) -> None:
+        check_options(self.k is None, f"nca uses every memory row; k must be null, got {self.k}")
+        super().validate()
+
+
+class NCA(LOOK):
+    name = "nca"
+    Options = NCAOptions

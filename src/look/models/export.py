@@ -1,0 +1,173 @@
+"""Export a backbone as a safetensors file that timm / torchvision load directly.
+
+The file's keys are exactly those of ``timm.create_model(name)`` (or the torchvision model for
+``tv:`` names) minus the classifier, so ``model.load_state_dict(load_file(path), strict=False)``
+reports only the classifier as missing. Its safetensors metadata (string → string) records how to
+rebuild the backbone: :func:`load_exported_backbone` needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from look import __version__
+from look.models.backbones import create_backbone
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "export_backbone",
+    "load_exported_backbone",
+    "read_export_metadata",
+]
+
+EXPORT_FORMAT = "look-backbone/1"
+_RESERVED_METADATA = ("format", "name", "small_stem", "in_chans", "feature_dim", "look_version")
+
+
+def _reference_state_shapes(
+    name: str, *, small_stem: bool, in_chans: int
+) -> tuple[dict[str, torch.Size], int]:
+    """Key → shape of a freshly built backbone, built without allocating weights where possible."""
+    try:
+        with torch.device("meta"):
+            reference, feature_dim = create_backbone(name, small_stem=small_stem, in_chans=in_chans)
+    except Exception:
+        # Some initialisers do real computation on meta tensors; retry with a normal (slower) build,
+        # which raises the real error if there is one.
+        reference, feature_dim = create_backbone(name, small_stem=small_stem, in_chans=in_chans)
+    return {k: v.shape for k, v in reference.state_dict().items()}, feature_dim
+
+
+def export_backbone(
+    backbone: nn.Module,
+    name: str,
+    path: str | Path,
+    *,
+    small_stem: bool,
+    in_chans: int = 3,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``backbone``'s weights to a safetensors file loadable by timm/torchvision and by us.
+
+    Args:
+        backbone: a module built by ``create_backbone(name, small_stem=small_stem, in_chans=in_chans)``
+            (its keys and shapes are checked against a fresh build).
+        name: the backbone name it was built from.
+        path: output file (``.safetensors``); parent folders are created; written atomically.
+        small_stem, in_chans: as passed to ``create_backbone``.
+        extra_metadata: more string → string entries (e.g. method, dataset, epoch).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
+    extra_metadata = dict(extra_metadata or {})
+    bad_entries = [
+        (k, v)
+        for k, v in extra_metadata.items()
+        if not isinstance(k, str) or not isinstance(v, str)
+    ]
+    if bad_entries:
+        raise ValueError(
+            f"extra_metadata must map str to str; offending entries: {bad_entries[:5]}"
+        )
+    clashes = sorted(set(extra_metadata) & set(_RESERVED_METADATA))
+    if clashes:
+        raise ValueError(f"extra_metadata may not set the reserved keys {clashes}")
+
+    state = backbone.state_dict()
+    expected_shapes, feature_dim = _reference_state_shapes(
+        name, small_stem=small_stem, in_chans=in_chans
+    )
+    missing = sorted(set(expected_shapes) - set(state))
+    unexpected = sorted(set(state) - set(expected_shapes))
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(s)}"
+        for k, s in expected_shapes.items()
+        if k in state and state[k].shape != s
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"the backbone does not match create_backbone({name!r}, small_stem={small_stem}, "
+            f"in_chans={in_chans}): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {mismatched[:5]}"
+        )
+
+    # safetensors refuses tensors that share storage (tied weights, views): give each its own copy.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "name": name,
+        "small_stem": "true" if small_stem else "false",
+        "in_chans": str(in_chans),
+        "feature_dim": str(feature_dim),
+        "look_version": __version__,
+        **extra_metadata,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted export never leaves a truncated file.
+    file_descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
+    os.close(file_descriptor)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+    return path
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of an exported backbone (raises if the file is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported backbone {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not a look backbone export (metadata format "
+            f"{metadata.get('format')!r}, expected {EXPORT_FORMAT!r}). To load plain weights, use "
+            "create_backbone(name, pretrained_weights=path)."
+        )
+    absent = [k for k in _RESERVED_METADATA if k not in metadata]
+    if absent:
+        raise ValueError(f"{str(path)!r} lacks the metadata entries {absent}")
+    return metadata
+
+
+def load_exported_backbone(path: str | Path) -> tuple[nn.Module, int]:
+    """Rebuild a backbone written by :func:`export_backbone` from its metadata and load its weights.
+
+    Returns ``(backbone, feature_dim)``; the backbone is in training mode (call ``.eval()`` to use it).
+    """
+    metadata = read_export_metadata(path)
+    if metadata["small_stem"] not in ("true", "false"):
+        raise ValueError(f"{str(path)!r}: small_stem metadata is {metadata['small_stem']!r}")
+    backbone, feature_dim = create_backbone(
+        metadata["name"],
+        small_stem=metadata["small_stem"] == "true",
+        in_chans=int(metadata["in_chans"]),
+    )
+    if feature_dim != int(metadata["feature_dim"]):
+        raise ValueError(
+            f"{str(path)!r} says feature_dim={metadata['feature_dim']} but {metadata['name']!r} "
+            f"now builds with {feature_dim}; the model definition changed since the export"
+        )
+    try:
+        backbone.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"weights in {str(path)!r} do not fit {metadata['name']!r}: {error}"
+        ) from error
+    return backbone, feature_dim

@@ -1,0 +1,243 @@
+"""Exact k-nearest-neighbour search by inner product over a (large) memory, chunk by chunk.
+
+The memory is scanned in chunks of rows; each chunk's similarities are computed in (at least) fp32
+and merged into a running top-k per query, so a ``B × N`` similarity matrix is never held at once.
+Used by the LOOK loss (neighbour selection) and by kNN evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KnnResult",
+    "autocast_disabled",
+    "check_positive_int",
+    "compute_dtype_for",
+    "knn_search",
+    "validate_search_inputs",
+]
+
+
+class KnnResult(NamedTuple):
+    """Result of :func:`knn_search`.
+
+    ``values``/``indices`` are ``(B, k)``, sorted by descending similarity; slots beyond the number
+    of candidates hold ``-inf`` / ``-1``. ``nearest_positive_value``/``nearest_positive_index`` are
+    ``(B,)`` and only set when labels were given: the most similar candidate of the query's own label
+    over the whole memory (``-inf`` / ``-1`` when there is none), otherwise ``None``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    nearest_positive_value: Tensor | None = None
+    nearest_positive_index: Tensor | None = None
+
+
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Context that switches autocast off on ``device`` (a no-op where autocast does not exist).
+
+    Similarities and losses must be computed in full precision even when the caller runs under
+    ``torch.autocast`` (e.g. bf16 embeddings from an autocast forward).
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def compute_dtype_for(*tensors: Tensor) -> torch.dtype:
+    """The dtype similarities are computed in: fp32, or fp64 when an input is fp64."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def check_positive_int(k: object, name: str = "k") -> int:
+    """Return ``k`` as an ``int`` or raise ``ValueError`` naming ``name`` unless it is an integer >= 1."""
+    if isinstance(k, bool):
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    try:
+        k_int = operator.index(k)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {k!r}") from None
+    if k_int < 1:
+        raise ValueError(f"{name} must be >= 1, got {k_int}")
+    return k_int
+
+
+def _check_vector(tensor: Tensor | None, name: str, length: int, length_name: str) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 1 or tensor.shape[0] != length:
+        raise ValueError(
+            f"{name} must have shape ({length},) to match {length_name}, got {tuple(tensor.shape)}"
+        )
+
+
+def validate_search_inputs(
+    query: Tensor,
+    memory: Tensor,
+    *,
+    query_ids: Tensor | None = None,
+    memory_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    query_labels: Tensor | None = None,
+    memory_labels: Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` unless the tensors describe a well-formed query/memory pair."""
+    for name, tensor in (("query", query), ("memory", memory)):
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if query.shape[1] != memory.shape[1]:
+        raise ValueError(
+            f"query and memory must have the same feature dimension, got query {tuple(query.shape)} "
+            f"and memory {tuple(memory.shape)}"
+        )
+    if query.device != memory.device:
+        raise ValueError(
+            f"query and memory must be on the same device, got {query.device} and {memory.device}"
+        )
+    batch, rows = query.shape[0], memory.shape[0]
+    _check_vector(query_ids, "query_ids", batch, "query rows")
+    _check_vector(memory_ids, "memory_ids", rows, "memory rows")
+    _check_vector(memory_valid, "memory_valid", rows, "memory rows")
+    _check_vector(query_labels, "query_labels", batch, "query rows")
+    _check_vector(memory_labels, "memory_labels", rows, "memory rows")
+    if memory_valid is not None and memory_valid.dtype != torch.bool:
+        raise ValueError(f"memory_valid must be a bool tensor, got dtype {memory_valid.dtype}")
+    if memory_ids is not None and query_ids is None:
+        raise ValueError(
+            "memory_ids was given without query_ids; pass both to exclude self-matches"
+        )
+    for name, tensor in (
+        ("query_ids", query_ids),
+        ("memory_ids", memory_ids),
+        ("query_labels", query_labels),
+        ("memory_labels", memory_labels),
+    ):
+        if tensor is not None and (tensor.is_floating_point() or tensor.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
+
+
+@torch.no_grad()
+def knn_search(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None = None,
+    memory_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    chunk_size: int = 65536,
+    query_labels: Tensor | None = None,
+    memory_labels: Tensor | None = None,
+) -> KnnResult:
+    """Exact top-``k`` memory rows by inner product ``query @ memory.T``, scanned in chunks.
+
+    Args:
+        query: ``(B, d)`` queries (any float dtype).
+        memory: ``(N, d)`` memory rows; may be bf16/fp16, each chunk is cast up before the product.
+        k: number of neighbours (``>= 1``; may exceed the number of candidates).
+        query_ids: ``(B,)`` int ids of the queries; with them, memory row ``j`` is not a candidate
+            for query ``i`` when ``memory_ids[j] == query_ids[i]`` (leave-one-out).
+        memory_ids: ``(N,)`` int ids of the memory rows, default ``arange(N)`` (a full bank indexed
+            by dataset index). Only used with ``query_ids``.
+        memory_valid: ``(N,)`` bool, ``False`` for rows that are never candidates (unwritten rows).
+        chunk_size: memory rows per chunk; bounds the working set to ``B × (chunk_size + k)``.
+        query_labels, memory_labels: give both to also get the nearest same-label candidate of
+            each query over the whole memory (``nearest_positive_value``/``_index``).
+
+    Returns:
+        :class:`KnnResult` with ``values``/``indices`` of shape ``(B, k)`` sorted descending;
+        ``-inf``/``-1`` where a query has fewer than ``k`` candidates. Values are fp32 (fp64 when
+        an input is fp64). Nothing carries gradient.
+    """
+    k = check_positive_int(k)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    validate_search_inputs(
+        query,
+        memory,
+        query_ids=query_ids,
+        memory_ids=memory_ids,
+        memory_valid=memory_valid,
+        query_labels=query_labels,
+        memory_labels=memory_labels,
+    )
+    if (query_labels is None) != (memory_labels is None):
+        raise ValueError("query_labels and memory_labels must be given together (or neither)")
+
+    device = memory.device
+    dtype = compute_dtype_for(query, memory)
+    batch, rows = query.shape[0], memory.shape[0]
+    want_positive = query_labels is not None and memory_labels is not None
+
+    if query_ids is not None:
+        query_ids = query_ids.to(device)
+        memory_ids = (
+            torch.arange(rows, device=device) if memory_ids is None else memory_ids.to(device)
+        )
+    if memory_valid is not None:
+        memory_valid = memory_valid.to(device)
+    if want_positive:
+        query_labels = query_labels.to(device)  # type: ignore[union-attr]
+        memory_labels = memory_labels.to(device)  # type: ignore[union-attr]
+
+    neg_inf = float("-inf")
+    best_values = torch.empty(batch, 0, dtype=dtype, device=device)
+    best_indices = torch.empty(batch, 0, dtype=torch.int64, device=device)
+    positive_value = torch.full((batch,), neg_inf, dtype=dtype, device=device)
+    positive_index = torch.full((batch,), -1, dtype=torch.int64, device=device)
+
+    with autocast_disabled(device):
+        queries = query.detach().to(dtype)
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            similarities = queries @ memory[start:stop].detach().to(dtype).T  # (B, c)
+            excluded = torch.zeros_like(similarities, dtype=torch.bool)
+            if memory_valid is not None:
+                excluded |= ~memory_valid[start:stop].unsqueeze(0)
+            if query_ids is not None:
+                excluded |= query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
+            similarities = similarities.masked_fill(excluded, neg_inf)
+
+            # Running top-k: merge what we kept so far with this chunk and select again.
+            chunk_indices = torch.arange(start, stop, device=device).expand(batch, -1)
+            merged_values = torch.cat([best_values, similarities], dim=1)
+            merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
+            keep = min(k, merged_values.shape[1])
+            best_values, order = merged_values.topk(keep, dim=1, largest=True, sorted=True)
+            best_indices = merged_indices.gather(1, order)
+
+            if want_positive:
+                same_label = query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0)  # type: ignore[union-attr]
+                positive_similarities = similarities.masked_fill(~same_label, neg_inf)
+                chunk_best, chunk_arg = positive_similarities.max(dim=1)
+                improved = chunk_best > positive_value
+                positive_value = torch.where(improved, chunk_best, positive_value)
+                positive_index = torch.where(improved, chunk_arg + start, positive_index)
+
+    if best_values.shape[1] < k:  # fewer memory rows than k
+        missing = k - best_values.shape[1]
+        best_values = torch.cat(
+            [best_values, best_values.new_full((batch, missing), neg_inf)], dim=1
+        )
+        best_indices = torch.cat([best_indices, best_indices.new_full((batch, missing), -1)], dim=1)
+    # Excluded rows may have been picked to fill k slots; they are padding, not neighbours.
+    best_indices = best_indices.masked_fill(best_values == neg_inf, -1)
+
+    if not want_positive:
+        return KnnResult(best_values, best_indices)
+    return KnnResult(best_values, best_indices, positive_value, positive_index)

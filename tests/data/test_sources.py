@@ -1,0 +1,247 @@
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from look.data.datasets import build_eval_dataset, build_train_dataset
+from look.data.sources import (
+    DIGITS_CLASSES,
+    FASHION_MNIST_CLASSES,
+    CorruptImageError,
+    load_source,
+    read_digits,
+    read_idx_dataset,
+    read_image_folder,
+)
+from look.data.spec import DataSpec
+
+FASHION_MNIST_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ---- (Fashion-)MNIST from IDX files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("compress", "subfolder"),
+    [(True, ""), (False, ""), (True, "FashionMNIST/raw"), (False, "FashionMNIST/raw")],
+)
+def test_idx_dataset_in_both_layouts(
+    tmp_path: Path, make_idx_dataset, compress: bool, subfolder: str
+) -> None:
+    written = make_idx_dataset(tmp_path / subfolder, compress=compress)
+    for split in ("train", "test"):
+        source = read_idx_dataset("fashion_mnist", tmp_path, split)
+        images, labels = written[split]
+        assert len(source) == len(images)
+        assert source.class_names == FASHION_MNIST_CLASSES
+        assert source.native_size == 28
+        assert source.labels.dtype == torch.int64
+        np.testing.assert_array_equal(source.labels.numpy(), labels)
+        loaded = source.load(3)
+        assert loaded.dtype == torch.uint8 and loaded.shape == (1, 28, 28)
+        np.testing.assert_array_equal(loaded[0].numpy(), images[3])
+
+
+def test_mnist_uses_its_own_torchvision_folder(tmp_path: Path, make_idx_dataset) -> None:
+    make_idx_dataset(tmp_path / "MNIST" / "raw", compress=True)
+    source = read_idx_dataset("mnist", tmp_path, "train")
+    assert source.class_names[0] == "0 - zero"
+    with pytest.raises(FileNotFoundError):
+        read_idx_dataset("fashion_mnist", tmp_path, "train")
+
+
+def test_missing_idx_files_name_the_folders_and_the_fixes(tmp_path: Path) -> None:
+    spec = DataSpec("fashion_mnist", root=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as caught:
+        build_train_dataset(spec, num_views=1, seed=0)
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere") in message
+    assert str(tmp_path / "nowhere" / "FashionMNIST" / "raw") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "data.root" in message and "data.download" in message
+
+
+def test_unknown_split_is_a_value_error(tmp_path: Path, make_idx_dataset) -> None:
+    make_idx_dataset(tmp_path, compress=True)
+    with pytest.raises(ValueError, match="'val' does not exist"):
+        read_idx_dataset("fashion_mnist", tmp_path, "val")
+
+
+def test_cifar_missing_root_names_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*data\.download"):
+        load_source(DataSpec("cifar100", root=str(tmp_path)), "train")
+
+
+@pytest.fixture(scope="module")
+def real_fashion_mnist():
+    if not (FASHION_MNIST_DEBIAN_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DEBIAN_ROOT}")
+    spec = DataSpec("fashion_mnist", labels="coarse")
+    train, train_info = build_train_dataset(spec, num_views=2, seed=0)
+    test, test_info = build_eval_dataset(spec, "test", labels="coarse")
+    return train, train_info, test, test_info
+
+
+def test_real_fashion_mnist_sizes_and_coarse_labels(real_fashion_mnist) -> None:
+    train, train_info, test, test_info = real_fashion_mnist
+    assert (len(train), len(test)) == (60000, 10000)
+    assert (train_info.num_samples, test_info.num_samples) == (60000, 10000)
+    assert train_info.fine_class_names == FASHION_MNIST_CLASSES
+    assert len(train_info.fine_class_names) == 10 and train_info.num_classes == 4
+    assert train_info.image_size == 28
+    fine_labels = torch.tensor(train_info.fine_labels)
+    assert torch.bincount(fine_labels).tolist() == [6000] * 10
+    expected = {
+        "T-shirt/top": "Tops", "Pullover": "Tops", "Coat": "Tops", "Shirt": "Tops",
+        "Trouser": "Trousers and dresses", "Dress": "Trousers and dresses",
+        "Sandal": "Footwear", "Sneaker": "Footwear", "Ankle boot": "Footwear", "Bag": "Bags",
+    }  # fmt: skip
+    for fine_index, coarse_index in enumerate(train_info.fine_to_coarse):
+        fine_name = train_info.fine_class_names[fine_index]
+        assert train_info.class_names[coarse_index] == expected[fine_name]
+    mapping = torch.tensor(train_info.fine_to_coarse)
+    assert torch.equal(train_info.labels, mapping[fine_labels])
+    assert torch.equal(train.labels, train_info.labels)
+    assert torch.bincount(train_info.labels).tolist() == [24000, 12000, 18000, 6000]
+
+
+def test_real_fashion_mnist_items(real_fashion_mnist) -> None:
+    train, _, test, _ = real_fashion_mnist
+    views, label, index = train[59999]
+    assert index == 59999 and 0 <= label < 4
+    assert len(views) == 2 and all(
+        v.shape == (3, 28, 28) and v.dtype == torch.float32 for v in views
+    )
+    image, label = test[0]
+    assert image.shape == (3, 28, 28) and label == 2  # first test image is an ankle boot (footwear)
+    assert torch.equal(image[0], image[1])
+
+
+# ---- digits ---------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint() -> None:
+    train = read_digits("train", 32)
+    test = read_digits("test", 32)
+    assert (len(train), len(test)) == (1257, 540)
+    assert train.class_names == DIGITS_CLASSES and train.native_size == 32
+    train_fraction = torch.bincount(train.labels, minlength=10) / (
+        torch.bincount(train.labels, minlength=10) + torch.bincount(test.labels, minlength=10)
+    )
+    assert torch.all((train_fraction - 0.7).abs() < 0.02)
+    train_pixels = train.images.flatten(1)
+    test_pixels = test.images.flatten(1)
+    # No test image also appears in the training split (digits has no exact duplicates).
+    assert not (train_pixels[:, None, :] == test_pixels[None, :200, :]).all(dim=2).any()
+    again = read_digits("train", 32)
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+
+
+def test_digits_native_size_and_upsampling() -> None:
+    native = read_digits("train", 8)
+    upsampled = read_digits("train", 32)
+    assert native.images.shape[-2:] == (8, 8) and upsampled.images.shape[-2:] == (32, 32)
+    assert int(native.images.max()) == 255  # 16 → 255
+    # Bilinear upsampling keeps the mean brightness.
+    ratio = upsampled.images.float().mean() / native.images.float().mean()
+    assert abs(float(ratio) - 1.0) < 0.02
+
+
+# ---- ImageFolder ----------------------------------------------------------------------------
+
+
+def test_image_folder_reads_train_and_val(image_folder: Path) -> None:
+    train = read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+    val = read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+    assert train.class_names == ("cat", "dog") and len(train) == 6 and len(val) == 2
+    image = train.load(4)
+    assert image.shape == (3, 20, 20) and image.dtype == torch.uint8
+    assert image[:, 0, 0].tolist() == [30, 30, 200] and int(train.labels[4]) == 1
+    # "test" falls back to val/ when there is no test/ folder.
+    assert (
+        read_image_folder(image_folder, "train", "test", corrupt_images="fail").paths == val.paths
+    )
+
+
+def test_image_folder_root_itself_is_the_training_set(tmp_path: Path, make_png) -> None:
+    for name in ("a", "b"):
+        make_png(tmp_path / name / "0.png", (1, 2, 3))
+    source = read_image_folder(tmp_path, "train", "train", corrupt_images="fail")
+    assert source.class_names == ("a", "b")
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
+        read_image_folder(tmp_path, "train", "test", corrupt_images="fail")
+
+
+def test_empty_class_folder_is_named(image_folder: Path) -> None:
+    empty = image_folder / "train" / "bird"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
+        read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+
+
+def test_val_class_folder_unknown_to_train_is_rejected(image_folder: Path, make_png) -> None:
+    make_png(image_folder / "val" / "horse" / "0.png", (0, 0, 0))
+    with pytest.raises(ValueError, match="horse"):
+        read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+
+
+def test_missing_image_folder_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent"))):
+        load_source(DataSpec("imagefolder", root=str(tmp_path / "absent")), "train")
+    with pytest.raises(ValueError, match=r"data\.root is required"):
+        load_source(DataSpec("imagefolder"), "train")
+
+
+def test_corrupt_image_fails_naming_the_file(image_folder: Path, make_truncated_png) -> None:
+    bad = make_truncated_png(image_folder / "train" / "cat" / "1.png")
+    dataset, _ = build_train_dataset(
+        DataSpec("imagefolder", root=str(image_folder)), num_views=1, seed=0
+    )
+    dataset[0]  # a readable one
+    with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
+        dataset[1]
+
+
+def test_corrupt_image_is_skipped_deterministically_and_counted(
+    image_folder: Path, make_truncated_png
+) -> None:
+    bad = make_truncated_png(image_folder / "train" / "cat" / "1.png")
+    (image_folder / "train" / "dog" / "2.png").write_bytes(b"this is not a png")
+    spec = DataSpec("imagefolder", root=str(image_folder), image_size=16, corrupt_images="skip")
+    dataset, info = build_train_dataset(spec, num_views=1, seed=0)
+    assert dataset.num_skipped_files == 0
+    with pytest.warns(RuntimeWarning, match=r"1\.png"):
+        _, label, index = dataset[1]
+    assert (label, index) == (0, 1)  # label and index of the requested sample are kept
+    # The substitute is the next readable image of the same class: cat/2.png, (200, 30, 30).
+    source = dataset.source
+    assert torch.equal(source.load(1), source.load(2))
+    assert dataset.num_skipped_files == 1 and dataset.skipped_files == (str(bad),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset[1]  # a known bad file warns only once
+    # Unreadable files found in DataLoader workers are counted in the main process too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(DataLoader(dataset, batch_size=2, num_workers=2))
+    assert sum(len(b[1]) for b in batches) == 6
+    assert dataset.num_skipped_files == 2
+    assert info.num_samples == 6
+
+
+def test_whole_class_unreadable_is_an_error(tmp_path: Path, make_truncated_png, make_png) -> None:
+    make_truncated_png(tmp_path / "train" / "a" / "0.png")
+    make_truncated_png(tmp_path / "train" / "a" / "1.png")
+    make_png(tmp_path / "train" / "b" / "0.png", (0, 0, 0))
+    source = read_image_folder(tmp_path, "train", "train", corrupt_images="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptImageError, match="no readable image left in class 'a'"):
+            source.load(0)

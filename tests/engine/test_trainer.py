@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from look.config import ConfigError, RunConfig, load_config
+from look.engine.trainer import TrainingStepError, pretrain
+from look.models import load_exported_backbone
+
+TINY = [
+    "data.dataset=synthetic",
+    "data.synthetic_num_samples=96",
+    "data.synthetic_num_classes=4",
+    "data.synthetic_image_size=16",
+    "data.num_workers=0",
+    "model.backbone=look_resnet_tiny",
+    "method.name=look",
+    "method.k=5",
+    "method.head_hidden_dim=32",
+    "method.head_out_dim=16",
+    "optim.batch_size=16",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "train.log_every_steps=1",
+    "train.checkpoint_every_steps=4",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "train.device=cpu",
+]
+
+
+def tiny_config(*extra: str) -> RunConfig:
+    return load_config(None, [*TINY, *extra])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: r["loss"] for r in rows if r.get("split", "train") == "train" and "loss" in r
+    }
+
+
+def test_tiny_run_writes_everything(tmp_path: Path) -> None:
+    result = pretrain(tiny_config(), tmp_path / "run")
+    run = tmp_path / "run"
+    assert result.global_step == 12 and result.epochs_completed == 2
+    assert len(result.epoch_seconds) == 2
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"]["k"] == 5 and saved["method"]["temperature"] == 0.1  # defaults filled
+    assert sorted(train_losses(run)) == list(range(1, 13))
+    assert (run / "metrics_train.csv").is_file() and (run / "metrics_epoch.csv").is_file()
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 12
+    ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts and ckpts[-1].name == "ckpt-000000012.pt"
+    state = torch.load(ckpts[-1], weights_only=True)  # no pickled objects anywhere
+    assert state["global_step"] == 12 and state["config"]["method"]["name"] == "look"
+    assert state["model"]["memory.valid"].all()
+    backbone, dim = load_exported_backbone(str(run / "backbone.safetensors"))
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, dim)
+
+
+@pytest.mark.parametrize("method", ["look", "ce"])
+def test_resume_mid_epoch_gives_the_identical_loss_curve(tmp_path: Path, method: str) -> None:
+    extra = () if method == "look" else ("method={name: ce}",)
+    pretrain(tiny_config(*extra), tmp_path / "full")
+    # Stop after 5 steps (checkpoint at step 4 and at the stop), then run the rest.
+    pretrain(tiny_config(*extra, "train.max_steps=5"), tmp_path / "split")
+    pretrain(tiny_config(*extra), tmp_path / "split")
+    full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(split) == sorted(full) == list(range(1, 13))
+    assert split == full
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    pretrain(tiny_config("train.max_steps=2"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"method\.k: checkpoint 5 vs now 6"):
+        pretrain(tiny_config("method.k=6"), tmp_path / "run")
+    pretrain(tiny_config("method.k=6", "train.max_steps=1"), tmp_path / "run", resume=False)
+
+
+def test_batch_larger_than_dataset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        pretrain(tiny_config("optim.batch_size=128"), tmp_path / "run")
+
+
+DIVERGING = (
+    "method={name: ce}",
+    "optim.lr=1e12",
+    "optim.warmup_epochs=0",
+    "train.checkpoint_every_steps=1",
+)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    # A huge learning rate makes CE diverge to inf/nan after the first update.
+    with pytest.raises(TrainingStepError, match=r"non-finite loss at step \d+ \(epoch 0"):
+        pretrain(tiny_config(*DIVERGING), tmp_path / "run")
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts, "the checkpoint from before the divergence must be kept"
+    for ckpt in ckpts:
+        state = torch.load(ckpt, weights_only=True)
+        assert all(
+            torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+        )
+
+
+def test_skip_policy_gives_up_after_too_many_consecutive_skips(tmp_path: Path) -> None:
+    cfg = tiny_config(*DIVERGING, "train.nan_policy=skip", "train.nan_max_consecutive_skips=3")
+    with pytest.raises(TrainingStepError, match="4 in a row"):
+        pretrain(cfg, tmp_path / "run")
+
+
+def _cli(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    args = [a for a in TINY if not a.startswith("data.synthetic_num_samples")]
+    overrides = [*args, "data.synthetic_num_samples=480", "optim.epochs=3", *extra]
+    cmd = [sys.executable, "-m", "look", "pretrain", "--output", str(run_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_then_rerun_resumes_with_the_identical_curve(tmp_path: Path) -> None:
+    reference = _cli(tmp_path / "reference")
+    assert reference.wait(timeout=240) == 0, reference.stdout.read().decode()  # type: ignore[union-attr]
+
+    victim = _cli(tmp_path / "victim")
+    manifest = tmp_path / "victim" / "checkpoints" / "checkpoints.json"
+    deadline = time.time() + 120
+    while not manifest.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "victim" / "summary.json").exists()
+
+    resumed = _cli(tmp_path / "victim")
+    output = resumed.communicate(timeout=240)[0].decode()
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+    assert train_losses(tmp_path / "victim") == train_losses(tmp_path / "reference")

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from look.config import ConfigError
+from look.losses import look_loss
+from look.methods import METHODS, build_method, get_method_class
+
+from .conftest import CTX, SMALL_HEAD, TinyBackbone, make_batch
+
+METHOD_CFGS = {
+    "look": {"name": "look", "k": 5, **SMALL_HEAD},
+    "nca": {"name": "nca", **SMALL_HEAD},
+    "ce": {"name": "ce"},
+    "sl_mlp": {"name": "sl_mlp", **SMALL_HEAD},
+    "supcon": {"name": "supcon", **SMALL_HEAD},
+    "mocov2": {"name": "mocov2", "queue_size": 32, **SMALL_HEAD},
+}
+
+
+def test_every_registered_method_is_exercised() -> None:
+    assert set(METHODS) == set(METHOD_CFGS)
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CFGS))
+def test_method_trains_a_few_steps(name: str) -> None:
+    torch.manual_seed(0)
+    method = build_method(METHOD_CFGS[name], TinyBackbone(), 12, CTX)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    before = [p.detach().clone() for p in method.backbone.parameters()]
+    for step in range(4):
+        batch = make_batch(16, method.num_views, num_classes=3, seed=step, offset=16 * step)
+        out = method(batch)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert all(torch.isfinite(v) for v in out.metrics.values())
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_optimizer_step((step + 1) / 4)
+    after = list(method.backbone.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # Every parameter that requires grad must be reachable from the loss (DDP needs this).
+    out = method(make_batch(16, method.num_views, num_classes=3, seed=9, offset=0))
+    out.loss.backward()
+    unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def test_look_writes_memory_after_the_loss() -> None:
+    torch.manual_seed(0)
+    method = build_method(METHOD_CFGS["look"], TinyBackbone(), 12, CTX)
+    batch = make_batch(16, 1, num_classes=3, seed=0)
+    out = method(batch)
+    # Empty memory: no query has a neighbour, so the loss is an exact zero that still has a graph.
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    assert out.metrics["dropped_frac"].item() == 1.0
+    assert method.memory.valid.sum().item() == 16
+    assert torch.equal(method.memory.ids[batch.indices], batch.indices)
+
+
+def test_look_loss_in_method_matches_functional_loss() -> None:
+    torch.manual_seed(0)
+    method = build_method(METHOD_CFGS["look"], TinyBackbone(), 12, CTX)
+    method.eval()  # deterministic head (no BN batch statistics) for the comparison
+    for step in range(3):
+        method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+    batch = make_batch(16, 1, num_classes=3, seed=7, offset=8)
+    memory = method.memory.features.clone()
+    labels, valid, ids = (
+        method.memory.labels.clone(),
+        method.memory.valid.clone(),
+        method.memory.ids.clone(),
+    )
+    z = torch.nn.functional.normalize(method.head(method.backbone(batch.views[0])), dim=1)
+    expected = look_loss(
+        z,
+        batch.labels,
+        memory,
+        labels,
+        k=5,
+        temperature=0.1,
+        query_indices=batch.indices,
+        memory_ids=ids,
+        memory_valid=valid,
+    )
+    assert torch.allclose(method(batch).loss, expected, atol=1e-6)
+
+
+def test_nca_equals_look_with_all_neighbours() -> None:
+    outs = []
+    for cfg in ({"name": "nca", **SMALL_HEAD}, {"name": "look", "k": None, **SMALL_HEAD}):
+        torch.manual_seed(0)
+        method = build_method(cfg, TinyBackbone(), 12, CTX)
+        for step in range(3):
+            out = method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+        outs.append(out.loss)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_impossible_k_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="k=64 is impossible"):
+        build_method({"name": "look", "k": 64}, TinyBackbone(), 12, CTX)
+    with pytest.raises(ConfigError, match="k must be >= 1"):
+        build_method({"name": "look", "k": 0}, TinyBackbone(), 12, CTX)
+    with pytest.raises(ConfigError, match="k must be null"):
+        build_method({"name": "nca", "k": 5}, TinyBackbone(), 12, CTX)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "look", "temperature": 0}, "temperature must be > 0"),
+        ({"name": "look", "no_positive": "zero"}, "no_positive='zero'"),
+        ({"name": "look", "memory": "queue", "memory_init": "warmup"}, "needs memory=bank"),
+        ({"name": "supcon", "temperature": -1.0}, "temperature must be > 0"),
+        ({"name": "ce", "k": 5}, "unknown config key"),
+        ({"name": "mocov2", "encoder_momentum": 1.0}, "encoder_momentum"),
+        ({"name": "simclr"}, "unknown method"),
+    ],
+)
+def test_bad_method_options(cfg: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_method(cfg, TinyBackbone(), 12, CTX)
+
+
+def test_resolved_options_are_plain_and_complete() -> None:
+    resolved = get_method_class("look").resolved_options({"name": "look", "k": 7})
+    assert resolved["k"] == 7 and resolved["name"] == "look"
+    names = {f.name for f in dataclasses.fields(get_method_class("look").Options)}
+    assert set(resolved) == names | {"name"}
+
+
+@pytest.mark.parametrize("update", ["momentum", "ema_encoder"])
+@pytest.mark.parametrize("memory", ["bank", "queue"])
+def test_look_memory_variants(update: str, memory: str, tmp_path: Path) -> None:
+    cfg = {
+        "name": "look",
+        "k": 5,
+        "memory": memory,
+        "memory_update": update,
+        "queue_size": 32,
+        **SMALL_HEAD,
+    }
+    torch.manual_seed(0)
+    method = build_method(cfg, TinyBackbone(), 12, CTX)
+    for step in range(3):
+        out = method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+        out.loss.backward()
+        method.after_optimizer_step(0.5)
+    assert out.metrics["dropped_frac"].item() < 1.0
+    # The memory is part of the state dict, so checkpoints carry it.
+    path = tmp_path / "m.pt"
+    torch.save(method.state_dict(), path)
+    clone = build_method(cfg, TinyBackbone(), 12, CTX)
+    clone.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(clone.memory.features, method.memory.features)
+
+
+def test_look_warmup_fills_the_bank() -> None:
+    method = build_method(
+        {"name": "look", "k": 5, "memory_init": "warmup", **SMALL_HEAD}, TinyBackbone(), 12, CTX
+    )
+    assert method.needs_warmup_pass
+    for start in range(0, 64, 16):
+        method.warmup_step(make_batch(16, 1, num_classes=3, seed=start, offset=start))
+    assert bool(method.memory.valid.all())
+    out = method(make_batch(16, 1, num_classes=3, seed=99))
+    assert out.metrics["dropped_frac"].item() < 1.0

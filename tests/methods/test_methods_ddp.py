@@ -1,0 +1,110 @@
+"""Two CPU processes (gloo) with half the batch each must equal one process with the whole batch:
+same loss, same (averaged) gradients, same memory, same weights after a few SGD steps."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from look.methods import Batch, build_method
+
+from .conftest import CTX, TinyBackbone, make_batch
+
+HEAD = {"head_hidden_dim": 16, "head_out_dim": 8, "head_batch_norm": False}
+CFGS = {
+    "look": {"name": "look", "k": 5, **HEAD},
+    "look_nearest_bf16": {
+        "name": "look",
+        "k": 3,
+        "no_positive": "nearest",
+        "memory_dtype": "bfloat16",
+        **HEAD,
+    },
+    "look_queue_ema": {
+        "name": "look",
+        "k": 5,
+        "memory": "queue",
+        "queue_size": 24,
+        "memory_update": "ema_encoder",
+        **HEAD,
+    },
+    "nca": {"name": "nca", **HEAD},
+    "supcon": {"name": "supcon", **HEAD},
+    "ce": {"name": "ce"},
+    "mocov2": {"name": "mocov2", "queue_size": 24, **HEAD},
+}
+STEPS, GLOBAL_BATCH = 4, 16
+
+
+def _slice(batch: Batch, rank: int, world: int) -> Batch:
+    b = batch.size // world
+    part = slice(rank * b, (rank + 1) * b)
+    return Batch([v[part] for v in batch.views], batch.labels[part], batch.indices[part])
+
+
+def _run(name: str, rank: int, world: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    method = build_method(CFGS[name], TinyBackbone(), 12, CTX)
+    model = DistributedDataParallel(method, broadcast_buffers=False) if world > 1 else method
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    losses, grads = [], []
+    for step in range(STEPS):
+        batch = make_batch(
+            GLOBAL_BATCH, method.num_views, num_classes=3, seed=step, offset=16 * step
+        )
+        out = model(_slice(batch, rank, world))
+        opt.zero_grad()
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in method.parameters() if p.requires_grad])
+        opt.step()
+        method.after_optimizer_step((step + 1) / STEPS)
+    return {"losses": losses, "grads": grads, "state": method.state_dict()}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {name: _run(name, rank, world) for name in CFGS}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.ddp
+def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    world = 2
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for name in CFGS:
+        single = _run(name, 0, 1)
+        for result in ranks:
+            got = result[name]
+            for a, b in zip(got["losses"], single["losses"], strict=True):
+                assert torch.allclose(a, b, atol=1e-5), (name, a, b)
+            for step_a, step_b in zip(got["grads"], single["grads"], strict=True):
+                for a, b in zip(step_a, step_b, strict=True):
+                    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+            for key, value in single["state"].items():
+                other = got["state"][key]
+                if value.is_floating_point():
+                    assert torch.allclose(other.float(), value.float(), atol=1e-5), (name, key)
+                else:
+                    assert torch.equal(other, value), (name, key)

@@ -1,0 +1,137 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from look.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
+    values = to_dict(RunConfig())
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert to_dict(load_config(path)) == values
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid(recipe: Path) -> None:
+    from look.methods import get_method_class
+
+    cfg = load_config(recipe)
+    get_method_class(cfg.method["name"]).parse_options(cfg.method)
+
+
+def test_overrides_parse_yaml_values() -> None:
+    assert parse_override("optim.lr=0.05") == (["optim", "lr"], 0.05)
+    assert parse_override("method.k=null") == (["method", "k"], None)
+    assert parse_override("train.tensorboard=false") == (["train", "tensorboard"], False)
+    cfg = load_config(None, ["optim.lr=0.05", "method.k=7", "data.subset=100"])
+    assert cfg.optim.lr == 0.05 and cfg.method["k"] == 7 and cfg.data.subset == 100
+
+
+def test_int_is_accepted_for_float_fields() -> None:
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "did you mean 'lr'"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.lr=abc", "optim.lr must be a number"),
+        ("optim.lr=.nan", "finite"),
+        ("optim.batch_size=0", "optim.batch_size must be > 0"),
+        ("optim.name=adam", "optim.name='adam' is not one of"),
+        ("train.amp=fp8", "train.amp"),
+        ("optim.warmup_epochs=50", "exceeds optim.epochs"),
+        ("data.subset=0", "data.subset must be > 0"),
+        ("method=look", "must be a mapping"),
+        ("train.tensorboard=maybe", "true or false"),
+    ],
+)
+def test_bad_values_are_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message.lower() in str(info.value).lower()
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_recipe_method_section_replaces_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("method: {name: ce}\n")
+    assert load_config(path).method == {"name": "ce"}
+
+
+_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    section=st.sampled_from(["data", "model", "optim", "train"]),
+    key=st.sampled_from(
+        [
+            "lr",
+            "batch_size",
+            "epochs",
+            "dataset",
+            "backbone",
+            "amp",
+            "subset",
+            "grad_clip",
+            "num_workers",
+            "max_steps",
+            "nonsense",
+            "warmup_epochs",
+            "tensorboard",
+        ]
+    ),
+    value=_scalar,
+)
+def test_random_bad_values_raise_config_error_or_validate(
+    section: str, key: str, value: object
+) -> None:
+    """Fuzz: any value either validates into a typed config or raises ConfigError — never
+    anything else (no TypeError deep inside, no silently accepted garbage type)."""
+    values = to_dict(RunConfig())
+    values[section][key] = value
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError:
+        return
+    resolved = to_dict(cfg)[section][key]
+    default = to_dict(RunConfig())[section].get(key, object())
+    if default is not None and value is not None and not isinstance(default, bool):
+        assert type(resolved) is type(default) or isinstance(resolved, type(default))
+
+
+def test_exponent_without_dot_is_a_float() -> None:
+    # YAML 1.1 reads 1e-4 as a string; a learning rate written that way must still work.
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4

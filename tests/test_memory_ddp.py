@@ -1,0 +1,145 @@
+"""Two gloo ranks on CPU: memories must be identical on every rank and equal to one process
+that was fed the global batch."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from look.memory import FeatureMemory, MemoryBank, MemoryQueue
+
+pytestmark = pytest.mark.ddp
+
+WORLD_SIZE = 2
+NUM_SAMPLES = 12
+DIM = 8
+QUEUE_CAPACITY = 7
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _make_memories(gather_distributed: bool = True) -> dict[str, FeatureMemory]:
+    return {
+        "bank_fp32": MemoryBank(
+            NUM_SAMPLES, DIM, momentum=0.5, gather_distributed=gather_distributed
+        ),
+        "bank_fp16": MemoryBank(
+            NUM_SAMPLES,
+            DIM,
+            momentum=0.5,
+            dtype=torch.float16,
+            gather_distributed=gather_distributed,
+        ),
+        "bank_bf16_overwrite": MemoryBank(
+            NUM_SAMPLES,
+            DIM,
+            momentum=0.0,
+            dtype=torch.bfloat16,
+            gather_distributed=gather_distributed,
+        ),
+        "queue": MemoryQueue(QUEUE_CAPACITY, DIM, gather_distributed=gather_distributed),
+    }
+
+
+def _global_steps() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Global batches ``(ids, features, labels, rows_on_rank_0)``; rank 1 gets the rest.
+
+    Covers equal and unequal splits, an empty slice on one rank, and the same id on both ranks
+    (the last occurrence in rank order must win on every rank).
+    """
+    generator = torch.Generator().manual_seed(1234)
+    steps = []
+    for ids, rows_on_rank_0 in [
+        ([0, 1, 2, 3, 4, 5], 3),
+        ([2, 6, 7, 0, 8, 9, 10, 11], 2),
+        ([5, 3, 5, 1, 3], 1),  # duplicates inside a rank and across ranks
+        ([4, 9, 10], 3),  # rank 1 passes an empty batch
+        ([11, 0, 6, 2], 2),
+    ]:
+        features = torch.randn(len(ids), DIM, generator=generator) * 3.0
+        labels = torch.randint(0, 3, (len(ids),), generator=generator)
+        steps.append((torch.tensor(ids), features, labels, rows_on_rank_0))
+    return steps
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        memories = _make_memories()
+        for ids, features, labels, rows_on_rank_0 in _global_steps():
+            part = slice(0, rows_on_rank_0) if rank == 0 else slice(rows_on_rank_0, None)
+            for memory in memories.values():
+                memory.update(ids[part], features[part], labels[part])
+
+        # A NaN row on rank 1 only: both ranks must raise (values are checked after the gather)
+        # and neither may write anything.
+        errors: dict[str, str] = {}
+        features = torch.ones(2, DIM)
+        if rank == 1:
+            features[1, 0] = float("nan")
+        for name, memory in memories.items():
+            try:
+                memory.update(torch.tensor([rank, rank + 2]), features, torch.tensor([0, 0]))
+            except ValueError as error:
+                errors[name] = str(error)
+
+        state = {name: memory.state_dict() for name, memory in memories.items()}
+        torch.save({"state": state, "errors": errors}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memories_identical_across_ranks_and_equal_to_single_process(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    reference = _make_memories(gather_distributed=False)
+    for ids, features, labels, _ in _global_steps():
+        for memory in reference.values():
+            memory.update(ids, features, labels)
+
+    for name, memory in reference.items():
+        expected = memory.state_dict()
+        assert expected["valid"].any(), name
+        for rank, result in enumerate(results):
+            state = result["state"][name]
+            assert state.keys() == expected.keys()
+            for key, value in expected.items():
+                assert state[key].dtype == value.dtype, (name, rank, key)
+                assert torch.equal(state[key], value), (name, rank, key)
+            # Every rank saw the NaN of rank 1 and refused the write.
+            assert "1 of 4 feature rows" in result["errors"][name], (name, rank)
+
+    # The fp16 bank holds real, renormalised rows (not an all-zero set that trivially agrees).
+    fp16_rows = results[0]["state"]["bank_fp16"]["features"]
+    assert fp16_rows.dtype == torch.float16
+    assert torch.allclose(fp16_rows.float().norm(dim=1), torch.ones(NUM_SAMPLES), atol=2e-3)
+    assert torch.equal(fp16_rows, results[1]["state"]["bank_fp16"]["features"])
+    # Id 5 is written at step 0 (row 5) and twice at step 2 (rows 0 and 2, on ranks 0 and 1):
+    # the bank mixes in the later one, once.
+    steps = _global_steps()
+    first_write = F.normalize(steps[0][1][5], dim=0)
+    last_duplicate = F.normalize(steps[2][1][2], dim=0)
+    expected_row_5 = F.normalize(0.5 * first_write + 0.5 * last_duplicate, dim=0)
+    for result in results:
+        assert torch.allclose(
+            result["state"]["bank_fp32"]["features"][5], expected_row_5, atol=1e-6
+        )
