@@ -102,17 +102,6 @@ class RunConfig:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": (
-        "fashion_mnist",
-        "mnist",
-        "cifar10",
-        "cifar100",
-        "imagefolder",
-        "digits",
-        "synthetic",
-    ),
-    "data.augment": ("auto", "none"),
-    "data.corrupt_images": ("fail", "skip"),
     "optim.name": ("sgd", "lars", "adamw"),
     "train.amp": ("auto", "none", "bf16", "fp16"),
     "train.channels_last": ("auto", "true", "false"),
@@ -244,8 +233,27 @@ def _validate(cfg: RunConfig) -> None:
     }.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value!r}")
+    _validate_data(cfg.data)
     if not isinstance(cfg.method, dict) or not isinstance(cfg.method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: look, k: 200}")
+
+
+def data_spec_from_config(data: DataConfig) -> Any:
+    """The :class:`look.data.DataSpec` of a data section (``num_workers`` is the loader's)."""
+    from look.data import DataSpec
+
+    values = dataclasses.asdict(data)
+    values.pop("num_workers")
+    return DataSpec(**values)
+
+
+def _validate_data(data: DataConfig) -> None:
+    from look.data import validate_spec
+
+    try:
+        validate_spec(data_spec_from_config(data))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

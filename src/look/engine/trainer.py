@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import look
-from look.config import ConfigError, RunConfig, save_yaml, to_dict
-from look.data import DataSpec, build_train_dataset
+from look.config import ConfigError, RunConfig, data_spec_from_config, save_yaml, to_dict
+from look.data import build_train_dataset
 from look.engine.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
@@ -76,12 +76,6 @@ def resolve_amp_dtype(amp: str, device_type: str) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device_type == "cuda" else None
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def data_spec_from_config(cfg: RunConfig) -> DataSpec:
-    values = to_dict(cfg.data)
-    values.pop("num_workers")
-    return DataSpec(**values)
 
 
 def seed_everything(seed: int) -> None:
@@ -141,7 +135,7 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.dataset, self.data_info = build_train_dataset(
-            data_spec_from_config(cfg), num_views=method_cls.num_views, seed=cfg.seed
+            data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
         )
         self.global_batch = cfg.optim.batch_size
         world = get_world_size()

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from look.cli import main, resolve_config_path
+
+from .engine.test_trainer import TINY
+
+
+def _pretrain_args(output: Path, *extra: str) -> list[str]:
+    args = ["pretrain", "--output", str(output)]
+    for override in [*TINY, *extra]:
+        args += ["--set", override]
+    return args
+
+
+def test_help_names_every_subcommand() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "look", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("pretrain", "export", "methods", "torchrun"):
+        assert command in out
+
+
+def test_methods_lists_all(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("look:", "nca:", "ce:", "sl_mlp:", "supcon:", "mocov2:", "temperature"):
+        assert name in out
+
+
+def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["pretrain", "--config", "no_such_recipe", "--output", str(tmp_path)]) == 2
+    assert "config 'no_such_recipe' not found" in capsys.readouterr().err
+    assert main(_pretrain_args(tmp_path / "r", "method.k=500")) == 2
+    assert "k=500 is impossible" in capsys.readouterr().err
+
+
+def test_recipe_names_resolve() -> None:
+    assert (
+        resolve_config_path("look_cnn-small_fmnist-coarse").name
+        == "look_cnn-small_fmnist-coarse.yaml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("backbone", "reference"),
+    [
+        ("resnet18", lambda: timm.create_model("resnet18")),
+        ("tv:resnet18", lambda: torchvision.models.resnet18()),
+    ],
+)
+def test_exported_backbone_loads_into_timm_and_torchvision(
+    tmp_path: Path, backbone: str, reference: object
+) -> None:
+    run = tmp_path / "run"
+    assert main(_pretrain_args(run, f"model.backbone={backbone}", "train.max_steps=2")) == 0
+    exported = tmp_path / "exported.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--output", str(exported)]) == 0
+    model = reference()  # type: ignore[operator]
+    result = model.load_state_dict(load_file(exported), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+    # The weights are the trained ones, not a fresh initialisation.
+    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    assert torch.equal(model.state_dict()["conv1.weight"], state["model"]["backbone.conv1.weight"])
