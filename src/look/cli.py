@@ -15,6 +15,12 @@ subcommands:
   pretrain   pre-train a backbone with LOOK or a baseline (ce, sl_mlp, supcon, nca, mocov2)
              from a YAML recipe plus --set overrides; resumes automatically in the same --output
   export     write the backbone of a run or checkpoint as safetensors (loads into timm/torchvision)
+  evaluate   transfer evaluation of a checkpoint or any timm/torchvision model on a dataset:
+             linear probe, weighted kNN, fine-tuning, few-shot (features cached on disk)
+  analyze    multi-modality metrics and Figure-1 style t-SNE maps of frozen features
+  report     one Markdown/JSON/CSV table (methods x datasets x protocols, mean +- std over
+             seeds) with plots, from evaluation results
+  demo       the embedded experiment: Fashion-MNIST coarse -> fine and -> digits, all methods
   methods    list the pre-training methods and their options with defaults
 
 Multi-GPU / multi-node: launch `look pretrain` with torchrun, e.g.
@@ -84,6 +90,42 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="destination .safetensors file")
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the embedded experiment (Fashion-MNIST coarse -> fine, -> digits)",
+        description="Pre-train every method on Fashion-MNIST (coarse labels; fine labels for the "
+        "digits scenario), evaluate frozen features on the fine labels and on digits, measure "
+        "intra-class multi-modality, draw t-SNE maps and write REPORT.md. Re-running the same "
+        "command skips finished stages.",
+    )
+    p.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="pre-training seeds (default: 0; 3 for mean ± std)"
+    )
+    p.add_argument("--epochs", type=int, help="override the plan's pre-training epochs")
+    p.add_argument("--train-subset", type=int, help="override the number of training images")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from look.demo import DemoPlan, run_demo
+
+    plan = DemoPlan.quick() if args.quick else DemoPlan.default()
+    changes: dict[str, object] = {}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    if args.epochs:
+        changes["epochs"] = args.epochs
+    if args.train_subset:
+        changes["train_subset"] = args.train_subset
+    run_demo(args.output, plan=replace(plan, **changes), device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="look", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     _add_pretrain(sub)
     _add_export(sub)
+    _add_demo(sub)
+    from look.analysis import commands as analysis_commands
+    from look.evaluation import commands as evaluation_commands
+
+    evaluation_commands.register(sub)
+    analysis_commands.register(sub)
     sub.add_parser("methods", help="list methods and their options")
     return parser
 
@@ -146,7 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(look.__version__)
         return 0
-    handlers = {"pretrain": _run_pretrain, "export": _run_export, "methods": _run_methods}
+    from look.analysis import commands as analysis_commands
+    from look.evaluation import commands as evaluation_commands
+
+    handlers = {
+        "pretrain": _run_pretrain,
+        "export": _run_export,
+        "evaluate": evaluation_commands.run,
+        "analyze": analysis_commands.run_analyze,
+        "report": analysis_commands.run_report,
+        "demo": _run_demo,
+        "methods": _run_methods,
+    }
     if args.command not in handlers:
         parser.print_help()
         return 0 if args.command is None else 2

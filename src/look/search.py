@@ -184,13 +184,17 @@ def knn_search(
     batch, rows = query.shape[0], memory.shape[0]
     want_positive = query_labels is not None and memory_labels is not None
 
+    # Row ids default to row positions (a bank indexed by dataset index): then a query's own row
+    # is excluded by one scatter per chunk instead of a B × chunk comparison of ids.
+    ids_are_rows = memory_ids is None
     if query_ids is not None:
         query_ids = query_ids.to(device)
-        memory_ids = (
-            torch.arange(rows, device=device) if memory_ids is None else memory_ids.to(device)
-        )
+        if memory_ids is not None:
+            memory_ids = memory_ids.to(device)
     if memory_valid is not None:
         memory_valid = memory_valid.to(device)
+        if bool(memory_valid.all()):
+            memory_valid = None  # nothing to mask: skip a B × N pass
     if want_positive:
         query_labels = query_labels.to(device)  # type: ignore[union-attr]
         memory_labels = memory_labels.to(device)  # type: ignore[union-attr]
@@ -200,26 +204,33 @@ def knn_search(
     best_indices = torch.empty(batch, 0, dtype=torch.int64, device=device)
     positive_value = torch.full((batch,), neg_inf, dtype=dtype, device=device)
     positive_index = torch.full((batch,), -1, dtype=torch.int64, device=device)
+    query_rows = torch.arange(batch, device=device)
 
     with autocast_disabled(device):
         queries = query.detach().to(dtype)
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             similarities = queries @ memory[start:stop].detach().to(dtype).T  # (B, c)
-            excluded = torch.zeros_like(similarities, dtype=torch.bool)
             if memory_valid is not None:
-                excluded |= ~memory_valid[start:stop].unsqueeze(0)
-            if query_ids is not None:
-                excluded |= query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
-            similarities = similarities.masked_fill(excluded, neg_inf)
+                similarities.masked_fill_(~memory_valid[start:stop].unsqueeze(0), neg_inf)
+            if query_ids is not None and ids_are_rows:
+                own = (query_ids >= start) & (query_ids < stop)
+                similarities[query_rows[own], query_ids[own] - start] = neg_inf
+            elif query_ids is not None:
+                same_id = query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
+                similarities.masked_fill_(same_id, neg_inf)
 
-            # Running top-k: merge what we kept so far with this chunk and select again.
-            chunk_indices = torch.arange(start, stop, device=device).expand(batch, -1)
-            merged_values = torch.cat([best_values, similarities], dim=1)
-            merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
-            keep = min(k, merged_values.shape[1])
-            best_values, order = merged_values.topk(keep, dim=1, largest=True, sorted=True)
-            best_indices = merged_indices.gather(1, order)
+            if best_values.shape[1] == 0:  # first chunk: no running list to merge with
+                keep = min(k, similarities.shape[1])
+                best_values, order = similarities.topk(keep, dim=1, largest=True, sorted=True)
+                best_indices = order + start
+            else:
+                chunk_indices = torch.arange(start, stop, device=device).expand(batch, -1)
+                merged_values = torch.cat([best_values, similarities], dim=1)
+                merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
+                keep = min(k, merged_values.shape[1])
+                best_values, order = merged_values.topk(keep, dim=1, largest=True, sorted=True)
+                best_indices = merged_indices.gather(1, order)
 
             if want_positive:
                 same_label = query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0)  # type: ignore[union-attr]

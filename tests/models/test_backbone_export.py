@@ -37,7 +37,7 @@ def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "tv:resnet18"])
+@pytest.mark.parametrize("name", ["resnet18", "tv:resnet18", "look_cnn_small"])
 def test_standard_export_loads_into_the_library_model(tmp_path: Path, name: str) -> None:
     torch.manual_seed(0)
     backbone, feature_dim = create_backbone(name)
@@ -45,9 +45,9 @@ def test_standard_export_loads_into_the_library_model(tmp_path: Path, name: str)
     path = export_backbone(backbone, name, tmp_path / "backbone.safetensors", small_stem=False)
 
     if name.startswith("tv:"):
-        library_model = torchvision.models.resnet18()
+        library_model = torchvision.models.get_model(name.removeprefix("tv:"))
     else:
-        library_model = timm.create_model("resnet18")
+        library_model = timm.create_model(name)
     result = library_model.load_state_dict(load_file(str(path)), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
     assert result.unexpected_keys == []
@@ -147,3 +147,13 @@ def test_loading_a_plain_file_points_to_pretrained_weights(tmp_path: Path) -> No
         load_exported_backbone(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         load_exported_backbone(tmp_path / "absent.safetensors")
+
+
+def test_compiled_backbone_is_unwrapped(tmp_path: Path) -> None:
+    backbone, _ = create_backbone("look_resnet_tiny")
+    compiled = torch.compile(backbone)  # lazy: nothing is compiled until it is called
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    path = export_backbone(
+        compiled, "look_resnet_tiny", tmp_path / "c.safetensors", small_stem=False
+    )
+    assert load_file(str(path)).keys() == backbone.state_dict().keys()

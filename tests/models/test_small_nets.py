@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from look.models import SmallResNet, look_cnn_small, look_resnet_tiny
+from look.models import SmallResNet, create_backbone, look_cnn_small, look_resnet_tiny
 
 
 @pytest.mark.parametrize(("factory", "width"), [(look_cnn_small, 256), (look_resnet_tiny, 128)])
@@ -60,3 +60,11 @@ def test_pretrained_request_is_refused() -> None:
 def test_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SmallResNet(**kwargs)
+
+
+def test_registered_nets_use_a_strided_stem_that_small_stem_leaves_alone() -> None:
+    for small_stem in (False, True):
+        backbone, _ = create_backbone("look_cnn_small", small_stem=small_stem)
+        assert backbone.stem.conv.stride == (2, 2)
+    assert look_resnet_tiny().stem.conv.stride == (2, 2)
+    assert look_cnn_small(stem_stride=1).stem.conv.stride == (1, 1)

@@ -210,8 +210,9 @@ def _top_k_terms(
         memory_ids=memory_ids,
         memory_valid=memory_valid,
         chunk_size=chunk_size,
-        query_labels=query_labels,
-        memory_labels=memory_labels,
+        # The nearest same-label row costs a second B × N pass; only the "nearest" rule needs it.
+        query_labels=query_labels if no_positive == "nearest" else None,
+        memory_labels=memory_labels if no_positive == "nearest" else None,
     )
     neighbour_indices = search.indices
     is_neighbour = neighbour_indices >= 0

@@ -126,7 +126,9 @@ class LOOK(Method):
             k=self.options.k,
             temperature=self.options.temperature,
             query_indices=batch.indices,
-            memory_ids=self.memory.ids,
+            # A bank's written rows hold their own dataset index (ids == row), which lets the
+            # search exclude each query's row cheaply; a queue needs the explicit ids.
+            memory_ids=None if self.options.memory == "bank" else self.memory.ids,
             memory_valid=self.memory.valid,
             no_positive=self.options.no_positive,
             chunk_size=self.options.chunk_size,

@@ -34,8 +34,10 @@ TORCHVISION_PREFIX = "tv:"
 # Attributes that hold the classifier of torchvision classification models.
 _TORCHVISION_CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 # With weights=None these build auxiliary classifiers whose outputs change forward()'s return type.
-_TORCHVISION_NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": True}}
-_TORCHVISION_NO_AUX["inception_v3"] = {"aux_logits": False, "init_weights": True}
+_TORCHVISION_NO_AUX: dict[str, dict[str, bool]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 def _torchvision_classification_names() -> list[str]:
@@ -96,7 +98,8 @@ def apply_small_stem(model: nn.Module, name: str = "") -> None:
     The stem convolution becomes 3×3 with stride 1 (a deep stem keeps its layers, its first
     convolution gets stride 1) and the max-pool is removed, so a 32 px image reaches the first stage
     at 32 px instead of 8 px. State-dict keys are unchanged (only conv1's shape changes). Our small
-    nets already have such a stem and are left as they are. Raises ``ValueError`` for architectures
+    nets (``look_cnn_small``, ``look_resnet_tiny``) are sized for small images already (3×3
+    stride-2 stem, no max-pool) and are left as they are. Raises ``ValueError`` for architectures
     without a ``conv1``/``maxpool`` stem.
     """
     if isinstance(model, SmallResNet):

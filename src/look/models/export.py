@@ -46,6 +46,17 @@ def _reference_state_shapes(
     return {k: v.shape for k, v in reference.state_dict().items()}, feature_dim
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
 def export_backbone(
     backbone: nn.Module,
     name: str,
@@ -59,7 +70,8 @@ def export_backbone(
 
     Args:
         backbone: a module built by ``create_backbone(name, small_stem=small_stem, in_chans=in_chans)``
-            (its keys and shapes are checked against a fresh build).
+            (its keys and shapes are checked against a fresh build); DDP and ``torch.compile``
+            wrappers are unwrapped.
         name: the backbone name it was built from.
         path: output file (``.safetensors``); parent folders are created; written atomically.
         small_stem, in_chans: as passed to ``create_backbone``.
@@ -67,6 +79,10 @@ def export_backbone(
 
     Returns:
         The path written.
+
+    Only ``name``, ``small_stem`` and ``in_chans`` are recorded for rebuilding: a module built with
+    other constructor arguments (say ``SmallResNet(stem_stride=1)``) has the same keys and shapes
+    and passes the check, but :func:`load_exported_backbone` rebuilds the named default.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -85,7 +101,7 @@ def export_backbone(
     if clashes:
         raise ValueError(f"extra_metadata may not set the reserved keys {clashes}")
 
-    state = backbone.state_dict()
+    state = _unwrap(backbone).state_dict()
     expected_shapes, feature_dim = _reference_state_shapes(
         name, small_stem=small_stem, in_chans=in_chans
     )

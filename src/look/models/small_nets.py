@@ -5,8 +5,12 @@ does it), so ``timm.create_model("look_cnn_small", num_classes=0)`` builds them 
 They follow timm's classifier conventions (``num_features``, ``fc``, ``forward_features``,
 ``forward_head``, ``reset_classifier``) so that the rest of ``look`` never special-cases them.
 
-The stem is CIFAR-style already (3×3 convolution, stride 1, no max-pool): these nets are meant for
-small images, so ``small_stem`` is a no-op for them.
+They are sized for small images already, so ``small_stem`` is a no-op for them: the stem is one 3×3
+convolution with stride 2 and no max-pool (a ResNet stem divides the resolution by 4, a CIFAR-style
+one by 1). Why stride 2 rather than 1: on 28 px images and 2 CPU cores, a stride-1 stem makes the
+full-resolution layers cost 80 % of the time (look_cnn_small: ~390 → ~1900 images/s forward+backward
+with stride 2), and in a 1.5-epoch Fashion-MNIST check the strided stem was not less accurate
+(82.9 % vs 79.6 % test top-1, one seed). ``SmallResNet(stem_stride=1)`` keeps the full resolution.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """ResNet with a CIFAR-style stem, ``len(widths)`` stages of basic blocks, global average pool.
+    """ResNet with a one-convolution 3×3 stem, ``len(widths)`` stages of basic blocks, average pool.
 
-    Stage 1 keeps the stem's resolution; every later stage halves it. With ``num_classes=0`` the
+    The stem has stride ``stem_stride`` (no max-pool); stage 1 keeps the stem's resolution and every
+    later stage halves it (28 px with stem stride 2: 14 → 14 → 7 → 4 → 2). With ``num_classes=0`` the
     forward pass returns the pooled ``(B, widths[-1])`` features.
     """
 
@@ -211,7 +216,9 @@ def _create_small_resnet(
 
 @register_model
 def look_cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
-    """Compact ResNet-10-style CNN: 3×3 stem (32 ch), stages 32-64-128-256 of one basic block → 256-d."""
+    """Compact ResNet-10-style CNN: 3×3 stride-2 stem (32 ch), stages 32-64-128-256 of one basic
+    block each (stride 2 in stages 2–4) → 256-d features. ~1.2 M parameters."""
+    kwargs.setdefault("stem_stride", 2)
     return _create_small_resnet(
         "look_cnn_small", (32, 64, 128, 256), pretrained=pretrained, **kwargs
     )
@@ -219,7 +226,9 @@ def look_cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
 
 @register_model
 def look_resnet_tiny(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
-    """Narrow ResNet-10-style net: 3×3 stem (16 ch), stages 16-32-64-128 of one basic block → 128-d."""
+    """Narrow ResNet-10-style net: 3×3 stride-2 stem (16 ch), stages 16-32-64-128 of one basic block
+    each (stride 2 in stages 2–4) → 128-d features. ~0.3 M parameters."""
+    kwargs.setdefault("stem_stride", 2)
     return _create_small_resnet(
         "look_resnet_tiny", (16, 32, 64, 128), pretrained=pretrained, **kwargs
     )

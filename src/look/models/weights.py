@@ -1,10 +1,11 @@
 """Reading weight files and loading them into backbones, with every key accounted for.
 
 A weight file is a ``.safetensors`` file or a ``.pth``/``.pt`` checkpoint (read with
-``torch.load(weights_only=True)``, so no pickled code runs). Keys written by wrappers
-(``module.`` from DDP, ``backbone.``/``encoder.`` from training code) are stripped with
-``str.removeprefix``. Loading is strict except for the classifier: a file may carry classifier weights
-the backbone has no place for (they are ignored and reported); any other difference is an error.
+``torch.load(weights_only=True)``, so no pickled code runs). Keys written by wrappers (``module.``
+from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``/``encoder.`` from training code) are
+stripped with ``str.removeprefix``. Loading is strict except for the classifier: a file may carry
+classifier weights the backbone has no place for (they are ignored and reported); any other
+difference is an error.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Prefixes that wrappers put in front of backbone keys: DDP, and training code that stores the encoder
-# as an attribute. Stripped repeatedly, so "module.backbone.conv1.weight" becomes "conv1.weight".
-KNOWN_KEY_PREFIXES: tuple[str, ...] = ("module.", "backbone.", "encoder.")
+# Prefixes that wrappers put in front of backbone keys: DDP, torch.compile, and training code that
+# stores the encoder as an attribute. Stripped repeatedly: "module.backbone.conv1.weight" becomes
+# "conv1.weight".
+KNOWN_KEY_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.", "encoder.")
 
 _TORCH_SUFFIXES = (".pth", ".pt")
 # Checkpoints often nest the weights one level down under one of these keys.

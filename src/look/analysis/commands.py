@@ -1,0 +1,187 @@
+"""The ``look analyze`` and ``look report`` subcommands: argument parsing over :mod:`look.analysis`.
+
+``look.cli`` wires them with :func:`register` (adds both subparsers) and dispatches to
+:func:`run_analyze` / :func:`run_report`, which return the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from look.analysis.features import FEATURE_FILE_SUFFIX
+from look.analysis.multimodality import (
+    DEFAULT_K,
+    DEFAULT_MAX_CLUSTERS,
+    DEFAULT_MAX_PER_COARSE,
+)
+
+__all__ = ["register", "run_analyze", "run_report"]
+
+_ANALYZE_DESCRIPTION = f"""\
+Measure intra-class multi-modality of frozen features and draw Figure-1 style t-SNE maps.
+
+For every feature set, inside each coarse class: fine-label kNN purity (cosine, leave-one-out,
+neighbours from the same coarse class), cross-validated linear separability of the fine classes
+(logistic regression on standardised features, stratified 3-fold) with chance levels, the number of
+clusters (KMeans + silhouette over k = 1..--max-clusters) and its adjusted Rand index against the
+fine labels. Large coarse classes are subsampled (--max-per-coarse, seeded).
+
+Input: feature files, i.e. .pt files saved with torch.save of
+  {{"features": FloatTensor N x D, "labels": LongTensor N (fine), "coarse_labels": LongTensor N or
+   None, "fine_names": [...], "coarse_names": [...], "name": str,
+   optional "model": {{"method", "seed", ...}}, optional "dataset": str}}
+(look.analysis.features.save_feature_set writes them; a feature cache file of `look evaluate`
+loads too). --results DIR searches DIR recursively for *{FEATURE_FILE_SUFFIX} files and for the
+results.json of `look evaluate`, whose recorded test-split feature cache is then analysed (class
+names, method and seed from the results; the dataset's shipped coarse grouping when it has one).
+Without coarse labels, pass --grouping.
+
+Output (--output DIR): multimodality.json (read by `look report`), maps.png (one panel per feature
+set; maps_<dataset>.png per dataset when several) and ANALYSIS.md.
+
+example:
+  look analyze --features runs/look/fmnist.features.pt runs/ce/fmnist.features.pt \\
+      --output analysis/ --coarse-classes Tops Footwear
+"""
+
+_REPORT_DESCRIPTION = """\
+Collect evaluation results over methods and seeds into one report.
+
+Inputs are results.json files written by `look evaluate`, multimodality.json files written by
+`look analyze`, or folders searched recursively for both. Runs are grouped by method label
+(model.method, plus [backbone] and (pretrain labels) when recorded) across seeds; each cell is
+mean ± sample std (n seeds), the best mean of a column in bold, — where a protocol was not run.
+
+Output (--output DIR): REPORT.md (Markdown tables: methods x dataset/protocol, and a
+multi-modality table when present; bar charts and maps embedded by relative links), report.json and
+report.csv (the same numbers plus every secondary metric), figures/*.png.
+
+example:
+  look report runs/ analysis/ --output report/ --title "LOOK on Fashion-MNIST"
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``analyze`` and ``report`` subcommands to ``subparsers``."""
+    analyze = subparsers.add_parser(
+        "analyze",
+        help="multi-modality metrics and t-SNE maps of frozen features",
+        description=_ANALYZE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = analyze.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--features",
+        nargs="+",
+        metavar="FILE",
+        help="feature files (.pt) or results.json files; one map panel and metrics row each",
+    )
+    source.add_argument(
+        "--results",
+        nargs="+",
+        metavar="DIR",
+        help=f"folders searched recursively for *{FEATURE_FILE_SUFFIX} feature files and "
+        "results.json files (their recorded feature caches)",
+    )
+    analyze.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
+    analyze.add_argument(
+        "--grouping",
+        metavar="NAME_OR_JSON",
+        help="class grouping giving the coarse labels from the fine class names (a shipped "
+        "grouping such as fashion_mnist_coarse, or a JSON file); replaces the files' coarse labels",
+    )
+    analyze.add_argument(
+        "--coarse-classes",
+        nargs="+",
+        metavar="CLASS",
+        help="coarse classes drawn in the maps, by name or index (default: all when at most 6, "
+        "else the first 4 with several fine classes); metrics always cover every coarse class",
+    )
+    analyze.add_argument(
+        "--k", type=int, default=DEFAULT_K, help=f"neighbours for kNN purity (default {DEFAULT_K})"
+    )
+    analyze.add_argument(
+        "--max-per-coarse",
+        type=int,
+        default=DEFAULT_MAX_PER_COARSE,
+        help=f"rows per coarse class for the metrics, subsampled with --seed (default "
+        f"{DEFAULT_MAX_PER_COARSE}; 0 = all)",
+    )
+    analyze.add_argument(
+        "--max-clusters",
+        type=int,
+        default=DEFAULT_MAX_CLUSTERS,
+        help=f"largest cluster count tried (default {DEFAULT_MAX_CLUSTERS})",
+    )
+    analyze.add_argument(
+        "--max-points",
+        type=int,
+        default=2000,
+        help="points per map panel, subsampled with --seed (default 2000; 0 = all, slow)",
+    )
+    analyze.add_argument("--no-maps", action="store_true", help="skip the t-SNE maps")
+    analyze.add_argument(
+        "--seed", type=int, default=0, help="seed of subsampling, folds, KMeans, t-SNE (default 0)"
+    )
+    analyze.add_argument(
+        "--title", default="Intra-class multi-modality", help="title of ANALYSIS.md"
+    )
+
+    report = subparsers.add_parser(
+        "report",
+        help="collect results over methods and seeds into REPORT.md/json/csv",
+        description=_REPORT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RUN_OR_RESULT_PATH",
+        help="results.json / multimodality.json files, or folders searched recursively for them",
+    )
+    report.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
+    report.add_argument("--title", default="LOOK transfer evaluation", help="report title")
+    report.add_argument("--no-plots", action="store_true", help="skip the bar charts")
+
+
+def _non_negative(value: int, flag: str) -> int | None:
+    if value < 0:
+        raise ValueError(f"{flag} must be >= 0 (0 = no limit), got {value}")
+    return value or None
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``look analyze``; returns the exit code."""
+    from look.analysis.analyze import analyze_feature_sets
+    from look.analysis.features import collect_feature_sets
+
+    pairs = collect_feature_sets(args.features if args.features else args.results)
+    paths = [path for path, _ in pairs]
+    feature_sets = [feature_set for _, feature_set in pairs]
+    if args.grouping:
+        feature_sets = [fs.with_grouping(args.grouping) for fs in feature_sets]
+    outputs = analyze_feature_sets(
+        feature_sets,
+        Path(args.output),
+        sources=paths,
+        coarse_classes=args.coarse_classes,
+        k=args.k,
+        max_per_coarse=_non_negative(args.max_per_coarse, "--max-per-coarse"),
+        max_clusters=args.max_clusters,
+        seed=args.seed,
+        maps=not args.no_maps,
+        max_points=_non_negative(args.max_points, "--max-points"),
+        title=args.title,
+    )
+    print(f"look: analysed {len(feature_sets)} feature set(s); wrote {outputs.markdown}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run ``look report``; returns the exit code."""
+    from look.analysis.report import write_report
+
+    outputs = write_report(args.paths, Path(args.output), title=args.title, plots=not args.no_plots)
+    print(f"look: wrote {outputs.markdown}, {outputs.json.name}, {outputs.csv.name}")
+    return 0

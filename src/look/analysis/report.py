@@ -1,0 +1,562 @@
+"""Reports: collect evaluation results over methods and seeds into REPORT.md, report.json, report.csv.
+
+Inputs (files, or directories searched recursively):
+
+- ``results.json`` — one (model, dataset) evaluation; both the evaluation's own format and a compact
+  shape are read, tolerantly: see :mod:`look.analysis.results` for the schema, which keys are
+  metrics (accuracies, in percent), which are headline metrics, and how runs get their method
+  label and seed.
+- ``multimodality.json`` — written by ``look analyze`` (:mod:`look.analysis.analyze`): its
+  ``"feature_sets"`` entries (``name``, ``model``, ``dataset``, ``summary``) give multi-modality
+  rows, and its ``"figures"`` (PNG paths relative to the file) are copied into the report and
+  embedded. A ``"multimodality"`` entry inside a ``results.json`` counts too.
+
+Runs are grouped by method label; within a group every input file is one sample (one seed): a cell
+is ``mean ± std (n seeds)``, std being the sample standard deviation (``n − 1``; none for a single
+seed). Headline metrics are the Markdown columns (dataset × protocol, accuracies in %); every metric
+goes to report.json/report.csv, with the same numbers. The best mean of a column with two or more
+methods is bold (for multi-modality: purity, separability and ARI; not the cluster count); a method
+without a value shows ``—``. One bar chart per dataset (``figures/bars_<dataset>.png``: protocols ×
+methods) is embedded by a relative link.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+import shutil
+import statistics
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from look.analysis.results import (
+    RESULTS_FILE_NAME,
+    EvaluationResult,
+    describe_model,
+    method_label,
+    multimodality_summary,
+    read_json_object,
+    read_results_file,
+)
+
+__all__ = [
+    "MULTIMODALITY_FILE_NAME",
+    "MULTIMODALITY_METRICS",
+    "Cell",
+    "ReportOutputs",
+    "aggregate_cells",
+    "find_report_inputs",
+    "format_cell",
+    "metric_header",
+    "read_multimodality_file",
+    "write_report",
+]
+
+MULTIMODALITY_FILE_NAME = "multimodality.json"
+DEFAULT_TITLE = "LOOK transfer evaluation"
+MISSING = "—"
+_PROTOCOL_ORDER = ("linear", "knn", "fewshot", "finetune")
+_PROTOCOL_NAMES = {"linear": "linear", "knn": "kNN", "fewshot": "few-shot", "finetune": "fine-tune"}
+_HEADLINE_LEAVES = ("top1", "mean", "mean_accuracy")
+# Multi-modality columns: metric key → (header, whether larger means "more fine structure kept").
+MULTIMODALITY_METRICS: dict[str, tuple[str, bool]] = {
+    "knn_purity": ("fine kNN purity (%)", True),
+    "separability": ("fine linear separability (%)", True),
+    "cluster_count": ("clusters per coarse class", False),
+    "ari": ("ARI clusters vs fine", True),
+}
+# Shown ×100 with one decimal (fractions), or as they are.
+_MULTIMODALITY_PERCENT = {
+    "knn_purity": True,
+    "separability": True,
+    "cluster_count": False,
+    "ari": False,
+}
+_MULTIMODALITY_DIGITS = {"knn_purity": 1, "separability": 1, "cluster_count": 2, "ari": 3}
+_CHANCE_METRICS = {"knn_purity": "knn_purity_chance", "separability": "separability_chance"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One aggregated value: a method's metric on a dataset over its seeds."""
+
+    table: str  # "transfer" or "multimodality"
+    method: str
+    dataset: str  # display label, e.g. "cifar100 (coarse)"
+    labels: str | None
+    metric: str
+    values: tuple[float, ...]
+    seeds: tuple[int | None, ...]
+    headline: bool = True
+    best: bool = False
+
+    @property
+    def n(self) -> int:
+        """Number of samples (seeds)."""
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        """Mean over the samples."""
+        return math.fsum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (``n − 1``), ``None`` for a single sample."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def as_row(self) -> dict[str, Any]:
+        """The cell as a JSON/CSV row."""
+        return {
+            "table": self.table,
+            "method": self.method,
+            "dataset": self.dataset,
+            "labels": self.labels,
+            "metric": self.metric,
+            "mean": self.mean,
+            "std": self.std,
+            "n": self.n,
+            "seeds": list(self.seeds),
+            "values": list(self.values),
+            "headline": self.headline,
+            "best": self.best,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOutputs:
+    """Files written by :func:`write_report`."""
+
+    markdown: Path
+    json: Path
+    csv: Path
+    figures: tuple[Path, ...]
+    cells: tuple[Cell, ...]
+
+
+def _natural_key(text: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _metric_order(metric: str) -> tuple[int, list[Any]]:
+    protocol = metric.split("/", 1)[0]
+    rank = _PROTOCOL_ORDER.index(protocol) if protocol in _PROTOCOL_ORDER else len(_PROTOCOL_ORDER)
+    return rank, _natural_key(metric)
+
+
+def metric_header(metric: str) -> str:
+    """Column name of a headline metric: the protocol path without its ``top1``/``mean`` leaf."""
+    parts = metric.split("/")
+    if len(parts) > 1 and parts[-1] in _HEADLINE_LEAVES:
+        parts = parts[:-1]
+    parts[0] = _PROTOCOL_NAMES.get(parts[0], parts[0])
+    return " ".join(parts)
+
+
+def read_multimodality_file(path: str | Path) -> tuple[list[EvaluationResult], list[Path]]:
+    """Rows (one per feature set) and the existing figure paths of a ``multimodality.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"multimodality file {path} does not exist")
+    content = read_json_object(path)
+    rows: list[EvaluationResult] = []
+    for entry in content.get("feature_sets") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        model = describe_model(entry.get("model")) if entry.get("model") else {}
+        rows.append(
+            EvaluationResult(
+                source=path,
+                method=method_label(model) if model else str(entry.get("name") or "unknown"),
+                seed=model.get("seed"),
+                dataset=str(entry.get("dataset") or "unknown"),
+                labels=None,
+                metrics={},
+                multimodality=multimodality_summary(entry),
+                model=model,
+            )
+        )
+    figures = [path.parent / str(name) for name in content.get("figures") or []]
+    return rows, [figure for figure in figures if figure.is_file()]
+
+
+def find_report_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """``results.json`` and ``multimodality.json`` files given directly or found under directories.
+
+    A file given directly is a results file unless it is named ``multimodality.json``.
+    ``FileNotFoundError`` for a path that does not exist or when nothing is found.
+    """
+    results: list[Path] = []
+    multimodality: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            results.extend(sorted(path.rglob(RESULTS_FILE_NAME)))
+            multimodality.extend(sorted(path.rglob(MULTIMODALITY_FILE_NAME)))
+        elif path.is_file():
+            (multimodality if path.name == MULTIMODALITY_FILE_NAME else results).append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither a results file nor a directory")
+    results = list(dict.fromkeys(p.resolve() for p in results))
+    multimodality = list(dict.fromkeys(p.resolve() for p in multimodality))
+    if not results and not multimodality:
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE_NAME} or {MULTIMODALITY_FILE_NAME} found in "
+            f"{[str(p) for p in paths]}; pass evaluation output folders or result files"
+        )
+    return results, multimodality
+
+
+def _mark_best(cells: list[Cell], larger_is_better: Mapping[str, bool] | None = None) -> list[Cell]:
+    by_column: dict[tuple[str, str], list[int]] = {}
+    for index, cell in enumerate(cells):
+        if cell.headline:
+            by_column.setdefault((cell.dataset, cell.metric), []).append(index)
+    marked = list(cells)
+    for (_, metric), indices in by_column.items():
+        if len(indices) < 2 or (larger_is_better is not None and not larger_is_better.get(metric)):
+            continue
+        best = max(cells[i].mean for i in indices)
+        for i in indices:
+            # Ties (within float noise) are all best.
+            if math.isclose(cells[i].mean, best, rel_tol=1e-12, abs_tol=1e-12):
+                marked[i] = dataclasses.replace(cells[i], best=True)
+    return marked
+
+
+def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
+    """Transfer and multi-modality cells: values grouped by (method, dataset, metric) over seeds.
+
+    Runs are taken in the given order; methods keep the order of their first appearance.
+    """
+    transfer: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
+    multimodal: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
+    headline_paths: set[str] = set()
+    for run in runs:
+        headline_paths.update(run.headline)
+        for metric, value in run.metrics.items():
+            transfer.setdefault((run.method, run.dataset_label, metric), []).append(
+                (value, run.seed, run)
+            )
+        for metric, value in run.multimodality.items():
+            multimodal.setdefault((run.method, run.dataset_label, metric), []).append(
+                (value, run.seed, run)
+            )
+
+    def build(table: str, groups: Mapping[tuple[str, str, str], list[Any]]) -> list[Cell]:
+        cells = []
+        for (method, dataset, metric), samples in groups.items():
+            first = samples[0][2]
+            headline = (
+                metric in headline_paths if table == "transfer" else metric in MULTIMODALITY_METRICS
+            )
+            cells.append(
+                Cell(
+                    table=table,
+                    method=method,
+                    dataset=dataset,
+                    labels=first.labels,
+                    metric=metric,
+                    values=tuple(v for v, _, _ in samples),
+                    seeds=tuple(s for _, s, _ in samples),
+                    headline=headline,
+                )
+            )
+        return cells
+
+    transfer_cells = _mark_best(build("transfer", transfer))
+    multimodal_cells = _mark_best(
+        build("multimodality", multimodal),
+        {metric: better for metric, (_, better) in MULTIMODALITY_METRICS.items()},
+    )
+    for cell in transfer_cells + multimodal_cells:
+        seeds = [s for s in cell.seeds if s is not None]
+        if len(seeds) != len(set(seeds)):
+            warnings.warn(
+                f"{cell.method} on {cell.dataset}: seeds {list(cell.seeds)} repeat for "
+                f"{cell.metric}; each input file counts as one sample",
+                stacklevel=2,
+            )
+            break
+    return transfer_cells + multimodal_cells
+
+
+def format_cell(cell: Cell, *, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std (n seeds)`` (``mean (1 seed)`` for one) of the values × ``scale``, bold when
+    best."""
+    text = f"{cell.mean * scale:.{digits}f}"
+    if cell.std is not None:
+        text += f" ± {cell.std * scale:.{digits}f}"
+    text += f" ({cell.n} seed{'s' if cell.n != 1 else ''})"
+    return f"**{text}**" if cell.best else text
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _markdown_table(
+    cells: Sequence[Cell],
+    methods: Sequence[str],
+    columns: Sequence[tuple[str, str]],
+    header: Mapping[tuple[str, str], str],
+    *,
+    percent: Mapping[str, bool] | None = None,
+    digits: Mapping[str, int] | None = None,
+) -> list[str]:
+    by_key = {(c.method, c.dataset, c.metric): c for c in cells}
+    percent, digits = percent or {}, digits or {}
+    lines = [
+        "| method | " + " | ".join(_escape(header[column]) for column in columns) + " |",
+        "|:--|" + "|".join("--:" for _ in columns) + "|",
+    ]
+    for method in methods:
+        row = []
+        for dataset, metric in columns:
+            cell = by_key.get((method, dataset, metric))
+            scale = 100.0 if percent.get(metric) else 1.0
+            row.append(
+                MISSING
+                if cell is None
+                else format_cell(cell, scale=scale, digits=digits.get(metric, 2))
+            )
+        lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "figure"
+
+
+def _transfer_section(
+    cells: Sequence[Cell],
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    output_dir: Path,
+    *,
+    plots: bool,
+) -> tuple[list[str], list[Path]]:
+    from look.analysis.maps import plot_metric_bars
+
+    headline = [c for c in cells if c.table == "transfer" and c.headline]
+    if not headline:
+        return [], []
+    columns = sorted(
+        {(c.dataset, c.metric) for c in headline},
+        key=lambda col: (datasets.index(col[0]), _metric_order(col[1])),
+    )
+    header = {(d, m): f"{d}<br>{metric_header(m)}" for d, m in columns}
+    row_methods = [m for m in methods if any(c.method == m for c in headline)]
+    lines = [
+        "## Transfer accuracy",
+        "",
+        "Top-1 accuracy (%) (few-shot: mean episode accuracy).",
+        "",
+    ]
+    lines += _markdown_table(headline, row_methods, columns, header)
+    lines.append("")
+    figures: list[Path] = []
+    if plots:
+        # One chart per dataset: a group of bars per protocol, a bar per method.
+        for dataset in dict.fromkeys(d for d, _ in columns):
+            dataset_cells = sorted(
+                (c for c in headline if c.dataset == dataset), key=lambda c: _metric_order(c.metric)
+            )
+            rows = [{**c.as_row(), "protocol": metric_header(c.metric)} for c in dataset_cells]
+            figure = plot_metric_bars(
+                rows,
+                None,
+                output_dir / "figures" / f"bars_{_slug(dataset)}.png",
+                group_by="protocol",
+                ylabel="accuracy (%)",
+                title=dataset,
+            )
+            figures.append(figure)
+            lines.append(f"![{dataset}]({figure.relative_to(output_dir).as_posix()})")
+        lines.append("")
+    return lines, figures
+
+
+def _multimodality_section(
+    cells: Sequence[Cell], methods: Sequence[str], datasets: Sequence[str]
+) -> list[str]:
+    multimodal = [c for c in cells if c.table == "multimodality"]
+    headline = [c for c in multimodal if c.headline]
+    if not headline:
+        return []
+    order = list(MULTIMODALITY_METRICS)
+    columns = sorted(
+        {(c.dataset, c.metric) for c in headline},
+        key=lambda col: (datasets.index(col[0]), order.index(col[1])),
+    )
+    several_datasets = len({d for d, _ in columns}) > 1
+    header = {
+        (d, m): (f"{d}<br>" if several_datasets else "") + MULTIMODALITY_METRICS[m][0]
+        for d, m in columns
+    }
+    row_methods = [m for m in methods if any(c.method == m for c in headline)]
+    lines = [
+        "## Intra-class multi-modality",
+        "",
+        "Inside each coarse class, on frozen features (averaged over the coarse classes with "
+        "several fine classes): kNN purity and linear separability of the *fine* labels, the "
+        "number of clusters found (KMeans + silhouette) and its agreement with the fine labels "
+        "(adjusted Rand index). Higher purity/separability/ARI = more fine structure kept; "
+        "definitions in `look.analysis.multimodality`.",
+        "",
+    ]
+    lines += _markdown_table(
+        headline,
+        row_methods,
+        columns,
+        header,
+        percent=_MULTIMODALITY_PERCENT,
+        digits=_MULTIMODALITY_DIGITS,
+    )
+    chance_notes = []
+    for dataset in dict.fromkeys(d for d, _ in columns):
+        for metric, chance_metric in _CHANCE_METRICS.items():
+            chance = [
+                c.mean for c in multimodal if c.dataset == dataset and c.metric == chance_metric
+            ]
+            if chance:
+                chance_notes.append(
+                    f"{dataset} {metric.replace('_', ' ')}: {100 * statistics.fmean(chance):.1f}%"
+                )
+    if chance_notes:
+        lines += ["", "Chance level — " + "; ".join(chance_notes) + "."]
+    lines.append("")
+    return lines
+
+
+def _copy_maps(map_figures: Sequence[Path], output_dir: Path) -> tuple[list[str], list[Path]]:
+    if not map_figures:
+        return [], []
+    lines = ["## Maps", ""]
+    copied = []
+    (output_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for index, source in enumerate(map_figures):
+        destination = output_dir / "figures" / f"map_{index}_{source.name}"
+        shutil.copyfile(source, destination)
+        copied.append(destination)
+        lines.append(f"![{source.stem}]({destination.relative_to(output_dir).as_posix()})")
+    lines.append("")
+    return lines, copied
+
+
+_CSV_FIELDS = (
+    "table",
+    "method",
+    "dataset",
+    "labels",
+    "metric",
+    "mean",
+    "std",
+    "n",
+    "seeds",
+    "values",
+    "headline",
+    "best",
+)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=_CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            # repr() round-trips floats exactly, so the CSV holds the JSON's numbers.
+            writer.writerow(
+                {
+                    **row,
+                    "mean": repr(row["mean"]),
+                    "std": "" if row["std"] is None else repr(row["std"]),
+                    "labels": row["labels"] or "",
+                    "seeds": ";".join("" if s is None else str(s) for s in row["seeds"]),
+                    "values": ";".join(repr(v) for v in row["values"]),
+                }
+            )
+
+
+def write_report(
+    result_files_or_dirs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    title: str = DEFAULT_TITLE,
+    plots: bool = True,
+) -> ReportOutputs:
+    """Collect results (see the module docstring) into ``output_dir``.
+
+    Writes REPORT.md, report.json (``{"title", "inputs", "methods", "datasets", "cells",
+    "figures"}``, a cell per method × dataset × metric as in :meth:`Cell.as_row`), report.csv (the
+    same cells, one per line) and ``figures/`` (a bar chart per dataset unless ``plots`` is False,
+    and the maps of any ``multimodality.json`` input). Returns the paths written and the cells.
+    ``FileNotFoundError`` when no input is found, ``ValueError`` when the inputs hold no number.
+    """
+    output_dir = Path(output_dir)
+    result_paths, multimodality_paths = find_report_inputs(result_files_or_dirs)
+    runs = [read_results_file(path) for path in result_paths]
+    map_figures: list[Path] = []
+    for path in multimodality_paths:
+        rows, figures = read_multimodality_file(path)
+        runs.extend(rows)
+        map_figures.extend(figures)
+    if not any(run.metrics or run.multimodality for run in runs):
+        raise ValueError(
+            f"the inputs ({len(result_paths)} results files, {len(multimodality_paths)} "
+            "multimodality files) hold no accuracy under 'protocols' and no 'multimodality' "
+            "numbers; see look.analysis.results for the keys that are read"
+        )
+    cells = aggregate_cells(runs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(c.method for c in cells))
+    datasets = list(dict.fromkeys(c.dataset for c in cells))
+    inputs = [*result_paths, *multimodality_paths]
+
+    lines = [
+        f"# {title}",
+        "",
+        f"Collected by `look report` from {len(result_paths)} results file(s) and "
+        f"{len(multimodality_paths)} multi-modality file(s). A cell is the mean ± sample standard "
+        "deviation over seeds (number of seeds in brackets); the best mean of a column is in "
+        f"bold; {MISSING} means not evaluated. The same numbers, and every secondary metric, are "
+        "in [report.json](report.json) and [report.csv](report.csv).",
+        "",
+    ]
+    transfer_lines, written_figures = _transfer_section(
+        cells, methods, datasets, output_dir, plots=plots
+    )
+    lines += transfer_lines
+    lines += _multimodality_section(cells, methods, datasets)
+    map_lines, copied_maps = _copy_maps(map_figures, output_dir)
+    lines += map_lines
+    written_figures += copied_maps
+    lines += ["## Inputs", "", *[f"- `{path}`" for path in inputs], ""]
+
+    markdown_path = output_dir / "REPORT.md"
+    markdown_path.write_text("\n".join(lines), encoding="utf-8")
+    rows = [cell.as_row() for cell in cells]
+    json_path = output_dir / "report.json"
+    report = {
+        "title": title,
+        "inputs": [str(p) for p in inputs],
+        "methods": methods,
+        "datasets": datasets,
+        "cells": rows,
+        "figures": [p.relative_to(output_dir).as_posix() for p in written_figures],
+    }
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    csv_path = output_dir / "report.csv"
+    _write_csv(csv_path, rows)
+    return ReportOutputs(
+        markdown=markdown_path,
+        json=json_path,
+        csv=csv_path,
+        figures=tuple(written_figures),
+        cells=tuple(cells),
+    )

@@ -1,0 +1,296 @@
+"""Reading ``results.json`` (one model evaluated on one dataset) into one normalised record.
+
+Two shapes are read, and any mix of them, tolerantly (unknown keys are ignored, any protocol may be
+missing, non-numeric values are skipped):
+
+1. The evaluation's own format (``"format": "look-evaluation/1"``, written by ``look evaluate``)::
+
+       {"units": "accuracies in percent",
+        "model": {"backbone": str, "method": str | null, "source": ..., "path": ...,
+                  "pretraining": {"dataset", "labels", "method", "seed", ...} | null, ...},
+        "dataset": {"name": str, "class_names": [...], ...},
+        "labels": {"evaluation": str, "pretraining": str | null, ...},
+        "seed": int,
+        "protocols": {"linear":   {"top1", "mean_per_class_accuracy", "best_c", ...},
+                      "knn":      {"results": [{"k": 20, "top1", ...}, ...], ...},
+                      "fewshot":  {"settings": [{"n_way": 5, "k_shot": 1, "mean_accuracy",
+                                                 "ci95", ...}], ...},
+                      "finetune": {"top1", "mean_per_class_accuracy", ...}},
+        "features": {"test": {"cache_path": str | null, ...}, ...}}
+
+2. The compact shape::
+
+       {"model": {"name": str, "method": str | null, "seed": int | null,
+                  "pretrain_labels": str | null, "backbone": str (optional),
+                  "label": str (optional, overrides the row label)},
+        "dataset": str, "labels": str,
+        "protocols": {"linear": {"top1", "mean_per_class"}, "knn": {"k20": {"top1"}, ...},
+                      "fewshot": {"5way1shot": {"mean", "ci95"}, ...}, "finetune": {"top1"}},
+        "multimodality": {"summary": {"knn_purity": float, ...}}}     # optional
+
+**Metrics** are the accuracy-valued keys (:data:`ACCURACY_KEYS`: ``top1``, ``mean_per_class[_accuracy]``,
+``mean[_accuracy]``, ``ci95``, ``top5``) anywhere under a protocol, named by their path: nested dicts
+add their key, list entries of ``"results"``/``"settings"`` add ``k<k>`` or ``<n>way<k>shot``
+(``"knn/k20/top1"``, ``"fewshot/5way1shot/mean_accuracy"``). Other numbers (``best_c``,
+``num_train``, ...) are settings, not metrics. The **headline** metric of each group is its ``top1``,
+else its ``mean``/``mean_accuracy``. Accuracies are returned **in percent**: a file whose ``"units"``
+says percent is taken as is, one that says fraction is scaled by 100, and one without units is
+scaled by 100 when all its accuracies lie in ``[0, 1]``.
+
+**Method label** (the row of a report, grouped across seeds): ``model.label`` when given, else the
+method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
+``[backbone]``, ``(pre-training labels)`` and ``[head]`` for head-embedding features when known,
+e.g. ``"look [resnet18] (coarse)"``. **Seed**: ``model.seed``, else the pre-training seed, else
+the top-level evaluation ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ACCURACY_KEYS",
+    "HEADLINE_KEYS",
+    "RESULTS_FILE_NAME",
+    "EvaluationResult",
+    "describe_model",
+    "is_number",
+    "method_label",
+    "protocol_metrics",
+    "read_json_object",
+    "read_results_file",
+]
+
+RESULTS_FILE_NAME = "results.json"
+ACCURACY_KEYS = (
+    "top1",
+    "top5",
+    "mean_per_class",
+    "mean_per_class_accuracy",
+    "mean",
+    "mean_accuracy",
+    "ci95",
+)
+HEADLINE_KEYS = ("top1", "mean", "mean_accuracy")
+_LIST_KEYS = ("results", "settings")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationResult:
+    """One evaluation (or one analysed feature set), normalised for reports.
+
+    ``metrics`` are accuracies in percent keyed by path, ``headline`` the paths shown as report
+    columns, ``multimodality`` the numeric summary of a ``"multimodality"`` entry (fractions and
+    counts, as written), ``model`` the normalised model description of :func:`describe_model`,
+    ``class_names`` the evaluation classes and ``feature_caches`` the feature cache file of each
+    split when the evaluation recorded one.
+    """
+
+    source: Path
+    method: str
+    seed: int | None
+    dataset: str
+    labels: str | None
+    metrics: dict[str, float]
+    headline: tuple[str, ...] = ()
+    multimodality: dict[str, float] = dataclasses.field(default_factory=dict)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    feature_caches: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dataset_label(self) -> str:
+        """Dataset name, with the label set when it is not the plain fine labels."""
+        if self.labels in (None, "", "fine"):
+            return self.dataset
+        return f"{self.dataset} ({self.labels})"
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short_labels(value: object) -> str | None:
+    """A label-set name; a grouping JSON path becomes its file stem."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    return Path(text).stem if text.endswith(".json") else text
+
+
+def describe_model(model: object, *, content: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"name", "method", "seed", "pretrain_labels", "backbone", "label", "output"}`` of a
+    ``results.json`` model entry (either shape; ``content`` is the whole file, for the top-level
+    seed, labels and protocol outputs)."""
+    content = content or {}
+    raw: Mapping[str, Any] = (
+        model if isinstance(model, Mapping) else {"name": model} if model else {}
+    )
+    pretraining = raw.get("pretraining") if isinstance(raw.get("pretraining"), Mapping) else {}
+    labels = content.get("labels") if isinstance(content.get("labels"), Mapping) else {}
+    seed = next(
+        (
+            int(s)
+            for s in (raw.get("seed"), pretraining.get("seed"), content.get("seed"))
+            if is_number(s)
+        ),
+        None,
+    )
+    protocols = content.get("protocols") if isinstance(content.get("protocols"), Mapping) else {}
+    outputs = {p.get("features") for p in protocols.values() if isinstance(p, Mapping)}
+    return {
+        "name": raw.get("name"),
+        "method": raw.get("method") or pretraining.get("method"),
+        "seed": seed,
+        "pretrain_labels": _short_labels(
+            raw.get("pretrain_labels") or pretraining.get("labels") or labels.get("pretraining")
+        ),
+        "backbone": raw.get("backbone"),
+        "label": raw.get("label"),
+        "output": raw.get("output") or ("head" if "head" in outputs else None),
+    }
+
+
+def method_label(model: Mapping[str, Any] | str | None) -> str:
+    """Row label of a run from a (raw or :func:`describe_model`) model entry; see module docs."""
+    if isinstance(model, str) and model:
+        return model
+    if not isinstance(model, Mapping):
+        return "unknown"
+    if model.get("label"):
+        return str(model["label"])
+    pretraining = model.get("pretraining") if isinstance(model.get("pretraining"), Mapping) else {}
+    backbone = model.get("backbone")
+    base = str(
+        model.get("method")
+        or pretraining.get("method")
+        or model.get("name")
+        or backbone
+        or "unknown"
+    )
+    label = base
+    if backbone and str(backbone) != base:
+        label += f" [{backbone}]"
+    pretrain_labels = _short_labels(model.get("pretrain_labels") or pretraining.get("labels"))
+    if pretrain_labels:
+        label += f" ({pretrain_labels})"
+    if model.get("output") == "head":
+        label += " [head]"
+    return label
+
+
+def _entry_name(entry: Mapping[str, Any], index: int) -> str:
+    if is_number(entry.get("n_way")) and is_number(entry.get("k_shot")):
+        return f"{int(entry['n_way'])}way{int(entry['k_shot'])}shot"
+    if is_number(entry.get("k")):
+        return f"k{int(entry['k'])}"
+    return str(index)
+
+
+def protocol_metrics(protocols: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Accuracy metrics (as found, not rescaled) and headline paths of a ``"protocols"`` object."""
+    metrics: dict[str, float] = {}
+    headline: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if is_number(node):  # a protocol given as one number
+            metrics[path] = float(node)
+            headline.append(path)
+            return
+        if not isinstance(node, Mapping):
+            return
+        for key in ACCURACY_KEYS:
+            if is_number(node.get(key)):
+                metrics[f"{path}/{key}"] = float(node[key])
+        lead = next((key for key in HEADLINE_KEYS if is_number(node.get(key))), None)
+        if lead is not None:
+            headline.append(f"{path}/{lead}")
+        for key, child in node.items():
+            if key in ACCURACY_KEYS:
+                continue
+            if isinstance(child, Mapping):
+                walk(child, f"{path}/{key}")
+            elif key in _LIST_KEYS and isinstance(child, list):
+                for index, entry in enumerate(child):
+                    if isinstance(entry, Mapping):
+                        walk(entry, f"{path}/{_entry_name(entry, index)}")
+
+    for name, subtree in protocols.items():
+        walk(subtree, str(name))
+    return metrics, headline
+
+
+def read_json_object(path: Path) -> Mapping[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not one."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _percent_scale(content: Mapping[str, Any], metrics: Mapping[str, float]) -> float:
+    units = str(content.get("units") or "").lower()
+    if "percent" in units:
+        return 1.0
+    if "fraction" in units:
+        return 100.0
+    return 100.0 if all(0.0 <= v <= 1.0 for v in metrics.values()) else 1.0
+
+
+def multimodality_summary(value: object) -> dict[str, float]:
+    """Numeric values of a multi-modality entry's ``"summary"`` (or of the entry itself)."""
+    if not isinstance(value, Mapping):
+        return {}
+    summary = value.get("summary", value)
+    if not isinstance(summary, Mapping):
+        return {}
+    return {str(key): float(v) for key, v in summary.items() if is_number(v)}
+
+
+def read_results_file(path: str | Path) -> EvaluationResult:
+    """Read one ``results.json`` of either shape (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist")
+    content = read_json_object(path)
+    protocols = content.get("protocols")
+    metrics, headline = protocol_metrics(protocols if isinstance(protocols, Mapping) else {})
+    scale = _percent_scale(content, metrics)
+    dataset = content.get("dataset")
+    class_names: tuple[str, ...] = ()
+    if isinstance(dataset, Mapping):
+        names = dataset.get("class_names")
+        class_names = tuple(str(n) for n in names) if isinstance(names, list) else ()
+        dataset = dataset.get("name")
+    labels = content.get("labels")
+    if isinstance(labels, Mapping):
+        labels = labels.get("evaluation")
+    caches: dict[str, Path] = {}
+    features = content.get("features")
+    if isinstance(features, Mapping):
+        for split, info in features.items():
+            if isinstance(info, Mapping) and isinstance(info.get("cache_path"), str):
+                caches[str(split)] = Path(info["cache_path"])
+    model = describe_model(content.get("model"), content=content)
+    return EvaluationResult(
+        source=path,
+        method=method_label(model),
+        seed=model["seed"],
+        dataset=str(dataset or "unknown"),
+        labels=_short_labels(labels),
+        metrics={key: value * scale for key, value in metrics.items()},
+        headline=tuple(headline),
+        multimodality=multimodality_summary(content.get("multimodality")),
+        model=model,
+        class_names=class_names,
+        feature_caches=caches,
+    )

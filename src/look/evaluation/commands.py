@@ -1,0 +1,315 @@
+"""The ``look evaluate`` subcommand: argument parsing over :func:`look.evaluation.evaluate`.
+
+``look.cli`` adds it with ``register(subparsers)`` and dispatches to ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from look.evaluation.features import DEFAULT_FEATURE_CACHE_DIR
+from look.evaluation.fewshot import FewShotOptions
+from look.evaluation.finetune import FinetuneOptions
+from look.evaluation.knn import KnnOptions
+from look.evaluation.linear_probe import DEFAULT_C_GRID, LinearProbeOptions
+from look.evaluation.suite import DATASET_SPEC_HELP, PROTOCOLS, RESULTS_FILE
+
+__all__ = ["register", "run"]
+
+DESCRIPTION = f"""\
+Evaluate a backbone with the transfer protocols and write OUTPUT/{RESULTS_FILE}.
+
+model (one of):
+  --checkpoint PATH   a `look pretrain` run directory (newest good checkpoint), a ckpt-*.pt file
+                      or an exported backbone .safetensors
+  --timm NAME         any timm model, or a torchvision one as tv:NAME; random initialisation
+                      (seeded) unless --weights gives a local weight file (never downloaded)
+
+dataset SPEC: {DATASET_SPEC_HELP}
+
+protocols (--protocol, repeatable or comma-separated; default all):
+  linear    multinomial logistic regression (L-BFGS) on standardised frozen features,
+            C chosen on a stratified validation split of train, refit on all of train
+  knn       weighted kNN on L2-normalised frozen features (cosine, exp(sim/T) votes)
+  finetune  whole network + new linear classifier, SGD momentum 0.9, cosine schedule
+  fewshot   N-way K-shot episodes on frozen test features, nearest centroid (cosine),
+            mean and 95% confidence interval
+
+Frozen features are the backbone's global-pool output (the projection head's embedding with
+--head) and are cached in --cache-dir, keyed by weights, dataset, split, transform and image size.
+The image size defaults to the pre-training image size recorded with the model (so digits are
+resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
+
+Coarse-to-fine transfer: evaluate a model pre-trained with coarse labels with --labels fine;
+{RESULTS_FILE} records both the pre-training and the evaluation labels.
+Multi-GPU: torchrun --nproc_per_node N -m look evaluate ... (same numbers as one process).
+"""
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from error
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` subcommand (with its full ``--help``) to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="transfer evaluation: linear probe, kNN, fine-tuning, few-shot",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    choice = model.add_mutually_exclusive_group(required=True)
+    choice.add_argument(
+        "--checkpoint", metavar="PATH", help="run directory, ckpt-*.pt or .safetensors"
+    )
+    choice.add_argument(
+        "--timm", metavar="NAME", help="timm model name, or tv:NAME for torchvision"
+    )
+    model.add_argument("--weights", metavar="FILE", help="local weight file for --timm")
+    model.add_argument(
+        "--small-stem",
+        action="store_true",
+        help="with --timm: CIFAR-style ResNet stem (3x3 conv, no max-pool) for 28-32 px images",
+    )
+    model.add_argument(
+        "--head",
+        action="store_true",
+        help="frozen protocols use the projection head's L2-normalised embedding instead of the "
+        "backbone's pooled features (needs a checkpoint with a head)",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, metavar="SPEC", help=DATASET_SPEC_HELP)
+    data.add_argument(
+        "--labels",
+        default="fine",
+        metavar="fine|coarse|FILE.json",
+        help="evaluation labels: fine (default), coarse (the dataset's shipped grouping) or a "
+        "grouping JSON mapping fine class name -> coarse class name",
+    )
+    data.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="evaluation image size (default: the pre-training image size, else the dataset's)",
+    )
+    data.add_argument(
+        "--download",
+        action="store_true",
+        help="allow torchvision to download MNIST/CIFAR (never done otherwise)",
+    )
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument(
+        "--protocol",
+        action="append",
+        metavar="NAME",
+        help=f"{', '.join(PROTOCOLS)} or all (default: all); repeatable or comma-separated",
+    )
+    run_group.add_argument("--output", required=True, metavar="DIR", help="folder for results.json")
+    run_group.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto"
+    )
+    run_group.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default: 256)"
+    )
+    run_group.add_argument(
+        "--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA)"
+    )
+    run_group.add_argument(
+        "--cache-dir",
+        default=DEFAULT_FEATURE_CACHE_DIR,
+        metavar="DIR",
+        help=f"feature cache folder (default: {DEFAULT_FEATURE_CACHE_DIR})",
+    )
+    run_group.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the cache"
+    )
+    run_group.add_argument(
+        "--seed", type=int, default=0, help="seed of splits, episodes, fine-tuning"
+    )
+    run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    linear = parser.add_argument_group("linear probe")
+    linear.add_argument(
+        "--linear-c",
+        type=float,
+        metavar="C",
+        help="fixed inverse L2 strength (skips the validation search)",
+    )
+    linear.add_argument(
+        "--linear-c-grid",
+        type=_float_list,
+        default=DEFAULT_C_GRID,
+        metavar="C1,C2,...",
+        help="values of C searched on the validation split (default: 1e-4 ... 1e2, 7 log-spaced)",
+    )
+    linear.add_argument(
+        "--linear-val-fraction",
+        type=float,
+        default=LinearProbeOptions.val_fraction,
+        help="fraction of each training class held out to choose C (default: 0.2)",
+    )
+    linear.add_argument(
+        "--linear-max-iter",
+        type=int,
+        default=LinearProbeOptions.max_iter,
+        help="L-BFGS iterations per fit (default: 1000)",
+    )
+
+    knn = parser.add_argument_group("kNN")
+    knn.add_argument(
+        "--knn-k",
+        type=int,
+        nargs="+",
+        default=list(KnnOptions.ks),
+        metavar="K",
+        help="neighbour counts (default: 20 200)",
+    )
+    knn.add_argument(
+        "--knn-temperature",
+        type=float,
+        default=KnnOptions.temperature,
+        help="vote temperature (default: 0.07)",
+    )
+
+    tune = parser.add_argument_group("fine-tuning (defaults depend on the image size)")
+    tune.add_argument("--finetune-epochs", type=int, help="default: 5")
+    tune.add_argument("--finetune-lr", type=float, help="default: 0.03 (<= 64 px), 0.01 (larger)")
+    tune.add_argument(
+        "--finetune-batch-size", type=int, help="global batch; default: 128 (<= 64 px), 64 (larger)"
+    )
+    tune.add_argument(
+        "--finetune-weight-decay", type=float, help="default: 5e-4 (<= 64 px), 1e-4 (larger)"
+    )
+
+    fewshot = parser.add_argument_group("few-shot")
+    fewshot.add_argument(
+        "--fewshot-ways", type=int, default=FewShotOptions.n_way, help="N (default: 5)"
+    )
+    fewshot.add_argument(
+        "--fewshot-shots",
+        type=int,
+        nargs="+",
+        default=list(FewShotOptions.shots),
+        metavar="K",
+        help="K of each setting (default: 1 5)",
+    )
+    fewshot.add_argument(
+        "--fewshot-queries",
+        type=int,
+        default=FewShotOptions.queries,
+        help="query images per class (default: 15)",
+    )
+    fewshot.add_argument(
+        "--fewshot-episodes",
+        type=int,
+        default=FewShotOptions.episodes,
+        help="episodes per setting (default: 600)",
+    )
+
+
+def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
+    protocols = report["protocols"]
+    lines = [f"look: wrote {output_dir / RESULTS_FILE}"]
+    if "linear" in protocols:
+        r = protocols["linear"]
+        lines.append(
+            f"  linear    top1 {r['top1']:6.2f}  mean/class {r['mean_per_class_accuracy']:6.2f}"
+            f"  (C={r['best_c']:g})"
+        )
+    if "knn" in protocols:
+        for r in protocols["knn"]["results"]:
+            lines.append(
+                f"  knn k={r['k']:<4d}top1 {r['top1']:6.2f}  mean/class {r['mean_per_class_accuracy']:6.2f}"
+            )
+    if "finetune" in protocols:
+        r = protocols["finetune"]
+        lines.append(
+            f"  finetune  top1 {r['top1']:6.2f}  mean/class {r['mean_per_class_accuracy']:6.2f}"
+            f"  ({r['epochs']} epochs)"
+        )
+    if "fewshot" in protocols:
+        for r in protocols["fewshot"]["settings"]:
+            lines.append(
+                f"  fewshot   {r['n_way']}-way {r['k_shot']}-shot {r['mean_accuracy']:6.2f}"
+                f" ± {r['ci95']:.2f}"
+            )
+    print("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``look evaluate`` from parsed arguments; returns the exit status (0 on success)."""
+    from look.engine.distributed import (
+        cleanup_distributed,
+        init_distributed,
+        is_distributed,
+        is_main_process,
+        launched_by_torchrun,
+    )
+    from look.evaluation.model_source import ModelSource
+    from look.evaluation.suite import evaluate, parse_dataset_spec, resolve_eval_device
+
+    source = ModelSource(
+        checkpoint=args.checkpoint,
+        timm=args.timm,
+        weights=args.weights,
+        small_stem=args.small_stem,
+    )
+    spec = parse_dataset_spec(args.dataset, download=args.download)
+    started_group = False
+    if launched_by_torchrun() and not is_distributed():
+        init_distributed(resolve_eval_device(args.device).type)
+        started_group = True
+    try:
+        report = evaluate(
+            source,
+            spec,
+            args.protocol or "all",
+            labels=args.labels,
+            output_dir=args.output,
+            image_size=args.image_size,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            seed=args.seed,
+            use_head=args.head,
+            progress=not args.no_progress,
+            linear_options=LinearProbeOptions(
+                c_grid=tuple(args.linear_c_grid),
+                c=args.linear_c,
+                val_fraction=args.linear_val_fraction,
+                max_iter=args.linear_max_iter,
+            ),
+            knn_options=KnnOptions(ks=tuple(args.knn_k), temperature=args.knn_temperature),
+            finetune_options=FinetuneOptions(
+                epochs=args.finetune_epochs,
+                lr=args.finetune_lr,
+                batch_size=args.finetune_batch_size,
+                weight_decay=args.finetune_weight_decay,
+            ),
+            fewshot_options=FewShotOptions(
+                n_way=args.fewshot_ways,
+                shots=tuple(args.fewshot_shots),
+                queries=args.fewshot_queries,
+                episodes=args.fewshot_episodes,
+            ),
+        )
+        if is_main_process():
+            _print_summary(report, Path(args.output))
+    finally:
+        if started_group:
+            cleanup_distributed()
+    return 0

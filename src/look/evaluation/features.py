@@ -1,0 +1,349 @@
+"""Frozen-feature extraction: batched, sharded over ranks, gathered in order, cached on disk.
+
+Features are extracted once per (weights, dataset, split, transform, image size, output) and
+stored under a cache key that hashes all of these; labels are not part of the key (the same
+features serve fine, coarse and any grouping), the dataset's fine labels are stored with them as
+a check. Under ``torch.distributed`` every rank extracts one contiguous shard
+(:class:`look.engine.sampler.EvalShardSampler`, no padded duplicates) and the shards are gathered
+so that every rank ends with exactly the ``N`` features of the dataset, in dataset order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from look.data import DataSpec, normalization_stats
+from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
+from look.engine.sampler import EvalShardSampler
+
+__all__ = [
+    "CACHE_FORMAT",
+    "DEFAULT_FEATURE_CACHE_DIR",
+    "FeatureSet",
+    "extract_features",
+    "feature_cache_key",
+    "gather_shards",
+    "load_or_extract_features",
+]
+
+DEFAULT_FEATURE_CACHE_DIR = "~/.cache/look/features"
+# Bump when the stored content or the key's meaning changes: old entries then simply miss.
+CACHE_FORMAT = 1
+# Rows per all_gather round: bounds the extra device memory of a gather to world × rows × d.
+_GATHER_CHUNK_ROWS = 65536
+
+
+@dataclass(eq=False)
+class FeatureSet:
+    """Features ``(N, d)`` float32 on CPU in dataset order, with the dataset's fine labels.
+
+    ``from_cache`` says whether they were read from ``cache_path``; ``seconds`` is the wall time of
+    the extraction (or the read) and ``images_per_second`` the extraction throughput (None on a hit).
+    """
+
+    features: Tensor
+    fine_labels: Tensor
+    cache_key: str | None
+    cache_path: Path | None
+    from_cache: bool
+    seconds: float
+    images_per_second: float | None
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must live for collectives of the current process group (NCCL: the GPU)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_shards(local: Tensor, num_samples: int) -> Tensor:
+    """Concatenate every rank's :class:`EvalShardSampler` shard in rank order (on CPU).
+
+    ``local`` is this rank's ``(shard_size, ...)`` result, with the same trailing shape and dtype
+    on every rank (an empty shard included). Shards differ in size by at most one (or are empty
+    when ``num_samples < world_size``); they are padded for ``all_gather`` and trimmed, so the
+    result has exactly ``num_samples`` rows. Without ``torch.distributed`` it returns ``local``.
+    """
+    if not is_distributed():
+        if len(local) != num_samples:
+            raise ValueError(f"expected {num_samples} rows, got {len(local)}")
+        return local.cpu()
+    world, rank = get_world_size(), get_rank()
+    sizes = [len(EvalShardSampler(num_samples, r, world)) for r in range(world)]
+    if len(local) != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {len(local)} rows but its shard has {sizes[rank]}")
+    device = _collective_device()
+    trailing = tuple(local.shape[1:])
+    output = torch.empty((num_samples, *trailing), dtype=local.dtype)
+    offsets = [sum(sizes[:r]) for r in range(world)]
+    largest = max(sizes)
+    for start in range(0, largest, _GATHER_CHUNK_ROWS):
+        stop = min(start + _GATHER_CHUNK_ROWS, largest)
+        padded = torch.zeros((stop - start, *trailing), dtype=local.dtype, device=device)
+        mine = local[start:stop]
+        padded[: len(mine)] = mine.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        for r, part in enumerate(parts):
+            keep = max(0, min(stop, sizes[r]) - start)
+            if keep:
+                output[offsets[r] + start : offsets[r] + start + keep] = part[:keep].cpu()
+    return output
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    description: str = "features",
+    output_fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Run ``model`` in eval mode over ``dataset`` (items ``(image, label, ...)``), without grad.
+
+    Returns the ``(N, ...)`` outputs in dataset order on CPU, float32 (floating outputs are cast
+    up from autocast's bf16), or whatever ``output_fn`` makes of each batch (e.g. an argmax).
+    Each rank runs its contiguous shard and the shards are gathered, so every rank returns all
+    ``N`` rows. The model's train/eval mode is restored afterwards.
+    """
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{description}: the dataset is empty; nothing to extract")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    device = torch.device(device)
+    num_samples = len(dataset)  # type: ignore[arg-type]
+    sampler = EvalShardSampler(num_samples, get_rank(), get_world_size())
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    was_training = model.training
+    model.eval()
+    chunks: list[Tensor] = []
+    bar = tqdm(
+        total=len(sampler),
+        desc=description,
+        unit="img",
+        unit_scale=True,
+        disable=not (progress and is_main_process()),
+        leave=False,
+    )
+    try:
+        for batch in loader:
+            images = batch[0].to(device, non_blocking=True)
+            with _autocast(device, autocast_dtype):
+                output = model(images)
+            output = output.float() if output.is_floating_point() else output
+            if output_fn is not None:
+                output = output_fn(output)
+            chunks.append(output.cpu())
+            bar.update(len(images))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if chunks:
+        local = torch.cat(chunks)
+    else:
+        # An empty shard (fewer images than ranks) still needs the output's shape and dtype.
+        with _autocast(device, autocast_dtype):
+            probe = model.eval()(dataset[0][0].unsqueeze(0).to(device))
+        model.train(was_training)
+        probe = probe.float() if probe.is_floating_point() else probe
+        if output_fn is not None:
+            probe = output_fn(probe)
+        local = probe.cpu()[:0]
+    return gather_shards(local, num_samples)
+
+
+def feature_cache_key(
+    *,
+    weights_fingerprint: str,
+    model_identity: dict[str, Any],
+    output: str,
+    dataset_spec: DataSpec,
+    split: str,
+    image_size: int,
+    transform: object,
+    fine_labels: Tensor,
+    precision: str,
+) -> str:
+    """sha256 naming one feature file; any change of weights, data or transform changes it.
+
+    Hashes the weights fingerprint, the architecture (``model_identity``'s backbone name and stem),
+    which ``output`` (``"backbone"`` pooled features or ``"head"``), the dataset spec (without the
+    label choice and the training-only fields), the split, the image size, ``repr(transform)`` and
+    the normalisation constants, the number of images and their fine labels, and the precision
+    the network ran in (``"fp32"``/``"bf16"``).
+    """
+    spec_fields = dataclasses.asdict(dataclasses.replace(dataset_spec, image_size=image_size))
+    for irrelevant in ("labels", "download", "augment"):
+        spec_fields.pop(irrelevant)
+    if spec_fields.get("root") is not None:
+        spec_fields["root"] = str(Path(spec_fields["root"]).expanduser().resolve())
+    labels_digest = hashlib.sha256(
+        fine_labels.to(torch.int64).contiguous().numpy().tobytes()
+    ).hexdigest()
+    description = {
+        "format": CACHE_FORMAT,
+        "weights": weights_fingerprint,
+        "backbone": model_identity.get("backbone"),
+        "small_stem": model_identity.get("small_stem"),
+        "output": output,
+        "dataset": spec_fields,
+        "split": split,
+        "image_size": image_size,
+        "transform": repr(transform),
+        "normalization": normalization_stats(dataset_spec.dataset),
+        "num_samples": len(fine_labels),
+        "fine_labels": labels_digest,
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cache(path: Path, fine_labels: Tensor) -> Tensor | None:
+    """Features stored at ``path``, or None when absent, unreadable or for other labels."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features, labels = stored["features"], stored["fine_labels"]
+    except Exception:  # a torn or foreign file is a miss, never an error
+        return None
+    if (
+        not isinstance(features, Tensor)
+        or features.ndim != 2
+        or len(features) != len(fine_labels)
+        or not torch.equal(labels, fine_labels.to(labels.dtype))
+    ):
+        return None
+    return features
+
+
+def _write_cache(path: Path, features: Tensor, fine_labels: Tensor, meta: dict[str, str]) -> None:
+    """Write atomically: a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(
+                {
+                    "features": features.float().contiguous(),
+                    "fine_labels": fine_labels.to(torch.int64),
+                    "meta": meta,
+                },
+                file,
+            )
+        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a cache may be shared
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (so all ranks take the same branch)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def load_or_extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    fine_labels: Tensor,
+    *,
+    cache_key: str | None,
+    cache_dir: str | Path | None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    description: str = "features",
+    meta: dict[str, str] | None = None,
+) -> FeatureSet:
+    """Features of ``dataset`` from the cache when ``cache_dir/<cache_key>.pt`` matches, else extracted.
+
+    ``fine_labels`` are the dataset's fine labels (stored with the features and checked on a hit).
+    ``cache_dir=None`` or ``cache_key=None`` disables the cache. A fresh extraction is written by
+    rank 0 only, atomically. Every rank takes the same branch (a hit needs a hit on every rank).
+    """
+    cache_path = None
+    if cache_dir is not None and cache_key is not None:
+        cache_path = Path(cache_dir).expanduser() / f"{cache_key}.pt"
+    started = time.perf_counter()
+    cached = _read_cache(cache_path, fine_labels) if cache_path is not None else None
+    if _all_ranks_agree(cached is not None):
+        assert cached is not None
+        return FeatureSet(
+            features=cached,
+            fine_labels=fine_labels,
+            cache_key=cache_key,
+            cache_path=cache_path,
+            from_cache=True,
+            seconds=time.perf_counter() - started,
+            images_per_second=None,
+        )
+    features = extract_features(
+        model,
+        dataset,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        description=description,
+    )
+    if features.ndim != 2:
+        raise ValueError(
+            f"{description}: the model returned features of shape {tuple(features.shape)}; "
+            "expected (N, d) pooled features"
+        )
+    seconds = time.perf_counter() - started
+    if cache_path is not None and is_main_process():
+        _write_cache(cache_path, features, fine_labels, dict(meta or {}))
+    return FeatureSet(
+        features=features,
+        fine_labels=fine_labels,
+        cache_key=cache_key,
+        cache_path=cache_path,
+        from_cache=False,
+        seconds=seconds,
+        images_per_second=len(features) / seconds if seconds > 0 else None,
+    )

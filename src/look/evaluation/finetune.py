@@ -1,0 +1,235 @@
+"""Fine-tuning of the whole network: backbone + a new linear classifier, a few epochs of SGD.
+
+The recipe depends on the image size (see :func:`default_finetune_recipe`): SGD with momentum 0.9,
+a cosine learning-rate schedule without warm-up, weight decay on weights but not on biases and
+norm parameters, and the training augmentation of :mod:`look.data` for the image size. Under
+``torch.distributed`` the model is wrapped in DDP and every rank takes its slice of the same global
+batches (:class:`look.engine.sampler.GlobalBatchSampler`); test predictions are gathered without
+padded duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from look.data import DataSpec, build_eval_dataset, build_train_dataset, resolve_augment
+from look.engine.distributed import all_reduce_sum, get_rank, get_world_size, is_distributed
+from look.engine.optim import build_lr_scheduler, build_optimizer
+from look.engine.sampler import GlobalBatchSampler
+from look.evaluation.features import extract_features
+from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
+
+__all__ = ["FinetuneOptions", "default_finetune_recipe", "finetune"]
+
+# Images up to this side length count as "small" (MNIST/CIFAR-like) for the default recipe.
+_SMALL_IMAGE_MAX = 64
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Overrides of the default recipe; ``None`` takes the value for the image size."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+
+    def validate(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"fine-tune epochs={self.epochs} must be at least 1")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"fine-tune lr={self.lr} must be a finite number > 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"fine-tune batch_size={self.batch_size} must be at least 1")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"fine-tune weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"fine-tune momentum={self.momentum} must lie in [0, 1)")
+
+
+def default_finetune_recipe(image_size: int) -> dict[str, Any]:
+    """Epochs, lr, global batch and weight decay used when not overridden.
+
+    Small images (≤ 64 px): 5 epochs, lr 0.03, batch 128, weight decay 5e-4.
+    Larger images (224 px and such): 5 epochs, lr 0.01, batch 64, weight decay 1e-4.
+    """
+    if image_size <= _SMALL_IMAGE_MAX:
+        return {"epochs": 5, "lr": 0.03, "batch_size": 128, "weight_decay": 5e-4}
+    return {"epochs": 5, "lr": 0.01, "batch_size": 64, "weight_decay": 1e-4}
+
+
+class _Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images))
+
+
+def _collate(
+    items: list[tuple[tuple[torch.Tensor, ...], int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([views[0] for views, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return images, labels
+
+
+def finetune(
+    backbone: nn.Module,
+    feature_dim: int,
+    spec: DataSpec,
+    *,
+    labels: str = "fine",
+    options: FinetuneOptions | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    eval_batch_size: int = 256,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a copy of ``backbone`` with a new linear head on ``spec``'s training split.
+
+    ``spec.image_size`` should be set to the evaluation image size. Reports test top-1 and mean
+    per-class accuracy (percent) on the ``"test"`` split with the evaluation transform. The
+    caller's ``backbone`` is not modified.
+    """
+    options = options or FinetuneOptions()
+    options.validate()
+    device = torch.device(device)
+    train_spec = dataclasses.replace(spec, labels=labels)
+    train_set, info = build_train_dataset(train_spec, num_views=1, seed=seed)
+    test_set, _ = build_eval_dataset(spec, "test", labels)
+    if len(train_set) == 0 or len(test_set) == 0:
+        raise ValueError(
+            f"fine-tuning needs train and test images, got {len(train_set)} and {len(test_set)}"
+        )
+    recipe = default_finetune_recipe(info.image_size)
+    overrides = {
+        "epochs": options.epochs,
+        "lr": options.lr,
+        "batch_size": options.batch_size,
+        "weight_decay": options.weight_decay,
+    }
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    world = get_world_size()
+    # The global batch must fit the training set and split evenly over the ranks.
+    global_batch = min(recipe["batch_size"], len(train_set))
+    global_batch -= global_batch % world
+    if global_batch < world:
+        raise ValueError(
+            f"the training split has {len(train_set)} images, fewer than the {world} processes"
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _Classifier(copy.deepcopy(backbone), feature_dim, info.num_classes)
+    model = model.to(device)
+    model.train()
+    train_model: nn.Module = model
+    if is_distributed():
+        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+        train_model = DistributedDataParallel(
+            model, device_ids=[cuda_index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(
+        model.named_parameters(),
+        name="sgd",
+        lr=recipe["lr"],
+        weight_decay=recipe["weight_decay"],
+        momentum=options.momentum,
+    )
+    sampler = GlobalBatchSampler(
+        len(train_set), global_batch, rank=get_rank(), world_size=world, seed=seed, drop_last=True
+    )
+    total_steps = recipe["epochs"] * sampler.steps_per_epoch
+    scheduler = build_lr_scheduler(optimizer, total_steps=total_steps, warmup_steps=0)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    last_epoch_loss = float("nan")
+    for epoch in range(recipe["epochs"]):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        loader = DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+        )
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = torch.zeros((), dtype=torch.float64, device=device)
+        bar = tqdm(
+            loader,
+            desc=f"fine-tune epoch {epoch + 1}/{recipe['epochs']}",
+            unit="batch",
+            disable=not (progress and get_rank() == 0),
+            leave=False,
+        )
+        for images, targets in bar:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                logits = train_model(images)
+            loss = F.cross_entropy(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"fine-tuning diverged (non-finite loss at epoch {epoch + 1}); lower the "
+                    f"learning rate (now {recipe['lr']})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().double() * len(targets)
+            seen += len(targets)
+        last_epoch_loss = float(all_reduce_sum(loss_sum) / all_reduce_sum(seen).clamp_min(1))
+
+    predictions = extract_features(
+        model,
+        test_set,
+        device=device,
+        batch_size=eval_batch_size,
+        num_workers=num_workers,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        description="fine-tune test",
+        output_fn=lambda logits: logits.argmax(dim=1),
+    )
+    test_labels = test_set.labels
+    return {
+        "model": "whole network fine-tuned, new linear classifier on the pooled features",
+        "top1": top1_accuracy(predictions, test_labels),
+        "mean_per_class_accuracy": mean_per_class_accuracy(predictions, test_labels),
+        "epochs": recipe["epochs"],
+        "lr": recipe["lr"],
+        "batch_size": global_batch,
+        "weight_decay": recipe["weight_decay"],
+        "momentum": options.momentum,
+        "optimizer": "sgd (no weight decay on biases and norm parameters)",
+        "schedule": "cosine, no warm-up, per step",
+        "augment": resolve_augment(spec.augment, info.image_size, spec.dataset),
+        "steps": total_steps,
+        "final_epoch_train_loss": last_epoch_loss,
+        "num_train": len(train_set),
+        "num_test": len(test_set),
+        "num_classes": info.num_classes,
+    }

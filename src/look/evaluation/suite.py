@@ -1,0 +1,430 @@
+"""``evaluate``: run the transfer protocols on one model and one dataset, write ``results.json``.
+
+Frozen-feature protocols (linear probe, kNN, few-shot) share one feature extraction per split,
+cached on disk; fine-tuning trains a copy of the backbone. ``results.json`` holds plain numbers
+(accuracies in percent) and the metadata needed to reproduce them: model identity and weights
+fingerprint, dataset, pre-training and evaluation labels, image size, protocol settings, seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import look
+from look.data import DATASET_NAMES, DataSpec, build_eval_dataset, describe, resolve_image_size
+from look.engine.distributed import get_world_size, is_distributed, is_main_process
+from look.evaluation.features import (
+    DEFAULT_FEATURE_CACHE_DIR,
+    FeatureSet,
+    feature_cache_key,
+    load_or_extract_features,
+)
+from look.evaluation.fewshot import FewShotOptions, fewshot_evaluate
+from look.evaluation.finetune import FinetuneOptions, finetune
+from look.evaluation.knn import KnnOptions, knn_classify
+from look.evaluation.linear_probe import LinearProbeOptions, linear_probe
+from look.evaluation.model_source import (
+    FeatureModel,
+    LoadedModel,
+    ModelSource,
+    load_model,
+    state_fingerprint,
+)
+
+__all__ = [
+    "PROTOCOLS",
+    "RESULTS_FILE",
+    "evaluate",
+    "parse_dataset_spec",
+    "resolve_eval_device",
+    "resolve_protocols",
+]
+
+PROTOCOLS: tuple[str, ...] = ("linear", "knn", "finetune", "fewshot")
+RESULTS_FILE = "results.json"
+_SYNTHETIC_KEYS = {
+    "samples": "synthetic_num_samples",
+    "classes": "synthetic_num_classes",
+    "size": "synthetic_image_size",
+}
+_ROOTED = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+DATASET_SPEC_HELP = (
+    "fashion_mnist[:ROOT], mnist[:ROOT], digits, cifar10[:ROOT], cifar100[:ROOT], "
+    "imagefolder:ROOT, synthetic[:samples=N,classes=C,size=S]"
+)
+
+
+def parse_dataset_spec(text: str, *, download: bool = False) -> DataSpec:
+    """Parse a dataset SPEC (see :data:`DATASET_SPEC_HELP`) into a :class:`DataSpec`.
+
+    ``cifar10:/data/cifar`` reads torchvision's layout under that root; ``imagefolder:ROOT`` needs
+    a root with one sub-folder per class (or ``train/`` and ``val/``/``test/`` sub-folders).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty dataset spec; use one of: {DATASET_SPEC_HELP}")
+    name, _, argument = text.strip().partition(":")
+    name = name.strip().lower().replace("-", "_")
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"unknown dataset {name!r} in spec {text!r}; use one of: {DATASET_SPEC_HELP}"
+        )
+    if name == "synthetic":
+        options: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in argument.split(","))):
+            key, _, value = item.partition("=")
+            if key not in _SYNTHETIC_KEYS or not value.strip().isdigit():
+                raise ValueError(
+                    f"synthetic option {item!r} in {text!r}: use samples=N, classes=C, size=S"
+                )
+            options[_SYNTHETIC_KEYS[key]] = int(value)
+        return DataSpec(dataset=name, download=download, **options)  # type: ignore[arg-type]
+    if name == "digits":
+        if argument:
+            raise ValueError(f"digits takes no root (it ships with scikit-learn), got {text!r}")
+        return DataSpec(dataset=name)
+    if name == "imagefolder" and not argument:
+        raise ValueError(
+            "imagefolder needs a root: imagefolder:ROOT, ROOT holding one sub-folder per class "
+            "(or train/ and val/ or test/ sub-folders of that form)"
+        )
+    assert name in _ROOTED
+    return DataSpec(dataset=name, root=argument or None, download=download)
+
+
+def resolve_protocols(protocols: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, one name, a comma-separated string or a sequence → protocol names, in run order."""
+    items = [protocols] if isinstance(protocols, str) else list(protocols)
+    names: list[str] = []
+    for item in items:
+        names += [part.strip() for part in str(item).split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"no protocol given; choose from {', '.join(PROTOCOLS)} or all")
+    if "all" in names:
+        return PROTOCOLS
+    unknown = sorted(set(names) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(
+            f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)} or all"
+        )
+    return tuple(p for p in PROTOCOLS if p in names)
+
+
+def resolve_eval_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``; under torchrun the rank's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} must be auto, cpu or cuda")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available; use cpu or auto")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(payload, file, indent=2)
+            file.write("\n")
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def _choose_image_size(
+    image_size: int | None, loaded: LoadedModel, spec: DataSpec
+) -> tuple[int, str]:
+    """The evaluation image size and where it came from."""
+    if image_size is not None:
+        if image_size < 8:
+            raise ValueError(f"image_size={image_size} is too small; use 8 or more")
+        return image_size, "--image-size"
+    pretrained = (loaded.pretraining or {}).get("image_size")
+    if isinstance(pretrained, int):
+        return pretrained, "pre-training config"
+    return resolve_image_size(spec), "dataset default"
+
+
+def _split_features(
+    split: str,
+    spec: DataSpec,
+    labels: str,
+    *,
+    feature_model: FeatureModel,
+    fingerprint: str,
+    loaded: LoadedModel,
+    output: str,
+    cache_dir: str | Path | None,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> tuple[FeatureSet, torch.Tensor, Any]:
+    """Features of ``split`` (cached), its evaluation labels and the dataset's DataInfo."""
+    dataset, info = build_eval_dataset(spec, split, labels)
+    fine_labels = torch.as_tensor(dataset.fine_labels, dtype=torch.int64)
+    key = feature_cache_key(
+        weights_fingerprint=fingerprint,
+        model_identity=loaded.identity,
+        output=output,
+        dataset_spec=spec,
+        split=split,
+        image_size=info.image_size,
+        transform=dataset.transform,
+        fine_labels=fine_labels,
+        precision="bf16" if autocast_dtype == torch.bfloat16 else "fp32",
+    )
+    feature_set = load_or_extract_features(
+        feature_model,
+        dataset,
+        fine_labels,
+        cache_key=key,
+        cache_dir=cache_dir,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        description=f"{spec.dataset} {split} features",
+        meta={"model": json.dumps(loaded.identity), "split": split, "output": output},
+    )
+    return feature_set, dataset.labels, info
+
+
+def evaluate(
+    model_source: ModelSource | str | Path,
+    dataset_spec: DataSpec | str,
+    protocols: str | Sequence[str] = "all",
+    *,
+    labels: str = "fine",
+    output_dir: str | Path,
+    image_size: int | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    cache_dir: str | Path | None = DEFAULT_FEATURE_CACHE_DIR,
+    seed: int = 0,
+    use_head: bool = False,
+    progress: bool = True,
+    linear_options: LinearProbeOptions | None = None,
+    knn_options: KnnOptions | None = None,
+    finetune_options: FinetuneOptions | None = None,
+    fewshot_options: FewShotOptions | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model with the transfer ``protocols`` and write ``output_dir/results.json``.
+
+    Args:
+        model_source: a :class:`ModelSource`, or a path (run directory, ``ckpt-*.pt`` or exported
+            ``.safetensors``).
+        dataset_spec: a :class:`DataSpec` or a SPEC string (see :func:`parse_dataset_spec`).
+        protocols: ``"all"`` or any of ``linear``, ``knn``, ``finetune``, ``fewshot``.
+        labels: evaluation labels: ``"fine"``, ``"coarse"`` or a grouping JSON path.
+        output_dir: where ``results.json`` goes (created).
+        image_size: evaluation image size; default: the pre-training image size recorded with the
+            model, else the dataset's own size.
+        device: ``auto``, ``cpu`` or ``cuda``; under ``torch.distributed`` each rank uses its GPU.
+        batch_size: images per forward pass during feature extraction.
+        num_workers: DataLoader workers; ``None``: 0 on CPU, up to 8 on CUDA.
+        cache_dir: feature cache folder; ``None`` disables the cache.
+        seed: seeds the validation split, random initialisation, fine-tuning and episodes.
+        use_head: frozen-feature protocols use the L2-normalised projection-head embedding
+            instead of the pooled backbone features (fine-tuning always uses the backbone).
+
+    Returns:
+        The dict written to ``results.json`` (accuracies in percent).
+    """
+    started = time.perf_counter()
+    chosen = resolve_protocols(protocols)
+    options = {
+        "linear": linear_options or LinearProbeOptions(),
+        "knn": knn_options or KnnOptions(),
+        "finetune": finetune_options or FinetuneOptions(),
+        "fewshot": fewshot_options or FewShotOptions(),
+    }
+    for name in chosen:  # bad settings fail before any expensive work
+        options[name].validate()  # type: ignore[attr-defined]
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be non-negative")
+    if not isinstance(labels, str) or not labels:
+        raise ValueError("labels must be 'fine', 'coarse' or a path to a grouping JSON")
+    if labels.endswith(".json") and not Path(labels).expanduser().is_file():
+        raise FileNotFoundError(f"grouping file {labels!r} does not exist")
+    source = (
+        model_source
+        if isinstance(model_source, ModelSource)
+        else ModelSource(checkpoint=model_source)
+    )
+    spec = parse_dataset_spec(dataset_spec) if isinstance(dataset_spec, str) else dataset_spec
+    torch_device = resolve_eval_device(device)
+    autocast_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if torch_device.type == "cuda" else 0
+
+    loaded = load_model(source, use_head=use_head, seed=seed)
+    size, size_origin = _choose_image_size(image_size, loaded, spec)
+    spec = dataclasses.replace(spec, image_size=size, labels=labels)
+    output = "head" if use_head else "backbone"
+
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    features_info: dict[str, Any] = {}
+    frozen = [p for p in chosen if p != "finetune"]
+    split_data: dict[str, tuple[FeatureSet, torch.Tensor, Any]] = {}
+    if frozen:
+        feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
+        fingerprint = state_fingerprint(feature_model)
+        splits = ["test"] if frozen == ["fewshot"] else ["train", "test"]
+        for split in splits:
+            split_data[split] = _split_features(
+                split,
+                spec,
+                labels,
+                feature_model=feature_model,
+                fingerprint=fingerprint,
+                loaded=loaded,
+                output=output,
+                cache_dir=cache_dir,
+                device=torch_device,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                autocast_dtype=autocast_dtype,
+                progress=progress,
+            )
+            feature_set = split_data[split][0]
+            features_info[split] = {
+                "num_images": len(feature_set.features),
+                "feature_dim": int(feature_set.features.shape[1]),
+                "from_cache": feature_set.from_cache,
+                "cache_key": feature_set.cache_key,
+                "cache_path": str(feature_set.cache_path) if feature_set.cache_path else None,
+                "seconds": feature_set.seconds,
+                "images_per_second": feature_set.images_per_second,
+            }
+        timings["features"] = sum(split_data[s][0].seconds for s in splits)
+        features_info["weights_sha256"] = fingerprint
+
+    info = next(iter(split_data.values()))[2] if split_data else None
+    num_classes = info.num_classes if info is not None else None
+    for name in frozen:
+        protocol_started = time.perf_counter()
+        test_set, test_labels, _ = split_data["test"]
+        if name == "fewshot":
+            results[name] = fewshot_evaluate(
+                test_set.features,
+                test_labels,
+                options=options["fewshot"],  # type: ignore[arg-type]
+                seed=seed,
+                device=torch_device,
+            )
+        else:
+            train_set, train_labels, _ = split_data["train"]
+            if name == "linear":
+                results[name] = linear_probe(
+                    train_set.features,
+                    train_labels,
+                    test_set.features,
+                    test_labels,
+                    options=options["linear"],  # type: ignore[arg-type]
+                    seed=seed,
+                    device=torch_device,
+                    num_classes=num_classes,
+                )
+            else:
+                results[name] = knn_classify(
+                    train_set.features,
+                    train_labels,
+                    test_set.features,
+                    test_labels,
+                    options=options["knn"],  # type: ignore[arg-type]
+                    device=torch_device,
+                    num_classes=num_classes,
+                )
+        results[name]["features"] = output
+        timings[name] = time.perf_counter() - protocol_started
+    if "finetune" in chosen:
+        protocol_started = time.perf_counter()
+        results["finetune"] = finetune(
+            loaded.backbone,
+            loaded.feature_dim,
+            spec,
+            labels=labels,
+            options=options["finetune"],  # type: ignore[arg-type]
+            seed=seed,
+            device=torch_device,
+            num_workers=num_workers,
+            eval_batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
+            progress=progress,
+        )
+        timings["finetune"] = time.perf_counter() - protocol_started
+    if info is None:
+        _, info = build_eval_dataset(spec, "test", labels)
+    timings["total"] = time.perf_counter() - started
+
+    pretraining_labels = (loaded.pretraining or {}).get("labels")
+    report: dict[str, Any] = {
+        "format": "look-evaluation/1",
+        "look_version": look.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "units": "accuracies in percent",
+        "model": {
+            **loaded.identity,
+            "feature_dim": loaded.feature_dim,
+            "frozen_features": (
+                f"L2-normalised projection head embedding normalize(g(f(x))), dim {loaded.head_dim}"
+                if use_head
+                else "backbone global-pool features f(x)"
+            ),
+            "pretraining": loaded.pretraining,
+        },
+        "dataset": {
+            "name": spec.dataset,
+            "root": spec.root,
+            "description": describe(spec),
+            "image_size": size,
+            "image_size_from": size_origin,
+            "train_split": spec.split_train,
+            "test_split": "test",
+            "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+        },
+        "labels": {
+            "evaluation": labels,
+            "evaluation_grouping": info.grouping,
+            "pretraining": pretraining_labels,
+            "pretraining_dataset": (loaded.pretraining or {}).get("dataset"),
+        },
+        "protocols": results,
+        "protocol_settings": {
+            name: dataclasses.asdict(options[name])  # type: ignore[call-overload]
+            for name in chosen
+        },
+        "features": features_info,
+        "seed": seed,
+        "device": str(torch_device),
+        "precision": "bf16 autocast" if autocast_dtype is not None else "fp32",
+        "world_size": get_world_size(),
+        "distributed": is_distributed(),
+        "timings_s": timings,
+    }
+    if is_main_process():
+        _write_json_atomically(Path(output_dir) / RESULTS_FILE, report)
+    return report

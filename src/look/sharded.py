@@ -1,0 +1,510 @@
+"""Sharded memory bank for DDP: each rank holds only its block of rows, the LOOK loss searches all.
+
+With ``W`` ranks, rank ``r`` owns the contiguous block of dataset indices
+:func:`shard_bounds` ``(num_samples, W, r)`` (block sizes differ by at most one), so a bank of
+``N × d`` costs each rank ``N/W × d`` instead of ``N × d``. Results are the same as with the
+replicated :class:`look.memory.MemoryBank` and one process fed the global batch:
+
+- :meth:`ShardedMemoryBank.update` gathers the local batches of all ranks (exactly as the
+  replicated bank does) and writes only the rows this rank owns, with the same rule.
+- :func:`sharded_look_loss_terms` gathers the queries (no grad), searches every shard for every
+  query, sends each query's per-shard top-k to the query's rank, which merges them into the global
+  top-k; the feature rows of the chosen neighbours are then fetched from their owners and the k
+  selected similarities are recomputed with grad against the local query.
+
+Communication per step and rank, with ``B`` queries per rank, ``G = W·B`` in the global batch: the
+query gather (``G × d``), the per-shard top-k lists for the local queries (``W × B × k`` values,
+ids and labels), and the chosen neighbour rows (``B × k × d`` in the storage dtype). No
+``G × k × d`` tensor is ever gathered on one rank.
+
+Checkpoints: a rank's ``state_dict`` holds its shard only (and the shard's bounds, checked on
+load). To save one file for all ranks, call :meth:`ShardedMemoryBank.gather_full_state` on every
+rank (it is a collective) and save it from rank 0; :meth:`ShardedMemoryBank.load_full_state_`
+takes each rank's rows back out of it, for any world size. The full state has the buffers of a
+replicated :class:`~look.memory.MemoryBank`, so it also loads into one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from look.engine.distributed import get_rank, get_world_size, is_distributed
+from look.losses.look_loss import (
+    LookLossTerms,
+    _check_no_positive,
+    check_temperature,
+    masked_logsumexp,
+)
+from look.memory import MemoryBank, _gather_rows_no_grad
+from look.search import (
+    autocast_disabled,
+    check_positive_int,
+    compute_dtype_for,
+    knn_search,
+    validate_search_inputs,
+)
+
+__all__ = ["ShardedMemoryBank", "shard_bounds", "sharded_look_loss_terms"]
+
+# Sentinel larger than any dataset index, for "smallest id wins" reductions.
+_NO_ID = torch.iinfo(torch.int64).max
+
+
+def shard_bounds(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a bank of ``num_samples`` rows that ``rank`` of ``world_size`` owns.
+
+    Contiguous blocks in rank order; the first ``num_samples % world_size`` ranks hold one row more,
+    so block sizes differ by at most one.
+    """
+    for name, value, minimum in (
+        ("num_samples", num_samples, 0),
+        ("world_size", world_size, 1),
+        ("rank", rank, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if rank >= world_size:
+        raise ValueError(
+            f"rank must be in [0, {world_size}) for world_size={world_size}, got {rank}"
+        )
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class ShardedMemoryBank(MemoryBank):
+    """A :class:`~look.memory.MemoryBank` of which this rank holds only its own block of rows.
+
+    The rank and world size are read from ``torch.distributed`` when the bank is built, so build it
+    after ``init_process_group``. Not distributed, it holds every row and behaves exactly like
+    ``MemoryBank(num_samples, dim, momentum=momentum, dtype=dtype)``.
+
+    Buffers are those of ``MemoryBank`` restricted to the shard (row ``i`` holds dataset index
+    ``shard_start + i``; ``ids`` stores the dataset index, -1 while unwritten), plus ``shard_range``
+    = ``[shard_start, shard_stop, num_samples]``, so that a checkpoint of another rank's shard is
+    refused on load instead of silently loaded into the wrong rows. ``size`` is the number of rows
+    held here; ``num_samples`` the size of the whole bank.
+
+    Args:
+        num_samples: number of samples in the training dataset (rows of the whole bank); at least
+            the world size.
+        dim: feature dimension.
+        momentum: ``μ`` in ``[0, 1)`` of the row update (see ``MemoryBank``).
+        dtype: storage dtype of the rows (float32, bfloat16, float16 or their names).
+    """
+
+    shard_range: Tensor
+
+    def __init__(
+        self,
+        num_samples: int,
+        dim: int,
+        *,
+        momentum: float = 0.5,
+        dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        world_size, rank = get_world_size(), get_rank()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if num_samples < world_size:
+            raise ValueError(
+                f"cannot shard a bank of {num_samples} rows over {world_size} ranks (a rank would "
+                "hold no row); use the replicated look.memory.MemoryBank for so small a dataset"
+            )
+        start, stop = shard_bounds(num_samples, world_size, rank)
+        # Gathering is what makes every rank see the global batch, so it is never optional here.
+        super().__init__(stop - start, dim, momentum=momentum, dtype=dtype, gather_distributed=True)
+        self.num_samples = num_samples
+        self.world_size = world_size
+        self.rank = rank
+        self.shard_start = start
+        self.shard_stop = stop
+        self.register_buffer(
+            "shard_range", torch.tensor([start, stop, num_samples], dtype=torch.int64)
+        )
+
+    def shard_starts(self, device: torch.device | None = None) -> Tensor:
+        """``(W,)`` int64 first dataset index of every rank's shard, in rank order."""
+        starts = [
+            shard_bounds(self.num_samples, self.world_size, r)[0] for r in range(self.world_size)
+        ]
+        return torch.tensor(starts, dtype=torch.int64, device=device)
+
+    def owner_of(self, ids: Tensor) -> Tensor:
+        """Rank that owns each dataset index in ``ids`` (ids must lie in ``[0, num_samples)``)."""
+        # Every shard is non-empty, so "number of later shard starts <= id" is the owner.
+        return torch.searchsorted(self.shard_starts(ids.device)[1:], ids, right=True)
+
+    def _ids_in_range(self, ids: Tensor) -> Tensor:
+        return (ids >= 0) & (ids < self.num_samples)
+
+    def _id_range_text(self) -> str:
+        return f"[0, {self.num_samples}) (the bank's dataset size)"
+
+    def _owned_rows(
+        self, ids: Tensor, features: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The entries of a global batch that fall in this shard, ids turned into local rows
+        (batch order kept, so "last occurrence wins" still means the same entry)."""
+        owned = (ids >= self.shard_start) & (ids < self.shard_stop)
+        return ids[owned] - self.shard_start, features[owned], labels[owned]
+
+    def _write(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
+        # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
+        # full bank): hand it local rows; _store below puts the dataset index back into `ids`.
+        super()._write(*self._owned_rows(ids, features, labels))
+
+    def _store(self, rows: Tensor, features: Tensor, labels: Tensor) -> None:
+        super()._store(rows, features, labels)
+        self.ids[rows] = rows + self.shard_start
+
+    @torch.no_grad()
+    def fill_(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
+        """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
+        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
+        rows, owned_features, owned_labels = self._owned_rows(
+            global_ids, global_features, global_labels
+        )
+        self._store(*self._last_occurrences(rows, owned_features, owned_labels))
+
+    @torch.no_grad()
+    def gather_full_state(self) -> dict[str, Tensor]:
+        """The whole bank, concatenated over ranks: ``features (N, d)``, ``labels``, ``ids``,
+        ``valid`` — the buffers of a replicated ``MemoryBank``.
+
+        A collective: every rank must call it (the result is the same on every rank).
+        """
+        features, labels, ids, valid = _gather_rows_no_grad(
+            # gloo cannot gather bool tensors; uint8 carries the same values.
+            [self.features, self.labels, self.ids, self.valid.to(torch.uint8)]
+        )
+        return {"features": features, "labels": labels, "ids": ids, "valid": valid.bool()}
+
+    @torch.no_grad()
+    def load_full_state_(self, state: Mapping[str, Tensor]) -> None:
+        """Take this rank's rows out of a whole-bank state (from :meth:`gather_full_state` or a
+        replicated ``MemoryBank``'s ``state_dict``, with or without a ``memory.`` style prefix
+        stripped by the caller). Works for any world size; no communication."""
+        expected = {
+            "features": (self.num_samples, self.dim),
+            "labels": (self.num_samples,),
+            "ids": (self.num_samples,),
+            "valid": (self.num_samples,),
+        }
+        for name, shape in expected.items():
+            if name not in state:
+                raise ValueError(
+                    f"the whole-bank state has no '{name}' entry; it needs {sorted(expected)}"
+                )
+            if tuple(state[name].shape) != shape:
+                raise ValueError(
+                    f"whole-bank '{name}' has shape {tuple(state[name].shape)}, this bank needs "
+                    f"{shape} (num_samples={self.num_samples}, dim={self.dim})"
+                )
+        block = slice(self.shard_start, self.shard_stop)
+        self.features.copy_(state["features"][block])
+        self.labels.copy_(state["labels"][block])
+        self.ids.copy_(state["ids"][block])
+        self.valid.copy_(state["valid"][block])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "shard_range"
+        if key in state_dict and not torch.equal(state_dict[key].cpu(), self.shard_range.cpu()):
+            start, stop, total = state_dict[key].tolist()
+            raise ValueError(
+                f"cannot load '{prefix}': the checkpoint holds rows [{start}, {stop}) of a "
+                f"{total}-row bank, this rank ({self.rank} of {self.world_size}) owns rows "
+                f"[{self.shard_start}, {self.shard_stop}) of {self.num_samples}. Save the bank "
+                "with gather_full_state() and restore it with load_full_state_(), which work "
+                "across ranks and world sizes"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_samples={self.num_samples}, "
+            f"shard=[{self.shard_start}, {self.shard_stop}), rank={self.rank}/{self.world_size}"
+        )
+
+
+def _exchange(tensor: Tensor, send_counts: list[int], receive_counts: list[int]) -> Tensor:
+    """``all_to_all``: rows ``[Σ send_counts[:r], +send_counts[r])`` go to rank ``r``; the result
+    holds the rows received from rank 0, 1, ... in order. The identity when not distributed."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()
+    received = tensor.new_empty((sum(receive_counts), *tensor.shape[1:]))
+    dist.all_to_all_single(received, tensor, receive_counts, send_counts)
+    return received
+
+
+def _merge_top_k(
+    values: Tensor, ids: Tensor, labels: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Global top-``k`` of per-shard candidate lists ``(B, C)`` (padding: ``-inf`` / id ``-1``).
+
+    Sorted by descending value; equal values are ordered by lower id, so the result does not
+    depend on the order the lists came in.
+    """
+    by_id = ids.argsort(dim=1, stable=True)
+    values, ids, labels = values.gather(1, by_id), ids.gather(1, by_id), labels.gather(1, by_id)
+    by_value = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    values, ids, labels = (
+        values.gather(1, by_value),
+        ids.gather(1, by_value),
+        labels.gather(1, by_value),
+    )
+    padding = values == float("-inf")
+    return values, ids.masked_fill(padding, -1), labels.masked_fill(padding, -1)
+
+
+def _merge_nearest(values: Tensor, ids: Tensor) -> Tensor:
+    """Id of the best per-shard nearest positive ``(B, W)``, lower id on ties; -1 if none."""
+    best = values.max(dim=1, keepdim=True).values
+    tied = (values == best) & (ids >= 0)
+    nearest = torch.where(tied, ids, torch.full_like(ids, _NO_ID)).min(dim=1).values
+    return nearest.masked_fill(nearest == _NO_ID, -1)
+
+
+def _select_neighbours(
+    neighbour_ids: Tensor,
+    neighbour_labels: Tensor,
+    query_labels: Tensor,
+    nearest_positive_ids: Tensor | None,
+    *,
+    no_positive: str,
+    agreement_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Masks of the top-k and the ``no_positive`` rule, as in ``look_loss._top_k_terms``.
+
+    Returns ``(ids, is_neighbour, is_positive, valid, positive_in_topk, agreement)``; ``ids`` is
+    the top-k after the ``"nearest"`` swap of the last slot.
+    """
+    is_neighbour = neighbour_ids >= 0
+    is_positive = is_neighbour & (neighbour_labels == query_labels.unsqueeze(1))
+    positive_in_topk = is_positive.any(dim=1)
+    agreement = is_positive.sum(dim=1).to(agreement_dtype) / is_neighbour.sum(dim=1).clamp(
+        min=1
+    ).to(agreement_dtype)
+    if no_positive == "nearest":
+        # No positive in the top-k means more than k candidates, so the last slot is a real
+        # neighbour: it is swapped for the nearest same-label row of the whole bank.
+        swap = ~positive_in_topk & (nearest_positive_ids >= 0)  # type: ignore[operator]
+        last = neighbour_ids.shape[1] - 1
+        neighbour_ids = neighbour_ids.clone()
+        neighbour_ids[:, last] = torch.where(swap, nearest_positive_ids, neighbour_ids[:, last])  # type: ignore[arg-type]
+        is_neighbour = neighbour_ids >= 0
+        is_positive = is_positive.clone()
+        is_positive[:, last] |= swap
+    valid = is_positive.any(dim=1)
+    return neighbour_ids, is_neighbour, is_positive, valid, positive_in_topk, agreement
+
+
+def _fetch_rows(memory: ShardedMemoryBank, neighbour_ids: Tensor) -> Tensor:
+    """Feature rows ``(B, k, d)`` (storage dtype, copies) of dataset indices ``(B, k)`` held by any
+    rank; zeros where the id is -1. Each rank sends only the rows other ranks asked for."""
+    batch, k = neighbour_ids.shape
+    flat_ids = neighbour_ids.reshape(-1)
+    wanted = (flat_ids >= 0).nonzero().squeeze(1)
+    wanted_ids = flat_ids[wanted]
+    owners = memory.owner_of(wanted_ids)
+    by_owner = owners.argsort(stable=True)
+    request_ids, wanted = wanted_ids[by_owner], wanted[by_owner]
+    request_counts = torch.bincount(owners, minlength=memory.world_size)
+    if is_distributed():
+        served_counts = _exchange(request_counts, [1] * memory.world_size, [1] * memory.world_size)
+        request_list, served_list = request_counts.tolist(), served_counts.tolist()
+        served_ids = _exchange(request_ids, request_list, served_list)
+        served_rows = memory.features[served_ids - memory.shard_start]
+        rows = _exchange(served_rows, served_list, request_list)
+    else:
+        rows = memory.features[request_ids - memory.shard_start]
+    out = memory.features.new_zeros((batch * k, memory.dim))
+    out[wanted] = rows
+    return out.view(batch, k, memory.dim)
+
+
+def sharded_look_loss_terms(
+    query: Tensor,
+    query_labels: Tensor,
+    memory: ShardedMemoryBank,
+    *,
+    k: int,
+    temperature: float,
+    query_indices: Tensor | None,
+    no_positive: str = "drop",
+    chunk_size: int = 65536,
+) -> LookLossTerms:
+    """Per-query LOOK loss terms over a :class:`ShardedMemoryBank` (a collective under DDP).
+
+    Same meaning, masking, no-positive rules and fp32 numerics as
+    :func:`look.losses.look_loss_terms` on the replicated bank (``memory_ids=bank.ids``,
+    ``memory_valid=bank.valid``): each rank's terms for its queries equal that function's terms for
+    the same queries computed by one process holding the whole bank. Neighbours tied in similarity
+    are ranked by lower dataset index. Gradients reach ``query`` (this rank's queries) only.
+
+    Args:
+        query: ``(B, d)`` L2-normalised embeddings of this rank (B may differ between ranks; every
+            rank must pass the same dtype).
+        query_labels: ``(B,)`` integer labels.
+        memory: the sharded bank (built with the current process group).
+        k: neighbours per query (``>= 1``). ``k=None`` (NCA) is not supported here.
+        temperature: τ > 0.
+        query_indices: ``(B,)`` dataset indices of the queries, for leave-one-out; ``None``
+            excludes nothing (all ranks must then pass ``None``).
+        no_positive: ``"drop"`` or ``"nearest"`` (see ``look_loss_terms``).
+        chunk_size: bank rows per chunk of each shard's search.
+
+    Returns:
+        :class:`look.losses.LookLossTerms` for this rank's queries; ``neighbour_indices`` are
+        dataset indices (rows of the whole bank).
+    """
+    if k is None:
+        raise ValueError(
+            "k=None (NCA: every bank row is a neighbour) is not supported with a "
+            "ShardedMemoryBank; use the replicated look.memory.MemoryBank with look_loss_terms, "
+            "or pick a finite k"
+        )
+    k = check_positive_int(k)
+    temperature = check_temperature(temperature)
+    no_positive = _check_no_positive(no_positive)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if not isinstance(memory, ShardedMemoryBank):
+        raise ValueError(
+            f"memory must be a ShardedMemoryBank, got {type(memory).__name__}; for a replicated "
+            "bank call look.losses.look_loss_terms"
+        )
+    if (memory.world_size, memory.rank) != (get_world_size(), get_rank()):
+        raise ValueError(
+            f"the ShardedMemoryBank was built for rank {memory.rank} of {memory.world_size}, but "
+            f"this is rank {get_rank()} of {get_world_size()}; build it after init_process_group"
+        )
+    for name, tensor in (("query_labels", query_labels), ("query_indices", query_indices)):
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    validate_search_inputs(
+        query,
+        memory.features,
+        query_ids=query_indices,
+        memory_ids=None if query_indices is None else memory.ids,
+        memory_valid=memory.valid,
+        query_labels=query_labels,
+        memory_labels=memory.labels,
+    )
+
+    device = memory.features.device
+    dtype = compute_dtype_for(query, memory.features)
+    world_size, rank = memory.world_size, memory.rank
+    batch = query.shape[0]
+    k_eff = min(k, memory.num_samples)
+    want_nearest = no_positive == "nearest"
+
+    with autocast_disabled(device):
+        queries = query.to(dtype)
+        local_labels = query_labels.to(device=device, dtype=torch.int64)
+        # -1 matches no written row, so "no leave-one-out" needs no special case (nor agreement
+        # between ranks on whether ids were given).
+        local_ids = (
+            torch.full_like(local_labels, -1)
+            if query_indices is None
+            else query_indices.to(device=device, dtype=torch.int64)
+        )
+        source_rank = torch.full_like(local_labels, rank)
+        all_queries, all_columns = _gather_rows_no_grad(
+            [queries.detach(), torch.stack([local_ids, local_labels, source_rank], dim=1)]
+        )
+        # Checked on the gathered batch so that every rank raises together (none is left waiting).
+        if not bool(torch.isfinite(all_queries).all()):
+            raise ValueError(
+                "query contains NaN or Inf values (on some rank); check the encoder output (e.g. "
+                "a diverged step or an fp16 overflow) before computing the LOOK loss"
+            )
+        all_ids, all_labels, all_ranks = all_columns.unbind(dim=1)
+        queries_per_rank = torch.bincount(all_ranks, minlength=world_size).tolist()
+
+        # 1. Every shard searches for every query (local rows -> dataset indices).
+        search = knn_search(
+            all_queries,
+            memory.features,
+            k_eff,
+            query_ids=all_ids,
+            memory_ids=memory.ids,
+            memory_valid=memory.valid,
+            chunk_size=chunk_size,
+            query_labels=all_labels if want_nearest else None,
+            memory_labels=memory.labels if want_nearest else None,
+        )
+        found = search.indices >= 0
+        shard_ids = torch.where(found, search.indices + memory.shard_start, -1)
+        shard_labels = torch.where(found, memory.labels[search.indices.clamp(min=0)], -1)
+        float_columns = [search.values]
+        int_columns = [shard_ids, shard_labels]
+        if want_nearest:
+            nearest_found = search.nearest_positive_index >= 0  # type: ignore[operator]
+            float_columns.append(search.nearest_positive_value.unsqueeze(1))  # type: ignore[union-attr]
+            int_columns.append(
+                torch.where(
+                    nearest_found, search.nearest_positive_index + memory.shard_start, -1
+                ).unsqueeze(1)  # type: ignore[operator]
+            )
+
+        # 2. Each query's per-shard lists go to the query's rank: (W, B, ...) in shard order.
+        from_shards = [batch] * world_size
+        shard_values = _exchange(torch.cat(float_columns, dim=1), queries_per_rank, from_shards)
+        shard_ints = _exchange(torch.cat(int_columns, dim=1), queries_per_rank, from_shards)
+        shard_values = shard_values.view(world_size, batch, k_eff + want_nearest).transpose(0, 1)
+        shard_ints = shard_ints.view(world_size, batch, 2 * k_eff + want_nearest).transpose(0, 1)
+        candidate_values = shard_values[..., :k_eff].reshape(batch, world_size * k_eff)
+        candidate_ids = shard_ints[..., :k_eff].reshape(batch, world_size * k_eff)
+        candidate_labels = shard_ints[..., k_eff : 2 * k_eff].reshape(batch, world_size * k_eff)
+        _, neighbour_ids, neighbour_labels = _merge_top_k(
+            candidate_values, candidate_ids, candidate_labels, k_eff
+        )
+        nearest_ids = (
+            _merge_nearest(shard_values[..., k_eff], shard_ints[..., 2 * k_eff])
+            if want_nearest
+            else None
+        )
+
+        neighbour_ids, is_neighbour, is_positive, valid, positive_in_topk, agreement = (
+            _select_neighbours(
+                neighbour_ids,
+                neighbour_labels,
+                local_labels,
+                nearest_ids,
+                no_positive=no_positive,
+                agreement_dtype=dtype,
+            )
+        )
+
+        # 3. The chosen rows, fetched from their owners, are constants; only the query has grad.
+        neighbours = _fetch_rows(memory, neighbour_ids).to(dtype)
+        neighbours = neighbours.masked_fill(~is_neighbour.unsqueeze(-1), 0.0)
+        logits = (queries.unsqueeze(1) * neighbours).sum(dim=-1) / temperature  # (B, k_eff)
+        log_denominator = masked_logsumexp(logits, is_neighbour)
+        log_numerator = masked_logsumexp(logits, is_positive)
+        loss = torch.where(
+            valid, log_denominator - log_numerator, torch.zeros_like(log_denominator)
+        )
+    return LookLossTerms(
+        loss=loss,
+        valid=valid,
+        positive_in_topk=positive_in_topk,
+        neighbour_indices=neighbour_ids,
+        neighbour_agreement=agreement,
+    )

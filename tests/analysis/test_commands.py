@@ -1,0 +1,146 @@
+"""Tests for look.analysis.commands: `look analyze` and `look report` through their own parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from look.analysis.commands import register, run_analyze, run_report
+from look.analysis.features import FeatureSet, save_feature_set
+from tests.analysis.synthetic import (
+    COARSE_NAMES,
+    FINE_NAMES,
+    FINE_TO_COARSE,
+    collapsed_fine_features,
+    separated_fine_features,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="look")
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--output" in text and "example:" in text
+    assert ("feature files" in text) if command == "analyze" else ("results.json" in text)
+
+
+def test_analyze_needs_exactly_one_source(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "--output", "x"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "--features", "a", "--results", "b", "--output", "x"])
+
+
+def write_feature_files(folder: Path) -> None:
+    grouping = {n: COARSE_NAMES[c] for n, c in zip(FINE_NAMES, FINE_TO_COARSE, strict=True)}
+    (folder / "grouping.json").write_text(json.dumps({"name": "toy", "fine_to_coarse": grouping}))
+    for method, make in (("look", separated_fine_features), ("ce", collapsed_fine_features)):
+        features, fine, _ = make(20, seed=1)
+        save_feature_set(
+            FeatureSet(
+                name=f"{method} (coarse)",
+                features=torch.from_numpy(features),
+                labels=torch.from_numpy(fine),
+                fine_names=tuple(FINE_NAMES),  # no coarse labels: --grouping supplies them
+                model={"method": method, "seed": 0, "pretrain_labels": "coarse"},
+                dataset="toy",
+            ),
+            folder / "features" / f"{method}.features.pt",
+        )
+
+
+def test_analyze_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_feature_files(tmp_path)
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "analyze",
+            "--results",
+            str(tmp_path / "features"),
+            "--grouping",
+            str(tmp_path / "grouping.json"),
+            "--output",
+            str(tmp_path / "analysis"),
+            "--coarse-classes",
+            "tops",
+            "bottoms",
+            "--max-points",
+            "60",
+            "--max-clusters",
+            "4",
+        ]
+    )
+    assert run_analyze(args) == 0
+    analysis = tmp_path / "analysis"
+    assert (analysis / "maps.png").stat().st_size > 10_000
+    assert "ANALYSIS.md" in capsys.readouterr().out
+    content = json.loads((analysis / "multimodality.json").read_text(encoding="utf-8"))
+    by_name = {entry["name"]: entry for entry in content["feature_sets"]}
+    assert set(by_name["ce (coarse)"]["per_coarse"]) == set(COARSE_NAMES)
+    assert by_name["look (coarse)"]["summary"]["separability"] == pytest.approx(1.0)
+
+    results = tmp_path / "runs" / "look-0" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(
+        json.dumps(
+            {
+                "model": {"name": "r", "method": "look", "seed": 0, "pretrain_labels": "coarse"},
+                "dataset": "toy",
+                "labels": "fine",
+                "protocols": {"linear": {"top1": 0.8}},
+            }
+        )
+    )
+    args = parser.parse_args(
+        [
+            "report",
+            str(tmp_path / "runs"),
+            str(analysis),
+            "--output",
+            str(tmp_path / "report"),
+            "--title",
+            "Toy report",
+        ]
+    )
+    assert run_report(args) == 0
+    markdown = (tmp_path / "report" / "REPORT.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# Toy report")
+    assert "| look (coarse) | 80.00 (1 seed) |" in markdown
+    assert "| look (coarse) | **100.0 (1 seed)** |" in markdown  # multi-modality row
+    assert "(figures/map_0_maps.png)" in markdown
+    assert (tmp_path / "report" / "report.csv").is_file()
+
+
+def test_analyze_errors_are_clear(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["analyze", "--features", str(tmp_path / "none.pt"), "--output", str(tmp_path / "o")]
+    )
+    with pytest.raises(FileNotFoundError, match="neither a feature file"):
+        run_analyze(args)
+    write_feature_files(tmp_path)
+    args = parser.parse_args(
+        [
+            "analyze",
+            "--results",
+            str(tmp_path / "features"),
+            "--output",
+            str(tmp_path / "o"),
+            "--max-points",
+            "-1",
+        ]
+    )
+    with pytest.raises(ValueError, match="--max-points must be >= 0"):
+        run_analyze(args)

@@ -1,0 +1,186 @@
+"""Tests for look.analysis.features: the feature-file format read by `look analyze`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from look.analysis.features import (
+    FeatureSet,
+    check_fine_to_coarse,
+    collect_feature_sets,
+    feature_sets_from_results,
+    load_feature_set,
+    save_feature_set,
+)
+from tests.analysis.synthetic import (
+    COARSE_NAMES,
+    FINE_NAMES,
+    FINE_TO_COARSE,
+    evaluation_results,
+)
+
+FASHION_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def make_feature_set(**overrides: object) -> FeatureSet:
+    labels = torch.arange(6).repeat(2)
+    fields: dict[str, object] = {
+        "name": "look seed 0",
+        "features": torch.randn(12, 4),
+        "labels": labels,
+        "coarse_labels": torch.from_numpy(FINE_TO_COARSE)[labels],
+        "fine_names": tuple(FINE_NAMES),
+        "coarse_names": tuple(COARSE_NAMES),
+        "model": {"method": "look", "seed": 0},
+        "dataset": "toy",
+    }
+    fields.update(overrides)
+    return FeatureSet(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    original = make_feature_set()
+    path = save_feature_set(original, tmp_path / "a" / "look.features.pt")
+    loaded = load_feature_set(path)
+    torch.testing.assert_close(loaded.features, original.features)
+    assert torch.equal(loaded.labels, original.labels)
+    assert loaded.coarse_labels is not None
+    assert torch.equal(loaded.coarse_labels, original.coarse_labels)
+    assert (loaded.name, loaded.fine_names, loaded.coarse_names) == (
+        original.name,
+        original.fine_names,
+        original.coarse_names,
+    )
+    assert loaded.model == {"method": "look", "seed": 0} and loaded.dataset == "toy"
+
+
+def test_plain_dict_file_with_nulls_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "ce.features.pt"
+    torch.save(
+        {
+            "features": torch.randn(4, 3),
+            "labels": torch.tensor([0, 1, 1, 0]),
+            "coarse_labels": None,
+            "fine_names": [],
+            "coarse_names": None,
+            "name": "",
+        },
+        path,
+    )
+    loaded = load_feature_set(path)
+    assert loaded.name == "ce"  # from the file name when the file has none
+    assert loaded.fine_class_names == ["class 0", "class 1"]
+    assert loaded.coarse_class_names == ["all classes"]
+
+
+def test_grouping_supplies_coarse_labels(tmp_path: Path) -> None:
+    grouping = tmp_path / "grouping.json"
+    grouping.write_text(
+        json.dumps(
+            {
+                "name": "toy",
+                "fine_to_coarse": {
+                    n: COARSE_NAMES[c] for n, c in zip(FINE_NAMES, FINE_TO_COARSE, strict=True)
+                },
+            }
+        )
+    )
+    grouped = make_feature_set(coarse_labels=None, coarse_names=()).with_grouping(grouping)
+    assert grouped.coarse_names == tuple(COARSE_NAMES)
+    assert grouped.coarse_labels is not None
+    assert grouped.coarse_labels.tolist() == FINE_TO_COARSE[grouped.labels.numpy()].tolist()
+    with pytest.raises(ValueError, match="no fine_names"):
+        make_feature_set(fine_names=()).with_grouping(grouping)
+
+
+def test_bad_feature_sets_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        make_feature_set(features=torch.randn(12))
+    with pytest.raises(ValueError, match="length 12"):
+        make_feature_set(labels=torch.zeros(11, dtype=torch.int64))
+    with pytest.raises(ValueError, match="integer"):
+        make_feature_set(labels=torch.zeros(12))
+    with pytest.raises(ValueError, match="exactly one coarse class"):
+        make_feature_set(coarse_labels=torch.arange(12) % 5)
+    with pytest.raises(ValueError, match="has no name"):
+        make_feature_set(fine_names=("a",))
+    with pytest.raises(ValueError, match="exactly one coarse class"):
+        check_fine_to_coarse(torch.tensor([0, 0]), torch.tensor([0, 1]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_feature_set(tmp_path / "nope.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="at least 'features' and 'labels'"):
+        load_feature_set(tmp_path / "bad.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_feature_set(tmp_path / "garbage.pt")
+
+
+def test_collect_feature_sets_from_files_folders_and_results(tmp_path: Path) -> None:
+    first = save_feature_set(make_feature_set(), tmp_path / "runs" / "a" / "x.features.pt")
+    second = save_feature_set(make_feature_set(name="other"), tmp_path / "runs" / "b.features.pt")
+    (tmp_path / "runs" / "ckpt.pt").write_bytes(b"")  # neither kind: ignored
+    pairs = collect_feature_sets([tmp_path / "runs", first])
+    assert [path for path, _ in pairs] == [first.resolve(), second.resolve()]
+    assert [fs.name for _, fs in pairs] == ["look seed 0", "other"]
+    with pytest.raises(FileNotFoundError, match="neither a feature file nor a directory"):
+        collect_feature_sets([tmp_path / "none"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no feature files"):
+        collect_feature_sets([tmp_path / "empty"])
+
+
+def write_evaluation(folder: Path, cache: Path, *, seed: int, labels: str = "fine") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    content = evaluation_results(
+        seed=seed, labels=labels, class_names=FASHION_NAMES, cache_path=str(cache)
+    )
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def test_feature_sets_from_evaluation_results_and_cache(tmp_path: Path) -> None:
+    # A cache file as `look evaluate` writes it: features, fine labels, meta; no names.
+    cache = tmp_path / "cache" / "abc.pt"
+    cache.parent.mkdir()
+    fine = torch.arange(10).repeat(3)
+    torch.save({"features": torch.randn(30, 8), "fine_labels": fine, "meta": {}}, cache)
+    first = write_evaluation(tmp_path / "runs" / "look-0", cache, seed=0)
+    # The same model evaluated again on coarse labels: same cache, one feature set.
+    write_evaluation(tmp_path / "runs" / "look-0-coarse", cache, seed=0, labels="coarse")
+    pairs = collect_feature_sets([tmp_path / "runs"])
+    assert len(pairs) == 1
+    path, feature_set = pairs[0]
+    assert path == cache.resolve()
+    assert feature_set.name == "look [resnet18] (coarse) seed 0"
+    assert feature_set.dataset == "fashion_mnist"
+    assert feature_set.model is not None and feature_set.model["method"] == "look"
+    assert feature_set.fine_names == tuple(FASHION_NAMES)
+    # Fashion-MNIST ships a coarse grouping: Tops, Trousers and dresses, Footwear, Bags.
+    assert feature_set.coarse_names[0] == "Tops"
+    assert feature_set.coarse_labels is not None
+    assert feature_set.coarse_labels[:10].tolist() == [0, 1, 0, 1, 0, 2, 0, 2, 3, 2]
+
+    cache.unlink()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        feature_sets_from_results([first])
+    no_cache = tmp_path / "runs" / "look-0" / "results.json"
+    no_cache.write_text(json.dumps(evaluation_results(cache_path=None)), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="records no feature cache"):
+        feature_sets_from_results([no_cache])

@@ -1,0 +1,117 @@
+"""Tests for look.analysis.maps: seeded t-SNE, the multi-panel map PNG and bar charts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from look.analysis.maps import (
+    fine_class_colours,
+    plot_embedding_maps,
+    plot_metric_bars,
+    select_map_rows,
+    tsne_embedding,
+)
+from tests.analysis.synthetic import (
+    COARSE_NAMES,
+    FINE_NAMES,
+    FINE_TO_COARSE,
+    collapsed_fine_features,
+    separated_fine_features,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_tsne_is_seeded_and_keeps_separated_classes_apart() -> None:
+    features, fine, _ = separated_fine_features(20)
+    first = tsne_embedding(features, seed=5)
+    second = tsne_embedding(features, seed=5)
+    assert first.shape == (features.shape[0], 2)
+    np.testing.assert_array_equal(first, second)
+    # Each fine class is a tight cluster in 16-D: its 2-D points are closer to their own centroid
+    # than to any other class's.
+    centroids = np.stack([first[fine == c].mean(axis=0) for c in range(6)])
+    distances = np.linalg.norm(first[:, None, :] - centroids[None], axis=2)
+    assert np.all(distances.argmin(axis=1) == fine)
+
+
+def test_tsne_rejects_too_few_rows() -> None:
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        tsne_embedding(np.zeros((3, 5)))
+
+
+def test_select_map_rows_keeps_chosen_coarse_classes_and_caps_seeded() -> None:
+    fine = np.repeat(np.arange(6), 10)
+    coarse = FINE_TO_COARSE[fine]
+    rows = select_map_rows(fine, coarse, [0, 2], max_points=None, seed=0)
+    assert set(coarse[rows].tolist()) == {0, 2} and rows.size == 40
+    capped = select_map_rows(fine, coarse, [0, 2], max_points=15, seed=1)
+    assert capped.size == 15 and np.all(np.diff(capped) > 0)
+    np.testing.assert_array_equal(
+        capped, select_map_rows(fine, coarse, [0, 2], max_points=15, seed=1)
+    )
+    assert select_map_rows(fine, None, None, max_points=None, seed=0).size == 60
+
+
+def test_colours_share_a_hue_family_per_coarse_class_and_differ_per_fine_class() -> None:
+    colours = fine_class_colours(dict(enumerate(FINE_TO_COARSE.tolist())))
+    assert len(set(colours.values())) == len(FINE_TO_COARSE)
+    # Blues for coarse 0: blue channel dominates; oranges for coarse 1: red channel dominates.
+    for fine_label in (0, 1, 2):
+        red, _, blue, _ = colours[fine_label]
+        assert blue > red
+    for fine_label in (3, 4):
+        red, _, blue, _ = colours[fine_label]
+        assert red > blue
+    # One coarse class: distinct hues, not ten shades of blue.
+    single = fine_class_colours(dict.fromkeys(range(10), 0))
+    assert len({colour[:3] for colour in single.values()}) == 10
+    assert not all(colour[2] > colour[0] for colour in single.values())
+
+
+def test_embedding_maps_png_one_panel_per_method(tmp_path: Path) -> None:
+    good, fine, coarse = separated_fine_features(25)
+    collapsed, _, _ = collapsed_fine_features(25)
+    result = plot_embedding_maps(
+        {"LOOK": (good, fine, coarse), "CE": (collapsed, fine, coarse)},
+        coarse_classes=[0, 1],
+        fine_names=FINE_NAMES,
+        coarse_names=COARSE_NAMES,
+        path=tmp_path / "sub" / "maps.png",
+        seed=0,
+        max_points=100,
+    )
+    data = result.path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 20_000  # two panels of points and a legend, not an empty canvas
+    assert set(result.coordinates) == {"LOOK", "CE"}
+    # Same labels and seed: both panels draw the same rows, from the chosen coarse classes only.
+    np.testing.assert_array_equal(result.rows["LOOK"], result.rows["CE"])
+    assert result.rows["LOOK"].size == 100
+    assert set(coarse[result.rows["LOOK"]].tolist()) == {0, 1}
+    assert result.coordinates["LOOK"].shape == (100, 2)
+
+
+def test_embedding_maps_reject_unknown_coarse_class_and_empty_panels(tmp_path: Path) -> None:
+    features, fine, coarse = separated_fine_features(5)
+    with pytest.raises(ValueError, match="do not occur"):
+        plot_embedding_maps(
+            {"a": (features, fine, coarse)}, coarse_classes=[7], path=tmp_path / "m.png"
+        )
+    with pytest.raises(ValueError, match="at least one panel"):
+        plot_embedding_maps({}, path=tmp_path / "m.png")
+
+
+def test_metric_bars(tmp_path: Path) -> None:
+    table = [
+        {"method": m, "dataset": d, "metric": "linear/top1", "mean": v, "std": 0.01}
+        for m, d, v in [("look", "a", 0.8), ("ce", "a", 0.7), ("look", "b", 0.6)]
+    ]
+    table.append({"method": "look", "dataset": "a", "metric": "knn/k20/top1", "mean": 0.5})
+    path = plot_metric_bars(table, "linear/top1", tmp_path / "bars.png", scale=100.0)
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match="no rows for metric"):
+        plot_metric_bars(table, "fewshot/5way1shot/mean", tmp_path / "none.png")

@@ -1,0 +1,263 @@
+"""Tests for look.analysis.report: reading results.json, aggregation over seeds, REPORT.md/json/csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from look.analysis.report import MISSING, find_report_inputs, write_report
+from tests.analysis.synthetic import evaluation_results
+
+
+def write_results(
+    folder: Path,
+    *,
+    method: str,
+    seed: int | None,
+    protocols: dict[str, Any],
+    dataset: str = "fashion_mnist",
+    labels: str = "fine",
+    **extra: Any,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    content = {
+        "model": {
+            "name": f"{method}-{seed}",
+            "method": method,
+            "seed": seed,
+            "pretrain_labels": "coarse",
+            "checkpoint": "x.pt",
+        },
+        "dataset": dataset,
+        "labels": labels,
+        "protocols": protocols,
+        **extra,
+    }
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """look: 3 seeds with linear, kNN and fine-tune; ce: 2 seeds, no fine-tune."""
+    root = tmp_path / "runs"
+    for seed, top1 in enumerate([0.70, 0.74, 0.72]):
+        write_results(
+            root / f"look-{seed}",
+            method="look",
+            seed=seed,
+            protocols={
+                "linear": {"top1": top1, "mean_per_class": top1 - 0.1},
+                "knn": {"k20": {"top1": 0.5}, "k200": {"top1": 0.4 + 0.01 * seed}},
+                "finetune": {"top1": 0.9},
+                "fewshot": {"5way1shot": {"mean": 0.3, "ci95": 0.02}},
+            },
+        )
+    for seed, top1 in enumerate([0.60, 0.62]):
+        write_results(
+            root / f"ce-{seed}",
+            method="ce",
+            seed=seed,
+            protocols={
+                "linear": {"top1": top1},
+                "knn": {"k20": {"top1": 0.55}, "k200": {"top1": "n/a"}},
+                "fewshot": {"5way1shot": {"mean": 0.35, "ci95": 0.02}},
+            },
+            notes="extra keys are ignored",
+        )
+    return root
+
+
+def markdown_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """Rows of the first table after ``heading``: method → cells."""
+    section = markdown.split(heading, 1)[1]
+    rows: dict[str, list[str]] = {}
+    header_seen = False
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            if header_seen and rows:
+                break
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if not header_seen:
+            header_seen = True
+            rows["__header__"] = cells[1:]
+        elif not cells[0].startswith(":--"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_inputs_are_found_or_reported_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a results file nor a directory"):
+        find_report_inputs([tmp_path / "missing"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no results\.json"):
+        find_report_inputs([empty])
+    results = write_results(tmp_path / "a", method="look", seed=0, protocols={})
+    (tmp_path / "a" / "multimodality.json").write_text("{}")
+    assert find_report_inputs([tmp_path, results]) == (
+        [results.resolve()],
+        [(tmp_path / "a" / "multimodality.json").resolve()],
+    )
+
+
+def test_report_aggregates_over_seeds_exactly(runs: Path, tmp_path: Path) -> None:
+    # The same file given twice (directly and through its folder) counts once.
+    outputs = write_report(
+        [runs, runs / "look-0" / "results.json"], tmp_path / "report", title="Test report"
+    )
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    assert markdown.startswith("# Test report")
+    rows = markdown_rows(markdown, "## Transfer accuracy")
+    assert rows["__header__"] == [
+        "fashion_mnist<br>linear",
+        "fashion_mnist<br>kNN k20",
+        "fashion_mnist<br>kNN k200",
+        "fashion_mnist<br>few-shot 5way1shot",
+        "fashion_mnist<br>fine-tune",
+    ]
+    look, ce = rows["look (coarse)"], rows["ce (coarse)"]
+    # look linear: 0.70, 0.74, 0.72 → mean 72 %, sample std 2 %; best of the column.
+    assert look[0] == "**72.00 ± 2.00 (3 seeds)**"
+    # ce linear: 0.60, 0.62 → mean 61 %, std sqrt(2 * 0.01²) = 1.414 %.
+    assert ce[0] == "61.00 ± 1.41 (2 seeds)"
+    assert ce[1] == "**55.00 ± 0.00 (2 seeds)**" and look[1] == "50.00 ± 0.00 (3 seeds)"
+    # ce's k200 was not a number and it has no fine-tune: shown as missing.
+    assert ce[2] == MISSING and ce[4] == MISSING
+    assert look[2] == "41.00 ± 1.00 (3 seeds)"  # alone in its column: nothing to be best of
+    assert look[3] == "30.00 ± 0.00 (3 seeds)" and ce[3] == "**35.00 ± 0.00 (2 seeds)**"
+
+    report = json.loads(outputs.json.read_text(encoding="utf-8"))
+    cells = {(c["method"], c["metric"]): c for c in report["cells"]}
+    linear = cells[("look (coarse)", "linear/top1")]
+    # Fractions without "units" are read as fractions and reported in percent.
+    assert linear["mean"] == pytest.approx(72.0, abs=1e-12)
+    assert linear["std"] == pytest.approx(2.0, abs=1e-12)
+    assert linear["n"] == 3 and linear["seeds"] == [0, 1, 2] and linear["best"] is True
+    # Secondary metrics are in report.json but not in the Markdown table.
+    assert cells[("look (coarse)", "linear/mean_per_class")]["headline"] is False
+    assert cells[("look (coarse)", "fewshot/5way1shot/ci95")]["mean"] == pytest.approx(2.0)
+    assert cells[("ce (coarse)", "linear/top1")]["std"] == pytest.approx(math.sqrt(2))
+
+    with outputs.csv.open(encoding="utf-8", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == len(report["cells"])
+    for row, cell in zip(csv_rows, report["cells"], strict=True):
+        assert (row["method"], row["metric"], row["dataset"]) == (
+            cell["method"],
+            cell["metric"],
+            cell["dataset"],
+        )
+        assert float(row["mean"]) == cell["mean"]  # exactly the same numbers
+        assert (float(row["std"]) if row["std"] else None) == cell["std"]
+        assert int(row["n"]) == cell["n"]
+        assert [float(v) for v in row["values"].split(";")] == cell["values"]
+
+    # Embedded plots are relative links to files that exist.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert links and all(not Path(link).is_absolute() for link in links)
+    for link in links:
+        assert (outputs.markdown.parent / link).stat().st_size > 5_000
+
+
+def test_report_multimodality_table_and_maps(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    for method, purities in (("look", [0.9, 0.8]), ("ce", [0.4, 0.5])):
+        for seed, purity in enumerate(purities):
+            write_results(
+                root / f"{method}-{seed}",
+                method=method,
+                seed=seed,
+                protocols={"linear": {"top1": 0.5}},
+                multimodality={
+                    "summary": {
+                        "knn_purity": purity,
+                        "knn_purity_chance": 0.3,
+                        "separability": 0.7,
+                        "cluster_count": 2.0,
+                        "ari": 0.25,
+                    },
+                    "per_coarse": {"a": {"knn_purity": purity}},
+                },
+            )
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "maps.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    (analysis / "multimodality.json").write_text(
+        json.dumps(
+            {
+                "feature_sets": [
+                    {
+                        "name": "supcon features",
+                        "model": None,
+                        "dataset": "fashion_mnist",
+                        "summary": {"knn_purity": 0.6, "cluster_count": 1.0, "ari": None},
+                    }
+                ],
+                "figures": ["maps.png", "missing.png"],
+            }
+        )
+    )
+    outputs = write_report([root, analysis], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Intra-class multi-modality")
+    assert rows["__header__"][0] == "fine kNN purity (%)"
+    assert rows["look (coarse)"][0] == "**85.0 ± 7.1 (2 seeds)**"
+    assert rows["ce (coarse)"][0] == "45.0 ± 7.1 (2 seeds)"
+    assert rows["supcon features"][0] == "60.0 (1 seed)"
+    # Cluster counts are not ranked, ARI is not shown as %.
+    assert rows["look (coarse)"][2] == "2.00 ± 0.00 (2 seeds)"
+    assert rows["look (coarse)"][3] == "**0.250 ± 0.000 (2 seeds)**"
+    assert rows["supcon features"][3] == MISSING
+    assert "Chance level" in markdown
+    assert "figures/map_0_maps.png" in markdown
+    assert (outputs.markdown.parent / "figures" / "map_0_maps.png").is_file()
+    assert "missing.png" not in markdown
+    report = json.loads(outputs.json.read_text(encoding="utf-8"))
+    purity = [
+        c
+        for c in report["cells"]
+        if c["table"] == "multimodality"
+        and c["metric"] == "knn_purity"
+        and c["method"] == "look (coarse)"
+    ]
+    assert purity[0]["mean"] == pytest.approx(0.85) and purity[0]["n"] == 2
+
+
+def test_report_without_numbers_is_an_error(tmp_path: Path) -> None:
+    write_results(tmp_path / "a", method="look", seed=0, protocols={})
+    with pytest.raises(ValueError, match="hold no accuracy"):
+        write_report([tmp_path], tmp_path / "out")
+
+
+def test_report_of_evaluation_format_results(tmp_path: Path) -> None:
+    root = tmp_path / "evals"
+    for seed, top1 in enumerate([80.0, 82.0]):
+        folder = root / f"look-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(
+            json.dumps(evaluation_results(seed=seed, linear_top1=top1))
+        )
+    folder = root / "timm"
+    folder.mkdir()
+    (folder / "results.json").write_text(
+        json.dumps(evaluation_results(method=None, linear_top1=50.0, labels="coarse"))
+    )
+    outputs = write_report([root], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Transfer accuracy")
+    assert rows["__header__"][0] == "fashion_mnist<br>linear"
+    assert rows["__header__"][3] == "fashion_mnist<br>few-shot 5way1shot"
+    assert rows["look [resnet18] (coarse)"][0] == "81.00 ± 1.41 (2 seeds)"  # alone: not bold
+    assert rows["look [resnet18] (coarse)"][5] == "90.00 ± 0.00 (2 seeds)"
+    # Evaluated on coarse labels: another column group, its own row.
+    assert "fashion_mnist (coarse)<br>linear" in rows["__header__"]
+    assert rows["resnet18 (coarse)"][0] == MISSING

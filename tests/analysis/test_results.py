@@ -1,0 +1,119 @@
+"""Tests for look.analysis.results: reading both results.json shapes into one record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from look.analysis.results import (
+    describe_model,
+    method_label,
+    protocol_metrics,
+    read_results_file,
+)
+from tests.analysis.synthetic import evaluation_results
+
+
+def write(path: Path, content: object) -> Path:
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def test_evaluation_format(tmp_path: Path) -> None:
+    result = read_results_file(write(tmp_path / "results.json", evaluation_results(seed=3)))
+    assert result.method == "look [resnet18] (coarse)"
+    assert result.seed == 3  # the pre-training seed, not the evaluation's "seed": 7
+    assert result.dataset == "fashion_mnist" and result.labels == "fine"
+    assert result.metrics == {
+        "linear/top1": 81.25,
+        "linear/mean_per_class_accuracy": 80.25,
+        "knn/k20/top1": 70.0,
+        "knn/k20/mean_per_class_accuracy": 69.0,
+        "knn/k200/top1": 65.0,
+        "knn/k200/mean_per_class_accuracy": 64.0,
+        "fewshot/5way1shot/mean_accuracy": 50.0,
+        "fewshot/5way1shot/ci95": 1.5,
+        "fewshot/5way5shot/mean_accuracy": 60.0,
+        "fewshot/5way5shot/ci95": 1.2,
+        "finetune/top1": 90.0,
+        "finetune/mean_per_class_accuracy": 89.0,
+    }  # percent as written; settings such as best_c or num_train are not metrics
+    assert result.headline == (
+        "linear/top1",
+        "knn/k20/top1",
+        "knn/k200/top1",
+        "fewshot/5way1shot/mean_accuracy",
+        "fewshot/5way5shot/mean_accuracy",
+        "finetune/top1",
+    )
+
+
+def test_compact_shape_in_fractions_is_scaled_to_percent(tmp_path: Path) -> None:
+    content = {
+        "model": {"name": "m", "method": "ce", "seed": 1, "pretrain_labels": "groups.json"},
+        "dataset": "cifar100",
+        "labels": "coarse",
+        "protocols": {
+            "linear": {"top1": 0.5, "mean_per_class": 0.25},
+            "knn": {"k20": {"top1": 0.75}},
+            "fewshot": {"5way1shot": {"mean": 0.5, "ci95": 0.125}},
+            "other": 0.5,
+        },
+        "multimodality": {"summary": {"knn_purity": 0.9, "cluster_count": 2}},
+    }
+    result = read_results_file(write(tmp_path / "results.json", content))
+    assert result.method == "ce (groups)"  # a grouping path is shown by its stem
+    assert result.dataset_label == "cifar100 (coarse)"
+    assert result.metrics["linear/top1"] == 50.0
+    assert result.metrics["fewshot/5way1shot/ci95"] == 12.5
+    assert result.headline == (
+        "linear/top1",
+        "knn/k20/top1",
+        "fewshot/5way1shot/mean",
+        "other",
+    )
+    assert result.multimodality == {"knn_purity": 0.9, "cluster_count": 2.0}
+    # Units say so: no guessing.
+    content["units"] = "accuracies in percent"
+    assert read_results_file(write(tmp_path / "r.json", content)).metrics["linear/top1"] == 0.5
+
+
+def test_tolerant_reader(tmp_path: Path) -> None:
+    result = read_results_file(
+        write(tmp_path / "results.json", {"model": "timm-resnet", "protocols": {"linear": "x"}})
+    )
+    assert (result.method, result.seed, result.dataset, result.metrics) == (
+        "timm-resnet",
+        None,
+        "unknown",
+        {},
+    )
+    metrics, headline = protocol_metrics(
+        {"linear": {"top1": float("nan"), "mean_per_class": True, "note": "x"}}
+    )
+    assert metrics == {} and headline == []
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_results_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="JSON object"):
+        read_results_file(write(tmp_path / "list.json", [1, 2]))
+    with pytest.raises(FileNotFoundError):
+        read_results_file(tmp_path / "missing.json")
+
+
+def test_method_labels() -> None:
+    assert method_label({"method": "look", "seed": 1, "pretrain_labels": "coarse"}) == (
+        "look (coarse)"
+    )
+    assert method_label({"method": None, "name": "resnet18.tv_in1k"}) == "resnet18.tv_in1k"
+    assert method_label({"method": None, "backbone": "resnet18"}) == "resnet18"
+    assert method_label({"method": "ce", "backbone": "resnet50"}) == "ce [resnet50]"
+    assert method_label({"method": "ce", "label": "CE baseline"}) == "CE baseline"
+    assert method_label("my-model") == "my-model"
+    assert method_label(None) == "unknown"
+    head = describe_model(
+        {"method": "supcon"}, content={"protocols": {"knn": {"features": "head"}}, "seed": 4}
+    )
+    assert method_label(head) == "supcon [head]" and head["seed"] == 4

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from look.evaluation.commands import register, run
+from tests.evaluation.conftest import SYNTHETIC_SPEC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="look")
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--checkpoint",
+        "--timm",
+        "--weights",
+        "--small-stem",
+        "--dataset",
+        "--protocol",
+        "--labels",
+        "--image-size",
+        "--device",
+        "--batch-size",
+        "--num-workers",
+        "--cache-dir",
+        "--seed",
+        "--head",
+        "--output",
+        "--knn-k",
+        "--finetune-epochs",
+        "--fewshot-shots",
+        "imagefolder:ROOT",
+    ):
+        assert option in text
+
+
+def test_model_options_are_exclusive_and_required(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    for argv in (
+        ["evaluate", "--dataset", "digits", "--output", "o"],
+        [
+            "evaluate",
+            "--checkpoint",
+            "r",
+            "--timm",
+            "resnet18",
+            "--dataset",
+            "digits",
+            "--output",
+            "o",
+        ],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+def test_run_writes_results_and_prints_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--timm",
+            "look_cnn_small",
+            "--dataset",
+            SYNTHETIC_SPEC,
+            "--protocol",
+            "knn,fewshot",
+            "--protocol",
+            "linear",
+            "--labels",
+            "coarse",
+            "--linear-c-grid",
+            "0.1,1",
+            "--knn-k",
+            "3",
+            "7",
+            "--fewshot-ways",
+            "2",
+            "--fewshot-shots",
+            "1",
+            "--fewshot-queries",
+            "3",
+            "--fewshot-episodes",
+            "10",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert run(args) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(report["protocols"]) == {"linear", "knn", "fewshot"}
+    assert report["labels"]["evaluation"] == "coarse" and report["dataset"]["num_classes"] == 2
+    assert [r["k"] for r in report["protocols"]["knn"]["results"]] == [3, 7]
+    assert [p["c"] for p in report["protocols"]["linear"]["validation_curve"]] == [0.1, 1.0]
+    assert report["seed"] == 3 and report["model"]["initialisation"] == "random (seed 3)"
+    assert list((tmp_path / "cache").glob("*.pt")), "features were cached"
+    printed = capsys.readouterr().out
+    assert "results.json" in printed and "knn k=3" in printed and "2-way 1-shot" in printed

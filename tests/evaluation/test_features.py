@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from look.data import DataSpec, EvalDataset, build_eval_dataset
+from look.evaluation import (
+    FeatureModel,
+    extract_features,
+    feature_cache_key,
+    load_or_extract_features,
+    state_fingerprint,
+)
+from look.models import create_backbone
+
+SPEC = DataSpec(
+    dataset="synthetic", synthetic_num_samples=40, synthetic_num_classes=4, synthetic_image_size=16
+)
+
+
+class CountingModel(nn.Module):
+    """Pooled mean colour per channel, counting its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return images.mean(dim=(2, 3)) * self.scale
+
+
+def dataset_and_labels(
+    spec: DataSpec = SPEC, split: str = "train"
+) -> tuple[EvalDataset, torch.Tensor]:
+    dataset, _ = build_eval_dataset(spec, split)
+    return dataset, torch.as_tensor(dataset.fine_labels)
+
+
+def key_for(model: nn.Module, spec: DataSpec = SPEC, *, output: str = "backbone") -> str:
+    dataset, fine_labels = dataset_and_labels(spec)
+    return feature_cache_key(
+        weights_fingerprint=state_fingerprint(model),
+        model_identity={"backbone": "counting", "small_stem": False},
+        output=output,
+        dataset_spec=spec,
+        split="train",
+        image_size=spec.image_size or spec.synthetic_image_size,
+        transform=dataset.transform,
+        fine_labels=fine_labels,
+        precision="fp32",
+    )
+
+
+def test_extraction_is_in_dataset_order_and_in_eval_mode() -> None:
+    backbone, dim = create_backbone("look_cnn_small")
+    backbone.train()
+    dataset, _ = dataset_and_labels()
+    features = extract_features(backbone, dataset, batch_size=7, progress=False)
+    assert features.shape == (len(dataset), dim) and features.dtype == torch.float32
+    assert backbone.training, "the caller's train/eval mode is restored"
+    backbone.eval()
+    with torch.no_grad():
+        expected = backbone(torch.stack([dataset[i][0] for i in (0, 13, 39)]))
+    assert torch.allclose(features[[0, 13, 39]], expected, atol=1e-5)
+
+
+def test_second_call_hits_the_cache_without_running_the_model(tmp_path: Path) -> None:
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    key = key_for(model)
+    kwargs = {"cache_key": key, "cache_dir": tmp_path, "batch_size": 16, "progress": False}
+    first = load_or_extract_features(model, dataset, fine_labels, **kwargs)
+    calls = model.calls
+    assert not first.from_cache and calls == 3 and first.images_per_second is not None
+    second = load_or_extract_features(model, dataset, fine_labels, **kwargs)
+    assert second.from_cache and model.calls == calls
+    assert torch.equal(first.features, second.features)
+    stored = torch.load(tmp_path / f"{key}.pt", weights_only=True)
+    assert stored["features"].dtype == torch.float32
+    assert torch.equal(stored["fine_labels"], fine_labels)
+    assert not list(tmp_path.glob("*.tmp")), "the temp file was renamed into place"
+
+
+def test_a_torn_or_mismatched_cache_file_is_a_miss(tmp_path: Path) -> None:
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    key = key_for(model)
+    (tmp_path / f"{key}.pt").write_bytes(b"not a torch file")
+    result = load_or_extract_features(
+        model, dataset, fine_labels, cache_key=key, cache_dir=tmp_path, progress=False
+    )
+    assert not result.from_cache and model.calls > 0
+    # Same key but other labels on disk (e.g. an image folder that changed): a miss again.
+    calls = model.calls
+    result = load_or_extract_features(
+        model, dataset, fine_labels.flip(0), cache_key=key, cache_dir=tmp_path, progress=False
+    )
+    assert not result.from_cache and model.calls > calls
+
+
+def test_key_changes_with_weights_buffers_image_size_transform_and_output() -> None:
+    model = CountingModel()
+    base = key_for(model)
+    assert key_for(model) == base
+    with torch.no_grad():
+        model.scale[0] += 1e-3
+    assert key_for(model) != base
+    with torch.no_grad():
+        model.scale[0] -= 1e-3
+    assert key_for(model) == base
+    # A buffer (batch-norm statistics) counts as much as a parameter.
+    backbone, _ = create_backbone("look_cnn_small")
+    before = state_fingerprint(backbone)
+    next(b for n, b in backbone.named_buffers() if n.endswith("running_mean")).add_(1.0)
+    assert state_fingerprint(backbone) != before
+    assert key_for(model, dataclasses.replace(SPEC, image_size=12)) != base
+    assert key_for(model, output="head") != base
+    assert key_for(model, dataclasses.replace(SPEC, labels="coarse")) == base, "labels-independent"
+
+
+def test_feature_model_selects_backbone_or_head() -> None:
+    backbone = nn.Flatten()
+    head = nn.Linear(12, 2)
+    images = torch.randn(4, 3, 2, 2)
+    assert torch.equal(FeatureModel(backbone)(images), images.flatten(1))
+    embedded = FeatureModel(backbone, head)(images)
+    assert torch.allclose(embedded.norm(dim=1), torch.ones(4))
+
+
+def test_empty_dataset_is_refused() -> None:
+    with pytest.raises(ValueError, match="dataset is empty"):
+        extract_features(CountingModel(), [], progress=False)

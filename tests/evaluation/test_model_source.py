@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from look.evaluation import FeatureModel, ModelSource, load_model, state_fingerprint
+from look.models import create_backbone
+
+
+def test_run_dir_checkpoint_file_and_export_give_the_same_backbone(pretrained_run: Path) -> None:
+    checkpoint_file = sorted((pretrained_run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    from_dir = load_model(ModelSource(checkpoint=pretrained_run))
+    from_file = load_model(ModelSource(checkpoint=checkpoint_file))
+    from_export = load_model(ModelSource(checkpoint=pretrained_run / "backbone.safetensors"))
+    fingerprints = {state_fingerprint(m.backbone) for m in (from_dir, from_file, from_export)}
+    assert len(fingerprints) == 1
+    assert from_dir.identity["source"] == "checkpoint"
+    assert from_dir.identity["path"] == str(checkpoint_file.resolve())
+    assert from_export.identity["source"] == "export"
+    for loaded in (from_dir, from_export):  # the export reads the run's config.yaml
+        assert loaded.backbone_name == "look_resnet_tiny"
+        assert loaded.pretraining is not None
+        assert loaded.pretraining["labels"] == "coarse"
+        assert loaded.pretraining["image_size"] == 16
+        assert loaded.pretraining["dataset"] == "synthetic"
+
+
+def test_head_gives_the_normalised_embedding(pretrained_run: Path) -> None:
+    loaded = load_model(ModelSource(checkpoint=pretrained_run), use_head=True)
+    assert loaded.head is not None and loaded.head_dim == 16
+    model = FeatureModel(loaded.backbone, loaded.head).eval()
+    with torch.no_grad():
+        embedding = model(torch.randn(3, 3, 16, 16))
+    assert embedding.shape == (3, 16)
+    assert torch.allclose(embedding.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="holds no projection head"):
+        load_model(ModelSource(checkpoint=pretrained_run / "backbone.safetensors"), use_head=True)
+    with pytest.raises(ValueError, match="--head needs a look checkpoint"):
+        load_model(ModelSource(timm="look_cnn_small"), use_head=True)
+
+
+def test_timm_random_init_is_seeded() -> None:
+    first = state_fingerprint(load_model(ModelSource(timm="look_cnn_small"), seed=1).backbone)
+    again = state_fingerprint(load_model(ModelSource(timm="look_cnn_small"), seed=1).backbone)
+    other = state_fingerprint(load_model(ModelSource(timm="look_cnn_small"), seed=2).backbone)
+    assert first == again != other
+
+
+def test_timm_weights_file_is_loaded(tmp_path: Path) -> None:
+    backbone, _ = create_backbone("look_cnn_small")
+    path = tmp_path / "weights.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, path)
+    loaded = load_model(ModelSource(timm="look_cnn_small", weights=path))
+    assert state_fingerprint(loaded.backbone) == state_fingerprint(backbone)
+    assert loaded.identity["weights"] == str(path.resolve())
+    with pytest.raises(ValueError, match=r"cannot load --weights .* into 'look_resnet_tiny'"):
+        load_model(ModelSource(timm="look_resnet_tiny", weights=path))
+
+
+def test_missing_or_foreign_files_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(ModelSource(checkpoint=tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--weights file"):
+        load_model(ModelSource(timm="look_cnn_small", weights=tmp_path / "missing.pt"))
+    empty_run = tmp_path / "empty_run"
+    (empty_run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(ModelSource(checkpoint=empty_run))
+    plain = tmp_path / "plain.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match="not a `look pretrain` checkpoint"):
+        load_model(ModelSource(checkpoint=plain))
+    plain_safetensors = tmp_path / "plain.safetensors"
+    save_file({"conv.weight": torch.zeros(1)}, plain_safetensors)
+    with pytest.raises(ValueError, match="--timm NAME --weights FILE"):
+        load_model(ModelSource(checkpoint=plain_safetensors))
+
+
+def test_model_source_needs_exactly_one_model() -> None:
+    with pytest.raises(ValueError, match="exactly one model"):
+        ModelSource()
+    with pytest.raises(ValueError, match="exactly one model"):
+        ModelSource(checkpoint="run", timm="resnet18")
+    with pytest.raises(ValueError, match="go with --timm"):
+        ModelSource(checkpoint="run", small_stem=True)

@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from look.data import DataSpec
+from look.evaluation import (
+    PROTOCOLS,
+    FewShotOptions,
+    FinetuneOptions,
+    KnnOptions,
+    LinearProbeOptions,
+    ModelSource,
+    evaluate,
+    parse_dataset_spec,
+    resolve_protocols,
+)
+from look.evaluation import features as features_module
+from look.models import create_backbone
+from tests.evaluation.conftest import SYNTHETIC_SPEC
+
+# Small settings so that an end-to-end evaluation takes about a second.
+FAST = {
+    "linear_options": LinearProbeOptions(c_grid=(0.01, 1.0)),
+    "knn_options": KnnOptions(ks=(5, 200)),
+    "finetune_options": FinetuneOptions(epochs=1, batch_size=16),
+    "fewshot_options": FewShotOptions(n_way=3, shots=(1, 2), queries=2, episodes=20),
+    "progress": False,
+}
+
+
+@pytest.fixture
+def count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Number of images the network ran on, per extraction (cache hits add nothing)."""
+    calls: list[int] = []
+    original = features_module.extract_features
+
+    def counting(model: nn.Module, dataset: Dataset, **kwargs: Any) -> torch.Tensor:
+        calls.append(len(dataset))
+        return original(model, dataset, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", counting)
+    return calls
+
+
+def test_parse_dataset_spec() -> None:
+    assert parse_dataset_spec("fashion_mnist") == DataSpec(dataset="fashion_mnist")
+    assert parse_dataset_spec("cifar100:/data/c") == DataSpec(dataset="cifar100", root="/data/c")
+    assert parse_dataset_spec("imagefolder:/x:y") == DataSpec(dataset="imagefolder", root="/x:y")
+    assert parse_dataset_spec("Fashion-MNIST").dataset == "fashion_mnist"
+    synthetic = parse_dataset_spec("synthetic:samples=64,classes=4,size=16")
+    assert (synthetic.synthetic_num_samples, synthetic.synthetic_num_classes) == (64, 4)
+    assert synthetic.synthetic_image_size == 16
+    assert parse_dataset_spec("mnist", download=True).download
+    for bad, match in (
+        ("imagenet", "unknown dataset"),
+        ("imagefolder", "needs a root"),
+        ("digits:/somewhere", "takes no root"),
+        ("synthetic:samples=x", "synthetic option"),
+        ("", "empty dataset spec"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_dataset_spec(bad)
+
+
+def test_resolve_protocols() -> None:
+    assert resolve_protocols("all") == PROTOCOLS
+    assert resolve_protocols(["fewshot", "linear"]) == ("linear", "fewshot")
+    assert resolve_protocols("knn,finetune") == ("knn", "finetune")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        resolve_protocols("probe")
+
+
+def test_checkpoint_end_to_end_records_coarse_to_fine(
+    pretrained_run: Path, tmp_path: Path, count_extractions: list[int]
+) -> None:
+    report = evaluate(
+        pretrained_run,
+        SYNTHETIC_SPEC,
+        "all",
+        labels="fine",
+        output_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        **FAST,
+    )
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written["protocols"]) == set(PROTOCOLS)
+    assert written["labels"] == {
+        "evaluation": "fine",
+        "evaluation_grouping": None,
+        "pretraining": "coarse",
+        "pretraining_dataset": "synthetic",
+    }
+    assert written["model"]["source"] == "checkpoint" and written["model"]["method"] == "look"
+    assert written["dataset"]["image_size"] == 16
+    assert written["dataset"]["image_size_from"] == "pre-training config"
+    assert written["dataset"]["num_classes"] == 4 and written["seed"] == 0
+    linear = written["protocols"]["linear"]
+    assert linear["best_c"] in (0.01, 1.0) and len(linear["validation_curve"]) == 2
+    assert [r["k_effective"] for r in written["protocols"]["knn"]["results"]] == [5, 64]
+    assert [s["k_shot"] for s in written["protocols"]["fewshot"]["settings"]] == [1, 2]
+    assert written["protocols"]["finetune"]["epochs"] == 1
+    for name in PROTOCOLS:
+        result = written["protocols"][name]
+        for value in _accuracies(result):
+            assert 0.0 <= value <= 100.0
+        assert written["timings_s"][name] >= 0.0
+    assert count_extractions == [64, 16], "train and test features, extracted once each"
+    assert written["protocol_settings"]["knn"]["ks"] == [5, 200]
+
+
+def _accuracies(result: dict) -> list[float]:
+    if "results" in result:
+        return [r["top1"] for r in result["results"]]
+    if "settings" in result:
+        return [s["mean_accuracy"] for s in result["settings"]]
+    return [result["top1"], result["mean_per_class_accuracy"]]
+
+
+def test_cache_hits_and_invalidation_through_evaluate(
+    tmp_path: Path, count_extractions: list[int]
+) -> None:
+    cache = tmp_path / "cache"
+
+    def run(source: ModelSource, **kwargs: object) -> dict:
+        return evaluate(
+            source,
+            SYNTHETIC_SPEC,
+            ["knn"],
+            output_dir=tmp_path / "out",
+            **{**FAST, "cache_dir": cache, **kwargs},
+        )
+
+    first = run(ModelSource(timm="look_cnn_small"))
+    assert count_extractions == [64, 16]
+    second = run(ModelSource(timm="look_cnn_small"))
+    assert count_extractions == [64, 16], "second call runs no forward pass"
+    assert second["features"]["train"]["from_cache"] and second["features"]["test"]["from_cache"]
+    assert second["protocols"]["knn"]["results"] == first["protocols"]["knn"]["results"]
+    # The labels are not part of the key: coarse labels reuse the same features.
+    coarse = run(ModelSource(timm="look_cnn_small"), labels="coarse")
+    assert count_extractions == [64, 16] and coarse["dataset"]["num_classes"] == 2
+    # Another image size means another transform: extracted again.
+    run(ModelSource(timm="look_cnn_small"), image_size=12)
+    assert count_extractions == [64, 16, 64, 16]
+    # Other weights: extracted again.
+    backbone, _ = create_backbone("look_cnn_small")
+    with torch.no_grad():
+        next(backbone.parameters()).mul_(1.5)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, weights)
+    run(ModelSource(timm="look_cnn_small", weights=weights))
+    assert count_extractions == [64, 16, 64, 16, 64, 16]
+    # cache_dir=None never reads nor writes.
+    run(ModelSource(timm="look_cnn_small"), cache_dir=None)
+    assert len(count_extractions) == 8
+
+
+def test_head_features_and_timm_model(pretrained_run: Path, tmp_path: Path) -> None:
+    head = evaluate(
+        pretrained_run,
+        SYNTHETIC_SPEC,
+        "knn,fewshot",
+        output_dir=tmp_path / "head",
+        cache_dir=None,
+        use_head=True,
+        **FAST,
+    )
+    assert head["features"]["train"]["feature_dim"] == 16
+    assert head["protocols"]["knn"]["features"] == "head"
+    assert "projection head" in head["model"]["frozen_features"]
+    plain = evaluate(
+        ModelSource(timm="look_cnn_small"),
+        SYNTHETIC_SPEC,
+        "linear",
+        output_dir=tmp_path / "plain",
+        cache_dir=None,
+        **FAST,
+    )
+    assert plain["model"]["source"] == "timm" and plain["model"]["pretraining"] is None
+    assert plain["labels"]["pretraining"] is None
+    assert plain["dataset"]["image_size_from"] == "dataset default"
+    assert plain["features"]["train"]["feature_dim"] == 256
+
+
+def test_digits_are_resized_to_the_pretraining_image_size(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    report = evaluate(
+        pretrained_run,
+        "digits",
+        "knn",
+        output_dir=tmp_path / "digits",
+        cache_dir=None,
+        batch_size=512,
+        **FAST,
+    )
+    assert report["dataset"]["image_size"] == 16 and report["dataset"]["num_classes"] == 10
+    assert (
+        report["features"]["train"]["num_images"] + report["features"]["test"]["num_images"] == 1797
+    )
+
+
+def test_bad_requests_fail_before_any_work(tmp_path: Path, count_extractions: list[int]) -> None:
+    common = {"output_dir": tmp_path / "out", "cache_dir": None, "progress": False}
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        evaluate(
+            ModelSource(timm="look_cnn_small"),
+            SYNTHETIC_SPEC,
+            "knn",
+            knn_options=KnnOptions(ks=(0,)),
+            **common,
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate(tmp_path / "missing_run", SYNTHETIC_SPEC, "knn", **common)
+    with pytest.raises(FileNotFoundError, match="grouping file"):
+        evaluate(
+            ModelSource(timm="look_cnn_small"), SYNTHETIC_SPEC, "knn", labels="nope.json", **common
+        )
+    assert count_extractions == []
+    with pytest.raises(ValueError, match="only 4 of 4 classes qualify"):
+        evaluate(
+            ModelSource(timm="look_cnn_small"),
+            SYNTHETIC_SPEC,
+            "fewshot",
+            fewshot_options=FewShotOptions(n_way=5, shots=(1,), queries=1, episodes=5),
+            **common,
+        )
+    assert not (tmp_path / "out" / "results.json").exists()

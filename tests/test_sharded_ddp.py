@@ -1,0 +1,160 @@
+"""Two and three gloo ranks on CPU: a ShardedMemoryBank and sharded_look_loss_terms must give each
+rank exactly what one process with a replicated MemoryBank and the global batch gives its queries,
+and the shards together must be that replicated bank."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from look.losses import look_loss_terms
+from look.memory import MemoryBank
+from look.sharded import ShardedMemoryBank, shard_bounds, sharded_look_loss_terms
+
+pytestmark = pytest.mark.ddp
+
+NUM_SAMPLES = 37  # divisible by neither 2 nor 3: shards of unequal size
+DIM = 8
+NUM_CLASSES = 3
+TEMPERATURE = 0.1
+# (no_positive, storage dtype, k, chunk_size)
+CONFIGS = [
+    ("drop", torch.float32, 5, 7),
+    ("nearest", torch.bfloat16, 2, 65536),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _global_steps(
+    world_size: int,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
+    """Global batches ``(ids, embeddings, labels, rows_per_rank)``, the same on every rank.
+
+    Batches of different sizes, unequal splits, a rank with an empty batch, and one id on two ranks.
+    """
+    generator = torch.Generator().manual_seed(2024)
+    label_of = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=generator)
+    steps = []
+    for step, batch in enumerate([12, 15, 9, 14, 12]):
+        ids = torch.randperm(NUM_SAMPLES, generator=generator)[:batch]
+        if step == 3:
+            ids[-1] = ids[0]  # the same sample on the first and the last rank
+        split = [batch // world_size] * world_size
+        split[step % world_size] += batch - sum(split)
+        if step == 2:  # one rank passes an empty batch
+            split = [0, *split[1:]]
+            split[-1] += batch - sum(split)
+        embeddings = F.normalize(torch.randn(batch, DIM, generator=generator), dim=1)
+        steps.append((ids, embeddings, label_of[ids], split))
+    return steps
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        torch.set_num_threads(1)
+        stats: dict[str, int] = {"valid": 0, "swapped_or_dropped": 0, "steps": 0}
+        for no_positive, dtype, k, chunk_size in CONFIGS:
+            replicated = MemoryBank(NUM_SAMPLES, DIM, dtype=dtype, gather_distributed=False)
+            sharded = ShardedMemoryBank(NUM_SAMPLES, DIM, dtype=dtype)
+            assert (sharded.shard_start, sharded.shard_stop) == shard_bounds(
+                NUM_SAMPLES, world_size, rank
+            )
+            row_bytes = replicated.memory_bytes() // NUM_SAMPLES
+            assert sharded.memory_bytes() <= replicated.memory_bytes() / world_size + 2 * row_bytes
+
+            for ids, embeddings, labels, split in _global_steps(world_size):
+                start = sum(split[:rank])
+                local = slice(start, start + split[rank])
+
+                # One process, whole bank, global batch: the reference for this rank's queries.
+                reference_query = embeddings.clone().requires_grad_(True)
+                expected = look_loss_terms(
+                    reference_query,
+                    labels,
+                    replicated.features,
+                    replicated.labels,
+                    k=k,
+                    temperature=TEMPERATURE,
+                    query_indices=ids,
+                    memory_ids=replicated.ids,
+                    memory_valid=replicated.valid,
+                    no_positive=no_positive,  # type: ignore[arg-type]
+                    chunk_size=chunk_size,
+                )
+                expected.loss.sum().backward()
+
+                local_query = embeddings[local].clone().requires_grad_(True)
+                actual = sharded_look_loss_terms(
+                    local_query,
+                    labels[local],
+                    sharded,
+                    k=k,
+                    temperature=TEMPERATURE,
+                    query_indices=ids[local],
+                    no_positive=no_positive,
+                    chunk_size=chunk_size,
+                )
+                actual.loss.sum().backward()
+
+                for field in expected._fields:
+                    torch.testing.assert_close(
+                        getattr(actual, field),
+                        getattr(expected, field)[local],
+                        rtol=0,
+                        atol=0,
+                        msg=field,
+                    )
+                assert local_query.grad is not None and reference_query.grad is not None
+                torch.testing.assert_close(
+                    local_query.grad, reference_query.grad[local], rtol=0, atol=0
+                )
+                stats["valid"] += int(actual.valid.sum())
+                stats["swapped_or_dropped"] += int((~actual.positive_in_topk).sum())
+                stats["steps"] += 1
+
+                # Written after the loss, as the LOOK method does.
+                replicated.update(ids, embeddings, labels)
+                sharded.update(ids[local], embeddings[local], labels[local])
+                union = sharded.gather_full_state()
+                for name, value in union.items():
+                    assert torch.equal(value, getattr(replicated, name)), name
+
+            restored = ShardedMemoryBank(NUM_SAMPLES, DIM, dtype=dtype)
+            restored.load_full_state_(replicated.state_dict())
+            assert torch.equal(restored.features, sharded.features)
+            assert torch.equal(restored.ids, sharded.ids)
+        torch.save(stats, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_bank_and_loss_equal_one_process_with_replicated_bank(
+    world_size: int, tmp_path: Path
+) -> None:
+    mp.spawn(_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    stats = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    steps = len(CONFIGS) * len(_global_steps(world_size))
+    assert all(rank_stats["steps"] == steps for rank_stats in stats)
+    # The comparison covered real work: queries that kept a loss and ones that needed the rule.
+    assert sum(rank_stats["valid"] for rank_stats in stats) > 20
+    assert sum(rank_stats["swapped_or_dropped"] for rank_stats in stats) > 0
