@@ -135,3 +135,36 @@ def test_random_bad_values_raise_config_error_or_validate(
 def test_exponent_without_dot_is_a_float() -> None:
     # YAML 1.1 reads 1e-4 as a string; a learning rate written that way must still work.
     assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from(
+        [
+            "optim.lr",
+            "optim.batch_size",
+            "data.dataset",
+            "train.amp",
+            "method.k",
+            "seed",
+            "data.subset",
+            "train.max_steps",
+            "optim.grad_clip",
+            "model.small_stem",
+            "bogus.key",
+            "optim",
+            "data.labels",
+            "train.nan_policy",
+        ]
+    ),
+    raw=st.text(max_size=12),
+)
+def test_random_set_overrides_give_a_config_or_a_config_error(key: str, raw: str) -> None:
+    """Fuzz the `--set key=value` path exactly as the CLI feeds it: any text either becomes a
+    validated config or a ConfigError naming the problem, never another exception."""
+    try:
+        cfg = load_config(None, [f"{key}={raw}"])
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    assert isinstance(cfg, RunConfig)

@@ -39,9 +39,20 @@ def _torchrun(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen[bytes]
     overrides = [o for o in TINY if not o.startswith("data.synthetic_num_samples")]
     overrides += ["data.synthetic_num_samples=960", "train.ddp_timeout_s=30", *extra]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "look", "pretrain", "--output", str(run_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "look",
+        "pretrain",
+        "--output",
+        str(run_dir),
     ]
     for o in overrides:
         cmd += ["--set", o]
@@ -57,7 +68,6 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.ddp
-@pytest.mark.slow
 def test_dead_rank_stops_the_job_and_it_resumes_with_fewer_ranks(tmp_path: Path) -> None:
     run = tmp_path / "run"
     job = _torchrun(run, 2)

@@ -170,3 +170,15 @@ def test_look_warmup_fills_the_bank() -> None:
     assert bool(method.memory.valid.all())
     out = method(make_batch(16, 1, num_classes=3, seed=99))
     assert out.metrics["dropped_frac"].item() < 1.0
+
+
+def test_look_reports_saturated_queries() -> None:
+    # One class: every neighbour agrees, p_i = 1, the loss and its gradient vanish.
+    torch.manual_seed(0)
+    method = build_method(METHOD_CFGS["look"], TinyBackbone(), 12, CTX)
+    for step in range(3):
+        out = method(make_batch(16, 1, num_classes=1, seed=step, offset=16 * step))
+    assert out.metrics["saturated_frac"].item() == 1.0
+    assert out.loss.item() == 0.0
+    out = method(make_batch(16, 1, num_classes=3, seed=5, offset=0))
+    assert 0.0 <= out.metrics["saturated_frac"].item() < 1.0

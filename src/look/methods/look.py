@@ -139,6 +139,9 @@ class LOOK(Method):
             "dropped_frac": 1.0 - terms.valid.float().mean(),
             "positive_in_topk_frac": terms.positive_in_topk.float().mean(),
             "neighbour_agreement": terms.neighbour_agreement.mean(),
+            # Queries whose k neighbours all share their label have p_i = 1: zero loss, zero
+            # gradient. A high fraction means LOOK has stopped learning from most images.
+            "saturated_frac": (terms.valid & (terms.neighbour_agreement >= 1.0)).float().mean(),
             "memory_filled_frac": self.memory.valid.float().mean(),
         }
         if self.classifier is not None:
