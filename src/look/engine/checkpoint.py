@@ -21,10 +21,8 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from look.atomic import atomic_write_path
 
 __all__ = [
     "MANIFEST_NAME",
@@ -121,10 +121,8 @@ def save_checkpoint(
         for stale in superseded:
             (directory / stale["file"]).unlink(missing_ok=True)
 
-    def write_state(file: Any) -> None:
-        torch.save(state, file)
-
-    _atomic_write(final_path, write_state, temp_prefix=".ckpt-")
+    with atomic_write_path(final_path, prefix=".ckpt-", suffix=_TEMP_SUFFIX, durable=True) as temp:
+        torch.save(state, temp)
     entry = {
         "file": final_path.name,
         "step": step,
@@ -174,34 +172,6 @@ def _check_checkpointable(value: Any, path: str) -> None:
     )
 
 
-def _atomic_write(final_path: Path, write: Any, *, temp_prefix: str) -> None:
-    """Write through ``write(binary_file)`` into a temp file next to ``final_path``, then rename."""
-    directory = final_path.parent
-    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=temp_prefix, suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, final_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; directories cannot be opened for fsync on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -245,11 +215,11 @@ def _read_manifest(directory: Path) -> list[dict[str, Any]] | None:
 
 def _write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
     payload = json.dumps({"format": _MANIFEST_FORMAT, "checkpoints": entries}, indent=2) + "\n"
-
-    def write_manifest(file: Any) -> None:
-        file.write(payload.encode("utf-8"))
-
-    _atomic_write(directory / MANIFEST_NAME, write_manifest, temp_prefix=f".{MANIFEST_NAME}.")
+    manifest = directory / MANIFEST_NAME
+    with atomic_write_path(
+        manifest, prefix=f".{MANIFEST_NAME}.", suffix=_TEMP_SUFFIX, durable=True
+    ) as temp:
+        temp.write_text(payload, encoding="utf-8")
 
 
 def _scan_checkpoint_files(directory: Path) -> dict[str, int]:

@@ -10,19 +10,18 @@ first-seen order) are regenerated from it by :meth:`MetricsLogger.flush` and
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from look.atomic import atomic_write_text
 
 __all__ = ["JSONL_NAME", "MetricsLogger", "csv_path", "read_metrics"]
 
@@ -67,20 +66,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             if isinstance(row, dict) and "split" in row and "step" in row:
                 rows.append(row)
     return rows
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
 
 
 def _as_float(key: str, value: Any) -> float:
@@ -163,7 +148,7 @@ class MetricsLogger:
             raise ValueError(f"step must be an int >= -1, got {step!r}")
         self._jsonl.close()
         kept = [row for row in _read_jsonl(self.jsonl_path) if row["step"] <= step]
-        _atomic_write_text(self.jsonl_path, "".join(json.dumps(row) + "\n" for row in kept))
+        atomic_write_text(self.jsonl_path, "".join(json.dumps(row) + "\n" for row in kept))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
         if self._writer is not None:
             self._writer.close()
@@ -218,7 +203,7 @@ class MetricsLogger:
             RuntimeWarning,
             stacklevel=3,
         )
-        _atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8"))
+        atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8"))
 
     def _open_tensorboard(self, purge_step: int | None) -> Any:
         global _warned_missing_tensorboard
@@ -257,4 +242,4 @@ class MetricsLogger:
             writer.writeheader()
             for row in rows_by_split[split]:
                 writer.writerow({k: v for k, v in row.items() if k != "split"})
-            _atomic_write_text(csv_path(self.output_dir, split), buffer.getvalue())
+            atomic_write_text(csv_path(self.output_dir, split), buffer.getvalue())

@@ -14,8 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from look.atomic import atomic_write_path
 from look.data import DataSpec, normalization_stats
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from look.engine.sampler import EvalShardSampler
@@ -253,25 +252,16 @@ def _read_cache(path: Path, fine_labels: Tensor) -> Tensor | None:
 
 
 def _write_cache(path: Path, features: Tensor, fine_labels: Tensor, meta: dict[str, str]) -> None:
-    """Write atomically: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(
-                {
-                    "features": features.float().contiguous(),
-                    "fine_labels": fine_labels.to(torch.int64),
-                    "meta": meta,
-                },
-                file,
-            )
-        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
+    """Write atomically, readable by everyone: a feature cache may be shared."""
+    with atomic_write_path(path, prefix=f".{path.stem}.", file_mode=0o644) as temp:
+        torch.save(
+            {
+                "features": features.float().contiguous(),
+                "fine_labels": fine_labels.to(torch.int64),
+                "meta": meta,
+            },
+            temp,
+        )
 
 
 def _all_ranks_agree(flag: bool) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 import look
+from look.atomic import atomic_write_text
 from look.data import DATASET_NAMES, DataSpec, build_eval_dataset, describe, resolve_image_size
 from look.engine.distributed import get_world_size, is_distributed, is_main_process
 from look.evaluation.features import (
@@ -130,20 +130,6 @@ def resolve_eval_device(name: str) -> torch.device:
             raise ValueError("device=cuda but no CUDA device is available; use cpu or auto")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
 
 
 def _choose_image_size(
@@ -426,5 +412,5 @@ def evaluate(
         "timings_s": timings,
     }
     if is_main_process():
-        _write_json_atomically(Path(output_dir) / RESULTS_FILE, report)
+        atomic_write_text(Path(output_dir) / RESULTS_FILE, json.dumps(report, indent=2) + "\n")
     return report

@@ -8,9 +8,6 @@ rebuild the backbone: :func:`load_exported_backbone` needs nothing but the file.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from look import __version__
+from look.atomic import atomic_write_path
 from look.models.backbones import create_backbone
 
 __all__ = [
@@ -130,16 +128,9 @@ def export_backbone(
         "look_version": __version__,
         **extra_metadata,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted export never leaves a truncated file.
-    file_descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
-    os.close(file_descriptor)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
+    with atomic_write_path(path, suffix=".safetensors.tmp") as temp:
+        save_file(tensors, str(temp), metadata=metadata)
     return path
 
 
