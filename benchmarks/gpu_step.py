@@ -1,0 +1,172 @@
+"""CE vs LOOK training-step time and peak memory at ImageNet-like memory sizes, and the neighbour
+search alone against the bank-read floor. Meant for one GPU run of a few minutes:
+
+    python benchmarks/gpu_step.py --output gpu_step.json            # H100 defaults
+    python benchmarks/gpu_step.py --device cpu --backbone look_resnet_tiny --image-size 32 \
+        --batch-size 16 --rows 4096 32768 --steps 2 --output smoke.json   # CPU smoke run
+
+For every bank size in ``--rows`` (default 1.28M and 14M rows, plus the per-rank shard of a W=8
+sharded bank, rows/8) it times, with synthetic images and labels and a bank filled with random
+unit rows: a CE step and a LOOK step (forward, backward, SGD step; bf16 autocast and channels-last
+on CUDA), the neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries)
+and one full read of the bank (``bank.sum()``), which is the floor any exact search must pay. The
+figures are printed and written to ``--output`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from look.methods import Batch, MethodContext, build_method
+from look.models import create_backbone
+from look.search import knn_search
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
+    def measure(fn: Callable[[], object], steps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000.0
+
+    return measure
+
+
+def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device):  # type: ignore[no-untyped-def]
+    backbone, dim = create_backbone(args.backbone, small_stem=args.small_stem)
+    method = build_method(
+        method_cfg, backbone, dim, MethodContext(num_classes=args.classes, num_samples=rows)
+    ).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    method = method.to(memory_format=memory_format)  # type: ignore[call-arg]
+    if hasattr(method, "memory"):
+        with torch.no_grad():
+            bank = method.memory
+            bank.features.copy_(
+                F.normalize(torch.randn(rows, bank.features.shape[1], device=device), dim=1)
+            )
+            bank.labels.copy_(torch.randint(0, args.classes, (rows,), device=device))
+            bank.ids.copy_(torch.arange(rows, device=device))
+            bank.valid.fill_(True)
+    optimizer = torch.optim.SGD(
+        [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
+    )
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(
+        memory_format=memory_format
+    )
+    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    indices = torch.randint(0, rows, (args.batch_size,), device=device)
+    amp = device.type == "cuda"
+
+    def step() -> None:
+        batch = Batch(views=[images], labels=labels, indices=indices)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = method(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--small-stem", action="store_true")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_281_167, 14_197_122])
+    parser.add_argument("--world", type=int, default=8, help="simulated ranks of a sharded bank")
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--chunk-size", type=int, default=1 << 20)
+    parser.add_argument("--memory-dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    measure = _timer(device)
+    cuda = device.type == "cuda"
+    figures: dict[str, object] = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor(),
+        "args": vars(args),
+        "rows": {},
+    }
+
+    def peak_mb() -> float | None:
+        return torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+
+    def reset_peak() -> None:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    reset_peak()
+    ce_ms = measure(_step_fn({"name": "ce"}, args, 1, device), args.steps, args.warmup)
+    figures["ce_step_ms"], figures["ce_peak_mb"] = ce_ms, peak_mb()
+    print(f"CE step: {ce_ms:.1f} ms")
+
+    look_cfg = {
+        "name": "look",
+        "k": args.k,
+        "memory_dtype": args.memory_dtype,
+        "chunk_size": args.chunk_size,
+    }
+    sizes = sorted({*args.rows, *(max(args.k + 1, r // args.world) for r in args.rows)})
+    for rows in sizes:
+        reset_peak()
+        look_ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
+        look_peak = peak_mb()
+        bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(
+            getattr(torch, args.memory_dtype)
+        )
+        queries = F.normalize(torch.randn(args.batch_size, 128, device=device), dim=1)
+        search_ms = measure(
+            lambda bank=bank, queries=queries: knn_search(
+                queries, bank, args.k, chunk_size=args.chunk_size
+            ),
+            args.steps,
+            args.warmup,
+        )
+        read_ms = measure(lambda bank=bank: bank.sum(), args.steps, args.warmup)
+        entry = {
+            "look_step_ms": look_ms,
+            "look_over_ce": look_ms / ce_ms,
+            "look_peak_mb": look_peak,
+            "search_ms": search_ms,
+            "bank_read_ms": read_ms,
+            "search_over_read": search_ms / read_ms,
+            "bank_mb": bank.numel() * bank.element_size() / 2**20,
+        }
+        figures["rows"][str(rows)] = entry  # type: ignore[index]
+        print(
+            f"{rows:>10} rows: LOOK step {look_ms:.1f} ms ({look_ms / ce_ms:.3f}x CE), "
+            f"search {search_ms:.2f} ms = {search_ms / read_ms:.1f}x bank read ({read_ms:.3f} ms)"
+        )
+        del bank
+    Path(args.output).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The benchmark scripts must keep running; a CPU smoke run each, with tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+    output = tmp_path / "gpu_step.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_step.py"),
+            "--device",
+            "cpu",
+            "--backbone",
+            "look_resnet_tiny",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--classes",
+            "10",
+            "--rows",
+            "2048",
+            "--world",
+            "4",
+            "--k",
+            "20",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    figures = json.loads(output.read_text())
+    assert set(figures["rows"]) == {"512", "2048"}  # the bank and its simulated 1/4 shard
+    for entry in figures["rows"].values():
+        assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
