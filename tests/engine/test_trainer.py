@@ -68,9 +68,13 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, dim)
 
 
-@pytest.mark.parametrize("method", ["look", "ce"])
+@pytest.mark.parametrize("method", ["look", "look_sharded_bank", "ce"])
 def test_resume_mid_epoch_gives_the_identical_loss_curve(tmp_path: Path, method: str) -> None:
-    extra = () if method == "look" else ("method={name: ce}",)
+    extra = {
+        "look": (),
+        "look_sharded_bank": ("method.memory=sharded_bank",),
+        "ce": ("method={name: ce}",),
+    }[method]
     pretrain(tiny_config(*extra), tmp_path / "full")
     # Stop after 5 steps (checkpoint at step 4 and at the stop), then run the rest.
     pretrain(tiny_config(*extra, "train.max_steps=5"), tmp_path / "split")

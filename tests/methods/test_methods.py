@@ -182,3 +182,61 @@ def test_look_reports_saturated_queries() -> None:
     assert out.loss.item() == 0.0
     out = method(make_batch(16, 1, num_classes=3, seed=5, offset=0))
     assert 0.0 <= out.metrics["saturated_frac"].item() < 1.0
+
+
+SHARDED_CFG = {"name": "look", "k": 5, "memory": "sharded_bank", **SMALL_HEAD}
+
+
+def test_sharded_bank_look_equals_replicated_look_in_one_process() -> None:
+    runs = {}
+    for name, cfg in (("replicated", METHOD_CFGS["look"]), ("sharded", SHARDED_CFG)):
+        torch.manual_seed(0)
+        method = build_method(cfg, TinyBackbone(), 12, CTX)
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        for step in range(3):
+            out = method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.detach())
+        runs[name] = (method, losses)
+    (replicated, expected), (sharded, got) = runs["replicated"], runs["sharded"]
+    assert type(sharded.memory).__name__ == "ShardedMemoryBank"
+    assert got[-1].item() > 0.0  # the later steps have neighbours, so the check is not vacuous
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-6), (a, b)
+    assert torch.allclose(sharded.memory.features, replicated.memory.features, atol=1e-6)
+
+
+def test_sharded_bank_needs_a_finite_k() -> None:
+    with pytest.raises(ConfigError, match="sharded_bank needs a finite k"):
+        build_method({**SHARDED_CFG, "k": None}, TinyBackbone(), 12, CTX)
+
+
+@pytest.mark.parametrize("update", ["momentum", "ema_encoder"])
+def test_sharded_bank_checkpoint_round_trips(update: str, tmp_path: Path) -> None:
+    cfg = {**SHARDED_CFG, "memory_update": update}
+    torch.manual_seed(0)
+    method = build_method(cfg, TinyBackbone(), 12, CTX)
+    for step in range(2):
+        method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+    state = method.checkpoint_state()
+    # The whole bank under the replicated bank's keys: world-size independent, no shard bounds.
+    assert state["memory.features"].shape == (CTX.num_samples, SMALL_HEAD["head_out_dim"])
+    assert "memory.shard_range" not in state
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    torch.manual_seed(1)
+    clone = build_method(cfg, TinyBackbone(), 12, CTX)
+    clone.load_checkpoint_state(torch.load(path, weights_only=True))
+    for name in ("features", "labels", "ids", "valid"):
+        assert torch.equal(getattr(clone.memory, name), getattr(method.memory, name)), name
+    for (key, a), b in zip(method.state_dict().items(), clone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    # It loads into a replicated bank too, and a wrong checkpoint is refused with its keys named.
+    replicated = build_method({**cfg, "memory": "bank"}, TinyBackbone(), 12, CTX)
+    replicated.load_checkpoint_state(torch.load(path, weights_only=True))
+    assert torch.equal(replicated.memory.features, method.memory.features)
+    with pytest.raises(ValueError, match="missing keys"):
+        clone.load_checkpoint_state({k: v for k, v in state.items() if k.startswith("memory.")})

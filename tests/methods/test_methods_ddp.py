@@ -1,5 +1,8 @@
 """Two CPU processes (gloo) with half the batch each must equal one process with the whole batch:
-same loss, same (averaged) gradients, same memory, same weights after a few SGD steps."""
+same loss, same (averaged) gradients, same memory, same weights after a few SGD steps.
+
+A sharded bank (each rank holds half the rows) must equal one process with the replicated bank;
+its checkpoint state (the whole bank, gathered) must equal that bank's state dict."""
 
 from __future__ import annotations
 
@@ -35,11 +38,14 @@ CFGS = {
         "memory_update": "ema_encoder",
         **HEAD,
     },
+    "look_sharded": {"name": "look", "k": 5, "memory": "sharded_bank", **HEAD},
     "nca": {"name": "nca", **HEAD},
     "supcon": {"name": "supcon", **HEAD},
     "ce": {"name": "ce"},
     "mocov2": {"name": "mocov2", "queue_size": 24, **HEAD},
 }
+# The single-process run each DDP run is compared with (default: the same config).
+REFERENCE = {"look_sharded": "look"}
 STEPS, GLOBAL_BATCH = 4, 16
 
 
@@ -70,7 +76,14 @@ def _run(name: str, rank: int, world: int) -> dict[str, object]:
         grads.append([p.grad.clone() for p in method.parameters() if p.requires_grad])
         opt.step()
         method.after_optimizer_step((step + 1) / STEPS)
-    return {"losses": losses, "grads": grads, "state": method.state_dict()}
+    memory = getattr(method, "memory", None)
+    return {
+        "losses": losses,
+        "grads": grads,
+        # Collective for a sharded bank: every rank gets the whole bank.
+        "state": method.checkpoint_state(),
+        "memory_rows": -1 if memory is None else int(memory.features.shape[0]),
+    }
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -94,14 +107,17 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for name in CFGS:
-        single = _run(name, 0, 1)
+        single = _run(REFERENCE.get(name, name), 0, 1)
         for result in ranks:
             got = result[name]
+            if name == "look_sharded":
+                assert got["memory_rows"] == CTX.num_samples // world  # really sharded
             for a, b in zip(got["losses"], single["losses"], strict=True):
                 assert torch.allclose(a, b, atol=1e-5), (name, a, b)
             for step_a, step_b in zip(got["grads"], single["grads"], strict=True):
                 for a, b in zip(step_a, step_b, strict=True):
                     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+            assert set(got["state"]) == set(single["state"]), name
             for key, value in single["state"].items():
                 other = got["state"][key]
                 if value.is_floating_point():

@@ -200,7 +200,8 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.method.state_dict(),
+            # May be collective (a sharded memory gathers its rows): call on every rank.
+            "model": self.method.checkpoint_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -216,11 +217,13 @@ class Trainer:
         }
 
     def save(self) -> None:
+        # Every rank builds the state (it may be a collective); rank 0 alone writes it.
+        state = self.state_dict()
         if is_main_process():
             save_checkpoint(
                 self.checkpoint_dir,
                 self.global_step,
-                self.state_dict(),
+                state,
                 keep_last=self.cfg.train.keep_checkpoints,
             )
         barrier()
@@ -241,7 +244,7 @@ class Trainer:
             )
         if state["global_batch_size"] != self.global_batch:
             raise ConfigError("the global batch size changed since the checkpoint")
-        self.method.load_state_dict(state["model"])
+        self.method.load_checkpoint_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -60,8 +60,9 @@ class Method(nn.Module):
     """Base class. Subclasses set ``Options`` (a dataclass), ``num_views`` and implement forward.
 
     The training loop calls only :meth:`forward` (through DDP when distributed),
-    :meth:`after_optimizer_step`, and, on a fresh run, :meth:`warmup_step` for every batch of one
-    pass when :attr:`needs_warmup_pass` is true.
+    :meth:`after_optimizer_step`, :meth:`checkpoint_state` / :meth:`load_checkpoint_state` (on
+    every rank), and, on a fresh run, :meth:`warmup_step` for every batch of one pass when
+    :attr:`needs_warmup_pass` is true.
     """
 
     name: ClassVar[str] = "base"
@@ -104,6 +105,21 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         """Momentum / EMA updates; ``progress`` is the fraction of training done, in [0, 1]."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The method's state for a checkpoint (default: :meth:`state_dict`).
+
+        May be collective under DDP (e.g. a sharded memory gathers its rows): called on every
+        rank, and the result is the same on every rank so that rank 0 alone can write it.
+        """
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned (default: :meth:`load_state_dict`).
+
+        May be collective under DDP: called on every rank, each with the same ``state``.
+        """
+        self.load_state_dict(state)
 
 
 def check_options(condition: bool, message: str) -> None:

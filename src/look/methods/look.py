@@ -7,6 +7,7 @@ matter, not the whole class (METHOD.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from look.losses import look_loss_terms
 from look.memory import build_memory
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
 from look.methods.common import HeadOptions, embed, frozen_copy, momentum_update
+from look.sharded import ShardedMemoryBank, sharded_look_loss_terms
 
 _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +29,9 @@ class LOOKOptions(HeadOptions):
     k: int | None = 200  # None: every memory row (NCA)
     temperature: float = 0.1
     no_positive: str = "drop"  # drop | nearest
-    memory: str = "bank"  # bank (one row per image) | queue (FIFO of queue_size rows)
+    # bank (one row per image) | queue (FIFO of queue_size rows) | sharded_bank (a bank of which
+    # each DDP rank holds only its block of rows; same results as bank, needs a finite k)
+    memory: str = "bank"
     memory_update: str = "momentum"  # momentum: rows from the online encoder | ema_encoder
     memory_momentum: float = 0.5
     queue_size: int = 8192
@@ -43,7 +47,7 @@ class LOOKOptions(HeadOptions):
         check_options(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         choices = {
             "no_positive": ("drop", "nearest"),
-            "memory": ("bank", "queue"),
+            "memory": ("bank", "queue", "sharded_bank"),
             "memory_update": ("momentum", "ema_encoder"),
             "memory_dtype": tuple(_MEMORY_DTYPES),
             "memory_init": ("mask", "warmup"),
@@ -58,6 +62,11 @@ class LOOKOptions(HeadOptions):
         check_options(
             0.0 <= self.encoder_momentum < 1.0,
             f"encoder_momentum must be in [0, 1), got {self.encoder_momentum}",
+        )
+        check_options(
+            not (self.memory == "sharded_bank" and self.k is None),
+            "memory=sharded_bank needs a finite k (k: null, every row a neighbour, would search "
+            "the whole bank on every rank); set k, or use memory=bank for NCA",
         )
         check_options(self.queue_size >= 2, f"queue_size must be >= 2, got {self.queue_size}")
         check_options(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
@@ -77,7 +86,7 @@ class LOOK(Method):
     ) -> None:
         super().__init__(options, backbone, feature_dim, ctx)
         self.head = options.build_head(feature_dim)
-        memory_rows = ctx.num_samples if options.memory == "bank" else options.queue_size
+        memory_rows = ctx.num_samples if options.memory != "queue" else options.queue_size
         if options.k is not None and options.k >= memory_rows:
             # Leave-one-out leaves at most N-1 candidates: k >= N is not a valid LOOK setting.
             raise ConfigError(
@@ -85,14 +94,25 @@ class LOOK(Method):
                 f"leave-one-out leaves at most {memory_rows - 1} neighbours. Use "
                 f"k <= {memory_rows - 1}, or k: null for NCA (all rows)."
             )
-        self.memory = build_memory(
-            options.memory,
-            num_samples=ctx.num_samples,
-            dim=options.head_out_dim,
-            momentum=options.memory_momentum if options.memory_update == "momentum" else 0.0,
-            queue_size=options.queue_size,
-            dtype=_MEMORY_DTYPES[options.memory_dtype],
-        )
+        memory_momentum = options.memory_momentum if options.memory_update == "momentum" else 0.0
+        if options.memory == "sharded_bank":
+            # Reads rank and world size from torch.distributed: the trainer builds the method
+            # after init_process_group.
+            self.memory = ShardedMemoryBank(
+                ctx.num_samples,
+                options.head_out_dim,
+                momentum=memory_momentum,
+                dtype=_MEMORY_DTYPES[options.memory_dtype],
+            )
+        else:
+            self.memory = build_memory(
+                options.memory,
+                num_samples=ctx.num_samples,
+                dim=options.head_out_dim,
+                momentum=memory_momentum,
+                queue_size=options.queue_size,
+                dtype=_MEMORY_DTYPES[options.memory_dtype],
+            )
         if options.memory_update == "ema_encoder":
             self.ema_backbone = frozen_copy(backbone)
             self.ema_head = frozen_copy(self.head)
@@ -118,21 +138,34 @@ class LOOK(Method):
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
-        terms = look_loss_terms(
-            z,
-            batch.labels,
-            self.memory.features,
-            self.memory.labels,
-            k=self.options.k,
-            temperature=self.options.temperature,
-            query_indices=batch.indices,
-            # A bank's written rows hold their own dataset index (ids == row), which lets the
-            # search exclude each query's row cheaply; a queue needs the explicit ids.
-            memory_ids=None if self.options.memory == "bank" else self.memory.ids,
-            memory_valid=self.memory.valid,
-            no_positive=self.options.no_positive,
-            chunk_size=self.options.chunk_size,
-        )
+        if isinstance(self.memory, ShardedMemoryBank):
+            # A collective: every rank's queries search every rank's shard.
+            terms = sharded_look_loss_terms(
+                z,
+                batch.labels,
+                self.memory,
+                k=self.options.k,  # type: ignore[arg-type]  # validate() refuses k=None here
+                temperature=self.options.temperature,
+                query_indices=batch.indices,
+                no_positive=self.options.no_positive,
+                chunk_size=self.options.chunk_size,
+            )
+        else:
+            terms = look_loss_terms(
+                z,
+                batch.labels,
+                self.memory.features,
+                self.memory.labels,
+                k=self.options.k,
+                temperature=self.options.temperature,
+                query_indices=batch.indices,
+                # A bank's written rows hold their own dataset index (ids == row), which lets the
+                # search exclude each query's row cheaply; a queue needs the explicit ids.
+                memory_ids=None if self.options.memory == "bank" else self.memory.ids,
+                memory_valid=self.memory.valid,
+                no_positive=self.options.no_positive,
+                chunk_size=self.options.chunk_size,
+            )
         loss = global_masked_mean(terms.loss, terms.valid)
         metrics = {
             "look_loss": loss.detach(),
@@ -158,3 +191,39 @@ class LOOK(Method):
         if self.options.memory_update == "ema_encoder":
             momentum_update(self.backbone, self.ema_backbone, self.options.encoder_momentum)
             momentum_update(self.head, self.ema_head, self.options.encoder_momentum)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The state dict; with a sharded bank, its shard replaced by the whole bank.
+
+        A collective under DDP when the memory is sharded (every rank must call it). The whole
+        bank has the keys of a replicated bank (``memory.features``, ``memory.labels``,
+        ``memory.ids``, ``memory.valid``), so the checkpoint does not depend on the world size.
+        """
+        state = self.state_dict()
+        if not isinstance(self.memory, ShardedMemoryBank):
+            return state
+        state = {key: value for key, value in state.items() if not key.startswith("memory.")}
+        full_bank = self.memory.gather_full_state()
+        state.update({f"memory.{name}": value for name, value in full_bank.items()})
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state` output; a sharded bank takes its rows from the whole
+        bank, for any world size (no communication)."""
+        if not isinstance(self.memory, ShardedMemoryBank):
+            self.load_state_dict(state)
+            return
+        others = {key: value for key, value in state.items() if not key.startswith("memory.")}
+        full_bank = {
+            key.removeprefix("memory."): value
+            for key, value in state.items()
+            if key.startswith("memory.")
+        }
+        result = self.load_state_dict(others, strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith("memory.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"cannot load the LOOK checkpoint: missing keys {missing}, unexpected keys "
+                f"{list(result.unexpected_keys)}; was it written for another method or model?"
+            )
+        self.memory.load_full_state_(full_bank)
