@@ -16,26 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name
 
 from look.models import count_parameters, create_backbone
 
 DEFAULT_MODELS = ("look_cnn_small", "look_resnet_tiny", "resnet18")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure_throughput(
@@ -149,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "min_seconds_per_run": args.min_seconds,
         "repeats": args.repeats,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,

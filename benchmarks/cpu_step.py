@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name
 
 from look.losses import look_loss_terms
 from look.methods import Batch, Method, MethodContext, build_method
@@ -36,16 +36,6 @@ from look.search import knn_search
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 FILL_CHUNK_ROWS = 8192
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _interleaved_medians(
@@ -211,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "look_step_over_ce_step": look_seconds / ce_seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "load_average_at_start": load_average_at_start,
         "load_average_at_end": os.getloadavg(),
     }

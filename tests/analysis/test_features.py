@@ -16,6 +16,7 @@ from look.analysis.features import (
     load_feature_set,
     save_feature_set,
 )
+from look.data import FASHION_MNIST_CLASSES
 from tests.analysis.synthetic import (
     COARSE_NAMES,
     FINE_NAMES,
@@ -23,18 +24,7 @@ from tests.analysis.synthetic import (
     evaluation_results,
 )
 
-FASHION_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FASHION_NAMES = list(FASHION_MNIST_CLASSES)
 
 
 def make_feature_set(**overrides: object) -> FeatureSet:
