@@ -3,8 +3,6 @@ that was fed the global batch."""
 
 from __future__ import annotations
 
-import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from look.memory import FeatureMemory, MemoryBank, MemoryQueue
+from tests.ddp import free_port, init_gloo
 
 pytestmark = pytest.mark.ddp
 
@@ -21,12 +20,6 @@ WORLD_SIZE = 2
 NUM_SAMPLES = 12
 DIM = 8
 QUEUE_CAPACITY = 7
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _make_memories(gather_distributed: bool = True) -> dict[str, FeatureMemory]:
@@ -74,13 +67,7 @@ def _global_steps() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD_SIZE, port, timeout_s=60)
     try:
         torch.set_num_threads(1)
         memories = _make_memories()
@@ -108,7 +95,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_memories_identical_across_ranks_and_equal_to_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     reference = _make_memories(gather_distributed=False)

@@ -4,8 +4,6 @@ and the shards together must be that replicated bank."""
 
 from __future__ import annotations
 
-import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from look.losses import look_loss_terms
 from look.memory import MemoryBank
 from look.sharded import ShardedMemoryBank, shard_bounds, sharded_look_loss_terms
+from tests.ddp import free_port, init_gloo
 
 pytestmark = pytest.mark.ddp
 
@@ -29,12 +28,6 @@ CONFIGS = [
     ("drop", torch.float32, 5, 7),
     ("nearest", torch.bfloat16, 2, 65536),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _global_steps(
@@ -62,13 +55,7 @@ def _global_steps(
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    init_gloo(rank, world_size, port, timeout_s=30)
     try:
         torch.set_num_threads(1)
         stats: dict[str, int] = {"valid": 0, "swapped_or_dropped": 0, "steps": 0}
@@ -151,7 +138,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_sharded_bank_and_loss_equal_one_process_with_replicated_bank(
     world_size: int, tmp_path: Path
 ) -> None:
-    mp.spawn(_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
     stats = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     steps = len(CONFIGS) * len(_global_steps(world_size))
     assert all(rank_stats["steps"] == steps for rank_stats in stats)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from look.engine.trainer import pretrain
+from tests.ddp import free_port
 
 from .test_trainer import TINY, tiny_config, train_losses
 
@@ -29,12 +29,6 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path
     assert train_losses(run) == train_losses(tmp_path / "full")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen[bytes]:
     overrides = [o for o in TINY if not o.startswith("data.synthetic_num_samples")]
     overrides += ["data.synthetic_num_samples=960", "train.ddp_timeout_s=30", *extra]
@@ -47,7 +41,7 @@ def _torchrun(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen[bytes]
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "look",
         "pretrain",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from look.evaluation import (
     load_model,
     load_or_extract_features,
 )
+from tests.ddp import free_port, init_gloo
 
 pytestmark = pytest.mark.ddp
 
@@ -42,21 +41,9 @@ EVALUATE_KWARGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_gloo(rank, WORLD_SIZE, port, timeout_s=120)
     try:
         model = load_model(ModelSource(timm="look_cnn_small"), seed=0).backbone
         dataset, _ = build_eval_dataset(SPEC, "train")
@@ -97,7 +84,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     model = load_model(ModelSource(timm="look_cnn_small"), seed=0).backbone
     dataset, _ = build_eval_dataset(SPEC, "train")
     expected = extract_features(model, dataset, batch_size=4, progress=False)

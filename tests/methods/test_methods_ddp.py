@@ -6,8 +6,6 @@ its checkpoint state (the whole bank, gathered) must equal that bank's state dic
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from look.methods import Batch, build_method
+from tests.ddp import free_port, init_gloo
 
 from .conftest import CTX, TinyBackbone, make_batch
 
@@ -87,24 +86,17 @@ def _run(name: str, rank: int, world: int) -> dict[str, object]:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     torch.set_num_threads(1)
     results = {name: _run(name, rank, world) for name in CFGS}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.ddp
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for name in CFGS:
         single = _run(REFERENCE.get(name, name), 0, 1)
