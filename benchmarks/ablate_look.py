@@ -68,10 +68,16 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=DemoPlan.default().train_subset)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=DemoPlan.default().num_workers)
     parser.add_argument("--workdir", default="runs/ablation")
     args = parser.parse_args()
 
-    plan = replace(DemoPlan.default(), epochs=args.epochs, train_subset=args.train_subset)
+    plan = replace(
+        DemoPlan.default(),
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        num_workers=args.num_workers,
+    )
     workdir = Path(args.workdir)
     jobs = [(args.method, combo) for combo in _grid(args.sets)]
     jobs += [(baseline, {}) for baseline in args.baseline]

@@ -36,6 +36,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
             "1",
             "--warmup",
             "1",
+            "--scan-step",
             "--output",
             str(output),
         ],
@@ -46,3 +47,4 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert set(figures["rows"]) == {"512", "2048"}  # the bank and its simulated 1/4 shard
     for entry in figures["rows"].values():
         assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
+        assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]

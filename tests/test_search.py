@@ -202,11 +202,13 @@ def test_nearest_positive_over_whole_memory(data: dict[str, torch.Tensor], chunk
 def test_low_precision_memory_is_upcast_per_chunk(
     data: dict[str, torch.Tensor], memory_dtype: torch.dtype
 ) -> None:
+    # The query is rounded to the memory's dtype (as the fused GPU search does), then both are
+    # multiplied in fp32.
     low = data["memory"].to(memory_dtype)
     result = knn_search(data["query"].float(), low, 5, query_ids=data["query_ids"], chunk_size=6)
     assert result.values.dtype == torch.float32
     expected_values, expected_indices = brute_force(
-        data["query"].float(), low.float(), 5, query_ids=data["query_ids"]
+        data["query"].to(memory_dtype), low, 5, query_ids=data["query_ids"]
     )
     assert torch.equal(result.indices, expected_indices)
     torch.testing.assert_close(result.values.double(), expected_values, rtol=0, atol=1e-6)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from look.search_triton import fused_knn_search, fused_search_supported
 
 __all__ = [
     "KnnResult",
@@ -144,6 +147,7 @@ def knn_search(
     chunk_size: int = 65536,
     query_labels: Tensor | None = None,
     memory_labels: Tensor | None = None,
+    backend: str = "auto",
 ) -> KnnResult:
     """Exact top-``k`` memory rows by inner product ``query @ memory.T``, scanned in chunks.
 
@@ -159,6 +163,14 @@ def knn_search(
         chunk_size: memory rows per chunk; bounds the working set to ``B × (chunk_size + k)``.
         query_labels, memory_labels: give both to also get the nearest same-label candidate of
             each query over the whole memory (``nearest_positive_value``/``_index``).
+        backend: ``"auto"`` uses the fused Triton search (:mod:`look.search_triton`) where it
+            applies (CUDA bf16/fp16 memory, rows indexed by position, no labels) and this
+            function's chunked PyTorch scan otherwise; ``"torch"`` forces the scan, ``"triton"``
+            requires the fused search.
+
+    With a bf16/fp16 memory the query is rounded to the memory's dtype first, on every device and
+    backend, so both backends compute the same similarities (products of two half-precision
+    vectors, accumulated in fp32).
 
     Returns:
         :class:`KnnResult` with ``values``/``indices`` of shape ``(B, k)`` sorted descending;
@@ -178,6 +190,28 @@ def knn_search(
     )
     if (query_labels is None) != (memory_labels is None):
         raise ValueError("query_labels and memory_labels must be given together (or neither)")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    fused = query_labels is None and fused_search_supported(query, memory, memory_ids=memory_ids)
+    if backend == "triton" and not fused:
+        raise ValueError(
+            "backend='triton' needs Triton, a CUDA bf16/fp16 memory indexed by row (no memory_ids)"
+            " and no labels"
+        )
+    if fused and backend == "triton":
+        return _fused_with_fallback(
+            query, memory, k, query_ids=query_ids, memory_valid=memory_valid, chunk_size=chunk_size
+        )
+    if fused and backend == "auto" and not _fused_search_failed:
+        try:
+            return _fused_with_fallback(
+                query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
+                chunk_size=chunk_size,
+            )  # fmt: skip
+        except Exception as error:  # any compile or launch failure of the kernel
+            # A training run must not die because Triton cannot build the kernel for this GPU or
+            # version: say so once and use the (exact, slower) scan from now on.
+            _disable_fused_search(error)
 
     device = memory.device
     dtype = compute_dtype_for(query, memory)
@@ -207,7 +241,10 @@ def knn_search(
     query_rows = torch.arange(batch, device=device)
 
     with autocast_disabled(device):
-        queries = query.detach().to(dtype)
+        queries = query.detach()
+        if memory.dtype in (torch.bfloat16, torch.float16):
+            queries = queries.to(memory.dtype)  # same similarities as the fused search
+        queries = queries.to(dtype)
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             similarities = queries @ memory[start:stop].detach().to(dtype).T  # (B, c)
@@ -252,3 +289,46 @@ def knn_search(
     if not want_positive:
         return KnnResult(best_values, best_indices)
     return KnnResult(best_values, best_indices, positive_value, positive_index)
+
+
+_fused_search_failed = False
+
+
+def _disable_fused_search(error: Exception) -> None:
+    global _fused_search_failed
+    _fused_search_failed = True
+    warnings.warn(
+        f"the fused Triton neighbour search failed ({type(error).__name__}: {error}); "
+        "falling back to the chunked PyTorch scan for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _fused_with_fallback(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None,
+    memory_valid: Tensor | None,
+    chunk_size: int,
+) -> KnnResult:
+    """The fused search; queries whose candidate buffer overflowed are redone by the scan."""
+    values, indices, overflowed = fused_knn_search(
+        query, memory, k, query_ids=query_ids, memory_valid=memory_valid
+    )
+    if bool(overflowed.any()):
+        redo = overflowed.nonzero().squeeze(1)
+        again = knn_search(
+            query[redo],
+            memory,
+            k,
+            query_ids=None if query_ids is None else query_ids.to(memory.device)[redo],
+            memory_valid=memory_valid,
+            chunk_size=chunk_size,
+            backend="torch",
+        )
+        values[redo] = again.values.to(values.dtype)
+        indices[redo] = again.indices
+    return KnnResult(values.to(compute_dtype_for(query, memory)), indices)

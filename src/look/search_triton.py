@@ -1,0 +1,272 @@
+"""Fused exact k-nearest-neighbour search on the GPU (Triton): no ``B × N`` matrix in memory.
+
+:func:`look.search.knn_search` calls :func:`fused_knn_search` for a CUDA memory stored in bf16/fp16
+(the LOOK bank at scale) and keeps its PyTorch path everywhere else; both return the same
+neighbours (ties aside), which the tests check on CPU with Triton's interpreter.
+
+Why two passes and not a running top-k in the kernel: a sorted top-200 list per query does not fit
+a GPU thread block's registers, but a *threshold* does. The search is exact:
+
+1. **Bound.** One kernel scans every ``s``-th tile of ``BLOCK_N`` memory rows and writes each tile's
+   largest similarity per query. The ``k``-th largest of these tile maxima is a lower bound on the
+   query's true ``k``-th neighbour similarity: it is attained by ``k`` distinct rows.
+2. **Collect.** The same kernel (same tiles, same arithmetic) scans the whole memory and appends
+   every similarity ``>=`` the bound, with its row index, to a small per-query buffer (an atomic
+   counter per query). Every true top-``k`` row is among them.
+3. **Select.** ``torch.topk`` over the buffer (``B × capacity``, a few thousand columns).
+
+The memory is read ``1 + 1/s`` times, similarities live only in registers, and a query whose buffer
+overflows (a memory with many near-identical rows) is searched again with the PyTorch path, so the
+result is always exact. Similarities are those of the query rounded to the memory's dtype with the
+memory rows, accumulated in fp32 (``knn_search`` computes the same on every device).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+__all__ = ["FUSED_DTYPES", "fused_knn_search", "fused_search_supported", "triton_available"]
+
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """Whether Triton is importable (the fused path also needs a CUDA tensor or the interpreter)."""
+    return triton is not None
+
+
+def fused_search_supported(query: Tensor, memory: Tensor, *, memory_ids: Tensor | None) -> bool:
+    """Whether :func:`fused_knn_search` handles this call (else the PyTorch path does).
+
+    Needs Triton, a CUDA memory (or ``TRITON_INTERPRET=1`` for CPU tests), a bf16/fp16 memory (an
+    fp32 memory would go through TF32 tensor cores and stop being exact), a feature dimension of
+    at most 256 and a memory indexed by row (``memory_ids`` None).
+    """
+    if triton is None or memory_ids is not None:
+        return False
+    if memory.dtype not in FUSED_DTYPES or memory.shape[1] > 256 or memory.shape[0] == 0:
+        return False
+    if query.device != memory.device:
+        return False
+    if memory.is_cuda:
+        # bf16 tensor-core products need Ampere or newer.
+        major, _ = torch.cuda.get_device_capability(memory.device)
+        return major >= 8 or (major >= 7 and memory.dtype == torch.float16)
+    return _INTERPRET
+
+
+if triton is not None:
+
+    @triton.jit
+    def _knn_tiles_kernel(
+        query_ptr,
+        memory_ptr,
+        valid_ptr,
+        query_ids_ptr,
+        bound_ptr,
+        tile_max_ptr,
+        out_values_ptr,
+        out_indices_ptr,
+        counts_ptr,
+        num_queries,
+        num_rows,
+        dim,
+        stride_query,
+        stride_memory,
+        num_tiles,
+        tile_step,
+        capacity,
+        HAS_VALID: tl.constexpr,
+        HAS_IDS: tl.constexpr,
+        COLLECT: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
+        # programs of all query blocks read the same memory tile at about the same time (L2 hits).
+        pid_q = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        programs_n = tl.num_programs(1)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < num_queries
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        query = tl.load(
+            query_ptr + offs_q[:, None] * stride_query + offs_d[None, :],
+            mask=q_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if HAS_IDS:
+            query_ids = tl.load(query_ids_ptr + offs_q, mask=q_mask, other=-1)
+        if COLLECT:
+            bound = tl.load(bound_ptr + offs_q, mask=q_mask, other=float("inf"))
+        for tile in range(pid_n, num_tiles, programs_n):
+            offs_n = tile * tile_step * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < num_rows
+            rows = tl.load(  # int64 offsets: rows × dim passes 2**31 beyond ~16M rows of 128-d
+                memory_ptr + offs_n.to(tl.int64)[:, None] * stride_memory + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
+            candidate = n_mask[None, :] & q_mask[:, None]
+            if HAS_VALID:
+                row_valid = tl.load(valid_ptr + offs_n, mask=n_mask, other=0)
+                candidate = candidate & (row_valid != 0)[None, :]
+            if HAS_IDS:
+                candidate = candidate & (offs_n[None, :] != query_ids[:, None])
+            similarities = tl.where(candidate, similarities, float("-inf"))
+            if COLLECT:
+                keep = candidate & (similarities >= bound[:, None])
+                zeros = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+                slot = tl.atomic_add(counts_ptr + offs_q[:, None] + zeros, 1, mask=keep)
+                store = keep & (slot < capacity)
+                destination = offs_q[:, None] * capacity + slot
+                tl.store(out_values_ptr + destination, similarities, mask=store)
+                tl.store(out_indices_ptr + destination, offs_n[None, :] + zeros, mask=store)
+            else:
+                tile_max = tl.max(similarities, axis=1)
+                tl.store(tile_max_ptr + offs_q * num_tiles + tile, tile_max, mask=q_mask)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+def _launch(
+    query: Tensor,
+    memory: Tensor,
+    valid: Tensor | None,
+    query_ids: Tensor | None,
+    *,
+    num_tiles: int,
+    tile_step: int,
+    block_q: int,
+    block_n: int,
+    bound: Tensor | None = None,
+    tile_max: Tensor | None = None,
+    out_values: Tensor | None = None,
+    out_indices: Tensor | None = None,
+    counts: Tensor | None = None,
+    capacity: int = 0,
+) -> None:
+    batch, dim = query.shape
+    query_blocks = triton.cdiv(batch, block_q)
+    if query.is_cuda:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        programs_n = max(1, min(num_tiles, 8 * sms // query_blocks))
+    else:  # interpreter: few programs, each looping over many tiles
+        programs_n = max(1, min(num_tiles, 4))
+    dummy = query  # never read: the constexpr flags switch the loads off
+    _knn_tiles_kernel[(query_blocks, programs_n)](
+        query,
+        memory,
+        valid if valid is not None else dummy,
+        query_ids if query_ids is not None else dummy,
+        bound if bound is not None else dummy,
+        tile_max if tile_max is not None else dummy,
+        out_values if out_values is not None else dummy,
+        out_indices if out_indices is not None else dummy,
+        counts if counts is not None else dummy,
+        batch,
+        memory.shape[0],
+        dim,
+        query.stride(0),
+        memory.stride(0),
+        num_tiles,
+        tile_step,
+        capacity,
+        HAS_VALID=valid is not None,
+        HAS_IDS=query_ids is not None,
+        COLLECT=bound is not None,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, _next_power_of_two(dim)),
+        num_warps=8 if block_q * block_n >= 128 * 128 else 4,
+        num_stages=3,
+    )
+
+
+@torch.no_grad()
+def fused_knn_search(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    block_n: int = 128,
+    max_tile_stride: int = 4,
+    capacity: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-``k`` rows of a bf16/fp16 ``memory`` by inner product (see the module doc).
+
+    Inputs are assumed validated by :func:`look.search.knn_search`. Returns ``values`` (fp32) and
+    ``indices`` (int64), both ``(B, k)`` sorted descending with ``-inf``/``-1`` padding, and a
+    ``(B,)`` bool tensor marking the queries whose candidate buffer overflowed: their rows are
+    wrong and must be recomputed by the caller.
+    """
+    if not fused_search_supported(query, memory, memory_ids=None):
+        raise ValueError("fused_knn_search needs Triton and a CUDA bf16/fp16 memory")
+    batch = query.shape[0]
+    device = memory.device
+    queries = query.detach().to(memory.dtype).contiguous()
+    memory = memory.detach()
+    if memory.stride(1) != 1:
+        memory = memory.contiguous()
+    valid = memory_valid.to(device=device, dtype=torch.uint8) if memory_valid is not None else None
+    ids = query_ids.to(device=device, dtype=torch.int64) if query_ids is not None else None
+    block_q = max(16, min(128, _next_power_of_two(batch)))
+    total_tiles = triton.cdiv(memory.shape[0], block_n)
+
+    # Pass 1: tile maxima over every s-th tile; s keeps >= 4k sampled tiles so the bound is tight.
+    tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * k)))
+    sampled_tiles = triton.cdiv(total_tiles, tile_stride)
+    neg_inf = float("-inf")
+    if sampled_tiles >= k:
+        tile_max = torch.empty(batch, sampled_tiles, dtype=torch.float32, device=device)
+        _launch(
+            queries, memory, valid, ids,
+            num_tiles=sampled_tiles, tile_step=tile_stride, block_q=block_q, block_n=block_n,
+            tile_max=tile_max,
+        )  # fmt: skip
+        bound = tile_max.topk(k, dim=1, sorted=False).values.amin(dim=1)
+        # Guard against the two launches rounding the same product differently by one ulp
+        # (-inf, when fewer than k candidates were sampled, stays -inf: collect everything).
+        bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, bound)
+    else:  # too few tiles for a bound: collect every candidate (small memories)
+        bound = torch.full((batch,), neg_inf, dtype=torch.float32, device=device)
+
+    # Pass 2: collect every similarity >= bound into a per-query buffer.
+    if capacity is None:
+        capacity = max(1024, 16 * k) if sampled_tiles >= k else memory.shape[0]
+    out_values = torch.full((batch, capacity), neg_inf, dtype=torch.float32, device=device)
+    out_indices = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
+    counts = torch.zeros(batch, dtype=torch.int32, device=device)
+    _launch(
+        queries, memory, valid, ids,
+        num_tiles=total_tiles, tile_step=1, block_q=block_q, block_n=block_n,
+        bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
+        capacity=capacity,
+    )  # fmt: skip
+
+    keep = min(k, capacity)
+    values, order = out_values.topk(keep, dim=1, largest=True, sorted=True)
+    indices = out_indices.gather(1, order)
+    if keep < k:
+        values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
+        indices = torch.cat([indices, indices.new_full((batch, k - keep), -1)], dim=1)
+    indices = indices.masked_fill(values == neg_inf, -1)
+    return values, indices, counts > capacity

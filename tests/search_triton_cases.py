@@ -1,0 +1,85 @@
+"""Checks of the fused Triton search, run by tests/test_search_triton.py in a child process with
+``TRITON_INTERPRET=1`` (Triton reads it when the kernel is defined, so it cannot be set in-process).
+
+Each case compares :func:`look.search.knn_search` (fused path) with the same call forced onto the
+PyTorch scan. Run directly: ``TRITON_INTERPRET=1 python -m tests.search_triton_cases``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from look.search import knn_search
+from look.search_triton import fused_knn_search, fused_search_supported
+
+
+def _check_same(query: torch.Tensor, memory: torch.Tensor, k: int, **kwargs: object) -> None:
+    assert fused_search_supported(query, memory, memory_ids=None)
+    fused = knn_search(query, memory, k, backend="triton", **kwargs)  # type: ignore[arg-type]
+    scan = knn_search(query, memory, k, backend="torch", **kwargs)  # type: ignore[arg-type]
+    assert fused.values.shape == scan.values.shape == (query.shape[0], k)
+    # Same neighbour sets with the same values; only equal similarities may swap places.
+    torch.testing.assert_close(fused.values, scan.values, rtol=0, atol=1e-6)
+    for row in range(query.shape[0]):
+        same = set(fused.indices[row].tolist()) == set(scan.indices[row].tolist())
+        ties = fused.values[row, -1] == fused.values[row, -2] if k > 1 else False
+        assert same or bool(ties), f"row {row}: neighbour sets differ"
+
+
+def case_matches_scan() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # (queries, rows, dim, k): ragged query block, dim not a power of two, bound pass with stride,
+    # k larger than the candidates (padding), tiny memory.
+    for batch, rows, dim, k in [
+        (7, 3000, 32, 10),
+        (33, 40000, 20, 25),
+        (16, 500, 8, 600),
+        (3, 5, 4, 2),
+    ]:
+        query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+        memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1).half()
+        valid = torch.rand(rows, generator=generator) > 0.2
+        query_ids = torch.randint(0, rows, (batch,), generator=generator)
+        _check_same(query, memory, k)
+        _check_same(query, memory, k, query_ids=query_ids, memory_valid=valid)
+
+
+def case_own_row_and_invalid_rows_excluded() -> None:
+    memory = F.normalize(torch.randn(400, 16), dim=1).half()
+    query = memory[:8].float()
+    valid = torch.ones(400, dtype=torch.bool)
+    valid[8:20] = False
+    result = knn_search(
+        query, memory, 30, query_ids=torch.arange(8), memory_valid=valid, backend="triton"
+    )
+    chosen = result.indices
+    assert not (chosen == torch.arange(8).unsqueeze(1)).any(), "own row returned"
+    assert not ((chosen >= 8) & (chosen < 20)).any(), "invalid row returned"
+
+
+def case_overflow_falls_back_to_scan() -> None:
+    # 3,000 identical rows: every one ties with the bound, the 1,024-slot buffer overflows.
+    row = F.normalize(torch.randn(1, 16), dim=1)
+    memory = torch.cat([row.repeat(3000, 1), F.normalize(torch.randn(30000, 16), dim=1)]).half()
+    query = row + 0.01 * torch.randn(4, 16)
+    _, _, overflowed = fused_knn_search(query, memory, 5)
+    assert bool(overflowed.all()), "expected every query to overflow its buffer"
+    fused = knn_search(query, memory, 5, backend="triton")
+    scan = knn_search(query, memory, 5, backend="torch")
+    torch.testing.assert_close(fused.values, scan.values, rtol=0, atol=0)
+    assert bool((fused.indices < 3000).all())
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for name, case in sorted(globals().items()):
+        if name.startswith("case_"):
+            case()
+            print(f"{name}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The fused Triton search against the PyTorch scan (CPU, Triton's interpreter) and its dispatch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from look.search import knn_search
+from look.search_triton import fused_search_supported, triton_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_fused_search_equals_scan_in_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.search_triton_cases"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.count(": ok") == 3, completed.stdout
+
+
+def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:
+    query = torch.randn(4, 8)
+    memory = torch.randn(50, 8).half()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not fused_search_supported(query, memory, memory_ids=None)
+        with pytest.raises(ValueError, match="backend='triton' needs"):
+            knn_search(query, memory, 3, backend="triton")
+    # An fp32 memory never takes the fused path (TF32 tensor cores would not be exact).
+    assert not fused_search_supported(query, memory.float(), memory_ids=None)
+    assert not fused_search_supported(query, memory, memory_ids=torch.arange(50))
+
+
+def test_unknown_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="backend must be"):
+        knn_search(torch.randn(2, 4), torch.randn(10, 4), 3, backend="faiss")
