@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
-from look.search_triton import fused_search_supported
+from look.search_triton import fused_knn_search, fused_search_supported, tune_kernel_config
 
 # The package re-exports a function named look_loss, which shadows the module's attribute.
 look_loss_module = importlib.import_module("look.losses.look_loss")
@@ -113,6 +114,16 @@ def main() -> None:
     parser.add_argument(
         "--scan-step", action="store_true", help="also time the LOOK step with the PyTorch scan"
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="first pick the fused search's kernel config on a bank of the first --rows size",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch.profiler table of one LOOK step (first --rows size) to this file",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -145,6 +156,35 @@ def main() -> None:
         "chunk_size": args.chunk_size,
     }
     sizes = sorted({*args.rows, *(max(args.k + 1, r // args.world) for r in args.rows)})
+    memory_dtype = getattr(torch, args.memory_dtype)
+    if args.tune:
+        bank = F.normalize(torch.randn(args.rows[0], 128, device=device), dim=1).to(memory_dtype)
+        queries = F.normalize(torch.randn(args.batch_size, 128, device=device), dim=1)
+        if fused_search_supported(queries, bank, memory_ids=None):
+            tuned = tune_kernel_config(queries, bank, args.k)
+            figures["kernel_tuning"] = [{**asdict(config), "ms": ms} for config, ms in tuned]
+            for config, ms in tuned:
+                print(f"kernel {config}: {ms:.3f} ms")
+        del bank
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        tables = []
+        for name, method_cfg in (("LOOK", look_cfg), ("CE", {"name": "ce"})):
+            step = _step_fn(method_cfg, args, args.rows[0], device)
+            for _ in range(args.warmup):
+                step()
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(3):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize(device)
+            sort_by = "cuda_time_total" if cuda else "cpu_time_total"
+            table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
+            tables.append(f"== {name} step x3, {args.rows[0]} rows\n{table}")
+            del step
+        Path(args.profile).write_text("\n\n".join(tables))
     for rows in sizes:
         reset_peak()
         look_ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
@@ -165,9 +205,7 @@ def main() -> None:
                 look_loss_module.knn_search = original  # type: ignore[assignment]
             entry["look_scan_step_ms"] = scan_step_ms
             entry["look_scan_over_ce"] = scan_step_ms / ce_ms
-        bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(
-            getattr(torch, args.memory_dtype)
-        )
+        bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(memory_dtype)
         queries = F.normalize(torch.randn(args.batch_size, 128, device=device), dim=1)
         query_ids = torch.randint(0, rows, (args.batch_size,), device=device)
         backends = ["torch"]
@@ -182,6 +220,15 @@ def main() -> None:
             results[backend] = search()
             entry[f"search_{backend}_ms"] = measure(search, args.steps, args.warmup)
         if "triton" in results:
+            phases: dict[str, float] = {}
+            for _ in range(args.steps):
+                fused_knn_search(queries, bank, args.k, query_ids=query_ids, timings=phases)
+            entry["fused_phases_ms"] = {
+                name: (
+                    1000.0 * value / args.steps if name != "mean_candidates" else value / args.steps
+                )
+                for name, value in phases.items()
+            }
             fused, scan = results["triton"], results["torch"]
             entry["fused_max_abs_value_diff"] = float((fused.values - scan.values).abs().max())
             entry["fused_same_neighbour_sets"] = (

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from look.search import knn_search
-from look.search_triton import fused_knn_search, fused_search_supported
+from look.search_triton import (
+    SearchKernelConfig,
+    fused_knn_search,
+    fused_search_supported,
+    get_kernel_config,
+    set_kernel_config,
+    tune_kernel_config,
+)
 
 
 def _check_same(query: torch.Tensor, memory: torch.Tensor, k: int, **kwargs: object) -> None:
@@ -71,6 +78,22 @@ def case_overflow_falls_back_to_scan() -> None:
     scan = knn_search(query, memory, 5, backend="torch")
     torch.testing.assert_close(fused.values, scan.values, rtol=0, atol=0)
     assert bool((fused.indices < 3000).all())
+
+
+def case_tune_kernel_config_sets_the_fastest() -> None:
+    memory = F.normalize(torch.randn(5000, 16), dim=1).half()
+    query = F.normalize(torch.randn(8, 16), dim=1)
+    configs = (SearchKernelConfig(16, 32, 4, 2), SearchKernelConfig(16, 64, 4, 2))
+    default = get_kernel_config()
+    try:
+        results = tune_kernel_config(query, memory, 10, configs=configs, repeats=1)
+        assert [config for config, _ in results] == sorted(configs, key=dict(results).get)
+        assert get_kernel_config() == results[0][0]
+        timings: dict[str, float] = {}
+        fused_knn_search(query, memory, 10, timings=timings)
+        assert {"bound_pass", "collect_pass", "select_topk"} <= set(timings)
+    finally:
+        set_kernel_config(default)
 
 
 def main() -> None:

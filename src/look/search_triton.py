@@ -24,6 +24,8 @@ memory rows, accumulated in fp32 (``knn_search`` computes the same on every devi
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,7 +37,16 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["FUSED_DTYPES", "fused_knn_search", "fused_search_supported", "triton_available"]
+__all__ = [
+    "FUSED_DTYPES",
+    "SearchKernelConfig",
+    "fused_knn_search",
+    "fused_search_supported",
+    "get_kernel_config",
+    "set_kernel_config",
+    "triton_available",
+    "tune_kernel_config",
+]
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -130,15 +141,57 @@ if triton is not None:
             similarities = tl.where(candidate, similarities, float("-inf"))
             if COLLECT:
                 keep = candidate & (similarities >= bound[:, None])
-                zeros = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
-                slot = tl.atomic_add(counts_ptr + offs_q[:, None] + zeros, 1, mask=keep)
+                kept = keep.to(tl.int32)
+                row_kept = tl.sum(kept, axis=1)
+                # One relaxed atomic per query row reserves its slots (per-element atomics with
+                # the default acq_rel ordering made the first version ~20x slower than a read).
+                base = tl.atomic_add(
+                    counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
+                )
+                slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
                 store = keep & (slot < capacity)
                 destination = offs_q[:, None] * capacity + slot
                 tl.store(out_values_ptr + destination, similarities, mask=store)
-                tl.store(out_indices_ptr + destination, offs_n[None, :] + zeros, mask=store)
+                indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+                tl.store(out_indices_ptr + destination, indices, mask=store)
             else:
                 tile_max = tl.max(similarities, axis=1)
                 tl.store(tile_max_ptr + offs_q * num_tiles + tile, tile_max, mask=q_mask)
+
+
+@dataclass(frozen=True)
+class SearchKernelConfig:
+    """Tile sizes and launch settings of the search kernel (``block_q`` is capped by the batch)."""
+
+    block_q: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Candidates tried by tune_kernel_config; the default is the first.
+KERNEL_CONFIGS = (
+    SearchKernelConfig(128, 128, 8, 3),
+    SearchKernelConfig(128, 128, 4, 3),
+    SearchKernelConfig(128, 64, 4, 3),
+    SearchKernelConfig(64, 128, 4, 3),
+    SearchKernelConfig(128, 256, 8, 3),
+    SearchKernelConfig(256, 64, 8, 3),
+    SearchKernelConfig(128, 128, 8, 4),
+    SearchKernelConfig(64, 64, 4, 4),
+)
+_kernel_config = KERNEL_CONFIGS[0]
+
+
+def get_kernel_config() -> SearchKernelConfig:
+    """The configuration :func:`fused_knn_search` uses when none is passed."""
+    return _kernel_config
+
+
+def set_kernel_config(config: SearchKernelConfig) -> None:
+    """Make ``config`` the process-wide default (e.g. the result of :func:`tune_kernel_config`)."""
+    global _kernel_config
+    _kernel_config = config
 
 
 def _next_power_of_two(value: int) -> int:
@@ -153,8 +206,8 @@ def _launch(
     *,
     num_tiles: int,
     tile_step: int,
+    config: SearchKernelConfig,
     block_q: int,
-    block_n: int,
     bound: Tensor | None = None,
     tile_max: Tensor | None = None,
     out_values: Tensor | None = None,
@@ -192,10 +245,10 @@ def _launch(
         HAS_IDS=query_ids is not None,
         COLLECT=bound is not None,
         BLOCK_Q=block_q,
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_two(dim)),
-        num_warps=8 if block_q * block_n >= 128 * 128 else 4,
-        num_stages=3,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 
@@ -207,16 +260,18 @@ def fused_knn_search(
     *,
     query_ids: Tensor | None = None,
     memory_valid: Tensor | None = None,
-    block_n: int = 128,
     max_tile_stride: int = 4,
     capacity: int | None = None,
+    config: SearchKernelConfig | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-``k`` rows of a bf16/fp16 ``memory`` by inner product (see the module doc).
 
     Inputs are assumed validated by :func:`look.search.knn_search`. Returns ``values`` (fp32) and
     ``indices`` (int64), both ``(B, k)`` sorted descending with ``-inf``/``-1`` padding, and a
     ``(B,)`` bool tensor marking the queries whose candidate buffer overflowed: their rows are
-    wrong and must be recomputed by the caller.
+    wrong and must be recomputed by the caller. ``timings``, if given, receives the seconds of
+    each phase (synchronising the GPU between phases: for benchmarks only).
     """
     if not fused_search_supported(query, memory, memory_ids=None):
         raise ValueError("fused_knn_search needs Triton and a CUDA bf16/fp16 memory")
@@ -228,8 +283,11 @@ def fused_knn_search(
         memory = memory.contiguous()
     valid = memory_valid.to(device=device, dtype=torch.uint8) if memory_valid is not None else None
     ids = query_ids.to(device=device, dtype=torch.int64) if query_ids is not None else None
-    block_q = max(16, min(128, _next_power_of_two(batch)))
+    config = config or _kernel_config
+    block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
+    block_n = config.block_n
     total_tiles = triton.cdiv(memory.shape[0], block_n)
+    clock = _PhaseClock(device, timings)
 
     # Pass 1: tile maxima over every s-th tile; s keeps >= 4k sampled tiles so the bound is tight.
     tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * k)))
@@ -239,13 +297,15 @@ def fused_knn_search(
         tile_max = torch.empty(batch, sampled_tiles, dtype=torch.float32, device=device)
         _launch(
             queries, memory, valid, ids,
-            num_tiles=sampled_tiles, tile_step=tile_stride, block_q=block_q, block_n=block_n,
+            num_tiles=sampled_tiles, tile_step=tile_stride, config=config, block_q=block_q,
             tile_max=tile_max,
         )  # fmt: skip
+        clock.lap("bound_pass")
         bound = tile_max.topk(k, dim=1, sorted=False).values.amin(dim=1)
         # Guard against the two launches rounding the same product differently by one ulp
         # (-inf, when fewer than k candidates were sampled, stays -inf: collect everything).
         bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, bound)
+        clock.lap("bound_topk")
     else:  # too few tiles for a bound: collect every candidate (small memories)
         bound = torch.full((batch,), neg_inf, dtype=torch.float32, device=device)
 
@@ -257,11 +317,12 @@ def fused_knn_search(
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     _launch(
         queries, memory, valid, ids,
-        num_tiles=total_tiles, tile_step=1, block_q=block_q, block_n=block_n,
+        num_tiles=total_tiles, tile_step=1, config=config, block_q=block_q,
         bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
         capacity=capacity,
     )  # fmt: skip
 
+    clock.lap("collect_pass")
     keep = min(k, capacity)
     values, order = out_values.topk(keep, dim=1, largest=True, sorted=True)
     indices = out_indices.gather(1, order)
@@ -269,4 +330,67 @@ def fused_knn_search(
         values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
         indices = torch.cat([indices, indices.new_full((batch, k - keep), -1)], dim=1)
     indices = indices.masked_fill(values == neg_inf, -1)
+    clock.lap("select_topk")
+    if timings is not None:
+        timings["mean_candidates"] = float(counts.float().mean())
     return values, indices, counts > capacity
+
+
+PHASES = ("bound_pass", "bound_topk", "collect_pass", "select_topk")
+
+
+class _PhaseClock:
+    """Wall time of each phase into ``timings`` (synchronising the device); a no-op without it."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.device, self.timings = device, timings
+        self.start = self._now() if timings is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        now = self._now()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.start
+        self.start = now
+
+
+def tune_kernel_config(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    configs: tuple[SearchKernelConfig, ...] = KERNEL_CONFIGS,
+    repeats: int = 10,
+) -> list[tuple[SearchKernelConfig, float]]:
+    """Time :func:`fused_knn_search` with each config on these inputs, make the fastest the
+    default (:func:`set_kernel_config`) and return ``(config, milliseconds)`` fastest first.
+
+    Every config must return the neighbours of the first one (checked); a config that fails to
+    compile or launch (e.g. too much shared memory) is skipped.
+    """
+    results: list[tuple[SearchKernelConfig, float]] = []
+    reference: Tensor | None = None
+    for config in configs:
+        try:
+            values, _, _ = fused_knn_search(query, memory, k, config=config)
+        except Exception:  # an unbuildable config (e.g. too much shared memory) is skipped
+            continue
+        if reference is None:
+            reference = values
+        elif not torch.allclose(values, reference, rtol=0, atol=1e-5, equal_nan=True):
+            raise RuntimeError(f"kernel config {config} returned different neighbours")
+        clock: dict[str, float] = {}
+        for _ in range(repeats):
+            fused_knn_search(query, memory, k, config=config, timings=clock)
+        seconds = sum(clock[phase] for phase in PHASES if phase in clock)
+        results.append((config, 1000.0 * seconds / repeats))
+    if not results:
+        raise RuntimeError("no kernel configuration could be built")
+    results.sort(key=lambda item: item[1])
+    set_kernel_config(results[0][0])
+    return results

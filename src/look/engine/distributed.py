@@ -93,8 +93,9 @@ def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     the same gradient as one process computing the mean over the global batch. With no valid item
     anywhere it is an exact zero that still carries a graph (never NaN).
     """
-    local_sum = (per_item * valid.to(per_item.dtype)).sum()
-    count = all_reduce_sum(valid.sum().to(torch.float64))
-    if count.item() == 0:
-        return per_item.sum() * 0.0
+    # No host sync: with no valid item anywhere the local sum is an exact zero and the count is
+    # clamped to 1, so the result is 0 with a graph. torch.where keeps an inf/NaN in an invalid
+    # item from leaking through a multiplication by zero.
+    local_sum = torch.where(valid, per_item, torch.zeros_like(per_item)).sum()
+    count = all_reduce_sum(valid.sum().to(torch.float64)).clamp(min=1.0)
     return local_sum * (get_world_size() / count.to(per_item.dtype))
