@@ -7,8 +7,8 @@ search alone against the bank-read floor. Meant for one GPU run of a few minutes
 
 For every bank size in ``--rows`` (default 1.28M and 14M rows, plus the per-rank shard of a W=8
 sharded bank, rows/8) it times, with synthetic images and labels and a bank filled with random
-unit rows: a CE step and a LOOK step (forward, backward, SGD step; bf16 autocast and channels-last
-on CUDA), the neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries)
+unit rows: a CE step and a LOOK step (forward, the trainer's finite-loss check, backward, SGD
+step; bf16 autocast and channels-last on CUDA), the neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries)
 with each backend (the fused Triton search where it applies, and the chunked PyTorch scan, checked
 to return the same neighbours) and one full read of the bank (``bank.sum()``), which is the floor
 any exact search must pay. With ``--scan-step`` the LOOK step is also timed with the scan forced,
@@ -88,6 +88,8 @@ def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torc
         batch = Batch(views=[images], labels=labels, indices=indices)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = method(batch)
+        if args.loss_check:  # the trainer's NaN policy: one host sync per step, every method
+            assert bool(torch.isfinite(out.loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -113,6 +115,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
         "--scan-step", action="store_true", help="also time the LOOK step with the PyTorch scan"
+    )
+    parser.add_argument(
+        "--no-loss-check",
+        dest="loss_check",
+        action="store_false",
+        help="skip the per-step finite-loss check (a host sync) that look.engine's trainer does",
     )
     parser.add_argument(
         "--tune",

@@ -83,7 +83,7 @@ def case_overflow_falls_back_to_scan() -> None:
 def case_tune_kernel_config_sets_the_fastest() -> None:
     memory = F.normalize(torch.randn(5000, 16), dim=1).half()
     query = F.normalize(torch.randn(8, 16), dim=1)
-    configs = (SearchKernelConfig(16, 32, 4, 2), SearchKernelConfig(16, 64, 4, 2))
+    configs = (SearchKernelConfig(16, 32, 4, 2, "topk"), SearchKernelConfig(16, 64, 4, 2, "sort"))
     default = get_kernel_config()
     try:
         results = tune_kernel_config(query, memory, 10, configs=configs, repeats=1)

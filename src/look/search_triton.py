@@ -132,28 +132,32 @@ if triton is not None:
                 other=0.0,
             )
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
-            candidate = n_mask[None, :] & q_mask[:, None]
+            # Excluded rows (past the end, unwritten, a query's own row) become -inf. Row masks
+            # are a [BLOCK_N] bias, so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element;
+            # padding queries need no mask (their bound is +inf and their stores are masked).
+            row_ok = n_mask
             if HAS_VALID:
-                row_valid = tl.load(valid_ptr + offs_n, mask=n_mask, other=0)
-                candidate = candidate & (row_valid != 0)[None, :]
+                row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
+            similarities += tl.where(row_ok, 0.0, float("-inf"))[None, :]
             if HAS_IDS:
-                candidate = candidate & (offs_n[None, :] != query_ids[:, None])
-            similarities = tl.where(candidate, similarities, float("-inf"))
+                own_row = offs_n[None, :] == query_ids[:, None]
+                similarities = tl.where(own_row, float("-inf"), similarities)
             if COLLECT:
-                keep = candidate & (similarities >= bound[:, None])
+                keep = similarities >= bound[:, None]
                 kept = keep.to(tl.int32)
                 row_kept = tl.sum(kept, axis=1)
-                # One relaxed atomic per query row reserves its slots (per-element atomics with
-                # the default acq_rel ordering made the first version ~20x slower than a read).
-                base = tl.atomic_add(
-                    counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
-                )
-                slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-                store = keep & (slot < capacity)
-                destination = offs_q[:, None] * capacity + slot
-                tl.store(out_values_ptr + destination, similarities, mask=store)
-                indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
-                tl.store(out_indices_ptr + destination, indices, mask=store)
+                if tl.sum(row_kept, axis=0) > 0:  # most tiles hold no candidate of any query
+                    # One relaxed atomic per query row reserves its slots (per-element atomics
+                    # with the default acq_rel ordering were ~20x slower than a memory read).
+                    base = tl.atomic_add(
+                        counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
+                    )
+                    slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+                    store = keep & (slot < capacity)
+                    destination = offs_q[:, None] * capacity + slot
+                    tl.store(out_values_ptr + destination, similarities, mask=store)
+                    indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+                    tl.store(out_indices_ptr + destination, indices, mask=store)
             else:
                 tile_max = tl.max(similarities, axis=1)
                 tl.store(tile_max_ptr + offs_q * num_tiles + tile, tile_max, mask=q_mask)
@@ -164,21 +168,23 @@ class SearchKernelConfig:
     """Tile sizes and launch settings of the search kernel (``block_q`` is capped by the batch)."""
 
     block_q: int = 128
-    block_n: int = 128
-    num_warps: int = 8
+    block_n: int = 64
+    num_warps: int = 4
     num_stages: int = 3
+    select: str = "topk"  # how the bound and the final k are picked: torch "topk" or "sort"
 
 
-# Candidates tried by tune_kernel_config; the default is the first.
+# Candidates tried by tune_kernel_config; the default is the first (fastest of the first H100
+# tuning, docs/results.md).
 KERNEL_CONFIGS = (
-    SearchKernelConfig(128, 128, 8, 3),
-    SearchKernelConfig(128, 128, 4, 3),
-    SearchKernelConfig(128, 64, 4, 3),
-    SearchKernelConfig(64, 128, 4, 3),
-    SearchKernelConfig(128, 256, 8, 3),
-    SearchKernelConfig(256, 64, 8, 3),
-    SearchKernelConfig(128, 128, 8, 4),
-    SearchKernelConfig(64, 64, 4, 4),
+    SearchKernelConfig(128, 64, 4, 3, "topk"),
+    SearchKernelConfig(128, 64, 4, 3, "sort"),
+    SearchKernelConfig(64, 64, 4, 4, "topk"),
+    SearchKernelConfig(64, 64, 4, 4, "sort"),
+    SearchKernelConfig(128, 32, 4, 3, "sort"),
+    SearchKernelConfig(64, 32, 4, 4, "sort"),
+    SearchKernelConfig(256, 64, 8, 3, "sort"),
+    SearchKernelConfig(128, 128, 8, 3, "sort"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -192,6 +198,16 @@ def set_kernel_config(config: SearchKernelConfig) -> None:
     """Make ``config`` the process-wide default (e.g. the result of :func:`tune_kernel_config`)."""
     global _kernel_config
     _kernel_config = config
+
+
+def _largest(values: Tensor, k: int, select: str) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row, sorted descending, and their columns."""
+    if select == "sort":  # a segmented sort can beat topk's radix select for short rows
+        ordered, order = values.sort(dim=1, descending=True)
+        return ordered[:, :k], order[:, :k]
+    if select != "topk":
+        raise ValueError(f"select must be 'topk' or 'sort', got {select!r}")
+    return values.topk(k, dim=1, largest=True, sorted=True)
 
 
 def _next_power_of_two(value: int) -> int:
@@ -301,13 +317,14 @@ def fused_knn_search(
             tile_max=tile_max,
         )  # fmt: skip
         clock.lap("bound_pass")
-        bound = tile_max.topk(k, dim=1, sorted=False).values.amin(dim=1)
+        bound = _largest(tile_max, k, config.select)[0][:, k - 1]
         # Guard against the two launches rounding the same product differently by one ulp
         # (-inf, when fewer than k candidates were sampled, stays -inf: collect everything).
-        bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, bound)
+        lowest = torch.finfo(torch.float32).min  # excluded rows are -inf: never >= lowest
+        bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, lowest)
         clock.lap("bound_topk")
     else:  # too few tiles for a bound: collect every candidate (small memories)
-        bound = torch.full((batch,), neg_inf, dtype=torch.float32, device=device)
+        bound = torch.full((batch,), torch.finfo(torch.float32).min, device=device)
 
     # Pass 2: collect every similarity >= bound into a per-query buffer.
     if capacity is None:
@@ -324,7 +341,7 @@ def fused_knn_search(
 
     clock.lap("collect_pass")
     keep = min(k, capacity)
-    values, order = out_values.topk(keep, dim=1, largest=True, sorted=True)
+    values, order = _largest(out_values, keep, config.select)
     indices = out_indices.gather(1, order)
     if keep < k:
         values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
