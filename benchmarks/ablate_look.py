@@ -91,6 +91,12 @@ def main() -> None:
             name = "_".join(
                 [method, *(o.replace("method.", "").replace("=", "") for o in overrides)]
             )
+            # The budget is part of the name, so runs of another length are never reused.
+            default_plan = DemoPlan.default()
+            if plan.epochs != default_plan.epochs:
+                name += f"_e{plan.epochs}"
+            if plan.train_subset != default_plan.train_subset:
+                name += f"_n{plan.train_subset}"
             run_dir = workdir / f"{name}_s{seed}"
             started = time.perf_counter()
             if not (run_dir / "summary.json").exists():
