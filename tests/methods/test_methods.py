@@ -101,6 +101,16 @@ def test_nca_equals_look_with_all_neighbours() -> None:
     assert torch.equal(outs[0], outs[1])
 
 
+def test_k_fraction_sets_k_from_the_mean_class_size() -> None:
+    # CTX: 64 samples, 3 classes -> mean class size 21.33; half of it rounds to 11.
+    method = build_method(
+        {"name": "look", "k_fraction": 0.5, **SMALL_HEAD}, TinyBackbone(), 12, CTX
+    )
+    assert method.options.k == 11
+    with pytest.raises(ConfigError, match="k_fraction must be in"):
+        build_method({"name": "look", "k_fraction": 1.5}, TinyBackbone(), 12, CTX)
+
+
 def test_impossible_k_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="k=64 is impossible"):
         build_method({"name": "look", "k": 64}, TinyBackbone(), 12, CTX)

@@ -6,7 +6,7 @@ matter, not the whole class (METHOD.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,10 @@ _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 @dataclass
 class LOOKOptions(HeadOptions):
     k: int | None = 200  # None: every memory row (NCA)
+    # k as a fraction of the mean class size (training images / classes); replaces k when set.
+    # The paper's k is tuned for ImageNet's ~1,300 images per class: a fraction carries over to
+    # datasets with much larger classes (Fashion-MNIST's coarse classes hold ~15,000 images).
+    k_fraction: float | None = None
     temperature: float = 0.1
     no_positive: str = "drop"  # drop | nearest
     # bank (one row per image) | queue (FIFO of queue_size rows) | sharded_bank (a bank of which
@@ -45,6 +49,10 @@ class LOOKOptions(HeadOptions):
         self.validate_head()
         check_options(self.k is None or self.k >= 1, f"k must be >= 1 or null (NCA), got {self.k}")
         check_options(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check_options(
+            self.k_fraction is None or 0.0 < self.k_fraction <= 1.0,
+            f"k_fraction must be in (0, 1] (a fraction of the mean class size), got {self.k_fraction}",
+        )
         choices = {
             "no_positive": ("drop", "nearest"),
             "memory": ("bank", "queue", "sharded_bank"),
@@ -84,6 +92,9 @@ class LOOK(Method):
     def __init__(
         self, options: LOOKOptions, backbone: nn.Module, feature_dim: int, ctx: MethodContext
     ) -> None:
+        if options.k_fraction is not None:
+            mean_class_size = ctx.num_samples / max(1, ctx.num_classes)
+            options = replace(options, k=max(1, round(options.k_fraction * mean_class_size)))
         super().__init__(options, backbone, feature_dim, ctx)
         self.head = options.build_head(feature_dim)
         memory_rows = ctx.num_samples if options.memory != "queue" else options.queue_size

@@ -14,6 +14,7 @@ class NCAOptions(LOOKOptions):
 
     def validate(self) -> None:
         check_options(self.k is None, f"nca uses every memory row; k must be null, got {self.k}")
+        check_options(self.k_fraction is None, "nca uses every memory row; k_fraction must be null")
         super().validate()
 
 
