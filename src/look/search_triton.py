@@ -167,22 +167,22 @@ if triton is not None:
 class SearchKernelConfig:
     """Tile sizes and launch settings of the search kernel (``block_q`` is capped by the batch)."""
 
-    block_q: int = 128
-    block_n: int = 64
+    block_q: int = 64
+    block_n: int = 32
     num_warps: int = 4
-    num_stages: int = 3
-    select: str = "topk"  # how the bound and the final k are picked: torch "topk" or "sort"
+    num_stages: int = 4
+    select: str = "sort"  # how the bound and the final k are picked: torch "topk" or "sort"
 
 
 # Candidates tried by tune_kernel_config; the default is the first (fastest of the first H100
 # tuning, docs/results.md).
 KERNEL_CONFIGS = (
-    SearchKernelConfig(128, 64, 4, 3, "topk"),
-    SearchKernelConfig(128, 64, 4, 3, "sort"),
-    SearchKernelConfig(64, 64, 4, 4, "topk"),
-    SearchKernelConfig(64, 64, 4, 4, "sort"),
-    SearchKernelConfig(128, 32, 4, 3, "sort"),
     SearchKernelConfig(64, 32, 4, 4, "sort"),
+    SearchKernelConfig(128, 32, 4, 3, "sort"),
+    SearchKernelConfig(128, 64, 4, 3, "sort"),
+    SearchKernelConfig(64, 64, 4, 4, "sort"),
+    SearchKernelConfig(64, 64, 4, 4, "topk"),
+    SearchKernelConfig(128, 64, 4, 3, "topk"),
     SearchKernelConfig(256, 64, 8, 3, "sort"),
     SearchKernelConfig(128, 128, 8, 3, "sort"),
 )
