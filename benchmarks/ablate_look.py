@@ -3,7 +3,8 @@
     python benchmarks/ablate_look.py --output ablation.json \
         --set method.k=20,200,1000 --set method.temperature=0.1,0.5 [--epochs 3] [--seeds 0 1 2]
 
-Every combination of the ``--set`` values (comma-separated) is pre-trained with the demo's recipe
+Every combination of the ``--set`` values (comma-separated; ``method.*`` keys change the method,
+any other key, e.g. ``optim.weight_decay``, the shared recipe) is pre-trained with the demo's recipe
 (`look.demo.pretrain_config`: same backbone, data subset, epochs and optimiser as the demo), then
 evaluated on the fine labels (linear probe, kNN k=20). For each run it also records the training
 signals that test the "vanishing gradient" hypothesis, averaged over the last epoch's logged steps:
@@ -84,12 +85,17 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for method, combo in jobs:
-            overrides = list(combo.values())
-            cfg = pretrain_config(plan, method, "coarse", seed, args.device)
+            overrides = [o for o in combo.values() if o.startswith("method.")]
+            recipe = tuple(o for o in combo.values() if not o.startswith("method."))
+            cfg = pretrain_config(plan, method, "coarse", seed, args.device, recipe)
             method_values = apply_overrides({"method": cfg.method}, overrides)["method"]
             cfg.method = method_values
             name = "_".join(
-                [method, *(o.replace("method.", "").replace("=", "") for o in overrides)]
+                [
+                    method,
+                    *(o.replace("method.", "").replace("=", "") for o in overrides),
+                    *(o.rpartition(".")[2].replace("=", "") for o in recipe),
+                ]
             )
             # The budget is part of the name, so runs of another length are never reused.
             default_plan = DemoPlan.default()

@@ -86,8 +86,18 @@ class DemoRun:
     results: dict[str, Path] = field(default_factory=dict)
 
 
-def pretrain_config(plan: DemoPlan, method: str, labels: str, seed: int, device: str) -> RunConfig:
-    """The one recipe every demo method shares; only the method section differs."""
+def pretrain_config(
+    plan: DemoPlan,
+    method: str,
+    labels: str,
+    seed: int,
+    device: str,
+    extra_overrides: tuple[str, ...] = (),
+) -> RunConfig:
+    """The one recipe every demo method shares; only the method section differs.
+
+    ``extra_overrides`` (``key=value``, applied last) let ablations change the rest of the recipe.
+    """
     method_section: dict[str, Any] = {"name": method}
     if method not in ("ce",):
         method_section.update(head_hidden_dim=plan.head_hidden_dim, head_out_dim=128)
@@ -113,6 +123,7 @@ def pretrain_config(plan: DemoPlan, method: str, labels: str, seed: int, device:
         "train.log_every_steps=10",
         "train.checkpoint_every_steps=1000",
         "train.tensorboard=false",
+        *extra_overrides,
     ]
     cfg = load_config(None, overrides)
     cfg.method = method_section
