@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,11 +365,16 @@ class Trainer:
             if self.method.needs_warmup_pass:
                 self._warmup_memory()
         if is_distributed():
-            self.model = DistributedDataParallel(
-                self.method,
-                device_ids=[self.device.index] if self.device_type == "cuda" else None,
-                broadcast_buffers=False,  # memories are kept identical by their own gathers
-            )
+            with warnings.catch_warnings():
+                # torch >= 2.14 deprecates broadcast_buffers for forward_sync_buffers, which
+                # still syncs buffers at init and would overwrite every rank's sharded-bank shard
+                # with rank 0's (torch 2.11 lacks it): the deprecated flag is the correct one.
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
+                self.model = DistributedDataParallel(
+                    self.method,
+                    device_ids=[self.device.index] if self.device_type == "cuda" else None,
+                    broadcast_buffers=False,  # memories are kept identical by their own gathers
+                )
         if self.cfg.train.compile:
             self.method.backbone.compile()
         self.method.train()
