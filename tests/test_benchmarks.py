@@ -48,3 +48,33 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     for entry in figures["rows"].values():
         assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
         assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
+
+
+def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
+    rows = [
+        {"name": "ce", "seed": s, "linear_top1": 80.0 + s, "epochs": e, "train_subset": 100}
+        for s in (0, 1)
+        for e in (3, 10)
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    plan = {"plan": {"epochs": 3, "train_subset": 100}}
+    (tmp_path / "b.json").write_text(
+        json.dumps({**plan, "rows": [{"name": "look_k5_e3", "seed": 0, "linear_top1": 70.0}]})
+    )
+    output = tmp_path / "curve.png"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "plot_training_length.py"),
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert output.stat().st_size > 0
+    assert "ce                       3 ep: 80.50 (n=2), 10 ep: 80.50 (n=2)" in completed.stdout
+    assert "look_k5                  3 ep: 70.00 (n=1)" in completed.stdout

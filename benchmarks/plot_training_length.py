@@ -1,0 +1,85 @@
+"""Transfer accuracy against pre-training length, one line per method, from ablation results.
+
+    python benchmarks/plot_training_length.py --output docs/figures/training_length.png \
+        benchmarks/results/cpu_*.json benchmarks/results/h100_fmnist_coarse_full.json
+
+Reads the JSON files that ``benchmarks/ablate_look.py`` writes (``{"plan": {...}, "rows": [...]}``)
+or plain ``{"rows": [...]}`` files whose rows carry ``epochs`` and ``train_subset``. One panel per
+training-set size; a point is the mean fine-label linear-probe accuracy of a method at an epoch
+budget, with the standard deviation over seeds as an error bar when there are several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def load_points(paths: list[Path]) -> dict[int, dict[str, dict[int, list[float]]]]:
+    """``{train_subset: {method label: {epochs: [accuracies over seeds]}}}``."""
+    points: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for path in paths:
+        data = json.loads(path.read_text())
+        plan = data.get("plan", {})
+        for row in data["rows"]:
+            epochs = int(row.get("epochs", plan.get("epochs", 0)))
+            subset = int(row.get("train_subset", plan.get("train_subset", 0)))
+            label = str(row.get("label") or row["name"])
+            for suffix in (f"_e{epochs}", f"_n{subset}"):
+                label = label.replace(suffix, "")
+            points[subset][label][epochs].append(float(row["linear_top1"]))
+    return points
+
+
+def plot(points: dict[int, dict[str, dict[int, list[float]]]], output: Path) -> None:
+    subsets = sorted(points)
+    figure, axes = plt.subplots(1, len(subsets), figsize=(5.5 * len(subsets), 4), squeeze=False)
+    for axis, subset in zip(axes[0], subsets, strict=True):
+        for label, by_epochs in sorted(points[subset].items()):
+            epochs = sorted(by_epochs)
+            means = [statistics.mean(by_epochs[e]) for e in epochs]
+            errors = [
+                statistics.stdev(by_epochs[e]) if len(by_epochs[e]) > 1 else 0 for e in epochs
+            ]
+            axis.errorbar(epochs, means, yerr=errors, marker="o", capsize=3, label=label)
+        axis.set_title(f"Fashion-MNIST coarse, {subset:,} training images")
+        axis.set_xlabel("pre-training epochs")
+        axis.set_ylabel("fine-label linear probe (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args()
+    points = load_points(args.inputs)
+    if not points:
+        raise SystemExit("no rows found in the inputs")
+    plot(points, args.output)
+    for subset, methods in sorted(points.items()):
+        for label, by_epochs in sorted(methods.items()):
+            summary = ", ".join(
+                f"{e} ep: {statistics.mean(v):.2f} (n={len(v)})"
+                for e, v in sorted(by_epochs.items())
+            )
+            print(f"{subset:>6} images  {label:<24} {summary}")
+
+
+if __name__ == "__main__":
+    main()
