@@ -318,9 +318,10 @@ def fused_knn_search(
         )  # fmt: skip
         clock.lap("bound_pass")
         bound = _largest(tile_max, k, config.select)[0][:, k - 1]
-        # Guard against the two launches rounding the same product differently by one ulp
-        # (-inf, when fewer than k candidates were sampled, stays -inf: collect everything).
-        lowest = torch.finfo(torch.float32).min  # excluded rows are -inf: never >= lowest
+        # Guard against the two launches rounding the same product differently by one ulp. With
+        # fewer than k sampled candidates the bound is -inf: use the lowest finite value instead,
+        # which collects every candidate but never an excluded (-inf) row.
+        lowest = torch.finfo(torch.float32).min
         bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, lowest)
         clock.lap("bound_topk")
     else:  # too few tiles for a bound: collect every candidate (small memories)
