@@ -3,6 +3,8 @@ look_loss_terms exactly. The multi-rank behaviour is in test_sharded_ddp.py."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,8 +127,12 @@ def test_checkpoint_of_another_shard_is_refused_and_full_state_round_trips() -> 
 @pytest.mark.parametrize("no_positive", ["drop", "nearest"])
 @pytest.mark.parametrize(("k", "chunk_size"), [(1, 7), (5, 65536), (12, 4), (100, 9)])
 def test_loss_terms_equal_replicated_look_loss_terms(
-    dtype: torch.dtype, no_positive: str, k: int, chunk_size: int
+    dtype: torch.dtype, no_positive: str, k: int, chunk_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Bitwise equality holds against the replicated path's row gather; for a small memory and a
+    # large k that path takes a dense B × N product instead (equal within rounding, tested in
+    # tests/losses), so it is switched off here.
+    monkeypatch.setattr(importlib.import_module("look.losses.look_loss"), "_DENSE_LOGITS_LIMIT", 0)
     replicated, sharded = _filled_pair(dtype)
     query, labels, ids = _queries(16)
     expected_query = query.clone().requires_grad_(True)

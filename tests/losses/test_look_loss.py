@@ -593,3 +593,31 @@ def test_module_validates_at_construction() -> None:
     with pytest.raises(ValueError, match="no_positive"):
         LookLoss(5, 0.1, no_positive="ignore")  # type: ignore[arg-type]
     assert LookLoss(None, 0.1).k is None
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_dense_and_gathered_logits_agree(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # k=40 of 60 rows takes the dense B × N product; a zero limit forces the row gather.
+    import importlib
+
+    module = importlib.import_module("look.losses.look_loss")
+    g = torch.Generator().manual_seed(3)
+    memory = F.normalize(torch.randn(60, 8, generator=g), dim=1)
+    labels = torch.randint(0, 3, (60,), generator=g)
+    valid = torch.rand(60, generator=g) > 0.1
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        query = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+        query.requires_grad_(True)
+        terms = look_loss_terms(
+            query, labels[:6], memory, labels, k=k, temperature=0.1,
+            query_indices=torch.arange(6), memory_valid=valid,
+        )  # fmt: skip
+        terms.loss.sum().backward()
+        return terms.loss.detach(), query.grad  # type: ignore[return-value]
+
+    default_loss, default_grad = run()
+    monkeypatch.setattr(module, "_DENSE_LOGITS_LIMIT", 0)
+    gathered_loss, gathered_grad = run()
+    torch.testing.assert_close(default_loss, gathered_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(default_grad, gathered_grad, rtol=1e-5, atol=1e-6)
