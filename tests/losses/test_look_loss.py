@@ -507,7 +507,7 @@ def test_no_gradient_into_memory(k: int | None) -> None:
     assert query.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("k", [3, None])
+@pytest.mark.parametrize("k", [3, 25, None])  # 25 of 37 rows takes the dense-logits path
 def test_memory_may_be_updated_in_place_before_backward(k: int | None) -> None:
     # The LOOK method writes this batch into the memory after the forward and before backward.
     problem = make_problem(seed=18, dtype=torch.float32)

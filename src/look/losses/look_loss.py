@@ -203,7 +203,8 @@ def _selected_logits(
     batch, dim = queries.shape
     rows = memory.shape[0]
     if rows * 4 <= indices.shape[1] * dim and batch * rows <= _DENSE_LOGITS_LIMIT:
-        similarities = queries @ memory.detach().to(queries.dtype).T  # (B, N)
+        # A copy: the caller may update the memory in place before backward.
+        similarities = queries @ memory.detach().to(queries.dtype, copy=True).T  # (B, N)
         return similarities.gather(1, indices).masked_fill(~is_neighbour, 0.0)
     neighbours = memory.detach()[indices].to(queries.dtype)  # (B, k, d)
     # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
