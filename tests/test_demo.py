@@ -38,7 +38,8 @@ def test_every_demo_run_has_a_valid_config(plan: DemoPlan) -> None:
         )
         options = get_method_class(run.method).parse_options(cfg.method)
         if run.method == "look":
-            assert options.k == plan.look_k
+            assert options.k_fraction == plan.look_k_fraction
+            assert plan.look_k_fraction is not None or options.k == plan.look_k
 
 
 def test_the_verdict_states_wins_and_losses_from_the_numbers() -> None:
