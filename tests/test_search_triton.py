@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,26 @@ def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:
 def test_unknown_backend_is_rejected() -> None:
     with pytest.raises(ValueError, match="backend must be"):
         knn_search(torch.randn(2, 4), torch.randn(10, 4), 3, backend="faiss")
+
+
+def test_a_failing_kernel_warns_once_and_auto_falls_back_to_the_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import look.search as search_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(search_module, "fused_search_supported", lambda *a, **kw: True)
+    monkeypatch.setattr(search_module, "fused_knn_search", broken)
+    monkeypatch.setattr(search_module, "_fused_search_failed", False)
+    query, memory = torch.randn(4, 8), torch.randn(50, 8).half()
+    expected = knn_search(query, memory, 3, backend="torch")
+    with pytest.warns(RuntimeWarning, match="no kernel for this GPU"):
+        result = knn_search(query, memory, 3)
+    assert torch.equal(result.indices, expected.indices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither retries nor warns
+        knn_search(query, memory, 3)
+    with pytest.raises(RuntimeError, match="no kernel"):  # an explicit request still fails loudly
+        knn_search(query, memory, 3, backend="triton")
