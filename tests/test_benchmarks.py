@@ -78,3 +78,37 @@ def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
     assert output.stat().st_size > 0
     assert "ce                       3 ep: 80.50 (n=2), 10 ep: 80.50 (n=2)" in completed.stdout
     assert "look_k5                  3 ep: 70.00 (n=1)" in completed.stdout
+
+
+def test_summarize_ablations_means_over_seeds_and_dedupes(tmp_path: Path) -> None:
+    rows = [
+        {
+            "name": "look_k5",
+            "seed": 0,
+            "linear_top1": 70.0,
+            "knn20_top1": 60.0,
+            "saturated_frac": 0.1,
+        },
+        {
+            "name": "look_k5",
+            "seed": 1,
+            "linear_top1": 72.0,
+            "knn20_top1": 62.0,
+            "saturated_frac": 0.3,
+        },
+        {"name": "ce", "seed": 0, "linear_top1": 71.0, "knn20_top1": 61.0},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": rows[:1]}))  # a repeated run counts once
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "summarize_ablations.py"),
+            *map(str, tmp_path.glob("*.json")),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert "| look_k5 | 2 | 71.00 ± 1.41 | 61.00 ± 1.41 | 20.0 % |" in completed.stdout
+    assert "| ce | 1 | 71.00 | 61.00 | — |" in completed.stdout
