@@ -50,6 +50,7 @@ class DemoPlan:
     supcon_temperature: float = 0.1
     queue_size: int = 4096
     probe_train_subset: int = 10000
+    probe_c_grid: tuple[float, ...] | None = None  # None: the linear probe's default C grid
     fewshot_episodes: int = 600
     seeds: tuple[int, ...] = (0,)
     num_workers: int = 2
@@ -73,9 +74,10 @@ class DemoPlan:
             lr=0.1,
             queue_size=1024,
             probe_train_subset=2000,
+            probe_c_grid=(0.1, 1.0, 10.0),
             fewshot_episodes=100,
-            map_points=400,
-            analysis_per_coarse=500,
+            map_points=300,
+            analysis_per_coarse=400,
         )
 
 
@@ -182,7 +184,7 @@ def run_demo(
     from look.analysis import analyze_feature_sets, write_report
     from look.analysis.features import feature_sets_from_results
     from look.engine.trainer import pretrain
-    from look.evaluation import FewShotOptions, ModelSource, evaluate
+    from look.evaluation import FewShotOptions, LinearProbeOptions, ModelSource, evaluate
 
     plan = plan or DemoPlan.default()
     output_dir = Path(output_dir)
@@ -209,6 +211,7 @@ def run_demo(
     # Stage 2: transfer evaluation (frozen features; fine-tuning is left to `look evaluate`).
     stages.set_postfix_str("evaluate")
     fewshot = FewShotOptions(episodes=plan.fewshot_episodes)
+    linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
     result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
     for run in tqdm(runs, desc="evaluate", position=1, leave=False):
         slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
@@ -232,6 +235,7 @@ def run_demo(
                 seed=run.seed,
                 progress=False,
                 fewshot_options=fewshot,
+                linear_options=linear,
             )
             timings[f"evaluate/{run.scenario}/{slug}_s{run.seed}"] = time.perf_counter() - t0
         _label_results(out / "results.json", run)
