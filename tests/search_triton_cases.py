@@ -96,6 +96,12 @@ def case_tune_kernel_config_sets_the_fastest() -> None:
         set_kernel_config(default)
 
 
+def case_empty_batch() -> None:
+    memory = F.normalize(torch.randn(300, 8), dim=1).half()
+    result = knn_search(torch.empty(0, 8), memory, 5, backend="triton")
+    assert result.values.shape == (0, 5) and result.indices.shape == (0, 5)
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     for name, case in sorted(globals().items()):

@@ -293,6 +293,12 @@ def fused_knn_search(
         raise ValueError("fused_knn_search needs Triton and a CUDA bf16/fp16 memory")
     batch = query.shape[0]
     device = memory.device
+    if batch == 0:  # a grid of zero programs is not launchable
+        return (
+            torch.empty(0, k, dtype=torch.float32, device=device),
+            torch.empty(0, k, dtype=torch.int64, device=device),
+            torch.empty(0, dtype=torch.bool, device=device),
+        )
     queries = query.detach().to(memory.dtype).contiguous()
     memory = memory.detach()
     if memory.stride(1) != 1:
