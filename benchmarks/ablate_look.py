@@ -88,6 +88,8 @@ def main() -> None:
             overrides = [o for o in combo.values() if o.startswith("method.")]
             recipe = tuple(o for o in combo.values() if not o.startswith("method."))
             cfg = pretrain_config(plan, method, "coarse", seed, args.device, recipe)
+            if any(o.startswith("method.k=") for o in overrides):
+                cfg.method.pop("k_fraction", None)  # an explicit k replaces the recipe's fraction
             method_values = apply_overrides({"method": cfg.method}, overrides)["method"]
             cfg.method = method_values
             name = "_".join(

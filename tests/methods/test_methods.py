@@ -109,6 +109,8 @@ def test_k_fraction_sets_k_from_the_mean_class_size() -> None:
     assert method.options.k == 11
     with pytest.raises(ConfigError, match="k_fraction must be in"):
         build_method({"name": "look", "k_fraction": 1.5}, TinyBackbone(), 12, CTX)
+    with pytest.raises(ConfigError, match="give k or k_fraction, not both"):
+        build_method({"name": "look", "k": 30, "k_fraction": 0.5}, TinyBackbone(), 12, CTX)
 
 
 def test_impossible_k_is_a_config_error() -> None:

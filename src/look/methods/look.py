@@ -53,6 +53,12 @@ class LOOKOptions(HeadOptions):
             self.k_fraction is None or 0.0 < self.k_fraction <= 1.0,
             f"k_fraction must be in (0, 1] (a fraction of the mean class size), got {self.k_fraction}",
         )
+        # k_fraction replaces k: a k set next to it would be silently ignored, so refuse it (the
+        # default k may stay, which is also what a saved run's resolved config holds).
+        check_options(
+            self.k_fraction is None or self.k == LOOKOptions.k,
+            f"give k or k_fraction, not both (k={self.k}, k_fraction={self.k_fraction})",
+        )
         choices = {
             "no_positive": ("drop", "nearest"),
             "memory": ("bank", "queue", "sharded_bank"),
