@@ -24,10 +24,9 @@ import matplotlib.pyplot as plt
 
 
 def load_points(paths: list[Path]) -> dict[int, dict[str, dict[int, list[float]]]]:
-    """``{train_subset: {method label: {epochs: [accuracies over seeds]}}}``."""
-    points: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
+    """``{train_subset: {method label: {epochs: [accuracies over seeds]}}}``; a run found in
+    several files (same label, budget and seed) counts once."""
+    by_seed: dict[tuple[int, str, int, int], float] = {}
     for path in paths:
         data = json.loads(path.read_text())
         plan = data.get("plan", {})
@@ -37,7 +36,12 @@ def load_points(paths: list[Path]) -> dict[int, dict[str, dict[int, list[float]]
             label = str(row.get("label") or row["name"])
             for suffix in (f"_e{epochs}", f"_n{subset}"):
                 label = label.replace(suffix, "")
-            points[subset][label][epochs].append(float(row["linear_top1"]))
+            by_seed[(subset, label, epochs, int(row.get("seed", 0)))] = float(row["linear_top1"])
+    points: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for (subset, label, epochs, _), accuracy in sorted(by_seed.items()):
+        points[subset][label][epochs].append(accuracy)
     return points
 
 

@@ -57,6 +57,7 @@ def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
         for e in (3, 10)
     ]
     (tmp_path / "a.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "a2.json").write_text(json.dumps({"rows": rows[:1]}))  # a repeated run counts once
     plan = {"plan": {"epochs": 3, "train_subset": 100}}
     (tmp_path / "b.json").write_text(
         json.dumps({**plan, "rows": [{"name": "look_k5_e3", "seed": 0, "linear_top1": 70.0}]})
@@ -67,6 +68,7 @@ def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
             sys.executable,
             str(BENCHMARKS / "plot_training_length.py"),
             str(tmp_path / "a.json"),
+            str(tmp_path / "a2.json"),
             str(tmp_path / "b.json"),
             "--output",
             str(output),
