@@ -198,17 +198,15 @@ def knn_search(
             "backend='triton' needs Triton, a CUDA bf16/fp16 memory indexed by row (no memory_ids)"
             " and no labels"
         )
-    if fused and backend == "triton":
-        return _fused_with_fallback(
-            query, memory, k, query_ids=query_ids, memory_valid=memory_valid, chunk_size=chunk_size
-        )
-    if fused and backend == "auto" and not _fused_search_failed:
+    if fused and (backend == "triton" or (backend == "auto" and not _fused_search_failed)):
         try:
             return _fused_with_fallback(
                 query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
                 chunk_size=chunk_size,
             )  # fmt: skip
         except Exception as error:  # any compile or launch failure of the kernel
+            if backend == "triton":  # asked for explicitly: fail loudly
+                raise
             # A training run must not die because Triton cannot build the kernel for this GPU or
             # version: say so once and use the (exact, slower) scan from now on.
             _disable_fused_search(error)
