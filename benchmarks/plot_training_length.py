@@ -12,36 +12,28 @@ budget, with the standard deviation over seeds as an error bar when there are se
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+from _ablation_rows import load_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
 def load_points(paths: list[Path]) -> dict[int, dict[str, dict[int, list[float]]]]:
-    """``{train_subset: {method label: {epochs: [accuracies over seeds]}}}``; a run found in
-    several files (same label, budget and seed) counts once."""
-    by_seed: dict[tuple[int, str, int, int], float] = {}
-    for path in paths:
-        data = json.loads(path.read_text())
-        plan = data.get("plan", {})
-        for row in data["rows"]:
-            epochs = int(row.get("epochs", plan.get("epochs", 0)))
-            subset = int(row.get("train_subset", plan.get("train_subset", 0)))
-            label = str(row.get("label") or row["name"])
-            for suffix in (f"_e{epochs}", f"_n{subset}"):
-                label = label.replace(suffix, "")
-            by_seed[(subset, label, epochs, int(row.get("seed", 0)))] = float(row["linear_top1"])
+    """``{train_subset: {method label: {epochs: [accuracies over seeds]}}}``."""
     points: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    for (subset, label, epochs, _), accuracy in sorted(by_seed.items()):
-        points[subset][label][epochs].append(accuracy)
+    for run in load_runs(paths):
+        epochs, subset = run["epochs"], run["train_subset"]
+        label = str(run.get("label") or run["name"])
+        for suffix in (f"_e{epochs}", f"_n{subset}"):
+            label = label.replace(suffix, "")
+        points[subset][label][epochs].append(float(run["linear_top1"]))
     return points
 
 

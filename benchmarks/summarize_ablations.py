@@ -3,7 +3,7 @@
     python benchmarks/summarize_ablations.py benchmarks/results/cpu_*.json
 
 Reads the JSON files of ``benchmarks/ablate_look.py`` (any number; a run that appears in several
-files, same name and seed, counts once) and prints one row per setting: the number of seeds, the
+files, same name, budget and seed, counts once) and prints one row per setting: the number of seeds, the
 fine-label linear probe and kNN-20 accuracy (mean ± sample standard deviation) and the fraction of
 saturated LOOK queries in the last epoch.
 """
@@ -11,9 +11,10 @@ saturated LOOK queries in the last epoch.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from _ablation_rows import load_runs
 
 
 def _mean_std(values: list[float]) -> str:
@@ -23,17 +24,14 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarize(paths: list[Path]) -> str:
-    runs: dict[tuple[str, int], dict] = {}
-    for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
-            runs[(row["name"], int(row["seed"]))] = row
-    names = sorted({name for name, _ in runs})
+    runs = load_runs(paths)
+    names = sorted({run["name"] for run in runs})
     lines = [
         "| setting | seeds | fine linear probe | fine kNN k=20 | saturated queries |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name in names:
-        rows = [row for (n, _), row in sorted(runs.items()) if n == name]
+        rows = [run for run in runs if run["name"] == name]
         saturated = [row["saturated_frac"] for row in rows if row.get("saturated_frac") is not None]
         lines.append(
             f"| {name} | {len(rows)} | {_mean_std([r['linear_top1'] for r in rows])} | "

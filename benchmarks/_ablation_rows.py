@@ -1,0 +1,26 @@
+"""Reading the result files of ``ablate_look.py`` (shared by the scripts that summarise them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every run in ``paths``, with ``epochs`` and ``train_subset`` filled in from the file's plan
+    where the row lacks them. A run found in several files (same name, budget and seed) counts
+    once: the last file read wins."""
+    runs: dict[tuple[str, int, int, int], dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        plan = data.get("plan", {})
+        for row in data["rows"]:
+            run = {
+                **row,
+                "epochs": int(row.get("epochs", plan.get("epochs", 0))),
+                "train_subset": int(row.get("train_subset", plan.get("train_subset", 0))),
+                "seed": int(row.get("seed", 0)),
+            }
+            runs[(run["name"], run["epochs"], run["train_subset"], run["seed"])] = run
+    return [runs[key] for key in sorted(runs)]
