@@ -11,18 +11,19 @@ unit rows: a CE step and a LOOK step (forward, the trainer's finite-loss check, 
 step; bf16 autocast and channels-last on CUDA), the neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries)
 with each backend (the fused Triton search where it applies, and the chunked PyTorch scan, checked
 to return the same neighbours) and one full read of the bank (``bank.sum()``), which is the floor
-any exact search must pay. With ``--scan-step`` the LOOK step is also timed with the scan forced,
+any exact search must pay, and the host-device synchronisations of one CE and one LOOK step
+(CUDA's sync debug mode; the trainer's finite-loss check is one). With ``--scan-step`` the LOOK step is also timed with the scan forced,
 the "straightforward" LOOK. The figures are printed and written to ``--output`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -35,9 +36,6 @@ from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
 from look.search_triton import fused_knn_search, fused_search_supported, tune_kernel_config
-
-# The package re-exports a function named look_loss, which shadows the module's attribute.
-look_loss_module = importlib.import_module("look.losses.look_loss")
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
@@ -56,6 +54,23 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], f
         return statistics.median(times) * 1000.0
 
     return measure
+
+
+def _host_syncs(step: Callable[[], None], device: torch.device) -> int | None:
+    """Host-device synchronisations in one call of ``step`` (CUDA's sync debug mode warns on
+    each); None on other devices."""
+    if device.type != "cuda":
+        return None
+    step()  # warm: lazy initialisation may synchronise once
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device):  # type: ignore[no-untyped-def]
@@ -153,9 +168,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
 
     reset_peak()
-    ce_ms = measure(_step_fn({"name": "ce"}, args, 1, device), args.steps, args.warmup)
+    ce_step = _step_fn({"name": "ce"}, args, 1, device)
+    ce_ms = measure(ce_step, args.steps, args.warmup)
     figures["ce_step_ms"], figures["ce_peak_mb"] = ce_ms, peak_mb()
-    print(f"CE step: {ce_ms:.1f} ms")
+    figures["ce_host_syncs"] = _host_syncs(ce_step, device)
+    del ce_step
+    print(f"CE step: {ce_ms:.1f} ms, {figures['ce_host_syncs']} host syncs")
 
     look_cfg = {
         "name": "look",
@@ -195,22 +213,19 @@ def main() -> None:
         Path(args.profile).write_text("\n\n".join(tables))
     for rows in sizes:
         reset_peak()
-        look_ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
+        look_step = _step_fn(look_cfg, args, rows, device)
+        look_ms = measure(look_step, args.steps, args.warmup)
         look_peak = peak_mb()
         entry: dict[str, object] = {
             "look_step_ms": look_ms,
             "look_over_ce": look_ms / ce_ms,
             "look_peak_mb": look_peak,
+            "look_host_syncs": _host_syncs(look_step, device),
         }
+        del look_step
         if args.scan_step:
-            original = look_loss_module.knn_search
-            look_loss_module.knn_search = partial(original, backend="torch")  # type: ignore[assignment]
-            try:
-                scan_step_ms = measure(
-                    _step_fn(look_cfg, args, rows, device), args.steps, args.warmup
-                )
-            finally:
-                look_loss_module.knn_search = original  # type: ignore[assignment]
+            scan_cfg = {**look_cfg, "search_backend": "torch"}
+            scan_step_ms = measure(_step_fn(scan_cfg, args, rows, device), args.steps, args.warmup)
             entry["look_scan_step_ms"] = scan_step_ms
             entry["look_scan_over_ce"] = scan_step_ms / ce_ms
         bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(memory_dtype)

@@ -102,6 +102,29 @@ def case_empty_batch() -> None:
     assert result.values.shape == (0, 5) and result.indices.shape == (0, 5)
 
 
+def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
+    """A shard is searched by local row (no memory_ids), so the fused search serves it too."""
+    from look.sharded import ShardedMemoryBank, sharded_look_loss_terms
+
+    generator = torch.Generator().manual_seed(4)
+    bank = ShardedMemoryBank(3000, 16, dtype=torch.float16)  # the interpreter lacks bf16
+    ids = torch.randperm(3000, generator=generator)[:2500]
+    bank.update(ids, torch.randn(2500, 16, generator=generator), ids % 7)
+    query = F.normalize(torch.randn(24, 16, generator=generator), dim=1)
+    labels = torch.randint(0, 7, (24,), generator=generator)
+    query_ids = ids[:24]  # their own rows are written: leave-one-out must drop them
+    terms = {
+        backend: sharded_look_loss_terms(
+            query, labels, bank, k=20, temperature=0.1, query_indices=query_ids,
+            search_backend=backend,
+        )  # fmt: skip
+        for backend in ("triton", "torch")
+    }
+    torch.testing.assert_close(terms["triton"].loss, terms["torch"].loss, rtol=0, atol=1e-6)
+    assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
+    assert not (terms["triton"].neighbour_indices == query_ids.unsqueeze(1)).any()
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     for name, case in sorted(globals().items()):

@@ -13,7 +13,11 @@ saved and restored through the owning method's ``state_dict``:
 first gathers ``(ids, features, labels)`` from all ranks in rank order, so every rank writes the same
 global batch and all ranks hold identical memories, equal to a single process fed the global batch.
 Values are validated *after* the gather: a bad row on one rank makes every rank raise the same
-``ValueError`` (no rank is left waiting in a collective) and no rank writes anything.
+``ValueError`` (no rank is left waiting in a collective). On the CPU the check runs before the
+write and nothing is written. On an accelerator, reading the check's result would stall every step
+(see :mod:`look.host_sync`): there a NaN/Inf or zero row is never written (its row keeps its old
+contents) and the ``ValueError`` for it, or for bad ids or labels, is raised by the next
+``update`` (or before a ``state_dict`` is taken), on every rank at the same call.
 
 Rows are constants: writes happen under ``no_grad`` and in place. A loss must therefore take the
 rows it differentiates through by indexing (a copy), not keep ``features`` itself in its graph, or
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from look.engine.distributed import gather_no_grad, get_world_size, is_distributed
+from look.host_sync import DeferredChecks, host_reads_are_free
 
 __all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
 
@@ -131,6 +136,7 @@ class FeatureMemory(nn.Module):
         self.register_buffer("labels", torch.full((num_rows,), -1, dtype=torch.int64))
         self.register_buffer("ids", torch.full((num_rows,), -1, dtype=torch.int64))
         self.register_buffer("valid", torch.zeros(num_rows, dtype=torch.bool))
+        self._deferred_checks = DeferredChecks()
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -175,16 +181,27 @@ class FeatureMemory(nn.Module):
 
         Raises:
             ValueError: on a wrong shape or dtype, ids out of range, negative labels, or rows that
-                are NaN/Inf or have zero norm. Nothing is written in that case.
+                are NaN/Inf or have zero norm. Nothing is written in that case. On an accelerator
+                the value checks are reported by the next call instead (see the module doc).
         """
-        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
-        self._write(global_ids, global_features, global_labels)
+        self._write(*self._prepare(ids, features, labels))
+
+    def settle_checks(self) -> None:
+        """Raise now for any value check still pending from an update on an accelerator."""
+        self._deferred_checks.settle(keep=0)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.settle_checks()  # a checkpoint is never written over an unreported bad write
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _prepare(
         self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Check shapes, gather over ranks, check values, normalise. Returns the global batch
-        as ``(ids int64, features float32 unit rows, labels int64)`` on the memory's device."""
+        as ``(ids int64, features float32 unit rows, labels int64, row_ok)`` on the memory's
+        device; ``row_ok`` is None when the values were checked on the host, else a ``(G,)``
+        bool of the rows that may be written (the rest must leave their row unchanged)."""
+        self._deferred_checks.settle(keep=0)  # the previous update's checks, if deferred
         self._check_structure(ids, features, labels)
         device = self.features.device
         # Gathered in float32 so that ranks passing different float dtypes still agree, and so
@@ -199,8 +216,8 @@ class FeatureMemory(nn.Module):
         else:
             global_ids, global_features, global_labels = local
         norms = global_features.norm(dim=1)
-        self._check_values(global_ids, global_features, norms, global_labels)
-        return global_ids, global_features / norms.unsqueeze(1), global_labels
+        row_ok = self._check_values(global_ids, global_features, norms, global_labels)
+        return global_ids, global_features / norms.unsqueeze(1), global_labels, row_ok
 
     def _check_structure(
         self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
@@ -230,14 +247,19 @@ class FeatureMemory(nn.Module):
         features: torch.Tensor,
         norms: torch.Tensor,
         labels: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor | None:
+        """Raise for bad rows, ids or labels (on the host), or return the rows that may be
+        written and report the counts one update later (on an accelerator)."""
         # A NaN/Inf entry makes the norm non-finite; so does a finite row whose norm overflows.
         bad_feature_rows = ~(torch.isfinite(norms) & (norms > _MIN_ROW_NORM))
         bad_ids = ~self._ids_in_range(ids)
         bad_labels = labels < 0
+        counts = torch.stack([bad_feature_rows.sum(), bad_ids.sum(), bad_labels.sum()])
+        if not host_reads_are_free(counts.device):
+            self._deferred_checks.push(counts, self._report_deferred)
+            return ~(bad_feature_rows | bad_ids | bad_labels)
         # One host synchronisation for all three checks.
-        counts = torch.stack([bad_feature_rows.sum(), bad_ids.sum(), bad_labels.sum()]).tolist()
-        n_bad_features, n_bad_ids, n_bad_labels = counts
+        n_bad_features, n_bad_ids, n_bad_labels = counts.tolist()
         if n_bad_features:
             example_ids = ids[bad_feature_rows][:_MAX_IDS_IN_MESSAGE].tolist()
             raise ValueError(
@@ -257,6 +279,30 @@ class FeatureMemory(nn.Module):
                 f"{n_bad_labels} labels are negative, e.g. {example_labels}; labels must be class "
                 "indices >= 0"
             )
+        return None
+
+    def _report_deferred(self, counts: list[int]) -> None:
+        n_bad_features, n_bad_ids, n_bad_labels = counts
+        problems = []
+        if n_bad_features:
+            problems.append(
+                f"{n_bad_features} feature rows were NaN/Inf or had zero norm (check the encoder "
+                "for divergence: lower the learning rate, check mixed precision)"
+            )
+        if n_bad_ids:
+            problems.append(
+                f"{n_bad_ids} ids were outside {self._id_range_text()} (ids must be indices into "
+                "the training dataset the memory was built for)"
+            )
+        if n_bad_labels:
+            problems.append(
+                f"{n_bad_labels} labels were negative (labels must be class indices >= 0)"
+            )
+        if problems:
+            raise ValueError(
+                "the previous memory update was refused: " + "; ".join(problems) + ". Those rows "
+                "were not written."
+            )
 
     def _ids_in_range(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >= 0
@@ -264,7 +310,13 @@ class FeatureMemory(nn.Module):
     def _id_range_text(self) -> str:
         return "[0, inf)"
 
-    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def _write(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        row_ok: torch.Tensor | None,
+    ) -> None:
         raise NotImplementedError
 
     def _load_from_state_dict(
@@ -353,11 +405,16 @@ class MemoryBank(FeatureMemory):
 
         Same arguments, gathering and validation as :meth:`update`; duplicates: last one wins.
         """
-        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
-        self._store(*self._last_occurrences(global_ids, global_features, global_labels))
+        self._store(*self._resolve_rows(*self._prepare(ids, features, labels)))
 
-    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
-        ids, features, labels = self._last_occurrences(ids, features, labels)
+    def _write(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        row_ok: torch.Tensor | None,
+    ) -> None:
+        ids, features, labels, write_any = self._resolve_rows(ids, features, labels, row_ok)
         if self.momentum > 0.0:
             previous = self.features[ids].to(torch.float32)
             mixed = self.momentum * previous + (1.0 - self.momentum) * features
@@ -367,28 +424,78 @@ class MemoryBank(FeatureMemory):
             features = torch.where(
                 use_mixed, mixed / mixed_norms.clamp_min(_MIN_ROW_NORM), features
             )
-        self._store(ids, features, labels)
+        self._store(ids, features, labels, write_any)
 
-    def _store(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features[ids] = features.to(self.storage_dtype)
+    def _store(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        write_any: torch.Tensor | None = None,
+    ) -> None:
+        features = features.to(self.storage_dtype)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if write_any is not None:  # False: no row may be written; each writes its old contents
+            features = torch.where(write_any, features, self.features[ids])
+            labels = torch.where(write_any, labels, self.labels[ids])
+            valid = torch.where(write_any, valid, self.valid[ids])
+        self.features[ids] = features
         self.labels[ids] = labels
-        self.ids[ids] = ids
-        self.valid[ids] = True
+        self.valid[ids] = valid
+        self.ids[ids] = torch.where(valid, ids, -1)
+
+    @classmethod
+    def _resolve_rows(
+        cls,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        row_ok: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rows to write, as equal-length tensors, decided on the device (no host wait).
+
+        Rows not in ``row_ok`` (deferred checks failed) become copies of the last good row, so
+        they write nothing new; if no row is good, all target row 0 and ``write_any`` (a 0-d
+        bool, else None) tells :meth:`_store` to write its old contents back. Then
+        :meth:`_last_occurrences` makes repeated ids agree.
+        """
+        write_any = None
+        if row_ok is not None:
+            positions = torch.arange(ids.numel(), device=ids.device)
+            last_good = torch.where(row_ok, positions, -1).max()
+            write_any = last_good >= 0
+            donor = last_good.clamp(min=0).reshape(1)  # a tensor index: no host read
+            ids = torch.where(row_ok, ids, ids[donor])
+            ids = torch.where(write_any, ids, 0)
+            features = torch.where(row_ok.unsqueeze(1), features, features[donor])
+            labels = torch.where(row_ok, labels, labels[donor])
+        return (*cls._last_occurrences(ids, features, labels), write_any)
 
     @staticmethod
     def _last_occurrences(
         ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep only the last occurrence of every id (index writes with repeated indices are
-        undefined on CUDA, and 'last wins' matches writing the batch in order)."""
-        unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        if unique_ids.numel() == ids.numel():
+        """Every occurrence of an id takes the values of its last occurrence.
+
+        Index writes with repeated indices and different values are undefined on CUDA; with equal
+        values they are not, and "last wins" matches writing the batch in order. Found by a
+        stable sort (no ``unique``, whose output size would make the host wait for the device).
+        """
+        count = ids.numel()
+        if count <= 1:
             return ids, features, labels
-        positions = torch.arange(ids.numel(), device=ids.device)
-        last_position = torch.full_like(unique_ids, -1).scatter_reduce_(
-            0, inverse, positions, reduce="amax"
-        )
-        return ids[last_position], features[last_position], labels[last_position]
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        positions = torch.arange(count, device=ids.device)
+        # In sorted order a run of equal ids ends where the next id differs; the run's last entry
+        # is the id's last occurrence in the batch (the sort is stable).
+        run_end = torch.ones(count, dtype=torch.bool, device=ids.device)
+        run_end[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        end_position = torch.where(run_end, positions, count)
+        end_position = end_position.flip(0).cummin(0).values.flip(0)  # next run end at or after
+        source = torch.empty_like(order)
+        source[order] = order[end_position]
+        return ids, features[source], labels[source]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}"
@@ -433,16 +540,31 @@ class MemoryQueue(FeatureMemory):
         super().reset()
         self.ptr.zero_()
 
-    def _write(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def _write(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        row_ok: torch.Tensor | None,
+    ) -> None:
         batch = ids.numel()
         kept = min(batch, self.capacity)
         first_kept = batch - kept
         # Slots computed on the device so that enqueueing never waits for the host.
         slots = (self.ptr + first_kept + torch.arange(kept, device=ids.device)) % self.capacity
-        self.features[slots] = features[first_kept:].to(self.storage_dtype)
-        self.labels[slots] = labels[first_kept:]
-        self.ids[slots] = ids[first_kept:]
-        self.valid[slots] = True
+        features = features[first_kept:].to(self.storage_dtype)
+        labels, ids = labels[first_kept:], ids[first_kept:]
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if row_ok is not None:  # a refused row leaves its slot as it was (slots are distinct)
+            ok = row_ok[first_kept:]
+            features = torch.where(ok.unsqueeze(1), features, self.features[slots])
+            labels = torch.where(ok, labels, self.labels[slots])
+            ids = torch.where(ok, ids, self.ids[slots])
+            valid = ok | self.valid[slots]
+        self.features[slots] = features
+        self.labels[slots] = labels
+        self.ids[slots] = ids
+        self.valid[slots] = valid
         self.ptr.copy_((self.ptr + batch) % self.capacity)
 
     def _load_from_state_dict(

@@ -10,21 +10,40 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from look.host_sync import host_reads_are_free
 from look.search_triton import fused_knn_search, fused_search_supported
 
 __all__ = [
+    "SEARCH_BACKENDS",
     "KnnResult",
+    "SearchBackend",
     "autocast_disabled",
     "check_positive_int",
+    "check_search_backend",
     "compute_dtype_for",
     "knn_search",
     "validate_search_inputs",
 ]
+
+
+SearchBackend = Literal["auto", "torch", "triton"]
+SEARCH_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
+def check_search_backend(backend: str) -> str:
+    """Return ``backend`` or raise ``ValueError`` unless it is one of :data:`SEARCH_BACKENDS`."""
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(
+            f"search backend must be one of {SEARCH_BACKENDS}, got {backend!r} ('auto': the fused "
+            "GPU search where it applies, 'torch': always the chunked scan, 'triton': require the "
+            "fused search)"
+        )
+    return backend
 
 
 class KnnResult(NamedTuple):
@@ -147,7 +166,7 @@ def knn_search(
     chunk_size: int = 65536,
     query_labels: Tensor | None = None,
     memory_labels: Tensor | None = None,
-    backend: str = "auto",
+    backend: SearchBackend = "auto",
 ) -> KnnResult:
     """Exact top-``k`` memory rows by inner product ``query @ memory.T``, scanned in chunks.
 
@@ -190,8 +209,7 @@ def knn_search(
     )
     if (query_labels is None) != (memory_labels is None):
         raise ValueError("query_labels and memory_labels must be given together (or neither)")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    check_search_backend(backend)
     fused = query_labels is None and fused_search_supported(query, memory, memory_ids=memory_ids)
     if backend == "triton" and not fused:
         raise ValueError(
@@ -225,8 +243,9 @@ def knn_search(
             memory_ids = memory_ids.to(device)
     if memory_valid is not None:
         memory_valid = memory_valid.to(device)
-        if bool(memory_valid.all()):
-            memory_valid = None  # nothing to mask: skip a B × N pass
+        # A full memory needs no mask: skip a B × N pass, where asking costs no device sync.
+        if host_reads_are_free(device) and bool(memory_valid.all()):
+            memory_valid = None
     if want_positive:
         query_labels = query_labels.to(device)  # type: ignore[union-attr]
         memory_labels = memory_labels.to(device)  # type: ignore[union-attr]
@@ -236,7 +255,6 @@ def knn_search(
     best_indices = torch.empty(batch, 0, dtype=torch.int64, device=device)
     positive_value = torch.full((batch,), neg_inf, dtype=dtype, device=device)
     positive_index = torch.full((batch,), -1, dtype=torch.int64, device=device)
-    query_rows = torch.arange(batch, device=device)
 
     with autocast_disabled(device):
         queries = query.detach()
@@ -249,8 +267,13 @@ def knn_search(
             if memory_valid is not None:
                 similarities.masked_fill_(~memory_valid[start:stop].unsqueeze(0), neg_inf)
             if query_ids is not None and ids_are_rows:
-                own = (query_ids >= start) & (query_ids < stop)
-                similarities[query_rows[own], query_ids[own] - start] = neg_inf
+                # Each query's own row, if in this chunk, set to -inf by a gather and a scatter of
+                # one column per query (a boolean index would make the host wait for the device).
+                column = query_ids - start
+                own_here = ((column >= 0) & (column < stop - start)).unsqueeze(1)
+                column = column.clamp(0, stop - start - 1).unsqueeze(1)
+                kept = similarities.gather(1, column)
+                similarities.scatter_(1, column, torch.where(own_here, neg_inf, kept))
             elif query_ids is not None:
                 same_id = query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
                 similarities.masked_fill_(same_id, neg_inf)
@@ -316,6 +339,8 @@ def _fused_with_fallback(
     values, indices, overflowed = fused_knn_search(
         query, memory, k, query_ids=query_ids, memory_valid=memory_valid
     )
+    # The one host synchronisation of the fused path: exactness needs to know whether any query
+    # overflowed (in practice only a memory of many near-identical rows does).
     if bool(overflowed.any()):
         redo = overflowed.nonzero().squeeze(1)
         again = knn_search(

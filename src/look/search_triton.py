@@ -74,7 +74,8 @@ def fused_search_supported(query: Tensor, memory: Tensor, *, memory_ids: Tensor 
         # bf16 tensor-core products need Ampere or newer.
         major, _ = torch.cuda.get_device_capability(memory.device)
         return major >= 8 or (major >= 7 and memory.dtype == torch.float16)
-    return _INTERPRET
+    # Triton's CPU interpreter computes through numpy, which has no bf16: it returns garbage.
+    return _INTERPRET and memory.dtype == torch.float16
 
 
 if triton is not None:

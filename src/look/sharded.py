@@ -41,8 +41,10 @@ from look.losses.look_loss import (
 )
 from look.memory import MemoryBank, _gather_rows_no_grad
 from look.search import (
+    SearchBackend,
     autocast_disabled,
     check_positive_int,
+    check_search_backend,
     compute_dtype_for,
     knn_search,
     validate_search_inputs,
@@ -146,30 +148,39 @@ class ShardedMemoryBank(MemoryBank):
         return f"[0, {self.num_samples}) (the bank's dataset size)"
 
     def _owned_rows(
-        self, ids: Tensor, features: Tensor, labels: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, ids: Tensor, features: Tensor, labels: Tensor, row_ok: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The entries of a global batch that fall in this shard, ids turned into local rows
         (batch order kept, so "last occurrence wins" still means the same entry)."""
         owned = (ids >= self.shard_start) & (ids < self.shard_stop)
-        return ids[owned] - self.shard_start, features[owned], labels[owned]
+        return (
+            ids[owned] - self.shard_start,
+            features[owned],
+            labels[owned],
+            None if row_ok is None else row_ok[owned],
+        )
 
-    def _write(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
+    def _write(self, ids: Tensor, features: Tensor, labels: Tensor, row_ok: Tensor | None) -> None:
         # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
         # full bank): hand it local rows; _store below puts the dataset index back into `ids`.
-        super()._write(*self._owned_rows(ids, features, labels))
+        rows, owned_features, owned_labels, owned_ok = self._owned_rows(
+            ids, features, labels, row_ok
+        )
+        if rows.numel() > 0:
+            super()._write(rows, owned_features, owned_labels, owned_ok)
 
-    def _store(self, rows: Tensor, features: Tensor, labels: Tensor) -> None:
-        super()._store(rows, features, labels)
-        self.ids[rows] = rows + self.shard_start
+    def _store(
+        self, rows: Tensor, features: Tensor, labels: Tensor, write_any: Tensor | None = None
+    ) -> None:
+        super()._store(rows, features, labels, write_any)
+        self.ids[rows] = torch.where(self.valid[rows], rows + self.shard_start, -1)
 
     @torch.no_grad()
     def fill_(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
         """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
-        global_ids, global_features, global_labels = self._prepare(ids, features, labels)
-        rows, owned_features, owned_labels = self._owned_rows(
-            global_ids, global_features, global_labels
-        )
-        self._store(*self._last_occurrences(rows, owned_features, owned_labels))
+        owned = self._owned_rows(*self._prepare(ids, features, labels))
+        if owned[0].numel() > 0:
+            self._store(*self._resolve_rows(*owned))
 
     @torch.no_grad()
     def gather_full_state(self) -> dict[str, Tensor]:
@@ -349,6 +360,7 @@ def sharded_look_loss_terms(
     query_indices: Tensor | None,
     no_positive: str = "drop",
     chunk_size: int = 65536,
+    search_backend: SearchBackend = "auto",
 ) -> LookLossTerms:
     """Per-query LOOK loss terms over a :class:`ShardedMemoryBank` (a collective under DDP).
 
@@ -369,6 +381,8 @@ def sharded_look_loss_terms(
             excludes nothing (all ranks must then pass ``None``).
         no_positive: ``"drop"`` or ``"nearest"`` (see ``look_loss_terms``).
         chunk_size: bank rows per chunk of each shard's search.
+        search_backend: each shard's search (see ``look_loss_terms``); the fused GPU search
+            applies to a bf16/fp16 shard on CUDA.
 
     Returns:
         :class:`look.losses.LookLossTerms` for this rank's queries; ``neighbour_indices`` are
@@ -384,6 +398,7 @@ def sharded_look_loss_terms(
     temperature = check_temperature(temperature)
     no_positive = _check_no_positive(no_positive)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    check_search_backend(search_backend)
     if not isinstance(memory, ShardedMemoryBank):
         raise ValueError(
             f"memory must be a ShardedMemoryBank, got {type(memory).__name__}; for a replicated "
@@ -438,16 +453,19 @@ def sharded_look_loss_terms(
         queries_per_rank = torch.bincount(all_ranks, minlength=world_size).tolist()
 
         # 1. Every shard searches for every query (local rows -> dataset indices).
+        # A written local row r holds dataset index r + shard_start, so leave-one-out can be by
+        # local row (ids outside the shard match no row): the search then needs no memory_ids,
+        # which lets the fused GPU search run on the shard.
         search = knn_search(
             all_queries,
             memory.features,
             k_eff,
-            query_ids=all_ids,
-            memory_ids=memory.ids,
+            query_ids=all_ids - memory.shard_start,
             memory_valid=memory.valid,
             chunk_size=chunk_size,
             query_labels=all_labels if want_nearest else None,
             memory_labels=memory.labels if want_nearest else None,
+            backend=search_backend,
         )
         found = search.indices >= 0
         shard_ids = torch.where(found, search.indices + memory.shard_start, -1)

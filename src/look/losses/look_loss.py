@@ -18,9 +18,12 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from look.host_sync import host_reads_are_free
 from look.search import (
+    SearchBackend,
     autocast_disabled,
     check_positive_int,
+    check_search_backend,
     compute_dtype_for,
     knn_search,
     validate_search_inputs,
@@ -111,7 +114,9 @@ def _validate_loss_inputs(
         query_labels=query_labels,
         memory_labels=memory_labels,
     )
-    if not bool(torch.isfinite(query).all()):
+    # On an accelerator this check would stall the step; look_loss_terms marks such queries
+    # with a NaN loss there instead.
+    if host_reads_are_free(query.device) and not bool(torch.isfinite(query).all()):
         raise ValueError(
             "query contains NaN or Inf values; check the encoder output (e.g. a diverged step "
             "or an fp16 overflow) before computing the LOOK loss"
@@ -225,6 +230,7 @@ def _top_k_terms(
     memory_valid: Tensor | None,
     no_positive: str,
     chunk_size: int,
+    search_backend: str,
 ) -> LookLossTerms:
     """Finite ``k``: no-grad search, then the selected similarities recomputed with grad."""
     k_eff = min(k, memory.shape[0])
@@ -239,6 +245,7 @@ def _top_k_terms(
         # The nearest same-label row costs a second B × N pass; only the "nearest" rule needs it.
         query_labels=query_labels if no_positive == "nearest" else None,
         memory_labels=memory_labels if no_positive == "nearest" else None,
+        backend=search_backend,
     )
     neighbour_indices = search.indices
     is_neighbour = neighbour_indices >= 0
@@ -296,6 +303,7 @@ def look_loss_terms(
     memory_valid: Tensor | None = None,
     no_positive: NoPositiveRule = "drop",
     chunk_size: int = 65536,
+    search_backend: SearchBackend = "auto",
 ) -> LookLossTerms:
     """Per-query LOOK loss terms (see the module docstring for the definition).
 
@@ -315,15 +323,25 @@ def look_loss_terms(
             from the mean, or ``"nearest"``: swap its k-th neighbour for the nearest same-label
             candidate of the whole memory (dropped if there is none). Unused for ``k=None``.
         chunk_size: memory rows per chunk of the search / of the NCA logits.
+        search_backend: neighbour search of :func:`look.search.knn_search`: ``"auto"`` (the
+            fused GPU search where it applies), ``"torch"`` (always the chunked scan) or
+            ``"triton"`` (require the fused search). Unused for ``k=None``.
 
     Returns:
         :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has
         loss exactly 0; nothing is ever NaN for finite input.
+
+    Raises:
+        ValueError: on malformed inputs, and on a NaN/Inf query when it is on the CPU. On an
+            accelerator that check would make the host wait for the device every step, so there
+            a non-finite query instead gets a NaN ``loss`` (and counts as ``valid``): the mean
+            is NaN, which the trainer's per-step loss check reports.
     """
     k = _check_k_or_none(k)
     temperature = check_temperature(temperature)
     no_positive = _check_no_positive(no_positive)  # type: ignore[assignment]
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    search_backend = check_search_backend(search_backend)  # type: ignore[assignment]
     _validate_loss_inputs(
         query, query_labels, memory, memory_labels, query_indices, memory_ids, memory_valid
     )
@@ -344,7 +362,7 @@ def look_loss_terms(
         if memory.shape[0] == 0:
             return _empty_memory_terms(queries)
         if k is None:
-            return _all_candidates_terms(
+            terms = _all_candidates_terms(
                 queries,
                 query_labels,
                 memory,
@@ -355,19 +373,30 @@ def look_loss_terms(
                 memory_valid=memory_valid,
                 chunk_size=chunk_size,
             )
-        return _top_k_terms(
-            queries,
-            query_labels,
-            memory,
-            memory_labels,
-            k=k,
-            temperature=temperature,
-            query_ids=query_indices,
-            memory_ids=memory_ids,
-            memory_valid=memory_valid,
-            no_positive=no_positive,
-            chunk_size=chunk_size,
-        )
+        else:
+            terms = _top_k_terms(
+                queries,
+                query_labels,
+                memory,
+                memory_labels,
+                k=k,
+                temperature=temperature,
+                query_ids=query_indices,
+                memory_ids=memory_ids,
+                memory_valid=memory_valid,
+                no_positive=no_positive,
+                chunk_size=chunk_size,
+                search_backend=search_backend,
+            )
+    if host_reads_are_free(device):
+        return terms  # a non-finite query was refused above
+    # Checked on the device (no host wait): a non-finite query gets a NaN loss term, so the mean
+    # is NaN and the trainer's per-step loss check stops or skips the step.
+    query_finite = torch.isfinite(queries.detach()).all(dim=1)
+    return terms._replace(
+        loss=torch.where(query_finite, terms.loss, torch.nan),
+        valid=terms.valid | ~query_finite,
+    )
 
 
 def masked_mean(loss: Tensor, valid: Tensor) -> Tensor:
@@ -392,6 +421,7 @@ def look_loss(
     memory_valid: Tensor | None = None,
     no_positive: NoPositiveRule = "drop",
     chunk_size: int = 65536,
+    search_backend: SearchBackend = "auto",
 ) -> Tensor:
     """Scalar LOOK loss: mean of :func:`look_loss_terms` ``.loss`` over the valid queries.
 
@@ -410,12 +440,14 @@ def look_loss(
         memory_valid=memory_valid,
         no_positive=no_positive,
         chunk_size=chunk_size,
+        search_backend=search_backend,
     )
     return masked_mean(terms.loss, terms.valid)
 
 
 class LookLoss(nn.Module):
-    """Module form of :func:`look_loss`; holds ``k``, ``temperature``, ``no_positive``, ``chunk_size``."""
+    """Module form of :func:`look_loss`; holds ``k``, ``temperature``, ``no_positive``,
+    ``chunk_size`` and ``search_backend``."""
 
     def __init__(
         self,
@@ -424,12 +456,14 @@ class LookLoss(nn.Module):
         *,
         no_positive: NoPositiveRule = "drop",
         chunk_size: int = 65536,
+        search_backend: SearchBackend = "auto",
     ) -> None:
         super().__init__()
         self.k = _check_k_or_none(k)
         self.temperature = check_temperature(temperature)
         self.no_positive: NoPositiveRule = _check_no_positive(no_positive)  # type: ignore[assignment]
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.search_backend: SearchBackend = check_search_backend(search_backend)  # type: ignore[assignment]
 
     def terms(
         self,
@@ -455,6 +489,7 @@ class LookLoss(nn.Module):
             memory_valid=memory_valid,
             no_positive=self.no_positive,
             chunk_size=self.chunk_size,
+            search_backend=self.search_backend,
         )
 
     def forward(
@@ -483,5 +518,5 @@ class LookLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, temperature={self.temperature}, no_positive={self.no_positive!r}, "
-            f"chunk_size={self.chunk_size}"
+            f"chunk_size={self.chunk_size}, search_backend={self.search_backend!r}"
         )

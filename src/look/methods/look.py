@@ -19,6 +19,7 @@ from look.losses import look_loss_terms
 from look.memory import build_memory
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
 from look.methods.common import HeadOptions, embed, frozen_copy, momentum_update
+from look.search import SEARCH_BACKENDS
 from look.sharded import ShardedMemoryBank, sharded_look_loss_terms
 
 _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +44,9 @@ class LOOKOptions(HeadOptions):
     memory_dtype: str = "float32"
     memory_init: str = "mask"  # mask: unwritten rows are skipped | warmup: one pass fills the bank
     chunk_size: int = 65536
+    # Neighbour search: auto (the fused GPU search for a bf16/fp16 bank on CUDA, else the
+    # chunked scan) | torch (always the scan) | triton (require the fused search)
+    search_backend: str = "auto"
     ce_weight: float = 0.0  # optional auxiliary CE on the pooled features (off in pure LOOK)
 
     def validate(self) -> None:
@@ -65,6 +69,7 @@ class LOOKOptions(HeadOptions):
             "memory_update": ("momentum", "ema_encoder"),
             "memory_dtype": tuple(_MEMORY_DTYPES),
             "memory_init": ("mask", "warmup"),
+            "search_backend": SEARCH_BACKENDS,
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -166,6 +171,7 @@ class LOOK(Method):
                 query_indices=batch.indices,
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
+                search_backend=self.options.search_backend,  # type: ignore[arg-type]
             )
         else:
             terms = look_loss_terms(
@@ -182,6 +188,7 @@ class LOOK(Method):
                 memory_valid=self.memory.valid,
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
+                search_backend=self.options.search_backend,  # type: ignore[arg-type]
             )
         loss = global_masked_mean(terms.loss, terms.valid)
         metrics = {

@@ -1,0 +1,216 @@
+"""A LOOK training step never makes the host wait for the device (outside the fused search's
+overflow check), and the device-side guards that replace host checks still refuse bad input.
+
+On the CPU every read is free, so the library checks on the host there. These tests run the
+accelerator policy on the CPU by making ``host_reads_are_free`` answer False, and count the
+operations that synchronise on CUDA (``item``/``bool``/``tolist``, ``nonzero``, ``unique``,
+boolean-mask indexing, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import look.memory as memory_module
+import look.search as search_module
+from look.host_sync import DeferredChecks
+from look.losses import look_loss_terms
+from look.memory import MemoryBank, MemoryQueue
+from look.methods import Batch, MethodContext, build_method
+from look.models import create_backbone
+
+# The package re-exports a function named look_loss, which hides the module of that name.
+look_loss_module = importlib.import_module("look.losses.look_loss")
+
+# ATen operations whose output size or value the host must read (a synchronisation on CUDA).
+_SYNCING_OPS = {
+    "_local_scalar_dense",  # item(), bool(), int(), float()
+    "nonzero",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "masked_select",
+    "bincount",
+    "repeat_interleave",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records every operation that would make the host wait for a CUDA device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in _SYNCING_OPS:
+            self.calls.append(name)
+        elif name in ("index", "index_put", "index_put_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        ):
+            self.calls.append(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def accelerator_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The accelerator code paths on the CPU; yields the list ``tolist`` calls are recorded in."""
+    for module in (search_module, look_loss_module, memory_module):
+        monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
+    tolist_calls: list[str] = []
+    original_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor) -> Any:
+        tolist_calls.append("tolist")
+        return original_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    yield tolist_calls
+
+
+def _look_method(memory: str, k: int | None, rows: int = 300) -> Any:
+    torch.manual_seed(0)
+    backbone, feature_dim = create_backbone("look_cnn_small")
+    options = {"name": "look", "k": k, "temperature": 0.1, "memory": memory, "queue_size": 128}
+    ctx = MethodContext(num_classes=5, num_samples=rows)
+    return build_method(options, backbone, feature_dim, ctx).train()
+
+
+def _batch(batch_size: int, rows: int, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    return Batch(
+        views=[torch.randn(batch_size, 3, 28, 28, generator=generator)],
+        labels=torch.randint(0, 5, (batch_size,), generator=generator),
+        indices=torch.randperm(rows, generator=generator)[:batch_size],
+    )
+
+
+@pytest.mark.parametrize(("memory", "k"), [("bank", 20), ("bank", None), ("queue", 20)])
+def test_look_step_has_no_host_sync(
+    accelerator_policy: list[str], memory: str, k: int | None
+) -> None:
+    method = _look_method(memory, k)
+    method(_batch(32, 300, seed=0))  # a partly filled memory: the valid mask is in use
+    with SyncCounter() as counter:
+        out = method(_batch(32, 300, seed=1))
+        out.loss.backward()
+    assert counter.calls == []
+    assert accelerator_policy == []
+    assert torch.isfinite(out.loss)
+
+
+def test_sync_counter_sees_the_host_checks() -> None:
+    """The counter is not blind: on the CPU policy the same step does read values."""
+    method = _look_method("bank", 20)
+    method(_batch(32, 300, seed=0))
+    with SyncCounter() as counter:
+        method(_batch(32, 300, seed=1))
+    assert "_local_scalar_dense" in counter.calls
+
+
+def test_non_finite_query_gives_nan_loss_instead_of_a_wait(accelerator_policy: list[str]) -> None:
+    memory = F.normalize(torch.randn(50, 8), dim=1)
+    query = F.normalize(torch.randn(4, 8), dim=1)
+    query[2, 0] = float("nan")
+    labels = torch.tensor([0, 1, 0, 1])
+    terms = look_loss_terms(query, labels, memory, torch.arange(50) % 2, k=5, temperature=0.1)
+    assert torch.isnan(terms.loss[2]) and bool(terms.valid[2])
+    assert torch.isfinite(terms.loss[[0, 1, 3]]).all()
+    # On the CPU policy the same input is refused outright.
+
+
+def test_non_finite_query_is_refused_on_the_cpu() -> None:
+    query = torch.full((2, 4), float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        look_loss_terms(
+            query, torch.tensor([0, 1]), torch.randn(5, 4), torch.arange(5) % 2, k=2,
+            temperature=0.1,
+        )  # fmt: skip
+
+
+def _unit(rows: int, dim: int = 4, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.mark.parametrize("memory_kind", ["bank", "queue"])
+def test_refused_rows_are_not_written_and_reported_by_the_next_update(
+    accelerator_policy: list[str], memory_kind: str
+) -> None:
+    memory = MemoryBank(10, 4, momentum=0.5) if memory_kind == "bank" else MemoryQueue(10, 4)
+    memory.update(torch.tensor([0, 1, 2]), _unit(3), torch.tensor([0, 1, 2]))
+    before = {key: value.clone() for key, value in memory.state_dict().items()}
+    features = _unit(3, seed=1)
+    features[1] = float("nan")
+    memory.update(torch.tensor([3, 4, 5]), features, torch.tensor([0, 1, 2]))
+    # Rows 3 and 5 are written, the NaN row is not.
+    slot_of_nan = 4
+    assert bool(memory.valid[3]) and bool(memory.valid[5]) and not bool(memory.valid[slot_of_nan])
+    assert torch.isfinite(memory.features).all()
+    assert int(memory.labels[slot_of_nan]) == -1 and int(memory.ids[slot_of_nan]) == -1
+    for key in ("features", "labels", "ids", "valid"):
+        # The buffers themselves: state_dict() would report the pending check.
+        assert torch.equal(getattr(memory, key)[:3], before[key][:3]), key
+    with pytest.raises(ValueError, match="1 feature rows were NaN/Inf"):
+        memory.update(torch.tensor([6]), _unit(1, seed=2), torch.tensor([0]))
+    # Reported once: the memory works again afterwards.
+    memory.update(torch.tensor([6]), _unit(1, seed=2), torch.tensor([0]))
+    assert bool(memory.valid[6])
+
+
+def test_bank_batch_with_no_good_row_changes_nothing(accelerator_policy: list[str]) -> None:
+    bank = MemoryBank(6, 4, momentum=0.5)
+    bank.update(torch.tensor([0, 3]), _unit(2), torch.tensor([1, 2]))
+    before = {key: value.clone() for key, value in bank.state_dict().items()}
+    bank.update(torch.tensor([7, -3]), _unit(2, seed=1), torch.tensor([0, 0]))  # ids outside
+    for key, value in before.items():
+        assert torch.equal(getattr(bank, key), value), key
+    with pytest.raises(ValueError, match="2 ids were outside"):
+        bank.settle_checks()
+
+
+def test_bad_label_is_not_written_and_state_dict_reports_it(accelerator_policy: list[str]) -> None:
+    bank = MemoryBank(6, 4, momentum=0.0)
+    bank.update(torch.tensor([1, 2]), _unit(2), torch.tensor([-1, 4]))
+    assert bank.valid.tolist() == [False, False, True, False, False, False]
+    with pytest.raises(ValueError, match="1 labels were negative"):
+        bank.state_dict()
+
+
+def _sequential_bank(ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> MemoryBank:
+    """Reference: the batch written one row at a time, in order (last occurrence wins)."""
+    bank = MemoryBank(12, 4, momentum=0.0)
+    for row in range(ids.numel()):
+        bank.update(ids[row : row + 1], features[row : row + 1], labels[row : row + 1])
+    return bank
+
+
+def test_duplicate_ids_last_occurrence_wins_like_sequential_writes() -> None:
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        ids = torch.randint(0, 12, (15,), generator=generator)
+        features = _unit(15, seed=int(torch.randint(0, 1000, (1,), generator=generator)))
+        labels = torch.randint(0, 4, (15,), generator=generator)
+        bank = MemoryBank(12, 4, momentum=0.0)
+        bank.update(ids, features, labels)
+        expected = _sequential_bank(ids, features, labels)
+        for key in ("features", "labels", "ids", "valid"):
+            assert torch.equal(getattr(bank, key), getattr(expected, key)), key
+
+
+def test_deferred_checks_report_all_but_the_newest() -> None:
+    seen: list[list[int]] = []
+    checks = DeferredChecks()
+    checks.push(torch.tensor([1, 0]), seen.append)
+    checks.push(torch.tensor([2, 3]), seen.append)
+    checks.settle(keep=1)
+    assert seen == [[1, 0]] and len(checks) == 1
+    checks.settle(keep=0)
+    assert seen == [[1, 0], [2, 3]] and len(checks) == 0

@@ -1,0 +1,58 @@
+"""On a real GPU (skipped without CUDA): a LOOK training step with an fp32 bank never makes the
+host wait (``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronising call), and a
+refused memory row is reported through the pinned-memory deferred check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from look.memory import MemoryBank
+from look.methods import Batch, MethodContext, build_method
+from look.models import create_backbone
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _batch(rows: int, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    return Batch(
+        views=[torch.randn(64, 3, 28, 28, generator=generator)],
+        labels=torch.randint(0, 5, (64,), generator=generator),
+        indices=torch.randperm(rows, generator=generator)[:64],
+    ).to(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("memory", ["bank", "queue"])
+def test_look_step_never_synchronises_on_gpu(memory: str) -> None:
+    torch.manual_seed(0)
+    backbone, feature_dim = create_backbone("look_cnn_small")
+    options = {"name": "look", "k": 20, "temperature": 0.1, "memory": memory, "queue_size": 256}
+    ctx = MethodContext(num_classes=5, num_samples=1000)
+    method = build_method(options, backbone, feature_dim, ctx).cuda().train()
+    for seed in range(2):  # warm-up: lazy CUDA/cuBLAS initialisation may synchronise once
+        method(_batch(1000, seed)).loss.backward()
+    batch = _batch(1000, seed=5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = method(batch)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss)
+
+
+def test_refused_row_reported_by_next_update_on_gpu() -> None:
+    bank = MemoryBank(10, 4).cuda()
+    features = F.normalize(torch.randn(2, 4, device="cuda"), dim=1)
+    features[0] = float("nan")
+    bank.update(torch.tensor([1, 2], device="cuda"), features, torch.tensor([0, 1], device="cuda"))
+    assert bank.valid.tolist() == [False, False, True] + [False] * 7
+    with pytest.raises(ValueError, match="1 feature rows were NaN/Inf"):
+        bank.update(
+            torch.tensor([3], device="cuda"),
+            F.normalize(torch.randn(1, 4, device="cuda"), dim=1),
+            torch.tensor([0], device="cuda"),
+        )
