@@ -1,16 +1,20 @@
-"""CPU cost of one training step: CE vs LOOK (k=200, full bank), and the neighbour search alone.
+"""CPU cost of one training step of the Fashion-MNIST LOOK recipe: CE vs LOOK, and the parts.
 
 Example::
 
     python benchmarks/cpu_step.py --output results/cpu_step.json --steps 20
 
-Every row runs the package's real code: the methods are built with ``look.methods.build_method``
-and stepped like the trainer does (forward, backward, SGD step, ``after_optimizer_step``) on
-synthetic 28×28 images. The LOOK bank holds ``--rows`` random unit rows (fp32) before timing, so
-the search scans the whole bank from the first step. Each figure is the median of ``--steps``
-timed repetitions after ``--warmup-steps`` untimed ones, the rows taking turns so that a change
-of load slows all of them alike; the load average is recorded because a shared machine slows
-every row.
+Defaults follow ``configs/look_cnn-small_fmnist-coarse.yaml``: ``look_cnn_small``, batch 256, a
+60,000-row fp32 bank, 4 classes, k = 3,750 (``k_fraction: 0.25`` of 15,000 images per class),
+τ = 0.05. Every row runs the package's real code: the methods are built with
+``look.methods.build_method`` and stepped like the trainer does (forward, backward, SGD step,
+``after_optimizer_step``) on synthetic 28×28 images. The bank holds ``--rows`` random unit rows
+before timing, so the search scans the whole bank from the first step. LOOK is timed with the
+default search (``search_backend: auto``, which for this small bank and large k searches the
+loss's own B × N product) and with ``search_backend: torch`` (the chunked scan, then the loss's
+product again), and its loss and search alone. Each figure is the median of ``--steps`` timed
+repetitions after ``--warmup-steps`` untimed ones, the rows taking turns so that a change of load
+slows all of them alike; the load average is recorded because a shared machine slows every row.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from look.methods import Batch, Method, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
 
-NUM_CLASSES = 10
+NUM_CLASSES = 4
 IMAGE_SIZE = 28
 FILL_CHUNK_ROWS = 8192
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--backbone", default="look_cnn_small")
     parser.add_argument("--rows", type=int, default=60000, help="LOOK memory bank rows")
-    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--k", type=int, default=3750)
+    parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's own choice")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "rows", "k"):
@@ -119,66 +124,56 @@ def main(argv: list[str] | None = None) -> None:
 
     load_average_at_start = os.getloadavg()
     ce = _build({"name": "ce"}, args.backbone, args.rows)
-
-    look_cfg = {"name": "look", "k": args.k, "memory": "bank", "memory_dtype": "float32"}
-    look = _build(look_cfg, args.backbone, args.rows)
+    look_cfg = {
+        "name": "look", "k": args.k, "temperature": args.temperature, "memory": "bank",
+        "memory_dtype": "float32",
+    }  # fmt: skip
     generator = torch.Generator().manual_seed(2)
-    _fill_bank(look, args.rows, generator)
+    look = {}
+    for backend in ("auto", "torch"):
+        look[backend] = _build({**look_cfg, "search_backend": backend}, args.backbone, args.rows)
+        _fill_bank(look[backend], args.rows, torch.Generator().manual_seed(2))
 
-    memory = look.memory
+    memory = look["auto"].memory
     query = F.normalize(torch.randn(args.batch_size, memory.dim, generator=generator), dim=1)
     query_labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=generator)
     query_ids = torch.randperm(args.rows, generator=generator)[: args.batch_size]
-    chunk_size = look.options.chunk_size
 
-    def search() -> None:
-        knn_search(
-            query,
-            memory.features,
-            args.k,
-            query_ids=query_ids,
-            memory_ids=memory.ids,
-            memory_valid=memory.valid,
-            chunk_size=chunk_size,
-            query_labels=query_labels,
-            memory_labels=memory.labels,
-        )
+    def search() -> None:  # as the LOOK method calls it for a bank
+        knn_search(query, memory.features, args.k, query_ids=query_ids, memory_valid=memory.valid)
 
-    def loss_only() -> None:
-        leaf = query.clone().requires_grad_(True)
-        terms = look_loss_terms(
-            leaf,
-            query_labels,
-            memory.features,
-            memory.labels,
-            k=args.k,
-            temperature=look.options.temperature,
-            query_indices=query_ids,
-            memory_ids=memory.ids,
-            memory_valid=memory.valid,
-            no_positive=look.options.no_positive,  # type: ignore[arg-type]
-            chunk_size=chunk_size,
-        )
-        terms.loss.sum().backward()
+    def loss_only(backend: str) -> Callable[[], None]:
+        def run() -> None:
+            leaf = query.clone().requires_grad_(True)
+            terms = look_loss_terms(
+                leaf, query_labels, memory.features, memory.labels, k=args.k,
+                temperature=args.temperature, query_indices=query_ids,
+                memory_valid=memory.valid, search_backend=backend,  # type: ignore[arg-type]
+            )  # fmt: skip
+            terms.loss.sum().backward()
+
+        return run
 
     seconds = _interleaved_medians(
         {
             "ce_step": _training_step(ce, args.batch_size, args.rows),
-            "look_step": _training_step(look, args.batch_size, args.rows),
-            "look_loss_forward_backward": loss_only,
+            "look_step": _training_step(look["auto"], args.batch_size, args.rows),
+            "look_step_scan": _training_step(look["torch"], args.batch_size, args.rows),
+            "look_loss_forward_backward": loss_only("auto"),
+            "look_loss_forward_backward_scan": loss_only("torch"),
             "knn_search": search,
         },
         steps=args.steps,
         warmup_steps=args.warmup_steps,
     )
-    ce_seconds, look_seconds = seconds["ce_step"], seconds["look_step"]
-    loss_seconds, search_seconds = seconds["look_loss_forward_backward"], seconds["knn_search"]
-
+    ce_seconds = seconds["ce_step"]
     rows = [
-        ("CE training step", ce_seconds),
-        (f"LOOK training step (k={args.k}, {args.rows} rows)", look_seconds),
-        ("LOOK loss alone (search + fwd/bwd)", loss_seconds),
-        (f"knn_search alone ({args.batch_size} queries)", search_seconds),
+        ("CE training step", seconds["ce_step"]),
+        (f"LOOK training step (k={args.k}, {args.rows} rows)", seconds["look_step"]),
+        ("LOOK training step, search_backend=torch", seconds["look_step_scan"]),
+        ("LOOK loss alone (search + fwd/bwd)", seconds["look_loss_forward_backward"]),
+        ("LOOK loss alone, search_backend=torch", seconds["look_loss_forward_backward_scan"]),
+        (f"knn_search alone ({args.batch_size} queries)", seconds["knn_search"]),
     ]
     width = max(len(label) for label, _ in rows)
     print(f"{'':{width}}  {'ms (median)':>12}  {'x CE step':>9}")
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:{width}}  {row_seconds * 1e3:12.1f}  {row_seconds / ce_seconds:9.2f}")
 
     report = {
-        "benchmark": "CPU training step: CE vs LOOK, and the neighbour search alone",
+        "benchmark": "CPU training step: CE vs LOOK (Fashion-MNIST recipe), and its parts",
         "backbone": args.backbone,
         "batch_size": args.batch_size,
         "image_size": IMAGE_SIZE,
@@ -194,11 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         "bank_dim": memory.dim,
         "bank_dtype": str(memory.storage_dtype).removeprefix("torch."),
         "k": args.k,
-        "chunk_size": chunk_size,
+        "temperature": args.temperature,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "seconds_median": seconds,
-        "look_step_over_ce_step": look_seconds / ce_seconds,
+        "look_step_over_ce_step": seconds["look_step"] / ce_seconds,
+        "look_step_scan_over_ce_step": seconds["look_step_scan"] / ce_seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),

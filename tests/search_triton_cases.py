@@ -96,6 +96,20 @@ def case_tune_kernel_config_sets_the_fastest() -> None:
         set_kernel_config(default)
 
 
+def case_atomic_collect_matches_scan() -> None:
+    """The per-candidate atomic collect numbers candidates differently, never changes them."""
+    default = get_kernel_config()
+    set_kernel_config(SearchKernelConfig(32, 32, 4, 2, "topk", "atomic"))
+    try:
+        generator = torch.Generator().manual_seed(5)
+        memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1).half()
+        query = F.normalize(torch.randn(20, 16, generator=generator), dim=1)
+        valid = torch.rand(6000, generator=generator) > 0.2
+        _check_same(query, memory, 7, query_ids=torch.arange(20) * 50, memory_valid=valid)
+    finally:
+        set_kernel_config(default)
+
+
 def case_empty_batch() -> None:
     memory = F.normalize(torch.randn(300, 8), dim=1).half()
     result = knn_search(torch.empty(0, 8), memory, 5, backend="triton")
@@ -113,13 +127,12 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     query = F.normalize(torch.randn(24, 16, generator=generator), dim=1)
     labels = torch.randint(0, 7, (24,), generator=generator)
     query_ids = ids[:24]  # their own rows are written: leave-one-out must drop them
-    terms = {
-        backend: sharded_look_loss_terms(
+    terms = {}
+    for backend in ("triton", "torch"):
+        terms[backend] = sharded_look_loss_terms(
             query, labels, bank, k=20, temperature=0.1, query_indices=query_ids,
             search_backend=backend,
         )  # fmt: skip
-        for backend in ("triton", "torch")
-    }
     torch.testing.assert_close(terms["triton"].loss, terms["torch"].loss, rtol=0, atol=1e-6)
     assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
     assert not (terms["triton"].neighbour_indices == query_ids.unsqueeze(1)).any()

@@ -50,6 +50,26 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
 
 
+def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
+    output = tmp_path / "cpu_step.json"
+    subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "cpu_step.py"), "--batch-size", "16",
+            "--rows", "400", "--k", "100", "--steps", "1", "--warmup-steps", "0",
+            "--output", str(output),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["k"] == 100 and report["bank_rows"] == 400
+    assert set(report["seconds_median"]) == {
+        "ce_step", "look_step", "look_step_scan", "look_loss_forward_backward",
+        "look_loss_forward_backward_scan", "knn_search",
+    }  # fmt: skip
+    assert all(seconds > 0 for seconds in report["seconds_median"].values())
+
+
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
     rows = [
         {"name": "ce", "seed": s, "linear_top1": 80.0 + s, "epochs": e, "train_subset": 100}

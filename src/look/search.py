@@ -26,6 +26,7 @@ __all__ = [
     "check_positive_int",
     "check_search_backend",
     "compute_dtype_for",
+    "exclude_own_rows_",
     "knn_search",
     "validate_search_inputs",
 ]
@@ -154,6 +155,21 @@ def validate_search_inputs(
             raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
 
 
+def exclude_own_rows_(similarities: Tensor, query_ids: Tensor, *, first_row: int = 0) -> None:
+    """Set ``similarities[i, query_ids[i] - first_row]`` to ``-inf`` where that column exists.
+
+    ``similarities`` is ``(B, c)``, the rows ``first_row ... first_row + c - 1`` of a memory whose
+    row ``j`` holds sample ``j``: each query's own row is then excluded by a gather and a scatter
+    of one column per query (a boolean index would make the host wait for the device).
+    """
+    columns = similarities.shape[1]
+    column = query_ids - first_row
+    own_here = ((column >= 0) & (column < columns)).unsqueeze(1)
+    column = column.clamp(0, columns - 1).unsqueeze(1)
+    kept = similarities.gather(1, column)
+    similarities.scatter_(1, column, torch.where(own_here, float("-inf"), kept))
+
+
 @torch.no_grad()
 def knn_search(
     query: Tensor,
@@ -267,13 +283,7 @@ def knn_search(
             if memory_valid is not None:
                 similarities.masked_fill_(~memory_valid[start:stop].unsqueeze(0), neg_inf)
             if query_ids is not None and ids_are_rows:
-                # Each query's own row, if in this chunk, set to -inf by a gather and a scatter of
-                # one column per query (a boolean index would make the host wait for the device).
-                column = query_ids - start
-                own_here = ((column >= 0) & (column < stop - start)).unsqueeze(1)
-                column = column.clamp(0, stop - start - 1).unsqueeze(1)
-                kept = similarities.gather(1, column)
-                similarities.scatter_(1, column, torch.where(own_here, neg_inf, kept))
+                exclude_own_rows_(similarities, query_ids, first_row=start)
             elif query_ids is not None:
                 same_id = query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
                 similarities.masked_fill_(same_id, neg_inf)

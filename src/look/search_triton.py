@@ -15,6 +15,10 @@ a GPU thread block's registers, but a *threshold* does. The search is exact:
    counter per query). Every true top-``k`` row is among them.
 3. **Select.** ``torch.topk`` over the buffer (``B × capacity``, a few thousand columns).
 
+Leave-one-out adds no work per similarity: with query ids, the search finds ``k + 1`` neighbours
+among all rows and drops each query's own row from its list (or the last entry, where the own row
+is not among them), which is the top-``k`` of the other rows.
+
 The memory is read ``1 + 1/s`` times, similarities live only in registers, and a query whose buffer
 overflows (a memory with many near-identical rows) is searched again with the PyTorch path, so the
 result is always exact. Similarities are those of the query rounded to the memory's dtype with the
@@ -85,7 +89,6 @@ if triton is not None:
         query_ptr,
         memory_ptr,
         valid_ptr,
-        query_ids_ptr,
         bound_ptr,
         tile_max_ptr,
         out_values_ptr,
@@ -100,8 +103,8 @@ if triton is not None:
         tile_step,
         capacity,
         HAS_VALID: tl.constexpr,
-        HAS_IDS: tl.constexpr,
         COLLECT: tl.constexpr,
+        ATOMIC_PER_CANDIDATE: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -120,8 +123,6 @@ if triton is not None:
             mask=q_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        if HAS_IDS:
-            query_ids = tl.load(query_ids_ptr + offs_q, mask=q_mask, other=-1)
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q, mask=q_mask, other=float("inf"))
         for tile in range(pid_n, num_tiles, programs_n):
@@ -133,31 +134,38 @@ if triton is not None:
                 other=0.0,
             )
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
-            # Excluded rows (past the end, unwritten, a query's own row) become -inf. Row masks
-            # are a [BLOCK_N] bias, so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element;
-            # padding queries need no mask (their bound is +inf and their stores are masked).
+            # Excluded rows (past the end, unwritten) become -inf. Row masks are a [BLOCK_N] bias,
+            # so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding queries need
+            # no mask (their bound is +inf and their stores are masked). A query's own row is
+            # not excluded here: fused_knn_search searches one neighbour more and drops it after.
             row_ok = n_mask
             if HAS_VALID:
                 row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
             similarities += tl.where(row_ok, 0.0, float("-inf"))[None, :]
-            if HAS_IDS:
-                own_row = offs_n[None, :] == query_ids[:, None]
-                similarities = tl.where(own_row, float("-inf"), similarities)
             if COLLECT:
                 keep = similarities >= bound[:, None]
-                kept = keep.to(tl.int32)
-                row_kept = tl.sum(kept, axis=1)
-                if tl.sum(row_kept, axis=0) > 0:  # most tiles hold no candidate of any query
-                    # One relaxed atomic per query row reserves its slots (per-element atomics
-                    # with the default acq_rel ordering were ~20x slower than a memory read).
-                    base = tl.atomic_add(
-                        counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
-                    )
-                    slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+                if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # most tiles: none
+                    indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+                    if ATOMIC_PER_CANDIDATE:
+                        # One relaxed atomic per candidate: no scan over the tile, and there are
+                        # only ~k·s candidates per query in the whole memory.
+                        slot = tl.atomic_add(
+                            counts_ptr + offs_q[:, None] + tl.zeros_like(indices), 1,
+                            mask=keep, sem="relaxed",
+                        )  # fmt: skip
+                    else:
+                        # One relaxed atomic per query row reserves its slots, a scan numbers
+                        # them (per-element atomics with the default acq_rel ordering were ~20x
+                        # slower than a memory read).
+                        kept = keep.to(tl.int32)
+                        row_kept = tl.sum(kept, axis=1)
+                        base = tl.atomic_add(
+                            counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
+                        )
+                        slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
                     store = keep & (slot < capacity)
                     destination = offs_q[:, None] * capacity + slot
                     tl.store(out_values_ptr + destination, similarities, mask=store)
-                    indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
                     tl.store(out_indices_ptr + destination, indices, mask=store)
             else:
                 tile_max = tl.max(similarities, axis=1)
@@ -173,6 +181,13 @@ class SearchKernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     select: str = "sort"  # how the bound and the final k are picked: torch "topk" or "sort"
+    # How the collect pass numbers its candidates: "scan" (one atomic per query row and tile,
+    # then a prefix sum over the tile) or "atomic" (one atomic per candidate, no prefix sum).
+    collect: str = "scan"
+    # Largest s of the bound pass (every s-th tile): a larger s makes that pass and its selection
+    # cheaper (14M rows: 111k tile maxima per query at s = 4) but the bound looser, so more
+    # candidates reach the collect buffer, which grows with s.
+    tile_stride: int = 4
 
 
 # Candidates tried by tune_kernel_config; the default is the first (fastest of the first H100
@@ -186,6 +201,14 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(128, 64, 4, 3, "topk"),
     SearchKernelConfig(256, 64, 8, 3, "sort"),
     SearchKernelConfig(128, 128, 8, 3, "sort"),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
+    SearchKernelConfig(128, 64, 4, 3, "sort", "atomic"),
+    SearchKernelConfig(64, 64, 4, 4, "sort", "atomic"),
+    SearchKernelConfig(128, 128, 8, 3, "sort", "atomic"),
+    SearchKernelConfig(64, 32, 4, 4, "topk"),
+    SearchKernelConfig(64, 32, 4, 4, "topk", tile_stride=16),
+    SearchKernelConfig(64, 32, 4, 4, "sort", tile_stride=8),
+    SearchKernelConfig(64, 32, 4, 4, "topk", "atomic", tile_stride=16),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -219,7 +242,6 @@ def _launch(
     query: Tensor,
     memory: Tensor,
     valid: Tensor | None,
-    query_ids: Tensor | None,
     *,
     num_tiles: int,
     tile_step: int,
@@ -244,7 +266,6 @@ def _launch(
         query,
         memory,
         valid if valid is not None else dummy,
-        query_ids if query_ids is not None else dummy,
         bound if bound is not None else dummy,
         tile_max if tile_max is not None else dummy,
         out_values if out_values is not None else dummy,
@@ -259,8 +280,8 @@ def _launch(
         tile_step,
         capacity,
         HAS_VALID=valid is not None,
-        HAS_IDS=query_ids is not None,
         COLLECT=bound is not None,
+        ATOMIC_PER_CANDIDATE=config.collect == "atomic",
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_two(dim)),
@@ -277,7 +298,7 @@ def fused_knn_search(
     *,
     query_ids: Tensor | None = None,
     memory_valid: Tensor | None = None,
-    max_tile_stride: int = 4,
+    max_tile_stride: int | None = None,
     capacity: int | None = None,
     config: SearchKernelConfig | None = None,
     timings: dict[str, float] | None = None,
@@ -305,26 +326,31 @@ def fused_knn_search(
     if memory.stride(1) != 1:
         memory = memory.contiguous()
     valid = memory_valid.to(device=device, dtype=torch.uint8) if memory_valid is not None else None
-    ids = query_ids.to(device=device, dtype=torch.int64) if query_ids is not None else None
     config = config or _kernel_config
+    if config.collect not in ("scan", "atomic"):
+        raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
     block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
-    block_n = config.block_n
-    total_tiles = triton.cdiv(memory.shape[0], block_n)
+    total_tiles = triton.cdiv(memory.shape[0], config.block_n)
     clock = _PhaseClock(device, timings)
+    # Leave-one-out costs no work per similarity: search one neighbour more over every row, then
+    # drop each query's own row from its list (or the last entry where the own row is absent).
+    search_k = k + 1 if query_ids is not None else k
 
     # Pass 1: tile maxima over every s-th tile; s keeps >= 4k sampled tiles so the bound is tight.
-    tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * k)))
+    if max_tile_stride is None:
+        max_tile_stride = config.tile_stride
+    tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * search_k)))
     sampled_tiles = triton.cdiv(total_tiles, tile_stride)
     neg_inf = float("-inf")
-    if sampled_tiles >= k:
+    if sampled_tiles >= search_k:
         tile_max = torch.empty(batch, sampled_tiles, dtype=torch.float32, device=device)
         _launch(
-            queries, memory, valid, ids,
+            queries, memory, valid,
             num_tiles=sampled_tiles, tile_step=tile_stride, config=config, block_q=block_q,
             tile_max=tile_max,
         )  # fmt: skip
         clock.lap("bound_pass")
-        bound = _largest(tile_max, k, config.select)[0][:, k - 1]
+        bound = _largest(tile_max, search_k, config.select)[0][:, search_k - 1]
         # Guard against the two launches rounding the same product differently by one ulp. With
         # fewer than k sampled candidates the bound is -inf: use the lowest finite value instead,
         # which collects every candidate but never an excluded (-inf) row.
@@ -336,24 +362,34 @@ def fused_knn_search(
 
     # Pass 2: collect every similarity >= bound into a per-query buffer.
     if capacity is None:
-        capacity = max(1024, 16 * k) if sampled_tiles >= k else memory.shape[0]
+        # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
+        capacity = (
+            max(1024, 16 * search_k, 4 * tile_stride * search_k)
+            if sampled_tiles >= search_k
+            else memory.shape[0]
+        )
     out_values = torch.full((batch, capacity), neg_inf, dtype=torch.float32, device=device)
     out_indices = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     _launch(
-        queries, memory, valid, ids,
+        queries, memory, valid,
         num_tiles=total_tiles, tile_step=1, config=config, block_q=block_q,
         bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
         capacity=capacity,
     )  # fmt: skip
 
     clock.lap("collect_pass")
-    keep = min(k, capacity)
+    keep = min(search_k, capacity)
     values, order = _largest(out_values, keep, config.select)
     indices = out_indices.gather(1, order)
-    if keep < k:
-        values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
-        indices = torch.cat([indices, indices.new_full((batch, k - keep), -1)], dim=1)
+    if keep < search_k:
+        values = torch.cat([values, values.new_full((batch, search_k - keep), neg_inf)], dim=1)
+        indices = torch.cat([indices, indices.new_full((batch, search_k - keep), -1)], dim=1)
+    if query_ids is not None:
+        # A stable sort on "is the own row" moves it (at most one per query) behind the others.
+        own = indices == query_ids.to(device=device, dtype=torch.int64).unsqueeze(1)
+        order = torch.sort(own.to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        values, indices = values.gather(1, order), indices.gather(1, order)
     indices = indices.masked_fill(values == neg_inf, -1)
     clock.lap("select_topk")
     if timings is not None:

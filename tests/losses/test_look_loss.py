@@ -384,7 +384,8 @@ def test_more_k_than_valid_rows_pads_and_stays_exact() -> None:
     terms, grad, reference, reference_grad = run_both(
         problem, k=10, memory_valid=memory_valid, chunk_size=4
     )
-    assert (terms.neighbour_indices[:, 6:] == -1).all()
+    # Six real neighbours per query, the other slots padding (in no particular order).
+    assert torch.equal((terms.neighbour_indices >= 0).sum(dim=1), torch.full((12,), 6))
     assert_matches(terms, grad, reference, reference_grad, atol=1e-10)
 
 
@@ -595,9 +596,14 @@ def test_module_validates_at_construction() -> None:
     assert LookLoss(None, 0.1).k is None
 
 
+@pytest.mark.parametrize("no_positive", ["drop", "nearest"])
+@pytest.mark.parametrize("by_ids", [False, True])
 @pytest.mark.parametrize("k", [3, 40])
-def test_dense_and_gathered_logits_agree(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # k=40 of 60 rows takes the dense B × N product; a zero limit forces the row gather.
+def test_dense_and_gathered_logits_agree(
+    k: int, by_ids: bool, no_positive: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # k=40 of 60 rows searches and takes the logits on one dense B × N product; a zero limit
+    # forces the chunked search and the row gather.
     import importlib
 
     module = importlib.import_module("look.losses.look_loss")
@@ -605,19 +611,26 @@ def test_dense_and_gathered_logits_agree(k: int, monkeypatch: pytest.MonkeyPatch
     memory = F.normalize(torch.randn(60, 8, generator=g), dim=1)
     labels = torch.randint(0, 3, (60,), generator=g)
     valid = torch.rand(60, generator=g) > 0.1
+    memory = memory.masked_fill(~valid.unsqueeze(1), float("nan"))  # unwritten rows: anything
+    # A queue's rows carry explicit ids; a bank's ids are its row numbers.
+    memory_ids = torch.randperm(60, generator=g) if by_ids else None
+    query_ids = memory_ids[:6] if memory_ids is not None else torch.arange(6)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         query = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(4)), dim=1)
         query.requires_grad_(True)
         terms = look_loss_terms(
-            query, labels[:6], memory, labels, k=k, temperature=0.1,
-            query_indices=torch.arange(6), memory_valid=valid,
+            query, labels[:6], memory, labels, k=k, temperature=0.1, query_indices=query_ids,
+            memory_ids=memory_ids, memory_valid=valid, no_positive=no_positive,  # type: ignore[arg-type]
         )  # fmt: skip
         terms.loss.sum().backward()
-        return terms.loss.detach(), query.grad  # type: ignore[return-value]
+        neighbours = terms.neighbour_indices.sort(dim=1).values
+        return terms.loss.detach(), query.grad, neighbours  # type: ignore[return-value]
 
-    default_loss, default_grad = run()
+    default_loss, default_grad, default_neighbours = run()
     monkeypatch.setattr(module, "_DENSE_LOGITS_LIMIT", 0)
-    gathered_loss, gathered_grad = run()
+    gathered_loss, gathered_grad, gathered_neighbours = run()
+    assert torch.isfinite(default_grad).all()
+    assert torch.equal(default_neighbours, gathered_neighbours)
     torch.testing.assert_close(default_loss, gathered_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(default_grad, gathered_grad, rtol=1e-5, atol=1e-6)

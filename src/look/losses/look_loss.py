@@ -20,11 +20,13 @@ from torch import Tensor, nn
 
 from look.host_sync import host_reads_are_free
 from look.search import (
+    KnnResult,
     SearchBackend,
     autocast_disabled,
     check_positive_int,
     check_search_backend,
     compute_dtype_for,
+    exclude_own_rows_,
     knn_search,
     validate_search_inputs,
 )
@@ -44,7 +46,8 @@ class LookLossTerms(NamedTuple):
         positive_in_topk: ``(B,)`` bool, a same-label row is among the true top-k (before any
             ``no_positive="nearest"`` swap); with ``k=None``, the query has any same-label candidate.
         neighbour_indices: ``(B, k_eff)`` int64 memory rows that entered the loss (after the
-            ``"nearest"`` swap), ``-1`` for padding; ``k_eff = min(k, N)``. Empty ``(B, 0)`` for
+            ``"nearest"`` swap), ``-1`` for padding, in no particular order;
+            ``k_eff = min(k, N)``. Empty ``(B, 0)`` for
             ``k=None`` (all candidates are used; listing them would be ``B × N``).
         neighbour_agreement: ``(B,)`` fraction of the true neighbours (before any swap; all
             candidates for ``k=None``) that share the query's label; 0 when there are none.
@@ -191,8 +194,15 @@ def _all_candidates_terms(
     )
 
 
-# Largest B × N similarity matrix the dense path below may build (fp32 entries; 256 MB).
+# Largest B × N similarity matrix the dense paths below may build (fp32 entries; 256 MB).
 _DENSE_LOGITS_LIMIT = 1 << 26
+
+
+def _dense_is_cheaper(batch: int, rows: int, k: int, dim: int) -> bool:
+    """Whether the whole ``B × N`` product beats gathering ``B × k × d`` neighbour rows: when
+    ``k·d`` is large next to ``N`` (e.g. k = 2,500 of a 10,000-row bank: 1/30 of the memory
+    traffic), and the product fits :data:`_DENSE_LOGITS_LIMIT`."""
+    return rows * 4 <= k * dim and batch * rows <= _DENSE_LOGITS_LIMIT
 
 
 def _selected_logits(
@@ -200,14 +210,12 @@ def _selected_logits(
 ) -> Tensor:
     """``queries[i] · memory[indices[i, j]]`` with grad into the queries; memory is a constant.
 
-    Two equal ways: gather the ``B × k × d`` neighbour rows (cheap for a large memory and small k),
-    or take the whole ``B × N`` product and gather ``k`` entries per row (cheap when ``k·d`` is
-    large next to ``N``, e.g. k = 2,500 of a 10,000-row bank: 1/30 of the memory traffic). Both
-    copy what they read, so in-place memory updates before backward are safe.
+    Two equal ways (:func:`_dense_is_cheaper` picks): gather the ``B × k × d`` neighbour rows, or
+    take the whole ``B × N`` product and gather ``k`` entries per row. Both copy what they read,
+    so in-place memory updates before backward are safe.
     """
     batch, dim = queries.shape
-    rows = memory.shape[0]
-    if rows * 4 <= indices.shape[1] * dim and batch * rows <= _DENSE_LOGITS_LIMIT:
+    if _dense_is_cheaper(batch, memory.shape[0], indices.shape[1], dim):
         # A copy: the caller may update the memory in place before backward.
         similarities = queries @ memory.detach().to(queries.dtype, copy=True).T  # (B, N)
         return similarities.gather(1, indices).masked_fill(~is_neighbour, 0.0)
@@ -215,6 +223,54 @@ def _selected_logits(
     # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
     neighbours = neighbours.masked_fill(~is_neighbour.unsqueeze(-1), 0.0)
     return (queries.unsqueeze(1) * neighbours).sum(dim=-1)
+
+
+def _dense_search(
+    queries: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+    query_labels: Tensor | None,
+    memory_labels: Tensor | None,
+) -> tuple[Tensor, KnnResult]:
+    """The ``B × N`` similarities with grad, and the top-``k`` search done on that same product.
+
+    For a small memory and a large ``k`` the search and the loss would each compute this product;
+    sharing it saves one of the two (and the search needs no sorted top-k: the neighbours come
+    back in no particular order). Same candidates and values as :func:`look.search.knn_search`
+    (which rounds the query to a half-precision memory first: only used for fp32/fp64 memories).
+    """
+    neg_inf = float("-inf")
+    # A copy: the caller may update the memory in place before backward.
+    rows = memory.detach().to(queries.dtype, copy=True)
+    if memory_valid is not None:
+        # Unwritten rows may hold anything: zeroed, so that a NaN cannot reach the gradient
+        # through the product; the bias gives them -inf for the search (cheaper than a mask
+        # pass over B × N).
+        rows.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+        bias = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
+        similarities = torch.addmm(bias.masked_fill_(~memory_valid, neg_inf), queries, rows.T)
+    else:
+        similarities = queries @ rows.T
+    # The search writes its exclusions into the product itself: no B × N copy. Safe for
+    # autograd, whose saved tensors for the product are its inputs, not its output, and the
+    # loss only ever reads the entries the search selects, which are never excluded ones.
+    scores = similarities.detach()
+    if query_ids is not None and memory_ids is None:
+        exclude_own_rows_(scores, query_ids)
+    elif query_ids is not None:
+        scores.masked_fill_(query_ids.unsqueeze(1) == memory_ids.unsqueeze(0), neg_inf)  # type: ignore[union-attr]
+    values, indices = scores.topk(k, dim=1, sorted=False)
+    indices = indices.masked_fill(values == neg_inf, -1)
+    if query_labels is None or memory_labels is None:
+        return similarities, KnnResult(values, indices)
+    same_label = query_labels.unsqueeze(1) == memory_labels.unsqueeze(0)
+    positive_value, positive_index = scores.masked_fill(~same_label, neg_inf).max(dim=1)
+    positive_index = positive_index.masked_fill(positive_value == neg_inf, -1)
+    return similarities, KnnResult(values, indices, positive_value, positive_index)
 
 
 def _top_k_terms(
@@ -232,21 +288,29 @@ def _top_k_terms(
     chunk_size: int,
     search_backend: str,
 ) -> LookLossTerms:
-    """Finite ``k``: no-grad search, then the selected similarities recomputed with grad."""
+    """Finite ``k``: no-grad search, then the selected similarities recomputed with grad (or, for
+    a small memory, read from the one ``B × N`` product the search was done on)."""
     k_eff = min(k, memory.shape[0])
-    search = knn_search(
-        queries,
-        memory,
-        k_eff,
-        query_ids=query_ids,
-        memory_ids=memory_ids,
-        memory_valid=memory_valid,
-        chunk_size=chunk_size,
-        # The nearest same-label row costs a second B × N pass; only the "nearest" rule needs it.
-        query_labels=query_labels if no_positive == "nearest" else None,
-        memory_labels=memory_labels if no_positive == "nearest" else None,
-        backend=search_backend,
+    # The nearest same-label row costs a second B × N pass; only the "nearest" rule needs it.
+    labels_for_nearest = (query_labels, memory_labels) if no_positive == "nearest" else (None, None)
+    share_product = (
+        search_backend == "auto"  # "torch" means the chunked scan, always
+        and memory.dtype == queries.dtype
+        and _dense_is_cheaper(queries.shape[0], memory.shape[0], k_eff, queries.shape[1])
     )
+    similarities: Tensor | None = None
+    if share_product:
+        similarities, search = _dense_search(
+            queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
+            memory_valid=memory_valid, query_labels=labels_for_nearest[0],
+            memory_labels=labels_for_nearest[1],
+        )  # fmt: skip
+    else:
+        search = knn_search(
+            queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
+            memory_valid=memory_valid, chunk_size=chunk_size, query_labels=labels_for_nearest[0],
+            memory_labels=labels_for_nearest[1], backend=search_backend,
+        )  # fmt: skip
     neighbour_indices = search.indices
     is_neighbour = neighbour_indices >= 0
     safe_indices = neighbour_indices.clamp(min=0)
@@ -260,23 +324,25 @@ def _top_k_terms(
 
     if no_positive == "nearest":
         # A query whose top-k has no positive has more than k candidates (else its nearest
-        # positive, if any, would be in the top-k), so every slot is real and the last one is the
-        # k-th neighbour: replace it by the nearest same-label candidate of the whole memory.
-        swap = ~positive_in_topk & (search.nearest_positive_index >= 0)  # type: ignore[operator]
-        last = k_eff - 1
-        neighbour_indices = neighbour_indices.clone()
-        neighbour_indices[:, last] = torch.where(
-            swap,
-            search.nearest_positive_index,  # type: ignore[arg-type]
-            neighbour_indices[:, last],
+        # positive, if any, would be in the top-k), so every slot is real and the smallest
+        # value is the k-th neighbour: replace it by the nearest same-label candidate of the
+        # whole memory.
+        swap = (~positive_in_topk & (search.nearest_positive_index >= 0)).unsqueeze(1)  # type: ignore[operator]
+        slot = search.values.argmin(dim=1, keepdim=True)
+        nearest = search.nearest_positive_index.unsqueeze(1)  # type: ignore[union-attr]
+        neighbour_indices = neighbour_indices.scatter(
+            1, slot, torch.where(swap, nearest, neighbour_indices.gather(1, slot))
         )
         is_neighbour = neighbour_indices >= 0
         safe_indices = neighbour_indices.clamp(min=0)
-        is_positive = is_positive.clone()
-        is_positive[:, last] |= swap
+        is_positive = is_positive.scatter(1, slot, is_positive.gather(1, slot) | swap)
     valid = is_positive.any(dim=1)
 
-    logits = _selected_logits(queries, memory, safe_indices, is_neighbour) / temperature
+    if similarities is not None:
+        logits = similarities.gather(1, safe_indices).masked_fill(~is_neighbour, 0.0)
+    else:
+        logits = _selected_logits(queries, memory, safe_indices, is_neighbour)
+    logits = logits / temperature
 
     log_denominator = masked_logsumexp(logits, is_neighbour)
     log_numerator = masked_logsumexp(logits, is_positive)
@@ -323,9 +389,10 @@ def look_loss_terms(
             from the mean, or ``"nearest"``: swap its k-th neighbour for the nearest same-label
             candidate of the whole memory (dropped if there is none). Unused for ``k=None``.
         chunk_size: memory rows per chunk of the search / of the NCA logits.
-        search_backend: neighbour search of :func:`look.search.knn_search`: ``"auto"`` (the
-            fused GPU search where it applies), ``"torch"`` (always the chunked scan) or
-            ``"triton"`` (require the fused search). Unused for ``k=None``.
+        search_backend: the neighbour search: ``"auto"`` (the fused GPU search where it applies;
+            for a small fp32 memory and a large k, a search on the loss's own ``B × N`` product;
+            else the chunked scan of :func:`look.search.knn_search`), ``"torch"`` (always the
+            chunked scan) or ``"triton"`` (require the fused search). Unused for ``k=None``.
 
     Returns:
         :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has

@@ -44,8 +44,9 @@ class LOOKOptions(HeadOptions):
     memory_dtype: str = "float32"
     memory_init: str = "mask"  # mask: unwritten rows are skipped | warmup: one pass fills the bank
     chunk_size: int = 65536
-    # Neighbour search: auto (the fused GPU search for a bf16/fp16 bank on CUDA, else the
-    # chunked scan) | torch (always the scan) | triton (require the fused search)
+    # Neighbour search: auto (the fused GPU search for a bf16/fp16 bank on CUDA; the loss's own
+    # B × N product for a small fp32 bank and a large k; else the chunked scan) | torch (always
+    # the chunked scan) | triton (require the fused search)
     search_backend: str = "auto"
     ce_weight: float = 0.0  # optional auxiliary CE on the pooled features (off in pure LOOK)
 
