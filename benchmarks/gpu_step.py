@@ -5,15 +5,20 @@ search alone against the bank-read floor. Meant for one GPU run of a few minutes
     python benchmarks/gpu_step.py --device cpu --backbone look_resnet_tiny --image-size 32 \
         --batch-size 16 --rows 4096 32768 --steps 2 --output smoke.json   # CPU smoke run
 
-For every bank size in ``--rows`` (default 1.28M and 14M rows, plus the per-rank shard of a W=8
-sharded bank, rows/8) it times, with synthetic images and labels and a bank filled with random
-unit rows: a CE step and a LOOK step (forward, the trainer's finite-loss check, backward, SGD
-step; bf16 autocast and channels-last on CUDA), the neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries)
-with each backend (the fused Triton search where it applies, and the chunked PyTorch scan, checked
-to return the same neighbours) and one full read of the bank (``bank.sum()``), which is the floor
-any exact search must pay, and the host-device synchronisations of one CE and one LOOK step
-(CUDA's sync debug mode; the trainer's finite-loss check is one). With ``--scan-step`` the LOOK step is also timed with the scan forced,
-the "straightforward" LOOK. The figures are printed and written to ``--output`` as JSON.
+For every bank size in ``--rows`` (default 1.28M and 14M rows) it times, with synthetic images
+and labels and a bank filled with random unit rows: a CE step and a LOOK step (forward, the
+trainer's finite-loss check, backward, SGD step; bf16 autocast and channels-last on CUDA), the
+neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` queries) with each
+backend (the fused Triton search where it applies, and the chunked PyTorch scan, checked to return
+the same neighbours), one full read of the bank (``bank.sum()``), which is the floor any exact
+search must pay, and the host-device synchronisations of one CE and one LOOK step (CUDA's sync
+debug mode; the trainer's finite-loss check is one). With ``--scan-step`` the LOOK step is also
+timed with the scan forced, the "straightforward" LOOK.
+
+Per rank of a sharded bank over ``--world`` ranks it times the search one rank does: the gathered
+queries of all ranks (``world × batch``) over its ``rows / world`` rows. (The sharded step itself,
+with its collectives, needs several GPUs: ``benchmarks/ddp_step.py``.) The figures are printed and
+written to ``--output`` as JSON.
 """
 
 from __future__ import annotations
@@ -181,7 +186,6 @@ def main() -> None:
         "memory_dtype": args.memory_dtype,
         "chunk_size": args.chunk_size,
     }
-    sizes = sorted({*args.rows, *(max(args.k + 1, r // args.world) for r in args.rows)})
     memory_dtype = getattr(torch, args.memory_dtype)
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -203,33 +207,78 @@ def main() -> None:
             del step
         Path(args.profile).write_text("\n\n".join(tables))
 
-    def search_inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search_inputs(rows: int, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A random bank of ``rows`` unit rows, queries and their ids (the same for each call)."""
         torch.manual_seed(rows)
         bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(memory_dtype)
-        queries = F.normalize(torch.randn(args.batch_size, 128, device=device), dim=1)
-        return bank, queries, torch.randint(0, rows, (args.batch_size,), device=device)
+        query = F.normalize(torch.randn(queries, 128, device=device), dim=1)
+        return bank, query, torch.randint(0, rows, (queries,), device=device)
 
-    for rows in sizes:
+    def tune(rows: int, queries: int) -> list[dict[str, object]]:
+        """Pick the kernel config for this bank size (the best tiles and bound stride depend on
+        it); the winner stays the default for the timings of this size."""
+        bank, query, _ = search_inputs(rows, queries)
+        if not (args.tune and fused_search_supported(query, bank, memory_ids=None)):
+            return []
+        tuned = tune_kernel_config(query, bank, args.k)
+        for config, ms in tuned:
+            print(f"{rows} rows, {queries} queries, kernel {config}: {ms:.3f} ms")
+        return [{**asdict(config), "ms": ms} for config, ms in tuned]
+
+    def search_figures(rows: int, queries: int) -> dict[str, object]:
+        """Each backend's search time, the fused search's phases, agreement and the bank read."""
+        bank, query, query_ids = search_inputs(rows, queries)
+        fused_applies = fused_search_supported(query, bank, memory_ids=None)
+        backends = ["triton", "torch"] if fused_applies else ["torch"]
         entry: dict[str, object] = {}
-        bank, queries, query_ids = search_inputs(rows)
-        fused_applies = fused_search_supported(queries, bank, memory_ids=None)
-        if args.tune and fused_applies:
-            # Per bank size (the best tiles and bound stride depend on it); the winner stays the
-            # default for this size's step and search timings below.
-            tuned = tune_kernel_config(queries, bank, args.k)
-            entry["kernel_tuning"] = [{**asdict(config), "ms": ms} for config, ms in tuned]
-            for config, ms in tuned:
-                print(f"{rows} rows, kernel {config}: {ms:.3f} ms")
-        del bank, queries, query_ids  # not part of the step's peak memory
+        results = {}
+        for backend in backends:
+            search = partial(
+                knn_search, query, bank, args.k, query_ids=query_ids,
+                chunk_size=args.chunk_size, backend=backend,
+            )  # fmt: skip
+            results[backend] = search()
+            entry[f"search_{backend}_ms"] = measure(search, args.steps, args.warmup)
+        if fused_applies:
+            phases: dict[str, float] = {}
+            for _ in range(args.steps):
+                fused_knn_search(query, bank, args.k, query_ids=query_ids, timings=phases)
+            entry["fused_phases_ms"] = {
+                name: (1000.0 * value / args.steps if name != "mean_candidates" else value)
+                for name, value in phases.items()
+            }
+            fused, scan = results["triton"], results["torch"]
+            entry["fused_max_abs_value_diff"] = float((fused.values - scan.values).abs().max())
+            entry["fused_same_neighbour_sets"] = sum(
+                set(a) == set(b)
+                for a, b in zip(fused.indices.tolist(), scan.indices.tolist(), strict=True)
+            ) / len(query)
+        read_ms = measure(lambda: bank.sum(), args.steps, args.warmup)
+        best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
+        entry.update(
+            queries=queries,
+            search_ms=best,
+            bank_read_ms=read_ms,
+            search_over_read=best / read_ms,  # type: ignore[operator]
+            bank_mb=bank.numel() * bank.element_size() / 2**20,
+        )
+        searches = ", ".join(f"{b} {entry[f'search_{b}_ms']:.3f} ms" for b in backends)
+        print(
+            f"{rows:>10} rows, {queries} queries: search {searches} "
+            f"(best {best / read_ms:.1f}x bank read, {read_ms:.3f} ms)"  # type: ignore[operator]
+        )
+        return entry
+
+    figures["shards"] = {}
+    for rows in args.rows:
+        entry: dict[str, object] = {"kernel_tuning": tune(rows, args.batch_size)}
         reset_peak()
         look_step = _step_fn(look_cfg, args, rows, device)
         look_ms = measure(look_step, args.steps, args.warmup)
-        look_peak = peak_mb()
         entry.update(
             look_step_ms=look_ms,
             look_over_ce=look_ms / ce_ms,
-            look_peak_mb=look_peak,
+            look_peak_mb=peak_mb(),
             look_host_syncs=_host_syncs(look_step, device),
         )
         del look_step
@@ -238,51 +287,24 @@ def main() -> None:
             scan_step_ms = measure(_step_fn(scan_cfg, args, rows, device), args.steps, args.warmup)
             entry["look_scan_step_ms"] = scan_step_ms
             entry["look_scan_over_ce"] = scan_step_ms / ce_ms
-        bank, queries, query_ids = search_inputs(rows)
-        backends = ["triton", "torch"] if fused_applies else ["torch"]
-        results = {}
-        for backend in backends:
-            search = partial(
-                knn_search, queries, bank, args.k, query_ids=query_ids,
-                chunk_size=args.chunk_size, backend=backend,
-            )  # fmt: skip
-            results[backend] = search()
-            entry[f"search_{backend}_ms"] = measure(search, args.steps, args.warmup)
-        if "triton" in results:
-            phases: dict[str, float] = {}
-            for _ in range(args.steps):
-                fused_knn_search(queries, bank, args.k, query_ids=query_ids, timings=phases)
-            entry["fused_phases_ms"] = {
-                name: (1000.0 * value / args.steps if name != "mean_candidates" else value)
-                for name, value in phases.items()
-            }
-            fused, scan = results["triton"], results["torch"]
-            entry["fused_max_abs_value_diff"] = float((fused.values - scan.values).abs().max())
-            entry["fused_same_neighbour_sets"] = (
-                sum(
-                    set(a) == set(b)
-                    for a, b in zip(fused.indices.tolist(), scan.indices.tolist(), strict=True)
-                )
-                / args.batch_size
-            )
-        read_ms = measure(lambda bank=bank: bank.sum(), args.steps, args.warmup)
-        best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
-        entry.update(
-            search_ms=best,
-            bank_read_ms=read_ms,
-            search_over_read=best / read_ms,  # type: ignore[operator]
-            bank_mb=bank.numel() * bank.element_size() / 2**20,
-        )
-        figures["rows"][str(rows)] = entry  # type: ignore[index]
-        searches = ", ".join(f"{b} {entry[f'search_{b}_ms']:.3f} ms" for b in backends)
         print(
-            f"{rows:>10} rows: LOOK step {look_ms:.1f} ms ({look_ms / ce_ms:.3f}x CE), "
-            f"search {searches} (best {best / read_ms:.1f}x bank read, {read_ms:.3f} ms)"  # type: ignore[operator]
+            f"{rows:>10} rows: LOOK step {look_ms:.1f} ms ({look_ms / ce_ms:.3f}x CE)"
             + (f", scan step {entry['look_scan_step_ms']:.1f} ms" if args.scan_step else "")
         )
+        entry.update(search_figures(rows, args.batch_size))
+        figures["rows"][str(rows)] = entry  # type: ignore[index]
         # Partial results survive a later failure (e.g. out of memory at the largest size).
         Path(args.output).write_text(json.dumps(figures, indent=2))
-        del bank
+
+        shard_rows, gathered = max(args.k + 1, rows // args.world), args.world * args.batch_size
+        shard: dict[str, object] = {
+            "rows_per_rank": shard_rows,
+            "world": args.world,
+            "kernel_tuning": tune(shard_rows, gathered),
+        }
+        shard.update(search_figures(shard_rows, gathered))
+        figures["shards"][str(rows)] = shard
+        Path(args.output).write_text(json.dumps(figures, indent=2))
     Path(args.output).write_text(json.dumps(figures, indent=2))
 
 

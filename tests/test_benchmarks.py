@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.ddp import free_port
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -44,10 +46,13 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         capture_output=True,
     )
     figures = json.loads(output.read_text())
-    assert set(figures["rows"]) == {"512", "2048"}  # the bank and its simulated 1/4 shard
-    for entry in figures["rows"].values():
-        assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
-        assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
+    entry = figures["rows"]["2048"]
+    assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
+    assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
+    assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
+    # One rank of 4 of a sharded bank: all ranks' queries over a quarter of the rows.
+    shard = figures["shards"]["2048"]
+    assert shard["rows_per_rank"] == 512 and shard["queries"] == 32 and shard["search_ms"] > 0
 
 
 def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
@@ -68,6 +73,28 @@ def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
         "look_loss_forward_backward_scan", "knn_search",
     }  # fmt: skip
     assert all(seconds > 0 for seconds in report["seconds_median"].values())
+
+
+def test_ddp_step_benchmark_smoke_with_two_gloo_ranks(tmp_path: Path) -> None:
+    output = tmp_path / "ddp_step.json"
+    subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(free_port()), str(BENCHMARKS / "ddp_step.py"),
+            "--device", "cpu", "--backbone", "look_cnn_small", "--image-size", "28",
+            "--batch-size", "8", "--rows", "3000", "--k", "20", "--classes", "10",
+            "--memory-dtype", "float32", "--steps", "1", "--warmup", "1", "--output", str(output),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    bank, sharded = report["memories"]["bank"], report["memories"]["sharded_bank"]
+    assert bank["step_ms"] > 0 and sharded["step_ms"] > 0 and sharded["loss_ms"] > 0
+    # Each rank holds half of the rows.
+    assert sharded["bank_mb_per_rank"] < 0.6 * bank["bank_mb_per_rank"]
 
 
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_distributed() -> bool:
@@ -47,6 +49,24 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``module`` under DDP as a method needs it: buffers are never broadcast from rank 0.
+
+    A memory keeps itself identical on every rank through its own gathers, and a sharded bank's
+    buffers differ between ranks by design, so DDP must not overwrite them.
+    """
+    with warnings.catch_warnings():
+        # torch >= 2.14 deprecates broadcast_buffers for forward_sync_buffers, which still
+        # syncs buffers at init and would overwrite every rank's sharded-bank shard with rank 0's
+        # (torch 2.11 lacks it): the deprecated flag is the correct one.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
+        return DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
 
 def cleanup_distributed() -> None:

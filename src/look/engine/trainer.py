@@ -8,7 +8,6 @@ import contextlib
 import json
 import random
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -37,6 +35,7 @@ from look.engine.distributed import (
     init_distributed,
     is_distributed,
     is_main_process,
+    wrap_ddp,
 )
 from look.engine.metrics_log import MetricsLogger
 from look.engine.optim import build_lr_scheduler, build_optimizer
@@ -365,16 +364,7 @@ class Trainer:
             if self.method.needs_warmup_pass:
                 self._warmup_memory()
         if is_distributed():
-            with warnings.catch_warnings():
-                # torch >= 2.14 deprecates broadcast_buffers for forward_sync_buffers, which
-                # still syncs buffers at init and would overwrite every rank's sharded-bank shard
-                # with rank 0's (torch 2.11 lacks it): the deprecated flag is the correct one.
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
-                self.model = DistributedDataParallel(
-                    self.method,
-                    device_ids=[self.device.index] if self.device_type == "cuda" else None,
-                    broadcast_buffers=False,  # memories are kept identical by their own gathers
-                )
+            self.model = wrap_ddp(self.method, self.device)
         if self.cfg.train.compile:
             self.method.backbone.compile()
         self.method.train()
