@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import look.memory as memory_module
 import look.search as search_module
+import look.sharded as sharded_module
 from look.host_sync import DeferredChecks
 from look.losses import look_loss_terms
 from look.memory import MemoryBank, MemoryQueue
@@ -63,7 +64,7 @@ class SyncCounter(TorchDispatchMode):
 @pytest.fixture
 def accelerator_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The accelerator code paths on the CPU; yields the list ``tolist`` calls are recorded in."""
-    for module in (search_module, look_loss_module, memory_module):
+    for module in (search_module, look_loss_module, memory_module, sharded_module):
         monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
     tolist_calls: list[str] = []
     original_tolist = torch.Tensor.tolist
@@ -125,6 +126,18 @@ def test_non_finite_query_gives_nan_loss_instead_of_a_wait(accelerator_policy: l
     assert torch.isnan(terms.loss[2]) and bool(terms.valid[2])
     assert torch.isfinite(terms.loss[[0, 1, 3]]).all()
     # On the CPU policy the same input is refused outright.
+
+
+def test_sharded_loss_marks_a_non_finite_query_with_nan(accelerator_policy: list[str]) -> None:
+    bank = sharded_module.ShardedMemoryBank(40, 8)
+    bank.update(torch.arange(40), torch.randn(40, 8), torch.arange(40) % 2)
+    query = F.normalize(torch.randn(3, 8), dim=1)
+    query[1, 3] = float("inf")
+    terms = sharded_module.sharded_look_loss_terms(
+        query, torch.tensor([0, 1, 0]), bank, k=5, temperature=0.1, query_indices=None
+    )
+    assert torch.isnan(terms.loss[1]) and bool(terms.valid[1])
+    assert torch.isfinite(terms.loss[[0, 2]]).all()
 
 
 def test_non_finite_query_is_refused_on_the_cpu() -> None:

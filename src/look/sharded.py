@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from look.engine.distributed import get_rank, get_world_size, is_distributed
+from look.host_sync import host_reads_are_free
 from look.losses.look_loss import (
     LookLossTerms,
     _check_no_positive,
@@ -443,8 +444,9 @@ def sharded_look_loss_terms(
         all_queries, all_columns = _gather_rows_no_grad(
             [queries.detach(), torch.stack([local_ids, local_labels, source_rank], dim=1)]
         )
-        # Checked on the gathered batch so that every rank raises together (none is left waiting).
-        if not bool(torch.isfinite(all_queries).all()):
+        # Checked on the gathered batch so that every rank raises together (none is left
+        # waiting); on an accelerator a NaN loss term replaces the check (see look.host_sync).
+        if host_reads_are_free(device) and not bool(torch.isfinite(all_queries).all()):
             raise ValueError(
                 "query contains NaN or Inf values (on some rank); check the encoder output (e.g. "
                 "a diverged step or an fp16 overflow) before computing the LOOK loss"
@@ -519,6 +521,10 @@ def sharded_look_loss_terms(
         loss = torch.where(
             valid, log_denominator - log_numerator, torch.zeros_like(log_denominator)
         )
+        if not host_reads_are_free(device):
+            query_finite = torch.isfinite(queries.detach()).all(dim=1)
+            loss = torch.where(query_finite, loss, torch.nan)
+            valid = valid | ~query_finite
     return LookLossTerms(
         loss=loss,
         valid=valid,
