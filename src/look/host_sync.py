@@ -35,10 +35,10 @@ class DeferredChecks:
     :meth:`push` starts copying a small integer tensor of counts to the host (into a pinned
     buffer, with an event, on CUDA). :meth:`settle` hands every check but the newest ``keep``
     ones to its ``report`` callback, which raises if a count says something was wrong. Called at
-    the start of each update with ``keep=1``, it reports the previous update's check: by then that
-    copy has long arrived (the trainer synchronises once per step anyway), so the read costs no
-    wait, and every DDP rank reports at the same call. :meth:`settle` with ``keep=0`` (before a
-    checkpoint is written) reports everything, so no error is hidden behind a save.
+    the start of each update, before that update pushes its own check, it reports the previous
+    update's: by then that copy has long arrived (the trainer synchronises once per step anyway),
+    so the read costs no wait, and every DDP rank reports at the same call. Before a checkpoint
+    is written it reports everything, so no error is hidden behind a save.
     """
 
     def __init__(self) -> None:
