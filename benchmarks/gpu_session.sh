@@ -14,10 +14,10 @@ export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== stage 1: CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
   tests/test_host_sync_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 echo "== stage 2: gpu_step benchmark"
-timeout "${STAGE2_S:-300}" python3 benchmarks/gpu_step.py --scan-step --tune \
+timeout "${STAGE2_S:-400}" python3 benchmarks/gpu_step.py --scan-step --tune \
   --profile "$OUT/profile.txt" --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
 echo "== done"; date -u
