@@ -72,13 +72,21 @@ def _resolve_storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _gather_rows_no_grad(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Concatenate each tensor over ranks along dim 0, in rank order; ranks may hold different
-    numbers of rows (all tensors of one rank share that count).
+    numbers of rows (all tensors of one rank share that count)."""
+    return _gather_rows_and_counts(tensors)[0]
+
+
+def _gather_rows_and_counts(
+    tensors: Sequence[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`_gather_rows_no_grad`, and the number of rows each rank contributed.
 
     :func:`look.engine.distributed.gather_no_grad` needs equal shapes on all ranks, so the row
-    counts are exchanged first and shorter slices are padded, then trimmed after the gather.
+    counts are exchanged first (one host read) and shorter slices are padded, then trimmed after
+    the gather.
     """
     if not is_distributed():
-        return [tensor.detach() for tensor in tensors]
+        return [tensor.detach() for tensor in tensors], [tensors[0].shape[0]]
     local_rows = tensors[0].shape[0]
     device = tensors[0].device
     row_counts = gather_no_grad(torch.tensor([local_rows], dtype=torch.int64, device=device))
@@ -94,7 +102,7 @@ def _gather_rows_no_grad(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         padded[:local_rows] = tensor
         per_rank = gather_no_grad(padded).view(get_world_size(), max_rows, *tensor.shape[1:])
         gathered.append(torch.cat([per_rank[r, :count] for r, count in enumerate(counts)], dim=0))
-    return gathered
+    return gathered, counts
 
 
 class FeatureMemory(nn.Module):

@@ -40,7 +40,7 @@ from look.losses.look_loss import (
     check_temperature,
     masked_logsumexp,
 )
-from look.memory import MemoryBank, _gather_rows_no_grad
+from look.memory import MemoryBank, _gather_rows_and_counts, _gather_rows_no_grad
 from look.search import (
     SearchBackend,
     autocast_disabled,
@@ -425,7 +425,7 @@ def sharded_look_loss_terms(
 
     device = memory.features.device
     dtype = compute_dtype_for(query, memory.features)
-    world_size, rank = memory.world_size, memory.rank
+    world_size = memory.world_size
     batch = query.shape[0]
     k_eff = min(k, memory.num_samples)
     want_nearest = no_positive == "nearest"
@@ -440,9 +440,9 @@ def sharded_look_loss_terms(
             if query_indices is None
             else query_indices.to(device=device, dtype=torch.int64)
         )
-        source_rank = torch.full_like(local_labels, rank)
-        all_queries, all_columns = _gather_rows_no_grad(
-            [queries.detach(), torch.stack([local_ids, local_labels, source_rank], dim=1)]
+        # The row counts the gather exchanges are the all-to-all sizes below (no second read).
+        (all_queries, all_columns), queries_per_rank = _gather_rows_and_counts(
+            [queries.detach(), torch.stack([local_ids, local_labels], dim=1)]
         )
         # Checked on the gathered batch so that every rank raises together (none is left
         # waiting); on an accelerator a NaN loss term replaces the check (see look.host_sync).
@@ -451,8 +451,7 @@ def sharded_look_loss_terms(
                 "query contains NaN or Inf values (on some rank); check the encoder output (e.g. "
                 "a diverged step or an fp16 overflow) before computing the LOOK loss"
             )
-        all_ids, all_labels, all_ranks = all_columns.unbind(dim=1)
-        queries_per_rank = torch.bincount(all_ranks, minlength=world_size).tolist()
+        all_ids, all_labels = all_columns.unbind(dim=1)
 
         # 1. Every shard searches for every query (local rows -> dataset indices).
         # A written local row r holds dataset index r + shard_start, so leave-one-out can be by
