@@ -92,16 +92,21 @@ def case_tune_kernel_config_sets_the_fastest() -> None:
         set_kernel_config(default)
 
 
-def case_atomic_collect_matches_scan() -> None:
-    """The per-candidate atomic collect numbers candidates differently, never changes them."""
+def case_collect_variants_match_scan() -> None:
+    """The collect variants number and filter candidates differently, never change them."""
     default = get_kernel_config()
-    set_kernel_config(SearchKernelConfig(32, 32, 4, 2, "topk", "atomic"))
+    generator = torch.Generator().manual_seed(5)
+    memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1).half()
+    query = F.normalize(torch.randn(20, 16, generator=generator), dim=1)
+    valid = torch.rand(6000, generator=generator) > 0.2
     try:
-        generator = torch.Generator().manual_seed(5)
-        memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1).half()
-        query = F.normalize(torch.randn(20, 16, generator=generator), dim=1)
-        valid = torch.rand(6000, generator=generator) > 0.2
-        _check_same(query, memory, 7, query_ids=torch.arange(20) * 50, memory_valid=valid)
+        for config in (
+            SearchKernelConfig(32, 32, 4, 2, "topk", "atomic"),
+            SearchKernelConfig(32, 32, 4, 2, "sort", "atomic", skip_empty_tiles=False),
+            SearchKernelConfig(16, 32, 4, 2, "sort", "scan", tile_stride=2),
+        ):
+            set_kernel_config(config)
+            _check_same(query, memory, 7, query_ids=torch.arange(20) * 50, memory_valid=valid)
     finally:
         set_kernel_config(default)
 

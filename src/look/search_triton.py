@@ -85,6 +85,42 @@ def fused_search_supported(query: Tensor, memory: Tensor, *, memory_ids: Tensor 
 if triton is not None:
 
     @triton.jit
+    def _append_candidates(
+        similarities,
+        keep,
+        offs_q,
+        offs_n,
+        counts_ptr,
+        out_values_ptr,
+        out_indices_ptr,
+        capacity,
+        ATOMIC_PER_CANDIDATE: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Append the ``keep`` entries of a tile to their queries' candidate buffers."""
+        indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+        if ATOMIC_PER_CANDIDATE:
+            # One relaxed atomic per candidate: no scan over the tile, and there are only ~k·s
+            # candidates per query in the whole memory.
+            slot = tl.atomic_add(
+                counts_ptr + offs_q[:, None] + tl.zeros_like(indices), 1, mask=keep,
+                sem="relaxed",
+            )  # fmt: skip
+        else:
+            # One relaxed atomic per query row reserves its slots, a scan numbers them
+            # (per-element atomics with the default acq_rel ordering were ~20x slower than a
+            # memory read).
+            kept = keep.to(tl.int32)
+            row_kept = tl.sum(kept, axis=1)
+            base = tl.atomic_add(counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed")
+            slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
+        store = keep & (slot < capacity)
+        destination = offs_q[:, None] * capacity + slot
+        tl.store(out_values_ptr + destination, similarities, mask=store)
+        tl.store(out_indices_ptr + destination, indices, mask=store)
+
+    @triton.jit
     def _knn_tiles_kernel(
         query_ptr,
         memory_ptr,
@@ -105,6 +141,7 @@ if triton is not None:
         HAS_VALID: tl.constexpr,
         COLLECT: tl.constexpr,
         ATOMIC_PER_CANDIDATE: tl.constexpr,
+        SKIP_EMPTY_TILES: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -144,29 +181,19 @@ if triton is not None:
             similarities += tl.where(row_ok, 0.0, float("-inf"))[None, :]
             if COLLECT:
                 keep = similarities >= bound[:, None]
-                if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # most tiles: none
-                    indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
-                    if ATOMIC_PER_CANDIDATE:
-                        # One relaxed atomic per candidate: no scan over the tile, and there are
-                        # only ~k·s candidates per query in the whole memory.
-                        slot = tl.atomic_add(
-                            counts_ptr + offs_q[:, None] + tl.zeros_like(indices), 1,
-                            mask=keep, sem="relaxed",
+                if SKIP_EMPTY_TILES:
+                    # Most tiles hold no candidate of any query of the block: one block-wide
+                    # reduction decides whether to number and store anything.
+                    if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+                        _append_candidates(
+                            similarities, keep, offs_q, offs_n, counts_ptr, out_values_ptr,
+                            out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE, BLOCK_Q, BLOCK_N,
                         )  # fmt: skip
-                    else:
-                        # One relaxed atomic per query row reserves its slots, a scan numbers
-                        # them (per-element atomics with the default acq_rel ordering were ~20x
-                        # slower than a memory read).
-                        kept = keep.to(tl.int32)
-                        row_kept = tl.sum(kept, axis=1)
-                        base = tl.atomic_add(
-                            counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed"
-                        )
-                        slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-                    store = keep & (slot < capacity)
-                    destination = offs_q[:, None] * capacity + slot
-                    tl.store(out_values_ptr + destination, similarities, mask=store)
-                    tl.store(out_indices_ptr + destination, indices, mask=store)
+                else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
+                    _append_candidates(
+                        similarities, keep, offs_q, offs_n, counts_ptr, out_values_ptr,
+                        out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE, BLOCK_Q, BLOCK_N,
+                    )  # fmt: skip
             else:
                 tile_max = tl.max(similarities, axis=1)
                 tl.store(tile_max_ptr + offs_q * num_tiles + tile, tile_max, mask=q_mask)
@@ -188,6 +215,9 @@ class SearchKernelConfig:
     # cheaper (14M rows: 111k tile maxima per query at s = 4) but the bound looser, so more
     # candidates reach the collect buffer, which grows with s.
     tile_stride: int = 4
+    # Test each tile for any candidate before numbering and storing (a block-wide reduction);
+    # without it, the masked atomics and stores run on every tile.
+    skip_empty_tiles: bool = True
 
 
 # Candidates tried by tune_kernel_config; the default is the first (fastest of the first H100
@@ -209,6 +239,11 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 4, "topk", tile_stride=16),
     SearchKernelConfig(64, 32, 4, 4, "sort", tile_stride=8),
     SearchKernelConfig(64, 32, 4, 4, "topk", "atomic", tile_stride=16),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", skip_empty_tiles=False),
+    SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", skip_empty_tiles=False),
+    SearchKernelConfig(64, 32, 4, 4, "sort", tile_stride=2),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", tile_stride=2),
+    SearchKernelConfig(32, 64, 4, 3, "sort", "atomic"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -282,6 +317,7 @@ def _launch(
         HAS_VALID=valid is not None,
         COLLECT=bound is not None,
         ATOMIC_PER_CANDIDATE=config.collect == "atomic",
+        SKIP_EMPTY_TILES=config.skip_empty_tiles,
         BLOCK_Q=block_q,
         BLOCK_N=config.block_n,
         BLOCK_D=max(16, _next_power_of_two(dim)),
@@ -432,14 +468,17 @@ def tune_kernel_config(
     default (:func:`set_kernel_config`) and return ``(config, milliseconds)`` fastest first.
 
     Every config must return the neighbours of the first one (checked); a config that fails to
-    compile or launch (e.g. too much shared memory) is skipped.
+    compile or launch (e.g. too much shared memory), or whose candidate buffer overflows on these
+    inputs (its results would need the scan), is skipped.
     """
     results: list[tuple[SearchKernelConfig, float]] = []
     reference: Tensor | None = None
     for config in configs:
         try:
-            values, _, _ = fused_knn_search(query, memory, k, config=config)
+            values, _, overflowed = fused_knn_search(query, memory, k, config=config)
         except Exception:  # an unbuildable config (e.g. too much shared memory) is skipped
+            continue
+        if bool(overflowed.any()):
             continue
         if reference is None:
             reference = values
