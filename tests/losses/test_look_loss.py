@@ -596,14 +596,16 @@ def test_module_validates_at_construction() -> None:
     assert LookLoss(None, 0.1).k is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("no_positive", ["drop", "nearest"])
 @pytest.mark.parametrize("by_ids", [False, True])
 @pytest.mark.parametrize("k", [3, 40])
 def test_dense_and_gathered_logits_agree(
-    k: int, by_ids: bool, no_positive: str, monkeypatch: pytest.MonkeyPatch
+    k: int, by_ids: bool, no_positive: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # k=40 of 60 rows searches and takes the logits on one dense B × N product; a zero limit
-    # forces the chunked search and the row gather.
+    # k=40 of 60 rows takes the logits from one dense B × N product (fp32: the search runs on
+    # it too; bf16: the search is the chunked scan); a zero limit forces the chunked search and
+    # the row gather.
     import importlib
 
     module = importlib.import_module("look.losses.look_loss")
@@ -611,7 +613,7 @@ def test_dense_and_gathered_logits_agree(
     memory = F.normalize(torch.randn(60, 8, generator=g), dim=1)
     labels = torch.randint(0, 3, (60,), generator=g)
     valid = torch.rand(60, generator=g) > 0.1
-    memory = memory.masked_fill(~valid.unsqueeze(1), float("nan"))  # unwritten rows: anything
+    memory = memory.masked_fill(~valid.unsqueeze(1), float("nan")).to(dtype)  # unwritten: anything
     # A queue's rows carry explicit ids; a bank's ids are its row numbers.
     memory_ids = torch.randperm(60, generator=g) if by_ids else None
     query_ids = memory_ids[:6] if memory_ids is not None else torch.arange(6)

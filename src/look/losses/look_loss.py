@@ -206,7 +206,11 @@ def _dense_is_cheaper(batch: int, rows: int, k: int, dim: int) -> bool:
 
 
 def _selected_logits(
-    queries: Tensor, memory: Tensor, indices: Tensor, is_neighbour: Tensor
+    queries: Tensor,
+    memory: Tensor,
+    indices: Tensor,
+    is_neighbour: Tensor,
+    memory_valid: Tensor | None,
 ) -> Tensor:
     """``queries[i] · memory[indices[i, j]]`` with grad into the queries; memory is a constant.
 
@@ -217,7 +221,12 @@ def _selected_logits(
     batch, dim = queries.shape
     if _dense_is_cheaper(batch, memory.shape[0], indices.shape[1], dim):
         # A copy: the caller may update the memory in place before backward.
-        similarities = queries @ memory.detach().to(queries.dtype, copy=True).T  # (B, N)
+        rows = memory.detach().to(queries.dtype, copy=True)
+        if memory_valid is not None:
+            # Unwritten rows may hold anything; a NaN would reach the gradient through the
+            # product even though no logit of that row is used.
+            rows.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+        similarities = queries @ rows.T  # (B, N)
         return similarities.gather(1, indices).masked_fill(~is_neighbour, 0.0)
     neighbours = memory.detach()[indices].to(queries.dtype)  # (B, k, d)
     # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
@@ -341,7 +350,7 @@ def _top_k_terms(
     if similarities is not None:
         logits = similarities.gather(1, safe_indices).masked_fill(~is_neighbour, 0.0)
     else:
-        logits = _selected_logits(queries, memory, safe_indices, is_neighbour)
+        logits = _selected_logits(queries, memory, safe_indices, is_neighbour, memory_valid)
     logits = logits / temperature
 
     log_denominator = masked_logsumexp(logits, is_neighbour)
