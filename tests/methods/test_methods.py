@@ -252,3 +252,23 @@ def test_sharded_bank_checkpoint_round_trips(update: str, tmp_path: Path) -> Non
     assert torch.equal(replicated.memory.features, method.memory.features)
     with pytest.raises(ValueError, match="missing keys"):
         clone.load_checkpoint_state({k: v for k, v in state.items() if k.startswith("memory.")})
+
+
+def test_large_fp32_gpu_bank_gets_advice_to_store_bf16() -> None:
+    from types import SimpleNamespace
+
+    from look.methods.look import LOOKOptions, slow_search_advice
+
+    def bank(rows: int, dtype: torch.dtype, cuda: bool = True) -> torch.Tensor:
+        # Only what the check reads; a real CUDA tensor is not needed to test the rule.
+        return SimpleNamespace(is_cuda=cuda, shape=(rows, 128), dtype=dtype)  # type: ignore[return-value]
+
+    options = LOOKOptions()
+    advice = slow_search_advice(bank(1_281_167, torch.float32), 200, options)
+    assert advice is not None and "memory_dtype=bfloat16" in advice
+    assert slow_search_advice(bank(1_281_167, torch.bfloat16), 200, options) is None
+    assert slow_search_advice(bank(1_281_167, torch.float32, cuda=False), 200, options) is None
+    assert slow_search_advice(bank(60_000, torch.float32), 200, options) is None
+    assert slow_search_advice(bank(1_281_167, torch.float32), None, options) is None  # NCA
+    scan = LOOKOptions(search_backend="torch")
+    assert slow_search_advice(bank(1_281_167, torch.float32), 200, scan) is None

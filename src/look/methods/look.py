@@ -6,6 +6,7 @@ matter, not the whole class (METHOD.md).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -97,6 +98,24 @@ class LOOKOptions(HeadOptions):
         )
 
 
+# Above this many rows a CUDA bank that the fused search cannot serve is worth a warning: the
+# chunked scan costs 4-10x the fused search at 1.28M-14M rows (docs/results.md).
+_SLOW_SCAN_ROWS = 262_144
+
+
+def slow_search_advice(memory: torch.Tensor, k: int | None, options: LOOKOptions) -> str | None:
+    """A warning for a large CUDA bank that will be searched by the chunked scan, else None."""
+    if not memory.is_cuda or memory.shape[0] < _SLOW_SCAN_ROWS or k is None:
+        return None
+    if options.search_backend == "torch" or memory.dtype in (torch.bfloat16, torch.float16):
+        return None
+    return (
+        f"the LOOK memory ({memory.shape[0]} rows) is stored as {options.memory_dtype} on the GPU, "
+        "so each step searches it with the chunked PyTorch scan; method.memory_dtype=bfloat16 "
+        "lets the fused Triton search run (several times faster at this size, docs/results.md)"
+    )
+
+
 class LOOK(Method):
     name = "look"
     Options = LOOKOptions
@@ -140,6 +159,7 @@ class LOOK(Method):
             self.ema_backbone = frozen_copy(backbone)
             self.ema_head = frozen_copy(self.head)
         self.classifier = nn.Linear(feature_dim, ctx.num_classes) if options.ce_weight > 0 else None
+        self._search_path_checked = False
 
     @property
     def needs_warmup_pass(self) -> bool:
@@ -158,6 +178,11 @@ class LOOK(Method):
         self.memory.fill_(batch.indices, self.memory_embedding(images, z), batch.labels)
 
     def forward(self, batch: Batch) -> StepOutput:
+        if not self._search_path_checked:
+            self._search_path_checked = True
+            advice = slow_search_advice(self.memory.features, self.options.k, self.options)
+            if advice is not None:
+                warnings.warn(advice, RuntimeWarning, stacklevel=2)
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
