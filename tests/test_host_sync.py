@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import look.memory as memory_module
 import look.search as search_module
 import look.sharded as sharded_module
+from look.engine.trainer import TrainingStepError, pretrain
 from look.host_sync import DeferredChecks
 from look.losses import look_loss_terms
 from look.memory import MemoryBank, MemoryQueue
@@ -227,3 +229,32 @@ def test_deferred_checks_report_all_but_the_newest() -> None:
     assert seen == [[1, 0]] and len(checks) == 1
     checks.settle(keep=0)
     assert seen == [[1, 0], [2, 3]] and len(checks) == 0
+
+
+def test_training_under_the_accelerator_policy_matches_the_cpu_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device-side guards change nothing for good input: the same loss curve, to the bit."""
+    from tests.engine.test_trainer import tiny_config, train_losses
+
+    pretrain(tiny_config(), tmp_path / "cpu_policy")
+    for module in (search_module, look_loss_module, memory_module, sharded_module):
+        monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
+    pretrain(tiny_config(), tmp_path / "accelerator_policy")
+    assert train_losses(tmp_path / "accelerator_policy") == train_losses(tmp_path / "cpu_policy")
+
+
+def test_diverging_look_run_stops_with_finite_checkpoints_under_the_accelerator_policy(
+    tmp_path: Path, accelerator_policy: list[str]
+) -> None:
+    from tests.engine.test_trainer import tiny_config
+
+    cfg = tiny_config("optim.lr=1e12", "optim.warmup_epochs=0", "train.checkpoint_every_steps=1")
+    # The NaN embeddings reach the loss as NaN terms: the trainer's per-step check stops the run.
+    with pytest.raises(TrainingStepError, match=r"non-finite loss at step \d+"):
+        pretrain(cfg, tmp_path / "run")
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    assert checkpoints, "the checkpoint from before the divergence must be kept"
+    for checkpoint in checkpoints:
+        state = torch.load(checkpoint, weights_only=True)
+        assert torch.isfinite(state["model"]["memory.features"]).all()
