@@ -97,6 +97,19 @@ def test_ddp_step_benchmark_smoke_with_two_gloo_ranks(tmp_path: Path) -> None:
     assert sharded["bank_mb_per_rank"] < 0.6 * bank["bank_mb_per_rank"]
 
 
+def test_nca_memory_benchmark_smoke(tmp_path: Path) -> None:
+    output = tmp_path / "nca.json"
+    subprocess.run(
+        [
+            sys.executable, str(BENCHMARKS / "nca_memory.py"), "--output", str(output),
+            "--rows", "3000", "--batch-size", "8", "--dim", "16",
+        ],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["kept"]["seconds"] > 0 and report["recomputed"]["seconds"] > 0
+
+
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
     rows = [
         {"name": "ce", "seed": s, "linear_top1": 80.0 + s, "epochs": e, "train_subset": 100}

@@ -636,3 +636,58 @@ def test_dense_and_gathered_logits_agree(
     assert torch.equal(default_neighbours, gathered_neighbours)
     torch.testing.assert_close(default_loss, gathered_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(default_grad, gathered_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("by_ids", [False, True])
+def test_nca_recomputing_backward_equals_autograd_and_keeps_no_b_by_n(
+    dtype: torch.dtype, by_ids: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    module = importlib.import_module("look.losses.look_loss")
+    g = torch.Generator().manual_seed(8)
+    rows, batch, chunk = 90, 7, 16  # several chunks, the last one short
+    memory = F.normalize(torch.randn(rows, 8, generator=g), dim=1)
+    labels = torch.randint(0, 3, (rows,), generator=g)
+    labels[:] = labels.clamp(max=1)  # label 2 (query 6 below) has no row: no positive
+    valid = torch.rand(rows, generator=g) > 0.2
+    memory = memory.masked_fill(~valid.unsqueeze(1), float("nan")).to(dtype)
+    memory_ids = torch.randperm(rows, generator=g) if by_ids else None
+    query_ids = (memory_ids if by_ids else torch.arange(rows))[:batch]  # type: ignore[index]
+    query_labels = torch.tensor([0, 1, 0, 1, 0, 1, 2])
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, int]:
+        query = F.normalize(
+            torch.randn(batch, 8, generator=torch.Generator().manual_seed(9)), dim=1
+        )
+        query.requires_grad_(True)
+        # Saved tensors that hold one value per (query, memory row) of some chunk.
+        query_by_row = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal query_by_row
+            if tensor.dim() == 2 and tensor.shape[0] == batch and tensor.shape[1] != 8:
+                query_by_row += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            terms = look_loss_terms(
+                query, query_labels, memory, labels, k=None, temperature=0.1,
+                query_indices=query_ids, memory_ids=memory_ids, memory_valid=valid,
+                chunk_size=chunk,
+            )  # fmt: skip
+        (terms.loss * torch.arange(1.0, batch + 1)).sum().backward()
+        assert not bool(terms.valid[6]) and float(terms.loss[6].detach()) == 0.0
+        return terms.loss.detach(), query.grad, query_by_row  # type: ignore[return-value]
+
+    kept_loss, kept_grad, kept_saved = run()
+    monkeypatch.setattr(module, "_NCA_RECOMPUTE_ABOVE", 0)
+    recomputed_loss, recomputed_grad, recomputed_saved = run()
+    torch.testing.assert_close(recomputed_loss, kept_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(recomputed_grad, kept_grad, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(recomputed_grad).all()
+    # Autograd keeps several B × chunk tensors per chunk (over 2·B·N values in all); the
+    # recomputing backward keeps only the queries, the rows and per-query results.
+    assert kept_saved > 2 * batch * rows
+    assert recomputed_saved == 0

@@ -139,6 +139,108 @@ def _empty_memory_terms(queries: Tensor) -> LookLossTerms:
     )
 
 
+def _chunk_masks(
+    start: int,
+    stop: int,
+    batch: int,
+    query_labels: Tensor,
+    memory_labels: Tensor,
+    query_ids: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(candidate, positive)``, ``(B, stop - start)`` bool, for rows ``start:stop`` of the memory."""
+    device = memory_labels.device
+    candidate = torch.ones(batch, stop - start, dtype=torch.bool, device=device)
+    if memory_valid is not None:
+        candidate &= memory_valid[start:stop].unsqueeze(0)
+    if query_ids is not None:
+        ids = (
+            memory_ids[start:stop]
+            if memory_ids is not None
+            else torch.arange(start, stop, device=device)
+        )
+        candidate &= query_ids.unsqueeze(1) != ids.unsqueeze(0)
+    positive = candidate & (query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0))
+    return candidate, positive
+
+
+def _chunked_log_sum_exps(
+    queries: Tensor,
+    rows: Tensor,
+    masks: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
+    temperature: float,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """``log Σ exp(s/τ)`` over the candidate rows and over the positive rows, per query."""
+    chunk_all: list[Tensor] = []
+    chunk_positive: list[Tensor] = []
+    for start in range(0, rows.shape[0], chunk_size):
+        stop = min(start + chunk_size, rows.shape[0])
+        logits = queries @ rows[start:stop].to(queries.dtype).T / temperature  # (B, c)
+        candidate, positive = _chunk_masks(start, stop, queries.shape[0], *masks)
+        chunk_all.append(masked_logsumexp(logits, candidate))
+        chunk_positive.append(masked_logsumexp(logits, positive))
+    log_denominator = torch.logsumexp(torch.stack(chunk_all, dim=1), dim=1)
+    log_numerator = torch.logsumexp(torch.stack(chunk_positive, dim=1), dim=1)
+    return log_denominator, log_numerator
+
+
+class _AllCandidatesLogSumExp(torch.autograd.Function):
+    """``log Σ exp(s/τ)`` over every candidate row and over the positive ones, chunk by chunk.
+
+    Keeps no ``B × N`` tensor for backward (autograd would keep ~3 per chunk: 3.9 GB for 256
+    queries over 1.28M rows): the backward recomputes each chunk's similarities from the queries
+    and a copy of the rows (``N × d`` in the memory's dtype).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        queries: Tensor,
+        rows: Tensor,
+        masks: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
+        temperature: float,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        log_denominator, log_numerator = _chunked_log_sum_exps(
+            queries, rows, masks, temperature, chunk_size
+        )
+        ctx.save_for_backward(queries, rows, log_denominator, log_numerator)
+        ctx.masks, ctx.temperature, ctx.chunk_size = masks, temperature, chunk_size
+        return log_denominator, log_numerator
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_denominator: Tensor,
+        grad_numerator: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        queries, rows, log_denominator, log_numerator = ctx.saved_tensors  # type: ignore[attr-defined]
+        masks, temperature, chunk_size = ctx.masks, ctx.temperature, ctx.chunk_size  # type: ignore[attr-defined]
+        grad_queries = torch.zeros_like(queries)
+        for start in range(0, rows.shape[0], chunk_size):
+            stop = min(start + chunk_size, rows.shape[0])
+            chunk_rows = rows[start:stop].to(queries.dtype)
+            logits = queries @ chunk_rows.T / temperature
+            candidate, positive = _chunk_masks(start, stop, queries.shape[0], *masks)
+            # d logsumexp / d logit = softmax over the masked entries; where() (not a product)
+            # keeps the exp of masked or -inf entries from turning into NaN.
+            weights = torch.where(
+                candidate, torch.exp(logits - log_denominator.unsqueeze(1)), 0.0
+            ) * grad_denominator.unsqueeze(1)
+            weights += torch.where(
+                positive, torch.exp(logits - log_numerator.unsqueeze(1)), 0.0
+            ) * grad_numerator.unsqueeze(1)
+            grad_queries += weights @ chunk_rows / temperature
+        return grad_queries, None, None, None, None
+
+
+# Above this many B × N similarities (as for the dense paths), NCA recomputes its chunks in
+# backward instead of keeping them.
+_NCA_RECOMPUTE_ABOVE = 1 << 26
+
+
 def _all_candidates_terms(
     queries: Tensor,
     query_labels: Tensor,
@@ -154,34 +256,28 @@ def _all_candidates_terms(
     """``k=None`` (NCA): every candidate row is a neighbour; logits computed chunk by chunk."""
     batch, rows = queries.shape[0], memory.shape[0]
     device, dtype = queries.device, queries.dtype
-    if query_ids is not None and memory_ids is None:
-        memory_ids = torch.arange(rows, device=device)
-    chunk_all: list[Tensor] = []
-    chunk_positive: list[Tensor] = []
+    masks = (query_labels, memory_labels, query_ids, memory_ids, memory_valid)
     candidate_count = torch.zeros(batch, dtype=torch.int64, device=device)
     positive_count = torch.zeros(batch, dtype=torch.int64, device=device)
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
-        # A copy, so that the graph never references the memory's storage: the memory may be
-        # updated in place between this forward and the backward.
-        rows_chunk = memory[start:stop].detach().to(dtype, copy=True)
-        if memory_valid is not None:
-            # Unwritten rows may hold anything (even NaN): zero them so that their masked-out
-            # logits cannot turn into NaN gradients through the product.
-            rows_chunk.masked_fill_(~memory_valid[start:stop].unsqueeze(1), 0.0)
-        logits = queries @ rows_chunk.T / temperature  # (B, c)
-        candidate = torch.ones_like(logits, dtype=torch.bool)
-        if memory_valid is not None:
-            candidate &= memory_valid[start:stop].unsqueeze(0)
-        if query_ids is not None:
-            candidate &= query_ids.unsqueeze(1) != memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
-        positive = candidate & (query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0))
+        candidate, positive = _chunk_masks(start, stop, batch, *masks)
         candidate_count += candidate.sum(dim=1)
         positive_count += positive.sum(dim=1)
-        chunk_all.append(masked_logsumexp(logits, candidate))
-        chunk_positive.append(masked_logsumexp(logits, positive))
-    log_denominator = torch.logsumexp(torch.stack(chunk_all, dim=1), dim=1)
-    log_numerator = torch.logsumexp(torch.stack(chunk_positive, dim=1), dim=1)
+    # A copy, so that nothing references the memory's storage: the memory may be updated in
+    # place between this forward and the backward. Unwritten rows may hold anything (even NaN):
+    # zeroed, so that their masked-out logits cannot turn into NaN gradients through the product.
+    rows_copy = memory.detach().clone()
+    if memory_valid is not None:
+        rows_copy.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+    if batch * rows > _NCA_RECOMPUTE_ABOVE:
+        log_denominator, log_numerator = _AllCandidatesLogSumExp.apply(
+            queries, rows_copy, masks, temperature, chunk_size
+        )
+    else:  # small enough to let autograd keep the chunks (no recomputation)
+        log_denominator, log_numerator = _chunked_log_sum_exps(
+            queries, rows_copy, masks, temperature, chunk_size
+        )
     valid = positive_count > 0
     loss = torch.where(valid, log_denominator - log_numerator, torch.zeros_like(log_denominator))
     agreement = positive_count.to(dtype) / candidate_count.clamp(min=1).to(dtype)
