@@ -263,3 +263,15 @@ def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
     query, memory, k = arguments.pop("query"), arguments.pop("memory"), arguments.pop("k")
     with pytest.raises(ValueError, match=message):
         knn_search(query, memory, k, **arguments)  # type: ignore[arg-type]
+
+
+def test_exclude_own_rows_touches_only_each_querys_own_column_inside_the_chunk() -> None:
+    from look.search import exclude_own_rows_
+
+    similarities = torch.arange(12.0).view(3, 4)
+    # Chunk of memory rows 10..13: query 0's row 11 is inside, query 1's row 3 and query 2's
+    # id -1 (no id) are not.
+    exclude_own_rows_(similarities, torch.tensor([11, 3, -1]), first_row=10)
+    expected = torch.arange(12.0).view(3, 4)
+    expected[0, 1] = float("-inf")
+    assert torch.equal(similarities, expected)
