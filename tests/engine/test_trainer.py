@@ -91,6 +91,13 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     pretrain(tiny_config("method.k=6", "train.max_steps=1"), tmp_path / "run", resume=False)
 
 
+def test_resume_may_change_the_search_backend_and_chunk_size(tmp_path: Path) -> None:
+    # Speed settings only; a run saved before method.search_backend existed must resume too.
+    pretrain(tiny_config("train.max_steps=2", "method.search_backend=torch"), tmp_path / "run")
+    result = pretrain(tiny_config("train.max_steps=4", "method.chunk_size=7"), tmp_path / "run")
+    assert result.global_step == 4
+
+
 def test_batch_larger_than_dataset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="larger than the training set"):
         pretrain(tiny_config("optim.batch_size=128"), tmp_path / "run")

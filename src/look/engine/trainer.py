@@ -45,7 +45,13 @@ from look.models import create_backbone, export_backbone
 
 # Sections of the config that define the optimisation problem: a resumed run must match them.
 _RESUME_MUST_MATCH = ("seed", "data", "model", "method", "optim")
-_RESUME_MAY_DIFFER = {("data", "num_workers")}
+# Settings of speed or memory only (same results up to float rounding), which a resumed run may
+# change, e.g. on other hardware; also keeps runs saved before an option existed resumable.
+_RESUME_MAY_DIFFER = {
+    ("data", "num_workers"),
+    ("method", "search_backend"),
+    ("method", "chunk_size"),
+}
 
 
 class TrainingStepError(RuntimeError):
