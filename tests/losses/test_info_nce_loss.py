@@ -114,3 +114,25 @@ def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
             arguments.pop("negatives"),  # type: ignore[arg-type]
             **arguments,  # type: ignore[arg-type]
         )
+
+
+def test_valid_mask_equals_selecting_the_valid_negatives() -> None:
+    g = torch.Generator().manual_seed(5)
+    negatives = F.normalize(torch.randn(12, 6, generator=g), dim=1)
+    valid = torch.rand(12, generator=g) > 0.4
+    unwritten = negatives.masked_fill(~valid.unsqueeze(1), float("nan"))  # unused rows: anything
+    key = F.normalize(torch.randn(5, 6, generator=g), dim=1)
+
+    def run(**negative_args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query = F.normalize(torch.randn(5, 6, generator=torch.Generator().manual_seed(6)), dim=1)
+        query.requires_grad_(True)
+        loss, _ = info_nce_loss_terms(query, key, temperature=0.2, **negative_args)  # type: ignore[arg-type]
+        loss.sum().backward()
+        return loss.detach(), query.grad  # type: ignore[return-value]
+
+    masked_loss, masked_grad = run(negatives=unwritten, negatives_valid=valid)
+    selected_loss, selected_grad = run(negatives=negatives[valid])
+    torch.testing.assert_close(masked_loss, selected_loss)
+    torch.testing.assert_close(masked_grad, selected_grad)
+    with pytest.raises(ValueError, match="negatives_valid must be a bool tensor of shape"):
+        info_nce_loss_terms(key, key, negatives, temperature=0.2, negatives_valid=valid[:3])

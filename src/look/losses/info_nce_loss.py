@@ -13,7 +13,12 @@ __all__ = ["InfoNCELoss", "info_nce_loss", "info_nce_loss_terms"]
 
 
 def info_nce_loss_terms(
-    query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperature: float
+    query: Tensor,
+    positive_key: Tensor,
+    negatives: Tensor,
+    *,
+    temperature: float,
+    negatives_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-query InfoNCE: cross-entropy of ``[q·k⁺, q·n_1, …, q·n_K] / τ`` with target 0.
 
@@ -23,6 +28,9 @@ def info_nce_loss_terms(
             embedding of the other view; it carries whatever gradient its graph has).
         negatives: ``(K, d)`` negative keys (the queue), used as detached constants; ``K`` may be 0.
         temperature: τ > 0.
+        negatives_valid: ``(K,)`` bool, the negatives that take part (e.g. the written slots of a
+            queue); the others are masked out on the device, so a caller need not select them
+            with a boolean index (which makes the host wait for a GPU).
 
     Returns:
         ``(loss, valid)``, both ``(B,)``; loss in fp32 (fp64 for fp64 input), valid all True.
@@ -46,13 +54,30 @@ def info_nce_loss_terms(
             f"negatives must have feature dimension {query.shape[1]} like query, "
             f"got shape {tuple(negatives.shape)}"
         )
+    if negatives_valid is not None and (
+        not isinstance(negatives_valid, Tensor)
+        or negatives_valid.dtype != torch.bool
+        or negatives_valid.shape != (negatives.shape[0],)
+    ):
+        raise ValueError(
+            f"negatives_valid must be a bool tensor of shape ({negatives.shape[0]},), got "
+            f"{getattr(negatives_valid, 'dtype', type(negatives_valid).__name__)} "
+            f"{tuple(getattr(negatives_valid, 'shape', ()))}"
+        )
 
     device = query.device
     dtype = compute_dtype_for(query, positive_key, negatives)
     with autocast_disabled(device):
         queries = query.to(dtype)
         positive_logits = (queries * positive_key.to(device, dtype)).sum(dim=1, keepdim=True)
-        negative_logits = queries @ negatives.detach().to(device, dtype).T
+        negative_rows = negatives.detach().to(device, dtype)
+        if negatives_valid is not None:
+            valid_rows = negatives_valid.to(device).unsqueeze(1)
+            # Zeroed first: a NaN in an unused row must not reach the gradient through the product.
+            negative_rows = torch.where(valid_rows, negative_rows, 0.0)
+        negative_logits = queries @ negative_rows.T
+        if negatives_valid is not None:
+            negative_logits = negative_logits.masked_fill(~valid_rows.T, float("-inf"))
         logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
         targets = torch.zeros(query.shape[0], dtype=torch.int64, device=device)
         loss = F.cross_entropy(logits, targets, reduction="none")

@@ -52,10 +52,12 @@ class MoCoV2(Method):
         query = embed(self.backbone, self.head, batch.views[0])
         with torch.no_grad():
             key = embed(self.key_backbone, self.key_head, batch.views[1])
-        negatives = self.queue.features[self.queue.valid].float()
+        # The whole queue with its valid mask: selecting the written rows by a boolean index
+        # would make the host wait for the GPU every step.
         per_sample, valid = info_nce_loss_terms(
-            query, key, negatives, temperature=self.options.temperature
-        )
+            query, key, self.queue.features.float(), temperature=self.options.temperature,
+            negatives_valid=self.queue.valid,
+        )  # fmt: skip
         loss = global_masked_mean(per_sample, valid)
         # Labels go into the queue only because the memory stores them; they are never read.
         self.queue.update(batch.indices, key, torch.zeros_like(batch.labels))
