@@ -102,11 +102,19 @@ if triton is not None:
         indices = offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
         if ATOMIC_PER_CANDIDATE:
             # One relaxed atomic per candidate: no scan over the tile, and there are only ~k·s
-            # candidates per query in the whole memory.
-            slot = tl.atomic_add(
-                counts_ptr + offs_q[:, None] + tl.zeros_like(indices), 1, mask=keep,
-                sem="relaxed",
-            )  # fmt: skip
+            # candidates per query in the whole memory. Done on flattened copies: Triton 3.8
+            # cannot lay out a 2-D atomic on the matrix-product layout (compiler assertion).
+            size: tl.constexpr = BLOCK_Q * BLOCK_N
+            query_of = tl.reshape(tl.broadcast_to(offs_q[:, None], [BLOCK_Q, BLOCK_N]), [size])
+            flat_keep = tl.reshape(keep, [size])
+            ones = tl.full([size], 1, dtype=tl.int32)
+            flat_slot = tl.atomic_add(counts_ptr + query_of, ones, mask=flat_keep, sem="relaxed")
+            flat_store = flat_keep & (flat_slot < capacity)
+            destination = query_of * capacity + flat_slot
+            tl.store(
+                out_values_ptr + destination, tl.reshape(similarities, [size]), mask=flat_store
+            )
+            tl.store(out_indices_ptr + destination, tl.reshape(indices, [size]), mask=flat_store)
         else:
             # One relaxed atomic per query row reserves its slots, a scan numbers them
             # (per-element atomics with the default acq_rel ordering were ~20x slower than a
@@ -115,10 +123,10 @@ if triton is not None:
             row_kept = tl.sum(kept, axis=1)
             base = tl.atomic_add(counts_ptr + offs_q, row_kept, mask=row_kept > 0, sem="relaxed")
             slot = base[:, None] + tl.cumsum(kept, axis=1) - 1
-        store = keep & (slot < capacity)
-        destination = offs_q[:, None] * capacity + slot
-        tl.store(out_values_ptr + destination, similarities, mask=store)
-        tl.store(out_indices_ptr + destination, indices, mask=store)
+            store = keep & (slot < capacity)
+            destination = offs_q[:, None] * capacity + slot
+            tl.store(out_values_ptr + destination, similarities, mask=store)
+            tl.store(out_indices_ptr + destination, indices, mask=store)
 
     @triton.jit
     def _knn_tiles_kernel(
