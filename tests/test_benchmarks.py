@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.ddp import free_port
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -108,6 +110,18 @@ def test_nca_memory_benchmark_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     report = json.loads(output.read_text())
     assert report["kept"]["seconds"] > 0 and report["recomputed"]["seconds"] > 0
+
+
+def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    output = tmp_path / "resources.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--output", str(output)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["capability"] == 90 and len(report["kernels"]) >= 2
+    assert all(0 < kernel["reg"] <= 255 for kernel in report["kernels"])
 
 
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:

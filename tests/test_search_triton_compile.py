@@ -10,49 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, compile_kernel, triton_available
 
-from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, _knn_tiles_kernel  # noqa: E402
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
 # H100/A100 dynamic shared memory per block.
 _SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-
-
-def _compile(config: SearchKernelConfig, *, collect: bool, capability: int) -> int:
-    """Compile one pass of the kernel for a bf16 memory of 128-d rows; returns its shared memory."""
-    pointers = {
-        "query_ptr": "*bf16", "memory_ptr": "*bf16", "valid_ptr": "*u8", "bound_ptr": "*fp32",
-        "tile_max_ptr": "*fp32", "out_values_ptr": "*fp32", "out_indices_ptr": "*i64",
-        "counts_ptr": "*i32",
-    }  # fmt: skip
-    scalars = (
-        "num_queries", "num_rows", "dim", "stride_query", "stride_memory", "num_tiles",
-        "tile_step", "capacity",
-    )  # fmt: skip
-    constexprs = {
-        "HAS_VALID": True,
-        "COLLECT": collect,
-        "ATOMIC_PER_CANDIDATE": config.collect == "atomic",
-        "SKIP_EMPTY_TILES": config.skip_empty_tiles,
-        "BLOCK_Q": config.block_q,
-        "BLOCK_N": config.block_n,
-        "BLOCK_D": 128,
-    }
-    signature = {
-        **pointers,
-        **dict.fromkeys(scalars, "i32"),
-        **dict.fromkeys(constexprs, "constexpr"),
-    }
-    source = ASTSource(fn=_knn_tiles_kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(
-        source,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
-    assert compiled.asm["cubin"], "ptxas produced no binary"
-    return int(compiled.metadata.shared)
 
 
 def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
@@ -61,7 +24,9 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
     passes = []
     for config in KERNEL_CONFIGS:
         for collect in (False, True):
-            key = (config.block_q, config.block_n, config.num_warps, config.num_stages, collect)
+            key: tuple[object, ...] = (
+                config.block_q, config.block_n, config.num_warps, config.num_stages, collect,
+            )  # fmt: skip
             if collect:
                 key += (config.collect, config.skip_empty_tiles)
             if key not in seen:
@@ -70,17 +35,24 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
     return passes
 
 
+def _shared_memory(config: SearchKernelConfig, *, collect: bool, capability: int) -> int:
+    compiled = compile_kernel(config, collect=collect, capability=capability)
+    assert compiled.asm["cubin"], "ptxas produced no binary"  # type: ignore[attr-defined]
+    return int(compiled.metadata.shared)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("config", "collect"),
     _unique_passes(),
     ids=lambda value: str(value) if isinstance(value, bool) else "-",
 )
 def test_every_tuner_config_compiles_for_hopper(config: SearchKernelConfig, collect: bool) -> None:
-    shared = _compile(config, collect=collect, capability=90)
+    shared = _shared_memory(config, collect=collect, capability=90)
     if config == KERNEL_CONFIGS[0]:  # the default must also fit; the tuner skips others that don't
         assert shared <= _SHARED_MEMORY_LIMIT[90]
 
 
 @pytest.mark.parametrize("collect", [False, True])
 def test_default_config_compiles_for_ampere(collect: bool) -> None:
-    assert _compile(KERNEL_CONFIGS[0], collect=collect, capability=80) <= _SHARED_MEMORY_LIMIT[80]
+    shared = _shared_memory(KERNEL_CONFIGS[0], collect=collect, capability=80)
+    assert shared <= _SHARED_MEMORY_LIMIT[80]

@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "FUSED_DTYPES",
+    "KERNEL_CONFIGS",
     "SearchKernelConfig",
+    "compile_kernel",
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
@@ -462,6 +464,55 @@ class _PhaseClock:
         now = self._now()
         self.timings[name] = self.timings.get(name, 0.0) + now - self.start
         self.start = now
+
+
+def compile_kernel(
+    config: SearchKernelConfig,
+    *,
+    collect: bool,
+    capability: int,
+    dtype: str = "bf16",
+    dim: int = 128,
+    has_valid: bool = True,
+) -> object:
+    """Compile one pass of the search kernel (the bound pass, or the collect pass with
+    ``collect``) for CUDA compute capability ``capability`` (e.g. 90 for Hopper), without a GPU:
+    Triton lowers it to PTX and its bundled ``ptxas`` assembles it. Returns Triton's compiled
+    kernel (``.asm["cubin"]``, ``.metadata.shared``); raises if the compiler rejects the kernel.
+    For CI checks and static resource reports (``benchmarks/kernel_resources.py``).
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {
+        "query_ptr": f"*{dtype}", "memory_ptr": f"*{dtype}", "valid_ptr": "*u8",
+        "bound_ptr": "*fp32", "tile_max_ptr": "*fp32", "out_values_ptr": "*fp32",
+        "out_indices_ptr": "*i64", "counts_ptr": "*i32",
+    }  # fmt: skip
+    scalars = (
+        "num_queries", "num_rows", "dim", "stride_query", "stride_memory", "num_tiles",
+        "tile_step", "capacity",
+    )  # fmt: skip
+    constexprs = {
+        "HAS_VALID": has_valid,
+        "COLLECT": collect,
+        "ATOMIC_PER_CANDIDATE": config.collect == "atomic",
+        "SKIP_EMPTY_TILES": config.skip_empty_tiles,
+        "BLOCK_Q": config.block_q,
+        "BLOCK_N": config.block_n,
+        "BLOCK_D": max(16, _next_power_of_two(dim)),
+    }
+    signature = {
+        **pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(constexprs, "constexpr")
+    }  # fmt: skip
+    source = ASTSource(fn=_knn_tiles_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(
+        source,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
 
 
 def tune_kernel_config(

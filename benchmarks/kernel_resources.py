@@ -1,0 +1,64 @@
+"""Registers, spills and shared memory of every fused-search kernel config, compiled without a GPU.
+
+    python benchmarks/kernel_resources.py --output kernel_resources.json [--capability 90]
+
+Each config of ``look.search_triton.KERNEL_CONFIGS`` is compiled (bound pass and collect pass, bf16
+memory of 128-d rows, with a valid mask) for the given CUDA compute capability by Triton and its
+bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per thread and the stack
+(spill) bytes from the binary. No speed is measured: this says which configs spill or fit fewer
+thread blocks per SM, to read next to the GPU tuning of ``benchmarks/gpu_step.py --tune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import triton
+
+from look.search_triton import KERNEL_CONFIGS, compile_kernel
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", file.name],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
+    return {name.lower(): int(value) for name, value in fields.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--capability", type=int, default=90, help="e.g. 90 (H100), 80 (A100)")
+    args = parser.parse_args()
+    rows = []
+    for config in KERNEL_CONFIGS:
+        for collect in (False, True):
+            compiled = compile_kernel(config, collect=collect, capability=args.capability)
+            resources = _resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+            resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
+            rows.append({**asdict(config), "pass": "collect" if collect else "bound", **resources})
+            print(
+                f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
+                f"{config.collect:<6} skip={config.skip_empty_tiles!s:<5} stride={config.tile_stride:<2} "
+                f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
+                f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B"
+            )
+    report = {"triton": triton.__version__, "capability": args.capability, "kernels": rows}
+    Path(args.output).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
