@@ -14,8 +14,8 @@ from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, compile_kerne
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
-# H100/A100 dynamic shared memory per block.
-_SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# Dynamic shared memory per block: H100, A100, T4 (Turing), B200 (Blackwell).
+_SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 75: 64 * 1024, 100: 227 * 1024}
 
 
 def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
@@ -35,8 +35,10 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
     return passes
 
 
-def _shared_memory(config: SearchKernelConfig, *, collect: bool, capability: int) -> int:
-    compiled = compile_kernel(config, collect=collect, capability=capability)
+def _shared_memory(
+    config: SearchKernelConfig, *, collect: bool, capability: int, dtype: str = "bf16"
+) -> int:
+    compiled = compile_kernel(config, collect=collect, capability=capability, dtype=dtype)
     assert compiled.asm["cubin"], "ptxas produced no binary"  # type: ignore[attr-defined]
     return int(compiled.metadata.shared)  # type: ignore[attr-defined]
 
@@ -53,6 +55,10 @@ def test_every_tuner_config_compiles_for_hopper(config: SearchKernelConfig, coll
 
 
 @pytest.mark.parametrize("collect", [False, True])
-def test_default_config_compiles_for_ampere(collect: bool) -> None:
-    shared = _shared_memory(KERNEL_CONFIGS[0], collect=collect, capability=80)
-    assert shared <= _SHARED_MEMORY_LIMIT[80]
+@pytest.mark.parametrize(
+    ("capability", "dtype"),
+    [(80, "bf16"), (75, "fp16"), (100, "bf16")],  # fp16 only before Ampere (no bf16 MMA)
+)
+def test_default_config_compiles_for_other_gpus(capability: int, dtype: str, collect: bool) -> None:
+    shared = _shared_memory(KERNEL_CONFIGS[0], collect=collect, capability=capability, dtype=dtype)
+    assert shared <= _SHARED_MEMORY_LIMIT[capability]
