@@ -139,6 +139,19 @@ def _empty_memory_terms(queries: Tensor) -> LookLossTerms:
     )
 
 
+def _constant_rows(memory: Tensor, dtype: torch.dtype, memory_valid: Tensor | None) -> Tensor:
+    """A copy of the memory rows in ``dtype``, unwritten rows zeroed, for a product with grad.
+
+    A copy, because the memory may be updated in place between the forward and the backward; the
+    zeros, because unwritten rows may hold anything and a NaN there would reach the query's
+    gradient through the product even though no logit of that row is used.
+    """
+    rows = memory.detach().to(dtype, copy=True)
+    if memory_valid is not None:
+        rows.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+    return rows
+
+
 def _chunk_masks(
     start: int,
     stop: int,
@@ -171,19 +184,25 @@ def _chunked_log_sum_exps(
     masks: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
     temperature: float,
     chunk_size: int,
-) -> tuple[Tensor, Tensor]:
-    """``log Σ exp(s/τ)`` over the candidate rows and over the positive rows, per query."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``log Σ exp(s/τ)`` over the candidate rows and over the positive rows, per query, and the
+    number of candidate and of positive rows per query (int64)."""
+    batch = queries.shape[0]
+    candidate_count = torch.zeros(batch, dtype=torch.int64, device=queries.device)
+    positive_count = torch.zeros_like(candidate_count)
     chunk_all: list[Tensor] = []
     chunk_positive: list[Tensor] = []
     for start in range(0, rows.shape[0], chunk_size):
         stop = min(start + chunk_size, rows.shape[0])
         logits = queries @ rows[start:stop].to(queries.dtype).T / temperature  # (B, c)
-        candidate, positive = _chunk_masks(start, stop, queries.shape[0], *masks)
+        candidate, positive = _chunk_masks(start, stop, batch, *masks)
+        candidate_count += candidate.sum(dim=1)
+        positive_count += positive.sum(dim=1)
         chunk_all.append(masked_logsumexp(logits, candidate))
         chunk_positive.append(masked_logsumexp(logits, positive))
     log_denominator = torch.logsumexp(torch.stack(chunk_all, dim=1), dim=1)
     log_numerator = torch.logsumexp(torch.stack(chunk_positive, dim=1), dim=1)
-    return log_denominator, log_numerator
+    return log_denominator, log_numerator, candidate_count, positive_count
 
 
 class _AllCandidatesLogSumExp(torch.autograd.Function):
@@ -202,19 +221,20 @@ class _AllCandidatesLogSumExp(torch.autograd.Function):
         masks: tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
         temperature: float,
         chunk_size: int,
-    ) -> tuple[Tensor, Tensor]:
-        log_denominator, log_numerator = _chunked_log_sum_exps(
-            queries, rows, masks, temperature, chunk_size
-        )
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        outputs = _chunked_log_sum_exps(queries, rows, masks, temperature, chunk_size)
+        log_denominator, log_numerator, candidate_count, positive_count = outputs
         ctx.save_for_backward(queries, rows, log_denominator, log_numerator)
         ctx.masks, ctx.temperature, ctx.chunk_size = masks, temperature, chunk_size
-        return log_denominator, log_numerator
+        ctx.mark_non_differentiable(candidate_count, positive_count)
+        return outputs
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         grad_denominator: Tensor,
         grad_numerator: Tensor,
+        *_grad_counts: Tensor,
     ) -> tuple[Tensor | None, ...]:
         queries, rows, log_denominator, log_numerator = ctx.saved_tensors  # type: ignore[attr-defined]
         masks, temperature, chunk_size = ctx.masks, ctx.temperature, ctx.chunk_size  # type: ignore[attr-defined]
@@ -257,27 +277,13 @@ def _all_candidates_terms(
     batch, rows = queries.shape[0], memory.shape[0]
     device, dtype = queries.device, queries.dtype
     masks = (query_labels, memory_labels, query_ids, memory_ids, memory_valid)
-    candidate_count = torch.zeros(batch, dtype=torch.int64, device=device)
-    positive_count = torch.zeros(batch, dtype=torch.int64, device=device)
-    for start in range(0, rows, chunk_size):
-        stop = min(start + chunk_size, rows)
-        candidate, positive = _chunk_masks(start, stop, batch, *masks)
-        candidate_count += candidate.sum(dim=1)
-        positive_count += positive.sum(dim=1)
-    # A copy, so that nothing references the memory's storage: the memory may be updated in
-    # place between this forward and the backward. Unwritten rows may hold anything (even NaN):
-    # zeroed, so that their masked-out logits cannot turn into NaN gradients through the product.
-    rows_copy = memory.detach().clone()
-    if memory_valid is not None:
-        rows_copy.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+    # Kept in the memory's dtype (a bf16 bank stays bf16); each chunk is cast when it is used.
+    rows_copy = _constant_rows(memory, memory.dtype, memory_valid)
     if batch * rows > _NCA_RECOMPUTE_ABOVE:
-        log_denominator, log_numerator = _AllCandidatesLogSumExp.apply(
-            queries, rows_copy, masks, temperature, chunk_size
-        )
+        outputs = _AllCandidatesLogSumExp.apply(queries, rows_copy, masks, temperature, chunk_size)
     else:  # small enough to let autograd keep the chunks (no recomputation)
-        log_denominator, log_numerator = _chunked_log_sum_exps(
-            queries, rows_copy, masks, temperature, chunk_size
-        )
+        outputs = _chunked_log_sum_exps(queries, rows_copy, masks, temperature, chunk_size)
+    log_denominator, log_numerator, candidate_count, positive_count = outputs
     valid = positive_count > 0
     loss = torch.where(valid, log_denominator - log_numerator, torch.zeros_like(log_denominator))
     agreement = positive_count.to(dtype) / candidate_count.clamp(min=1).to(dtype)
@@ -316,13 +322,7 @@ def _selected_logits(
     """
     batch, dim = queries.shape
     if _dense_is_cheaper(batch, memory.shape[0], indices.shape[1], dim):
-        # A copy: the caller may update the memory in place before backward.
-        rows = memory.detach().to(queries.dtype, copy=True)
-        if memory_valid is not None:
-            # Unwritten rows may hold anything; a NaN would reach the gradient through the
-            # product even though no logit of that row is used.
-            rows.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
-        similarities = queries @ rows.T  # (B, N)
+        similarities = queries @ _constant_rows(memory, queries.dtype, memory_valid).T  # (B, N)
         return similarities.gather(1, indices).masked_fill(~is_neighbour, 0.0)
     neighbours = memory.detach()[indices].to(queries.dtype)  # (B, k, d)
     # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
@@ -349,13 +349,9 @@ def _dense_search(
     (which rounds the query to a half-precision memory first: only used for fp32/fp64 memories).
     """
     neg_inf = float("-inf")
-    # A copy: the caller may update the memory in place before backward.
-    rows = memory.detach().to(queries.dtype, copy=True)
+    rows = _constant_rows(memory, queries.dtype, memory_valid)
     if memory_valid is not None:
-        # Unwritten rows may hold anything: zeroed, so that a NaN cannot reach the gradient
-        # through the product; the bias gives them -inf for the search (cheaper than a mask
-        # pass over B × N).
-        rows.masked_fill_(~memory_valid.unsqueeze(1), 0.0)
+        # The bias gives unwritten rows -inf for the search (cheaper than a mask pass over B × N).
         bias = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
         similarities = torch.addmm(bias.masked_fill_(~memory_valid, neg_inf), queries, rows.T)
     else:
