@@ -27,7 +27,9 @@ __all__ = [
     "check_search_backend",
     "compute_dtype_for",
     "exclude_own_rows_",
+    "exclude_same_ids_",
     "knn_search",
+    "nearest_positive",
     "validate_search_inputs",
 ]
 
@@ -170,6 +172,28 @@ def exclude_own_rows_(similarities: Tensor, query_ids: Tensor, *, first_row: int
     similarities.scatter_(1, column, torch.where(own_here, float("-inf"), kept))
 
 
+def exclude_same_ids_(
+    similarities: Tensor, query_ids: Tensor, memory_ids: Tensor | None, *, first_row: int = 0
+) -> None:
+    """Leave-one-out on a ``(B, c)`` chunk of similarities: ``-inf`` where a memory row holds the
+    query's own sample. ``memory_ids`` are the chunk's row ids, or None when row ``j`` of the
+    memory holds sample ``j`` (then one column per query, :func:`exclude_own_rows_`)."""
+    if memory_ids is None:
+        exclude_own_rows_(similarities, query_ids, first_row=first_row)
+    else:
+        same_id = query_ids.unsqueeze(1) == memory_ids.unsqueeze(0)
+        similarities.masked_fill_(same_id, float("-inf"))
+
+
+def nearest_positive(
+    similarities: Tensor, query_labels: Tensor, memory_labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per query, the largest similarity of a same-label row of this ``(B, c)`` chunk and its
+    column (``-inf`` and an arbitrary column where there is none)."""
+    same_label = query_labels.unsqueeze(1) == memory_labels.unsqueeze(0)
+    return similarities.masked_fill(~same_label, float("-inf")).max(dim=1)
+
+
 @torch.no_grad()
 def knn_search(
     query: Tensor,
@@ -282,11 +306,9 @@ def knn_search(
             similarities = queries @ memory[start:stop].detach().to(dtype).T  # (B, c)
             if memory_valid is not None:
                 similarities.masked_fill_(~memory_valid[start:stop].unsqueeze(0), neg_inf)
-            if query_ids is not None and ids_are_rows:
-                exclude_own_rows_(similarities, query_ids, first_row=start)
-            elif query_ids is not None:
-                same_id = query_ids.unsqueeze(1) == memory_ids[start:stop].unsqueeze(0)  # type: ignore[index]
-                similarities.masked_fill_(same_id, neg_inf)
+            if query_ids is not None:
+                chunk_ids = None if ids_are_rows else memory_ids[start:stop]  # type: ignore[index]
+                exclude_same_ids_(similarities, query_ids, chunk_ids, first_row=start)
 
             if best_values.shape[1] == 0:  # first chunk: no running list to merge with
                 keep = min(k, similarities.shape[1])
@@ -301,9 +323,11 @@ def knn_search(
                 best_indices = merged_indices.gather(1, order)
 
             if want_positive:
-                same_label = query_labels.unsqueeze(1) == memory_labels[start:stop].unsqueeze(0)  # type: ignore[union-attr]
-                positive_similarities = similarities.masked_fill(~same_label, neg_inf)
-                chunk_best, chunk_arg = positive_similarities.max(dim=1)
+                chunk_best, chunk_arg = nearest_positive(
+                    similarities,
+                    query_labels,
+                    memory_labels[start:stop],  # type: ignore[index,arg-type]
+                )
                 improved = chunk_best > positive_value
                 positive_value = torch.where(improved, chunk_best, positive_value)
                 positive_index = torch.where(improved, chunk_arg + start, positive_index)

@@ -38,6 +38,7 @@ from look.losses.look_loss import (
     LookLossTerms,
     _check_no_positive,
     check_temperature,
+    mark_non_finite_queries,
     masked_logsumexp,
 )
 from look.memory import MemoryBank, _gather_rows_and_counts, _gather_rows_no_grad
@@ -521,9 +522,7 @@ def sharded_look_loss_terms(
             valid, log_denominator - log_numerator, torch.zeros_like(log_denominator)
         )
         if not host_reads_are_free(device):
-            query_finite = torch.isfinite(queries.detach()).all(dim=1)
-            loss = torch.where(query_finite, loss, torch.nan)
-            valid = valid | ~query_finite
+            loss, valid = mark_non_finite_queries(loss, valid, queries)
     return LookLossTerms(
         loss=loss,
         valid=valid,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from look.losses.look_loss import check_temperature, masked_mean
+from look.losses.look_loss import _constant_rows, check_temperature, masked_mean
 from look.search import autocast_disabled, compute_dtype_for
 
 __all__ = ["InfoNCELoss", "info_nce_loss", "info_nce_loss_terms"]
@@ -70,14 +70,12 @@ def info_nce_loss_terms(
     with autocast_disabled(device):
         queries = query.to(dtype)
         positive_logits = (queries * positive_key.to(device, dtype)).sum(dim=1, keepdim=True)
-        negative_rows = negatives.detach().to(device, dtype)
-        if negatives_valid is not None:
-            valid_rows = negatives_valid.to(device).unsqueeze(1)
-            # Zeroed first: a NaN in an unused row must not reach the gradient through the product.
-            negative_rows = torch.where(valid_rows, negative_rows, 0.0)
-        negative_logits = queries @ negative_rows.T
-        if negatives_valid is not None:
-            negative_logits = negative_logits.masked_fill(~valid_rows.T, float("-inf"))
+        if negatives_valid is None:
+            negative_logits = queries @ negatives.detach().to(device, dtype).T
+        else:
+            usable = negatives_valid.to(device)
+            negative_rows = _constant_rows(negatives.to(device), dtype, usable)
+            negative_logits = (queries @ negative_rows.T).masked_fill(~usable, float("-inf"))
         logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
         targets = torch.zeros(query.shape[0], dtype=torch.int64, device=device)
         loss = F.cross_entropy(logits, targets, reduction="none")

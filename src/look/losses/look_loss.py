@@ -26,8 +26,9 @@ from look.search import (
     check_positive_int,
     check_search_backend,
     compute_dtype_for,
-    exclude_own_rows_,
+    exclude_same_ids_,
     knn_search,
+    nearest_positive,
     validate_search_inputs,
 )
 
@@ -360,16 +361,13 @@ def _dense_search(
     # autograd, whose saved tensors for the product are its inputs, not its output, and the
     # loss only ever reads the entries the search selects, which are never excluded ones.
     scores = similarities.detach()
-    if query_ids is not None and memory_ids is None:
-        exclude_own_rows_(scores, query_ids)
-    elif query_ids is not None:
-        scores.masked_fill_(query_ids.unsqueeze(1) == memory_ids.unsqueeze(0), neg_inf)  # type: ignore[union-attr]
+    if query_ids is not None:
+        exclude_same_ids_(scores, query_ids, memory_ids)
     values, indices = scores.topk(k, dim=1, sorted=False)
     indices = indices.masked_fill(values == neg_inf, -1)
     if query_labels is None or memory_labels is None:
         return similarities, KnnResult(values, indices)
-    same_label = query_labels.unsqueeze(1) == memory_labels.unsqueeze(0)
-    positive_value, positive_index = scores.masked_fill(~same_label, neg_inf).max(dim=1)
+    positive_value, positive_index = nearest_positive(scores, query_labels, memory_labels)
     positive_index = positive_index.masked_fill(positive_value == neg_inf, -1)
     return similarities, KnnResult(values, indices, positive_value, positive_index)
 
@@ -558,13 +556,18 @@ def look_loss_terms(
             )
     if host_reads_are_free(device):
         return terms  # a non-finite query was refused above
-    # Checked on the device (no host wait): a non-finite query gets a NaN loss term, so the mean
-    # is NaN and the trainer's per-step loss check stops or skips the step.
+    loss, valid = mark_non_finite_queries(terms.loss, terms.valid, queries)
+    return terms._replace(loss=loss, valid=valid)
+
+
+def mark_non_finite_queries(loss: Tensor, valid: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss, valid)`` with a NaN loss term, counted as valid, for every non-finite query.
+
+    The check on the device that replaces a host check on an accelerator (``look.host_sync``):
+    the mean is then NaN, and the trainer's per-step loss check stops or skips the step.
+    """
     query_finite = torch.isfinite(queries.detach()).all(dim=1)
-    return terms._replace(
-        loss=torch.where(query_finite, terms.loss, torch.nan),
-        valid=terms.valid | ~query_finite,
-    )
+    return torch.where(query_finite, loss, torch.nan), valid | ~query_finite
 
 
 def masked_mean(loss: Tensor, valid: Tensor) -> Tensor:
