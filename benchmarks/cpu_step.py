@@ -12,9 +12,10 @@ Defaults follow ``configs/look_cnn-small_fmnist-coarse.yaml``: ``look_cnn_small`
 before timing, so the search scans the whole bank from the first step. LOOK is timed with the
 default search (``search_backend: auto``, which for this small bank and large k searches the
 loss's own B × N product) and with ``search_backend: torch`` (the chunked scan, then the loss's
-product again), and its loss and search alone. Each figure is the median of ``--steps`` timed
-repetitions after ``--warmup-steps`` untimed ones, the rows taking turns so that a change of load
-slows all of them alike; the load average is recorded because a shared machine slows every row.
+product again), and its loss, its search, the B × N product and the top-k selection alone.
+Each figure is the median of ``--steps`` timed repetitions after ``--warmup-steps`` untimed ones,
+the rows taking turns so that a change of load slows all of them alike; the load average is
+recorded because a shared machine slows every row.
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     query_labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=generator)
     query_ids = torch.randperm(args.rows, generator=generator)[: args.batch_size]
 
+    similarities = query @ memory.features.T
+
+    def product() -> None:  # the B × N product the loss's search runs on
+        torch.matmul(query, memory.features.T)
+
+    def selection() -> None:  # that search's selection: an unsorted top-k per query
+        similarities.topk(args.k, dim=1, sorted=False)
+
     def search() -> None:  # as the LOOK method calls it for a bank
         knn_search(query, memory.features, args.k, query_ids=query_ids, memory_valid=memory.valid)
 
@@ -162,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             "look_loss_forward_backward": loss_only("auto"),
             "look_loss_forward_backward_scan": loss_only("torch"),
             "knn_search": search,
+            "product": product,
+            "selection": selection,
         },
         steps=args.steps,
         warmup_steps=args.warmup_steps,
@@ -174,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         ("LOOK loss alone (search + fwd/bwd)", seconds["look_loss_forward_backward"]),
         ("LOOK loss alone, search_backend=torch", seconds["look_loss_forward_backward_scan"]),
         (f"knn_search alone ({args.batch_size} queries)", seconds["knn_search"]),
+        ("B x N product alone", seconds["product"]),
+        (f"unsorted top-{args.k} of the B x N similarities alone", seconds["selection"]),
     ]
     width = max(len(label) for label, _ in rows)
     print(f"{'':{width}}  {'ms (median)':>12}  {'x CE step':>9}")

@@ -72,7 +72,7 @@ def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
     assert report["k"] == 100 and report["bank_rows"] == 400
     assert set(report["seconds_median"]) == {
         "ce_step", "look_step", "look_step_scan", "look_loss_forward_backward",
-        "look_loss_forward_backward_scan", "knn_search",
+        "look_loss_forward_backward_scan", "knn_search", "product", "selection",
     }  # fmt: skip
     assert all(seconds > 0 for seconds in report["seconds_median"].values())
 
