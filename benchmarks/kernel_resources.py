@@ -38,6 +38,28 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {name.lower(): int(value) for name, value in fields.items()}
 
 
+# Per-SM limits: registers, shared memory (bytes), resident blocks and threads.
+_SM_LIMITS = {
+    75: (65536, 64 * 1024, 16, 1024),
+    80: (65536, 164 * 1024, 32, 2048),
+    90: (65536, 228 * 1024, 32, 2048),
+    100: (65536, 228 * 1024, 32, 2048),
+}
+
+
+def blocks_per_sm(registers: int, shared: int, num_warps: int, capability: int) -> int | None:
+    """Resident thread blocks per SM by registers (allocated per warp in units of 256), shared
+    memory (1 KB reserved per block from Ampere on) and the block and thread caps."""
+    if capability not in _SM_LIMITS:
+        return None
+    register_file, shared_per_sm, max_blocks, max_threads = _SM_LIMITS[capability]
+    registers_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = register_file // (registers_per_warp * num_warps)
+    reserved = 1024 if capability >= 80 else 0
+    by_shared = shared_per_sm // (shared + reserved) if shared else max_blocks
+    return min(by_registers, by_shared, max_blocks, max_threads // (32 * num_warps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
@@ -49,12 +71,17 @@ def main() -> None:
             compiled = compile_kernel(config, collect=collect, capability=args.capability)
             resources = _resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
+            resources["blocks_per_sm"] = blocks_per_sm(
+                resources.get("reg", 0), resources["dynamic_shared"], config.num_warps,
+                args.capability,
+            )  # fmt: skip
             rows.append({**asdict(config), "pass": "collect" if collect else "bound", **resources})
             print(
                 f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
                 f"{config.collect:<6} skip={config.skip_empty_tiles!s:<5} stride={config.tile_stride:<2} "
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
-                f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B"
+                f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
+                f"{resources['blocks_per_sm']} blocks per SM"
             )
     report = {"triton": triton.__version__, "capability": args.capability, "kernels": rows}
     Path(args.output).write_text(json.dumps(report, indent=2))

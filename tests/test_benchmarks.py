@@ -122,6 +122,23 @@ def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Pa
     report = json.loads(output.read_text())
     assert report["capability"] == 90 and len(report["kernels"]) >= 2
     assert all(0 < kernel["reg"] <= 255 for kernel in report["kernels"])
+    assert all(kernel["blocks_per_sm"] >= 1 for kernel in report["kernels"])
+
+
+def test_blocks_per_sm_is_bounded_by_registers_or_shared_memory() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from kernel_resources import blocks_per_sm
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # sm_90: 145 registers -> 152 per thread, 19,456 per block: 3 fit 65,536.
+    assert blocks_per_sm(145, 40 * 1024, 4, 90) == 3
+    # 94 registers -> 96: 5 by registers; 56 KB + 1 KB reserved: 4 fit 228 KB.
+    assert blocks_per_sm(94, 57344, 4, 90) == 4
+    assert blocks_per_sm(94, 57345, 4, 90) == 3
+    assert blocks_per_sm(94, 40960, 4, 90) == 5  # 41 KB: 5 by shared memory
+    assert blocks_per_sm(32, 0, 4, 90) == 16  # 2,048 threads per SM
+    assert blocks_per_sm(64, 0, 4, 61) is None  # unknown GPU
 
 
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:

@@ -62,3 +62,35 @@ def test_every_tuner_config_compiles_for_hopper(config: SearchKernelConfig, coll
 def test_default_config_compiles_for_other_gpus(capability: int, dtype: str, collect: bool) -> None:
     shared = _shared_memory(KERNEL_CONFIGS[0], collect=collect, capability=capability, dtype=dtype)
     assert shared <= _SHARED_MEMORY_LIMIT[capability]
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_default_kernel_streams_the_memory_through_a_software_pipeline(collect: bool) -> None:
+    """The memory tiles arrive by asynchronous copies (loads of the next tiles overlap the
+    current tile's product) in 16-byte vectors, and the product runs on Hopper's wgmma. A change
+    that breaks the compiler's pipelining (e.g. an unaligned or data-dependent load) fails here
+    rather than as a slower GPU search."""
+    compiled = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90)
+    ptx = compiled.asm["ptx"]  # type: ignore[attr-defined]
+    assert "cp.async" in ptx
+    assert "ld.global.b16" not in ptx  # scalar 2-byte loads: the launcher's alignment was lost
+    assert "wgmma.mma_async" in ptx
+
+
+def _kernel_signature(collect: bool) -> str:
+    compiled = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90)
+    ttir: str = compiled.asm["ttir"]  # type: ignore[attr-defined]
+    return next(line for line in ttir.splitlines() if "tt.func public" in line)
+
+
+def test_compiled_kernel_is_specialised_like_the_launch() -> None:
+    """Triton specialises a launch on its argument values (16-divisible pointers and ints; an int
+    equal to 1 becomes a constant); compile_kernel must build that same kernel, or its resource
+    figures describe a kernel that never runs (they did: scalar loads, no pipeline)."""
+    collect, bound = _kernel_signature(collect=True), _kernel_signature(collect=False)
+    assert "%memory_ptr: !tt.ptr<bf16> {tt.divisibility = 16" in collect
+    assert "%stride_memory: i32 {tt.divisibility = 16" in collect  # 128-d rows
+    assert "%num_rows: i32 loc" in collect  # 1,281,167 rows: not divisible by 16
+    # The collect pass walks every tile (step 1, a constant); the bound pass every s-th.
+    assert "%tile_step" not in collect
+    assert "%tile_step: i32" in bound
