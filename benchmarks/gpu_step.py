@@ -78,6 +78,33 @@ def _host_syncs(step: Callable[[], None], device: torch.device) -> int | None:
     return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
+def _compiled_search_kernels() -> list[dict[str, object]]:
+    """Registers, spills and shared memory of every search kernel this process compiled and ran,
+    with its compile-time constants and whether its loads are pipelined: to hold next to the static
+    figures of ``benchmarks/kernel_resources.py`` (which compiles without a GPU)."""
+    from look import search_triton
+
+    kernels: list[dict[str, object]] = []
+    try:
+        caches = search_triton._knn_tiles_kernel.device_caches.values()
+        for kernel_cache, *_ in caches:
+            for compiled in kernel_cache.values():
+                constants = getattr(compiled.src, "constants", {}) or {}
+                kernels.append({
+                    **{str(name[-1] if isinstance(name, tuple) else name): value
+                       for name, value in constants.items() if isinstance(value, (bool, int))},
+                    "num_warps": compiled.metadata.num_warps,
+                    "num_stages": compiled.metadata.num_stages,
+                    "registers": getattr(compiled, "n_regs", None),
+                    "spills": getattr(compiled, "n_spills", None),
+                    "shared": compiled.metadata.shared,
+                    "pipelined": "cp.async" in compiled.asm.get("ptx", ""),
+                })  # fmt: skip
+    except Exception as error:  # internal Triton API: report, do not fail the benchmark
+        kernels.append({"error": repr(error)})
+    return kernels
+
+
 def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device):  # type: ignore[no-untyped-def]
     backbone, dim = create_backbone(args.backbone, small_stem=args.small_stem)
     method = build_method(
@@ -304,6 +331,7 @@ def main() -> None:
         }
         shard.update(search_figures(shard_rows, gathered))
         figures["shards"][str(rows)] = shard
+        figures["compiled_search_kernels"] = _compiled_search_kernels()
         Path(args.output).write_text(json.dumps(figures, indent=2))
     Path(args.output).write_text(json.dumps(figures, indent=2))
 
