@@ -89,10 +89,12 @@ def _compiled_search_kernels() -> list[dict[str, object]]:
         caches = search_triton._knn_tiles_kernel.device_caches.values()
         for kernel_cache, *_ in caches:
             for compiled in kernel_cache.values():
-                constants = getattr(compiled.src, "constants", {}) or {}
+                # Constants are keyed by argument position: (17,) is the 18th argument.
+                names = compiled.src.fn.arg_names
                 kernels.append({
-                    **{str(name[-1] if isinstance(name, tuple) else name): value
-                       for name, value in constants.items() if isinstance(value, (bool, int))},
+                    **{names[key[0]] if isinstance(key, tuple) else str(key): value
+                       for key, value in compiled.src.constants.items()
+                       if isinstance(value, (bool, int))},
                     "num_warps": compiled.metadata.num_warps,
                     "num_stages": compiled.metadata.num_stages,
                     "registers": getattr(compiled, "n_regs", None),
