@@ -1,6 +1,12 @@
 """MoCo v2 (Chen et al. 2020): the self-supervised baseline — momentum key encoder + queue of keys.
 
-Labels are never used. Shuffle-BN is not implemented: under DDP each rank's BN sees its own keys.
+Labels are never used. Shuffling BN (He et al. 2020, sec. 3.3): batch-norm statistics computed over
+a group that holds both a query and its own key let the model find its positive through the
+statistics instead of the image ("cheating"). As in MoCo, the query encoder normalises each
+rank's batch in order, the key encoder a random permutation of the global batch, so a key is
+normalised with other samples than its query. ``bn_splits`` cuts each rank's batch into that many
+BN groups for both encoders, which gives one process the groups of that many devices; with one
+process and ``bn_splits = 1`` the shuffle changes nothing (one group holds everything).
 """
 
 from __future__ import annotations
@@ -8,9 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from look.engine.distributed import global_masked_mean
+from look.engine.distributed import (
+    gather_no_grad,
+    get_rank,
+    get_world_size,
+    global_masked_mean,
+    is_distributed,
+)
 from look.losses import info_nce_loss_terms
 from look.memory import MemoryQueue
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
@@ -22,6 +35,8 @@ class MoCoV2Options(HeadOptions):
     temperature: float = 0.2
     queue_size: int = 8192
     encoder_momentum: float = 0.99
+    shuffle_bn: bool = True
+    bn_splits: int = 1  # BN groups per rank (4 on one device ~ MoCo's multi-GPU groups)
 
     def validate(self) -> None:
         self.validate_head()
@@ -31,6 +46,7 @@ class MoCoV2Options(HeadOptions):
             0.0 <= self.encoder_momentum < 1.0,
             f"encoder_momentum must be in [0, 1), got {self.encoder_momentum}",
         )
+        check_options(self.bn_splits >= 1, f"bn_splits must be >= 1, got {self.bn_splits}")
 
 
 class MoCoV2(Method):
@@ -49,9 +65,15 @@ class MoCoV2(Method):
         self.queue = MemoryQueue(options.queue_size, options.head_out_dim)
 
     def forward(self, batch: Batch) -> StepOutput:
-        query = embed(self.backbone, self.head, batch.views[0])
+        splits = self.options.bn_splits
+        if batch.size < 2 * splits:  # batch-norm needs two samples per group
+            raise ValueError(
+                f"mocov2: a batch of {batch.size} samples per rank cannot be cut into "
+                f"bn_splits={splits} batch-norm groups of at least 2; lower method.bn_splits"
+            )
+        query = _embed_in_groups(self.backbone, self.head, batch.views[0], splits)
         with torch.no_grad():
-            key = embed(self.key_backbone, self.key_head, batch.views[1])
+            key = self._shuffled_keys(batch.views[1])
         # The whole queue with its valid mask: selecting the written rows by a boolean index
         # would make the host wait for the GPU every step.
         per_sample, valid = info_nce_loss_terms(
@@ -65,7 +87,51 @@ class MoCoV2(Method):
             loss, {"loss": loss.detach(), "queue_filled_frac": self.queue.valid.float().mean()}
         )
 
+    def _shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Keys of ``images`` (this rank's batch, in order), encoded in BN groups of a random
+        permutation of the global batch (every rank's batch must have the same size, as the
+        trainer's sampler makes them)."""
+        local, splits = images.shape[0], self.options.bn_splits
+        world, rank = get_world_size(), get_rank()
+        if not self.options.shuffle_bn or (world == 1 and splits == 1):  # nothing to shuffle
+            return _embed_in_groups(self.key_backbone, self.key_head, images, splits)
+        if world > 1:
+            _check_equal_batches(local, images.device)
+        every_image = gather_no_grad(images)
+        # Drawn on every rank from its CPU generator (checkpointed, so a resumed run draws the
+        # same), then rank 0's is used everywhere.
+        order = torch.randperm(every_image.shape[0]).to(images.device)
+        if is_distributed():
+            dist.broadcast(order, src=0)
+        mine = order[rank * local : (rank + 1) * local]
+        encoded = _embed_in_groups(self.key_backbone, self.key_head, every_image[mine], splits)
+        every_key = gather_no_grad(encoded)  # every_key[i] is the key of image order[i]
+        keys = torch.empty_like(every_key)
+        keys[order] = every_key
+        return keys[rank * local : (rank + 1) * local]
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         momentum_update(self.backbone, self.key_backbone, self.options.encoder_momentum)
         momentum_update(self.head, self.key_head, self.options.encoder_momentum)
+
+
+def _embed_in_groups(
+    backbone: nn.Module, head: nn.Module, images: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """``embed`` with batch-norm statistics computed over ``groups`` contiguous groups."""
+    if groups == 1:
+        return embed(backbone, head, images)
+    return torch.cat([embed(backbone, head, group) for group in images.chunk(groups)])
+
+
+def _check_equal_batches(local: int, device: torch.device) -> None:
+    """Every rank's batch has ``local`` samples (one small all-reduce, read on the host)."""
+    sizes = torch.tensor([local, -local], dtype=torch.int64, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    largest, smallest = (int(value) for value in (sizes[0], -sizes[1]))
+    if largest != smallest:
+        raise ValueError(
+            f"mocov2 shuffle_bn needs the same batch size on every rank, got {smallest} to "
+            f"{largest}; use equal per-rank batches (drop_last) or method.shuffle_bn: false"
+        )
