@@ -49,6 +49,9 @@ class DemoPlan:
     look_temperature: float = 0.05
     supcon_temperature: float = 0.1
     queue_size: int = 4096
+    # MoCo v2's batch-norm groups on one device (shuffling BN, look.methods.mocov2): 4 groups of
+    # a 256 batch are the 64-sample groups of MoCo's 4-GPU runs.
+    moco_bn_splits: int = 4
     probe_train_subset: int = 10000
     probe_c_grid: tuple[float, ...] | None = None  # None: the linear probe's default C grid
     fewshot_episodes: int = 600
@@ -124,7 +127,7 @@ def pretrain_config(
     if method == "supcon":
         method_section.update(temperature=plan.supcon_temperature)
     if method == "mocov2":
-        method_section.update(queue_size=plan.queue_size)
+        method_section.update(queue_size=plan.queue_size, bn_splits=plan.moco_bn_splits)
     overrides = [
         "data.dataset=fashion_mnist",
         f"data.labels={labels}",
