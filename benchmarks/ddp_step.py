@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _trainer_step import trainer_step
 
 from look.engine.distributed import (
-    all_reduce_sum,
     cleanup_distributed,
     get_rank,
     get_world_size,
@@ -105,32 +105,17 @@ def _fill_random_bank(method: Method, rows: int, classes: int, device: torch.dev
 def _look_step(
     method: Method, model: torch.nn.Module, args: argparse.Namespace, device: torch.device
 ) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(
-        [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
-    )
     generator = torch.Generator().manual_seed(1000 + get_rank())
-    amp = device.type == "cuda"
 
-    def step() -> None:
-        batch = Batch(
-            views=[
-                torch.randn(
-                    args.batch_size, 3, args.image_size, args.image_size, generator=generator
-                )
-            ],
+    def next_batch() -> Batch:
+        size = (args.batch_size, 3, args.image_size, args.image_size)
+        return Batch(
+            views=[torch.randn(size, generator=generator)],
             labels=torch.randint(0, args.classes, (args.batch_size,), generator=generator),
             indices=torch.randint(0, args.rows, (args.batch_size,), generator=generator),
         ).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch)
-        # The trainer's per-step check: one host sync, agreed over ranks.
-        non_finite = all_reduce_sum(torch.isfinite(out.loss.detach()).logical_not().float())
-        assert non_finite.item() == 0
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
 
-    return step
+    return trainer_step(method, model, device, next_batch)
 
 
 def _loss_only(

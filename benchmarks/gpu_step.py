@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _trainer_step import trainer_step
 
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
@@ -123,27 +124,13 @@ def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torc
             bank.labels.copy_(torch.randint(0, args.classes, (rows,), device=device))
             bank.ids.copy_(torch.arange(rows, device=device))
             bank.valid.fill_(True)
-    optimizer = torch.optim.SGD(
-        [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
-    )
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(
         memory_format=memory_format
     )
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
     indices = torch.randint(0, rows, (args.batch_size,), device=device)
-    amp = device.type == "cuda"
-
-    def step() -> None:
-        batch = Batch(views=[images], labels=labels, indices=indices)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = method(batch)
-        if args.loss_check:  # the trainer's NaN policy: one host sync per step, every method
-            assert bool(torch.isfinite(out.loss.detach()))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    return step
+    batch = Batch(views=[images], labels=labels, indices=indices)
+    return trainer_step(method, method, device, lambda: batch, loss_check=args.loss_check)
 
 
 def main() -> None:

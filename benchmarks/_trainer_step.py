@@ -1,0 +1,44 @@
+"""The trainer's step, as the step benchmarks time it (``gpu_step.py``, ``ddp_step.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from look.engine.distributed import all_reduce_sum
+from look.methods import Batch, Method
+
+
+def trainer_step(
+    method: Method,
+    model: torch.nn.Module,
+    device: torch.device,
+    next_batch: Callable[[], Batch],
+    *,
+    loss_check: bool = True,
+) -> Callable[[], None]:
+    """A closure taking one step as ``look.engine.trainer`` does: forward under bf16 autocast on
+    CUDA, the per-step finite-loss check (agreed over ranks: one all-reduce and one host read),
+    backward (through DDP's gradient all-reduce when ``model`` is wrapped) and an SGD step.
+
+    ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch.
+    """
+    optimizer = torch.optim.SGD(
+        [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
+    )
+    amp = device.type == "cuda"
+
+    def step() -> None:
+        batch = next_batch()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(batch)
+        if loss_check:
+            non_finite = all_reduce_sum(torch.isfinite(out.loss.detach()).logical_not().float())
+            if non_finite.item() != 0:
+                raise FloatingPointError(f"non-finite loss {float(out.loss)} in the benchmark")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
