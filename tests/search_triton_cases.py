@@ -7,6 +7,7 @@ PyTorch scan. Run directly: ``TRITON_INTERPRET=1 python -m tests.search_triton_c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -109,6 +110,43 @@ def case_collect_variants_match_scan() -> None:
             _check_same(query, memory, 7, query_ids=torch.arange(20) * 50, memory_valid=valid)
     finally:
         set_kernel_config(default)
+
+
+def case_bound_from_few_kept_tile_maxima_stays_exact() -> None:
+    """Each bound-pass program keeps only its largest tile maxima. When one program's tiles hold
+    more of the top rows than it keeps, the bound is looser (more candidates), never wrong."""
+    import look.search_triton as search_triton
+
+    generator = torch.Generator().manual_seed(6)
+    memory = F.normalize(torch.randn(20000, 16, generator=generator), dim=1)
+    query = F.normalize(torch.randn(3, 16, generator=generator), dim=1)
+    # With 4 programs and stride 4, program 0 of the bound pass reads tiles 0, 16, 32, ...: put
+    # 4 rows near query 0 in each of its first 10 tiles (40 near rows, 8 wanted).
+    for tile in range(10):
+        start = 16 * 32 * tile
+        noise = 0.05 * torch.randn(4, 16, generator=generator)
+        memory[start : start + 4] = F.normalize(query[0] + noise, dim=1)
+    memory = memory.half()
+    plan = search_triton._search_plan
+    seen: dict[str, int] = {}
+
+    def keep_four(*args: object, **kwargs: object) -> object:
+        result = dataclasses.replace(plan(*args, **kwargs), bound_keep=4)  # type: ignore[arg-type]
+        seen.update(programs=result.bound_programs, stride=result.tile_stride)
+        return result
+
+    search_triton._search_plan = keep_four  # type: ignore[assignment]
+    try:
+        timings: dict[str, float] = {}
+        values, indices, overflowed = fused_knn_search(query, memory, 8, timings=timings)
+        assert seen == {"programs": 4, "stride": 4}, seen
+        assert not bool(overflowed.any())
+        assert bool((indices[0] % 512 < 4).all()), "query 0 must find the planted rows"
+        scan = knn_search(query, memory, 8, backend="torch")
+        torch.testing.assert_close(values, scan.values, rtol=0, atol=1e-6)
+        assert_same_neighbours(knn_search(query, memory, 8, backend="triton"), scan, atol=1e-6)
+    finally:
+        search_triton._search_plan = plan  # type: ignore[assignment]
 
 
 def case_empty_batch() -> None:

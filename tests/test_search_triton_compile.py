@@ -94,3 +94,34 @@ def test_compiled_kernel_is_specialised_like_the_launch() -> None:
     # The collect pass walks every tile (step 1, a constant); the bound pass every s-th.
     assert "%tile_step" not in collect
     assert "%tile_step: i32" in bound
+
+
+@pytest.mark.parametrize(
+    ("batch", "rows", "programs", "keep"),
+    [
+        (256, 1_281_167, 264, 4),  # ImageNet-1k on an H100: 4 query blocks × 264 programs
+        (256, 14_197_122, 264, 4),  # ImageNet-21k
+        (2048, 160_145, 33, 32),  # a sharded rank (8 ranks' queries over N/8 rows)
+        (256, 300_000, 264, 4),
+    ],
+)
+def test_bound_pass_keeps_about_four_k_tile_maxima_per_query(
+    batch: int, rows: int, programs: int, keep: int
+) -> None:
+    """The bound pass writes each program's largest tile maxima, not every sampled tile's, so
+    the selection of the bound sorts ~4k values per query whatever the memory size."""
+    from look.search_triton import _search_plan
+
+    plan = _search_plan(batch, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132)
+    assert (plan.bound_programs, plan.bound_keep) == (programs, keep)
+    assert 4 * 201 <= plan.bound_columns <= min(8 * 201, plan.sampled_tiles)
+    assert plan.has_bound
+
+
+def test_bound_pass_of_a_small_memory_keeps_every_tile_maximum() -> None:
+    from look.search_triton import _search_plan
+
+    plan = _search_plan(256, 30_000, 201, KERNEL_CONFIGS[0], multiprocessors=132)
+    # 938 tiles, stride 1 (fewer than 4k tiles): 264 programs of at most 4 tiles, all kept.
+    assert plan.tile_stride == 1 and plan.bound_keep == 4
+    assert plan.bound_programs * plan.bound_keep >= plan.sampled_tiles

@@ -7,13 +7,17 @@ neighbours (ties aside), which the tests check on CPU with Triton's interpreter.
 Why two passes and not a running top-k in the kernel: a sorted top-200 list per query does not fit
 a GPU thread block's registers, but a *threshold* does. The search is exact:
 
-1. **Bound.** One kernel scans every ``s``-th tile of ``BLOCK_N`` memory rows and writes each tile's
-   largest similarity per query. The ``k``-th largest of these tile maxima is a lower bound on the
-   query's true ``k``-th neighbour similarity: it is attained by ``k`` distinct rows.
+1. **Bound.** One kernel scans every ``s``-th tile of ``BLOCK_N`` memory rows; each program keeps,
+   per query, the largest maxima of the tiles it scanned (~4k over all programs) and writes them.
+   The ``k``-th largest of any ``k`` or more tile maxima is a lower bound on the query's true
+   ``k``-th neighbour similarity: it is attained by ``k`` distinct rows. Keeping only a program's
+   largest ones can loosen the bound (more candidates), never break it, and the selection sorts
+   ~4k values per query instead of every sampled tile's.
 2. **Collect.** The same kernel (same tiles, same arithmetic) scans the whole memory and appends
    every similarity ``>=`` the bound, with its row index, to a small per-query buffer (an atomic
    counter per query). Every true top-``k`` row is among them.
-3. **Select.** ``torch.topk`` over the buffer (``B × capacity``, a few thousand columns).
+3. **Select.** ``torch.topk`` (or a sort) over the buffer (``B × capacity``, a few thousand
+   columns).
 
 Leave-one-out adds no work per similarity: with query ids, the search finds ``k + 1`` neighbours
 among all rows and drops each query's own row from its list (or the last entry, where the own row
@@ -148,6 +152,7 @@ if triton is not None:
         num_tiles,
         tile_step,
         capacity,
+        bound_columns,
         HAS_VALID: tl.constexpr,
         COLLECT: tl.constexpr,
         ATOMIC_PER_CANDIDATE: tl.constexpr,
@@ -155,6 +160,7 @@ if triton is not None:
         BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BOUND_KEEP: tl.constexpr,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -172,6 +178,10 @@ if triton is not None:
         )
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q, mask=q_mask, other=float("inf"))
+        else:
+            # The BOUND_KEEP largest tile maxima this program saw, per query (-inf: none yet).
+            kept = tl.full([BLOCK_Q, BOUND_KEEP], float("-inf"), dtype=tl.float32)
+            keep_slots = tl.arange(0, BOUND_KEEP)
         for tile in range(pid_n, num_tiles, programs_n):
             offs_n = tile * tile_step * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < num_rows
@@ -205,8 +215,19 @@ if triton is not None:
                         out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE, BLOCK_Q, BLOCK_N,
                     )  # fmt: skip
             else:
+                # A larger tile maximum replaces the smallest kept one.
                 tile_max = tl.max(similarities, axis=1)
-                tl.store(tile_max_ptr + offs_q * num_tiles + tile, tile_max, mask=q_mask)
+                smallest = tl.min(kept, axis=1)
+                slot = tl.argmin(kept, axis=1)
+                replace = (keep_slots[None, :] == slot[:, None]) & (tile_max > smallest)[:, None]
+                kept = tl.where(replace, tile_max[:, None], kept)
+        if not COLLECT:
+            columns = pid_n * BOUND_KEEP + keep_slots
+            tl.store(
+                tile_max_ptr + offs_q[:, None] * bound_columns + columns[None, :],
+                kept,
+                mask=q_mask[:, None],
+            )
 
 
 @dataclass(frozen=True)
@@ -289,26 +310,18 @@ def _next_power_of_two(value: int) -> int:
 
 @dataclass(frozen=True)
 class _KernelPass:
-    """One pass of the kernel with its argument values. The launch and :func:`compile_kernel`
-    build from the same values, so a static check compiles what the GPU runs: Triton specialises
-    on them (16-divisible pointers, ints and strides give vector loads and a pipelined loop; an
-    int equal to 1 becomes a constant)."""
+    """One pass of the kernel with its argument values and grid. The launch and
+    :func:`compile_kernel` build from the same values, so a static check compiles what the GPU
+    runs: Triton specialises on them (16-divisible pointers, ints and strides give vector loads and
+    a pipelined loop; an int equal to 1 becomes a constant)."""
 
     arguments: tuple[object, ...]
     constexprs: dict[str, object]
     config: SearchKernelConfig
-    num_tiles: int
+    grid: tuple[int, int]
 
     def launch(self) -> None:
-        query = self.arguments[0]
-        assert isinstance(query, Tensor)
-        query_blocks = triton.cdiv(query.shape[0], self.constexprs["BLOCK_Q"])
-        if query.is_cuda:
-            sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-            programs_n = max(1, min(self.num_tiles, 8 * sms // query_blocks))
-        else:  # interpreter: few programs, each looping over many tiles
-            programs_n = max(1, min(self.num_tiles, 4))
-        _knn_tiles_kernel[(query_blocks, programs_n)](
+        _knn_tiles_kernel[self.grid](
             *self.arguments,
             **self.constexprs,
             num_warps=self.config.num_warps,
@@ -316,23 +329,92 @@ class _KernelPass:
         )
 
 
+@dataclass(frozen=True)
+class _SearchPlan:
+    """Grid, tile counts and buffer sizes of one search (shared by the search and
+    compile_kernel)."""
+
+    block_q: int
+    query_blocks: int
+    total_tiles: int
+    tile_stride: int  # s: the bound pass reads every s-th tile
+    sampled_tiles: int
+    has_bound: bool  # enough sampled tiles for a bound; else the collect pass keeps everything
+    bound_programs: int  # programs per query block of the bound pass
+    bound_keep: int  # tile maxima each bound-pass program keeps per query
+    collect_programs: int
+    capacity: int  # candidate buffer per query
+
+    @property
+    def bound_columns(self) -> int:
+        """Columns of the bound pass's output: every program's kept tile maxima."""
+        return self.bound_programs * self.bound_keep
+
+
+def _programs_per_query_block(
+    num_tiles: int, query_blocks: int, multiprocessors: int | None
+) -> int:
+    """Enough programs to fill the GPU (8 per SM over all query blocks), each looping over
+    tiles; under the interpreter (``multiprocessors`` None) a few programs."""
+    if multiprocessors is None:
+        return max(1, min(num_tiles, 4))
+    return max(1, min(num_tiles, 8 * multiprocessors // query_blocks))
+
+
+def _search_plan(
+    batch: int,
+    rows: int,
+    search_k: int,
+    config: SearchKernelConfig,
+    *,
+    multiprocessors: int | None,
+    max_tile_stride: int | None = None,
+    capacity: int | None = None,
+) -> _SearchPlan:
+    block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
+    query_blocks = triton.cdiv(batch, block_q)
+    total_tiles = triton.cdiv(rows, config.block_n)
+    # s keeps >= 4k sampled tiles so the bound is tight.
+    if max_tile_stride is None:
+        max_tile_stride = config.tile_stride
+    tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * search_k)))
+    sampled_tiles = triton.cdiv(total_tiles, tile_stride)
+    has_bound = sampled_tiles >= search_k
+    bound_programs = _programs_per_query_block(sampled_tiles, query_blocks, multiprocessors)
+    # Each program keeps its largest tile maxima: 4× k in all, so that the k largest of the
+    # whole pass are almost always among them (if not, the bound is a little looser, never
+    # wrong), but at most what the program sees. The selection then sorts ~4k values per query
+    # instead of every sampled tile's (111k at 14M rows, s = 4).
+    tiles_per_program = triton.cdiv(sampled_tiles, bound_programs)
+    bound_keep = _next_power_of_two(
+        max(4, min(tiles_per_program, triton.cdiv(4 * search_k, bound_programs)))
+    )
+    collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
+    if capacity is None:
+        # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
+        capacity = max(1024, 16 * search_k, 4 * tile_stride * search_k) if has_bound else rows
+    return _SearchPlan(
+        block_q, query_blocks, total_tiles, tile_stride, sampled_tiles, has_bound,
+        bound_programs, bound_keep, collect_programs, capacity,
+    )  # fmt: skip
+
+
 def _kernel_pass(
     query: Tensor,
     memory: Tensor,
     valid: Tensor | None,
-    *,
-    num_tiles: int,
-    tile_step: int,
+    plan: _SearchPlan,
     config: SearchKernelConfig,
-    block_q: int,
-    bound: Tensor | None = None,
+    *,
     tile_max: Tensor | None = None,
+    bound: Tensor | None = None,
     out_values: Tensor | None = None,
     out_indices: Tensor | None = None,
     counts: Tensor | None = None,
-    capacity: int = 0,
 ) -> _KernelPass:
-    """The bound pass (``tile_max`` given) or the collect pass (``bound`` and buffers given)."""
+    """The bound pass (``tile_max`` given: every s-th tile, each program's largest tile maxima
+    into ``tile_max``) or the collect pass (``bound`` and the buffers given: every tile)."""
+    collect = bound is not None
     batch, dim = query.shape
     dummy = query  # never read: the constexpr flags switch the loads off
     arguments = (
@@ -349,89 +431,23 @@ def _kernel_pass(
         dim,
         query.stride(0),
         memory.stride(0),
-        num_tiles,
-        tile_step,
-        capacity,
+        plan.total_tiles if collect else plan.sampled_tiles,
+        1 if collect else plan.tile_stride,
+        plan.capacity if collect else 0,
+        0 if collect else plan.bound_columns,
     )
     constexprs: dict[str, object] = {
         "HAS_VALID": valid is not None,
-        "COLLECT": bound is not None,
+        "COLLECT": collect,
         "ATOMIC_PER_CANDIDATE": config.collect == "atomic",
         "SKIP_EMPTY_TILES": config.skip_empty_tiles,
-        "BLOCK_Q": block_q,
+        "BLOCK_Q": plan.block_q,
         "BLOCK_N": config.block_n,
         "BLOCK_D": max(16, _next_power_of_two(dim)),
+        "BOUND_KEEP": 1 if collect else plan.bound_keep,
     }
-    return _KernelPass(arguments, constexprs, config, num_tiles)
-
-
-@dataclass(frozen=True)
-class _SearchPlan:
-    """Tile counts and buffer size of one search (shared by the search and compile_kernel)."""
-
-    block_q: int
-    total_tiles: int
-    tile_stride: int  # s: the bound pass reads every s-th tile
-    sampled_tiles: int
-    has_bound: bool  # enough sampled tiles for a bound; else the collect pass keeps everything
-    capacity: int  # candidate buffer per query
-
-
-def _search_plan(
-    batch: int,
-    rows: int,
-    search_k: int,
-    config: SearchKernelConfig,
-    *,
-    max_tile_stride: int | None = None,
-    capacity: int | None = None,
-) -> _SearchPlan:
-    block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
-    total_tiles = triton.cdiv(rows, config.block_n)
-    # s keeps >= 4k sampled tiles so the bound is tight.
-    if max_tile_stride is None:
-        max_tile_stride = config.tile_stride
-    tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * search_k)))
-    sampled_tiles = triton.cdiv(total_tiles, tile_stride)
-    has_bound = sampled_tiles >= search_k
-    if capacity is None:
-        # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
-        capacity = max(1024, 16 * search_k, 4 * tile_stride * search_k) if has_bound else rows
-    return _SearchPlan(block_q, total_tiles, tile_stride, sampled_tiles, has_bound, capacity)
-
-
-def _bound_pass(
-    queries: Tensor,
-    memory: Tensor,
-    valid: Tensor | None,
-    plan: _SearchPlan,
-    config: SearchKernelConfig,
-    tile_max: Tensor,
-) -> _KernelPass:
-    return _kernel_pass(
-        queries, memory, valid,
-        num_tiles=plan.sampled_tiles, tile_step=plan.tile_stride, config=config,
-        block_q=plan.block_q, tile_max=tile_max,
-    )  # fmt: skip
-
-
-def _collect_pass(
-    queries: Tensor,
-    memory: Tensor,
-    valid: Tensor | None,
-    plan: _SearchPlan,
-    config: SearchKernelConfig,
-    bound: Tensor,
-    out_values: Tensor,
-    out_indices: Tensor,
-    counts: Tensor,
-) -> _KernelPass:
-    return _kernel_pass(
-        queries, memory, valid,
-        num_tiles=plan.total_tiles, tile_step=1, config=config, block_q=plan.block_q,
-        bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
-        capacity=plan.capacity,
-    )  # fmt: skip
+    programs = plan.collect_programs if collect else plan.bound_programs
+    return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
 
 
 @torch.no_grad()
@@ -477,16 +493,22 @@ def fused_knn_search(
     # Leave-one-out costs no work per similarity: search one neighbour more over every row, then
     # drop each query's own row from its list (or the last entry where the own row is absent).
     search_k = k + 1 if query_ids is not None else k
-    plan = _search_plan(
-        batch, memory.shape[0], search_k, config, max_tile_stride=max_tile_stride, capacity=capacity
+    multiprocessors = (  # None: Triton's CPU interpreter
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else None
     )
+    plan = _search_plan(
+        batch, memory.shape[0], search_k, config, multiprocessors=multiprocessors,
+        max_tile_stride=max_tile_stride, capacity=capacity,
+    )  # fmt: skip
     capacity = plan.capacity
 
     # Pass 1: tile maxima over every s-th tile.
     neg_inf = float("-inf")
     if plan.has_bound:
-        tile_max = torch.empty(batch, plan.sampled_tiles, dtype=torch.float32, device=device)
-        _bound_pass(queries, memory, valid, plan, config, tile_max).launch()
+        tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
+        _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max).launch()
         clock.lap("bound_pass")
         bound = _largest(tile_max, search_k, config.select)[0][:, search_k - 1]
         # Guard against the two launches rounding the same product differently by one ulp. With
@@ -502,9 +524,10 @@ def fused_knn_search(
     out_values = torch.full((batch, capacity), neg_inf, dtype=torch.float32, device=device)
     out_indices = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
-    _collect_pass(
-        queries, memory, valid, plan, config, bound, out_values, out_indices, counts
-    ).launch()
+    _kernel_pass(
+        queries, memory, valid, plan, config,
+        bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
+    ).launch()  # fmt: skip
 
     clock.lap("collect_pass")
     keep = min(search_k, capacity)
@@ -559,6 +582,7 @@ def compile_kernel(
     batch: int = 256,
     rows: int = 1_281_167,
     k: int = 200,
+    multiprocessors: int = 132,
 ) -> object:
     """Compile one pass of the search kernel (the bound pass, or the collect pass with
     ``collect``) for CUDA compute capability ``capability`` (e.g. 90 for Hopper), without a GPU:
@@ -568,8 +592,9 @@ def compile_kernel(
     (``benchmarks/kernel_resources.py``).
 
     The kernel is the one a leave-one-out search of ``batch`` queries for ``k`` neighbours over
-    ``rows`` rows of ``dim`` dims launches: the arguments are built as for the launch (on the meta
-    device) and specialised by Triton's own launcher rule. That matters: without the launcher's
+    ``rows`` rows of ``dim`` dims launches on a GPU with ``multiprocessors`` SMs (an H100 SXM has
+    132): the arguments are built as for the launch (on the meta device) and specialised by
+    Triton's own launcher rule. That matters: without the launcher's
     16-divisibility facts the compiler emits scalar loads and no software pipeline.
     """
     if triton is None:
@@ -583,9 +608,9 @@ def compile_kernel(
     queries = torch.empty(batch, dim, dtype=torch_dtype, device=meta)
     memory = torch.empty(rows, dim, dtype=torch_dtype, device=meta)
     valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
-    plan = _search_plan(batch, rows, k + 1, config)
+    plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)
     if collect:
-        kernel_pass = _collect_pass(
+        kernel_pass = _kernel_pass(
             queries, memory, valid, plan, config,
             bound=torch.empty(batch, device=meta),
             out_values=torch.empty(batch, plan.capacity, device=meta),
@@ -593,8 +618,8 @@ def compile_kernel(
             counts=torch.empty(batch, dtype=torch.int32, device=meta),
         )  # fmt: skip
     else:
-        tile_max = torch.empty(batch, plan.sampled_tiles, device=meta)
-        kernel_pass = _bound_pass(queries, memory, valid, plan, config, tile_max)
+        tile_max = torch.empty(batch, plan.bound_columns, device=meta)
+        kernel_pass = _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max)
     names = list(_knn_tiles_kernel.arg_names)
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = dict(kernel_pass.constexprs)
