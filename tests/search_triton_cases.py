@@ -77,6 +77,34 @@ def case_overflow_falls_back_to_scan() -> None:
     assert bool((fused.indices < 3000).all())
 
 
+def case_loss_recomputed_after_a_late_overflow_check() -> None:
+    """The LOOK loss queues its terms before reading the fused search's overflow flag; when a
+    query overflowed, the terms are recomputed from the exact neighbours."""
+    from look.losses import look_loss_terms
+
+    generator = torch.Generator().manual_seed(7)
+    row = F.normalize(torch.randn(1, 16, generator=generator), dim=1)
+    others = F.normalize(torch.randn(30000, 16, generator=generator), dim=1)
+    memory = torch.cat([row.repeat(3000, 1), others]).half()  # 3,000 ties: the buffer overflows
+    labels = torch.arange(memory.shape[0]) % 3
+    query = torch.cat([row + 0.01 * torch.randn(2, 16, generator=generator), others[:2]])
+    query = F.normalize(query, dim=1).requires_grad_(True)
+    query_labels = torch.tensor([0, 1, 2, 0])
+    _, _, overflowed = fused_knn_search(query.detach(), memory, 5)
+    assert bool(overflowed[:2].all()), "expected the tied queries to overflow"
+    grads = {}
+    for backend in ("triton", "torch"):
+        terms = look_loss_terms(
+            query, query_labels, memory, labels, k=5, temperature=0.1, search_backend=backend
+        )
+        (grads[backend],) = torch.autograd.grad(terms.loss.sum(), query)
+        grads[backend + "_terms"] = terms
+    fused, scan = grads["triton_terms"], grads["torch_terms"]
+    torch.testing.assert_close(fused.loss, scan.loss, rtol=0, atol=1e-6)
+    assert torch.equal(fused.valid, scan.valid)
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0, atol=1e-5)
+
+
 def case_tune_kernel_config_sets_the_fastest() -> None:
     memory = F.normalize(torch.randn(5000, 16), dim=1).half()
     query = F.normalize(torch.randn(8, 16), dim=1)

@@ -56,3 +56,34 @@ def test_refused_row_reported_by_next_update_on_gpu() -> None:
             F.normalize(torch.randn(1, 4, device="cuda"), dim=1),
             torch.tensor([0], device="cuda"),
         )
+
+
+def test_look_step_with_the_fused_search_waits_once() -> None:
+    """With a bf16 bank the fused search's overflow check is the step's one host wait (read after
+    the loss terms are queued)."""
+    import warnings
+
+    from look.search_triton import triton_available
+
+    if not triton_available():
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    backbone, feature_dim = create_backbone("look_cnn_small")
+    options = {"name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "bfloat16"}
+    ctx = MethodContext(num_classes=5, num_samples=20000)
+    method = build_method(options, backbone, feature_dim, ctx).cuda().train()
+    for seed in range(2):  # warm-up: kernel compilation, lazy initialisation
+        method(_batch(20000, seed)).loss.backward()
+    batch = _batch(20000, seed=5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = method(batch)
+            out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, [str(w.message) for w in waits]
+    assert torch.isfinite(out.loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ from look.search_triton import fused_knn_search, fused_search_supported
 
 __all__ = [
     "SEARCH_BACKENDS",
+    "DeferredKnnResult",
     "KnnResult",
     "SearchBackend",
     "autocast_disabled",
@@ -29,6 +31,7 @@ __all__ = [
     "exclude_own_rows_",
     "exclude_same_ids_",
     "knn_search",
+    "knn_search_deferred",
     "nearest_positive",
     "validate_search_inputs",
 ]
@@ -236,6 +239,55 @@ def knn_search(
         ``-inf``/``-1`` where a query has fewer than ``k`` candidates. Values are fp32 (fp64 when
         an input is fp64). Nothing carries gradient.
     """
+    search = knn_search_deferred(
+        query, memory, k, query_ids=query_ids, memory_ids=memory_ids, memory_valid=memory_valid,
+        chunk_size=chunk_size, query_labels=query_labels, memory_labels=memory_labels,
+        backend=backend,
+    )  # fmt: skip
+    return search.finish()
+
+
+class DeferredKnnResult(NamedTuple):
+    """A search whose exactness check may still be pending (:func:`knn_search_deferred`).
+
+    ``result`` is exact except for the queries ``overflowed`` marks (a ``(B,)`` bool on the
+    device, set by the fused search only). :meth:`finish` reads that flag (a host sync on a GPU)
+    and redoes those queries with the scan.
+    """
+
+    result: KnnResult
+    overflowed: Tensor | None
+    redo: Callable[[Tensor], KnnResult] | None
+
+    def finish(self) -> KnnResult:
+        if self.overflowed is None or self.redo is None:
+            return self.result
+        # The one host synchronisation of the fused path: exactness needs to know whether any
+        # query overflowed (in practice only a memory of many near-identical rows does).
+        if not bool(self.overflowed.any()):
+            return self.result
+        return self.redo(self.overflowed.nonzero().squeeze(1))
+
+
+@torch.no_grad()
+def knn_search_deferred(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None = None,
+    memory_ids: Tensor | None = None,
+    memory_valid: Tensor | None = None,
+    chunk_size: int = 65536,
+    query_labels: Tensor | None = None,
+    memory_labels: Tensor | None = None,
+    backend: SearchBackend = "auto",
+) -> DeferredKnnResult:
+    """:func:`knn_search` whose fused path does not wait for the GPU: the caller queues the work
+    that uses the neighbours, then calls ``.finish()`` (which waits, and only on overflow
+    returns other neighbours: the caller then recomputes). A host wait taken after that work is
+    queued keeps the GPU busy while the host waits, instead of idle while the host launches it.
+    """
     k = check_positive_int(k)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     validate_search_inputs(
@@ -258,7 +310,7 @@ def knn_search(
         )
     if fused and (backend == "triton" or (backend == "auto" and not _fused_search_failed)):
         try:
-            return _fused_with_fallback(
+            return _fused_search(
                 query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
                 chunk_size=chunk_size,
             )  # fmt: skip
@@ -342,8 +394,9 @@ def knn_search(
     best_indices = best_indices.masked_fill(best_values == neg_inf, -1)
 
     if not want_positive:
-        return KnnResult(best_values, best_indices)
-    return KnnResult(best_values, best_indices, positive_value, positive_index)
+        return DeferredKnnResult(KnnResult(best_values, best_indices), None, None)
+    result = KnnResult(best_values, best_indices, positive_value, positive_index)
+    return DeferredKnnResult(result, None, None)
 
 
 _fused_search_failed = False
@@ -360,7 +413,7 @@ def _disable_fused_search(error: Exception) -> None:
     )
 
 
-def _fused_with_fallback(
+def _fused_search(
     query: Tensor,
     memory: Tensor,
     k: int,
@@ -368,24 +421,27 @@ def _fused_with_fallback(
     query_ids: Tensor | None,
     memory_valid: Tensor | None,
     chunk_size: int,
-) -> KnnResult:
-    """The fused search; queries whose candidate buffer overflowed are redone by the scan."""
+) -> DeferredKnnResult:
+    """The fused search; queries whose candidate buffer overflowed are redone by the scan when
+    the result is finished."""
     values, indices, overflowed = fused_knn_search(
         query, memory, k, query_ids=query_ids, memory_valid=memory_valid
     )
-    # The one host synchronisation of the fused path: exactness needs to know whether any query
-    # overflowed (in practice only a memory of many near-identical rows does).
-    if bool(overflowed.any()):
-        redo = overflowed.nonzero().squeeze(1)
+    dtype = compute_dtype_for(query, memory)
+
+    def redo(queries: Tensor) -> KnnResult:
         again = knn_search(
-            query[redo],
+            query[queries],
             memory,
             k,
-            query_ids=None if query_ids is None else query_ids.to(memory.device)[redo],
+            query_ids=None if query_ids is None else query_ids.to(memory.device)[queries],
             memory_valid=memory_valid,
             chunk_size=chunk_size,
             backend="torch",
         )
-        values[redo] = again.values.to(values.dtype)
-        indices[redo] = again.indices
-    return KnnResult(values.to(compute_dtype_for(query, memory)), indices)
+        exact_values, exact_indices = values.clone(), indices.clone()
+        exact_values[queries] = again.values.to(values.dtype)
+        exact_indices[queries] = again.indices
+        return KnnResult(exact_values.to(dtype), exact_indices)
+
+    return DeferredKnnResult(KnnResult(values.to(dtype), indices), overflowed, redo)

@@ -27,7 +27,7 @@ from look.search import (
     check_search_backend,
     compute_dtype_for,
     exclude_same_ids_,
-    knn_search,
+    knn_search_deferred,
     nearest_positive,
     validate_search_inputs,
 )
@@ -397,19 +397,49 @@ def _top_k_terms(
         and memory.dtype == queries.dtype
         and _dense_is_cheaper(queries.shape[0], memory.shape[0], k_eff, queries.shape[1])
     )
-    similarities: Tensor | None = None
     if share_product:
         similarities, search = _dense_search(
             queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
             memory_valid=memory_valid, query_labels=labels_for_nearest[0],
             memory_labels=labels_for_nearest[1],
         )  # fmt: skip
-    else:
-        search = knn_search(
-            queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
-            memory_valid=memory_valid, chunk_size=chunk_size, query_labels=labels_for_nearest[0],
-            memory_labels=labels_for_nearest[1], backend=search_backend,
+        return _terms_from_neighbours(
+            search, queries, query_labels, memory, memory_labels, similarities,
+            temperature=temperature, memory_valid=memory_valid, no_positive=no_positive,
         )  # fmt: skip
+    pending = knn_search_deferred(
+        queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
+        memory_valid=memory_valid, chunk_size=chunk_size, query_labels=labels_for_nearest[0],
+        memory_labels=labels_for_nearest[1], backend=search_backend,
+    )  # fmt: skip
+
+    def terms_from(search: KnnResult) -> LookLossTerms:
+        return _terms_from_neighbours(
+            search, queries, query_labels, memory, memory_labels, None,
+            temperature=temperature, memory_valid=memory_valid, no_positive=no_positive,
+        )  # fmt: skip
+
+    terms = terms_from(pending.result)
+    # The fused search's exactness check waits for the GPU: taken once the loss is queued, the
+    # GPU computes it meanwhile. On overflow (rare) the loss is recomputed from exact neighbours.
+    exact = pending.finish()
+    return terms if exact is pending.result else terms_from(exact)
+
+
+def _terms_from_neighbours(
+    search: KnnResult,
+    queries: Tensor,
+    query_labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
+    similarities: Tensor | None,
+    *,
+    temperature: float,
+    memory_valid: Tensor | None,
+    no_positive: str,
+) -> LookLossTerms:
+    """The loss terms of a finite ``k`` from the searched neighbours; the selected similarities
+    come from ``similarities`` (the search's own ``B × N`` product) or are recomputed with grad."""
     neighbour_indices = search.indices
     is_neighbour = neighbour_indices >= 0
     safe_indices = neighbour_indices.clamp(min=0)
