@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import look.memory as memory_module
+import look.methods.look as look_method
 import look.search as search_module
 import look.sharded as sharded_module
 from look.engine.trainer import TrainingStepError, pretrain
@@ -66,7 +67,7 @@ class SyncCounter(TorchDispatchMode):
 @pytest.fixture
 def accelerator_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The accelerator code paths on the CPU; yields the list ``tolist`` calls are recorded in."""
-    for module in (search_module, look_loss_module, memory_module, sharded_module):
+    for module in (search_module, look_loss_module, memory_module, sharded_module, look_method):
         monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
     tolist_calls: list[str] = []
     original_tolist = torch.Tensor.tolist
@@ -238,7 +239,7 @@ def test_training_under_the_accelerator_policy_matches_the_cpu_policy(
     from tests.engine.test_trainer import tiny_config, train_losses
 
     pretrain(tiny_config(), tmp_path / "cpu_policy")
-    for module in (search_module, look_loss_module, memory_module, sharded_module):
+    for module in (search_module, look_loss_module, memory_module, sharded_module, look_method):
         monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
     pretrain(tiny_config(), tmp_path / "accelerator_policy")
     assert train_losses(tmp_path / "accelerator_policy") == train_losses(tmp_path / "cpu_policy")
@@ -256,5 +257,24 @@ def test_diverging_look_run_stops_with_finite_checkpoints_under_the_accelerator_
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
     assert checkpoints, "the checkpoint from before the divergence must be kept"
     for checkpoint in checkpoints:
+        state = torch.load(checkpoint, weights_only=True)
+        assert torch.isfinite(state["model"]["memory.features"]).all()
+
+
+def test_diverging_look_run_with_skip_policy_reports_the_refused_rows(
+    tmp_path: Path, accelerator_policy: list[str]
+) -> None:
+    """Skipping non-finite steps does not hide NaN embeddings: the memory refuses the rows and
+    the next write reports them as a step error (on the accelerator the write follows the
+    optimizer step), and no checkpoint holds a NaN row."""
+    from tests.engine.test_trainer import tiny_config
+
+    cfg = tiny_config(
+        "optim.lr=1e12", "optim.warmup_epochs=0", "train.checkpoint_every_steps=1",
+        "train.nan_policy=skip",
+    )  # fmt: skip
+    with pytest.raises(TrainingStepError, match="NaN/Inf"):
+        pretrain(cfg, tmp_path / "run")
+    for checkpoint in sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")):
         state = torch.load(checkpoint, weights_only=True)
         assert torch.isfinite(state["model"]["memory.features"]).all()

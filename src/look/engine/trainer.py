@@ -222,6 +222,18 @@ class Trainer:
             "look_version": look.__version__,
         }
 
+    @contextlib.contextmanager
+    def _step_errors(self, stage: str) -> Iterator[None]:
+        """A method's error (e.g. a memory write refused for NaN rows, reported late on an
+        accelerator) as a step error that names the step and the kept checkpoint."""
+        try:
+            yield
+        except (ValueError, RuntimeError) as exc:
+            raise TrainingStepError(
+                f"step {self.global_step} failed {stage}: {exc}. The last good checkpoint in "
+                f"{self.checkpoint_dir} is kept."
+            ) from exc
+
     def save(self) -> None:
         # Every rank builds the state (it may be a collective); rank 0 alone writes it.
         state = self.state_dict()
@@ -391,7 +403,8 @@ class Trainer:
             metrics = self._step(epoch, batch)
             self.scheduler.step()
             self.global_step += 1
-            self.method.after_optimizer_step(self.global_step / self.total_steps)
+            with self._step_errors("after the optimizer step"):
+                self.method.after_optimizer_step(self.global_step / self.total_steps)
             window_images += self.global_batch
             progress.update(1)
             if metrics is not None and (
@@ -422,7 +435,8 @@ class Trainer:
                 or epoch_done
                 or self.global_step == self.total_steps
             ):
-                self.save()
+                with self._step_errors("saving the checkpoint"):
+                    self.save()
         progress.close()
         if self.global_step == 0 or not self.checkpoint_dir.exists():
             self.save()

@@ -16,6 +16,7 @@ from torch import nn
 
 from look.config import ConfigError
 from look.engine.distributed import global_masked_mean
+from look.host_sync import host_reads_are_free
 from look.losses import look_loss_terms
 from look.memory import build_memory
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
@@ -160,6 +161,11 @@ class LOOK(Method):
             self.ema_head = frozen_copy(self.head)
         self.classifier = nn.Linear(feature_dim, ctx.num_classes) if options.ce_weight > 0 else None
         self._search_path_checked = False
+        # On an accelerator a step's memory write waits for after_optimizer_step (or the next
+        # forward, or a checkpoint, whichever comes first): its ~80 small kernels are then
+        # launched while the GPU runs the backward pass, not while it idles between the
+        # forward's host waits. Same values: the loss never reads its own batch's rows.
+        self._pending_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def needs_warmup_pass(self) -> bool:
@@ -183,6 +189,7 @@ class LOOK(Method):
             advice = slow_search_advice(self.memory.features, self.options.k, self.options)
             if advice is not None:
                 warnings.warn(advice, RuntimeWarning, stacklevel=2)
+        self.write_pending_memory()  # a previous step's rows, when after_optimizer_step was skipped
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
@@ -232,12 +239,23 @@ class LOOK(Method):
             metrics["ce_loss"] = ce.detach()
             loss = loss + self.options.ce_weight * ce
         # Written after the loss: this batch's rows are never its own neighbours this step.
-        self.memory.update(batch.indices, self.memory_embedding(images, z), batch.labels)
+        self._pending_write = (batch.indices, self.memory_embedding(images, z), batch.labels)
+        if host_reads_are_free(z.device):  # nothing to hide on the CPU: write now
+            self.write_pending_memory()
         metrics["loss"] = loss.detach()
         return StepOutput(loss, metrics)
 
+    def write_pending_memory(self) -> None:
+        """Write the last forward's batch into the memory if not done yet (a collective under
+        DDP: every rank calls it at the same point)."""
+        if self._pending_write is not None:
+            ids, features, labels = self._pending_write
+            self._pending_write = None
+            self.memory.update(ids, features, labels)
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
+        self.write_pending_memory()
         if self.options.memory_update == "ema_encoder":
             momentum_update(self.backbone, self.ema_backbone, self.options.encoder_momentum)
             momentum_update(self.head, self.ema_head, self.options.encoder_momentum)
@@ -249,6 +267,7 @@ class LOOK(Method):
         bank has the keys of a replicated bank (``memory.features``, ``memory.labels``,
         ``memory.ids``, ``memory.valid``), so the checkpoint does not depend on the world size.
         """
+        self.write_pending_memory()
         state = self.state_dict()
         if not isinstance(self.memory, ShardedMemoryBank):
             return state
@@ -260,6 +279,7 @@ class LOOK(Method):
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`checkpoint_state` output; a sharded bank takes its rows from the whole
         bank, for any world size (no communication)."""
+        self._pending_write = None  # the loaded memory supersedes an unwritten batch
         if not isinstance(self.memory, ShardedMemoryBank):
             self.load_state_dict(state)
             return
