@@ -78,7 +78,8 @@ def main() -> None:
             rows.append({**asdict(config), "pass": "collect" if collect else "bound", **resources})
             print(
                 f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
-                f"{config.collect:<6} skip={config.skip_empty_tiles!s:<5} stride={config.tile_stride:<2} "
+                f"{config.collect:<6} {config.loads:<7} skip={config.skip_empty_tiles!s:<5} "
+                f"stride={config.tile_stride:<2} "
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
                 f"{resources['blocks_per_sm']} blocks per SM"

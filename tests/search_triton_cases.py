@@ -133,6 +133,8 @@ def case_collect_variants_match_scan() -> None:
             SearchKernelConfig(32, 32, 4, 2, "topk", "atomic"),
             SearchKernelConfig(32, 32, 4, 2, "sort", "atomic", skip_empty_tiles=False),
             SearchKernelConfig(16, 32, 4, 2, "sort", "scan", tile_stride=2),
+            SearchKernelConfig(32, 32, 4, 2, "sort", "atomic", loads="tma"),
+            SearchKernelConfig(32, 32, 4, 2, "sort", "scan", loads="tma"),
         ):
             set_kernel_config(config)
             _check_same(query, memory, 7, query_ids=torch.arange(20) * 50, memory_valid=valid)

@@ -26,6 +26,7 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
         for collect in (False, True):
             key: tuple[object, ...] = (
                 config.block_q, config.block_n, config.num_warps, config.num_stages, collect,
+                config.loads,
             )  # fmt: skip
             if collect:
                 key += (config.collect, config.skip_empty_tiles)
@@ -81,6 +82,14 @@ def _kernel_signature(collect: bool) -> str:
     compiled = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90)
     ttir: str = compiled.asm["ttir"]  # type: ignore[attr-defined]
     return next(line for line in ttir.splitlines() if "tt.func public" in line)
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_tma_configs_load_tiles_with_hopper_bulk_copies(collect: bool) -> None:
+    config = next(config for config in KERNEL_CONFIGS if config.loads == "tma")
+    ptx = compile_kernel(config, collect=collect, capability=90).asm["ptx"]  # type: ignore[attr-defined]
+    assert "cp.async.bulk.tensor" in ptx
+    assert "wgmma.mma_async" in ptx
 
 
 def test_compiled_kernel_is_specialised_like_the_launch() -> None:
