@@ -121,6 +121,35 @@ def case_tune_kernel_config_sets_the_fastest() -> None:
         set_kernel_config(default)
 
 
+def case_tuner_skips_a_config_that_returns_wrong_neighbours() -> None:
+    import warnings
+
+    import look.search_triton as search_triton
+
+    memory = F.normalize(torch.randn(5000, 16), dim=1).half()
+    query = F.normalize(torch.randn(8, 16), dim=1)
+    good, bad = SearchKernelConfig(16, 32, 4, 2, "sort"), SearchKernelConfig(16, 64, 4, 2, "sort")
+    original = search_triton.fused_knn_search
+
+    def broken_for_bad(*args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        values, indices, overflowed = original(*args, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("config") == bad:
+            values = values - 0.5  # as a miscompiled kernel might
+        return values, indices, overflowed
+
+    default = get_kernel_config()
+    search_triton.fused_knn_search = broken_for_bad  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = tune_kernel_config(query, memory, 10, configs=(bad, good), repeats=1)
+        assert [config for config, _ in results] == [good]
+        assert any("other neighbours than the exact scan" in str(w.message) for w in caught)
+    finally:
+        search_triton.fused_knn_search = original  # type: ignore[assignment]
+        set_kernel_config(default)
+
+
 def case_collect_variants_match_scan() -> None:
     """The collect variants number and filter candidates differently, never change them."""
     default = get_kernel_config()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -682,12 +683,15 @@ def tune_kernel_config(
     """Time :func:`fused_knn_search` with each config on these inputs, make the fastest the
     default (:func:`set_kernel_config`) and return ``(config, milliseconds)`` fastest first.
 
-    Every config must return the neighbours of the first one (checked); a config that fails to
-    compile or launch (e.g. too much shared memory), or whose candidate buffer overflows on these
-    inputs (its results would need the scan), is skipped.
+    A config that fails to compile or launch (e.g. too much shared memory), whose candidate
+    buffer overflows on these inputs (its results would need the scan), or whose neighbours
+    differ from the exact PyTorch scan's (a warning names it: a compiler or kernel bug) is
+    skipped.
     """
+    from look.search import knn_search  # look.search imports this module
+
+    exact = knn_search(query, memory, k, backend="torch").values
     results: list[tuple[SearchKernelConfig, float]] = []
-    reference: Tensor | None = None
     for config in configs:
         try:
             values, _, overflowed = fused_knn_search(query, memory, k, config=config)
@@ -695,10 +699,13 @@ def tune_kernel_config(
             continue
         if bool(overflowed.any()):
             continue
-        if reference is None:
-            reference = values
-        elif not torch.allclose(values, reference, rtol=0, atol=1e-5, equal_nan=True):
-            raise RuntimeError(f"kernel config {config} returned different neighbours")
+        if not torch.allclose(values, exact, rtol=0, atol=1e-5, equal_nan=True):
+            warnings.warn(
+                f"kernel config {config} returned other neighbours than the exact scan; skipped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
         clock: dict[str, float] = {}
         for _ in range(repeats):
             fused_knn_search(query, memory, k, config=config, timings=clock)
