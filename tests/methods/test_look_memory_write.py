@@ -71,3 +71,17 @@ def test_loading_a_checkpoint_drops_an_unwritten_batch(accelerator_policy: None)
     method.load_checkpoint_state(state)
     method.after_optimizer_step(0.5)
     assert not bool(method.memory.valid.any())
+
+
+def test_under_ddp_the_write_stays_in_forward(
+    accelerator_policy: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A distributed write reads the ranks' row counts on the host; after the optimizer step that
+    read would wait for the backward pass, so under DDP the write stays in forward."""
+    monkeypatch.setattr(look_method_module, "is_distributed", lambda: True)
+    torch.manual_seed(0)
+    method = build_method(CFG, TinyBackbone(), 12, CTX)
+    method.memory.gather_distributed = False  # no process group here: only the timing is tested
+    batch = make_batch(16, 1, num_classes=3, seed=0)
+    method(batch)
+    assert int(method.memory.valid.sum()) == 16
