@@ -20,7 +20,8 @@ def trainer_step(
 ) -> Callable[[], None]:
     """A closure taking one step as ``look.engine.trainer`` does: forward under bf16 autocast on
     CUDA, the per-step finite-loss check (agreed over ranks: one all-reduce and one host read),
-    backward (through DDP's gradient all-reduce when ``model`` is wrapped) and an SGD step.
+    backward (through DDP's gradient all-reduce when ``model`` is wrapped), an SGD step and the
+    method's ``after_optimizer_step``.
 
     ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch.
     """
@@ -40,5 +41,7 @@ def trainer_step(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        # Momentum encoders, and LOOK's memory write on one GPU, happen here in the trainer.
+        method.after_optimizer_step(0.5)
 
     return step
