@@ -140,3 +140,27 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
                     assert torch.allclose(other.float(), value.float(), atol=1e-5), (name, key)
                 else:
                     assert torch.equal(other, value), (name, key)
+
+
+def _unequal_batches_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, world, port)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    method = build_method(CFGS["mocov2_shuffle_bn"], TinyBackbone(), 12, CTX)
+    batch = make_batch(8 if rank == 0 else 6, method.num_views, num_classes=3, seed=rank)
+    try:
+        method(batch)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_shuffle_bn_refuses_unequal_batches_on_every_rank(tmp_path: Path) -> None:
+    """Shuffling keys across ranks needs equal per-rank batches: every rank says so, none hangs."""
+    mp.spawn(_unequal_batches_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "same batch size on every rank, got 6 to 8" in message, message
