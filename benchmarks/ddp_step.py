@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _trainer_step import trainer_step
+from _step_benchmark import median_ms, trainer_step
 
 from look.engine.distributed import (
     cleanup_distributed,
@@ -54,24 +52,6 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
-
-
-def _median_ms(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` on this rank, each repetition started on all ranks at once."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if is_distributed():
-            dist.barrier()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 def _fill_random_bank(method: Method, rows: int, classes: int, device: torch.device) -> None:
@@ -185,11 +165,11 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        step_ms = _median_ms(
+        step_ms = median_ms(
             _look_step(method, model, args, device), args.steps, args.warmup, device
         )
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-        loss_ms = _median_ms(_loss_only(method, args, device), args.steps, args.warmup, device)
+        loss_ms = median_ms(_loss_only(method, args, device), args.steps, args.warmup, device)
         entry = {
             "step_ms": _max_over_ranks(step_ms, device),
             "loss_ms": _max_over_ranks(loss_ms, device),

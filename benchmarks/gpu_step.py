@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -36,30 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _trainer_step import trainer_step
+from _step_benchmark import median_ms, trainer_step
 
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
 from look.search_triton import fused_knn_search, fused_search_supported, tune_kernel_config
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
-    def measure(fn: Callable[[], object], steps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000.0
-
-    return measure
 
 
 def _host_syncs(step: Callable[[], None], device: torch.device) -> int | None:
@@ -171,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    measure = _timer(device)
+    measure = partial(median_ms, device=device)
     cuda = device.type == "cuda"
     figures: dict[str, object] = {
         "torch": torch.__version__,

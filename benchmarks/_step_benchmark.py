@@ -1,13 +1,36 @@
-"""The trainer's step, as the step benchmarks time it (``gpu_step.py``, ``ddp_step.py``)."""
+"""What the step benchmarks (``gpu_step.py``, ``ddp_step.py``) share: the trainer's step and
+how a step is timed."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
-from look.engine.distributed import all_reduce_sum
+from look.engine.distributed import all_reduce_sum, is_distributed
 from look.methods import Batch, Method
+
+
+def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in milliseconds, each repetition timed from an idle device
+    (and, under ``torch.distributed``, started on all ranks at once)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if is_distributed():
+            dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
 
 
 def trainer_step(
