@@ -26,12 +26,10 @@ call ``update`` only after ``backward``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from look.engine.distributed import gather_no_grad, get_world_size, is_distributed
+from look.engine.distributed import gather_rows_no_grad
 from look.host_sync import DeferredChecks, host_reads_are_free
 
 __all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
@@ -68,41 +66,6 @@ def _resolve_storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
             f"memory dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}"
         )
     return dtype
-
-
-def _gather_rows_no_grad(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Concatenate each tensor over ranks along dim 0, in rank order; ranks may hold different
-    numbers of rows (all tensors of one rank share that count)."""
-    return _gather_rows_and_counts(tensors)[0]
-
-
-def _gather_rows_and_counts(
-    tensors: Sequence[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[int]]:
-    """:func:`_gather_rows_no_grad`, and the number of rows each rank contributed.
-
-    :func:`look.engine.distributed.gather_no_grad` needs equal shapes on all ranks, so the row
-    counts are exchanged first (one host read) and shorter slices are padded, then trimmed after
-    the gather.
-    """
-    if not is_distributed():
-        return [tensor.detach() for tensor in tensors], [tensors[0].shape[0]]
-    local_rows = tensors[0].shape[0]
-    device = tensors[0].device
-    row_counts = gather_no_grad(torch.tensor([local_rows], dtype=torch.int64, device=device))
-    counts = row_counts.tolist()
-    max_rows = max(counts)
-    gathered: list[torch.Tensor] = []
-    for tensor in tensors:
-        tensor = tensor.detach()
-        if all(count == max_rows for count in counts):
-            gathered.append(gather_no_grad(tensor))
-            continue
-        padded = tensor.new_zeros((max_rows, *tensor.shape[1:]))
-        padded[:local_rows] = tensor
-        per_rank = gather_no_grad(padded).view(get_world_size(), max_rows, *tensor.shape[1:])
-        gathered.append(torch.cat([per_rank[r, :count] for r, count in enumerate(counts)], dim=0))
-    return gathered, counts
 
 
 class FeatureMemory(nn.Module):
@@ -220,7 +183,7 @@ class FeatureMemory(nn.Module):
             labels.detach().to(device=device, dtype=torch.int64),
         )
         if self.gather_distributed:
-            global_ids, global_features, global_labels = _gather_rows_no_grad(local)
+            global_ids, global_features, global_labels = gather_rows_no_grad(local)
         else:
             global_ids, global_features, global_labels = local
         norms = global_features.norm(dim=1)

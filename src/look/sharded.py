@@ -32,7 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from look.engine.distributed import get_rank, get_world_size, is_distributed
+from look.engine.distributed import (
+    gather_rows_and_counts,
+    gather_rows_no_grad,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 from look.host_sync import host_reads_are_free
 from look.losses.look_loss import (
     LookLossTerms,
@@ -41,7 +47,7 @@ from look.losses.look_loss import (
     mark_non_finite_queries,
     masked_logsumexp,
 )
-from look.memory import MemoryBank, _gather_rows_and_counts, _gather_rows_no_grad
+from look.memory import MemoryBank
 from look.search import (
     SearchBackend,
     autocast_disabled,
@@ -191,7 +197,7 @@ class ShardedMemoryBank(MemoryBank):
 
         A collective: every rank must call it (the result is the same on every rank).
         """
-        features, labels, ids, valid = _gather_rows_no_grad(
+        features, labels, ids, valid = gather_rows_no_grad(
             # gloo cannot gather bool tensors; uint8 carries the same values.
             [self.features, self.labels, self.ids, self.valid.to(torch.uint8)]
         )
@@ -442,7 +448,7 @@ def sharded_look_loss_terms(
             else query_indices.to(device=device, dtype=torch.int64)
         )
         # The row counts the gather exchanges are the all-to-all sizes below (no second read).
-        (all_queries, all_columns), queries_per_rank = _gather_rows_and_counts(
+        (all_queries, all_columns), queries_per_rank = gather_rows_and_counts(
             [queries.detach(), torch.stack([local_ids, local_labels], dim=1)]
         )
         # Checked on the gathered batch so that every rank raises together (none is left

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,41 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts, dim=0)
+
+
+def gather_rows_no_grad(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate each tensor over ranks along dim 0, in rank order; ranks may hold different
+    numbers of rows (all tensors of one rank share that count)."""
+    return gather_rows_and_counts(tensors)[0]
+
+
+def gather_rows_and_counts(
+    tensors: Sequence[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`gather_rows_no_grad`, and the number of rows each rank contributed.
+
+    :func:`gather_no_grad` needs equal shapes on all ranks, so the row
+    counts are exchanged first (one host read) and shorter slices are padded, then trimmed after
+    the gather.
+    """
+    if not is_distributed():
+        return [tensor.detach() for tensor in tensors], [tensors[0].shape[0]]
+    local_rows = tensors[0].shape[0]
+    device = tensors[0].device
+    row_counts = gather_no_grad(torch.tensor([local_rows], dtype=torch.int64, device=device))
+    counts = row_counts.tolist()
+    max_rows = max(counts)
+    gathered: list[torch.Tensor] = []
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if all(count == max_rows for count in counts):
+            gathered.append(gather_no_grad(tensor))
+            continue
+        padded = tensor.new_zeros((max_rows, *tensor.shape[1:]))
+        padded[:local_rows] = tensor
+        per_rank = gather_no_grad(padded).view(get_world_size(), max_rows, *tensor.shape[1:])
+        gathered.append(torch.cat([per_rank[r, :count] for r, count in enumerate(counts)], dim=0))
+    return gathered, counts
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

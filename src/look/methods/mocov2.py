@@ -19,6 +19,7 @@ from torch import nn
 
 from look.engine.distributed import (
     gather_no_grad,
+    gather_rows_and_counts,
     get_rank,
     get_world_size,
     global_masked_mean,
@@ -95,9 +96,12 @@ class MoCoV2(Method):
         world, rank = get_world_size(), get_rank()
         if not self.options.shuffle_bn or (world == 1 and splits == 1):  # nothing to shuffle
             return _embed_in_groups(self.key_backbone, self.key_head, images, splits)
-        if world > 1:
-            _check_equal_batches(local, images.device)
-        every_image = gather_no_grad(images)
+        (every_image,), counts = gather_rows_and_counts([images])  # one host read of counts
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"mocov2 shuffle_bn needs the same batch size on every rank, got {min(counts)} to "
+                f"{max(counts)}; use equal per-rank batches (drop_last) or method.shuffle_bn: false"
+            )
         # Drawn on every rank from its CPU generator (checkpointed, so a resumed run draws the
         # same), then rank 0's is used everywhere.
         order = torch.randperm(every_image.shape[0]).to(images.device)
@@ -123,15 +127,3 @@ def _embed_in_groups(
     if groups == 1:
         return embed(backbone, head, images)
     return torch.cat([embed(backbone, head, group) for group in images.chunk(groups)])
-
-
-def _check_equal_batches(local: int, device: torch.device) -> None:
-    """Every rank's batch has ``local`` samples (one small all-reduce, read on the host)."""
-    sizes = torch.tensor([local, -local], dtype=torch.int64, device=device)
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    largest, smallest = (int(value) for value in (sizes[0], -sizes[1]))
-    if largest != smallest:
-        raise ValueError(
-            f"mocov2 shuffle_bn needs the same batch size on every rank, got {smallest} to "
-            f"{largest}; use equal per-rank batches (drop_last) or method.shuffle_bn: false"
-        )
