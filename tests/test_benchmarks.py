@@ -205,3 +205,15 @@ def test_summarize_ablations_means_over_seeds_and_dedupes(tmp_path: Path) -> Non
     )
     assert "| look_k5 | 2 | 71.00 ± 1.41 | 61.00 ± 1.41 | 20.0 % |" in completed.stdout
     assert "| ce | 1 | 71.00 | 61.00 | — |" in completed.stdout
+
+
+def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path) -> None:
+    output = tmp_path / "ops.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "look_step_ops.py"), "--output", str(output)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["look"]["forward"] > report["ce"]["forward"] > 0
+    # Under the accelerator policy LOOK writes its memory after the optimizer step.
+    assert report["look"]["after_optimizer_step"] == report["look_parts"]["memory_write"] > 0
