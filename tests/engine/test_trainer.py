@@ -88,7 +88,9 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     pretrain(tiny_config("train.max_steps=2"), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"method\.k: checkpoint 5 vs now 6"):
         pretrain(tiny_config("method.k=6"), tmp_path / "run")
-    pretrain(tiny_config("method.k=6", "train.max_steps=1"), tmp_path / "run", resume=False)
+    # Starting over at step 1 replaces the earlier run's later checkpoints, and says so.
+    with pytest.warns(RuntimeWarning, match=r"removes checkpoints of later steps.*ckpt-000000002"):
+        pretrain(tiny_config("method.k=6", "train.max_steps=1"), tmp_path / "run", resume=False)
 
 
 def test_resume_may_change_the_search_backend_and_chunk_size(tmp_path: Path) -> None:
