@@ -41,6 +41,19 @@ def test_overrides_parse_yaml_values() -> None:
     assert cfg.optim.lr == 0.05 and cfg.method["k"] == 7 and cfg.data.subset == 100
 
 
+@pytest.mark.parametrize(
+    ("spelled", "stored"), [("false", "false"), ("true", "true"), ("auto", "auto")]
+)
+def test_channels_last_takes_yaml_booleans(spelled: str, stored: str) -> None:
+    # YAML reads `false` as a boolean; the field's choices spell it as a string.
+    assert load_config(None, [f"train.channels_last={spelled}"]).train.channels_last == stored
+
+
+def test_a_boolean_for_a_string_field_without_true_false_choices_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train.amp must be one of \['auto', 'none'"):
+        load_config(None, ["train.amp=false"])
+
+
 def test_int_is_accepted_for_float_fields() -> None:
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 

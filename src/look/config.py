@@ -154,6 +154,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and {"true", "false"} <= set(_CHOICES.get(key, ())):
+            # YAML reads `--set train.channels_last=false` as a boolean; the field spells it.
+            return "true" if value else "false"
+        if key in _CHOICES:
+            raise ConfigError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}")
         raise ConfigError(f"{key} must be a string, got {value!r}")
     if origin is tuple:
         if isinstance(value, (list, tuple)):

@@ -40,6 +40,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--knn-k",
         "--finetune-epochs",
         "--fewshot-shots",
+        "--corrupt-images",
         "imagefolder:ROOT",
     ):
         assert option in text
@@ -117,3 +118,26 @@ def test_run_writes_results_and_prints_a_summary(
     assert list((tmp_path / "cache").glob("*.pt")), "features were cached"
     printed = capsys.readouterr().out
     assert "results.json" in printed and "knn k=3" in printed and "2-way 1-shot" in printed
+
+
+def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
+    from look.data.sources import CorruptImageError
+    from tests.data.conftest import write_png, write_truncated_png
+
+    root = tmp_path / "images"
+    for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200)}.items():
+        for i in range(4):
+            write_png(root / "train" / name / f"{i}.png", colour)
+            write_png(root / "val" / name / f"{i}.png", colour)
+    write_truncated_png(root / "train" / "cat" / "broken.png")
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", f"imagefolder:{root}",
+        "--protocol", "knn", "--knn-k", "3", "--image-size", "16", "--device", "cpu",
+        "--no-cache", "--no-progress", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with pytest.raises(CorruptImageError, match=r"broken\.png.*--corrupt-images skip"):
+        run(build_parser().parse_args(argv))
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image .*broken\.png"):
+        assert run(build_parser().parse_args([*argv, "--corrupt-images", "skip"])) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["features"]["train"]["num_images"] == 9

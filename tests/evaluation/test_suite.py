@@ -59,6 +59,8 @@ def test_parse_dataset_spec() -> None:
     assert (synthetic.synthetic_num_samples, synthetic.synthetic_num_classes) == (64, 4)
     assert synthetic.synthetic_image_size == 16
     assert parse_dataset_spec("mnist", download=True).download
+    skipping = parse_dataset_spec("imagefolder:/x", corrupt_images="skip")
+    assert skipping.corrupt_images == "skip"
     for bad, match in (
         ("imagenet", "unknown dataset"),
         ("imagefolder", "needs a root"),
@@ -225,7 +227,6 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path, count_extractions: li
         evaluate(
             ModelSource(timm="look_cnn_small"), SYNTHETIC_SPEC, "knn", labels="nope.json", **common
         )
-    assert count_extractions == []
     with pytest.raises(ValueError, match="only 4 of 4 classes qualify"):
         evaluate(
             ModelSource(timm="look_cnn_small"),
@@ -234,4 +235,15 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path, count_extractions: li
             fewshot_options=FewShotOptions(n_way=5, shots=(1,), queries=1, episodes=5),
             **common,
         )
+    # Episodes that need more test images per class than there are fail before the linear probe
+    # extracts anything, not after it.
+    with pytest.raises(ValueError, match="1-shot episodes with 200 queries"):
+        evaluate(
+            ModelSource(timm="look_cnn_small"),
+            SYNTHETIC_SPEC,
+            "linear,fewshot",
+            fewshot_options=FewShotOptions(n_way=2, shots=(1, 5), queries=200, episodes=5),
+            **common,
+        )
+    assert count_extractions == []
     assert not (tmp_path / "out" / "results.json").exists()

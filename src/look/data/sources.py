@@ -190,8 +190,9 @@ class ImageFolderSource(ImageSource):
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
                     f"cannot decode image file {self.paths[index]} ({type(error).__name__}: {error}); "
-                    "remove or replace it, or pass --set data.corrupt_images=skip to replace "
-                    "unreadable files by another image of the same class"
+                    "remove or replace it, or have unreadable files replaced by another image "
+                    "of the same class (`look pretrain --set data.corrupt_images=skip`, "
+                    "`look evaluate --corrupt-images skip`)"
                 ) from error
             self._mark_unreadable(index, error)
         members = self._class_members[int(self.labels[index])]

@@ -105,6 +105,13 @@ def register(subparsers: Any) -> None:
         help="evaluation image size (default: the pre-training image size, else the dataset's)",
     )
     data.add_argument(
+        "--corrupt-images",
+        default="fail",
+        choices=("fail", "skip"),
+        help="imagefolder files that cannot be decoded: fail (default, naming the file) or skip "
+        "(each is replaced by another image of its class, with a warning)",
+    )
+    data.add_argument(
         "--download",
         action="store_true",
         help="allow torchvision to download MNIST/CIFAR (never done otherwise)",
@@ -267,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         small_stem=args.small_stem,
     )
-    spec = parse_dataset_spec(args.dataset, download=args.download)
+    spec = parse_dataset_spec(
+        args.dataset, download=args.download, corrupt_images=args.corrupt_images
+    )
     started_group = False
     if launched_by_torchrun() and not is_distributed():
         init_distributed(resolve_eval_device(args.device).type)

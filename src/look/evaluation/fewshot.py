@@ -68,6 +68,27 @@ def _episode_generator(seed: int, n_way: int, k_shot: int) -> np.random.Generato
     return np.random.default_rng(np.random.SeedSequence([seed, n_way, k_shot]))
 
 
+def eligible_classes(labels: Tensor, *, n_way: int, k_shot: int, queries: int) -> np.ndarray:
+    """The classes with ``k_shot + queries`` images or more; ``ValueError`` when fewer than
+    ``n_way`` of them are left (an episode could not be drawn)."""
+    per_class = k_shot + queries
+    classes, counts = np.unique(labels.cpu().numpy(), return_counts=True)
+    eligible = classes[counts >= per_class]
+    if len(eligible) < n_way:
+        raise ValueError(
+            f"{n_way}-way {k_shot}-shot episodes with {queries} queries need {n_way} classes with "
+            f"at least {per_class} test images each; only {len(eligible)} of {len(classes)} classes "
+            "qualify. Lower n_way, shots or queries"
+        )
+    return eligible
+
+
+def check_fewshot_feasible(labels: Tensor, options: FewShotOptions) -> None:
+    """Raise before any feature is extracted if some shot setting cannot draw its episodes."""
+    for k_shot in options.shots:
+        eligible_classes(labels, n_way=options.n_way, k_shot=k_shot, queries=options.queries)
+
+
 def fewshot_episode_accuracies(
     features: Tensor,
     labels: Tensor,
@@ -89,14 +110,7 @@ def fewshot_episode_accuracies(
         )
     per_class = k_shot + queries
     label_array = labels.cpu().numpy()
-    classes, counts = np.unique(label_array, return_counts=True)
-    eligible = classes[counts >= per_class]
-    if len(eligible) < n_way:
-        raise ValueError(
-            f"{n_way}-way {k_shot}-shot episodes with {queries} queries need {n_way} classes with "
-            f"at least {per_class} test images each; only {len(eligible)} of {len(classes)} classes "
-            "qualify. Lower n_way, shots or queries"
-        )
+    eligible = eligible_classes(labels, n_way=n_way, k_shot=k_shot, queries=queries)
     members = {int(c): np.flatnonzero(label_array == c) for c in eligible}
     rng = _episode_generator(seed, n_way, k_shot)
     # Draw every episode's indices first (deterministic for the seed), then classify in chunks.

@@ -21,7 +21,15 @@ import torch
 
 import look
 from look.atomic import atomic_write_text
-from look.data import DATASET_NAMES, DataSpec, build_eval_dataset, describe, resolve_image_size
+from look.data import (
+    DATASET_NAMES,
+    DataInfo,
+    DataSpec,
+    EvalDataset,
+    build_eval_dataset,
+    describe,
+    resolve_image_size,
+)
 from look.engine.distributed import get_world_size, is_distributed, is_main_process
 from look.evaluation.features import (
     DEFAULT_FEATURE_CACHE_DIR,
@@ -29,7 +37,7 @@ from look.evaluation.features import (
     feature_cache_key,
     load_or_extract_features,
 )
-from look.evaluation.fewshot import FewShotOptions, fewshot_evaluate
+from look.evaluation.fewshot import FewShotOptions, check_fewshot_feasible, fewshot_evaluate
 from look.evaluation.finetune import FinetuneOptions, finetune
 from look.evaluation.knn import KnnOptions, knn_classify
 from look.evaluation.linear_probe import LinearProbeOptions, linear_probe
@@ -64,11 +72,14 @@ DATASET_SPEC_HELP = (
 )
 
 
-def parse_dataset_spec(text: str, *, download: bool = False) -> DataSpec:
+def parse_dataset_spec(
+    text: str, *, download: bool = False, corrupt_images: str = "fail"
+) -> DataSpec:
     """Parse a dataset SPEC (see :data:`DATASET_SPEC_HELP`) into a :class:`DataSpec`.
 
     ``cifar10:/data/cifar`` reads torchvision's layout under that root; ``imagefolder:ROOT`` needs
-    a root with one sub-folder per class (or ``train/`` and ``val/``/``test/`` sub-folders).
+    a root with one sub-folder per class (or ``train/`` and ``val/``/``test/`` sub-folders), and
+    ``corrupt_images`` says what its unreadable files do (``"fail"`` or ``"skip"``).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty dataset spec; use one of: {DATASET_SPEC_HELP}")
@@ -98,7 +109,9 @@ def parse_dataset_spec(text: str, *, download: bool = False) -> DataSpec:
             "(or train/ and val/ or test/ sub-folders of that form)"
         )
     assert name in _ROOTED
-    return DataSpec(dataset=name, root=argument or None, download=download)
+    return DataSpec(
+        dataset=name, root=argument or None, download=download, corrupt_images=corrupt_images
+    )
 
 
 def resolve_protocols(protocols: str | Sequence[str]) -> tuple[str, ...]:
@@ -149,7 +162,7 @@ def _choose_image_size(
 def _split_features(
     split: str,
     spec: DataSpec,
-    labels: str,
+    built: tuple[EvalDataset, DataInfo],
     *,
     feature_model: FeatureModel,
     fingerprint: str,
@@ -163,7 +176,7 @@ def _split_features(
     progress: bool,
 ) -> tuple[FeatureSet, torch.Tensor, Any]:
     """Features of ``split`` (cached), its evaluation labels and the dataset's DataInfo."""
-    dataset, info = build_eval_dataset(spec, split, labels)
+    dataset, info = built
     fine_labels = torch.as_tensor(dataset.fine_labels, dtype=torch.int64)
     key = feature_cache_key(
         weights_fingerprint=fingerprint,
@@ -278,11 +291,14 @@ def evaluate(
         feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
         fingerprint = state_fingerprint(feature_model)
         splits = ["test"] if frozen == ["fewshot"] else ["train", "test"]
+        datasets = {split: build_eval_dataset(spec, split, labels) for split in splits}
+        if "fewshot" in frozen:  # too few test images per class fails before any extraction
+            check_fewshot_feasible(datasets["test"][0].labels, options["fewshot"])  # type: ignore[arg-type]
         for split in splits:
             split_data[split] = _split_features(
                 split,
                 spec,
-                labels,
+                datasets[split],
                 feature_model=feature_model,
                 fingerprint=fingerprint,
                 loaded=loaded,
