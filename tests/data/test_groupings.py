@@ -211,10 +211,21 @@ def test_declared_coarse_order_wins(tmp_path: Path) -> None:
     assert load_grouping(path).apply(["a", "b"])[1].tolist() == [1, 0]
 
 
+def test_a_plain_mapping_is_a_grouping_named_after_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "animals.json"
+    path.write_text(json.dumps({"cat": "pet", "fox": "wild", "dog": "pet"}))
+    grouping = load_grouping(path)
+    assert grouping.name == "animals" and grouping.coarse_names == ("pet", "wild")
+    assert grouping.apply(["cat", "dog", "fox"])[1].tolist() == [0, 0, 1]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("{not json", "not valid JSON"),
+        ("{}", "must be a JSON object mapping fine class names"),
+        ('{"a": "x", "b": 2}', "must be a JSON object mapping fine class names"),
+        ('["a", "x"]', "must be a JSON object mapping fine class names"),
         ('{"name": "x"}', "fine_to_coarse"),
         ('{"fine_to_coarse": {}}', "empty"),
         ('{"fine_to_coarse": {"a": 3}}', "non-empty strings"),

@@ -141,3 +141,21 @@ def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
         assert run(build_parser().parse_args([*argv, "--corrupt-images", "skip"])) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["features"]["train"]["num_images"] == 9
+    assert report["protocols"]["knn"]["results"][0]["k_effective"] == 3
+
+
+def test_summary_says_when_knn_k_was_clipped_to_the_train_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", SYNTHETIC_SPEC, "--protocol", "knn",
+        "--knn-k", "5", "500", "--device", "cpu", "--no-cache", "--no-progress",
+        "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert run(build_parser().parse_args(argv)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "knn k=" in line]
+    train_size = json.loads((tmp_path / "out" / "results.json").read_text())["protocols"]["knn"][
+        "num_train"
+    ]
+    assert "whole train set" not in lines[0]
+    assert f"(k={train_size}: the whole train set)" in lines[1]

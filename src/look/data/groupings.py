@@ -109,10 +109,19 @@ def parse_grouping(text: str, *, source: str, default_name: str | None = None) -
         content = json.loads(text, object_pairs_hook=reject_duplicates)
     except json.JSONDecodeError as error:
         raise ValueError(f"{source} is not valid JSON: {error}") from error
+    if (
+        isinstance(content, dict)
+        and content
+        and not {"fine_to_coarse", "name", "coarse_classes"} & content.keys()
+        and all(isinstance(value, str) for value in content.values())
+    ):
+        content = {"fine_to_coarse": content}  # the plain form: {"cat": "animal", ...}
     if not isinstance(content, dict) or not isinstance(content.get("fine_to_coarse"), dict):
         raise ValueError(
-            f'{source} must be a JSON object with a "fine_to_coarse" object mapping fine class '
-            'names to coarse class names, e.g. {"name": "mine", "fine_to_coarse": {"cat": "animal"}}'
+            f"{source} must be a JSON object mapping fine class names to coarse class names, "
+            'e.g. {"cat": "animal", "dog": "animal"}, or one with that mapping under '
+            '"fine_to_coarse" (and optional "name", "coarse_classes"), e.g. '
+            '{"name": "mine", "fine_to_coarse": {"cat": "animal"}}'
         )
     fine_to_coarse = content["fine_to_coarse"]
     if not fine_to_coarse:

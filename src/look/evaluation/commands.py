@@ -238,8 +238,14 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
         )
     if "knn" in protocols:
         for r in protocols["knn"]["results"]:
+            clipped = (
+                f"  (k={r['k_effective']}: the whole train set)"
+                if r.get("k_effective", r["k"]) != r["k"]
+                else ""
+            )
             lines.append(
                 f"  knn k={r['k']:<4d}top1 {r['top1']:6.2f}  mean/class {r['mean_per_class_accuracy']:6.2f}"
+                + clipped
             )
     if "finetune" in protocols:
         r = protocols["finetune"]
