@@ -130,3 +130,107 @@ def test_memories_identical_across_ranks_and_equal_to_single_process(tmp_path: P
         assert torch.allclose(
             result["state"]["bank_fp32"]["features"][5], expected_row_5, atol=1e-6
         )
+
+
+# Padded gather (rows_per_rank): the most rows a rank passes in _global_steps is 6.
+ROWS_PER_RANK = 6
+LONG_QUEUE_CAPACITY = 16  # >= the padded global batch (2 × 6): padding rows get their own slots
+
+
+def _make_padded_memories(gather_distributed: bool = True) -> dict[str, FeatureMemory]:
+    rows = ROWS_PER_RANK if gather_distributed else None
+    return {
+        "bank_fp32": MemoryBank(
+            NUM_SAMPLES, DIM, momentum=0.5, gather_distributed=gather_distributed,
+            rows_per_rank=rows,
+        ),
+        "bank_bf16_overwrite": MemoryBank(
+            NUM_SAMPLES, DIM, momentum=0.0, dtype=torch.bfloat16,
+            gather_distributed=gather_distributed, rows_per_rank=rows,
+        ),
+        # Shorter than the padded batch: drops the padding on the host (one read).
+        "queue_short": MemoryQueue(
+            QUEUE_CAPACITY, DIM, gather_distributed=gather_distributed, rows_per_rank=rows
+        ),
+        "queue_long": MemoryQueue(
+            LONG_QUEUE_CAPACITY, DIM, gather_distributed=gather_distributed, rows_per_rank=rows
+        ),
+    }  # fmt: skip
+
+
+def _padded_worker(rank: int, port: int, out_dir: str) -> None:
+    import look.memory as memory_module
+    from tests.test_host_sync import SyncCounter
+
+    init_gloo(rank, WORLD_SIZE, port, timeout_s=60)
+    try:
+        torch.set_num_threads(1)
+        results: dict[str, object] = {}
+        for policy in ("cpu", "accelerator"):
+            if policy == "accelerator":  # the GPU's code path, on the CPU
+                memory_module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
+            memories = _make_padded_memories()
+            syncs: dict[str, list[str]] = {name: [] for name in memories}
+            for ids, features, labels, rows_on_rank_0 in _global_steps():
+                part = slice(0, rows_on_rank_0) if rank == 0 else slice(rows_on_rank_0, None)
+                for name, memory in memories.items():
+                    with SyncCounter() as counter:
+                        memory.update(ids[part], features[part], labels[part])
+                    syncs[name] += counter.calls
+            states = {  # copies: the accelerator path goes on writing into the buffers
+                name: {key: value.clone() for key, value in memory.state_dict().items()}
+                for name, memory in memories.items()
+            }
+            # A NaN row on rank 1 only: every rank refuses it, at once on the CPU (nothing is
+            # written), at the next check on an accelerator (the other rows are written).
+            errors: dict[str, str] = {}
+            features = torch.ones(2, DIM)
+            if rank == 1:
+                features[1, 0] = float("nan")
+            for name, memory in memories.items():
+                try:
+                    memory.update(torch.tensor([rank, rank + 2]), features, torch.tensor([0, 0]))
+                    memory.settle_checks()
+                except ValueError as error:
+                    errors[name] = str(error)
+            # More rows than rows_per_rank is refused before any collective.
+            try:
+                memories["bank_fp32"].update(
+                    torch.arange(7), torch.ones(7, DIM), torch.zeros(7, dtype=torch.int64)
+                )
+            except ValueError as error:
+                errors["too_many_rows"] = str(error)
+            results[policy] = {
+                "state": states,
+                "errors": errors,
+                "syncs": syncs,
+            }
+        torch.save(results, Path(out_dir) / f"padded_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_padded_gather_gives_the_same_memories_without_host_reads(tmp_path: Path) -> None:
+    mp.spawn(_padded_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"padded_rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    reference = _make_padded_memories(gather_distributed=False)
+    for ids, features, labels, _ in _global_steps():
+        for memory in reference.values():
+            memory.update(ids, features, labels)
+    for name, memory in reference.items():
+        expected = memory.state_dict()
+        assert expected["valid"].any(), name
+        for rank, result in enumerate(results):
+            for policy in ("cpu", "accelerator"):
+                state = result[policy]["state"][name]
+                for key, value in expected.items():
+                    assert torch.equal(state[key], value), (name, rank, policy, key)
+                assert "feature rows" in result[policy]["errors"][name], (name, rank, policy)
+                assert "more than rows_per_rank=6" in result[policy]["errors"]["too_many_rows"]
+    # On the accelerator path the banks and the long queue never wait for the device; the
+    # short queue drops its padding on the host once per update.
+    for result in results:
+        syncs = result["accelerator"]["syncs"]
+        assert syncs["bank_fp32"] == syncs["bank_bf16_overwrite"] == syncs["queue_long"] == []
+        assert syncs["queue_short"] == ["nonzero"] * len(_global_steps())

@@ -19,6 +19,10 @@ write and nothing is written. On an accelerator, reading the check's result woul
 contents) and the ``ValueError`` for it, or for bad ids or labels, is raised by the next
 ``update`` (or before a ``state_dict`` is taken), on every rank at the same call.
 
+The gather exchanges the ranks' row counts first, a host read every update, unless the memory
+knows the most rows a rank passes (``rows_per_rank``, the per-rank batch size): then every rank
+pads its rows to that size and the write never waits for the device.
+
 Rows are constants: writes happen under ``no_grad`` and in place. A loss must therefore take the
 rows it differentiates through by indexing (a copy), not keep ``features`` itself in its graph, or
 call ``update`` only after ``backward``.
@@ -29,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from look.engine.distributed import gather_rows_no_grad
+from look.engine.distributed import gather_rows_no_grad, gather_rows_padded, is_distributed
 from look.host_sync import DeferredChecks, host_reads_are_free
 
 __all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
@@ -81,6 +85,9 @@ class FeatureMemory(nn.Module):
         gather_distributed: gather the batch from all ranks before writing when
             ``torch.distributed`` is initialised. Turn off only if every rank already passes the
             global batch.
+        rows_per_rank: the most rows one rank passes to an update (its batch size), or None.
+            Given, the gather pads every rank's rows to it instead of reading the row counts on
+            the host; a rank passing more raises ``ValueError``.
     """
 
     features: torch.Tensor
@@ -95,10 +102,16 @@ class FeatureMemory(nn.Module):
         *,
         dtype: torch.dtype | str = torch.float32,
         gather_distributed: bool = True,
+        rows_per_rank: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"memory size must be a positive int, got {num_rows!r}")
+        if rows_per_rank is not None and (
+            isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1
+        ):
+            raise ValueError(f"rows_per_rank must be a positive int or None, got {rows_per_rank!r}")
+        self.rows_per_rank = rows_per_rank
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"memory dim must be a positive int, got {dim!r}")
         storage_dtype = _resolve_storage_dtype(dtype)
@@ -155,7 +168,14 @@ class FeatureMemory(nn.Module):
                 are NaN/Inf or have zero norm. Nothing is written in that case. On an accelerator
                 the value checks are reported by the next call instead (see the module doc).
         """
-        self._write(*self._prepare(ids, features, labels))
+        *rows, present = self._prepare(ids, features, labels)
+        self._write(*rows, present=present)
+
+    @property
+    def writes_without_host_reads(self) -> bool:
+        """Whether an update on an accelerator never waits for the device: always in one
+        process; under DDP only with ``rows_per_rank`` (no row counts to read)."""
+        return not (self.gather_distributed and is_distributed()) or self.rows_per_rank is not None
 
     def settle_checks(self) -> None:
         """Raise now for any value check still pending from an update on an accelerator."""
@@ -167,11 +187,15 @@ class FeatureMemory(nn.Module):
 
     def _prepare(
         self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
+    ]:
         """Check shapes, gather over ranks, check values, normalise. Returns the global batch
-        as ``(ids int64, features float32 unit rows, labels int64, row_ok)`` on the memory's
-        device; ``row_ok`` is None when the values were checked on the host, else a ``(G,)``
-        bool of the rows that may be written (the rest must leave their row unchanged)."""
+        as ``(ids int64, features float32 unit rows, labels int64, row_ok, present)`` on the
+        memory's device; ``row_ok`` is None when the values were checked on the host, else a
+        ``(G,)`` bool of the rows that may be written (the rest must leave their row unchanged).
+        ``present`` is None, or (padded gather on an accelerator) a ``(G,)`` bool of the real
+        rows, which come first in rank order; padding rows are never in ``row_ok``."""
         self._deferred_checks.settle(keep=0)  # the previous update's checks, if deferred
         self._check_structure(ids, features, labels)
         device = self.features.device
@@ -182,13 +206,25 @@ class FeatureMemory(nn.Module):
             features.detach().to(device=device, dtype=torch.float32),
             labels.detach().to(device=device, dtype=torch.int64),
         )
-        if self.gather_distributed:
+        present: torch.Tensor | None = None
+        if not self.gather_distributed:
+            global_ids, global_features, global_labels = local
+        elif self.rows_per_rank is None or not is_distributed():
             global_ids, global_features, global_labels = gather_rows_no_grad(local)
         else:
-            global_ids, global_features, global_labels = local
+            gathered, present = gather_rows_padded(local, self.rows_per_rank)
+            if host_reads_are_free(device):  # drop the padding: then exactly the global batch
+                keep = present.nonzero().squeeze(1)
+                gathered, present = [tensor[keep] for tensor in gathered], None
+            else:
+                # Real rows first, in rank order (a stable sort: no host read), so that a queue
+                # enqueues them into consecutive slots.
+                order = torch.argsort((~present).to(torch.uint8), stable=True)
+                gathered, present = [tensor[order] for tensor in gathered], present[order]
+            global_ids, global_features, global_labels = gathered
         norms = global_features.norm(dim=1)
-        row_ok = self._check_values(global_ids, global_features, norms, global_labels)
-        return global_ids, global_features / norms.unsqueeze(1), global_labels, row_ok
+        row_ok = self._check_values(global_ids, global_features, norms, global_labels, present)
+        return global_ids, global_features / norms.unsqueeze(1), global_labels, row_ok, present
 
     def _check_structure(
         self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
@@ -218,17 +254,24 @@ class FeatureMemory(nn.Module):
         features: torch.Tensor,
         norms: torch.Tensor,
         labels: torch.Tensor,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Raise for bad rows, ids or labels (on the host), or return the rows that may be
-        written and report the counts one update later (on an accelerator)."""
+        written and report the counts one update later (on an accelerator). Padding rows
+        (not ``present``) are neither checked nor written."""
         # A NaN/Inf entry makes the norm non-finite; so does a finite row whose norm overflows.
         bad_feature_rows = ~(torch.isfinite(norms) & (norms > _MIN_ROW_NORM))
         bad_ids = ~self._ids_in_range(ids)
         bad_labels = labels < 0
+        if present is not None:
+            bad_feature_rows, bad_ids, bad_labels = (
+                bad & present for bad in (bad_feature_rows, bad_ids, bad_labels)
+            )
         counts = torch.stack([bad_feature_rows.sum(), bad_ids.sum(), bad_labels.sum()])
         if not host_reads_are_free(counts.device):
             self._deferred_checks.push(counts, self._report_deferred)
-            return ~(bad_feature_rows | bad_ids | bad_labels)
+            row_ok = ~(bad_feature_rows | bad_ids | bad_labels)
+            return row_ok if present is None else row_ok & present
         # One host synchronisation for all three checks.
         n_bad_features, n_bad_ids, n_bad_labels = counts.tolist()
         if n_bad_features:
@@ -287,6 +330,8 @@ class FeatureMemory(nn.Module):
         features: torch.Tensor,
         labels: torch.Tensor,
         row_ok: torch.Tensor | None,
+        *,
+        present: torch.Tensor | None = None,
     ) -> None:
         raise NotImplementedError
 
@@ -344,7 +389,7 @@ class MemoryBank(FeatureMemory):
         dim: feature dimension.
         momentum: ``μ`` in ``[0, 1)``.
         dtype: storage dtype of the rows.
-        gather_distributed: see :class:`FeatureMemory`.
+        gather_distributed, rows_per_rank: see :class:`FeatureMemory`.
     """
 
     def __init__(
@@ -355,8 +400,15 @@ class MemoryBank(FeatureMemory):
         momentum: float = 0.5,
         dtype: torch.dtype | str = torch.float32,
         gather_distributed: bool = True,
+        rows_per_rank: int | None = None,
     ) -> None:
-        super().__init__(size, dim, dtype=dtype, gather_distributed=gather_distributed)
+        super().__init__(
+            size,
+            dim,
+            dtype=dtype,
+            gather_distributed=gather_distributed,
+            rows_per_rank=rows_per_rank,
+        )
         if not 0.0 <= float(momentum) < 1.0:
             raise ValueError(
                 f"memory momentum must be in [0, 1), got {momentum}; 0 overwrites rows, "
@@ -376,7 +428,8 @@ class MemoryBank(FeatureMemory):
 
         Same arguments, gathering and validation as :meth:`update`; duplicates: last one wins.
         """
-        self._store(*self._resolve_rows(*self._prepare(ids, features, labels)))
+        *rows, _ = self._prepare(ids, features, labels)  # padding rows are not in row_ok
+        self._store(*self._resolve_rows(*rows))
 
     def _write(
         self,
@@ -384,7 +437,10 @@ class MemoryBank(FeatureMemory):
         features: torch.Tensor,
         labels: torch.Tensor,
         row_ok: torch.Tensor | None,
+        *,
+        present: torch.Tensor | None = None,
     ) -> None:
+        # Padding rows (not present) are not in row_ok: like refused rows, they write nothing.
         ids, features, labels, write_any = self._resolve_rows(ids, features, labels, row_ok)
         if self.momentum > 0.0:
             previous = self.features[ids].to(torch.float32)
@@ -484,7 +540,7 @@ class MemoryQueue(FeatureMemory):
         capacity: number of entries ``Q``.
         dim: feature dimension.
         dtype: storage dtype of the rows.
-        gather_distributed: see :class:`FeatureMemory`.
+        gather_distributed, rows_per_rank: see :class:`FeatureMemory`.
     """
 
     ptr: torch.Tensor
@@ -496,8 +552,15 @@ class MemoryQueue(FeatureMemory):
         *,
         dtype: torch.dtype | str = torch.float32,
         gather_distributed: bool = True,
+        rows_per_rank: int | None = None,
     ) -> None:
-        super().__init__(capacity, dim, dtype=dtype, gather_distributed=gather_distributed)
+        super().__init__(
+            capacity,
+            dim,
+            dtype=dtype,
+            gather_distributed=gather_distributed,
+            rows_per_rank=rows_per_rank,
+        )
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
 
     @property
@@ -517,7 +580,20 @@ class MemoryQueue(FeatureMemory):
         features: torch.Tensor,
         labels: torch.Tensor,
         row_ok: torch.Tensor | None,
+        *,
+        present: torch.Tensor | None = None,
     ) -> None:
+        if present is not None and ids.numel() > self.capacity:
+            # A queue shorter than the padded global batch: which rows survive depends on how
+            # many are real, so drop the padding here (one host read; rare configurations).
+            keep = present.nonzero().squeeze(1)
+            ids, features, labels = ids[keep], features[keep], labels[keep]
+            row_ok = None if row_ok is None else row_ok[keep]
+            present = None
+        if present is not None and row_ok is None:
+            row_ok = present
+        # With padding (real rows first, at most `capacity` rows in all) every row gets its own
+        # slot; padding rows leave theirs as they were and the pointer moves past the real ones.
         batch = ids.numel()
         kept = min(batch, self.capacity)
         first_kept = batch - kept
@@ -536,7 +612,8 @@ class MemoryQueue(FeatureMemory):
         self.labels[slots] = labels
         self.ids[slots] = ids
         self.valid[slots] = valid
-        self.ptr.copy_((self.ptr + batch) % self.capacity)
+        advance = batch if present is None else present.sum()
+        self.ptr.copy_((self.ptr + advance) % self.capacity)
 
     def _load_from_state_dict(
         self,
@@ -571,6 +648,7 @@ def build_memory(
     queue_size: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     gather_distributed: bool = True,
+    rows_per_rank: int | None = None,
 ) -> FeatureMemory:
     """Build the memory a method's config asks for.
 
@@ -583,6 +661,7 @@ def build_memory(
         queue_size: queue capacity (ignored by the bank).
         dtype: storage dtype of the rows, a ``torch.dtype`` or a name such as ``"bf16"``.
         gather_distributed: see :class:`FeatureMemory`.
+        rows_per_rank: see :class:`FeatureMemory`.
     """
     if kind == "bank":
         if num_samples is None:
@@ -593,9 +672,16 @@ def build_memory(
             momentum=momentum,
             dtype=dtype,
             gather_distributed=gather_distributed,
+            rows_per_rank=rows_per_rank,
         )
     if kind == "queue":
         if queue_size is None:
             raise ValueError("a memory queue needs queue_size (its capacity)")
-        return MemoryQueue(queue_size, dim, dtype=dtype, gather_distributed=gather_distributed)
+        return MemoryQueue(
+            queue_size,
+            dim,
+            dtype=dtype,
+            gather_distributed=gather_distributed,
+            rows_per_rank=rows_per_rank,
+        )
     raise ValueError(f"unknown memory kind {kind!r}; use 'bank' or 'queue'")

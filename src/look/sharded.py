@@ -168,7 +168,15 @@ class ShardedMemoryBank(MemoryBank):
             None if row_ok is None else row_ok[owned],
         )
 
-    def _write(self, ids: Tensor, features: Tensor, labels: Tensor, row_ok: Tensor | None) -> None:
+    def _write(
+        self,
+        ids: Tensor,
+        features: Tensor,
+        labels: Tensor,
+        row_ok: Tensor | None,
+        *,
+        present: Tensor | None = None,  # never set: a sharded bank gathers with row counts
+    ) -> None:
         # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
         # full bank): hand it local rows; _store below puts the dataset index back into `ids`.
         rows, owned_features, owned_labels, owned_ok = self._owned_rows(
@@ -186,7 +194,8 @@ class ShardedMemoryBank(MemoryBank):
     @torch.no_grad()
     def fill_(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
         """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
-        owned = self._owned_rows(*self._prepare(ids, features, labels))
+        *rows, _ = self._prepare(ids, features, labels)
+        owned = self._owned_rows(*rows)
         if owned[0].numel() > 0:
             self._store(*self._resolve_rows(*owned))
 

@@ -49,6 +49,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     }
 
 
+def test_the_memory_knows_the_per_rank_batch(tmp_path: Path) -> None:
+    # Under DDP this lets the memory gather without reading row counts on the host.
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config("method.memory=queue", "method.queue_size=32"), tmp_path / "r")
+    assert trainer.method.memory.rows_per_rank == 16  # type: ignore[union-attr]
+
+
 def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     result = pretrain(tiny_config(), tmp_path / "run")
     run = tmp_path / "run"

@@ -4,11 +4,13 @@ The values and losses must equal the CPU's immediate write."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
 
+import look.memory as memory_module
 import look.methods.look as look_method_module
 from look.methods import build_method
 
@@ -73,15 +75,20 @@ def test_loading_a_checkpoint_drops_an_unwritten_batch(accelerator_policy: None)
     assert not bool(method.memory.valid.any())
 
 
-def test_under_ddp_the_write_stays_in_forward(
+def test_under_ddp_without_a_known_batch_size_the_write_stays_in_forward(
     accelerator_policy: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A distributed write reads the ranks' row counts on the host; after the optimizer step that
-    read would wait for the backward pass, so under DDP the write stays in forward."""
-    monkeypatch.setattr(look_method_module, "is_distributed", lambda: True)
+    """Without the per-rank batch size a distributed write reads the ranks' row counts on the
+    host; after the optimizer step that read would wait for the backward pass, so the write stays
+    in forward. (With it, the write follows the optimizer step: tests/methods/test_methods_ddp.py.)
+    """
+    # Only the decision is tested here: the gather itself sees no process group.
+    monkeypatch.setattr(memory_module, "is_distributed", lambda: True)
     torch.manual_seed(0)
     method = build_method(CFG, TinyBackbone(), 12, CTX)
-    method.memory.gather_distributed = False  # no process group here: only the timing is tested
+    assert not method.memory.writes_without_host_reads
     batch = make_batch(16, 1, num_classes=3, seed=0)
     method(batch)
     assert int(method.memory.valid.sum()) == 16
+    known = build_method(CFG, TinyBackbone(), 12, dataclasses.replace(CTX, local_batch_size=16))
+    assert known.memory.writes_without_host_reads

@@ -6,6 +6,7 @@ its checkpoint state (the whole bank, gathered) must equal that bank's state dic
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+import look.memory as memory_module
 import look.methods.look as look_method
 from look.methods import Batch, build_method
 from tests.ddp import free_port, init_gloo
@@ -48,15 +50,22 @@ CFGS = {
     "mocov2_shuffle_bn": {"name": "mocov2", "queue_size": 24, **HEAD, "head_batch_norm": True},
 }
 # LOOK under the accelerator policy (host reads not free): under DDP it still writes its memory
-# in forward, where the write's row-count read costs nothing extra.
+# in forward, where the write's row-count read costs nothing extra...
 CFGS["look_accelerator"] = CFGS["look"]
 CFGS["look_sharded_accelerator"] = CFGS["look_sharded"]
+# ...unless the method knows the per-rank batch (the trainer passes it): then the gather pads to
+# it, reads nothing on the host, and the write follows the optimizer step.
+PADDED_BASE = {"look_padded": "look", "look_queue_padded": "look_queue_ema"}
+PADDED = {f"{name}_accelerator": base for name, base in PADDED_BASE.items()}
+CFGS.update({name: CFGS[base] for name, base in PADDED_BASE.items()})
+CFGS.update({name: CFGS[base] for name, base in PADDED.items()})
 # The single-process run each DDP run is compared with (default: the same config).
 REFERENCE = {
     "look_sharded": "look",
     "mocov2_shuffle_bn": "mocov2_two_bn_groups",
     "look_accelerator": "look",
     "look_sharded_accelerator": "look",
+    **PADDED,
 }
 SINGLE_PROCESS_CFGS = {"mocov2_two_bn_groups": {**CFGS["mocov2_shuffle_bn"], "bn_splits": 2}}
 STEPS, GLOBAL_BATCH = 4, 16
@@ -70,22 +79,33 @@ def _slice(batch: Batch, rank: int, world: int) -> Batch:
 
 def _run(name: str, rank: int, world: int) -> dict[str, object]:
     if name.endswith("_accelerator"):
-        original = look_method.host_reads_are_free
-        look_method.host_reads_are_free = lambda device: False  # type: ignore[assignment]
+        # The padded variants run the memory's device-side path too (padding rows kept).
+        modules = (look_method, memory_module) if name in PADDED else (look_method,)
+        originals = [module.host_reads_are_free for module in modules]
+        for module in modules:
+            module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
         try:
             return _run(name.removesuffix("_accelerator"), rank, world)
         finally:
-            look_method.host_reads_are_free = original  # type: ignore[assignment]
+            for module, original in zip(modules, originals, strict=True):
+                module.host_reads_are_free = original  # type: ignore[attr-defined]
     torch.manual_seed(0)
-    method = build_method({**CFGS, **SINGLE_PROCESS_CFGS}[name], TinyBackbone(), 12, CTX)
+    ctx = CTX
+    if name in PADDED_BASE:
+        ctx = dataclasses.replace(CTX, local_batch_size=GLOBAL_BATCH // world)
+    method = build_method({**CFGS, **SINGLE_PROCESS_CFGS}[name], TinyBackbone(), 12, ctx)
     model = DistributedDataParallel(method, broadcast_buffers=False) if world > 1 else method
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
-    losses, grads = [], []
+    memory = getattr(method, "memory", None)
+    losses, grads, written_in_forward = [], [], []
     for step in range(STEPS):
         batch = make_batch(
             GLOBAL_BATCH, method.num_views, num_classes=3, seed=step, offset=16 * step
         )
+        before = None if memory is None else memory.features.clone()
         out = model(_slice(batch, rank, world))
+        if memory is not None:
+            written_in_forward.append(not torch.equal(before, memory.features))
         opt.zero_grad()
         out.loss.backward()
         loss = out.loss.detach().clone()
@@ -96,8 +116,8 @@ def _run(name: str, rank: int, world: int) -> dict[str, object]:
         grads.append([p.grad.clone() for p in method.parameters() if p.requires_grad])
         opt.step()
         method.after_optimizer_step((step + 1) / STEPS)
-    memory = getattr(method, "memory", None)
     return {
+        "written_in_forward": written_in_forward,
         "losses": losses,
         "grads": grads,
         # Collective for a sharded bank: every rank gets the whole bank.
@@ -125,6 +145,10 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
             got = result[name]
             if name == "look_sharded":
                 assert got["memory_rows"] == CTX.num_samples // world  # really sharded
+            if name in PADDED:  # deferred to after_optimizer_step, as on one GPU
+                assert got["written_in_forward"] == [False] * STEPS, name
+            elif name in ("look", "look_accelerator"):
+                assert got["written_in_forward"] == [True] * STEPS, name
             for a, b in zip(got["losses"], single["losses"], strict=True):
                 assert torch.allclose(a, b, atol=1e-5), (name, a, b)
             for step_a, step_b in zip(got["grads"], single["grads"], strict=True):

@@ -133,6 +133,42 @@ def gather_rows_and_counts(
     return gathered, counts
 
 
+def gather_rows_padded(
+    tensors: Sequence[torch.Tensor], rows_per_rank: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`gather_rows_no_grad` with no host read: every rank pads its rows to
+    ``rows_per_rank``, so the gather needs no row counts.
+
+    Returns each tensor gathered as ``(world_size * rows_per_rank, ...)`` in rank order, and a
+    bool ``present`` of the same length marking the real rows (the rest are zeros). In a single
+    process nothing is padded and ``present`` is all true. Raises ``ValueError`` if this rank has
+    more rows than ``rows_per_rank`` (a programming error: the caller sized it from the batch).
+    """
+    if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 0:
+        raise ValueError(f"rows_per_rank must be a non-negative int, got {rows_per_rank!r}")
+    local_rows = tensors[0].shape[0]
+    device = tensors[0].device
+    if not is_distributed():
+        present = torch.ones(local_rows, dtype=torch.bool, device=device)
+        return [tensor.detach() for tensor in tensors], present
+    if local_rows > rows_per_rank:
+        raise ValueError(
+            f"this rank has {local_rows} rows, more than rows_per_rank={rows_per_rank} (the "
+            "per-rank batch size the memory was built for)"
+        )
+    gathered = []
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if local_rows < rows_per_rank:
+            padded = tensor.new_zeros((rows_per_rank, *tensor.shape[1:]))
+            padded[:local_rows] = tensor
+            tensor = padded
+        gathered.append(gather_no_grad(tensor))
+    present = torch.arange(rows_per_rank, device=device) < local_rows
+    # gloo cannot gather bool tensors; uint8 carries the same values.
+    return gathered, gather_no_grad(present.to(torch.uint8)).bool()
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Like :func:`gather_no_grad`, but gradients flow back to each rank's own slice."""
     if not is_distributed():

@@ -161,7 +161,9 @@ class Trainer:
             pretrained_weights=cfg.model.pretrained_weights,
         )
         ctx = MethodContext(
-            num_classes=self.data_info.num_classes, num_samples=self.data_info.num_samples
+            num_classes=self.data_info.num_classes,
+            num_samples=self.data_info.num_samples,
+            local_batch_size=self.global_batch // world,
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
         if self.channels_last:

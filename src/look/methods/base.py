@@ -54,6 +54,9 @@ class MethodContext:
 
     num_classes: int
     num_samples: int
+    # Images one rank passes per step (the global batch / world size), when the caller knows it:
+    # lets memories gather over ranks without reading row counts on the host.
+    local_batch_size: int | None = None
 
 
 class Method(nn.Module):

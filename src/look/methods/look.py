@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from look.config import ConfigError
-from look.engine.distributed import global_masked_mean, is_distributed
+from look.engine.distributed import global_masked_mean
 from look.host_sync import host_reads_are_free
 from look.losses import look_loss_terms
 from look.memory import build_memory
@@ -155,13 +155,16 @@ class LOOK(Method):
                 momentum=memory_momentum,
                 queue_size=options.queue_size,
                 dtype=_MEMORY_DTYPES[options.memory_dtype],
+                # Under DDP the gather then pads to the batch size instead of reading the row
+                # counts on the host, so the write can follow the optimizer step there too.
+                rows_per_rank=ctx.local_batch_size,
             )
         if options.memory_update == "ema_encoder":
             self.ema_backbone = frozen_copy(backbone)
             self.ema_head = frozen_copy(self.head)
         self.classifier = nn.Linear(feature_dim, ctx.num_classes) if options.ce_weight > 0 else None
         self._search_path_checked = False
-        # On one accelerator a step's memory write waits for after_optimizer_step (or the next
+        # On an accelerator a step's memory write waits for after_optimizer_step (or the next
         # forward, or a checkpoint, whichever comes first): its ~80 small kernels are then
         # launched while the GPU runs the backward pass, not while it idles between the
         # forward's host waits. Same values: the loss never reads its own batch's rows.
@@ -240,10 +243,11 @@ class LOOK(Method):
             loss = loss + self.options.ce_weight * ce
         # Written after the loss: this batch's rows are never its own neighbours this step.
         self._pending_write = (batch.indices, self.memory_embedding(images, z), batch.labels)
-        # Written now on the CPU (no launches to hide) and under DDP, where the write reads the
-        # ranks' row counts on the host: after the optimizer step that read would wait for the
-        # whole backward pass, and the GPU would idle while the next step is launched.
-        if host_reads_are_free(z.device) or is_distributed():
+        # Written now on the CPU (no launches to hide) and where the write reads the ranks' row
+        # counts on the host (DDP without a known batch size, a sharded bank): after the
+        # optimizer step that read would wait for the whole backward pass, and the GPU would
+        # idle while the next step is launched.
+        if host_reads_are_free(z.device) or not self.memory.writes_without_host_reads:
             self.write_pending_memory()
         metrics["loss"] = loss.detach()
         return StepOutput(loss, metrics)
