@@ -158,7 +158,11 @@ def main() -> None:
             "name": "look", "k": args.k, "memory": memory_kind,
             "memory_dtype": args.memory_dtype,
         }  # fmt: skip
-        ctx = MethodContext(num_classes=args.classes, num_samples=args.rows)
+        # The per-rank batch, as the trainer passes it: the replicated write then reads nothing
+        # on the host and follows the optimizer step.
+        ctx = MethodContext(
+            num_classes=args.classes, num_samples=args.rows, local_batch_size=args.batch_size
+        )
         method = build_method(method_cfg, backbone, feature_dim, ctx).to(device).train()
         _fill_random_bank(method, args.rows, args.classes, device)
         model: torch.nn.Module = wrap_ddp(method, device) if is_distributed() else method

@@ -91,7 +91,12 @@ def _compiled_search_kernels() -> list[dict[str, object]]:
 def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device):  # type: ignore[no-untyped-def]
     backbone, dim = create_backbone(args.backbone, small_stem=args.small_stem)
     method = build_method(
-        method_cfg, backbone, dim, MethodContext(num_classes=args.classes, num_samples=rows)
+        method_cfg,
+        backbone,
+        dim,
+        MethodContext(
+            num_classes=args.classes, num_samples=rows, local_batch_size=args.batch_size
+        ),
     ).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     method = method.to(memory_format=memory_format)  # type: ignore[call-arg]
