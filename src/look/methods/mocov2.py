@@ -63,7 +63,10 @@ class MoCoV2(Method):
         self.head = options.build_head(feature_dim)
         self.key_backbone = frozen_copy(backbone)
         self.key_head = frozen_copy(self.head)
-        self.queue = MemoryQueue(options.queue_size, options.head_out_dim)
+        # Knowing the per-rank batch, the queue's gather reads no row counts on the host.
+        self.queue = MemoryQueue(
+            options.queue_size, options.head_out_dim, rows_per_rank=ctx.local_batch_size
+        )
 
     def forward(self, batch: Batch) -> StepOutput:
         splits = self.options.bn_splits
