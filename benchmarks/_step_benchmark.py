@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from look.engine.distributed import all_reduce_sum, is_distributed
-from look.methods import Batch, Method
+from look.methods import Batch, Method, StepOutput
 
 
 def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
@@ -42,9 +42,10 @@ def trainer_step(
     loss_check: bool = True,
 ) -> Callable[[], None]:
     """A closure taking one step as ``look.engine.trainer`` does: forward under bf16 autocast on
-    CUDA, the per-step finite-loss check (agreed over ranks: one all-reduce and one host read),
-    backward (through DDP's gradient all-reduce when ``model`` is wrapped), an SGD step and the
-    method's ``after_optimizer_step``.
+    CUDA, backward (through DDP's gradient all-reduce when ``model`` is wrapped), then the
+    per-step check (loss finite? search exact? agreed over ranks: one all-reduce and one host
+    read, after the backward is queued; an inexact step is recomputed exactly), an SGD step and
+    the method's ``after_optimizer_step``.
 
     ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch.
     """
@@ -52,17 +53,27 @@ def trainer_step(
         [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
     )
     amp = device.type == "cuda"
+    method.defer_exactness_check = loss_check  # the check below reads the flag, as the trainer
+
+    def forward_backward(batch: Batch) -> StepOutput:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return out
 
     def step() -> None:
         batch = next_batch()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch)
+        out = forward_backward(batch)
         if loss_check:
-            non_finite = all_reduce_sum(torch.isfinite(out.loss.detach()).logical_not().float())
-            if non_finite.item() != 0:
+            non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
+            inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
+            flags = all_reduce_sum(torch.stack([non_finite, inexact])).tolist()
+            if flags[1] != 0:
+                with method.exact_redo():
+                    out = forward_backward(batch)
+            if flags[0] != 0:
                 raise FloatingPointError(f"non-finite loss {float(out.loss)} in the benchmark")
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
         optimizer.step()
         # Momentum encoders, and LOOK's memory write on one GPU, happen here in the trainer.
         method.after_optimizer_step(0.5)

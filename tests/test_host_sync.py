@@ -278,3 +278,83 @@ def test_diverging_look_run_with_skip_policy_reports_the_refused_rows(
     for checkpoint in sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")):
         state = torch.load(checkpoint, weights_only=True)
         assert torch.isfinite(state["model"]["memory.features"]).all()
+
+
+def _search_that_overflows_at(
+    calls: set[int], monkeypatch: pytest.MonkeyPatch, *, flag_it: bool = True
+) -> None:
+    """Make LOOK's search return wrong neighbours at the given calls (1-based), as the fused GPU
+    search does for queries whose candidate buffer overflowed, flagged as such (``flag_it``)
+    with the exact result as the redo, like ``knn_search_deferred``'s fused path."""
+    from look.search import DeferredKnnResult, KnnResult
+
+    original = look_loss_module.knn_search_deferred
+    count = [0]
+
+    def search(*args: Any, **kwargs: Any) -> DeferredKnnResult:
+        count[0] += 1
+        exact = original(*args, **kwargs).finish()
+        if count[0] not in calls:
+            return DeferredKnnResult(exact, None, None)
+        # Another query's neighbours: real rows, wrong for this query.
+        wrong = KnnResult(exact.values.roll(1, dims=0), exact.indices.roll(1, dims=0))
+        flags = torch.full((exact.indices.shape[0],), flag_it, device=exact.indices.device)
+        return DeferredKnnResult(wrong, flags, lambda redo_rows: exact)
+
+    monkeypatch.setattr(look_loss_module, "knn_search_deferred", search)
+
+
+def test_an_inexact_step_is_redone_exactly_after_the_backward_is_queued(
+    tmp_path: Path, accelerator_policy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the trainer reads the fused search's overflow flag with its loss check, after the
+    backward pass is queued, and recomputes a flagged step exactly: the run then gives the exact
+    run's loss curve, to the bit. Without the flag the wrong neighbours would change it."""
+    import json
+
+    from tests.engine.test_trainer import tiny_config, train_losses
+
+    pretrain(tiny_config(), tmp_path / "exact")
+    with monkeypatch.context() as patch:
+        _search_that_overflows_at({3, 8}, patch)
+        pretrain(tiny_config(), tmp_path / "redone")
+    with monkeypatch.context() as patch:
+        _search_that_overflows_at({3, 8}, patch, flag_it=False)
+        pretrain(tiny_config(), tmp_path / "unflagged")
+    exact = train_losses(tmp_path / "exact")
+    assert train_losses(tmp_path / "redone") == exact
+    assert train_losses(tmp_path / "unflagged") != exact
+    summary = json.loads((tmp_path / "redone" / "summary.json").read_text())
+    assert summary["inexact_steps_redone_this_session"] == 2
+
+
+def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(
+    tmp_path: Path, accelerator_policy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's step reads the device once (loss finite? search exact?), after backward,
+    and LOOK's forward does not read it at all when the trainer checks exactness."""
+    from look.engine.trainer import Trainer
+    from tests.engine.test_trainer import tiny_config
+
+    trainer = Trainer(tiny_config(), tmp_path / "run")
+    trainer.method.train()
+    batch = next(iter(trainer._loader(0, 0)))
+    accelerator_policy.clear()  # reads while setting up the run do not count
+    with SyncCounter() as counter:
+        out = trainer.model(batch)
+    assert counter.calls == [] and accelerator_policy == []
+    assert out.inexact is None  # the scan on the CPU is always exact
+    read_after_backward: list[bool] = []
+    original = trainer._backward_and_check
+
+    def spy(out: Any) -> tuple[bool, bool]:
+        flags = original(out)
+        # The backward already ran: gradients exist when the flags are read.
+        parameters = [p for p in trainer.method.parameters() if p.requires_grad]
+        read_after_backward.append(all(p.grad is not None for p in parameters))
+        return flags
+
+    monkeypatch.setattr(trainer, "_backward_and_check", spy)
+    trainer._step(0, batch)
+    assert read_after_backward == [True]
+    assert accelerator_policy == ["tolist"]  # the one read of the step's flags

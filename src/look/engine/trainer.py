@@ -40,7 +40,14 @@ from look.engine.distributed import (
 from look.engine.metrics_log import MetricsLogger
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
-from look.methods import Batch, Method, MethodContext, build_method, get_method_class
+from look.methods import (
+    Batch,
+    Method,
+    MethodContext,
+    StepOutput,
+    build_method,
+    get_method_class,
+)
 from look.models import create_backbone, export_backbone
 
 # Sections of the config that define the optimisation problem: a resumed run must match them.
@@ -166,6 +173,7 @@ class Trainer:
             local_batch_size=self.global_batch // world,
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
+        self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.optimizer = build_optimizer(
@@ -202,6 +210,7 @@ class Trainer:
         self.global_step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.inexact_steps_redone = 0  # this session's steps recomputed with the exact search
         self.logger: MetricsLogger | None = None
         self.model: torch.nn.Module = self.method
 
@@ -322,20 +331,41 @@ class Trainer:
         stacked = all_reduce_sum(stacked) / get_world_size()
         return dict(zip(names, stacked.tolist(), strict=True))
 
-    def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
-        batch = batch.to(self.device, channels_last=self.channels_last)
+    def _forward(self, epoch: int, batch: Batch) -> StepOutput:
         try:
             with self._autocast():
-                out = self.model(batch)
+                return self.model(batch)
         except (ValueError, RuntimeError) as exc:
             raise TrainingStepError(
                 f"step {self.global_step + 1} (epoch {epoch}, first dataset indices "
                 f"{batch.indices[:8].tolist()}) failed: {exc}. The last good checkpoint in "
                 f"{self.checkpoint_dir} is kept."
             ) from exc
-        # Agreed across ranks, so every rank skips or stops together.
-        non_finite = all_reduce_sum(torch.isfinite(out.loss.detach()).logical_not().float())
-        if non_finite.item() > 0:
+
+    def _backward_and_check(self, out: StepOutput) -> tuple[bool, bool]:
+        """Queue the backward pass, then read (one host wait, agreed over ranks so that every
+        rank acts alike) whether the loss is finite and whether the step was inexact. Read after
+        the backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
+        host launches the backward's first, small kernels."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
+        inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
+        flags = all_reduce_sum(torch.stack([non_finite, inexact])).tolist()
+        return flags[0] > 0, flags[1] > 0
+
+    def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
+        batch = batch.to(self.device, channels_last=self.channels_last)
+        out = self._forward(epoch, batch)
+        non_finite, inexact = self._backward_and_check(out)
+        if inexact:
+            # Rare: LOOK's fused search overflowed (many near-identical memory rows). The step is
+            # recomputed with the exact search on every rank (its gradients replace these).
+            with self.method.exact_redo():
+                out = self._forward(epoch, batch)
+            non_finite, _ = self._backward_and_check(out)
+            self.inexact_steps_redone += 1
+        if non_finite:
             message = (
                 f"non-finite loss at step {self.global_step + 1} (epoch {epoch}, first dataset "
                 f"indices {batch.indices[:8].tolist()})"
@@ -357,8 +387,6 @@ class Trainer:
             self.skipped_steps += 1
             return None
         self.consecutive_skips = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -465,6 +493,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "epoch_seconds_this_session": epoch_seconds,
                 "skipped_steps": self.skipped_steps,
+                "inexact_steps_redone_this_session": self.inexact_steps_redone,
                 "world_size": get_world_size(),
                 "device": str(self.device),
                 "num_samples": self.data_info.num_samples,

@@ -52,6 +52,9 @@ class LookLossTerms(NamedTuple):
             ``k=None`` (all candidates are used; listing them would be ``B × N``).
         neighbour_agreement: ``(B,)`` fraction of the true neighbours (before any swap; all
             candidates for ``k=None``) that share the query's label; 0 when there are none.
+        inexact: ``None``, or with ``defer_exactness_check=True`` a 0-d bool on the device:
+            true when the fused search overflowed for some query, so that these terms are not
+            exact and must be recomputed (without deferring).
     """
 
     loss: Tensor
@@ -59,6 +62,7 @@ class LookLossTerms(NamedTuple):
     positive_in_topk: Tensor
     neighbour_indices: Tensor
     neighbour_agreement: Tensor
+    inexact: Tensor | None = None
 
 
 def check_temperature(temperature: float) -> float:
@@ -386,6 +390,7 @@ def _top_k_terms(
     no_positive: str,
     chunk_size: int,
     search_backend: str,
+    defer_exactness_check: bool = False,
 ) -> LookLossTerms:
     """Finite ``k``: no-grad search, then the selected similarities recomputed with grad (or, for
     a small memory, read from the one ``B × N`` product the search was done on)."""
@@ -420,6 +425,9 @@ def _top_k_terms(
         )  # fmt: skip
 
     terms = terms_from(pending.result)
+    if defer_exactness_check:  # the caller reads the flag later and redoes the step if set
+        inexact = pending.overflowed.any() if pending.overflowed is not None else None
+        return terms._replace(inexact=inexact)
     # The fused search's exactness check waits for the GPU: taken once the loss is queued, the
     # GPU computes it meanwhile. On overflow (rare) the loss is recomputed from exact neighbours.
     exact = pending.finish()
@@ -499,6 +507,7 @@ def look_loss_terms(
     no_positive: NoPositiveRule = "drop",
     chunk_size: int = 65536,
     search_backend: SearchBackend = "auto",
+    defer_exactness_check: bool = False,
 ) -> LookLossTerms:
     """Per-query LOOK loss terms (see the module docstring for the definition).
 
@@ -522,6 +531,10 @@ def look_loss_terms(
             for a small fp32 memory and a large k, a search on the loss's own ``B × N`` product;
             else the chunked scan of :func:`look.search.knn_search`), ``"torch"`` (always the
             chunked scan) or ``"triton"`` (require the fused search). Unused for ``k=None``.
+        defer_exactness_check: do not wait for the GPU to learn whether the fused search
+            overflowed (which makes it redo those queries exactly); return the terms with
+            ``inexact`` set instead, for a caller that reads it together with its own checks
+            and recomputes the terms without deferring when it is true.
 
     Returns:
         :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has
@@ -583,6 +596,7 @@ def look_loss_terms(
                 no_positive=no_positive,
                 chunk_size=chunk_size,
                 search_backend=search_backend,
+                defer_exactness_check=defer_exactness_check,
             )
     if host_reads_are_free(device):
         return terms  # a non-finite query was refused above

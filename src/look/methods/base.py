@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,10 +44,17 @@ class Batch:
 
 @dataclass
 class StepOutput:
-    """The loss to back-propagate and detached scalar metrics to log."""
+    """The loss to back-propagate and detached scalar metrics to log.
+
+    ``inexact`` (a 0-d bool on the device, or None: always exact) is set by a method whose
+    :attr:`Method.defer_exactness_check` is on: true when this loss came from a search that was
+    not exact (LOOK's fused GPU search overflowed its candidate buffer). The caller reads it
+    with the loss check and then recomputes the step under :meth:`Method.exact_redo`.
+    """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    inexact: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -64,14 +73,17 @@ class Method(nn.Module):
 
     The training loop calls only :meth:`forward` (through DDP when distributed),
     :meth:`after_optimizer_step`, :meth:`checkpoint_state` / :meth:`load_checkpoint_state` (on
-    every rank), and, on a fresh run, :meth:`warmup_step` for every batch of one pass when
-    :attr:`needs_warmup_pass` is true.
+    every rank), :meth:`exact_redo` when a step's output says it was inexact, and, on a fresh
+    run, :meth:`warmup_step` for every batch of one pass when :attr:`needs_warmup_pass` is true.
     """
 
     name: ClassVar[str] = "base"
     num_views: ClassVar[int] = 1
     uses_labels: ClassVar[bool] = True
     Options: ClassVar[type] = object
+    # Set by a caller that reads StepOutput.inexact and redoes inexact steps (the trainer):
+    # a method may then skip waiting for the device to learn whether its search was exact.
+    defer_exactness_check: bool = False
 
     def __init__(self, options: Any, backbone: nn.Module, feature_dim: int, ctx: MethodContext):
         super().__init__()
@@ -108,6 +120,13 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         """Momentum / EMA updates; ``progress`` is the fraction of training done, in [0, 1]."""
+
+    @contextlib.contextmanager
+    def exact_redo(self) -> Iterator[None]:
+        """Inside, :meth:`forward` recomputes the last step exactly (waiting for the device
+        where it must), forgetting what the inexact forward left pending. Default: nothing to
+        change."""
+        yield
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The method's state for a checkpoint (default: :meth:`state_dict`).

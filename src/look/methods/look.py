@@ -6,7 +6,9 @@ matter, not the whole class (METHOD.md).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -169,6 +171,7 @@ class LOOK(Method):
         # launched while the GPU runs the backward pass, not while it idles between the
         # forward's host waits. Same values: the loss never reads its own batch's rows.
         self._pending_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._redoing = False  # inside exact_redo()
 
     @property
     def needs_warmup_pass(self) -> bool:
@@ -196,6 +199,10 @@ class LOOK(Method):
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
+        # Written after the optimizer step (see __init__) unless reads of the device are free
+        # or the write itself reads row counts on the host (DDP without a known batch size, a
+        # sharded bank: after the optimizer step that read would wait for the whole backward).
+        write_later = not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
         if isinstance(self.memory, ShardedMemoryBank):
             # A collective: every rank's queries search every rank's shard.
             terms = sharded_look_loss_terms(
@@ -225,6 +232,11 @@ class LOOK(Method):
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
+                # A redo must not find this batch's rows already written: only with the write
+                # still pending is the check left to the caller.
+                defer_exactness_check=(
+                    self.defer_exactness_check and write_later and not self._redoing
+                ),
             )
         loss = global_masked_mean(terms.loss, terms.valid)
         metrics = {
@@ -243,14 +255,22 @@ class LOOK(Method):
             loss = loss + self.options.ce_weight * ce
         # Written after the loss: this batch's rows are never its own neighbours this step.
         self._pending_write = (batch.indices, self.memory_embedding(images, z), batch.labels)
-        # Written now on the CPU (no launches to hide) and where the write reads the ranks' row
-        # counts on the host (DDP without a known batch size, a sharded bank): after the
-        # optimizer step that read would wait for the whole backward pass, and the GPU would
-        # idle while the next step is launched.
-        if host_reads_are_free(z.device) or not self.memory.writes_without_host_reads:
+        if not write_later:
             self.write_pending_memory()
         metrics["loss"] = loss.detach()
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, inexact=terms.inexact)
+
+    @contextlib.contextmanager
+    def exact_redo(self) -> Iterator[None]:
+        """Recompute the last step with the exact search: its pending memory write is dropped
+        (the redo's forward queues the same batch again) and the fused search's overflow is
+        handled inside the loss (one wait for the device)."""
+        self._pending_write = None
+        self._redoing = True
+        try:
+            yield
+        finally:
+            self._redoing = False
 
     def write_pending_memory(self) -> None:
         """Write the last forward's batch into the memory if not done yet (a collective under
