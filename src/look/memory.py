@@ -107,13 +107,13 @@ class FeatureMemory(nn.Module):
         super().__init__()
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"memory size must be a positive int, got {num_rows!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"memory dim must be a positive int, got {dim!r}")
         if rows_per_rank is not None and (
             isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1
         ):
             raise ValueError(f"rows_per_rank must be a positive int or None, got {rows_per_rank!r}")
         self.rows_per_rank = rows_per_rank
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"memory dim must be a positive int, got {dim!r}")
         storage_dtype = _resolve_storage_dtype(dtype)
         self.gather_distributed = bool(gather_distributed)
         self.register_buffer("features", torch.zeros(num_rows, dim, dtype=storage_dtype))
