@@ -103,6 +103,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 actual.loss.sum().backward()
 
                 for field in expected._fields:
+                    if getattr(expected, field) is None:  # inexact: only with a deferred check
+                        assert getattr(actual, field) is None, field
+                        continue
                     torch.testing.assert_close(
                         getattr(actual, field),
                         getattr(expected, field)[local],
