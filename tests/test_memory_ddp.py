@@ -66,28 +66,53 @@ def _global_steps() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
     return steps
 
 
+def _feed_global_steps(memories: dict[str, FeatureMemory], rank: int) -> dict[str, list[str]]:
+    """Each rank updates every memory with its slice of each global step; returns the operations
+    of each memory's updates that would make the host wait for a CUDA device."""
+    from tests.test_host_sync import SyncCounter
+
+    syncs: dict[str, list[str]] = {name: [] for name in memories}
+    for ids, features, labels, rows_on_rank_0 in _global_steps():
+        part = slice(0, rows_on_rank_0) if rank == 0 else slice(rows_on_rank_0, None)
+        for name, memory in memories.items():
+            with SyncCounter() as counter:
+                memory.update(ids[part], features[part], labels[part])
+            syncs[name] += counter.calls
+    return syncs
+
+
+def _nan_row_on_rank_1(memories: dict[str, FeatureMemory], rank: int) -> dict[str, str]:
+    """Every rank must refuse a NaN row that only rank 1 passes (values are checked after the
+    gather); returns each memory's error message (a late check is settled at once)."""
+    errors: dict[str, str] = {}
+    features = torch.ones(2, DIM)
+    if rank == 1:
+        features[1, 0] = float("nan")
+    for name, memory in memories.items():
+        try:
+            memory.update(torch.tensor([rank, rank + 2]), features, torch.tensor([0, 0]))
+            memory.settle_checks()
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
+def _single_process_states(memories: dict[str, FeatureMemory]) -> dict[str, dict]:
+    """The memories after one process was fed every global step whole."""
+    for ids, features, labels, _ in _global_steps():
+        for memory in memories.values():
+            memory.update(ids, features, labels)
+    return {name: memory.state_dict() for name, memory in memories.items()}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     init_gloo(rank, WORLD_SIZE, port, timeout_s=60)
     try:
         torch.set_num_threads(1)
         memories = _make_memories()
-        for ids, features, labels, rows_on_rank_0 in _global_steps():
-            part = slice(0, rows_on_rank_0) if rank == 0 else slice(rows_on_rank_0, None)
-            for memory in memories.values():
-                memory.update(ids[part], features[part], labels[part])
-
-        # A NaN row on rank 1 only: both ranks must raise (values are checked after the gather)
-        # and neither may write anything.
-        errors: dict[str, str] = {}
-        features = torch.ones(2, DIM)
-        if rank == 1:
-            features[1, 0] = float("nan")
-        for name, memory in memories.items():
-            try:
-                memory.update(torch.tensor([rank, rank + 2]), features, torch.tensor([0, 0]))
-            except ValueError as error:
-                errors[name] = str(error)
-
+        _feed_global_steps(memories, rank)
+        # On the CPU neither rank may write anything of the refused batch.
+        errors = _nan_row_on_rank_1(memories, rank)
         state = {name: memory.state_dict() for name, memory in memories.items()}
         torch.save({"state": state, "errors": errors}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -98,13 +123,7 @@ def test_memories_identical_across_ranks_and_equal_to_single_process(tmp_path: P
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
-    reference = _make_memories(gather_distributed=False)
-    for ids, features, labels, _ in _global_steps():
-        for memory in reference.values():
-            memory.update(ids, features, labels)
-
-    for name, memory in reference.items():
-        expected = memory.state_dict()
+    for name, expected in _single_process_states(_make_memories(False)).items():
         assert expected["valid"].any(), name
         for rank, result in enumerate(results):
             state = result["state"][name]
@@ -160,7 +179,6 @@ def _make_padded_memories(gather_distributed: bool = True) -> dict[str, FeatureM
 
 def _padded_worker(rank: int, port: int, out_dir: str) -> None:
     import look.memory as memory_module
-    from tests.test_host_sync import SyncCounter
 
     init_gloo(rank, WORLD_SIZE, port, timeout_s=60)
     try:
@@ -170,29 +188,14 @@ def _padded_worker(rank: int, port: int, out_dir: str) -> None:
             if policy == "accelerator":  # the GPU's code path, on the CPU
                 memory_module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
             memories = _make_padded_memories()
-            syncs: dict[str, list[str]] = {name: [] for name in memories}
-            for ids, features, labels, rows_on_rank_0 in _global_steps():
-                part = slice(0, rows_on_rank_0) if rank == 0 else slice(rows_on_rank_0, None)
-                for name, memory in memories.items():
-                    with SyncCounter() as counter:
-                        memory.update(ids[part], features[part], labels[part])
-                    syncs[name] += counter.calls
+            syncs = _feed_global_steps(memories, rank)
             states = {  # copies: the accelerator path goes on writing into the buffers
                 name: {key: value.clone() for key, value in memory.state_dict().items()}
                 for name, memory in memories.items()
             }
-            # A NaN row on rank 1 only: every rank refuses it, at once on the CPU (nothing is
-            # written), at the next check on an accelerator (the other rows are written).
-            errors: dict[str, str] = {}
-            features = torch.ones(2, DIM)
-            if rank == 1:
-                features[1, 0] = float("nan")
-            for name, memory in memories.items():
-                try:
-                    memory.update(torch.tensor([rank, rank + 2]), features, torch.tensor([0, 0]))
-                    memory.settle_checks()
-                except ValueError as error:
-                    errors[name] = str(error)
+            # Refused at once on the CPU (nothing written), at the next check on an accelerator
+            # (the other rows are written).
+            errors = _nan_row_on_rank_1(memories, rank)
             # More rows than rows_per_rank is refused before any collective.
             try:
                 memories["bank_fp32"].update(
@@ -214,12 +217,7 @@ def test_padded_gather_gives_the_same_memories_without_host_reads(tmp_path: Path
     mp.spawn(_padded_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"padded_rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
-    reference = _make_padded_memories(gather_distributed=False)
-    for ids, features, labels, _ in _global_steps():
-        for memory in reference.values():
-            memory.update(ids, features, labels)
-    for name, memory in reference.items():
-        expected = memory.state_dict()
+    for name, expected in _single_process_states(_make_padded_memories(False)).items():
         assert expected["valid"].any(), name
         for rank, result in enumerate(results):
             for policy in ("cpu", "accelerator"):
