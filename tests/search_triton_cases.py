@@ -105,6 +105,66 @@ def case_loss_recomputed_after_a_late_overflow_check() -> None:
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0, atol=1e-5)
 
 
+def case_deferred_overflow_is_flagged_and_the_exact_redo_matches_the_scan() -> None:
+    """The trainer's way (look.engine.trainer): LOOK leaves the overflow flag to the caller
+    (``defer_exactness_check``) on an accelerator; an overflowing step says it is inexact, its loss
+    is really wrong, and the step recomputed under ``exact_redo`` equals the scan's loss."""
+    import importlib
+
+    from look.losses import look_loss_terms
+    from look.methods import Batch, MethodContext, build_method
+    from look.models import create_backbone
+
+    # The accelerator's code paths (no host reads in the step), on the CPU.
+    modules = [
+        importlib.import_module(name)
+        for name in ("look.methods.look", "look.memory", "look.search", "look.losses.look_loss")
+    ]
+    originals = [module.host_reads_are_free for module in modules]  # type: ignore[attr-defined]
+    for module in modules:
+        module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
+    try:
+        torch.manual_seed(0)
+        backbone, feature_dim = create_backbone("look_cnn_small")
+        rows = 8000
+        options = {"name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "float16"}
+        method = build_method(options, backbone, feature_dim, MethodContext(5, rows)).train()
+        method.defer_exactness_check = True
+        generator = torch.Generator().manual_seed(0)
+        batch = Batch(
+            views=[torch.randn(16, 3, 28, 28, generator=generator)],
+            labels=torch.randint(0, 5, (16,), generator=generator),
+            indices=torch.randperm(rows, generator=generator)[:16],
+        )
+        with torch.no_grad():  # 2,400 copies of query 0's embedding: its buffer overflows
+            embedding = method.head(method.backbone(batch.views[0])).float()
+            rows_in = F.normalize(torch.randn(rows, method.memory.dim, generator=generator), dim=1)
+            rows_in[:2400] = F.normalize(embedding, dim=1)[0]
+            labels = torch.randint(0, 5, (rows,), generator=generator)
+            labels[:2400] = 0
+            method.memory.features.copy_(rows_in)
+            method.memory.labels.copy_(labels)
+            method.memory.valid.fill_(True)
+            method.memory.ids.copy_(torch.arange(rows))
+        deferred = method(batch)
+        assert deferred.inexact is not None and bool(deferred.inexact)
+        with method.exact_redo():
+            redone = method(batch)
+        assert redone.inexact is None
+        z = F.normalize(method.head(method.backbone(batch.views[0])).float(), dim=1)
+        scan = look_loss_terms(
+            z, batch.labels, method.memory.features, method.memory.labels, k=20,
+            temperature=0.1, query_indices=batch.indices, memory_valid=method.memory.valid,
+            search_backend="torch",
+        )  # fmt: skip
+        expected = scan.loss.sum() / scan.valid.sum().clamp(min=1)
+        torch.testing.assert_close(redone.loss, expected, rtol=0, atol=1e-6)
+        assert abs(float(deferred.loss) - float(expected)) > 1e-3, "the overflow changed nothing"
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.host_reads_are_free = original  # type: ignore[attr-defined]
+
+
 def case_tune_kernel_config_sets_the_fastest() -> None:
     memory = F.normalize(torch.randn(5000, 16), dim=1).half()
     query = F.normalize(torch.randn(8, 16), dim=1)
