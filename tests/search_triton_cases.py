@@ -160,6 +160,7 @@ def case_deferred_overflow_is_flagged_and_the_exact_redo_matches_the_scan() -> N
         expected = scan.loss.sum() / scan.valid.sum().clamp(min=1)
         torch.testing.assert_close(redone.loss, expected, rtol=0, atol=1e-6)
         assert abs(float(deferred.loss) - float(expected)) > 1e-3, "the overflow changed nothing"
+        print(f"  deferred loss {float(deferred.loss):.3f}, exact {float(expected):.3f}")
     finally:
         for module, original in zip(modules, originals, strict=True):
             module.host_reads_are_free = original  # type: ignore[attr-defined]
