@@ -4,6 +4,7 @@ and the shards together must be that replicated bank."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,14 +55,50 @@ def _global_steps(
     return steps
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, padded: bool = False) -> None:
+    """``padded``: the accelerator's code paths (no host reads; ``host_reads_are_free`` answers
+    False) with a bank that knows the per-rank batch size, counting the operations that would
+    make the host wait for a CUDA device."""
+    import contextlib
+    import importlib
+
+    from tests.test_host_sync import SyncCounter
+
     init_gloo(rank, world_size, port, timeout_s=30)
+    if padded:
+        for name in ("look.memory", "look.sharded", "look.search", "look.losses.look_loss"):
+            importlib.import_module(name).host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
+    rows_per_rank = max(max(split) for *_, split in _global_steps(world_size))
+    syncs: dict[str, list[str]] = {"update": [], "loss": []}
+
+    @contextlib.contextmanager
+    def counted(part: str) -> Iterator[None]:
+        if not padded:
+            yield
+            return
+        original_tolist = torch.Tensor.tolist
+        tolist_calls: list[str] = []
+
+        def counting_tolist(self: torch.Tensor) -> object:
+            tolist_calls.append("tolist")
+            return original_tolist(self)
+
+        torch.Tensor.tolist = counting_tolist  # type: ignore[method-assign]
+        try:
+            with SyncCounter() as counter:
+                yield
+        finally:
+            torch.Tensor.tolist = original_tolist  # type: ignore[method-assign]
+        syncs[part].extend(counter.calls + tolist_calls)
+
     try:
         torch.set_num_threads(1)
-        stats: dict[str, int] = {"valid": 0, "swapped_or_dropped": 0, "steps": 0}
+        stats: dict[str, object] = {"valid": 0, "swapped_or_dropped": 0, "steps": 0}
         for no_positive, dtype, k, chunk_size in CONFIGS:
             replicated = MemoryBank(NUM_SAMPLES, DIM, dtype=dtype, gather_distributed=False)
-            sharded = ShardedMemoryBank(NUM_SAMPLES, DIM, dtype=dtype)
+            sharded = ShardedMemoryBank(
+                NUM_SAMPLES, DIM, dtype=dtype, rows_per_rank=rows_per_rank if padded else None
+            )
             assert (sharded.shard_start, sharded.shard_stop) == shard_bounds(
                 NUM_SAMPLES, world_size, rank
             )
@@ -90,16 +127,17 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 expected.loss.sum().backward()
 
                 local_query = embeddings[local].clone().requires_grad_(True)
-                actual = sharded_look_loss_terms(
-                    local_query,
-                    labels[local],
-                    sharded,
-                    k=k,
-                    temperature=TEMPERATURE,
-                    query_indices=ids[local],
-                    no_positive=no_positive,
-                    chunk_size=chunk_size,
-                )
+                with counted("loss"):
+                    actual = sharded_look_loss_terms(
+                        local_query,
+                        labels[local],
+                        sharded,
+                        k=k,
+                        temperature=TEMPERATURE,
+                        query_indices=ids[local],
+                        no_positive=no_positive,
+                        chunk_size=chunk_size,
+                    )
                 actual.loss.sum().backward()
 
                 for field in expected._fields:
@@ -123,7 +161,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
                 # Written after the loss, as the LOOK method does.
                 replicated.update(ids, embeddings, labels)
-                sharded.update(ids[local], embeddings[local], labels[local])
+                with counted("update"):
+                    sharded.update(ids[local], embeddings[local], labels[local])
                 union = sharded.gather_full_state()
                 for name, value in union.items():
                     assert torch.equal(value, getattr(replicated, name)), name
@@ -132,17 +171,30 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             restored.load_full_state_(replicated.state_dict())
             assert torch.equal(restored.features, sharded.features)
             assert torch.equal(restored.ids, sharded.ids)
+        stats["syncs"] = syncs
         torch.save(stats, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize(("world_size", "padded"), [(2, False), (3, False), (2, True)])
 def test_sharded_bank_and_loss_equal_one_process_with_replicated_bank(
-    world_size: int, tmp_path: Path
+    world_size: int, padded: bool, tmp_path: Path
 ) -> None:
-    mp.spawn(_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(
+        _worker,
+        args=(world_size, free_port(), str(tmp_path), padded),
+        nprocs=world_size,
+        join=True,
+    )
     stats = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    if padded:
+        # The write and the query gather read nothing on the host; what is left is fetching the
+        # chosen rows from their owners (how many each rank asks for is data-dependent).
+        calls = len(CONFIGS) * len(_global_steps(world_size))
+        for rank_stats in stats:
+            fetch = ["nonzero", "bincount", "tolist", "tolist"]  # one wait: the second is ready
+            assert rank_stats["syncs"] == {"update": [], "loss": fetch * calls}
     steps = len(CONFIGS) * len(_global_steps(world_size))
     assert all(rank_stats["steps"] == steps for rank_stats in stats)
     # The comparison covered real work: queries that kept a loss and ones that needed the rule.

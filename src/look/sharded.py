@@ -35,6 +35,7 @@ from torch import Tensor
 from look.engine.distributed import (
     gather_rows_and_counts,
     gather_rows_no_grad,
+    gather_rows_padded,
     get_rank,
     get_world_size,
     is_distributed,
@@ -105,6 +106,8 @@ class ShardedMemoryBank(MemoryBank):
         dim: feature dimension.
         momentum: ``μ`` in ``[0, 1)`` of the row update (see ``MemoryBank``).
         dtype: storage dtype of the rows (float32, bfloat16, float16 or their names).
+        rows_per_rank: the per-rank batch size, if known: the write's gather and the loss's query
+            gather then pad to it instead of reading row counts on the host (see ``MemoryBank``).
     """
 
     shard_range: Tensor
@@ -116,6 +119,7 @@ class ShardedMemoryBank(MemoryBank):
         *,
         momentum: float = 0.5,
         dtype: torch.dtype | str = torch.float32,
+        rows_per_rank: int | None = None,
     ) -> None:
         world_size, rank = get_world_size(), get_rank()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -127,7 +131,14 @@ class ShardedMemoryBank(MemoryBank):
             )
         start, stop = shard_bounds(num_samples, world_size, rank)
         # Gathering is what makes every rank see the global batch, so it is never optional here.
-        super().__init__(stop - start, dim, momentum=momentum, dtype=dtype, gather_distributed=True)
+        super().__init__(
+            stop - start,
+            dim,
+            momentum=momentum,
+            dtype=dtype,
+            gather_distributed=True,
+            rows_per_rank=rows_per_rank,
+        )
         self.num_samples = num_samples
         self.world_size = world_size
         self.rank = rank
@@ -175,10 +186,17 @@ class ShardedMemoryBank(MemoryBank):
         labels: Tensor,
         row_ok: Tensor | None,
         *,
-        present: Tensor | None = None,  # never set: a sharded bank gathers with row counts
+        present: Tensor | None = None,  # padding rows are already out of row_ok
     ) -> None:
         # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
         # full bank): hand it local rows; _store below puts the dataset index back into `ids`.
+        if row_ok is not None:
+            # On an accelerator (values checked on the device): rows of other shards are written
+            # like refused rows (they write nothing), so that nothing here waits for the device.
+            owned = (ids >= self.shard_start) & (ids < self.shard_stop)
+            rows = torch.where(owned, ids - self.shard_start, 0)
+            super()._write(rows, features, labels, row_ok & owned)
+            return
         rows, owned_features, owned_labels, owned_ok = self._owned_rows(
             ids, features, labels, row_ok
         )
@@ -456,10 +474,19 @@ def sharded_look_loss_terms(
             if query_indices is None
             else query_indices.to(device=device, dtype=torch.int64)
         )
-        # The row counts the gather exchanges are the all-to-all sizes below (no second read).
-        (all_queries, all_columns), queries_per_rank = gather_rows_and_counts(
-            [queries.detach(), torch.stack([local_ids, local_labels], dim=1)]
-        )
+        columns = torch.stack([local_ids, local_labels], dim=1)
+        if memory.rows_per_rank is not None and is_distributed():
+            # Every rank pads its queries to the batch size: no row counts to read on the host,
+            # and the all-to-all sizes below are known (padding queries' lists are dropped).
+            (all_queries, all_columns), _ = gather_rows_padded(
+                [queries.detach(), columns], memory.rows_per_rank
+            )
+            queries_per_rank = [memory.rows_per_rank] * world_size
+        else:
+            # The row counts the gather exchanges are the all-to-all sizes below.
+            (all_queries, all_columns), queries_per_rank = gather_rows_and_counts(
+                [queries.detach(), columns]
+            )
         # Checked on the gathered batch so that every rank raises together (none is left
         # waiting); on an accelerator a NaN loss term replaces the check (see look.host_sync).
         if host_reads_are_free(device) and not bool(torch.isfinite(all_queries).all()):
@@ -498,12 +525,15 @@ def sharded_look_loss_terms(
                 ).unsqueeze(1)  # type: ignore[operator]
             )
 
-        # 2. Each query's per-shard lists go to the query's rank: (W, B, ...) in shard order.
-        from_shards = [batch] * world_size
+        # 2. Each query's per-shard lists go to the query's rank: (W, B, ...) in shard order
+        # (with padded queries each shard sends this rank's padded count; the padding is cut).
+        mine = queries_per_rank[get_rank()]
+        from_shards = [mine] * world_size
         shard_values = _exchange(torch.cat(float_columns, dim=1), queries_per_rank, from_shards)
         shard_ints = _exchange(torch.cat(int_columns, dim=1), queries_per_rank, from_shards)
-        shard_values = shard_values.view(world_size, batch, k_eff + want_nearest).transpose(0, 1)
-        shard_ints = shard_ints.view(world_size, batch, 2 * k_eff + want_nearest).transpose(0, 1)
+        shard_values = shard_values.view(world_size, mine, k_eff + want_nearest)[:, :batch]
+        shard_ints = shard_ints.view(world_size, mine, 2 * k_eff + want_nearest)[:, :batch]
+        shard_values, shard_ints = shard_values.transpose(0, 1), shard_ints.transpose(0, 1)
         candidate_values = shard_values[..., :k_eff].reshape(batch, world_size * k_eff)
         candidate_ids = shard_ints[..., :k_eff].reshape(batch, world_size * k_eff)
         candidate_labels = shard_ints[..., k_eff : 2 * k_eff].reshape(batch, world_size * k_eff)

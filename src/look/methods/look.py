@@ -148,6 +148,7 @@ class LOOK(Method):
                 options.head_out_dim,
                 momentum=memory_momentum,
                 dtype=_MEMORY_DTYPES[options.memory_dtype],
+                rows_per_rank=ctx.local_batch_size,
             )
         else:
             self.memory = build_memory(
@@ -200,8 +201,8 @@ class LOOK(Method):
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
         # Written after the optimizer step (see __init__) unless reads of the device are free
-        # or the write itself reads row counts on the host (DDP without a known batch size, a
-        # sharded bank: after the optimizer step that read would wait for the whole backward).
+        # or the write itself reads row counts on the host (DDP without a known batch size:
+        # after the optimizer step that read would wait for the whole backward pass).
         write_later = not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
         if isinstance(self.memory, ShardedMemoryBank):
             # A collective: every rank's queries search every rank's shard.
