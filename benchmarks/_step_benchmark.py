@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -69,7 +70,8 @@ def trainer_step(
             non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
             inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
             flags = all_reduce_sum(torch.stack([non_finite, inexact])).tolist()
-            if flags[1] != 0:
+            if flags[1] != 0:  # the timing then includes a second forward and backward
+                warnings.warn("a benchmark step was inexact and redone", RuntimeWarning, 2)
                 with method.exact_redo():
                     out = forward_backward(batch)
             if flags[0] != 0:
