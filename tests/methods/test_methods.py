@@ -114,8 +114,11 @@ def test_k_fraction_sets_k_from_the_mean_class_size() -> None:
 
 
 def test_impossible_k_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="k=64 is impossible"):
+    with pytest.raises(ConfigError, match=r"k=64 is impossible.*or k: null for NCA"):
         build_method({"name": "look", "k": 64}, TinyBackbone(), 12, CTX)
+    # A sharded bank needs a finite k: NCA is not offered as the way out.
+    with pytest.raises(ConfigError, match=r"Use k <= 63\.$"):
+        build_method({"name": "look", "k": 64, "memory": "sharded_bank"}, TinyBackbone(), 12, CTX)
     with pytest.raises(ConfigError, match="k must be >= 1"):
         build_method({"name": "look", "k": 0}, TinyBackbone(), 12, CTX)
     with pytest.raises(ConfigError, match="k must be null"):

@@ -134,10 +134,12 @@ class LOOK(Method):
         memory_rows = ctx.num_samples if options.memory != "queue" else options.queue_size
         if options.k is not None and options.k >= memory_rows:
             # Leave-one-out leaves at most N-1 candidates: k >= N is not a valid LOOK setting.
+            # NCA (k: null) is no way out with a sharded bank, which needs a finite k.
+            nca = "" if options.memory == "sharded_bank" else ", or k: null for NCA (all rows)"
             raise ConfigError(
                 f"k={options.k} is impossible with a {options.memory} of {memory_rows} rows: "
                 f"leave-one-out leaves at most {memory_rows - 1} neighbours. Use "
-                f"k <= {memory_rows - 1}, or k: null for NCA (all rows)."
+                f"k <= {memory_rows - 1}{nca}."
             )
         memory_momentum = options.memory_momentum if options.memory_update == "momentum" else 0.0
         if options.memory == "sharded_bank":
