@@ -204,6 +204,9 @@ def _padded_worker(rank: int, port: int, out_dir: str) -> None:
             except ValueError as error:
                 errors["too_many_rows"] = str(error)
             results[policy] = {
+                "read_free": {
+                    name: memory.writes_without_host_reads for name, memory in memories.items()
+                },
                 "state": states,
                 "errors": errors,
                 "syncs": syncs,
@@ -232,3 +235,6 @@ def test_padded_gather_gives_the_same_memories_without_host_reads(tmp_path: Path
         syncs = result["accelerator"]["syncs"]
         assert syncs["bank_fp32"] == syncs["bank_bf16_overwrite"] == syncs["queue_long"] == []
         assert syncs["queue_short"] == ["nonzero"] * len(_global_steps())
+        # ...and the memories say so (LOOK defers only a write that reads nothing).
+        read_free = result["accelerator"]["read_free"]
+        assert read_free == {name: name != "queue_short" for name in read_free}

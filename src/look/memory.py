@@ -33,7 +33,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from look.engine.distributed import gather_rows_no_grad, gather_rows_padded, is_distributed
+from look.engine.distributed import (
+    gather_rows_no_grad,
+    gather_rows_padded,
+    get_world_size,
+    is_distributed,
+)
 from look.host_sync import DeferredChecks, host_reads_are_free
 
 __all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
@@ -567,6 +572,16 @@ class MemoryQueue(FeatureMemory):
     def capacity(self) -> int:
         """Number of entries ``Q`` (same as :attr:`size`)."""
         return self.size
+
+    @property
+    def writes_without_host_reads(self) -> bool:
+        """As for every memory, and under DDP only while the padded global batch fits the queue
+        (else the padding is dropped on the host, see :meth:`_write`)."""
+        if not super().writes_without_host_reads:
+            return False
+        if not (self.gather_distributed and is_distributed()):
+            return True
+        return get_world_size() * self.rows_per_rank <= self.capacity  # type: ignore[operator]
 
     @torch.no_grad()
     def reset(self) -> None:
