@@ -44,6 +44,26 @@ def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "k=500 is impossible" in capsys.readouterr().err
 
 
+def test_dry_run_checks_everything_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert main([*_pretrain_args(run, "train.max_steps=2"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "starts_at: step 0 (fresh run)" in plan and "total_steps: 2" in plan
+    assert "memory: MemoryBank(size=" in plan and "dry run" in plan
+    assert not run.exists()
+    # Checked like a real start: a bad setting fails, and so does a run of another config.
+    assert main([*_pretrain_args(run, "method.k=500"), "--dry-run"]) == 2
+    assert "k=500 is impossible" in capsys.readouterr().err
+    assert main(_pretrain_args(run, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    assert main([*_pretrain_args(run, "train.max_steps=2"), "--dry-run"]) == 0
+    assert "starts_at: step 2 (ckpt-000000002.pt)" in capsys.readouterr().out
+    assert main([*_pretrain_args(run, "train.max_steps=2", "method.k=4"), "--dry-run"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
 def test_recipe_names_resolve() -> None:
     assert (
         resolve_config_path("look_cnn-small_fmnist-coarse").name

@@ -70,6 +70,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, help="run directory (created or resumed)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --output")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build and check everything (data, model, method, memory, schedule, the checkpoint "
+        "to resume from) and print the plan; train nothing, write nothing",
+    )
     p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda)")
     p.add_argument(
         "--download",
@@ -158,6 +164,16 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         overrides.append("data.download=true")
     config_path = resolve_config_path(args.config) if args.config else None
     cfg = load_config(config_path, overrides)
+    if args.dry_run:
+        from look.engine.distributed import is_main_process
+        from look.engine.trainer import Trainer
+
+        plan = Trainer(cfg, args.output, resume=not args.no_resume).plan()
+        if is_main_process():
+            for key, value in plan.items():
+                print(f"{key}: {value}")
+            print("look: dry run; nothing was trained or written")
+        return 0
     result = pretrain(cfg, args.output, resume=not args.no_resume)
     if result.backbone_path is not None:
         print(f"look: done at step {result.global_step}; backbone: {result.backbone_path}")

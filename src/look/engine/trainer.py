@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import look
 from look.config import ConfigError, RunConfig, data_spec_from_config, save_yaml, to_dict
-from look.data import build_train_dataset
+from look.data import build_train_dataset, describe
 from look.engine.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
@@ -257,12 +257,14 @@ class Trainer:
             )
         barrier()
 
-    def _try_resume(self) -> bool:
+    def _resumable_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest good checkpoint to resume from (None: a fresh start), after checking that
+        it was written for this configuration."""
         if not self.resume:
-            return False
+            return None
         loaded = load_latest_checkpoint(self.checkpoint_dir, map_location=self.device)
         if loaded is None:
-            return False
+            return None
         state, path = loaded
         diffs = _config_differences(state["config"], self.resolved)
         if diffs:
@@ -273,6 +275,40 @@ class Trainer:
             )
         if state["global_batch_size"] != self.global_batch:
             raise ConfigError("the global batch size changed since the checkpoint")
+        return state, path
+
+    def plan(self) -> dict[str, Any]:
+        """What :meth:`fit` would do, for a dry run: data, model, method, memory, schedule and
+        where it would start. Everything is built and checked; nothing is trained or written."""
+        resumable = self._resumable_checkpoint()
+        parameters = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        memory = getattr(self.method, "memory", None)
+        return {
+            "data": describe(data_spec_from_config(self.cfg.data)).removeprefix("data: "),
+            "train_images": self.data_info.num_samples,
+            "classes": self.data_info.num_classes,
+            "backbone": self.cfg.model.backbone,
+            "trainable_parameters": parameters,
+            "method": self.resolved["method"],
+            "memory": None if memory is None else repr(memory),
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "none",
+            "world_size": get_world_size(),
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "starts_at": (
+                "step 0 (fresh run)"
+                if resumable is None
+                else f"step {int(resumable[0]['global_step'])} ({resumable[1].name})"
+            ),
+        }
+
+    def _try_resume(self) -> bool:
+        resumable = self._resumable_checkpoint()
+        if resumable is None:
+            return False
+        state, path = resumable
         self.method.load_checkpoint_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
