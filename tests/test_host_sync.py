@@ -358,3 +358,48 @@ def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(
     trainer._step(0, batch)
     assert read_after_backward == [True]
     assert accelerator_policy == ["tolist"]  # the one read of the step's flags
+
+
+def _ddp_trainer_worker(rank: int, port: int, out_dir: str, flag_on_rank_0: bool) -> None:
+    import os
+
+    from tests.engine.test_trainer import tiny_config
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+         "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    for module in (search_module, look_loss_module, memory_module, sharded_module, look_method):
+        module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
+    if flag_on_rank_0 and rank == 0:
+        with pytest.MonkeyPatch.context() as patch:
+            _search_that_overflows_at({3, 8}, patch)
+            pretrain(tiny_config("train.ddp_timeout_s=60"), Path(out_dir))
+    else:
+        pretrain(tiny_config("train.ddp_timeout_s=60"), Path(out_dir))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_a_step_flagged_on_one_rank_is_redone_on_every_rank(tmp_path: Path) -> None:
+    """The flags are agreed over ranks: when only rank 0's search overflowed, both ranks redo the
+    step (a rank-local redo would leave the other waiting in a collective), and the run gives
+    the loss curve of a run where nothing overflowed."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.ddp import free_port
+    from tests.engine.test_trainer import train_losses
+
+    for name, flag in (("exact", False), ("redone", True)):
+        mp.spawn(
+            _ddp_trainer_worker,
+            args=(free_port(), str(tmp_path / name), flag),
+            nprocs=2,
+            join=True,
+        )
+    assert train_losses(tmp_path / "redone") == train_losses(tmp_path / "exact")
+    summary = json.loads((tmp_path / "redone" / "summary.json").read_text())
+    assert summary["inexact_steps_redone_this_session"] == 2
