@@ -299,6 +299,22 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     torch.testing.assert_close(terms["triton"].loss, terms["torch"].loss, rtol=0, atol=1e-6)
     assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
     assert not (terms["triton"].neighbour_indices == query_ids.unsqueeze(1)).any()
+    assert terms["triton"].inexact is None  # waited for inside, unless deferred
+
+    # Deferred, an overflow of the shard's search is returned as `inexact` (a row copied 1,200
+    # times, without momentum, next to query 0 overflows its buffer), and the wrong terms with it.
+    copies = torch.arange(1200)
+    bank.fill_(copies, query[:1].repeat(1200, 1), torch.zeros(1200, dtype=torch.int64))
+    deferred = sharded_look_loss_terms(
+        query, labels, bank, k=20, temperature=0.1, query_indices=query_ids,
+        search_backend="triton", defer_exactness_check=True,
+    )  # fmt: skip
+    exact = sharded_look_loss_terms(
+        query, labels, bank, k=20, temperature=0.1, query_indices=query_ids,
+        search_backend="torch",
+    )  # fmt: skip
+    assert deferred.inexact is not None and bool(deferred.inexact)
+    assert not torch.equal(deferred.neighbour_indices, exact.neighbour_indices)
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from look.search import (
     check_positive_int,
     check_search_backend,
     compute_dtype_for,
-    knn_search,
+    knn_search_deferred,
     validate_search_inputs,
 )
 
@@ -396,6 +396,7 @@ def sharded_look_loss_terms(
     no_positive: str = "drop",
     chunk_size: int = 65536,
     search_backend: SearchBackend = "auto",
+    defer_exactness_check: bool = False,
 ) -> LookLossTerms:
     """Per-query LOOK loss terms over a :class:`ShardedMemoryBank` (a collective under DDP).
 
@@ -418,6 +419,8 @@ def sharded_look_loss_terms(
         chunk_size: bank rows per chunk of each shard's search.
         search_backend: each shard's search (see ``look_loss_terms``); the fused GPU search
             applies to a bf16/fp16 shard on CUDA.
+        defer_exactness_check: as in ``look_loss_terms``: ``inexact`` then says whether this
+            shard's fused search overflowed (the caller agrees on it over ranks).
 
     Returns:
         :class:`look.losses.LookLossTerms` for this rank's queries; ``neighbour_indices`` are
@@ -500,7 +503,7 @@ def sharded_look_loss_terms(
         # A written local row r holds dataset index r + shard_start, so leave-one-out can be by
         # local row (ids outside the shard match no row): the search then needs no memory_ids,
         # which lets the fused GPU search run on the shard.
-        search = knn_search(
+        pending = knn_search_deferred(
             all_queries,
             memory.features,
             k_eff,
@@ -511,6 +514,15 @@ def sharded_look_loss_terms(
             memory_labels=memory.labels if want_nearest else None,
             backend=search_backend,
         )
+        # Deferred: the caller reads whether this shard's fused search overflowed (an overflow
+        # on any shard makes every rank redo the step); else it is waited for here.
+        inexact = None
+        if defer_exactness_check:
+            search = pending.result
+            if pending.overflowed is not None:
+                inexact = pending.overflowed.any()
+        else:
+            search = pending.finish()
         found = search.indices >= 0
         shard_ids = torch.where(found, search.indices + memory.shard_start, -1)
         shard_labels = torch.where(found, memory.labels[search.indices.clamp(min=0)], -1)
@@ -574,4 +586,5 @@ def sharded_look_loss_terms(
         positive_in_topk=positive_in_topk,
         neighbour_indices=neighbour_ids,
         neighbour_agreement=agreement,
+        inexact=inexact,
     )

@@ -218,6 +218,9 @@ class LOOK(Method):
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
+                defer_exactness_check=(
+                    self.defer_exactness_check and write_later and not self._redoing
+                ),
             )
         else:
             terms = look_loss_terms(
