@@ -6,6 +6,7 @@ Launching is left to ``torchrun``; :func:`init_distributed` only reads the envir
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -156,17 +157,25 @@ def gather_rows_padded(
             f"this rank has {local_rows} rows, more than rows_per_rank={rows_per_rank} (the "
             "per-rank batch size the memory was built for)"
         )
-    gathered = []
-    for tensor in tensors:
-        tensor = tensor.detach()
-        if local_rows < rows_per_rank:
-            padded = tensor.new_zeros((rows_per_rank, *tensor.shape[1:]))
-            padded[:local_rows] = tensor
-            tensor = padded
-        gathered.append(gather_no_grad(tensor))
     present = torch.arange(rows_per_rank, device=device) < local_rows
-    # gloo cannot gather bool tensors; uint8 carries the same values.
-    return gathered, gather_no_grad(present.to(torch.uint8)).bool()
+    # One collective for everything: each tensor's rows as raw bytes side by side, then the
+    # present mask as one byte (a small all-gather costs its latency, whatever it carries).
+    parts = [tensor.detach().contiguous() for tensor in tensors]
+    widths = [math.prod(part.shape[1:]) * part.element_size() for part in parts]
+    packed = torch.zeros((rows_per_rank, sum(widths) + 1), dtype=torch.uint8, device=device)
+    column = 0
+    for part, width in zip(parts, widths, strict=True):
+        row_values = part.reshape(local_rows, width // part.element_size())
+        packed[:local_rows, column : column + width] = row_values.view(torch.uint8)
+        column += width
+    packed[:, column] = present.to(torch.uint8)
+    every_rank = gather_no_grad(packed)
+    gathered, column = [], 0
+    for part, width in zip(parts, widths, strict=True):
+        raw = every_rank[:, column : column + width].contiguous()
+        gathered.append(raw.view(part.dtype).reshape(-1, *part.shape[1:]))
+        column += width
+    return gathered, every_rank[:, column].bool()
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
