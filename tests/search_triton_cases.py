@@ -22,7 +22,7 @@ from look.search_triton import (
     set_kernel_config,
     tune_kernel_config,
 )
-from tests.neighbour_checks import assert_same_neighbours
+from tests.neighbour_checks import assert_same_neighbours, overflowing_look_step
 
 
 def _check_same(query: torch.Tensor, memory: torch.Tensor, k: int, **kwargs: object) -> None:
@@ -111,7 +111,6 @@ def case_deferred_overflow_is_flagged_and_the_exact_redo_matches_the_scan() -> N
     is really wrong, and the step recomputed under ``exact_redo`` equals the scan's loss."""
     import importlib
 
-    from look.losses import look_loss_terms
     from look.methods import Batch, MethodContext, build_method
     from look.models import create_backbone
 
@@ -129,35 +128,16 @@ def case_deferred_overflow_is_flagged_and_the_exact_redo_matches_the_scan() -> N
         rows = 8000
         options = {"name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "float16"}
         method = build_method(options, backbone, feature_dim, MethodContext(5, rows)).train()
-        method.defer_exactness_check = True
         generator = torch.Generator().manual_seed(0)
         batch = Batch(
             views=[torch.randn(16, 3, 28, 28, generator=generator)],
             labels=torch.randint(0, 5, (16,), generator=generator),
             indices=torch.randperm(rows, generator=generator)[:16],
         )
-        with torch.no_grad():  # 2,400 copies of query 0's embedding: its buffer overflows
-            embedding = method.head(method.backbone(batch.views[0])).float()
-            rows_in = F.normalize(torch.randn(rows, method.memory.dim, generator=generator), dim=1)
-            rows_in[:2400] = F.normalize(embedding, dim=1)[0]
-            labels = torch.randint(0, 5, (rows,), generator=generator)
-            labels[:2400] = 0
-            method.memory.features.copy_(rows_in)
-            method.memory.labels.copy_(labels)
-            method.memory.valid.fill_(True)
-            method.memory.ids.copy_(torch.arange(rows))
-        deferred = method(batch)
-        assert deferred.inexact is not None and bool(deferred.inexact)
-        with method.exact_redo():
-            redone = method(batch)
-        assert redone.inexact is None
-        z = F.normalize(method.head(method.backbone(batch.views[0])).float(), dim=1)
-        scan = look_loss_terms(
-            z, batch.labels, method.memory.features, method.memory.labels, k=20,
-            temperature=0.1, query_indices=batch.indices, memory_valid=method.memory.valid,
-            search_backend="torch",
-        )  # fmt: skip
-        expected = scan.loss.sum() / scan.valid.sum().clamp(min=1)
+        # 2,400 copies of query 0's embedding: its buffer overflows.
+        deferred, redone, expected = overflowing_look_step(
+            method, batch, copies=2400, generator=generator
+        )
         torch.testing.assert_close(redone.loss, expected, rtol=0, atol=1e-6)
         assert abs(float(deferred.loss) - float(expected)) > 1e-3, "the overflow changed nothing"
         print(f"  deferred loss {float(deferred.loss):.3f}, exact {float(expected):.3f}")

@@ -97,9 +97,9 @@ def test_look_step_with_the_fused_search_waits_once(deferred: bool, expected_wai
 def test_overflowing_fused_search_is_flagged_and_the_redo_is_exact() -> None:
     """On the GPU, as the interpreter case of tests/search_triton_cases.py on the CPU: copies of a
     query's embedding make its candidate buffer overflow; the deferred step says it is inexact
-    (with a really wrong loss) and the step redone under exact_redo equals the scan's loss."""
-    from look.losses import look_loss_terms
+    and the step redone under exact_redo equals the scan's loss."""
     from look.search_triton import triton_available
+    from tests.neighbour_checks import overflowing_look_step
 
     if not triton_available():
         pytest.skip("Triton is not installed")
@@ -110,29 +110,8 @@ def test_overflowing_fused_search_is_flagged_and_the_redo_is_exact() -> None:
     method = build_method(
         options, backbone, feature_dim, MethodContext(num_classes=5, num_samples=rows)
     ).cuda().train()
-    method.defer_exactness_check = True
     batch = _batch(rows, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # 6,000 copies of query 0's embedding
-        embedding = F.normalize(method.head(method.backbone(batch.views[0])).float(), dim=1)[0]
-        features = F.normalize(torch.randn(rows, method.memory.dim, generator=generator), dim=1)
-        labels = torch.randint(0, 5, (rows,), generator=generator)
-        labels[:6000] = 0
-        features = features.cuda()
-        features[:6000] = embedding
-        method.memory.features.copy_(features)
-        method.memory.labels.copy_(labels)
-        method.memory.valid.fill_(True)
-        method.memory.ids.copy_(torch.arange(rows, device="cuda"))
-    deferred = method(batch)
-    assert deferred.inexact is not None and bool(deferred.inexact)
-    with method.exact_redo():
-        redone = method(batch)
-    assert redone.inexact is None
-    z = F.normalize(method.head(method.backbone(batch.views[0])).float(), dim=1)
-    scan = look_loss_terms(
-        z, batch.labels, method.memory.features, method.memory.labels, k=20, temperature=0.1,
-        query_indices=batch.indices, memory_valid=method.memory.valid, search_backend="torch",
-    )  # fmt: skip
-    expected = scan.loss.sum() / scan.valid.sum().clamp(min=1)
+    _, redone, expected = overflowing_look_step(
+        method, batch, copies=6000, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(redone.loss, expected, rtol=1e-5, atol=1e-5)
