@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,40 +15,31 @@ from tests.ddp import free_port
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
-    output = tmp_path / "gpu_step.json"
+def _run_benchmark(
+    tmp_path: Path,
+    script: str,
+    *args: str,
+    launcher: tuple[str, ...] = (),
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` (under ``launcher``, e.g. torchrun) with ``--output`` in
+    ``tmp_path`` and return the JSON it wrote."""
+    output = tmp_path / f"{Path(script).stem}.json"
     subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "gpu_step.py"),
-            "--device",
-            "cpu",
-            "--backbone",
-            "look_resnet_tiny",
-            "--image-size",
-            "16",
-            "--batch-size",
-            "8",
-            "--classes",
-            "10",
-            "--rows",
-            "2048",
-            "--world",
-            "4",
-            "--k",
-            "20",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--scan-step",
-            "--output",
-            str(output),
-        ],
+        [sys.executable, *launcher, str(BENCHMARKS / script), *args, "--output", str(output)],
         check=True,
         capture_output=True,
+        timeout=timeout,
     )
-    figures = json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+    figures = _run_benchmark(
+        tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
+        "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
+        "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
+    )  # fmt: skip
     entry = figures["rows"]["2048"]
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
@@ -58,17 +50,10 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
 
 
 def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
-    output = tmp_path / "cpu_step.json"
-    subprocess.run(
-        [
-            sys.executable, str(BENCHMARKS / "cpu_step.py"), "--batch-size", "16",
-            "--rows", "400", "--k", "100", "--steps", "1", "--warmup-steps", "0",
-            "--output", str(output),
-        ],
-        check=True,
-        capture_output=True,
+    report = _run_benchmark(
+        tmp_path, "cpu_step.py", "--batch-size", "16", "--rows", "400", "--k", "100",
+        "--steps", "1", "--warmup-steps", "0",
     )  # fmt: skip
-    report = json.loads(output.read_text())
     assert report["k"] == 100 and report["bank_rows"] == 400
     assert set(report["seconds_median"]) == {
         "ce_step", "look_step", "look_step_scan", "look_loss_forward_backward",
@@ -78,20 +63,16 @@ def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_ddp_step_benchmark_smoke_with_two_gloo_ranks(tmp_path: Path) -> None:
-    output = tmp_path / "ddp_step.json"
-    subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(free_port()), str(BENCHMARKS / "ddp_step.py"),
-            "--device", "cpu", "--backbone", "look_cnn_small", "--image-size", "28",
-            "--batch-size", "8", "--rows", "3000", "--k", "20", "--classes", "10",
-            "--memory-dtype", "float32", "--steps", "1", "--warmup", "1", "--output", str(output),
-        ],
-        check=True,
-        capture_output=True,
+    report = _run_benchmark(
+        tmp_path, "ddp_step.py", "--device", "cpu", "--backbone", "look_cnn_small",
+        "--image-size", "28", "--batch-size", "8", "--rows", "3000", "--k", "20",
+        "--classes", "10", "--memory-dtype", "float32", "--steps", "1", "--warmup", "1",
+        launcher=(
+            "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(free_port()),
+        ),
         timeout=300,
     )  # fmt: skip
-    report = json.loads(output.read_text())
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     bank, sharded = report["memories"]["bank"], report["memories"]["sharded_bank"]
     assert bank["step_ms"] > 0 and sharded["step_ms"] > 0 and sharded["loss_ms"] > 0
@@ -100,26 +81,16 @@ def test_ddp_step_benchmark_smoke_with_two_gloo_ranks(tmp_path: Path) -> None:
 
 
 def test_nca_memory_benchmark_smoke(tmp_path: Path) -> None:
-    output = tmp_path / "nca.json"
-    subprocess.run(
-        [
-            sys.executable, str(BENCHMARKS / "nca_memory.py"), "--output", str(output),
-            "--rows", "3000", "--batch-size", "8", "--dim", "16",
-        ],
-        check=True, capture_output=True, timeout=300,
+    report = _run_benchmark(
+        tmp_path, "nca_memory.py", "--rows", "3000", "--batch-size", "8", "--dim", "16",
+        timeout=300,
     )  # fmt: skip
-    report = json.loads(output.read_text())
     assert report["kept"]["seconds"] > 0 and report["recomputed"]["seconds"] > 0
 
 
 def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    output = tmp_path / "resources.json"
-    subprocess.run(
-        [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--output", str(output)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
-    report = json.loads(output.read_text())
+    report = _run_benchmark(tmp_path, "kernel_resources.py", timeout=600)
     assert report["capability"] == 90 and len(report["kernels"]) >= 2
     assert all(0 < kernel["reg"] <= 255 for kernel in report["kernels"])
     assert all(kernel["blocks_per_sm"] >= 1 for kernel in report["kernels"])
@@ -208,12 +179,7 @@ def test_summarize_ablations_means_over_seeds_and_dedupes(tmp_path: Path) -> Non
 
 
 def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path) -> None:
-    output = tmp_path / "ops.json"
-    subprocess.run(
-        [sys.executable, str(BENCHMARKS / "look_step_ops.py"), "--output", str(output)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    report = json.loads(output.read_text())
+    report = _run_benchmark(tmp_path, "look_step_ops.py", timeout=300)
     assert report["look"]["forward"] > report["ce"]["forward"] > 0
     # Under the accelerator policy LOOK writes its memory after the optimizer step.
     assert report["look"]["after_optimizer_step"] == report["look_parts"]["memory_write"] > 0
