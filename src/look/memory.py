@@ -605,10 +605,9 @@ class MemoryQueue(FeatureMemory):
             ids, features, labels = ids[keep], features[keep], labels[keep]
             row_ok = None if row_ok is None else row_ok[keep]
             present = None
-        if present is not None and row_ok is None:
-            row_ok = present
         # With padding (real rows first, at most `capacity` rows in all) every row gets its own
-        # slot; padding rows leave theirs as they were and the pointer moves past the real ones.
+        # slot; padding rows, never in row_ok (see _prepare), leave theirs as they were, and the
+        # pointer moves past the real ones.
         batch = ids.numel()
         kept = min(batch, self.capacity)
         first_kept = batch - kept

@@ -206,6 +206,9 @@ class LOOK(Method):
         # or the write itself reads row counts on the host (DDP without a known batch size:
         # after the optimizer step that read would wait for the whole backward pass).
         write_later = not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
+        # The search's exactness check is left to the caller only while this batch's write is
+        # still pending: a redo must not find the batch's rows already written.
+        defer_exactness = self.defer_exactness_check and write_later and not self._redoing
         if isinstance(self.memory, ShardedMemoryBank):
             # A collective: every rank's queries search every rank's shard.
             terms = sharded_look_loss_terms(
@@ -218,9 +221,7 @@ class LOOK(Method):
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
-                defer_exactness_check=(
-                    self.defer_exactness_check and write_later and not self._redoing
-                ),
+                defer_exactness_check=defer_exactness,
             )
         else:
             terms = look_loss_terms(
@@ -238,11 +239,7 @@ class LOOK(Method):
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
-                # A redo must not find this batch's rows already written: only with the write
-                # still pending is the check left to the caller.
-                defer_exactness_check=(
-                    self.defer_exactness_check and write_later and not self._redoing
-                ),
+                defer_exactness_check=defer_exactness,
             )
         loss = global_masked_mean(terms.loss, terms.valid)
         metrics = {
