@@ -107,9 +107,11 @@ def test_overflowing_fused_search_is_flagged_and_the_redo_is_exact() -> None:
     backbone, feature_dim = create_backbone("look_cnn_small")
     options = {"name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "bfloat16"}
     rows = 20000
-    method = build_method(
-        options, backbone, feature_dim, MethodContext(num_classes=5, num_samples=rows)
-    ).cuda().train()
+    method = (
+        build_method(options, backbone, feature_dim, MethodContext(num_classes=5, num_samples=rows))
+        .cuda()
+        .train()
+    )
     batch = _batch(rows, seed=0)
     _, redone, expected = overflowing_look_step(
         method, batch, copies=6000, generator=torch.Generator().manual_seed(1)

@@ -1,6 +1,6 @@
 """Two and three gloo ranks on CPU: a ShardedMemoryBank and sharded_look_loss_terms must give each
-rank exactly what one process with a replicated MemoryBank and the global batch gives its queries,
-and the shards together must be that replicated bank."""
+rank exactly what one process with a replicated MemoryBank and the global batch gives its queries
+(the gradient up to rounding), and the shards together must be that replicated bank."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from look.losses import look_loss_terms
 from look.memory import MemoryBank
 from look.sharded import ShardedMemoryBank, shard_bounds, sharded_look_loss_terms
 from tests.ddp import free_port, init_gloo
+from tests.test_sharded import GRADIENT_TOLERANCE
 
 pytestmark = pytest.mark.ddp
 
@@ -153,7 +154,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, padded: bool = 
                     )
                 assert local_query.grad is not None and reference_query.grad is not None
                 torch.testing.assert_close(
-                    local_query.grad, reference_query.grad[local], rtol=0, atol=0
+                    local_query.grad, reference_query.grad[local], **GRADIENT_TOLERANCE
                 )
                 stats["valid"] += int(actual.valid.sum())
                 stats["swapped_or_dropped"] += int((~actual.positive_in_topk).sum())
@@ -189,12 +190,10 @@ def test_sharded_bank_and_loss_equal_one_process_with_replicated_bank(
     )
     stats = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     if padded:
-        # The write and the query gather read nothing on the host; what is left is fetching the
-        # chosen rows from their owners (how many each rank asks for is data-dependent).
-        calls = len(CONFIGS) * len(_global_steps(world_size))
+        # Neither the write nor the loss reads anything on the host: every exchange has a size
+        # known in advance (no rows are fetched; the owners compute and send back values).
         for rank_stats in stats:
-            fetch = ["nonzero", "bincount", "tolist", "tolist"]  # one wait: the second is ready
-            assert rank_stats["syncs"] == {"update": [], "loss": fetch * calls}
+            assert rank_stats["syncs"] == {"update": [], "loss": []}
     steps = len(CONFIGS) * len(_global_steps(world_size))
     assert all(rank_stats["steps"] == steps for rank_stats in stats)
     # The comparison covered real work: queries that kept a loss and ones that needed the rule.

@@ -115,7 +115,9 @@ class FeatureMemory(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"memory dim must be a positive int, got {dim!r}")
         if rows_per_rank is not None and (
-            isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1
+            isinstance(rows_per_rank, bool)
+            or not isinstance(rows_per_rank, int)
+            or rows_per_rank < 1
         ):
             raise ValueError(f"rows_per_rank must be a positive int or None, got {rows_per_rank!r}")
         self.rows_per_rank = rows_per_rank
@@ -192,9 +194,7 @@ class FeatureMemory(nn.Module):
 
     def _prepare(
         self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
-    ]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Check shapes, gather over ranks, check values, normalise. Returns the global batch
         as ``(ids int64, features float32 unit rows, labels int64, row_ok, present)`` on the
         memory's device; ``row_ok`` is None when the values were checked on the host, else a

@@ -7,15 +7,20 @@ replicated :class:`look.memory.MemoryBank` and one process fed the global batch:
 
 - :meth:`ShardedMemoryBank.update` gathers the local batches of all ranks (exactly as the
   replicated bank does) and writes only the rows this rank owns, with the same rule.
-- :func:`sharded_look_loss_terms` gathers the queries (no grad), searches every shard for every
-  query, sends each query's per-shard top-k to the query's rank, which merges them into the global
-  top-k; the feature rows of the chosen neighbours are then fetched from their owners and the k
-  selected similarities are recomputed with grad against the local query.
+- :func:`sharded_look_loss_terms` gathers the queries (no grad); every shard searches for every
+  query and computes, for its top-k candidates, the similarities the loss uses; each query's
+  per-shard candidates go to the query's rank, which merges them into the global top-k and
+  computes the loss. The loss's gradient with respect to a query is ``Σ_j w_j · row_j`` over its
+  chosen neighbours (``w_j = d loss / d s_j``): the weights go back to the rows' owners, which
+  return their part of the sum, so no feature row leaves its shard and the backward pass needs
+  no communication.
 
-Communication per step and rank, with ``B`` queries per rank, ``G = W·B`` in the global batch: the
-query gather (``G × d``), the per-shard top-k lists for the local queries (``W × B × k`` values,
-ids and labels), and the chosen neighbour rows (``B × k × d`` in the storage dtype). No
-``G × k × d`` tensor is ever gathered on one rank.
+Communication per step and rank, with ``B`` queries per rank, ``G = W·B`` in the global batch and
+``k`` neighbours: the query gather (``G × d``), the per-shard candidates of the local queries
+(``W × B × k`` search values, similarities, ids and labels), their weights back (the same size)
+and the partial gradients (``W × B × d``). Every size is known before the step (with
+``rows_per_rank``), so nothing waits for the device. The owners gather their candidates' rows
+in chunks of queries (at most 2**24 values at a time), never as one ``G × k × d`` tensor.
 
 Checkpoints: a rank's ``state_dict`` holds its shard only (and the shard's bounds, checked on
 load). To save one file for all ranks, call :meth:`ShardedMemoryBank.gather_full_state` on every
@@ -27,6 +32,7 @@ replicated :class:`~look.memory.MemoryBank`, so it also loads into one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -147,18 +153,6 @@ class ShardedMemoryBank(MemoryBank):
         self.register_buffer(
             "shard_range", torch.tensor([start, stop, num_samples], dtype=torch.int64)
         )
-
-    def shard_starts(self, device: torch.device | None = None) -> Tensor:
-        """``(W,)`` int64 first dataset index of every rank's shard, in rank order."""
-        starts = [
-            shard_bounds(self.num_samples, self.world_size, r)[0] for r in range(self.world_size)
-        ]
-        return torch.tensor(starts, dtype=torch.int64, device=device)
-
-    def owner_of(self, ids: Tensor) -> Tensor:
-        """Rank that owns each dataset index in ``ids`` (ids must lie in ``[0, num_samples)``)."""
-        # Every shard is non-empty, so "number of later shard starts <= id" is the owner.
-        return torch.searchsorted(self.shard_starts(ids.device)[1:], ids, right=True)
 
     def _ids_in_range(self, ids: Tensor) -> Tensor:
         return (ids >= 0) & (ids < self.num_samples)
@@ -299,50 +293,56 @@ def _exchange(tensor: Tensor, send_counts: list[int], receive_counts: list[int])
     return received
 
 
-def _merge_top_k(
-    values: Tensor, ids: Tensor, labels: Tensor, k: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Global top-``k`` of per-shard candidate lists ``(B, C)`` (padding: ``-inf`` / id ``-1``).
+def _merge_top_k(values: Tensor, ids: Tensor, k: int) -> Tensor:
+    """Positions ``(B, k)`` in per-shard candidate lists ``(B, C)`` (padding: ``-inf`` / id
+    ``-1``) of their global top-``k``, by descending value.
 
-    Sorted by descending value; equal values are ordered by lower id, so the result does not
-    depend on the order the lists came in.
+    Equal values are ordered by lower id, so the result does not depend on the order the lists
+    came in.
     """
     by_id = ids.argsort(dim=1, stable=True)
-    values, ids, labels = values.gather(1, by_id), ids.gather(1, by_id), labels.gather(1, by_id)
-    by_value = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    values, ids, labels = (
-        values.gather(1, by_value),
-        ids.gather(1, by_value),
-        labels.gather(1, by_value),
-    )
-    padding = values == float("-inf")
-    return values, ids.masked_fill(padding, -1), labels.masked_fill(padding, -1)
+    by_value = values.gather(1, by_id).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return by_id.gather(1, by_value)
 
 
 def _merge_nearest(values: Tensor, ids: Tensor) -> Tensor:
-    """Id of the best per-shard nearest positive ``(B, W)``, lower id on ties; -1 if none."""
+    """Shard ``(B,)`` holding the best per-shard nearest positive of ``(B, W)`` candidates, the
+    lower id on ties; -1 if no shard has one."""
     best = values.max(dim=1, keepdim=True).values
     tied = (values == best) & (ids >= 0)
-    nearest = torch.where(tied, ids, torch.full_like(ids, _NO_ID)).min(dim=1).values
-    return nearest.masked_fill(nearest == _NO_ID, -1)
+    nearest_ids, shard = torch.where(tied, ids, torch.full_like(ids, _NO_ID)).min(dim=1)
+    return shard.masked_fill(nearest_ids == _NO_ID, -1)
+
+
+class _Neighbours(NamedTuple):
+    """The neighbours of this rank's queries, as positions in the candidate grid."""
+
+    positions: Tensor  # (B, k) into the flattened (B, W · per-shard width) candidates
+    ids: Tensor  # (B, k) dataset indices, -1 for padding
+    is_neighbour: Tensor
+    is_positive: Tensor
+    valid: Tensor
+    positive_in_topk: Tensor
+    agreement: Tensor
 
 
 def _select_neighbours(
-    neighbour_ids: Tensor,
-    neighbour_labels: Tensor,
+    positions: Tensor,
+    candidate_ids: Tensor,
+    candidate_labels: Tensor,
     query_labels: Tensor,
-    nearest_positive_ids: Tensor | None,
+    nearest_positions: Tensor | None,
     *,
     no_positive: str,
     agreement_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Masks of the top-k and the ``no_positive`` rule, as in ``look_loss._top_k_terms``.
-
-    Returns ``(ids, is_neighbour, is_positive, valid, positive_in_topk, agreement)``; ``ids`` is
-    the top-k after the ``"nearest"`` swap of the last slot.
-    """
+) -> _Neighbours:
+    """Masks of the top-k and the ``no_positive`` rule, as in ``look_loss._top_k_terms``; with
+    ``"nearest"`` the last slot's position is swapped for the nearest positive's."""
+    neighbour_ids = candidate_ids.gather(1, positions)
     is_neighbour = neighbour_ids >= 0
-    is_positive = is_neighbour & (neighbour_labels == query_labels.unsqueeze(1))
+    is_positive = is_neighbour & (
+        candidate_labels.gather(1, positions) == query_labels.unsqueeze(1)
+    )
     positive_in_topk = is_positive.any(dim=1)
     agreement = is_positive.sum(dim=1).to(agreement_dtype) / is_neighbour.sum(dim=1).clamp(
         min=1
@@ -350,39 +350,81 @@ def _select_neighbours(
     if no_positive == "nearest":
         # No positive in the top-k means more than k candidates, so the last slot is a real
         # neighbour: it is swapped for the nearest same-label row of the whole bank.
-        swap = ~positive_in_topk & (nearest_positive_ids >= 0)  # type: ignore[operator]
-        last = neighbour_ids.shape[1] - 1
-        neighbour_ids = neighbour_ids.clone()
-        neighbour_ids[:, last] = torch.where(swap, nearest_positive_ids, neighbour_ids[:, last])  # type: ignore[arg-type]
+        swap = ~positive_in_topk & (nearest_positions >= 0)  # type: ignore[operator]
+        last = positions.shape[1] - 1
+        positions = positions.clone()
+        positions[:, last] = torch.where(swap, nearest_positions, positions[:, last])  # type: ignore[arg-type]
+        neighbour_ids = candidate_ids.gather(1, positions)
         is_neighbour = neighbour_ids >= 0
         is_positive = is_positive.clone()
         is_positive[:, last] |= swap
-    valid = is_positive.any(dim=1)
-    return neighbour_ids, is_neighbour, is_positive, valid, positive_in_topk, agreement
+    return _Neighbours(
+        positions,
+        neighbour_ids,
+        is_neighbour,
+        is_positive,
+        is_positive.any(dim=1),
+        positive_in_topk,
+        agreement,
+    )
 
 
-def _fetch_rows(memory: ShardedMemoryBank, neighbour_ids: Tensor) -> Tensor:
-    """Feature rows ``(B, k, d)`` (storage dtype, copies) of dataset indices ``(B, k)`` held by any
-    rank; zeros where the id is -1. Each rank sends only the rows other ranks asked for."""
-    batch, k = neighbour_ids.shape
-    flat_ids = neighbour_ids.reshape(-1)
-    wanted = (flat_ids >= 0).nonzero().squeeze(1)
-    wanted_ids = flat_ids[wanted]
-    owners = memory.owner_of(wanted_ids)
-    by_owner = owners.argsort(stable=True)
-    request_ids, wanted = wanted_ids[by_owner], wanted[by_owner]
-    request_counts = torch.bincount(owners, minlength=memory.world_size)
-    if is_distributed():
-        served_counts = _exchange(request_counts, [1] * memory.world_size, [1] * memory.world_size)
-        request_list, served_list = request_counts.tolist(), served_counts.tolist()
-        served_ids = _exchange(request_ids, request_list, served_list)
-        served_rows = memory.features[served_ids - memory.shard_start]
-        rows = _exchange(served_rows, served_list, request_list)
-    else:
-        rows = memory.features[request_ids - memory.shard_start]
-    out = memory.features.new_zeros((batch * k, memory.dim))
-    out[wanted] = rows
-    return out.view(batch, k, memory.dim)
+# Elements of the (queries × candidates × d) row gathers below, per chunk (64 MB of fp32).
+_ROW_GATHER_LIMIT = 1 << 24
+
+
+def _gathered_rows(features: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``features[rows]`` as ``(..., d)`` in ``dtype``, zeros where ``rows`` is -1."""
+    found = rows >= 0
+    return features[rows.clamp(min=0)].to(dtype).masked_fill(~found.unsqueeze(-1), 0.0)
+
+
+def _query_chunks(queries: int, candidates: int, dim: int) -> range:
+    return range(0, queries, max(1, _ROW_GATHER_LIMIT // max(1, candidates * dim)))
+
+
+def _candidate_similarities(queries: Tensor, features: Tensor, rows: Tensor) -> Tensor:
+    """``queries[g] · features[rows[g, j]]`` ``(G, C)`` in the queries' dtype, 0 where ``rows`` is
+    -1: the replicated loss's own product (``look_loss._selected_logits``), so the values are
+    the same to the bit."""
+    out = queries.new_zeros(rows.shape)
+    step = _query_chunks(*rows.shape, features.shape[1]).step
+    for start in range(0, rows.shape[0], step):
+        chunk = slice(start, start + step)
+        neighbours = _gathered_rows(features, rows[chunk], queries.dtype)
+        out[chunk] = (queries[chunk].unsqueeze(1) * neighbours).sum(dim=-1)
+    return out
+
+
+def _weighted_row_sums(weights: Tensor, features: Tensor, rows: Tensor) -> Tensor:
+    """``Σ_j weights[g, j] · features[rows[g, j]]`` ``(G, d)`` in the weights' dtype."""
+    out = weights.new_zeros((rows.shape[0], features.shape[1]))
+    step = _query_chunks(*rows.shape, features.shape[1]).step
+    for start in range(0, rows.shape[0], step):
+        chunk = slice(start, start + step)
+        neighbours = _gathered_rows(features, rows[chunk], weights.dtype)
+        out[chunk] = torch.bmm(weights[chunk].unsqueeze(1), neighbours).squeeze(1)
+    return out
+
+
+class _QueryGradient(torch.autograd.Function):
+    """The loss terms, with a gradient with respect to the queries computed in the forward pass.
+
+    Each query's term depends on its own query only, through the similarities to its chosen
+    neighbours, so ``d loss_i / d query_i`` is one vector per query (``direction``): the
+    backward pass is ``grad_i · direction_i`` and needs no bank row and no communication.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, queries: Tensor, loss: Tensor, direction: Tensor) -> Tensor:
+        ctx.save_for_backward(direction)
+        return loss.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        (direction,) = ctx.saved_tensors
+        return grad_loss.unsqueeze(1) * direction, None, None
 
 
 def sharded_look_loss_terms(
@@ -404,7 +446,10 @@ def sharded_look_loss_terms(
     :func:`look.losses.look_loss_terms` on the replicated bank (``memory_ids=bank.ids``,
     ``memory_valid=bank.valid``): each rank's terms for its queries equal that function's terms for
     the same queries computed by one process holding the whole bank. Neighbours tied in similarity
-    are ranked by lower dataset index. Gradients reach ``query`` (this rank's queries) only.
+    are ranked by lower dataset index. Gradients reach ``query`` (this rank's queries) only; they
+    are computed in the forward pass (with the owners of the neighbour rows) when grad is enabled
+    and ``query`` requires grad, which every rank must agree on, as in a training step. The
+    loss's backward pass is then local.
 
     Args:
         query: ``(B, d)`` L2-normalised embeddings of this rank (B may differ between ranks; every
@@ -523,68 +568,93 @@ def sharded_look_loss_terms(
                 inexact = pending.overflowed.any()
         else:
             search = pending.finish()
-        found = search.indices >= 0
-        shard_ids = torch.where(found, search.indices + memory.shard_start, -1)
-        shard_labels = torch.where(found, memory.labels[search.indices.clamp(min=0)], -1)
-        float_columns = [search.values]
-        int_columns = [shard_ids, shard_labels]
+        # This shard's candidates for every query: its top-k, then (with "nearest") its nearest
+        # same-label row; -1 where there is none.
+        local_rows, search_values = search.indices, search.values
         if want_nearest:
-            nearest_found = search.nearest_positive_index >= 0  # type: ignore[operator]
-            float_columns.append(search.nearest_positive_value.unsqueeze(1))  # type: ignore[union-attr]
-            int_columns.append(
-                torch.where(
-                    nearest_found, search.nearest_positive_index + memory.shard_start, -1
-                ).unsqueeze(1)  # type: ignore[operator]
+            local_rows = torch.cat([local_rows, search.nearest_positive_index.unsqueeze(1)], 1)  # type: ignore[union-attr]
+            search_values = torch.cat(
+                [search_values, search.nearest_positive_value.unsqueeze(1)],  # type: ignore[union-attr]
+                dim=1,
             )
+        width = k_eff + want_nearest  # candidates per query and shard
+        found = local_rows >= 0
+        candidate_ids = torch.where(found, local_rows + memory.shard_start, -1)
+        candidate_labels = torch.where(found, memory.labels[local_rows.clamp(min=0)], -1)
+        # The owner computes the similarities the loss uses (the replicated loss's product, in
+        # the compute dtype) so that no feature row ever leaves its shard.
+        similarities = _candidate_similarities(all_queries, memory.features, local_rows)
 
-        # 2. Each query's per-shard lists go to the query's rank: (W, B, ...) in shard order
-        # (with padded queries each shard sends this rank's padded count; the padding is cut).
+        # 2. Each query's per-shard candidates go to the query's rank: (B, W, width) in shard
+        # order (with padded queries each shard sends this rank's padded count; padding is cut).
         mine = queries_per_rank[get_rank()]
         from_shards = [mine] * world_size
-        shard_values = _exchange(torch.cat(float_columns, dim=1), queries_per_rank, from_shards)
-        shard_ints = _exchange(torch.cat(int_columns, dim=1), queries_per_rank, from_shards)
-        shard_values = shard_values.view(world_size, mine, k_eff + want_nearest)[:, :batch]
-        shard_ints = shard_ints.view(world_size, mine, 2 * k_eff + want_nearest)[:, :batch]
-        shard_values, shard_ints = shard_values.transpose(0, 1), shard_ints.transpose(0, 1)
-        candidate_values = shard_values[..., :k_eff].reshape(batch, world_size * k_eff)
-        candidate_ids = shard_ints[..., :k_eff].reshape(batch, world_size * k_eff)
-        candidate_labels = shard_ints[..., k_eff : 2 * k_eff].reshape(batch, world_size * k_eff)
-        _, neighbour_ids, neighbour_labels = _merge_top_k(
-            candidate_values, candidate_ids, candidate_labels, k_eff
+        float_dtype = torch.promote_types(search_values.dtype, dtype)
+        floats = torch.cat([search_values.to(float_dtype), similarities.to(float_dtype)], dim=1)
+        ints = torch.cat([candidate_ids, candidate_labels], dim=1)
+        floats = _exchange(floats, queries_per_rank, from_shards)
+        ints = _exchange(ints, queries_per_rank, from_shards)
+        floats = floats.view(world_size, mine, 2 * width)[:, :batch].transpose(0, 1)
+        ints = ints.view(world_size, mine, 2 * width)[:, :batch].transpose(0, 1)
+        grid_search, grid_similarities = floats[..., :width], floats[..., width:].to(dtype)
+        grid_ids, grid_labels = ints[..., :width], ints[..., width:]
+
+        top = _merge_top_k(
+            grid_search[..., :k_eff].reshape(batch, world_size * k_eff),
+            grid_ids[..., :k_eff].reshape(batch, world_size * k_eff),
+            k_eff,
         )
-        nearest_ids = (
-            _merge_nearest(shard_values[..., k_eff], shard_ints[..., 2 * k_eff])
-            if want_nearest
-            else None
+        positions = (top // k_eff) * width + top % k_eff  # into the (B, W · width) grid
+        nearest_positions = None
+        if want_nearest:
+            nearest_shard = _merge_nearest(grid_search[..., k_eff], grid_ids[..., k_eff])
+            nearest_positions = torch.where(nearest_shard >= 0, nearest_shard * width + k_eff, -1)
+        neighbours = _select_neighbours(
+            positions,
+            grid_ids.reshape(batch, world_size * width),
+            grid_labels.reshape(batch, world_size * width),
+            local_labels,
+            nearest_positions,
+            no_positive=no_positive,
+            agreement_dtype=dtype,
         )
 
-        neighbour_ids, is_neighbour, is_positive, valid, positive_in_topk, agreement = (
-            _select_neighbours(
-                neighbour_ids,
-                neighbour_labels,
-                local_labels,
-                nearest_ids,
-                no_positive=no_positive,
-                agreement_dtype=dtype,
+        # 3. The loss on the chosen similarities. Its gradient with respect to the queries is
+        # Σ_j (d loss / d s_j) · row_j: the weights d loss / d s_j go back to the rows' owners,
+        # which return their part of the sum (fixed sizes: nothing waits for the device).
+        selected = grid_similarities.reshape(batch, world_size * width).gather(
+            1, neighbours.positions
+        )
+        selected = selected.masked_fill(~neighbours.is_neighbour, 0.0)
+        needs_grad = torch.is_grad_enabled() and query.requires_grad
+        with torch.enable_grad():
+            selected = selected.requires_grad_(needs_grad)
+            logits = selected / temperature
+            log_denominator = masked_logsumexp(logits, neighbours.is_neighbour)
+            log_numerator = masked_logsumexp(logits, neighbours.is_positive)
+            loss = torch.where(
+                neighbours.valid, log_denominator - log_numerator, torch.zeros_like(log_denominator)
             )
-        )
-
-        # 3. The chosen rows, fetched from their owners, are constants; only the query has grad.
-        neighbours = _fetch_rows(memory, neighbour_ids).to(dtype)
-        neighbours = neighbours.masked_fill(~is_neighbour.unsqueeze(-1), 0.0)
-        logits = (queries.unsqueeze(1) * neighbours).sum(dim=-1) / temperature  # (B, k_eff)
-        log_denominator = masked_logsumexp(logits, is_neighbour)
-        log_numerator = masked_logsumexp(logits, is_positive)
-        loss = torch.where(
-            valid, log_denominator - log_numerator, torch.zeros_like(log_denominator)
-        )
+            weights = torch.autograd.grad(loss.sum(), selected)[0] if needs_grad else None
+        loss = loss.detach()
+        if weights is not None:
+            grid_weights = grid_similarities.new_zeros((batch, world_size * width))
+            grid_weights.scatter_add_(1, neighbours.positions, weights)
+            to_shards = grid_weights.new_zeros((world_size, mine, width))
+            to_shards[:, :batch] = grid_weights.view(batch, world_size, width).transpose(0, 1)
+            shard_weights = _exchange(to_shards.view(-1, width), from_shards, queries_per_rank)
+            partial = _weighted_row_sums(shard_weights, memory.features, local_rows)
+            partial = _exchange(partial, queries_per_rank, from_shards)
+            direction = partial.view(world_size, mine, memory.dim)[:, :batch].sum(dim=0)
+            loss = _QueryGradient.apply(queries, loss, direction)
+        valid = neighbours.valid
         if not host_reads_are_free(device):
             loss, valid = mark_non_finite_queries(loss, valid, queries)
     return LookLossTerms(
         loss=loss,
         valid=valid,
-        positive_in_topk=positive_in_topk,
-        neighbour_indices=neighbour_ids,
-        neighbour_agreement=agreement,
+        positive_in_topk=neighbours.positive_in_topk,
+        neighbour_indices=neighbours.ids,
+        neighbour_agreement=neighbours.agreement,
         inexact=inexact,
     )

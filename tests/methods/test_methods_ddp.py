@@ -87,9 +87,7 @@ def _slice(batch: Batch, rank: int, world: int) -> Batch:
 def _run(name: str, rank: int, world: int) -> dict[str, object]:
     if name.endswith("_accelerator"):
         # The padded variants run the memory's device-side path too (padding rows kept).
-        modules = (
-            (look_method, memory_module, sharded_module) if name in PADDED else (look_method,)
-        )
+        modules = (look_method, memory_module, sharded_module) if name in PADDED else (look_method,)
         originals = [module.host_reads_are_free for module in modules]
         for module in modules:
             module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]
