@@ -326,6 +326,18 @@ def test_an_inexact_step_is_redone_exactly_after_the_backward_is_queued(
     assert train_losses(tmp_path / "unflagged") != exact
     summary = json.loads((tmp_path / "redone" / "summary.json").read_text())
     assert summary["inexact_steps_redone_this_session"] == 2
+    # The whole trained state too, batch norm's running statistics included: the redone forward
+    # passes do not count their batches twice.
+    final = {run: _last_checkpoint_model(tmp_path / run) for run in ("exact", "redone")}
+    assert any(name.endswith("running_mean") for name in final["exact"])
+    assert final["exact"].keys() == final["redone"].keys()
+    for name, value in final["exact"].items():
+        assert torch.equal(final["redone"][name], value), name
+
+
+def _last_checkpoint_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    return torch.load(last, weights_only=True)["model"]
 
 
 def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(

@@ -14,6 +14,7 @@ import yaml
 
 from look.config import ConfigError, RunConfig, load_config
 from look.engine.trainer import TrainingStepError, pretrain
+from look.methods import Batch
 from look.models import load_exported_backbone
 
 TINY = [
@@ -138,6 +139,28 @@ def test_skip_policy_gives_up_after_too_many_consecutive_skips(tmp_path: Path) -
     cfg = tiny_config(*DIVERGING, "train.nan_policy=skip", "train.nan_max_consecutive_skips=3")
     with pytest.raises(TrainingStepError, match="4 in a row"):
         pretrain(cfg, tmp_path / "run")
+
+
+def test_a_skipped_step_leaves_the_running_statistics_as_they_were(tmp_path: Path) -> None:
+    # Its gradients are dropped; so must be what its forward pass did to batch norm's running
+    # statistics, which a NaN batch would otherwise fill with NaN for the rest of the run.
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config("method={name: ce}", "train.nan_policy=skip"), tmp_path / "run")
+    trainer.method.train()
+    statistics = trainer.running_statistics.live
+    assert len(statistics) >= 6  # running mean, variance and count of several batch norms
+    batch = next(iter(trainer._loader(0, 0)))
+    before = [tensor.clone() for tensor in statistics]
+    poisoned = Batch([view.clone() for view in batch.views], batch.labels, batch.indices)
+    poisoned.views[0][0] = float("nan")
+    assert trainer._step(0, poisoned) is None  # skipped
+    assert trainer.skipped_steps == 1
+    for now, then in zip(statistics, before, strict=True):
+        assert torch.equal(now, then)
+    # A good step does move them: the check above is not vacuous.
+    assert trainer._step(0, batch) is not None
+    assert any(not torch.equal(now, then) for now, then in zip(statistics, before, strict=True))
 
 
 def _cli(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:

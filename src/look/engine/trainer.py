@@ -122,6 +122,37 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
+# Buffers a training forward pass changes in place: normalisation layers' running statistics.
+_RUNNING_STATISTICS = {"running_mean", "running_var", "num_batches_tracked"}
+
+
+class RunningStatistics:
+    """A copy of a module's running statistics (batch norm and the like), taken before each step,
+    so that a skipped (non-finite) or redone (inexact) step leaves them as if its batch had never
+    been seen: a NaN batch would otherwise poison them for good, though its gradients are dropped.
+
+    Found by buffer name, which covers torch's and timm's normalisation layers and no memory
+    buffer. Copied with one multi-tensor copy per dtype (a few kernels on a GPU, not one per
+    buffer).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.live = [
+            buffer
+            for name, buffer in module.named_buffers()
+            if name.rsplit(".", 1)[-1] in _RUNNING_STATISTICS
+        ]
+        self.saved = [buffer.clone() for buffer in self.live]
+
+    def save(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
+
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
+
+
 class Trainer:
     """One pre-training run in ``output_dir``; re-running it resumes from the last good checkpoint."""
 
@@ -176,6 +207,7 @@ class Trainer:
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+        self.running_statistics = RunningStatistics(self.method)
         self.optimizer = build_optimizer(
             ((n, p) for n, p in self.method.named_parameters() if p.requires_grad),
             name=cfg.optim.name,
@@ -392,11 +424,13 @@ class Trainer:
 
     def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
         batch = batch.to(self.device, channels_last=self.channels_last)
+        self.running_statistics.save()
         out = self._forward(epoch, batch)
         non_finite, inexact = self._backward_and_check(out)
         if inexact:
             # Rare: LOOK's fused search overflowed (many near-identical memory rows). The step is
             # recomputed with the exact search on every rank (its gradients replace these).
+            self.running_statistics.restore()
             with self.method.exact_redo():
                 out = self._forward(epoch, batch)
             non_finite, _ = self._backward_and_check(out)
@@ -420,6 +454,7 @@ class Trainer:
                     "set train.nan_policy=skip."
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            self.running_statistics.restore()
             self.skipped_steps += 1
             return None
         self.consecutive_skips = 0
