@@ -345,6 +345,7 @@ def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(
 ) -> None:
     """The trainer's step reads the device once (loss finite? search exact?), after backward,
     and LOOK's forward does not read it at all when the trainer checks exactness."""
+    import look.engine.trainer as trainer_module
     from look.engine.trainer import Trainer
     from tests.engine.test_trainer import tiny_config
 
@@ -357,16 +358,15 @@ def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(
     assert counter.calls == [] and accelerator_policy == []
     assert out.inexact is None  # the scan on the CPU is always exact
     read_after_backward: list[bool] = []
-    original = trainer._backward_and_check
+    original = trainer_module.all_reduce_sum
 
-    def spy(out: Any) -> tuple[bool, bool]:
-        flags = original(out)
-        # The backward already ran: gradients exist when the flags are read.
+    def spy(flags: torch.Tensor) -> torch.Tensor:
+        # The flags are reduced (then read) once the backward ran: gradients exist.
         parameters = [p for p in trainer.method.parameters() if p.requires_grad]
         read_after_backward.append(all(p.grad is not None for p in parameters))
-        return flags
+        return original(flags)
 
-    monkeypatch.setattr(trainer, "_backward_and_check", spy)
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", spy)
     trainer._step(0, batch)
     assert read_after_backward == [True]
     assert accelerator_policy == ["tolist"]  # the one read of the step's flags

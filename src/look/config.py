@@ -64,6 +64,9 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
+    # Each rank's batch is cut into this many micro-batches, forward and backward one after the
+    # other, gradients summed before one optimizer step: the same global batch in less memory.
+    grad_accum_steps: int = 1
     lars_trust_coefficient: float = 0.001
     exclude_bias_and_norm_from_wd: bool = True
 
@@ -202,6 +205,7 @@ def _validate(cfg: RunConfig) -> None:
     positive = {
         "optim.lr": cfg.optim.lr,
         "optim.batch_size": cfg.optim.batch_size,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
         "optim.epochs": cfg.optim.epochs,
         "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,

@@ -59,6 +59,8 @@ _RESUME_MAY_DIFFER = {
     ("method", "search_backend"),
     ("method", "chunk_size"),
 }
+# Options added after runs were saved: a saved config without one of them had this value.
+_RESUME_DEFAULTS = {("optim", "grad_accum_steps"): 1}
 
 
 class TrainingStepError(RuntimeError):
@@ -113,10 +115,10 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
             for key in sorted(set(old) | set(new)):
                 if (section, key) in _RESUME_MAY_DIFFER:
                     continue
-                if old.get(key) != new.get(key):
-                    diffs.append(
-                        f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}"
-                    )
+                default = _RESUME_DEFAULTS.get((section, key))
+                before, now = old.get(key, default), new.get(key, default)
+                if before != now:
+                    diffs.append(f"{section}.{key}: checkpoint {before!r} vs now {now!r}")
         elif old != new:
             diffs.append(f"{section}: checkpoint {old!r} vs now {new!r}")
     return diffs
@@ -193,6 +195,15 @@ class Trainer:
                 f"optim.batch_size={self.global_batch} (global) is not divisible by the "
                 f"{world} ranks; pick a multiple of {world}."
             )
+        self.accumulation = cfg.optim.grad_accum_steps
+        if self.global_batch % (world * self.accumulation):
+            raise ConfigError(
+                f"optim.batch_size={self.global_batch} (global) over {world} rank(s) is not "
+                f"divisible into optim.grad_accum_steps={self.accumulation} micro-batches; pick "
+                f"a multiple of {world * self.accumulation}."
+            )
+        # Images one rank passes through the model at a time.
+        self.micro_batch = self.global_batch // (world * self.accumulation)
         backbone, feature_dim = create_backbone(
             cfg.model.backbone,
             small_stem=cfg.model.small_stem,
@@ -201,10 +212,12 @@ class Trainer:
         ctx = MethodContext(
             num_classes=self.data_info.num_classes,
             num_samples=self.data_info.num_samples,
-            local_batch_size=self.global_batch // world,
+            local_batch_size=self.micro_batch,
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
+        # Every micro-batch of a step then sees the memory as it was before the step.
+        self.method.defer_memory_writes = self.accumulation > 1
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.running_statistics = RunningStatistics(self.method)
@@ -327,6 +340,8 @@ class Trainer:
             "amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "none",
             "world_size": get_world_size(),
             "global_batch": self.global_batch,
+            "micro_batches_per_step": self.accumulation,
+            "images_per_forward_per_rank": self.micro_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "starts_at": (
@@ -379,8 +394,11 @@ class Trainer:
         self.method.train()
         loader = self._loader(epoch=0, start_step=0)
         for batch in tqdm(loader, desc="memory warm-up", disable=not self._show_progress()):
-            with self._autocast():
-                self.method.warmup_step(batch.to(self.device, channels_last=self.channels_last))
+            for micro_batch in batch.split(self.micro_batch):  # the memory's rows per rank
+                with self._autocast():
+                    self.method.warmup_step(
+                        micro_batch.to(self.device, channels_last=self.channels_last)
+                    )
 
     def _show_progress(self) -> bool:
         return self.cfg.train.progress and is_main_process()
@@ -410,30 +428,49 @@ class Trainer:
                 f"{self.checkpoint_dir} is kept."
             ) from exc
 
-    def _backward_and_check(self, out: StepOutput) -> tuple[bool, bool]:
-        """Queue the backward pass, then read (one host wait, agreed over ranks so that every
-        rank acts alike) whether the loss is finite and whether the step was inexact. Read after
-        the backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
-        host launches the backward's first, small kernels."""
+    def _forward_backward(
+        self, epoch: int, batch: Batch
+    ) -> tuple[dict[str, torch.Tensor], bool, bool]:
+        """Forward and backward of every micro-batch (gradients summed, each loss divided by
+        their number), then one host read, agreed over ranks so that every rank acts alike, of
+        whether any loss was non-finite and whether any step was inexact. Read after the
+        backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
+        host launches the backward's first, small kernels. Returns the metrics, averaged over
+        the micro-batches, and the two flags."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
-        non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
-        inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
-        flags = all_reduce_sum(torch.stack([non_finite, inexact])).tolist()
-        return flags[0] > 0, flags[1] > 0
+        micro_batches = batch.split(self.micro_batch)
+        outputs: list[StepOutput] = []
+        flags = []
+        for position, micro_batch in enumerate(micro_batches):
+            last = position == len(micro_batches) - 1
+            # DDP all-reduces the gradients once, in the last micro-batch's backward.
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                out = self._forward(epoch, micro_batch)
+                self.scaler.scale(out.loss / len(micro_batches)).backward()
+            non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
+            inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
+            flags.append(torch.stack([non_finite, inexact]))
+            outputs.append(out)
+        totals = all_reduce_sum(torch.stack(flags).sum(dim=0)).tolist()
+        metrics = outputs[0].metrics
+        if len(outputs) > 1:
+            metrics = {
+                name: torch.stack([out.metrics[name].detach().float() for out in outputs]).mean()
+                for name in metrics
+            }
+        return metrics, totals[0] > 0, totals[1] > 0
 
     def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
         batch = batch.to(self.device, channels_last=self.channels_last)
         self.running_statistics.save()
-        out = self._forward(epoch, batch)
-        non_finite, inexact = self._backward_and_check(out)
+        metrics, non_finite, inexact = self._forward_backward(epoch, batch)
         if inexact:
             # Rare: LOOK's fused search overflowed (many near-identical memory rows). The step is
             # recomputed with the exact search on every rank (its gradients replace these).
             self.running_statistics.restore()
             with self.method.exact_redo():
-                out = self._forward(epoch, batch)
-            non_finite, _ = self._backward_and_check(out)
+                metrics, non_finite, _ = self._forward_backward(epoch, batch)
             self.inexact_steps_redone += 1
         if non_finite:
             message = (
@@ -463,10 +500,10 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.method.parameters() if p.requires_grad], self.cfg.optim.grad_clip
             )
-            out.metrics["grad_norm"] = grad_norm.detach()
+            metrics["grad_norm"] = grad_norm.detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return out.metrics
+        return metrics
 
     def fit(self) -> TrainResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,20 @@ class Batch:
     def size(self) -> int:
         return int(self.labels.shape[0])
 
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive batches of ``size`` samples (the last may be shorter), views, labels and
+        indices cut alike (views, not copies)."""
+        pieces = zip(
+            *(view.split(size) for view in self.views),
+            self.labels.split(size),
+            self.indices.split(size),
+            strict=True,
+        )
+        return [
+            Batch(views=list(views), labels=labels, indices=indices)
+            for *views, labels, indices in pieces
+        ]
+
 
 @dataclass
 class StepOutput:
@@ -84,6 +98,11 @@ class Method(nn.Module):
     # Set by a caller that reads StepOutput.inexact and redoes inexact steps (the trainer):
     # a method may then skip waiting for the device to learn whether its search was exact.
     defer_exactness_check: bool = False
+    # Set by a caller that sums the gradients of several forward passes before one optimizer
+    # step (gradient accumulation): a method then writes its memory only in
+    # after_optimizer_step, so that every micro-batch of a step sees the memory as it was
+    # before the step, as one large batch would.
+    defer_memory_writes: bool = False
 
     def __init__(self, options: Any, backbone: nn.Module, feature_dim: int, ctx: MethodContext):
         super().__init__()

@@ -173,7 +173,8 @@ class LOOK(Method):
         # forward, or a checkpoint, whichever comes first): its ~80 small kernels are then
         # launched while the GPU runs the backward pass, not while it idles between the
         # forward's host waits. Same values: the loss never reads its own batch's rows.
-        self._pending_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Several with gradient accumulation (defer_memory_writes): one per micro-batch.
+        self._pending_writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._redoing = False  # inside exact_redo()
 
     @property
@@ -198,14 +199,17 @@ class LOOK(Method):
             advice = slow_search_advice(self.memory.features, self.options.k, self.options)
             if advice is not None:
                 warnings.warn(advice, RuntimeWarning, stacklevel=2)
-        self.write_pending_memory()  # a previous step's rows, when after_optimizer_step was skipped
+        if not self.defer_memory_writes:  # (else earlier micro-batches of this step wait)
+            self.write_pending_memory()  # a previous step's rows, if after_optimizer_step was skipped
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
         # Written after the optimizer step (see __init__) unless reads of the device are free
         # or the write itself reads row counts on the host (DDP without a known batch size:
         # after the optimizer step that read would wait for the whole backward pass).
-        write_later = not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
+        write_later = self.defer_memory_writes or (
+            not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
+        )
         # The search's exactness check is left to the caller only while this batch's write is
         # still pending: a redo must not find the batch's rows already written.
         defer_exactness = self.defer_exactness_check and write_later and not self._redoing
@@ -257,7 +261,7 @@ class LOOK(Method):
             metrics["ce_loss"] = ce.detach()
             loss = loss + self.options.ce_weight * ce
         # Written after the loss: this batch's rows are never its own neighbours this step.
-        self._pending_write = (batch.indices, self.memory_embedding(images, z), batch.labels)
+        self._pending_writes.append((batch.indices, self.memory_embedding(images, z), batch.labels))
         if not write_later:
             self.write_pending_memory()
         metrics["loss"] = loss.detach()
@@ -268,7 +272,7 @@ class LOOK(Method):
         """Recompute the last step with the exact search: its pending memory write is dropped
         (the redo's forward queues the same batch again) and the fused search's overflow is
         handled inside the loss (one wait for the device)."""
-        self._pending_write = None
+        self._pending_writes = []
         self._redoing = True
         try:
             yield
@@ -276,11 +280,10 @@ class LOOK(Method):
             self._redoing = False
 
     def write_pending_memory(self) -> None:
-        """Write the last forward's batch into the memory if not done yet (a collective under
-        DDP: every rank calls it at the same point)."""
-        if self._pending_write is not None:
-            ids, features, labels = self._pending_write
-            self._pending_write = None
+        """Write the batches of the forward passes since the last write into the memory, in
+        order (a collective under DDP: every rank calls it at the same point)."""
+        pending, self._pending_writes = self._pending_writes, []
+        for ids, features, labels in pending:
             self.memory.update(ids, features, labels)
 
     @torch.no_grad()
@@ -309,7 +312,7 @@ class LOOK(Method):
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`checkpoint_state` output; a sharded bank takes its rows from the whole
         bank, for any world size (no communication)."""
-        self._pending_write = None  # the loaded memory supersedes an unwritten batch
+        self._pending_writes = []  # the loaded memory supersedes unwritten batches
         if not isinstance(self.memory, ShardedMemoryBank):
             self.load_state_dict(state)
             return

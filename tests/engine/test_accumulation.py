@@ -1,0 +1,118 @@
+"""Gradient accumulation (``optim.grad_accum_steps``): a global batch cut into micro-batches must
+train like the whole batch at once, given a backbone whose outputs do not depend on the batch
+(ConvNeXt's layer norms; batch norm's statistics would differ by design)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from look.config import ConfigError
+from look.engine.trainer import Trainer, pretrain
+from tests.engine.test_trainer import tiny_config, train_losses
+
+# Float rounding only: the same sums over samples, grouped by micro-batch.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+NO_BATCH_NORM = (
+    "model.backbone=convnext_atto",
+    "data.synthetic_image_size=32",
+    "train.max_steps=4",
+    "train.checkpoint_every_steps=100",
+)
+# Every query keeps a loss (a warm memory, the nearest-positive rule); no batch norm in the head.
+LOOK = ("method.memory_init=warmup", "method.no_positive=nearest", "method.head_batch_norm=false")
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    return torch.load(last, weights_only=True)["model"]
+
+
+def _assert_same_training(first: Path, second: Path) -> None:
+    losses, other = train_losses(first), train_losses(second)
+    assert losses.keys() == other.keys() and len(losses) == 4
+    torch.testing.assert_close(
+        torch.tensor(list(other.values())), torch.tensor(list(losses.values())), **TOLERANCE
+    )
+    state, other_state = _final_state(first), _final_state(second)
+    assert state.keys() == other_state.keys()
+    for name, value in state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(other_state[name], value, **TOLERANCE, msg=name)
+        else:
+            assert torch.equal(other_state[name], value), name
+
+
+@pytest.mark.parametrize("method", [("method={name: ce}",), LOOK], ids=["ce", "look_memory_bank"])
+def test_micro_batches_train_like_the_whole_batch(tmp_path: Path, method: tuple[str, ...]) -> None:
+    pretrain(tiny_config(*NO_BATCH_NORM, *method), tmp_path / "whole")
+    pretrain(tiny_config(*NO_BATCH_NORM, *method, "optim.grad_accum_steps=4"), tmp_path / "micro")
+    # LOOK's memory too: the micro-batches of a step search the memory as it was before the
+    # step, and their rows are written after it.
+    _assert_same_training(tmp_path / "whole", tmp_path / "micro")
+    # Not vacuous: training moved the weights and (for LOOK) filled the memory.
+    start = Trainer(tiny_config(*NO_BATCH_NORM, *method), tmp_path / "unused").method.state_dict()
+    trained = _final_state(tmp_path / "whole")
+    assert any(
+        not torch.allclose(trained[name], value)
+        for name, value in start.items()
+        if value.is_floating_point()
+    )
+
+
+def test_micro_batches_see_the_memory_of_before_the_step(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(*LOOK, "optim.grad_accum_steps=2"), tmp_path / "run")
+    assert trainer.method.defer_memory_writes and trainer.micro_batch == 8
+    assert trainer.method.memory.rows_per_rank == 8  # the memory is written per micro-batch
+    trainer.method.train()
+    batch = next(iter(trainer._loader(0, 0)))
+    before = trainer.method.memory.features.clone()
+    trainer._step(0, batch)
+    assert torch.equal(trainer.method.memory.features, before)  # nothing written yet
+    trainer.method.after_optimizer_step(0.1)
+    written = (trainer.method.memory.features != before).any(dim=1)
+    assert set(written.nonzero().squeeze(1).tolist()) == set(batch.indices.tolist())
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=3 micro-batches; pick a multiple"):
+        Trainer(tiny_config("optim.grad_accum_steps=3"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"optim\.grad_accum_steps must be > 0"):
+        tiny_config("optim.grad_accum_steps=0")
+
+
+def test_an_option_missing_from_a_saved_config_reads_as_its_default() -> None:
+    from look.engine.trainer import _config_differences
+
+    saved = {"optim": {"lr": 0.1}}
+    assert _config_differences(saved, {"optim": {"lr": 0.1, "grad_accum_steps": 1}}) == []
+    assert _config_differences(saved, {"optim": {"lr": 0.1, "grad_accum_steps": 2}}) == [
+        "optim.grad_accum_steps: checkpoint 1 vs now 2"
+    ]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+         "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = tiny_config(*NO_BATCH_NORM, *LOOK, "optim.grad_accum_steps=2", "train.ddp_timeout_s=60")
+    pretrain(cfg, Path(out_dir))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_two_ranks_with_micro_batches_train_like_one_process(tmp_path: Path) -> None:
+    """DDP all-reduces once per step (``no_sync`` for the earlier micro-batches); the memory
+    writes of both ranks' micro-batches follow the step."""
+    import torch.multiprocessing as mp
+
+    from tests.ddp import free_port
+
+    pretrain(tiny_config(*NO_BATCH_NORM, *LOOK), tmp_path / "one")
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    _assert_same_training(tmp_path / "one", tmp_path / "two")
