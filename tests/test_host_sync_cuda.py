@@ -24,7 +24,7 @@ def _batch(rows: int, seed: int) -> Batch:
     ).to(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("memory", ["bank", "queue"])
+@pytest.mark.parametrize("memory", ["bank", "queue", "sharded_bank"])
 def test_look_step_never_synchronises_on_gpu(memory: str) -> None:
     torch.manual_seed(0)
     backbone, feature_dim = create_backbone("look_cnn_small")
@@ -58,10 +58,14 @@ def test_refused_row_reported_by_next_update_on_gpu() -> None:
         )
 
 
+@pytest.mark.parametrize("memory", ["bank", "sharded_bank"])
 @pytest.mark.parametrize(("deferred", "expected_waits"), [(False, 1), (True, 0)])
-def test_look_step_with_the_fused_search_waits_once(deferred: bool, expected_waits: int) -> None:
+def test_look_step_with_the_fused_search_waits_once(
+    deferred: bool, expected_waits: int, memory: str
+) -> None:
     """With a bf16 bank the fused search's overflow check is the step's one host wait (read after
-    the loss terms are queued), none when the caller (the trainer) reads the flag itself."""
+    the loss terms are queued), none when the caller (the trainer) reads the flag itself; the
+    same for a sharded bank (here one process holding every shard)."""
     import warnings
 
     from look.search_triton import triton_available
@@ -70,7 +74,9 @@ def test_look_step_with_the_fused_search_waits_once(deferred: bool, expected_wai
         pytest.skip("Triton is not installed")
     torch.manual_seed(0)
     backbone, feature_dim = create_backbone("look_cnn_small")
-    options = {"name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "bfloat16"}
+    options = {
+        "name": "look", "k": 20, "temperature": 0.1, "memory_dtype": "bfloat16", "memory": memory
+    }  # fmt: skip
     ctx = MethodContext(num_classes=5, num_samples=20000)
     method = build_method(options, backbone, feature_dim, ctx).cuda().train()
     method.defer_exactness_check = deferred
