@@ -258,3 +258,24 @@ def test_merge_breaks_ties_by_lower_id_whatever_the_order() -> None:
         torch.tensor([[0.3, 0.7, 0.7], [inf, inf, inf]]), torch.tensor([[1, 9, 5], [-1, -1, -1]])
     )
     assert nearest_shard.tolist() == [2, -1]  # shard 2 holds id 5, the lower of the tied ids
+
+
+def test_owners_products_in_chunks_of_queries_give_the_same_terms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The owners gather their candidates' rows a few queries at a time (a bounded temporary):
+    # one query per chunk must give what one chunk for all gives.
+    _, sharded = _filled_pair()
+    query, labels, ids = _queries(9)
+    results = []
+    for limit in (1 << 24, 1):
+        monkeypatch.setattr(importlib.import_module("look.sharded"), "_ROW_GATHER_LIMIT", limit)
+        leaf = query.clone().requires_grad_(True)
+        terms = sharded_look_loss_terms(
+            leaf, labels, sharded, k=5, temperature=0.1, query_indices=ids, no_positive="nearest"
+        )
+        terms.loss.sum().backward()
+        results.append((terms.loss, leaf.grad))
+    (loss, grad), (chunked_loss, chunked_grad) = results
+    assert bool(grad.abs().sum() > 0)
+    assert torch.equal(chunked_loss, loss) and torch.equal(chunked_grad, grad)

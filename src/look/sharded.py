@@ -379,8 +379,8 @@ def _gathered_rows(features: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor
     return features[rows.clamp(min=0)].to(dtype).masked_fill(~found.unsqueeze(-1), 0.0)
 
 
-def _query_chunks(queries: int, candidates: int, dim: int) -> range:
-    return range(0, queries, max(1, _ROW_GATHER_LIMIT // max(1, candidates * dim)))
+def _queries_per_chunk(candidates: int, dim: int) -> int:
+    return max(1, _ROW_GATHER_LIMIT // max(1, candidates * dim))
 
 
 def _candidate_similarities(queries: Tensor, features: Tensor, rows: Tensor) -> Tensor:
@@ -388,7 +388,7 @@ def _candidate_similarities(queries: Tensor, features: Tensor, rows: Tensor) -> 
     -1: the replicated loss's own product (``look_loss._selected_logits``), so the values are
     the same to the bit."""
     out = queries.new_zeros(rows.shape)
-    step = _query_chunks(*rows.shape, features.shape[1]).step
+    step = _queries_per_chunk(rows.shape[1], features.shape[1])
     for start in range(0, rows.shape[0], step):
         chunk = slice(start, start + step)
         neighbours = _gathered_rows(features, rows[chunk], queries.dtype)
@@ -399,7 +399,7 @@ def _candidate_similarities(queries: Tensor, features: Tensor, rows: Tensor) -> 
 def _weighted_row_sums(weights: Tensor, features: Tensor, rows: Tensor) -> Tensor:
     """``Σ_j weights[g, j] · features[rows[g, j]]`` ``(G, d)`` in the weights' dtype."""
     out = weights.new_zeros((rows.shape[0], features.shape[1]))
-    step = _query_chunks(*rows.shape, features.shape[1]).step
+    step = _queries_per_chunk(rows.shape[1], features.shape[1])
     for start in range(0, rows.shape[0], step):
         chunk = slice(start, start + step)
         neighbours = _gathered_rows(features, rows[chunk], weights.dtype)
