@@ -46,12 +46,17 @@ def _assert_same_training(first: Path, second: Path) -> None:
             assert torch.equal(other_state[name], value), name
 
 
-@pytest.mark.parametrize("method", [("method={name: ce}",), LOOK], ids=["ce", "look_memory_bank"])
+MOCO = ("method={name: mocov2, queue_size: 64, head_batch_norm: false}",)
+
+
+@pytest.mark.parametrize(
+    "method", [("method={name: ce}",), LOOK, MOCO], ids=["ce", "look_memory_bank", "mocov2_queue"]
+)
 def test_micro_batches_train_like_the_whole_batch(tmp_path: Path, method: tuple[str, ...]) -> None:
     pretrain(tiny_config(*NO_BATCH_NORM, *method), tmp_path / "whole")
     pretrain(tiny_config(*NO_BATCH_NORM, *method, "optim.grad_accum_steps=4"), tmp_path / "micro")
-    # LOOK's memory too: the micro-batches of a step search the memory as it was before the
-    # step, and their rows are written after it.
+    # LOOK's memory and MoCo's queue too: the micro-batches of a step read them as they were
+    # before the step, and their rows are written after it.
     _assert_same_training(tmp_path / "whole", tmp_path / "micro")
     # Not vacuous: training moved the weights and (for LOOK) filled the memory.
     start = Trainer(tiny_config(*NO_BATCH_NORM, *method), tmp_path / "unused").method.state_dict()

@@ -67,6 +67,8 @@ class MoCoV2(Method):
         self.queue = MemoryQueue(
             options.queue_size, options.head_out_dim, rows_per_rank=ctx.local_batch_size
         )
+        # Keys waiting for after_optimizer_step (only with defer_memory_writes).
+        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch: Batch) -> StepOutput:
         splits = self.options.bn_splits
@@ -85,8 +87,10 @@ class MoCoV2(Method):
             negatives_valid=self.queue.valid,
         )  # fmt: skip
         loss = global_masked_mean(per_sample, valid)
-        # Labels go into the queue only because the memory stores them; they are never read.
-        self.queue.update(batch.indices, key, torch.zeros_like(batch.labels))
+        if self.defer_memory_writes:  # the step's other micro-batches see the queue unchanged
+            self._pending_keys.append((batch.indices, key))
+        else:
+            self._enqueue(batch.indices, key)
         return StepOutput(
             loss, {"loss": loss.detach(), "queue_filled_frac": self.queue.valid.float().mean()}
         )
@@ -117,8 +121,15 @@ class MoCoV2(Method):
         keys[order] = every_key
         return keys[rank * local : (rank + 1) * local]
 
+    def _enqueue(self, indices: torch.Tensor, key: torch.Tensor) -> None:
+        # Labels go into the queue only because the memory stores them; they are never read.
+        self.queue.update(indices, key, torch.zeros_like(indices))
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
+        pending, self._pending_keys = self._pending_keys, []
+        for indices, key in pending:
+            self._enqueue(indices, key)
         momentum_update(self.backbone, self.key_backbone, self.options.encoder_momentum)
         momentum_update(self.head, self.key_head, self.options.encoder_momentum)
 
