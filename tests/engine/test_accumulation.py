@@ -89,14 +89,20 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
         tiny_config("optim.grad_accum_steps=0")
 
 
-def test_an_option_missing_from_a_saved_config_reads_as_its_default() -> None:
-    from look.engine.trainer import _config_differences
-
-    saved = {"optim": {"lr": 0.1}}
-    assert _config_differences(saved, {"optim": {"lr": 0.1, "grad_accum_steps": 1}}) == []
-    assert _config_differences(saved, {"optim": {"lr": 0.1, "grad_accum_steps": 2}}) == [
-        "optim.grad_accum_steps: checkpoint 1 vs now 2"
-    ]
+def test_a_run_may_resume_with_another_number_of_micro_batches(tmp_path: Path) -> None:
+    # Moving to a smaller GPU: the same global batch in more micro-batches. With a
+    # batch-independent model the resumed run trains as if nothing had changed.
+    whole = pretrain(tiny_config(*NO_BATCH_NORM, *LOOK), tmp_path / "whole")
+    assert whole.global_step == 4
+    first = tiny_config(
+        *NO_BATCH_NORM, *LOOK, "train.max_steps=2", "train.checkpoint_every_steps=1"
+    )
+    pretrain(first, tmp_path / "moved")
+    resumed = pretrain(
+        tiny_config(*NO_BATCH_NORM, *LOOK, "optim.grad_accum_steps=2"), tmp_path / "moved"
+    )
+    assert resumed.global_step == 4
+    _assert_same_training(tmp_path / "whole", tmp_path / "moved")
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:

@@ -54,13 +54,13 @@ from look.models import create_backbone, export_backbone
 _RESUME_MUST_MATCH = ("seed", "data", "model", "method", "optim")
 # Settings of speed or memory only (same results up to float rounding), which a resumed run may
 # change, e.g. on other hardware; also keeps runs saved before an option existed resumable.
+# Gradient accumulation keeps the global batch; only batch norm sees other micro-batches.
 _RESUME_MAY_DIFFER = {
     ("data", "num_workers"),
     ("method", "search_backend"),
     ("method", "chunk_size"),
+    ("optim", "grad_accum_steps"),
 }
-# Options added after runs were saved: a saved config without one of them had this value.
-_RESUME_DEFAULTS = {("optim", "grad_accum_steps"): 1}
 
 
 class TrainingStepError(RuntimeError):
@@ -115,10 +115,10 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
             for key in sorted(set(old) | set(new)):
                 if (section, key) in _RESUME_MAY_DIFFER:
                     continue
-                default = _RESUME_DEFAULTS.get((section, key))
-                before, now = old.get(key, default), new.get(key, default)
-                if before != now:
-                    diffs.append(f"{section}.{key}: checkpoint {before!r} vs now {now!r}")
+                if old.get(key) != new.get(key):
+                    diffs.append(
+                        f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}"
+                    )
         elif old != new:
             diffs.append(f"{section}: checkpoint {old!r} vs now {new!r}")
     return diffs
