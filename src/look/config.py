@@ -90,6 +90,12 @@ class TrainConfig:
     max_steps: int | None = None
     ddp_timeout_s: float = 600.0
     export_backbone: bool = True
+    # kNN transfer monitor (look.engine.monitor): a dataset SPEC as `look evaluate --dataset`
+    # takes (null: off), measured before the first step and after every epoch.
+    knn_monitor: str | None = None
+    knn_monitor_labels: str = "fine"
+    knn_monitor_k: int = 20
+    knn_monitor_images: int | None = 5000  # stratified subset of each split (null: all)
 
 
 @dataclass
@@ -212,6 +218,7 @@ def _validate(cfg: RunConfig) -> None:
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.ddp_timeout_s": cfg.train.ddp_timeout_s,
         "train.nan_max_consecutive_skips": cfg.train.nan_max_consecutive_skips,
+        "train.knn_monitor_k": cfg.train.knn_monitor_k,
         "data.synthetic_num_samples": cfg.data.synthetic_num_samples,
         "data.synthetic_num_classes": cfg.data.synthetic_num_classes,
         "data.synthetic_image_size": cfg.data.synthetic_image_size,
@@ -237,6 +244,7 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in {
         "optim.grad_clip": cfg.optim.grad_clip,
         "train.max_steps": cfg.train.max_steps,
+        "train.knn_monitor_images": cfg.train.knn_monitor_images,
         "data.subset": cfg.data.subset,
         "data.image_size": cfg.data.image_size,
     }.items():

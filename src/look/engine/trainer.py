@@ -38,6 +38,7 @@ from look.engine.distributed import (
     wrap_ddp,
 )
 from look.engine.metrics_log import MetricsLogger
+from look.engine.monitor import KnnMonitor, build_knn_monitor
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
 from look.methods import (
@@ -185,6 +186,20 @@ class Trainer:
         )
         self.global_batch = cfg.optim.batch_size
         world = get_world_size()
+        self.knn_monitor: KnnMonitor | None = None
+        if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
+            try:
+                self.knn_monitor = build_knn_monitor(
+                    cfg.train.knn_monitor,
+                    labels=cfg.train.knn_monitor_labels,
+                    k=cfg.train.knn_monitor_k,
+                    images=cfg.train.knn_monitor_images,
+                    image_size=self.data_info.image_size,
+                )
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(
+                    f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
+                ) from error
         if self.global_batch > self.data_info.num_samples:
             raise ConfigError(
                 f"optim.batch_size={self.global_batch} is larger than the training set "
@@ -342,6 +357,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "micro_batches_per_step": self.accumulation,
             "images_per_forward_per_rank": self.micro_batch,
+            "knn_monitor": None if self.knn_monitor is None else self.knn_monitor.description,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "starts_at": (
@@ -399,6 +415,24 @@ class Trainer:
                     self.method.warmup_step(
                         micro_batch.to(self.device, channels_last=self.channels_last)
                     )
+
+    def _measure_transfer(self, epochs_trained: int) -> None:
+        """The kNN monitor's accuracy of the current backbone, logged as the ``monitor`` split
+        (a collective under DDP: every rank extracts a shard)."""
+        if self.knn_monitor is None:
+            return
+        start = time.perf_counter()
+        with self._step_errors("measuring the kNN monitor"):
+            values: dict[str, Any] = self.knn_monitor.measure(
+                self.method.backbone,
+                device=self.device,
+                autocast_dtype=self.amp_dtype,
+                batch_size=max(self.micro_batch, 64),
+                num_workers=self.cfg.data.num_workers,
+            )
+        values.update(epochs_trained=epochs_trained, knn_seconds=time.perf_counter() - start)
+        assert self.logger is not None
+        self.logger.log(self.global_step, values, split="monitor")
 
     def _show_progress(self) -> bool:
         return self.cfg.train.progress and is_main_process()
@@ -519,6 +553,7 @@ class Trainer:
                 save_yaml(self.resolved, self.output_dir / "config.yaml")
             if self.method.needs_warmup_pass:
                 self._warmup_memory()
+            self._measure_transfer(epochs_trained=0)  # the starting point of the curve
         if is_distributed():
             self.model = wrap_ddp(self.method, self.device)
         if self.cfg.train.compile:
@@ -566,6 +601,9 @@ class Trainer:
                 self.logger.log(
                     self.global_step, {"epoch": epoch, "epoch_seconds": seconds}, split="epoch"
                 )
+                monitor_start = time.perf_counter()
+                self._measure_transfer(epochs_trained=epoch + 1)
+                window_start += time.perf_counter() - monitor_start  # not training time
                 epoch_start = time.perf_counter()
                 current_epoch = epoch + 1
             if (

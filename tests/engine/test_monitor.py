@@ -1,0 +1,56 @@
+"""The kNN transfer monitor (``train.knn_monitor``): logged before training and after every epoch,
+invisible to the training itself, exact across a resume, refused early when misconfigured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from look.config import ConfigError
+from look.engine.metrics_log import csv_path, read_metrics
+from look.engine.trainer import Trainer, pretrain
+from tests.engine.test_trainer import tiny_config, train_losses
+
+MONITOR = ("train.knn_monitor=synthetic:samples=64,classes=4", "train.knn_monitor_images=40")
+# MoCo v2 shuffling batch norm over two groups in one process draws a permutation from the
+# global generator every step: a monitor that touched it would change the loss curve.
+MOCO_SHUFFLE = ("method={name: mocov2, queue_size: 32, bn_splits: 2}",)
+
+
+def _monitor_rows(run_dir: Path) -> list[dict[str, float]]:
+    rows = read_metrics(run_dir, "monitor")
+    return [{k: v for k, v in row.items() if k != "knn_seconds"} for row in rows]
+
+
+def test_the_monitor_measures_before_training_and_after_every_epoch(tmp_path: Path) -> None:
+    pretrain(tiny_config(*MONITOR), tmp_path / "run")
+    rows = _monitor_rows(tmp_path / "run")
+    assert [(row["step"], row["epochs_trained"]) for row in rows] == [(0, 0), (6, 1), (12, 2)]
+    for row in rows:
+        assert 0.0 <= row["knn_top1"] <= 100.0 and 0.0 <= row["knn_mean_per_class"] <= 100.0
+    assert csv_path(tmp_path / "run", "monitor").is_file()
+
+
+@pytest.mark.parametrize("method", [(), MOCO_SHUFFLE], ids=["look", "mocov2_shuffled_bn"])
+def test_the_monitor_does_not_change_the_training(tmp_path: Path, method: tuple[str, ...]) -> None:
+    pretrain(tiny_config(*method), tmp_path / "plain")
+    pretrain(tiny_config(*method, *MONITOR), tmp_path / "monitored")
+    assert train_losses(tmp_path / "monitored") == train_losses(tmp_path / "plain")
+
+
+def test_a_resumed_run_logs_the_same_monitor_curve(tmp_path: Path) -> None:
+    pretrain(tiny_config(*MONITOR), tmp_path / "full")
+    pretrain(tiny_config(*MONITOR, "train.max_steps=5"), tmp_path / "split")
+    pretrain(tiny_config(*MONITOR), tmp_path / "split")
+    assert _monitor_rows(tmp_path / "split") == _monitor_rows(tmp_path / "full")
+
+
+def test_a_bad_monitor_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.knn_monitor='no_such_set'.*unknown dataset"):
+        Trainer(tiny_config("train.knn_monitor=no_such_set"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"knn_monitor_images=2.*number of classes"):
+        Trainer(tiny_config(*MONITOR, "train.knn_monitor_images=2"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"train\.knn_monitor_k must be > 0"):
+        tiny_config(*MONITOR, "train.knn_monitor_k=0")
+    assert not (tmp_path / "run").exists()
