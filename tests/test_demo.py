@@ -10,10 +10,13 @@ from look.demo import (
     SCENARIO_COARSE,
     SCENARIO_DIGITS,
     DemoPlan,
+    _monitor_section,
     _verdict,
+    monitor_curves,
     plan_runs,
     pretrain_config,
 )
+from look.engine.metrics_log import MetricsLogger
 from look.methods import get_method_class
 
 
@@ -36,6 +39,9 @@ def test_every_demo_run_has_a_valid_config(plan: DemoPlan) -> None:
             plan.train_subset,
             plan.backbone,
         )
+        # Every pre-training watches the fine labels (the report's training curves).
+        assert (cfg.train.knn_monitor, cfg.train.knn_monitor_labels) == ("fashion_mnist", "fine")
+        assert cfg.train.knn_monitor_images == plan.monitor_images
         options = get_method_class(run.method).parse_options(cfg.method)
         if run.method == "look":
             assert options.k_fraction == plan.look_k_fraction
@@ -53,6 +59,27 @@ def test_the_verdict_states_wins_and_losses_from_the_numbers() -> None:
     assert "beats nca (coarse) (80.00 vs 79.00)" in text
 
 
+def test_monitor_curves_average_the_seeds_and_make_a_table_and_figure(tmp_path: Path) -> None:
+    runs = {}
+    for seed, offset in ((0, 0.0), (1, 2.0)):
+        run_dir = tmp_path / f"look_s{seed}"
+        with MetricsLogger(run_dir, tensorboard=False) as logger:
+            for epochs, accuracy in ((0, 40.0), (1, 60.0), (2, 70.0)):
+                logger.log(
+                    10 * epochs,
+                    {"knn_top1": accuracy + offset, "epochs_trained": epochs},
+                    split="monitor",
+                )
+        runs.setdefault("look (coarse)", []).append(run_dir)
+    runs["ce (coarse)"] = [tmp_path / "no_monitor"]  # a run from before the monitor: left out
+    curves = monitor_curves(runs)
+    assert curves == {"look (coarse)": [(0, 41.0), (1, 61.0), (2, 71.0)]}
+    lines = _monitor_section(curves, tmp_path, DemoPlan.quick())
+    assert "| look (coarse) | 41.00 | 61.00 | 71.00 |" in lines
+    assert (tmp_path / "monitor.png").stat().st_size > 5_000
+    assert _monitor_section({}, tmp_path, DemoPlan.quick()) == []
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     from look.demo import run_demo
@@ -61,4 +88,6 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     text = report.read_text()
     assert "Verdict" in text and "look (coarse)" in text
     assert (tmp_path / "analysis" / "maps.png").stat().st_size > 10_000
+    assert "## Fine-label kNN during pre-training" in text
+    assert (tmp_path / "monitor.png").stat().st_size > 5_000
     assert json.loads((tmp_path / "timings.json").read_text())["total"] > 0

@@ -59,6 +59,8 @@ class DemoPlan:
     num_workers: int = 2
     scenario_digits: bool = True
     map_points: int = 1500  # points per t-SNE panel
+    # Fine-label kNN monitor during pre-training (train.knn_monitor): images per split.
+    monitor_images: int = 2000
     analysis_per_coarse: int = 2000  # samples per coarse class for the multi-modality metrics
 
     @classmethod
@@ -81,6 +83,7 @@ class DemoPlan:
             fewshot_episodes=100,
             map_points=300,
             analysis_per_coarse=400,
+            monitor_images=500,
         )
 
 
@@ -144,6 +147,10 @@ def pretrain_config(
         "train.log_every_steps=10",
         "train.checkpoint_every_steps=1000",
         "train.tensorboard=false",
+        # The fine labels' kNN accuracy after every epoch, for the report's training curves.
+        "train.knn_monitor=fashion_mnist",
+        "train.knn_monitor_labels=fine",
+        f"train.knn_monitor_images={plan.monitor_images}",
         *extra_overrides,
     ]
     cfg = load_config(None, overrides)
@@ -274,7 +281,14 @@ def run_demo(
     )
     timings["total"] = time.perf_counter() - started
     (output_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    path = _write_demo_report(output_dir, plan, runs, result_files, report, analysis, timings)
+    monitored: dict[str, list[Path]] = {}  # scenario 1's models, a run per seed
+    for run in runs:
+        if run.scenario == SCENARIO_COARSE and run.method is not None:
+            monitored.setdefault(run.name, []).append(trained[_run_key(run)])
+    curves = monitor_curves(monitored)
+    path = _write_demo_report(
+        output_dir, plan, runs, result_files, report, analysis, timings, curves
+    )
     log(f"look demo: report written to {path}")
     return path
 
@@ -305,6 +319,73 @@ def _headline(path: Path) -> dict[str, float]:
     return out
 
 
+def monitor_curves(run_dirs: dict[str, list[Path]]) -> dict[str, list[tuple[int, float]]]:
+    """Each model's fine-label kNN accuracy during pre-training, from its runs'
+    ``metrics_monitor`` rows: ``(epochs trained, top-1)`` averaged over the runs (seeds) that
+    logged it. Runs without a monitor are left out."""
+    from look.engine.metrics_log import read_metrics
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name, dirs in run_dirs.items():
+        by_epoch: dict[int, list[float]] = {}
+        for run_dir in dirs:
+            for row in read_metrics(run_dir, "monitor"):
+                by_epoch.setdefault(int(row["epochs_trained"]), []).append(float(row["knn_top1"]))
+        if by_epoch:
+            curves[name] = [(e, sum(v) / len(v)) for e, v in sorted(by_epoch.items())]
+    return curves
+
+
+def _plot_monitor_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for name, points in curves.items():
+        epochs, accuracy = zip(*points, strict=True)
+        axes.plot(
+            epochs, accuracy, marker="o", label=name, linewidth=2.5 if "look" in name else 1.2
+        )
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes.set_xlabel("pre-training epochs")
+    axes.set_ylabel("fine-label kNN top-1 (%)")
+    axes.set_title("Fashion-MNIST fine labels during pre-training (kNN monitor)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _monitor_section(
+    curves: dict[str, list[tuple[int, float]]], output_dir: Path, plan: DemoPlan
+) -> list[str]:
+    """The report's training-curve section: a table and a figure of the kNN monitor."""
+    if not curves:
+        return []
+    epochs = sorted({e for points in curves.values() for e, _ in points})
+    figure = output_dir / "monitor.png"
+    _plot_monitor_curves(curves, figure)
+    lines = [
+        "## Fine-label kNN during pre-training",
+        "",
+        f"The kNN monitor (`train.knn_monitor`, k=20, {plan.monitor_images} training and "
+        f"{plan.monitor_images} test images of Fashion-MNIST, fine labels) after each epoch; "
+        "0 is the initialisation. Mean over seeds.",
+        "",
+        "| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+        "| --- | " + " | ".join("---" for _ in epochs) + " |",
+    ]
+    for name, points in curves.items():
+        values = dict(points)
+        cells = [f"{values[e]:.2f}" if e in values else "—" for e in epochs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, "", f"![kNN monitor]({figure.relative_to(output_dir)})", ""]
+
+
 def _verdict(scores: dict[str, dict[str, float]], metric: str, look: str, rivals: list[str]) -> str:
     if look not in scores or metric not in scores[look]:
         return f"- {metric}: no LOOK result."
@@ -326,6 +407,7 @@ def _write_demo_report(
     report: Any,
     analysis: Any,
     timings: dict[str, float],
+    curves: dict[str, list[tuple[int, float]]] | None = None,
 ) -> Path:
     def mean_scores(scenario: str) -> dict[str, dict[str, float]]:
         grouped: dict[str, list[dict[str, float]]] = {}
@@ -389,6 +471,7 @@ def _write_demo_report(
             cells = [f"{row[m]:.2f}" if m in row else "—" for m in ("linear", "knn20", "5shot")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _monitor_section(curves or {}, output_dir, plan)
     lines += [
         "## Full tables, multi-modality and maps",
         "",
