@@ -82,3 +82,20 @@ def test_two_ranks_measure_the_monitor_together(tmp_path: Path) -> None:
     rows = _monitor_rows(tmp_path / "run")
     assert [(row["step"], row["epochs_trained"]) for row in rows] == [(0, 0), (6, 1), (12, 2)]
     assert all(0.0 <= row["knn_top1"] <= 100.0 for row in rows)
+
+
+def test_a_monitor_of_the_training_dataset_reads_the_training_root(tmp_path: Path) -> None:
+    from look.engine.monitor import build_knn_monitor
+
+    missing = tmp_path / "elsewhere"
+    with pytest.raises((ValueError, FileNotFoundError), match="elsewhere"):
+        build_knn_monitor(
+            "fashion_mnist", labels="fine", k=20, images=100, image_size=28,
+            training_data=("fashion_mnist", str(missing)),
+        )  # fmt: skip
+    # Another dataset, or an explicit root, is not redirected.
+    with pytest.raises((ValueError, FileNotFoundError), match="given"):
+        build_knn_monitor(
+            f"fashion_mnist:{tmp_path / 'given'}", labels="fine", k=20, images=100,
+            image_size=28, training_data=("fashion_mnist", str(missing)),
+        )  # fmt: skip

@@ -86,13 +86,23 @@ class KnnMonitor:
 
 
 def build_knn_monitor(
-    dataset_spec: str, *, labels: str, k: int, images: int | None, image_size: int
+    dataset_spec: str,
+    *,
+    labels: str,
+    k: int,
+    images: int | None,
+    image_size: int,
+    training_data: tuple[str, str | None] = ("", None),
 ) -> KnnMonitor:
     """The monitor of ``dataset_spec`` (see :data:`look.evaluation.suite.DATASET_SPEC_HELP`),
     labelled by ``labels``, at the run's ``image_size``, on stratified subsets of at most
-    ``images`` images per split (``None``: every image). Raises ``ValueError`` naming what is
-    wrong (unknown dataset, missing files, a subset smaller than the number of classes)."""
+    ``images`` images per split (``None``: every image). ``training_data`` is the run's
+    ``(dataset, root)``: a spec of the same dataset without a root reads the training root.
+    Raises ``ValueError`` naming what is wrong (unknown dataset, missing files, a subset
+    smaller than the number of classes)."""
     spec = dataclasses.replace(parse_dataset_spec(dataset_spec), image_size=image_size)
+    if spec.root is None and spec.dataset == training_data[0]:
+        spec = dataclasses.replace(spec, root=training_data[1])
     sets = []
     for split in ("train", "test"):
         dataset, info = build_eval_dataset(spec, split, labels)

@@ -195,6 +195,7 @@ class Trainer:
                     k=cfg.train.knn_monitor_k,
                     images=cfg.train.knn_monitor_images,
                     image_size=self.data_info.image_size,
+                    training_data=(cfg.data.dataset, cfg.data.root),
                 )
             except (ValueError, FileNotFoundError) as error:
                 raise ConfigError(
