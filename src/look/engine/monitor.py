@@ -5,8 +5,8 @@ With ``train.knn_monitor`` set to a dataset SPEC (as ``look evaluate --dataset``
 extracts frozen backbone features of a stratified subset of that dataset's train split (the kNN
 memory) and test split (the queries) before the first step and after every epoch, and logs the
 weighted-kNN accuracy as the ``monitor`` split of the run's metrics (``metrics_monitor.csv``,
-TensorBoard). It is the ``knn`` protocol of ``look evaluate`` on fewer images, so the last
-epoch's value approaches that protocol's result on the same subsets.
+TensorBoard). It is the ``knn`` protocol of ``look evaluate`` (weighted votes, τ = 0.07, one
+k: ``train.knn_monitor_k``) on stratified subsets of ``train.knn_monitor_images`` images.
 
 It neither trains nor changes anything the training reads: features come from the backbone in
 eval mode (batch norm's running statistics untouched), and the global random number generators
