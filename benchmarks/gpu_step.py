@@ -94,9 +94,7 @@ def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torc
         method_cfg,
         backbone,
         dim,
-        MethodContext(
-            num_classes=args.classes, num_samples=rows, local_batch_size=args.batch_size
-        ),
+        MethodContext(num_classes=args.classes, num_samples=rows, local_batch_size=args.batch_size),
     ).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     method = method.to(memory_format=memory_format)  # type: ignore[call-arg]
