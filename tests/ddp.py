@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 import torch.distributed as dist
@@ -24,3 +25,12 @@ def init_gloo(rank: int, world_size: int, port: int, *, timeout_s: float = 120.0
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def set_torchrun_environment(rank: int, world_size: int, port: int) -> None:
+    """The variables torchrun sets for ``rank``, so that code under test joins the group itself
+    (as ``look pretrain`` does under torchrun)."""
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+         "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
+    )  # fmt: skip

@@ -373,14 +373,10 @@ def test_a_look_step_on_an_accelerator_waits_for_the_device_once_after_backward(
 
 
 def _ddp_trainer_worker(rank: int, port: int, out_dir: str, flag_on_rank_0: bool) -> None:
-    import os
-
+    from tests.ddp import set_torchrun_environment
     from tests.engine.test_trainer import tiny_config
 
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-         "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-    )  # fmt: skip
+    set_torchrun_environment(rank, 2, port)
     torch.set_num_threads(1)
     for module in (search_module, look_loss_module, memory_module, sharded_module, look_method):
         module.host_reads_are_free = lambda device: False  # type: ignore[attr-defined]

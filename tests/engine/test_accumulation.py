@@ -4,7 +4,6 @@ train like the whole batch at once, given a backbone whose outputs do not depend
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from look.config import ConfigError
 from look.engine.trainer import Trainer, pretrain
-from tests.engine.test_trainer import tiny_config, train_losses
+from tests.engine.test_trainer import pretrain_on_rank, tiny_config, train_losses
 
 # Float rounding only: the same sums over samples, grouped by micro-batch.
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -105,17 +104,6 @@ def test_a_run_may_resume_with_another_number_of_micro_batches(tmp_path: Path) -
     _assert_same_training(tmp_path / "whole", tmp_path / "moved")
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-         "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    cfg = tiny_config(*NO_BATCH_NORM, *LOOK, "optim.grad_accum_steps=2", "train.ddp_timeout_s=60")
-    pretrain(cfg, Path(out_dir))
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.ddp
 def test_two_ranks_with_micro_batches_train_like_one_process(tmp_path: Path) -> None:
     """DDP all-reduces once per step (``no_sync`` for the earlier micro-batches); the memory
@@ -125,5 +113,8 @@ def test_two_ranks_with_micro_batches_train_like_one_process(tmp_path: Path) -> 
     from tests.ddp import free_port
 
     pretrain(tiny_config(*NO_BATCH_NORM, *LOOK), tmp_path / "one")
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    overrides = (*NO_BATCH_NORM, *LOOK, "optim.grad_accum_steps=2")
+    mp.spawn(
+        pretrain_on_rank, args=(free_port(), str(tmp_path / "two"), overrides), nprocs=2, join=True
+    )
     _assert_same_training(tmp_path / "one", tmp_path / "two")

@@ -10,7 +10,7 @@ import pytest
 from look.config import ConfigError
 from look.engine.metrics_log import csv_path, read_metrics
 from look.engine.trainer import Trainer, pretrain
-from tests.engine.test_trainer import tiny_config, train_losses
+from tests.engine.test_trainer import pretrain_on_rank, tiny_config, train_losses
 
 MONITOR = ("train.knn_monitor=synthetic:samples=64,classes=4", "train.knn_monitor_images=40")
 # MoCo v2 shuffling batch norm over two groups in one process draws a permutation from the
@@ -56,20 +56,6 @@ def test_a_bad_monitor_is_refused_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
-
-    import torch
-
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-         "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    pretrain(tiny_config(*MONITOR, "train.ddp_timeout_s=60"), Path(out_dir))
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.ddp
 def test_two_ranks_measure_the_monitor_together(tmp_path: Path) -> None:
     """Each rank extracts a shard of the monitor's images (a collective at every epoch end); the
@@ -78,7 +64,9 @@ def test_two_ranks_measure_the_monitor_together(tmp_path: Path) -> None:
 
     from tests.ddp import free_port
 
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+    mp.spawn(
+        pretrain_on_rank, args=(free_port(), str(tmp_path / "run"), MONITOR), nprocs=2, join=True
+    )
     rows = _monitor_rows(tmp_path / "run")
     assert [(row["step"], row["epochs_trained"]) for row in rows] == [(0, 0), (6, 1), (12, 2)]
     assert all(0.0 <= row["knn_top1"] <= 100.0 for row in rows)

@@ -43,6 +43,16 @@ def tiny_config(*extra: str) -> RunConfig:
     return load_config(None, [*TINY, *extra])
 
 
+def pretrain_on_rank(rank: int, port: int, out_dir: str, overrides: tuple[str, ...]) -> None:
+    """One of two gloo ranks of a tiny run (an ``mp.spawn`` target), as under torchrun."""
+    from tests.ddp import set_torchrun_environment
+
+    set_torchrun_environment(rank, 2, port)
+    torch.set_num_threads(1)
+    pretrain(tiny_config(*overrides, "train.ddp_timeout_s=60"), Path(out_dir))
+    torch.distributed.destroy_process_group()
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {

@@ -476,10 +476,10 @@ class Trainer:
         micro_batches = batch.split(self.micro_batch)
         outputs: list[StepOutput] = []
         flags = []
+        # DDP all-reduces the gradients once, in the last micro-batch's backward.
+        no_sync = getattr(self.model, "no_sync", None)
         for position, micro_batch in enumerate(micro_batches):
             last = position == len(micro_batches) - 1
-            # DDP all-reduces the gradients once, in the last micro-batch's backward.
-            no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 out = self._forward(epoch, micro_batch)
                 self.scaler.scale(out.loss / len(micro_batches)).backward()

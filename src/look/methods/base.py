@@ -77,8 +77,9 @@ class MethodContext:
 
     num_classes: int
     num_samples: int
-    # Images one rank passes per step (the global batch / world size), when the caller knows it:
-    # lets memories gather over ranks without reading row counts on the host.
+    # Images one rank passes per forward (the global batch / world size / micro-batches per
+    # step), when the caller knows it: lets memories gather over ranks without reading row
+    # counts on the host.
     local_batch_size: int | None = None
 
 
@@ -110,6 +111,8 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.ctx = ctx
+        # Memory writes queued by queue_memory_write, done by write_pending_memory.
+        self._pending_writes: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> Any:
@@ -136,9 +139,34 @@ class Method(nn.Module):
     def warmup_step(self, batch: Batch) -> None:
         """One batch of the pre-training pass that fills a memory before the first step."""
 
+    def queue_memory_write(
+        self,
+        memory: nn.Module,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        later: bool,
+    ) -> None:
+        """Write a batch into ``memory`` (its ``update``), now or, with ``later``, in
+        :meth:`write_pending_memory` (after the optimizer step or before a checkpoint). A write
+        done now first does the queued ones, so the memory sees the batches in order."""
+        self._pending_writes.append((memory, ids, features, labels))
+        if not later:
+            self.write_pending_memory()
+
+    def write_pending_memory(self) -> None:
+        """Do the queued memory writes, in order (a collective under DDP: every rank calls it
+        at the same point)."""
+        pending, self._pending_writes = self._pending_writes, []
+        for memory, ids, features, labels in pending:
+            memory.update(ids, features, labels)
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        """Momentum / EMA updates; ``progress`` is the fraction of training done, in [0, 1]."""
+        """Queued memory writes, then momentum / EMA updates (an override calls this first);
+        ``progress`` is the fraction of training done, in [0, 1]."""
+        self.write_pending_memory()
 
     @contextlib.contextmanager
     def exact_redo(self) -> Iterator[None]:
@@ -148,11 +176,13 @@ class Method(nn.Module):
         yield
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """The method's state for a checkpoint (default: :meth:`state_dict`).
+        """The method's state for a checkpoint (default: :meth:`state_dict`, after the queued
+        memory writes: a checkpoint never leaves one out).
 
         May be collective under DDP (e.g. a sharded memory gathers its rows): called on every
         rank, and the result is the same on every rank so that rank 0 alone can write it.
         """
+        self.write_pending_memory()
         return self.state_dict()
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
@@ -160,6 +190,7 @@ class Method(nn.Module):
 
         May be collective under DDP: called on every rank, each with the same ``state``.
         """
+        self._pending_writes = []  # the loaded memory supersedes unwritten batches
         self.load_state_dict(state)
 
 

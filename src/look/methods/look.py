@@ -173,8 +173,7 @@ class LOOK(Method):
         # forward, or a checkpoint, whichever comes first): its ~80 small kernels are then
         # launched while the GPU runs the backward pass, not while it idles between the
         # forward's host waits. Same values: the loss never reads its own batch's rows.
-        # Several with gradient accumulation (defer_memory_writes): one per micro-batch.
-        self._pending_writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (Method.queue_memory_write; several with gradient accumulation, one per micro-batch.)
         self._redoing = False  # inside exact_redo()
 
     @property
@@ -261,9 +260,13 @@ class LOOK(Method):
             metrics["ce_loss"] = ce.detach()
             loss = loss + self.options.ce_weight * ce
         # Written after the loss: this batch's rows are never its own neighbours this step.
-        self._pending_writes.append((batch.indices, self.memory_embedding(images, z), batch.labels))
-        if not write_later:
-            self.write_pending_memory()
+        self.queue_memory_write(
+            self.memory,
+            batch.indices,
+            self.memory_embedding(images, z),
+            batch.labels,
+            later=write_later,
+        )
         metrics["loss"] = loss.detach()
         return StepOutput(loss, metrics, inexact=terms.inexact)
 
@@ -279,16 +282,9 @@ class LOOK(Method):
         finally:
             self._redoing = False
 
-    def write_pending_memory(self) -> None:
-        """Write the batches of the forward passes since the last write into the memory, in
-        order (a collective under DDP: every rank calls it at the same point)."""
-        pending, self._pending_writes = self._pending_writes, []
-        for ids, features, labels in pending:
-            self.memory.update(ids, features, labels)
-
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        self.write_pending_memory()
+        super().after_optimizer_step(progress)  # the pending memory write
         if self.options.memory_update == "ema_encoder":
             momentum_update(self.backbone, self.ema_backbone, self.options.encoder_momentum)
             momentum_update(self.head, self.ema_head, self.options.encoder_momentum)
@@ -300,8 +296,7 @@ class LOOK(Method):
         bank has the keys of a replicated bank (``memory.features``, ``memory.labels``,
         ``memory.ids``, ``memory.valid``), so the checkpoint does not depend on the world size.
         """
-        self.write_pending_memory()
-        state = self.state_dict()
+        state = super().checkpoint_state()  # after the pending memory write
         if not isinstance(self.memory, ShardedMemoryBank):
             return state
         state = {key: value for key, value in state.items() if not key.startswith("memory.")}
@@ -312,10 +307,10 @@ class LOOK(Method):
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`checkpoint_state` output; a sharded bank takes its rows from the whole
         bank, for any world size (no communication)."""
-        self._pending_writes = []  # the loaded memory supersedes unwritten batches
         if not isinstance(self.memory, ShardedMemoryBank):
-            self.load_state_dict(state)
+            super().load_checkpoint_state(state)
             return
+        self._pending_writes = []  # the loaded memory supersedes unwritten batches
         others = {key: value for key, value in state.items() if not key.startswith("memory.")}
         full_bank = {
             key.removeprefix("memory."): value

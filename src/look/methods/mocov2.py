@@ -67,8 +67,6 @@ class MoCoV2(Method):
         self.queue = MemoryQueue(
             options.queue_size, options.head_out_dim, rows_per_rank=ctx.local_batch_size
         )
-        # Keys waiting for after_optimizer_step (only with defer_memory_writes).
-        self._pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch: Batch) -> StepOutput:
         splits = self.options.bn_splits
@@ -87,10 +85,15 @@ class MoCoV2(Method):
             negatives_valid=self.queue.valid,
         )  # fmt: skip
         loss = global_masked_mean(per_sample, valid)
-        if self.defer_memory_writes:  # the step's other micro-batches see the queue unchanged
-            self._pending_keys.append((batch.indices, key))
-        else:
-            self._enqueue(batch.indices, key)
+        # Labels go into the queue only because the memory stores them; they are never read.
+        # With defer_memory_writes the step's other micro-batches see the queue unchanged.
+        self.queue_memory_write(
+            self.queue,
+            batch.indices,
+            key,
+            torch.zeros_like(batch.labels),
+            later=self.defer_memory_writes,
+        )
         return StepOutput(
             loss, {"loss": loss.detach(), "queue_filled_frac": self.queue.valid.float().mean()}
         )
@@ -121,15 +124,9 @@ class MoCoV2(Method):
         keys[order] = every_key
         return keys[rank * local : (rank + 1) * local]
 
-    def _enqueue(self, indices: torch.Tensor, key: torch.Tensor) -> None:
-        # Labels go into the queue only because the memory stores them; they are never read.
-        self.queue.update(indices, key, torch.zeros_like(indices))
-
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        pending, self._pending_keys = self._pending_keys, []
-        for indices, key in pending:
-            self._enqueue(indices, key)
+        super().after_optimizer_step(progress)  # the queued keys, with defer_memory_writes
         momentum_update(self.backbone, self.key_backbone, self.options.encoder_momentum)
         momentum_update(self.head, self.key_head, self.options.encoder_momentum)
 
