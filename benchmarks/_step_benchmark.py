@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from look.engine.distributed import all_reduce_sum, is_distributed
+from look.engine.trainer import step_flags
 from look.methods import Batch, Method, StepOutput
 
 
@@ -67,9 +68,7 @@ def trainer_step(
         batch = next_batch()
         out = forward_backward(batch)
         if loss_check:
-            non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
-            inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
-            flags = all_reduce_sum(torch.stack([non_finite, inexact])).tolist()
+            flags = all_reduce_sum(step_flags(out)).tolist()
             if flags[1] != 0:  # the timing then includes a second forward and backward
                 warnings.warn("a benchmark step was inexact and redone", RuntimeWarning, 2)
                 with method.exact_redo():

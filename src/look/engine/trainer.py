@@ -125,6 +125,14 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return diffs
 
 
+def step_flags(out: StepOutput) -> torch.Tensor:
+    """``[loss is non-finite, search was inexact]`` of a step's output, as a float tensor on
+    its device (summed over micro-batches and ranks, then read once)."""
+    non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
+    inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
+    return torch.stack([non_finite, inexact])
+
+
 # Buffers a training forward pass changes in place: normalisation layers' running statistics.
 _RUNNING_STATISTICS = {"running_mean", "running_var", "num_batches_tracked"}
 
@@ -483,9 +491,7 @@ class Trainer:
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 out = self._forward(epoch, micro_batch)
                 self.scaler.scale(out.loss / len(micro_batches)).backward()
-            non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
-            inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
-            flags.append(torch.stack([non_finite, inexact]))
+            flags.append(step_flags(out))
             outputs.append(out)
         totals = all_reduce_sum(torch.stack(flags).sum(dim=0)).tolist()
         metrics = outputs[0].metrics
