@@ -51,6 +51,7 @@ from look.losses.look_loss import (
     LookLossTerms,
     _check_no_positive,
     check_temperature,
+    gathered_row_products,
     mark_non_finite_queries,
     masked_logsumexp,
 )
@@ -385,14 +386,15 @@ def _queries_per_chunk(candidates: int, dim: int) -> int:
 
 def _candidate_similarities(queries: Tensor, features: Tensor, rows: Tensor) -> Tensor:
     """``queries[g] · features[rows[g, j]]`` ``(G, C)`` in the queries' dtype, 0 where ``rows`` is
-    -1: the replicated loss's own product (``look_loss._selected_logits``), so the values are
-    the same to the bit."""
+    -1: the replicated loss's own product (``gathered_row_products``), so the values are the
+    same to the bit."""
     out = queries.new_zeros(rows.shape)
     step = _queries_per_chunk(rows.shape[1], features.shape[1])
     for start in range(0, rows.shape[0], step):
-        chunk = slice(start, start + step)
-        neighbours = _gathered_rows(features, rows[chunk], queries.dtype)
-        out[chunk] = (queries[chunk].unsqueeze(1) * neighbours).sum(dim=-1)
+        chunk = rows[start : start + step]
+        out[start : start + step] = gathered_row_products(
+            queries[start : start + step], features, chunk.clamp(min=0), chunk >= 0
+        )
     return out
 
 

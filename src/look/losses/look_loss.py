@@ -329,6 +329,15 @@ def _selected_logits(
     if _dense_is_cheaper(batch, memory.shape[0], indices.shape[1], dim):
         similarities = queries @ _constant_rows(memory, queries.dtype, memory_valid).T  # (B, N)
         return similarities.gather(1, indices).masked_fill(~is_neighbour, 0.0)
+    return gathered_row_products(queries, memory, indices, is_neighbour)
+
+
+def gathered_row_products(
+    queries: Tensor, memory: Tensor, indices: Tensor, is_neighbour: Tensor
+) -> Tensor:
+    """``queries[i] · memory[indices[i, j]]`` ``(B, k)`` through the gathered ``B × k × d``
+    rows (copies, in the queries' dtype); 0 where ``is_neighbour`` is False. The sharded loss
+    computes its similarities with this too, so that they equal these to the bit."""
     neighbours = memory.detach()[indices].to(queries.dtype)  # (B, k, d)
     # Padding slots point at row 0, which may hold anything (e.g. an unwritten row).
     neighbours = neighbours.masked_fill(~is_neighbour.unsqueeze(-1), 0.0)
