@@ -194,21 +194,6 @@ class Trainer:
         )
         self.global_batch = cfg.optim.batch_size
         world = get_world_size()
-        self.knn_monitor: KnnMonitor | None = None
-        if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
-            try:
-                self.knn_monitor = build_knn_monitor(
-                    cfg.train.knn_monitor,
-                    labels=cfg.train.knn_monitor_labels,
-                    k=cfg.train.knn_monitor_k,
-                    images=cfg.train.knn_monitor_images,
-                    image_size=self.data_info.image_size,
-                    training_data=(cfg.data.dataset, cfg.data.root),
-                )
-            except (ValueError, FileNotFoundError) as error:
-                raise ConfigError(
-                    f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
-                ) from error
         if self.global_batch > self.data_info.num_samples:
             raise ConfigError(
                 f"optim.batch_size={self.global_batch} is larger than the training set "
@@ -228,6 +213,21 @@ class Trainer:
             )
         # Images one rank passes through the model at a time.
         self.micro_batch = self.global_batch // (world * self.accumulation)
+        self.knn_monitor: KnnMonitor | None = None
+        if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
+            try:
+                self.knn_monitor = build_knn_monitor(
+                    cfg.train.knn_monitor,
+                    labels=cfg.train.knn_monitor_labels,
+                    k=cfg.train.knn_monitor_k,
+                    images=cfg.train.knn_monitor_images,
+                    image_size=self.data_info.image_size,
+                    training_data=(cfg.data.dataset, cfg.data.root),
+                )
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(
+                    f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
+                ) from error
         backbone, feature_dim = create_backbone(
             cfg.model.backbone,
             small_stem=cfg.model.small_stem,
