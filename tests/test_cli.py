@@ -10,8 +10,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from look.cli import main, resolve_config_path
+from look.cli import error_message, main, resolve_config_path
+from look.data import CorruptImageError
 
+from .engine.test_check_images import image_folder_overrides, write_image_folder
 from .engine.test_trainer import TINY
 
 
@@ -92,3 +94,45 @@ def test_exported_backbone_loads_into_timm_and_torchvision(
     # The weights are the trained ones, not a fresh initialisation.
     state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert torch.equal(model.state_dict()["conv1.weight"], state["model"]["backbone.conv1.weight"])
+
+
+def _image_folder_args(run: Path, root: Path, *extra: str) -> list[str]:
+    return _pretrain_args(run, *image_folder_overrides(root, *extra))
+
+
+def test_check_images_finds_every_broken_file_before_the_first_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (broken,) = write_image_folder(tmp_path / "images", broken=1)
+    run = tmp_path / "run"
+    # Without the check, the dry run cannot see it: it decodes nothing.
+    assert main([*_image_folder_args(run, tmp_path / "images"), "--dry-run"]) == 0
+    assert "images_checked" not in capsys.readouterr().out
+    command = [*_image_folder_args(run, tmp_path / "images"), "--check-images"]
+    assert main([*command, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"1 of 16 training images cannot be decoded: {broken}" in err
+    assert main(command) == 2  # a real run stops before writing anything
+    assert "cannot be decoded" in capsys.readouterr().err and not run.exists()
+    skip = _image_folder_args(run, tmp_path / "images", "data.corrupt_images=skip")
+    assert main([*skip, "--check-images", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "images_checked: 16" in out
+    assert f'unreadable_images: ["{broken} (UnidentifiedImageError' in out
+    with pytest.warns(RuntimeWarning, match=f"1 of 16 training images .*{broken}"):
+        assert main([*skip, "--set", "train.max_steps=1", "--check-images"]) == 0
+
+
+def test_errors_raised_in_dataloader_workers_print_their_own_message() -> None:
+    class Exploding(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> int:
+            raise CorruptImageError("cannot decode image file x.png; remove or replace it")
+
+    with pytest.raises(CorruptImageError) as info:
+        next(iter(torch.utils.data.DataLoader(Exploding(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what PyTorch re-raises
+    assert error_message(info.value) == "cannot decode image file x.png; remove or replace it"
+    assert error_message(ValueError("plain")) == "plain"

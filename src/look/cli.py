@@ -76,6 +76,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="build and check everything (data, model, method, memory, schedule, the checkpoint "
         "to resume from) and print the plan; train nothing, write nothing",
     )
+    p.add_argument(
+        "--check-images",
+        action="store_true",
+        help="decode every training image once before anything else (in data.num_workers "
+        "workers; under torchrun each rank a share) and list the unreadable files; with "
+        "data.corrupt_images=fail any of them stops the run (or dry run) here",
+    )
     p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda)")
     p.add_argument(
         "--download",
@@ -168,13 +175,17 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         from look.engine.distributed import is_main_process
         from look.engine.trainer import Trainer
 
-        plan = Trainer(cfg, args.output, resume=not args.no_resume).plan()
+        trainer = Trainer(cfg, args.output, resume=not args.no_resume)
+        plan = trainer.plan()
+        if args.check_images:
+            plan["images_checked"], unreadable = trainer.check_images()
+            plan["unreadable_images"] = [f"{image.path} ({image.error})" for image in unreadable]
         if is_main_process():
             for key, value in plan.items():
                 print(f"{key}: {value}")
             print("look: dry run; nothing was trained or written")
         return 0
-    result = pretrain(cfg, args.output, resume=not args.no_resume)
+    result = pretrain(cfg, args.output, resume=not args.no_resume, check_images=args.check_images)
     if result.backbone_path is not None:
         print(f"look: done at step {result.global_step}; backbone: {result.backbone_path}")
     return 0
@@ -200,6 +211,20 @@ def _run_methods(_: argparse.Namespace) -> int:
             default = f.default if f.default is not dataclasses.MISSING else None
             print(f"    {f.name} = {default!r}")
     return 0
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line message of ``exc``, also for errors re-raised from a DataLoader worker.
+
+    PyTorch re-raises a worker's exception as the same type, with the worker's whole traceback as
+    its message; the user needs its last line (our own message), not the traceback.
+    """
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(exc).__qualname__}: ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, FileNotFoundError, TrainingStepError, ValueError) as exc:
-        print(f"look: error: {exc}", file=sys.stderr)
+        print(f"look: error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("look: interrupted; the last checkpoint is kept", file=sys.stderr)

@@ -190,7 +190,9 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}.{_suggest(str(key), names)}")
+            # Without a near miss (``model.name`` for ``model.backbone``) list the section's keys.
+            hint = _suggest(str(key), names) or f" Valid keys here: {', '.join(sorted(names))}."
+            raise ConfigError(f"unknown config key {full!r}.{hint}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = dataclass_from_dict(annotation, value, full)

@@ -45,6 +45,7 @@ from look.data.transforms import (
     normalization_stats,
     resolve_augment,
 )
+from look.data.verify import UnreadableImage, find_unreadable_images
 
 __all__ = [
     "AUGMENT_CHOICES",
@@ -61,12 +62,14 @@ __all__ = [
     "EvalDataset",
     "ImageSource",
     "TrainDataset",
+    "UnreadableImage",
     "build_eval_dataset",
     "build_eval_transform",
     "build_train_dataset",
     "build_train_transform",
     "builtin_grouping_names",
     "describe",
+    "find_unreadable_images",
     "infer_default_root",
     "load_grouping",
     "load_source",

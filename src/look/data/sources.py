@@ -54,11 +54,19 @@ DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0
 
 # Decoding failures that mean "this file is not a readable image".
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class CorruptImageError(ValueError):
     """An image file could not be decoded (and ``corrupt_images='fail'``, or no substitute exists)."""
+
+
+def decode_image_file(path: str) -> torch.Tensor:
+    """The image file at ``path`` as a uint8 RGB tensor ``(3, H, W)``; raises one of
+    ``DECODE_ERRORS`` when the file is not a readable image."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
+    return TF.pil_to_tensor(rgb)
 
 
 class ImageSource(abc.ABC):
@@ -86,6 +94,11 @@ class ImageSource(abc.ABC):
     def skipped_files(self) -> tuple[str, ...]:
         """Paths of the unreadable files replaced so far."""
         return ()
+
+    @property
+    def file_paths(self) -> tuple[str, ...] | None:
+        """The file each image is decoded from, in index order; None for in-memory images."""
+        return None
 
 
 class TensorImageSource(ImageSource):
@@ -144,6 +157,11 @@ class SubsetSource(ImageSource):
     def skipped_files(self) -> tuple[str, ...]:
         return self.base.skipped_files
 
+    @property
+    def file_paths(self) -> tuple[str, ...] | None:
+        paths = self.base.file_paths
+        return None if paths is None else tuple(paths[i] for i in self.indices.tolist())
+
 
 class ImageFolderSource(ImageSource):
     """Image files in one folder per class, decoded on demand.
@@ -179,14 +197,12 @@ class ImageFolderSource(ImageSource):
         self._unreadable = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     def _decode(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
-        return TF.pil_to_tensor(rgb)
+        return decode_image_file(self.paths[index])
 
     def load(self, index: int) -> torch.Tensor:
         try:
             return self._decode(index)
-        except _DECODE_ERRORS as error:
+        except DECODE_ERRORS as error:
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
                     f"cannot decode image file {self.paths[index]} ({type(error).__name__}: {error}); "
@@ -203,7 +219,7 @@ class ImageFolderSource(ImageSource):
                 continue
             try:
                 return self._decode(candidate)
-            except _DECODE_ERRORS as error:
+            except DECODE_ERRORS as error:
                 self._mark_unreadable(candidate, error)
         class_name = self.class_names[int(self.labels[index])]
         raise CorruptImageError(
@@ -223,6 +239,10 @@ class ImageFolderSource(ImageSource):
     @property
     def num_skipped_files(self) -> int:
         return int(self._unreadable.sum())
+
+    @property
+    def file_paths(self) -> tuple[str, ...] | None:
+        return self.paths
 
     @property
     def skipped_files(self) -> tuple[str, ...]:

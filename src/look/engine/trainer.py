@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ from tqdm import tqdm
 
 import look
 from look.config import ConfigError, RunConfig, data_spec_from_config, save_yaml, to_dict
-from look.data import build_train_dataset, describe
+from look.data import (
+    CorruptImageError,
+    UnreadableImage,
+    build_train_dataset,
+    describe,
+    find_unreadable_images,
+)
 from look.engine.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
@@ -376,6 +383,36 @@ class Trainer:
             ),
         }
 
+    def check_images(self) -> tuple[int, list[UnreadableImage]]:
+        """Decode every training image once, each rank a share, before training.
+
+        Returns (files decoded, the unreadable files), the same on every rank. With
+        ``data.corrupt_images='fail'`` any unreadable file raises :class:`CorruptImageError`
+        naming them all, so a run (or a dry run) stops before its first step, not hours into it.
+        """
+        checked, unreadable = find_unreadable_images(
+            self.dataset.source,
+            num_workers=self.cfg.data.num_workers,
+            progress=self._show_progress(),
+            share=(get_rank(), get_world_size()),
+        )
+        if is_distributed():
+            shares: list[Any] = [None] * get_world_size()
+            torch.distributed.all_gather_object(shares, (checked, unreadable))
+            checked = sum(count for count, _ in shares)
+            unreadable = sorted(
+                (image for _, images in shares for image in images), key=lambda i: i.path
+            )
+        if unreadable and self.cfg.data.corrupt_images == "fail":
+            shown = "; ".join(f"{image.path} ({image.error})" for image in unreadable[:10])
+            more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            raise CorruptImageError(
+                f"{len(unreadable)} of {checked} training images cannot be decoded: {shown}{more}. "
+                "Remove or replace them, or set data.corrupt_images=skip to replace each by "
+                "another image of its class."
+            )
+        return checked, unreadable
+
     def _try_resume(self) -> bool:
         resumable = self._resumable_checkpoint()
         if resumable is None:
@@ -658,7 +695,24 @@ class Trainer:
         return result
 
 
-def pretrain(cfg: RunConfig, output_dir: str | Path, *, resume: bool = True) -> TrainResult:
+def pretrain(
+    cfg: RunConfig, output_dir: str | Path, *, resume: bool = True, check_images: bool = False
+) -> TrainResult:
     """Pre-train as configured, writing config, metrics, checkpoints and the backbone to
-    ``output_dir``; an existing run there is resumed from its last good checkpoint."""
-    return Trainer(cfg, output_dir, resume=resume).fit()
+    ``output_dir``; an existing run there is resumed from its last good checkpoint.
+
+    ``check_images`` decodes every training image first (:meth:`Trainer.check_images`).
+    """
+    trainer = Trainer(cfg, output_dir, resume=resume)
+    if check_images:
+        checked, unreadable = trainer.check_images()  # raises with corrupt_images='fail'
+        if unreadable and is_main_process():
+            warnings.warn(
+                f"{len(unreadable)} of {checked} training images cannot be decoded; each is "
+                f"replaced by another image of its class (data.corrupt_images=skip): "
+                + ", ".join(image.path for image in unreadable[:10])
+                + (" …" if len(unreadable) > 10 else ""),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return trainer.fit()

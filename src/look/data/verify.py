@@ -1,0 +1,88 @@
+"""Decode every image of a source once, before a long run, and list the files that fail.
+
+Training meets an unreadable file only when the sampler reaches it, possibly hours into a run
+(with ``corrupt_images='fail'`` the run stops there). :func:`find_unreadable_images` finds all of
+them up front, in parallel DataLoader workers, so a cluster job can be checked before it is queued
+(``look pretrain --dry-run --check-images``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from look.data.sources import DECODE_ERRORS, ImageSource, decode_image_file
+
+# Files per DataLoader item: large enough that inter-process traffic is negligible, small enough
+# that the progress bar moves.
+_FILES_PER_ITEM = 64
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """A file that failed to decode, with the decoder's error."""
+
+    path: str
+    error: str
+
+
+class _DecodeProbe(Dataset):
+    """Item ``i`` decodes files ``[i·F, (i+1)·F)`` and returns ``(count, failures)``."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return -(-len(self.paths) // _FILES_PER_ITEM)
+
+    def __getitem__(self, item: int) -> tuple[int, list[UnreadableImage]]:
+        chunk = self.paths[item * _FILES_PER_ITEM : (item + 1) * _FILES_PER_ITEM]
+        failures = []
+        for path in chunk:
+            try:
+                decode_image_file(path)
+            except DECODE_ERRORS as error:
+                failures.append(UnreadableImage(path, f"{type(error).__name__}: {error}"))
+        return len(chunk), failures
+
+
+def _first(items: list[tuple[int, list[UnreadableImage]]]) -> tuple[int, list[UnreadableImage]]:
+    return items[0]
+
+
+def find_unreadable_images(
+    source: ImageSource,
+    *,
+    num_workers: int = 0,
+    progress: bool = False,
+    share: tuple[int, int] = (0, 1),
+) -> tuple[int, list[UnreadableImage]]:
+    """Decode every file of ``source``; returns (files decoded, the unreadable ones in index order).
+
+    ``share=(r, W)`` decodes only files ``r, r + W, r + 2W, …``: W processes split the work.
+    Sources held in memory (IDX, CIFAR, digits, synthetic) have no files: ``(0, [])``.
+    """
+    rank, world = share
+    if not 0 <= rank < world:
+        raise ValueError(f"share={share}: the rank must be in [0, {world})")
+    paths = source.file_paths
+    if not paths:
+        return 0, []
+    paths = paths[rank::world]
+    loader = DataLoader(
+        _DecodeProbe(paths),
+        batch_size=1,
+        collate_fn=_first,
+        num_workers=num_workers,
+    )
+    checked = 0
+    unreadable: list[UnreadableImage] = []
+    with tqdm(total=len(paths), desc="check images", unit="img", disable=not progress) as bar:
+        for count, failures in loader:
+            checked += count
+            unreadable.extend(failures)
+            bar.update(count)
+    return checked, unreadable
