@@ -152,6 +152,31 @@ def test_non_finite_query_is_refused_on_the_cpu() -> None:
         )  # fmt: skip
 
 
+def test_a_caller_that_checks_the_loss_gets_a_nan_term_on_the_cpu_too() -> None:
+    # The trainer checks every loss and applies train.nan_policy (stop or skip), so it asks for
+    # the accelerator's behaviour everywhere.
+    query = F.normalize(torch.randn(3, 4), dim=1)
+    query[1, 2] = float("nan")
+    memory = F.normalize(torch.randn(6, 4), dim=1)
+    terms = look_loss_terms(
+        query, torch.tensor([0, 1, 0]), memory, torch.arange(6) % 2, k=2, temperature=0.1,
+        check_finite_query=False,
+    )  # fmt: skip
+    assert torch.isnan(terms.loss[1]) and bool(terms.valid[1])
+    assert torch.isfinite(terms.loss[[0, 2]]).all()
+    bank = sharded_module.ShardedMemoryBank(6, 4)
+    bank.update(torch.arange(6), memory, torch.arange(6) % 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sharded_module.sharded_look_loss_terms(
+            query, torch.tensor([0, 1, 0]), bank, k=2, temperature=0.1, query_indices=None
+        )
+    terms = sharded_module.sharded_look_loss_terms(
+        query, torch.tensor([0, 1, 0]), bank, k=2, temperature=0.1, query_indices=None,
+        check_finite_query=False,
+    )  # fmt: skip
+    assert torch.isnan(terms.loss[1]) and torch.isfinite(terms.loss[[0, 2]]).all()
+
+
 def _unit(rows: int, dim: int = 4, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
 
@@ -261,21 +286,23 @@ def test_diverging_look_run_stops_with_finite_checkpoints_under_the_accelerator_
         assert torch.isfinite(state["model"]["memory.features"]).all()
 
 
-def test_diverging_look_run_with_skip_policy_reports_the_refused_rows(
+def test_diverging_look_run_with_skip_policy_skips_without_writing_nan_rows(
     tmp_path: Path, accelerator_policy: list[str]
 ) -> None:
-    """Skipping non-finite steps does not hide NaN embeddings: the memory refuses the rows and
-    the next write reports them as a step error (on the accelerator the write follows the
-    optimizer step), and no checkpoint holds a NaN row."""
+    """Skipping non-finite steps does not let their NaN embeddings into the memory (the rows of a
+    skipped step are dropped with it, on the CPU as on the accelerator), the skips are counted
+    and the run stops once too many come in a row; no checkpoint holds a NaN row."""
     from tests.engine.test_trainer import tiny_config
 
     cfg = tiny_config(
         "optim.lr=1e12", "optim.warmup_epochs=0", "train.checkpoint_every_steps=1",
-        "train.nan_policy=skip",
+        "train.nan_policy=skip", "train.nan_max_consecutive_skips=3",
     )  # fmt: skip
-    with pytest.raises(TrainingStepError, match="NaN/Inf"):
+    with pytest.raises(TrainingStepError, match="4 in a row"):
         pretrain(cfg, tmp_path / "run")
-    for checkpoint in sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")):
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    assert checkpoints
+    for checkpoint in checkpoints:
         state = torch.load(checkpoint, weights_only=True)
         assert torch.isfinite(state["model"]["memory.features"]).all()
 

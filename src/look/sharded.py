@@ -441,6 +441,7 @@ def sharded_look_loss_terms(
     chunk_size: int = 65536,
     search_backend: SearchBackend = "auto",
     defer_exactness_check: bool = False,
+    check_finite_query: bool = True,
 ) -> LookLossTerms:
     """Per-query LOOK loss terms over a :class:`ShardedMemoryBank` (a collective under DDP).
 
@@ -468,6 +469,8 @@ def sharded_look_loss_terms(
             applies to a bf16/fp16 shard on CUDA.
         defer_exactness_check: as in ``look_loss_terms``: ``inexact`` then says whether this
             shard's fused search overflowed (the caller agrees on it over ranks).
+        check_finite_query: as in ``look_loss_terms`` (checked on the gathered queries, so every
+            rank raises together).
 
     Returns:
         :class:`look.losses.LookLossTerms` for this rank's queries; ``neighbour_indices`` are
@@ -539,7 +542,11 @@ def sharded_look_loss_terms(
             )
         # Checked on the gathered batch so that every rank raises together (none is left
         # waiting); on an accelerator a NaN loss term replaces the check (see look.host_sync).
-        if host_reads_are_free(device) and not bool(torch.isfinite(all_queries).all()):
+        if (
+            check_finite_query
+            and host_reads_are_free(device)
+            and not bool(torch.isfinite(all_queries).all())
+        ):
             raise ValueError(
                 "query contains NaN or Inf values (on some rank); check the encoder output (e.g. "
                 "a diverged step or an fp16 overflow) before computing the LOOK loss"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,6 +172,51 @@ def test_a_skipped_step_leaves_the_running_statistics_as_they_were(tmp_path: Pat
     # A good step does move them: the check above is not vacuous.
     assert trainer._step(0, batch) is not None
     assert any(not torch.equal(now, then) for now, then in zip(statistics, before, strict=True))
+
+
+def _memory_state(trainer: Any) -> dict[str, torch.Tensor]:
+    """Everything of the method that is not trained by gradients: memories, queues, EMA copies."""
+    trained = {name for name, p in trainer.method.named_parameters() if p.requires_grad}
+    return {
+        name: value.clone()
+        for name, value in trainer.method.checkpoint_state().items()
+        if name not in trained
+    }
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["method.memory_update=momentum", "method.memory_update=ema_encoder",
+     "method={name: mocov2, queue_size: 32}"],
+    ids=["look", "look_ema_encoder", "mocov2"],
+)  # fmt: skip
+def test_a_skipped_step_leaves_no_trace_in_the_memory(tmp_path: Path, method: str) -> None:
+    # A NaN batch under train.nan_policy=skip: its rows (NaN embeddings) must not reach the
+    # memory bank or key queue, whose NaN check would otherwise stop the run the policy was
+    # meant to keep going; nor may the momentum encoders move.
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config(method, "train.nan_policy=skip"), tmp_path / "run")
+    trainer.method.train()
+    batches = iter(trainer._loader(0, 0))
+    trainer._step(0, next(batches))  # one good step, so the memory holds something
+    trainer._finish_step(skipped=False)
+    before = _memory_state(trainer)
+    batch = next(batches)
+    poisoned = Batch([view.clone() for view in batch.views], batch.labels, batch.indices)
+    poisoned.views[0][:] = float("nan")
+    if len(poisoned.views) > 1:
+        poisoned.views[1][:] = float("nan")  # MoCo's keys come from the second view
+    assert trainer._step(0, poisoned) is None
+    trainer._finish_step(skipped=True)
+    after = _memory_state(trainer)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    # The same batch, not poisoned, does change the memory: the check above is not vacuous.
+    assert trainer._step(0, batch) is not None
+    trainer._finish_step(skipped=False)
+    after = _memory_state(trainer)
+    assert any(not torch.equal(after[name], value) for name, value in before.items())
 
 
 def _cli(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -247,8 +247,10 @@ class Trainer:
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
-        # Every micro-batch of a step then sees the memory as it was before the step.
-        self.method.defer_memory_writes = self.accumulation > 1
+        self.method.caller_checks_loss = True  # _step's flags, then train.nan_policy
+        # Memory writes wait for the optimizer step: every micro-batch of a step then sees the
+        # memory as it was before the step, and a skipped step can drop its batch's rows.
+        self.method.defer_memory_writes = self.accumulation > 1 or cfg.train.nan_policy == "skip"
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.running_statistics = RunningStatistics(self.method)
@@ -583,6 +585,15 @@ class Trainer:
         self.scaler.update()
         return metrics
 
+    def _finish_step(self, *, skipped: bool) -> None:
+        """The method's memory writes and momentum updates after the optimizer step; a skipped
+        step's queued writes are dropped instead, so that its batch leaves no trace at all."""
+        with self._step_errors("after the optimizer step"):
+            if skipped:
+                self.method.discard_step()
+            else:
+                self.method.after_optimizer_step(self.global_step / self.total_steps)
+
     def fit(self) -> TrainResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = self._try_resume()
@@ -620,8 +631,7 @@ class Trainer:
             metrics = self._step(epoch, batch)
             self.scheduler.step()
             self.global_step += 1
-            with self._step_errors("after the optimizer step"):
-                self.method.after_optimizer_step(self.global_step / self.total_steps)
+            self._finish_step(skipped=metrics is None)
             window_images += self.global_batch
             progress.update(1)
             if metrics is not None and (

@@ -109,6 +109,8 @@ def _validate_loss_inputs(
     query_indices: Tensor | None,
     memory_ids: Tensor | None,
     memory_valid: Tensor | None,
+    *,
+    check_finite_query: bool,
 ) -> None:
     for name, tensor in (("query_labels", query_labels), ("memory_labels", memory_labels)):
         if not isinstance(tensor, Tensor):
@@ -124,7 +126,11 @@ def _validate_loss_inputs(
     )
     # On an accelerator this check would stall the step; look_loss_terms marks such queries
     # with a NaN loss there instead.
-    if host_reads_are_free(query.device) and not bool(torch.isfinite(query).all()):
+    if (
+        check_finite_query
+        and host_reads_are_free(query.device)
+        and not bool(torch.isfinite(query).all())
+    ):
         raise ValueError(
             "query contains NaN or Inf values; check the encoder output (e.g. a diverged step "
             "or an fp16 overflow) before computing the LOOK loss"
@@ -517,6 +523,7 @@ def look_loss_terms(
     chunk_size: int = 65536,
     search_backend: SearchBackend = "auto",
     defer_exactness_check: bool = False,
+    check_finite_query: bool = True,
 ) -> LookLossTerms:
     """Per-query LOOK loss terms (see the module docstring for the definition).
 
@@ -544,6 +551,9 @@ def look_loss_terms(
             overflowed (which makes it redo those queries exactly); return the terms with
             ``inexact`` set instead, for a caller that reads it together with its own checks
             and recomputes the terms without deferring when it is true.
+        check_finite_query: on the CPU, refuse a NaN/Inf query (``ValueError``). ``False``
+            gives it a NaN loss term instead, as on an accelerator: for a caller that checks
+            every loss itself (the trainer, which may then skip the step).
 
     Returns:
         :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has
@@ -561,8 +571,9 @@ def look_loss_terms(
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     search_backend = check_search_backend(search_backend)  # type: ignore[assignment]
     _validate_loss_inputs(
-        query, query_labels, memory, memory_labels, query_indices, memory_ids, memory_valid
-    )
+        query, query_labels, memory, memory_labels, query_indices, memory_ids, memory_valid,
+        check_finite_query=check_finite_query,
+    )  # fmt: skip
 
     device = memory.device
     dtype = compute_dtype_for(query, memory)

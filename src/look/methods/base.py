@@ -102,8 +102,13 @@ class Method(nn.Module):
     # Set by a caller that sums the gradients of several forward passes before one optimizer
     # step (gradient accumulation): a method then writes its memory only in
     # after_optimizer_step, so that every micro-batch of a step sees the memory as it was
-    # before the step, as one large batch would.
+    # before the step, as one large batch would. Also set by a caller that may skip a step
+    # (discard_step drops the writes it queued).
     defer_memory_writes: bool = False
+    # Set by a caller that checks every step's loss for NaN/Inf itself (the trainer, whose
+    # train.nan_policy stops or skips): a method then lets a non-finite embedding give a NaN
+    # loss instead of raising on it, so that the policy decides, on the CPU as on a GPU.
+    caller_checks_loss: bool = False
 
     def __init__(self, options: Any, backbone: nn.Module, feature_dim: int, ctx: MethodContext):
         super().__init__()
@@ -167,6 +172,13 @@ class Method(nn.Module):
         """Queued memory writes, then momentum / EMA updates (an override calls this first);
         ``progress`` is the fraction of training done, in [0, 1]."""
         self.write_pending_memory()
+
+    def discard_step(self) -> None:
+        """The step was skipped (its loss was not finite; called instead of
+        :meth:`after_optimizer_step`): its queued memory writes are dropped, and no momentum or
+        EMA update runs, so the batch leaves no trace. A write already done cannot be taken
+        back: the trainer sets :attr:`defer_memory_writes` under ``train.nan_policy=skip``."""
+        self._pending_writes = []
 
     @contextlib.contextmanager
     def exact_redo(self) -> Iterator[None]:

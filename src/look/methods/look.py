@@ -225,6 +225,7 @@ class LOOK(Method):
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
                 defer_exactness_check=defer_exactness,
+                check_finite_query=not self.caller_checks_loss,
             )
         else:
             terms = look_loss_terms(
@@ -243,6 +244,7 @@ class LOOK(Method):
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
                 defer_exactness_check=defer_exactness,
+                check_finite_query=not self.caller_checks_loss,
             )
         loss = global_masked_mean(terms.loss, terms.valid)
         metrics = {
