@@ -14,6 +14,11 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     runs: dict[tuple[str, int, int, int], dict[str, Any]] = {}
     for path in paths:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "rows" not in data:
+            raise SystemExit(
+                f"{path} is not a result file of ablate_look.py (it has no 'rows'); pass only "
+                "those, e.g. benchmarks/results/cpu_fmnist_coarse_*.json"
+            )
         plan = data.get("plan", {})
         for row in data["rows"]:
             run = {

@@ -1,7 +1,7 @@
 """Transfer accuracy against pre-training length, one line per method, from ablation results.
 
     python benchmarks/plot_training_length.py --output docs/figures/training_length.png \
-        benchmarks/results/cpu_*.json benchmarks/results/h100_fmnist_coarse_full.json
+        benchmarks/results/cpu_fmnist_coarse_*.json benchmarks/results/h100_fmnist_coarse_full.json
 
 Reads the JSON files that ``benchmarks/ablate_look.py`` writes (``{"plan": {...}, "rows": [...]}``)
 or plain ``{"rows": [...]}`` files whose rows carry ``epochs`` and ``train_subset``. One panel per

@@ -183,3 +183,29 @@ def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path)
     assert report["look"]["forward"] > report["ce"]["forward"] > 0
     # Under the accelerator policy LOOK writes its memory after the optimizer step.
     assert report["look"]["after_optimizer_step"] == report["look_parts"]["memory_write"] > 0
+
+
+def test_summarize_ablations_pairs_seeds_with_a_baseline(tmp_path: Path) -> None:
+    rows = [
+        *({"name": "ce", "seed": s, "linear_top1": 70.0, "knn20_top1": 60.0} for s in range(3)),
+        # +1, +2, +3 on the probe: mean 2, interval 2 ± 4.303 · 1 / √3 = [-0.48, +4.48].
+        *(
+            {"name": "look", "seed": s, "linear_top1": 71.0 + s, "knn20_top1": 65.0 + s}
+            for s in range(3)
+        ),
+        {"name": "look", "seed": 0, "epochs": 10, "linear_top1": 1.0, "knn20_top1": 1.0},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"plan": {"epochs": 3}, "rows": rows}))
+    command = [sys.executable, str(BENCHMARKS / "summarize_ablations.py"), str(tmp_path / "a.json")]
+    completed = subprocess.run(
+        [*command, "--paired-with", "ce"], check=True, capture_output=True, text=True
+    )
+    # The 10-epoch run has no 10-epoch CE partner and is not paired.
+    assert "+2.00 [-0.48, +4.48] no clear difference | +6.00 [+3.52, +8.48] better |" in (
+        completed.stdout
+    )
+    (tmp_path / "other.json").write_text(json.dumps({"step_ms": 3.0}))
+    failed = subprocess.run(
+        [*command, str(tmp_path / "other.json")], capture_output=True, text=True
+    )
+    assert failed.returncode != 0 and "is not a result file of ablate_look.py" in failed.stderr

@@ -49,14 +49,37 @@ def test_every_demo_run_has_a_valid_config(plan: DemoPlan) -> None:
 
 
 def test_the_verdict_states_wins_and_losses_from_the_numbers() -> None:
-    scores = {
-        "look (coarse)": {"linear": 80.0},
-        "ce (coarse)": {"linear": 82.5},
-        "nca (coarse)": {"linear": 79.0},
+    one_seed = {
+        "look (coarse)": {0: {"linear": 80.0}},
+        "ce (coarse)": {0: {"linear": 82.5}},
+        "nca (coarse)": {0: {"linear": 79.0}},
     }
-    text = _verdict(scores, "linear", "look (coarse)", ["ce (coarse)", "nca (coarse)"])
-    assert "loses to ce (coarse) (80.00 vs 82.50)" in text
-    assert "beats nca (coarse) (80.00 vs 79.00)" in text
+    text = _verdict(one_seed, "linear", "look (coarse)", ["ce (coarse)", "nca (coarse)"])
+    assert "below ce (coarse) (80.00 vs 82.50; one seed, no interval)" in text
+    assert "above nca (coarse) (80.00 vs 79.00; one seed, no interval)" in text
+    # Three seeds: differences +1, +2, +3 against CE (interval 2 ± 4.303/√3 spans 0), and
+    # +2, +3, +4 against NCA (excludes 0); SupCon has no shared seed and is left out.
+    three_seeds = {
+        "look (coarse)": {s: {"linear": 80.0 + s} for s in (0, 1, 2)},
+        "ce (coarse)": {s: {"linear": 79.0} for s in (0, 1, 2)},
+        "nca (coarse)": {s: {"linear": 78.0} for s in (0, 1, 2)},
+        "supcon (coarse)": {7: {"linear": 1.0}},
+    }
+    text = _verdict(
+        three_seeds, "linear", "look (coarse)", ["ce (coarse)", "nca (coarse)", "supcon (coarse)"]
+    )
+    assert (
+        "is level with ce (coarse) (81.00 vs 79.00; difference +2.00 [-0.48, +4.48] over 3 seeds)"
+        in text
+    )
+    assert (
+        "beats nca (coarse) (81.00 vs 78.00; difference +3.00 [+0.52, +5.48] over 3 seeds)" in text
+    )
+    assert "supcon" not in text
+    assert (
+        _verdict(three_seeds, "knn20", "look (coarse)", ["ce (coarse)"])
+        == "- knn20: no LOOK result."
+    )
 
 
 def test_monitor_curves_average_the_seeds_and_make_a_table_and_figure(tmp_path: Path) -> None:

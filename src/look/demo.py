@@ -278,6 +278,7 @@ def run_demo(
         ],
         output_dir / "report",
         title="look demo",
+        baseline=["ce (coarse)", "ce (fine)"],  # scenario 1's CE, and scenario 2's
     )
     timings["total"] = time.perf_counter() - started
     (output_dir / "timings.json").write_text(json.dumps(timings, indent=2))
@@ -386,16 +387,43 @@ def _monitor_section(
     return [*lines, "", f"![kNN monitor]({figure.relative_to(output_dir)})", ""]
 
 
-def _verdict(scores: dict[str, dict[str, float]], metric: str, look: str, rivals: list[str]) -> str:
-    if look not in scores or metric not in scores[look]:
+def _verdict(
+    scores: dict[str, dict[int, dict[str, float]]], metric: str, look: str, rivals: list[str]
+) -> str:
+    """LOOK against each rival on ``metric``, from ``scores[label][seed][metric]``: a paired
+    difference with its 95 % interval over the seeds both have (a win or a loss only when the
+    interval excludes zero), or, with one seed, the two numbers and no claim beyond them."""
+    from look.analysis.compare import BETTER, NO_INTERVAL, WORSE, PairedComparison
+
+    mine = {seed: row[metric] for seed, row in scores.get(look, {}).items() if metric in row}
+    if not mine:
         return f"- {metric}: no LOOK result."
-    mine = scores[look][metric]
     parts = []
     for rival in rivals:
-        if rival in scores and metric in scores[rival]:
-            theirs = scores[rival][metric]
-            word = "beats" if mine > theirs else ("ties" if mine == theirs else "loses to")
-            parts.append(f"{word} {rival} ({mine:.2f} vs {theirs:.2f})")
+        theirs = {s: row[metric] for s, row in scores.get(rival, {}).items() if metric in row}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        comparison = PairedComparison(
+            "", metric, look, rival, tuple(seeds), tuple(mine[s] - theirs[s] for s in seeds)
+        )
+        mean_mine = sum(mine[s] for s in seeds) / len(seeds)
+        mean_theirs = sum(theirs[s] for s in seeds) / len(seeds)
+        numbers = f"{mean_mine:.2f} vs {mean_theirs:.2f}"
+        if comparison.verdict == NO_INTERVAL:
+            word = (
+                "above"
+                if mean_mine > mean_theirs
+                else ("level with" if mean_mine == mean_theirs else "below")
+            )
+            parts.append(f"{word} {rival} ({numbers}; one seed, no interval)")
+            continue
+        low, high = comparison.interval  # type: ignore[misc]
+        word = {BETTER: "beats", WORSE: "loses to"}.get(comparison.verdict, "is level with")
+        parts.append(
+            f"{word} {rival} ({numbers}; difference {comparison.mean:+.2f} "
+            f"[{low:+.2f}, {high:+.2f}] over {comparison.n} seeds)"
+        )
     return f"- {metric}: LOOK " + "; ".join(parts) + "."
 
 
@@ -409,21 +437,32 @@ def _write_demo_report(
     timings: dict[str, float],
     curves: dict[str, list[tuple[int, float]]] | None = None,
 ) -> Path:
-    def mean_scores(scenario: str) -> dict[str, dict[str, float]]:
-        grouped: dict[str, list[dict[str, float]]] = {}
+    def seed_scores(scenario: str) -> dict[str, dict[int, dict[str, float]]]:
+        from look.analysis.results import describe_model
+
+        grouped: dict[str, dict[int, dict[str, float]]] = {}
         for path in result_files[scenario]:
-            name = json.loads(path.read_text())["model"]["label"]
-            grouped.setdefault(name, []).append(_headline(path))
-        return {
-            name: {
+            content = json.loads(path.read_text())
+            seed = describe_model(content["model"], content=content)["seed"]
+            per_seed = grouped.setdefault(content["model"]["label"], {})
+            per_seed[len(per_seed) if seed is None else seed] = _headline(path)
+        return grouped
+
+    def mean_scores(
+        per_seed: dict[str, dict[int, dict[str, float]]],
+    ) -> dict[str, dict[str, float]]:
+        means = {}
+        for name, by_seed in per_seed.items():
+            rows = list(by_seed.values())
+            means[name] = {
                 metric: sum(r[metric] for r in rows) / len(rows)
                 for metric in rows[0]
                 if all(metric in r for r in rows)
             }
-            for name, rows in grouped.items()
-        }
+        return means
 
-    s1, s2 = mean_scores(SCENARIO_COARSE), mean_scores(SCENARIO_DIGITS)
+    seeds1, seeds2 = seed_scores(SCENARIO_COARSE), seed_scores(SCENARIO_DIGITS)
+    s1, s2 = mean_scores(seeds1), mean_scores(seeds2)
     rivals1 = ["ce (coarse)", "sl_mlp (coarse)", "supcon (coarse)", "nca (coarse)"]
     rivals2 = ["ce (fine)", "sl_mlp (fine)", "supcon (fine)", "nca (fine)"]
     relative = Path("report") / "REPORT.md"
@@ -441,18 +480,22 @@ def _write_demo_report(
         "",
         "## Verdict (computed from the numbers below, not written by hand)",
         "",
+        "LOOK against each rival, seed by seed: *beats* or *loses to* only when the 95 % "
+        "confidence interval of the paired difference excludes zero (`--seeds 0 1 2` gives one); "
+        "with one seed the two numbers are given without a verdict.",
+        "",
         "Scenario 1 — pre-trained on the 4 coarse labels, evaluated on the 10 fine labels:",
-        _verdict(s1, "linear", "look (coarse)", rivals1),
-        _verdict(s1, "knn20", "look (coarse)", rivals1),
-        _verdict(s1, "5shot", "look (coarse)", rivals1),
+        _verdict(seeds1, "linear", "look (coarse)", rivals1),
+        _verdict(seeds1, "knn20", "look (coarse)", rivals1),
+        _verdict(seeds1, "5shot", "look (coarse)", rivals1),
     ]
     if s2:
         lines += [
             "",
             "Scenario 2 — pre-trained on Fashion-MNIST's 10 labels, evaluated on digits:",
-            _verdict(s2, "linear", "look (fine)", rivals2),
-            _verdict(s2, "knn20", "look (fine)", rivals2),
-            _verdict(s2, "5shot", "look (fine)", rivals2),
+            _verdict(seeds2, "linear", "look (fine)", rivals2),
+            _verdict(seeds2, "knn20", "look (fine)", rivals2),
+            _verdict(seeds2, "5shot", "look (fine)", rivals2),
         ]
     lines += ["", "## Headline numbers", ""]
     for title, scores in (

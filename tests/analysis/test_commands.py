@@ -144,3 +144,22 @@ def test_analyze_errors_are_clear(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="--max-points must be >= 0"):
         run_analyze(args)
+
+
+def test_report_baseline_flag(tmp_path: Path) -> None:
+    from tests.analysis.test_report import write_results
+
+    for method in ("look", "ce"):
+        for seed in (0, 1):
+            write_results(
+                tmp_path / "runs" / f"{method}{seed}", method=method, seed=seed,
+                protocols={"linear": {"top1": 0.8 + 0.01 * seed + (method == "look") * 0.02}},
+            )  # fmt: skip
+    parser = build_parser()
+    common = ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]
+    args = parser.parse_args([*common, "--baseline", "supcon", "--baseline", "ce (coarse)"])
+    assert run_report(args) == 0
+    markdown = (tmp_path / "report" / "REPORT.md").read_text(encoding="utf-8")
+    assert "| look (coarse) | +2.00 [+2.00, +2.00] **better** (2 seeds) |" in markdown
+    with pytest.raises(ValueError, match="names no row"):
+        run_report(parser.parse_args([*common, "--baseline", "supcon"]))

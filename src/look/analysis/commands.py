@@ -143,6 +143,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
     report.add_argument("--title", default="LOOK transfer evaluation", help="report title")
     report.add_argument("--no-plots", action="store_true", help="skip the bar charts")
+    report.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="ROW_LABEL",
+        help="compare every method with this row (e.g. 'ce (coarse)'), seed by seed: mean "
+        "difference with a 95%% confidence interval; repeatable, the first label present on a "
+        "dataset is its baseline",
+    )
 
 
 def _non_negative(value: int, flag: str) -> int | None:
@@ -182,6 +191,12 @@ def run_report(args: argparse.Namespace) -> int:
     """Run ``look report``; returns the exit code."""
     from look.analysis.report import write_report
 
-    outputs = write_report(args.paths, Path(args.output), title=args.title, plots=not args.no_plots)
+    outputs = write_report(
+        args.paths,
+        Path(args.output),
+        title=args.title,
+        plots=not args.no_plots,
+        baseline=args.baseline,
+    )
     print(f"look: wrote {outputs.markdown}, {outputs.json.name}, {outputs.csv.name}")
     return 0

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from look.analysis.compare import BETTER, WORSE, PairedComparison, compare_with_baseline
 from look.analysis.results import (
     RESULTS_FILE_NAME,
     EvaluationResult,
@@ -382,6 +383,56 @@ def _transfer_section(
     return lines, figures
 
 
+def _format_difference(comparison: PairedComparison) -> str:
+    """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``; the verdict in bold when the
+    interval excludes zero."""
+    text = f"{comparison.mean:+.2f}"
+    interval = comparison.interval
+    if interval is not None:
+        text += f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    verdict = comparison.verdict
+    if verdict in (BETTER, WORSE):
+        verdict = f"**{verdict}**"
+    return f"{text} {verdict} ({comparison.n} seed{'s' if comparison.n != 1 else ''})"
+
+
+def _comparison_section(
+    comparisons: Sequence[PairedComparison], datasets: Sequence[str], methods: Sequence[str]
+) -> list[str]:
+    if not comparisons:
+        return []
+    lines = [
+        "## Paired differences with the baseline",
+        "",
+        "Method − baseline in accuracy points, seed by seed over the seeds both were run with: "
+        "mean difference [95 % confidence interval, Student's t]. *better* / *worse* only when "
+        "the interval excludes zero; one shared seed gives no interval.",
+        "",
+    ]
+    for dataset in datasets:
+        here = [c for c in comparisons if c.dataset == dataset]
+        if not here:
+            continue
+        metrics = sorted({c.metric for c in here}, key=_metric_order)
+        by_key = {(c.method, c.metric): c for c in here}
+        lines += [
+            f"### {dataset} — baseline: {here[0].baseline}",
+            "",
+            "| method | " + " | ".join(_escape(metric_header(m)) for m in metrics) + " |",
+            "|:--|" + "|".join("--:" for _ in metrics) + "|",
+        ]
+        for method in methods:
+            if not any((method, m) in by_key for m in metrics):
+                continue
+            row = [
+                _format_difference(by_key[(method, m)]) if (method, m) in by_key else MISSING
+                for m in metrics
+            ]
+            lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
 def _multimodality_section(
     cells: Sequence[Cell], methods: Sequence[str], datasets: Sequence[str]
 ) -> list[str]:
@@ -489,13 +540,17 @@ def write_report(
     *,
     title: str = DEFAULT_TITLE,
     plots: bool = True,
+    baseline: Sequence[str] = (),
 ) -> ReportOutputs:
     """Collect results (see the module docstring) into ``output_dir``.
 
     Writes REPORT.md, report.json (``{"title", "inputs", "methods", "datasets", "cells",
     "figures"}``, a cell per method × dataset × metric as in :meth:`Cell.as_row`), report.csv (the
     same cells, one per line) and ``figures/`` (a bar chart per dataset unless ``plots`` is False,
-    and the maps of any ``multimodality.json`` input). Returns the paths written and the cells.
+    and the maps of any ``multimodality.json`` input). With ``baseline`` (row labels, the first
+    present on a dataset is its baseline; see :func:`look.analysis.compare.compare_with_baseline`)
+    REPORT.md gets the paired differences with it and report.json a ``"comparisons"`` list.
+    Returns the paths written and the cells.
     ``FileNotFoundError`` when no input is found, ``ValueError`` when the inputs hold no number.
     """
     output_dir = Path(output_dir)
@@ -513,6 +568,7 @@ def write_report(
             "numbers; see look.analysis.results for the keys that are read"
         )
     cells = aggregate_cells(runs)
+    comparisons = compare_with_baseline(cells, baseline) if baseline else []
     output_dir.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c.method for c in cells))
     datasets = list(dict.fromkeys(c.dataset for c in cells))
@@ -532,6 +588,7 @@ def write_report(
         cells, methods, datasets, output_dir, plots=plots
     )
     lines += transfer_lines
+    lines += _comparison_section(comparisons, datasets, methods)
     lines += _multimodality_section(cells, methods, datasets)
     map_lines, copied_maps = _copy_maps(map_figures, output_dir)
     lines += map_lines
@@ -548,6 +605,7 @@ def write_report(
         "methods": methods,
         "datasets": datasets,
         "cells": rows,
+        "comparisons": [comparison.as_row() for comparison in comparisons],
         "figures": [p.relative_to(output_dir).as_posix() for p in written_figures],
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

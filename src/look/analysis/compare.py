@@ -1,0 +1,123 @@
+"""Paired comparison of each method with a baseline, seed by seed, with a 95 % confidence interval.
+
+Two methods trained with the same seed share their data order, initialisation and augmentations,
+so the seed-to-seed spread they have in common cancels in the difference. For every headline
+metric of a dataset, the differences ``d_s = method_s − baseline_s`` over the seeds both have give
+``mean(d) ± t(0.975, n − 1) · sd(d) / √n`` (Student's t). The verdict says *better* or *worse*
+only when that interval excludes zero; with one shared seed there is no interval, and the
+verdict says so rather than calling a difference of one run a win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from scipy import stats
+
+__all__ = ["BETTER", "NO_INTERVAL", "TIE", "WORSE", "PairedComparison", "compare_with_baseline"]
+
+BETTER = "better"
+WORSE = "worse"
+TIE = "no clear difference"
+NO_INTERVAL = "one seed: no interval"
+CONFIDENCE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """``method − baseline`` on one metric of one dataset, over the seeds both were run with."""
+
+    dataset: str
+    metric: str
+    method: str
+    baseline: str
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float:
+        return math.fsum(self.differences) / self.n
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95 % confidence interval of the mean difference; ``None`` for one seed."""
+        if self.n < 2:
+            return None
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, self.n - 1) * statistics.stdev(self.differences)
+        half /= math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def verdict(self) -> str:
+        interval = self.interval
+        if interval is None:
+            return NO_INTERVAL
+        if interval[0] > 0:
+            return BETTER
+        if interval[1] < 0:
+            return WORSE
+        return TIE
+
+    def as_row(self) -> dict[str, Any]:
+        interval = self.interval
+        return {
+            "dataset": self.dataset,
+            "metric": self.metric,
+            "method": self.method,
+            "baseline": self.baseline,
+            "n": self.n,
+            "seeds": list(self.seeds),
+            "mean_difference": self.mean,
+            "ci95_low": None if interval is None else interval[0],
+            "ci95_high": None if interval is None else interval[1],
+            "verdict": self.verdict,
+        }
+
+
+def compare_with_baseline(cells: Sequence[Any], baselines: Sequence[str]) -> list[PairedComparison]:
+    """Every headline transfer metric of every method against the baseline of its dataset.
+
+    ``cells`` are :class:`look.analysis.report.Cell` objects. A dataset's baseline is the first
+    label of ``baselines`` with a row on that dataset (``["ce (coarse)", "ce (fine)"]`` picks the
+    coarse-label CE where there is one); datasets without any are left out. Only seeds present in
+    both cells are paired (runs without a recorded seed cannot be). ``ValueError`` when no label
+    of ``baselines`` names a row at all, listing the rows there are.
+    """
+    transfer = [c for c in cells if c.table == "transfer" and c.headline]
+    labels = list(dict.fromkeys(c.method for c in transfer))
+    if not any(label in labels for label in baselines):
+        raise ValueError(f"baseline {list(baselines)} names no row of the report; rows: {labels}")
+    comparisons = []
+    for dataset in dict.fromkeys(c.dataset for c in transfer):
+        here = [c for c in transfer if c.dataset == dataset]
+        present = {c.method for c in here}
+        baseline = next((label for label in baselines if label in present), None)
+        if baseline is None:
+            continue
+        reference = {c.metric: c for c in here if c.method == baseline}
+        for cell in here:
+            base = reference.get(cell.metric)
+            if cell.method == baseline or base is None:
+                continue
+            theirs = {s: v for s, v in zip(base.seeds, base.values, strict=True) if s is not None}
+            pairs = sorted(
+                (s, v - theirs[s])
+                for s, v in zip(cell.seeds, cell.values, strict=True)
+                if s is not None and s in theirs
+            )
+            if pairs:
+                seeds, differences = zip(*pairs, strict=True)
+                comparisons.append(
+                    PairedComparison(
+                        dataset, cell.metric, cell.method, baseline, seeds, differences
+                    )
+                )
+    return comparisons

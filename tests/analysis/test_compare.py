@@ -1,0 +1,95 @@
+"""Paired comparison with a baseline (``look report --baseline``): differences seed by seed and a
+Student-t interval, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from look.analysis.compare import BETTER, NO_INTERVAL, TIE, WORSE, compare_with_baseline
+from look.analysis.report import Cell, write_report
+from tests.analysis.test_report import write_results
+
+# Student's t quantiles t(0.975, df) from a printed table, not from the code under test.
+T_975 = {1: 12.706, 2: 4.303}
+
+
+def _cell(method: str, values: list[float], seeds: list[int | None], dataset: str = "d") -> Cell:
+    return Cell("transfer", method, dataset, "fine", "linear/top1", tuple(values), tuple(seeds))
+
+
+@pytest.mark.parametrize(
+    ("mine", "expected_verdict"),
+    [([11.0, 12.0, 13.0], TIE), ([12.0, 13.0, 14.0], BETTER), ([8.0, 7.0, 6.0], WORSE)],
+)
+def test_interval_and_verdict_match_a_hand_computation(
+    mine: list[float], expected_verdict: str
+) -> None:
+    baseline = _cell("ce", [10.0, 10.0, 10.0], [0, 1, 2])
+    (comparison,) = compare_with_baseline([baseline, _cell("look", mine, [0, 1, 2])], ["ce"])
+    differences = [m - 10.0 for m in mine]
+    mean = sum(differences) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 2)
+    half = T_975[2] * sd / math.sqrt(3)
+    low, high = comparison.interval  # type: ignore[misc]
+    assert comparison.mean == pytest.approx(mean)
+    assert (low, high) == pytest.approx((mean - half, mean + half), abs=1e-3)
+    assert comparison.verdict == expected_verdict
+
+
+def test_only_shared_seeds_are_paired() -> None:
+    baseline = _cell("ce", [10.0, 20.0, 30.0], [0, 1, 2])
+    # Seed 5 has no partner and a run without a seed cannot be paired.
+    method = _cell("look", [12.0, 99.0, 31.0, 50.0], [2, 5, 0, None])
+    (comparison,) = compare_with_baseline([baseline, method], ["ce"])
+    assert comparison.seeds == (0, 2) and comparison.differences == (21.0, -18.0)
+    low, high = comparison.interval  # type: ignore[misc]
+    sd = math.sqrt((21.0 - 1.5) ** 2 + (-18.0 - 1.5) ** 2)  # n - 1 = 1
+    assert (high - low) / 2 == pytest.approx(T_975[1] * sd / math.sqrt(2), rel=1e-4)
+    (single,) = compare_with_baseline([baseline, _cell("look", [12.0], [1])], ["ce"])
+    assert single.interval is None and single.verdict == NO_INTERVAL
+    assert compare_with_baseline([baseline, _cell("look", [12.0], [None])], ["ce"]) == []
+
+
+def test_each_dataset_takes_the_first_baseline_it_has() -> None:
+    cells = [
+        _cell("ce (coarse)", [1.0, 2.0], [0, 1], "a"),
+        _cell("ce (fine)", [5.0, 5.0], [0, 1], "a"),
+        _cell("look (coarse)", [2.0, 3.0], [0, 1], "a"),
+        _cell("ce (fine)", [1.0, 1.0], [0, 1], "b"),
+        _cell("look (fine)", [2.0, 2.0], [0, 1], "b"),
+    ]
+    comparisons = compare_with_baseline(cells, ["ce (coarse)", "ce (fine)"])
+    pairs = {(c.dataset, c.method): c.baseline for c in comparisons}
+    assert pairs == {
+        ("a", "ce (fine)"): "ce (coarse)",
+        ("a", "look (coarse)"): "ce (coarse)",
+        ("b", "look (fine)"): "ce (fine)",
+    }
+    with pytest.raises(ValueError, match=r"names no row.*'look \(coarse\)'"):
+        compare_with_baseline(cells, ["supcon"])
+
+
+def test_report_writes_the_comparison(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for method, linear, knn in (("look", [0.70, 0.74, 0.72], 0.50), ("ce", [0.60, 0.62], 0.55)):
+        for seed, top1 in enumerate(linear):
+            protocols = {"linear": {"top1": top1}, "knn": {"k20": {"top1": knn}}}
+            write_results(runs / f"{method}-{seed}", method=method, seed=seed, protocols=protocols)
+    outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
+    markdown = outputs.markdown.read_text()
+    section = markdown.split("## Paired differences with the baseline", 1)[1]
+    assert "baseline: ce (coarse)" in section
+    # linear: look 70, 74 vs ce 60, 62 on seeds 0, 1 -> differences 10 and 12.
+    half = T_975[1] * math.sqrt(2.0) / math.sqrt(2)
+    row = next(line for line in section.splitlines() if line.startswith("| look (coarse)"))
+    assert f"+11.00 [{11 - half:+.2f}, {11 + half:+.2f}] no clear difference (2 seeds)" in row
+    # kNN k=20: 50 vs 55 on both seeds: a constant difference, an interval of width zero.
+    assert "-5.00 [-5.00, -5.00] **worse** (2 seeds)" in row
+    rows = json.loads(outputs.json.read_text())["comparisons"]
+    linear = next(r for r in rows if r["metric"] == "linear/top1")
+    assert linear["seeds"] == [0, 1] and linear["mean_difference"] == pytest.approx(11.0)
+    assert linear["verdict"] == TIE
