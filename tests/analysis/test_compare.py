@@ -89,6 +89,15 @@ def test_report_writes_the_comparison(tmp_path: Path) -> None:
     assert f"+11.00 [{11 - half:+.2f}, {11 + half:+.2f}] no clear difference (2 seeds)" in row
     # kNN k=20: 50 vs 55 on both seeds: a constant difference, an interval of width zero.
     assert "-5.00 [-5.00, -5.00] **worse** (2 seeds)" in row
+    outputs = write_report(
+        [runs / "look-2", runs / "ce-0"], tmp_path / "one", plots=False, baseline=["ce (coarse)"]
+    )
+    assert "## Paired differences" not in outputs.markdown.read_text()  # seeds 2 and 0: no pair
+    outputs = write_report(
+        [runs / "look-0", runs / "ce-0"], tmp_path / "one", plots=False, baseline=["ce (coarse)"]
+    )
+    assert "| look (coarse) | +10.00 (1 seed) | -5.00 (1 seed) |" in outputs.markdown.read_text()
+    outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
     rows = json.loads(outputs.json.read_text())["comparisons"]
     linear = next(r for r in rows if r["metric"] == "linear/top1")
     assert linear["seeds"] == [0, 1] and linear["mean_difference"] == pytest.approx(11.0)

@@ -384,16 +384,18 @@ def _transfer_section(
 
 
 def _format_difference(comparison: PairedComparison) -> str:
-    """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``; the verdict in bold when the
-    interval excludes zero."""
-    text = f"{comparison.mean:+.2f}"
+    """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``, the verdict in bold when the
+    interval excludes zero; ``+0.15 (1 seed)`` without an interval."""
     interval = comparison.interval
-    if interval is not None:
-        text += f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    if interval is None:  # one shared seed: the difference, and no verdict
+        return f"{comparison.mean:+.2f} (1 seed)"
     verdict = comparison.verdict
     if verdict in (BETTER, WORSE):
         verdict = f"**{verdict}**"
-    return f"{text} {verdict} ({comparison.n} seed{'s' if comparison.n != 1 else ''})"
+    return (
+        f"{comparison.mean:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] {verdict} "
+        f"({comparison.n} seeds)"
+    )
 
 
 def _comparison_section(
