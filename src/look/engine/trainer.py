@@ -402,9 +402,8 @@ class Trainer:
             shares: list[Any] = [None] * get_world_size()
             torch.distributed.all_gather_object(shares, (checked, unreadable))
             checked = sum(count for count, _ in shares)
-            unreadable = sorted(
-                (image for _, images in shares for image in images), key=lambda i: i.path
-            )
+            unreadable = [image for _, images in shares for image in images]
+        unreadable.sort(key=lambda image: image.path)  # the same order for any number of ranks
         if unreadable and self.cfg.data.corrupt_images == "fail":
             shown = "; ".join(f"{image.path} ({image.error})" for image in unreadable[:10])
             more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
