@@ -29,6 +29,7 @@ SCENARIO_DIGITS = "fmnist_to_digits"
 METHODS_SCENARIO_1 = ("ce", "sl_mlp", "supcon", "nca", "look", "mocov2")
 # MoCo v2 never reads labels, so its scenario-1 model serves scenario 2 as well.
 METHODS_SCENARIO_2 = ("ce", "sl_mlp", "supcon", "nca", "look")
+MOCO_LABEL = "mocov2 (no labels)"  # trained on the coarse split, but never reads a label
 
 
 @dataclass(frozen=True)
@@ -162,15 +163,14 @@ def plan_runs(plan: DemoPlan) -> list[DemoRun]:
     runs: list[DemoRun] = []
     for seed in plan.seeds:
         for method in METHODS_SCENARIO_1:
-            # MoCo v2 is trained on the coarse split but never reads a label.
-            name = "mocov2 (no labels)" if method == "mocov2" else f"{method} (coarse)"
+            name = MOCO_LABEL if method == "mocov2" else f"{method} (coarse)"
             runs.append(DemoRun(SCENARIO_COARSE, name, method, "coarse", seed))
         runs.append(DemoRun(SCENARIO_COARSE, "ce (fine, upper ref.)", "ce", "fine", seed))
         runs.append(DemoRun(SCENARIO_COARSE, "random init (floor)", None, "none", seed))
         if plan.scenario_digits:
             for method in METHODS_SCENARIO_2:
                 runs.append(DemoRun(SCENARIO_DIGITS, f"{method} (fine)", method, "fine", seed))
-            runs.append(DemoRun(SCENARIO_DIGITS, "mocov2 (no labels)", "mocov2", "coarse", seed))
+            runs.append(DemoRun(SCENARIO_DIGITS, MOCO_LABEL, "mocov2", "coarse", seed))
             runs.append(DemoRun(SCENARIO_DIGITS, "random init (floor)", None, "none", seed))
     return runs
 
@@ -465,8 +465,8 @@ def _write_demo_report(
 
     seeds1, seeds2 = seed_scores(SCENARIO_COARSE), seed_scores(SCENARIO_DIGITS)
     s1, s2 = mean_scores(seeds1), mean_scores(seeds2)
-    rivals1 = ["ce (coarse)", "sl_mlp (coarse)", "supcon (coarse)", "nca (coarse)"]
-    rivals2 = ["ce (fine)", "sl_mlp (fine)", "supcon (fine)", "nca (fine)"]
+    rivals1 = ["ce (coarse)", "sl_mlp (coarse)", "supcon (coarse)", "nca (coarse)", MOCO_LABEL]
+    rivals2 = ["ce (fine)", "sl_mlp (fine)", "supcon (fine)", "nca (fine)", MOCO_LABEL]
     relative = Path("report") / "REPORT.md"
     lines = [
         "# look demo: does LOOK transfer better?",
