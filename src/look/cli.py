@@ -116,7 +116,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
-        "--seeds", type=int, nargs="+", help="pre-training seeds (default: 0; 3 for mean ± std)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="pre-training seeds (default: 0); with several, mean ± std and LOOK's paired "
+        "difference with each baseline with a 95%% confidence interval",
     )
     p.add_argument("--epochs", type=int, help="override the plan's pre-training epochs")
     p.add_argument("--train-subset", type=int, help="override the number of training images")

@@ -399,7 +399,7 @@ def _format_difference(comparison: PairedComparison) -> str:
 
 
 def _comparison_section(
-    comparisons: Sequence[PairedComparison], datasets: Sequence[str], methods: Sequence[str]
+    comparisons: Sequence[PairedComparison], datasets: Sequence[str]
 ) -> list[str]:
     if not comparisons:
         return []
@@ -423,9 +423,7 @@ def _comparison_section(
             "| method | " + " | ".join(_escape(metric_header(m)) for m in metrics) + " |",
             "|:--|" + "|".join("--:" for _ in metrics) + "|",
         ]
-        for method in methods:
-            if not any((method, m) in by_key for m in metrics):
-                continue
+        for method in dict.fromkeys(c.method for c in here):  # this dataset's own order
             row = [
                 _format_difference(by_key[(method, m)]) if (method, m) in by_key else MISSING
                 for m in metrics
@@ -590,7 +588,7 @@ def write_report(
         cells, methods, datasets, output_dir, plots=plots
     )
     lines += transfer_lines
-    lines += _comparison_section(comparisons, datasets, methods)
+    lines += _comparison_section(comparisons, datasets)
     lines += _multimodality_section(cells, methods, datasets)
     map_lines, copied_maps = _copy_maps(map_figures, output_dir)
     lines += map_lines
