@@ -55,3 +55,6 @@ def test_images_held_in_memory_have_nothing_to_check() -> None:
     source = load_source(DataSpec("synthetic", synthetic_num_samples=8), "train")
     assert source.file_paths is None
     assert find_unreadable_images(source) == (0, [])
+    source.record_unreadable([])  # nothing to note
+    with pytest.raises(ValueError, match="has no files"):
+        source.record_unreadable(["x.png"])

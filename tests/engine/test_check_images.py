@@ -50,8 +50,11 @@ def test_fail_names_the_first_ten_and_counts_the_rest(tmp_path: Path) -> None:
 def test_skip_returns_every_unreadable_file(tmp_path: Path) -> None:
     bad = write_image_folder(tmp_path / "images", broken=2)
     overrides = image_folder_overrides(tmp_path / "images", "data.corrupt_images=skip")
-    checked, unreadable = Trainer(tiny_config(*overrides), tmp_path / "r").check_images()
+    trainer = Trainer(tiny_config(*overrides), tmp_path / "r")
+    checked, unreadable = trainer.check_images()
     assert checked == 16 and [image.path for image in unreadable] == [str(p) for p in bad]
+    # The source knows them: the loader will replace them without a warning of its own.
+    assert trainer.dataset.source.skipped_files == tuple(str(p) for p in bad)
 
 
 def _check_on_rank(rank: int, port: int, root: str, out: str) -> None:

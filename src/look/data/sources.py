@@ -87,18 +87,25 @@ class ImageSource(abc.ABC):
 
     @property
     def num_skipped_files(self) -> int:
-        """How many unreadable files were replaced so far (only ImageFolder with 'skip')."""
+        """How many unreadable files are known: replaced so far, or found by a check of the whole
+        source (only ImageFolder with 'skip')."""
         return 0
 
     @property
     def skipped_files(self) -> tuple[str, ...]:
-        """Paths of the unreadable files replaced so far."""
+        """Paths of the unreadable files known so far (see :attr:`num_skipped_files`)."""
         return ()
 
     @property
     def file_paths(self) -> tuple[str, ...] | None:
         """The file each image is decoded from, in index order; None for in-memory images."""
         return None
+
+    def record_unreadable(self, paths: Sequence[str]) -> None:
+        """Note files already found unreadable (and reported) by a check of the whole source,
+        so that meeting them later neither warns again nor differs from a skip found then."""
+        if paths:
+            raise ValueError(f"{self.description} holds its images in memory: it has no files")
 
 
 class TensorImageSource(ImageSource):
@@ -161,6 +168,9 @@ class SubsetSource(ImageSource):
     def file_paths(self) -> tuple[str, ...] | None:
         paths = self.base.file_paths
         return None if paths is None else tuple(paths[i] for i in self.indices.tolist())
+
+    def record_unreadable(self, paths: Sequence[str]) -> None:
+        self.base.record_unreadable(paths)
 
 
 class ImageFolderSource(ImageSource):
@@ -243,6 +253,11 @@ class ImageFolderSource(ImageSource):
     @property
     def file_paths(self) -> tuple[str, ...] | None:
         return self.paths
+
+    def record_unreadable(self, paths: Sequence[str]) -> None:
+        position = {path: index for index, path in enumerate(self.paths)}
+        for path in paths:
+            self._unreadable[position[path]] = True
 
     @property
     def skipped_files(self) -> tuple[str, ...]:

@@ -404,6 +404,8 @@ class Trainer:
             checked = sum(count for count, _ in shares)
             unreadable = [image for _, images in shares for image in images]
         unreadable.sort(key=lambda image: image.path)  # the same order for any number of ranks
+        # Reported here once; the loader then replaces them without warning again.
+        self.dataset.source.record_unreadable([image.path for image in unreadable])
         if unreadable and self.cfg.data.corrupt_images == "fail":
             shown = "; ".join(f"{image.path} ({image.error})" for image in unreadable[:10])
             more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
