@@ -102,3 +102,33 @@ def test_report_writes_the_comparison(tmp_path: Path) -> None:
     linear = next(r for r in rows if r["metric"] == "linear/top1")
     assert linear["seeds"] == [0, 1] and linear["mean_difference"] == pytest.approx(11.0)
     assert linear["verdict"] == TIE
+
+
+def test_report_compares_the_multimodality_measures_too(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # separability: look 0.80, 0.81 vs ce 0.78, 0.78 -> +2.0 and +3.0 points (purity unchanged).
+    for method, separability in (("look", [0.80, 0.81]), ("ce", [0.78, 0.78])):
+        for seed, value in enumerate(separability):
+            write_results(
+                runs / f"{method}-{seed}", method=method, seed=seed,
+                protocols={"linear": {"top1": 0.5}},
+                multimodality={
+                    "summary": {
+                        "separability": value,
+                        "knn_purity": 0.7,
+                        "ari": 0.2 if method == "look" else 0.1,
+                    }
+                },
+            )  # fmt: skip
+    outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
+    markdown = outputs.markdown.read_text()
+    section = markdown.split("## Paired differences in multi-modality", 1)[1]
+    half = T_975[1] * math.sqrt(0.5) / math.sqrt(2)  # differences 2 and 3: sd √0.5
+    row = next(line for line in section.splitlines() if line.startswith("| look (coarse)"))
+    assert f"+2.5 [{2.5 - half:+.1f}, {2.5 + half:+.1f}] no clear difference (2 seeds)" in row
+    assert "+0.0 [+0.0, +0.0] no clear difference (2 seeds)" in row  # purity: no difference
+    assert "+0.100 [+0.100, +0.100] **higher** (2 seeds)" in row  # ARI, raw, 3 digits
+    rows = json.loads(outputs.json.read_text())["comparisons"]
+    assert {row["table"] for row in rows} == {"transfer", "multimodality"}
+    separability = next(r for r in rows if r["metric"] == "separability")
+    assert separability["mean_difference"] == pytest.approx(0.025)

@@ -82,18 +82,21 @@ class PairedComparison:
         }
 
 
-def compare_with_baseline(cells: Sequence[Any], baselines: Sequence[str]) -> list[PairedComparison]:
-    """Every headline transfer metric of every method against the baseline of its dataset.
+def compare_with_baseline(
+    cells: Sequence[Any], baselines: Sequence[str], *, table: str = "transfer"
+) -> list[PairedComparison]:
+    """Every headline metric of ``table`` (``"transfer"`` or ``"multimodality"``) of every method
+    against the baseline of its dataset.
 
     ``cells`` are :class:`look.analysis.report.Cell` objects. A dataset's baseline is the first
     label of ``baselines`` with a row on that dataset (``["ce (coarse)", "ce (fine)"]`` picks the
     coarse-label CE where there is one); datasets without any are left out. Only seeds present in
     both cells are paired (runs without a recorded seed cannot be). ``ValueError`` when no label
-    of ``baselines`` names a row at all, listing the rows there are.
+    of ``baselines`` names a transfer row at all, listing the rows there are.
     """
-    transfer = [c for c in cells if c.table == "transfer" and c.headline]
+    transfer = [c for c in cells if c.table == table and c.headline]
     labels = list(dict.fromkeys(c.method for c in transfer))
-    if not any(label in labels for label in baselines):
+    if table == "transfer" and not any(label in labels for label in baselines):
         raise ValueError(f"baseline {list(baselines)} names no row of the report; rows: {labels}")
     comparisons = []
     for dataset in dict.fromkeys(c.dataset for c in transfer):

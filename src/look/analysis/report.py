@@ -383,51 +383,85 @@ def _transfer_section(
     return lines, figures
 
 
-def _format_difference(comparison: PairedComparison) -> str:
-    """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``, the verdict in bold when the
-    interval excludes zero; ``+0.15 (1 seed)`` without an interval."""
+def _format_difference(
+    comparison: PairedComparison,
+    *,
+    scale: float = 1.0,
+    digits: int = 2,
+    words: Mapping[str, str] | None = None,
+) -> str:
+    """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``, the verdict (renamed by ``words``)
+    in bold when the interval excludes zero; ``+0.15 (1 seed)`` without an interval."""
     interval = comparison.interval
     if interval is None:  # one shared seed: the difference, and no verdict
-        return f"{comparison.mean:+.2f} (1 seed)"
+        return f"{comparison.mean * scale:+.{digits}f} (1 seed)"
     verdict = comparison.verdict
     if verdict in (BETTER, WORSE):
-        verdict = f"**{verdict}**"
+        verdict = f"**{(words or {}).get(verdict, verdict)}**"
+    low, high = interval[0] * scale, interval[1] * scale
     return (
-        f"{comparison.mean:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}] {verdict} "
-        f"({comparison.n} seeds)"
+        f"{comparison.mean * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
+        f"{verdict} ({comparison.n} seeds)"
     )
 
 
 def _comparison_section(
-    comparisons: Sequence[PairedComparison], datasets: Sequence[str]
+    comparisons: Sequence[PairedComparison],
+    datasets: Sequence[str],
+    *,
+    multimodality: bool = False,
 ) -> list[str]:
     if not comparisons:
         return []
-    lines = [
-        "## Paired differences with the baseline",
-        "",
-        "Method − baseline in accuracy points, seed by seed over the seeds both were run with: "
-        "mean difference [95 % confidence interval, Student's t]. *better* / *worse* only when "
-        "the interval excludes zero; one shared seed gives no interval.",
-        "",
-    ]
+    if multimodality:
+        lines = [
+            "## Paired differences in multi-modality",
+            "",
+            "The multi-modality measures, method − baseline seed by seed: mean difference [95 % "
+            "confidence interval, Student's t]; purity and separability in points. *higher* / "
+            "*lower* only when the interval excludes zero.",
+            "",
+        ]
+    else:
+        lines = [
+            "## Paired differences with the baseline",
+            "",
+            "Method − baseline in accuracy points, seed by seed over the seeds both were run "
+            "with: mean difference [95 % confidence interval, Student's t]. *better* / *worse* "
+            "only when the interval excludes zero; one shared seed gives no interval.",
+            "",
+        ]
     for dataset in datasets:
         here = [c for c in comparisons if c.dataset == dataset]
         if not here:
             continue
-        metrics = sorted({c.metric for c in here}, key=_metric_order)
+        if multimodality:
+            metrics = [m for m in MULTIMODALITY_METRICS if any(c.metric == m for c in here)]
+            headers = [MULTIMODALITY_METRICS[m][0] for m in metrics]
+        else:
+            metrics = sorted({c.metric for c in here}, key=_metric_order)
+            headers = [metric_header(m) for m in metrics]
         by_key = {(c.method, c.metric): c for c in here}
         lines += [
             f"### {dataset} — baseline: {here[0].baseline}",
             "",
-            "| method | " + " | ".join(_escape(metric_header(m)) for m in metrics) + " |",
+            "| method | " + " | ".join(_escape(h) for h in headers) + " |",
             "|:--|" + "|".join("--:" for _ in metrics) + "|",
         ]
+
+        def cell(comparison: PairedComparison) -> str:
+            if not multimodality:
+                return _format_difference(comparison)
+            metric = comparison.metric
+            return _format_difference(
+                comparison,
+                scale=100.0 if _MULTIMODALITY_PERCENT[metric] else 1.0,
+                digits=_MULTIMODALITY_DIGITS[metric],
+                words={BETTER: "higher", WORSE: "lower"},
+            )
+
         for method in dict.fromkeys(c.method for c in here):  # this dataset's own order
-            row = [
-                _format_difference(by_key[(method, m)]) if (method, m) in by_key else MISSING
-                for m in metrics
-            ]
+            row = [cell(by_key[(method, m)]) if (method, m) in by_key else MISSING for m in metrics]
             lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
         lines.append("")
     return lines
@@ -549,7 +583,8 @@ def write_report(
     same cells, one per line) and ``figures/`` (a bar chart per dataset unless ``plots`` is False,
     and the maps of any ``multimodality.json`` input). With ``baseline`` (row labels, the first
     present on a dataset is its baseline; see :func:`look.analysis.compare.compare_with_baseline`)
-    REPORT.md gets the paired differences with it and report.json a ``"comparisons"`` list.
+    REPORT.md gets the paired differences with it (transfer accuracies, and the multi-modality
+    measures where there are any) and report.json a ``"comparisons"`` list (``"table"`` says which).
     Returns the paths written and the cells.
     ``FileNotFoundError`` when no input is found, ``ValueError`` when the inputs hold no number.
     """
@@ -569,6 +604,9 @@ def write_report(
         )
     cells = aggregate_cells(runs)
     comparisons = compare_with_baseline(cells, baseline) if baseline else []
+    multimodal_comparisons = (
+        compare_with_baseline(cells, baseline, table="multimodality") if baseline else []
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c.method for c in cells))
     datasets = list(dict.fromkeys(c.dataset for c in cells))
@@ -590,6 +628,7 @@ def write_report(
     lines += transfer_lines
     lines += _comparison_section(comparisons, datasets)
     lines += _multimodality_section(cells, methods, datasets)
+    lines += _comparison_section(multimodal_comparisons, datasets, multimodality=True)
     map_lines, copied_maps = _copy_maps(map_figures, output_dir)
     lines += map_lines
     written_figures += copied_maps
@@ -605,7 +644,14 @@ def write_report(
         "methods": methods,
         "datasets": datasets,
         "cells": rows,
-        "comparisons": [comparison.as_row() for comparison in comparisons],
+        "comparisons": [
+            {"table": table, **comparison.as_row()}
+            for table, group in (
+                ("transfer", comparisons),
+                ("multimodality", multimodal_comparisons),
+            )
+            for comparison in group
+        ],
         "figures": [p.relative_to(output_dir).as_posix() for p in written_figures],
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
