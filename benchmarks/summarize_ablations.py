@@ -44,9 +44,8 @@ def _paired(rows: list[dict], reference: list[dict], metric: str, name: str, bas
     seeds, differences = zip(*pairs, strict=True)
     comparison = PairedComparison("", metric, name, base, seeds, differences)
     if comparison.verdict == NO_INTERVAL:
-        return f"{comparison.mean:+.2f} (1 seed)"
-    low, high = comparison.interval  # type: ignore[misc]
-    return f"{comparison.mean:+.2f} [{low:+.2f}, {high:+.2f}] {comparison.verdict}"
+        return f"{comparison.difference_text()} (1 seed)"
+    return f"{comparison.difference_text()} {comparison.verdict}"
 
 
 def summarize(paths: list[Path], paired_with: str | None = None) -> str:

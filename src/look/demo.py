@@ -420,11 +420,10 @@ def _verdict(
             )
             parts.append(f"{word} {rival} ({numbers}; one seed, no interval)")
             continue
-        low, high = comparison.interval  # type: ignore[misc]
         word = {BETTER: "beats", WORSE: "loses to"}.get(comparison.verdict, "is level with")
         parts.append(
-            f"{word} {rival} ({numbers}; difference {comparison.mean:+.2f} "
-            f"[{low:+.2f}, {high:+.2f}] over {comparison.n} seeds)"
+            f"{word} {rival} ({numbers}; difference {comparison.difference_text()} "
+            f"over {comparison.n} seeds)"
         )
     return f"- {metric}: LOOK " + "; ".join(parts) + "."
 

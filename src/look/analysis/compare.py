@@ -66,6 +66,15 @@ class PairedComparison:
             return WORSE
         return TIE
 
+    def difference_text(self, *, scale: float = 1.0, digits: int = 2) -> str:
+        """``+0.15 [−1.02, +1.32]`` (the mean difference and its interval, × ``scale``), or
+        ``+0.15`` alone for one seed."""
+        text = f"{self.mean * scale:+.{digits}f}"
+        interval = self.interval
+        if interval is not None:
+            text += f" [{interval[0] * scale:+.{digits}f}, {interval[1] * scale:+.{digits}f}]"
+        return text
+
     def as_row(self) -> dict[str, Any]:
         interval = self.interval
         return {

@@ -392,17 +392,13 @@ def _format_difference(
 ) -> str:
     """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``, the verdict (renamed by ``words``)
     in bold when the interval excludes zero; ``+0.15 (1 seed)`` without an interval."""
-    interval = comparison.interval
-    if interval is None:  # one shared seed: the difference, and no verdict
-        return f"{comparison.mean * scale:+.{digits}f} (1 seed)"
+    text = comparison.difference_text(scale=scale, digits=digits)
+    if comparison.interval is None:  # one shared seed: the difference, and no verdict
+        return f"{text} (1 seed)"
     verdict = comparison.verdict
     if verdict in (BETTER, WORSE):
         verdict = f"**{(words or {}).get(verdict, verdict)}**"
-    low, high = interval[0] * scale, interval[1] * scale
-    return (
-        f"{comparison.mean * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] "
-        f"{verdict} ({comparison.n} seeds)"
-    )
+    return f"{text} {verdict} ({comparison.n} seeds)"
 
 
 def _comparison_section(
