@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from look.engine.distributed import all_reduce_sum, is_distributed
 from look.engine.trainer import step_flags
@@ -42,14 +43,19 @@ def trainer_step(
     next_batch: Callable[[], Batch],
     *,
     loss_check: bool = True,
+    write_after_optimizer_step: bool = False,
 ) -> Callable[[], None]:
     """A closure taking one step as ``look.engine.trainer`` does: forward under bf16 autocast on
     CUDA, backward (through DDP's gradient all-reduce when ``model`` is wrapped), then the
     per-step check (loss finite? search exact? agreed over ranks: one all-reduce and one host
-    read, after the backward is queued; an inexact step is recomputed exactly), an SGD step and
-    the method's ``after_optimizer_step``.
+    read, after the backward and the method's memory write are queued; an inexact step is
+    recomputed exactly), an SGD step and the method's ``after_optimizer_step``.
 
-    ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch.
+    ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch. Each
+    phase runs under a ``step/<phase>`` profiler label (``_trace_gaps.py`` reads them).
+    ``write_after_optimizer_step`` leaves the method's memory write to after the optimizer step,
+    as the trainer did until session 8, instead of queueing it (on the condition that the step
+    stands) before the host read: what that overlap saves.
     """
     optimizer = torch.optim.SGD(
         [p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9
@@ -58,25 +64,36 @@ def trainer_step(
     method.defer_exactness_check = loss_check  # the check below reads the flag, as the trainer
 
     def forward_backward(batch: Batch) -> StepOutput:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with (
+            record_function("step/forward"),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
+        ):
             out = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with record_function("step/backward"):
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
         return out
 
     def step() -> None:
         batch = next_batch()
         out = forward_backward(batch)
         if loss_check:
-            flags = all_reduce_sum(step_flags(out)).tolist()
+            flag_tensor = all_reduce_sum(step_flags(out))
+            if not write_after_optimizer_step:
+                with record_function("step/memory_write"):
+                    method.write_pending_memory(enabled=flag_tensor.sum() == 0)
+            with record_function("step/check"):
+                flags = flag_tensor.tolist()
             if flags[1] != 0:  # the timing then includes a second forward and backward
                 warnings.warn("a benchmark step was inexact and redone", RuntimeWarning, 2)
                 with method.exact_redo():
                     out = forward_backward(batch)
             if flags[0] != 0:
                 raise FloatingPointError(f"non-finite loss {float(out.loss)} in the benchmark")
-        optimizer.step()
+        with record_function("step/optimizer"):
+            optimizer.step()
         # Momentum encoders, and LOOK's memory write on one GPU, happen here in the trainer.
-        method.after_optimizer_step(0.5)
+        with record_function("step/after_optimizer_step"):
+            method.after_optimizer_step(0.5)
 
     return step

@@ -24,8 +24,10 @@ written to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _step_benchmark import median_ms, trainer_step
+from _trace_gaps import format_summary, idle_gaps, load_trace
 
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
@@ -42,21 +45,33 @@ from look.search import knn_search
 from look.search_triton import fused_knn_search, fused_search_supported, tune_kernel_config
 
 
-def _host_syncs(step: Callable[[], None], device: torch.device) -> int | None:
+def _host_syncs(step: Callable[[], None], device: torch.device) -> tuple[int | None, list[str]]:
     """Host-device synchronisations in one call of ``step`` (CUDA's sync debug mode warns on
-    each); None on other devices."""
+    each), with where each happened (the innermost frames of the Python stack); None on other
+    devices."""
     if device.type != "cuda":
-        return None
+        return None, []
     step()  # warm: lazy initialisation may synchronise once
     torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
+    sites: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        # (Not the warning that the debug mode itself is a prototype feature.)
+        if "synchronizing CUDA operation" in str(message):
+            frames = traceback.extract_stack()[:-1][-4:]
+            sites.append(
+                " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+            )
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    return len(sites), sites
 
 
 def _compiled_search_kernels() -> list[dict[str, object]]:
@@ -88,7 +103,15 @@ def _compiled_search_kernels() -> list[dict[str, object]]:
     return kernels
 
 
-def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device):  # type: ignore[no-untyped-def]
+def _step_fn(  # type: ignore[no-untyped-def]
+    method_cfg: dict,
+    args: argparse.Namespace,
+    rows: int,
+    device: torch.device,
+    *,
+    memory_write: bool = True,
+    write_after_optimizer_step: bool = False,
+):
     backbone, dim = create_backbone(args.backbone, small_stem=args.small_stem)
     method = build_method(
         method_cfg,
@@ -113,7 +136,12 @@ def _step_fn(method_cfg: dict, args: argparse.Namespace, rows: int, device: torc
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
     indices = torch.randint(0, rows, (args.batch_size,), device=device)
     batch = Batch(views=[images], labels=labels, indices=indices)
-    return trainer_step(method, method, device, lambda: batch, loss_check=args.loss_check)
+    if not memory_write:  # a measurement only: what the memory write costs a step
+        method.queue_memory_write = lambda *_, **__: None  # type: ignore[method-assign]
+    return trainer_step(
+        method, method, device, lambda: batch,
+        loss_check=args.loss_check, write_after_optimizer_step=write_after_optimizer_step,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -151,6 +179,18 @@ def main() -> None:
         default=None,
         help="write a torch.profiler table of one LOOK step (first --rows size) to this file",
     )
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="write Chrome traces of two LOOK and two CE steps (first --rows size) to "
+        "PREFIX_look.json.gz and PREFIX_ce.json.gz, and where the GPU idles in them to the JSON",
+    )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time the LOOK step without its memory write, and with the write after the "
+        "optimizer step (as before session 8) instead of before the host read",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -175,7 +215,7 @@ def main() -> None:
     ce_step = _step_fn({"name": "ce"}, args, 1, device)
     ce_ms = measure(ce_step, args.steps, args.warmup)
     figures["ce_step_ms"], figures["ce_peak_mb"] = ce_ms, peak_mb()
-    figures["ce_host_syncs"] = _host_syncs(ce_step, device)
+    figures["ce_host_syncs"], figures["ce_host_sync_sites"] = _host_syncs(ce_step, device)
     del ce_step
     print(f"CE step: {ce_ms:.1f} ms, {figures['ce_host_syncs']} host syncs")
 
@@ -205,6 +245,27 @@ def main() -> None:
             tables.append(f"== {name} step x3, {args.rows[0]} rows\n{table}")
             del step
         Path(args.profile).write_text("\n\n".join(tables))
+    if args.trace and cuda:
+        figures["trace"] = {}
+        for name, method_cfg in (("look", look_cfg), ("ce", {"name": "ce"})):
+            step = _step_fn(method_cfg, args, args.rows[0], device)
+            for _ in range(args.warmup):
+                step()
+            torch.cuda.synchronize(device)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(2):
+                    step()
+                torch.cuda.synchronize(device)
+            path = Path(f"{args.trace}_{name}.json")
+            profiler.export_chrome_trace(str(path))
+            with path.open("rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+                packed.write(raw.read())
+            path.unlink()
+            summary = idle_gaps(load_trace(Path(f"{path}.gz")))
+            figures["trace"][name] = summary
+            print(format_summary(f"{name} x2 steps", summary))
+            del step
 
     def search_inputs(rows: int, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A random bank of ``rows`` unit rows, queries and their ids (the same for each call)."""
@@ -278,9 +339,22 @@ def main() -> None:
             look_step_ms=look_ms,
             look_over_ce=look_ms / ce_ms,
             look_peak_mb=peak_mb(),
-            look_host_syncs=_host_syncs(look_step, device),
         )
+        entry["look_host_syncs"], entry["look_host_sync_sites"] = _host_syncs(look_step, device)
         del look_step
+        if args.variants:
+            for variant, options in (
+                ("look_step_no_write_ms", {"memory_write": False}),
+                ("look_step_write_after_optimizer_ms", {"write_after_optimizer_step": True}),
+            ):
+                entry[variant] = measure(
+                    _step_fn(look_cfg, args, rows, device, **options), args.steps, args.warmup
+                )
+            print(
+                f"{rows:>10} rows: LOOK step without memory write "
+                f"{entry['look_step_no_write_ms']:.1f} ms, write after the optimizer step "
+                f"{entry['look_step_write_after_optimizer_ms']:.1f} ms"
+            )
         if args.scan_step:
             scan_cfg = {**look_cfg, "search_backend": "torch"}
             scan_step_ms = measure(_step_fn(scan_cfg, args, rows, device), args.steps, args.warmup)

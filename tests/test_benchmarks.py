@@ -39,14 +39,50 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
+        "--variants",
     )  # fmt: skip
     entry = figures["rows"]["2048"]
+    assert entry["look_step_no_write_ms"] > 0 and entry["look_step_write_after_optimizer_ms"] > 0
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
     assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
     # One rank of 4 of a sharded bank: all ranks' queries over a quarter of the rows.
     shard = figures["shards"]["2048"]
     assert shard["rows_per_rank"] == 512 and shard["queries"] == 32 and shard["search_ms"] > 0
+
+
+def test_trace_gaps_attributes_each_idle_stretch_to_the_launch_that_ended_it() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _trace_gaps import idle_gaps
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def span(cat: str, name: str, ts: float, dur: float, **args: object) -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        span("user_annotation", "step/forward", 0, 100),
+        span("cpu_op", "aten::mm", 5, 10),
+        span("cuda_runtime", "cudaLaunchKernel", 6, 2, correlation=1),
+        span("user_annotation", "step/after_optimizer_step", 150, 60),
+        span("cpu_op", "aten::index_put_", 190, 15),
+        span("cuda_runtime", "cudaLaunchKernel", 195, 3, correlation=2),
+        span("kernel", "gemm", 10, 40, correlation=1),  # busy 10..50
+        span("kernel", "overlapping", 30, 30),  # busy to 60
+        span("gpu_memset", "memset", 65, 2),  # a 5 us gap: below the threshold
+        span("kernel", "scatter", 200, 20, correlation=2),  # 133 us idle before it
+    ]
+    summary = idle_gaps(events, min_gap_us=10.0)
+    assert summary["span_ms"] == pytest.approx(0.210)
+    assert summary["busy_ms"] == pytest.approx(0.072)
+    assert summary["idle_ms"] == pytest.approx(0.138)  # both gaps, reported or not
+    [gap] = summary["largest_gaps"]
+    assert gap["idle_us"] == pytest.approx(133.0) and gap["next_kernel"] == "scatter"
+    assert gap["host_op"] == "aten::index_put_" and gap["phase"] == "step/after_optimizer_step"
+    assert summary["idle_ms_by_phase"] == {"step/after_optimizer_step": pytest.approx(0.133)}
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        idle_gaps([span("cpu_op", "aten::mm", 0, 1)])
 
 
 def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:

@@ -206,6 +206,79 @@ def test_refused_rows_are_not_written_and_reported_by_the_next_update(
     assert bool(memory.valid[6])
 
 
+def _memory(kind: str) -> Any:
+    if kind == "bank":
+        return MemoryBank(10, 4, momentum=0.5)
+    if kind == "queue":
+        return MemoryQueue(6, 4)
+    return sharded_module.ShardedMemoryBank(10, 4, momentum=0.5)  # one process: every row
+
+
+@pytest.mark.parametrize("policy", ["host", "accelerator"])
+@pytest.mark.parametrize("memory_kind", ["bank", "queue", "sharded"])
+def test_a_disabled_update_writes_checks_and_reports_nothing(
+    monkeypatch: pytest.MonkeyPatch, policy: str, memory_kind: str
+) -> None:
+    """``enabled=False`` (decided on the device: the trainer queues the write before it knows
+    whether the step stands) leaves every buffer as it was, the queue's pointer too, and does
+    not report the rows it would have refused; ``enabled=True`` is a plain update."""
+    if policy == "accelerator":
+        for module in (memory_module, sharded_module):
+            monkeypatch.setattr(module, "host_reads_are_free", lambda device: False)
+    memory, twin = _memory(memory_kind), _memory(memory_kind)
+    for target in (memory, twin):
+        target.update(torch.tensor([0, 1, 2]), _unit(3), torch.tensor([0, 1, 2]))
+    before = {key: value.clone() for key, value in memory.state_dict().items()}
+    poisoned = _unit(3, seed=1)
+    poisoned[1] = float("nan")  # would be refused, and reported by the next update
+    memory.update(torch.tensor([3, 4, 5]), poisoned, torch.tensor([0, -1, 2]),
+                  enabled=torch.tensor(False))  # fmt: skip
+    for key, value in before.items():  # the buffers (state_dict() would settle the checks)
+        assert torch.equal(memory.state_dict()[key] if key == "ptr" else getattr(
+            memory, key.removeprefix("memory.")), value), key  # fmt: skip
+    good = _unit(2, seed=2)
+    memory.update(torch.tensor([6, 7]), good, torch.tensor([1, 1]), enabled=torch.tensor(True))
+    twin.update(torch.tensor([6, 7]), good, torch.tensor([1, 1]))  # nothing to report: no raise
+    for key, value in twin.state_dict().items():
+        assert torch.equal(memory.state_dict()[key], value), key
+
+
+def test_the_trainer_writes_the_memory_before_its_host_read_unless_the_step_is_skipped(
+    tmp_path: Path, accelerator_policy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the memory write is queued once the backward pass is, before the
+    trainer reads its flags (so its kernels overlap the backward pass instead of following the
+    optimizer step on an idle GPU); a step that is then skipped has written nothing."""
+    from look.engine.trainer import Trainer
+    from tests.engine.test_trainer import tiny_config
+
+    trainer = Trainer(tiny_config("train.nan_policy=skip"), tmp_path / "run")
+    trainer.method.train()
+    memory = trainer.method.memory
+    rows_at_read: list[int] = []
+    counting_tolist = torch.Tensor.tolist
+
+    def snapshot_then_read(self: torch.Tensor) -> Any:
+        rows_at_read.append(int(memory.valid.sum()))
+        return counting_tolist(self)
+
+    batches = iter(trainer._loader(0, 0))
+    batch = next(batches)
+    monkeypatch.setattr(torch.Tensor, "tolist", snapshot_then_read)  # (the sampler reads too)
+    assert trainer._step(0, batch) is not None
+    assert rows_at_read == [batch.indices.unique().numel()]  # written before the one read
+    assert trainer.method._pending_writes == []
+    trainer._finish_step(skipped=False)
+    before = {key: value.clone() for key, value in memory.state_dict().items()}
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    poisoned = next(batches)
+    poisoned.views[0][:] = float("nan")
+    assert trainer._step(0, poisoned) is None
+    trainer._finish_step(skipped=True)
+    for key, value in memory.state_dict().items():  # settles the checks: nothing to report
+        assert torch.equal(value, before[key]), key
+
+
 def test_bank_batch_with_no_good_row_changes_nothing(accelerator_policy: list[str]) -> None:
     bank = MemoryBank(6, 4, momentum=0.5)
     bank.update(torch.tensor([0, 3]), _unit(2), torch.tensor([1, 2]))

@@ -161,7 +161,14 @@ class FeatureMemory(nn.Module):
         self.valid.fill_(False)
 
     @torch.no_grad()
-    def update(self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
         """Write the local batch into the memory (after gathering it from all ranks).
 
         Args:
@@ -169,14 +176,22 @@ class FeatureMemory(nn.Module):
             features: ``(B, d)`` floating embeddings, any float dtype; detached and L2-normalised
                 here before they are stored.
             labels: ``(B,)`` non-negative integer labels.
+            enabled: a 0-d bool tensor, the same on every rank: False writes nothing, checks
+                nothing and reports nothing, as if the call had not been made. Decided on the
+                device, so that a caller can queue the write before it knows whether the step
+                stands (the trainer: before it reads whether the loss was finite).
 
         Raises:
             ValueError: on a wrong shape or dtype, ids out of range, negative labels, or rows that
                 are NaN/Inf or have zero norm. Nothing is written in that case. On an accelerator
                 the value checks are reported by the next call instead (see the module doc).
         """
-        *rows, present = self._prepare(ids, features, labels)
-        self._write(*rows, present=present)
+        if enabled is not None and host_reads_are_free(self.features.device):
+            if not bool(enabled):
+                return
+            enabled = None
+        *rows, present = self._prepare(ids, features, labels, enabled=enabled)
+        self._write(*rows, present=present, enabled=enabled)
 
     @property
     def writes_without_host_reads(self) -> bool:
@@ -193,14 +208,21 @@ class FeatureMemory(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _prepare(
-        self, ids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        enabled: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Check shapes, gather over ranks, check values, normalise. Returns the global batch
         as ``(ids int64, features float32 unit rows, labels int64, row_ok, present)`` on the
         memory's device; ``row_ok`` is None when the values were checked on the host, else a
         ``(G,)`` bool of the rows that may be written (the rest must leave their row unchanged).
         ``present`` is None, or (padded gather on an accelerator) a ``(G,)`` bool of the real
-        rows, which come first in rank order; padding rows are never in ``row_ok``."""
+        rows, which come first in rank order; padding rows are never in ``row_ok``. With
+        ``enabled`` (a device-side 0-d bool, accelerators only) False, no row is in ``row_ok``
+        and the value checks count nothing."""
         self._deferred_checks.settle(keep=0)  # the previous update's checks, if deferred
         self._check_structure(ids, features, labels)
         device = self.features.device
@@ -228,7 +250,9 @@ class FeatureMemory(nn.Module):
                 gathered, present = [tensor[order] for tensor in gathered], present[order]
             global_ids, global_features, global_labels = gathered
         norms = global_features.norm(dim=1)
-        row_ok = self._check_values(global_ids, global_features, norms, global_labels, present)
+        row_ok = self._check_values(
+            global_ids, global_features, norms, global_labels, present, enabled=enabled
+        )
         return global_ids, global_features / norms.unsqueeze(1), global_labels, row_ok, present
 
     def _check_structure(
@@ -260,10 +284,13 @@ class FeatureMemory(nn.Module):
         norms: torch.Tensor,
         labels: torch.Tensor,
         present: torch.Tensor | None = None,
+        *,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Raise for bad rows, ids or labels (on the host), or return the rows that may be
         written and report the counts one update later (on an accelerator). Padding rows
-        (not ``present``) are neither checked nor written."""
+        (not ``present``) are neither checked nor written; nor is any row while ``enabled``
+        (a device-side 0-d bool, accelerators only) is False."""
         # A NaN/Inf entry makes the norm non-finite; so does a finite row whose norm overflows.
         bad_feature_rows = ~(torch.isfinite(norms) & (norms > _MIN_ROW_NORM))
         bad_ids = ~self._ids_in_range(ids)
@@ -274,9 +301,14 @@ class FeatureMemory(nn.Module):
             )
         counts = torch.stack([bad_feature_rows.sum(), bad_ids.sum(), bad_labels.sum()])
         if not host_reads_are_free(counts.device):
-            self._deferred_checks.push(counts, self._report_deferred)
             row_ok = ~(bad_feature_rows | bad_ids | bad_labels)
-            return row_ok if present is None else row_ok & present
+            if present is not None:
+                row_ok = row_ok & present
+            if enabled is not None:  # a disabled write refuses every row and reports none
+                counts = counts * enabled
+                row_ok = row_ok & enabled
+            self._deferred_checks.push(counts, self._report_deferred)
+            return row_ok
         # One host synchronisation for all three checks.
         n_bad_features, n_bad_ids, n_bad_labels = counts.tolist()
         if n_bad_features:
@@ -337,7 +369,10 @@ class FeatureMemory(nn.Module):
         row_ok: torch.Tensor | None,
         *,
         present: torch.Tensor | None = None,
+        enabled: torch.Tensor | None = None,
     ) -> None:
+        """Write the prepared rows (``row_ok`` already holds ``enabled``: a queue also needs it
+        to leave its pointer where it was)."""
         raise NotImplementedError
 
     def _load_from_state_dict(
@@ -444,6 +479,7 @@ class MemoryBank(FeatureMemory):
         row_ok: torch.Tensor | None,
         *,
         present: torch.Tensor | None = None,
+        enabled: torch.Tensor | None = None,  # already in row_ok
     ) -> None:
         # Padding rows (not present) are not in row_ok: like refused rows, they write nothing.
         ids, features, labels, write_any = self._resolve_rows(ids, features, labels, row_ok)
@@ -597,6 +633,7 @@ class MemoryQueue(FeatureMemory):
         row_ok: torch.Tensor | None,
         *,
         present: torch.Tensor | None = None,
+        enabled: torch.Tensor | None = None,
     ) -> None:
         if present is not None and ids.numel() > self.capacity:
             # A queue shorter than the padded global batch: which rows survive depends on how
@@ -627,6 +664,8 @@ class MemoryQueue(FeatureMemory):
         self.ids[slots] = ids
         self.valid[slots] = valid
         advance = batch if present is None else present.sum()
+        if enabled is not None:  # a disabled write leaves the pointer too
+            advance = advance * enabled.to(self.ptr.dtype)
         self.ptr.copy_((self.ptr + advance) % self.capacity)
 
     def _load_from_state_dict(

@@ -245,8 +245,9 @@ class SearchKernelConfig:
     num_stages: int = 4
     select: str = "sort"  # how the bound and the final k are picked: torch "topk" or "sort"
     # How the collect pass numbers its candidates: "scan" (one atomic per query row and tile,
-    # then a prefix sum over the tile) or "atomic" (one atomic per candidate, no prefix sum).
-    collect: str = "scan"
+    # then a prefix sum over the tile) or "atomic" (one atomic per candidate, no prefix sum;
+    # faster at every size of the second H100 tuning, docs/results.md).
+    collect: str = "atomic"
     # Largest s of the bound pass (every s-th tile): a larger s makes that pass and its selection
     # cheaper (14M rows: 111k tile maxima per query at s = 4) but the bound looser, so more
     # candidates reach the collect buffer, which grows with s.
@@ -261,36 +262,37 @@ class SearchKernelConfig:
     loads: str = "pointer"
 
 
-# Candidates tried by tune_kernel_config; the default is the first (fastest of the first H100
-# tuning, docs/results.md).
+# Candidates tried by tune_kernel_config; the default is the first (among the fastest at every
+# size of the second H100 tuning, docs/results.md; pointer loads work on any GPU).
 KERNEL_CONFIGS = (
-    SearchKernelConfig(64, 32, 4, 4, "sort"),
-    SearchKernelConfig(128, 32, 4, 3, "sort"),
-    SearchKernelConfig(128, 64, 4, 3, "sort"),
-    SearchKernelConfig(64, 64, 4, 4, "sort"),
-    SearchKernelConfig(64, 64, 4, 4, "topk"),
-    SearchKernelConfig(128, 64, 4, 3, "topk"),
-    SearchKernelConfig(256, 64, 8, 3, "sort"),
-    SearchKernelConfig(128, 128, 8, 3, "sort"),
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "scan"),
+    SearchKernelConfig(128, 32, 4, 3, "sort", "scan"),
+    SearchKernelConfig(128, 64, 4, 3, "sort", "scan"),
+    SearchKernelConfig(64, 64, 4, 4, "sort", "scan"),
+    SearchKernelConfig(64, 64, 4, 4, "topk", "scan"),
+    SearchKernelConfig(128, 64, 4, 3, "topk", "scan"),
+    SearchKernelConfig(256, 64, 8, 3, "sort", "scan"),
+    SearchKernelConfig(128, 128, 8, 3, "sort", "scan"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic"),
     SearchKernelConfig(64, 64, 4, 4, "sort", "atomic"),
     SearchKernelConfig(128, 128, 8, 3, "sort", "atomic"),
-    SearchKernelConfig(64, 32, 4, 4, "topk"),
-    SearchKernelConfig(64, 32, 4, 4, "topk", tile_stride=16),
-    SearchKernelConfig(64, 32, 4, 4, "sort", tile_stride=8),
+    SearchKernelConfig(64, 32, 4, 4, "topk", "scan"),
+    SearchKernelConfig(64, 32, 4, 4, "topk", "scan", tile_stride=16),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "scan", tile_stride=8),
     SearchKernelConfig(64, 32, 4, 4, "topk", "atomic", tile_stride=16),
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", skip_empty_tiles=False),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", skip_empty_tiles=False),
-    SearchKernelConfig(64, 32, 4, 4, "sort", tile_stride=2),
+    SearchKernelConfig(64, 32, 4, 4, "sort", "scan", tile_stride=2),
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", tile_stride=2),
     SearchKernelConfig(32, 64, 4, 3, "sort", "atomic"),
     # Fewer stages, more resident blocks: sm_90 fits 5 blocks of the 2-stage atomic collect pass
     # per SM (94 registers, 40 KB shared) against 3 of the default (145 registers, 56 KB).
     SearchKernelConfig(64, 32, 4, 2, "sort", "atomic"),
     SearchKernelConfig(64, 32, 4, 3, "sort", "atomic"),
-    # Tensor-descriptor (TMA) loads on Hopper; compiled for sm_90 in CI, never timed yet.
-    SearchKernelConfig(64, 32, 4, 4, "sort", loads="tma"),
+    # Tensor-descriptor (TMA) loads on Hopper (compiled for sm_90 in CI; on the H100 the 3-stage
+    # atomic one was the fastest config at 14.2M rows, not at 1.28M).
+    SearchKernelConfig(64, 32, 4, 4, "sort", "scan", loads="tma"),
     SearchKernelConfig(64, 32, 4, 3, "sort", "atomic", loads="tma"),
     SearchKernelConfig(64, 32, 4, 2, "sort", "atomic", loads="tma"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", loads="tma"),

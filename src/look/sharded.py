@@ -182,6 +182,7 @@ class ShardedMemoryBank(MemoryBank):
         row_ok: Tensor | None,
         *,
         present: Tensor | None = None,  # padding rows are already out of row_ok
+        enabled: Tensor | None = None,  # so is every row of a disabled write
     ) -> None:
         # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
         # full bank): hand it local rows; _store below puts the dataset index back into `ids`.

@@ -5,6 +5,7 @@ train like the whole batch at once, given a backbone whose outputs do not depend
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,8 +75,18 @@ def test_micro_batches_see_the_memory_of_before_the_step(tmp_path: Path) -> None
     trainer.method.train()
     batch = next(iter(trainer._loader(0, 0)))
     before = trainer.method.memory.features.clone()
+    seen_by_forward = []
+    forward = trainer.method.forward
+
+    def recording_forward(micro_batch: Any) -> Any:
+        seen_by_forward.append(trainer.method.memory.features.clone())
+        return forward(micro_batch)
+
+    trainer.method.forward = recording_forward  # type: ignore[method-assign]
     trainer._step(0, batch)
-    assert torch.equal(trainer.method.memory.features, before)  # nothing written yet
+    assert len(seen_by_forward) == 2
+    for memory_seen in seen_by_forward:  # the second micro-batch too: nothing written before it
+        assert torch.equal(memory_seen, before)
     trainer.method.after_optimizer_step(0.1)
     written = (trainer.method.memory.features != before).any(dim=1)
     assert set(written.nonzero().squeeze(1).tolist()) == set(batch.indices.tolist())

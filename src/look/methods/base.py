@@ -160,12 +160,18 @@ class Method(nn.Module):
         if not later:
             self.write_pending_memory()
 
-    def write_pending_memory(self) -> None:
+    def write_pending_memory(self, enabled: torch.Tensor | None = None) -> None:
         """Do the queued memory writes, in order (a collective under DDP: every rank calls it
-        at the same point)."""
+        at the same point). ``enabled``, a 0-d bool tensor the same on every rank, decides on
+        the device whether they are written at all (see ``FeatureMemory.update``): the trainer
+        queues them before it reads whether the step stands, and a step it then skips or
+        redoes has written nothing."""
         pending, self._pending_writes = self._pending_writes, []
         for memory, ids, features, labels in pending:
-            memory.update(ids, features, labels)
+            if enabled is None:
+                memory.update(ids, features, labels)
+            else:
+                memory.update(ids, features, labels, enabled=enabled)
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:

@@ -169,11 +169,12 @@ class LOOK(Method):
             self.ema_head = frozen_copy(self.head)
         self.classifier = nn.Linear(feature_dim, ctx.num_classes) if options.ce_weight > 0 else None
         self._search_path_checked = False
-        # On an accelerator a step's memory write waits for after_optimizer_step (or the next
-        # forward, or a checkpoint, whichever comes first): its ~80 small kernels are then
-        # launched while the GPU runs the backward pass, not while it idles between the
-        # forward's host waits. Same values: the loss never reads its own batch's rows.
-        # (Method.queue_memory_write; several with gradient accumulation, one per micro-batch.)
+        # On an accelerator a step's memory write is queued, not done, in forward: the trainer
+        # does it once the backward pass is queued, on the device-side condition that the step
+        # stands (Method.write_pending_memory), so its ~80 small kernels are launched while the
+        # GPU runs the backward pass. Other callers have it done by after_optimizer_step, the
+        # next forward or a checkpoint, whichever comes first. Same values: the loss never reads
+        # its own batch's rows. (Several writes with gradient accumulation, one per micro-batch.)
         self._redoing = False  # inside exact_redo()
 
     @property
@@ -203,9 +204,9 @@ class LOOK(Method):
         images = batch.views[0]
         features = self.backbone(images)
         z = F.normalize(self.head(features).float(), dim=1)
-        # Written after the optimizer step (see __init__) unless reads of the device are free
-        # or the write itself reads row counts on the host (DDP without a known batch size:
-        # after the optimizer step that read would wait for the whole backward pass).
+        # Written later (see __init__) unless reads of the device are free or the write itself
+        # reads row counts on the host (DDP without a known batch size: later, that read would
+        # wait for the whole backward pass).
         write_later = self.defer_memory_writes or (
             not host_reads_are_free(z.device) and self.memory.writes_without_host_reads
         )
