@@ -176,10 +176,11 @@ class FeatureMemory(nn.Module):
             features: ``(B, d)`` floating embeddings, any float dtype; detached and L2-normalised
                 here before they are stored.
             labels: ``(B,)`` non-negative integer labels.
-            enabled: a 0-d bool tensor, the same on every rank: False writes nothing, checks
-                nothing and reports nothing, as if the call had not been made. Decided on the
-                device, so that a caller can queue the write before it knows whether the step
-                stands (the trainer: before it reads whether the loss was finite).
+            enabled: a 0-d bool tensor, the same on every rank: False writes nothing and
+                refuses or reports no row, as if the call had not been made (shapes and dtypes
+                are still checked). Decided on the device, so that a caller can queue the write
+                before it knows whether the step stands (the trainer: before it reads whether
+                the loss was finite).
 
         Raises:
             ValueError: on a wrong shape or dtype, ids out of range, negative labels, or rows that
