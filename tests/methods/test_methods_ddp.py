@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import look.memory as memory_module
 import look.methods.look as look_method
+import look.methods.mocov2 as mocov2_module
 import look.sharded as sharded_module
 from look.methods import Batch, build_method
 from tests.ddp import free_port, init_gloo
@@ -61,17 +62,20 @@ PADDED_BASE = {
     "look_queue_padded": "look_queue_ema",
     "look_sharded_padded": "look_sharded",
     "mocov2_padded": "mocov2",
+    # Knowing the per-rank batch, the shuffle gathers the images without reading row counts.
+    "mocov2_shuffle_bn_padded": "mocov2_shuffle_bn",
 }
 PADDED = {f"{name}_accelerator": base for name, base in PADDED_BASE.items()}
 CFGS.update({name: CFGS[base] for name, base in PADDED_BASE.items()})
 CFGS.update({name: CFGS[base] for name, base in PADDED.items()})
 # The single-process run each DDP run is compared with (default: the same config).
-REFERENCE_OF_BASE = {"look_sharded": "look"}
+REFERENCE_OF_BASE = {"look_sharded": "look", "mocov2_shuffle_bn": "mocov2_two_bn_groups"}
 REFERENCE = {
     "look_sharded": "look",
     "mocov2_shuffle_bn": "mocov2_two_bn_groups",
     "look_accelerator": "look",
     "look_sharded_accelerator": "look",
+    **{name: REFERENCE_OF_BASE.get(base, base) for name, base in PADDED_BASE.items()},
     **{name: REFERENCE_OF_BASE.get(base, base) for name, base in PADDED.items()},
 }
 SINGLE_PROCESS_CFGS = {"mocov2_two_bn_groups": {**CFGS["mocov2_shuffle_bn"], "bn_splits": 2}}
@@ -163,7 +167,8 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
                     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
             assert set(got["state"]) == set(single["state"]), name
             for key, value in single["state"].items():
-                if name == "mocov2_shuffle_bn" and ("running_" in key or "batches_tracked" in key):
+                shuffled = name.startswith("mocov2_shuffle_bn")
+                if shuffled and ("running_" in key or "batches_tracked" in key):
                     # BN running statistics are per rank under DDP (no SyncBN), per group here.
                     continue
                 other = got["state"][key]
@@ -171,6 +176,30 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
                     assert torch.allclose(other.float(), value.float(), atol=1e-5), (name, key)
                 else:
                     assert torch.equal(other, value), (name, key)
+
+
+def _shuffle_reads_no_counts_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, world, port)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ctx = dataclasses.replace(CTX, local_batch_size=8)
+    method = build_method(CFGS["mocov2_shuffle_bn"], TinyBackbone(), 12, ctx)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the shuffle read the row counts of a trainer-sized batch")
+
+    mocov2_module.gather_rows_and_counts = refuse  # type: ignore[assignment]
+    method(make_batch(8, method.num_views, num_classes=3, seed=rank))
+    (Path(out_dir) / f"rank{rank}.txt").write_text("ok")
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_shuffle_bn_reads_no_row_counts_for_a_batch_of_the_known_size(tmp_path: Path) -> None:
+    """The trainer passes the per-rank batch size: the shuffle then gathers the images with no
+    host read of the row counts (a wait for the device at every step on a GPU)."""
+    mp.spawn(_shuffle_reads_no_counts_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
 
 
 def _unequal_batches_worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -101,17 +101,24 @@ class MoCoV2(Method):
     def _shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:
         """Keys of ``images`` (this rank's batch, in order), encoded in BN groups of a random
         permutation of the global batch (every rank's batch must have the same size, as the
-        trainer's sampler makes them)."""
+        trainer's sampler makes them: a batch of ``MethodContext.local_batch_size`` images is
+        taken to be one of those, with no check that would wait for the device)."""
         local, splits = images.shape[0], self.options.bn_splits
         world, rank = get_world_size(), get_rank()
         if not self.options.shuffle_bn or (world == 1 and splits == 1):  # nothing to shuffle
             return _embed_in_groups(self.key_backbone, self.key_head, images, splits)
-        (every_image,), counts = gather_rows_and_counts([images])  # one host read of counts
-        if len(set(counts)) > 1:
-            raise ValueError(
-                f"mocov2 shuffle_bn needs the same batch size on every rank, got {min(counts)} to "
-                f"{max(counts)}; use equal per-rank batches (drop_last) or method.shuffle_bn: false"
-            )
+        if local == self.ctx.local_batch_size:
+            # The trainer's batches: every rank's holds local_batch_size images (its sampler
+            # drops the last, partial global batch), so no counts need reading on the host.
+            every_image = gather_no_grad(images)
+        else:
+            (every_image,), counts = gather_rows_and_counts([images])  # one host read of counts
+            if len(set(counts)) > 1:
+                raise ValueError(
+                    f"mocov2 shuffle_bn needs the same batch size on every rank, got "
+                    f"{min(counts)} to {max(counts)}; use equal per-rank batches (drop_last) or "
+                    "method.shuffle_bn: false"
+                )
         # Drawn on every rank from its CPU generator (checkpointed, so a resumed run draws the
         # same), then rank 0's is used everywhere.
         order = torch.randperm(every_image.shape[0]).to(images.device)
