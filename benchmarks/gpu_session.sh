@@ -2,9 +2,10 @@
 # One prepared GPU session (the `device` tool lends an H100 for ~15 minutes): the CUDA tests (fused
 # search, sync-free LOOK step) and the step/search benchmark of issue 5 (kernel tuning over the
 # "scan" and "atomic" collect variants, per-phase times, host syncs per step, the LOOK step
-# without its memory write and with the write after the optimizer step, a profile and a trace of
-# LOOK and CE steps with where the GPU idles). Every stage has its own time limit; results go to
-# $OUT (7 files). It took 151 s on an H100 in session 8.
+# without its memory write, with the write after the optimizer step and with its loss terms
+# compiled, a profile and a trace of LOOK and CE steps with where the GPU idles). Every stage has
+# its own time limit; results go to $OUT (7 files). It took 181 s on an H100 in session 8, before
+# --compiled-terms (which compiles once per bank size).
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/look_gpu}
@@ -20,7 +21,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
   tests/test_host_sync_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 echo "== stage 2: gpu_step benchmark"
-timeout "${STAGE2_S:-400}" python3 benchmarks/gpu_step.py --scan-step --tune --variants \
+timeout "${STAGE2_S:-400}" python3 benchmarks/gpu_step.py --scan-step --tune --variants --compiled-terms \
   --profile "$OUT/profile.txt" --trace "$OUT/trace" --output "$OUT/gpu_step.json" 2>&1 \
   | tee "$OUT/gpu_step.log"
 echo "== done"; date -u

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
 import json
 import platform
 import traceback
@@ -144,6 +145,26 @@ def _step_fn(  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
+def _compiled_terms_step_ms(  # type: ignore[no-untyped-def]
+    look_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device, measure
+) -> dict[str, object]:
+    """The LOOK step with ``_terms_from_neighbours`` (everything the loss does after the
+    search: gathers, masks, log-sum-exps, and their backward) compiled: what fusing LOOK's small
+    kernels would save. A failure is recorded, not raised (the other figures still count)."""
+    terms_module = importlib.import_module("look.losses.look_loss")
+    original = terms_module._terms_from_neighbours
+    terms_module._terms_from_neighbours = torch.compile(original, dynamic=False)
+    try:
+        ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
+        print(f"{rows:>10} rows: LOOK step with the loss terms compiled {ms:.1f} ms")
+        return {"look_step_compiled_terms_ms": ms}
+    except Exception as error:  # an experiment: report it and go on
+        print(f"{rows:>10} rows: compiling the loss terms failed: {error!r}")
+        return {"look_step_compiled_terms_error": repr(error)[:2000]}
+    finally:
+        terms_module._terms_from_neighbours = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
@@ -184,6 +205,12 @@ def main() -> None:
         default=None,
         help="write Chrome traces of two LOOK and two CE steps (first --rows size) to "
         "PREFIX_look.json.gz and PREFIX_ce.json.gz, and where the GPU idles in them to the JSON",
+    )
+    parser.add_argument(
+        "--compiled-terms",
+        action="store_true",
+        help="also time the LOOK step with the loss terms after the search compiled by "
+        "torch.compile (an experiment: fewer, fused kernels; not what the library does)",
     )
     parser.add_argument(
         "--variants",
@@ -355,6 +382,8 @@ def main() -> None:
                 f"{entry['look_step_no_write_ms']:.1f} ms, write after the optimizer step "
                 f"{entry['look_step_write_after_optimizer_ms']:.1f} ms"
             )
+        if args.compiled_terms:
+            entry.update(_compiled_terms_step_ms(look_cfg, args, rows, device, measure))
         if args.scan_step:
             scan_cfg = {**look_cfg, "search_backend": "torch"}
             scan_step_ms = measure(_step_fn(scan_cfg, args, rows, device), args.steps, args.warmup)

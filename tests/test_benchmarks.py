@@ -39,9 +39,10 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
-        "--variants",
+        "--variants", "--compiled-terms",
     )  # fmt: skip
     entry = figures["rows"]["2048"]
+    assert entry["look_step_compiled_terms_ms"] > 0, entry.get("look_step_compiled_terms_error")
     assert entry["look_step_no_write_ms"] > 0 and entry["look_step_write_after_optimizer_ms"] > 0
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
