@@ -421,9 +421,9 @@ def _verdict(
             parts.append(f"{word} {rival} ({numbers}; one seed, no interval)")
             continue
         word = {BETTER: "beats", WORSE: "loses to"}.get(comparison.verdict, "is level with")
+        seeds_text = "" if comparison.same_on_every_seed else f" over {comparison.n} seeds"
         parts.append(
-            f"{word} {rival} ({numbers}; difference {comparison.difference_text()} "
-            f"over {comparison.n} seeds)"
+            f"{word} {rival} ({numbers}; difference {comparison.difference_text()}{seeds_text})"
         )
     return f"- {metric}: LOOK " + "; ".join(parts) + "."
 

@@ -40,6 +40,24 @@ def test_interval_and_verdict_match_a_hand_computation(
     assert comparison.verdict == expected_verdict
 
 
+@pytest.mark.parametrize(
+    ("seeds", "difference", "expected_verdict"),
+    [(3, 1.0, TIE), (5, -2.0, TIE), (6, 1.0, BETTER), (6, -1.0, WORSE), (8, 0.0, TIE)],
+)
+def test_a_difference_equal_on_every_seed_takes_the_sign_test(
+    seeds: int, difference: float, expected_verdict: str
+) -> None:
+    """All seeds on one side: probability 2 · 0.5^n with no real difference (0.0625 for 5
+    seeds, 0.03125 for 6), where the collapsed t interval would call any of them certain."""
+    baseline = _cell("ce", [10.0] * seeds, list(range(seeds)))
+    mine = _cell("look", [10.0 + difference] * seeds, list(range(seeds)))
+    (comparison,) = compare_with_baseline([baseline, mine], ["ce"])
+    assert comparison.same_on_every_seed and comparison.verdict == expected_verdict
+    assert comparison.difference_text() == f"{difference:+.2f} (the same on all {seeds} seeds)"
+    row = comparison.as_row()
+    assert row["ci95_low"] is None and row["same_on_every_seed"] is True
+
+
 def test_only_shared_seeds_are_paired() -> None:
     baseline = _cell("ce", [10.0, 20.0, 30.0], [0, 1, 2])
     # Seed 5 has no partner and a run without a seed cannot be paired.
@@ -87,8 +105,9 @@ def test_report_writes_the_comparison(tmp_path: Path) -> None:
     half = T_975[1] * math.sqrt(2.0) / math.sqrt(2)
     row = next(line for line in section.splitlines() if line.startswith("| look (coarse)"))
     assert f"+11.00 [{11 - half:+.2f}, {11 + half:+.2f}] no clear difference (2 seeds)" in row
-    # kNN k=20: 50 vs 55 on both seeds: a constant difference, an interval of width zero.
-    assert "-5.00 [-5.00, -5.00] **worse** (2 seeds)" in row
+    # kNN k=20: 50 vs 55 on both seeds: a constant difference, whose t interval would have
+    # width zero; 2 seeds on one side is no evidence (sign test).
+    assert "-5.00 (the same on all 2 seeds), no clear difference |" in row
     outputs = write_report(
         [runs / "look-2", runs / "ce-0"], tmp_path / "one", plots=False, baseline=["ce (coarse)"]
     )
@@ -116,7 +135,8 @@ def test_report_compares_the_multimodality_measures_too(tmp_path: Path) -> None:
                     "summary": {
                         "separability": value,
                         "knn_purity": 0.7,
-                        "ari": 0.2 if method == "look" else 0.1,
+                        # ARI: +0.100 and +0.110, an interval clear of zero even at 2 seeds.
+                        "ari": (0.2 + 0.01 * seed) if method == "look" else 0.1,
                     }
                 },
             )  # fmt: skip
@@ -126,8 +146,10 @@ def test_report_compares_the_multimodality_measures_too(tmp_path: Path) -> None:
     half = T_975[1] * math.sqrt(0.5) / math.sqrt(2)  # differences 2 and 3: sd √0.5
     row = next(line for line in section.splitlines() if line.startswith("| look (coarse)"))
     assert f"+2.5 [{2.5 - half:+.1f}, {2.5 + half:+.1f}] no clear difference (2 seeds)" in row
-    assert "+0.0 [+0.0, +0.0] no clear difference (2 seeds)" in row  # purity: no difference
-    assert "+0.100 [+0.100, +0.100] **higher** (2 seeds)" in row  # ARI, raw, 3 digits
+    assert "+0.0 (the same on all 2 seeds), no clear difference" in row  # purity: no difference
+    ari_half = T_975[1] * math.sqrt(0.00005) / math.sqrt(2)  # differences 0.10, 0.11
+    ari = f"+0.105 [{0.105 - ari_half:+.3f}, {0.105 + ari_half:+.3f}] **higher** (2 seeds)"
+    assert ari in row  # ARI, raw, 3 digits
     rows = json.loads(outputs.json.read_text())["comparisons"]
     assert {row["table"] for row in rows} == {"transfer", "multimodality"}
     separability = next(r for r in rows if r["metric"] == "separability")

@@ -5,7 +5,11 @@ so the seed-to-seed spread they have in common cancels in the difference. For ev
 metric of a dataset, the differences ``d_s = method_s − baseline_s`` over the seeds both have give
 ``mean(d) ± t(0.975, n − 1) · sd(d) / √n`` (Student's t). The verdict says *better* or *worse*
 only when that interval excludes zero; with one shared seed there is no interval, and the
-verdict says so rather than calling a difference of one run a win.
+verdict says so rather than calling a difference of one run a win. When every seed gives the
+same difference (a count, such as a number of clusters, often does) the t interval shrinks to
+that one value and would call any such difference certain; the verdict then comes from the exact
+sign test instead (all n seeds on one side has probability 2 · 0.5^n without a real difference:
+below 5 % from 6 seeds on).
 """
 
 from __future__ import annotations
@@ -56,10 +60,20 @@ class PairedComparison:
         return self.mean - half, self.mean + half
 
     @property
+    def same_on_every_seed(self) -> bool:
+        """Whether two or more seeds all give one difference (the t interval is then a point)."""
+        return self.n >= 2 and len(set(self.differences)) == 1
+
+    @property
     def verdict(self) -> str:
         interval = self.interval
         if interval is None:
             return NO_INTERVAL
+        if self.same_on_every_seed:
+            difference = self.differences[0]
+            if difference == 0 or 2 * 0.5**self.n >= 1 - CONFIDENCE:  # exact sign test
+                return TIE
+            return BETTER if difference > 0 else WORSE
         if interval[0] > 0:
             return BETTER
         if interval[1] < 0:
@@ -67,16 +81,18 @@ class PairedComparison:
         return TIE
 
     def difference_text(self, *, scale: float = 1.0, digits: int = 2) -> str:
-        """``+0.15 [−1.02, +1.32]`` (the mean difference and its interval, × ``scale``), or
-        ``+0.15`` alone for one seed."""
+        """``+0.15 [−1.02, +1.32]`` (the mean difference and its interval, × ``scale``),
+        ``+0.15`` alone for one seed, ``+1.00 (the same on all 3 seeds)`` for a constant one."""
         text = f"{self.mean * scale:+.{digits}f}"
+        if self.same_on_every_seed:
+            return f"{text} (the same on all {self.n} seeds)"
         interval = self.interval
         if interval is not None:
             text += f" [{interval[0] * scale:+.{digits}f}, {interval[1] * scale:+.{digits}f}]"
         return text
 
     def as_row(self) -> dict[str, Any]:
-        interval = self.interval
+        interval = None if self.same_on_every_seed else self.interval
         return {
             "dataset": self.dataset,
             "metric": self.metric,
@@ -87,6 +103,7 @@ class PairedComparison:
             "mean_difference": self.mean,
             "ci95_low": None if interval is None else interval[0],
             "ci95_high": None if interval is None else interval[1],
+            "same_on_every_seed": self.same_on_every_seed,
             "verdict": self.verdict,
         }
 

@@ -391,13 +391,16 @@ def _format_difference(
     words: Mapping[str, str] | None = None,
 ) -> str:
     """``+0.15 [−1.02, +1.32] no clear difference (3 seeds)``, the verdict (renamed by ``words``)
-    in bold when the interval excludes zero; ``+0.15 (1 seed)`` without an interval."""
+    in bold when the interval excludes zero; ``+0.15 (1 seed)`` without an interval;
+    ``-5.00 (the same on all 3 seeds), no clear difference`` for a constant difference."""
     text = comparison.difference_text(scale=scale, digits=digits)
     if comparison.interval is None:  # one shared seed: the difference, and no verdict
         return f"{text} (1 seed)"
     verdict = comparison.verdict
     if verdict in (BETTER, WORSE):
         verdict = f"**{(words or {}).get(verdict, verdict)}**"
+    if comparison.same_on_every_seed:  # the text already says how many seeds
+        return f"{text}, {verdict}"
     return f"{text} {verdict} ({comparison.n} seeds)"
 
 
