@@ -216,7 +216,7 @@ def _memory(kind: str) -> Any:
 
 @pytest.mark.parametrize("policy", ["host", "accelerator"])
 @pytest.mark.parametrize("memory_kind", ["bank", "queue", "sharded"])
-def test_a_disabled_update_writes_checks_and_reports_nothing(
+def test_a_disabled_update_writes_refuses_and_reports_nothing(
     monkeypatch: pytest.MonkeyPatch, policy: str, memory_kind: str
 ) -> None:
     """``enabled=False`` (decided on the device: the trainer queues the write before it knows
