@@ -79,7 +79,7 @@ def trainer_step(
         out = forward_backward(batch)
         if loss_check:
             flag_tensor = all_reduce_sum(step_flags(out))
-            if not write_after_optimizer_step:
+            if not write_after_optimizer_step and method.has_pending_memory_writes:
                 with record_function("step/memory_write"):
                     method.write_pending_memory(enabled=flag_tensor.sum() == 0)
             with record_function("step/check"):

@@ -60,7 +60,9 @@ def test_deferred_write_lands_at_the_optimizer_step(accelerator_policy: None) ->
     batch = make_batch(16, 1, num_classes=3, seed=0)
     method(batch)
     assert not bool(method.memory.valid.any())  # not yet written
+    assert method.has_pending_memory_writes
     method.after_optimizer_step(0.5)
+    assert not method.has_pending_memory_writes
     assert bool(method.memory.valid[batch.indices].all())
     assert int(method.memory.valid.sum()) == 16
 

@@ -540,8 +540,9 @@ class Trainer:
         # works through the backward pass, not after the host read below on an idle GPU
         # (2.7 ms of a 70 ms ResNet-50 step on an H100, docs/results.md). A step that is then
         # skipped or redone has written nothing.
-        with self._step_errors("writing the memory", step=self.global_step + 1):
-            self.method.write_pending_memory(enabled=flag_totals.sum() == 0)
+        if self.method.has_pending_memory_writes:  # (CE has none: no kernel for the condition)
+            with self._step_errors("writing the memory", step=self.global_step + 1):
+                self.method.write_pending_memory(enabled=flag_totals.sum() == 0)
         totals = flag_totals.tolist()
         metrics = outputs[0].metrics
         if len(outputs) > 1:

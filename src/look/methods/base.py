@@ -160,6 +160,11 @@ class Method(nn.Module):
         if not later:
             self.write_pending_memory()
 
+    @property
+    def has_pending_memory_writes(self) -> bool:
+        """Whether forward passes queued memory writes not done yet (the same on every rank)."""
+        return bool(self._pending_writes)
+
     def write_pending_memory(self, enabled: torch.Tensor | None = None) -> None:
         """Do the queued memory writes, in order (a collective under DDP: every rank calls it
         at the same point). ``enabled``, a 0-d bool tensor the same on every rank, decides on
