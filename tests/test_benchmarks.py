@@ -39,8 +39,11 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
-        "--variants", "--compiled-terms",
+        "--variants", "--compiled-terms", "--trace", str(tmp_path / "trace"),
     )  # fmt: skip
+    # The traces are written; a CPU trace holds no GPU kernel to analyse, which is recorded.
+    assert (tmp_path / "trace_look.json.gz").exists() and (tmp_path / "trace_ce.json.gz").exists()
+    assert "no GPU kernel" in figures["trace"]["error"]
     entry = figures["rows"]["2048"]
     assert entry["look_step_compiled_terms_ms"] > 0, entry.get("look_step_compiled_terms_error")
     assert entry["look_step_no_write_ms"] > 0 and entry["look_step_write_after_optimizer_ms"] > 0
@@ -55,7 +58,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
 def test_trace_gaps_attributes_each_idle_stretch_to_the_launch_that_ended_it() -> None:
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from _trace_gaps import idle_gaps
+        from _trace_gaps import difference_by_op, idle_gaps
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -82,8 +85,25 @@ def test_trace_gaps_attributes_each_idle_stretch_to_the_launch_that_ended_it() -
     assert gap["idle_us"] == pytest.approx(133.0) and gap["next_kernel"] == "scatter"
     assert gap["host_op"] == "aten::index_put_" and gap["phase"] == "step/after_optimizer_step"
     assert summary["idle_ms_by_phase"] == {"step/after_optimizer_step": pytest.approx(0.133)}
+    # Kernels' own time by the phase they were launched in (the memset and the second kernel
+    # have no launch in the trace).
+    assert summary["busy_ms_by_phase"] == {
+        "step/forward": pytest.approx(0.040),
+        "None": pytest.approx(0.032),
+        "step/after_optimizer_step": pytest.approx(0.020),
+    }
     with pytest.raises(ValueError, match="no GPU kernel"):
         idle_gaps([span("cpu_op", "aten::mm", 0, 1)])
+    # Against a baseline trace of the same steps: GPU time and kernels per step, per host op.
+    baseline = [
+        span("cpu_op", "aten::mm", 5, 10),
+        span("cuda_runtime", "cudaLaunchKernel", 6, 2, correlation=7),
+        span("kernel", "gemm", 10, 30, correlation=7),
+    ]
+    rows = {row["host_op"]: row for row in difference_by_op(events, baseline, steps=2)}
+    assert rows["aten::mm"]["ms_per_step"] == pytest.approx(0.005)  # (40 - 30) us / 2 steps
+    assert rows["aten::index_put_"]["kernels_per_step"] == 0.5
+    assert rows["(kernel) memset"]["ms_per_step"] == pytest.approx(0.001)
 
 
 def test_cpu_step_benchmark_smoke(tmp_path: Path) -> None:
