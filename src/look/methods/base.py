@@ -173,10 +173,7 @@ class Method(nn.Module):
         redoes has written nothing."""
         pending, self._pending_writes = self._pending_writes, []
         for memory, ids, features, labels in pending:
-            if enabled is None:
-                memory.update(ids, features, labels)
-            else:
-                memory.update(ids, features, labels, enabled=enabled)
+            memory.update(ids, features, labels, enabled=enabled)
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
