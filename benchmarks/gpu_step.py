@@ -151,40 +151,57 @@ def _step_fn(  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def _trace_steps(look_cfg: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    """Chrome traces of two LOOK and two CE steps (first ``--rows`` size), gzipped to
-    ``PREFIX_look.json.gz`` and ``PREFIX_ce.json.gz``, and what ``_trace_gaps`` reads in them: busy
-    and idle GPU time by phase, the largest idle stretches, and LOOK's GPU time per step minus
-    CE's by host op. An analysis that fails (a CPU trace holds no kernel) is recorded, not
-    raised: the benchmark's other figures still count."""
+PROFILED_STEPS = 2
+
+
+def _profile_steps(look_cfg: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Profile ``PROFILED_STEPS`` LOOK and CE steps (first ``--rows`` size) once, for both
+    ``--profile`` (a table of the ops, to that file) and ``--trace`` (Chrome traces gzipped to
+    ``PREFIX_look.json.gz`` and ``PREFIX_ce.json.gz``). Returns, with ``--trace``, what
+    ``_trace_gaps`` reads in the traces: busy and idle GPU time by phase, the largest idle
+    stretches, and LOOK's GPU time per step minus CE's by host op. An analysis that fails (a CPU
+    trace holds no kernel) is recorded, not raised: the benchmark's other figures still count."""
+    cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
+    if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    result: dict[str, object] = {}
-    traces = {}
+    tables, traces = [], {}
     for name, method_cfg in (("look", look_cfg), ("ce", {"name": "ce"})):
         step = _step_fn(method_cfg, args, args.rows[0], device)
         for _ in range(args.warmup):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         with torch.profiler.profile(activities=activities) as profiler:
-            for _ in range(2):
+            for _ in range(PROFILED_STEPS):
                 step()
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
-        path = Path(f"{args.trace}_{name}.json")
-        profiler.export_chrome_trace(str(path))
-        with path.open("rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
-            packed.write(raw.read())
-        path.unlink()
-        traces[name] = load_trace(Path(f"{path}.gz"))
         del step
+        if args.profile:
+            table = profiler.key_averages().table(
+                sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40
+            )
+            tables.append(f"== {name} step x{PROFILED_STEPS}, {args.rows[0]} rows\n{table}")
+        if args.trace:
+            path = Path(f"{args.trace}_{name}.json")
+            profiler.export_chrome_trace(str(path))
+            with path.open("rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+                packed.write(raw.read())
+            path.unlink()
+            traces[name] = load_trace(Path(f"{path}.gz"))
+    if args.profile:
+        Path(args.profile).write_text("\n\n".join(tables))
+    if not args.trace:
+        return {}
+    result: dict[str, object] = {}
     try:
         for name, events in traces.items():
             result[name] = idle_gaps(events)
-            print(format_summary(f"{name} x2 steps", result[name]))  # type: ignore[arg-type]
-        result["look_minus_ce"] = difference_by_op(traces["look"], traces["ce"], steps=2)
+            print(format_summary(f"{name} x{PROFILED_STEPS} steps", result[name]))  # type: ignore[arg-type]
+        result["look_minus_ce"] = difference_by_op(
+            traces["look"], traces["ce"], steps=PROFILED_STEPS
+        )
         print("GPU time per step, LOOK minus CE, by host op:")
         print(format_difference(result["look_minus_ce"]))  # type: ignore[arg-type]
     except ValueError as error:
@@ -246,7 +263,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default=None,
-        help="write a torch.profiler table of one LOOK step (first --rows size) to this file",
+        help="write a torch.profiler table of two LOOK and two CE steps (first --rows size) to "
+        "this file",
     )
     parser.add_argument(
         "--trace",
@@ -301,27 +319,10 @@ def main() -> None:
         "chunk_size": args.chunk_size,
     }
     memory_dtype = getattr(torch, args.memory_dtype)
-    if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if cuda:
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        tables = []
-        for name, method_cfg in (("LOOK", look_cfg), ("CE", {"name": "ce"})):
-            step = _step_fn(method_cfg, args, args.rows[0], device)
-            for _ in range(args.warmup):
-                step()
-            with torch.profiler.profile(activities=activities) as profiler:
-                for _ in range(3):
-                    step()
-                if cuda:
-                    torch.cuda.synchronize(device)
-            sort_by = "cuda_time_total" if cuda else "cpu_time_total"
-            table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
-            tables.append(f"== {name} step x3, {args.rows[0]} rows\n{table}")
-            del step
-        Path(args.profile).write_text("\n\n".join(tables))
-    if args.trace:
-        figures["trace"] = _trace_steps(look_cfg, args, device)
+    if args.profile or args.trace:  # one profiled pass serves both
+        traced = _profile_steps(look_cfg, args, device)
+        if args.trace:
+            figures["trace"] = traced
 
     def search_inputs(rows: int, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A random bank of ``rows`` unit rows, queries and their ids (the same for each call)."""

@@ -40,7 +40,10 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
         "--variants", "--compiled-terms", "--trace", str(tmp_path / "trace"),
+        "--profile", str(tmp_path / "profile.txt"),
     )  # fmt: skip
+    # One profiled pass gives the op table and the traces.
+    assert "== look step x2" in (tmp_path / "profile.txt").read_text()
     # The traces are written; a CPU trace holds no GPU kernel to analyse, which is recorded.
     assert (tmp_path / "trace_look.json.gz").exists() and (tmp_path / "trace_ce.json.gz").exists()
     assert "no GPU kernel" in figures["trace"]["error"]
