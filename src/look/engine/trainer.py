@@ -248,8 +248,9 @@ class Trainer:
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
         self.method.caller_checks_loss = True  # _step's flags, then train.nan_policy
-        # Memory writes wait for the optimizer step: every micro-batch of a step then sees the
-        # memory as it was before the step, and a skipped step can drop its batch's rows.
+        # Memory writes wait for the step's verdict (_forward_backward does them after the last
+        # backward, on the condition that the step stands): every micro-batch of a step then
+        # sees the memory as it was before the step, and a skipped step writes none of its rows.
         self.method.defer_memory_writes = self.accumulation > 1 or cfg.train.nan_policy == "skip"
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]

@@ -100,10 +100,10 @@ class Method(nn.Module):
     # a method may then skip waiting for the device to learn whether its search was exact.
     defer_exactness_check: bool = False
     # Set by a caller that sums the gradients of several forward passes before one optimizer
-    # step (gradient accumulation): a method then writes its memory only in
-    # after_optimizer_step, so that every micro-batch of a step sees the memory as it was
-    # before the step, as one large batch would. Also set by a caller that may skip a step
-    # (discard_step drops the writes it queued).
+    # step (gradient accumulation): a method then writes its memory only when asked
+    # (write_pending_memory, after_optimizer_step), so that every micro-batch of a step sees the
+    # memory as it was before the step, as one large batch would. Also set by a caller that may
+    # skip a step (it writes with enabled False, or discard_step drops the queued writes).
     defer_memory_writes: bool = False
     # Set by a caller that checks every step's loss for NaN/Inf itself (the trainer, whose
     # train.nan_policy stops or skips): a method then lets a non-finite embedding give a NaN
@@ -185,7 +185,8 @@ class Method(nn.Module):
         """The step was skipped (its loss was not finite; called instead of
         :meth:`after_optimizer_step`): its queued memory writes are dropped, and no momentum or
         EMA update runs, so the batch leaves no trace. A write already done cannot be taken
-        back: the trainer sets :attr:`defer_memory_writes` under ``train.nan_policy=skip``."""
+        back: the trainer sets :attr:`defer_memory_writes` under ``train.nan_policy=skip`` (and
+        does the queued writes itself with ``enabled`` False for a step it skips)."""
         self._pending_writes = []
 
     @contextlib.contextmanager
