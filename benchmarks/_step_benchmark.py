@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from look.engine.distributed import all_reduce_sum, is_distributed
-from look.engine.trainer import step_flags
+from look.engine.trainer import step_flags, write_memory_if_step_stands
 from look.methods import Batch, Method, StepOutput
 
 
@@ -79,9 +79,9 @@ def trainer_step(
         out = forward_backward(batch)
         if loss_check:
             flag_tensor = all_reduce_sum(step_flags(out))
-            if not write_after_optimizer_step and method.has_pending_memory_writes:
+            if not write_after_optimizer_step:
                 with record_function("step/memory_write"):
-                    method.write_pending_memory(enabled=flag_tensor.sum() == 0)
+                    write_memory_if_step_stands(method, flag_tensor)
             with record_function("step/check"):
                 flags = flag_tensor.tolist()
             if flags[1] != 0:  # the timing then includes a second forward and backward

@@ -140,6 +140,18 @@ def step_flags(out: StepOutput) -> torch.Tensor:
     return torch.stack([non_finite, inexact])
 
 
+def write_memory_if_step_stands(method: Method, flag_totals: torch.Tensor) -> None:
+    """Do the memory writes ``method``'s forward passes queued, on the condition, decided on the
+    device, that no flag of :func:`step_flags` is set in ``flag_totals`` (summed over
+    micro-batches and ranks): called once the backward pass is queued and before the flags are
+    read, the write's small kernels are launched while the GPU runs the backward pass, not after
+    the read on an idle GPU (2.7 ms of a 70 ms ResNet-50 step on an H100, docs/results.md), and
+    a step that is then skipped or redone has written nothing. A method with nothing queued
+    (CE) costs nothing."""
+    if method.has_pending_memory_writes:
+        method.write_pending_memory(enabled=flag_totals.sum() == 0)
+
+
 # Buffers a training forward pass changes in place: normalisation layers' running statistics.
 _RUNNING_STATISTICS = {"running_mean", "running_var", "num_batches_tracked"}
 
@@ -536,14 +548,8 @@ class Trainer:
             flags.append(step_flags(out))
             outputs.append(out)
         flag_totals = all_reduce_sum(torch.stack(flags).sum(dim=0))
-        # The memory writes the forward passes queued, done now on the condition (on the
-        # device) that the step stands: their ~80 small kernels are then launched while the GPU
-        # works through the backward pass, not after the host read below on an idle GPU
-        # (2.7 ms of a 70 ms ResNet-50 step on an H100, docs/results.md). A step that is then
-        # skipped or redone has written nothing.
-        if self.method.has_pending_memory_writes:  # (CE has none: no kernel for the condition)
-            with self._step_errors("writing the memory", step=self.global_step + 1):
-                self.method.write_pending_memory(enabled=flag_totals.sum() == 0)
+        with self._step_errors("writing the memory", step=self.global_step + 1):
+            write_memory_if_step_stands(self.method, flag_totals)
         totals = flag_totals.tolist()
         metrics = outputs[0].metrics
         if len(outputs) > 1:
