@@ -243,8 +243,40 @@ def test_a_disabled_update_writes_refuses_and_reports_nothing(
         assert torch.equal(memory.state_dict()[key], value), key
 
 
+def check_the_memory_is_written_before_the_flag_read(trainer: Any) -> None:
+    """For a trainer under ``train.nan_policy=skip``: the memory holds the first batch when the
+    step reads its flags (the step's one host read of a tensor on the memory's device), nothing
+    is left queued, and a NaN batch's skipped step leaves the memory bit-identical, with nothing
+    to report at the next check. Shared by the CPU test below and the GPU test."""
+    trainer.method.train()
+    memory = trainer.method.memory
+    batches = iter(trainer._loader(0, 0))
+    batch = next(batches)
+    rows_at_read: list[int] = []
+    original_tolist = torch.Tensor.tolist
+
+    def snapshot_then_read(self: torch.Tensor) -> Any:
+        if self.device == memory.valid.device:  # not the sampler's reads of CPU indices on a GPU
+            rows_at_read.append(int(memory.valid.sum()))
+        return original_tolist(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "tolist", snapshot_then_read)
+        assert trainer._step(0, batch) is not None
+    assert rows_at_read == [batch.indices.unique().numel()]  # written before the one read
+    assert not trainer.method.has_pending_memory_writes
+    trainer._finish_step(skipped=False)
+    before = {key: value.clone() for key, value in memory.state_dict().items()}
+    poisoned = next(batches)
+    poisoned.views[0][:] = float("nan")
+    assert trainer._step(0, poisoned) is None
+    trainer._finish_step(skipped=True)
+    for key, value in memory.state_dict().items():  # settles the checks: nothing to report
+        assert torch.equal(value, before[key]), key
+
+
 def test_the_trainer_writes_the_memory_before_its_host_read_unless_the_step_is_skipped(
-    tmp_path: Path, accelerator_policy: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, accelerator_policy: list[str]
 ) -> None:
     """On an accelerator the memory write is queued once the backward pass is, before the
     trainer reads its flags (so its kernels overlap the backward pass instead of following the
@@ -253,30 +285,7 @@ def test_the_trainer_writes_the_memory_before_its_host_read_unless_the_step_is_s
     from tests.engine.test_trainer import tiny_config
 
     trainer = Trainer(tiny_config("train.nan_policy=skip"), tmp_path / "run")
-    trainer.method.train()
-    memory = trainer.method.memory
-    rows_at_read: list[int] = []
-    counting_tolist = torch.Tensor.tolist
-
-    def snapshot_then_read(self: torch.Tensor) -> Any:
-        rows_at_read.append(int(memory.valid.sum()))
-        return counting_tolist(self)
-
-    batches = iter(trainer._loader(0, 0))
-    batch = next(batches)
-    monkeypatch.setattr(torch.Tensor, "tolist", snapshot_then_read)  # (the sampler reads too)
-    assert trainer._step(0, batch) is not None
-    assert rows_at_read == [batch.indices.unique().numel()]  # written before the one read
-    assert trainer.method._pending_writes == []
-    trainer._finish_step(skipped=False)
-    before = {key: value.clone() for key, value in memory.state_dict().items()}
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    poisoned = next(batches)
-    poisoned.views[0][:] = float("nan")
-    assert trainer._step(0, poisoned) is None
-    trainer._finish_step(skipped=True)
-    for key, value in memory.state_dict().items():  # settles the checks: nothing to report
-        assert torch.equal(value, before[key]), key
+    check_the_memory_is_written_before_the_flag_read(trainer)
 
 
 def test_bank_batch_with_no_good_row_changes_nothing(accelerator_policy: list[str]) -> None:

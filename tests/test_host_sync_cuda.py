@@ -4,6 +4,8 @@ refused memory row is reported through the pinned-memory deferred check."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,44 +129,19 @@ def test_overflowing_fused_search_is_flagged_and_the_redo_is_exact() -> None:
 
 @pytest.mark.parametrize("memory_dtype", ["float32", "bfloat16"])
 def test_the_trainer_writes_the_memory_before_its_host_read_on_gpu(
-    tmp_path,
-    monkeypatch: pytest.MonkeyPatch,
-    memory_dtype: str,  # type: ignore[no-untyped-def]
+    tmp_path: Path, memory_dtype: str
 ) -> None:
     """As tests/test_host_sync.py under the accelerator policy, on a real GPU (the bf16 bank with
     the fused search): the memory holds the batch when the trainer reads its flags, and a NaN
     step skipped under train.nan_policy=skip leaves the memory as it was, with nothing to
     report at the next check."""
-    from typing import Any
-
     from look.engine.trainer import Trainer
     from tests.engine.test_trainer import tiny_config
+    from tests.test_host_sync import check_the_memory_is_written_before_the_flag_read
 
     trainer = Trainer(
         tiny_config("train.device=cuda", "train.nan_policy=skip",
                     f"method.memory_dtype={memory_dtype}"),
         tmp_path / "run",
     )  # fmt: skip
-    trainer.method.train()
-    memory = trainer.method.memory
-    batches = iter(trainer._loader(0, 0))
-    batch = next(batches)
-    rows_at_read: list[int] = []
-    original_tolist = torch.Tensor.tolist
-
-    def snapshot_then_read(self: torch.Tensor) -> Any:
-        if self.is_cuda:
-            rows_at_read.append(int(memory.valid.sum()))
-        return original_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", snapshot_then_read)
-    assert trainer._step(0, batch) is not None
-    assert rows_at_read == [batch.indices.unique().numel()]
-    trainer._finish_step(skipped=False)
-    before = {key: value.clone() for key, value in memory.state_dict().items()}
-    poisoned = next(batches)
-    poisoned.views[0][:] = float("nan")
-    assert trainer._step(0, poisoned) is None
-    trainer._finish_step(skipped=True)
-    for key, value in memory.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    check_the_memory_is_written_before_the_flag_read(trainer)
