@@ -13,30 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import triton
 
-from look.search_triton import KERNEL_CONFIGS, compile_kernel
-
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
-def _resources(cubin: bytes) -> dict[str, int]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        report = subprocess.run(
-            [str(CUOBJDUMP), "--dump-resource-usage", file.name],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
-    return {name.lower(): int(value) for name, value in fields.items()}
-
+from look.losses.look_terms_triton import compile_terms_kernels
+from look.search_triton import KERNEL_CONFIGS, compile_kernel, cubin_resources
 
 # Per-SM limits: registers, shared memory (bytes), resident blocks and threads.
 _SM_LIMITS = {
@@ -69,7 +52,7 @@ def main() -> None:
     for config in KERNEL_CONFIGS:
         for collect in (False, True):
             compiled = compile_kernel(config, collect=collect, capability=args.capability)
-            resources = _resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+            resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
             resources["blocks_per_sm"] = blocks_per_sm(
                 resources.get("reg", 0), resources["dynamic_shared"], config.num_warps,
@@ -84,7 +67,19 @@ def main() -> None:
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
                 f"{resources['blocks_per_sm']} blocks per SM"
             )
-    report = {"triton": triton.__version__, "capability": args.capability, "kernels": rows}
+    # The fused loss terms (one program per query, 256 queries × k = 200 of 128-d bf16 rows).
+    terms = []
+    for name, compiled in zip(
+        ("forward", "backward"), compile_terms_kernels(args.capability), strict=True
+    ):
+        resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+        terms.append({"kernel": f"terms_{name}", **resources})
+        print(f"loss terms, {name}: registers {resources.get('reg')}, spill stack "
+              f"{resources.get('stack')} B")  # fmt: skip
+    report = {
+        "triton": triton.__version__, "capability": args.capability, "kernels": rows,
+        "loss_terms_kernels": terms,
+    }  # fmt: skip
     Path(args.output).write_text(json.dumps(report, indent=2))
 
 

@@ -50,7 +50,9 @@ __all__ = [
     "FUSED_DTYPES",
     "KERNEL_CONFIGS",
     "SearchKernelConfig",
+    "compile_for_capability",
     "compile_kernel",
+    "cubin_resources",
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
@@ -631,10 +633,6 @@ def compile_kernel(
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
-    from triton._C.libtriton import native_specialize_impl  # the rule JIT launches apply
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
-
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     meta = torch.device("meta")
     queries = torch.empty(batch, dim, dtype=torch_dtype, device=meta)
@@ -652,26 +650,66 @@ def compile_kernel(
     else:
         tile_max = torch.empty(batch, plan.bound_columns, device=meta)
         kernel_pass = _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max)
-    names = list(_knn_tiles_kernel.arg_names)
+    return compile_for_capability(
+        _knn_tiles_kernel, kernel_pass.arguments, kernel_pass.constexprs, capability,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def compile_for_capability(
+    kernel: object,
+    arguments: tuple[object, ...],
+    constexprs: dict[str, object],
+    capability: int,
+    *,
+    num_warps: int,
+    num_stages: int,
+) -> object:
+    """Compile the ``@triton.jit`` ``kernel`` for CUDA compute capability ``capability`` without a
+    GPU, specialised on ``arguments`` (meta-device tensors and ints, in the kernel's order) by the
+    rule Triton's launcher applies, with ``constexprs`` given by name."""
+    from triton._C.libtriton import native_specialize_impl  # the rule JIT launches apply
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)  # type: ignore[attr-defined]
     signature: dict[str, str] = {}
-    constexprs: dict[str, object] = dict(kernel_pass.constexprs)
+    resolved: dict[str, object] = dict(constexprs)
     attrs: dict[tuple[int, ...], list[list[object]]] = {}
-    for position, value in enumerate(kernel_pass.arguments):
+    for position, value in enumerate(arguments):
         kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
         if kind == "constexpr":  # e.g. an int equal to 1
-            constexprs[names[position]] = key
+            resolved[names[position]] = key
         elif key == "D":
             attrs[(position,)] = BaseBackend.parse_attr(key)
         signature[names[position]] = kind
-    signature.update(dict.fromkeys(kernel_pass.constexprs, "constexpr"))
-    source = ASTSource(
-        fn=_knn_tiles_kernel, signature=signature, constexprs=constexprs, attrs=attrs
-    )
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=kernel, signature=signature, constexprs=resolved, attrs=attrs)
     return triton.compile(
         source,
         target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread (``reg``), stack/spill (``stack``, ``local``) and static shared
+    (``shared``) bytes of a compiled kernel, read by the ``cuobjdump`` that ships with Triton."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", file.name],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
+    return {name.lower(): int(value) for name, value in fields.items()}
 
 
 def tune_kernel_config(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from look.host_sync import host_reads_are_free
+from look.losses.look_terms_triton import fused_neighbour_terms, fused_terms_supported
 from look.search import (
     KnnResult,
     SearchBackend,
@@ -462,8 +463,31 @@ def _terms_from_neighbours(
     no_positive: str,
 ) -> LookLossTerms:
     """The loss terms of a finite ``k`` from the searched neighbours; the selected similarities
-    come from ``similarities`` (the search's own ``B × N`` product) or are recomputed with grad."""
+    come from ``similarities`` (the search's own ``B × N`` product) or are recomputed with grad:
+    on a GPU by two fused kernels (:mod:`look.losses.look_terms_triton`), else in PyTorch."""
     neighbour_indices = search.indices
+    if (
+        similarities is None
+        and no_positive == "drop"  # ("nearest" swaps neighbours first: PyTorch does that rule)
+        and not _dense_is_cheaper(
+            queries.shape[0], memory.shape[0], neighbour_indices.shape[1], queries.shape[1]
+        )
+        and fused_terms_supported(queries, memory)
+    ):
+        fused = fused_neighbour_terms(
+            queries, memory, neighbour_indices, query_labels, memory_labels, temperature
+        )
+        if fused is not None:  # (None: the kernel failed to build; it warned once)
+            loss, neighbour_count, positive_count = fused
+            valid = positive_count > 0
+            return LookLossTerms(
+                loss=loss,
+                valid=valid,
+                positive_in_topk=valid,  # no swap under "drop": the same thing
+                neighbour_indices=neighbour_indices,
+                neighbour_agreement=positive_count.to(queries.dtype)
+                / neighbour_count.clamp(min=1).to(queries.dtype),
+            )
     is_neighbour = neighbour_indices >= 0
     safe_indices = neighbour_indices.clamp(min=0)
     neighbour_labels = memory_labels[safe_indices]

@@ -1,0 +1,229 @@
+"""Cases for the fused LOOK loss terms, run in a subprocess with ``TRITON_INTERPRET=1`` (Triton
+reads it when the kernels are defined, so it cannot be set in-process).
+
+Each case runs the real kernels through Triton's CPU interpreter and checks them against the
+definition (a naive loop, ``tests/losses/test_look_loss.py``) or the PyTorch path. Run directly:
+``TRITON_INTERPRET=1 python -m tests.look_terms_triton_cases``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+import look.losses.look_terms_triton as terms_module
+from look.losses import look_loss, look_loss_terms
+from tests.losses.test_look_loss import TEMPERATURE, assert_matches, make_problem, run_both
+
+# (look.losses exports a function of the module's name, so the attribute is not the module)
+look_loss_module = importlib.import_module("look.losses.look_loss")
+
+
+@contextmanager
+def counting_fused_calls() -> Iterator[list[int]]:
+    """Counts the calls that the fused kernels served (returned terms, not None)."""
+    calls = [0]
+    original = look_loss_module.fused_neighbour_terms
+
+    def counted(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)  # type: ignore[arg-type]
+        calls[0] += result is not None
+        return result
+
+    look_loss_module.fused_neighbour_terms = counted  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        look_loss_module.fused_neighbour_terms = original  # type: ignore[assignment]
+
+
+@contextmanager
+def pytorch_terms() -> Iterator[None]:
+    previous = terms_module.set_fused_terms_enabled(False)
+    try:
+        yield
+    finally:
+        terms_module.set_fused_terms_enabled(previous)
+
+
+def _terms_and_grad(problem: dict[str, torch.Tensor], **kwargs: object) -> tuple[object, ...]:
+    query = problem["query"].clone().requires_grad_(True)
+    terms = look_loss_terms(
+        query, problem["query_labels"], problem["memory"], problem["memory_labels"],
+        temperature=TEMPERATURE, query_indices=problem["query_indices"], **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    weights = torch.linspace(0.5, 1.5, terms.loss.shape[0])
+    (grad,) = torch.autograd.grad((terms.loss * weights).sum(), query)
+    return terms, grad
+
+
+def case_matches_the_naive_reference() -> None:
+    """Values, counts and gradients against the definition, one query at a time in fp64."""
+    with counting_fused_calls() as calls:
+        for seed, k in ((0, 1), (1, 3), (2, 10), (3, 10)):
+            problem = make_problem(seed=seed, batch=12, rows=60, dim=16, dtype=torch.float32)
+            assert_matches(*run_both(problem, k=k), atol=2e-5)
+    assert calls[0] == 4, calls
+
+
+def case_padding_and_queries_without_positive() -> None:
+    """More k than valid rows (padding slots) and a query whose label no row has: exact zeros, no
+    NaN, zero gradient for it, the rest as in PyTorch."""
+    problem = make_problem(seed=5, batch=10, rows=100, dim=16, dtype=torch.float32)
+    valid_rows = torch.rand(100, generator=torch.Generator().manual_seed(1)) > 0.85  # ~15 rows
+    problem["query_labels"][0] = 99  # no row has this label
+    kwargs = {"k": 20, "memory_valid": valid_rows}
+    with counting_fused_calls() as calls:
+        fused, fused_grad = _terms_and_grad(problem, **kwargs)
+    with pytorch_terms():
+        torch_terms, torch_grad = _terms_and_grad(problem, **kwargs)
+    assert calls[0] == 1
+    assert (fused.neighbour_indices == -1).any()  # type: ignore[attr-defined]
+    assert not fused.valid[0] and fused.loss[0] == 0 and not fused_grad[0].any()  # type: ignore[attr-defined]
+    assert torch.equal(fused.valid, torch_terms.valid)  # type: ignore[attr-defined]
+    assert torch.equal(fused.positive_in_topk, torch_terms.positive_in_topk)  # type: ignore[attr-defined]
+    torch.testing.assert_close(fused.loss, torch_terms.loss, rtol=0, atol=1e-5)  # type: ignore[attr-defined]
+    torch.testing.assert_close(
+        fused.neighbour_agreement,
+        torch_terms.neighbour_agreement,
+        rtol=0,
+        atol=1e-7,  # type: ignore[attr-defined]
+    )
+    torch.testing.assert_close(fused_grad, torch_grad, rtol=0, atol=1e-5)
+    assert torch.isfinite(fused_grad).all()
+
+
+def case_a_query_without_any_neighbour() -> None:
+    """Only padding slots: no neighbour, no positive, loss exactly 0, zero gradient, no NaN."""
+    generator = torch.Generator().manual_seed(11)
+    memory = F.normalize(torch.randn(40, 8, generator=generator), dim=1)
+    queries = F.normalize(torch.randn(3, 8, generator=generator), dim=1).requires_grad_(True)
+    indices = torch.randint(0, 40, (3, 6), generator=generator)
+    indices[1] = -1
+    labels = torch.randint(0, 2, (40,), generator=generator)
+    result = terms_module.fused_neighbour_terms(queries, memory, indices, labels[:3], labels, 0.1)
+    assert result is not None
+    loss, neighbours, positives = result
+    (grad,) = torch.autograd.grad(loss.sum(), queries)
+    assert neighbours[1] == 0 and positives[1] == 0 and loss[1] == 0
+    assert not grad[1].any() and torch.isfinite(grad).all() and torch.isfinite(loss).all()
+    assert neighbours[0] == 6 and neighbours[2] == 6
+
+
+def case_half_precision_memory_as_pytorch() -> None:
+    """An fp16 memory (the interpreter has no bf16): rows widened to fp32, as PyTorch does."""
+    problem = make_problem(seed=6, batch=16, rows=300, dim=24, dtype=torch.float32)
+    problem["memory"] = problem["memory"].half()
+    with counting_fused_calls() as calls:
+        fused, fused_grad = _terms_and_grad(problem, k=30)
+    with pytorch_terms():
+        torch_terms, torch_grad = _terms_and_grad(problem, k=30)
+    assert calls[0] == 1
+    torch.testing.assert_close(fused.loss, torch_terms.loss, rtol=0, atol=1e-5)  # type: ignore[attr-defined]
+    torch.testing.assert_close(fused_grad, torch_grad, rtol=0, atol=1e-5)
+
+
+def case_memory_updated_in_place_before_backward() -> None:
+    """The backward pass uses the rows the forward pass saw, not the rewritten memory."""
+    problem = make_problem(seed=7, batch=12, rows=60, dim=16, dtype=torch.float32)
+    memory = problem["memory"].clone()
+    query = problem["query"].clone().requires_grad_(True)
+    args = (query, problem["query_labels"], memory, problem["memory_labels"])
+    kwargs = {"k": 5, "temperature": TEMPERATURE, "query_indices": problem["query_indices"]}
+    with counting_fused_calls() as calls:
+        (expected,) = torch.autograd.grad(look_loss(*args, **kwargs), query)  # type: ignore[arg-type]
+        loss = look_loss(*args, **kwargs)  # type: ignore[arg-type]
+        memory.mul_(0.5)
+        (grad,) = torch.autograd.grad(loss, query)
+    assert calls[0] == 2
+    torch.testing.assert_close(grad, expected)
+
+
+def case_nearest_rule_and_dense_path_stay_in_pytorch() -> None:
+    """ "nearest" swaps neighbours first, and a large k next to a small memory takes the whole
+    product: both keep the PyTorch terms."""
+    problem = make_problem(seed=8, batch=12, rows=37, dim=8, dtype=torch.float32)
+    with counting_fused_calls() as calls:
+        assert_matches(*run_both(problem, k=3, no_positive="nearest"), atol=2e-5)
+        assert_matches(*run_both(problem, k=30), atol=2e-5)  # 37 × 4 <= 30 × 8: dense
+    assert calls[0] == 0, calls
+
+
+def case_a_failing_kernel_warns_once_and_pytorch_takes_over() -> None:
+    problem = make_problem(seed=9, batch=12, rows=60, dim=16, dtype=torch.float32)
+    with pytorch_terms():
+        expected, expected_grad = _terms_and_grad(problem, k=5)
+    original = terms_module._terms_forward_kernel
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("no kernel for this GPU")
+
+            return launch
+
+    terms_module._terms_forward_kernel = Broken()  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            terms, grad = _terms_and_grad(problem, k=5)
+            again, _ = _terms_and_grad(problem, k=5)  # not retried: no second warning
+    finally:
+        terms_module._terms_forward_kernel = original
+        terms_module._failed = False
+    messages = [str(w.message) for w in caught if "fused Triton LOOK loss terms" in str(w.message)]
+    assert len(messages) == 1 and "no kernel for this GPU" in messages[0], messages
+    torch.testing.assert_close(terms.loss, expected.loss)  # type: ignore[attr-defined]
+    torch.testing.assert_close(again.loss, expected.loss)  # type: ignore[attr-defined]
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def case_a_failing_backward_kernel_gives_the_same_gradient() -> None:
+    problem = make_problem(seed=10, batch=12, rows=60, dim=16, dtype=torch.float32)
+    _, expected_grad = _terms_and_grad(problem, k=6)
+    original = terms_module._terms_backward_kernel
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("backward kernel unavailable")
+
+            return launch
+
+    terms_module._terms_backward_kernel = Broken()  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, grad = _terms_and_grad(problem, k=6)
+    finally:
+        terms_module._terms_backward_kernel = original
+        terms_module._failed = False
+    assert any("backward kernel unavailable" in str(w.message) for w in caught)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+
+
+def case_empty_batch() -> None:
+    memory = F.normalize(torch.randn(50, 8), dim=1)
+    result = terms_module.fused_neighbour_terms(
+        torch.empty(0, 8), memory, torch.empty(0, 5, dtype=torch.int64),
+        torch.empty(0, dtype=torch.int64), torch.zeros(50, dtype=torch.int64), 0.1,
+    )  # fmt: skip
+    assert result is not None and all(part.shape == (0,) for part in result)
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for name, case in sorted(globals().items()):
+        if name.startswith("case_"):
+            case()
+            print(f"{name}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
