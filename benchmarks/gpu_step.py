@@ -46,6 +46,7 @@ from _trace_gaps import (
     load_trace,
 )
 
+from look.losses.look_terms_triton import set_fused_terms_enabled
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
@@ -213,12 +214,14 @@ def _profile_steps(look_cfg: dict, args: argparse.Namespace, device: torch.devic
 def _compiled_terms_step_ms(  # type: ignore[no-untyped-def]
     look_cfg: dict, args: argparse.Namespace, rows: int, device: torch.device, measure
 ) -> dict[str, object]:
-    """The LOOK step with ``_terms_from_neighbours`` (everything the loss does after the
-    search: gathers, masks, log-sum-exps, and their backward) compiled: what fusing LOOK's small
-    kernels would save. A failure is recorded, not raised (the other figures still count)."""
+    """The LOOK step with ``_terms_from_neighbours`` in PyTorch (everything the loss does after
+    the search: gathers, masks, log-sum-exps, and their backward; the fused kernels off)
+    compiled by ``torch.compile``: what generic fusion gets, next to the hand-fused kernels. A
+    failure is recorded, not raised (the other figures still count)."""
     terms_module = importlib.import_module("look.losses.look_loss")
     original = terms_module._terms_from_neighbours
     terms_module._terms_from_neighbours = torch.compile(original, dynamic=False)
+    previous = set_fused_terms_enabled(False)
     try:
         ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
         print(f"{rows:>10} rows: LOOK step with the loss terms compiled {ms:.1f} ms")
@@ -228,6 +231,7 @@ def _compiled_terms_step_ms(  # type: ignore[no-untyped-def]
         return {"look_step_compiled_terms_error": repr(error)[:2000]}
     finally:
         terms_module._terms_from_neighbours = original
+        set_fused_terms_enabled(previous)
 
 
 def main() -> None:
@@ -275,14 +279,15 @@ def main() -> None:
     parser.add_argument(
         "--compiled-terms",
         action="store_true",
-        help="also time the LOOK step with the loss terms after the search compiled by "
-        "torch.compile (an experiment: fewer, fused kernels; not what the library does)",
+        help="also time the LOOK step with the PyTorch loss terms after the search compiled by "
+        "torch.compile (an experiment: generic fusion, next to the library's fused kernels)",
     )
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also time the LOOK step without its memory write, and with the write after the "
-        "optimizer step (as before session 8) instead of before the host read",
+        help="also time the LOOK step without its memory write, with the write after the "
+        "optimizer step (as before session 8) instead of before the host read, and with the "
+        "loss terms in PyTorch instead of the fused kernels",
     )
     args = parser.parse_args()
 
@@ -407,10 +412,20 @@ def main() -> None:
                 entry[variant] = measure(
                     _step_fn(look_cfg, args, rows, device, **options), args.steps, args.warmup
                 )
+            # The loss terms after the search in PyTorch (~70 small kernels) instead of the two
+            # fused kernels: what the fused terms save.
+            previous = set_fused_terms_enabled(False)
+            try:
+                entry["look_step_pytorch_terms_ms"] = measure(
+                    _step_fn(look_cfg, args, rows, device), args.steps, args.warmup
+                )
+            finally:
+                set_fused_terms_enabled(previous)
             print(
                 f"{rows:>10} rows: LOOK step without memory write "
                 f"{entry['look_step_no_write_ms']:.1f} ms, write after the optimizer step "
-                f"{entry['look_step_write_after_optimizer_ms']:.1f} ms"
+                f"{entry['look_step_write_after_optimizer_ms']:.1f} ms, loss terms in PyTorch "
+                f"{entry['look_step_pytorch_terms_ms']:.1f} ms"
             )
         if args.scan_step:
             scan_cfg = {**look_cfg, "search_backend": "torch"}

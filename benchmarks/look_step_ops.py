@@ -2,51 +2,102 @@
 
     python benchmarks/look_step_ops.py --output look_step_ops.json
 
-On a GPU each non-view operation is (at least) one kernel launch, a few microseconds of host time;
-where the GPU waits for the host, these launches are the cost. Counted under the accelerator
-policy (``look.host_sync.host_reads_are_free`` answers False, as on a GPU), with a small MLP as
-backbone and a 4,096-row fp32 bank searched by the chunked scan (the fused search needs a GPU).
-Prints and writes: forward and backward operations of a CE, an SL-MLP and a LOOK step, and the
-operations of the LOOK loss terms and of one memory write alone.
+On a GPU each operation that is not a view or an allocation is (at least) one kernel, a few
+microseconds of GPU time whatever it computes, and a launch; these add up to what LOOK costs
+beyond its search (docs/results.md). Counted under the accelerator policy (``look.host_sync.host_reads_are_free``
+answers False, as on a GPU), with a small MLP as backbone and a 4,096-row fp32 bank searched by
+the chunked scan (the fused search needs a GPU). The fused loss terms run through Triton's CPU
+interpreter (this script sets ``TRITON_INTERPRET=1``); each of their launches counts as one
+operation. Prints and writes: forward and backward operations of a CE, an SL-MLP and a LOOK step
+(with the fused loss terms, and with the loss terms in PyTorch), and the operations of the LOOK
+loss terms and of one memory write alone.
 """
 
 from __future__ import annotations
+
+import os
+
+# Before Triton is imported (it reads this when the kernels are defined).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
 import collections
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import look.losses.look_terms_triton as fused_terms
 from look.losses import look_loss_terms
 from look.memory import MemoryBank
 from look.methods import Batch, MethodContext, build_method
 
-# Operations that only re-describe memory: no kernel.
-_VIEWS = {
+# Operations that only re-describe or allocate memory: no kernel.
+_NO_KERNEL = {
     "detach", "view", "unsqueeze", "squeeze", "t", "expand", "slice", "select", "permute",
     "_unsafe_view", "alias", "transpose", "as_strided", "reshape", "unbind", "split", "chunk",
-    "_reshape_alias", "lift_fresh", "promote_types", "result_type",
+    "_reshape_alias", "lift_fresh", "promote_types", "result_type", "empty", "empty_like",
+    "empty_strided", "new_empty",
 }  # fmt: skip
 ROWS, CLASSES, BATCH = 4096, 10, 32
 
 
 class OperationCounter(TorchDispatchMode):
+    """PyTorch operations that launch kernels, and launches of the fused loss-term kernels."""
+
+    active: ClassVar[list[OperationCounter]] = []
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.paused = False  # inside a kernel launch: the interpreter's own tensor work
+
+    def __enter__(self) -> OperationCounter:
+        OperationCounter.active.append(self)
+        return super().__enter__()  # type: ignore[return-value]
+
+    def __exit__(self, *exc: object) -> None:
+        OperationCounter.active.pop()
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
-        if name not in _VIEWS:
+        if name not in _NO_KERNEL and not self.paused:
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+class _CountedKernel:
+    """A Triton kernel whose launches count in the active :class:`OperationCounter`."""
+
+    def __init__(self, name: str, kernel: Any) -> None:
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid: Any) -> Any:
+        launch = self.kernel[grid]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not OperationCounter.active:
+                return launch(*args, **kwargs)
+            counter = OperationCounter.active[-1]
+            counter.counts[f"triton:{self.name}"] += 1
+            counter.paused = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                counter.paused = False
+
+        return counted
+
+
+def _count_fused_kernel_launches() -> None:
+    for name in ("_terms_forward_kernel", "_terms_backward_kernel"):
+        setattr(fused_terms, name, _CountedKernel(name, getattr(fused_terms, name)))
 
 
 def _accelerator_policy() -> None:
@@ -85,24 +136,33 @@ def _step_operations(method_cfg: dict[str, Any]) -> dict[str, int]:
 
 
 def _loss_and_write_operations() -> dict[str, int]:
+    """Forward and backward operations of the loss terms (fused and in PyTorch) and of a write."""
     torch.manual_seed(0)
     bank = MemoryBank(ROWS, 16)
     features = F.normalize(torch.randn(ROWS, 16), dim=1)
     bank.update(torch.arange(ROWS), features, torch.randint(0, CLASSES, (ROWS,)))
     query = F.normalize(torch.randn(BATCH, 16), dim=1).requires_grad_(True)
     labels, ids = torch.randint(0, CLASSES, (BATCH,)), torch.randperm(ROWS)[:BATCH]
-    with OperationCounter() as loss:
-        look_loss_terms(
-            query, labels, bank.features, bank.labels, k=20, temperature=0.1,
-            query_indices=ids, memory_valid=bank.valid, chunk_size=1 << 20,
-            search_backend="torch",
-        )  # fmt: skip
+    counts: dict[str, int] = {}
+    for suffix, fused in (("", True), ("_pytorch_terms", False)):
+        previous = fused_terms.set_fused_terms_enabled(fused)
+        try:
+            with OperationCounter() as loss:
+                terms = look_loss_terms(
+                    query, labels, bank.features, bank.labels, k=20, temperature=0.1,
+                    query_indices=ids, memory_valid=bank.valid, chunk_size=1 << 20,
+                    search_backend="torch",
+                )  # fmt: skip
+            with OperationCounter() as backward:
+                terms.loss.sum().backward()
+        finally:
+            fused_terms.set_fused_terms_enabled(previous)
+        counts[f"look_loss_terms_with_scan{suffix}"] = sum(loss.counts.values())
+        counts[f"look_loss_terms_backward{suffix}"] = sum(backward.counts.values())
     with OperationCounter() as write:
         bank.update(ids, query.detach(), labels)
-    return {
-        "look_loss_terms_with_scan": sum(loss.counts.values()),
-        "memory_write": sum(write.counts.values()),
-    }
+    counts["memory_write"] = sum(write.counts.values())
+    return counts
 
 
 def main() -> None:
@@ -110,13 +170,20 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     _accelerator_policy()
+    _count_fused_kernel_launches()
     report: dict[str, Any] = {"torch": torch.__version__, "batch": BATCH, "rows": ROWS}
-    for name, cfg in (
-        ("ce", {"name": "ce"}),
-        ("sl_mlp", {"name": "sl_mlp"}),
-        ("look", {"name": "look", "k": 20, "chunk_size": 1 << 20}),
+    look_cfg = {"name": "look", "k": 20, "chunk_size": 1 << 20}
+    for name, cfg, fused in (
+        ("ce", {"name": "ce"}, True),
+        ("sl_mlp", {"name": "sl_mlp"}, True),
+        ("look", look_cfg, True),
+        ("look_pytorch_terms", look_cfg, False),
     ):
-        report[name] = _step_operations(cfg)
+        previous = fused_terms.set_fused_terms_enabled(fused)
+        try:
+            report[name] = _step_operations(cfg)
+        finally:
+            fused_terms.set_fused_terms_enabled(previous)
         print(f"{name}: {report[name]}")
     report["look_parts"] = _loss_and_write_operations()
     print(f"look parts: {report['look_parts']}")

@@ -109,11 +109,47 @@ def case_a_query_without_any_neighbour() -> None:
     labels = torch.randint(0, 2, (40,), generator=generator)
     result = terms_module.fused_neighbour_terms(queries, memory, indices, labels[:3], labels, 0.1)
     assert result is not None
-    loss, neighbours, positives = result
+    loss, valid, agreement = result
     (grad,) = torch.autograd.grad(loss.sum(), queries)
-    assert neighbours[1] == 0 and positives[1] == 0 and loss[1] == 0
+    assert not valid[1] and loss[1] == 0 and agreement[1] == 0
     assert not grad[1].any() and torch.isfinite(grad).all() and torch.isfinite(loss).all()
-    assert neighbours[0] == 6 and neighbours[2] == 6
+    positives = labels[indices[[0, 2]]] == labels[[0, 2]].unsqueeze(1)
+    torch.testing.assert_close(agreement[[0, 2]], positives.float().mean(dim=1))
+
+
+def case_a_non_finite_query_gets_a_nan_loss_that_counts() -> None:
+    """As on an accelerator (no host check): NaN loss, valid, so the mean is NaN; the other
+    queries' terms and gradients as in PyTorch."""
+    problem = make_problem(seed=12, batch=12, rows=100, dim=16, dtype=torch.float32)
+    problem["query"][2, 3] = float("nan")
+    finite = torch.ones(12, dtype=torch.bool)
+    finite[2] = False
+    original = look_loss_module.host_reads_are_free
+    look_loss_module.host_reads_are_free = lambda device: False  # the accelerator policy
+    results = {}
+    try:
+        for fused in (True, False):
+            previous = terms_module.set_fused_terms_enabled(fused)
+            try:
+                query = problem["query"].clone().requires_grad_(True)
+                terms = look_loss_terms(
+                    query, problem["query_labels"], problem["memory"], problem["memory_labels"],
+                    k=5, temperature=TEMPERATURE, query_indices=problem["query_indices"],
+                )  # fmt: skip
+                (grad,) = torch.autograd.grad(torch.where(finite, terms.loss, 0.0).sum(), query)
+                results[fused] = terms, grad
+            finally:
+                terms_module.set_fused_terms_enabled(previous)
+    finally:
+        look_loss_module.host_reads_are_free = original
+    (fused_terms, fused_grad), (torch_terms, torch_grad) = results[True], results[False]
+    assert torch.isnan(fused_terms.loss[2]) and fused_terms.valid[2]
+    assert torch.equal(fused_terms.valid, torch_terms.valid)
+    torch.testing.assert_close(
+        fused_terms.loss[finite], torch_terms.loss[finite], rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(fused_grad[finite], torch_grad[finite], rtol=0, atol=1e-5)
+    assert not fused_grad[2].any()
 
 
 def case_half_precision_memory_as_pytorch() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from look.search_triton import triton_available
 from tests.ddp import free_port
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -50,6 +51,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     entry = figures["rows"]["2048"]
     assert entry["look_step_compiled_terms_ms"] > 0, entry.get("look_step_compiled_terms_error")
     assert entry["look_step_no_write_ms"] > 0 and entry["look_step_write_after_optimizer_ms"] > 0
+    assert entry["look_step_pytorch_terms_ms"] > 0
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
     assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
@@ -243,6 +245,11 @@ def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path)
     assert report["look"]["forward"] > report["ce"]["forward"] > 0
     # Under the accelerator policy LOOK writes its memory after the optimizer step.
     assert report["look"]["after_optimizer_step"] == report["look_parts"]["memory_write"] > 0
+    if triton_available():  # the fused loss terms, in Triton's interpreter: fewer kernels
+        for phase in ("forward", "backward"):
+            assert report["look"][phase] < report["look_pytorch_terms"][phase]
+        parts = report["look_parts"]
+        assert parts["look_loss_terms_backward"] < parts["look_loss_terms_backward_pytorch_terms"]
 
 
 def test_summarize_ablations_pairs_seeds_with_a_baseline(tmp_path: Path) -> None:

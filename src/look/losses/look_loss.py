@@ -407,6 +407,7 @@ def _top_k_terms(
     chunk_size: int,
     search_backend: str,
     defer_exactness_check: bool = False,
+    mark_non_finite: bool = False,
 ) -> LookLossTerms:
     """Finite ``k``: no-grad search, then the selected similarities recomputed with grad (or, for
     a small memory, read from the one ``B × N`` product the search was done on)."""
@@ -427,6 +428,7 @@ def _top_k_terms(
         return _terms_from_neighbours(
             search, queries, query_labels, memory, memory_labels, similarities,
             temperature=temperature, memory_valid=memory_valid, no_positive=no_positive,
+            mark_non_finite=mark_non_finite,
         )  # fmt: skip
     pending = knn_search_deferred(
         queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
@@ -438,6 +440,7 @@ def _top_k_terms(
         return _terms_from_neighbours(
             search, queries, query_labels, memory, memory_labels, None,
             temperature=temperature, memory_valid=memory_valid, no_positive=no_positive,
+            mark_non_finite=mark_non_finite,
         )  # fmt: skip
 
     terms = terms_from(pending.result)
@@ -461,10 +464,13 @@ def _terms_from_neighbours(
     temperature: float,
     memory_valid: Tensor | None,
     no_positive: str,
+    mark_non_finite: bool = False,
 ) -> LookLossTerms:
     """The loss terms of a finite ``k`` from the searched neighbours; the selected similarities
     come from ``similarities`` (the search's own ``B × N`` product) or are recomputed with grad:
-    on a GPU by two fused kernels (:mod:`look.losses.look_terms_triton`), else in PyTorch."""
+    on a GPU by two fused kernels (:mod:`look.losses.look_terms_triton`), else in PyTorch.
+    ``mark_non_finite``: give a non-finite query a NaN loss that counts
+    (:func:`mark_non_finite_queries`; the fused kernels always do)."""
     neighbour_indices = search.indices
     if (
         similarities is None
@@ -478,15 +484,15 @@ def _terms_from_neighbours(
             queries, memory, neighbour_indices, query_labels, memory_labels, temperature
         )
         if fused is not None:  # (None: the kernel failed to build; it warned once)
-            loss, neighbour_count, positive_count = fused
-            valid = positive_count > 0
+            loss, valid, agreement = fused
             return LookLossTerms(
                 loss=loss,
                 valid=valid,
-                positive_in_topk=valid,  # no swap under "drop": the same thing
+                # (from the counts, as for PyTorch: under "drop" the same as valid, except for
+                # a non-finite query, valid so that its NaN reaches the mean)
+                positive_in_topk=agreement > 0,
                 neighbour_indices=neighbour_indices,
-                neighbour_agreement=positive_count.to(queries.dtype)
-                / neighbour_count.clamp(min=1).to(queries.dtype),
+                neighbour_agreement=agreement,
             )
     is_neighbour = neighbour_indices >= 0
     safe_indices = neighbour_indices.clamp(min=0)
@@ -523,6 +529,8 @@ def _terms_from_neighbours(
     log_denominator = masked_logsumexp(logits, is_neighbour)
     log_numerator = masked_logsumexp(logits, is_positive)
     loss = torch.where(valid, log_denominator - log_numerator, torch.zeros_like(log_denominator))
+    if mark_non_finite:
+        loss, valid = mark_non_finite_queries(loss, valid, queries)
     return LookLossTerms(
         loss=loss,
         valid=valid,
@@ -610,6 +618,8 @@ def look_loss_terms(
     if memory_valid is not None:
         memory_valid = memory_valid.to(device)
 
+    # On an accelerator a non-finite query gets a NaN loss term instead of a host check.
+    mark_non_finite = not host_reads_are_free(device)
     with autocast_disabled(device):
         queries = query.to(dtype)
         if memory.shape[0] == 0:
@@ -626,6 +636,9 @@ def look_loss_terms(
                 memory_valid=memory_valid,
                 chunk_size=chunk_size,
             )
+            if mark_non_finite:
+                loss, valid = mark_non_finite_queries(terms.loss, terms.valid, queries)
+                terms = terms._replace(loss=loss, valid=valid)
         else:
             terms = _top_k_terms(
                 queries,
@@ -641,11 +654,9 @@ def look_loss_terms(
                 chunk_size=chunk_size,
                 search_backend=search_backend,
                 defer_exactness_check=defer_exactness_check,
+                mark_non_finite=mark_non_finite,
             )
-    if host_reads_are_free(device):
-        return terms  # a non-finite query was refused above
-    loss, valid = mark_non_finite_queries(terms.loss, terms.valid, queries)
-    return terms._replace(loss=loss, valid=valid)
+    return terms
 
 
 def mark_non_finite_queries(loss: Tensor, valid: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:

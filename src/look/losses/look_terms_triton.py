@@ -68,57 +68,34 @@ def fused_terms_supported(queries: Tensor, memory: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _neighbour_logits(
-        query,
-        row,
-        rows_ptr,
-        indices_ptr,
-        labels_ptr,
-        label,
-        start,
-        k,
-        dim,
-        temperature,
-        BLOCK_K: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        """Logits, rows (fp32) and neighbour/positive masks of neighbours ``start:start+BLOCK_K``
-        of query ``row``; ``rows`` is ``(B, k, d)`` and ``labels``/``indices`` ``(B, k)``,
-        contiguous."""
-        offs_k = start + tl.arange(0, BLOCK_K)
-        offs_d = tl.arange(0, BLOCK_D)
-        in_range = offs_k < k
-        slots = row.to(tl.int64) * k + offs_k
-        is_neighbour = tl.load(indices_ptr + slots, mask=in_range, other=-1) >= 0
-        rows = tl.load(
-            rows_ptr + slots[:, None] * dim + offs_d[None, :],
-            mask=is_neighbour[:, None] & (offs_d < dim)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        logits = tl.sum(rows * query[None, :], axis=1) / temperature
-        labels = tl.load(labels_ptr + slots, mask=is_neighbour, other=0)
-        is_positive = is_neighbour & (labels == label)
-        return logits, rows, is_neighbour, is_positive
+    def _is_finite(query):
+        """Whether every entry of the query vector is finite (masked lanes hold 0)."""
+        return tl.min((tl.abs(query) < float("inf")).to(tl.int32), axis=0) > 0
 
     @triton.jit
     def _terms_forward_kernel(
         query_ptr,
-        rows_ptr,
+        memory_ptr,
+        memory_labels_ptr,
         indices_ptr,
-        labels_ptr,
         query_labels_ptr,
+        rows_copy_ptr,
+        labels_copy_ptr,
         loss_ptr,
+        agreement_ptr,
+        valid_ptr,
         log_sums_ptr,
-        counts_ptr,
         k,
         dim,
+        stride_memory,
         temperature,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         row = tl.program_id(0)
         offs_d = tl.arange(0, BLOCK_D)
-        query = tl.load(query_ptr + row * dim + offs_d, mask=offs_d < dim, other=0.0)
+        d_mask = offs_d < dim
+        query = tl.load(query_ptr + row * dim + offs_d, mask=d_mask, other=0.0)
         label = tl.load(query_labels_ptr + row)
         neg_inf = float("-inf")
         # Running log-sum-exps (max and scaled sum) over all neighbours and over the positives.
@@ -129,10 +106,22 @@ if triton is not None:
         neighbours = tl.zeros([1], dtype=tl.int32)
         positives = tl.zeros([1], dtype=tl.int32)
         for start in range(0, k, BLOCK_K):
-            logits, _rows, is_neighbour, is_positive = _neighbour_logits(
-                query, row, rows_ptr, indices_ptr, labels_ptr, label, start, k, dim, temperature,
-                BLOCK_K, BLOCK_D,
+            offs_k = start + tl.arange(0, BLOCK_K)
+            slots = row.to(tl.int64) * k + offs_k
+            indices = tl.load(indices_ptr + slots, mask=offs_k < k, other=-1)
+            is_neighbour = indices >= 0
+            safe = tl.where(is_neighbour, indices, 0).to(tl.int64)
+            row_mask = is_neighbour[:, None] & d_mask[None, :]
+            rows = tl.load(
+                memory_ptr + safe[:, None] * stride_memory + offs_d[None, :], mask=row_mask,
+                other=0.0,
             )  # fmt: skip
+            labels = tl.load(memory_labels_ptr + safe, mask=is_neighbour, other=0)
+            # The backward pass reads these copies: the memory may be rewritten before it.
+            tl.store(rows_copy_ptr + slots[:, None] * dim + offs_d[None, :], rows, mask=row_mask)
+            tl.store(labels_copy_ptr + slots, labels, mask=is_neighbour)
+            logits = tl.sum(rows.to(tl.float32) * query[None, :], axis=1) / temperature
+            is_positive = is_neighbour & (labels == label)
             neighbours += tl.sum(is_neighbour.to(tl.int32), axis=0)
             positives += tl.sum(is_positive.to(tl.int32), axis=0)
             # A max still at -inf (nothing seen yet) shifts by 0: exp(-inf - 0) = 0 keeps the sum.
@@ -150,29 +139,37 @@ if triton is not None:
                 tl.where(is_positive, tl.exp(logits - shift), 0.0), axis=0
             )
             positive_max = new_max
-        log_all = all_max + tl.log(all_sum)
-        valid = positives > 0
-        # (log(1) for a query without a positive: its value is never used)
-        log_positive = positive_max + tl.log(tl.where(valid, positive_sum, 1.0))
-        # No positive: loss exactly 0 (the query leaves the mean), as in the PyTorch path.
-        loss = tl.where(valid, log_all - tl.where(valid, log_positive, 0.0), 0.0)
+        has_neighbour = neighbours > 0
+        has_positive = positives > 0
+        # -inf where there is none (log(1) keeps log(0) out of the interpreter's numpy).
+        log_all = tl.where(has_neighbour, all_max + tl.log(tl.where(has_neighbour, all_sum, 1.0)),
+                           neg_inf)  # fmt: skip
+        log_positive = tl.where(
+            has_positive, positive_max + tl.log(tl.where(has_positive, positive_sum, 1.0)), neg_inf
+        )
+        # No positive: loss exactly 0 (the query leaves the mean). A non-finite query (a diverged
+        # encoder) gets a NaN loss that counts, so that the mean is NaN and the trainer's loss
+        # check sees it without a host read here.
+        loss = tl.where(has_positive, log_all - tl.where(has_positive, log_positive, 0.0), 0.0)
+        finite = _is_finite(query)
+        loss = tl.where(finite, loss, float("nan"))
+        agreement = positives.to(tl.float32) / tl.maximum(neighbours, 1).to(tl.float32)
         one = tl.arange(0, 1)
         tl.store(loss_ptr + row + one, loss)
+        tl.store(agreement_ptr + row + one, agreement)
+        tl.store(valid_ptr + row + one, has_positive | ~finite)
         tl.store(log_sums_ptr + 2 * row + one, log_all)
         tl.store(log_sums_ptr + 2 * row + 1 + one, log_positive)
-        tl.store(counts_ptr + 2 * row + one, neighbours)
-        tl.store(counts_ptr + 2 * row + 1 + one, positives)
 
     @triton.jit
     def _terms_backward_kernel(
         query_ptr,
-        rows_ptr,
+        rows_copy_ptr,
+        labels_copy_ptr,
         indices_ptr,
-        labels_ptr,
         query_labels_ptr,
         grad_loss_ptr,
         log_sums_ptr,
-        counts_ptr,
         grad_query_ptr,
         k,
         dim,
@@ -187,23 +184,32 @@ if triton is not None:
         label = tl.load(query_labels_ptr + row)
         log_all = tl.load(log_sums_ptr + 2 * row)
         log_positive = tl.load(log_sums_ptr + 2 * row + 1)
-        valid = tl.load(counts_ptr + 2 * row + 1) > 0
-        # loss = log_all − log_positive where valid, else the constant 0.
-        grad = tl.where(valid, tl.load(grad_loss_ptr + row), 0.0)
+        # loss = log_all − log_positive for a finite query with a positive (log_positive > -inf),
+        # else a constant (0, or NaN for a non-finite query): no gradient.
+        trained = (log_positive > float("-inf")) & _is_finite(query)
+        grad = tl.load(grad_loss_ptr + row)
         accumulated = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, k, BLOCK_K):
-            logits, rows, is_neighbour, is_positive = _neighbour_logits(
-                query, row, rows_ptr, indices_ptr, labels_ptr, label, start, k, dim, temperature,
-                BLOCK_K, BLOCK_D,
-            )  # fmt: skip
+            offs_k = start + tl.arange(0, BLOCK_K)
+            slots = row.to(tl.int64) * k + offs_k
+            is_neighbour = tl.load(indices_ptr + slots, mask=offs_k < k, other=-1) >= 0
+            rows = tl.load(
+                rows_copy_ptr + slots[:, None] * dim + offs_d[None, :],
+                mask=is_neighbour[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            labels = tl.load(labels_copy_ptr + slots, mask=is_neighbour, other=0)
+            is_positive = is_neighbour & (labels == label)
+            logits = tl.sum(rows * query[None, :], axis=1) / temperature
             # d log Σ exp / d logit is the softmax over the masked entries; where() (not a
             # product) keeps the exp of a masked entry from turning into NaN.
             weights = tl.where(is_neighbour, tl.exp(logits - log_all), 0.0) - tl.where(
                 is_positive, tl.exp(logits - log_positive), 0.0
             )
             accumulated += tl.sum(weights[:, None] * rows, axis=0)
-        tl.store(grad_query_ptr + row * dim + offs_d, accumulated * grad / temperature,
-                 mask=d_mask)  # fmt: skip
+        # (where(), not a product with 0: a NaN query's sums are NaN)
+        tl.store(grad_query_ptr + row * dim + offs_d,
+                 tl.where(trained, accumulated * grad / temperature, 0.0), mask=d_mask)  # fmt: skip
 
 
 def _blocks(dim: int) -> tuple[int, int]:
@@ -214,24 +220,24 @@ def _blocks(dim: int) -> tuple[int, int]:
 def _torch_gradient(
     queries: Tensor,
     rows: Tensor,
-    indices: Tensor,
     labels: Tensor,
+    indices: Tensor,
     query_labels: Tensor,
     grad_loss: Tensor,
     log_sums: Tensor,
-    counts: Tensor,
     temperature: float,
 ) -> Tensor:
     """What the backward kernel computes, in PyTorch (used if that kernel fails to launch)."""
     is_neighbour = indices >= 0
-    rows = rows.float().masked_fill(~is_neighbour.unsqueeze(-1), 0.0)  # (B, k, d)
+    rows = torch.where(is_neighbour.unsqueeze(-1), rows.float(), 0.0)  # (B, k, d)
     logits = torch.einsum("bkd,bd->bk", rows, queries) / temperature
     is_positive = is_neighbour & (labels == query_labels.unsqueeze(1))
     weights = torch.where(is_neighbour, torch.exp(logits - log_sums[:, :1]), 0.0) - torch.where(
         is_positive, torch.exp(logits - log_sums[:, 1:]), 0.0
     )
-    grad = torch.where(counts[:, 1] > 0, grad_loss, 0.0)
-    return torch.einsum("bk,bkd->bd", weights, rows) * (grad / temperature).unsqueeze(1)
+    trained = (log_sums[:, 1] > float("-inf")) & torch.isfinite(queries).all(dim=1)
+    grad = torch.einsum("bk,bkd->bd", weights, rows) * (grad_loss / temperature).unsqueeze(1)
+    return torch.where(trained.unsqueeze(1), grad, 0.0)
 
 
 class _FusedNeighbourTerms(torch.autograd.Function):
@@ -239,32 +245,38 @@ class _FusedNeighbourTerms(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         queries: Tensor,
-        rows: Tensor,
+        memory: Tensor,
+        memory_labels: Tensor,
         indices: Tensor,
-        labels: Tensor,
         query_labels: Tensor,
         temperature: float,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         batch, dim = queries.shape
-        loss = torch.empty(batch, dtype=torch.float32, device=queries.device)
-        log_sums = torch.empty(batch, 2, dtype=torch.float32, device=queries.device)
-        counts = torch.empty(batch, 2, dtype=torch.int32, device=queries.device)
+        k = indices.shape[1]
+        device = queries.device
+        # Unwritten slots (padding) of the copies are never read.
+        rows = torch.empty(batch, k, dim, dtype=memory.dtype, device=device)
+        labels = torch.empty(batch, k, dtype=memory_labels.dtype, device=device)
+        loss = torch.empty(batch, dtype=torch.float32, device=device)
+        agreement = torch.empty(batch, dtype=torch.float32, device=device)
+        valid = torch.empty(batch, dtype=torch.bool, device=device)
+        log_sums = torch.empty(batch, 2, dtype=torch.float32, device=device)
         block_k, block_d = _blocks(dim)
         _terms_forward_kernel[(batch,)](
-            queries, rows, indices, labels, query_labels, loss, log_sums, counts,
-            indices.shape[1], dim, temperature, BLOCK_K=block_k, BLOCK_D=block_d,
+            queries, memory, memory_labels, indices, query_labels, rows, labels, loss, agreement,
+            valid, log_sums, k, dim, memory.stride(0), temperature, BLOCK_K=block_k,
+            BLOCK_D=block_d,
         )  # fmt: skip
-        ctx.save_for_backward(queries, rows, indices, labels, query_labels, log_sums, counts)
+        ctx.save_for_backward(queries, rows, labels, indices, query_labels, log_sums)
         ctx.temperature = temperature  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(counts)
-        return loss, counts
+        ctx.mark_non_differentiable(valid, agreement)
+        return loss, valid, agreement
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _grad_counts: Tensor
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_grad_others: Tensor
     ) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        queries, rows, indices, labels, query_labels, log_sums, counts = saved
+        queries, rows, labels, indices, query_labels, log_sums = ctx.saved_tensors  # type: ignore[attr-defined]
         temperature = ctx.temperature  # type: ignore[attr-defined]
         grad_loss = grad_loss.contiguous().float()
         batch, dim = queries.shape
@@ -272,16 +284,14 @@ class _FusedNeighbourTerms(torch.autograd.Function):
         block_k, block_d = _blocks(dim)
         try:
             _terms_backward_kernel[(batch,)](
-                queries, rows, indices, labels, query_labels, grad_loss, log_sums, counts,
-                grad_queries, indices.shape[1], dim, temperature, BLOCK_K=block_k,
-                BLOCK_D=block_d,
+                queries, rows, labels, indices, query_labels, grad_loss, log_sums, grad_queries,
+                indices.shape[1], dim, temperature, BLOCK_K=block_k, BLOCK_D=block_d,
             )  # fmt: skip
         except Exception as error:  # the forward kernel built, so this is unlikely: stay exact
             _disable(error)
             grad_queries = _torch_gradient(
-                queries, rows, indices, labels, query_labels, grad_loss, log_sums, counts,
-                temperature,
-            )  # fmt: skip
+                queries, rows, labels, indices, query_labels, grad_loss, log_sums, temperature
+            )
         return grad_queries, None, None, None, None, None
 
 
@@ -304,32 +314,31 @@ def fused_neighbour_terms(
     memory_labels: Tensor,
     temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(loss, neighbour_count, positive_count)`` per query (counts int64), or None if the kernel
-    could not run (it then warns once and is not tried again in this process).
+    """``(loss, valid, agreement)`` per query, or None if the kernel could not run (it then
+    warns once and is not tried again in this process).
 
     ``loss[i] = log Σ_j exp(s_ij/τ) − log Σ_{j positive} exp(s_ij/τ)`` over the rows
     ``indices[i]`` (``-1``: padding) with ``s_ij = queries[i] · memory[j]`` in fp32, positive
-    meaning ``memory_labels[j] == query_labels[i]``; exactly 0 for a query without a positive.
-    Differentiable in ``queries`` (fp32, :func:`fused_terms_supported`); the memory is a constant.
+    meaning ``memory_labels[j] == query_labels[i]``; exactly 0 and not ``valid`` for a query
+    without a positive; NaN and ``valid`` for a non-finite query (as
+    :func:`look.losses.look_loss.mark_non_finite_queries` marks it). ``agreement`` is the
+    fraction of positives among the neighbours (0 without neighbours). Differentiable in
+    ``queries`` (fp32, :func:`fused_terms_supported`); the memory is a constant, and the rows
+    the forward pass read are copied for the backward pass.
     """
     if queries.shape[0] == 0:  # a grid of zero programs is not launchable
-        counts = torch.zeros(0, dtype=torch.int64, device=queries.device)
-        return queries.sum(dim=1) * 0, counts, counts.clone()
-    # Copies of the neighbours' rows (in the memory's dtype) and labels: the memory may be
-    # written in place before the backward pass, which must see the rows the forward pass saw.
-    safe = indices.clamp(min=0)
-    rows = memory.detach()[safe]  # (B, k, d)
-    labels = memory_labels[safe]
+        valid = torch.zeros(0, dtype=torch.bool, device=queries.device)
+        return queries.sum(dim=1) * 0, valid, queries.new_zeros(0)
+    if memory.stride(1) != 1:
+        memory = memory.contiguous()
     try:
-        loss, counts = _FusedNeighbourTerms.apply(
-            queries.contiguous(), rows, indices.contiguous(), labels,
-            query_labels.contiguous(), temperature,
+        return _FusedNeighbourTerms.apply(  # type: ignore[no-any-return]
+            queries.contiguous(), memory.detach(), memory_labels.contiguous(),
+            indices.contiguous(), query_labels.contiguous(), temperature,
         )  # fmt: skip
     except Exception as error:  # any compile or launch failure
         _disable(error)
         return None
-    counts = counts.long()
-    return loss, counts[:, 0], counts[:, 1]
 
 
 def compile_terms_kernels(
@@ -345,23 +354,25 @@ def compile_terms_kernels(
     meta = torch.device("meta")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[memory_dtype]
     queries = torch.empty(batch, dim, device=meta)
-    rows = torch.empty(batch, k, dim, dtype=dtype, device=meta)
+    memory = torch.empty(1_281_167, dim, dtype=dtype, device=meta)
+    memory_labels = torch.empty(1_281_167, dtype=torch.int64, device=meta)
     indices = torch.empty(batch, k, dtype=torch.int64, device=meta)
-    labels, query_labels = indices.clone(), torch.empty(batch, dtype=torch.int64, device=meta)
+    query_labels = torch.empty(batch, dtype=torch.int64, device=meta)
+    rows = torch.empty(batch, k, dim, dtype=dtype, device=meta)
     per_query = torch.empty(batch, device=meta)
-    pairs = torch.empty(batch, 2, device=meta)
-    counts = torch.empty(batch, 2, dtype=torch.int32, device=meta)
+    valid = torch.empty(batch, dtype=torch.bool, device=meta)
+    log_sums = torch.empty(batch, 2, device=meta)
     block_k, block_d = _blocks(dim)
     constexprs: dict[str, object] = {"BLOCK_K": block_k, "BLOCK_D": block_d}
     forward = compile_for_capability(
         _terms_forward_kernel,
-        (queries, rows, indices, labels, query_labels, per_query, pairs, counts, k, dim, 0.1),
+        (queries, memory, memory_labels, indices, query_labels, rows, indices, per_query,
+         per_query, valid, log_sums, k, dim, dim, 0.1),
         constexprs, capability, num_warps=4, num_stages=3,
     )  # fmt: skip
     backward = compile_for_capability(
         _terms_backward_kernel,
-        (queries, rows, indices, labels, query_labels, per_query, pairs, counts, queries, k, dim,
-         0.1),
+        (queries, rows, indices, indices, query_labels, per_query, log_sums, queries, k, dim, 0.1),
         constexprs, capability, num_warps=4, num_stages=3,
     )  # fmt: skip
     return forward, backward
