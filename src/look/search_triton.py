@@ -519,8 +519,13 @@ def fused_knn_search(
     memory = memory.detach()
     if memory.stride(1) != 1:
         memory = memory.contiguous()
-    # A bool mask is read as it is (a copy as uint8 would cost a pass over N bytes every step).
-    valid = memory_valid.to(device=device, dtype=torch.bool) if memory_valid is not None else None
+    # Read as bytes through a view: a uint8 copy would cost a pass over N bytes every step (and
+    # Triton's bool pointers have had their own load and store rules).
+    valid = (
+        memory_valid.to(device=device, dtype=torch.bool).view(torch.uint8)
+        if memory_valid is not None
+        else None
+    )
     config = config or _kernel_config
     if config.collect not in ("scan", "atomic"):
         raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
@@ -638,7 +643,7 @@ def compile_kernel(
     meta = torch.device("meta")
     queries = torch.empty(batch, dim, dtype=torch_dtype, device=meta)
     memory = torch.empty(rows, dim, dtype=torch_dtype, device=meta)
-    valid = torch.empty(rows, dtype=torch.bool, device=meta) if has_valid else None
+    valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
     plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)
     if collect:
         kernel_pass = _kernel_pass(

@@ -157,7 +157,7 @@ if triton is not None:
         one = tl.arange(0, 1)
         tl.store(loss_ptr + row + one, loss)
         tl.store(agreement_ptr + row + one, agreement)
-        tl.store(valid_ptr + row + one, has_positive | ~finite)
+        tl.store(valid_ptr + row + one, (has_positive | ~finite).to(tl.uint8))
         tl.store(log_sums_ptr + 2 * row + one, log_all)
         tl.store(log_sums_ptr + 2 * row + 1 + one, log_positive)
 
@@ -259,7 +259,9 @@ class _FusedNeighbourTerms(torch.autograd.Function):
         labels = torch.empty(batch, k, dtype=memory_labels.dtype, device=device)
         loss = torch.empty(batch, dtype=torch.float32, device=device)
         agreement = torch.empty(batch, dtype=torch.float32, device=device)
-        valid = torch.empty(batch, dtype=torch.bool, device=device)
+        # Bytes, viewed as bool after the kernel (no copy): a store through a bool pointer has
+        # had its own rules across Triton versions.
+        valid = torch.empty(batch, dtype=torch.uint8, device=device)
         log_sums = torch.empty(batch, 2, dtype=torch.float32, device=device)
         block_k, block_d = _blocks(dim)
         _terms_forward_kernel[(batch,)](
@@ -269,6 +271,7 @@ class _FusedNeighbourTerms(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(queries, rows, labels, indices, query_labels, log_sums)
         ctx.temperature = temperature  # type: ignore[attr-defined]
+        valid = valid.view(torch.bool)
         ctx.mark_non_differentiable(valid, agreement)
         return loss, valid, agreement
 
@@ -360,7 +363,7 @@ def compile_terms_kernels(
     query_labels = torch.empty(batch, dtype=torch.int64, device=meta)
     rows = torch.empty(batch, k, dim, dtype=dtype, device=meta)
     per_query = torch.empty(batch, device=meta)
-    valid = torch.empty(batch, dtype=torch.bool, device=meta)
+    valid = torch.empty(batch, dtype=torch.uint8, device=meta)
     log_sums = torch.empty(batch, 2, device=meta)
     block_k, block_d = _blocks(dim)
     constexprs: dict[str, object] = {"BLOCK_K": block_k, "BLOCK_D": block_d}
