@@ -37,12 +37,14 @@ from look.losses import look_loss_terms
 from look.memory import MemoryBank
 from look.methods import Batch, MethodContext, build_method
 
-# Operations that only re-describe or allocate memory: no kernel.
+# Operations that launch no kernel on a GPU: views, allocations.
 _NO_KERNEL = {
     "detach", "view", "unsqueeze", "squeeze", "t", "expand", "slice", "select", "permute",
     "_unsafe_view", "alias", "transpose", "as_strided", "reshape", "unbind", "split", "chunk",
     "_reshape_alias", "lift_fresh", "promote_types", "result_type", "empty", "empty_like",
     "empty_strided", "new_empty",
+    # a Python number wrapped for an op (torch.where(mask, x, 0.0)): a CPU scalar, no kernel
+    "scalar_tensor",
 }  # fmt: skip
 ROWS, CLASSES, BATCH = 4096, 10, 32
 

@@ -1,5 +1,5 @@
 """Two gloo ranks on CPU: the row gathers of look.engine.distributed return every rank's rows in
-rank order, whatever their dtypes, shapes and counts."""
+rank order, whatever their dtypes, shapes and counts; the masked mean is over both ranks' items."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from look.engine.distributed import gather_rows_and_counts, gather_rows_padded
+from look.engine.distributed import (
+    gather_rows_and_counts,
+    gather_rows_padded,
+    global_masked_mean,
+)
 from tests.ddp import free_port, init_gloo
 
 pytestmark = pytest.mark.ddp
@@ -39,9 +43,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             too_many = "no error"
         except ValueError as error:
             too_many = str(error)
+        # Rank 0: items 1, 2 and an invalid NaN; rank 1: item 4 and an invalid 9.
+        per_item = torch.tensor([[1.0, 2.0, float("nan")], [4.0, 9.0, 0.0]][rank])
+        per_item.requires_grad_(True)
+        valid = torch.tensor([[True, True, False], [True, False, False]][rank])
+        mean = global_masked_mean(per_item, valid)
+        (mean_grad,) = torch.autograd.grad(mean, per_item)
         torch.save(
             {"padded": padded, "present": present, "counted": counted, "counts": counts,
-             "too_many": too_many},
+             "too_many": too_many, "mean": float(mean), "mean_grad": mean_grad},
             Path(out_dir) / f"rank{rank}.pt",
         )  # fmt: skip
     finally:
@@ -61,3 +71,9 @@ def test_padded_and_counted_gathers_return_every_rows_bytes(tmp_path: Path) -> N
             assert not got[~result["present"]].any()  # padding is zeros
             assert torch.equal(counted, want)
         assert "3 rows, more than rows_per_rank=2" in result["too_many"]
+        # Each rank's value is its share, scaled by the world size: DDP's gradient average then
+        # gives the gradient of the global mean (1 + 2 + 4) / 3.
+        local_sum = [3.0, 4.0][rank]
+        assert result["mean"] == pytest.approx(2 * local_sum / 3)
+        expected_grad = [[2 / 3, 2 / 3, 0.0], [2 / 3, 0.0, 0.0]][rank]
+        assert result["mean_grad"].tolist() == pytest.approx(expected_grad)

@@ -197,6 +197,9 @@ def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     # No host sync: with no valid item anywhere the local sum is an exact zero and the count is
     # clamped to 1, so the result is 0 with a graph. torch.where keeps an inf/NaN in an invalid
     # item from leaking through a multiplication by zero.
-    local_sum = torch.where(valid, per_item, torch.zeros_like(per_item)).sum()
-    count = all_reduce_sum(valid.sum().to(torch.float64)).clamp(min=1.0)
-    return local_sum * (get_world_size() / count.to(per_item.dtype))
+    local_sum = torch.where(valid, per_item, 0.0).sum()
+    count = valid.sum()  # int64: exact
+    if is_distributed():
+        count = all_reduce_sum(count)
+    # (few kernels: on a GPU each op here is one, whatever it computes)
+    return local_sum * (get_world_size() / count.clamp(min=1).to(per_item.dtype))

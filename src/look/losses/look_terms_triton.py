@@ -270,6 +270,7 @@ class _FusedNeighbourTerms(torch.autograd.Function):
             BLOCK_D=block_d,
         )  # fmt: skip
         ctx.save_for_backward(queries, rows, labels, indices, query_labels, log_sums)
+        ctx.set_materialize_grads(False)  # no zero gradients made for valid and agreement
         ctx.temperature = temperature  # type: ignore[attr-defined]
         valid = valid.view(torch.bool)
         ctx.mark_non_differentiable(valid, agreement)
@@ -281,6 +282,8 @@ class _FusedNeighbourTerms(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         queries, rows, labels, indices, query_labels, log_sums = ctx.saved_tensors  # type: ignore[attr-defined]
         temperature = ctx.temperature  # type: ignore[attr-defined]
+        if grad_loss is None:  # (only valid or agreement reached the result)
+            return None, None, None, None, None, None
         grad_loss = grad_loss.contiguous().float()
         batch, dim = queries.shape
         grad_queries = torch.empty_like(queries)
