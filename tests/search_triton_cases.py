@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from look.search import knn_search
+from look.search import KnnResult, knn_search
 from look.search_triton import (
     SearchKernelConfig,
     fused_knn_search,
@@ -62,6 +62,29 @@ def case_own_row_and_invalid_rows_excluded() -> None:
     chosen = result.indices
     assert not (chosen == torch.arange(8).unsqueeze(1)).any(), "own row returned"
     assert not ((chosen >= 8) & (chosen < 20)).any(), "invalid row returned"
+
+
+def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> None:
+    """Valid rows only in the first tiles: fewer than k + 1 sampled tile maxima are finite, the
+    bound is -inf, and the collect pass widens it to the lowest finite value (every valid row,
+    never an invalid one). With fewer valid rows than k, the result is padded."""
+    generator = torch.Generator().manual_seed(3)
+    memory = F.normalize(torch.randn(20_000, 16, generator=generator), dim=1).half()
+    query = F.normalize(torch.randn(6, 16, generator=generator), dim=1)
+    for valid_rows in (100, 15):
+        valid = torch.zeros(20_000, dtype=torch.bool)
+        valid[:valid_rows] = True
+        ids = torch.tensor([0, 1, 2, 50, 10, 19_999])  # own rows: valid ones and an invalid one
+        # Directly: through knn_search an overflow would be redone by the scan and hide a bound
+        # left at -inf (which collects the 20,000 excluded rows too).
+        values, indices, overflowed = fused_knn_search(
+            query, memory, 20, query_ids=ids, memory_valid=valid
+        )
+        assert not overflowed.any()
+        scan = knn_search(query, memory, 20, query_ids=ids, memory_valid=valid, backend="torch")
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+        assert ((indices >= 0) == (values > float("-inf"))).all()
+        assert indices.max() < valid_rows
 
 
 def case_overflow_falls_back_to_scan() -> None:

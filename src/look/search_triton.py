@@ -19,9 +19,9 @@ a GPU thread block's registers, but a *threshold* does. The search is exact:
 3. **Select.** ``torch.topk`` (or a sort) over the buffer (``B × capacity``, a few thousand
    columns).
 
-Leave-one-out adds no work per similarity: with query ids, the search finds ``k + 1`` neighbours
-among all rows and drops each query's own row from its list (or the last entry, where the own row
-is not among them), which is the top-``k`` of the other rows.
+Leave-one-out adds no work per similarity: with query ids, the bound is taken for ``k + 1``
+neighbours among all rows, so the candidates hold the top-``k`` of the other rows; the query's own
+row is masked out of its buffer before the selection.
 
 The memory is read ``1 + 1/s`` times, similarities live only in registers, and a query whose buffer
 overflows (a memory with many near-identical rows) is searched again with the PyTorch path, so the
@@ -152,12 +152,14 @@ if triton is not None:
         dim,
         stride_query,
         stride_memory,
+        stride_bound,
         num_tiles,
         tile_step,
         capacity,
         bound_columns,
         HAS_VALID: tl.constexpr,
         COLLECT: tl.constexpr,
+        WIDEN_BOUND: tl.constexpr,
         ATOMIC_PER_CANDIDATE: tl.constexpr,
         SKIP_EMPTY_TILES: tl.constexpr,
         BLOCK_Q: tl.constexpr,
@@ -181,7 +183,16 @@ if triton is not None:
             other=0.0,
         )
         if COLLECT:
-            bound = tl.load(bound_ptr + offs_q, mask=q_mask, other=float("inf"))
+            bound = tl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
+            if WIDEN_BOUND:
+                # The bound pass's k-th largest tile maximum, lowered by 2**-20 of itself: the
+                # two passes may round the same product differently by an ulp. Fewer than k
+                # sampled candidates (-inf): the lowest finite value, which collects every
+                # candidate but never an excluded (-inf) row. Padding queries keep +inf.
+                finite = tl.abs(bound) < float("inf")
+                widened = tl.where(finite, bound - tl.abs(bound) * 9.5367431640625e-07,
+                                   -3.4028234663852886e38)  # fmt: skip
+                bound = tl.where(q_mask, widened, float("inf"))
         else:
             # The BOUND_KEEP largest tile maxima this program saw, per query (-inf: none yet).
             kept = tl.full([BLOCK_Q, BOUND_KEEP], float("-inf"), dtype=tl.float32)
@@ -201,7 +212,7 @@ if triton is not None:
             # Excluded rows (past the end, unwritten) become -inf. Row masks are a [BLOCK_N] bias,
             # so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding queries need
             # no mask (their bound is +inf and their stores are masked). A query's own row is
-            # not excluded here: fused_knn_search searches one neighbour more and drops it after.
+            # not excluded here: fused_knn_search bounds one neighbour more and masks it after.
             row_ok = n_mask
             if HAS_VALID:
                 row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
@@ -464,6 +475,7 @@ def _kernel_pass(
         dim,
         query.stride(0),
         memory.stride(0),
+        bound.stride(0) if bound is not None else 1,  # (a column of the sorted tile maxima)
         plan.total_tiles if collect else plan.sampled_tiles,
         1 if collect else plan.tile_stride,
         plan.capacity if collect else 0,
@@ -472,6 +484,7 @@ def _kernel_pass(
     constexprs: dict[str, object] = {
         "HAS_VALID": valid is not None,
         "COLLECT": collect,
+        "WIDEN_BOUND": collect and plan.has_bound,
         "ATOMIC_PER_CANDIDATE": config.collect == "atomic",
         "SKIP_EMPTY_TILES": config.skip_empty_tiles,
         "BLOCK_Q": plan.block_q,
@@ -530,8 +543,8 @@ def fused_knn_search(
     if config.collect not in ("scan", "atomic"):
         raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
     clock = _PhaseClock(device, timings)
-    # Leave-one-out costs no work per similarity: search one neighbour more over every row, then
-    # drop each query's own row from its list (or the last entry where the own row is absent).
+    # Leave-one-out costs no work per similarity: bound one neighbour more over every row, then
+    # mask each query's own row out of its candidates.
     search_k = k + 1 if query_ids is not None else k
     multiprocessors = (  # None: Triton's CPU interpreter
         torch.cuda.get_device_properties(device).multi_processor_count
@@ -550,12 +563,8 @@ def fused_knn_search(
         tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
         _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max).launch()
         clock.lap("bound_pass")
+        # (the collect pass widens it by a margin: WIDEN_BOUND in the kernel)
         bound = _largest(tile_max, search_k, config.select)[0][:, search_k - 1]
-        # Guard against the two launches rounding the same product differently by one ulp. With
-        # fewer than k sampled candidates the bound is -inf: use the lowest finite value instead,
-        # which collects every candidate but never an excluded (-inf) row.
-        lowest = torch.finfo(torch.float32).min
-        bound = torch.where(bound.isfinite(), bound - bound.abs() * 2.0**-20, lowest)
         clock.lap("bound_topk")
     else:  # too few tiles for a bound: collect every candidate (small memories)
         bound = torch.full((batch,), torch.finfo(torch.float32).min, device=device)
@@ -570,17 +579,18 @@ def fused_knn_search(
     ).launch()  # fmt: skip
 
     clock.lap("collect_pass")
-    keep = min(search_k, capacity)
+    if query_ids is not None:
+        # Leave-one-out: the query's own row (at most one candidate; unfilled slots hold -1)
+        # leaves the buffer, and the k largest of the rest are the top k of the other rows (the
+        # bound holds for k + 1 of all rows).
+        own = out_indices == query_ids.to(device=device, dtype=torch.int64).unsqueeze(1)
+        out_values = out_values.masked_fill(own, neg_inf)
+    keep = min(k, capacity)
     values, order = _largest(out_values, keep, config.select)
     indices = out_indices.gather(1, order)
-    if keep < search_k:
-        values = torch.cat([values, values.new_full((batch, search_k - keep), neg_inf)], dim=1)
-        indices = torch.cat([indices, indices.new_full((batch, search_k - keep), -1)], dim=1)
-    if query_ids is not None:
-        # A stable sort on "is the own row" moves it (at most one per query) behind the others.
-        own = indices == query_ids.to(device=device, dtype=torch.int64).unsqueeze(1)
-        order = torch.sort(own.to(torch.uint8), dim=1, stable=True).indices[:, :k]
-        values, indices = values.gather(1, order), indices.gather(1, order)
+    if keep < k:
+        values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
+        indices = torch.cat([indices, indices.new_full((batch, k - keep), -1)], dim=1)
     indices = indices.masked_fill(values == neg_inf, -1)
     clock.lap("select_topk")
     if timings is not None:
@@ -646,9 +656,15 @@ def compile_kernel(
     valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
     plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)
     if collect:
+        # The bound is a column of the selection's output, as in fused_knn_search (its stride
+        # is an argument that Triton specialises on).
+        bound = torch.empty(batch, device=meta)
+        if plan.has_bound:
+            tile_maxima = torch.empty(batch, plan.bound_columns, device=meta)
+            bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
         kernel_pass = _kernel_pass(
             queries, memory, valid, plan, config,
-            bound=torch.empty(batch, device=meta),
+            bound=bound,
             out_values=torch.empty(batch, plan.capacity, device=meta),
             out_indices=torch.empty(batch, plan.capacity, dtype=torch.int64, device=meta),
             counts=torch.empty(batch, dtype=torch.int32, device=meta),
