@@ -10,7 +10,8 @@ the chunked scan (the fused search needs a GPU). The fused loss terms run throug
 interpreter (this script sets ``TRITON_INTERPRET=1``); each of their launches counts as one
 operation. Prints and writes: forward and backward operations of a CE, an SL-MLP and a LOOK step
 (with the fused loss terms, and with the loss terms in PyTorch), and the operations of the LOOK
-loss terms and of one memory write alone.
+loss terms, of one memory write and of one fused search (the GPU's, here in the interpreter)
+alone.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import look.losses.look_terms_triton as fused_terms
+import look.search_triton as fused_search
 from look.losses import look_loss_terms
 from look.memory import MemoryBank
 from look.methods import Batch, MethodContext, build_method
+from look.search import knn_search_deferred
 
 # Operations that launch no kernel on a GPU: views, allocations.
 _NO_KERNEL = {
@@ -98,8 +101,29 @@ class _CountedKernel:
 
 
 def _count_fused_kernel_launches() -> None:
-    for name in ("_terms_forward_kernel", "_terms_backward_kernel"):
-        setattr(fused_terms, name, _CountedKernel(name, getattr(fused_terms, name)))
+    for module, name in (
+        (fused_terms, "_terms_forward_kernel"),
+        (fused_terms, "_terms_backward_kernel"),
+        (fused_search, "_knn_tiles_kernel"),
+    ):
+        setattr(module, name, _CountedKernel(name, getattr(module, name)))
+
+
+def _fused_search_operations() -> int:
+    """Operations of one fused search as a LOOK step calls it (deferred: no host read), the two
+    kernel passes included; fp16 rows, as the interpreter has no bf16."""
+    generator = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(40_000, 16, generator=generator), dim=1).half()
+    valid = torch.rand(40_000, generator=generator) > 0.1
+    query = F.normalize(torch.randn(BATCH, 16, generator=generator), dim=1)
+    ids = torch.randint(0, 40_000, (BATCH,), generator=generator)
+    with OperationCounter() as search:
+        pending = knn_search_deferred(
+            query, memory, 20, query_ids=ids, memory_valid=valid, backend="triton"
+        )
+        if pending.overflowed is not None:
+            pending.overflowed.any()  # what the trainer reads, with its own flags
+    return sum(search.counts.values())
 
 
 def _accelerator_policy() -> None:
@@ -188,6 +212,8 @@ def main() -> None:
             fused_terms.set_fused_terms_enabled(previous)
         print(f"{name}: {report[name]}")
     report["look_parts"] = _loss_and_write_operations()
+    if fused_search.triton_available():
+        report["look_parts"]["fused_search"] = _fused_search_operations()
     print(f"look parts: {report['look_parts']}")
     Path(args.output).write_text(json.dumps(report, indent=2))
 

@@ -250,6 +250,7 @@ def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path)
             assert report["look"][phase] < report["look_pytorch_terms"][phase]
         parts = report["look_parts"]
         assert parts["look_loss_terms_backward"] < parts["look_loss_terms_backward_pytorch_terms"]
+        assert parts["fused_search"] > 2  # its two kernel passes and the selections around them
 
 
 def test_summarize_ablations_pairs_seeds_with_a_baseline(tmp_path: Path) -> None:
