@@ -9,7 +9,6 @@ definition (a naive loop, ``tests/losses/test_look_loss.py``) or the PyTorch pat
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 import look.losses.look_terms_triton as terms_module
 from look.losses import look_loss, look_loss_terms
+from tests.interpreter_cases import run_cases
 from tests.losses.test_look_loss import TEMPERATURE, assert_matches, make_problem, run_both
 
 # (look.losses exports a function of the module's name, so the attribute is not the module)
@@ -50,6 +50,29 @@ def pytorch_terms() -> Iterator[None]:
         yield
     finally:
         terms_module.set_fused_terms_enabled(previous)
+
+
+@contextmanager
+def failing_kernel(name: str, message: str) -> Iterator[list[warnings.WarningMessage]]:
+    """The kernel ``name`` raises ``RuntimeError(message)`` when launched; yields the warnings
+    caught meanwhile, and afterwards lets the fused terms be tried again."""
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError(message)
+
+            return launch
+
+    original = getattr(terms_module, name)
+    setattr(terms_module, name, Broken())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        setattr(terms_module, name, original)
+        terms_module._failed = False
 
 
 def _terms_and_grad(problem: dict[str, torch.Tensor], **kwargs: object) -> tuple[object, ...]:
@@ -195,24 +218,9 @@ def case_a_failing_kernel_warns_once_and_pytorch_takes_over() -> None:
     problem = make_problem(seed=9, batch=12, rows=60, dim=16, dtype=torch.float32)
     with pytorch_terms():
         expected, expected_grad = _terms_and_grad(problem, k=5)
-    original = terms_module._terms_forward_kernel
-
-    class Broken:
-        def __getitem__(self, grid: object) -> object:
-            def launch(*args: object, **kwargs: object) -> None:
-                raise RuntimeError("no kernel for this GPU")
-
-            return launch
-
-    terms_module._terms_forward_kernel = Broken()  # type: ignore[assignment]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            terms, grad = _terms_and_grad(problem, k=5)
-            again, _ = _terms_and_grad(problem, k=5)  # not retried: no second warning
-    finally:
-        terms_module._terms_forward_kernel = original
-        terms_module._failed = False
+    with failing_kernel("_terms_forward_kernel", "no kernel for this GPU") as caught:
+        terms, grad = _terms_and_grad(problem, k=5)
+        again, _ = _terms_and_grad(problem, k=5)  # not retried: no second warning
     messages = [str(w.message) for w in caught if "fused Triton LOOK loss terms" in str(w.message)]
     assert len(messages) == 1 and "no kernel for this GPU" in messages[0], messages
     torch.testing.assert_close(terms.loss, expected.loss)  # type: ignore[attr-defined]
@@ -223,23 +231,8 @@ def case_a_failing_kernel_warns_once_and_pytorch_takes_over() -> None:
 def case_a_failing_backward_kernel_gives_the_same_gradient() -> None:
     problem = make_problem(seed=10, batch=12, rows=60, dim=16, dtype=torch.float32)
     _, expected_grad = _terms_and_grad(problem, k=6)
-    original = terms_module._terms_backward_kernel
-
-    class Broken:
-        def __getitem__(self, grid: object) -> object:
-            def launch(*args: object, **kwargs: object) -> None:
-                raise RuntimeError("backward kernel unavailable")
-
-            return launch
-
-    terms_module._terms_backward_kernel = Broken()  # type: ignore[assignment]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _, grad = _terms_and_grad(problem, k=6)
-    finally:
-        terms_module._terms_backward_kernel = original
-        terms_module._failed = False
+    with failing_kernel("_terms_backward_kernel", "backward kernel unavailable") as caught:
+        _, grad = _terms_and_grad(problem, k=6)
     assert any("backward kernel unavailable" in str(w.message) for w in caught)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
 
@@ -253,13 +246,5 @@ def case_empty_batch() -> None:
     assert result is not None and all(part.shape == (0,) for part in result)
 
 
-def main() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    for name, case in sorted(globals().items()):
-        if name.startswith("case_"):
-            case()
-            print(f"{name}: ok", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(globals())

@@ -8,7 +8,6 @@ PyTorch scan. Run directly: ``TRITON_INTERPRET=1 python -m tests.search_triton_c
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from look.search_triton import (
     set_kernel_config,
     tune_kernel_config,
 )
+from tests.interpreter_cases import run_cases
 from tests.neighbour_checks import assert_same_neighbours, overflowing_look_step
 
 
@@ -320,13 +320,5 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     assert not torch.equal(deferred.neighbour_indices, exact.neighbour_indices)
 
 
-def main() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    for name, case in sorted(globals().items()):
-        if name.startswith("case_"):
-            case()
-            print(f"{name}: ok", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(globals())

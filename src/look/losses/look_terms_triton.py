@@ -68,6 +68,15 @@ def fused_terms_supported(queries: Tensor, memory: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _this_query(query_ptr, query_labels_ptr, dim, BLOCK_D: tl.constexpr):
+        """This program's query: its row, the feature offsets and mask, the vector, the label."""
+        row = tl.program_id(0)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        query = tl.load(query_ptr + row * dim + offs_d, mask=d_mask, other=0.0)
+        return row, offs_d, d_mask, query, tl.load(query_labels_ptr + row)
+
+    @triton.jit
     def _is_finite(query):
         """Whether every entry of the query vector is finite (masked lanes hold 0)."""
         return tl.min((tl.abs(query) < float("inf")).to(tl.int32), axis=0) > 0
@@ -92,11 +101,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        query = tl.load(query_ptr + row * dim + offs_d, mask=d_mask, other=0.0)
-        label = tl.load(query_labels_ptr + row)
+        row, offs_d, d_mask, query, label = _this_query(query_ptr, query_labels_ptr, dim, BLOCK_D)
         neg_inf = float("-inf")
         # Running log-sum-exps (max and scaled sum) over all neighbours and over the positives.
         all_max = tl.full([1], neg_inf, dtype=tl.float32)
@@ -177,11 +182,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        query = tl.load(query_ptr + row * dim + offs_d, mask=d_mask, other=0.0)
-        label = tl.load(query_labels_ptr + row)
+        row, offs_d, d_mask, query, label = _this_query(query_ptr, query_labels_ptr, dim, BLOCK_D)
         log_all = tl.load(log_sums_ptr + 2 * row)
         log_positive = tl.load(log_sums_ptr + 2 * row + 1)
         # loss = log_all − log_positive for a finite query with a positive (log_positive > -inf),
