@@ -2,13 +2,15 @@
 
 Once the search has found each query's ``k`` neighbour rows, the loss needs, per query ``i``, the
 similarities ``s_ij = q_i · m_j / τ`` of those rows, ``log Σ_j exp(s_ij)`` over the neighbours and
-over the same-label ones, and two counts. In PyTorch that is ~50 small kernels in the forward pass
-(gather ``B × k × d`` rows, cast, mask, multiply, sum, two masked log-sum-exps, counts) and ~20 in
-the backward pass, plus ``B × k × d`` fp32 temporaries. On a GPU each of those kernels costs a few
-microseconds whatever it computes; at ImageNet scale they are a third of what LOOK adds to a
-cross-entropy step (docs/results.md). Here one program per query gathers its rows once, keeps
-running log-sum-exps and writes its loss and counts; the backward kernel reads the ``k`` rows again
-(256 × 200 rows of 128 bf16: 13 MB) and writes the query's gradient.
+over the same-label ones, and two counts. In PyTorch that is ~35 small kernels in the forward pass
+(gather ``B × k × d`` rows, cast, mask, multiply, sum, two masked log-sum-exps, counts, the NaN
+mark) and ~14 in the backward pass (``benchmarks/look_step_ops.py``), plus ``B × k × d`` fp32
+temporaries. On a GPU each kernel costs a few microseconds whatever it computes; session 8's H100
+traces put ~0.5 ms of what LOOK adds to a cross-entropy step in ~150 such kernels
+(docs/results.md). Here one program per query gathers its rows once (copying them, and their
+labels, for the backward pass), keeps running log-sum-exps and writes its loss, validity and
+neighbour agreement; the backward kernel reads the copies again (256 × 200 rows of 128 bf16:
+13 MB) and writes the query's gradient.
 
 Values equal the PyTorch path's up to fp32 summation order (tested with Triton's interpreter on
 CPU, ``tests/look_terms_triton_cases.py``). Used by :func:`look.losses.look_loss_terms` for a CUDA
@@ -31,7 +33,12 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["fused_neighbour_terms", "fused_terms_supported", "set_fused_terms_enabled"]
+__all__ = [
+    "compile_terms_kernels",
+    "fused_neighbour_terms",
+    "fused_terms_supported",
+    "set_fused_terms_enabled",
+]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Widest feature dimension: a program holds BLOCK_K × next_power_of_two(d) fp32 values.
