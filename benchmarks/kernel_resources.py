@@ -1,12 +1,14 @@
-"""Registers, spills and shared memory of every fused-search kernel config, compiled without a GPU.
+"""Registers, spills, shared memory and wgmma serialisation of the fused kernels, without a GPU.
 
     python benchmarks/kernel_resources.py --output kernel_resources.json [--capability 90]
 
 Each config of ``look.search_triton.KERNEL_CONFIGS`` is compiled (bound pass and collect pass, bf16
 memory of 128-d rows, with a valid mask) for the given CUDA compute capability by Triton and its
 bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per thread and the stack
-(spill) bytes from the binary. No speed is measured: this says which configs spill or fit fewer
-thread blocks per SM, to read next to the GPU tuning of ``benchmarks/gpu_step.py --tune``.
+(spill) bytes from the binary, and for Hopper ``ptxas -v`` says whether it serialises the
+``wgmma`` instructions (each waits for the one before) and why. No speed is measured: this says
+which configs spill, fit fewer thread blocks per SM or serialise their matrix product, to read
+next to the GPU tuning of ``benchmarks/gpu_step.py --tune``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from pathlib import Path
 import triton
 
 from look.losses.look_terms_triton import compile_terms_kernels
-from look.search_triton import KERNEL_CONFIGS, compile_kernel, cubin_resources
+from look.search_triton import (
+    KERNEL_CONFIGS,
+    compile_kernel,
+    cubin_resources,
+    wgmma_serialization,
+)
 
 # Per-SM limits: registers, shared memory (bytes), resident blocks and threads.
 _SM_LIMITS = {
@@ -58,6 +65,10 @@ def main() -> None:
                 resources.get("reg", 0), resources["dynamic_shared"], config.num_warps,
                 args.capability,
             )  # fmt: skip
+            # Hopper only: ptxas's reason for making each wgmma wait for the one before, if any.
+            resources["wgmma_serialized"] = (
+                wgmma_serialization(compiled, args.capability) if args.capability == 90 else None
+            )
             rows.append({**asdict(config), "pass": "collect" if collect else "bound", **resources})
             print(
                 f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
@@ -66,6 +77,7 @@ def main() -> None:
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
                 f"{resources['blocks_per_sm']} blocks per SM"
+                + (", wgmma serialized" if resources["wgmma_serialized"] else "")
             )
     # The fused loss terms (one program per query, 256 queries × k = 200 of 128-d bf16 rows).
     terms = []

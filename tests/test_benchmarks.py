@@ -156,6 +156,11 @@ def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Pa
     assert report["capability"] == 90 and len(report["kernels"]) >= 2
     assert all(0 < kernel["reg"] <= 255 for kernel in report["kernels"])
     assert all(kernel["blocks_per_sm"] >= 1 for kernel in report["kernels"])
+    # ptxas keeps every pass's wgmma in flight together (none waits for the one before).
+    assert all(kernel["wgmma_serialized"] is None for kernel in report["kernels"])
+    assert {kernel["kernel"] for kernel in report["loss_terms_kernels"]} == {
+        "terms_forward", "terms_backward",
+    }  # fmt: skip
 
 
 def test_blocks_per_sm_is_bounded_by_registers_or_shared_memory() -> None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, compile_kernel, triton_available
+from look.search_triton import (
+    KERNEL_CONFIGS,
+    SearchKernelConfig,
+    compile_kernel,
+    serialization_reason,
+    triton_available,
+    wgmma_serialization,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
@@ -134,3 +141,25 @@ def test_bound_pass_of_a_small_memory_keeps_every_tile_maximum() -> None:
     # 938 tiles, stride 1 (fewer than 4k tiles): 264 programs of at most 4 tiles, all kept.
     assert plan.tile_stride == 1 and plan.bound_keep == 4
     assert plan.bound_programs * plan.bound_keep >= plan.sampled_tiles
+
+
+def test_the_default_passes_keep_their_wgmma_in_flight() -> None:
+    """ptxas serialised the default collect pass's eight wgmma per tile (each waiting for the one
+    before) while the row mask was a -inf bias that Triton folded into the accumulator's initial
+    value; with a select after the product it does not. The benchmark test checks every config
+    (tests/test_benchmarks.py)."""
+    for collect in (False, True):
+        compiled = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90)
+        assert wgmma_serialization(compiled) is None, collect
+
+
+def test_the_serialisation_note_is_read_from_ptxas_output() -> None:
+    # ptxas 12.9's note for session 8's collect pass (sm_90a, -v).
+    report = (
+        "ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized due to program dependence on compiler-inserted WG.AR in divergent path in "
+        "the function '_knn_tiles_kernel'\nptxas info    : Used 96 registers, used 1 barriers"
+    )
+    reason = serialization_reason(report)
+    assert reason == "program dependence on compiler-inserted WG.AR in divergent path"
+    assert serialization_reason("ptxas info    : Used 42 registers, used 1 barriers") is None

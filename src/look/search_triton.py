@@ -56,9 +56,11 @@ __all__ = [
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
+    "serialization_reason",
     "set_kernel_config",
     "triton_available",
     "tune_kernel_config",
+    "wgmma_serialization",
 ]
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
@@ -209,14 +211,18 @@ if triton is not None:
                     other=0.0,
                 )
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
-            # Excluded rows (past the end, unwritten) become -inf. Row masks are a [BLOCK_N] bias,
-            # so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding queries need
+            # Excluded rows (past the end, unwritten) become -inf. Row masks are [BLOCK_N], so
+            # the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding queries need
             # no mask (their bound is +inf and their stores are masked). A query's own row is
             # not excluded here: fused_knn_search bounds one neighbour more and masks it after.
             row_ok = n_mask
             if HAS_VALID:
                 row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
-            similarities += tl.where(row_ok, 0.0, float("-inf"))[None, :]
+            # A select after the product, not a -inf bias added to it: Triton folds such a bias
+            # into the wgmma accumulator's initial value, and with the collect pass's branch
+            # below ptxas then serialises the product's eight wgmma instructions (C7520,
+            # benchmarks/kernel_resources.py); with the select it keeps them in flight together.
+            similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
             if COLLECT:
                 keep = similarities >= bound[:, None]
                 if SKIP_EMPTY_TILES:
@@ -309,6 +315,14 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 3, "sort", "atomic", loads="tma"),
     SearchKernelConfig(64, 32, 4, 2, "sort", "atomic", loads="tma"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", loads="tma"),
+    # Session 9 (not yet tuned on a GPU): with 64 queries per block, each of the 4 query blocks
+    # of a 256-query batch reads the whole bank through L2; one block of all 256 queries reads
+    # each tile once (1 block per SM, 8 warps). The skip/no-skip pair is worth timing again now
+    # that the skipping collect pass's wgmma are no longer serialised (see the row mask above).
+    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False),
+    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic"),
+    SearchKernelConfig(128, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False),
+    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False, loads="tma"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -732,6 +746,40 @@ def cubin_resources(cubin: bytes) -> dict[str, int]:
         ).stdout  # fmt: skip
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
     return {name.lower(): int(value) for name, value in fields.items()}
+
+
+def wgmma_serialization(compiled: object, capability: int = 90) -> str | None:
+    """Why ``ptxas`` serialises the Hopper ``wgmma`` instructions of a compiled kernel (each
+    waits for the one before: the matrix product's latency is paid once per instruction), or
+    None if it does not. Assembles the kernel's PTX again with ``ptxas -v`` (bundled with Triton)
+    and reads its performance note (e.g. C7520)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(compiled.asm["ptx"])  # type: ignore[attr-defined]
+        report = subprocess.run(
+            [str(ptxas), f"-arch={arch}", "-v", str(source), "-o", str(Path(folder) / "k.cubin")],
+            check=True, capture_output=True, text=True,
+        ).stderr  # fmt: skip
+    return serialization_reason(report)
+
+
+def serialization_reason(ptxas_report: str) -> str | None:
+    """The reason in ptxas's "wgmma.mma_async instructions are serialized due to …" note of a
+    ``ptxas -v`` report, or None if there is no such note."""
+    import re
+
+    found = re.search(
+        r"wgmma\.mma_async instructions are serialized due to (.*?)(?: in the function|$)",
+        ptxas_report,
+        flags=re.MULTILINE,
+    )
+    return found.group(1).strip() if found else None
 
 
 def tune_kernel_config(
