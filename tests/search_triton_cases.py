@@ -87,6 +87,18 @@ def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> N
         assert indices.max() < valid_rows
 
 
+def case_a_strided_valid_mask_is_read_by_row() -> None:
+    """A mask that is a view with a stride (every other entry of a longer one) is read row by
+    row, not as the bytes it happens to start at."""
+    generator = torch.Generator().manual_seed(5)
+    memory = F.normalize(torch.randn(3000, 16, generator=generator), dim=1).half()
+    query = F.normalize(torch.randn(8, 16, generator=generator), dim=1)
+    longer = torch.rand(6000, generator=generator) > 0.5
+    valid = longer[::2]
+    assert not valid.is_contiguous()
+    _check_same(query, memory, 10, memory_valid=valid)
+
+
 def case_overflow_falls_back_to_scan() -> None:
     # 3,000 identical rows: every one ties with the bound, the 1,024-slot buffer overflows.
     row = F.normalize(torch.randn(1, 16), dim=1)

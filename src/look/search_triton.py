@@ -549,7 +549,7 @@ def fused_knn_search(
     # Read as bytes through a view: a uint8 copy would cost a pass over N bytes every step (and
     # Triton's bool pointers have had their own load and store rules).
     valid = (
-        memory_valid.to(device=device, dtype=torch.bool).view(torch.uint8)
+        memory_valid.to(device=device, dtype=torch.bool).contiguous().view(torch.uint8)
         if memory_valid is not None
         else None
     )
