@@ -175,6 +175,36 @@ def case_a_non_finite_query_gets_a_nan_loss_that_counts() -> None:
     assert not fused_grad[2].any()
 
 
+def case_strided_inputs_as_pytorch() -> None:
+    """Memory rows, labels and queries that are views with strides give the PyTorch terms."""
+    generator = torch.Generator().manual_seed(13)
+    memory = F.normalize(torch.randn(400, 16, generator=generator), dim=1)[::2]
+    labels = torch.randint(0, 3, (400,), generator=generator)[::2]
+    queries = F.normalize(torch.randn(9, 32, generator=generator)[:, :16], dim=1)
+    queries = queries.t().contiguous().t()  # column-major: not contiguous by rows
+    indices = torch.randint(0, 200, (9, 7), generator=generator).t().contiguous().t()
+    assert not (memory.is_contiguous() or labels.is_contiguous() or queries.is_contiguous())
+    query_labels = torch.randint(0, 3, (9,), generator=generator)
+    leaf = queries.detach().requires_grad_(True)
+    result = terms_module.fused_neighbour_terms(leaf, memory, indices, query_labels, labels, 0.1)
+    assert result is not None
+    loss, valid, agreement = result
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    is_positive = labels[indices] == query_labels.unsqueeze(1)
+    reference_leaf = queries.detach().clone().requires_grad_(True)
+    logits = (reference_leaf.unsqueeze(1) * memory[indices]).sum(-1) / 0.1
+    expected = torch.where(
+        is_positive.any(1),
+        torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~is_positive, -1e30), 1),
+        0.0,
+    )
+    (expected_grad,) = torch.autograd.grad(expected.sum(), reference_leaf)
+    torch.testing.assert_close(loss, expected.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+    assert torch.equal(valid, is_positive.any(1))
+    torch.testing.assert_close(agreement, is_positive.float().mean(1))
+
+
 def case_half_precision_memory_as_pytorch() -> None:
     """An fp16 memory (the interpreter has no bf16): rows widened to fp32, as PyTorch does."""
     problem = make_problem(seed=6, batch=16, rows=300, dim=24, dtype=torch.float32)
