@@ -454,7 +454,40 @@ def main() -> None:
         if args.compiled_terms:  # last: a slow or failing compile costs no other figure
             entry.update(_compiled_terms_step_ms(look_cfg, args, rows, device, measure))
             Path(args.output).write_text(json.dumps(figures, indent=2))
+    figures["targets"] = issue_targets(figures["rows"])  # type: ignore[arg-type]
+    for line in figures["targets"]["lines"]:  # type: ignore[index]
+        print(line)
     Path(args.output).write_text(json.dumps(figures, indent=2))
+
+
+# Issue 5's targets: the LOOK step over CE's at ImageNet-1k size (≤ 1.02) and beyond (≤ 1.05),
+# and the search over one read of the bank (≤ 3).
+STEP_TARGETS = ((1_281_167, 1.02), (14_197_122, 1.05))
+SEARCH_TARGET = 3.0
+
+
+def issue_targets(rows: dict[str, dict[str, object]]) -> dict[str, object]:
+    """Each measured bank size against issue 5's targets: ``{"lines": [...], "met": {...}}``.
+    A size without a step target (not one of ``STEP_TARGETS``) gets the 1.05 one, the larger
+    size's."""
+    lines, met = ["issue 5 targets:"], {}
+    step_target = dict(STEP_TARGETS)
+    for size, entry in rows.items():
+        limit = step_target.get(int(size), STEP_TARGETS[-1][1])
+        ratio, search = entry.get("look_over_ce"), entry.get("search_over_read")
+        if isinstance(ratio, float):
+            met[f"step_{size}"] = ratio <= limit
+            lines.append(
+                f"  {size} rows: LOOK step {ratio:.3f} x CE (target <= {limit}): "
+                + ("met" if ratio <= limit else "not met")
+            )
+        if isinstance(search, float):
+            met[f"search_{size}"] = search <= SEARCH_TARGET
+            lines.append(
+                f"  {size} rows: search {search:.1f} x bank read (target <= {SEARCH_TARGET:g}): "
+                + ("met" if search <= SEARCH_TARGET else "not met")
+            )
+    return {"lines": lines, "met": met}
 
 
 if __name__ == "__main__":
