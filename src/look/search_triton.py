@@ -315,14 +315,15 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 3, "sort", "atomic", loads="tma"),
     SearchKernelConfig(64, 32, 4, 2, "sort", "atomic", loads="tma"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", loads="tma"),
-    # Session 9 (not yet tuned on a GPU): with 64 queries per block, each of the 4 query blocks
-    # of a 256-query batch reads the whole bank through L2; one block of all 256 queries reads
-    # each tile once (1 block per SM, 8 warps). The skip/no-skip pair is worth timing again now
-    # that the skipping collect pass's wgmma are no longer serialised (see the row mask above).
-    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False),
+    # Session 9 (not yet tuned on a GPU). With 64 queries per block, each of the 4 query blocks
+    # of a 256-query batch reads the whole bank through L2, and in the SASS a 64 × 32 tile
+    # spends more instructions per similarity than larger tiles (per-tile address arithmetic,
+    # loop and reductions). Larger tiles lost session 8's tuning while ptxas serialised their
+    # wgmma (fixed since: the row mask above); these are worth timing again.
     SearchKernelConfig(256, 32, 8, 3, "sort", "atomic"),
-    SearchKernelConfig(128, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False),
-    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic", skip_empty_tiles=False, loads="tma"),
+    SearchKernelConfig(256, 64, 8, 3, "sort", "atomic"),
+    SearchKernelConfig(128, 64, 4, 2, "sort", "atomic"),
+    SearchKernelConfig(128, 32, 4, 3, "sort", "atomic"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
