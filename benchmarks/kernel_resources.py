@@ -6,15 +6,22 @@ Each config of ``look.search_triton.KERNEL_CONFIGS`` is compiled (bound pass and
 memory of 128-d rows, with a valid mask) for the given CUDA compute capability by Triton and its
 bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per thread and the stack
 (spill) bytes from the binary, and for Hopper ``ptxas -v`` says whether it serialises the
-``wgmma`` instructions (each waits for the one before) and why. No speed is measured: this says
-which configs spill, fit fewer thread blocks per SM or serialise their matrix product, to read
-next to the GPU tuning of ``benchmarks/gpu_step.py --tune``.
+``wgmma`` instructions (each waits for the one before) and why. From the SASS (``cuobjdump
+-sass``) it counts the instructions of one iteration of the tile loop on its common path (a tile
+without candidates) and reports them per similarity of the tile, counted in warp instructions:
+a static proxy for issue slots, next to the tensor cores' share. No speed is measured: this says
+which configs spill, fit fewer thread blocks per SM, serialise their matrix product or spend more
+instructions per similarity, to read next to the GPU tuning of ``benchmarks/gpu_step.py
+--tune``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +42,51 @@ _SM_LIMITS = {
     90: (65536, 228 * 1024, 32, 2048),
     100: (65536, 228 * 1024, 32, 2048),
 }
+
+
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH_TARGET = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """``(address, instruction)`` of the SASS in ``cubin`` (``cuobjdump -sass``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run(
+            [str(_CUOBJDUMP), "-sass", file.name], check=True, capture_output=True, text=True
+        ).stdout
+    return [(int(address, 16), text.strip()) for address, text in _INSTRUCTION.findall(listing)]
+
+
+def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
+    """Instructions one iteration of the tile loop issues (per thread), on its common path: the
+    loop is the backward branch around the matrix-product instructions (``HGMMA``/``HMMA``);
+    a forward branch that lands inside the loop is taken (it skips the append of a tile without
+    candidates), one that leaves it is not (a slow path, e.g. waiting for a TMA barrier). None
+    if there is no such loop."""
+    products = [address for address, text in instructions if "HGMMA" in text or "HMMA" in text]
+    branches = []
+    for address, text in instructions:
+        target = _BRANCH_TARGET.search(text)
+        if target:
+            branches.append((address, int(target.group(1), 16)))
+    loops = [
+        (target, address)
+        for address, target in branches
+        if target < address and any(target <= product <= address for product in products)
+    ]
+    if not loops:
+        return None
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    skipped: set[int] = set()
+    for address, target in branches:
+        if start <= address < target <= end:
+            skipped.update(a for a, _ in instructions if address < a < target)
+    return sum(
+        1 for address, _ in instructions if start <= address <= end and address not in skipped
+    )
 
 
 def blocks_per_sm(registers: int, shared: int, num_warps: int, capability: int) -> int | None:
@@ -65,6 +117,14 @@ def main() -> None:
                 resources.get("reg", 0), resources["dynamic_shared"], config.num_warps,
                 args.capability,
             )  # fmt: skip
+            # Issue slots per similarity: the loop's instructions per thread, times the warps,
+            # over the similarities of a tile (a static proxy; no speed is measured).
+            loop = main_loop_instructions(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
+            resources["loop_instructions"] = loop
+            resources["warp_instructions_per_similarity"] = (
+                None if loop is None
+                else round(loop * config.num_warps / (min(config.block_q, 256) * config.block_n), 3)
+            )  # fmt: skip
             # Hopper only: ptxas's reason for making each wgmma wait for the one before, if any.
             resources["wgmma_serialized"] = (
                 wgmma_serialization(compiled, args.capability) if args.capability == 90 else None
@@ -76,7 +136,8 @@ def main() -> None:
                 f"stride={config.tile_stride:<2} "
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
-                f"{resources['blocks_per_sm']} blocks per SM"
+                f"{resources['blocks_per_sm']} blocks per SM, "
+                f"{resources['warp_instructions_per_similarity']} warp instructions per similarity"
                 + (", wgmma serialized" if resources["wgmma_serialized"] else "")
             )
     # The fused loss terms (one program per query, 256 queries × k = 200 of 128-d bf16 rows).

@@ -161,6 +161,20 @@ def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Pa
     assert all(kernel["blocks_per_sm"] >= 1 for kernel in report["kernels"])
     # ptxas keeps every pass's wgmma in flight together (none waits for the one before).
     assert all(kernel["wgmma_serialized"] is None for kernel in report["kernels"])
+    # The issue-slot proxy: every pass has a tile loop; a 128 x 64 tile's collect pass spends
+    # fewer warp instructions per similarity than the default 64 x 32 one.
+    assert all(0 < kernel["warp_instructions_per_similarity"] < 4 for kernel in report["kernels"])
+    default = report["kernels"][1]  # KERNEL_CONFIGS[0], collect pass
+    assert (default["block_q"], default["block_n"], default["pass"]) == (64, 32, "collect")
+    larger = [
+        kernel for kernel in report["kernels"]
+        if (kernel["block_q"], kernel["block_n"], kernel["pass"]) == (128, 64, "collect")
+        and kernel["skip_empty_tiles"] and kernel["collect"] == "atomic"
+    ]  # fmt: skip
+    assert larger and all(
+        kernel["warp_instructions_per_similarity"] < default["warp_instructions_per_similarity"]
+        for kernel in larger
+    )
     assert {kernel["kernel"] for kernel in report["loss_terms_kernels"]} == {
         "terms_forward", "terms_backward",
     }  # fmt: skip
