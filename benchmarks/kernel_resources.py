@@ -106,9 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
     parser.add_argument("--capability", type=int, default=90, help="e.g. 90 (H100), 80 (A100)")
+    parser.add_argument(
+        "--configs", type=int, nargs="+", default=None,
+        help="positions in look.search_triton.KERNEL_CONFIGS (default: every config)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
-    for config in KERNEL_CONFIGS:
+    configs = KERNEL_CONFIGS if args.configs is None else [KERNEL_CONFIGS[i] for i in args.configs]
+    for config in configs:
         for collect in (False, True):
             compiled = compile_kernel(config, collect=collect, capability=args.capability)
             resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from look.search_triton import triton_available
+from look.search_triton import KERNEL_CONFIGS, triton_available
 from tests.ddp import free_port
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -153,13 +153,22 @@ def test_nca_memory_benchmark_smoke(tmp_path: Path) -> None:
     assert report["kept"]["seconds"] > 0 and report["recomputed"]["seconds"] > 0
 
 
-def test_kernel_resources_benchmark_reads_registers_of_every_config(tmp_path: Path) -> None:
+def test_kernel_resources_benchmark_reads_registers_and_loop_instructions(tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    report = _run_benchmark(tmp_path, "kernel_resources.py", timeout=600)
+    # The default, a 128 x 64 tile with pointer and with TMA loads (every config's compile and
+    # wgmma are checked by tests/test_search_triton_compile.py).
+    positions = [0] + [
+        i for i, config in enumerate(KERNEL_CONFIGS)
+        if (config.block_q, config.block_n, config.collect) == (128, 64, "atomic")
+        and config.skip_empty_tiles
+    ]  # fmt: skip
+    report = _run_benchmark(
+        tmp_path, "kernel_resources.py", "--configs", *map(str, positions), timeout=600
+    )
     assert report["capability"] == 90 and len(report["kernels"]) >= 2
     assert all(0 < kernel["reg"] <= 255 for kernel in report["kernels"])
     assert all(kernel["blocks_per_sm"] >= 1 for kernel in report["kernels"])
-    # ptxas keeps every pass's wgmma in flight together (none waits for the one before).
+    assert len(report["kernels"]) == 2 * len(positions)
     assert all(kernel["wgmma_serialized"] is None for kernel in report["kernels"])
     # The issue-slot proxy: every pass has a tile loop; a 128 x 64 tile's collect pass spends
     # fewer warp instructions per similarity than the default 64 x 32 one.
