@@ -192,7 +192,8 @@ if triton is not None:
                 # sampled candidates (-inf): the lowest finite value, which collects every
                 # candidate but never an excluded (-inf) row. Padding queries keep +inf.
                 finite = tl.abs(bound) < float("inf")
-                widened = tl.where(finite, bound - tl.abs(bound) * 9.5367431640625e-07,
+                finite_bound = tl.where(finite, bound, 0.0)  # (no inf - inf computed)
+                widened = tl.where(finite, finite_bound - tl.abs(finite_bound) * 9.5367431640625e-07,
                                    -3.4028234663852886e38)  # fmt: skip
                 bound = tl.where(q_mask, widened, float("inf"))
         else:
