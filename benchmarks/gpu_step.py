@@ -46,7 +46,7 @@ from _trace_gaps import (
     load_trace,
 )
 
-from look.losses.look_terms_triton import set_fused_terms_enabled
+from look.losses.look_terms_triton import fused_terms_enabled
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
@@ -221,9 +221,9 @@ def _compiled_terms_step_ms(  # type: ignore[no-untyped-def]
     terms_module = importlib.import_module("look.losses.look_loss")
     original = terms_module._terms_from_neighbours
     terms_module._terms_from_neighbours = torch.compile(original, dynamic=False)
-    previous = set_fused_terms_enabled(False)
     try:
-        ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
+        with fused_terms_enabled(False):
+            ms = measure(_step_fn(look_cfg, args, rows, device), args.steps, args.warmup)
         print(f"{rows:>10} rows: LOOK step with the loss terms compiled {ms:.1f} ms")
         return {"look_step_compiled_terms_ms": ms}
     except Exception as error:  # an experiment: report it and go on
@@ -231,7 +231,6 @@ def _compiled_terms_step_ms(  # type: ignore[no-untyped-def]
         return {"look_step_compiled_terms_error": repr(error)[:2000]}
     finally:
         terms_module._terms_from_neighbours = original
-        set_fused_terms_enabled(previous)
 
 
 def main() -> None:
@@ -412,15 +411,12 @@ def main() -> None:
                 entry[variant] = measure(
                     _step_fn(look_cfg, args, rows, device, **options), args.steps, args.warmup
                 )
-            # The loss terms after the search in PyTorch (~70 small kernels) instead of the two
-            # fused kernels: what the fused terms save.
-            previous = set_fused_terms_enabled(False)
-            try:
+            # The loss terms after the search in PyTorch (~50 small kernels,
+            # look_step_ops.py) instead of the two fused kernels: what the fused terms save.
+            with fused_terms_enabled(False):
                 entry["look_step_pytorch_terms_ms"] = measure(
                     _step_fn(look_cfg, args, rows, device), args.steps, args.warmup
                 )
-            finally:
-                set_fused_terms_enabled(previous)
             print(
                 f"{rows:>10} rows: LOOK step without memory write "
                 f"{entry['look_step_no_write_ms']:.1f} ms, write after the optimizer step "

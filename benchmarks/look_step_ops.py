@@ -171,8 +171,7 @@ def _loss_and_write_operations() -> dict[str, int]:
     labels, ids = torch.randint(0, CLASSES, (BATCH,)), torch.randperm(ROWS)[:BATCH]
     counts: dict[str, int] = {}
     for suffix, fused in (("", True), ("_pytorch_terms", False)):
-        previous = fused_terms.set_fused_terms_enabled(fused)
-        try:
+        with fused_terms.fused_terms_enabled(fused):
             with OperationCounter() as loss:
                 terms = look_loss_terms(
                     query, labels, bank.features, bank.labels, k=20, temperature=0.1,
@@ -181,8 +180,6 @@ def _loss_and_write_operations() -> dict[str, int]:
                 )  # fmt: skip
             with OperationCounter() as backward:
                 terms.loss.sum().backward()
-        finally:
-            fused_terms.set_fused_terms_enabled(previous)
         counts[f"look_loss_terms_with_scan{suffix}"] = sum(loss.counts.values())
         counts[f"look_loss_terms_backward{suffix}"] = sum(backward.counts.values())
     with OperationCounter() as write:
@@ -205,11 +202,8 @@ def main() -> None:
         ("look", look_cfg, True),
         ("look_pytorch_terms", look_cfg, False),
     ):
-        previous = fused_terms.set_fused_terms_enabled(fused)
-        try:
+        with fused_terms.fused_terms_enabled(fused):
             report[name] = _step_operations(cfg)
-        finally:
-            fused_terms.set_fused_terms_enabled(previous)
         print(f"{name}: {report[name]}")
     report["look_parts"] = _loss_and_write_operations()
     if fused_search.triton_available():

@@ -44,15 +44,6 @@ def counting_fused_calls() -> Iterator[list[int]]:
 
 
 @contextmanager
-def pytorch_terms() -> Iterator[None]:
-    previous = terms_module.set_fused_terms_enabled(False)
-    try:
-        yield
-    finally:
-        terms_module.set_fused_terms_enabled(previous)
-
-
-@contextmanager
 def failing_kernel(name: str, message: str) -> Iterator[list[warnings.WarningMessage]]:
     """The kernel ``name`` raises ``RuntimeError(message)`` when launched; yields the warnings
     caught meanwhile, and afterwards lets the fused terms be tried again."""
@@ -104,7 +95,7 @@ def case_padding_and_queries_without_positive() -> None:
     kwargs = {"k": 20, "memory_valid": valid_rows}
     with counting_fused_calls() as calls:
         fused, fused_grad = _terms_and_grad(problem, **kwargs)
-    with pytorch_terms():
+    with terms_module.fused_terms_enabled(False):
         torch_terms, torch_grad = _terms_and_grad(problem, **kwargs)
     assert calls[0] == 1
     assert (fused.neighbour_indices == -1).any()  # type: ignore[attr-defined]
@@ -152,8 +143,7 @@ def case_a_non_finite_query_gets_a_nan_loss_that_counts() -> None:
     results = {}
     try:
         for fused in (True, False):
-            previous = terms_module.set_fused_terms_enabled(fused)
-            try:
+            with terms_module.fused_terms_enabled(fused):
                 query = problem["query"].clone().requires_grad_(True)
                 terms = look_loss_terms(
                     query, problem["query_labels"], problem["memory"], problem["memory_labels"],
@@ -161,8 +151,6 @@ def case_a_non_finite_query_gets_a_nan_loss_that_counts() -> None:
                 )  # fmt: skip
                 (grad,) = torch.autograd.grad(torch.where(finite, terms.loss, 0.0).sum(), query)
                 results[fused] = terms, grad
-            finally:
-                terms_module.set_fused_terms_enabled(previous)
     finally:
         look_loss_module.host_reads_are_free = original
     (fused_terms, fused_grad), (torch_terms, torch_grad) = results[True], results[False]
@@ -211,7 +199,7 @@ def case_half_precision_memory_as_pytorch() -> None:
     problem["memory"] = problem["memory"].half()
     with counting_fused_calls() as calls:
         fused, fused_grad = _terms_and_grad(problem, k=30)
-    with pytorch_terms():
+    with terms_module.fused_terms_enabled(False):
         torch_terms, torch_grad = _terms_and_grad(problem, k=30)
     assert calls[0] == 1
     torch.testing.assert_close(fused.loss, torch_terms.loss, rtol=0, atol=1e-5)  # type: ignore[attr-defined]
@@ -246,7 +234,7 @@ def case_nearest_rule_and_dense_path_stay_in_pytorch() -> None:
 
 def case_a_failing_kernel_warns_once_and_pytorch_takes_over() -> None:
     problem = make_problem(seed=9, batch=12, rows=60, dim=16, dtype=torch.float32)
-    with pytorch_terms():
+    with terms_module.fused_terms_enabled(False):
         expected, expected_grad = _terms_and_grad(problem, k=5)
     with failing_kernel("_terms_forward_kernel", "no kernel for this GPU") as caught:
         terms, grad = _terms_and_grad(problem, k=5)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from look.losses import look_loss_terms
-from look.losses.look_terms_triton import fused_terms_supported, set_fused_terms_enabled
+from look.losses.look_terms_triton import fused_terms_enabled, fused_terms_supported
 from look.search_triton import triton_available
 
 pytestmark = pytest.mark.skipif(
@@ -39,16 +39,13 @@ def test_fused_terms_equal_the_pytorch_terms_on_gpu(
     )
     results = {}
     for fused in (True, False):
-        previous = set_fused_terms_enabled(fused)
-        try:
+        with fused_terms_enabled(fused):
             leaf = query.clone().requires_grad_(True)
             terms = look_loss_terms(
                 leaf, query_labels, memory, labels, k=k, temperature=0.1, query_indices=ids
             )
             (grad,) = torch.autograd.grad(terms.loss.sum() / terms.valid.sum(), leaf)
             results[fused] = terms, grad
-        finally:
-            set_fused_terms_enabled(previous)
     assert len(calls) == 1  # the fused run only
     (fused_terms, fused_grad), (torch_terms, torch_grad) = results[True], results[False]
     assert torch.equal(fused_terms.valid, torch_terms.valid)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import look.losses.look_terms_triton as terms_module
 from look.losses.look_terms_triton import (
     compile_terms_kernels,
+    fused_terms_enabled,
     fused_terms_supported,
-    set_fused_terms_enabled,
 )
 from look.search_triton import cubin_resources, triton_available
 
@@ -57,9 +58,11 @@ def test_a_cpu_memory_keeps_the_pytorch_terms() -> None:
 
 
 def test_the_switch_turns_the_fused_terms_off_and_back() -> None:
-    previous = set_fused_terms_enabled(False)
-    try:
-        assert not fused_terms_supported(torch.randn(4, 8), torch.randn(50, 8))
-    finally:
-        set_fused_terms_enabled(previous)
-    assert set_fused_terms_enabled(previous) == previous
+    with fused_terms_enabled(True):
+        with fused_terms_enabled(False):
+            assert not fused_terms_supported(torch.randn(4, 8), torch.randn(50, 8))
+            assert not terms_module._enabled
+        assert terms_module._enabled  # the setting before the block, restored
+    with pytest.raises(RuntimeError), fused_terms_enabled(False):
+        raise RuntimeError("a failing block")
+    assert terms_module._enabled  # restored after an error too

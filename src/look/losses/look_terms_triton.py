@@ -20,8 +20,10 @@ it warn once and use the PyTorch path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -36,8 +38,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 __all__ = [
     "compile_terms_kernels",
     "fused_neighbour_terms",
+    "fused_terms_enabled",
     "fused_terms_supported",
-    "set_fused_terms_enabled",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,12 +49,16 @@ _enabled = True
 _failed = False
 
 
-def set_fused_terms_enabled(enabled: bool) -> bool:
-    """Switch the fused terms on or off for this process (benchmarks time both); returns the
-    previous setting."""
+@contextlib.contextmanager
+def fused_terms_enabled(enabled: bool) -> Iterator[None]:
+    """Within the block, the fused terms are on or off for this process (benchmarks and tests
+    time or compare both); the setting before it is restored after it."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
-    return previous
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 def fused_terms_supported(queries: Tensor, memory: Tensor) -> bool:
