@@ -469,20 +469,18 @@ def issue_targets(rows: dict[str, dict[str, object]]) -> dict[str, object]:
     lines, met = ["issue 5 targets:"], {}
     step_target = dict(STEP_TARGETS)
     for size, entry in rows.items():
-        limit = step_target.get(int(size), STEP_TARGETS[-1][1])
-        ratio, search = entry.get("look_over_ce"), entry.get("search_over_read")
-        if isinstance(ratio, float):
-            met[f"step_{size}"] = ratio <= limit
-            lines.append(
-                f"  {size} rows: LOOK step {ratio:.3f} x CE (target <= {limit}): "
-                + ("met" if ratio <= limit else "not met")
-            )
-        if isinstance(search, float):
-            met[f"search_{size}"] = search <= SEARCH_TARGET
-            lines.append(
-                f"  {size} rows: search {search:.1f} x bank read (target <= {SEARCH_TARGET:g}): "
-                + ("met" if search <= SEARCH_TARGET else "not met")
-            )
+        step_limit = step_target.get(int(size), STEP_TARGETS[-1][1])
+        for key, field, limit, text in (
+            ("step", "look_over_ce", step_limit, "LOOK step {:.3f} x CE"),
+            ("search", "search_over_read", SEARCH_TARGET, "search {:.1f} x bank read"),
+        ):
+            value = entry.get(field)
+            if isinstance(value, float):
+                met[f"{key}_{size}"] = value <= limit
+                lines.append(
+                    f"  {size} rows: {text.format(value)} (target <= {limit:g}): "
+                    + ("met" if value <= limit else "not met")
+                )
     return {"lines": lines, "met": met}
 
 
