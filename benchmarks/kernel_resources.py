@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from look.search_triton import (
     KERNEL_CONFIGS,
     compile_kernel,
     cubin_resources,
+    cuobjdump,
     wgmma_serialization,
 )
 
@@ -44,19 +43,13 @@ _SM_LIMITS = {
 }
 
 
-_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _BRANCH_TARGET = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
 
 
 def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     """``(address, instruction)`` of the SASS in ``cubin`` (``cuobjdump -sass``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        listing = subprocess.run(
-            [str(_CUOBJDUMP), "-sass", file.name], check=True, capture_output=True, text=True
-        ).stdout
+    listing = cuobjdump(cubin, "-sass")
     return [(int(address, 16), text.strip()) for address, text in _INSTRUCTION.findall(listing)]
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "compile_for_capability",
     "compile_kernel",
     "cubin_resources",
+    "cuobjdump",
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
@@ -730,22 +731,34 @@ def compile_for_capability(
     )
 
 
+def _nvidia_tool(name: str) -> str:
+    """The path of a CUDA binary tool that ships with Triton (``ptxas``, ``cuobjdump``)."""
+    from pathlib import Path
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def cuobjdump(cubin: bytes, *options: str) -> str:
+    """What Triton's bundled ``cuobjdump`` prints for a compiled kernel's ``cubin`` with
+    ``options`` (e.g. ``--dump-resource-usage``, ``-sass``)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run(
+            [_nvidia_tool("cuobjdump"), *options, file.name],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+
+
 def cubin_resources(cubin: bytes) -> dict[str, int]:
     """Registers per thread (``reg``), stack/spill (``stack``, ``local``) and static shared
     (``shared``) bytes of a compiled kernel, read by the ``cuobjdump`` that ships with Triton."""
     import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        report = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", file.name],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
+    report = cuobjdump(cubin, "--dump-resource-usage")
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
     return {name.lower(): int(value) for name, value in fields.items()}
 
@@ -759,13 +772,13 @@ def wgmma_serialization(compiled: object, capability: int = 90) -> str | None:
     import tempfile
     from pathlib import Path
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(compiled.asm["ptx"])  # type: ignore[attr-defined]
         report = subprocess.run(
-            [str(ptxas), f"-arch={arch}", "-v", str(source), "-o", str(Path(folder) / "k.cubin")],
+            [_nvidia_tool("ptxas"), f"-arch={arch}", "-v", str(source), "-o",
+             str(Path(folder) / "k.cubin")],
             check=True, capture_output=True, text=True,
         ).stderr  # fmt: skip
     return serialization_reason(report)
