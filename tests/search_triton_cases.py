@@ -64,6 +64,29 @@ def case_own_row_and_invalid_rows_excluded() -> None:
     assert not ((chosen >= 8) & (chosen < 20)).any(), "invalid row returned"
 
 
+def case_excluded_rows_above_the_bound_are_never_collected() -> None:
+    """The collect pass tests a tile's raw products against the bound and applies the row mask
+    only to a tile that passes. Unwritten rows that copy the queries (similarity 1, above any
+    bound) and the zero rows past the end of a memory whose valid rows all point away from the
+    queries (bound < 0 < the padding's 0) must still never be kept, nor fill the buffer."""
+    generator = torch.Generator().manual_seed(6)
+    query = F.normalize(torch.randn(5, 16, generator=generator), dim=1)
+    # 3,001 rows: the last tile is partial. Valid rows lean against the first query.
+    away = F.normalize(-query[:1] + 0.3 * torch.randn(3001, 16, generator=generator), dim=1)
+    memory = away.clone()
+    valid = torch.ones(3001, dtype=torch.bool)
+    copies = torch.arange(40, 3001, 37)  # 80 rows in many tiles, each a copy of a query
+    memory[copies] = query[torch.arange(copies.numel()) % 5]
+    valid[copies] = False
+    memory = memory.half()
+    values, indices, overflowed = fused_knn_search(query, memory, 15, memory_valid=valid)
+    assert not overflowed.any()
+    assert not torch.isin(indices, copies).any(), "an unwritten row was collected"
+    assert bool((indices < 3001).all()) and bool((values[0] < 0).all())
+    scan = knn_search(query, memory, 15, memory_valid=valid, backend="torch")
+    assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+
+
 def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> None:
     """Valid rows only in the first tiles: fewer than k + 1 sampled tile maxima are finite, the
     bound is -inf, and the collect pass widens it to the lowest finite value (every valid row,

@@ -141,6 +141,14 @@ if triton is not None:
             tl.store(out_indices_ptr + destination, indices, mask=store)
 
     @triton.jit
+    def _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID: tl.constexpr):
+        """Which rows of a tile may be neighbours: before the end and, with a mask, written."""
+        row_ok = n_mask
+        if HAS_VALID:
+            row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
+        return row_ok
+
+    @triton.jit
     def _knn_tiles_kernel(
         query_ptr,
         memory_ptr,
@@ -213,34 +221,39 @@ if triton is not None:
                     other=0.0,
                 )
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
-            # Excluded rows (past the end, unwritten) become -inf. Row masks are [BLOCK_N], so
-            # the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding queries need
-            # no mask (their bound is +inf and their stores are masked). A query's own row is
-            # not excluded here: fused_knn_search bounds one neighbour more and masks it after.
-            row_ok = n_mask
-            if HAS_VALID:
-                row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
-            # A select after the product, not a -inf bias added to it: Triton folds such a bias
-            # into the wgmma accumulator's initial value, and with the collect pass's branch
-            # below ptxas then serialises the product's eight wgmma instructions (C7520,
-            # benchmarks/kernel_resources.py); with the select it keeps them in flight together.
-            similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
+            # Excluded rows (past the end, unwritten) must never be kept. Row masks are
+            # [BLOCK_N], so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding
+            # queries need no mask (their bound is +inf and their stores are masked). A query's
+            # own row is not excluded here: fused_knn_search bounds one neighbour more and masks
+            # it after.
             if COLLECT:
                 keep = similarities >= bound[:, None]
                 if SKIP_EMPTY_TILES:
                     # Most tiles hold no candidate of any query of the block: one block-wide
-                    # reduction decides whether to number and store anything.
+                    # reduction decides whether to number and store anything. It tests the raw
+                    # products (rows past the end load as zeros): the row mask is loaded and
+                    # applied only on the rare tile that passes, which takes its loads and
+                    # selects off the path every other tile runs (benchmarks/kernel_resources.py).
                     if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+                        row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
                         _append_candidates(
-                            similarities, keep, offs_q, offs_n, counts_ptr, out_values_ptr,
-                            out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE, BLOCK_Q, BLOCK_N,
+                            similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
+                            out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
+                            BLOCK_Q, BLOCK_N,
                         )  # fmt: skip
                 else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
+                    row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
                     _append_candidates(
-                        similarities, keep, offs_q, offs_n, counts_ptr, out_values_ptr,
-                        out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE, BLOCK_Q, BLOCK_N,
+                        similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
+                        out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
+                        BLOCK_Q, BLOCK_N,
                     )  # fmt: skip
             else:
+                # A select after the product, not a -inf bias added to it: Triton folds such a
+                # bias into the wgmma accumulator's initial value, and with a branch after the
+                # product ptxas then serialises its wgmma instructions (C7520, session 9).
+                row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
+                similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
                 # A larger tile maximum replaces the smallest kept one.
                 tile_max = tl.max(similarities, axis=1)
                 smallest = tl.min(kept, axis=1)
