@@ -55,7 +55,8 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
 
 def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
     """Instructions one iteration of the tile loop issues (per thread), on its common path: the
-    loop is the backward branch around the matrix-product instructions (``HGMMA``/``HMMA``);
+    loop is the (predicated) backward branch around the matrix-product instructions
+    (``HGMMA``/``HMMA``);
     a forward branch that lands inside the loop is taken (it skips the append of a tile without
     candidates), one that leaves it is not (a slow path, e.g. waiting for a TMA barrier). None
     if there is no such loop."""
@@ -65,10 +66,15 @@ def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
         target = _BRANCH_TARGET.search(text)
         if target:
             branches.append((address, int(target.group(1), 16)))
+    # A loop's latch is a predicated backward branch; an unconditional one returns from an
+    # out-of-line wait (e.g. a TMA barrier's retry) and spans code that is not the loop.
+    latches = {address for address, text in instructions if text.startswith("@")}
     loops = [
         (target, address)
         for address, target in branches
-        if target < address and any(target <= product <= address for product in products)
+        if target < address
+        and address in latches
+        and any(target <= product <= address for product in products)
     ]
     if not loops:
         return None

@@ -87,6 +87,43 @@ def case_excluded_rows_above_the_bound_are_never_collected() -> None:
     assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
 
 
+def case_neighbours_in_a_partial_last_tile_are_found_once() -> None:
+    """The kernel's loads have no row-end masks: a partial last tile is shifted back to end at
+    the last row, so it repeats rows of the tile before it. Queries that copy the last rows must
+    find them, once each, whether that tile is partial or full, with the bound pass reading every
+    s-th tile (s = 2 here) or every tile (s = 1, where a repeated row counted twice would lift
+    the bound), and in the collect pass."""
+    generator = torch.Generator().manual_seed(7)
+    for rows in (2000, 2001, 2017, 2047, 2048, 2063, 700, 719):
+        memory = F.normalize(torch.randn(rows, 16, generator=generator), dim=1)
+        last = torch.arange(rows - 6, rows)
+        query = memory[last]
+        memory = memory.half()
+        values, indices, overflowed = fused_knn_search(query, memory, 6)
+        assert not overflowed.any()
+        assert bool((indices[:, 0] == last).all()), (rows, indices[:, 0])
+        for row in indices:  # no row twice (a tile run by two programs would repeat it)
+            assert row.unique().numel() == row.numel(), (rows, row)
+        scan = knn_search(query, memory, 6, backend="torch")
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+
+
+def case_a_row_repeated_by_the_shifted_last_tile_counts_once() -> None:
+    """With s = 1 the bound pass reads every tile, and the shifted last tile repeats the first
+    rows it overlaps: a query next to such a row would see its maximum twice, lift its bound to
+    that row's similarity and lose its second neighbour, unless the repeat is excluded."""
+    generator = torch.Generator().manual_seed(8)
+    for rows in (700, 719):  # last tile of 28 and 15 rows, shifted back over 4 and 17 rows
+        memory = F.normalize(torch.randn(rows, 16, generator=generator), dim=1)
+        query = memory[[rows - 32, rows - 30]]  # rows in the repeated stretch
+        memory = memory.half()
+        for k in (2, 3):
+            values, indices, overflowed = fused_knn_search(query, memory, k)
+            assert not overflowed.any()
+            scan = knn_search(query, memory, k, backend="torch")
+            assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+
+
 def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> None:
     """Valid rows only in the first tiles: fewer than k + 1 sampled tile maxima are finite, the
     bound is -inf, and the collect pass widens it to the lowest finite value (every valid row,

@@ -8,6 +8,8 @@ assertion in Triton 3.8's layout pass."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from look.search_triton import (
@@ -83,9 +85,13 @@ def test_default_kernel_streams_the_memory_through_a_software_pipeline(collect: 
     rather than as a slower GPU search."""
     compiled = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90)
     ptx = compiled.asm["ptx"]  # type: ignore[attr-defined]
-    assert "cp.async" in ptx
-    assert "ld.global.b16" not in ptx  # scalar 2-byte loads: the launcher's alignment was lost
+    copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+    assert copies and set(copies) == {"0x10"}, copies  # 16-byte vectors only
     assert "wgmma.mma_async" in ptx
+    # Without the valid mask (whose bytes load in pairs) the kernel loads no 2-byte scalars:
+    # those would be memory rows read one bf16 at a time, the launcher's alignment lost.
+    unmasked = compile_kernel(KERNEL_CONFIGS[0], collect=collect, capability=90, has_valid=False)
+    assert "ld.global.b16" not in unmasked.asm["ptx"]  # type: ignore[attr-defined]
 
 
 def _kernel_signature(collect: bool) -> str:
@@ -144,6 +150,46 @@ def test_bound_pass_of_a_small_memory_keeps_every_tile_maximum() -> None:
     # 938 tiles, stride 1 (fewer than 4k tiles): 264 programs of at most 4 tiles, all kept.
     assert plan.tile_stride == 1 and plan.bound_keep == 4
     assert plan.bound_programs * plan.bound_keep >= plan.sampled_tiles
+
+
+@pytest.mark.parametrize(
+    ("rows", "stride", "shift", "bound_excludes_repeats"),
+    [
+        (1_281_167, 4, True, False),  # the shifted last sampled tile repeats only skipped rows
+        (30_000, 1, True, True),  # s = 1: it repeats rows of a tile the bound pass also reads
+        (20, 1, False, False),  # fewer rows than a tile: loads keep their row-end masks
+    ],
+)
+def test_the_last_tile_is_shifted_back_instead_of_masking_every_load(
+    rows: int, stride: int, shift: bool, bound_excludes_repeats: bool
+) -> None:
+    """The kernel loads full tiles without row-end masks: a partial last tile is shifted back to
+    end at the last row, and the rows it repeats are excluded where they could be counted twice
+    (the collect pass always, on its rare append path; the bound pass only when it reads every
+    tile)."""
+    import torch
+
+    from look.search_triton import _kernel_pass, _search_plan
+
+    meta = torch.device("meta")
+    queries = torch.empty(256, 128, dtype=torch.bfloat16, device=meta)
+    memory = torch.empty(rows, 128, dtype=torch.bfloat16, device=meta)
+    config = KERNEL_CONFIGS[0]
+    plan = _search_plan(256, rows, 201, config, multiprocessors=132)
+    assert plan.tile_stride == stride
+    bound_pass = _kernel_pass(
+        queries, memory, None, plan, config, tile_max=torch.empty(256, 8, device=meta)
+    )
+    collect_pass = _kernel_pass(
+        queries, memory, None, plan, config,
+        bound=torch.empty(256, device=meta), out_values=torch.empty(256, 8, device=meta),
+        out_indices=torch.empty(256, 8, dtype=torch.int64, device=meta),
+        counts=torch.empty(256, dtype=torch.int32, device=meta),
+    )  # fmt: skip
+    for kernel_pass, excludes in ((bound_pass, bound_excludes_repeats), (collect_pass, shift)):
+        assert kernel_pass.constexprs["SHIFT_LAST_TILE"] is shift
+        assert kernel_pass.constexprs["EXCLUDE_REPEATS"] is excludes
+    assert bound_pass.constexprs["EVEN_D"] is True
 
 
 def test_the_serialisation_note_is_read_from_ptxas_output() -> None:

@@ -141,12 +141,86 @@ if triton is not None:
             tl.store(out_indices_ptr + destination, indices, mask=store)
 
     @triton.jit
-    def _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID: tl.constexpr):
-        """Which rows of a tile may be neighbours: before the end and, with a mask, written."""
-        row_ok = n_mask
+    def _row_ok(
+        valid_ptr, offs_n, first_row, num_rows,
+        HAS_VALID: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
+    ):  # fmt: skip
+        """Which rows of a tile count: before the end (checked only where loads are masked,
+        ``MASK_ROWS``), from the tile's first own row on (``EXCLUDE_REPEATS``: a last tile
+        shifted back to end at the last row repeats rows of the tile before it) and, with a
+        mask, written."""
+        row_ok = tl.full([offs_n.shape[0]], 1, dtype=tl.int1)
+        if MASK_ROWS:
+            row_ok = offs_n < num_rows
+        if EXCLUDE_REPEATS:
+            row_ok = row_ok & (offs_n >= first_row)
         if HAS_VALID:
-            row_ok = row_ok & (tl.load(valid_ptr + offs_n, mask=n_mask, other=0) != 0)
+            if MASK_ROWS:
+                written = tl.load(valid_ptr + offs_n, mask=row_ok, other=0)
+            else:  # every row exists: an unmasked load, in vectors
+                written = tl.load(valid_ptr + offs_n)
+            row_ok = row_ok & (written != 0)
         return row_ok
+
+    @triton.jit
+    def _search_tile(
+        query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots, valid_ptr,
+        counts_ptr, out_values_ptr, out_indices_ptr, capacity,
+        HAS_VALID: tl.constexpr, COLLECT: tl.constexpr, ATOMIC_PER_CANDIDATE: tl.constexpr,
+        SKIP_EMPTY_TILES: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One tile's products: the collect pass appends its candidates, the bound pass updates
+        ``kept`` (returned; unchanged by the collect pass)."""
+        similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
+        # Excluded rows (repeated, past the end, unwritten) must never be kept. Row masks are
+        # [BLOCK_N], so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding
+        # queries need no mask (their bound is +inf and their stores are masked). A query's own
+        # row is not excluded here: fused_knn_search bounds one neighbour more and masks it after.
+        if COLLECT:
+            keep = similarities >= bound[:, None]
+            if SKIP_EMPTY_TILES:
+                # Most tiles hold no candidate of any query of the block: one block-wide
+                # reduction decides whether to number and store anything. It tests the raw
+                # products: the row mask is loaded and applied only on the rare tile that
+                # passes, which takes its loads and selects off the path every other tile runs
+                # (benchmarks/kernel_resources.py).
+                if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+                    row_ok = _row_ok(
+                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
+                        EXCLUDE_REPEATS,
+                    )  # fmt: skip
+                    _append_candidates(
+                        similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
+                        out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
+                        BLOCK_Q, BLOCK_N,
+                    )  # fmt: skip
+            else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
+                row_ok = _row_ok(
+                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
+                        EXCLUDE_REPEATS,
+                    )  # fmt: skip
+                _append_candidates(
+                    similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
+                    out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
+                    BLOCK_Q, BLOCK_N,
+                )  # fmt: skip
+        else:
+            # A select after the product, not a -inf bias added to it: Triton folds such a bias
+            # into the wgmma accumulator's initial value, and with a branch after the product
+            # ptxas then serialises its wgmma instructions (C7520, session 9).
+            row_ok = _row_ok(
+                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
+                        EXCLUDE_REPEATS,
+                    )  # fmt: skip
+            similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
+            # A larger tile maximum replaces the smallest kept one.
+            tile_max = tl.max(similarities, axis=1)
+            smallest = tl.min(kept, axis=1)
+            slot = tl.argmin(kept, axis=1)
+            replace = (keep_slots[None, :] == slot[:, None]) & (tile_max > smallest)[:, None]
+            kept = tl.where(replace, tile_max[:, None], kept)
+        return kept
 
     @triton.jit
     def _knn_tiles_kernel(
@@ -178,6 +252,9 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BOUND_KEEP: tl.constexpr,
         TMA_LOADS: tl.constexpr,
+        EVEN_D: tl.constexpr,
+        SHIFT_LAST_TILE: tl.constexpr,
+        EXCLUDE_REPEATS: tl.constexpr,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -193,6 +270,7 @@ if triton is not None:
             mask=q_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        bound = tl.full([BLOCK_Q], float("inf"), dtype=tl.float32)
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
             if WIDEN_BOUND:
@@ -205,61 +283,43 @@ if triton is not None:
                 widened = tl.where(finite, finite_bound - tl.abs(finite_bound) * 9.5367431640625e-07,
                                    -3.4028234663852886e38)  # fmt: skip
                 bound = tl.where(q_mask, widened, float("inf"))
-        else:
-            # The BOUND_KEEP largest tile maxima this program saw, per query (-inf: none yet).
-            kept = tl.full([BLOCK_Q, BOUND_KEEP], float("-inf"), dtype=tl.float32)
-            keep_slots = tl.arange(0, BOUND_KEEP)
+        # The BOUND_KEEP largest tile maxima this program saw, per query (-inf: none yet; the
+        # collect pass keeps none).
+        kept = tl.full([BLOCK_Q, BOUND_KEEP], float("-inf"), dtype=tl.float32)
+        keep_slots = tl.arange(0, BOUND_KEEP)
+        # No row-end masks in the loop: with at least BLOCK_N rows (SHIFT_LAST_TILE) a partial
+        # last tile is shifted back to end at the last row, and the rows it repeats are
+        # excluded by the row mask (from its first own row on), which the collect pass applies
+        # only on the rare tile with a candidate. (A separate masked tail tile cost the loop
+        # registers: larger tiles spilled.) Smaller memories and bulk copies keep row-end masks.
+        tile_offsets = tl.arange(0, BLOCK_N)
+        if not TMA_LOADS:  # int64 offsets: rows × dim passes 2**31 beyond ~16M 128-d rows
+            tile_ptrs = (
+                memory_ptr + tile_offsets.to(tl.int64)[:, None] * stride_memory + offs_d[None, :]
+            )
         for tile in range(pid_n, num_tiles, programs_n):
-            offs_n = tile * tile_step * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < num_rows
+            first_row = tile * tile_step * BLOCK_N
+            row_start = first_row
+            if SHIFT_LAST_TILE:
+                row_start = tl.minimum(first_row, num_rows - BLOCK_N)
+            offs_n = row_start + tile_offsets
             if TMA_LOADS:  # memory_ptr is a tensor descriptor: Hopper's bulk copy, zero padding
-                rows = memory_ptr.load([tile * tile_step * BLOCK_N, 0])
+                rows = memory_ptr.load([row_start, 0])
             else:
-                rows = tl.load(  # int64 offsets: rows × dim passes 2**31 beyond ~16M 128-d rows
-                    memory_ptr + offs_n.to(tl.int64)[:, None] * stride_memory + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-            similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
-            # Excluded rows (past the end, unwritten) must never be kept. Row masks are
-            # [BLOCK_N], so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding
-            # queries need no mask (their bound is +inf and their stores are masked). A query's
-            # own row is not excluded here: fused_knn_search bounds one neighbour more and masks
-            # it after.
-            if COLLECT:
-                keep = similarities >= bound[:, None]
-                if SKIP_EMPTY_TILES:
-                    # Most tiles hold no candidate of any query of the block: one block-wide
-                    # reduction decides whether to number and store anything. It tests the raw
-                    # products (rows past the end load as zeros): the row mask is loaded and
-                    # applied only on the rare tile that passes, which takes its loads and
-                    # selects off the path every other tile runs (benchmarks/kernel_resources.py).
-                    if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
-                        row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
-                        _append_candidates(
-                            similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
-                            out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
-                            BLOCK_Q, BLOCK_N,
-                        )  # fmt: skip
-                else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
-                    row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
-                    _append_candidates(
-                        similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
-                        BLOCK_Q, BLOCK_N,
-                    )  # fmt: skip
-            else:
-                # A select after the product, not a -inf bias added to it: Triton folds such a
-                # bias into the wgmma accumulator's initial value, and with a branch after the
-                # product ptxas then serialises its wgmma instructions (C7520, session 9).
-                row_ok = _row_ok(valid_ptr, offs_n, n_mask, HAS_VALID)
-                similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
-                # A larger tile maximum replaces the smallest kept one.
-                tile_max = tl.max(similarities, axis=1)
-                smallest = tl.min(kept, axis=1)
-                slot = tl.argmin(kept, axis=1)
-                replace = (keep_slots[None, :] == slot[:, None]) & (tile_max > smallest)[:, None]
-                kept = tl.where(replace, tile_max[:, None], kept)
+                row_ptrs = tile_ptrs + row_start.to(tl.int64) * stride_memory
+                if not SHIFT_LAST_TILE:
+                    rows = tl.load(row_ptrs, mask=(offs_n < num_rows)[:, None] & d_mask[None, :],
+                                   other=0.0)  # fmt: skip
+                elif EVEN_D:  # dim == BLOCK_D: no mask for the loop to evaluate
+                    rows = tl.load(row_ptrs)
+                else:
+                    rows = tl.load(row_ptrs, mask=d_mask[None, :], other=0.0)
+            kept = _search_tile(
+                query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots,
+                valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, capacity, HAS_VALID,
+                COLLECT, ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE,
+                EXCLUDE_REPEATS, BLOCK_Q, BLOCK_N,
+            )  # fmt: skip
         if not COLLECT:
             columns = pid_n * BOUND_KEEP + keep_slots
             tl.store(
@@ -511,6 +571,10 @@ def _kernel_pass(
         plan.capacity if collect else 0,
         0 if collect else plan.bound_columns,
     )
+    # With at least a tile of rows, a partial last tile is shifted back to end at the last row
+    # and the loop loads without row-end masks. (Bulk copies need no masks: they pad with
+    # zeros past the end, and a shift there made the 128 × 64 tile spill.)
+    shift_last_tile = memory.shape[0] >= config.block_n and not tma_loads
     constexprs: dict[str, object] = {
         "HAS_VALID": valid is not None,
         "COLLECT": collect,
@@ -522,6 +586,12 @@ def _kernel_pass(
         "BLOCK_D": block_d,
         "BOUND_KEEP": 1 if collect else plan.bound_keep,
         "TMA_LOADS": tma_loads,
+        "EVEN_D": dim == block_d,
+        "SHIFT_LAST_TILE": shift_last_tile,
+        # A shifted last tile repeats rows of the tile before it. The bound pass must not count
+        # them twice only if it reads every tile (s = 1); with s >= 2 the repeated rows belong
+        # to a tile it skips. The collect pass checks them on its rare append path.
+        "EXCLUDE_REPEATS": shift_last_tile and (collect or plan.tile_stride == 1),
     }
     programs = plan.collect_programs if collect else plan.bound_programs
     return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
