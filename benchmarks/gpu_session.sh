@@ -3,8 +3,9 @@
 # search, fused loss terms, sync-free LOOK step) and the step/search benchmark of issue 5 (kernel
 # tuning over the "scan" and "atomic" collect variants, per-phase times, host syncs per step, the
 # LOOK step without its memory write, with the write after the optimizer step, with its loss
-# terms in PyTorch instead of the fused kernels and with those PyTorch terms compiled, a profile
-# and a trace of LOOK and CE steps with where the GPU idles). Every stage has its own time limit;
+# terms in PyTorch instead of the fused kernels and with those PyTorch terms compiled, the
+# search's phases, candidates and appended tiles for the step's own queries, a profile and a
+# trace of LOOK and CE steps with where the GPU idles). Every stage has its own time limit;
 # results go to $OUT (7 files). It took 181 s on an H100 in session 8, before --compiled-terms
 # (which compiles once per bank size) and the PyTorch-terms variant.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh

@@ -82,6 +82,44 @@ def _host_syncs(step: Callable[[], None], device: torch.device) -> tuple[int | N
     return len(sites), sites
 
 
+def _in_step_search(step: Callable[[], None], steps: int) -> dict[str, object]:
+    """The fused search as a LOOK step calls it: the step's own queries (features of its
+    images), its memory's valid mask and leave-one-out. Runs ``steps`` steps with the search's
+    phase timings on (which synchronise the GPU: a diagnosis, not a step time) and returns the
+    mean time of each phase per call, the candidates per query, the fraction of (query block,
+    tile) pairs that took the append path and the fraction of queries whose buffer overflowed.
+    The search alone (``search_figures``) uses random queries, which may find their
+    candidates differently. No calls (e.g. on CPU, where the step scans): ``{"calls": 0}``."""
+    import look.search as search_module
+
+    original = search_module.fused_knn_search
+    phases: dict[str, float] = {}
+    per_call: dict[str, list[float]] = {"mean_candidates": [], "hit_tile_frac": [], "overflow": []}
+
+    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        values, indices, overflowed = original(*args, **kwargs, timings=phases)
+        per_call["mean_candidates"].append(phases.pop("mean_candidates"))
+        per_call["hit_tile_frac"].append(phases.pop("hit_tile_frac"))
+        per_call["overflow"].append(float(overflowed.float().mean()))
+        return values, indices, overflowed
+
+    search_module.fused_knn_search = timed  # type: ignore[assignment]
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        search_module.fused_knn_search = original  # type: ignore[assignment]
+    calls = len(per_call["overflow"])
+    if not calls:
+        return {"calls": 0}
+    figures: dict[str, object] = {
+        "calls": calls,
+        "phases_ms": {name: 1000.0 * seconds / calls for name, seconds in phases.items()},
+    }
+    figures.update({name: sum(values) / calls for name, values in per_call.items()})
+    return figures
+
+
 def _compiled_search_kernels() -> list[dict[str, object]]:
     """Registers, spills and shared memory of every search kernel this process compiled and ran,
     with its compile-time constants and whether its loads are pipelined: to hold next to the static
@@ -365,7 +403,11 @@ def main() -> None:
             for _ in range(args.steps):
                 fused_knn_search(query, bank, args.k, query_ids=query_ids, timings=phases)
             entry["fused_phases_ms"] = {
-                name: (1000.0 * value / args.steps if name != "mean_candidates" else value)
+                name: (
+                    1000.0 * value / args.steps
+                    if name not in ("mean_candidates", "hit_tile_frac")
+                    else value
+                )
                 for name, value in phases.items()
             }
             fused, scan = results["triton"], results["torch"]
@@ -402,6 +444,15 @@ def main() -> None:
             look_peak_mb=peak_mb(),
         )
         entry["look_host_syncs"], entry["look_host_sync_sites"] = _host_syncs(look_step, device)
+        entry["in_step_search"] = in_step = _in_step_search(look_step, args.steps)
+        if in_step["calls"]:
+            phases_ms = ", ".join(f"{k} {v:.3f}" for k, v in in_step["phases_ms"].items())  # type: ignore[attr-defined]
+            print(
+                f"{rows:>10} rows: the step's own search: {phases_ms} ms; "
+                f"{in_step['mean_candidates']:.0f} candidates per query, "
+                f"{in_step['hit_tile_frac']:.1%} of block tiles appended, "
+                f"{in_step['overflow']:.1%} overflowed"
+            )
         del look_step
         if args.variants:
             for variant, options in (

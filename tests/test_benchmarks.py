@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from look.search_triton import KERNEL_CONFIGS, triton_available
 from tests.ddp import free_port
@@ -35,6 +36,42 @@ def _run_benchmark(
     return json.loads(output.read_text())
 
 
+def test_in_step_search_times_the_fused_search_the_step_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The in-step diagnosis wraps ``look.search.fused_knn_search`` while the step runs (here a
+    stand-in search that reports its phases as the real one does), averages per call and puts
+    the original back."""
+    import look.search as search_module
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from gpu_step import _in_step_search
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def stand_in(query, memory, k, *, timings=None, **_):  # type: ignore[no-untyped-def]
+        timings["collect_pass"] = timings.get("collect_pass", 0.0) + 0.002
+        timings["mean_candidates"] = 40.0 + query.shape[0]
+        timings["hit_tile_frac"] = 0.25
+        overflowed = torch.tensor([True, False, False, False])
+        return torch.zeros(4, k), torch.zeros(4, k, dtype=torch.int64), overflowed
+
+    monkeypatch.setattr(search_module, "fused_knn_search", stand_in)
+    batches = iter([torch.zeros(4, 8), torch.zeros(8, 8)])
+
+    def step() -> None:
+        search_module.fused_knn_search(next(batches), None, 3)
+
+    figures = _in_step_search(step, 2)
+    assert figures == {
+        "calls": 2, "phases_ms": {"collect_pass": pytest.approx(2.0)},
+        "mean_candidates": 46.0, "hit_tile_frac": 0.25, "overflow": 0.25,
+    }  # fmt: skip
+    assert search_module.fused_knn_search is stand_in  # put back
+    assert _in_step_search(lambda: None, 3) == {"calls": 0}
+
+
 def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     figures = _run_benchmark(
         tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
@@ -58,6 +95,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
     assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
+    assert entry["in_step_search"] == {"calls": 0}  # a CPU step scans: no fused search to time
     # One rank of 4 of a sharded bank: all ranks' queries over a quarter of the rows.
     shard = figures["shards"]["2048"]
     assert shard["rows_per_rank"] == 512 and shard["queries"] == 32 and shard["search_ms"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -70,3 +71,23 @@ def test_a_failing_kernel_warns_once_and_auto_falls_back_to_the_scan(
         knn_search(query, memory, 3)
     with pytest.raises(RuntimeError, match="no kernel"):  # an explicit request still fails loudly
         knn_search(query, memory, 3, backend="triton")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_hit_tile_fraction_counts_each_tile_once_per_query_block() -> None:
+    """The benchmark figure of how many (query block, tile) pairs take the append path: a tile
+    counts once per block however many of the block's queries keep rows in it; unfilled slots
+    (-1) count for nothing."""
+    from look.search_triton import KERNEL_CONFIGS, _hit_tile_fraction, _search_plan
+
+    plan = _search_plan(32, 320, 2, KERNEL_CONFIGS[0], multiprocessors=132)
+    assert (plan.block_q, plan.query_blocks, plan.total_tiles) == (32, 1, 10)
+    candidates = torch.full((32, 4), -1)
+    candidates[0] = torch.tensor([0, 31, 32, -1])  # tiles 0, 0, 1
+    candidates[5] = torch.tensor([33, 319, -1, -1])  # tiles 1, 9
+    assert _hit_tile_fraction(candidates, plan, 32) == 3 / 10
+    # Two blocks of 16 queries: the same tiles count again for the second block.
+    plan = _search_plan(32, 320, 2, dataclasses.replace(KERNEL_CONFIGS[0], block_q=16),
+                        multiprocessors=132)  # fmt: skip
+    candidates[20] = torch.tensor([0, 64, 65, -1])  # block 1: tiles 0, 2
+    assert _hit_tile_fraction(candidates, plan, 32) == (3 + 2) / 20

@@ -695,7 +695,20 @@ def fused_knn_search(
     clock.lap("select_topk")
     if timings is not None:
         timings["mean_candidates"] = float(counts.float().mean())
+        timings["hit_tile_frac"] = _hit_tile_fraction(out_indices, plan, config.block_n)
     return values, indices, counts > capacity
+
+
+def _hit_tile_fraction(candidates: Tensor, plan: _SearchPlan, block_n: int) -> float:
+    """Of all (query block, tile) pairs of the collect pass, the fraction whose tile kept a
+    candidate for some query of the block: the tiles that took the append path (for benchmarks;
+    a tile whose only passing rows were excluded also took it, and is not counted)."""
+    batch = candidates.shape[0]
+    block_of = torch.arange(batch, device=candidates.device) // plan.block_q
+    tiles = candidates // block_n
+    keys = block_of.unsqueeze(1) * plan.total_tiles + tiles
+    hit = torch.unique(keys[candidates >= 0]).numel()
+    return hit / (plan.query_blocks * plan.total_tiles)
 
 
 PHASES = ("bound_pass", "bound_topk", "collect_pass", "select_topk")
