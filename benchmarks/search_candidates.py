@@ -1,0 +1,162 @@
+"""How many candidates the fused search's bound lets through, and how many tiles take the collect
+pass's append path, for the random bank and queries of ``gpu_step.py``'s search figures: computed
+on CPU in PyTorch, without a GPU, from the kernel's plan.
+
+    python benchmarks/search_candidates.py --output search_candidates.json \
+        [--rows 1281167 14197122] [--strides 1 2 4 8] [--block-q 32 64 128 256]
+
+For each bank size it draws random unit rows (rounded to bf16, as the bank is stored) and 256
+random unit queries (cast to bf16, as the kernel reads them), and computes every similarity in
+fp32 chunk by chunk. For each largest bound stride s it then follows
+``look.search_triton._search_plan`` (the stride actually used, the bound-pass programs, the tile
+maxima each keeps): the bound is the (k + 1)-th largest kept tile maximum (leave-one-out, as in
+``gpu_step.py``), lowered by 2**-20 of itself as the collect pass does. It reports the candidates
+per query (every similarity at or above the bound) and, for each number of queries per block,
+the fraction of (query block, tile) pairs in which some query of the block has a candidate: the
+tiles that run the append path. Simplification: the bound pass's last sampled tile counts only
+its own rows (the kernel may shift a partial one back over skipped rows). Compare
+``mean_candidates`` with the H100's ``fused_phases_ms.mean_candidates`` (session 8: 403 at 1.28M
+rows and 808 at 14.2M, s = 4) to check the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from look.search_triton import KERNEL_CONFIGS, _search_plan
+
+BLOCK_N = KERNEL_CONFIGS[0].block_n
+CHUNK_ROWS = 1 << 19  # rows per similarity chunk: 256 × 512k fp32 = 512 MB
+
+
+def random_bank(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """``rows`` random unit rows in bf16 (drawn in chunks to bound the fp32 temporaries)."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = torch.empty(rows, dim, dtype=torch.bfloat16)
+    for start in range(0, rows, CHUNK_ROWS):
+        stop = min(rows, start + CHUNK_ROWS)
+        bank[start:stop] = F.normalize(torch.randn(stop - start, dim, generator=generator), dim=1)
+    return bank
+
+
+def similarity_chunks(query: torch.Tensor, bank: torch.Tensor):  # type: ignore[no-untyped-def]
+    """(first row, similarities) of each chunk of ``CHUNK_ROWS`` rows (a multiple of BLOCK_N)."""
+    for start in range(0, bank.shape[0], CHUNK_ROWS):
+        yield start, query @ bank[start : start + CHUNK_ROWS].float().T
+
+
+def tile_maxima(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``(queries, tiles)``: the largest similarity of each tile of BLOCK_N rows."""
+    tiles = -(-bank.shape[0] // BLOCK_N)
+    maxima = torch.empty(query.shape[0], tiles)
+    for start, similarities in similarity_chunks(query, bank):
+        width = similarities.shape[1]
+        padded = F.pad(similarities, (0, -width % BLOCK_N), value=float("-inf"))
+        first = start // BLOCK_N
+        maxima[:, first : first + padded.shape[1] // BLOCK_N] = padded.view(
+            query.shape[0], -1, BLOCK_N
+        ).amax(dim=2)
+    return maxima
+
+
+def bound_for_stride(maxima: torch.Tensor, rows: int, k: int, max_stride: int) -> torch.Tensor:
+    """The collect pass's bound per query for the plan with largest stride ``max_stride``."""
+    search_k = k + 1  # leave-one-out
+    config = dataclasses.replace(KERNEL_CONFIGS[0], tile_stride=max_stride)
+    plan = _search_plan(maxima.shape[0], rows, search_k, config, multiprocessors=132)
+    sampled = maxima[:, :: plan.tile_stride]
+    assert sampled.shape[1] == plan.sampled_tiles
+    # Program p of the bound pass reads sampled tiles p, p + P, … and keeps its bound_keep largest.
+    programs = plan.bound_programs
+    per_program = -(-plan.sampled_tiles // programs)
+    grid = F.pad(sampled, (0, programs * per_program - sampled.shape[1]), value=float("-inf"))
+    grid = grid.view(maxima.shape[0], per_program, programs)  # [:, i, p] = tile p + i·P
+    kept = grid.topk(min(plan.bound_keep, per_program), dim=1).values.flatten(1)
+    bound = kept.topk(search_k, dim=1).values[:, -1]
+    return bound - bound.abs() * 2.0**-20
+
+
+def candidate_figures(
+    query: torch.Tensor, bank: torch.Tensor, maxima: torch.Tensor, bounds: dict[int, torch.Tensor],
+    block_qs: list[int],
+) -> dict[int, dict[str, object]]:  # fmt: skip
+    """Candidates per query (one more pass over the similarities) and appended tile fractions."""
+    counts = {stride: torch.zeros(query.shape[0], dtype=torch.int64) for stride in bounds}
+    for _, similarities in similarity_chunks(query, bank):
+        for stride, bound in bounds.items():
+            counts[stride] += (similarities >= bound[:, None]).sum(dim=1)
+    figures: dict[int, dict[str, object]] = {}
+    for stride, bound in bounds.items():
+        has_candidate = maxima >= bound[:, None]  # (queries, tiles)
+        appended = {}
+        for block_q in block_qs:
+            blocks = has_candidate.view(-1, block_q, has_candidate.shape[1]).any(dim=1)
+            appended[str(block_q)] = float(blocks.float().mean())
+        figures[stride] = {
+            "mean_candidates": float(counts[stride].float().mean()),
+            "max_candidates": int(counts[stride].max()),
+            "appended_tile_frac": appended,
+        }
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_281_167, 14_197_122])
+    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--block-q", type=int, nargs="+", default=[32, 64, 128, 256])
+    args = parser.parse_args()
+    if any(args.queries % block_q for block_q in args.block_q):
+        parser.error("--queries must be a multiple of every --block-q")
+    torch.manual_seed(0)
+    query = F.normalize(torch.randn(args.queries, args.dim), dim=1).bfloat16().float()
+    results: dict[str, object] = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "queries": args.queries,
+        "k": args.k,
+        "block_n": BLOCK_N,
+        "rows": {},
+    }
+    for rows in args.rows:
+        start = time.perf_counter()
+        bank = random_bank(rows, args.dim, seed=rows)
+        maxima = tile_maxima(query, bank)
+        bounds = {s: bound_for_stride(maxima, rows, args.k, s) for s in args.strides}
+        figures = candidate_figures(query, bank, maxima, bounds, args.block_q)
+        entry = {}
+        for stride, values in figures.items():
+            config = dataclasses.replace(KERNEL_CONFIGS[0], tile_stride=stride)
+            used = _search_plan(args.queries, rows, args.k + 1, config, multiprocessors=132)
+            entry[str(stride)] = {"stride_used": used.tile_stride, **values}
+            appended = ", ".join(
+                f"{block_q} queries {fraction:.1%}"
+                for block_q, fraction in values["appended_tile_frac"].items()  # type: ignore[union-attr]
+            )
+            print(
+                f"{rows:>10} rows, s <= {stride} (used {used.tile_stride}): "
+                f"{values['mean_candidates']:.0f} candidates per query "
+                f"(max {values['max_candidates']}); tiles appended per block of {appended}"
+            )
+        results["rows"][str(rows)] = {  # type: ignore[index]
+            "strides": entry,
+            "seconds": time.perf_counter() - start,
+        }
+        del bank, maxima
+        Path(args.output).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
