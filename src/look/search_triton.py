@@ -180,26 +180,19 @@ if triton is not None:
         if COLLECT:
             keep = similarities >= bound[:, None]
             if SKIP_EMPTY_TILES:
-                # Most tiles hold no candidate of any query of the block: one block-wide
+                # Most tiles of a large memory hold no candidate of any query of the block (at
+                # 14M rows ~89 %, at 1.28M only ~27 %: docs/results.md): one block-wide
                 # reduction decides whether to number and store anything. It tests the raw
-                # products: the row mask is loaded and applied only on the rare tile that
-                # passes, which takes its loads and selects off the path every other tile runs
+                # products: the row mask is loaded and applied only on a tile that passes,
+                # which takes its loads and selects off the path every other tile runs
                 # (benchmarks/kernel_resources.py).
-                if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
-                    row_ok = _row_ok(
-                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
-                        EXCLUDE_REPEATS,
-                    )  # fmt: skip
-                    _append_candidates(
-                        similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
-                        BLOCK_Q, BLOCK_N,
-                    )  # fmt: skip
+                append = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
+                append = True
+            if append:
                 row_ok = _row_ok(
-                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
-                        EXCLUDE_REPEATS,
-                    )  # fmt: skip
+                    valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
+                )
                 _append_candidates(
                     similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
                     out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
@@ -210,9 +203,8 @@ if triton is not None:
             # into the wgmma accumulator's initial value, and with a branch after the product
             # ptxas then serialises its wgmma instructions (C7520, session 9).
             row_ok = _row_ok(
-                        valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS,
-                        EXCLUDE_REPEATS,
-                    )  # fmt: skip
+                valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
+            )
             similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
             # A larger tile maximum replaces the smallest kept one.
             tile_max = tl.max(similarities, axis=1)
@@ -290,7 +282,7 @@ if triton is not None:
         # No row-end masks in the loop: with at least BLOCK_N rows (SHIFT_LAST_TILE) a partial
         # last tile is shifted back to end at the last row, and the rows it repeats are
         # excluded by the row mask (from its first own row on), which the collect pass applies
-        # only on the rare tile with a candidate. (A separate masked tail tile cost the loop
+        # only on a tile with a candidate. (A separate masked tail tile cost the loop
         # registers: larger tiles spilled.) Smaller memories and bulk copies keep row-end masks.
         tile_offsets = tl.arange(0, BLOCK_N)
         if not TMA_LOADS:  # int64 offsets: rows × dim passes 2**31 beyond ~16M 128-d rows
