@@ -29,6 +29,7 @@ from look.losses.look_terms_triton import compile_terms_kernels
 from look.search_triton import (
     KERNEL_CONFIGS,
     compile_kernel,
+    compile_selection_kernels,
     cubin_resources,
     cuobjdump,
     wgmma_serialization,
@@ -153,9 +154,19 @@ def main() -> None:
         terms.append({"kernel": f"terms_{name}", **resources})
         print(f"loss terms, {name}: registers {resources.get('reg')}, spill stack "
               f"{resources.get('stack')} B")  # fmt: skip
+    # The fused selections of a 256-query, k = 200 search over 1.28M rows.
+    selections = []
+    for name, compiled in zip(
+        ("bound_radix_select", "candidate_sort"), compile_selection_kernels(args.capability),
+        strict=True,
+    ):  # fmt: skip
+        resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+        selections.append({"kernel": name, **resources})
+        print(f"selection, {name}: registers {resources.get('reg')}, spill stack "
+              f"{resources.get('stack')} B")  # fmt: skip
     report = {
         "triton": triton.__version__, "capability": args.capability, "kernels": rows,
-        "loss_terms_kernels": terms,
+        "loss_terms_kernels": terms, "selection_kernels": selections,
     }  # fmt: skip
     Path(args.output).write_text(json.dumps(report, indent=2))
 

@@ -105,6 +105,8 @@ def _count_fused_kernel_launches() -> None:
         (fused_terms, "_terms_forward_kernel"),
         (fused_terms, "_terms_backward_kernel"),
         (fused_search, "_knn_tiles_kernel"),
+        (fused_search, "_kth_largest_kernel"),
+        (fused_search, "_select_candidates_kernel"),
     ):
         setattr(module, name, _CountedKernel(name, getattr(module, name)))
 

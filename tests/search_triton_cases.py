@@ -124,6 +124,73 @@ def case_a_row_repeated_by_the_shifted_last_tile_counts_once() -> None:
             assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
 
 
+def case_fused_selections_match_pytorchs() -> None:
+    """The bound's radix select and the candidates' in-register sort against torch.sort: ties,
+    -inf, k = 1 and k = every column, rows that are a strided view, candidate rows with garbage
+    past their count (the collect pass never writes there), an overflowed row, the own row left
+    out, fewer candidates than k."""
+    import look.search_triton as search_triton
+
+    generator = torch.Generator().manual_seed(9)
+    wide = torch.randn(6, 1100, generator=generator).round(decimals=1)  # many ties
+    wide[0, 500:] = float("-inf")
+    wide[1] = float("-inf")
+    values = wide[:, :1000]  # a view: row stride 1,100
+    for k in (1, 7, 500, 1000):
+        fused = search_triton._kth_largest(values, k, "fused")
+        expected = values.sort(dim=1, descending=True).values[:, k - 1]
+        assert torch.equal(fused, expected), (k, fused, expected)
+
+    capacity, k = 300, 20
+    candidates = torch.randn(5, capacity, generator=generator).round(decimals=2)
+    rows = torch.randperm(100_000, generator=generator)[: 5 * capacity].view(5, capacity)
+    counts = torch.tensor([300, 12, 0, 301, 150], dtype=torch.int32)  # full, few, none, overflow
+    garbage = torch.arange(capacity) >= counts.clamp(max=capacity).unsqueeze(1)
+    candidates[garbage] = float("nan")
+    rows[garbage] = 7
+    query_ids = rows[:, 3].clone()  # each query's own row sits in its buffer (unless past count)
+    for ids in (None, query_ids):
+        fused = search_triton._select_candidates(candidates, rows, counts, ids, k, "fused")
+        torch_path = search_triton._select_candidates(candidates, rows, counts, ids, k, "sort")
+        assert torch.equal(fused[1] >= 0, torch_path[1] >= 0)
+        assert_same_neighbours(KnnResult(*fused), KnnResult(*torch_path), atol=0)
+    fused_values, fused_rows = search_triton._select_candidates(
+        candidates, rows, counts, query_ids, k, "fused"
+    )
+    assert not (fused_rows == query_ids.unsqueeze(1)).any()  # the own row left out
+    assert bool((fused_values[1, 11:] == float("-inf")).all())  # 12 candidates, one own row
+    assert bool((fused_rows[2] == -1).all()) and not fused_values.isnan().any()
+
+
+def case_a_failing_selection_kernel_warns_once_and_selects_with_pytorch() -> None:
+    import warnings
+
+    import look.search_triton as search_triton
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("no such kernel on this GPU")
+
+            return launch
+
+    original = search_triton._kth_largest_kernel
+    search_triton._kth_largest_kernel = Broken()
+    values = torch.randn(4, 50)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = search_triton._kth_largest(values, 5, "fused")
+            second = search_triton._kth_largest(values, 5, "fused")
+        messages = [str(w.message) for w in caught if "selection kernels failed" in str(w.message)]
+        assert len(messages) == 1, messages
+        expected = values.sort(dim=1, descending=True).values[:, 4]
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+    finally:
+        search_triton._kth_largest_kernel = original
+        search_triton._fused_select_failed = False
+
+
 def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> None:
     """Valid rows only in the first tiles: fewer than k + 1 sampled tile maxima are finite, the
     bound is -inf, and the collect pass widens it to the lowest finite value (every valid row,

@@ -16,6 +16,8 @@ from look.search_triton import (
     KERNEL_CONFIGS,
     SearchKernelConfig,
     compile_kernel,
+    compile_selection_kernels,
+    cubin_resources,
     serialization_reason,
     triton_available,
     wgmma_serialization,
@@ -75,6 +77,15 @@ def test_every_tuner_config_compiles_for_hopper(config: SearchKernelConfig, coll
 def test_default_config_compiles_for_other_gpus(capability: int, dtype: str, collect: bool) -> None:
     shared = _shared_memory(KERNEL_CONFIGS[0], collect=collect, capability=capability, dtype=dtype)
     assert shared <= _SHARED_MEMORY_LIMIT[capability]
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_fused_selections_compile_without_spilling(capability: int) -> None:
+    """The bound's radix select and the candidates' in-register sort (4,096 packed int64 keys
+    over 8 warps) of the default search, as a 256-query, k = 200 search launches them."""
+    for compiled in compile_selection_kernels(capability):
+        resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+        assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources
 
 
 @pytest.mark.parametrize("collect", [False, True])

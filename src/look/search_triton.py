@@ -52,6 +52,7 @@ __all__ = [
     "SearchKernelConfig",
     "compile_for_capability",
     "compile_kernel",
+    "compile_selection_kernels",
     "cubin_resources",
     "cuobjdump",
     "fused_knn_search",
@@ -321,6 +322,66 @@ if triton is not None:
             )
 
 
+if triton is not None:
+
+    @triton.jit
+    def _ordered_key(values):
+        """int32 keys that order like the fp32 ``values`` (as signed integers): negative floats
+        have their magnitude bits flipped."""
+        bits = values.to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    @triton.jit
+    def _kth_largest_kernel(values_ptr, out_ptr, columns, stride_row, k, BLOCK: tl.constexpr):
+        """``out[row]``: the ``k``-th largest of ``values[row, :columns]``, by a 32-step radix
+        select on order-preserving keys (the largest key t with at least k keys >= t)."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        values = tl.load(
+            values_ptr + row.to(tl.int64) * stride_row + offs,
+            mask=offs < columns,
+            other=float("-inf"),
+        )
+        # Unsigned keys (the sign bit flipped), so that bits are set from the top down.
+        keys = (_ordered_key(values) ^ -2147483648).to(tl.uint32, bitcast=True)
+        threshold = tl.zeros([], dtype=tl.uint32)
+        for bit in tl.static_range(31, -1, -1):
+            trial = threshold | (1 << bit)
+            count = tl.sum((keys >= trial).to(tl.int32), axis=0)
+            threshold = tl.where(count >= k, trial, threshold)
+        key = threshold.to(tl.int32, bitcast=True) ^ -2147483648
+        bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+        tl.store(out_ptr + row, bits.to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _select_candidates_kernel(
+        values_ptr, indices_ptr, counts_ptr, query_ids_ptr, out_values_ptr, out_indices_ptr,
+        capacity, k, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The ``k`` largest of a query's ``counts[row]`` candidates (its own row, with
+        ``query_ids``, left out), sorted descending, with their memory rows; -inf / -1 where it
+        has fewer. One program per query: the candidates' keys and slots, packed into int64,
+        are sorted in registers."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        count = tl.minimum(tl.load(counts_ptr + row), capacity)
+        filled = offs < count
+        base = row.to(tl.int64) * capacity
+        values = tl.load(values_ptr + base + offs, mask=filled, other=float("-inf"))
+        if HAS_IDS:
+            rows = tl.load(indices_ptr + base + offs, mask=filled, other=-1)
+            values = tl.where(rows == tl.load(query_ids_ptr + row), float("-inf"), values)
+        packed = (_ordered_key(values).to(tl.int64) << 32) | offs.to(tl.int64)
+        ordered = tl.sort(packed, descending=True)
+        slots = (ordered & 0xFFFFFFFF).to(tl.int32)
+        key = (ordered >> 32).to(tl.int32)
+        best = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+        found = (offs < k) & (best > float("-inf"))
+        best_rows = tl.load(indices_ptr + base + slots, mask=found, other=-1)
+        tl.store(out_values_ptr + row.to(tl.int64) * k + offs, best, mask=offs < k)
+        tl.store(out_indices_ptr + row.to(tl.int64) * k + offs, best_rows, mask=offs < k)
+
+
 @dataclass(frozen=True)
 class SearchKernelConfig:
     """Tile sizes and launch settings of the search kernel (``block_q`` is capped by the batch)."""
@@ -329,7 +390,9 @@ class SearchKernelConfig:
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 4
-    select: str = "sort"  # how the bound and the final k are picked: torch "topk" or "sort"
+    # How the bound and the final k are picked: "fused" (two Triton kernels: a radix select of
+    # the bound, a sort of each query's candidates in registers), or PyTorch's "sort" / "topk".
+    select: str = "fused"
     # How the collect pass numbers its candidates: "scan" (one atomic per query row and tile,
     # then a prefix sum over the tile) or "atomic" (one atomic per candidate, no prefix sum;
     # faster at every size of the second H100 tuning, docs/results.md).
@@ -349,9 +412,11 @@ class SearchKernelConfig:
 
 
 # Candidates tried by tune_kernel_config; the default is the first (among the fastest at every
-# size of the second H100 tuning, docs/results.md; pointer loads work on any GPU).
+# size of the second H100 tuning, docs/results.md; pointer loads work on any GPU; the fused
+# selections since session 10, not yet timed on a GPU: the last config is the same tiles with
+# torch.sort, the default before).
 KERNEL_CONFIGS = (
-    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic"),
     SearchKernelConfig(64, 32, 4, 4, "sort", "scan"),
     SearchKernelConfig(128, 32, 4, 3, "sort", "scan"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "scan"),
@@ -370,7 +435,7 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", skip_empty_tiles=False),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", skip_empty_tiles=False),
     SearchKernelConfig(64, 32, 4, 4, "sort", "scan", tile_stride=2),
-    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", tile_stride=2),
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(32, 64, 4, 3, "sort", "atomic"),
     # Fewer stages, more resident blocks: sm_90 fits 5 blocks of the 2-stage atomic collect pass
     # per SM (94 registers, 40 KB shared) against 3 of the default (145 registers, 56 KB).
@@ -387,10 +452,12 @@ KERNEL_CONFIGS = (
     # spends more instructions per similarity than larger tiles (per-tile address arithmetic,
     # loop and reductions). Larger tiles lost session 8's tuning while ptxas serialised their
     # wgmma (fixed since: the row mask above); these are worth timing again.
-    SearchKernelConfig(256, 32, 8, 3, "sort", "atomic"),
-    SearchKernelConfig(256, 64, 8, 3, "sort", "atomic"),
-    SearchKernelConfig(128, 64, 4, 2, "sort", "atomic"),
-    SearchKernelConfig(128, 32, 4, 3, "sort", "atomic"),
+    SearchKernelConfig(256, 32, 8, 3, "fused", "atomic"),
+    SearchKernelConfig(256, 64, 8, 3, "fused", "atomic"),
+    SearchKernelConfig(128, 64, 4, 2, "fused", "atomic"),
+    SearchKernelConfig(128, 32, 4, 3, "fused", "atomic"),
+    # The default's tiles with PyTorch's selection (the default until session 10).
+    SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -406,14 +473,112 @@ def set_kernel_config(config: SearchKernelConfig) -> None:
     _kernel_config = config
 
 
+SELECTIONS = ("fused", "sort", "topk")
+
+
 def _largest(values: Tensor, k: int, select: str) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest entries of each row, sorted descending, and their columns."""
-    if select == "sort":  # a segmented sort can beat topk's radix select for short rows
-        ordered, order = values.sort(dim=1, descending=True)
-        return ordered[:, :k], order[:, :k]
-    if select != "topk":
-        raise ValueError(f"select must be 'topk' or 'sort', got {select!r}")
-    return values.topk(k, dim=1, largest=True, sorted=True)
+    """The ``k`` largest entries of each row, sorted descending, and their columns (PyTorch:
+    ``"topk"``, or a segmented ``"sort"``, which can beat topk's radix select for short rows
+    and also serves ``"fused"`` where its kernels do not apply)."""
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    if select == "topk":
+        return values.topk(k, dim=1, largest=True, sorted=True)
+    ordered, order = values.sort(dim=1, descending=True)
+    return ordered[:, :k], order[:, :k]
+
+
+# Largest row (power of two) the fused selections hold in registers: the bound's radix select
+# and the candidates' sort (packed int64 keys; 4,096 for k = 200 with s = 4).
+_FUSED_BOUND_COLUMNS = 16384
+_FUSED_CANDIDATES = 4096
+_fused_select_failed = False
+
+
+def _fused_select_applies(select: str, columns: int, limit: int) -> bool:
+    """Whether the fused selection of rows of ``columns`` entries (at most ``limit``) runs."""
+    block = _next_power_of_two(max(columns, 16))
+    return select == "fused" and not _fused_select_failed and block <= limit
+
+
+def _fused_select_failure(error: Exception) -> None:
+    """Warn once that the fused selections failed (e.g. a compiler error on this GPU); the
+    search then selects with PyTorch's sort for the rest of the process."""
+    global _fused_select_failed
+    _fused_select_failed = True
+    warnings.warn(
+        f"the fused search's selection kernels failed ({type(error).__name__}: {error}); "
+        "selecting with torch.sort instead (same results, more kernels per search)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _selection_launch(columns: int, *, bound: bool) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of a fused selection over rows of ``columns`` entries: the bound's
+    radix select keeps up to 32 entries per thread, the candidates' sort 8 warps."""
+    block = _next_power_of_two(max(columns, 16))
+    return block, (max(4, min(16, block // 512)) if bound else 8)
+
+
+def _kth_largest(values: Tensor, k: int, select: str) -> Tensor:
+    """``(B,)``: the ``k``-th largest entry of each row of ``values`` (fp32)."""
+    rows, columns = values.shape
+    if values.stride(1) == 1 and _fused_select_applies(select, columns, _FUSED_BOUND_COLUMNS):
+        block, warps = _selection_launch(columns, bound=True)
+        out = torch.empty(rows, dtype=torch.float32, device=values.device)
+        try:
+            _kth_largest_kernel[(rows,)](
+                values, out, columns, values.stride(0), k, BLOCK=block, num_warps=warps
+            )
+            return out
+        except Exception as error:  # any kernel failure: warn once, select with PyTorch
+            _fused_select_failure(error)
+    return _largest(values, k, select)[0][:, k - 1]
+
+
+def _select_candidates(
+    values: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    query_ids: Tensor | None,
+    k: int,
+    select: str,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of each query's candidates (the first ``counts`` slots of ``values`` /
+    ``indices``, ``(B, capacity)``), without its own row with ``query_ids``, sorted
+    descending: ``(B, k)`` values and memory rows, -inf / -1 where there are fewer."""
+    batch, capacity = values.shape
+    contiguous = values.is_contiguous() and indices.is_contiguous()
+    if contiguous and k <= capacity and _fused_select_applies(select, capacity, _FUSED_CANDIDATES):
+        block, warps = _selection_launch(capacity, bound=False)
+        out_values = torch.empty(batch, k, dtype=torch.float32, device=values.device)
+        out_indices = torch.empty(batch, k, dtype=torch.int64, device=values.device)
+        ids = query_ids if query_ids is not None else counts  # (never read without ids)
+        try:
+            _select_candidates_kernel[(batch,)](
+                values, indices, counts, ids, out_values, out_indices, capacity, k,
+                HAS_IDS=query_ids is not None, BLOCK=block, num_warps=warps,
+            )  # fmt: skip
+            return out_values, out_indices
+        except Exception as error:  # any kernel failure: warn once, select with PyTorch
+            _fused_select_failure(error)
+    # PyTorch: slots past a query's count are masked here (the kernel never reads them).
+    neg_inf = float("-inf")
+    unfilled = torch.arange(capacity, device=values.device) >= counts.unsqueeze(1)
+    values = values.masked_fill(unfilled, neg_inf)
+    if query_ids is not None:
+        # Leave-one-out: the query's own row (at most one candidate) leaves the buffer, and the
+        # k largest of the rest are the top k of the other rows (the bound holds for k + 1 of
+        # all rows).
+        values = values.masked_fill(indices == query_ids.unsqueeze(1), neg_inf)
+    keep = min(k, capacity)
+    top_values, order = _largest(values, keep, select)
+    top_indices = indices.gather(1, order)
+    if keep < k:
+        top_values = torch.cat([top_values, top_values.new_full((batch, k - keep), neg_inf)], 1)
+        top_indices = torch.cat([top_indices, top_indices.new_full((batch, k - keep), -1)], 1)
+    return top_values, top_indices.masked_fill(top_values == neg_inf, -1)
 
 
 def _next_power_of_two(value: int) -> int:
@@ -650,20 +815,20 @@ def fused_knn_search(
     capacity = plan.capacity
 
     # Pass 1: tile maxima over every s-th tile.
-    neg_inf = float("-inf")
     if plan.has_bound:
         tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
         _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max).launch()
         clock.lap("bound_pass")
         # (the collect pass widens it by a margin: WIDEN_BOUND in the kernel)
-        bound = _largest(tile_max, search_k, config.select)[0][:, search_k - 1]
+        bound = _kth_largest(tile_max, search_k, config.select)
         clock.lap("bound_topk")
     else:  # too few tiles for a bound: collect every candidate (small memories)
         bound = torch.full((batch,), torch.finfo(torch.float32).min, device=device)
 
-    # Pass 2: collect every similarity >= bound into a per-query buffer.
-    out_values = torch.full((batch, capacity), neg_inf, dtype=torch.float32, device=device)
-    out_indices = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
+    # Pass 2: collect every similarity >= bound into a per-query buffer (only the first
+    # counts[q] slots of a query's row are written, and only those are read).
+    out_values = torch.empty(batch, capacity, dtype=torch.float32, device=device)
+    out_indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
     _kernel_pass(
         queries, memory, valid, plan, config,
@@ -671,35 +836,27 @@ def fused_knn_search(
     ).launch()  # fmt: skip
 
     clock.lap("collect_pass")
-    if query_ids is not None:
-        # Leave-one-out: the query's own row (at most one candidate; unfilled slots hold -1)
-        # leaves the buffer, and the k largest of the rest are the top k of the other rows (the
-        # bound holds for k + 1 of all rows).
-        own = out_indices == query_ids.to(device=device, dtype=torch.int64).unsqueeze(1)
-        out_values = out_values.masked_fill(own, neg_inf)
-    keep = min(k, capacity)
-    values, order = _largest(out_values, keep, config.select)
-    indices = out_indices.gather(1, order)
-    if keep < k:
-        values = torch.cat([values, values.new_full((batch, k - keep), neg_inf)], dim=1)
-        indices = torch.cat([indices, indices.new_full((batch, k - keep), -1)], dim=1)
-    indices = indices.masked_fill(values == neg_inf, -1)
+    ids = None if query_ids is None else query_ids.to(device=device, dtype=torch.int64)
+    values, indices = _select_candidates(out_values, out_indices, counts, ids, k, config.select)
     clock.lap("select_topk")
     if timings is not None:
         timings["mean_candidates"] = float(counts.float().mean())
-        timings["hit_tile_frac"] = _hit_tile_fraction(out_indices, plan, config.block_n)
+        timings["hit_tile_frac"] = _hit_tile_fraction(out_indices, counts, plan, config.block_n)
     return values, indices, counts > capacity
 
 
-def _hit_tile_fraction(candidates: Tensor, plan: _SearchPlan, block_n: int) -> float:
+def _hit_tile_fraction(
+    candidates: Tensor, counts: Tensor, plan: _SearchPlan, block_n: int
+) -> float:
     """Of all (query block, tile) pairs of the collect pass, the fraction whose tile kept a
-    candidate for some query of the block: the tiles that took the append path (for benchmarks;
-    a tile whose only passing rows were excluded also took it, and is not counted)."""
-    batch = candidates.shape[0]
+    candidate for some query of the block (the first ``counts`` rows of ``candidates``): the
+    tiles that took the append path (for benchmarks; a tile whose only passing rows were
+    excluded also took it, and is not counted)."""
+    batch, capacity = candidates.shape
     block_of = torch.arange(batch, device=candidates.device) // plan.block_q
-    tiles = candidates // block_n
-    keys = block_of.unsqueeze(1) * plan.total_tiles + tiles
-    hit = torch.unique(keys[candidates >= 0]).numel()
+    filled = torch.arange(capacity, device=candidates.device) < counts.unsqueeze(1)
+    keys = block_of.unsqueeze(1) * plan.total_tiles + candidates // block_n
+    hit = torch.unique(keys[filled]).numel()
     return hit / (plan.query_blocks * plan.total_tiles)
 
 
@@ -761,10 +918,12 @@ def compile_kernel(
     valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
     plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)
     if collect:
-        # The bound is a column of the selection's output, as in fused_knn_search (its stride
-        # is an argument that Triton specialises on).
+        # The bound is the fused selection's output or a column of PyTorch's, as in
+        # fused_knn_search (its stride is an argument that Triton specialises on).
         bound = torch.empty(batch, device=meta)
-        if plan.has_bound:
+        if plan.has_bound and not _fused_select_applies(
+            config.select, plan.bound_columns, _FUSED_BOUND_COLUMNS
+        ):
             tile_maxima = torch.empty(batch, plan.bound_columns, device=meta)
             bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
         kernel_pass = _kernel_pass(
@@ -781,6 +940,38 @@ def compile_kernel(
         _knn_tiles_kernel, kernel_pass.arguments, kernel_pass.constexprs, capability,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+
+
+def compile_selection_kernels(
+    capability: int, *, batch: int = 256, rows: int = 1_281_167, k: int = 200
+) -> tuple[object, object]:
+    """Compile the fused selections (the bound's radix select and the leave-one-out candidate
+    sort) for CUDA compute capability ``capability`` without a GPU, with the arguments a search
+    of ``batch`` queries for ``k`` neighbours over ``rows`` rows passes under the default config
+    on a 132-SM GPU (for CI and ``benchmarks/kernel_resources.py``)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    meta = torch.device("meta")
+    plan = _search_plan(batch, rows, k + 1, KERNEL_CONFIGS[0], multiprocessors=132)
+    columns, capacity = plan.bound_columns, plan.capacity
+    block, warps = _selection_launch(columns, bound=True)
+    bound = compile_for_capability(
+        _kth_largest_kernel,
+        (torch.empty(batch, columns, device=meta), torch.empty(batch, device=meta), columns,
+         columns, k + 1),
+        {"BLOCK": block}, capability, num_warps=warps, num_stages=1,
+    )  # fmt: skip
+    block, warps = _selection_launch(capacity, bound=False)
+    candidates = compile_for_capability(
+        _select_candidates_kernel,
+        (torch.empty(batch, capacity, device=meta),
+         torch.empty(batch, capacity, dtype=torch.int64, device=meta),
+         torch.empty(batch, dtype=torch.int32, device=meta),
+         torch.empty(batch, dtype=torch.int64, device=meta), torch.empty(batch, k, device=meta),
+         torch.empty(batch, k, dtype=torch.int64, device=meta), capacity, k),
+        {"HAS_IDS": True, "BLOCK": block}, capability, num_warps=warps, num_stages=1,
+    )  # fmt: skip
+    return bound, candidates
 
 
 def compile_for_capability(
