@@ -24,6 +24,13 @@ from look.search_triton import (
 from tests.interpreter_cases import run_cases
 from tests.neighbour_checks import assert_same_neighbours, overflowing_look_step
 
+# The interpreter runs the fused selections' in-register sort one program at a time, far slower
+# than torch.sort: the cases select with PyTorch, except those that test the fused selections
+# (case_fused_selections_match_pytorchs, case_a_search_with_the_fused_selections_matches_the_scan).
+FUSED_SELECTIONS = get_kernel_config()
+assert FUSED_SELECTIONS.select == "fused"
+set_kernel_config(dataclasses.replace(FUSED_SELECTIONS, select="sort"))
+
 
 def _check_same(query: torch.Tensor, memory: torch.Tensor, k: int, **kwargs: object) -> None:
     assert fused_search_supported(query, memory, memory_ids=None)
@@ -160,6 +167,23 @@ def case_fused_selections_match_pytorchs() -> None:
     assert not (fused_rows == query_ids.unsqueeze(1)).any()  # the own row left out
     assert bool((fused_values[1, 11:] == float("-inf")).all())  # 12 candidates, one own row
     assert bool((fused_rows[2] == -1).all()) and not fused_values.isnan().any()
+
+
+def case_a_search_with_the_fused_selections_matches_the_scan() -> None:
+    """The default config's fused selections inside the search: with a bound (leave-one-out, a
+    valid mask), and without one (a small memory: every valid row is a candidate)."""
+    generator = torch.Generator().manual_seed(10)
+    for batch, rows, k in [(7, 3000, 10), (5, 500, 20)]:
+        query = F.normalize(torch.randn(batch, 32, generator=generator), dim=1)
+        memory = F.normalize(torch.randn(rows, 32, generator=generator), dim=1).half()
+        valid = torch.rand(rows, generator=generator) > 0.2
+        ids = torch.randint(0, rows, (batch,), generator=generator)
+        values, indices, overflowed = fused_knn_search(
+            query, memory, k, query_ids=ids, memory_valid=valid, config=FUSED_SELECTIONS
+        )
+        assert not overflowed.any()
+        scan = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="torch")
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
 
 
 def case_a_failing_selection_kernel_warns_once_and_selects_with_pytorch() -> None:

@@ -30,7 +30,7 @@ def test_fused_search_equals_scan_in_triton_interpreter() -> None:
         timeout=600,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(": ok") == 18, completed.stdout
+    assert completed.stdout.count(": ok") == 19, completed.stdout
 
 
 def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:
@@ -76,18 +76,21 @@ def test_a_failing_kernel_warns_once_and_auto_falls_back_to_the_scan(
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_hit_tile_fraction_counts_each_tile_once_per_query_block() -> None:
     """The benchmark figure of how many (query block, tile) pairs take the append path: a tile
-    counts once per block however many of the block's queries keep rows in it; unfilled slots
-    (-1) count for nothing."""
+    counts once per block however many of the block's queries keep rows in it; slots past a
+    query's count (never written) count for nothing."""
     from look.search_triton import KERNEL_CONFIGS, _hit_tile_fraction, _search_plan
 
     plan = _search_plan(32, 320, 2, KERNEL_CONFIGS[0], multiprocessors=132)
     assert (plan.block_q, plan.query_blocks, plan.total_tiles) == (32, 1, 10)
-    candidates = torch.full((32, 4), -1)
-    candidates[0] = torch.tensor([0, 31, 32, -1])  # tiles 0, 0, 1
-    candidates[5] = torch.tensor([33, 319, -1, -1])  # tiles 1, 9
-    assert _hit_tile_fraction(candidates, plan, 32) == 3 / 10
+    candidates = torch.full((32, 4), 7)  # past each query's count: never read
+    counts = torch.zeros(32, dtype=torch.int32)
+    candidates[0], counts[0] = torch.tensor([0, 31, 32, 7]), 3  # tiles 0, 0, 1
+    candidates[5], counts[5] = torch.tensor([33, 319, 7, 7]), 2  # tiles 1, 9
+    assert _hit_tile_fraction(candidates, counts, plan, 32) == 3 / 10
     # Two blocks of 16 queries: the same tiles count again for the second block.
     plan = _search_plan(32, 320, 2, dataclasses.replace(KERNEL_CONFIGS[0], block_q=16),
                         multiprocessors=132)  # fmt: skip
-    candidates[20] = torch.tensor([0, 64, 65, -1])  # block 1: tiles 0, 2
-    assert _hit_tile_fraction(candidates, plan, 32) == (3 + 2) / 20
+    candidates[20], counts[20] = torch.tensor([0, 64, 65, 7]), 3  # block 1: tiles 0, 2
+    assert _hit_tile_fraction(candidates, counts, plan, 32) == (3 + 2) / 20
+    counts[20] = 5  # an overflowed query: all its slots were written
+    assert _hit_tile_fraction(candidates, counts, plan, 32) == (3 + 2) / 20
