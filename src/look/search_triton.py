@@ -325,11 +325,21 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _ordered_key(values):
-        """int32 keys that order like the fp32 ``values`` (as signed integers): negative floats
-        have their magnitude bits flipped."""
-        bits = values.to(tl.int32, bitcast=True)
+    def _flip_negative_magnitudes(bits):
+        """fp32 bits (as int32) ↔ int32 keys that order like the floats, as signed integers:
+        a negative value has its magnitude bits flipped. The map is its own inverse (the sign
+        bit is kept), so it turns keys back into float bits too."""
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    @triton.jit
+    def _ordered_key(values):
+        """int32 keys that order like the fp32 ``values`` (as signed integers)."""
+        return _flip_negative_magnitudes(values.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _key_value(keys):
+        """The fp32 values of :func:`_ordered_key`'s keys."""
+        return _flip_negative_magnitudes(keys).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _kth_largest_kernel(values_ptr, out_ptr, columns, stride_row, k, BLOCK: tl.constexpr):
@@ -350,8 +360,7 @@ if triton is not None:
             count = tl.sum((keys >= trial).to(tl.int32), axis=0)
             threshold = tl.where(count >= k, trial, threshold)
         key = threshold.to(tl.int32, bitcast=True) ^ -2147483648
-        bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-        tl.store(out_ptr + row, bits.to(tl.float32, bitcast=True))
+        tl.store(out_ptr + row, _key_value(key))
 
     @triton.jit
     def _select_candidates_kernel(
@@ -374,8 +383,7 @@ if triton is not None:
         packed = (_ordered_key(values).to(tl.int64) << 32) | offs.to(tl.int64)
         ordered = tl.sort(packed, descending=True)
         slots = (ordered & 0xFFFFFFFF).to(tl.int32)
-        key = (ordered >> 32).to(tl.int32)
-        best = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+        best = _key_value((ordered >> 32).to(tl.int32))
         found = (offs < k) & (best > float("-inf"))
         best_rows = tl.load(indices_ptr + base + slots, mask=found, other=-1)
         tl.store(out_values_ptr + row.to(tl.int64) * k + offs, best, mask=offs < k)
@@ -747,7 +755,7 @@ def _kernel_pass(
         "SHIFT_LAST_TILE": shift_last_tile,
         # A shifted last tile repeats rows of the tile before it. The bound pass must not count
         # them twice only if it reads every tile (s = 1); with s >= 2 the repeated rows belong
-        # to a tile it skips. The collect pass checks them on its rare append path.
+        # to a tile it skips. The collect pass checks them on its append path only.
         "EXCLUDE_REPEATS": shift_last_tile and (collect or plan.tile_stride == 1),
     }
     programs = plan.collect_programs if collect else plan.bound_programs
