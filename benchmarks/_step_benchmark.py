@@ -49,7 +49,8 @@ def trainer_step(
     CUDA, backward (through DDP's gradient all-reduce when ``model`` is wrapped), then the
     per-step check (loss finite? search exact? agreed over ranks: one all-reduce and one host
     read, after the backward and the method's memory write are queued; an inexact step is
-    recomputed exactly), an SGD step and the method's ``after_optimizer_step``.
+    recomputed exactly), an SGD step and the method's ``after_optimizer_step``. Like the
+    trainer's steps that are not logged, the method computes no diagnostic metrics.
 
     ``model`` is ``method`` or its DDP wrapper; ``next_batch`` gives each step's batch. Each
     phase runs under a ``step/<phase>`` profiler label (``_trace_gaps.py`` reads them).
@@ -62,6 +63,8 @@ def trainer_step(
     )
     amp = device.type == "cuda"
     method.defer_exactness_check = loss_check  # the check below reads the flag, as the trainer
+    # As the trainer's steps between two logged ones (9 in 10 by default): no diagnostics.
+    method.wants_metrics = False
 
     def forward_backward(batch: Batch) -> StepOutput:
         with (

@@ -87,16 +87,20 @@ def _in_step_search(step: Callable[[], None], steps: int) -> dict[str, object]:
     images), its memory's valid mask and leave-one-out. Runs ``steps`` steps with the search's
     phase timings on (which synchronise the GPU: a diagnosis, not a step time) and returns the
     mean time of each phase per call, the candidates per query, the fraction of (query block,
-    tile) pairs that took the append path and the fraction of queries whose buffer overflowed.
+    tile) pairs that took the append path, the fraction of queries whose buffer overflowed and
+    the fraction of calls that passed a valid mask (none once the memory knows it is full).
     The search alone (``search_figures``) uses random queries, which may find their
     candidates differently. No calls (e.g. on CPU, where the step scans): ``{"calls": 0}``."""
     import look.search as search_module
 
     original = search_module.fused_knn_search
     phases: dict[str, float] = {}
-    per_call: dict[str, list[float]] = {"mean_candidates": [], "hit_tile_frac": [], "overflow": []}
+    per_call: dict[str, list[float]] = {
+        "mean_candidates": [], "hit_tile_frac": [], "overflow": [], "masked": []
+    }  # fmt: skip
 
     def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        per_call["masked"].append(float(kwargs.get("memory_valid") is not None))
         values, indices, overflowed = original(*args, **kwargs, timings=phases)
         per_call["mean_candidates"].append(phases.pop("mean_candidates"))
         per_call["hit_tile_frac"].append(phases.pop("hit_tile_frac"))
@@ -157,6 +161,7 @@ def _step_fn(  # type: ignore[no-untyped-def]
     *,
     memory_write: bool = True,
     write_after_optimizer_step: bool = False,
+    known_full: bool = True,
 ):
     backbone, dim = create_backbone(args.backbone, small_stem=args.small_stem)
     method = build_method(
@@ -176,6 +181,10 @@ def _step_fn(  # type: ignore[no-untyped-def]
             bank.labels.copy_(torch.randint(0, args.classes, (rows,), device=device))
             bank.ids.copy_(torch.arange(rows, device=device))
             bank.valid.fill_(True)
+            if known_full:  # as a run past its first epoch: the search takes no mask
+                bank.check_full()
+            else:  # as the first epoch, or before session 11: the valid mask in every search
+                bank.search_valid = lambda: bank.valid  # type: ignore[method-assign]
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(
         memory_format=memory_format
     )
@@ -323,8 +332,9 @@ def main() -> None:
         "--variants",
         action="store_true",
         help="also time the LOOK step without its memory write, with the write after the "
-        "optimizer step (as before session 8) instead of before the host read, and with the "
-        "loss terms in PyTorch instead of the fused kernels",
+        "optimizer step (as before session 8) instead of before the host read, with the valid "
+        "mask in the search (a memory not known to be full), and with the loss terms in "
+        "PyTorch instead of the fused kernels",
     )
     args = parser.parse_args()
 
@@ -451,13 +461,14 @@ def main() -> None:
                 f"{rows:>10} rows: the step's own search: {phases_ms} ms; "
                 f"{in_step['mean_candidates']:.0f} candidates per query, "
                 f"{in_step['hit_tile_frac']:.1%} of block tiles appended, "
-                f"{in_step['overflow']:.1%} overflowed"
+                f"{in_step['overflow']:.1%} overflowed, {in_step['masked']:.0%} with the valid mask"
             )
         del look_step
         if args.variants:
             for variant, options in (
                 ("look_step_no_write_ms", {"memory_write": False}),
                 ("look_step_write_after_optimizer_ms", {"write_after_optimizer_step": True}),
+                ("look_step_masked_ms", {"known_full": False}),
             ):
                 entry[variant] = measure(
                     _step_fn(look_cfg, args, rows, device, **options), args.steps, args.warmup
@@ -471,7 +482,8 @@ def main() -> None:
             print(
                 f"{rows:>10} rows: LOOK step without memory write "
                 f"{entry['look_step_no_write_ms']:.1f} ms, write after the optimizer step "
-                f"{entry['look_step_write_after_optimizer_ms']:.1f} ms, loss terms in PyTorch "
+                f"{entry['look_step_write_after_optimizer_ms']:.1f} ms, search with the valid "
+                f"mask {entry['look_step_masked_ms']:.1f} ms, loss terms in PyTorch "
                 f"{entry['look_step_pytorch_terms_ms']:.1f} ms"
             )
         if args.scan_step:

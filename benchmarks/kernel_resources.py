@@ -3,7 +3,8 @@
     python benchmarks/kernel_resources.py --output kernel_resources.json [--capability 90]
 
 Each config of ``look.search_triton.KERNEL_CONFIGS`` is compiled (bound pass and collect pass, bf16
-memory of 128-d rows, with a valid mask) for the given CUDA compute capability by Triton and its
+memory of 128-d rows, with a valid mask, or with ``--no-valid`` without one as a memory known to be
+full is searched) for the given CUDA compute capability by Triton and its
 bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per thread and the stack
 (spill) bytes from the binary, and for Hopper ``ptxas -v`` says whether it serialises the
 ``wgmma`` instructions (each waits for the one before) and why. From the SASS (``cuobjdump
@@ -110,12 +111,18 @@ def main() -> None:
         "--configs", type=int, nargs="+", default=None,
         help="positions in look.search_triton.KERNEL_CONFIGS (default: every config)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-valid", action="store_true",
+        help="compile the search without a valid mask, as a memory known to be full searches",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     configs = KERNEL_CONFIGS if args.configs is None else [KERNEL_CONFIGS[i] for i in args.configs]
     for config in configs:
         for collect in (False, True):
-            compiled = compile_kernel(config, collect=collect, capability=args.capability)
+            compiled = compile_kernel(
+                config, collect=collect, capability=args.capability, has_valid=not args.no_valid
+            )
             resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
             resources["blocks_per_sm"] = blocks_per_sm(
@@ -165,7 +172,8 @@ def main() -> None:
         print(f"selection, {name}: registers {resources.get('reg')}, spill stack "
               f"{resources.get('stack')} B")  # fmt: skip
     report = {
-        "triton": triton.__version__, "capability": args.capability, "kernels": rows,
+        "triton": triton.__version__, "capability": args.capability,
+        "valid_mask": not args.no_valid, "kernels": rows,
         "loss_terms_kernels": terms, "selection_kernels": selections,
     }  # fmt: skip
     Path(args.output).write_text(json.dumps(report, indent=2))

@@ -9,7 +9,8 @@ answers False, as on a GPU), with a small MLP as backbone and a 4,096-row fp32 b
 the chunked scan (the fused search needs a GPU). The fused loss terms run through Triton's CPU
 interpreter (this script sets ``TRITON_INTERPRET=1``); each of their launches counts as one
 operation. Prints and writes: forward and backward operations of a CE, an SL-MLP and a LOOK step
-(with the fused loss terms, and with the loss terms in PyTorch), and the operations of the LOOK
+(with the fused loss terms, and with the loss terms in PyTorch) as the trainer takes the steps it
+does not log (no diagnostic metrics), of a logged CE and LOOK step, and the operations of the LOOK
 loss terms, of one memory write and of one fused search (the GPU's, here in the interpreter)
 alone.
 """
@@ -144,10 +145,12 @@ def _batch(seed: int) -> Batch:
     )
 
 
-def _step_operations(method_cfg: dict[str, Any]) -> dict[str, int]:
+def _step_operations(method_cfg: dict[str, Any], *, logged: bool = False) -> dict[str, int]:
+    """A step that is not logged (the trainer's 9 in 10: no diagnostics), or one that is."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(48, 64))
     method = build_method(method_cfg, backbone, 64, MethodContext(CLASSES, ROWS))
+    method.wants_metrics = logged
     method(_batch(0)).loss.backward()  # warm (a first write fills part of a bank)
     method.after_optimizer_step(0.5)
     with OperationCounter() as forward:
@@ -198,14 +201,16 @@ def main() -> None:
     _count_fused_kernel_launches()
     report: dict[str, Any] = {"torch": torch.__version__, "batch": BATCH, "rows": ROWS}
     look_cfg = {"name": "look", "k": 20, "chunk_size": 1 << 20}
-    for name, cfg, fused in (
-        ("ce", {"name": "ce"}, True),
-        ("sl_mlp", {"name": "sl_mlp"}, True),
-        ("look", look_cfg, True),
-        ("look_pytorch_terms", look_cfg, False),
+    for name, cfg, fused, logged in (
+        ("ce", {"name": "ce"}, True, False),
+        ("ce_logged", {"name": "ce"}, True, True),
+        ("sl_mlp", {"name": "sl_mlp"}, True, False),
+        ("look", look_cfg, True, False),
+        ("look_logged", look_cfg, True, True),
+        ("look_pytorch_terms", look_cfg, False, False),
     ):
         with fused_terms.fused_terms_enabled(fused):
-            report[name] = _step_operations(cfg)
+            report[name] = _step_operations(cfg, logged=logged)
         print(f"{name}: {report[name]}")
     report["look_parts"] = _loss_and_write_operations()
     if fused_search.triton_available():

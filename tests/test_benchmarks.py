@@ -60,13 +60,15 @@ def test_in_step_search_times_the_fused_search_the_step_calls(
     monkeypatch.setattr(search_module, "fused_knn_search", stand_in)
     batches = iter([torch.zeros(4, 8), torch.zeros(8, 8)])
 
+    masks = iter([torch.ones(5, dtype=torch.bool), None])  # a memory found full after one step
+
     def step() -> None:
-        search_module.fused_knn_search(next(batches), None, 3)
+        search_module.fused_knn_search(next(batches), None, 3, memory_valid=next(masks))
 
     figures = _in_step_search(step, 2)
     assert figures == {
         "calls": 2, "phases_ms": {"collect_pass": pytest.approx(2.0)},
-        "mean_candidates": 46.0, "hit_tile_frac": 0.25, "overflow": 0.25,
+        "mean_candidates": 46.0, "hit_tile_frac": 0.25, "overflow": 0.25, "masked": 0.5,
     }  # fmt: skip
     assert search_module.fused_knn_search is stand_in  # put back
     assert _in_step_search(lambda: None, 3) == {"calls": 0}
@@ -107,7 +109,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert figures["targets"]["met"]["search_2048"] == (entry["search_over_read"] <= 3.0)
     assert entry["look_step_compiled_terms_ms"] > 0, entry.get("look_step_compiled_terms_error")
     assert entry["look_step_no_write_ms"] > 0 and entry["look_step_write_after_optimizer_ms"] > 0
-    assert entry["look_step_pytorch_terms_ms"] > 0
+    assert entry["look_step_pytorch_terms_ms"] > 0 and entry["look_step_masked_ms"] > 0
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
     assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
@@ -328,6 +330,9 @@ def test_summarize_ablations_means_over_seeds_and_dedupes(tmp_path: Path) -> Non
 def test_look_step_ops_benchmark_counts_more_operations_for_look(tmp_path: Path) -> None:
     report = _run_benchmark(tmp_path, "look_step_ops.py", timeout=300)
     assert report["look"]["forward"] > report["ce"]["forward"] > 0
+    # A logged step adds the diagnostics' operations; the others (the trainer's 9 in 10) do not.
+    assert report["look_logged"]["forward"] > report["look"]["forward"]
+    assert report["ce_logged"]["forward"] > report["ce"]["forward"]
     # Under the accelerator policy LOOK writes its memory after the optimizer step.
     assert report["look"]["after_optimizer_step"] == report["look_parts"]["memory_write"] > 0
     if triton_available():  # the fused loss terms, in Triton's interpreter: fewer kernels

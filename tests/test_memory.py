@@ -466,3 +466,72 @@ def test_load_rejects_corrupt_queue_pointer() -> None:
     state["ptr"] = torch.tensor(7)
     with pytest.raises(ValueError, match="pointer 7"):
         MemoryQueue(5, DIM).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- search_valid: a full memory
+
+
+def _fill_in_updates(memory: FeatureMemory, rows: int, per_update: int, seed: int = 0) -> None:
+    ids = torch.arange(rows)
+    features = _unit_rows(rows, seed=seed)
+    for start in range(0, rows, per_update):
+        part = slice(start, start + per_update)
+        memory.update(ids[part] % memory.size, features[part], torch.zeros_like(ids[part]))
+
+
+@pytest.mark.parametrize("kind", ["bank", "queue", "bank_fill"])
+def test_a_full_memory_is_searched_without_its_mask(kind: str) -> None:
+    memory: FeatureMemory = MemoryQueue(12, DIM) if kind == "queue" else MemoryBank(12, DIM)
+    assert memory.search_valid() is memory.valid
+    if kind == "bank_fill":  # warm-up writes count too
+        for start in range(0, 12, 2):
+            ids = torch.arange(start, start + 2)
+            memory.fill_(ids, _unit_rows(2, seed=start), torch.zeros_like(ids))  # type: ignore[attr-defined]
+    else:
+        _fill_in_updates(memory, 12, per_update=2)  # 6 updates: full, but not checked yet
+    assert memory.valid.all() and memory.search_valid() is memory.valid
+    _fill_in_updates(memory, 4, per_update=2)  # the 8th update checks
+    assert memory.search_valid() is None
+    _fill_in_updates(memory, 6, per_update=3, seed=1)  # its own writes keep it full
+    assert memory.search_valid() is None
+
+
+def test_a_memory_not_full_keeps_its_mask() -> None:
+    bank = MemoryBank(12, DIM)
+    # Twice as many rows as the bank holds in 12 updates (4 checks), but row 11 never written.
+    for update in range(12):
+        ids = torch.arange(2 * update, 2 * update + 2) % 11
+        bank.update(ids, _unit_rows(2, seed=update), torch.zeros_like(ids))
+    assert not bank.valid[11] and bank.search_valid() is bank.valid
+
+
+@pytest.mark.parametrize("change", ["user", "reset", "load", "data_ptr"])
+def test_a_full_memory_forgets_it_when_valid_changes_otherwise(change: str) -> None:
+    bank = MemoryBank(8, DIM)
+    _fill_in_updates(bank, 16, per_update=2)
+    assert bank.search_valid() is None
+    if change == "user":
+        bank.valid[3] = False
+    elif change == "reset":
+        bank.reset()
+    elif change == "load":
+        half_written = MemoryBank(8, DIM)
+        half_written.update(torch.arange(4), _unit_rows(4), torch.zeros(4, dtype=torch.long))
+        bank.load_state_dict(half_written.state_dict())
+    else:  # a new tensor (as after .to(device)), whatever its version
+        bank.valid = bank.valid.clone()
+    assert bank.search_valid() is bank.valid
+    # ...and it writes on without claiming to be full until a new check says so.
+    bank.update(torch.arange(2), _unit_rows(2), torch.zeros(2, dtype=torch.long))
+    assert bank.search_valid() is bank.valid
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_full_cuda_memory_learns_it_without_waiting() -> None:
+    bank = MemoryBank(64, DIM).cuda()
+    ids = torch.arange(64, device="cuda")
+    for start in range(0, 64, 8):  # 8 updates: the last one queues the check
+        part = ids[start : start + 8]
+        bank.update(part, _unit_rows(8, seed=start).cuda(), torch.zeros_like(part))
+    torch.cuda.synchronize()
+    assert bank.search_valid() is None

@@ -23,6 +23,14 @@ The gather exchanges the ranks' row counts first, a host read every update, unle
 knows the most rows a rank passes (``rows_per_rank``, the per-rank batch size): then every rank
 pads its rows to that size and the write never waits for the device.
 
+``search_valid()`` is what a search should take as its mask: ``valid``, or None once every row is
+known to be written (a search without a mask does less work per row). A full memory stays full
+(writes only mark rows written); the host learns that it is full from a check it queues on the
+device and reads once the result has arrived, never waiting for it. Anything other than this
+memory's own writes that changes ``valid`` in place (a load, ``reset``, a user) moves its version
+counter, and the memory then forgets that it was full (changes through ``valid.data`` are not
+seen: do not make them).
+
 Rows are constants: writes happen under ``no_grad`` and in place. A loss must therefore take the
 rows it differentiates through by indexing (a copy), not keep ``features`` itself in its graph, or
 call ``update`` only after ``backward``.
@@ -59,6 +67,20 @@ _MIN_ROW_NORM = 1e-12
 
 # How many offending ids an error message lists before it stops.
 _MAX_IDS_IN_MESSAGE = 8
+
+# Once as many rows as the memory holds have been passed to it, every this many updates it checks
+# whether every row is written (one reduction over the valid mask, read without waiting), until
+# it is.
+_FULL_CHECK_EVERY = 8
+
+
+def _tensor_state(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """Where ``tensor`` lives and its version counter (bumped by every in-place change), or None
+    for a tensor without one (an inference tensor)."""
+    try:
+        return tensor.data_ptr(), tensor._version
+    except RuntimeError:
+        return None
 
 
 def _resolve_storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -128,6 +150,15 @@ class FeatureMemory(nn.Module):
         self.register_buffer("ids", torch.full((num_rows,), -1, dtype=torch.int64))
         self.register_buffer("valid", torch.zeros(num_rows, dtype=torch.bool))
         self._deferred_checks = DeferredChecks()
+        # What the host knows about `valid` (search_valid): whether every row is written, as of
+        # the mask's state after this memory's last write (_valid_state); a check of it queued
+        # on the device and not read yet; rows passed to update since the start, and updates
+        # since the last check.
+        self._known_full = False
+        self._valid_state = _tensor_state(self.valid)
+        self._full_check: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._rows_passed = 0
+        self._updates_since_check = 0
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -159,6 +190,7 @@ class FeatureMemory(nn.Module):
         self.labels.fill_(-1)
         self.ids.fill_(-1)
         self.valid.fill_(False)
+        self._forget_fullness_if_changed()
 
     @torch.no_grad()
     def update(
@@ -192,7 +224,68 @@ class FeatureMemory(nn.Module):
                 return
             enabled = None
         *rows, present = self._prepare(ids, features, labels, enabled=enabled)
+        self._forget_fullness_if_changed()
         self._write(*rows, present=present, enabled=enabled)
+        self._after_own_write(rows[0].shape[0])
+
+    def search_valid(self) -> torch.Tensor | None:
+        """The mask a search should take: ``valid``, or None once every row is known to be
+        written (see the module doc). Never waits for the device: the check that finds the
+        memory full is read once it has arrived."""
+        self._forget_fullness_if_changed()
+        if self._full_check is not None:
+            host, event = self._full_check
+            if event is None or event.query():
+                self._known_full = bool(host.numpy())
+                self._full_check = None
+        return None if self._known_full else self.valid
+
+    def _forget_fullness_if_changed(self) -> None:
+        """Something other than this memory's writes changed ``valid`` since the last one (a
+        load, a reset, a user, a move to another device): forget whether it is full."""
+        state = _tensor_state(self.valid)
+        if state is None or state != self._valid_state:
+            self._known_full = False
+            self._full_check = None
+            self._valid_state = state
+
+    def check_full(self) -> None:
+        """Check whether every row is written, for a caller that changed ``valid`` itself (e.g.
+        filled the buffers directly): queued on the device, read by a later
+        :meth:`search_valid` once it has arrived. Loads do this themselves."""
+        self._known_full = False
+        self._valid_state = _tensor_state(self.valid)
+        self._queue_full_check()
+
+    def _after_own_write(self, rows: int) -> None:
+        """After a write of ``rows`` rows: a full memory is still full; a memory that has been
+        passed as many rows as it holds checks now and then whether it is."""
+        self._valid_state = _tensor_state(self.valid)
+        self._rows_passed += rows
+        self._updates_since_check += 1
+        if (
+            not self._known_full
+            and self._full_check is None
+            and self._rows_passed >= self.size
+            and self._updates_since_check >= _FULL_CHECK_EVERY
+        ):
+            self._queue_full_check()
+
+    def _queue_full_check(self) -> None:
+        self._updates_since_check = 0
+        self._full_check = None
+        if self._valid_state is None:  # no version counter to guard what the check finds
+            return
+        full = self.valid.all()
+        if full.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(full, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(full.device))
+            self._full_check = (host, event)
+        elif host_reads_are_free(full.device):
+            self._full_check = (full, None)
+        # (other accelerators: no check, so the mask stays; reading it would wait)
 
     @property
     def writes_without_host_reads(self) -> bool:
@@ -403,6 +496,8 @@ class FeatureMemory(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # A resumed run's bank is usually full: check now rather than after another epoch.
+        self.check_full()
 
     def extra_repr(self) -> str:
         dtype_name = str(self.storage_dtype).removeprefix("torch.")
@@ -470,7 +565,9 @@ class MemoryBank(FeatureMemory):
         Same arguments, gathering and validation as :meth:`update`; duplicates: last one wins.
         """
         *rows, _ = self._prepare(ids, features, labels)  # padding rows are not in row_ok
+        self._forget_fullness_if_changed()
         self._store(*self._resolve_rows(*rows))
+        self._after_own_write(rows[0].shape[0])
 
     def _write(
         self,

@@ -210,8 +210,10 @@ class ShardedMemoryBank(MemoryBank):
         """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
         *rows, _ = self._prepare(ids, features, labels)
         owned = self._owned_rows(*rows)
+        self._forget_fullness_if_changed()
         if owned[0].numel() > 0:
             self._store(*self._resolve_rows(*owned))
+        self._after_own_write(rows[0].shape[0])
 
     @torch.no_grad()
     def gather_full_state(self) -> dict[str, Tensor]:
@@ -252,6 +254,7 @@ class ShardedMemoryBank(MemoryBank):
         self.labels.copy_(state["labels"][block])
         self.ids.copy_(state["ids"][block])
         self.valid.copy_(state["valid"][block])
+        self.check_full()
 
     def _load_from_state_dict(
         self,
@@ -563,7 +566,7 @@ def sharded_look_loss_terms(
             memory.features,
             k_eff,
             query_ids=all_ids - memory.shard_start,
-            memory_valid=memory.valid,
+            memory_valid=memory.search_valid(),  # None once every row of the shard is written
             chunk_size=chunk_size,
             query_labels=all_labels if want_nearest else None,
             memory_labels=memory.labels if want_nearest else None,

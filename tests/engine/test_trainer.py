@@ -248,3 +248,27 @@ def test_kill_9_then_rerun_resumes_with_the_identical_curve(tmp_path: Path) -> N
     assert resumed.returncode == 0, output
     assert "resuming" in output
     assert train_losses(tmp_path / "victim") == train_losses(tmp_path / "reference")
+
+
+def test_only_the_logged_steps_compute_diagnostics(tmp_path: Path) -> None:
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config("train.log_every_steps=5", "train.max_steps=7"), tmp_path / "r")
+    asked: list[bool] = []
+    forward = trainer.method.forward
+
+    def spy(batch: Batch) -> Any:
+        asked.append(trainer.method.wants_metrics)
+        return forward(batch)
+
+    trainer.method.forward = spy  # type: ignore[method-assign]
+    trainer.fit()
+    # Steps 5 and 7 (the last) are logged, with LOOK's diagnostics.
+    assert asked == [False, False, False, False, True, False, True]
+    assert trainer.method.wants_metrics
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r for r in rows if r.get("split", "train") == "train" and "loss" in r]
+    assert [r["step"] for r in logged] == [5, 7]
+    assert all("saturated_frac" in r and "memory_filled_frac" in r for r in logged)

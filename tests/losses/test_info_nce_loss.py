@@ -136,3 +136,25 @@ def test_valid_mask_equals_selecting_the_valid_negatives() -> None:
     torch.testing.assert_close(masked_grad, selected_grad)
     with pytest.raises(ValueError, match="negatives_valid must be a bool tensor of shape"):
         info_nce_loss_terms(key, key, negatives, temperature=0.2, negatives_valid=valid[:3])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_negatives_updated_in_place_before_backward(with_mask: bool) -> None:
+    # MoCo enqueues its keys into the queue after the loss and before backward: the product must
+    # have saved a copy of the rows, with or without a mask (a full queue passes none).
+    g = torch.Generator().manual_seed(7)
+    negatives = F.normalize(torch.randn(10, 6, generator=g), dim=1)
+    key = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    mask = {"negatives_valid": torch.ones(10, dtype=torch.bool)} if with_mask else {}
+
+    def grad(update_in_place: bool) -> torch.Tensor:
+        rows = negatives.clone()
+        query = F.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(8)), dim=1)
+        query.requires_grad_(True)
+        loss, _ = info_nce_loss_terms(query, key, rows, temperature=0.2, **mask)  # type: ignore[arg-type]
+        if update_in_place:
+            rows[:4] = key
+        loss.sum().backward()
+        return query.grad  # type: ignore[return-value]
+
+    assert torch.equal(grad(update_in_place=True), grad(update_in_place=False))

@@ -275,3 +275,67 @@ def test_large_fp32_gpu_bank_gets_advice_to_store_bf16() -> None:
     assert slow_search_advice(bank(1_281_167, torch.float32), None, options) is None  # NCA
     scan = LOOKOptions(search_backend="torch")
     assert slow_search_advice(bank(1_281_167, torch.float32), 200, scan) is None
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CFGS))
+def test_a_step_without_diagnostics_has_the_same_loss(name: str) -> None:
+    # The trainer's steps that are not logged (wants_metrics False): the loss alone, unchanged.
+    losses, keys = [], []
+    for wants_metrics in (True, False):
+        torch.manual_seed(0)
+        method = build_method(METHOD_CFGS[name], TinyBackbone(), 12, CTX)
+        method.wants_metrics = wants_metrics
+        for step in range(2):  # the second step searches a memory the first one wrote
+            out = method(make_batch(16, method.num_views, num_classes=3, seed=step))
+            method.after_optimizer_step(0.5)
+        losses.append(out.loss.detach())
+        keys.append(set(out.metrics))
+    assert torch.equal(losses[0], losses[1])
+    assert keys[1] == {"loss"} and len(keys[0]) > 1 and "loss" in keys[0]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {
+            "name": "look",
+            "k": 40,
+            "search_backend": "auto",
+            **SMALL_HEAD,
+        },  # the loss's B × N product
+        {"name": "look", "k": 5, "search_backend": "torch", **SMALL_HEAD},  # the chunked scan
+        {"name": "look", "k": 5, "memory": "queue", "queue_size": 32, **SMALL_HEAD},
+        {"name": "nca", **SMALL_HEAD},
+        METHOD_CFGS["mocov2"],
+    ],
+    ids=["look_dense", "look_scan", "look_queue", "nca", "mocov2"],
+)
+def test_a_full_memory_searched_without_its_mask_gives_the_same_steps(
+    cfg: dict[str, object],
+) -> None:
+    # Once the memory knows it is full it passes no mask (FeatureMemory.search_valid): the same
+    # losses and gradients to the bit as a memory that keeps passing its all-True mask.
+    runs = []
+    for keep_mask in (False, True):
+        torch.manual_seed(0)
+        method = build_method(cfg, TinyBackbone(), 12, CTX)
+        memory = method.queue if cfg["name"] == "mocov2" else method.memory
+        if keep_mask:
+            memory.search_valid = lambda memory=memory: memory.valid  # type: ignore[method-assign]
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+        losses, unmasked = [], []
+        for step in range(14):  # 64 rows, 16 per step: full after 4 steps, checked at the 8th
+            unmasked.append(memory.search_valid() is None)
+            out = method(
+                make_batch(16, method.num_views, num_classes=3, seed=step, offset=16 * step % 64)
+            )
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            method.after_optimizer_step(step / 14)
+            losses.append(out.loss.detach())
+        runs.append((losses, unmasked, [p.detach().clone() for p in method.parameters()]))
+    (losses, unmasked, params), (losses_masked, still_masked, params_masked) = runs
+    assert any(unmasked) and not any(still_masked)
+    assert all(torch.equal(a, b) for a, b in zip(losses, losses_masked, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(params, params_masked, strict=True))

@@ -508,6 +508,10 @@ class Trainer:
                 if self.global_step >= self.total_steps:
                     return
 
+    def _logs_step(self, step: int) -> bool:
+        """Whether the metrics of step ``step`` (counted from 1) are logged."""
+        return step % self.cfg.train.log_every_steps == 0 or step == self.total_steps
+
     def _reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(metrics)
         stacked = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
@@ -646,16 +650,15 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         current_epoch = self.global_step // self.steps_per_epoch
         for epoch, batch in self._batches():
+            # Only the steps that are logged compute the methods' diagnostics.
+            self.method.wants_metrics = self._logs_step(self.global_step + 1)
             metrics = self._step(epoch, batch)
             self.scheduler.step()
             self.global_step += 1
             self._finish_step(skipped=metrics is None)
             window_images += self.global_batch
             progress.update(1)
-            if metrics is not None and (
-                self.global_step % self.cfg.train.log_every_steps == 0
-                or self.global_step == self.total_steps
-            ):
+            if metrics is not None and self._logs_step(self.global_step):
                 values = self._reduce_metrics(metrics)
                 elapsed = time.perf_counter() - window_start
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -686,6 +689,7 @@ class Trainer:
                 with self._step_errors("saving the checkpoint"):
                     self.save()
         progress.close()
+        self.method.wants_metrics = True  # for whoever calls the method after training
         if self.global_step == 0 or not self.checkpoint_dir.exists():
             self.save()
         result = TrainResult(

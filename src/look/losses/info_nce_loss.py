@@ -70,12 +70,12 @@ def info_nce_loss_terms(
     with autocast_disabled(device):
         queries = query.to(dtype)
         positive_logits = (queries * positive_key.to(device, dtype)).sum(dim=1, keepdim=True)
-        if negatives_valid is None:
-            negative_logits = queries @ negatives.detach().to(device, dtype).T
-        else:
-            usable = negatives_valid.to(device)
-            negative_rows = _constant_rows(negatives.to(device), dtype, usable)
-            negative_logits = (queries @ negative_rows.T).masked_fill(~usable, float("-inf"))
+        # A copy of the rows in both cases: a queue updated in place before backward must not
+        # be what autograd saved for the product.
+        usable = None if negatives_valid is None else negatives_valid.to(device)
+        negative_logits = queries @ _constant_rows(negatives.to(device), dtype, usable).T
+        if usable is not None:
+            negative_logits = negative_logits.masked_fill(~usable, float("-inf"))
         logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
         targets = torch.zeros(query.shape[0], dtype=torch.int64, device=device)
         loss = F.cross_entropy(logits, targets, reduction="none")

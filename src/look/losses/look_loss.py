@@ -371,12 +371,13 @@ def _dense_search(
     """
     neg_inf = float("-inf")
     rows = _constant_rows(memory, queries.dtype, memory_valid)
+    # The bias gives unwritten rows -inf for the search (cheaper than a mask pass over B × N).
+    # Without a mask it is zero: the same addmm either way, so a memory that is found full
+    # (FeatureMemory.search_valid) gives bit-identical similarities to one searched with its mask.
+    bias = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
     if memory_valid is not None:
-        # The bias gives unwritten rows -inf for the search (cheaper than a mask pass over B × N).
-        bias = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
-        similarities = torch.addmm(bias.masked_fill_(~memory_valid, neg_inf), queries, rows.T)
-    else:
-        similarities = queries @ rows.T
+        bias.masked_fill_(~memory_valid, neg_inf)
+    similarities = torch.addmm(bias, queries, rows.T)
     # The search writes its exclusions into the product itself: no B × N copy. Safe for
     # autograd, whose saved tensors for the product are its inputs, not its output, and the
     # loss only ever reads the entries the search selects, which are never excluded ones.

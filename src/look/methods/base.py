@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -109,6 +109,10 @@ class Method(nn.Module):
     # train.nan_policy stops or skips): a method then lets a non-finite embedding give a NaN
     # loss instead of raising on it, so that the policy decides, on the CPU as on a GPU.
     caller_checks_loss: bool = False
+    # Set False by a caller that reads nothing of a step's metrics but the loss (the trainer,
+    # on the steps it does not log): the method then leaves its diagnostics out, each a few
+    # small kernels on a GPU (step_metrics).
+    wants_metrics: bool = True
 
     def __init__(self, options: Any, backbone: nn.Module, feature_dim: int, ctx: MethodContext):
         super().__init__()
@@ -139,6 +143,16 @@ class Method(nn.Module):
     @property
     def needs_warmup_pass(self) -> bool:
         return False
+
+    def step_metrics(
+        self, loss: torch.Tensor, diagnostics: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """A step's metrics: the detached loss, and what ``diagnostics()`` returns (computed
+        only when :attr:`wants_metrics`)."""
+        metrics = {"loss": loss.detach()}
+        if self.wants_metrics:
+            metrics.update(diagnostics())
+        return metrics
 
     @torch.no_grad()
     def warmup_step(self, batch: Batch) -> None:

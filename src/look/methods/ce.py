@@ -45,5 +45,10 @@ class CrossEntropy(Method):
             logits, batch.labels, reduction="none", label_smoothing=self.options.label_smoothing
         )
         loss = global_masked_mean(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
-        accuracy = (logits.argmax(1) == batch.labels).float().mean()
-        return StepOutput(loss, {"loss": loss.detach(), "train_acc": accuracy.detach()})
+        return StepOutput(
+            loss,
+            self.step_metrics(
+                loss,
+                lambda: {"train_acc": (logits.detach().argmax(1) == batch.labels).float().mean()},
+            ),
+        )

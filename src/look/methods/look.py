@@ -240,7 +240,8 @@ class LOOK(Method):
                 # A bank's written rows hold their own dataset index (ids == row), which lets the
                 # search exclude each query's row cheaply; a queue needs the explicit ids.
                 memory_ids=None if self.options.memory == "bank" else self.memory.ids,
-                memory_valid=self.memory.valid,
+                # None once every row is written: the search then skips the mask.
+                memory_valid=self.memory.search_valid(),
                 no_positive=self.options.no_positive,
                 chunk_size=self.options.chunk_size,
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
@@ -248,22 +249,30 @@ class LOOK(Method):
                 check_finite_query=not self.caller_checks_loss,
             )
         loss = global_masked_mean(terms.loss, terms.valid)
-        metrics = {
-            "look_loss": loss.detach(),
-            "dropped_frac": 1.0 - terms.valid.float().mean(),
-            "positive_in_topk_frac": terms.positive_in_topk.float().mean(),
-            "neighbour_agreement": terms.neighbour_agreement.mean(),
-            # Queries whose k neighbours all share their label have p_i = 1: zero loss, zero
-            # gradient. A high fraction means LOOK has stopped learning from most images.
-            "saturated_frac": (terms.valid & (terms.neighbour_agreement >= 1.0)).float().mean(),
-            # (a sum over the bools: .float().mean() would write an fp32 copy of the whole
-            # mask every step, 57 MB at 14M rows)
-            "memory_filled_frac": self.memory.valid.sum() / self.memory.valid.numel(),
-        }
+        ce = None
         if self.classifier is not None:
             ce = F.cross_entropy(self.classifier(features).float(), batch.labels)
-            metrics["ce_loss"] = ce.detach()
-            loss = loss + self.options.ce_weight * ce
+        total = loss if ce is None else loss + self.options.ce_weight * ce
+
+        def diagnostics() -> dict[str, torch.Tensor]:
+            valid, agreement = terms.valid, terms.neighbour_agreement
+            values = {
+                "look_loss": loss.detach(),
+                "dropped_frac": 1.0 - valid.float().mean(),
+                "positive_in_topk_frac": terms.positive_in_topk.float().mean(),
+                "neighbour_agreement": agreement.mean(),
+                # Queries whose k neighbours all share their label have p_i = 1: zero loss, zero
+                # gradient. A high fraction means LOOK has stopped learning from most images.
+                "saturated_frac": (valid & (agreement >= 1.0)).float().mean(),
+                # (a sum over the bools: .float().mean() would write an fp32 copy of the whole
+                # mask, 57 MB at 14M rows)
+                "memory_filled_frac": self.memory.valid.sum() / self.memory.valid.numel(),
+            }
+            if ce is not None:
+                values["ce_loss"] = ce.detach()
+            return values
+
+        metrics = self.step_metrics(total, diagnostics)
         # Written after the loss: this batch's rows are never its own neighbours this step.
         self.queue_memory_write(
             self.memory,
@@ -272,8 +281,7 @@ class LOOK(Method):
             batch.labels,
             later=write_later,
         )
-        metrics["loss"] = loss.detach()
-        return StepOutput(loss, metrics, inexact=terms.inexact)
+        return StepOutput(total, metrics, inexact=terms.inexact)
 
     @contextlib.contextmanager
     def exact_redo(self) -> Iterator[None]:

@@ -82,7 +82,7 @@ class MoCoV2(Method):
         # would make the host wait for the GPU every step.
         per_sample, valid = info_nce_loss_terms(
             query, key, self.queue.features.float(), temperature=self.options.temperature,
-            negatives_valid=self.queue.valid,
+            negatives_valid=self.queue.search_valid(),
         )  # fmt: skip
         loss = global_masked_mean(per_sample, valid)
         # Labels go into the queue only because the memory stores them; they are never read.
@@ -94,8 +94,13 @@ class MoCoV2(Method):
             torch.zeros_like(batch.labels),
             later=self.defer_memory_writes,
         )
+        # (a sum over the bools: .float().mean() would first write a float copy of the mask)
         return StepOutput(
-            loss, {"loss": loss.detach(), "queue_filled_frac": self.queue.valid.float().mean()}
+            loss,
+            self.step_metrics(
+                loss,
+                lambda: {"queue_filled_frac": self.queue.valid.sum() / self.queue.valid.numel()},
+            ),
         )
 
     def _shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:

@@ -54,5 +54,6 @@ class SupCon(Method):
             anchor_positions=positions,
         )
         loss = global_masked_mean(per_anchor, valid)
-        metrics = {"loss": loss.detach(), "no_positive_frac": 1.0 - valid.float().mean()}
-        return StepOutput(loss, metrics)
+        return StepOutput(
+            loss, self.step_metrics(loss, lambda: {"no_positive_frac": 1.0 - valid.float().mean()})
+        )
