@@ -279,3 +279,19 @@ def test_owners_products_in_chunks_of_queries_give_the_same_terms(
     (loss, grad), (chunked_loss, chunked_grad) = results
     assert bool(grad.abs().sum() > 0)
     assert torch.equal(chunked_loss, loss) and torch.equal(chunked_grad, grad)
+
+
+def test_a_loaded_full_bank_is_searched_without_its_mask() -> None:
+    # A resumed run: the loaded shard is checked at once, not after another epoch of writes.
+    replicated, _ = _filled_pair()  # 30 of 40 rows written
+    partial = ShardedMemoryBank(NUM_SAMPLES, DIM)
+    partial.load_full_state_(replicated.state_dict())
+    assert partial.search_valid() is partial.valid
+    rest = torch.arange(NUM_SAMPLES)[~replicated.valid]
+    replicated.update(rest, torch.randn(len(rest), DIM), torch.zeros_like(rest))
+    full = ShardedMemoryBank(NUM_SAMPLES, DIM)
+    full.load_full_state_(replicated.state_dict())
+    assert full.search_valid() is None
+    reloaded = ShardedMemoryBank(NUM_SAMPLES, DIM)
+    reloaded.load_state_dict(full.state_dict())
+    assert reloaded.search_valid() is None
