@@ -2,7 +2,8 @@
 # One prepared GPU session (the `device` tool lends an H100 for ~15 minutes): the CUDA tests (fused
 # search, fused loss terms, sync-free LOOK step) and the step/search benchmark of issue 5 (kernel
 # tuning over the "scan" and "atomic" collect variants, per-phase times, host syncs per step, the
-# LOOK step without its memory write, with the write after the optimizer step, with its loss
+# LOOK step without its memory write, with the write after the optimizer step, with the valid
+# mask in every search (a bank not known to be full), with its loss
 # terms in PyTorch instead of the fused kernels and with those PyTorch terms compiled, the
 # search's phases, candidates and appended tiles for the step's own queries, a profile and a
 # trace of LOOK and CE steps with where the GPU idles). Every stage has its own time limit;
@@ -20,7 +21,8 @@ export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 
 echo "== stage 1: CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
-  tests/losses/test_look_terms_cuda.py tests/test_host_sync_cuda.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+  tests/losses/test_look_terms_cuda.py tests/test_host_sync_cuda.py \
+  tests/test_memory.py::test_a_full_cuda_memory_learns_it_without_waiting 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 echo "== stage 2: gpu_step benchmark"
 timeout "${STAGE2_S:-400}" python3 benchmarks/gpu_step.py --scan-step --tune --variants --compiled-terms \
