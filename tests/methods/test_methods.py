@@ -339,3 +339,17 @@ def test_a_full_memory_searched_without_its_mask_gives_the_same_steps(
     assert any(unmasked) and not any(still_masked)
     assert all(torch.equal(a, b) for a, b in zip(losses, losses_masked, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(params, params_masked, strict=True))
+
+
+@pytest.mark.parametrize("no_positive", ["drop", "nearest"])
+def test_look_with_k_1_warns_that_it_learns_nothing(no_positive: str) -> None:
+    cfg = {**METHOD_CFGS["look"], "k": 1, "no_positive": no_positive}
+    with pytest.warns(RuntimeWarning, match="k=1 learns nothing"):
+        method = build_method(cfg, TinyBackbone(), 12, CTX)
+    # What the warning says: every step's loss is exactly zero, also with queries that have
+    # their one neighbour (not all dropped).
+    for step in range(3):
+        out = method(make_batch(16, 1, num_classes=3, seed=step, offset=16 * step))
+        method.after_optimizer_step(0.5)
+        assert out.loss.item() == 0.0
+    assert out.metrics["dropped_frac"].item() < 1.0

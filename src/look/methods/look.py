@@ -141,6 +141,16 @@ class LOOK(Method):
                 f"leave-one-out leaves at most {memory_rows - 1} neighbours. Use "
                 f"k <= {memory_rows - 1}{nca}."
             )
+        if options.k == 1:
+            # Measured (docs/results.md): the probe ends where the random initialisation starts.
+            warnings.warn(
+                "LOOK with k=1 learns nothing: with one neighbour p_i is 1 (it shares the label, "
+                "zero loss) or 0 (dropped; with no_positive=nearest swapped for a same-label row, "
+                "so 1 again), so the loss and its gradient are always 0. Use k >= 2"
+                + (f" (k_fraction={options.k_fraction} gave k=1)" if options.k_fraction else ""),
+                RuntimeWarning,
+                stacklevel=2,
+            )
         memory_momentum = options.memory_momentum if options.memory_update == "momentum" else 0.0
         if options.memory == "sharded_bank":
             # Reads rank and world size from torch.distributed: the trainer builds the method
