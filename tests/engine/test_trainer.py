@@ -272,3 +272,41 @@ def test_only_the_logged_steps_compute_diagnostics(tmp_path: Path) -> None:
     logged = [r for r in rows if r.get("split", "train") == "train" and "loss" in r]
     assert [r["step"] for r in logged] == [5, 7]
     assert all("saturated_frac" in r and "memory_filled_frac" in r for r in logged)
+
+
+def test_a_logged_step_is_written_after_the_next_steps_host_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a logged step's metrics at once would make the host wait for the GPU a second time
+    # in that step; they are written after the next step's own read, and before any checkpoint.
+    from look.engine.metrics_log import MetricsLogger
+    from look.engine.trainer import Trainer
+
+    events: list[str] = []
+    log = MetricsLogger.log
+
+    def spy_log(self: MetricsLogger, step: int, values: Any, split: str = "train") -> None:
+        events.append(f"{split}{step}")
+        log(self, step, values, split=split)
+
+    monkeypatch.setattr(MetricsLogger, "log", spy_log)
+    overrides = ("train.log_every_steps=2", "train.max_steps=7", "train.checkpoint_every_steps=6")
+    trainer = Trainer(tiny_config(*overrides), tmp_path / "r")
+    forward = trainer.method.forward
+
+    def spy_forward(batch: Batch) -> Any:
+        events.append(f"forward{trainer.global_step + 1}")
+        return forward(batch)
+
+    trainer.method.forward = spy_forward  # type: ignore[method-assign]
+    trainer.fit()
+    # Step 6 ends the epoch (96 images, batch 16) and is checkpointed: logged before both.
+    assert events == [
+        "forward1", "forward2", "forward3", "train2", "forward4", "forward5", "train4",
+        "forward6", "train6", "epoch6", "forward7", "train7",
+    ]  # fmt: skip
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6, 7]
+    assert all(r["lr"] > 0 and "saturated_frac" in r for r in rows if r["split"] == "train")

@@ -183,6 +183,21 @@ class RunningStatistics:
             torch._foreach_copy_(self.live, self.saved)
 
 
+@dataclass
+class _PendingTrainLog:
+    """A logged step's metrics, averaged over ranks on the device and on their way to the host:
+    written by the next step, whose own host read has waited for the GPU long past them, so that
+    logging never makes the host wait (the GPU would then idle while the host logs and launches
+    the next step's first kernels)."""
+
+    step: int
+    host_values: dict[str, float]  # what is known on the host: lr, epoch
+    images_per_s: float  # for the progress bar
+    names: list[str]
+    values: torch.Tensor  # on the host (pinned on CUDA), complete once `ready` has completed
+    ready: torch.cuda.Event | None
+
+
 class Trainer:
     """One pre-training run in ``output_dir``; re-running it resumes from the last good checkpoint."""
 
@@ -303,6 +318,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.inexact_steps_redone = 0  # this session's steps recomputed with the exact search
         self.logger: MetricsLogger | None = None
+        self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
 
     # -- state -------------------------------------------------------------------------------
@@ -338,6 +354,8 @@ class Trainer:
             ) from exc
 
     def save(self) -> None:
+        # The log reaches the checkpoint's step first: a resume truncates it after that step.
+        self._write_train_log()
         # Every rank builds the state (it may be a collective); rank 0 alone writes it.
         state = self.state_dict()
         if is_main_process():
@@ -512,11 +530,43 @@ class Trainer:
         """Whether the metrics of step ``step`` (counted from 1) are logged."""
         return step % self.cfg.train.log_every_steps == 0 or step == self.total_steps
 
-    def _reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _queue_train_log(
+        self, metrics: dict[str, torch.Tensor], epoch: int, images_per_s: float
+    ) -> None:
+        """Average the step's metrics over ranks (a collective) and start copying them to the
+        host; :meth:`_write_train_log` logs them."""
         names = sorted(metrics)
         stacked = torch.stack([metrics[n].detach().float().reshape(()) for n in names])
         stacked = all_reduce_sum(stacked) / get_world_size()
-        return dict(zip(names, stacked.tolist(), strict=True))
+        ready = None
+        if stacked.device.type == "cuda":
+            values = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            values.copy_(stacked, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(stacked.device))
+        else:
+            values = stacked.to("cpu")
+        host_values = {"lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
+        self._pending_log = _PendingTrainLog(
+            self.global_step, host_values, images_per_s, names, values, ready
+        )
+
+    def _write_train_log(self, progress: tqdm | None = None) -> None:
+        """Log the queued step's metrics, if any (before the next step's, an epoch's line and
+        every checkpoint, so that the log stays in step order and a resume finds it complete)."""
+        pending, self._pending_log = self._pending_log, None
+        if pending is None:
+            return
+        if pending.ready is not None:
+            pending.ready.synchronize()  # normally long done: no wait
+        values: dict[str, Any] = dict(zip(pending.names, pending.values.tolist(), strict=True))
+        values.update(pending.host_values)
+        assert self.logger is not None
+        self.logger.log(pending.step, values)
+        if progress is not None:
+            progress.set_postfix(
+                loss=f"{values['loss']:.4f}", img_s=f"{pending.images_per_s:.0f}", refresh=False
+            )
 
     def _forward(self, epoch: int, batch: Batch) -> StepOutput:
         try:
@@ -653,24 +703,19 @@ class Trainer:
             # Only the steps that are logged compute the methods' diagnostics.
             self.method.wants_metrics = self._logs_step(self.global_step + 1)
             metrics = self._step(epoch, batch)
+            self._write_train_log(progress)  # the previous logged step's: on the host by now
             self.scheduler.step()
             self.global_step += 1
             self._finish_step(skipped=metrics is None)
             window_images += self.global_batch
             progress.update(1)
             if metrics is not None and self._logs_step(self.global_step):
-                values = self._reduce_metrics(metrics)
                 elapsed = time.perf_counter() - window_start
-                values["lr"] = self.optimizer.param_groups[0]["lr"]
-                values["epoch"] = epoch
-                images_per_s = window_images / max(elapsed, 1e-9)
-                self.logger.log(self.global_step, values)
-                progress.set_postfix(
-                    loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}", refresh=False
-                )
+                self._queue_train_log(metrics, epoch, window_images / max(elapsed, 1e-9))
                 window_start, window_images = time.perf_counter(), 0
             epoch_done = self.global_step % self.steps_per_epoch == 0
             if epoch_done:
+                self._write_train_log(progress)
                 seconds = time.perf_counter() - epoch_start
                 epoch_seconds.append(seconds)
                 self.logger.log(
@@ -688,6 +733,7 @@ class Trainer:
             ):
                 with self._step_errors("saving the checkpoint"):
                     self.save()
+        self._write_train_log(progress)
         progress.close()
         self.method.wants_metrics = True  # for whoever calls the method after training
         if self.global_step == 0 or not self.checkpoint_dir.exists():
