@@ -293,6 +293,32 @@ def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:
     assert "look_k5                  3 ep: 70.00 (n=1)" in completed.stdout
 
 
+def test_k_sweep_plot_takes_only_runs_that_vary_k(tmp_path: Path) -> None:
+    def look(k: int, seed: int, probe: float, **options: object) -> dict[str, object]:
+        method = {"name": "look", "k": k, "temperature": 0.1, **options}
+        return {"name": f"look_k{k}", "seed": seed, "linear_top1": probe, "knn20_top1": probe - 5,
+                "saturated_frac": 1.0 / k, "dropped_frac": 0.0, "method": json.dumps(method)}  # fmt: skip
+
+    rows = [
+        look(5, 0, 70.0), look(5, 1, 72.0), look(50, 0, 78.0),
+        look(50, 1, 10.0, memory_init="warmup"),  # another experiment: left out
+        {"name": "ce", "seed": 0, "linear_top1": 80.0},
+        {"name": "ce", "seed": 0, "linear_top1": 1.0, "epochs": 10},  # another budget: left out
+    ]  # fmt: skip
+    plan = {"plan": {"epochs": 3, "train_subset": 10_000}}
+    (tmp_path / "a.json").write_text(json.dumps({**plan, "rows": rows}))
+    output = tmp_path / "k.png"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "plot_k_sweep.py"), str(tmp_path / "a.json"),
+         "--output", str(output)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert output.stat().st_size > 0
+    assert "| 0.1 | 5 | 2 | 71.00 ± 1.41 | 66.00 | 20.0 % | 0.0 % |" in completed.stdout
+    assert "| 0.1 | 50 | 1 | 78.00 | 73.00 | 2.0 % | 0.0 % |" in completed.stdout
+    assert "CE: 80.00 over 1 seeds" in completed.stdout
+
+
 def test_summarize_ablations_means_over_seeds_and_dedupes(tmp_path: Path) -> None:
     rows = [
         {
