@@ -14,6 +14,7 @@ NCA (k = every row) at the same budget are horizontal references. Prints the poi
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 # Options a run of the k sweep may set; a run that sets anything else is another experiment.
-_SWEEP_OPTIONS = {"name", "k", "temperature", "head_hidden_dim", "head_out_dim"}
+# (Rows written before an explicit k replaced the recipe's k_fraction carry both; their name
+# holds the k they ran with.)
+_SWEEP_OPTIONS = {"name", "k", "k_fraction", "temperature", "head_hidden_dim", "head_out_dim"}
+_K_IN_NAME = re.compile(r"^look_k(\d+)(?:_|$)")
 _BUDGET = {"epochs": 3, "train_subset": 10_000}
 
 Points = dict[float, dict[int, list[dict[str, Any]]]]
@@ -53,8 +57,11 @@ def load_sweep(paths: list[Path]) -> tuple[Points, dict[str, list[float]]]:
             references[f"NCA (k = all), τ = {method.get('temperature')}"].append(
                 float(run["linear_top1"])
             )
-        elif name == "look" and set(method) <= _SWEEP_OPTIONS and method.get("k"):
-            sweep[float(method.get("temperature", 0.1))][int(method["k"])].append(run)
+        elif name == "look" and set(method) <= _SWEEP_OPTIONS:
+            named = _K_IN_NAME.match(run["name"])
+            k = int(named.group(1)) if named else method.get("k")
+            if k:
+                sweep[float(method.get("temperature", 0.1))][int(k)].append(run)
     return sweep, references
 
 
