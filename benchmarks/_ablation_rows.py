@@ -1,7 +1,9 @@
-"""Reading the result files of ``ablate_look.py`` (shared by the scripts that summarise them)."""
+"""Reading the result files of ``ablate_look.py`` (shared by the scripts that summarise and plot
+them)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -29,3 +31,18 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
             }
             runs[(run["name"], run["epochs"], run["train_subset"], run["seed"])] = run
     return [runs[key] for key in sorted(runs)]
+
+
+def plot_arguments(description: str) -> argparse.Namespace:
+    """``inputs`` (result files) and ``--output`` (the figure), for the scripts that plot them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("inputs", nargs="+", type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    return parser.parse_args()
+
+
+def save_figure(figure: Any, output: Path) -> None:
+    """Write a matplotlib figure to ``output``, its folder created."""
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)

@@ -13,7 +13,6 @@ NCA (k = every row) at the same budget are horizontal references. Prints the poi
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 from collections import defaultdict
@@ -22,7 +21,7 @@ from typing import Any
 
 import matplotlib
 import yaml
-from _ablation_rows import load_runs
+from _ablation_rows import load_runs, plot_arguments, save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -97,17 +96,12 @@ def plot(sweep: Points, references: dict[str, list[float]], output: Path) -> Non
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     probe_axis.set_title("Fashion-MNIST coarse → fine, 10,000 images, 3 epochs")
-    figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=120)
+    save_figure(figure, output)
     plt.close(figure)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", type=Path)
-    parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args()
+    args = plot_arguments(__doc__.splitlines()[0])
     sweep, references = load_sweep(args.inputs)
     if not any(len(by_k) > 1 for by_k in sweep.values()):
         raise SystemExit("no LOOK runs with two or more values of k in the inputs")

@@ -11,13 +11,12 @@ budget, with the standard deviation over seeds as an error bar when there are se
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
-from _ablation_rows import load_runs
+from _ablation_rows import load_runs, plot_arguments, save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -53,17 +52,12 @@ def plot(points: dict[int, dict[str, dict[int, list[float]]]], output: Path) -> 
         axis.set_ylabel("fine-label linear probe (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=120)
+    save_figure(figure, output)
     plt.close(figure)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", type=Path)
-    parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args()
+    args = plot_arguments(__doc__.splitlines()[0])
     points = load_points(args.inputs)
     if not points:
         raise SystemExit("no rows found in the inputs")
