@@ -84,7 +84,7 @@ def _host_syncs(step: Callable[[], None], device: torch.device) -> tuple[int | N
 
 def _in_step_search(step: Callable[[], None], steps: int) -> dict[str, object]:
     """The fused search as a LOOK step calls it: the step's own queries (features of its
-    images), its memory's valid mask and leave-one-out. Runs ``steps`` steps with the search's
+    images), its memory's valid mask (none once the memory knows it is full) and leave-one-out. Runs ``steps`` steps with the search's
     phase timings on (which synchronise the GPU: a diagnosis, not a step time) and returns the
     mean time of each phase per call, the candidates per query, the fraction of (query block,
     tile) pairs that took the append path, the fraction of queries whose buffer overflowed and

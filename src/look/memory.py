@@ -38,6 +38,9 @@ call ``update`` only after ``backward``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -224,9 +227,8 @@ class FeatureMemory(nn.Module):
                 return
             enabled = None
         *rows, present = self._prepare(ids, features, labels, enabled=enabled)
-        self._forget_fullness_if_changed()
-        self._write(*rows, present=present, enabled=enabled)
-        self._after_own_write(rows[0].shape[0])
+        with self._own_write(rows[0].shape[0]):
+            self._write(*rows, present=present, enabled=enabled)
 
     def search_valid(self) -> torch.Tensor | None:
         """The mask a search should take: ``valid``, or None once every row is known to be
@@ -257,9 +259,14 @@ class FeatureMemory(nn.Module):
         self._valid_state = _tensor_state(self.valid)
         self._queue_full_check()
 
-    def _after_own_write(self, rows: int) -> None:
-        """After a write of ``rows`` rows: a full memory is still full; a memory that has been
+    @contextlib.contextmanager
+    def _own_write(self, rows: int) -> Iterator[None]:
+        """Around a write of ``rows`` rows: first forget fullness if something else changed
+        ``valid`` since the last write (its evidence would be lost with this write's state),
+        then record the state after it: a full memory is still full, and a memory that has been
         passed as many rows as it holds checks now and then whether it is."""
+        self._forget_fullness_if_changed()
+        yield
         self._valid_state = _tensor_state(self.valid)
         self._rows_passed += rows
         self._updates_since_check += 1
@@ -565,9 +572,8 @@ class MemoryBank(FeatureMemory):
         Same arguments, gathering and validation as :meth:`update`; duplicates: last one wins.
         """
         *rows, _ = self._prepare(ids, features, labels)  # padding rows are not in row_ok
-        self._forget_fullness_if_changed()
-        self._store(*self._resolve_rows(*rows))
-        self._after_own_write(rows[0].shape[0])
+        with self._own_write(rows[0].shape[0]):
+            self._store(*self._resolve_rows(*rows))
 
     def _write(
         self,

@@ -210,10 +210,9 @@ class ShardedMemoryBank(MemoryBank):
         """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
         *rows, _ = self._prepare(ids, features, labels)
         owned = self._owned_rows(*rows)
-        self._forget_fullness_if_changed()
-        if owned[0].numel() > 0:
-            self._store(*self._resolve_rows(*owned))
-        self._after_own_write(rows[0].shape[0])
+        with self._own_write(rows[0].shape[0]):
+            if owned[0].numel() > 0:
+                self._store(*self._resolve_rows(*owned))
 
     @torch.no_grad()
     def gather_full_state(self) -> dict[str, Tensor]:
