@@ -151,7 +151,9 @@ def case_fused_selections_match_pytorchs() -> None:
     capacity, k = 300, 20
     candidates = torch.randn(5, capacity, generator=generator).round(decimals=2)
     rows = torch.randperm(100_000, generator=generator)[: 5 * capacity].view(5, capacity)
-    counts = torch.tensor([300, 12, 0, 301, 150], dtype=torch.int32)  # full, few, none, overflow
+    # Full, few, none, overflow. 12 and 0 candidates sort 128 slots in the kernel, the others 512.
+    counts = torch.tensor([300, 12, 0, 301, 150], dtype=torch.int32)
+    assert search_triton._small_selection_block(512, k) == 128
     garbage = torch.arange(capacity) >= counts.clamp(max=capacity).unsqueeze(1)
     candidates[garbage] = float("nan")
     rows[garbage] = 7

@@ -119,6 +119,19 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert shard["rows_per_rank"] == 512 and shard["queries"] == 32 and shard["search_ms"] > 0
 
 
+def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
+    """The Nsight Compute target needs CUDA; on CPU its command line at least parses, and the
+    configs gpu_session.sh profiles are the default and a 256-query block."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "search_ncu.py"), "--help"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "--configs" in result.stdout
+    session = (BENCHMARKS / "gpu_session.sh").read_text()
+    assert "search_ncu.py --rows 14197122 --configs 0 23" in session
+    assert KERNEL_CONFIGS[23].block_q == 256 and KERNEL_CONFIGS[23].tile_stride == 2
+
+
 def test_trace_gaps_attributes_each_idle_stretch_to_the_launch_that_ended_it() -> None:
     sys.path.insert(0, str(BENCHMARKS))
     try:

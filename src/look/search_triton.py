@@ -363,17 +363,13 @@ if triton is not None:
         tl.store(out_ptr + row, _key_value(key))
 
     @triton.jit
-    def _select_candidates_kernel(
-        values_ptr, indices_ptr, counts_ptr, query_ids_ptr, out_values_ptr, out_indices_ptr,
+    def _select_sorted(
+        values_ptr, indices_ptr, query_ids_ptr, out_values_ptr, out_indices_ptr, row, count,
         capacity, k, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The ``k`` largest of a query's ``counts[row]`` candidates (its own row, with
-        ``query_ids``, left out), sorted descending, with their memory rows; -inf / -1 where it
-        has fewer. One program per query: the candidates' keys and slots, packed into int64,
-        are sorted in registers."""
-        row = tl.program_id(0)
+        """:func:`_select_candidates_kernel`'s sort over the first ``BLOCK`` slots of ``row``
+        (``count <= BLOCK`` and ``k <= BLOCK``)."""
         offs = tl.arange(0, BLOCK)
-        count = tl.minimum(tl.load(counts_ptr + row), capacity)
         filled = offs < count
         base = row.to(tl.int64) * capacity
         values = tl.load(values_ptr + base + offs, mask=filled, other=float("-inf"))
@@ -388,6 +384,30 @@ if triton is not None:
         best_rows = tl.load(indices_ptr + base + slots, mask=found, other=-1)
         tl.store(out_values_ptr + row.to(tl.int64) * k + offs, best, mask=offs < k)
         tl.store(out_indices_ptr + row.to(tl.int64) * k + offs, best_rows, mask=offs < k)
+
+    @triton.jit
+    def _select_candidates_kernel(
+        values_ptr, indices_ptr, counts_ptr, query_ids_ptr, out_values_ptr, out_indices_ptr,
+        capacity, k, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr, SMALL_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The ``k`` largest of a query's ``counts[row]`` candidates (its own row, with
+        ``query_ids``, left out), sorted descending, with their memory rows; -inf / -1 where it
+        has fewer. One program per query: the candidates' keys and slots, packed into int64,
+        are sorted in registers, over ``SMALL_BLOCK`` slots when the query has no more
+        candidates than that (the usual case: the buffer has room for ~4x the expected count,
+        and a sort's work grows faster than its length), else over ``BLOCK``."""
+        row = tl.program_id(0)
+        count = tl.minimum(tl.load(counts_ptr + row), capacity)
+        if SMALL_BLOCK < BLOCK:
+            if count <= SMALL_BLOCK:
+                _select_sorted(values_ptr, indices_ptr, query_ids_ptr, out_values_ptr,
+                               out_indices_ptr, row, count, capacity, k, HAS_IDS, SMALL_BLOCK)
+            else:
+                _select_sorted(values_ptr, indices_ptr, query_ids_ptr, out_values_ptr,
+                               out_indices_ptr, row, count, capacity, k, HAS_IDS, BLOCK)
+        else:
+            _select_sorted(values_ptr, indices_ptr, query_ids_ptr, out_values_ptr,
+                           out_indices_ptr, row, count, capacity, k, HAS_IDS, BLOCK)
 
 
 @dataclass(frozen=True)
@@ -419,31 +439,25 @@ class SearchKernelConfig:
     loads: str = "pointer"
 
 
-# Candidates tried by tune_kernel_config; the default is the first (among the fastest at every
-# size of the second H100 tuning, docs/results.md; pointer loads work on any GPU; the fused
-# selections since session 10, not yet timed on a GPU: the last config is the same tiles with
-# torch.sort, the default before).
+# Candidates tried by tune_kernel_config; the default is the first. Session 12's H100 tuning
+# (docs/results.md): the fused selections with s = 2 were the fastest or level at every size
+# (1.28M rows: 0.98 ms against 1.34 with s = 4 and 1.57 with torch.sort; 14.2M: 4.31 against
+# 4.28 ms; a sharded rank of 1.77M rows with 2,048 queries: 7.01 against 7.66 ms). Pointer
+# loads work on any GPU. Configs that were 1.55x the fastest or slower at every size of that
+# tuning were dropped (the list of session 11 is in git history).
 KERNEL_CONFIGS = (
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic"),
     SearchKernelConfig(64, 32, 4, 4, "sort", "scan"),
     SearchKernelConfig(128, 32, 4, 3, "sort", "scan"),
-    SearchKernelConfig(128, 64, 4, 3, "sort", "scan"),
-    SearchKernelConfig(64, 64, 4, 4, "sort", "scan"),
-    SearchKernelConfig(64, 64, 4, 4, "topk", "scan"),
-    SearchKernelConfig(128, 64, 4, 3, "topk", "scan"),
-    SearchKernelConfig(256, 64, 8, 3, "sort", "scan"),
-    SearchKernelConfig(128, 128, 8, 3, "sort", "scan"),
+    SearchKernelConfig(64, 32, 4, 4, "topk", "scan"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic"),
     SearchKernelConfig(64, 64, 4, 4, "sort", "atomic"),
     SearchKernelConfig(128, 128, 8, 3, "sort", "atomic"),
-    SearchKernelConfig(64, 32, 4, 4, "topk", "scan"),
-    SearchKernelConfig(64, 32, 4, 4, "topk", "scan", tile_stride=16),
-    SearchKernelConfig(64, 32, 4, 4, "sort", "scan", tile_stride=8),
     SearchKernelConfig(64, 32, 4, 4, "topk", "atomic", tile_stride=16),
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic", skip_empty_tiles=False),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", skip_empty_tiles=False),
     SearchKernelConfig(64, 32, 4, 4, "sort", "scan", tile_stride=2),
-    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(32, 64, 4, 3, "sort", "atomic"),
     # Fewer stages, more resident blocks: sm_90 fits 5 blocks of the 2-stage atomic collect pass
     # per SM (94 registers, 40 KB shared) against 3 of the default (145 registers, 56 KB).
@@ -455,15 +469,19 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 3, "sort", "atomic", loads="tma"),
     SearchKernelConfig(64, 32, 4, 2, "sort", "atomic", loads="tma"),
     SearchKernelConfig(128, 64, 4, 3, "sort", "atomic", loads="tma"),
-    # Session 9 (not yet tuned on a GPU). With 64 queries per block, each of the 4 query blocks
-    # of a 256-query batch reads the whole bank through L2, and in the SASS a 64 × 32 tile
-    # spends more instructions per similarity than larger tiles (per-tile address arithmetic,
-    # loop and reductions). Larger tiles lost session 8's tuning while ptxas serialised their
-    # wgmma (fixed since: the row mask above); these are worth timing again.
+    # Session 9's larger tiles with one warpgroup (4 warps) or two: a warpgroup then holds two
+    # or four 64-row products, ~200 registers, and an SM runs 1-2 blocks, 4-8 warps.
     SearchKernelConfig(256, 32, 8, 3, "fused", "atomic"),
-    SearchKernelConfig(256, 64, 8, 3, "fused", "atomic"),
-    SearchKernelConfig(128, 64, 4, 2, "fused", "atomic"),
     SearchKernelConfig(128, 32, 4, 3, "fused", "atomic"),
+    # Session 12: each 64-query block reads the whole bank through L2 (4x the bank for 256
+    # queries: ~14.5 GB in the 3.2 ms collect pass at 14.2M rows, ~4.5 TB/s). One warpgroup per
+    # 64 queries keeps the default's registers per thread and warps per SM while a block of
+    # 128 or 256 queries reads each tile once for all of them.
+    SearchKernelConfig(128, 32, 8, 4, "fused", "atomic", tile_stride=2),
+    SearchKernelConfig(128, 32, 8, 4, "fused", "atomic"),
+    SearchKernelConfig(256, 32, 16, 3, "fused", "atomic", tile_stride=2),
+    SearchKernelConfig(256, 32, 16, 3, "fused", "atomic"),
+    SearchKernelConfig(128, 64, 8, 3, "fused", "atomic", tile_stride=2),
     # The default's tiles with PyTorch's selection (the default until session 10).
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
 )
@@ -529,6 +547,13 @@ def _selection_launch(columns: int, *, bound: bool) -> tuple[int, int]:
     return block, (max(4, min(16, block // 512)) if bound else 8)
 
 
+def _small_selection_block(block: int, k: int) -> int:
+    """The candidates' sort of a query with at most this many candidates sorts this many slots
+    instead of ``block``: a quarter of the buffer (which has room for ~4x the expected count:
+    ~400 and ~800 candidates in 4,096 slots on the H100's benchmark banks), at least k."""
+    return max(_next_power_of_two(max(k, 1)), block // 4)
+
+
 def _kth_largest(values: Tensor, k: int, select: str) -> Tensor:
     """``(B,)``: the ``k``-th largest entry of each row of ``values`` (fp32)."""
     rows, columns = values.shape
@@ -566,7 +591,8 @@ def _select_candidates(
         try:
             _select_candidates_kernel[(batch,)](
                 values, indices, counts, ids, out_values, out_indices, capacity, k,
-                HAS_IDS=query_ids is not None, BLOCK=block, num_warps=warps,
+                HAS_IDS=query_ids is not None, BLOCK=block,
+                SMALL_BLOCK=_small_selection_block(block, k), num_warps=warps,
             )  # fmt: skip
             return out_values, out_indices
         except Exception as error:  # any kernel failure: warn once, select with PyTorch
@@ -977,7 +1003,8 @@ def compile_selection_kernels(
          torch.empty(batch, dtype=torch.int32, device=meta),
          torch.empty(batch, dtype=torch.int64, device=meta), torch.empty(batch, k, device=meta),
          torch.empty(batch, k, dtype=torch.int64, device=meta), capacity, k),
-        {"HAS_IDS": True, "BLOCK": block}, capability, num_warps=warps, num_stages=1,
+        {"HAS_IDS": True, "BLOCK": block, "SMALL_BLOCK": _small_selection_block(block, k)},
+        capability, num_warps=warps, num_stages=1,
     )  # fmt: skip
     return bound, candidates
 
