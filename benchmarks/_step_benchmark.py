@@ -36,6 +36,27 @@ def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.d
     return statistics.median(times) * 1000.0
 
 
+def interleaved_median_ms(
+    first: Callable[[], object],
+    second: Callable[[], object],
+    rounds: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Median wall times (ms) of ``first`` and ``second``, timed in ``rounds`` alternating
+    blocks of ``steps`` repetitions each (after ``warmup`` of each): a drift in the machine's
+    speed over the measurement (clocks, a busy host) then falls on both alike, and their ratio
+    is not skewed by when each was measured."""
+    first_times: list[float] = []
+    second_times: list[float] = []
+    for _ in range(rounds):
+        first_times.append(median_ms(first, steps, warmup, device))
+        second_times.append(median_ms(second, steps, warmup, device))
+        warmup = 1  # after the first round: one repetition to settle after the other's
+    return statistics.median(first_times), statistics.median(second_times)
+
+
 def trainer_step(
     method: Method,
     model: torch.nn.Module,

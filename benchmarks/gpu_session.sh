@@ -33,7 +33,7 @@ timeout "${STAGE2_S:-400}" python3 benchmarks/gpu_step.py --scan-step --tune --v
 echo "== stage 3: Nsight Compute, the search's kernels at 14.2M rows"
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$ncu_bin" ]; then
-  # Configs 0 (the default: 64 queries x 32 rows per tile, s = 2) and 23 (256 x 32, 16 warps).
+  # Configs 0 (the default: 64 queries x 32 rows per tile, s = 4) and 23 (256 x 32, 16 warps, s = 2).
   timeout "${STAGE3_S:-150}" "$ncu_bin" --profile-from-start off --clock-control none --csv \
     --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section SchedulerStats --section WarpStateStats \

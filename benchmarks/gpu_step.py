@@ -12,8 +12,10 @@ neighbour search alone (``look.search.knn_search``, k=200, ``--batch-size`` quer
 backend (the fused Triton search where it applies, and the chunked PyTorch scan, checked to return
 the same neighbours), one full read of the bank (``bank.sum()``), which is the floor any exact
 search must pay, and the host-device synchronisations of one CE and one LOOK step (CUDA's sync
-debug mode; the trainer's finite-loss check is one). With ``--scan-step`` the LOOK step is also
-timed with the scan forced, the "straightforward" LOOK.
+debug mode; the trainer's finite-loss check is one). The LOOK step is timed in three blocks that
+alternate with blocks of a CE step, and ``look_over_ce`` divides by that CE time
+(``ce_step_adjacent_ms``), so a drift in the machine's speed does not skew the ratio. With
+``--scan-step`` the LOOK step is also timed with the scan forced, the "straightforward" LOOK.
 
 Per rank of a sharded bank over ``--world`` ranks it times the search one rank does: the gathered
 queries of all ranks (``world × batch``) over its ``rows / world`` rows. (The sharded step itself,
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _step_benchmark import median_ms, trainer_step
+from _step_benchmark import interleaved_median_ms, median_ms, trainer_step
 from _trace_gaps import (
     difference_by_op,
     format_difference,
@@ -447,12 +449,21 @@ def main() -> None:
         entry: dict[str, object] = {"kernel_tuning": tune(rows, args.batch_size)}
         reset_peak()
         look_step = _step_fn(look_cfg, args, rows, device)
-        look_ms = measure(look_step, args.steps, args.warmup)
+        for _ in range(args.warmup):
+            look_step()
+        entry["look_peak_mb"] = peak_mb()  # (before a CE model joins it for the timing below)
+        # LOOK and CE alternate in blocks: the ratio does not depend on when each was timed
+        # (session 12 saw the host idle the GPU 2-3x longer per step in one run than another).
+        ce_step = _step_fn({"name": "ce"}, args, 1, device)
+        look_ms, ce_adjacent_ms = interleaved_median_ms(
+            look_step, ce_step, rounds=3, steps=max(1, args.steps // 3), warmup=args.warmup,
+            device=device,
+        )  # fmt: skip
+        del ce_step
         entry.update(
-            look_step_ms=look_ms,
-            look_over_ce=look_ms / ce_ms,
-            look_peak_mb=peak_mb(),
-        )
+            look_step_ms=look_ms, ce_step_adjacent_ms=ce_adjacent_ms,
+            look_over_ce=look_ms / ce_adjacent_ms,
+        )  # fmt: skip
         entry["look_host_syncs"], entry["look_host_sync_sites"] = _host_syncs(look_step, device)
         entry["in_step_search"] = in_step = _in_step_search(look_step, args.steps)
         if in_step["calls"]:
@@ -490,9 +501,10 @@ def main() -> None:
             scan_cfg = {**look_cfg, "search_backend": "torch"}
             scan_step_ms = measure(_step_fn(scan_cfg, args, rows, device), args.steps, args.warmup)
             entry["look_scan_step_ms"] = scan_step_ms
-            entry["look_scan_over_ce"] = scan_step_ms / ce_ms
+            entry["look_scan_over_ce"] = scan_step_ms / ce_adjacent_ms
         print(
-            f"{rows:>10} rows: LOOK step {look_ms:.1f} ms ({look_ms / ce_ms:.3f}x CE)"
+            f"{rows:>10} rows: LOOK step {look_ms:.1f} ms ({look_ms / ce_adjacent_ms:.3f}x CE "
+            f"timed alternately with it, {ce_adjacent_ms:.1f} ms)"
             + (f", scan step {entry['look_scan_step_ms']:.1f} ms" if args.scan_step else "")
         )
         entry.update(search_figures(rows, args.batch_size))

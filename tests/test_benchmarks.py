@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,26 @@ def test_blocks_per_sm_is_bounded_by_registers_or_shared_memory() -> None:
     assert blocks_per_sm(94, 40960, 4, 90) == 5  # 41 KB: 5 by shared memory
     assert blocks_per_sm(32, 0, 4, 90) == 16  # 2,048 threads per SM
     assert blocks_per_sm(64, 0, 4, 61) is None  # unknown GPU
+
+
+def test_interleaved_timing_alternates_blocks_and_takes_each_median() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _step_benchmark import interleaved_median_ms
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    calls: list[str] = []
+    interleaved_median_ms(
+        lambda: calls.append("a"), lambda: calls.append("b"), rounds=3, steps=2, warmup=1,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    # Round 1: a warm-up then 2 timed of each; later rounds settle with 1 repetition.
+    assert "".join(calls) == "aaabbb" + "aaabbb" * 2
+    slow, fast = interleaved_median_ms(
+        lambda: time.sleep(0.02), lambda: None, rounds=2, steps=2, warmup=0,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    assert slow >= 20.0 > fast
 
 
 def test_training_length_plot_from_ablation_files(tmp_path: Path) -> None:

@@ -439,15 +439,16 @@ class SearchKernelConfig:
     loads: str = "pointer"
 
 
-# Candidates tried by tune_kernel_config; the default is the first. Session 12's H100 tuning
-# (docs/results.md): the fused selections with s = 2 were the fastest or level at every size
-# (1.28M rows: 0.98 ms against 1.34 with s = 4 and 1.57 with torch.sort; 14.2M: 4.31 against
-# 4.28 ms; a sharded rank of 1.77M rows with 2,048 queries: 7.01 against 7.66 ms). Pointer
-# loads work on any GPU. Configs that were 1.55x the fastest or slower at every size of that
-# tuning were dropped (the list of session 11 is in git history).
+# Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
+# run (docs/results.md), with the candidates' sort over a quarter of the buffer: the default's
+# tiles with s = 4 were the fastest at 1.28M and 14.2M rows (0.99 and 4.04 ms, against 1.01 and
+# 4.23 with s = 2; the traced step's two passes took 0.55 ms against s = 2's 0.62 in the first
+# run); s = 2 was the fastest for a sharded rank of 1.77M rows and 2,048 queries. Pointer loads
+# work on any GPU. Configs that were 1.55x the fastest or slower at every size of the first run
+# were dropped (the list of session 11 is in git history).
 KERNEL_CONFIGS = (
-    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic"),
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(64, 32, 4, 4, "sort", "scan"),
     SearchKernelConfig(128, 32, 4, 3, "sort", "scan"),
     SearchKernelConfig(64, 32, 4, 4, "topk", "scan"),
