@@ -406,6 +406,27 @@ def case_collect_variants_match_scan() -> None:
         set_kernel_config(default)
 
 
+def case_queries_rounded_in_the_kernel_match_queries_rounded_by_torch() -> None:
+    """query_operand "registers" passes fp32 queries and rounds them in the kernel: the same
+    values and rows as rounding them first (queries that are not
+    exactly representable, so the rounding is exercised). (fp16 only: the interpreter computes
+    through numpy, which has no bf16; the CUDA tests check bf16.)"""
+    generator = torch.Generator().manual_seed(12)
+    shared = dataclasses.replace(get_kernel_config(), select="sort")
+    registers = dataclasses.replace(shared, query_operand="registers")
+    query = F.normalize(torch.randn(9, 32, generator=generator), dim=1) * (1 + 1e-3)
+    for dtype in (torch.float16,):
+        memory = F.normalize(torch.randn(4000, 32, generator=generator), dim=1).to(dtype)
+        ids = torch.randint(0, 4000, (9,), generator=generator)
+        expected = fused_knn_search(query, memory, 12, query_ids=ids, config=shared)
+        rounded = fused_knn_search(query, memory, 12, query_ids=ids, config=registers)
+        assert torch.equal(rounded[0], expected[0]), dtype
+        assert torch.equal(rounded[1], expected[1]), dtype
+        assert not rounded[2].any()
+        # ...and the same as the exact scan over the memory
+        _check_same(query, memory, 12, query_ids=ids)
+
+
 def case_bound_from_few_kept_tile_maxima_stays_exact() -> None:
     """Each bound-pass program keeps only its largest tile maxima. When one program's tiles hold
     more of the top rows than it keeps, the bound is looser (more candidates), never wrong."""

@@ -248,6 +248,7 @@ if triton is not None:
         EVEN_D: tl.constexpr,
         SHIFT_LAST_TILE: tl.constexpr,
         EXCLUDE_REPEATS: tl.constexpr,
+        QUERY_DTYPE: tl.constexpr = None,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -263,6 +264,11 @@ if triton is not None:
             mask=q_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        if QUERY_DTYPE is not None:
+            # fp32 queries rounded here (to nearest even, as torch's .to): a product operand
+            # computed in the kernel stays in registers, one loaded as is goes to shared memory
+            # and is read from there again for every tile (config.query_operand).
+            query = query.to(QUERY_DTYPE)
         bound = tl.full([BLOCK_Q], float("inf"), dtype=tl.float32)
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
@@ -437,6 +443,12 @@ class SearchKernelConfig:
     # bulk copy per tile, fewer instructions and registers per load; rows that are not 16-byte
     # aligned fall back to pointer loads).
     loads: str = "pointer"
+    # Where the product's query operand lives: "shared" (loaded in the memory's dtype; Hopper's
+    # wgmma then reads it from shared memory for every tile, twice the bytes of the 32-row
+    # memory tile) or "registers" (fp32 queries rounded in the kernel: Triton keeps a computed
+    # operand in registers, ~25 more per thread). Session 12's Nsight Compute run found the
+    # default's passes at 77-83 % of L1/shared-memory throughput, their busiest unit.
+    query_operand: str = "shared"
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -485,6 +497,14 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(128, 64, 8, 3, "fused", "atomic", tile_stride=2),
     # The default's tiles with PyTorch's selection (the default until session 10).
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
+    # Session 12: the query operand in registers (fp32 queries rounded in the kernel), so that
+    # shared memory serves only the memory tiles; ~25 more registers per thread: 3 collect
+    # blocks per SM instead of 4 with 4 warps.
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", query_operand="registers"),
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2, query_operand="registers"),
+    SearchKernelConfig(64, 32, 4, 3, "fused", "atomic", query_operand="registers"),
+    SearchKernelConfig(64, 64, 4, 3, "fused", "atomic", query_operand="registers"),
+    SearchKernelConfig(128, 32, 8, 4, "fused", "atomic", query_operand="registers"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -784,6 +804,12 @@ def _kernel_pass(
         # them twice only if it reads every tile (s = 1); with s >= 2 the repeated rows belong
         # to a tile it skips. The collect pass checks them on its append path only.
         "EXCLUDE_REPEATS": shift_last_tile and (collect or plan.tile_stride == 1),
+        # fp32 queries: rounded to the memory's dtype in the kernel (query_operand "registers")
+        "QUERY_DTYPE": (
+            (tl.bfloat16 if memory.dtype == torch.bfloat16 else tl.float16)
+            if query.dtype == torch.float32
+            else None
+        ),
     }
     programs = plan.collect_programs if collect else plan.bound_programs
     return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
@@ -820,7 +846,14 @@ def fused_knn_search(
             torch.empty(0, k, dtype=torch.int64, device=device),
             torch.empty(0, dtype=torch.bool, device=device),
         )
-    queries = query.detach().to(memory.dtype).contiguous()
+    config = config or _kernel_config
+    if config.query_operand not in ("shared", "registers"):
+        raise ValueError(
+            f"query_operand must be 'shared' or 'registers', got {config.query_operand!r}"
+        )
+    # (with "registers" the kernel rounds fp32 queries itself: no conversion kernel here)
+    query_dtype = memory.dtype if config.query_operand == "shared" else torch.float32
+    queries = query.detach().to(query_dtype).contiguous()
     memory = memory.detach()
     if memory.stride(1) != 1:
         memory = memory.contiguous()
@@ -831,7 +864,6 @@ def fused_knn_search(
         if memory_valid is not None
         else None
     )
-    config = config or _kernel_config
     if config.collect not in ("scan", "atomic"):
         raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
     clock = _PhaseClock(device, timings)
@@ -948,7 +980,8 @@ def compile_kernel(
         raise RuntimeError("Triton is not installed")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     meta = torch.device("meta")
-    queries = torch.empty(batch, dim, dtype=torch_dtype, device=meta)
+    query_dtype = torch_dtype if config.query_operand == "shared" else torch.float32
+    queries = torch.empty(batch, dim, dtype=query_dtype, device=meta)
     memory = torch.empty(rows, dim, dtype=torch_dtype, device=meta)
     valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
     plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)

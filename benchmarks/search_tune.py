@@ -1,0 +1,102 @@
+"""The fused search alone, config by config, timed on the GPU without host waits between phases.
+
+    python benchmarks/search_tune.py --output search_tune.json [--rows 1281167 14197122] \
+        [--configs 0 1 27 28]
+
+For each bank size it builds gpu_step.py's search inputs (random unit rows in bf16, 256 random
+128-d queries, k = 200, leave-one-out) and, for each config (positions in
+``look.search_triton.KERNEL_CONFIGS``, default all): checks the neighbours against the PyTorch
+scan, then times ``--repeats`` searches with CUDA events around each (the four kernels queued
+back to back, as in a training step) and reports the median. ``tune_kernel_config`` times each
+phase with a host wait instead, which adds the launch gaps to every phase: use this script to
+compare configs whose difference is a fraction of a millisecond. Needs CUDA and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from look.search import knn_search
+from look.search_triton import KERNEL_CONFIGS, fused_knn_search
+
+
+def time_config(search: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``search()`` over ``repeats`` event-timed calls."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        search()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
+    """Every config's median search time over ``rows`` rows, fastest first, with the bank read."""
+    device = torch.device("cuda")
+    torch.manual_seed(rows)  # gpu_step.py's inputs for this size
+    bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(torch.bfloat16)
+    query = F.normalize(torch.randn(args.queries, 128, device=device), dim=1)
+    ids = torch.randint(0, rows, (args.queries,), device=device)
+    exact = knn_search(query, bank, args.k, query_ids=ids, backend="torch")
+    results: list[dict[str, object]] = []
+    for position in positions:
+        config = KERNEL_CONFIGS[position]
+        search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config)
+        try:
+            values, _, overflowed = search()
+        except Exception as error:  # an unbuildable config is reported, not fatal
+            results.append({"position": position, **asdict(config), "error": repr(error)})
+            continue
+        exact_match = bool(
+            not overflowed.any()
+            and torch.allclose(values, exact.values, rtol=0, atol=1e-5, equal_nan=True)
+        )
+        ms = time_config(search, args.repeats)
+        results.append({"position": position, **asdict(config), "ms": ms, "exact": exact_match})
+        print(f"{rows:>10} rows, config {position:>2} {config}: {ms:.3f} ms"
+              + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
+    timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
+    read_ms = time_config(bank.sum, args.repeats)
+    print(f"{rows:>10} rows: bank read {read_ms:.3f} ms; fastest config "
+          f"{timed[0]['position'] if timed else None}")  # fmt: skip
+    return {
+        "bank_read_ms": read_ms, "configs": timed,
+        "errors": [r for r in results if "error" in r],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_281_167, 14_197_122])
+    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--configs", type=int, nargs="+", help="positions (default: all)")
+    args = parser.parse_args()
+    positions = args.configs if args.configs else list(range(len(KERNEL_CONFIGS)))
+    figures: dict[str, object] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "rows": {},
+    }
+    for rows in args.rows:
+        figures["rows"][str(rows)] = tune_size(rows, args, positions)  # type: ignore[index]
+        Path(args.output).write_text(json.dumps(figures, indent=2))  # (a later size may fail)
+
+
+if __name__ == "__main__":
+    main()
