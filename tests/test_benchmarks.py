@@ -121,16 +121,56 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
 
 
 def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
-    """The Nsight Compute target needs CUDA; on CPU its command line at least parses, and the
-    configs gpu_session.sh profiles are the default and a 256-query block."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "search_ncu.py"), "--help"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert "--configs" in result.stdout
+    """The Nsight Compute target and search_tune.py need CUDA; on CPU their command lines at
+    least parse, and the configs gpu_session.sh profiles are the default and a 256-query
+    block."""
+    for script in ("search_ncu.py", "search_tune.py"):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), "--help"],
+            check=True, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert "--configs" in result.stdout
     session = (BENCHMARKS / "gpu_session.sh").read_text()
     assert "search_ncu.py --rows 14197122 --configs 0 23" in session
     assert KERNEL_CONFIGS[23].block_q == 256 and KERNEL_CONFIGS[23].tile_stride == 2
+
+
+def test_ncu_summary_keeps_each_launchs_metrics(tmp_path: Path) -> None:
+    header = (
+        '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+        '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+        '"Metric Value"'
+    )
+
+    def row(launch: int, kernel: str, metric: str, unit: str, value: str) -> str:
+        return (
+            f'"{launch}","1","python","h","{kernel}","1","7","(128, 1, 1)","(4, 264, 1)","0",'
+            f'"9.0","GPU Speed Of Light Throughput","{metric}","{unit}","{value}"'
+        )
+
+    listing = "\n".join([
+        "config 0 SearchKernelConfig(...): 5.1 ms",  # the program's own output
+        header,
+        row(0, "void at::vectorized_elementwise_kernel<4>", "Duration", "ns", "2,912"),
+        row(1, "_knn_tiles_kernel", "Duration", "ns", "1,133,760"),
+        row(1, "_knn_tiles_kernel", "L2 Hit Rate", "%", "61.82"),
+        row(1, "_knn_tiles_kernel", "Registers Per Thread", "register", "47"),
+        row(2, "_kth_largest_kernel", "Duration", "ns", "8,672"),
+    ])  # fmt: skip
+    (tmp_path / "ncu.csv").write_text(listing)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from search_ncu import summarize
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    launches = summarize(tmp_path / "ncu.csv")
+    assert [launch["kernel"] for launch in launches] == ["_knn_tiles_kernel", "_kth_largest_kernel"]
+    assert launches[0]["Duration"] == 1_133_760.0 and launches[0]["L2 Hit Rate"] == 61.82
+    assert "Registers Per Thread" not in launches[0]  # not a summary metric
+    assert launches[0]["units"] == {"Duration": "ns", "L2 Hit Rate": "%"}
+    (tmp_path / "empty.csv").write_text("no ncu rows here\n")
+    with pytest.raises(ValueError, match="no ncu CSV rows"):
+        summarize(tmp_path / "empty.csv")
 
 
 def test_trace_gaps_attributes_each_idle_stretch_to_the_launch_that_ended_it() -> None:
