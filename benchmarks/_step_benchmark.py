@@ -10,11 +10,24 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 from look.engine.distributed import all_reduce_sum, is_distributed
 from look.engine.trainer import step_flags, write_memory_if_step_stands
 from look.methods import Batch, Method, StepOutput
+
+
+def random_search_inputs(
+    rows: int, queries: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPU benchmarks' search inputs: a bank of ``rows`` random 128-d unit rows in
+    ``dtype``, ``queries`` random unit queries (fp32) and their ids, seeded by ``rows`` so that
+    every script builds the same ones for a size."""
+    torch.manual_seed(rows)
+    bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(dtype)
+    query = F.normalize(torch.randn(queries, 128, device=device), dim=1)
+    return bank, query, torch.randint(0, rows, (queries,), device=device)
 
 
 def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:

@@ -39,7 +39,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _step_benchmark import interleaved_median_ms, median_ms, trainer_step
+from _step_benchmark import (
+    interleaved_median_ms,
+    median_ms,
+    random_search_inputs,
+    trainer_step,
+)
 from _trace_gaps import (
     difference_by_op,
     format_difference,
@@ -379,11 +384,7 @@ def main() -> None:
             figures["trace"] = traced
 
     def search_inputs(rows: int, queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A random bank of ``rows`` unit rows, queries and their ids (the same for each call)."""
-        torch.manual_seed(rows)
-        bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(memory_dtype)
-        query = F.normalize(torch.randn(queries, 128, device=device), dim=1)
-        return bank, query, torch.randint(0, rows, (queries,), device=device)
+        return random_search_inputs(rows, queries, device, memory_dtype)
 
     def tune(rows: int, queries: int) -> list[dict[str, object]]:
         """Pick the kernel config for this bank size (the best tiles and bound stride depend on

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from _step_benchmark import random_search_inputs
 
 from look.search_triton import KERNEL_CONFIGS, fused_knn_search
 
@@ -93,11 +93,7 @@ def main() -> None:
         if args.output:
             args.output.write_text(json.dumps(launches, indent=2))
         return
-    device = torch.device("cuda")
-    torch.manual_seed(args.rows)  # gpu_step.py's inputs for this size
-    bank = F.normalize(torch.randn(args.rows, 128, device=device), dim=1).to(torch.bfloat16)
-    query = F.normalize(torch.randn(args.queries, 128, device=device), dim=1)
-    ids = torch.randint(0, args.rows, (args.queries,), device=device)
+    bank, query, ids = random_search_inputs(args.rows, args.queries, torch.device("cuda"))
     configs = [KERNEL_CONFIGS[position] for position in args.configs]
 
     def search(position: int) -> None:

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from _step_benchmark import random_search_inputs
 
 from look.search import knn_search
 from look.search_triton import KERNEL_CONFIGS, fused_knn_search
@@ -44,11 +44,7 @@ def time_config(search: Callable[[], object], repeats: int) -> float:
 
 def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
     """Every config's median search time over ``rows`` rows, fastest first, with the bank read."""
-    device = torch.device("cuda")
-    torch.manual_seed(rows)  # gpu_step.py's inputs for this size
-    bank = F.normalize(torch.randn(rows, 128, device=device), dim=1).to(torch.bfloat16)
-    query = F.normalize(torch.randn(args.queries, 128, device=device), dim=1)
-    ids = torch.randint(0, rows, (args.queries,), device=device)
+    bank, query, ids = random_search_inputs(rows, args.queries, torch.device("cuda"))
     exact = knn_search(query, bank, args.k, query_ids=ids, backend="torch")
     results: list[dict[str, object]] = []
     for position in positions:
