@@ -82,10 +82,37 @@ def test_default_config_compiles_for_other_gpus(capability: int, dtype: str, col
 @pytest.mark.parametrize("capability", [90, 80])
 def test_fused_selections_compile_without_spilling(capability: int) -> None:
     """The bound's radix select and the candidates' in-register sort (4,096 packed int64 keys
-    over 8 warps) of the default search, as a 256-query, k = 200 search launches them."""
-    for compiled in compile_selection_kernels(capability):
+    over 8 warps; with s = 8 at 14.2M rows, 8,192 over 16 warps) of the default search, as a
+    256-query, k = 200 search launches them."""
+    stride_8 = next(config for config in KERNEL_CONFIGS if config.tile_stride == 8)
+    for compiled in (
+        *compile_selection_kernels(capability),
+        *compile_selection_kernels(capability, rows=14_197_122, config=stride_8),
+    ):
         resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
         assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources
+
+
+def test_the_candidates_sort_sizes_follow_the_buffer() -> None:
+    from look.search_triton import (
+        _FUSED_CANDIDATES,
+        _fused_select_applies,
+        _search_plan,
+        _selection_launch,
+        _small_selection_block,
+    )
+
+    stride_8 = next(config for config in KERNEL_CONFIGS if config.tile_stride == 8)
+    for config, rows, block, warps, small in (
+        (KERNEL_CONFIGS[0], 14_197_122, 4096, 8, 1024),  # s = 4: 3,216 slots
+        (stride_8, 14_197_122, 8192, 16, 2048),  # s = 8: 6,432 slots
+    ):
+        capacity = _search_plan(256, rows, 201, config, multiprocessors=132).capacity
+        assert _selection_launch(capacity, bound=False) == (block, warps)
+        assert _fused_select_applies("fused", capacity, _FUSED_CANDIDATES)
+        assert _small_selection_block(block, 200) == small
+    assert not _fused_select_applies("fused", 8193, _FUSED_CANDIDATES)  # torch.sort beyond
+    assert _small_selection_block(512, 300) == 512  # never fewer slots than k
 
 
 @pytest.mark.parametrize("collect", [False, True])

@@ -505,6 +505,9 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 3, "fused", "atomic", query_operand="registers"),
     SearchKernelConfig(64, 64, 4, 3, "fused", "atomic", query_operand="registers"),
     SearchKernelConfig(128, 32, 8, 4, "fused", "atomic", query_operand="registers"),
+    # A bound pass over every 8th tile (half of s = 4's) with a buffer of 6,432 slots per query
+    # (~1,620 candidates at 14.2M rows), sorted in registers since session 12.
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=8),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -536,9 +539,10 @@ def _largest(values: Tensor, k: int, select: str) -> tuple[Tensor, Tensor]:
 
 
 # Largest row (power of two) the fused selections hold in registers: the bound's radix select
-# and the candidates' sort (packed int64 keys; 4,096 for k = 200 with s = 4).
+# and the candidates' sort (packed int64 keys; 4,096 for k = 200 with s = 4, 8,192 with s = 8,
+# over 16 warps: 128 registers per thread on sm_90, no spills).
 _FUSED_BOUND_COLUMNS = 16384
-_FUSED_CANDIDATES = 4096
+_FUSED_CANDIDATES = 8192
 _fused_select_failed = False
 
 
@@ -563,9 +567,10 @@ def _fused_select_failure(error: Exception) -> None:
 
 def _selection_launch(columns: int, *, bound: bool) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` of a fused selection over rows of ``columns`` entries: the bound's
-    radix select keeps up to 32 entries per thread, the candidates' sort 8 warps."""
+    radix select keeps up to 32 entries per thread, the candidates' sort 8 warps up to 4,096
+    keys and 16 beyond (16 int64 keys per thread either way)."""
     block = _next_power_of_two(max(columns, 16))
-    return block, (max(4, min(16, block // 512)) if bound else 8)
+    return block, (max(4, min(16, block // 512)) if bound else (8 if block <= 4096 else 16))
 
 
 def _small_selection_block(block: int, k: int) -> int:
@@ -1011,16 +1016,21 @@ def compile_kernel(
 
 
 def compile_selection_kernels(
-    capability: int, *, batch: int = 256, rows: int = 1_281_167, k: int = 200
+    capability: int,
+    *,
+    batch: int = 256,
+    rows: int = 1_281_167,
+    k: int = 200,
+    config: SearchKernelConfig | None = None,
 ) -> tuple[object, object]:
     """Compile the fused selections (the bound's radix select and the leave-one-out candidate
     sort) for CUDA compute capability ``capability`` without a GPU, with the arguments a search
-    of ``batch`` queries for ``k`` neighbours over ``rows`` rows passes under the default config
-    on a 132-SM GPU (for CI and ``benchmarks/kernel_resources.py``)."""
+    of ``batch`` queries for ``k`` neighbours over ``rows`` rows passes under ``config`` (the
+    default config if None) on a 132-SM GPU (for CI and ``benchmarks/kernel_resources.py``)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     meta = torch.device("meta")
-    plan = _search_plan(batch, rows, k + 1, KERNEL_CONFIGS[0], multiprocessors=132)
+    plan = _search_plan(batch, rows, k + 1, config or KERNEL_CONFIGS[0], multiprocessors=132)
     columns, capacity = plan.bound_columns, plan.capacity
     block, warps = _selection_launch(columns, bound=True)
     bound = compile_for_capability(
