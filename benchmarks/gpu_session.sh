@@ -7,9 +7,9 @@
 # search's phases, candidates and appended tiles for the step's own queries, a profile and a
 # trace of LOOK and CE steps with where the GPU idles), then Nsight Compute's view of the
 # search's kernels at 14.2M rows (the default tiles and 256-query blocks). Every stage has its
-# own time limit; results go to $OUT (8 files). Session 12 ran the first two stages in 222 s on
-# an H100 with --compiled-terms, which it no longer passes (compiled terms were slower than the
-# fused kernels in sessions 11 and 12: gpu_step.py --compiled-terms still times them).
+# own time limit; results go to $OUT (8 files). It took 235 s on an H100 in session 12 (run 2).
+# It no longer passes --compiled-terms: compiled terms were slower than the fused kernels in
+# sessions 11 and 12 (gpu_step.py --compiled-terms still times them).
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/look_gpu}

@@ -447,7 +447,8 @@ class SearchKernelConfig:
     # wgmma then reads it from shared memory for every tile, twice the bytes of the 32-row
     # memory tile) or "registers" (fp32 queries rounded in the kernel: Triton keeps a computed
     # operand in registers, ~25 more per thread). Session 12's Nsight Compute run found the
-    # default's passes at 77-83 % of L1/shared-memory throughput, their busiest unit.
+    # default's passes at 77-83 % of L1/shared-memory throughput, their busiest unit; on the
+    # H100 "registers" was slower at 14.2M rows and faster at 1.28M with 3 stages.
     query_operand: str = "shared"
 
 
@@ -489,7 +490,8 @@ KERNEL_CONFIGS = (
     # Session 12: each 64-query block reads the whole bank through L2 (4x the bank for 256
     # queries: ~14.5 GB in the 3.2 ms collect pass at 14.2M rows, ~4.5 TB/s). One warpgroup per
     # 64 queries keeps the default's registers per thread and warps per SM while a block of
-    # 128 or 256 queries reads each tile once for all of them.
+    # 128 or 256 queries reads each tile once for all of them. (Slower than the default at every
+    # size of session 12's H100 runs: 256 queries per block were latency-bound.)
     SearchKernelConfig(128, 32, 8, 4, "fused", "atomic", tile_stride=2),
     SearchKernelConfig(128, 32, 8, 4, "fused", "atomic"),
     SearchKernelConfig(256, 32, 16, 3, "fused", "atomic", tile_stride=2),
@@ -499,7 +501,8 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 4, "sort", "atomic"),
     # Session 12: the query operand in registers (fp32 queries rounded in the kernel), so that
     # shared memory serves only the memory tiles; ~25 more registers per thread: 3 collect
-    # blocks per SM instead of 4 with 4 warps.
+    # blocks per SM instead of 4 with 4 warps. On the H100: 4.70-5.08 ms at 14.2M rows against
+    # the default's 4.01; the 3-stage one 0.84 ms at 1.28M against 1.01.
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", query_operand="registers"),
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=2, query_operand="registers"),
     SearchKernelConfig(64, 32, 4, 3, "fused", "atomic", query_operand="registers"),
