@@ -7,9 +7,10 @@ For each bank size it builds gpu_step.py's search inputs (random unit rows in bf
 128-d queries, k = 200, leave-one-out) and, for each config (positions in
 ``look.search_triton.KERNEL_CONFIGS``, default all): checks the neighbours against the PyTorch
 scan, then times ``--repeats`` searches with CUDA events around each (the four kernels queued
-back to back, as in a training step) and reports the median. ``tune_kernel_config`` times each
-phase with a host wait instead, which adds the launch gaps to every phase: use this script to
-compare configs whose difference is a fraction of a millisecond. Needs CUDA and Triton.
+back to back, as in a training step) and reports the median, as ``tune_kernel_config`` does
+since session 12 (it timed each phase after a host wait before, which added the launch gaps to
+every phase). Unlike the tuner it takes configs by position, keeps the default as it is and
+records the bank read and every config's figures. Needs CUDA and Triton.
 """
 
 from __future__ import annotations
