@@ -511,6 +511,11 @@ KERNEL_CONFIGS = (
     # A bound pass over every 8th tile (half of s = 4's) with a buffer of 6,432 slots per query
     # (~1,620 candidates at 14.2M rows), sorted in registers since session 12.
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", tile_stride=8),
+    # The default with bulk (TMA) copies: Nsight Compute found L1/TEX the busiest unit of both
+    # passes, and a bulk copy bypasses the per-thread 16-byte copies that go through it (the
+    # TMA configs above were timed only with torch.sort selections).
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", loads="tma"),
+    SearchKernelConfig(64, 32, 4, 3, "fused", "atomic", loads="tma"),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
