@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -27,25 +25,13 @@ import torch
 from _step_benchmark import random_search_inputs
 
 from look.search import knn_search
-from look.search_triton import KERNEL_CONFIGS, fused_knn_search
-
-
-def time_config(search: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``search()`` over ``repeats`` event-timed calls."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        search()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from look.search_triton import KERNEL_CONFIGS, fused_knn_search, median_call_ms
 
 
 def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
     """Every config's median search time over ``rows`` rows, fastest first, with the bank read."""
-    bank, query, ids = random_search_inputs(rows, args.queries, torch.device("cuda"))
+    device = torch.device("cuda")
+    bank, query, ids = random_search_inputs(rows, args.queries, device)
     exact = knn_search(query, bank, args.k, query_ids=ids, backend="torch")
     results: list[dict[str, object]] = []
     for position in positions:
@@ -60,12 +46,12 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
             not overflowed.any()
             and torch.allclose(values, exact.values, rtol=0, atol=1e-5, equal_nan=True)
         )
-        ms = time_config(search, args.repeats)
+        ms = median_call_ms(search, args.repeats, device)
         results.append({"position": position, **asdict(config), "ms": ms, "exact": exact_match})
         print(f"{rows:>10} rows, config {position:>2} {config}: {ms:.3f} ms"
               + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
     timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
-    read_ms = time_config(bank.sum, args.repeats)
+    read_ms = median_call_ms(bank.sum, args.repeats, device)
     print(f"{rows:>10} rows: bank read {read_ms:.3f} ms; fastest config "
           f"{timed[0]['position'] if timed else None}")  # fmt: skip
     return {

@@ -32,9 +32,12 @@ memory rows, accumulated in fp32 (``knn_search`` computes the same on every devi
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -940,9 +943,6 @@ def _hit_tile_fraction(
     return hit / (plan.query_blocks * plan.total_tiles)
 
 
-PHASES = ("bound_pass", "bound_topk", "collect_pass", "select_topk")
-
-
 class _PhaseClock:
     """Wall time of each phase into ``timings`` (synchronising the device); a no-op without it."""
 
@@ -1163,26 +1163,25 @@ def serialization_reason(ptxas_report: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
-def _median_search_ms(
-    query: Tensor, memory: Tensor, k: int, config: SearchKernelConfig, repeats: int
-) -> float:
-    """Median milliseconds of ``repeats`` calls of :func:`fused_knn_search` with ``config``."""
+def median_call_ms(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``repeats`` calls of ``call`` (at least one): on CUDA each timed
+    by events around its queued kernels (no host wait between them), elsewhere by the wall
+    clock. Used by :func:`tune_kernel_config` and ``benchmarks/search_tune.py``."""
     times = []
     for _ in range(max(1, repeats)):
-        if memory.is_cuda:
+        if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            fused_knn_search(query, memory, k, config=config)
+            call()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             began = time.perf_counter()
-            fused_knn_search(query, memory, k, config=config)
+            call()
             times.append(1000.0 * (time.perf_counter() - began))
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def tune_kernel_config(
@@ -1224,7 +1223,8 @@ def tune_kernel_config(
                 stacklevel=2,
             )
             continue
-        results.append((config, _median_search_ms(query, memory, k, config, repeats)))
+        search = partial(fused_knn_search, query, memory, k, config=config)
+        results.append((config, median_call_ms(search, repeats, memory.device)))
     if not results:
         raise RuntimeError("no kernel configuration could be built")
     results.sort(key=lambda item: item[1])
