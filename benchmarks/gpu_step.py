@@ -57,7 +57,12 @@ from look.losses.look_terms_triton import fused_terms_enabled
 from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
-from look.search_triton import fused_knn_search, fused_search_supported, tune_kernel_config
+from look.search_triton import (
+    QuantizedRows,
+    fused_knn_search,
+    fused_search_supported,
+    tune_kernel_config,
+)
 
 
 def _host_syncs(step: Callable[[], None], device: torch.device) -> tuple[int | None, list[str]]:
@@ -343,6 +348,12 @@ def main() -> None:
         "mask in the search (a memory not known to be full), and with the loss terms in "
         "PyTorch instead of the fused kernels",
     )
+    parser.add_argument(
+        "--prefilter-step",
+        action="store_true",
+        help="also time the LOOK step and the search reading the bank's int8 copy "
+        "(method.search_prefilter=int8: same neighbours, about half the bytes per search)",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -429,6 +440,20 @@ def main() -> None:
                 set(a) == set(b)
                 for a, b in zip(fused.indices.tolist(), scan.indices.tolist(), strict=True)
             ) / len(query)
+            if args.prefilter_step:
+                copy = QuantizedRows.from_memory(bank)
+                int8_search = partial(
+                    knn_search, query, bank, args.k, query_ids=query_ids, backend="triton",
+                    prefilter=copy,
+                )  # fmt: skip
+                int8 = int8_search()
+                entry["search_int8_ms"] = measure(int8_search, args.steps, args.warmup)
+                entry["int8_max_abs_value_diff"] = float((int8.values - scan.values).abs().max())
+                phases = {}
+                fused_knn_search(query, bank, args.k, query_ids=query_ids, timings=phases,
+                                 prefilter=copy)  # fmt: skip
+                entry["int8_mean_candidates"] = phases["mean_candidates"]
+                del copy
         read_ms = measure(lambda: bank.sum(), args.steps, args.warmup)
         best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
         entry.update(
@@ -436,6 +461,11 @@ def main() -> None:
             search_ms=best,
             bank_read_ms=read_ms,
             search_over_read=best / read_ms,  # type: ignore[operator]
+            **(
+                {"search_int8_over_read": entry["search_int8_ms"] / read_ms}  # type: ignore[operator]
+                if "search_int8_ms" in entry
+                else {}
+            ),
             bank_mb=bank.numel() * bank.element_size() / 2**20,
         )
         searches = ", ".join(f"{b} {entry[f'search_{b}_ms']:.3f} ms" for b in backends)
@@ -476,6 +506,25 @@ def main() -> None:
                 f"{in_step['overflow']:.1%} overflowed, {in_step['masked']:.0%} with the valid mask"
             )
         del look_step
+        if args.prefilter_step:  # the same step reading the bank's int8 copy, also alternated
+            int8_step = _step_fn({**look_cfg, "search_prefilter": "int8"}, args, rows, device)
+            for _ in range(args.warmup):
+                int8_step()
+            entry["look_int8_peak_mb"] = peak_mb()
+            ce_step = _step_fn({"name": "ce"}, args, 1, device)
+            int8_ms, ce_int8_ms = interleaved_median_ms(
+                int8_step, ce_step, rounds=3, steps=max(1, args.steps // 3),
+                warmup=args.warmup, device=device,
+            )  # fmt: skip
+            del ce_step
+            entry.update(
+                look_int8_step_ms=int8_ms, ce_step_adjacent_int8_ms=ce_int8_ms,
+                look_int8_over_ce=int8_ms / ce_int8_ms,
+                in_step_search_int8=_in_step_search(int8_step, args.steps),
+            )  # fmt: skip
+            del int8_step
+            print(f"{rows:>10} rows: LOOK step with the int8 copy {int8_ms:.1f} ms "
+                  f"({int8_ms / ce_int8_ms:.3f}x CE timed alternately with it)")  # fmt: skip
         if args.variants:
             for variant, options in (
                 ("look_step_no_write_ms", {"memory_write": False}),
@@ -549,6 +598,10 @@ def issue_targets(rows: dict[str, dict[str, object]]) -> dict[str, object]:
         for key, field, limit, text in (
             ("step", "look_over_ce", step_limit, "LOOK step {:.3f} x CE"),
             ("search", "search_over_read", SEARCH_TARGET, "search {:.1f} x bank read"),
+            # (--prefilter-step: the same reading the int8 copy, against the bf16 bank's read)
+            ("step_int8", "look_int8_over_ce", step_limit, "LOOK step, int8 copy, {:.3f} x CE"),
+            ("search_int8", "search_int8_over_read", SEARCH_TARGET,
+             "search, int8 copy, {:.1f} x bank read"),
         ):
             value = entry.get(field)
             if isinstance(value, float):

@@ -10,7 +10,8 @@ search inputs (a bank of random unit rows in bf16, 256 random 128-d queries, k =
 leave-one-out), runs the search once to compile it, and then once more between
 ``cudaProfilerStart`` and ``cudaProfilerStop``: with ``--profile-from-start off``, ncu profiles
 exactly those launches (the bound pass, the bound's selection, the collect pass and the final
-selection of each config, in that order). Without ncu it prints each config's time. Needs CUDA
+selection of each config, in that order; with ``--prefilter int8`` also the search reading the
+bank's int8 copy, whose candidates' re-scoring comes before the final selection). Without ncu it prints each config's time. Needs CUDA
 and Triton.
 
 ``--summarize ncu.csv --output X.json`` (no GPU needed) reads ncu's CSV and writes, per profiled
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from _step_benchmark import random_search_inputs
 
-from look.search_triton import KERNEL_CONFIGS, fused_knn_search
+from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search
 
 # ncu's "details" metrics kept by --summarize (names as ncu prints them).
 SUMMARY_METRICS = (
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--configs", type=int, nargs="+", default=[0])
+    parser.add_argument("--prefilter", nargs="+", choices=["none", "int8"], default=["none"],
+                        help="profile each config reading the bf16 bank, its int8 copy, or both")  # fmt: skip
     parser.add_argument("--summarize", type=Path, help="an ncu CSV to summarise (no GPU)")
     parser.add_argument("--output", type=Path, help="with --summarize: the JSON to write")
     args = parser.parse_args()
@@ -94,24 +97,29 @@ def main() -> None:
             args.output.write_text(json.dumps(launches, indent=2))
         return
     bank, query, ids = random_search_inputs(args.rows, args.queries, torch.device("cuda"))
-    configs = [KERNEL_CONFIGS[position] for position in args.configs]
+    copies = {"none": None}
+    if "int8" in args.prefilter:
+        copies["int8"] = QuantizedRows.from_memory(bank)
+    runs = [(position, prefilter) for position in args.configs for prefilter in args.prefilter]
 
-    def search(position: int) -> None:
-        fused_knn_search(query, bank, args.k, query_ids=ids, config=configs[position])
+    def search(position: int, prefilter: str) -> None:
+        fused_knn_search(query, bank, args.k, query_ids=ids, config=KERNEL_CONFIGS[position],
+                         prefilter=copies[prefilter])  # fmt: skip
 
-    for position in range(len(configs)):
-        search(position)  # compiles (ncu is off until cudaProfilerStart)
+    for run in runs:
+        search(*run)  # compiles (ncu is off until cudaProfilerStart)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     cudart = torch.cuda.cudart()
-    for position, config in enumerate(configs):
+    for position, prefilter in runs:
         start.record()
         cudart.cudaProfilerStart()
-        search(position)
+        search(position, prefilter)
         cudart.cudaProfilerStop()
         end.record()
         torch.cuda.synchronize()
-        print(f"config {args.configs[position]} {config}: {start.elapsed_time(end):.3f} ms")
+        print(f"config {position} {KERNEL_CONFIGS[position]} prefilter={prefilter}: "
+              f"{start.elapsed_time(end):.3f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The fused search alone, config by config, timed on the GPU without host waits between phases.
 
     python benchmarks/search_tune.py --output search_tune.json [--rows 1281167 14197122] \
-        [--configs 0 1 27 28]
+        [--configs 0 1 27 28] [--prefilter none int8]
 
 For each bank size it builds gpu_step.py's search inputs (random unit rows in bf16, 256 random
 128-d queries, k = 200, leave-one-out) and, for each config (positions in
@@ -10,7 +10,10 @@ scan, then times ``--repeats`` searches with CUDA events around each (the four k
 back to back, as in a training step) and reports the median, as ``tune_kernel_config`` does
 since session 12 (it timed each phase after a host wait before, which added the launch gaps to
 every phase). Unlike the tuner it takes configs by position, keeps the default as it is and
-records the bank read and every config's figures. Needs CUDA and Triton.
+records the bank read and every config's figures. ``--prefilter int8`` times each config also
+reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-scored from the
+bf16 rows) and records its mean candidates per query next to the exact search's. Needs CUDA and
+Triton.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from _step_benchmark import random_search_inputs
 
 from look.search import knn_search
-from look.search_triton import KERNEL_CONFIGS, fused_knn_search, median_call_ms
+from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search, median_call_ms
 
 
 def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
@@ -33,29 +36,38 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
     device = torch.device("cuda")
     bank, query, ids = random_search_inputs(rows, args.queries, device)
     exact = knn_search(query, bank, args.k, query_ids=ids, backend="torch")
+    copies = {"none": None, "int8": QuantizedRows.from_memory(bank)}
     results: list[dict[str, object]] = []
     for position in positions:
         config = KERNEL_CONFIGS[position]
-        search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config)
-        try:
-            values, _, overflowed = search()
-        except Exception as error:  # an unbuildable config is reported, not fatal
-            results.append({"position": position, **asdict(config), "error": repr(error)})
-            continue
-        exact_match = bool(
-            not overflowed.any()
-            and torch.allclose(values, exact.values, rtol=0, atol=1e-5, equal_nan=True)
-        )
-        ms = median_call_ms(search, args.repeats, device)
-        results.append({"position": position, **asdict(config), "ms": ms, "exact": exact_match})
-        print(f"{rows:>10} rows, config {position:>2} {config}: {ms:.3f} ms"
-              + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
+        for prefilter in args.prefilter:
+            search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config,
+                             prefilter=copies[prefilter])  # fmt: skip
+            about = {"position": position, **asdict(config), "prefilter": prefilter}
+            try:
+                values, _, overflowed = search()
+            except Exception as error:  # an unbuildable config is reported, not fatal
+                results.append({**about, "error": repr(error)})
+                continue
+            exact_match = bool(
+                not overflowed.any()
+                and torch.allclose(values, exact.values, rtol=0, atol=1e-5, equal_nan=True)
+            )
+            ms = median_call_ms(search, args.repeats, device)
+            phases: dict[str, float] = {}  # (a separate call: this one waits between phases)
+            search(timings=phases)
+            results.append({**about, "ms": ms, "exact": exact_match,
+                            "mean_candidates": phases["mean_candidates"]})  # fmt: skip
+            print(f"{rows:>10} rows, config {position:>2} {config} prefilter={prefilter}: "
+                  f"{ms:.3f} ms, {phases['mean_candidates']:.0f} candidates"
+                  + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
     timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
     read_ms = median_call_ms(bank.sum, args.repeats, device)
-    print(f"{rows:>10} rows: bank read {read_ms:.3f} ms; fastest config "
-          f"{timed[0]['position'] if timed else None}")  # fmt: skip
+    int8_read_ms = median_call_ms(copies["int8"].values.sum, args.repeats, device)  # type: ignore[union-attr]
+    print(f"{rows:>10} rows: bank read {read_ms:.3f} ms (int8 copy {int8_read_ms:.3f} ms); "
+          f"fastest config {timed[0]['position'] if timed else None}")  # fmt: skip
     return {
-        "bank_read_ms": read_ms, "configs": timed,
+        "bank_read_ms": read_ms, "int8_copy_read_ms": int8_read_ms, "configs": timed,
         "errors": [r for r in results if "error" in r],
     }  # fmt: skip
 
@@ -68,6 +80,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--configs", type=int, nargs="+", help="positions (default: all)")
+    parser.add_argument("--prefilter", nargs="+", choices=["none", "int8"], default=["none"],
+                        help="time each config reading the bf16 bank (none), its int8 copy, or both")  # fmt: skip
     args = parser.parse_args()
     positions = args.configs if args.configs else list(range(len(KERNEL_CONFIGS)))
     figures: dict[str, object] = {

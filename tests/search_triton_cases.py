@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from look.search import KnnResult, knn_search
 from look.search_triton import (
+    QuantizedRows,
     SearchKernelConfig,
     fused_knn_search,
     fused_search_supported,
@@ -510,6 +511,80 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     )  # fmt: skip
     assert deferred.inexact is not None and bool(deferred.inexact)
     assert not torch.equal(deferred.neighbour_indices, exact.neighbour_indices)
+
+
+def case_int8_prefilter_matches_scan() -> None:
+    """Reading an int8 copy (QuantizedRows) the search still finds the exact neighbours: ragged
+    query blocks, a dim that is not a power of two, leave-one-out with a valid mask, a memory
+    smaller than k; rows of mixed norms with one dominant coordinate (coarse int8 steps for the
+    rest) and near-duplicates of a query that tie around the k-th."""
+    generator = torch.Generator().manual_seed(11)
+    for batch, rows, dim, k in [(7, 3000, 32, 10), (33, 12000, 20, 25), (3, 5, 4, 2)]:
+        query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+        memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1).half()
+        valid = torch.rand(rows, generator=generator) > 0.2
+        query_ids = torch.randint(0, rows, (batch,), generator=generator)
+        prefilter = QuantizedRows.from_memory(memory)
+        _check_same(query, memory, k, prefilter=prefilter)
+        _check_same(query, memory, k, prefilter=prefilter, query_ids=query_ids, memory_valid=valid)
+    query = F.normalize(torch.randn(9, 16, generator=generator), dim=1)
+    memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1)
+    memory[:2000, 0] += 3.0
+    memory = memory * (0.1 + 2 * torch.rand(6000, 1, generator=generator))
+    memory[3000:3300] = query[0] + 1e-3 * torch.randn(300, 16, generator=generator)
+    memory = memory.half()
+    _check_same(query, memory, 40, prefilter=QuantizedRows.from_memory(memory))
+    # A bound as tight as it gets (every tile read, one close neighbour per tile, similarities
+    # far closer together than int8's error): without its error slack the pre-filter would
+    # keep the k rows of largest *approximate* similarity, other rows than the exact search's.
+    tiles, k = 300, 60
+    memory = -F.normalize(torch.randn(tiles * 32, 16, generator=generator), dim=1) * 0.1
+    memory[::32] = F.normalize(
+        query[1] + 0.05 * torch.randn(tiles, 16, generator=generator), dim=1
+    )
+    memory = memory.half()
+    values, indices, overflowed = fused_knn_search(
+        query[1:2], memory, k, max_tile_stride=1, prefilter=QuantizedRows.from_memory(memory)
+    )
+    scan = knn_search(query[1:2], memory, k, backend="torch")
+    assert not bool(overflowed.any())
+    assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+    try:
+        knn_search(query, memory, 5, backend="triton",
+                   prefilter=QuantizedRows.from_memory(memory[:100]))  # fmt: skip
+    except ValueError as error:
+        assert "must be a copy of this memory" in str(error)
+    else:
+        raise AssertionError("a copy of another memory was accepted")
+
+
+def case_a_bank_with_an_int8_copy_gives_the_loss_of_the_scan() -> None:
+    """A bank built with int8_prefilter keeps its copy in step with its momentum writes, and
+    the LOOK loss computed by the fused search through that copy equals the scan's."""
+    from look.losses import look_loss_terms
+    from look.memory import MemoryBank
+
+    generator = torch.Generator().manual_seed(12)
+    bank = MemoryBank(4000, 16, momentum=0.5, dtype="float16", int8_prefilter=True)
+    for _ in range(3):  # the copy exists from the first search on; later writes update it
+        ids = torch.randint(0, 4000, (3000,), generator=generator)
+        bank.update(ids, torch.randn(3000, 16, generator=generator),
+                    torch.randint(0, 5, (3000,), generator=generator))  # fmt: skip
+        assert bank.search_prefilter() is not None
+    copy = bank.search_prefilter()
+    assert copy is not None
+    assert torch.equal(copy.values, QuantizedRows.from_memory(bank.features).values)
+    query = F.normalize(torch.randn(12, 16, generator=generator), dim=1)
+    labels = torch.randint(0, 5, (12,), generator=generator)
+    terms = {}
+    for backend in ("triton", "torch"):
+        terms[backend] = look_loss_terms(
+            query, labels, bank.features, bank.labels, k=30, temperature=0.1,
+            query_indices=torch.arange(12), memory_valid=bank.search_valid(),
+            search_backend=backend, search_prefilter=copy,
+        )  # fmt: skip
+    torch.testing.assert_close(terms["triton"].loss, terms["torch"].loss, rtol=0, atol=1e-6)
+    assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
 
 
 if __name__ == "__main__":

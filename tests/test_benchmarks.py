@@ -97,7 +97,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
         "--variants", "--compiled-terms", "--trace", str(tmp_path / "trace"),
-        "--profile", str(tmp_path / "profile.txt"),
+        "--profile", str(tmp_path / "profile.txt"), "--prefilter-step",
     )  # fmt: skip
     # One profiled pass gives the op table and the traces.
     assert "== look step x2" in (tmp_path / "profile.txt").read_text()
@@ -113,6 +113,9 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert entry["look_step_pytorch_terms_ms"] > 0 and entry["look_step_masked_ms"] > 0
     assert entry["look_step_ms"] > 0 and entry["search_ms"] > 0 and entry["bank_read_ms"] > 0
     assert entry["look_scan_step_ms"] > 0 and entry["search_torch_ms"] == entry["search_ms"]
+    # The step with the bank's int8 copy (the CPU scan ignores the copy, the step maintains it).
+    assert entry["look_int8_step_ms"] > 0 and entry["in_step_search_int8"] == {"calls": 0}
+    assert figures["targets"]["met"]["step_int8_2048"] == (entry["look_int8_over_ce"] <= 1.05)
     assert entry["queries"] == 8 and entry["look_host_syncs"] is None  # counted on CUDA only
     assert entry["in_step_search"] == {"calls": 0}  # a CPU step scans: no fused search to time
     # One rank of 4 of a sharded bank: all ranks' queries over a quarter of the rows.
@@ -122,17 +125,19 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
 
 def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     """The Nsight Compute target and search_tune.py need CUDA; on CPU their command lines at
-    least parse, and the configs gpu_session.sh profiles are the default and a 256-query
-    block."""
+    least parse, and gpu_session.sh profiles the default reading the bf16 bank and its int8
+    copy, and times the configs session 12 left untimed (s = 8, TMA copies) both ways."""
     for script in ("search_ncu.py", "search_tune.py"):
         result = subprocess.run(
             [sys.executable, str(BENCHMARKS / script), "--help"],
             check=True, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        assert "--configs" in result.stdout
+        assert "--configs" in result.stdout and "--prefilter" in result.stdout
     session = (BENCHMARKS / "gpu_session.sh").read_text()
-    assert "search_ncu.py --rows 14197122 --configs 0 23" in session
-    assert KERNEL_CONFIGS[23].block_q == 256 and KERNEL_CONFIGS[23].tile_stride == 2
+    assert "search_ncu.py --rows 14197122 --configs 0 --prefilter none int8" in session
+    assert "search_tune.py --configs 0 1 29 32 33 34" in session
+    assert KERNEL_CONFIGS[32].tile_stride == 8
+    assert KERNEL_CONFIGS[33].loads == KERNEL_CONFIGS[34].loads == "tma"
 
 
 def test_ncu_summary_keeps_each_launchs_metrics(tmp_path: Path) -> None:

@@ -535,3 +535,51 @@ def test_a_full_cuda_memory_learns_it_without_waiting() -> None:
         bank.update(part, _unit_rows(8, seed=start).cuda(), torch.zeros_like(part))
     torch.cuda.synchronize()
     assert bank.search_valid() is None
+
+
+def _assert_copy_of(memory: FeatureMemory) -> None:
+    from look.search_triton import QuantizedRows
+
+    copy = memory.search_prefilter()
+    assert copy is not None
+    whole = QuantizedRows.from_memory(memory.features)
+    assert torch.equal(copy.values, whole.values)
+    assert torch.equal(copy.scales, whole.scales) and torch.equal(copy.errors, whole.errors)
+    assert float(copy.norm_bound) >= float(whole.norm_bound)
+
+
+def test_an_int8_copy_follows_every_kind_of_change_to_the_bank() -> None:
+    bank = MemoryBank(50, 8, momentum=0.5, dtype="bf16", int8_prefilter=True)
+    _assert_copy_of(bank)  # built on first use (all zero rows)
+    copy = bank.search_prefilter()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):  # momentum writes with repeated ids update the copy in place
+        ids = torch.randint(0, 50, (30,), generator=generator)
+        bank.update(ids, torch.randn(30, 8, generator=generator), torch.zeros(30, dtype=torch.long))
+        assert bank.search_prefilter() is copy
+        _assert_copy_of(bank)
+    bank.fill_(torch.arange(5), torch.randn(5, 8, generator=generator), torch.zeros(5).long())
+    assert bank.search_prefilter() is copy
+    _assert_copy_of(bank)
+    # Changes the bank did not make itself: the copy is rebuilt when next asked for.
+    with torch.no_grad():
+        bank.features[7] = 3.0
+    _assert_copy_of(bank)
+    state = {key: value.clone() for key, value in bank.state_dict().items()}
+    assert not any("int8" in key or "quantized" in key for key in state)  # derived, never saved
+    bank.reset()
+    _assert_copy_of(bank)
+    bank.load_state_dict(state)
+    _assert_copy_of(bank)
+    before = bank.memory_bytes()
+    assert bank.search_prefilter() is not None
+    assert bank.memory_bytes() == before  # counted once built: 8 int8 + 2 fp32 per row
+    plain = MemoryBank(50, 8, dtype="bf16")
+    assert bank.memory_bytes() - plain.memory_bytes() == 50 * (8 + 4 + 4)
+
+
+def test_an_int8_copy_needs_a_half_precision_bank() -> None:
+    assert MemoryBank(10, 4, int8_prefilter=True).search_prefilter() is None  # fp32 rows
+    assert MemoryBank(10, 4, dtype="bf16").search_prefilter() is None  # not asked for
+    with pytest.raises(ValueError, match="a queue is searched by id"):
+        build_memory("queue", dim=4, queue_size=16, dtype="bf16", int8_prefilter=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from look.losses import look_loss_terms
 from look.search import knn_search
-from look.search_triton import fused_search_supported, triton_available
+from look.search_triton import QuantizedRows, fused_search_supported, triton_available
 from tests.neighbour_checks import assert_same_neighbours
 
 pytestmark = pytest.mark.skipif(
@@ -34,6 +34,10 @@ def test_fused_equals_scan_on_gpu(
     fused = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="triton")
     scan = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="torch")
     assert_same_neighbours(fused, scan, atol=1e-5)
+    # Reading the int8 copy: the same neighbours (int8 tensor-core products, exact re-score).
+    int8 = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="triton",
+                      prefilter=QuantizedRows.from_memory(memory))  # fmt: skip
+    assert_same_neighbours(int8, scan, atol=1e-5)
 
 
 def test_overflow_falls_back_on_gpu() -> None:

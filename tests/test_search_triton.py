@@ -30,7 +30,7 @@ def test_fused_search_equals_scan_in_triton_interpreter() -> None:
         timeout=600,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(": ok") == 20, completed.stdout
+    assert completed.stdout.count(": ok") == 22, completed.stdout
 
 
 def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:
@@ -94,3 +94,69 @@ def test_hit_tile_fraction_counts_each_tile_once_per_query_block() -> None:
     assert _hit_tile_fraction(candidates, counts, plan, 32) == (3 + 2) / 20
     counts[20] = 5  # an overflowed query: all its slots were written
     assert _hit_tile_fraction(candidates, counts, plan, 32) == (3 + 2) / 20
+
+
+def _prefilter_error_and_slack(
+    queries: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|exact - approx|, slack)`` per (query, row), in fp64, of the int8 pre-filter's
+    similarities as the kernel forms them (int8 products, scaled in fp32) against the exact
+    product of the rounded query and the stored row."""
+    from look.search_triton import QuantizedRows, _quantize_queries
+
+    copy = QuantizedRows.from_memory(rows)
+    high, low, terms = _quantize_queries(queries.to(rows.dtype), copy.norm_bound)
+    scale_high, scale_low, query_norm, query_slack = terms
+    values = copy.values.float()
+    # The int32 products are exact in fp32 (|sum| < 2**24); the scaling rounds, as in the kernel.
+    approx = ((high.float() @ values.T) * scale_high[:, None]
+              + (low.float() @ values.T) * scale_low[:, None]) * copy.scales[None, :]  # fmt: skip
+    exact = queries.to(rows.dtype).double() @ rows.double().T
+    slack = query_norm.double()[:, None] * copy.errors.double()[None, :] + query_slack.double()[:, None]
+    return (exact - approx.double()).abs(), slack
+
+
+@pytest.mark.parametrize("dim", [20, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_int8_prefilter_bounds_its_error(dim: int, dtype: torch.dtype) -> None:
+    """The pre-filter is exact only if every approximate similarity is within its slack of the
+    exact one: on unit rows, rows of any norm, rows with one dominant coordinate (coarse int8
+    steps for the rest), tiny rows and zero (unwritten) rows."""
+    generator = torch.Generator().manual_seed(dim)
+    unit = torch.nn.functional.normalize(torch.randn(3000, dim, generator=generator), dim=1)
+    scaled = unit * torch.rand(3000, 1, generator=generator) * 30
+    spiky = unit.clone()
+    spiky[:, 0] = 50.0
+    tiny = unit * 1e-3
+    rows = torch.cat([unit, scaled, spiky, tiny, torch.zeros(5, dim)]).to(dtype)
+    queries = torch.cat([
+        torch.nn.functional.normalize(torch.randn(40, dim, generator=generator), dim=1),
+        rows[3000:3010].float() * 2, rows[6000:6005].float(), torch.zeros(1, dim),
+    ])  # fmt: skip
+    error, slack = _prefilter_error_and_slack(queries, rows)
+    assert (error <= slack).all(), float((error - slack).max())
+    # The bound is a bound, not a blanket: for unit rows and queries it stays within 8x the
+    # largest error seen (a formula off by a factor of 10 in either direction fails one side).
+    unit_error, unit_slack = error[:40, :3000], slack[:40, :3000]
+    assert float(unit_slack.max()) < 8 * float(unit_error.max())
+
+
+def test_an_int8_copy_written_row_by_row_equals_one_built_at_once() -> None:
+    from look.search_triton import QuantizedRows
+
+    generator = torch.Generator().manual_seed(3)
+    memory = torch.zeros(100, 16, dtype=torch.bfloat16)
+    copy = QuantizedRows.from_memory(memory)
+    assert float(copy.norm_bound) == 0.0
+    rows = (torch.randn(30, 16, generator=generator) * 3).to(torch.bfloat16)
+    positions = torch.randperm(100, generator=generator)[:30]
+    memory[positions] = rows
+    copy.write_(positions, rows)
+    whole = QuantizedRows.from_memory(memory)
+    assert torch.equal(copy.values, whole.values)
+    assert torch.equal(copy.scales, whole.scales) and torch.equal(copy.errors, whole.errors)
+    torch.testing.assert_close(copy.norm_bound, whole.norm_bound, rtol=0, atol=0)
+    # Overwriting with smaller rows never lowers the bound (a running maximum, no host read).
+    copy.write_(positions, rows / 10)
+    assert torch.equal(copy.norm_bound, whole.norm_bound)
+

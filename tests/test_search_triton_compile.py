@@ -243,3 +243,39 @@ def test_the_serialisation_note_is_read_from_ptxas_output() -> None:
     reason = serialization_reason(report)
     assert reason == "program dependence on compiler-inserted WG.AR in divergent path"
     assert serialization_reason("ptxas info    : Used 42 registers, used 1 barriers") is None
+
+
+@pytest.mark.parametrize("collect", [False, True])
+@pytest.mark.parametrize("config_index", [0, 1])
+def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
+    collect: bool, config_index: int
+) -> None:
+    """With an int8 copy of the memory (QuantizedRows) both passes stream 16-byte vectors of int8
+    rows through the software pipeline into Hopper's s8 wgmma (int32 accumulation), without
+    spills or serialised wgmma, at 14.2M rows; Ampere compiles them too (int8 mma.sync)."""
+    config = KERNEL_CONFIGS[config_index]
+    compiled = compile_kernel(
+        config, collect=collect, capability=90, prefilter=True, rows=14_197_122
+    )
+    ptx = compiled.asm["ptx"]  # type: ignore[attr-defined]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx)
+    assert "bf16" not in ptx.split("wgmma.mma_async", 1)[1].split("\n", 1)[0]
+    copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+    assert copies and set(copies) == {"0x10"}, copies
+    resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+    assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources
+    assert wgmma_serialization(compiled) is None
+    if config_index == 0:
+        ampere = compile_kernel(config, collect=collect, capability=80, prefilter=True)
+        assert "mma.sync.aligned" in ampere.asm["ptx"]  # type: ignore[attr-defined]
+        assert ".s8.s8" in ampere.asm["ptx"]  # type: ignore[attr-defined]
+
+
+def test_the_int8_prefilter_doubles_the_candidate_room() -> None:
+    from look.search_triton import _search_plan
+
+    for rows in (1_281_167, 14_197_122):
+        exact = _search_plan(256, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132)
+        int8 = _search_plan(256, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132, prefilter=True)
+        assert int8.capacity == 2 * exact.capacity
+        assert int8.total_tiles == exact.total_tiles and int8.tile_stride == exact.tile_stride

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from look.host_sync import host_reads_are_free
-from look.search_triton import fused_knn_search, fused_search_supported
+from look.search_triton import QuantizedRows, fused_knn_search, fused_search_supported
 
 __all__ = [
     "SEARCH_BACKENDS",
@@ -210,6 +210,7 @@ def knn_search(
     query_labels: Tensor | None = None,
     memory_labels: Tensor | None = None,
     backend: SearchBackend = "auto",
+    prefilter: QuantizedRows | None = None,
 ) -> KnnResult:
     """Exact top-``k`` memory rows by inner product ``query @ memory.T``, scanned in chunks.
 
@@ -229,6 +230,9 @@ def knn_search(
             applies (CUDA bf16/fp16 memory, rows indexed by position, no labels) and this
             function's chunked PyTorch scan otherwise; ``"torch"`` forces the scan, ``"triton"``
             requires the fused search.
+        prefilter: an int8 copy of ``memory`` (:class:`look.search_triton.QuantizedRows`) that
+            the fused search reads instead, re-scoring its candidates from ``memory``: the same
+            neighbours for about half the bytes read. The scan ignores it.
 
     With a bf16/fp16 memory the query is rounded to the memory's dtype first, on every device and
     backend, so both backends compute the same similarities (products of two half-precision
@@ -242,7 +246,7 @@ def knn_search(
     search = knn_search_deferred(
         query, memory, k, query_ids=query_ids, memory_ids=memory_ids, memory_valid=memory_valid,
         chunk_size=chunk_size, query_labels=query_labels, memory_labels=memory_labels,
-        backend=backend,
+        backend=backend, prefilter=prefilter,
     )  # fmt: skip
     return search.finish()
 
@@ -282,6 +286,7 @@ def knn_search_deferred(
     query_labels: Tensor | None = None,
     memory_labels: Tensor | None = None,
     backend: SearchBackend = "auto",
+    prefilter: QuantizedRows | None = None,
 ) -> DeferredKnnResult:
     """:func:`knn_search` whose fused path does not wait for the GPU: the caller queues the work
     that uses the neighbours, then calls ``.finish()`` (which waits, and only on overflow
@@ -312,7 +317,7 @@ def knn_search_deferred(
         try:
             return _fused_search(
                 query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
-                chunk_size=chunk_size,
+                chunk_size=chunk_size, prefilter=prefilter,
             )  # fmt: skip
         except Exception as error:  # any compile or launch failure of the kernel
             if backend == "triton":  # asked for explicitly: fail loudly
@@ -421,11 +426,12 @@ def _fused_search(
     query_ids: Tensor | None,
     memory_valid: Tensor | None,
     chunk_size: int,
+    prefilter: QuantizedRows | None = None,
 ) -> DeferredKnnResult:
     """The fused search; queries whose candidate buffer overflowed are redone by the scan when
     the result is finished."""
     values, indices, overflowed = fused_knn_search(
-        query, memory, k, query_ids=query_ids, memory_valid=memory_valid
+        query, memory, k, query_ids=query_ids, memory_valid=memory_valid, prefilter=prefilter
     )
     dtype = compute_dtype_for(query, memory)
 

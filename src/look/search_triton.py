@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 __all__ = [
     "FUSED_DTYPES",
     "KERNEL_CONFIGS",
+    "QuantizedRows",
     "SearchKernelConfig",
     "compile_for_capability",
     "compile_kernel",
@@ -167,22 +168,56 @@ if triton is not None:
         return row_ok
 
     @triton.jit
+    def _int8_tile_scores(
+        query, query_low, rows, offs_n, num_rows, scale_high, scale_low, query_norm, query_slack,
+        row_scale_ptr, row_error_ptr, MASK_ROWS: tl.constexpr,
+    ):  # fmt: skip
+        """The int8 pre-filter's similarities of a tile (``(hi·σ + lo·σ_lo)·σ_row``, two int8
+        products with int32 accumulation) and their error bound per (query, row)
+        (``‖q‖·e_row + slack_q``): the exact similarity lies within it."""
+        if MASK_ROWS:
+            in_rows = offs_n < num_rows
+            row_scale = tl.load(row_scale_ptr + offs_n, mask=in_rows, other=0.0)
+            row_error = tl.load(row_error_ptr + offs_n, mask=in_rows, other=0.0)
+        else:
+            row_scale = tl.load(row_scale_ptr + offs_n)
+            row_error = tl.load(row_error_ptr + offs_n)
+        high = tl.dot(query, tl.trans(rows), out_dtype=tl.int32).to(tl.float32)
+        low = tl.dot(query_low, tl.trans(rows), out_dtype=tl.int32).to(tl.float32)
+        approx = (high * scale_high[:, None] + low * scale_low[:, None]) * row_scale[None, :]
+        slack = query_norm[:, None] * row_error[None, :] + query_slack[:, None]
+        return approx, slack
+
+    @triton.jit
     def _search_tile(
         query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots, valid_ptr,
-        counts_ptr, out_values_ptr, out_indices_ptr, capacity,
+        counts_ptr, out_values_ptr, out_indices_ptr, capacity, query_low, scale_high, scale_low,
+        query_norm, query_slack, row_scale_ptr, row_error_ptr,
         HAS_VALID: tl.constexpr, COLLECT: tl.constexpr, ATOMIC_PER_CANDIDATE: tl.constexpr,
         SKIP_EMPTY_TILES: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, INT8_ROWS: tl.constexpr,
     ):  # fmt: skip
         """One tile's products: the collect pass appends its candidates, the bound pass updates
-        ``kept`` (returned; unchanged by the collect pass)."""
-        similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
+        ``kept`` (returned; unchanged by the collect pass). With ``INT8_ROWS`` the collect pass
+        keeps every row whose similarity *may* reach the bound (upper bound >= bound, the
+        approximation is stored and re-scored later) and the bound pass takes tile maxima of
+        lower bounds, so that the bound stays below the true k-th similarity."""
+        if INT8_ROWS:
+            similarities, slack = _int8_tile_scores(
+                query, query_low, rows, offs_n, num_rows, scale_high, scale_low, query_norm,
+                query_slack, row_scale_ptr, row_error_ptr, MASK_ROWS,
+            )  # fmt: skip
+        else:
+            similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
         # Excluded rows (repeated, past the end, unwritten) must never be kept. Row masks are
         # [BLOCK_N], so the [BLOCK_Q, BLOCK_N] epilogue stays a few ops per element; padding
         # queries need no mask (their bound is +inf and their stores are masked). A query's own
         # row is not excluded here: fused_knn_search bounds one neighbour more and masks it after.
         if COLLECT:
-            keep = similarities >= bound[:, None]
+            if INT8_ROWS:
+                keep = similarities + slack >= bound[:, None]
+            else:
+                keep = similarities >= bound[:, None]
             if SKIP_EMPTY_TILES:
                 # Most tiles of a large memory hold no candidate of any query of the block (at
                 # 14M rows ~89 %, at 1.28M only ~27 %: docs/results.md): one block-wide
@@ -209,6 +244,8 @@ if triton is not None:
             row_ok = _row_ok(
                 valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
             )
+            if INT8_ROWS:
+                similarities = similarities - slack
             similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
             # A larger tile maximum replaces the smallest kept one.
             tile_max = tl.max(similarities, axis=1)
@@ -228,6 +265,10 @@ if triton is not None:
         out_values_ptr,
         out_indices_ptr,
         counts_ptr,
+        query_low_ptr,
+        query_terms_ptr,
+        row_scale_ptr,
+        row_error_ptr,
         num_queries,
         num_rows,
         dim,
@@ -252,6 +293,7 @@ if triton is not None:
         SHIFT_LAST_TILE: tl.constexpr,
         EXCLUDE_REPEATS: tl.constexpr,
         QUERY_DTYPE: tl.constexpr = None,
+        INT8_ROWS: tl.constexpr = False,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -272,6 +314,25 @@ if triton is not None:
             # computed in the kernel stays in registers, one loaded as is goes to shared memory
             # and is read from there again for every tile (config.query_operand).
             query = query.to(QUERY_DTYPE)
+        if INT8_ROWS:
+            # The int8 pre-filter (QuantizedRows): the query in two int8 parts (high, and the
+            # rounding residual at 1/254 of its scale) and four fp32 terms per query.
+            query_low = tl.load(
+                query_low_ptr + offs_q[:, None] * stride_query + offs_d[None, :],
+                mask=q_mask[:, None] & d_mask[None, :],
+                other=0,
+            )
+            terms_ptrs = query_terms_ptr + offs_q
+            scale_high = tl.load(terms_ptrs, mask=q_mask, other=0.0)
+            scale_low = tl.load(terms_ptrs + num_queries, mask=q_mask, other=0.0)
+            query_norm = tl.load(terms_ptrs + 2 * num_queries, mask=q_mask, other=0.0)
+            query_slack = tl.load(terms_ptrs + 3 * num_queries, mask=q_mask, other=0.0)
+        else:  # (unused)
+            query_low = query
+            scale_high = 0.0
+            scale_low = 0.0
+            query_norm = 0.0
+            query_slack = 0.0
         bound = tl.full([BLOCK_Q], float("inf"), dtype=tl.float32)
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
@@ -318,9 +379,11 @@ if triton is not None:
                     rows = tl.load(row_ptrs, mask=d_mask[None, :], other=0.0)
             kept = _search_tile(
                 query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots,
-                valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, capacity, HAS_VALID,
-                COLLECT, ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE,
-                EXCLUDE_REPEATS, BLOCK_Q, BLOCK_N,
+                valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, capacity, query_low,
+                scale_high, scale_low, query_norm, query_slack, row_scale_ptr, row_error_ptr,
+                HAS_VALID, COLLECT,
+                ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE, EXCLUDE_REPEATS,
+                BLOCK_Q, BLOCK_N, INT8_ROWS,
             )  # fmt: skip
         if not COLLECT:
             columns = pid_n * BOUND_KEEP + keep_slots
@@ -417,6 +480,144 @@ if triton is not None:
         else:
             _select_sorted(values_ptr, indices_ptr, query_ids_ptr, out_values_ptr,
                            out_indices_ptr, row, count, capacity, k, HAS_IDS, BLOCK)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rescore_candidates_kernel(
+        values_ptr, indices_ptr, counts_ptr, query_ptr, memory_ptr, capacity, dim, stride_query,
+        stride_memory, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """The int8 pre-filter's candidates re-scored: program ``(q, c)`` replaces the
+        approximate similarities in slots ``[c·BLOCK_C, (c+1)·BLOCK_C)`` of query ``q``'s buffer
+        (those below its count) by exact ones, the query in the memory's dtype times the
+        gathered bf16/fp16 row, accumulated in fp32 (the similarity every path computes)."""
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        count = tl.minimum(tl.load(counts_ptr + row), capacity)
+        filled = offs < count
+        base = row.to(tl.int64) * capacity
+        rows = tl.load(indices_ptr + base + offs, mask=filled, other=0)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < dim
+        query = tl.load(query_ptr + row.to(tl.int64) * stride_query + offs_d, mask=d_mask,
+                        other=0.0).to(tl.float32)  # fmt: skip
+        gathered = tl.load(
+            memory_ptr + rows[:, None] * stride_memory + offs_d[None, :],
+            mask=filled[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        tl.store(values_ptr + base + offs, tl.sum(gathered * query[None, :], axis=1), mask=filled)
+
+
+# Safety factor on the pre-filter's error norms (their fp32 computation rounds) and fp32
+# slack per feature dimension, relative to ‖q‖·(‖row‖ + e): covers the kernel's rounding of the
+# scaled int8 products and the order in which fp32 sums of the exact similarity are taken
+# (d·2^-24 relative each), with a margin of 4.
+_ERROR_MARGIN = 1.0 + 2.0**-8
+_FP32_SLACK_PER_DIM = 2.0**-22
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """An int8 copy of a bf16/fp16 memory that the fused search reads as an exact pre-filter.
+
+    Row ``r`` is ``scales[r] · values[r] + e_r`` with ``‖e_r‖ <= errors[r]``; ``norm_bound``
+    (0-d) bounds ``‖row‖ + errors[r]`` over all rows. The search reads half the bytes
+    (128-d: 128 B + 8 B per row instead of 256 B) and computes each similarity from two int8
+    products (the query's high part and its rounding residual), with a rigorous error bound:
+    the bound pass takes lower bounds, the collect pass keeps every row whose upper bound reaches
+    the bound, and the candidates are re-scored exactly from the bf16/fp16 memory. The
+    neighbours are those of the exact search; only the number of candidates grows (e.g. 1.7x on
+    random unit rows: ``benchmarks/search_tune.py --prefilter int8`` reports it).
+
+    Build it with :meth:`from_memory` and keep it in step with :meth:`write_` (or let
+    :class:`look.memory.FeatureMemory` with ``int8_prefilter=True`` do both).
+    """
+
+    values: Tensor  # (N, d) int8
+    scales: Tensor  # (N,) fp32
+    errors: Tensor  # (N,) fp32
+    norm_bound: Tensor  # () fp32
+
+    @staticmethod
+    def quantize(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values, scales, errors)`` of ``rows`` ``(n, d)``: a scale per row (its largest
+        magnitude over 127; 0 for a zero row) and the rounding error's norm, with margin."""
+        rows = rows.float()
+        scales = rows.abs().amax(dim=1) / 127.0
+        safe = torch.where(scales > 0, scales, 1.0)
+        values = torch.round(rows / safe.unsqueeze(1)).clamp_(-127, 127)
+        errors = (rows - values * scales.unsqueeze(1)).norm(dim=1) * _ERROR_MARGIN
+        return values.to(torch.int8), scales, errors
+
+    @classmethod
+    @torch.no_grad()
+    def from_memory(cls, memory: Tensor, *, chunk_rows: int = 1 << 20) -> QuantizedRows:
+        """The int8 copy of a whole ``(N, d)`` memory (as stored: quantize the rounded rows), built
+        ``chunk_rows`` at a time (fp32 temporaries of a 14M-row bank would take ~15 GB)."""
+        rows, dim = memory.shape
+        device = memory.device
+        copy = cls(
+            torch.empty(rows, dim, dtype=torch.int8, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+            torch.zeros((), dtype=torch.float32, device=device),
+        )
+        for start in range(0, rows, chunk_rows):
+            positions = slice(start, min(start + chunk_rows, rows))
+            copy.write_(positions, memory[positions].detach())  # type: ignore[arg-type]
+        return copy
+
+    @torch.no_grad()
+    def write_(self, positions: Tensor | slice, rows: Tensor) -> None:
+        """Copy ``rows`` (as stored in the memory, ``(n, d)``) into ``positions`` (no host wait:
+        ``norm_bound`` is raised in place, never lowered, so it stays a bound)."""
+        values, scales, errors = self.quantize(rows)
+        self.values[positions] = values
+        self.scales[positions] = scales
+        self.errors[positions] = errors
+        if len(rows):
+            torch.maximum(
+                self.norm_bound, (rows.float().norm(dim=1) + errors).max(), out=self.norm_bound
+            )
+
+    def matches(self, memory: Tensor) -> bool:
+        """Whether this copy has ``memory``'s shape and device."""
+        return self.values.shape == memory.shape and self.values.device == memory.device
+
+
+def _quantize_queries(queries: Tensor, norm_bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pre-filter's queries: int8 high parts, int8 residual parts at 1/254 of the scale,
+    and ``(4, B)`` fp32 terms (high scale, low scale, ``‖q‖`` with margin, the error slack
+    ``‖e_q‖·norm_bound`` plus fp32 rounding) for queries already rounded to the memory's dtype."""
+    queries = queries.float()
+    scale_high = queries.abs().amax(dim=1) / 127.0
+    high = torch.round(queries / torch.where(scale_high > 0, scale_high, 1.0).unsqueeze(1))
+    high = high.clamp_(-127, 127)
+    residual = queries - high * scale_high.unsqueeze(1)
+    scale_low = scale_high / 254.0  # |residual| <= scale_high / 2: fits in ±127
+    low = torch.round(residual / torch.where(scale_low > 0, scale_low, 1.0).unsqueeze(1))
+    low = low.clamp_(-127, 127)
+    query_norms = queries.norm(dim=1)
+    residual_norms = (residual - low * scale_low.unsqueeze(1)).norm(dim=1)
+    fp32_slack = (queries.shape[1] + 8) * _FP32_SLACK_PER_DIM
+    slack = (residual_norms * _ERROR_MARGIN + fp32_slack * query_norms) * norm_bound
+    terms = torch.stack([scale_high, scale_low, query_norms * _ERROR_MARGIN, slack])
+    return high.to(torch.int8), low.to(torch.int8), terms.contiguous()
+
+
+def _rescore_candidates(
+    values: Tensor, indices: Tensor, counts: Tensor, queries: Tensor, memory: Tensor
+) -> None:
+    """Replace the pre-filter's candidate similarities in ``values`` by exact ones, in place."""
+    batch, capacity = values.shape
+    block_c = 64
+    _rescore_candidates_kernel[(batch, triton.cdiv(capacity, block_c))](
+        values, indices, counts, queries, memory, capacity, memory.shape[1], queries.stride(0),
+        memory.stride(0), BLOCK_C=block_c, BLOCK_D=max(16, _next_power_of_two(memory.shape[1])),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -718,6 +919,7 @@ def _search_plan(
     multiprocessors: int | None,
     max_tile_stride: int | None = None,
     capacity: int | None = None,
+    prefilter: bool = False,
 ) -> _SearchPlan:
     block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
     query_blocks = triton.cdiv(batch, block_q)
@@ -740,7 +942,11 @@ def _search_plan(
     collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
     if capacity is None:
         # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
-        capacity = max(1024, 16 * search_k, 4 * tile_stride * search_k) if has_bound else rows
+        # The int8 pre-filter's bound and collect test are looser by its error bound (~1.7x the
+        # candidates on random unit rows): twice the room.
+        room = 8 if prefilter else 4
+        minimum = max(2048 if prefilter else 1024, 4 * room * search_k)
+        capacity = max(minimum, room * tile_stride * search_k) if has_bound else rows
     return _SearchPlan(
         block_q, query_blocks, total_tiles, tile_stride, sampled_tiles, has_bound,
         bound_programs, bound_keep, collect_programs, capacity,
@@ -759,10 +965,15 @@ def _kernel_pass(
     out_values: Tensor | None = None,
     out_indices: Tensor | None = None,
     counts: Tensor | None = None,
+    prefilter: tuple[QuantizedRows, Tensor, Tensor] | None = None,
 ) -> _KernelPass:
     """The bound pass (``tile_max`` given: every s-th tile, each program's largest tile maxima
-    into ``tile_max``) or the collect pass (``bound`` and the buffers given: every tile)."""
+    into ``tile_max``) or the collect pass (``bound`` and the buffers given: every tile). With
+    ``prefilter`` (the int8 rows, the queries' int8 residual parts and their terms; ``query``
+    then holds the int8 high parts) the pass reads the int8 rows instead of ``memory``."""
     collect = bound is not None
+    if prefilter is not None:
+        memory = prefilter[0].values
     batch, dim = query.shape
     dummy = query  # never read: the constexpr flags switch the loads off
     block_d = max(16, _next_power_of_two(dim))
@@ -788,6 +999,10 @@ def _kernel_pass(
         out_values if out_values is not None else dummy,
         out_indices if out_indices is not None else dummy,
         counts if counts is not None else dummy,
+        prefilter[1] if prefilter is not None else dummy,
+        prefilter[2] if prefilter is not None else dummy,
+        prefilter[0].scales if prefilter is not None else dummy,
+        prefilter[0].errors if prefilter is not None else dummy,
         batch,
         memory.shape[0],
         dim,
@@ -826,6 +1041,7 @@ def _kernel_pass(
             if query.dtype == torch.float32
             else None
         ),
+        "INT8_ROWS": prefilter is not None,
     }
     programs = plan.collect_programs if collect else plan.bound_programs
     return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
@@ -843,6 +1059,7 @@ def fused_knn_search(
     capacity: int | None = None,
     config: SearchKernelConfig | None = None,
     timings: dict[str, float] | None = None,
+    prefilter: QuantizedRows | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact top-``k`` rows of a bf16/fp16 ``memory`` by inner product (see the module doc).
 
@@ -850,7 +1067,9 @@ def fused_knn_search(
     ``indices`` (int64), both ``(B, k)`` sorted descending with ``-inf``/``-1`` padding, and a
     ``(B,)`` bool tensor marking the queries whose candidate buffer overflowed: their rows are
     wrong and must be recomputed by the caller. ``timings``, if given, receives the seconds of
-    each phase (synchronising the GPU between phases: for benchmarks only).
+    each phase (synchronising the GPU between phases: for benchmarks only). ``prefilter``, an
+    int8 copy of ``memory`` (:class:`QuantizedRows`), makes both passes read it instead, and the
+    candidates are then re-scored from ``memory``: same neighbours, about half the bytes read.
     """
     if not fused_search_supported(query, memory, memory_ids=None):
         raise ValueError("fused_knn_search needs Triton and a CUDA bf16/fp16 memory")
@@ -867,9 +1086,21 @@ def fused_knn_search(
         raise ValueError(
             f"query_operand must be 'shared' or 'registers', got {config.query_operand!r}"
         )
+    if prefilter is not None and not prefilter.matches(memory):
+        raise ValueError(
+            f"the int8 pre-filter has shape {tuple(prefilter.values.shape)} on "
+            f"{prefilter.values.device}, the memory {tuple(memory.shape)} on {memory.device}: "
+            "it must be a copy of this memory (QuantizedRows.from_memory)"
+        )
     # (with "registers" the kernel rounds fp32 queries itself: no conversion kernel here)
     query_dtype = memory.dtype if config.query_operand == "shared" else torch.float32
-    queries = query.detach().to(query_dtype).contiguous()
+    if prefilter is not None:  # int8 parts of the queries as the memory's dtype rounds them
+        rounded = query.detach().to(memory.dtype).contiguous()
+        queries, query_low, query_terms = _quantize_queries(rounded, prefilter.norm_bound)
+        int8_pass = (prefilter, query_low, query_terms)
+    else:
+        queries = query.detach().to(query_dtype).contiguous()
+        int8_pass = None
     memory = memory.detach()
     if memory.stride(1) != 1:
         memory = memory.contiguous()
@@ -893,14 +1124,16 @@ def fused_knn_search(
     )
     plan = _search_plan(
         batch, memory.shape[0], search_k, config, multiprocessors=multiprocessors,
-        max_tile_stride=max_tile_stride, capacity=capacity,
+        max_tile_stride=max_tile_stride, capacity=capacity, prefilter=prefilter is not None,
     )  # fmt: skip
     capacity = plan.capacity
 
     # Pass 1: tile maxima over every s-th tile.
     if plan.has_bound:
         tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
-        _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max).launch()
+        _kernel_pass(
+            queries, memory, valid, plan, config, tile_max=tile_max, prefilter=int8_pass
+        ).launch()
         clock.lap("bound_pass")
         # (the collect pass widens it by a margin: WIDEN_BOUND in the kernel)
         bound = _kth_largest(tile_max, search_k, config.select)
@@ -916,9 +1149,13 @@ def fused_knn_search(
     _kernel_pass(
         queries, memory, valid, plan, config,
         bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
+        prefilter=int8_pass,
     ).launch()  # fmt: skip
 
     clock.lap("collect_pass")
+    if prefilter is not None:
+        _rescore_candidates(out_values, out_indices, counts, rounded, memory)
+        clock.lap("rescore")
     ids = None if query_ids is None else query_ids.to(device=device, dtype=torch.int64)
     values, indices = _select_candidates(out_values, out_indices, counts, ids, k, config.select)
     clock.lap("select_topk")
@@ -975,6 +1212,7 @@ def compile_kernel(
     rows: int = 1_281_167,
     k: int = 200,
     multiprocessors: int = 132,
+    prefilter: bool = False,
 ) -> object:
     """Compile one pass of the search kernel (the bound pass, or the collect pass with
     ``collect``) for CUDA compute capability ``capability`` (e.g. 90 for Hopper), without a GPU:
@@ -987,7 +1225,8 @@ def compile_kernel(
     ``rows`` rows of ``dim`` dims launches on a GPU with ``multiprocessors`` SMs (an H100 SXM has
     132): the arguments are built as for the launch (on the meta device) and specialised by
     Triton's own launcher rule. That matters: without the launcher's
-    16-divisibility facts the compiler emits scalar loads and no software pipeline.
+    16-divisibility facts the compiler emits scalar loads and no software pipeline. With
+    ``prefilter`` the pass reads an int8 copy (:class:`QuantizedRows`) of the memory.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -997,7 +1236,19 @@ def compile_kernel(
     queries = torch.empty(batch, dim, dtype=query_dtype, device=meta)
     memory = torch.empty(rows, dim, dtype=torch_dtype, device=meta)
     valid = torch.empty(rows, dtype=torch.uint8, device=meta) if has_valid else None
-    plan = _search_plan(batch, rows, k + 1, config, multiprocessors=multiprocessors)
+    plan = _search_plan(
+        batch, rows, k + 1, config, multiprocessors=multiprocessors, prefilter=prefilter
+    )
+    int8_pass = None
+    if prefilter:
+        queries = torch.empty(batch, dim, dtype=torch.int8, device=meta)
+        copy = QuantizedRows(
+            torch.empty(rows, dim, dtype=torch.int8, device=meta),
+            torch.empty(rows, device=meta),
+            torch.empty(rows, device=meta),
+            torch.empty((), device=meta),
+        )
+        int8_pass = (copy, torch.empty_like(queries), torch.empty(4, batch, device=meta))
     if collect:
         # The bound is the fused selection's output or a column of PyTorch's, as in
         # fused_knn_search (its stride is an argument that Triton specialises on).
@@ -1013,10 +1264,13 @@ def compile_kernel(
             out_values=torch.empty(batch, plan.capacity, device=meta),
             out_indices=torch.empty(batch, plan.capacity, dtype=torch.int64, device=meta),
             counts=torch.empty(batch, dtype=torch.int32, device=meta),
+            prefilter=int8_pass,
         )  # fmt: skip
     else:
         tile_max = torch.empty(batch, plan.bound_columns, device=meta)
-        kernel_pass = _kernel_pass(queries, memory, valid, plan, config, tile_max=tile_max)
+        kernel_pass = _kernel_pass(
+            queries, memory, valid, plan, config, tile_max=tile_max, prefilter=int8_pass
+        )
     return compile_for_capability(
         _knn_tiles_kernel, kernel_pass.arguments, kernel_pass.constexprs, capability,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -115,6 +115,7 @@ class ShardedMemoryBank(MemoryBank):
         dtype: storage dtype of the rows (float32, bfloat16, float16 or their names).
         rows_per_rank: the per-rank batch size, if known: the write's gather and the loss's query
             gather then pad to it instead of reading row counts on the host (see ``MemoryBank``).
+        int8_prefilter: keep an int8 copy of the shard for the fused search (see ``MemoryBank``).
     """
 
     shard_range: Tensor
@@ -127,6 +128,7 @@ class ShardedMemoryBank(MemoryBank):
         momentum: float = 0.5,
         dtype: torch.dtype | str = torch.float32,
         rows_per_rank: int | None = None,
+        int8_prefilter: bool = False,
     ) -> None:
         world_size, rank = get_world_size(), get_rank()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -145,6 +147,7 @@ class ShardedMemoryBank(MemoryBank):
             dtype=dtype,
             gather_distributed=True,
             rows_per_rank=rows_per_rank,
+            int8_prefilter=int8_prefilter,
         )
         self.num_samples = num_samples
         self.world_size = world_size
@@ -570,6 +573,7 @@ def sharded_look_loss_terms(
             query_labels=all_labels if want_nearest else None,
             memory_labels=memory.labels if want_nearest else None,
             backend=search_backend,
+            prefilter=memory.search_prefilter(),  # None unless built with int8_prefilter
         )
         # Deferred: the caller reads whether this shard's fused search overflowed (an overflow
         # on any shard makes every rank redo the step); else it is waited for here.

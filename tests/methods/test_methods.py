@@ -353,3 +353,16 @@ def test_look_with_k_1_warns_that_it_learns_nothing(no_positive: str) -> None:
         method.after_optimizer_step(0.5)
         assert out.loss.item() == 0.0
     assert out.metrics["dropped_frac"].item() < 1.0
+
+
+def test_the_int8_search_prefilter_builds_a_bank_with_an_int8_copy() -> None:
+    cfg = {"name": "look", "k": 5, "memory_dtype": "bfloat16", "search_prefilter": "int8"}
+    method = build_method({**cfg, **SMALL_HEAD}, TinyBackbone(), 12, CTX)
+    assert method.memory.int8_prefilter and method.memory.search_prefilter() is not None
+    first = method(make_batch(16, 1, num_classes=3, seed=0))
+    assert torch.isfinite(first.loss)
+    for wrong in ({"memory_dtype": "float32"}, {"memory": "queue"}):
+        with pytest.raises(ConfigError, match="search_prefilter=int8 is a copy of a bf16/fp16"):
+            build_method({**cfg, **wrong, **SMALL_HEAD}, TinyBackbone(), 12, CTX)
+    with pytest.raises(ConfigError, match="search_prefilter='int4' is not one of"):
+        build_method({**cfg, "search_prefilter": "int4"}, TinyBackbone(), 12, CTX)

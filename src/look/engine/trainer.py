@@ -66,6 +66,7 @@ _RESUME_MUST_MATCH = ("seed", "data", "model", "method", "optim")
 _RESUME_MAY_DIFFER = {
     ("data", "num_workers"),
     ("method", "search_backend"),
+    ("method", "search_prefilter"),
     ("method", "chunk_size"),
     ("optim", "grad_accum_steps"),
 }

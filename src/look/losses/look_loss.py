@@ -32,6 +32,7 @@ from look.search import (
     nearest_positive,
     validate_search_inputs,
 )
+from look.search_triton import QuantizedRows
 
 __all__ = ["NO_POSITIVE_RULES", "LookLoss", "LookLossTerms", "look_loss", "look_loss_terms"]
 
@@ -409,6 +410,7 @@ def _top_k_terms(
     search_backend: str,
     defer_exactness_check: bool = False,
     mark_non_finite: bool = False,
+    search_prefilter: QuantizedRows | None = None,
 ) -> LookLossTerms:
     """Finite ``k``: no-grad search, then the selected similarities recomputed with grad (or, for
     a small memory, read from the one ``B × N`` product the search was done on)."""
@@ -434,7 +436,7 @@ def _top_k_terms(
     pending = knn_search_deferred(
         queries, memory, k_eff, query_ids=query_ids, memory_ids=memory_ids,
         memory_valid=memory_valid, chunk_size=chunk_size, query_labels=labels_for_nearest[0],
-        memory_labels=labels_for_nearest[1], backend=search_backend,
+        memory_labels=labels_for_nearest[1], backend=search_backend, prefilter=search_prefilter,
     )  # fmt: skip
 
     def terms_from(search: KnnResult) -> LookLossTerms:
@@ -557,6 +559,7 @@ def look_loss_terms(
     search_backend: SearchBackend = "auto",
     defer_exactness_check: bool = False,
     check_finite_query: bool = True,
+    search_prefilter: QuantizedRows | None = None,
 ) -> LookLossTerms:
     """Per-query LOOK loss terms (see the module docstring for the definition).
 
@@ -587,6 +590,9 @@ def look_loss_terms(
         check_finite_query: on the CPU, refuse a NaN/Inf query (``ValueError``). ``False``
             gives it a NaN loss term instead, as on an accelerator: for a caller that checks
             every loss itself (the trainer, which may then skip the step).
+        search_prefilter: an int8 copy of ``memory`` for the fused search
+            (:class:`look.search_triton.QuantizedRows`, e.g. a bank's ``search_prefilter()``):
+            same neighbours, about half the bytes read. Ignored by the other searches.
 
     Returns:
         :class:`LookLossTerms`. A query with no candidate or no positive is not ``valid`` and has
@@ -656,6 +662,7 @@ def look_loss_terms(
                 search_backend=search_backend,
                 defer_exactness_check=defer_exactness_check,
                 mark_non_finite=mark_non_finite,
+                search_prefilter=search_prefilter,
             )
     return terms
 

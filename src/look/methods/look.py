@@ -52,6 +52,10 @@ class LOOKOptions(HeadOptions):
     # B × N product for a small fp32 bank and a large k; else the chunked scan) | torch (always
     # the chunked scan) | triton (require the fused search)
     search_backend: str = "auto"
+    # none | int8: the bank keeps an int8 copy that the fused GPU search reads instead (same
+    # neighbours, re-scored from the bf16/fp16 rows; about half the bytes per search, 0.56x the
+    # bank's bytes more memory). Needs memory_dtype bfloat16/float16 and a bank.
+    search_prefilter: str = "none"
     ce_weight: float = 0.0  # optional auxiliary CE on the pooled features (off in pure LOOK)
 
     def validate(self) -> None:
@@ -75,6 +79,7 @@ class LOOKOptions(HeadOptions):
             "memory_dtype": tuple(_MEMORY_DTYPES),
             "memory_init": ("mask", "warmup"),
             "search_backend": SEARCH_BACKENDS,
+            "search_prefilter": ("none", "int8"),
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -91,6 +96,13 @@ class LOOKOptions(HeadOptions):
             not (self.memory == "sharded_bank" and self.k is None),
             "memory=sharded_bank needs a finite k (k: null, every row a neighbour, would search "
             "the whole bank on every rank); set k, or use memory=bank for NCA",
+        )
+        check_options(
+            self.search_prefilter == "none"
+            or (self.memory != "queue" and self.memory_dtype in ("bfloat16", "float16")),
+            "search_prefilter=int8 is a copy of a bf16/fp16 bank for the fused search: set "
+            f"memory_dtype to bfloat16 or float16 (got {self.memory_dtype}) and memory to bank "
+            f"or sharded_bank (got {self.memory})",
         )
         check_options(self.queue_size >= 2, f"queue_size must be >= 2, got {self.queue_size}")
         check_options(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
@@ -161,6 +173,7 @@ class LOOK(Method):
                 momentum=memory_momentum,
                 dtype=_MEMORY_DTYPES[options.memory_dtype],
                 rows_per_rank=ctx.local_batch_size,
+                int8_prefilter=options.search_prefilter == "int8",
             )
         else:
             self.memory = build_memory(
@@ -173,6 +186,7 @@ class LOOK(Method):
                 # Under DDP the gather then pads to the batch size instead of reading the row
                 # counts on the host, so the write can follow the optimizer step there too.
                 rows_per_rank=ctx.local_batch_size,
+                int8_prefilter=options.search_prefilter == "int8",
             )
         if options.memory_update == "ema_encoder":
             self.ema_backbone = frozen_copy(backbone)
@@ -257,6 +271,7 @@ class LOOK(Method):
                 search_backend=self.options.search_backend,  # type: ignore[arg-type]
                 defer_exactness_check=defer_exactness,
                 check_finite_query=not self.caller_checks_loss,
+                search_prefilter=self.memory.search_prefilter(),
             )
         loss = global_masked_mean(terms.loss, terms.valid)
         ce = None
