@@ -116,10 +116,10 @@ def _fused_search_operations() -> int:
     """Operations of one fused search as a LOOK step calls it (deferred: no host read), the two
     kernel passes included; fp16 rows, as the interpreter has no bf16."""
     generator = torch.Generator().manual_seed(0)
-    memory = F.normalize(torch.randn(40_000, 16, generator=generator), dim=1).half()
-    valid = torch.rand(40_000, generator=generator) > 0.1
+    memory = F.normalize(torch.randn(8_000, 16, generator=generator), dim=1).half()
+    valid = torch.rand(8_000, generator=generator) > 0.1
     query = F.normalize(torch.randn(BATCH, 16, generator=generator), dim=1)
-    ids = torch.randint(0, 40_000, (BATCH,), generator=generator)
+    ids = torch.randint(0, 8_000, (BATCH,), generator=generator)
     with OperationCounter() as search:
         pending = knn_search_deferred(
             query, memory, 20, query_ids=ids, memory_valid=valid, backend="triton"

@@ -8,6 +8,7 @@ definition (a naive loop, ``tests/losses/test_look_loss.py``) or the PyTorch pat
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 from collections.abc import Iterator
@@ -18,11 +19,16 @@ import torch.nn.functional as F
 
 import look.losses.look_terms_triton as terms_module
 from look.losses import look_loss, look_loss_terms
+from look.search_triton import get_kernel_config, set_kernel_config
 from tests.interpreter_cases import run_cases
 from tests.losses.test_look_loss import TEMPERATURE, assert_matches, make_problem, run_both
 
 # (look.losses exports a function of the module's name, so the attribute is not the module)
 look_loss_module = importlib.import_module("look.losses.look_loss")
+# An fp16 memory is searched by the fused search here too: its selections' in-register sort runs
+# one program at a time in the interpreter (~30 s a case); tests/search_triton_cases.py checks it,
+# these cases select with torch.sort (same neighbours).
+set_kernel_config(dataclasses.replace(get_kernel_config(), select="sort"))
 
 
 @contextmanager

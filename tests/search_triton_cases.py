@@ -47,7 +47,7 @@ def case_matches_scan() -> None:
     # k larger than the candidates (padding), tiny memory.
     for batch, rows, dim, k in [
         (7, 3000, 32, 10),
-        (33, 40000, 20, 25),
+        (33, 14000, 20, 25),  # s = 4, the default largest: 438 tiles >= 4 · 4 · 26
         (16, 500, 8, 600),
         (3, 5, 4, 2),
     ]:
@@ -519,13 +519,14 @@ def case_int8_prefilter_matches_scan() -> None:
     smaller than k; rows of mixed norms with one dominant coordinate (coarse int8 steps for the
     rest) and near-duplicates of a query that tie around the k-th."""
     generator = torch.Generator().manual_seed(11)
-    for batch, rows, dim, k in [(7, 3000, 32, 10), (33, 12000, 20, 25), (3, 5, 4, 2)]:
+    for batch, rows, dim, k in [(7, 3000, 32, 10), (33, 8000, 20, 25), (3, 5, 4, 2)]:
         query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
         memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1).half()
         valid = torch.rand(rows, generator=generator) > 0.2
         query_ids = torch.randint(0, rows, (batch,), generator=generator)
         prefilter = QuantizedRows.from_memory(memory)
-        _check_same(query, memory, k, prefilter=prefilter)
+        if batch == 7:
+            _check_same(query, memory, k, prefilter=prefilter)
         _check_same(query, memory, k, prefilter=prefilter, query_ids=query_ids, memory_valid=valid)
     query = F.normalize(torch.randn(9, 16, generator=generator), dim=1)
     memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1)
