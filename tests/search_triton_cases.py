@@ -496,6 +496,16 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
     assert not (terms["triton"].neighbour_indices == query_ids.unsqueeze(1)).any()
     assert terms["triton"].inexact is None  # waited for inside, unless deferred
+    # A shard with an int8 copy: its fused search reads the copy, with the same terms.
+    int8_bank = ShardedMemoryBank(3000, 16, dtype=torch.float16, int8_prefilter=True)
+    int8_bank.load_state_dict(bank.state_dict())  # the same rows (the copy is built from them)
+    int8_terms = sharded_look_loss_terms(
+        query, labels, int8_bank, k=20, temperature=0.1, query_indices=query_ids,
+        search_backend="triton",
+    )  # fmt: skip
+    assert int8_bank.search_prefilter() is not None
+    torch.testing.assert_close(int8_terms.loss, terms["torch"].loss, rtol=0, atol=1e-6)
+    assert torch.equal(int8_terms.neighbour_indices, terms["torch"].neighbour_indices)
 
     # Deferred, an overflow of the shard's search is returned as `inexact` (a row copied 1,200
     # times, without momentum, next to query 0 overflows its buffer), and the wrong terms with it.
@@ -527,6 +537,12 @@ def case_int8_prefilter_matches_scan() -> None:
         prefilter = QuantizedRows.from_memory(memory)
         if batch == 7:
             _check_same(query, memory, k, prefilter=prefilter)
+            # The query parts passed as int16 and narrowed in the kernel (operands in registers).
+            registers = dataclasses.replace(get_kernel_config(), query_operand="registers")
+            values, indices, _ = fused_knn_search(query, memory, k, prefilter=prefilter,
+                                                  config=registers)  # fmt: skip
+            scan = knn_search(query, memory, k, backend="torch")
+            assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
         _check_same(query, memory, k, prefilter=prefilter, query_ids=query_ids, memory_valid=valid)
     query = F.normalize(torch.randn(9, 16, generator=generator), dim=1)
     memory = F.normalize(torch.randn(6000, 16, generator=generator), dim=1)

@@ -246,7 +246,7 @@ def test_the_serialisation_note_is_read_from_ptxas_output() -> None:
 
 
 @pytest.mark.parametrize("collect", [False, True])
-@pytest.mark.parametrize("config_index", [0, 1])
+@pytest.mark.parametrize("config_index", [0, 1, 29])
 def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
     collect: bool, config_index: int
 ) -> None:
@@ -265,6 +265,11 @@ def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
     resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
     assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources
     assert wgmma_serialization(compiled) is None
+    # Its query operands come from shared memory, or with "registers" (int16 parts narrowed in
+    # the kernel) from registers: "{%r..}" in place of a shared-memory descriptor.
+    operand_a = ptx.split("wgmma.mma_async", 1)[1].split("\n", 1)[0].split("}", 1)[1]
+    in_registers = operand_a.lstrip(", ").startswith("{")
+    assert in_registers == (config.query_operand == "registers"), operand_a
     if config_index == 0:
         ampere = compile_kernel(config, collect=collect, capability=80, prefilter=True)
         assert "mma.sync.aligned" in ampere.asm["ptx"]  # type: ignore[attr-defined]

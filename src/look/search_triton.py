@@ -322,6 +322,8 @@ if triton is not None:
                 mask=q_mask[:, None] & d_mask[None, :],
                 other=0,
             )
+            if QUERY_DTYPE is not None:  # int16 parts narrowed here: operands in registers
+                query_low = query_low.to(QUERY_DTYPE)
             terms_ptrs = query_terms_ptr + offs_q
             scale_high = tl.load(terms_ptrs, mask=q_mask, other=0.0)
             scale_low = tl.load(terms_ptrs + num_queries, mask=q_mask, other=0.0)
@@ -1035,11 +1037,12 @@ def _kernel_pass(
         # them twice only if it reads every tile (s = 1); with s >= 2 the repeated rows belong
         # to a tile it skips. The collect pass checks them on its append path only.
         "EXCLUDE_REPEATS": shift_last_tile and (collect or plan.tile_stride == 1),
-        # fp32 queries: rounded to the memory's dtype in the kernel (query_operand "registers")
+        # fp32 queries: rounded to the memory's dtype in the kernel, int16 parts of the int8
+        # pre-filter's queries narrowed to int8 (query_operand "registers")
         "QUERY_DTYPE": (
             (tl.bfloat16 if memory.dtype == torch.bfloat16 else tl.float16)
             if query.dtype == torch.float32
-            else None
+            else (tl.int8 if query.dtype == torch.int16 else None)
         ),
         "INT8_ROWS": prefilter is not None,
     }
@@ -1097,6 +1100,8 @@ def fused_knn_search(
     if prefilter is not None:  # int8 parts of the queries as the memory's dtype rounds them
         rounded = query.detach().to(memory.dtype).contiguous()
         queries, query_low, query_terms = _quantize_queries(rounded, prefilter.norm_bound)
+        if config.query_operand == "registers":  # widened: the kernel narrows them again
+            queries, query_low = queries.to(torch.int16), query_low.to(torch.int16)
         int8_pass = (prefilter, query_low, query_terms)
     else:
         queries = query.detach().to(query_dtype).contiguous()
@@ -1241,7 +1246,8 @@ def compile_kernel(
     )
     int8_pass = None
     if prefilter:
-        queries = torch.empty(batch, dim, dtype=torch.int8, device=meta)
+        query_parts = torch.int8 if config.query_operand == "shared" else torch.int16
+        queries = torch.empty(batch, dim, dtype=query_parts, device=meta)
         copy = QuantizedRows(
             torch.empty(rows, dim, dtype=torch.int8, device=meta),
             torch.empty(rows, device=meta),
