@@ -1,10 +1,12 @@
 """Registers, spills, shared memory and wgmma serialisation of the fused kernels, without a GPU.
 
-    python benchmarks/kernel_resources.py --output kernel_resources.json [--capability 90]
+    python benchmarks/kernel_resources.py --output kernel_resources.json [--capability 90] \
+        [--configs 0 1] [--no-valid] [--prefilter int8]
 
 Each config of ``look.search_triton.KERNEL_CONFIGS`` is compiled (bound pass and collect pass, bf16
 memory of 128-d rows, with a valid mask, or with ``--no-valid`` without one as a memory known to be
-full is searched) for the given CUDA compute capability by Triton and its
+full is searched; with ``--prefilter int8`` reading the memory's int8 copy instead) for the
+given CUDA compute capability by Triton and its
 bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per thread and the stack
 (spill) bytes from the binary, and for Hopper ``ptxas -v`` says whether it serialises the
 ``wgmma`` instructions (each waits for the one before) and why. From the SASS (``cuobjdump
@@ -58,11 +60,14 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
 def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
     """Instructions one iteration of the tile loop issues (per thread), on its common path: the
     loop is the (predicated) backward branch around the matrix-product instructions
-    (``HGMMA``/``HMMA``);
+    (``HGMMA``/``HMMA``, or ``IGMMA``/``IMMA`` for the int8 copy's);
     a forward branch that lands inside the loop is taken (it skips the append of a tile without
     candidates), one that leaves it is not (a slow path, e.g. waiting for a TMA barrier). None
     if there is no such loop."""
-    products = [address for address, text in instructions if "HGMMA" in text or "HMMA" in text]
+    products = [
+        address for address, text in instructions
+        if any(name in text for name in ("HGMMA", "HMMA", "IGMMA", "IMMA"))
+    ]  # fmt: skip
     branches = []
     for address, text in instructions:
         target = _BRANCH_TARGET.search(text)
@@ -115,14 +120,19 @@ def main() -> None:
         "--no-valid", action="store_true",
         help="compile the search without a valid mask, as a memory known to be full searches",
     )  # fmt: skip
+    parser.add_argument(
+        "--prefilter", choices=["none", "int8"], default="none",
+        help="compile the passes that read the memory's int8 copy (QuantizedRows)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     configs = KERNEL_CONFIGS if args.configs is None else [KERNEL_CONFIGS[i] for i in args.configs]
     for config in configs:
         for collect in (False, True):
             compiled = compile_kernel(
-                config, collect=collect, capability=args.capability, has_valid=not args.no_valid
-            )
+                config, collect=collect, capability=args.capability, has_valid=not args.no_valid,
+                prefilter=args.prefilter == "int8",
+            )  # fmt: skip
             resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
             resources["blocks_per_sm"] = blocks_per_sm(
@@ -141,7 +151,8 @@ def main() -> None:
             resources["wgmma_serialized"] = (
                 wgmma_serialization(compiled, args.capability) if args.capability == 90 else None
             )
-            rows.append({**asdict(config), "pass": "collect" if collect else "bound", **resources})
+            rows.append({**asdict(config), "pass": "collect" if collect else "bound",
+                         "prefilter": args.prefilter, **resources})  # fmt: skip
             print(
                 f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
                 f"{config.collect:<6} {config.loads:<7} skip={config.skip_empty_tiles!s:<5} "
@@ -173,7 +184,7 @@ def main() -> None:
               f"{resources.get('stack')} B")  # fmt: skip
     report = {
         "triton": triton.__version__, "capability": args.capability,
-        "valid_mask": not args.no_valid, "kernels": rows,
+        "valid_mask": not args.no_valid, "prefilter": args.prefilter, "kernels": rows,
         "loss_terms_kernels": terms, "selection_kernels": selections,
     }  # fmt: skip
     Path(args.output).write_text(json.dumps(report, indent=2))

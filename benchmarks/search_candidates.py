@@ -3,7 +3,7 @@ pass's append path, for the random bank and queries of ``gpu_step.py``'s search 
 on CPU in PyTorch, without a GPU, from the kernel's plan.
 
     python benchmarks/search_candidates.py --output search_candidates.json \
-        [--rows 1281167 14197122] [--strides 1 2 4 8] [--block-q 32 64 128 256]
+        [--rows 1281167 14197122] [--strides 1 2 4 8] [--block-q 32 64 128 256] [--int8]
 
 For each bank size it draws random unit rows (rounded to bf16, as the bank is stored) and 256
 random unit queries (cast to bf16, as the kernel reads them), and computes every similarity in
@@ -17,6 +17,12 @@ tiles that run the append path. Simplification: the bound pass's last sampled ti
 its own rows (the kernel may shift a partial one back over skipped rows). Compare
 ``mean_candidates`` with the H100's ``fused_phases_ms.mean_candidates`` (session 8: 403 at 1.28M
 rows and 808 at 14.2M, s = 4) to check the model.
+
+``--int8`` also models the search reading the bank's int8 copy (``QuantizedRows``): the same
+plan, the bound from tile maxima of lower bounds (the int8 approximation, as the kernel scales
+it, less the slack with the largest row error), a candidate wherever the approximation plus its
+row's own slack reaches the bound, and a tile appended wherever some query's approximation plus
+the widest slack does (the kernel's gate; ``int8`` entries next to each stride's). Compare with ``gpu_step.py --prefilter-step``'s ``int8_mean_candidates``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from look.search_triton import KERNEL_CONFIGS, _search_plan
+from look.search_triton import KERNEL_CONFIGS, QuantizedRows, _quantize_queries, _search_plan
 
 BLOCK_N = KERNEL_CONFIGS[0].block_n
 CHUNK_ROWS = 1 << 19  # rows per similarity chunk: 256 × 512k fp32 = 512 MB
@@ -53,18 +59,52 @@ def similarity_chunks(query: torch.Tensor, bank: torch.Tensor):  # type: ignore[
         yield start, query @ bank[start : start + CHUNK_ROWS].float().T
 
 
+def int8_bound_chunks(query: torch.Tensor, copy: QuantizedRows):  # type: ignore[no-untyped-def]
+    """(first row, approximations, each row's slack, the widest slack) of each chunk, as the
+    search reading the int8 ``copy`` forms them: ``(254·hi + lo)`` scaled in fp32, each row's
+    error bound ``‖q‖·e_r + slack_q`` and the one with the largest row error (``(B, 1)``)."""
+    high, low, terms = _quantize_queries(query.bfloat16(), copy)
+    combined = high.double() * 254 + low.double()  # (exact in fp64, as the kernel's int32)
+    factor, query_norm, slack, widest = terms
+    for start in range(0, copy.values.shape[0], CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
+        products = (combined @ copy.values[start:stop].double().T).float()
+        approx = products * copy.scales[start:stop] * factor[:, None]
+        row_slack = query_norm[:, None] * copy.errors[start:stop] + slack[:, None]
+        yield start, approx, row_slack, widest[:, None]
+
+
+def _chunk_tile_maxima(similarities: torch.Tensor) -> torch.Tensor:
+    width = similarities.shape[1]
+    padded = F.pad(similarities, (0, -width % BLOCK_N), value=float("-inf"))
+    return padded.view(similarities.shape[0], -1, BLOCK_N).amax(dim=2)
+
+
 def tile_maxima(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """``(queries, tiles)``: the largest similarity of each tile of BLOCK_N rows."""
     tiles = -(-bank.shape[0] // BLOCK_N)
     maxima = torch.empty(query.shape[0], tiles)
     for start, similarities in similarity_chunks(query, bank):
-        width = similarities.shape[1]
-        padded = F.pad(similarities, (0, -width % BLOCK_N), value=float("-inf"))
-        first = start // BLOCK_N
-        maxima[:, first : first + padded.shape[1] // BLOCK_N] = padded.view(
-            query.shape[0], -1, BLOCK_N
-        ).amax(dim=2)
+        chunk = _chunk_tile_maxima(similarities)
+        maxima[:, start // BLOCK_N : start // BLOCK_N + chunk.shape[1]] = chunk
     return maxima
+
+
+def int8_tile_maxima(
+    query: torch.Tensor, copy: QuantizedRows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries, tiles)`` maxima of the approximations less the widest slack (the int8 bound
+    pass's lower bounds) and plus it (the collect pass's gate: a tile whose maximum reaches the
+    bound takes the append path)."""
+    tiles = -(-copy.values.shape[0] // BLOCK_N)
+    lower_maxima = torch.empty(query.shape[0], tiles)
+    gate_maxima = torch.empty(query.shape[0], tiles)
+    for start, approx, _, widest in int8_bound_chunks(query, copy):
+        chunk = _chunk_tile_maxima(approx)
+        columns = slice(start // BLOCK_N, start // BLOCK_N + chunk.shape[1])
+        lower_maxima[:, columns] = chunk - widest
+        gate_maxima[:, columns] = chunk + widest
+    return lower_maxima, gate_maxima
 
 
 def bound_for_stride(maxima: torch.Tensor, rows: int, k: int, max_stride: int) -> torch.Tensor:
@@ -85,12 +125,14 @@ def bound_for_stride(maxima: torch.Tensor, rows: int, k: int, max_stride: int) -
 
 
 def candidate_figures(
-    query: torch.Tensor, bank: torch.Tensor, maxima: torch.Tensor, bounds: dict[int, torch.Tensor],
+    query: torch.Tensor, chunks: object, maxima: torch.Tensor, bounds: dict[int, torch.Tensor],
     block_qs: list[int],
 ) -> dict[int, dict[str, object]]:  # fmt: skip
-    """Candidates per query (one more pass over the similarities) and appended tile fractions."""
+    """Candidates per query (one more pass over the similarities, or the int8 search's upper
+    bounds: ``chunks`` yields ``(first row, values)``) and appended tile fractions (``maxima``:
+    the tile maxima of those values)."""
     counts = {stride: torch.zeros(query.shape[0], dtype=torch.int64) for stride in bounds}
-    for _, similarities in similarity_chunks(query, bank):
+    for _, similarities in chunks:  # type: ignore[attr-defined]
         for stride, bound in bounds.items():
             counts[stride] += (similarities >= bound[:, None]).sum(dim=1)
     figures: dict[int, dict[str, object]] = {}
@@ -117,6 +159,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--block-q", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--int8", action="store_true", help="also model the int8 copy's search")
     args = parser.parse_args()
     if any(args.queries % block_q for block_q in args.block_q):
         parser.error("--queries must be a multiple of every --block-q")
@@ -135,7 +178,22 @@ def main() -> None:
         bank = random_bank(rows, args.dim, seed=rows)
         maxima = tile_maxima(query, bank)
         bounds = {s: bound_for_stride(maxima, rows, args.k, s) for s in args.strides}
-        figures = candidate_figures(query, bank, maxima, bounds, args.block_q)
+        figures = candidate_figures(
+            query, similarity_chunks(query, bank), maxima, bounds, args.block_q
+        )
+        int8_figures: dict[int, dict[str, object]] = {}
+        if args.int8:
+            copy = QuantizedRows.from_memory(bank)
+            lower_maxima, gate_maxima = int8_tile_maxima(query, copy)
+            int8_bounds = {s: bound_for_stride(lower_maxima, rows, args.k, s) for s in args.strides}
+            upper_chunks = (
+                (start, approx + row_slack)
+                for start, approx, row_slack, _ in int8_bound_chunks(query, copy)
+            )
+            int8_figures = candidate_figures(
+                query, upper_chunks, gate_maxima, int8_bounds, args.block_q
+            )
+            del copy, lower_maxima, gate_maxima
         entry = {}
         for stride, values in figures.items():
             config = dataclasses.replace(KERNEL_CONFIGS[0], tile_stride=stride)
@@ -150,6 +208,13 @@ def main() -> None:
                 f"{values['mean_candidates']:.0f} candidates per query "
                 f"(max {values['max_candidates']}); tiles appended per block of {appended}"
             )
+            if stride in int8_figures:
+                entry[str(stride)]["int8"] = int8 = int8_figures[stride]
+                appended = ", ".join(f"{block_q} queries {fraction:.1%}" for block_q, fraction
+                                     in int8["appended_tile_frac"].items())  # type: ignore[union-attr]  # fmt: skip
+                print(f"{rows:>10} rows, s <= {stride}, int8 copy: "
+                      f"{int8['mean_candidates']:.0f} candidates per query "
+                      f"(max {int8['max_candidates']}); tiles appended per block of {appended}")  # fmt: skip
         results["rows"][str(rows)] = {  # type: ignore[index]
             "strides": entry,
             "seconds": time.perf_counter() - start,

@@ -78,17 +78,21 @@ def test_in_step_search_times_the_fused_search_the_step_calls(
 def test_search_candidates_model_smoke(tmp_path: Path) -> None:
     """The CPU model of the fused search's bound: at least k + 1 candidates per query (the bound
     is reached by k + 1 distinct rows), more with a sparser bound pass, and a larger share of
-    appended tiles for larger query blocks."""
+    appended tiles for larger query blocks. Reading the int8 copy, every query keeps a superset
+    of those candidates (a lower bound under its error slack, upper bounds tested against it)."""
     figures = _run_benchmark(
         tmp_path, "search_candidates.py", "--rows", "100000", "--queries", "64", "--k", "20",
-        "--strides", "1", "4", "--block-q", "16", "64",
+        "--strides", "1", "4", "--block-q", "16", "64", "--int8",
     )  # fmt: skip
     strides = figures["rows"]["100000"]["strides"]
     assert strides["1"]["stride_used"] == 1 and strides["4"]["stride_used"] == 4
     assert 21 <= strides["1"]["mean_candidates"] < strides["4"]["mean_candidates"]
     for entry in strides.values():
-        appended = entry["appended_tile_frac"]
-        assert 0 < appended["16"] < appended["64"] <= 1
+        for figures_of in (entry, entry["int8"]):
+            appended = figures_of["appended_tile_frac"]
+            assert 0 < appended["16"] < appended["64"] <= 1
+        assert entry["int8"]["mean_candidates"] > entry["mean_candidates"]
+        assert entry["int8"]["appended_tile_frac"]["16"] >= entry["appended_tile_frac"]["16"]
 
 
 def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:

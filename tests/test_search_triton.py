@@ -100,20 +100,22 @@ def _prefilter_error_and_slack(
     queries: torch.Tensor, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(|exact - approx|, slack)`` per (query, row), in fp64, of the int8 pre-filter's
-    similarities as the kernel forms them (int8 products, scaled in fp32) against the exact
-    product of the rounded query and the stored row."""
+    similarities as the kernel forms them (``254·hi + lo`` in int32, converted, scaled by the
+    row's scale, then by the query's factor, in fp32) against the exact product of the rounded
+    query and the stored row. Also checks the widest slack (the largest row error's) against
+    every error."""
     from look.search_triton import QuantizedRows, _quantize_queries
 
     copy = QuantizedRows.from_memory(rows)
-    high, low, terms = _quantize_queries(queries.to(rows.dtype), copy.norm_bound)
-    scale_high, scale_low, query_norm, query_slack = terms
-    values = copy.values.float()
-    # The int32 products are exact in fp32 (|sum| < 2**24); the scaling rounds, as in the kernel.
-    approx = ((high.float() @ values.T) * scale_high[:, None]
-              + (low.float() @ values.T) * scale_low[:, None]) * copy.scales[None, :]  # fmt: skip
+    high, low, terms = _quantize_queries(queries.to(rows.dtype), copy)
+    factor, query_norm, query_slack, widest = terms
+    combined = (high.double() * 254 + low.double()) @ copy.values.double().T  # exact integers
+    approx = (combined.float() * copy.scales[None, :]) * factor[:, None]
     exact = queries.to(rows.dtype).double() @ rows.double().T
     slack = query_norm.double()[:, None] * copy.errors.double()[None, :] + query_slack.double()[:, None]
-    return (exact - approx.double()).abs(), slack
+    error = (exact - approx.double()).abs()
+    assert (error <= widest.double()[:, None]).all()  # the bound pass's and the gate's slack
+    return error, slack
 
 
 @pytest.mark.parametrize("dim", [20, 128, 256])

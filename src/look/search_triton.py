@@ -168,45 +168,46 @@ if triton is not None:
         return row_ok
 
     @triton.jit
-    def _int8_tile_scores(
-        query, query_low, rows, offs_n, num_rows, scale_high, scale_low, query_norm, query_slack,
-        row_scale_ptr, row_error_ptr, MASK_ROWS: tl.constexpr,
-    ):  # fmt: skip
-        """The int8 pre-filter's similarities of a tile (``(hi·σ + lo·σ_lo)·σ_row``, two int8
-        products with int32 accumulation) and their error bound per (query, row)
-        (``‖q‖·e_row + slack_q``): the exact similarity lies within it."""
+    def _int8_scaled_products(
+        query, query_low, rows, offs_n, num_rows, row_scale_ptr, MASK_ROWS: tl.constexpr
+    ):
+        """``(254·hi + lo)·σ_row`` of a tile: the int8 pre-filter's two int8 products (the
+        queries' high parts and their residuals at 1/254 of the scale, int32 accumulation)
+        combined in int32 (exact: |sum| < 2**30), converted once and scaled by each row's
+        scale. Times the query's factor ``σ_q/254`` this is the approximate similarity."""
         if MASK_ROWS:
-            in_rows = offs_n < num_rows
-            row_scale = tl.load(row_scale_ptr + offs_n, mask=in_rows, other=0.0)
-            row_error = tl.load(row_error_ptr + offs_n, mask=in_rows, other=0.0)
+            row_scale = tl.load(row_scale_ptr + offs_n, mask=offs_n < num_rows, other=0.0)
         else:
             row_scale = tl.load(row_scale_ptr + offs_n)
-            row_error = tl.load(row_error_ptr + offs_n)
-        high = tl.dot(query, tl.trans(rows), out_dtype=tl.int32).to(tl.float32)
-        low = tl.dot(query_low, tl.trans(rows), out_dtype=tl.int32).to(tl.float32)
-        approx = (high * scale_high[:, None] + low * scale_low[:, None]) * row_scale[None, :]
-        slack = query_norm[:, None] * row_error[None, :] + query_slack[:, None]
-        return approx, slack
+        high = tl.dot(query, tl.trans(rows), out_dtype=tl.int32)
+        low = tl.dot(query_low, tl.trans(rows), out_dtype=tl.int32)
+        return (high * 254 + low).to(tl.float32) * row_scale[None, :]
 
     @triton.jit
     def _search_tile(
         query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots, valid_ptr,
-        counts_ptr, out_values_ptr, out_indices_ptr, capacity, query_low, scale_high, scale_low,
-        query_norm, query_slack, row_scale_ptr, row_error_ptr,
+        counts_ptr, out_values_ptr, out_indices_ptr, capacity, query_low, query_factor,
+        query_norm, query_slack, query_gate, row_scale_ptr, row_error_ptr,
         HAS_VALID: tl.constexpr, COLLECT: tl.constexpr, ATOMIC_PER_CANDIDATE: tl.constexpr,
         SKIP_EMPTY_TILES: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, INT8_ROWS: tl.constexpr,
     ):  # fmt: skip
         """One tile's products: the collect pass appends its candidates, the bound pass updates
-        ``kept`` (returned; unchanged by the collect pass). With ``INT8_ROWS`` the collect pass
-        keeps every row whose similarity *may* reach the bound (upper bound >= bound, the
-        approximation is stored and re-scored later) and the bound pass takes tile maxima of
-        lower bounds, so that the bound stays below the true k-th similarity."""
+        ``kept`` (returned; unchanged by the collect pass).
+
+        With ``INT8_ROWS`` (the int8 pre-filter) the exact similarity of query q and row r lies
+        within ``‖q‖·e_r + slack_q`` of the approximation (``QuantizedRows``). The bound pass
+        keeps tile maxima of lower bounds, taken with the largest row error (``query_gate`` =
+        ``‖q‖·max e + slack_q``, per query: no per-row term in its loop), so the bound stays
+        at or below the true k-th similarity. The collect pass gates a tile with that same
+        largest error (``query_gate`` = the bound less it, over the query's factor, compared
+        with the scaled products: one compare per element) and, on a tile that passes, keeps
+        every row whose own upper bound reaches the bound, storing the approximation (the
+        candidates are re-scored exactly afterwards)."""
         if INT8_ROWS:
-            similarities, slack = _int8_tile_scores(
-                query, query_low, rows, offs_n, num_rows, scale_high, scale_low, query_norm,
-                query_slack, row_scale_ptr, row_error_ptr, MASK_ROWS,
-            )  # fmt: skip
+            similarities = _int8_scaled_products(
+                query, query_low, rows, offs_n, num_rows, row_scale_ptr, MASK_ROWS
+            )
         else:
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
         # Excluded rows (repeated, past the end, unwritten) must never be kept. Row masks are
@@ -214,10 +215,7 @@ if triton is not None:
         # queries need no mask (their bound is +inf and their stores are masked). A query's own
         # row is not excluded here: fused_knn_search bounds one neighbour more and masks it after.
         if COLLECT:
-            if INT8_ROWS:
-                keep = similarities + slack >= bound[:, None]
-            else:
-                keep = similarities >= bound[:, None]
+            keep = similarities >= bound[:, None]  # (int8: replaced on the append path)
             if SKIP_EMPTY_TILES:
                 # Most tiles of a large memory hold no candidate of any query of the block (at
                 # 14M rows ~89 %, at 1.28M only ~27 %: docs/results.md): one block-wide
@@ -225,13 +223,28 @@ if triton is not None:
                 # products: the row mask is loaded and applied only on a tile that passes,
                 # which takes its loads and selects off the path every other tile runs
                 # (benchmarks/kernel_resources.py).
-                append = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0
+                if INT8_ROWS:  # each query's largest scaled product against its gate
+                    passes = tl.max(similarities, axis=1) >= query_gate
+                    append = tl.max(passes.to(tl.int32), axis=0) > 0
+                else:
+                    append = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
                 append = True
             if append:
                 row_ok = _row_ok(
                     valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
                 )
+                if INT8_ROWS:  # each row's own error bound, on this (rarer) path only
+                    if MASK_ROWS:
+                        row_error = tl.load(row_error_ptr + offs_n, mask=offs_n < num_rows,
+                                            other=0.0)  # fmt: skip
+                    else:
+                        row_error = tl.load(row_error_ptr + offs_n)
+                    similarities = similarities * query_factor[:, None]
+                    upper = similarities + (
+                        query_norm[:, None] * row_error[None, :] + query_slack[:, None]
+                    )
+                    keep = upper >= bound[:, None]
                 _append_candidates(
                     similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
                     out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
@@ -244,11 +257,13 @@ if triton is not None:
             row_ok = _row_ok(
                 valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
             )
-            if INT8_ROWS:
-                similarities = similarities - slack
             similarities = tl.where(row_ok[None, :], similarities, float("-inf"))
-            # A larger tile maximum replaces the smallest kept one.
             tile_max = tl.max(similarities, axis=1)
+            if INT8_ROWS:  # the lower bound of the tile's largest approximation (factor >= 0)
+                tile_max = tl.where(
+                    tile_max > float("-inf"), tile_max * query_factor - query_gate, tile_max
+                )
+            # A larger tile maximum replaces the smallest kept one.
             smallest = tl.min(kept, axis=1)
             slot = tl.argmin(kept, axis=1)
             replace = (keep_slots[None, :] == slot[:, None]) & (tile_max > smallest)[:, None]
@@ -325,16 +340,16 @@ if triton is not None:
             if QUERY_DTYPE is not None:  # int16 parts narrowed here: operands in registers
                 query_low = query_low.to(QUERY_DTYPE)
             terms_ptrs = query_terms_ptr + offs_q
-            scale_high = tl.load(terms_ptrs, mask=q_mask, other=0.0)
-            scale_low = tl.load(terms_ptrs + num_queries, mask=q_mask, other=0.0)
-            query_norm = tl.load(terms_ptrs + 2 * num_queries, mask=q_mask, other=0.0)
-            query_slack = tl.load(terms_ptrs + 3 * num_queries, mask=q_mask, other=0.0)
+            query_factor = tl.load(terms_ptrs, mask=q_mask, other=0.0)
+            query_norm = tl.load(terms_ptrs + num_queries, mask=q_mask, other=0.0)
+            query_slack = tl.load(terms_ptrs + 2 * num_queries, mask=q_mask, other=0.0)
+            query_gate = tl.load(terms_ptrs + 3 * num_queries, mask=q_mask, other=0.0)
         else:  # (unused)
             query_low = query
-            scale_high = 0.0
-            scale_low = 0.0
+            query_factor = 0.0
             query_norm = 0.0
             query_slack = 0.0
+            query_gate = 0.0
         bound = tl.full([BLOCK_Q], float("inf"), dtype=tl.float32)
         if COLLECT:
             bound = tl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
@@ -348,6 +363,17 @@ if triton is not None:
                 widened = tl.where(finite, finite_bound - tl.abs(finite_bound) * 9.5367431640625e-07,
                                    -3.4028234663852886e38)  # fmt: skip
                 bound = tl.where(q_mask, widened, float("inf"))
+            if INT8_ROWS:
+                # The tile gate in units of the scaled products: (bound - ‖q‖·max e - slack) /
+                # factor, lowered by 2**-20 of itself for the division's rounding; a zero query
+                # (factor 0) passes every tile (its search then overflows to the exact scan).
+                # Computed from finite values (padding queries' +inf bound, the lowest finite
+                # one held at -1e30: far below every product, and no overflow).
+                numerator = tl.where(q_mask, tl.maximum(bound - query_gate, -1.0e30), 0.0)
+                gate = numerator / tl.where(query_factor > 0, query_factor, 1.0)
+                gate = gate - tl.abs(gate) * 9.5367431640625e-07
+                gate = tl.where(query_factor > 0, gate, float("-inf"))
+                query_gate = tl.where(q_mask, gate, float("inf"))  # padding: never appends
         # The BOUND_KEEP largest tile maxima this program saw, per query (-inf: none yet; the
         # collect pass keeps none).
         kept = tl.full([BLOCK_Q, BOUND_KEEP], float("-inf"), dtype=tl.float32)
@@ -382,7 +408,7 @@ if triton is not None:
             kept = _search_tile(
                 query, rows, offs_q, offs_n, first_row, num_rows, bound, kept, keep_slots,
                 valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, capacity, query_low,
-                scale_high, scale_low, query_norm, query_slack, row_scale_ptr, row_error_ptr,
+                query_factor, query_norm, query_slack, query_gate, row_scale_ptr, row_error_ptr,
                 HAS_VALID, COLLECT,
                 ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE, EXCLUDE_REPEATS,
                 BLOCK_Q, BLOCK_N, INT8_ROWS,
@@ -526,7 +552,8 @@ class QuantizedRows:
     """An int8 copy of a bf16/fp16 memory that the fused search reads as an exact pre-filter.
 
     Row ``r`` is ``scales[r] · values[r] + e_r`` with ``‖e_r‖ <= errors[r]``; ``norm_bound``
-    (0-d) bounds ``‖row‖ + errors[r]`` over all rows. The search reads half the bytes
+    (0-d) bounds ``‖row‖ + errors[r]`` and ``error_bound`` (0-d) bounds ``errors[r]`` over all
+    rows. The search reads half the bytes
     (128-d: 128 B + 8 B per row instead of 256 B) and computes each similarity from two int8
     products (the query's high part and its rounding residual), with a rigorous error bound:
     the bound pass takes lower bounds, the collect pass keeps every row whose upper bound reaches
@@ -542,6 +569,7 @@ class QuantizedRows:
     scales: Tensor  # (N,) fp32
     errors: Tensor  # (N,) fp32
     norm_bound: Tensor  # () fp32
+    error_bound: Tensor  # () fp32
 
     @staticmethod
     def quantize(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -566,6 +594,7 @@ class QuantizedRows:
             torch.empty(rows, dtype=torch.float32, device=device),
             torch.empty(rows, dtype=torch.float32, device=device),
             torch.zeros((), dtype=torch.float32, device=device),
+            torch.zeros((), dtype=torch.float32, device=device),
         )
         for start in range(0, rows, chunk_rows):
             positions = slice(start, min(start + chunk_rows, rows))
@@ -575,7 +604,8 @@ class QuantizedRows:
     @torch.no_grad()
     def write_(self, positions: Tensor | slice, rows: Tensor) -> None:
         """Copy ``rows`` (as stored in the memory, ``(n, d)``) into ``positions`` (no host wait:
-        ``norm_bound`` is raised in place, never lowered, so it stays a bound)."""
+        ``norm_bound`` and ``error_bound`` are raised in place, never lowered, so they stay
+        bounds)."""
         values, scales, errors = self.quantize(rows)
         self.values[positions] = values
         self.scales[positions] = scales
@@ -584,29 +614,33 @@ class QuantizedRows:
             torch.maximum(
                 self.norm_bound, (rows.float().norm(dim=1) + errors).max(), out=self.norm_bound
             )
+            torch.maximum(self.error_bound, errors.max(), out=self.error_bound)
 
     def matches(self, memory: Tensor) -> bool:
         """Whether this copy has ``memory``'s shape and device."""
         return self.values.shape == memory.shape and self.values.device == memory.device
 
 
-def _quantize_queries(queries: Tensor, norm_bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The pre-filter's queries: int8 high parts, int8 residual parts at 1/254 of the scale,
-    and ``(4, B)`` fp32 terms (high scale, low scale, ``‖q‖`` with margin, the error slack
-    ``‖e_q‖·norm_bound`` plus fp32 rounding) for queries already rounded to the memory's dtype."""
+def _quantize_queries(queries: Tensor, copy: QuantizedRows) -> tuple[Tensor, Tensor, Tensor]:
+    """The pre-filter's queries, for queries already rounded to the memory's dtype: int8 high
+    parts (scale ``σ_q`` = largest magnitude / 127), int8 residual parts at ``σ_q/254`` (the
+    kernel adds them in int32 as ``254·hi + lo``), and ``(4, B)`` fp32 terms: the factor
+    ``σ_q/254``, ``‖q‖`` (with margin), the slack ``‖e_q‖·norm_bound`` plus fp32 rounding, and
+    the slack with the largest row error, ``‖q‖·error_bound + slack`` (``copy``'s bounds)."""
     queries = queries.float()
-    scale_high = queries.abs().amax(dim=1) / 127.0
+    factor = queries.abs().amax(dim=1) / (127.0 * 254.0)
+    scale_high = factor * 254.0
     high = torch.round(queries / torch.where(scale_high > 0, scale_high, 1.0).unsqueeze(1))
     high = high.clamp_(-127, 127)
-    residual = queries - high * scale_high.unsqueeze(1)
-    scale_low = scale_high / 254.0  # |residual| <= scale_high / 2: fits in ±127
-    low = torch.round(residual / torch.where(scale_low > 0, scale_low, 1.0).unsqueeze(1))
+    residual = queries - high * scale_high.unsqueeze(1)  # |residual| <= σ_q / 2: fits in ±127
+    low = torch.round(residual / torch.where(factor > 0, factor, 1.0).unsqueeze(1))
     low = low.clamp_(-127, 127)
-    query_norms = queries.norm(dim=1)
-    residual_norms = (residual - low * scale_low.unsqueeze(1)).norm(dim=1)
+    query_norms = queries.norm(dim=1) * _ERROR_MARGIN
+    residual_norms = (residual - low * factor.unsqueeze(1)).norm(dim=1)
     fp32_slack = (queries.shape[1] + 8) * _FP32_SLACK_PER_DIM
-    slack = (residual_norms * _ERROR_MARGIN + fp32_slack * query_norms) * norm_bound
-    terms = torch.stack([scale_high, scale_low, query_norms * _ERROR_MARGIN, slack])
+    slack = (residual_norms * _ERROR_MARGIN + fp32_slack * query_norms) * copy.norm_bound
+    widest = query_norms * copy.error_bound + slack
+    terms = torch.stack([factor, query_norms, slack, widest])
     return high.to(torch.int8), low.to(torch.int8), terms.contiguous()
 
 
@@ -1099,7 +1133,7 @@ def fused_knn_search(
     query_dtype = memory.dtype if config.query_operand == "shared" else torch.float32
     if prefilter is not None:  # int8 parts of the queries as the memory's dtype rounds them
         rounded = query.detach().to(memory.dtype).contiguous()
-        queries, query_low, query_terms = _quantize_queries(rounded, prefilter.norm_bound)
+        queries, query_low, query_terms = _quantize_queries(rounded, prefilter)
         if config.query_operand == "registers":  # widened: the kernel narrows them again
             queries, query_low = queries.to(torch.int16), query_low.to(torch.int16)
         int8_pass = (prefilter, query_low, query_terms)
@@ -1252,6 +1286,7 @@ def compile_kernel(
             torch.empty(rows, dim, dtype=torch.int8, device=meta),
             torch.empty(rows, device=meta),
             torch.empty(rows, device=meta),
+            torch.empty((), device=meta),
             torch.empty((), device=meta),
         )
         int8_pass = (copy, torch.empty_like(queries), torch.empty(4, batch, device=meta))
