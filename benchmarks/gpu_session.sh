@@ -23,7 +23,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
   tests/test_memory.py::test_a_full_cuda_memory_learns_it_without_waiting 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 echo "== stage 2: the search alone, bf16 bank and int8 copy"
-timeout "${STAGE2_S:-120}" python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 \
+timeout "${STAGE2_S:-120}" python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 \
   --prefilter none int8 --output "$OUT/search_tune.json" 2>&1 | tee "$OUT/search_tune.log"
 
 echo "== stage 3: gpu_step benchmark"

@@ -11,7 +11,8 @@ interpreter (this script sets ``TRITON_INTERPRET=1``); each of their launches co
 operation. Prints and writes: forward and backward operations of a CE, an SL-MLP and a LOOK step
 (with the fused loss terms, and with the loss terms in PyTorch) as the trainer takes the steps it
 does not log (no diagnostic metrics), of a logged CE and LOOK step, and the operations of the LOOK
-loss terms, of one memory write and of one fused search (the GPU's, here in the interpreter)
+loss terms, of one memory write (fp32; bf16 with and without the int8 copy of
+``method.search_prefilter=int8``) and of one fused search (the GPU's, here in the interpreter)
 alone.
 """
 
@@ -190,6 +191,19 @@ def _loss_and_write_operations() -> dict[str, int]:
     with OperationCounter() as write:
         bank.update(ids, query.detach(), labels)
     counts["memory_write"] = sum(write.counts.values())
+    # The same write to a bf16 bank that keeps an int8 copy for the fused search (the copy built
+    # before counting, as after a run's first search).
+    int8_bank = MemoryBank(ROWS, 16, dtype="bfloat16", int8_prefilter=True)
+    int8_bank.update(torch.arange(ROWS), features, torch.randint(0, CLASSES, (ROWS,)))
+    int8_bank.search_prefilter()
+    with OperationCounter() as write:
+        int8_bank.update(ids, query.detach(), labels)
+    counts["memory_write_bf16_with_int8_copy"] = sum(write.counts.values())
+    plain_bank = MemoryBank(ROWS, 16, dtype="bfloat16")
+    plain_bank.update(torch.arange(ROWS), features, torch.randint(0, CLASSES, (ROWS,)))
+    with OperationCounter() as write:
+        plain_bank.update(ids, query.detach(), labels)
+    counts["memory_write_bf16"] = sum(write.counts.values())
     return counts
 
 

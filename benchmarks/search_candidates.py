@@ -18,11 +18,12 @@ its own rows (the kernel may shift a partial one back over skipped rows). Compar
 ``mean_candidates`` with the H100's ``fused_phases_ms.mean_candidates`` (session 8: 403 at 1.28M
 rows and 808 at 14.2M, s = 4) to check the model.
 
-``--int8`` also models the search reading the bank's int8 copy (``QuantizedRows``): the same
-plan, the bound from tile maxima of lower bounds (the int8 approximation, as the kernel scales
-it, less the slack with the largest row error), a candidate wherever the approximation plus its
-row's own slack reaches the bound, and a tile appended wherever some query's approximation plus
-the widest slack does (the kernel's gate; ``int8`` entries next to each stride's). Compare with ``gpu_step.py --prefilter-step``'s ``int8_mean_candidates``.
+``--int8`` also models the collect pass reading the bank's int8 copy (``QuantizedRows``): the
+same plan, a candidate wherever the approximation (as the kernel scales it) plus its row's own
+slack reaches the bound, and a tile appended wherever some query's approximation plus the
+widest slack (the largest row error's) does: the kernel's gate. ``int8`` entries take the
+bound of the bf16 bound pass (the default), ``int8_bound_pass`` ones that of a bound pass
+reading the int8 copy too (tile maxima of the approximations less the widest slack). Compare with ``gpu_step.py --prefilter-step``'s ``int8_mean_candidates``.
 """
 
 from __future__ import annotations
@@ -181,17 +182,24 @@ def main() -> None:
         figures = candidate_figures(
             query, similarity_chunks(query, bank), maxima, bounds, args.block_q
         )
-        int8_figures: dict[int, dict[str, object]] = {}
+        int8_figures: dict[tuple[str, int], dict[str, object]] = {}
         if args.int8:
+            # Two bounds for the int8 collect pass: from the bound pass reading the bf16 rows
+            # (the default) and from one reading the int8 copy too (config.int8_bound_pass).
             copy = QuantizedRows.from_memory(bank)
             lower_maxima, gate_maxima = int8_tile_maxima(query, copy)
-            int8_bounds = {s: bound_for_stride(lower_maxima, rows, args.k, s) for s in args.strides}
+            int8_bounds: dict[tuple[str, int], torch.Tensor] = {}
+            for stride in args.strides:
+                int8_bounds["int8", stride] = bounds[stride]
+                int8_bounds["int8_bound_pass", stride] = bound_for_stride(
+                    lower_maxima, rows, args.k, stride
+                )
             upper_chunks = (
                 (start, approx + row_slack)
                 for start, approx, row_slack, _ in int8_bound_chunks(query, copy)
             )
-            int8_figures = candidate_figures(
-                query, upper_chunks, gate_maxima, int8_bounds, args.block_q
+            int8_figures = candidate_figures(  # type: ignore[assignment]
+                query, upper_chunks, gate_maxima, int8_bounds, args.block_q  # type: ignore[arg-type]
             )
             del copy, lower_maxima, gate_maxima
         entry = {}
@@ -208,11 +216,13 @@ def main() -> None:
                 f"{values['mean_candidates']:.0f} candidates per query "
                 f"(max {values['max_candidates']}); tiles appended per block of {appended}"
             )
-            if stride in int8_figures:
-                entry[str(stride)]["int8"] = int8 = int8_figures[stride]
+            for variant in ("int8", "int8_bound_pass"):
+                if (variant, stride) not in int8_figures:
+                    continue
+                entry[str(stride)][variant] = int8 = int8_figures[variant, stride]
                 appended = ", ".join(f"{block_q} queries {fraction:.1%}" for block_q, fraction
                                      in int8["appended_tile_frac"].items())  # type: ignore[union-attr]  # fmt: skip
-                print(f"{rows:>10} rows, s <= {stride}, int8 copy: "
+                print(f"{rows:>10} rows, s <= {stride}, {variant}: "
                       f"{int8['mean_candidates']:.0f} candidates per query "
                       f"(max {int8['max_candidates']}); tiles appended per block of {appended}")  # fmt: skip
         results["rows"][str(rows)] = {  # type: ignore[index]

@@ -537,6 +537,11 @@ def case_int8_prefilter_matches_scan() -> None:
         prefilter = QuantizedRows.from_memory(memory)
         if batch == 7:
             _check_same(query, memory, k, prefilter=prefilter)
+            both = dataclasses.replace(get_kernel_config(), int8_bound_pass=True)
+            values, indices, _ = fused_knn_search(query, memory, k, prefilter=prefilter,
+                                                  config=both, query_ids=query_ids)  # fmt: skip
+            scan = knn_search(query, memory, k, backend="torch", query_ids=query_ids)
+            assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
             # The query parts passed as int16 and narrowed in the kernel (operands in registers).
             registers = dataclasses.replace(get_kernel_config(), query_operand="registers")
             values, indices, _ = fused_knn_search(query, memory, k, prefilter=prefilter,
@@ -560,12 +565,16 @@ def case_int8_prefilter_matches_scan() -> None:
         query[1] + 0.05 * torch.randn(tiles, 16, generator=generator), dim=1
     )
     memory = memory.half()
-    values, indices, overflowed = fused_knn_search(
-        query[1:2], memory, k, max_tile_stride=1, prefilter=QuantizedRows.from_memory(memory)
-    )
     scan = knn_search(query[1:2], memory, k, backend="torch")
-    assert not bool(overflowed.any())
-    assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+    # The bound pass reading the fp16 rows (the default) or the int8 copy too.
+    for int8_bound_pass in (False, True):
+        config = dataclasses.replace(get_kernel_config(), int8_bound_pass=int8_bound_pass)
+        values, indices, overflowed = fused_knn_search(
+            query[1:2], memory, k, max_tile_stride=1, config=config,
+            prefilter=QuantizedRows.from_memory(memory),
+        )  # fmt: skip
+        assert not bool(overflowed.any())
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
     try:
         knn_search(query, memory, 5, backend="triton",
                    prefilter=QuantizedRows.from_memory(memory[:100]))  # fmt: skip

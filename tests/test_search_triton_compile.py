@@ -246,20 +246,24 @@ def test_the_serialisation_note_is_read_from_ptxas_output() -> None:
 
 
 @pytest.mark.parametrize("collect", [False, True])
-@pytest.mark.parametrize("config_index", [0, 1, 29])
+@pytest.mark.parametrize("config_index", [0, 1, 29, 35])
 def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
     collect: bool, config_index: int
 ) -> None:
-    """With an int8 copy of the memory (QuantizedRows) both passes stream 16-byte vectors of int8
-    rows through the software pipeline into Hopper's s8 wgmma (int32 accumulation), without
-    spills or serialised wgmma, at 14.2M rows; Ampere compiles them too (int8 mma.sync)."""
+    """With an int8 copy of the memory (QuantizedRows) the collect pass, and the bound pass with
+    ``int8_bound_pass``, stream 16-byte vectors of int8 rows through the software pipeline into
+    Hopper's s8 wgmma (int32 accumulation), without spills or serialised wgmma, at 14.2M rows;
+    Ampere compiles them too (int8 mma.sync). Otherwise the bound pass reads the bf16 rows."""
     config = KERNEL_CONFIGS[config_index]
     compiled = compile_kernel(
         config, collect=collect, capability=90, prefilter=True, rows=14_197_122
     )
     ptx = compiled.asm["ptx"]  # type: ignore[attr-defined]
-    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx)
-    assert "bf16" not in ptx.split("wgmma.mma_async", 1)[1].split("\n", 1)[0]
+    product = ptx.split("wgmma.mma_async", 1)[1].split("\n", 1)[0]
+    if not (collect or config.int8_bound_pass):
+        assert ".f32.bf16.bf16" in product, product
+        return
+    assert re.match(r"\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", product), product
     copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
     assert copies and set(copies) == {"0x10"}, copies
     resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
@@ -267,7 +271,7 @@ def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
     assert wgmma_serialization(compiled) is None
     # Its query operands come from shared memory, or with "registers" (int16 parts narrowed in
     # the kernel) from registers: "{%r..}" in place of a shared-memory descriptor.
-    operand_a = ptx.split("wgmma.mma_async", 1)[1].split("\n", 1)[0].split("}", 1)[1]
+    operand_a = product.split("}", 1)[1]
     in_registers = operand_a.lstrip(", ").startswith("{")
     assert in_registers == (config.query_operand == "registers"), operand_a
     if config_index == 0:

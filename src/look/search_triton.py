@@ -690,6 +690,12 @@ class SearchKernelConfig:
     # default's passes at 77-83 % of L1/shared-memory throughput, their busiest unit; on the
     # H100 "registers" was slower at 14.2M rows and faster at 1.28M with 3 stages.
     query_operand: str = "shared"
+    # With an int8 pre-filter (QuantizedRows): whether the bound pass reads it too (True) or the
+    # bf16/fp16 rows (False): a tight bound, so the int8 collect pass keeps ~40 % fewer
+    # candidates and appends to fewer tiles (random rows, 1.28M: 1,070 against 1,795 per query
+    # with s = 4; benchmarks/search_candidates.py --int8), for the bound pass's 1/s of the
+    # bank read at full width.
+    int8_bound_pass: bool = False
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -756,6 +762,9 @@ KERNEL_CONFIGS = (
     # TMA configs above were timed only with torch.sort selections).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", loads="tma"),
     SearchKernelConfig(64, 32, 4, 3, "fused", "atomic", loads="tma"),
+    # Session 13: with an int8 pre-filter, the bound pass reading it too (half its bytes, a
+    # bound looser by the largest row error's slack; the other configs read bf16 rows there).
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", int8_bound_pass=True),
 )
 _kernel_config = KERNEL_CONFIGS[0]
 
@@ -1131,15 +1140,16 @@ def fused_knn_search(
         )
     # (with "registers" the kernel rounds fp32 queries itself: no conversion kernel here)
     query_dtype = memory.dtype if config.query_operand == "shared" else torch.float32
+    queries = query.detach().to(query_dtype).contiguous()
+    bound_queries, int8_pass, bound_int8_pass = queries, None, None
     if prefilter is not None:  # int8 parts of the queries as the memory's dtype rounds them
         rounded = query.detach().to(memory.dtype).contiguous()
         queries, query_low, query_terms = _quantize_queries(rounded, prefilter)
         if config.query_operand == "registers":  # widened: the kernel narrows them again
             queries, query_low = queries.to(torch.int16), query_low.to(torch.int16)
         int8_pass = (prefilter, query_low, query_terms)
-    else:
-        queries = query.detach().to(query_dtype).contiguous()
-        int8_pass = None
+        if config.int8_bound_pass:
+            bound_queries, bound_int8_pass = queries, int8_pass
     memory = memory.detach()
     if memory.stride(1) != 1:
         memory = memory.contiguous()
@@ -1171,8 +1181,9 @@ def fused_knn_search(
     if plan.has_bound:
         tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
         _kernel_pass(
-            queries, memory, valid, plan, config, tile_max=tile_max, prefilter=int8_pass
-        ).launch()
+            bound_queries, memory, valid, plan, config, tile_max=tile_max,
+            prefilter=bound_int8_pass,
+        ).launch()  # fmt: skip
         clock.lap("bound_pass")
         # (the collect pass widens it by a margin: WIDEN_BOUND in the kernel)
         bound = _kth_largest(tile_max, search_k, config.select)
@@ -1265,7 +1276,8 @@ def compile_kernel(
     132): the arguments are built as for the launch (on the meta device) and specialised by
     Triton's own launcher rule. That matters: without the launcher's
     16-divisibility facts the compiler emits scalar loads and no software pipeline. With
-    ``prefilter`` the pass reads an int8 copy (:class:`QuantizedRows`) of the memory.
+    ``prefilter`` the collect pass reads an int8 copy (:class:`QuantizedRows`) of the memory,
+    and the bound pass too with ``config.int8_bound_pass``.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -1279,7 +1291,8 @@ def compile_kernel(
         batch, rows, k + 1, config, multiprocessors=multiprocessors, prefilter=prefilter
     )
     int8_pass = None
-    if prefilter:
+    # (the bound pass reads the int8 copy only with config.int8_bound_pass, as in the search)
+    if prefilter and (collect or config.int8_bound_pass):
         query_parts = torch.int8 if config.query_operand == "shared" else torch.int16
         queries = torch.empty(batch, dim, dtype=query_parts, device=meta)
         copy = QuantizedRows(
