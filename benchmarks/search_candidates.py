@@ -187,6 +187,12 @@ def main() -> None:
             # Two bounds for the int8 collect pass: from the bound pass reading the bf16 rows
             # (the default) and from one reading the int8 copy too (config.int8_bound_pass).
             copy = QuantizedRows.from_memory(bank)
+            int8_copy = {  # the rows' error bounds: the largest one widens the gate
+                "error_bound": float(copy.error_bound),
+                "mean_row_error": float(copy.errors.mean()),
+            }
+            print(f"{rows:>10} rows, int8 copy: row error bound {int8_copy['error_bound']:.4f} "
+                  f"at most, {int8_copy['mean_row_error']:.4f} on average")  # fmt: skip
             lower_maxima, gate_maxima = int8_tile_maxima(query, copy)
             int8_bounds: dict[tuple[str, int], torch.Tensor] = {}
             for stride in args.strides:
@@ -226,6 +232,7 @@ def main() -> None:
                       f"{int8['mean_candidates']:.0f} candidates per query "
                       f"(max {int8['max_candidates']}); tiles appended per block of {appended}")  # fmt: skip
         results["rows"][str(rows)] = {  # type: ignore[index]
+            **({"int8_copy": int8_copy} if args.int8 else {}),
             "strides": entry,
             "seconds": time.perf_counter() - start,
         }

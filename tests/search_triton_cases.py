@@ -613,5 +613,34 @@ def case_a_bank_with_an_int8_copy_gives_the_loss_of_the_scan() -> None:
     assert torch.equal(terms["triton"].neighbour_indices, terms["torch"].neighbour_indices)
 
 
+def case_the_int8_copys_write_kernel_writes_what_pytorch_does() -> None:
+    """A GPU write of the int8 copy runs one Triton kernel: the same int8 values and scales as
+    the PyTorch path, error bounds within rounding of it (and above the true error), the
+    running bounds raised, never lowered; rows at scattered positions."""
+    from look.search_triton import _write_quantized_rows
+
+    generator = torch.Generator().manual_seed(13)
+    rows = torch.randn(300, 20, generator=generator) * torch.rand(300, 1, generator=generator) * 5
+    rows[:10, 3] = 40.0  # one dominant coordinate
+    rows[10:15] = 0.0  # zero rows: scale 0, error 0
+    rows = rows.half()
+    positions = torch.randperm(1000, generator=generator)[:300]
+    memory = torch.zeros(1000, 20, dtype=torch.float16)
+    memory[positions] = rows
+    expected = QuantizedRows.from_memory(memory)  # the PyTorch path on CPU
+    written = QuantizedRows.from_memory(torch.zeros(1000, 20, dtype=torch.float16))
+    _write_quantized_rows(written, positions, rows)
+    assert torch.equal(written.values, expected.values)
+    assert torch.equal(written.scales, expected.scales)
+    torch.testing.assert_close(written.errors, expected.errors, rtol=1e-6, atol=0)
+    torch.testing.assert_close(written.norm_bound, expected.norm_bound, rtol=1e-6, atol=0)
+    torch.testing.assert_close(written.error_bound, expected.error_bound, rtol=1e-6, atol=0)
+    exact = (memory.double() - written.values.double() * written.scales.double()[:, None])
+    assert (exact.norm(dim=1) <= written.errors.double()).all()
+    before = written.norm_bound.clone()
+    _write_quantized_rows(written, positions[:5], rows[:5] / 100)  # smaller rows
+    assert torch.equal(written.norm_bound, before)
+
+
 if __name__ == "__main__":
     run_cases(globals())

@@ -65,3 +65,19 @@ def test_look_loss_same_with_either_backend() -> None:
         search_backend="torch",
     )  # fmt: skip
     torch.testing.assert_close(fused.loss, scan.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cuda_banks_int8_copy_is_written_by_its_kernel_as_pytorch_would() -> None:
+    from look.memory import MemoryBank
+
+    bank = MemoryBank(50_000, 128, momentum=0.5, dtype="bf16", int8_prefilter=True).cuda()
+    ids = torch.randint(0, 50_000, (4096,), device="cuda")
+    bank.update(ids, torch.randn(4096, 128, device="cuda"), torch.zeros_like(ids))
+    copy = bank.search_prefilter()  # built from the rows
+    for _ in range(3):  # then written by the kernel, with momentum and repeated ids
+        ids = torch.randint(0, 50_000, (4096,), device="cuda")
+        bank.update(ids, torch.randn(4096, 128, device="cuda"), torch.zeros_like(ids))
+    assert bank.search_prefilter() is copy
+    values, scales, errors = QuantizedRows.quantize(bank.features)
+    assert torch.equal(copy.values, values) and torch.equal(copy.scales, scales)
+    torch.testing.assert_close(copy.errors, errors, rtol=1e-6, atol=0)

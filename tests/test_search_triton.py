@@ -30,7 +30,7 @@ def test_fused_search_equals_scan_in_triton_interpreter() -> None:
         timeout=600,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(": ok") == 22, completed.stdout
+    assert completed.stdout.count(": ok") == 23, completed.stdout
 
 
 def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:

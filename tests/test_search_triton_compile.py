@@ -16,6 +16,7 @@ from look.search_triton import (
     KERNEL_CONFIGS,
     SearchKernelConfig,
     compile_kernel,
+    compile_prefilter_kernels,
     compile_selection_kernels,
     cubin_resources,
     serialization_reason,
@@ -288,3 +289,12 @@ def test_the_int8_prefilter_doubles_the_candidate_room() -> None:
         int8 = _search_plan(256, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132, prefilter=True)
         assert int8.capacity == 2 * exact.capacity
         assert int8.total_tiles == exact.total_tiles and int8.tile_stride == exact.tile_stride
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_the_int8_prefilters_helper_kernels_compile_without_spilling(capability: int) -> None:
+    """The exact re-scoring of the candidates (a loop over a query's filled slots, gathering 64
+    bf16 rows at a time) as a 14.2M-row search launches it, and the copy's write of a batch."""
+    for compiled in compile_prefilter_kernels(capability):
+        resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
+        assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources

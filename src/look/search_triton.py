@@ -56,6 +56,7 @@ __all__ = [
     "SearchKernelConfig",
     "compile_for_capability",
     "compile_kernel",
+    "compile_prefilter_kernels",
     "compile_selection_kernels",
     "cubin_resources",
     "cuobjdump",
@@ -517,26 +518,62 @@ if triton is not None:
         values_ptr, indices_ptr, counts_ptr, query_ptr, memory_ptr, capacity, dim, stride_query,
         stride_memory, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """The int8 pre-filter's candidates re-scored: program ``(q, c)`` replaces the
-        approximate similarities in slots ``[c·BLOCK_C, (c+1)·BLOCK_C)`` of query ``q``'s buffer
-        (those below its count) by exact ones, the query in the memory's dtype times the
-        gathered bf16/fp16 row, accumulated in fp32 (the similarity every path computes)."""
+        """The int8 pre-filter's candidates re-scored: program ``(q, p)`` of ``P`` replaces the
+        approximate similarities in slots ``[c·BLOCK_C, (c+1)·BLOCK_C)``, c = p, p + P, …, of
+        query ``q``'s buffer, up to its count, by exact ones: the query in the memory's dtype
+        times the gathered bf16/fp16 row, accumulated in fp32 (the similarity every path
+        computes). A loop up to the count, not a program per slot chunk: most of the buffer
+        is empty."""
         row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        programs = tl.num_programs(1)
         count = tl.minimum(tl.load(counts_ptr + row), capacity)
-        filled = offs < count
         base = row.to(tl.int64) * capacity
-        rows = tl.load(indices_ptr + base + offs, mask=filled, other=0)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < dim
         query = tl.load(query_ptr + row.to(tl.int64) * stride_query + offs_d, mask=d_mask,
                         other=0.0).to(tl.float32)  # fmt: skip
-        gathered = tl.load(
-            memory_ptr + rows[:, None] * stride_memory + offs_d[None, :],
-            mask=filled[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        tl.store(values_ptr + base + offs, tl.sum(gathered * query[None, :], axis=1), mask=filled)
+        for first in range(tl.program_id(1) * BLOCK_C, count, programs * BLOCK_C):
+            offs = first + tl.arange(0, BLOCK_C)
+            filled = offs < count
+            rows = tl.load(indices_ptr + base + offs, mask=filled, other=0)
+            gathered = tl.load(
+                memory_ptr + rows[:, None] * stride_memory + offs_d[None, :],
+                mask=filled[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            exact = tl.sum(gathered * query[None, :], axis=1)
+            tl.store(values_ptr + base + offs, exact, mask=filled)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_quantized_rows_kernel(
+        rows_ptr, positions_ptr, values_ptr, scales_ptr, errors_ptr, norm_bound_ptr,
+        error_bound_ptr, dim, stride_rows, stride_values, ERROR_MARGIN: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One row of :meth:`QuantizedRows.write_` per program, as its PyTorch path computes it
+        (the same scale and int8 values; the error norm summed in another order, within the
+        margin): int8 values and scale at ``positions[i]``, the error bound, and the copy's two
+        running bounds raised by atomic maxima (non-negative floats)."""
+        i = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        in_row = offs < dim
+        row = tl.load(rows_ptr + i * stride_rows + offs, mask=in_row, other=0.0).to(tl.float32)
+        scale = tl.div_rn(tl.max(tl.abs(row), axis=0), 127.0)
+        safe = tl.where(scale > 0, scale, 1.0)
+        values = tl.floor(tl.div_rn(row, safe) + 0.5)
+        values = tl.minimum(tl.maximum(values, -127.0), 127.0)
+        residual = row - values * scale
+        error = tl.sqrt_rn(tl.sum(residual * residual, axis=0)) * ERROR_MARGIN
+        norm = tl.sqrt_rn(tl.sum(row * row, axis=0))
+        position = tl.load(positions_ptr + i)
+        tl.store(values_ptr + position * stride_values + offs, values.to(tl.int8), mask=in_row)
+        tl.store(scales_ptr + position, scale)
+        tl.store(errors_ptr + position, error)
+        tl.atomic_max(norm_bound_ptr, norm + error)
+        tl.atomic_max(error_bound_ptr, error)
 
 
 # Safety factor on the pre-filter's error norms (their fp32 computation rounds) and fp32
@@ -578,7 +615,9 @@ class QuantizedRows:
         rows = rows.float()
         scales = rows.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, 1.0)
-        values = torch.round(rows / safe.unsqueeze(1)).clamp_(-127, 127)
+        # Rounded half up (floor(x + 0.5)), as the GPU's write kernel rounds: the same copy
+        # on both paths (any rounding keeps the bound: errors are measured after it).
+        values = torch.floor(rows / safe.unsqueeze(1) + 0.5).clamp_(-127, 127)
         errors = (rows - values * scales.unsqueeze(1)).norm(dim=1) * _ERROR_MARGIN
         return values.to(torch.int8), scales, errors
 
@@ -605,7 +644,18 @@ class QuantizedRows:
     def write_(self, positions: Tensor | slice, rows: Tensor) -> None:
         """Copy ``rows`` (as stored in the memory, ``(n, d)``) into ``positions`` (no host wait:
         ``norm_bound`` and ``error_bound`` are raised in place, never lowered, so they stay
-        bounds)."""
+        bounds). On a GPU one Triton kernel does it (a bank's write every step: one launch
+        instead of ~24 small operations); elsewhere, or if that kernel fails, PyTorch."""
+        if rows.is_cuda and len(rows) and _fused_write_applies():
+            if isinstance(positions, slice):
+                positions = torch.arange(
+                    *positions.indices(self.values.shape[0]), device=rows.device
+                )
+            try:
+                _write_quantized_rows(self, positions, rows)
+                return
+            except Exception as error:  # any kernel failure: warn once, write with PyTorch
+                _fused_write_failure(error)
         values, scales, errors = self.quantize(rows)
         self.values[positions] = values
         self.scales[positions] = scales
@@ -619,6 +669,36 @@ class QuantizedRows:
     def matches(self, memory: Tensor) -> bool:
         """Whether this copy has ``memory``'s shape and device."""
         return self.values.shape == memory.shape and self.values.device == memory.device
+
+
+_fused_write_failed = False
+
+
+def _fused_write_applies() -> bool:
+    return triton is not None and not _fused_write_failed
+
+
+def _fused_write_failure(error: Exception) -> None:
+    global _fused_write_failed
+    _fused_write_failed = True
+    warnings.warn(
+        f"the int8 copy's write kernel failed ({type(error).__name__}: {error}); writing it with "
+        "PyTorch instead (the same copy, more kernels per write)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _write_quantized_rows(copy: QuantizedRows, positions: Tensor, rows: Tensor) -> None:
+    """:meth:`QuantizedRows.write_` in one Triton kernel (a program per row; the two bounds
+    raised by atomic maxima)."""
+    rows = rows.contiguous()
+    _write_quantized_rows_kernel[(rows.shape[0],)](
+        rows, positions.to(torch.int64).contiguous(), copy.values, copy.scales, copy.errors,
+        copy.norm_bound, copy.error_bound, rows.shape[1], rows.stride(0),
+        copy.values.stride(0), ERROR_MARGIN=_ERROR_MARGIN,
+        BLOCK_D=max(16, _next_power_of_two(rows.shape[1])),
+    )  # fmt: skip
 
 
 def _quantize_queries(queries: Tensor, copy: QuantizedRows) -> tuple[Tensor, Tensor, Tensor]:
@@ -644,15 +724,20 @@ def _quantize_queries(queries: Tensor, copy: QuantizedRows) -> tuple[Tensor, Ten
     return high.to(torch.int8), low.to(torch.int8), terms.contiguous()
 
 
+_RESCORE_BLOCK = 64  # candidate slots per iteration of the re-scoring kernel
+
+
 def _rescore_candidates(
     values: Tensor, indices: Tensor, counts: Tensor, queries: Tensor, memory: Tensor
 ) -> None:
     """Replace the pre-filter's candidate similarities in ``values`` by exact ones, in place."""
     batch, capacity = values.shape
-    block_c = 64
-    _rescore_candidates_kernel[(batch, triton.cdiv(capacity, block_c))](
+    # 8 programs per query: ~2 chunks each for the ~1,100 candidates of a 14.2M-row bank
+    programs = max(1, min(8, triton.cdiv(capacity, _RESCORE_BLOCK)))
+    _rescore_candidates_kernel[(batch, programs)](
         values, indices, counts, queries, memory, capacity, memory.shape[1], queries.stride(0),
-        memory.stride(0), BLOCK_C=block_c, BLOCK_D=max(16, _next_power_of_two(memory.shape[1])),
+        memory.stride(0), BLOCK_C=_RESCORE_BLOCK,
+        BLOCK_D=max(16, _next_power_of_two(memory.shape[1])), num_warps=4,
     )  # fmt: skip
 
 
@@ -1367,6 +1452,41 @@ def compile_selection_kernels(
         capability, num_warps=warps, num_stages=1,
     )  # fmt: skip
     return bound, candidates
+
+
+def compile_prefilter_kernels(
+    capability: int, *, batch: int = 256, rows: int = 14_197_122, dim: int = 128, k: int = 200
+) -> tuple[object, object]:
+    """Compile the int8 pre-filter's two helper kernels for CUDA compute capability
+    ``capability`` without a GPU: the candidates' re-scoring, as a search of ``batch`` queries
+    for ``k`` neighbours over ``rows`` bf16 rows of ``dim`` dims launches it (the default plan's
+    buffer), and the copy's write of a batch of ``batch`` rows."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    meta = torch.device("meta")
+    plan = _search_plan(batch, rows, k + 1, KERNEL_CONFIGS[0], multiprocessors=132,
+                        prefilter=True)  # fmt: skip
+    capacity, block_d = plan.capacity, max(16, _next_power_of_two(dim))
+    rescore = compile_for_capability(
+        _rescore_candidates_kernel,
+        (torch.empty(batch, capacity, device=meta),
+         torch.empty(batch, capacity, dtype=torch.int64, device=meta),
+         torch.empty(batch, dtype=torch.int32, device=meta),
+         torch.empty(batch, dim, dtype=torch.bfloat16, device=meta),
+         torch.empty(rows, dim, dtype=torch.bfloat16, device=meta), capacity, dim, dim, dim),
+        {"BLOCK_C": _RESCORE_BLOCK, "BLOCK_D": block_d}, capability, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    write = compile_for_capability(
+        _write_quantized_rows_kernel,
+        (torch.empty(batch, dim, dtype=torch.bfloat16, device=meta),
+         torch.empty(batch, dtype=torch.int64, device=meta),
+         torch.empty(rows, dim, dtype=torch.int8, device=meta), torch.empty(rows, device=meta),
+         torch.empty(rows, device=meta), torch.empty((), device=meta),
+         torch.empty((), device=meta), dim, dim, dim),
+        {"ERROR_MARGIN": _ERROR_MARGIN, "BLOCK_D": block_d}, capability, num_warps=4,
+        num_stages=1,
+    )  # fmt: skip
+    return rescore, write
 
 
 def compile_for_capability(
