@@ -136,6 +136,25 @@ def _in_step_search(step: Callable[[], None], steps: int) -> dict[str, object]:
     return figures
 
 
+def _int8_search_figures(  # type: ignore[no-untyped-def]
+    query: torch.Tensor, bank: torch.Tensor, query_ids: torch.Tensor, scan, args, measure
+) -> dict[str, object]:
+    """The fused search reading the bank's int8 copy: its time, its largest difference from
+    the scan's values and its candidates per query."""
+    copy = QuantizedRows.from_memory(bank)
+    search = partial(
+        knn_search, query, bank, args.k, query_ids=query_ids, backend="triton", prefilter=copy
+    )
+    result = search()
+    phases: dict[str, float] = {}
+    fused_knn_search(query, bank, args.k, query_ids=query_ids, timings=phases, prefilter=copy)
+    return {
+        "search_int8_ms": measure(search, args.steps, args.warmup),
+        "int8_max_abs_value_diff": float((result.values - scan.values).abs().max()),
+        "int8_mean_candidates": phases["mean_candidates"],
+    }
+
+
 def _compiled_search_kernels() -> list[dict[str, object]]:
     """Registers, spills and shared memory of every search kernel this process compiled and ran,
     with its compile-time constants and whether its loads are pipelined: to hold next to the static
@@ -441,19 +460,11 @@ def main() -> None:
                 for a, b in zip(fused.indices.tolist(), scan.indices.tolist(), strict=True)
             ) / len(query)
             if args.prefilter_step:
-                copy = QuantizedRows.from_memory(bank)
-                int8_search = partial(
-                    knn_search, query, bank, args.k, query_ids=query_ids, backend="triton",
-                    prefilter=copy,
-                )  # fmt: skip
-                int8 = int8_search()
-                entry["search_int8_ms"] = measure(int8_search, args.steps, args.warmup)
-                entry["int8_max_abs_value_diff"] = float((int8.values - scan.values).abs().max())
-                phases = {}
-                fused_knn_search(query, bank, args.k, query_ids=query_ids, timings=phases,
-                                 prefilter=copy)  # fmt: skip
-                entry["int8_mean_candidates"] = phases["mean_candidates"]
-                del copy
+                try:  # a kernel that fails here must not cost the other figures
+                    entry.update(_int8_search_figures(query, bank, query_ids, scan, args, measure))
+                except Exception:
+                    entry["search_int8_error"] = traceback.format_exc()
+                    print(entry["search_int8_error"])
         read_ms = measure(lambda: bank.sum(), args.steps, args.warmup)
         best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
         entry.update(

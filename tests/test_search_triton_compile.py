@@ -282,13 +282,18 @@ def test_the_int8_prefilter_passes_run_int8_tensor_core_products(
 
 
 def test_the_int8_prefilter_doubles_the_candidate_room() -> None:
-    from look.search_triton import _search_plan
+    from look.search_triton import _FUSED_CANDIDATES, _fused_select_applies, _search_plan
 
+    stride_8 = next(config for config in KERNEL_CONFIGS if config.tile_stride == 8)
     for rows in (1_281_167, 14_197_122):
         exact = _search_plan(256, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132)
         int8 = _search_plan(256, rows, 201, KERNEL_CONFIGS[0], multiprocessors=132, prefilter=True)
-        assert int8.capacity == 2 * exact.capacity
+        assert int8.capacity == 2 * exact.capacity == 6432
         assert int8.total_tiles == exact.total_tiles and int8.tile_stride == exact.tile_stride
+        # s = 8: capped where the candidates' fused sort still holds the buffer.
+        wide = _search_plan(256, rows, 201, stride_8, multiprocessors=132, prefilter=True)
+        assert wide.capacity == _FUSED_CANDIDATES == 8192
+        assert _fused_select_applies("fused", wide.capacity, _FUSED_CANDIDATES)
 
 
 @pytest.mark.parametrize("capability", [90, 80])

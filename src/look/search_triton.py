@@ -27,6 +27,13 @@ The memory is read ``1 + 1/s`` times, similarities live only in registers, and a
 overflows (a memory with many near-identical rows) is searched again with the PyTorch path, so the
 result is always exact. Similarities are those of the query rounded to the memory's dtype with the
 memory rows, accumulated in fp32 (``knn_search`` computes the same on every device).
+
+With an int8 copy of the memory (:class:`QuantizedRows`, ``prefilter=``) the collect pass (and,
+with ``SearchKernelConfig.int8_bound_pass``, the bound pass) reads half the bytes: it computes
+each similarity approximately on int8 tensor cores, with a rigorous bound on the error, keeps
+every row whose upper bound reaches the bound (the bound pass takes lower bounds), and the
+candidates are re-scored exactly from the bf16/fp16 rows before the selection. The neighbours
+are the same.
 """
 
 from __future__ import annotations
@@ -776,10 +783,10 @@ class SearchKernelConfig:
     # H100 "registers" was slower at 14.2M rows and faster at 1.28M with 3 stages.
     query_operand: str = "shared"
     # With an int8 pre-filter (QuantizedRows): whether the bound pass reads it too (True) or the
-    # bf16/fp16 rows (False): a tight bound, so the int8 collect pass keeps ~40 % fewer
-    # candidates and appends to fewer tiles (random rows, 1.28M: 1,070 against 1,795 per query
-    # with s = 4; benchmarks/search_candidates.py --int8), for the bound pass's 1/s of the
-    # bank read at full width.
+    # bf16/fp16 rows (False): a tight bound, so the int8 collect pass keeps 40-48 % fewer
+    # candidates and appends to fewer tiles (random rows, s = 4: 1,067 against 1,790 per query
+    # at 1.28M rows, 1,121 against 2,138 at 14.2M; benchmarks/search_candidates.py --int8),
+    # for the bound pass's 1/s of the bank read at full width.
     int8_bound_pass: bool = False
 
 
@@ -1072,11 +1079,13 @@ def _search_plan(
     collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
     if capacity is None:
         # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
-        # The int8 pre-filter's bound and collect test are looser by its error bound (~1.7x the
-        # candidates on random unit rows): twice the room.
-        room = 8 if prefilter else 4
-        minimum = max(2048 if prefilter else 1024, 4 * room * search_k)
-        capacity = max(minimum, room * tile_stride * search_k) if has_bound else rows
+        capacity = max(1024, 16 * search_k, 4 * tile_stride * search_k) if has_bound else rows
+        if prefilter and has_bound:
+            # The int8 pre-filter's collect test is looser by its error bound (1.3-1.4x the
+            # candidates on random unit rows, 1.9x with its own bound pass): twice the room,
+            # up to what the candidates' fused sort holds (8,192 slots: ~2x the largest count
+            # seen with s = 8, benchmarks/search_candidates.py --int8).
+            capacity = min(2 * capacity, max(capacity, _FUSED_CANDIDATES))
     return _SearchPlan(
         block_q, query_blocks, total_tiles, tile_stride, sampled_tiles, has_bound,
         bound_programs, bound_keep, collect_programs, capacity,
