@@ -5,16 +5,44 @@ in-process)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cases(namespace: dict[str, Any]) -> None:
-    """Run every ``case_*`` callable of ``namespace`` in name order, printing ``name: ok``."""
+    """Run the ``case_*`` callables of ``namespace`` in name order, printing ``name: ok``; with
+    ``--shard I/N`` on the command line only every N-th of them, from the I-th (0-based)."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     cases: list[tuple[str, Callable[[], None]]] = sorted(
         (name, case) for name, case in namespace.items() if name.startswith("case_")
     )
+    if "--shard" in sys.argv:
+        index, count = map(int, sys.argv[sys.argv.index("--shard") + 1].split("/"))
+        cases = cases[index::count]
     for name, case in cases:
         case()
         print(f"{name}: ok", flush=True)
+
+
+def run_case_module(module: str, *, shards: int = 2, timeout: float = 600) -> str:
+    """Run ``python -m module`` under the interpreter in ``shards`` child processes at once (the
+    interpreter runs on one core; the suite waits for this test alone), returning their output.
+    Fails naming the shard's output if any exits with an error."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    children = []
+    for index in range(shards):
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", module, "--shard", f"{index}/{shards}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    outputs = []
+    for child in children:
+        output, _ = child.communicate(timeout=timeout)
+        assert child.returncode == 0, output
+        outputs.append(output)
+    return "".join(outputs)

@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from look.search import knn_search
 from look.search_triton import fused_search_supported, triton_available
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.interpreter_cases import run_case_module
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_fused_search_equals_scan_in_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.search_triton_cases"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(": ok") == 23, completed.stdout
+    output = run_case_module("tests.search_triton_cases")
+    assert output.count(": ok") == 23, output
 
 
 def test_cpu_memory_uses_the_scan_and_triton_backend_refuses_it() -> None:

@@ -4,9 +4,6 @@ Ampere and Hopper (no GPU needed), and where they are used."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,15 @@ from look.losses.look_terms_triton import (
     fused_terms_supported,
 )
 from look.search_triton import cubin_resources, triton_available
+from tests.interpreter_cases import run_case_module
 
-ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
 
 @needs_triton
 def test_fused_terms_match_the_definition_in_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.look_terms_triton_cases"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(": ok") == 11, completed.stdout
+    output = run_case_module("tests.look_terms_triton_cases")
+    assert output.count(": ok") == 11, output
 
 
 @needs_triton
