@@ -597,13 +597,13 @@ class QuantizedRows:
 
     Row ``r`` is ``scales[r] · values[r] + e_r`` with ``‖e_r‖ <= errors[r]``; ``norm_bound``
     (0-d) bounds ``‖row‖ + errors[r]`` and ``error_bound`` (0-d) bounds ``errors[r]`` over all
-    rows. The search reads half the bytes
-    (128-d: 128 B + 8 B per row instead of 256 B) and computes each similarity from two int8
-    products (the query's high part and its rounding residual), with a rigorous error bound:
-    the bound pass takes lower bounds, the collect pass keeps every row whose upper bound reaches
-    the bound, and the candidates are re-scored exactly from the bf16/fp16 memory. The
-    neighbours are those of the exact search; only the number of candidates grows (e.g. 1.7x on
-    random unit rows: ``benchmarks/search_tune.py --prefilter int8`` reports it).
+    rows. The search's collect pass reads half the bytes (128-d: 128 B + 8 B per row instead of
+    256 B) and computes each similarity from two int8 products (the query's high part and its
+    rounding residual), with a rigorous error bound: it keeps every row whose upper bound
+    reaches the bound (a bound pass reading the copy too takes lower bounds), and the
+    candidates are re-scored exactly from the bf16/fp16 memory. The neighbours are those of
+    the exact search; only the number of candidates grows (1.3-1.4x on random unit rows with
+    the default bf16 bound pass: ``benchmarks/search_candidates.py --int8``).
 
     Build it with :meth:`from_memory` and keep it in step with :meth:`write_` (or let
     :class:`look.memory.FeatureMemory` with ``int8_prefilter=True`` do both).
