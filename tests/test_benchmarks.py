@@ -501,3 +501,27 @@ def test_issue_targets_read_session_8s_h100_figures() -> None:
         "step_14197122": False, "search_14197122": False,
     }  # fmt: skip
     assert any("1.036 x CE (target <= 1.02): not met" in line for line in targets["lines"])
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_compile_with_triton_compiles_every_kernel_with_the_given_triton(tmp_path: Path) -> None:
+    """Pointed at an unpacked Triton (here the installed one), the script compiles the passes
+    with and without the int8 copy, the selections and the copy's helpers, and says which
+    Triton; a directory without Triton is refused."""
+    import triton
+
+    site = str(Path(triton.__file__).resolve().parents[1])
+    report = _run_benchmark(
+        tmp_path, "compile_with_triton.py", "--triton-dir", site, "--configs", "0",
+        "--capabilities", "90",
+    )  # fmt: skip
+    assert report["triton"] == triton.__version__ and report["failed"] == 0
+    names = {row["kernel"] for row in report["kernels"]}
+    assert "config 0 collect pass int8" in names and "int8 write" in names
+    assert len(names) == 8
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_with_triton.py"), "--triton-dir",
+         str(tmp_path), "--output", str(tmp_path / "x.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "holds no triton package" in refused.stderr
