@@ -69,7 +69,7 @@ def failing_kernel(name: str, message: str) -> Iterator[list[warnings.WarningMes
             yield caught
     finally:
         setattr(terms_module, name, original)
-        terms_module._failed = False
+        terms_module._FALLBACK.failed = False
 
 
 def _terms_and_grad(problem: dict[str, torch.Tensor], **kwargs: object) -> tuple[object, ...]:

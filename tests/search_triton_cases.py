@@ -215,7 +215,7 @@ def case_a_failing_selection_kernel_warns_once_and_selects_with_pytorch() -> Non
         assert torch.equal(first, expected) and torch.equal(second, expected)
     finally:
         search_triton._kth_largest_kernel = original
-        search_triton._fused_select_failed = False
+        search_triton._SELECT_FALLBACK.failed = False
 
 
 def case_a_bound_pass_without_enough_valid_tiles_collects_every_valid_row() -> None:

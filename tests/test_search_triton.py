@@ -47,7 +47,7 @@ def test_a_failing_kernel_warns_once_and_auto_falls_back_to_the_scan(
 
     monkeypatch.setattr(search_module, "fused_search_supported", lambda *a, **kw: True)
     monkeypatch.setattr(search_module, "fused_knn_search", broken)
-    monkeypatch.setattr(search_module, "_fused_search_failed", False)
+    monkeypatch.setattr(search_module._SEARCH_FALLBACK, "failed", False)
     query, memory = torch.randn(4, 8), torch.randn(50, 8).half()
     expected = knn_search(query, memory, 3, backend="torch")
     with pytest.warns(RuntimeWarning, match="no kernel for this GPU"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import warnings
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from look.host_sync import host_reads_are_free
+from look.kernel_fallback import KernelFallback
 from look.search_triton import QuantizedRows, fused_knn_search, fused_search_supported
 
 __all__ = [
@@ -313,7 +313,7 @@ def knn_search_deferred(
             "backend='triton' needs Triton, a CUDA bf16/fp16 memory indexed by row (no memory_ids)"
             " and no labels"
         )
-    if fused and (backend == "triton" or (backend == "auto" and not _fused_search_failed)):
+    if fused and (backend == "triton" or (backend == "auto" and not _SEARCH_FALLBACK.failed)):
         try:
             return _fused_search(
                 query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
@@ -324,7 +324,7 @@ def knn_search_deferred(
                 raise
             # A training run must not die because Triton cannot build the kernel for this GPU or
             # version: say so once and use the (exact, slower) scan from now on.
-            _disable_fused_search(error)
+            _SEARCH_FALLBACK.fail(error)
 
     device = memory.device
     dtype = compute_dtype_for(query, memory)
@@ -404,18 +404,10 @@ def knn_search_deferred(
     return DeferredKnnResult(result, None, None)
 
 
-_fused_search_failed = False
-
-
-def _disable_fused_search(error: Exception) -> None:
-    global _fused_search_failed
-    _fused_search_failed = True
-    warnings.warn(
-        f"the fused Triton neighbour search failed ({type(error).__name__}: {error}); "
-        "falling back to the chunked PyTorch scan for the rest of this process",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+_SEARCH_FALLBACK = KernelFallback(
+    "the fused Triton neighbour search",
+    "falling back to the chunked PyTorch scan for the rest of this process",
+)
 
 
 def _fused_search(

@@ -49,6 +49,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from look.kernel_fallback import KernelFallback
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
     import triton
     import triton.language as tl
@@ -653,7 +655,7 @@ class QuantizedRows:
         ``norm_bound`` and ``error_bound`` are raised in place, never lowered, so they stay
         bounds). On a GPU one Triton kernel does it (a bank's write every step: one launch
         instead of ~24 small operations); elsewhere, or if that kernel fails, PyTorch."""
-        if rows.is_cuda and len(rows) and _fused_write_applies():
+        if rows.is_cuda and len(rows) and triton is not None and not _WRITE_FALLBACK.failed:
             if isinstance(positions, slice):
                 positions = torch.arange(
                     *positions.indices(self.values.shape[0]), device=rows.device
@@ -662,7 +664,7 @@ class QuantizedRows:
                 _write_quantized_rows(self, positions, rows)
                 return
             except Exception as error:  # any kernel failure: warn once, write with PyTorch
-                _fused_write_failure(error)
+                _WRITE_FALLBACK.fail(error, stacklevel=3)
         values, scales, errors = self.quantize(rows)
         self.values[positions] = values
         self.scales[positions] = scales
@@ -678,22 +680,10 @@ class QuantizedRows:
         return self.values.shape == memory.shape and self.values.device == memory.device
 
 
-_fused_write_failed = False
-
-
-def _fused_write_applies() -> bool:
-    return triton is not None and not _fused_write_failed
-
-
-def _fused_write_failure(error: Exception) -> None:
-    global _fused_write_failed
-    _fused_write_failed = True
-    warnings.warn(
-        f"the int8 copy's write kernel failed ({type(error).__name__}: {error}); writing it with "
-        "PyTorch instead (the same copy, more kernels per write)",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+_WRITE_FALLBACK = KernelFallback(
+    "the int8 copy's write kernel",
+    "writing it with PyTorch instead (the same copy, more kernels per write)",
+)
 
 
 def _write_quantized_rows(copy: QuantizedRows, positions: Tensor, rows: Tensor) -> None:
@@ -892,26 +882,18 @@ def _largest(values: Tensor, k: int, select: str) -> tuple[Tensor, Tensor]:
 # over 16 warps: 128 registers per thread on sm_90, no spills).
 _FUSED_BOUND_COLUMNS = 16384
 _FUSED_CANDIDATES = 8192
-_fused_select_failed = False
+# The fused selections: after a failure (e.g. a compiler error on this GPU) the search selects
+# with PyTorch's sort for the rest of the process.
+_SELECT_FALLBACK = KernelFallback(
+    "the fused search's selection kernels",
+    "selecting with torch.sort instead (same results, more kernels per search)",
+)
 
 
 def _fused_select_applies(select: str, columns: int, limit: int) -> bool:
     """Whether the fused selection of rows of ``columns`` entries (at most ``limit``) runs."""
     block = _next_power_of_two(max(columns, 16))
-    return select == "fused" and not _fused_select_failed and block <= limit
-
-
-def _fused_select_failure(error: Exception) -> None:
-    """Warn once that the fused selections failed (e.g. a compiler error on this GPU); the
-    search then selects with PyTorch's sort for the rest of the process."""
-    global _fused_select_failed
-    _fused_select_failed = True
-    warnings.warn(
-        f"the fused search's selection kernels failed ({type(error).__name__}: {error}); "
-        "selecting with torch.sort instead (same results, more kernels per search)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    return select == "fused" and not _SELECT_FALLBACK.failed and block <= limit
 
 
 def _selection_launch(columns: int, *, bound: bool) -> tuple[int, int]:
@@ -941,7 +923,7 @@ def _kth_largest(values: Tensor, k: int, select: str) -> Tensor:
             )
             return out
         except Exception as error:  # any kernel failure: warn once, select with PyTorch
-            _fused_select_failure(error)
+            _SELECT_FALLBACK.fail(error)
     return _largest(values, k, select)[0][:, k - 1]
 
 
@@ -971,7 +953,7 @@ def _select_candidates(
             )  # fmt: skip
             return out_values, out_indices
         except Exception as error:  # any kernel failure: warn once, select with PyTorch
-            _fused_select_failure(error)
+            _SELECT_FALLBACK.fail(error)
     # PyTorch: slots past a query's count are masked here (the kernel never reads them).
     neg_inf = float("-inf")
     unfilled = torch.arange(capacity, device=values.device) >= counts.unsqueeze(1)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from look.kernel_fallback import KernelFallback
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it.
     import triton
@@ -46,7 +47,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Widest feature dimension: a program holds BLOCK_K × next_power_of_two(d) fp32 values.
 _MAX_DIM = 1024
 _enabled = True
-_failed = False
+_FALLBACK = KernelFallback(
+    "the fused Triton LOOK loss terms", "computing them with PyTorch for the rest of this process"
+)
 
 
 @contextlib.contextmanager
@@ -65,7 +68,7 @@ def fused_terms_supported(queries: Tensor, memory: Tensor) -> bool:
     """Whether :func:`fused_neighbour_terms` serves these inputs: Triton, a CUDA memory (or
     ``TRITON_INTERPRET=1`` with an fp32/fp16 memory: numpy has no bf16), fp32 queries on the
     memory's device, a feature dimension of at most 1,024, and not switched off or failed."""
-    if triton is None or not _enabled or _failed:
+    if triton is None or not _enabled or _FALLBACK.failed:
         return False
     if queries.dtype != torch.float32 or queries.device != memory.device:
         return False
@@ -308,22 +311,11 @@ class _FusedNeighbourTerms(torch.autograd.Function):
                 indices.shape[1], dim, temperature, BLOCK_K=block_k, BLOCK_D=block_d,
             )  # fmt: skip
         except Exception as error:  # the forward kernel built, so this is unlikely: stay exact
-            _disable(error)
+            _FALLBACK.fail(error)
             grad_queries = _torch_gradient(
                 queries, rows, labels, indices, query_labels, grad_loss, log_sums, temperature
             )
         return grad_queries, None, None, None, None, None
-
-
-def _disable(error: Exception) -> None:
-    global _failed
-    _failed = True
-    warnings.warn(
-        f"the fused Triton LOOK loss terms failed ({type(error).__name__}: {error}); "
-        "computing them with PyTorch for the rest of this process",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def fused_neighbour_terms(
@@ -357,7 +349,7 @@ def fused_neighbour_terms(
             indices.contiguous(), query_labels.contiguous(), temperature,
         )  # fmt: skip
     except Exception as error:  # any compile or launch failure
-        _disable(error)
+        _FALLBACK.fail(error)
         return None
 
 
