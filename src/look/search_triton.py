@@ -1219,7 +1219,9 @@ def fused_knn_search(
     queries = query.detach().to(query_dtype).contiguous()
     bound_queries, int8_pass, bound_int8_pass = queries, None, None
     if prefilter is not None:  # int8 parts of the queries as the memory's dtype rounds them
-        rounded = query.detach().to(memory.dtype).contiguous()
+        rounded = (
+            queries if queries.dtype == memory.dtype else query.detach().to(memory.dtype).contiguous()
+        )
         queries, query_low, query_terms = _quantize_queries(rounded, prefilter)
         if config.query_operand == "registers":  # widened: the kernel narrows them again
             queries, query_low = queries.to(torch.int16), query_low.to(torch.int16)
