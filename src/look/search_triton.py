@@ -700,16 +700,15 @@ def _write_quantized_rows(copy: QuantizedRows, positions: Tensor, rows: Tensor) 
 
 def _quantize_queries(queries: Tensor, copy: QuantizedRows) -> tuple[Tensor, Tensor, Tensor]:
     """The pre-filter's queries, for queries already rounded to the memory's dtype: int8 high
-    parts (scale ``σ_q`` = largest magnitude / 127), int8 residual parts at ``σ_q/254`` (the
+    parts quantised as the rows are (:meth:`QuantizedRows.quantize`: scale ``σ_q`` = largest
+    magnitude / 127), int8 residual parts at ``σ_q/254`` (the
     kernel adds them in int32 as ``254·hi + lo``), and ``(4, B)`` fp32 terms: the factor
     ``σ_q/254``, ``‖q‖`` (with margin), the slack ``‖e_q‖·norm_bound`` plus fp32 rounding, and
     the slack with the largest row error, ``‖q‖·error_bound + slack`` (``copy``'s bounds)."""
     queries = queries.float()
-    factor = queries.abs().amax(dim=1) / (127.0 * 254.0)
-    scale_high = factor * 254.0
-    high = torch.round(queries / torch.where(scale_high > 0, scale_high, 1.0).unsqueeze(1))
-    high = high.clamp_(-127, 127)
-    residual = queries - high * scale_high.unsqueeze(1)  # |residual| <= σ_q / 2: fits in ±127
+    high, scale_high, _ = QuantizedRows.quantize(queries)  # the high parts: as the rows
+    factor = scale_high / 254.0
+    residual = queries - high.float() * scale_high.unsqueeze(1)  # |·| <= σ_q / 2: fits in ±127
     low = torch.round(residual / torch.where(factor > 0, factor, 1.0).unsqueeze(1))
     low = low.clamp_(-127, 127)
     query_norms = queries.norm(dim=1) * _ERROR_MARGIN
@@ -718,7 +717,7 @@ def _quantize_queries(queries: Tensor, copy: QuantizedRows) -> tuple[Tensor, Ten
     slack = (residual_norms * _ERROR_MARGIN + fp32_slack * query_norms) * copy.norm_bound
     widest = query_norms * copy.error_bound + slack
     terms = torch.stack([factor, query_norms, slack, widest])
-    return high.to(torch.int8), low.to(torch.int8), terms.contiguous()
+    return high, low.to(torch.int8), terms.contiguous()
 
 
 _RESCORE_BLOCK = 64  # candidate slots per iteration of the re-scoring kernel
