@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 __all__ = [
     "FUSED_DTYPES",
     "KERNEL_CONFIGS",
+    "TUNED_CONFIGS",
     "QuantizedRows",
     "SearchKernelConfig",
     "compile_for_capability",
@@ -777,6 +778,16 @@ class SearchKernelConfig:
     # at 1.28M rows, 1,121 against 2,138 at 14.2M; benchmarks/search_candidates.py --int8),
     # for the bound pass's 1/s of the bank read at full width.
     int8_bound_pass: bool = False
+    # Which kernel runs the collect pass: "triton" (the kernel above, any GPU from sm_80) or
+    # "gluon" (look.search_gluon: warp-specialised for Hopper, a producer warp streaming tiles
+    # of ``gluon_block_n`` rows by bulk copies into ``gluon_stages`` buffers, read by
+    # ``gluon_groups`` consumer warpgroups of 64 queries each; elsewhere, and with the int8
+    # pre-filter, the Triton pass runs). The bound pass (the tiles above) and the selections
+    # are the same.
+    collect_kernel: str = "triton"
+    gluon_groups: int = 4
+    gluon_block_n: int = 32
+    gluon_stages: int = 4
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -846,7 +857,20 @@ KERNEL_CONFIGS = (
     # Session 13: with an int8 pre-filter, the bound pass reading it too (half its bytes, a
     # bound looser by the largest row error's slack; the other configs read bf16 rows there).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", int8_bound_pass=True),
+    # Session 14: the collect pass in Gluon (look.search_gluon), its memory read once per 256
+    # queries (4 consumer warpgroups; 32-row tiles in 4 buffers, or 16-row tiles in 8), or once
+    # per 128 (2 warpgroups, 64-row tiles). Not yet run on a GPU: tune_kernel_config leaves
+    # them out unless asked (benchmarks/search_tune.py --configs 36 37 38 times them).
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon"),
+    SearchKernelConfig(
+        64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon", gluon_block_n=16, gluon_stages=8
+    ),
+    SearchKernelConfig(
+        64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon", gluon_groups=2, gluon_block_n=64
+    ),
 )
+# What tune_kernel_config tries by default: the configs whose kernels have run on a GPU.
+TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.collect_kernel == "triton")
 _kernel_config = KERNEL_CONFIGS[0]
 
 
@@ -1239,6 +1263,10 @@ def fused_knn_search(
     )
     if config.collect not in ("scan", "atomic"):
         raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
+    if config.collect_kernel not in ("triton", "gluon"):
+        raise ValueError(
+            f"collect_kernel must be 'triton' or 'gluon', got {config.collect_kernel!r}"
+        )
     clock = _PhaseClock(device, timings)
     # Leave-one-out costs no work per similarity: bound one neighbour more over every row, then
     # mask each query's own row out of its candidates.
@@ -1273,11 +1301,16 @@ def fused_knn_search(
     out_values = torch.empty(batch, capacity, dtype=torch.float32, device=device)
     out_indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
-    _kernel_pass(
-        queries, memory, valid, plan, config,
+    if not _gluon_collect(
+        queries, memory, valid, plan, config, multiprocessors,
         bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
         prefilter=int8_pass,
-    ).launch()  # fmt: skip
+    ):  # fmt: skip
+        _kernel_pass(
+            queries, memory, valid, plan, config,
+            bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
+            prefilter=int8_pass,
+        ).launch()  # fmt: skip
 
     clock.lap("collect_pass")
     if prefilter is not None:
@@ -1290,6 +1323,49 @@ def fused_knn_search(
         timings["mean_candidates"] = float(counts.float().mean())
         timings["hit_tile_frac"] = _hit_tile_fraction(out_indices, counts, plan, config.block_n)
     return values, indices, counts > capacity
+
+
+_GLUON_FALLBACK = KernelFallback(
+    "the Gluon collect pass of the fused search",
+    "the Triton collect pass runs instead for the rest of this process",
+)
+
+
+def _gluon_collect(
+    queries: Tensor,
+    memory: Tensor,
+    valid: Tensor | None,
+    plan: _SearchPlan,
+    config: SearchKernelConfig,
+    multiprocessors: int | None,
+    *,
+    bound: Tensor,
+    out_values: Tensor,
+    out_indices: Tensor,
+    counts: Tensor,
+    prefilter: tuple[QuantizedRows, Tensor, Tensor] | None,
+) -> bool:
+    """Run the collect pass with the Gluon kernel where ``config`` asks for it and it applies
+    (a Hopper GPU, no int8 pre-filter: :func:`look.search_gluon.gluon_collect_applies`); False
+    if the Triton pass must run. A Gluon kernel that fails to build or launch warns once and
+    leaves the pass to Triton from then on."""
+    if config.collect_kernel != "gluon" or prefilter is not None or _GLUON_FALLBACK.failed:
+        return False
+    from look.search_gluon import gluon_collect_applies, gluon_collect_pass
+
+    if not gluon_collect_applies(queries, memory):  # (False on CPU: no interpreter for Gluon)
+        return False
+    try:
+        gluon_collect_pass(
+            queries, memory, valid, bound, out_values, out_indices, counts,
+            block_n=config.gluon_block_n, stages=config.gluon_stages, groups=config.gluon_groups,
+            widen_bound=plan.has_bound, multiprocessors=multiprocessors or 1,
+        ).launch()  # fmt: skip
+    except Exception as error:  # a compile or launch failure: nothing was written
+        _GLUON_FALLBACK.fail(error, stacklevel=3)
+        counts.zero_()
+        return False
+    return True
 
 
 def _hit_tile_fraction(
@@ -1352,7 +1428,8 @@ def compile_kernel(
     ``rows`` rows of ``dim`` dims launches on a GPU with ``multiprocessors`` SMs (an H100 SXM has
     132): the arguments are built as for the launch (on the meta device) and specialised by
     Triton's own launcher rule. That matters: without the launcher's
-    16-divisibility facts the compiler emits scalar loads and no software pipeline. With
+    16-divisibility facts the compiler emits scalar loads and no software pipeline. A config
+    whose collect pass is Gluon's (``collect_kernel="gluon"``) compiles that kernel. With
     ``prefilter`` the collect pass reads an int8 copy (:class:`QuantizedRows`) of the memory,
     and the bound pass too with ``config.int8_bound_pass``.
     """
@@ -1389,6 +1466,18 @@ def compile_kernel(
         ):
             tile_maxima = torch.empty(batch, plan.bound_columns, device=meta)
             bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
+        if config.collect_kernel == "gluon" and int8_pass is None:
+            from look.search_gluon import gluon_collect_pass
+
+            return gluon_collect_pass(
+                queries, memory, None if valid is None else valid, bound,
+                torch.empty(batch, plan.capacity, device=meta),
+                torch.empty(batch, plan.capacity, dtype=torch.int64, device=meta),
+                torch.empty(batch, dtype=torch.int32, device=meta),
+                block_n=config.gluon_block_n, stages=config.gluon_stages,
+                groups=config.gluon_groups, widen_bound=plan.has_bound,
+                multiprocessors=multiprocessors,
+            ).compile(capability)  # fmt: skip
         kernel_pass = _kernel_pass(
             queries, memory, valid, plan, config,
             bound=bound,
@@ -1489,10 +1578,12 @@ def compile_for_capability(
     *,
     num_warps: int,
     num_stages: int,
+    maxnreg: int | None = None,
 ) -> object:
-    """Compile the ``@triton.jit`` ``kernel`` for CUDA compute capability ``capability`` without a
-    GPU, specialised on ``arguments`` (meta-device tensors and ints, in the kernel's order) by the
-    rule Triton's launcher applies, with ``constexprs`` given by name."""
+    """Compile the ``@triton.jit`` (or ``@gluon.jit``) ``kernel`` for CUDA compute capability
+    ``capability`` without a GPU, specialised on ``arguments`` (meta-device tensors, tensor
+    descriptors and ints, in the kernel's order) by the rule Triton's launcher applies, with
+    ``constexprs`` given by name and ``maxnreg`` registers per thread at most."""
     from triton._C.libtriton import native_specialize_impl  # the rule JIT launches apply
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
@@ -1509,12 +1600,16 @@ def compile_for_capability(
             attrs[(position,)] = BaseBackend.parse_attr(key)
         signature[names[position]] = kind
     signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = ASTSource(fn=kernel, signature=signature, constexprs=resolved, attrs=attrs)
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
-    )
+    source_type = ASTSource
+    if getattr(kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source_type = GluonASTSource
+    source = source_type(kernel, signature, resolved, attrs)
+    options: dict[str, object] = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def _nvidia_tool(name: str) -> str:
@@ -1609,7 +1704,7 @@ def tune_kernel_config(
     memory: Tensor,
     k: int,
     *,
-    configs: tuple[SearchKernelConfig, ...] = KERNEL_CONFIGS,
+    configs: tuple[SearchKernelConfig, ...] = TUNED_CONFIGS,
     repeats: int = 10,
 ) -> list[tuple[SearchKernelConfig, float]]:
     """Time :func:`fused_knn_search` with each config on these inputs, make the fastest the
