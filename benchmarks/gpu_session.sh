@@ -1,46 +1,76 @@
 #!/usr/bin/env bash
-# One prepared GPU session (the `device` tool lends an H100 for ~15 minutes): the CUDA tests (fused
-# search with and without the int8 copy, fused loss terms, sync-free LOOK step); the step/search
-# benchmark of issue 5 with the LOOK step also reading the int8 copy (--prefilter-step), timed
-# alternately with CE: the question of session 13, first; the search alone for the configs
-# session 12 left untimed (s = 8, TMA copies), the default and the int8 bound pass, each reading
-# the bf16 bank and its int8 copy (search_tune.py); then Nsight Compute's view of the default's
-# kernels at 14.2M rows, bf16 and int8. Every stage has its own time limit; results go to $OUT.
-# Session 12's version (tuning, variants, profile, trace) took 235 s; the stages below are capped
-# at 150 + 200 + 120 + 120 s, under the device tool's 600 s per command.
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh
+# One prepared GPU session (the `device` tool lends an H100 for ~15 minutes, at most 600 s per
+# command), in two parts so that each fits one command; results go to $OUT.
+#
+# Part 1 (default; stages capped at 100 + 60 + 80 + 200 + 140 = 580 s):
+#   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
+#      LOOK step);
+#   2. the Gluon collect pass's CUDA tests (session 14: never run on a GPU before; its own time
+#      limit, in case its barriers deadlock);
+#   3. the search alone, default against the Gluon configs 36-38, bf16 bank (search_tune.py);
+#   4. the step/search benchmark of issue 5 with the LOOK step also reading the int8 copy
+#      (--prefilter-step), timed alternately with CE: session 13's question;
+#   5. if a Gluon config was exact and the fastest at 14.2M rows in stage 3, the LOOK step with
+#      it (gpu_step.py --search-config N).
+# Part 2 (PART=2; capped at 120 + 120 s): the search alone for the configs session 12 left
+#   untimed (s = 8, TMA copies), the default and the int8 bound pass, each reading the bf16 bank
+#   and its int8 copy; then Nsight Compute's view of the default's kernels at 14.2M rows, bf16
+#   and int8, and of the Gluon config 36 on the bf16 bank.
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
+#   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 set -uo pipefail
 OUT=${OUT:-/tmp/look_gpu}
+PART=${PART:-1}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi -L
   python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/env_part$PART.txt"
 
-echo "== stage 1: CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
-  tests/losses/test_look_terms_cuda.py tests/test_host_sync_cuda.py \
-  tests/test_memory.py::test_a_full_cuda_memory_learns_it_without_waiting 2>&1 | tee "$OUT/pytest.txt" | tail -15
+if [ "$PART" = 1 ]; then
+  echo "== stage 1: CUDA tests"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py \
+    tests/losses/test_look_terms_cuda.py tests/test_host_sync_cuda.py \
+    tests/test_memory.py::test_a_full_cuda_memory_learns_it_without_waiting 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
-echo "== stage 2: gpu_step benchmark (LOOK with and without the int8 copy, alternating with CE)"
-timeout "${STAGE2_S:-200}" python3 benchmarks/gpu_step.py --prefilter-step \
-  --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
+  echo "== stage 2: the Gluon collect pass's CUDA tests"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_search_gluon_cuda.py 2>&1 \
+    | tee "$OUT/pytest_gluon.txt" | tail -15
 
-echo "== stage 3: the search alone, bf16 bank and int8 copy"
-timeout "${STAGE3_S:-120}" python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 \
-  --prefilter none int8 --output "$OUT/search_tune.json" 2>&1 | tee "$OUT/search_tune.log"
+  echo "== stage 3: the search alone, the default against the Gluon collect passes"
+  timeout 80 python3 benchmarks/search_tune.py --configs 0 36 37 38 --prefilter none \
+    --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
 
-echo "== stage 4: Nsight Compute, the default's kernels at 14.2M rows, bf16 and int8"
-ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$ncu_bin" ]; then
-  timeout "${STAGE4_S:-120}" "$ncu_bin" --profile-from-start off --clock-control none --csv \
-    --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section Occupancy --section SchedulerStats --section WarpStateStats \
-    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 --prefilter none int8 \
-    > "$OUT/ncu_search.csv" 2> "$OUT/ncu_search.log"
-  echo "ncu exit $?"; grep "^config" "$OUT/ncu_search.csv"; tail -5 "$OUT/ncu_search.log"
+  echo "== stage 4: gpu_step benchmark (LOOK with and without the int8 copy, alternating with CE)"
+  timeout 200 python3 benchmarks/gpu_step.py --prefilter-step \
+    --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
+
+  echo "== stage 5: the LOOK step with the fastest Gluon config, if one won stage 3"
+  best=$(python3 benchmarks/search_tune.py --output "$OUT/search_tune_gluon.json" \
+    --fastest-exact 14197122 2>/dev/null)
+  if [ -n "$best" ] && [ "$best" != 0 ]; then
+    timeout 140 python3 benchmarks/gpu_step.py --search-config "$best" \
+      --output "$OUT/gpu_step_config$best.json" 2>&1 | tee "$OUT/gpu_step_config$best.log"
+  else
+    echo "no Gluon config was exact and faster than the default (best: '${best}')"
+  fi
 else
-  echo "no ncu on this machine"
+  echo "== stage 6: the search alone, bf16 bank and int8 copy"
+  timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 \
+    --prefilter none int8 --output "$OUT/search_tune.json" 2>&1 | tee "$OUT/search_tune.log"
+
+  echo "== stage 7: Nsight Compute at 14.2M rows: the default, bf16 and int8; Gluon config 36"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$ncu_bin" ]; then
+    timeout 120 "$ncu_bin" --profile-from-start off --clock-control none --csv \
+      --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section SchedulerStats --section WarpStateStats \
+      python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8 \
+      > "$OUT/ncu_search.csv" 2> "$OUT/ncu_search.log"
+    echo "ncu exit $?"; grep "^config" "$OUT/ncu_search.csv"; tail -5 "$OUT/ncu_search.log"
+  else
+    echo "no ncu on this machine"
+  fi
 fi
 echo "== done"; date -u

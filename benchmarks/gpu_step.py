@@ -58,9 +58,11 @@ from look.methods import Batch, MethodContext, build_method
 from look.models import create_backbone
 from look.search import knn_search
 from look.search_triton import (
+    KERNEL_CONFIGS,
     QuantizedRows,
     fused_knn_search,
     fused_search_supported,
+    set_kernel_config,
     tune_kernel_config,
 )
 
@@ -342,6 +344,14 @@ def main() -> None:
         help="pick the fused search's kernel config for each bank size before timing it",
     )
     parser.add_argument(
+        "--search-config",
+        type=int,
+        default=None,
+        help="make KERNEL_CONFIGS[N] the fused search's config for every search timed (the "
+        "steps' and the search's alone; e.g. a Gluon collect pass that search_tune.py found "
+        "fastest)",
+    )
+    parser.add_argument(
         "--profile",
         default=None,
         help="write a torch.profiler table of two LOOK and two CE steps (first --rows size) to "
@@ -374,6 +384,10 @@ def main() -> None:
         "(method.search_prefilter=int8: same neighbours, about half the bytes per search)",
     )
     args = parser.parse_args()
+    if args.search_config is not None:
+        if args.tune:
+            parser.error("--search-config and --tune both pick the kernel config: pass one")
+        set_kernel_config(KERNEL_CONFIGS[args.search_config])
 
     device = torch.device(args.device)
     measure = partial(median_ms, device=device)
@@ -382,6 +396,9 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor(),
         "args": vars(args),
+        "search_config": (
+            None if args.search_config is None else asdict(KERNEL_CONFIGS[args.search_config])
+        ),
         "rows": {},
     }
 

@@ -12,8 +12,10 @@ since session 12 (it timed each phase after a host wait before, which added the 
 every phase). Unlike the tuner it takes configs by position, keeps the default as it is and
 records the bank read and every config's figures. ``--prefilter int8`` times each config also
 reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-scored from the
-bf16 rows) and records its mean candidates per query next to the exact search's. Needs CUDA and
-Triton.
+bf16 rows) and records its mean candidates per query next to the exact search's (configs whose
+collect pass is Gluon's are timed on the bf16 bank only: with the copy the Triton pass runs).
+``--fastest-exact ROWS`` prints the position of the fastest exact config at that bank size in
+a finished ``--output`` file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from _step_benchmark import random_search_inputs
 
+import look.search_triton as search_triton
 from look.search import knn_search
 from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search, median_call_ms
 
@@ -41,6 +44,8 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
     for position in positions:
         config = KERNEL_CONFIGS[position]
         for prefilter in args.prefilter:
+            if prefilter != "none" and config.collect_kernel == "gluon":
+                continue  # with the int8 copy the Triton collect pass runs: config 0's figure
             search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config,
                              prefilter=copies[prefilter])  # fmt: skip
             about = {"position": position, **asdict(config), "prefilter": prefilter}
@@ -56,7 +61,10 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
             ms = median_call_ms(search, args.repeats, device)
             phases: dict[str, float] = {}  # (a separate call: this one waits between phases)
             search(timings=phases)
-            results.append({**about, "ms": ms, "exact": exact_match,
+            # A Gluon pass that failed warned and left the pass (and every later Gluon
+            # config's) to Triton: its time is then the Triton pass's.
+            gluon_failed = config.collect_kernel == "gluon" and search_triton._GLUON_FALLBACK.failed
+            results.append({**about, "ms": ms, "exact": exact_match, "gluon_failed": gluon_failed,
                             "mean_candidates": phases["mean_candidates"]})  # fmt: skip
             print(f"{rows:>10} rows, config {position:>2} {config} prefilter={prefilter}: "
                   f"{ms:.3f} ms, {phases['mean_candidates']:.0f} candidates"
@@ -72,6 +80,17 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
     }  # fmt: skip
 
 
+def fastest_exact(figures: dict, rows: int) -> int | str:  # type: ignore[type-arg]
+    """The position of the fastest config that was exact on the bf16 bank at ``rows`` rows
+    (and, if Gluon's, ran its own kernel); "" if none."""
+    timed = figures["rows"].get(str(rows), {}).get("configs", [])
+    exact = [
+        entry for entry in timed
+        if entry["exact"] and entry["prefilter"] == "none" and not entry.get("gluon_failed")
+    ]  # fmt: skip
+    return min(exact, key=lambda entry: entry["ms"])["position"] if exact else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
@@ -82,7 +101,12 @@ def main() -> None:
     parser.add_argument("--configs", type=int, nargs="+", help="positions (default: all)")
     parser.add_argument("--prefilter", nargs="+", choices=["none", "int8"], default=["none"],
                         help="time each config reading the bf16 bank (none), its int8 copy, or both")  # fmt: skip
+    parser.add_argument("--fastest-exact", type=int, metavar="ROWS",
+                        help="print the fastest exact config of --output at ROWS rows, and exit")  # fmt: skip
     args = parser.parse_args()
+    if args.fastest_exact is not None:
+        print(fastest_exact(json.loads(Path(args.output).read_text()), args.fastest_exact))
+        return
     positions = args.configs if args.configs else list(range(len(KERNEL_CONFIGS)))
     figures: dict[str, object] = {
         "device": torch.cuda.get_device_name(),

@@ -105,8 +105,10 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         "--image-size", "16", "--batch-size", "8", "--classes", "10", "--rows", "2048",
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
         "--variants", "--compiled-terms", "--trace", str(tmp_path / "trace"),
-        "--profile", str(tmp_path / "profile.txt"), "--prefilter-step",
+        "--profile", str(tmp_path / "profile.txt"), "--prefilter-step", "--search-config", "36",
     )  # fmt: skip
+    # The kernel config asked for is recorded (a CPU search scans: it is not used here).
+    assert figures["search_config"]["collect_kernel"] == "gluon"
     # One profiled pass gives the op table and the traces.
     assert "== look step x2" in (tmp_path / "profile.txt").read_text()
     # The traces are written; a CPU trace holds no GPU kernel to analyse, which is recorded.
@@ -142,11 +144,30 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
         )  # fmt: skip
         assert "--configs" in result.stdout and "--prefilter" in result.stdout
     session = (BENCHMARKS / "gpu_session.sh").read_text()
-    assert "search_ncu.py --rows 14197122 --configs 0 --prefilter none int8" in session
+    assert "search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8" in session
     assert "search_tune.py --configs 0 1 29 32 33 34 35" in session
+    # Session 14's Gluon collect passes: their CUDA tests and timings in part 1.
+    assert "tests/test_search_gluon_cuda.py" in session
+    assert "search_tune.py --configs 0 36 37 38 --prefilter none" in session
+    assert all(KERNEL_CONFIGS[i].collect_kernel == "gluon" for i in (36, 37, 38))
     assert KERNEL_CONFIGS[32].tile_stride == 8
     assert KERNEL_CONFIGS[33].loads == KERNEL_CONFIGS[34].loads == "tma"
     assert KERNEL_CONFIGS[35].int8_bound_pass
+
+
+def test_the_fastest_exact_config_is_read_from_search_tune_figures() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from search_tune import fastest_exact
+
+    def entry(position: int, ms: float, **flags: object) -> dict[str, object]:
+        return {"position": position, "ms": ms, "exact": True, "prefilter": "none", **flags}
+
+    figures = {"rows": {"100": {"configs": [
+        entry(0, 4.0), entry(36, 2.0, gluon_failed=True),  # the Triton pass's time, not Gluon's
+        entry(37, 3.0, exact=False), entry(1, 1.0, prefilter="int8"), entry(38, 3.5),
+    ]}}}  # fmt: skip
+    assert fastest_exact(figures, 100) == 38
+    assert fastest_exact(figures, 200) == ""
 
 
 def test_ncu_summary_keeps_each_launchs_metrics(tmp_path: Path) -> None:

@@ -1429,7 +1429,8 @@ def compile_kernel(
     132): the arguments are built as for the launch (on the meta device) and specialised by
     Triton's own launcher rule. That matters: without the launcher's
     16-divisibility facts the compiler emits scalar loads and no software pipeline. A config
-    whose collect pass is Gluon's (``collect_kernel="gluon"``) compiles that kernel. With
+    whose collect pass is Gluon's (``collect_kernel="gluon"``) compiles that kernel for Hopper
+    (elsewhere, and with ``prefilter``, the search runs the Triton pass, compiled here). With
     ``prefilter`` the collect pass reads an int8 copy (:class:`QuantizedRows`) of the memory,
     and the bound pass too with ``config.int8_bound_pass``.
     """
@@ -1466,7 +1467,7 @@ def compile_kernel(
         ):
             tile_maxima = torch.empty(batch, plan.bound_columns, device=meta)
             bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
-        if config.collect_kernel == "gluon" and int8_pass is None:
+        if config.collect_kernel == "gluon" and int8_pass is None and capability // 10 == 9:
             from look.search_gluon import gluon_collect_pass
 
             return gluon_collect_pass(
