@@ -137,7 +137,7 @@ def main() -> None:
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
             # A Gluon collect pass runs its consumer warpgroups and the producer's (registers
             # are allocated per warpgroup) in one block.
-            gluon = collect and config.collect_kernel == "gluon" and args.prefilter == "none"
+            gluon = config.kernel == "gluon" and args.prefilter == "none" and args.capability // 10 == 9
             warps = 4 * (config.gluon_groups + 1) if gluon else config.num_warps
             resources["blocks_per_sm"] = blocks_per_sm(
                 resources.get("reg", 0), resources["dynamic_shared"], warps, args.capability
@@ -147,7 +147,7 @@ def main() -> None:
             # Gluon pass: one consumer's loop (4 warps, 64 queries).
             loop = main_loop_instructions(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
             resources["loop_instructions"] = loop
-            tile = (64, config.gluon_block_n) if gluon else (min(config.block_q, 256), config.block_n)
+            tile = (64, config.block_n) if gluon else (min(config.block_q, 256), config.block_n)
             resources["warp_instructions_per_similarity"] = (
                 None if loop is None else round(loop * 4 / (tile[0] * tile[1]), 3) if gluon
                 else round(loop * config.num_warps / (tile[0] * tile[1]), 3)
@@ -161,7 +161,7 @@ def main() -> None:
             print(
                 f"{config.block_q:>3}x{config.block_n:<3} w{config.num_warps} s{config.num_stages} "
                 f"{config.collect:<6} {config.loads:<7} skip={config.skip_empty_tiles!s:<5} "
-                f"{config.collect_kernel} "
+                f"{config.kernel} "
                 f"stride={config.tile_stride:<2} "
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "

@@ -24,6 +24,12 @@ slack reaches the bound, and a tile appended wherever some query's approximation
 widest slack (the largest row error's) does: the kernel's gate. ``int8`` entries take the
 bound of the bf16 bound pass (the default), ``int8_bound_pass`` ones that of a bound pass
 reading the int8 copy too (tile maxima of the approximations less the widest slack). Compare with ``gpu_step.py --prefilter-step``'s ``int8_mean_candidates``.
+
+``--gluon 36`` also models the bound of the Gluon bound pass of that config
+(``look.search_gluon``): per program (132 for 256 queries on an H100), the largest similarity in
+each of ``block_n`` bins of rows (bin j: position j of the program's sampled tiles) instead of
+its largest tile maxima; ``gluon`` entries give the candidates at that bound and the tiles
+appended per block (the Gluon collect pass decides per warpgroup of 64 queries).
 """
 
 from __future__ import annotations
@@ -125,6 +131,36 @@ def bound_for_stride(maxima: torch.Tensor, rows: int, k: int, max_stride: int) -
     return bound - bound.abs() * 2.0**-20
 
 
+def gluon_bin_bound(
+    query: torch.Tensor, bank: torch.Tensor, k: int, max_stride: int, config_index: int
+) -> torch.Tensor:
+    """The collect pass's bound per query after the Gluon bound pass of
+    ``KERNEL_CONFIGS[config_index]`` (``look.search_gluon``): per program, the largest similarity
+    of each of ``block_n`` bins (bin j: the rows at position j of the program's sampled tiles),
+    on an H100's 132 SMs; the (k + 1)-th largest bin, widened as the kernel widens it."""
+    from look.search_gluon import gluon_grid
+
+    config = dataclasses.replace(KERNEL_CONFIGS[config_index], tile_stride=max_stride)
+    assert config.block_n == BLOCK_N, "the model's tiles are BLOCK_N rows"
+    rows, search_k = bank.shape[0], k + 1
+    plan = _search_plan(query.shape[0], rows, search_k, config, multiprocessors=132)
+    programs = gluon_grid(query.shape[0], plan.sampled_tiles, config.gluon_groups, 132)[2]
+    bins = torch.full((query.shape[0], programs * BLOCK_N), float("-inf"))
+    for start, similarities in similarity_chunks(query, bank):
+        width = similarities.shape[1]
+        tiles = F.pad(similarities, (0, -width % BLOCK_N), value=float("-inf"))
+        tiles = tiles.view(query.shape[0], -1, BLOCK_N)
+        tile_index = start // BLOCK_N + torch.arange(tiles.shape[1])
+        sampled = tile_index % plan.tile_stride == 0
+        program = (tile_index[sampled] // plan.tile_stride) % programs
+        columns = (program[:, None] * BLOCK_N + torch.arange(BLOCK_N)).flatten()
+        bins.scatter_reduce_(
+            1, columns.expand(query.shape[0], -1), tiles[:, sampled].flatten(1), "amax"
+        )
+    bound = bins.topk(search_k, dim=1).values[:, -1]
+    return bound - bound.abs() * 2.0**-20
+
+
 def candidate_figures(
     query: torch.Tensor, chunks: object, maxima: torch.Tensor, bounds: dict[int, torch.Tensor],
     block_qs: list[int],
@@ -161,6 +197,10 @@ def main() -> None:
     parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--block-q", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--int8", action="store_true", help="also model the int8 copy's search")
+    parser.add_argument(
+        "--gluon", type=int, default=None, metavar="CONFIG",
+        help="also model the bound of the Gluon bound pass of KERNEL_CONFIGS[CONFIG] (its bins)",
+    )  # fmt: skip
     args = parser.parse_args()
     if any(args.queries % block_q for block_q in args.block_q):
         parser.error("--queries must be a multiple of every --block-q")
@@ -183,6 +223,14 @@ def main() -> None:
             query, similarity_chunks(query, bank), maxima, bounds, args.block_q
         )
         int8_figures: dict[tuple[str, int], dict[str, object]] = {}
+        if args.gluon is not None:  # the same candidates test, the bins' bound
+            gluon_bounds = {
+                ("gluon", stride): gluon_bin_bound(query, bank, args.k, stride, args.gluon)
+                for stride in args.strides
+            }
+            int8_figures.update(candidate_figures(  # type: ignore[arg-type]
+                query, similarity_chunks(query, bank), maxima, gluon_bounds, args.block_q  # type: ignore[arg-type]
+            ))  # fmt: skip
         if args.int8:
             # Two bounds for the int8 collect pass: from the bound pass reading the bf16 rows
             # (the default) and from one reading the int8 copy too (config.int8_bound_pass).
@@ -204,9 +252,9 @@ def main() -> None:
                 (start, approx + row_slack)
                 for start, approx, row_slack, _ in int8_bound_chunks(query, copy)
             )
-            int8_figures = candidate_figures(  # type: ignore[assignment]
+            int8_figures.update(candidate_figures(  # type: ignore[arg-type]
                 query, upper_chunks, gate_maxima, int8_bounds, args.block_q  # type: ignore[arg-type]
-            )
+            ))  # fmt: skip
             del copy, lower_maxima, gate_maxima
         entry = {}
         for stride, values in figures.items():
@@ -222,7 +270,7 @@ def main() -> None:
                 f"{values['mean_candidates']:.0f} candidates per query "
                 f"(max {values['max_candidates']}); tiles appended per block of {appended}"
             )
-            for variant in ("int8", "int8_bound_pass"):
+            for variant in ("int8", "int8_bound_pass", "gluon"):
                 if (variant, stride) not in int8_figures:
                     continue
                 entry[str(stride)][variant] = int8 = int8_figures[variant, stride]

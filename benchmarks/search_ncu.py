@@ -100,10 +100,10 @@ def main() -> None:
     copies = {"none": None}
     if "int8" in args.prefilter:
         copies["int8"] = QuantizedRows.from_memory(bank)
-    # (a Gluon collect pass with the int8 copy would be the Triton pass: config 0's profile)
+    # (a Gluon config with the int8 copy runs the Triton passes: another config's profile)
     runs = [
         (position, prefilter) for position in args.configs for prefilter in args.prefilter
-        if prefilter == "none" or KERNEL_CONFIGS[position].collect_kernel != "gluon"
+        if prefilter == "none" or KERNEL_CONFIGS[position].kernel != "gluon"
     ]  # fmt: skip
 
     def search(position: int, prefilter: str) -> None:

@@ -44,8 +44,8 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
     for position in positions:
         config = KERNEL_CONFIGS[position]
         for prefilter in args.prefilter:
-            if prefilter != "none" and config.collect_kernel == "gluon":
-                continue  # with the int8 copy the Triton collect pass runs: config 0's figure
+            if prefilter != "none" and config.kernel == "gluon":
+                continue  # with the int8 copy the Triton passes run: another config's figure
             search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config,
                              prefilter=copies[prefilter])  # fmt: skip
             about = {"position": position, **asdict(config), "prefilter": prefilter}
@@ -61,9 +61,9 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
             ms = median_call_ms(search, args.repeats, device)
             phases: dict[str, float] = {}  # (a separate call: this one waits between phases)
             search(timings=phases)
-            # A Gluon pass that failed warned and left the pass (and every later Gluon
-            # config's) to Triton: its time is then the Triton pass's.
-            gluon_failed = config.collect_kernel == "gluon" and search_triton._GLUON_FALLBACK.failed
+            # A Gluon pass that failed warned and left its work (and every later Gluon
+            # config's) to Triton: its time is then the Triton passes'.
+            gluon_failed = config.kernel == "gluon" and search_triton._GLUON_FALLBACK.failed
             results.append({**about, "ms": ms, "exact": exact_match, "gluon_failed": gluon_failed,
                             "mean_candidates": phases["mean_candidates"]})  # fmt: skip
             print(f"{rows:>10} rows, config {position:>2} {config} prefilter={prefilter}: "

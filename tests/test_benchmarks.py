@@ -80,10 +80,10 @@ def test_search_candidates_model_smoke(tmp_path: Path) -> None:
     is reached by k + 1 distinct rows), more with a sparser bound pass, and a larger share of
     appended tiles for larger query blocks. Reading the int8 copy, every query keeps a superset
     of those candidates (upper bounds tested against the bound), and more with the int8 bound
-    pass's looser bound."""
+    pass's looser bound; the Gluon bound pass's bins keep at least k + 1."""
     figures = _run_benchmark(
         tmp_path, "search_candidates.py", "--rows", "100000", "--queries", "64", "--k", "20",
-        "--strides", "1", "4", "--block-q", "16", "64", "--int8",
+        "--strides", "1", "4", "--block-q", "16", "64", "--int8", "--gluon", "36",
     )  # fmt: skip
     strides = figures["rows"]["100000"]["strides"]
     assert strides["1"]["stride_used"] == 1 and strides["4"]["stride_used"] == 4
@@ -97,6 +97,8 @@ def test_search_candidates_model_smoke(tmp_path: Path) -> None:
         assert exact < int8["mean_candidates"] < both["mean_candidates"]
         assert entry["appended_tile_frac"]["16"] <= int8["appended_tile_frac"]["16"]
         assert int8["appended_tile_frac"]["16"] <= both["appended_tile_frac"]["16"]
+        # The Gluon bound pass's bins: still k + 1 distinct rows at or above the bound.
+        assert entry["gluon"]["mean_candidates"] >= 21
 
 
 def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
@@ -108,7 +110,7 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         "--profile", str(tmp_path / "profile.txt"), "--prefilter-step", "--search-config", "36",
     )  # fmt: skip
     # The kernel config asked for is recorded (a CPU search scans: it is not used here).
-    assert figures["search_config"]["collect_kernel"] == "gluon"
+    assert figures["search_config"]["kernel"] == "gluon"
     # One profiled pass gives the op table and the traces.
     assert "== look step x2" in (tmp_path / "profile.txt").read_text()
     # The traces are written; a CPU trace holds no GPU kernel to analyse, which is recorded.
@@ -146,10 +148,10 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     session = (BENCHMARKS / "gpu_session.sh").read_text()
     assert "search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8" in session
     assert "search_tune.py --configs 0 1 29 32 33 34 35" in session
-    # Session 14's Gluon collect passes: their CUDA tests and timings in part 1.
+    # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
     assert "search_tune.py --configs 0 36 37 38 --prefilter none" in session
-    assert all(KERNEL_CONFIGS[i].collect_kernel == "gluon" for i in (36, 37, 38))
+    assert all(KERNEL_CONFIGS[i].kernel == "gluon" for i in (36, 37, 38))
     assert KERNEL_CONFIGS[32].tile_stride == 8
     assert KERNEL_CONFIGS[33].loads == KERNEL_CONFIGS[34].loads == "tma"
     assert KERNEL_CONFIGS[35].int8_bound_pass

@@ -1,8 +1,8 @@
-"""The Gluon collect pass (look.search_gluon) without a GPU: it compiles for Hopper with its
-register split and no spills, its warpgroups synchronise only among themselves, its grid
-follows the batch, and the search's dispatch leaves the pass to Triton wherever Gluon does not
-apply or fails. What it computes is checked on a Hopper GPU (tests/test_search_gluon_cuda.py):
-Triton's interpreter does not run Gluon kernels."""
+"""The Gluon passes (look.search_gluon) without a GPU: they compile for Hopper with their register
+split and no spills, their warpgroups synchronise only among themselves, their grid follows the
+batch, and the search's dispatch leaves the passes to Triton wherever Gluon does not apply or
+fails. What they compute is checked on a Hopper GPU (tests/test_search_gluon_cuda.py): Triton's
+interpreter does not run Gluon kernels."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ import pytest
 import torch
 
 from look import search_gluon
-from look.search_gluon import _register_split, gluon_available, gluon_collect_pass
+from look.search_gluon import (
+    _register_split,
+    gluon_available,
+    gluon_bound_columns,
+    gluon_collect_pass,
+)
 from look.search_triton import (
     KERNEL_CONFIGS,
     TUNED_CONFIGS,
     SearchKernelConfig,
-    _search_plan,
     compile_kernel,
     cubin_resources,
     cuobjdump,
@@ -26,16 +30,16 @@ from look.search_triton import (
 
 pytestmark = pytest.mark.skipif(not gluon_available(), reason="Triton's Gluon is not installed")
 
-GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.collect_kernel == "gluon"]
+GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"]
 
 
 def test_the_gluon_configs_are_tuned_only_on_request() -> None:
     assert len(GLUON_CONFIGS) == 3
-    assert all(config.collect_kernel == "triton" for config in TUNED_CONFIGS)
+    assert all(config.kernel == "triton" for config in TUNED_CONFIGS)
     assert len(TUNED_CONFIGS) + len(GLUON_CONFIGS) == len(KERNEL_CONFIGS)
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("groups", [2, 4])
 def test_the_register_split_fits_one_block_per_sm(groups: int) -> None:
     launch, consumer = _register_split(groups)
     warpgroups = groups + 1  # the producer's warp takes a warpgroup's registers
@@ -63,36 +67,41 @@ def _meta_pass(batch: int, rows: int, *, groups: int = 4, block_n: int = 32, val
 
 
 @pytest.mark.parametrize(
-    ("batch", "groups", "grid"),
+    ("batch", "requested", "groups", "grid"),
     [
-        (256, 4, (1, 132)),  # one block per SM, each reading its tiles once for all 256 queries
-        (300, 4, (2, 66)),  # two query blocks share the SMs (and each tile's L2 line)
-        (100, 2, (1, 132)),  # 100 queries fill two warpgroups: no idle third and fourth
-        (20, 1, (1, 132)),
-        (256, 2, (2, 66)),
+        (256, 4, 4, (1, 132)),  # one block per SM, each reading its tiles once for all 256 queries
+        (300, 4, 4, (2, 66)),  # two query blocks share the SMs (and each tile's L2 lines)
+        (100, 4, 2, (1, 132)),  # 100 queries fill two warpgroups: no idle third and fourth
+        (20, 4, 2, (1, 132)),  # (the second idles: one group is not compiled)
+        (256, 2, 2, (2, 66)),
     ],
 )
-def test_the_grid_follows_the_batch(batch: int, groups: int, grid: tuple[int, int]) -> None:
-    requested = 2 if (batch, groups) == (256, 2) else 4
+def test_the_grid_follows_the_batch(
+    batch: int, requested: int, groups: int, grid: tuple[int, int]
+) -> None:
     gluon_pass = _meta_pass(batch, 1_281_167, groups=requested)
     assert gluon_pass.grid == grid
     assert gluon_pass.constexprs["GROUPS"] == groups
     assert gluon_pass.maxnreg == _register_split(groups)[0]
     assert _meta_pass(batch, 1000, groups=requested).grid[1] == 32  # no more programs than tiles
+    # The bound pass's output: block_n bins per program (4,224 for 256 queries on 132 SMs).
+    columns = gluon_bound_columns(batch, 10_000, block_n=32, groups=requested, multiprocessors=132)
+    assert columns == grid[1] * 32
 
 
-def test_query_groups_other_than_one_two_or_four_are_refused() -> None:
-    with pytest.raises(ValueError, match="query groups must be 1, 2 or 4"):
+def test_query_groups_other_than_two_or_four_are_refused() -> None:
+    with pytest.raises(ValueError, match="query groups must be 2 or 4"):
         _meta_pass(256, 1000, groups=3)
 
 
+@pytest.mark.parametrize("collect", [False, True])
 @pytest.mark.parametrize("has_valid", [False, True])
 @pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda config: "-")
-def test_the_gluon_collect_pass_compiles_for_hopper_without_spilling(
-    config: SearchKernelConfig, has_valid: bool
+def test_the_gluon_passes_compile_for_hopper_without_spilling(
+    config: SearchKernelConfig, has_valid: bool, collect: bool
 ) -> None:
     compiled = compile_kernel(
-        config, collect=True, capability=90, has_valid=has_valid, rows=14_197_122
+        config, collect=collect, capability=90, has_valid=has_valid, rows=14_197_122
     )
     resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
     assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources
@@ -109,29 +118,24 @@ def test_the_gluon_collect_pass_compiles_for_hopper_without_spilling(
     counted = re.findall(r"\bbar\.sync\s+\d+,\s*(\d+);", ptx)
     assert counted and set(counted) == {"128"}, counted
     sass = cuobjdump(compiled.asm["cubin"], "-sass")  # type: ignore[attr-defined]
-    shape = f"HGMMA.64x{config.gluon_block_n}x16.F32.BF16"
+    shape = f"HGMMA.64x{config.block_n}x16.F32.BF16"
     # The queries stay in registers: wgmma's A operand is a register, not a shared descriptor.
     products = [line for line in sass.splitlines() if shape in line]
     assert products and all(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", line) for line in products)
+    assert ("ATOMG" in sass) == collect  # only the collect pass appends
 
 
-def test_the_search_leaves_the_pass_to_triton_where_gluon_does_not_apply() -> None:
-    from look.search_triton import _gluon_collect
+def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:
+    from look.search_triton import _gluon_passes
 
-    config = GLUON_CONFIGS[0]
     queries, memory = torch.randn(8, 16).half(), torch.randn(100, 16).half()
-    plan = _search_plan(8, 100, 5, config, multiprocessors=None)
-    buffers = {
-        "bound": torch.zeros(8), "out_values": torch.empty(8, plan.capacity),
-        "out_indices": torch.empty(8, plan.capacity, dtype=torch.int64),
-        "counts": torch.zeros(8, dtype=torch.int32), "prefilter": None,
-    }  # fmt: skip
-    # A CPU memory (no Hopper GPU), and a config that asks for Triton's pass.
-    assert not _gluon_collect(queries, memory, None, plan, config, None, **buffers)
-    assert not _gluon_collect(queries, memory, None, plan, KERNEL_CONFIGS[0], 132, **buffers)
+    config = GLUON_CONFIGS[0]
+    assert _gluon_passes(config, queries, memory, None, None) is None  # the interpreter
+    assert _gluon_passes(config, queries, memory, None, 132) is None  # a CPU memory
+    assert _gluon_passes(KERNEL_CONFIGS[0], queries, memory, None, 132) is None  # Triton asked
 
 
-def test_a_failing_gluon_pass_warns_once_and_leaves_the_pass_to_triton(
+def test_a_failing_gluon_pass_warns_once_and_leaves_its_work_to_triton(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import look.search_triton as search_triton
@@ -140,21 +144,13 @@ def test_a_failing_gluon_pass_warns_once_and_leaves_the_pass_to_triton(
         def launch(self) -> None:
             raise RuntimeError("no Gluon for this Triton")
 
-    monkeypatch.setattr(search_gluon, "gluon_collect_applies", lambda *a: True)
-    monkeypatch.setattr(search_gluon, "gluon_collect_pass", lambda *a, **kw: Broken())
     monkeypatch.setattr(search_triton._GLUON_FALLBACK, "failed", False)
-    config = GLUON_CONFIGS[0]
+    monkeypatch.setattr(search_gluon, "gluon_applies", lambda *a: True)
     queries, memory = torch.randn(8, 16).half(), torch.randn(100, 16).half()
-    plan = _search_plan(8, 100, 5, config, multiprocessors=None)
-    counts = torch.full((8,), 7, dtype=torch.int32)  # as if the failed launch had counted
-    buffers = {
-        "bound": torch.zeros(8), "out_values": torch.empty(8, plan.capacity),
-        "out_indices": torch.empty(8, plan.capacity, dtype=torch.int64), "counts": counts,
-        "prefilter": None,
-    }  # fmt: skip
-    with pytest.warns(RuntimeWarning, match="Gluon collect pass.*no Gluon for this Triton"):
-        assert not search_triton._gluon_collect(queries, memory, None, plan, config, 132, **buffers)
-    assert int(counts.abs().sum()) == 0  # the Triton pass starts from empty buffers
+    assert search_triton._gluon_passes(GLUON_CONFIGS[0], queries, memory, None, 132) is not None
+    with pytest.warns(RuntimeWarning, match="Gluon passes.*no Gluon for this Triton"):
+        assert not search_triton._launch_gluon(Broken)
+    # From then on the Triton passes run: no Gluon, no retry, no second warning.
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # from now on: no retry, no second warning
-        assert not search_triton._gluon_collect(queries, memory, None, plan, config, 132, **buffers)
+        warnings.simplefilter("error")
+        assert search_triton._gluon_passes(GLUON_CONFIGS[0], queries, memory, None, 132) is None

@@ -1,5 +1,6 @@
-"""The Gluon collect pass on a Hopper GPU (skipped elsewhere): the same neighbours as the PyTorch
-scan, with the Gluon kernel itself having run (not the Triton pass it falls back to).
+"""The Gluon passes on a Hopper GPU (skipped elsewhere): the same neighbours as the PyTorch scan
+and the Triton passes, with the Gluon kernels themselves having run (not the Triton passes they
+fall back to).
 
 Its own file so that ``benchmarks/gpu_session.sh`` runs it under its own time limit: a kernel
 whose barriers deadlock would hang here, not in the other CUDA tests."""
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a Hopper GPU and Triton's Gluon",
 )
 
-GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.collect_kernel == "gluon"]
+GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"]
 
 
 @pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda config: "-")
@@ -35,21 +36,22 @@ GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.collect_kernel ==
     [
         (256, 300_001, 128, 200, torch.bfloat16, True),  # a partial last tile, a valid mask
         (300, 70_000, 96, 20, torch.float16, False),  # 96 dims padded to 128, two query blocks
-        (40, 5_000, 64, 10, torch.bfloat16, False),  # one warpgroup; every tile a candidate
+        (40, 5_000, 64, 10, torch.bfloat16, False),  # two groups, one idle; small tiles count
     ],
 )
-def test_the_gluon_collect_pass_finds_the_scans_neighbours(
+def test_the_gluon_passes_find_the_scans_neighbours(
     config: SearchKernelConfig, batch: int, rows: int, dim: int, k: int, dtype: torch.dtype,
     masked: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    launched = []
-    build = search_gluon.gluon_collect_pass
+    launched: list[str] = []
+    for name in ("gluon_bound_pass", "gluon_collect_pass"):
+        build = getattr(search_gluon, name)
 
-    def counted(*args: object, **kwargs: object) -> search_gluon.GluonCollectPass:
-        launched.append(kwargs["groups"])
-        return build(*args, **kwargs)  # type: ignore[arg-type]
+        def counted(*args: object, build=build, name=name, **kwargs: object) -> object:  # type: ignore[no-untyped-def]
+            launched.append(name)
+            return build(*args, **kwargs)
 
-    monkeypatch.setattr(search_gluon, "gluon_collect_pass", counted)
+        monkeypatch.setattr(search_gluon, name, counted)
     generator = torch.Generator(device="cuda").manual_seed(0)
     memory = F.normalize(torch.randn(rows, dim, device="cuda", generator=generator), dim=1)
     memory = memory.to(dtype)
@@ -60,11 +62,12 @@ def test_the_gluon_collect_pass_finds_the_scans_neighbours(
     values, indices, overflowed = fused_knn_search(
         query, memory, k, query_ids=ids, memory_valid=valid, config=config
     )
-    assert launched and not search_triton._GLUON_FALLBACK.failed, "the Gluon kernel did not run"
+    assert not search_triton._GLUON_FALLBACK.failed, "a Gluon pass failed: Triton's ran"
+    assert launched == ["gluon_bound_pass", "gluon_collect_pass"], launched
     assert not bool(overflowed.any())
     scan = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="torch")
     assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-5)
-    # The same candidates as the Triton collect pass (same bound, same test).
+    # The same values as the Triton passes (its bound differs, not the neighbours).
     triton_values, _, _ = fused_knn_search(
         query, memory, k, query_ids=ids, memory_valid=valid, config=KERNEL_CONFIGS[0]
     )

@@ -41,9 +41,9 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
                 config.loads,
             )  # fmt: skip
             if collect:
-                key += (config.collect, config.skip_empty_tiles, config.collect_kernel)
-                if config.collect_kernel == "gluon":
-                    key += (config.gluon_groups, config.gluon_block_n, config.gluon_stages)
+                key += (config.collect, config.skip_empty_tiles)
+            if config.kernel == "gluon":  # both passes are Gluon's
+                key += (config.kernel, config.gluon_groups)
             if key not in seen:
                 seen.add(key)
                 passes.append((config, collect))

@@ -1,34 +1,43 @@
-"""The fused search's collect pass as a warp-specialised Gluon kernel for Hopper (sm_90).
+"""The fused search's two passes as warp-specialised Gluon kernels for Hopper (sm_90).
 
 Why: in the Triton kernel (:mod:`look.search_triton`) every 64-query block reads the whole
 memory, so 256 queries pull it through L2 four times, and Hopper's wgmma reads the 64 × d query
 block from shared memory again for every tile. Nsight Compute found L1/shared memory and L2 the
-busiest units of the collect pass (session 12, docs/results.md), and larger query blocks in
-Triton were slower: their warps wait at block-wide barriers. Triton's automatic warp
-specialisation does not compile this loop (session 14: "unsupported load type for producer
-commit" on sm_90 with 4 warps; with 8 it compiles without specialising).
+busiest units of both passes (session 12, docs/results.md), and larger query blocks in Triton
+were slower: their warps wait at block-wide barriers. Triton's automatic warp specialisation
+does not compile this loop (session 14: "unsupported load type for producer commit" on sm_90
+with 4 warps; with 8 it compiles without specialising).
 
 Here one thread block serves ``groups`` × 64 queries (4 × 64 = a 256-query batch) with:
 
 - a **producer** warp that streams memory tiles into a ring of ``stages`` shared-memory
   buffers by bulk (TMA) copies, each announced by an mbarrier;
 - ``groups`` **consumer** warpgroups, each holding its 64 queries in registers (wgmma's A
-  operand: no shared-memory read of them per tile), computing its 64 × ``block_n`` products
-  from the shared tile and appending the similarities ``>=`` the bound to the candidate
-  buffers, exactly as the Triton collect pass does. Each consumer frees a buffer for the
-  producer (an mbarrier arrival, ``groups`` of them per buffer) right after its product, so
-  the consumers drift apart by up to the ring's depth instead of meeting at a barrier.
+  operand: no shared-memory read of them per tile) and computing its 64 × ``block_n`` products
+  from the shared tile. Each consumer frees a buffer for the producer (an mbarrier arrival,
+  ``groups`` of them per buffer) right after its product, so the consumers drift apart by up
+  to the ring's depth instead of meeting at a barrier.
 
-So the memory is read once per ``groups`` × 64 queries, through one copy engine, and the
-outputs (candidate values, row indices, per-query counts) are those of the Triton collect
-pass: the bound pass, the selections and the overflow rule are shared. Rows past the end
-come back from the bulk copy as zeros and are masked on the append path; columns past ``dim``
-are zeros on both sides.
+So the memory is read once per ``groups`` × 64 queries, through one copy engine.
 
-Triton's CPU interpreter does not run Gluon kernels: on CPU this kernel is compiled for sm_90
-(the tests check it assembles without spills to local memory beyond a few loop values, with
-its register split); its results are checked against the scan on a GPU
-(``tests/test_search_cuda.py``, ``benchmarks/gpu_session.sh``).
+- **Bound pass** (every s-th tile): each consumer keeps, per query, the largest similarity in
+  each of ``block_n`` bins (bin j: the rows at position j of their tiles), an element-wise
+  maximum per tile: no reduction across the tile and no sorted list, unlike the Triton pass's
+  largest tile maxima. The bins of all programs hold disjoint rows, so the k-th largest bin
+  is attained by k distinct rows: a lower bound on the k-th neighbour. (Two of the top k rows
+  in one bin make it a little looser than the Triton pass's, never wrong.) The bins go to the
+  same radix select as the Triton pass's tile maxima.
+- **Collect pass** (every tile): the similarities ``>=`` the widened bound go to the candidate
+  buffers exactly as the Triton collect pass appends them (one relaxed atomic per candidate),
+  and the selections and the overflow rule are the Triton search's.
+
+Rows past the end come back from the bulk copy as zeros and are masked (the bound pass's last
+tile, the collect pass's append path); columns past ``dim`` are zeros on both sides.
+
+Triton's CPU interpreter does not run Gluon kernels: on CPU these kernels are compiled for
+sm_90 (``tests/test_search_gluon.py``: no spills, the register split, bulk copies, mbarriers,
+per-warpgroup barriers only); what they compute is checked against the scan on a Hopper GPU
+(``tests/test_search_gluon_cuda.py``, run by ``benchmarks/gpu_session.sh``).
 """
 
 from __future__ import annotations
@@ -54,10 +63,13 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "GROUP_QUERIES",
-    "GluonCollectPass",
+    "GluonPass",
+    "gluon_applies",
     "gluon_available",
-    "gluon_collect_applies",
+    "gluon_bound_columns",
+    "gluon_bound_pass",
     "gluon_collect_pass",
+    "gluon_grid",
 ]
 
 GROUP_QUERIES = 64  # queries per consumer warpgroup: the M of one wgmma
@@ -70,8 +82,8 @@ def gluon_available() -> bool:
     return gluon is not None
 
 
-def gluon_collect_applies(queries: Tensor, memory: Tensor) -> bool:
-    """Whether :func:`gluon_collect_pass` handles this search: Gluon, a CUDA memory on a Hopper
+def gluon_applies(queries: Tensor, memory: Tensor) -> bool:
+    """Whether the Gluon passes handle this search: Gluon, a CUDA memory on a Hopper
     GPU (wgmma and bulk copies; sm_100 has other matrix instructions), bf16/fp16 rows of at most
     256 dims whose rows and base are 16-byte aligned (a bulk-copy descriptor needs it), and
     queries in the memory's dtype."""
@@ -89,16 +101,21 @@ def gluon_collect_applies(queries: Tensor, memory: Tensor) -> bool:
 
 
 if gluon is not None:
+    # Every partition takes the same arguments (Gluon's worker partitions must share one
+    # signature): pointers and the descriptor, the ring (tiles, ready, empty), sizes, and
+    # first_query, has_valid and widen_bound. A worker partition's arguments arrive as runtime
+    # values, so flags are ints, and constexprs (tile sizes) are read off the ring's type.
 
     @gluon.jit
     def _producer_partition(
-        query_ptr, memory_desc, valid_ptr, bound_ptr, out_values_ptr, out_indices_ptr,
-        counts_ptr, tiles, ready, empty, num_queries, num_rows, dim, stride_query, stride_bound,
-        num_tiles, capacity, first_query, has_valid, widen_bound,
+        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+        out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
+        stride_query, stride_bound, num_tiles, tile_step, capacity, bound_columns, first_query,
+        has_valid, widen_bound,
     ):  # fmt: skip
-        """Bulk-copy this program's tiles into the ring: wait until every consumer has freed a
-        buffer, then copy the next tile there; the copy itself completes ``ready``. (Same
-        signature as the consumers: Gluon's worker partitions must share one.)"""
+        """Bulk-copy this program's tiles (every ``tile_step``-th tile of ``block_n`` rows:
+        tiles p, p + P, … of the pass) into the ring: wait until every consumer has freed a
+        buffer, then copy the next tile there; the copy itself completes ``ready``."""
         stages: gl.constexpr = tiles.type.shape[0]
         block_n: gl.constexpr = tiles.type.shape[1]
         i = 0
@@ -109,9 +126,42 @@ if gluon is not None:
             mbarrier.wait(empty.index(slot), ((i // stages) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), memory_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(
-                memory_desc, [tile * block_n, 0], ready.index(slot), tiles.index(slot)
-            )
+                memory_desc, [tile * tile_step * block_n, 0], ready.index(slot),
+                tiles.index(slot),
+            )  # fmt: skip
             i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
+
+    @gluon.jit
+    def _query_operand(
+        query_ptr, first_query, num_queries, stride_query, dim, products: gl.constexpr,
+        block_d: gl.constexpr,
+    ):  # fmt: skip
+        """A consumer's 64 queries as wgmma's register operand (zeros past ``dim`` and the
+        batch): loaded once, never read from shared memory."""
+        operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=products, k_width=2)
+        rows_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, operand))
+        cols_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, operand))
+        return gl.load(
+            query_ptr + rows_q[:, None] * stride_query + cols_d[None, :],
+            mask=(rows_q < num_queries)[:, None] & (cols_d < dim)[None, :],
+            other=0.0,
+        )
+
+    @gluon.jit
+    def _product(query, tiles, ready, empty, i, products):
+        """Wait for the ``i``-th tile of this program, multiply it with the queries and free its
+        buffer (one arrival of this consumer: the product is in registers)."""
+        stages: gl.constexpr = tiles.type.shape[0]
+        block_n: gl.constexpr = tiles.type.shape[1]
+        slot = i % stages
+        mbarrier.wait(ready.index(slot), (i // stages) & 1)
+        accumulator = gl.zeros([64, block_n], gl.float32, products)  # (ignored: use_acc=False)
+        similarities = warpgroup_mma(
+            query, tiles.index(slot).permute((1, 0)), accumulator, use_acc=False, is_async=True
+        )
+        similarities = warpgroup_mma_wait(num_outstanding=0, deps=(similarities,))
+        mbarrier.arrive(empty.index(slot), count=1)
+        return similarities
 
     @gluon.jit
     def _append(values, keep, query_of, indices, counts_ptr, out_values_ptr, out_indices_ptr,
@@ -126,29 +176,21 @@ if gluon is not None:
         gl.store(out_indices_ptr + destination, indices.to(gl.int64), mask=store)
 
     @gluon.jit
-    def _consumer_partition(
-        query_ptr, memory_desc, valid_ptr, bound_ptr, out_values_ptr, out_indices_ptr,
-        counts_ptr, tiles, ready, empty, num_queries, num_rows, dim, stride_query, stride_bound,
-        num_tiles, capacity, first_query, has_valid, widen_bound,
+    def _collect_partition(
+        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+        out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
+        stride_query, stride_bound, num_tiles, tile_step, capacity, bound_columns, first_query,
+        has_valid, widen_bound,
     ):  # fmt: skip
-        """One warpgroup: queries ``first_query`` … ``+ 64`` against every tile of this
-        program, appending the similarities ``>=`` the (widened) bound to their buffers. Flags
-        arrive as ints: a worker partition's arguments are runtime values, and tile sizes are
-        read off the ring's type."""
-        stages: gl.constexpr = tiles.type.shape[0]
+        """A collect-pass consumer: queries ``first_query`` … ``+ 64`` against every tile of
+        this program, appending the similarities ``>=`` the (widened) bound to their
+        buffers, as the Triton collect pass does."""
         block_n: gl.constexpr = tiles.type.shape[1]
-        block_d: gl.constexpr = tiles.type.shape[2]
         products: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_n, 16]
         )
-        # The queries as wgmma's register operand (loaded once; zeros past dim and the batch).
-        operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=products, k_width=2)
-        rows_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, operand))
-        cols_d = gl.arange(0, block_d, layout=gl.SliceLayout(0, operand))
-        query = gl.load(
-            query_ptr + rows_q[:, None] * stride_query + cols_d[None, :],
-            mask=(rows_q < num_queries)[:, None] & (cols_d < dim)[None, :],
-            other=0.0,
+        query = _query_operand(
+            query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
         )
         offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
         q_mask = offs_q < num_queries
@@ -162,19 +204,10 @@ if gluon is not None:
             widened = gl.where(finite, finite_bound - gl.abs(finite_bound) * 9.5367431640625e-07,
                                -3.4028234663852886e38)  # fmt: skip
             bound = gl.where(q_mask, widened, float("inf"))
-        accumulator = gl.zeros([64, block_n], gl.float32, products)  # (ignored: use_acc=False)
         tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
         i = 0
         for tile in range(gl.program_id(1), num_tiles, gl.num_programs(1)):
-            slot = i % stages
-            mbarrier.wait(ready.index(slot), (i // stages) & 1)
-            similarities = warpgroup_mma(
-                query, tiles.index(slot).permute((1, 0)), accumulator, use_acc=False,
-                is_async=True,
-            )  # fmt: skip
-            similarities = warpgroup_mma_wait(num_outstanding=0, deps=(similarities,))
-            # The product is in registers: the buffer may be refilled.
-            mbarrier.arrive(empty.index(slot), count=1)
+            similarities = _product(query, tiles, ready, empty, i, products)
             i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
             keep = similarities >= bound[:, None]
             # Most tiles of a large memory hold no candidate of any of these queries: one
@@ -188,7 +221,7 @@ if gluon is not None:
                 keep = keep & row_ok[None, :]
                 # One relaxed atomic per candidate numbers it in its query's buffer. The even
                 # and the odd columns (each thread holds column pairs) go one after the other:
-                # half the addresses live at once.
+                # half the addresses live at once (48 bytes spilled otherwise).
                 query_of = offs_q[:, None] + gl.zeros([64, block_n], gl.int32, products)
                 indices = offs_n[None, :] + gl.zeros([64, block_n], gl.int32, products)
                 pairs: gl.constexpr = [64, block_n // 2, 2]
@@ -202,14 +235,62 @@ if gluon is not None:
                         out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
 
     @gluon.jit
-    def _collect_shared_tiles_kernel(
-        query_ptr, memory_desc, valid_ptr, bound_ptr, out_values_ptr, out_indices_ptr,
-        counts_ptr, num_queries, num_rows, dim, stride_query, stride_bound, num_tiles, capacity,
-        HAS_VALID: gl.constexpr, WIDEN_BOUND: gl.constexpr, GROUPS: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    def _bound_partition(
+        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+        out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
+        stride_query, stride_bound, num_tiles, tile_step, capacity, bound_columns, first_query,
+        has_valid, widen_bound,
     ):  # fmt: skip
-        """Program (q, p): queries [q·GROUPS·64, …) against tiles p, p + P, p + 2P, … (so the
-        programs of all query blocks read the same tile at about the same time)."""
+        """A bound-pass consumer: over every ``tile_step``-th tile of this program, the
+        largest similarity of each query in each of ``block_n`` bins, bin j holding the rows
+        at position j of their tiles (an element-wise maximum per tile: no reduction across
+        the tile, no sorted list). Bins of all programs hold disjoint rows, so the k-th
+        largest of them is attained by k distinct rows: a lower bound on the k-th neighbour,
+        as the Triton pass's k-th largest kept tile maximum is."""
+        block_n: gl.constexpr = tiles.type.shape[1]
+        products: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_n, 16]
+        )
+        query = _query_operand(
+            query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
+        )
+        tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
+        bins = gl.full([64, block_n], float("-inf"), gl.float32, products)
+        i = 0
+        for tile in range(gl.program_id(1), num_tiles, gl.num_programs(1)):
+            similarities = _product(query, tiles, ready, empty, i, products)
+            i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
+            first_row = tile * tile_step * block_n
+            # Rows past the end (zeros from the bulk copy) and unwritten rows must not count:
+            # masked on the last tile, and on every tile only with a valid mask.
+            if (has_valid != 0) | (first_row + block_n > num_rows):
+                offs_n = first_row + tile_rows
+                row_ok = offs_n < num_rows
+                if has_valid != 0:
+                    written = gl.load(valid_ptr + offs_n, mask=row_ok, other=0)
+                    row_ok = row_ok & (written != 0)
+                similarities = gl.where(row_ok[None, :], similarities, float("-inf"))
+            bins = gl.maximum(bins, similarities)
+        offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
+        columns = gl.program_id(1) * block_n + tile_rows
+        gl.store(
+            tile_max_ptr + offs_q[:, None] * bound_columns + columns[None, :],
+            bins,
+            mask=(offs_q < num_queries)[:, None] & (columns < bound_columns)[None, :],
+        )
+
+    @gluon.jit
+    def _shared_tiles_kernel(
+        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+        out_indices_ptr, counts_ptr, num_queries, num_rows, dim, stride_query, stride_bound,
+        num_tiles, tile_step, capacity, bound_columns,
+        COLLECT: gl.constexpr, HAS_VALID: gl.constexpr, WIDEN_BOUND: gl.constexpr,
+        GROUPS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    ):  # fmt: skip
+        """Program (q, p): queries [q·GROUPS·64, …) against the pass's tiles p, p + P, … (so
+        the programs of all query blocks read the same tile at about the same time). The
+        bound pass (``COLLECT`` False) writes each consumer's bins, the collect pass appends
+        candidates."""
         block_n: gl.constexpr = memory_desc.block_type.shape[0]
         block_d: gl.constexpr = memory_desc.block_type.shape[1]
         tiles = gl.allocate_shared_memory(
@@ -220,35 +301,47 @@ if gluon is not None:
         for stage in gl.static_range(STAGES):
             mbarrier.init(ready.index(stage), count=1)  # completed by the copy's bytes
             mbarrier.init(empty.index(stage), count=GROUPS)  # one arrival per consumer
+        shared = (query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+                  out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
+                  stride_query, stride_bound, num_tiles, tile_step, capacity,
+                  bound_columns)  # fmt: skip
         first = gl.program_id(0) * GROUPS * 64
         has_valid = 1 if HAS_VALID else 0
         widen_bound = 1 if WIDEN_BOUND else 0
         # One argument tuple per consumer (its first query differs); the default partition is
-        # consumer 0, the workers the other consumers and the producer (one warp).
-        shared = (query_ptr, memory_desc, valid_ptr, bound_ptr, out_values_ptr,
-                  out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
-                  stride_query, stride_bound, num_tiles, capacity)  # fmt: skip
-        # (tuples concatenated: the JIT does not unpack starred arguments)
+        # consumer 0, the workers the other consumers and the producer (one warp). (Tuples
+        # concatenated: the JIT does not unpack starred arguments.)
         group_0 = shared + (first, has_valid, widen_bound)  # noqa: RUF005
         group_1 = shared + (first + 64, has_valid, widen_bound)  # noqa: RUF005
         group_2 = shared + (first + 128, has_valid, widen_bound)  # noqa: RUF005
         group_3 = shared + (first + 192, has_valid, widen_bound)  # noqa: RUF005
-        if GROUPS == 1:
-            gl.warp_specialize(
-                [(_consumer_partition, group_0), (_producer_partition, group_0)],
-                [1], [24],
-            )  # fmt: skip
+        # (each partition list names its function: the JIT passes no function as a value)
+        gl.static_assert((GROUPS == 2) | (GROUPS == 4), "GROUPS must be 2 or 4")
+        if COLLECT:
+            if GROUPS == 2:
+                gl.warp_specialize(
+                    [(_collect_partition, group_0), (_collect_partition, group_1),
+                     (_producer_partition, group_0)],
+                    [4, 1], [CONSUMER_REGISTERS, 24],
+                )  # fmt: skip
+            else:
+                gl.warp_specialize(
+                    [(_collect_partition, group_0), (_collect_partition, group_1),
+                     (_collect_partition, group_2), (_collect_partition, group_3),
+                     (_producer_partition, group_0)],
+                    [4, 4, 4, 1],
+                    [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS, 24],
+                )  # fmt: skip
         elif GROUPS == 2:
             gl.warp_specialize(
-                [(_consumer_partition, group_0), (_consumer_partition, group_1),
+                [(_bound_partition, group_0), (_bound_partition, group_1),
                  (_producer_partition, group_0)],
                 [4, 1], [CONSUMER_REGISTERS, 24],
             )  # fmt: skip
         else:
-            gl.static_assert(GROUPS == 4, "GROUPS must be 1, 2 or 4")
             gl.warp_specialize(
-                [(_consumer_partition, group_0), (_consumer_partition, group_1),
-                 (_consumer_partition, group_2), (_consumer_partition, group_3),
+                [(_bound_partition, group_0), (_bound_partition, group_1),
+                 (_bound_partition, group_2), (_bound_partition, group_3),
                  (_producer_partition, group_0)],
                 [4, 4, 4, 1], [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS, 24],
             )  # fmt: skip
@@ -268,9 +361,9 @@ def _register_split(groups: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class GluonCollectPass:
-    """One launch of the Gluon collect pass: arguments, grid and compile options (the launch
-    and :meth:`compile` build from the same values, as the Triton passes do)."""
+class GluonPass:
+    """One launch of a Gluon pass: arguments, grid and compile options (the launch and
+    :meth:`compile` build from the same values, as the Triton passes do)."""
 
     arguments: tuple[object, ...]
     constexprs: dict[str, object]
@@ -278,7 +371,7 @@ class GluonCollectPass:
     maxnreg: int
 
     def launch(self) -> None:
-        _collect_shared_tiles_kernel[self.grid](
+        _shared_tiles_kernel[self.grid](
             *self.arguments, **self.constexprs, num_warps=4, maxnreg=self.maxnreg
         )
 
@@ -287,9 +380,86 @@ class GluonCollectPass:
         from look.search_triton import compile_for_capability
 
         return compile_for_capability(
-            _collect_shared_tiles_kernel, self.arguments, self.constexprs, capability,
+            _shared_tiles_kernel, self.arguments, self.constexprs, capability,
             num_warps=4, num_stages=1, maxnreg=self.maxnreg,
         )  # fmt: skip
+
+
+def gluon_grid(batch: int, num_tiles: int, groups: int, multiprocessors: int) -> tuple[int, int, int]:
+    """``(groups, query blocks, programs per query block)`` of a pass over ``num_tiles``
+    tiles: at most ``groups`` warpgroups of 64 queries per block (fewer for a small batch),
+    and one block per SM over all query blocks (their registers fill an SM)."""
+    if groups not in (2, 4):
+        raise ValueError(f"query groups must be 2 or 4, got {groups}")
+    # (a batch of at most 128 queries takes two groups, idle ones masked)
+    groups = 2 if batch <= 2 * GROUP_QUERIES else groups
+    query_blocks = triton.cdiv(batch, groups * GROUP_QUERIES)
+    programs = max(1, min(num_tiles, multiprocessors // query_blocks))
+    return groups, query_blocks, programs
+
+
+def gluon_bound_columns(
+    batch: int, sampled_tiles: int, *, block_n: int, groups: int, multiprocessors: int
+) -> int:
+    """Columns of the Gluon bound pass's output: ``block_n`` bins per program."""
+    return gluon_grid(batch, sampled_tiles, groups, multiprocessors)[2] * block_n
+
+
+def _gluon_pass(
+    queries: Tensor, memory: Tensor, valid: Tensor | None, pointers: tuple[Tensor, ...],
+    sizes: tuple[int, ...], *, collect: bool, widen_bound: bool, num_tiles: int, block_n: int,
+    stages: int, groups: int, multiprocessors: int,
+) -> GluonPass:  # fmt: skip
+    if gluon is None:
+        raise RuntimeError("Triton's Gluon front end is not installed")
+    batch, dim = queries.shape
+    groups, query_blocks, programs = gluon_grid(batch, num_tiles, groups, multiprocessors)
+    block_d = max(16, triton.next_power_of_2(dim))
+    element = gl.bfloat16 if memory.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, block_d], element)
+    descriptor = TensorDescriptor(
+        memory, list(memory.shape), list(memory.stride()), [block_n, block_d], layout
+    )
+    launch_registers, consumer_registers = _register_split(groups)
+    arguments = (
+        queries, descriptor, valid if valid is not None else queries, *pointers, batch,
+        memory.shape[0], dim, queries.stride(0), *sizes,
+    )  # fmt: skip
+    constexprs: dict[str, object] = {
+        "COLLECT": collect,
+        "HAS_VALID": valid is not None,
+        "WIDEN_BOUND": widen_bound,
+        "GROUPS": groups,
+        "STAGES": stages,
+        "CONSUMER_REGISTERS": consumer_registers,
+    }
+    return GluonPass(arguments, constexprs, (query_blocks, programs), launch_registers)
+
+
+def gluon_bound_pass(
+    queries: Tensor,
+    memory: Tensor,
+    valid: Tensor | None,
+    tile_max: Tensor,
+    *,
+    sampled_tiles: int,
+    tile_step: int,
+    block_n: int,
+    stages: int,
+    groups: int,
+    multiprocessors: int,
+) -> GluonPass:
+    """The bound pass of :func:`look.search_triton.fused_knn_search` over every
+    ``tile_step``-th tile of ``block_n`` rows (``sampled_tiles`` of them): ``tile_max`` (B ×
+    :func:`gluon_bound_columns`) receives each program's bins, whose k-th largest per query
+    is the bound (its selection is the Triton search's)."""
+    dummy = tile_max
+    return _gluon_pass(
+        queries, memory, valid, (dummy, tile_max, dummy, dummy, dummy),
+        (1, sampled_tiles, tile_step, 0, tile_max.shape[1]),
+        collect=False, widen_bound=False, num_tiles=sampled_tiles, block_n=block_n,
+        stages=stages, groups=groups, multiprocessors=multiprocessors,
+    )  # fmt: skip
 
 
 def gluon_collect_pass(
@@ -306,41 +476,17 @@ def gluon_collect_pass(
     groups: int,
     widen_bound: bool,
     multiprocessors: int,
-) -> GluonCollectPass:
-    """The collect pass of :func:`look.search_triton.fused_knn_search` over ``memory`` (its
-    outputs: ``out_values``/``out_indices`` rows of ``capacity`` slots and ``counts``).
-
-    ``groups`` (1, 2 or 4) consumer warpgroups of 64 queries share each tile; fewer are used
-    when the batch has fewer queries. ``bound`` is the bound pass's k-th largest tile maximum
-    per query (a column view: its stride is passed), widened in the kernel with
+) -> GluonPass:
+    """The collect pass of :func:`look.search_triton.fused_knn_search` over every tile of
+    ``block_n`` rows: its outputs ``out_values``/``out_indices`` (rows of ``capacity`` slots)
+    and ``counts``. ``groups`` (1, 2 or 4) consumer warpgroups of 64 queries share each tile;
+    fewer are used when the batch has fewer queries. ``bound`` is the k-th largest bin or tile
+    maximum per query (a column view: its stride is passed), widened in the kernel with
     ``widen_bound``."""
-    if gluon is None:
-        raise RuntimeError("Triton's Gluon front end is not installed")
-    if groups not in (1, 2, 4):
-        raise ValueError(f"query groups must be 1, 2 or 4, got {groups}")
-    batch, dim = queries.shape
-    groups = min(groups, triton.next_power_of_2(triton.cdiv(batch, GROUP_QUERIES)))
-    block_d = max(16, triton.next_power_of_2(dim))
-    element = gl.bfloat16 if memory.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, block_d], element)
-    descriptor = TensorDescriptor(
-        memory, list(memory.shape), list(memory.stride()), [block_n, block_d], layout
-    )
     num_tiles = triton.cdiv(memory.shape[0], block_n)
-    query_blocks = triton.cdiv(batch, groups * GROUP_QUERIES)
-    programs = max(1, min(num_tiles, multiprocessors // query_blocks))
-    launch_registers, consumer_registers = _register_split(groups)
-    arguments = (
-        queries, descriptor, valid if valid is not None else queries, bound, out_values,
-        out_indices, counts, batch, memory.shape[0], dim, queries.stride(0), bound.stride(0),
-        num_tiles, out_values.shape[1],
+    return _gluon_pass(
+        queries, memory, valid, (bound, bound, out_values, out_indices, counts),
+        (bound.stride(0), num_tiles, 1, out_values.shape[1], 0),
+        collect=True, widen_bound=widen_bound, num_tiles=num_tiles, block_n=block_n,
+        stages=stages, groups=groups, multiprocessors=multiprocessors,
     )  # fmt: skip
-    constexprs: dict[str, object] = {
-        "HAS_VALID": valid is not None,
-        "WIDEN_BOUND": widen_bound,
-        "GROUPS": groups,
-        "STAGES": stages,
-        "CONSUMER_REGISTERS": consumer_registers,
-    }
-    return GluonCollectPass(arguments, constexprs, (query_blocks, programs), launch_registers)
-

@@ -778,16 +778,13 @@ class SearchKernelConfig:
     # at 1.28M rows, 1,121 against 2,138 at 14.2M; benchmarks/search_candidates.py --int8),
     # for the bound pass's 1/s of the bank read at full width.
     int8_bound_pass: bool = False
-    # Which kernel runs the collect pass: "triton" (the kernel above, any GPU from sm_80) or
-    # "gluon" (look.search_gluon: warp-specialised for Hopper, a producer warp streaming tiles
-    # of ``gluon_block_n`` rows by bulk copies into ``gluon_stages`` buffers, read by
-    # ``gluon_groups`` consumer warpgroups of 64 queries each; elsewhere, and with the int8
-    # pre-filter, the Triton pass runs). The bound pass (the tiles above) and the selections
-    # are the same.
-    collect_kernel: str = "triton"
+    # Which kernels run the two passes: "triton" (the kernel above, any GPU from sm_80) or
+    # "gluon" (look.search_gluon: warp-specialised for Hopper, a producer warp bulk-copying
+    # ``block_n``-row tiles into ``num_stages`` buffers for ``gluon_groups`` consumer
+    # warpgroups of 64 queries each, which share every tile; elsewhere, and with the int8
+    # pre-filter, the Triton passes run with these tiles). The selections are the same.
+    kernel: str = "triton"
     gluon_groups: int = 4
-    gluon_block_n: int = 32
-    gluon_stages: int = 4
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -857,20 +854,16 @@ KERNEL_CONFIGS = (
     # Session 13: with an int8 pre-filter, the bound pass reading it too (half its bytes, a
     # bound looser by the largest row error's slack; the other configs read bf16 rows there).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", int8_bound_pass=True),
-    # Session 14: the collect pass in Gluon (look.search_gluon), its memory read once per 256
+    # Session 14: both passes in Gluon (look.search_gluon), the memory read once per 256
     # queries (4 consumer warpgroups; 32-row tiles in 4 buffers, or 16-row tiles in 8), or once
     # per 128 (2 warpgroups, 64-row tiles). Not yet run on a GPU: tune_kernel_config leaves
     # them out unless asked (benchmarks/search_tune.py --configs 36 37 38 times them).
-    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon"),
-    SearchKernelConfig(
-        64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon", gluon_block_n=16, gluon_stages=8
-    ),
-    SearchKernelConfig(
-        64, 32, 4, 4, "fused", "atomic", collect_kernel="gluon", gluon_groups=2, gluon_block_n=64
-    ),
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", kernel="gluon"),
+    SearchKernelConfig(64, 16, 4, 8, "fused", "atomic", kernel="gluon"),
+    SearchKernelConfig(64, 64, 4, 4, "fused", "atomic", kernel="gluon", gluon_groups=2),
 )
 # What tune_kernel_config tries by default: the configs whose kernels have run on a GPU.
-TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.collect_kernel == "triton")
+TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.kernel == "triton")
 _kernel_config = KERNEL_CONFIGS[0]
 
 
@@ -1263,10 +1256,8 @@ def fused_knn_search(
     )
     if config.collect not in ("scan", "atomic"):
         raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
-    if config.collect_kernel not in ("triton", "gluon"):
-        raise ValueError(
-            f"collect_kernel must be 'triton' or 'gluon', got {config.collect_kernel!r}"
-        )
+    if config.kernel not in ("triton", "gluon"):
+        raise ValueError(f"kernel must be 'triton' or 'gluon', got {config.kernel!r}")
     clock = _PhaseClock(device, timings)
     # Leave-one-out costs no work per similarity: bound one neighbour more over every row, then
     # mask each query's own row out of its candidates.
@@ -1282,13 +1273,29 @@ def fused_knn_search(
     )  # fmt: skip
     capacity = plan.capacity
 
-    # Pass 1: tile maxima over every s-th tile.
+    gluon = _gluon_passes(config, queries, memory, prefilter, multiprocessors)
+    # Pass 1: tile maxima over every s-th tile (Gluon's: bins of rows over them).
     if plan.has_bound:
-        tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
-        _kernel_pass(
-            bound_queries, memory, valid, plan, config, tile_max=tile_max,
-            prefilter=bound_int8_pass,
-        ).launch()  # fmt: skip
+        tile_max = None
+        if gluon is not None:
+            tile_max = torch.empty(
+                batch, gluon.bound_columns(batch, plan.sampled_tiles, block_n=config.block_n,
+                                           groups=config.gluon_groups,
+                                           multiprocessors=multiprocessors),
+                dtype=torch.float32, device=device,
+            )  # fmt: skip
+            if not _launch_gluon(lambda: gluon.bound_pass(
+                queries, memory, valid, tile_max, sampled_tiles=plan.sampled_tiles,
+                tile_step=plan.tile_stride, block_n=config.block_n, stages=config.num_stages,
+                groups=config.gluon_groups, multiprocessors=multiprocessors,
+            )):  # fmt: skip
+                gluon, tile_max = None, None
+        if tile_max is None:
+            tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
+            _kernel_pass(
+                bound_queries, memory, valid, plan, config, tile_max=tile_max,
+                prefilter=bound_int8_pass,
+            ).launch()  # fmt: skip
         clock.lap("bound_pass")
         # (the collect pass widens it by a margin: WIDEN_BOUND in the kernel)
         bound = _kth_largest(tile_max, search_k, config.select)
@@ -1301,11 +1308,12 @@ def fused_knn_search(
     out_values = torch.empty(batch, capacity, dtype=torch.float32, device=device)
     out_indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
-    if not _gluon_collect(
-        queries, memory, valid, plan, config, multiprocessors,
-        bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
-        prefilter=int8_pass,
-    ):  # fmt: skip
+    if gluon is None or not _launch_gluon(lambda: gluon.collect_pass(
+        queries, memory, valid, bound, out_values, out_indices, counts,
+        block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
+        widen_bound=plan.has_bound, multiprocessors=multiprocessors,
+    )):  # fmt: skip
+        counts.zero_()  # (a failed Gluon launch wrote nothing; the Triton pass starts afresh)
         _kernel_pass(
             queries, memory, valid, plan, config,
             bound=bound, out_values=out_values, out_indices=out_indices, counts=counts,
@@ -1326,44 +1334,51 @@ def fused_knn_search(
 
 
 _GLUON_FALLBACK = KernelFallback(
-    "the Gluon collect pass of the fused search",
-    "the Triton collect pass runs instead for the rest of this process",
+    "the Gluon passes of the fused search",
+    "the Triton passes run instead for the rest of this process",
 )
 
 
-def _gluon_collect(
+@dataclass(frozen=True)
+class _GluonPasses:
+    """look.search_gluon's builders, imported only where the Gluon passes apply."""
+
+    bound_columns: Callable[..., int]
+    bound_pass: Callable[..., object]
+    collect_pass: Callable[..., object]
+
+
+def _gluon_passes(
+    config: SearchKernelConfig,
     queries: Tensor,
     memory: Tensor,
-    valid: Tensor | None,
-    plan: _SearchPlan,
-    config: SearchKernelConfig,
+    prefilter: QuantizedRows | None,
     multiprocessors: int | None,
-    *,
-    bound: Tensor,
-    out_values: Tensor,
-    out_indices: Tensor,
-    counts: Tensor,
-    prefilter: tuple[QuantizedRows, Tensor, Tensor] | None,
-) -> bool:
-    """Run the collect pass with the Gluon kernel where ``config`` asks for it and it applies
-    (a Hopper GPU, no int8 pre-filter: :func:`look.search_gluon.gluon_collect_applies`); False
-    if the Triton pass must run. A Gluon kernel that fails to build or launch warns once and
-    leaves the pass to Triton from then on."""
-    if config.collect_kernel != "gluon" or prefilter is not None or _GLUON_FALLBACK.failed:
-        return False
-    from look.search_gluon import gluon_collect_applies, gluon_collect_pass
+) -> _GluonPasses | None:
+    """The Gluon passes where ``config`` asks for them and they apply (a Hopper GPU, no int8
+    pre-filter: :func:`look.search_gluon.gluon_applies`; never on CPU, where Triton's
+    interpreter cannot run Gluon), else None: the Triton passes run."""
+    if config.kernel != "gluon" or prefilter is not None or _GLUON_FALLBACK.failed:
+        return None
+    if multiprocessors is None:
+        return None
+    from look import search_gluon
 
-    if not gluon_collect_applies(queries, memory):  # (False on CPU: no interpreter for Gluon)
-        return False
+    if not search_gluon.gluon_applies(queries, memory):
+        return None
+    return _GluonPasses(
+        search_gluon.gluon_bound_columns, search_gluon.gluon_bound_pass,
+        search_gluon.gluon_collect_pass,
+    )  # fmt: skip
+
+
+def _launch_gluon(build: Callable[[], object]) -> bool:
+    """Build and launch a Gluon pass; False (after one warning, and from then on) if that
+    fails: the Triton pass then does its work (a failed build or launch writes nothing)."""
     try:
-        gluon_collect_pass(
-            queries, memory, valid, bound, out_values, out_indices, counts,
-            block_n=config.gluon_block_n, stages=config.gluon_stages, groups=config.gluon_groups,
-            widen_bound=plan.has_bound, multiprocessors=multiprocessors or 1,
-        ).launch()  # fmt: skip
-    except Exception as error:  # a compile or launch failure: nothing was written
+        build().launch()  # type: ignore[attr-defined]
+    except Exception as error:  # any compile or launch failure
         _GLUON_FALLBACK.fail(error, stacklevel=3)
-        counts.zero_()
         return False
     return True
 
@@ -1429,8 +1444,8 @@ def compile_kernel(
     132): the arguments are built as for the launch (on the meta device) and specialised by
     Triton's own launcher rule. That matters: without the launcher's
     16-divisibility facts the compiler emits scalar loads and no software pipeline. A config
-    whose collect pass is Gluon's (``collect_kernel="gluon"``) compiles that kernel for Hopper
-    (elsewhere, and with ``prefilter``, the search runs the Triton pass, compiled here). With
+    whose passes are Gluon's (``kernel="gluon"``) compiles those kernels for Hopper
+    (elsewhere, and with ``prefilter``, the search runs the Triton passes, compiled here). With
     ``prefilter`` the collect pass reads an int8 copy (:class:`QuantizedRows`) of the memory,
     and the bound pass too with ``config.int8_bound_pass``.
     """
@@ -1458,26 +1473,33 @@ def compile_kernel(
             torch.empty((), device=meta),
         )
         int8_pass = (copy, torch.empty_like(queries), torch.empty(4, batch, device=meta))
+    # The Gluon passes where the search runs them: Hopper, no int8 copy.
+    gluon = config.kernel == "gluon" and int8_pass is None and capability // 10 == 9
+    bound_columns = plan.bound_columns
+    if gluon:
+        from look import search_gluon
+
+        bound_columns = search_gluon.gluon_bound_columns(
+            batch, plan.sampled_tiles, block_n=config.block_n, groups=config.gluon_groups,
+            multiprocessors=multiprocessors,
+        )  # fmt: skip
     if collect:
         # The bound is the fused selection's output or a column of PyTorch's, as in
         # fused_knn_search (its stride is an argument that Triton specialises on).
         bound = torch.empty(batch, device=meta)
         if plan.has_bound and not _fused_select_applies(
-            config.select, plan.bound_columns, _FUSED_BOUND_COLUMNS
+            config.select, bound_columns, _FUSED_BOUND_COLUMNS
         ):
-            tile_maxima = torch.empty(batch, plan.bound_columns, device=meta)
+            tile_maxima = torch.empty(batch, bound_columns, device=meta)
             bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
-        if config.collect_kernel == "gluon" and int8_pass is None and capability // 10 == 9:
-            from look.search_gluon import gluon_collect_pass
-
-            return gluon_collect_pass(
-                queries, memory, None if valid is None else valid, bound,
+        if gluon:
+            return search_gluon.gluon_collect_pass(
+                queries, memory, valid, bound,
                 torch.empty(batch, plan.capacity, device=meta),
                 torch.empty(batch, plan.capacity, dtype=torch.int64, device=meta),
                 torch.empty(batch, dtype=torch.int32, device=meta),
-                block_n=config.gluon_block_n, stages=config.gluon_stages,
-                groups=config.gluon_groups, widen_bound=plan.has_bound,
-                multiprocessors=multiprocessors,
+                block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
+                widen_bound=plan.has_bound, multiprocessors=multiprocessors,
             ).compile(capability)  # fmt: skip
         kernel_pass = _kernel_pass(
             queries, memory, valid, plan, config,
@@ -1487,6 +1509,12 @@ def compile_kernel(
             counts=torch.empty(batch, dtype=torch.int32, device=meta),
             prefilter=int8_pass,
         )  # fmt: skip
+    elif gluon:
+        return search_gluon.gluon_bound_pass(
+            queries, memory, valid, torch.empty(batch, bound_columns, device=meta),
+            sampled_tiles=plan.sampled_tiles, tile_step=plan.tile_stride, block_n=config.block_n,
+            stages=config.num_stages, groups=config.gluon_groups, multiprocessors=multiprocessors,
+        ).compile(capability)  # fmt: skip
     else:
         tile_max = torch.empty(batch, plan.bound_columns, device=meta)
         kernel_pass = _kernel_pass(
