@@ -26,6 +26,7 @@ from look.search_triton import (
     compile_kernel,
     cubin_resources,
     cuobjdump,
+    ptxas_report,
 )
 
 pytestmark = pytest.mark.skipif(not gluon_available(), reason="Triton's Gluon is not installed")
@@ -123,6 +124,10 @@ def test_the_gluon_passes_compile_for_hopper_without_spilling(
     products = [line for line in sass.splitlines() if shape in line]
     assert products and all(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", line) for line in products)
     assert ("ATOMG" in sass) == collect  # only the collect pass appends
+    # ptxas honours the register split (no C7508: setmaxnreg ignored) and keeps the wgmma
+    # instructions in flight together (no C7520); no other warning either.
+    report = ptxas_report(compiled)
+    assert "warning" not in report.lower() and "C75" not in report, report
 
 
 def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
+    "ptxas_report",
     "serialization_reason",
     "set_kernel_config",
     "triton_available",
@@ -1673,11 +1674,10 @@ def cubin_resources(cubin: bytes) -> dict[str, int]:
     return {name.lower(): int(value) for name, value in fields.items()}
 
 
-def wgmma_serialization(compiled: object, capability: int = 90) -> str | None:
-    """Why ``ptxas`` serialises the Hopper ``wgmma`` instructions of a compiled kernel (each
-    waits for the one before: the matrix product's latency is paid once per instruction), or
-    None if it does not. Assembles the kernel's PTX again with ``ptxas -v`` (bundled with Triton)
-    and reads its performance note (e.g. C7520)."""
+def ptxas_report(compiled: object, capability: int = 90) -> str:
+    """What ``ptxas -v`` (bundled with Triton) says assembling a compiled kernel's PTX again:
+    registers, barriers, and its warnings and performance notes (e.g. C7520: serialised
+    wgmma; C7508: a ``setmaxnreg`` ignored)."""
     import subprocess
     import tempfile
     from pathlib import Path
@@ -1686,12 +1686,18 @@ def wgmma_serialization(compiled: object, capability: int = 90) -> str | None:
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(compiled.asm["ptx"])  # type: ignore[attr-defined]
-        report = subprocess.run(
+        return subprocess.run(
             [_nvidia_tool("ptxas"), f"-arch={arch}", "-v", str(source), "-o",
              str(Path(folder) / "k.cubin")],
             check=True, capture_output=True, text=True,
         ).stderr  # fmt: skip
-    return serialization_reason(report)
+
+
+def wgmma_serialization(compiled: object, capability: int = 90) -> str | None:
+    """Why ``ptxas`` serialises the Hopper ``wgmma`` instructions of a compiled kernel (each
+    waits for the one before: the matrix product's latency is paid once per instruction), or
+    None if it does not (its performance note, e.g. C7520, in :func:`ptxas_report`)."""
+    return serialization_reason(ptxas_report(compiled, capability))
 
 
 def serialization_reason(ptxas_report: str) -> str | None:
