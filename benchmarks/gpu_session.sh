@@ -5,7 +5,7 @@
 # Part 1 (default; stages capped at 100 + 60 + 80 + 200 + 140 = 580 s):
 #   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
 #      LOOK step);
-#   2. the Gluon collect pass's CUDA tests (session 14: never run on a GPU before; its own time
+#   2. the Gluon passes' CUDA tests (session 14: never run on a GPU before; their own time
 #      limit, in case its barriers deadlock);
 #   3. the search alone, default against the Gluon configs 36-38, bf16 bank (search_tune.py);
 #   4. the step/search benchmark of issue 5 with the LOOK step also reading the int8 copy
@@ -34,11 +34,11 @@ if [ "$PART" = 1 ]; then
     tests/losses/test_look_terms_cuda.py tests/test_host_sync_cuda.py \
     tests/test_memory.py::test_a_full_cuda_memory_learns_it_without_waiting 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
-  echo "== stage 2: the Gluon collect pass's CUDA tests"
+  echo "== stage 2: the Gluon passes' CUDA tests"
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_search_gluon_cuda.py 2>&1 \
     | tee "$OUT/pytest_gluon.txt" | tail -15
 
-  echo "== stage 3: the search alone, the default against the Gluon collect passes"
+  echo "== stage 3: the search alone, the default against the Gluon configs"
   timeout 80 python3 benchmarks/search_tune.py --configs 0 36 37 38 --prefilter none \
     --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
 
