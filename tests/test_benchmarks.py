@@ -101,6 +101,26 @@ def test_search_candidates_model_smoke(tmp_path: Path) -> None:
         assert entry["gluon"]["mean_candidates"] >= 21
 
 
+def test_the_gluon_bins_bound_is_a_lower_bound_attained_by_k_distinct_rows() -> None:
+    """The Gluon bound pass's rule (look.search_gluon, modelled in PyTorch by
+    search_candidates.gluon_bin_bound): the (k + 1)-th largest of the per-program bins is at
+    most the (k + 1)-th largest similarity, and at least k + 1 rows reach it, at every stride;
+    on rows with a partial last tile."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import torch.nn.functional as F
+    from search_candidates import gluon_bin_bound, similarity_chunks
+
+    generator = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(70_001, 32, generator=generator), dim=1).bfloat16()
+    query = F.normalize(torch.randn(64, 32, generator=generator), dim=1).bfloat16().float()
+    similarities = torch.cat([chunk for _, chunk in similarity_chunks(query, bank)], dim=1)
+    kth = similarities.topk(11, dim=1).values[:, -1]
+    for stride in (1, 2, 4):
+        bound = gluon_bin_bound(query, bank, 10, stride, 36)
+        assert bool((bound <= kth).all())
+        assert int((similarities >= bound[:, None]).sum(dim=1).min()) >= 11
+
+
 def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     figures = _run_benchmark(
         tmp_path, "gpu_step.py", "--device", "cpu", "--backbone", "look_resnet_tiny",
