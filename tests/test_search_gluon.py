@@ -95,11 +95,14 @@ def test_query_groups_other_than_two_or_four_are_refused() -> None:
         _meta_pass(256, 1000, groups=3)
 
 
-@pytest.mark.parametrize("collect", [False, True])
-@pytest.mark.parametrize("has_valid", [False, True])
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda config: "-")
+@pytest.mark.parametrize(
+    ("config", "collect", "has_valid"),
+    [(config, collect, True) for config in GLUON_CONFIGS for collect in (False, True)]
+    + [(GLUON_CONFIGS[0], True, False)],  # a full bank: no valid mask
+    ids=lambda value: str(value) if isinstance(value, bool) else "-",
+)
 def test_the_gluon_passes_compile_for_hopper_without_spilling(
-    config: SearchKernelConfig, has_valid: bool, collect: bool
+    config: SearchKernelConfig, collect: bool, has_valid: bool
 ) -> None:
     compiled = compile_kernel(
         config, collect=collect, capability=90, has_valid=has_valid, rows=14_197_122
