@@ -856,11 +856,14 @@ KERNEL_CONFIGS = (
     # bound looser by the largest row error's slack; the other configs read bf16 rows there).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", int8_bound_pass=True),
     # Session 14: both passes in Gluon (look.search_gluon), the memory read once per 256
-    # queries (4 consumer warpgroups; 32-row tiles in 4 buffers, or 16-row tiles in 8), or once
-    # per 128 (2 warpgroups, 64-row tiles). Not yet run on a GPU: tune_kernel_config leaves
-    # them out unless asked (benchmarks/search_tune.py --configs 36 37 38 times them).
-    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", kernel="gluon"),
-    SearchKernelConfig(64, 16, 4, 8, "fused", "atomic", kernel="gluon"),
+    # queries (4 consumer warpgroups; 32-row tiles in 8 buffers, or 16-row tiles in 16), or
+    # once per 128 (2 warpgroups, 64-row tiles in 4). 64 KB of tiles in flight per SM: at ~23
+    # GB/s per SM (3 TB/s over 132) and ~1-2 µs of memory latency, 32 KB would barely keep the
+    # copies streaming, and the ring also absorbs the consumers' drift. Not yet run on a GPU:
+    # tune_kernel_config leaves them out unless asked (benchmarks/search_tune.py --configs 36
+    # 37 38 times them).
+    SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon"),
+    SearchKernelConfig(64, 16, 4, 16, "fused", "atomic", kernel="gluon"),
     SearchKernelConfig(64, 64, 4, 4, "fused", "atomic", kernel="gluon", gluon_groups=2),
 )
 # What tune_kernel_config tries by default: the configs whose kernels have run on a GPU.
