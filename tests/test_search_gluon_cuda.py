@@ -72,3 +72,36 @@ def test_the_gluon_passes_find_the_scans_neighbours(
         query, memory, k, query_ids=ids, memory_valid=valid, config=KERNEL_CONFIGS[0]
     )
     torch.testing.assert_close(values, triton_values, rtol=0, atol=1e-6)
+
+
+def test_the_look_loss_is_the_scans_with_the_gluon_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library path a training step takes (look_loss_terms → knn_search → the fused search
+    with the process-wide kernel config) with a Gluon config: the scan's loss."""
+    from look.losses import look_loss_terms
+
+    monkeypatch.setattr(search_triton._GLUON_FALLBACK, "failed", False)
+    monkeypatch.setattr(search_triton, "_kernel_config", GLUON_CONFIGS[0])
+    launched: list[int] = []
+    build = search_gluon.gluon_collect_pass
+
+    def counted(*args: object, **kwargs: object) -> object:
+        launched.append(1)
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_gluon, "gluon_collect_pass", counted)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    memory = F.normalize(torch.randn(200_000, 128, device="cuda", generator=generator), dim=1)
+    memory = memory.bfloat16()
+    labels = torch.randint(0, 100, (200_000,), device="cuda", generator=generator)
+    query = F.normalize(torch.randn(256, 128, device="cuda", generator=generator), dim=1)
+    query_labels = torch.randint(0, 100, (256,), device="cuda", generator=generator)
+    ids = torch.randint(0, 200_000, (256,), device="cuda", generator=generator)
+    terms = {
+        backend: look_loss_terms(
+            query, query_labels, memory, labels, k=200, temperature=0.1, query_indices=ids,
+            search_backend=backend,
+        )
+        for backend in ("triton", "torch")
+    }  # fmt: skip
+    assert launched and not search_triton._GLUON_FALLBACK.failed, "the Gluon passes did not run"
+    torch.testing.assert_close(terms["triton"].loss, terms["torch"].loss, rtol=1e-5, atol=1e-5)
