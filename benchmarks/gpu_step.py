@@ -348,7 +348,7 @@ def main() -> None:
         type=int,
         default=None,
         help="make KERNEL_CONFIGS[N] the fused search's config for every search timed (the "
-        "steps' and the search's alone; e.g. a Gluon collect pass that search_tune.py found "
+        "steps' and the search's alone; e.g. a Gluon config that search_tune.py found "
         "fastest)",
     )
     parser.add_argument(

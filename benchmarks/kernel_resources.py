@@ -135,8 +135,8 @@ def main() -> None:
             )  # fmt: skip
             resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
             resources["dynamic_shared"] = int(compiled.metadata.shared)  # type: ignore[attr-defined]
-            # A Gluon collect pass runs its consumer warpgroups and the producer's (registers
-            # are allocated per warpgroup) in one block.
+            # A Gluon pass runs its consumer warpgroups and the producer's (registers are
+            # allocated per warpgroup) in one block.
             gluon = config.kernel == "gluon" and args.prefilter == "none" and args.capability // 10 == 9
             warps = 4 * (config.gluon_groups + 1) if gluon else config.num_warps
             resources["blocks_per_sm"] = blocks_per_sm(

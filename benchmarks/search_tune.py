@@ -13,7 +13,7 @@ every phase). Unlike the tuner it takes configs by position, keeps the default a
 records the bank read and every config's figures. ``--prefilter int8`` times each config also
 reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-scored from the
 bf16 rows) and records its mean candidates per query next to the exact search's (configs whose
-collect pass is Gluon's are timed on the bf16 bank only: with the copy the Triton pass runs).
+passes are Gluon's are timed on the bf16 bank only: with the copy the Triton passes run).
 ``--fastest-exact ROWS`` prints the position of the fastest exact config at that bank size in
 a finished ``--output`` file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
 """
