@@ -29,7 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triton-dir", type=Path, required=True, help="an unpacked Triton wheel")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--configs", type=int, nargs="+", default=[0, 1, 29, 32, 33, 34, 35, 36, 37, 38])
+    parser.add_argument("--configs", type=int, nargs="+", default=[0, 1, 29, 32, 33, 34, 35, 36, 37, 38, 39])
     parser.add_argument("--capabilities", type=int, nargs="+", default=[90, 80])
     args = parser.parse_args()
     if not (args.triton_dir / "triton" / "__init__.py").exists():

@@ -25,11 +25,12 @@ widest slack (the largest row error's) does: the kernel's gate. ``int8`` entries
 bound of the bf16 bound pass (the default), ``int8_bound_pass`` ones that of a bound pass
 reading the int8 copy too (tile maxima of the approximations less the widest slack). Compare with ``gpu_step.py --prefilter-step``'s ``int8_mean_candidates``.
 
-``--gluon 36`` also models the bound of the Gluon bound pass of that config
-(``look.search_gluon``): per program (132 for 256 queries on an H100), the largest similarity in
+``--bins 36 39`` also models the bound of those configs' bound passes of bins (Gluon's,
+``look.search_gluon``, and the Triton pass with ``bound_bins``): per program (Gluon: 132 for
+256 queries on an H100; Triton: the plan's, 264 per 64-query block), the largest similarity in
 each of ``block_n`` bins of rows (bin j: position j of the program's sampled tiles) instead of
-its largest tile maxima; ``gluon`` entries give the candidates at that bound and the tiles
-appended per block (the Gluon collect pass decides per warpgroup of 64 queries).
+its largest tile maxima; ``bins_36`` (etc.) entries give the candidates at that bound and the
+tiles appended per block (the Gluon collect pass decides per warpgroup of 64 queries).
 """
 
 from __future__ import annotations
@@ -131,32 +132,35 @@ def bound_for_stride(maxima: torch.Tensor, rows: int, k: int, max_stride: int) -
     return bound - bound.abs() * 2.0**-20
 
 
-def gluon_bin_bound(
+def bin_bound(
     query: torch.Tensor, bank: torch.Tensor, k: int, max_stride: int, config_index: int
 ) -> torch.Tensor:
-    """The collect pass's bound per query after the Gluon bound pass of
-    ``KERNEL_CONFIGS[config_index]`` (``look.search_gluon``): per program, the largest similarity
-    of each of ``block_n`` bins (bin j: the rows at position j of the program's sampled tiles),
-    on an H100's 132 SMs; the (k + 1)-th largest bin, widened as the kernel widens it."""
+    """The collect pass's bound per query after a bound pass of bins
+    (``KERNEL_CONFIGS[config_index]``: a Gluon config, ``look.search_gluon``, or a Triton one
+    with ``bound_bins``): per program, the largest similarity of each of ``block_n`` bins (bin
+    j: the rows at position j of the program's sampled tiles), on an H100's 132 SMs; the
+    (k + 1)-th largest bin, widened as the kernel widens it."""
     from look.search_gluon import gluon_grid
 
     config = dataclasses.replace(KERNEL_CONFIGS[config_index], tile_stride=max_stride)
     assert config.block_n == BLOCK_N, "the model's tiles are BLOCK_N rows"
-    rows, search_k = bank.shape[0], k + 1
-    plan = _search_plan(query.shape[0], rows, search_k, config, multiprocessors=132)
-    programs = gluon_grid(query.shape[0], plan.sampled_tiles, config.gluon_groups, 132)[2]
-    bins = torch.full((query.shape[0], programs * BLOCK_N), float("-inf"))
+    assert config.kernel == "gluon" or config.bound_bins, "a config whose bound pass keeps bins"
+    batch, rows, search_k = query.shape[0], bank.shape[0], k + 1
+    plan = _search_plan(batch, rows, search_k, config, multiprocessors=132)
+    if config.kernel == "gluon":  # one program per SM over all query blocks
+        programs = gluon_grid(batch, plan.sampled_tiles, config.gluon_groups, 132)[2]
+    else:
+        programs = plan.bound_programs
+    bins = torch.full((batch, programs * BLOCK_N), float("-inf"))
     for start, similarities in similarity_chunks(query, bank):
         width = similarities.shape[1]
         tiles = F.pad(similarities, (0, -width % BLOCK_N), value=float("-inf"))
-        tiles = tiles.view(query.shape[0], -1, BLOCK_N)
+        tiles = tiles.view(batch, -1, BLOCK_N)
         tile_index = start // BLOCK_N + torch.arange(tiles.shape[1])
         sampled = tile_index % plan.tile_stride == 0
         program = (tile_index[sampled] // plan.tile_stride) % programs
         columns = (program[:, None] * BLOCK_N + torch.arange(BLOCK_N)).flatten()
-        bins.scatter_reduce_(
-            1, columns.expand(query.shape[0], -1), tiles[:, sampled].flatten(1), "amax"
-        )
+        bins.scatter_reduce_(1, columns.expand(batch, -1), tiles[:, sampled].flatten(1), "amax")
     bound = bins.topk(search_k, dim=1).values[:, -1]
     return bound - bound.abs() * 2.0**-20
 
@@ -198,8 +202,9 @@ def main() -> None:
     parser.add_argument("--block-q", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--int8", action="store_true", help="also model the int8 copy's search")
     parser.add_argument(
-        "--gluon", type=int, default=None, metavar="CONFIG",
-        help="also model the bound of the Gluon bound pass of KERNEL_CONFIGS[CONFIG] (its bins)",
+        "--bins", type=int, nargs="+", default=[], metavar="CONFIG",
+        help="also model the bound of the bound pass of bins of KERNEL_CONFIGS[CONFIG] (a Gluon "
+        "config, or a Triton one with bound_bins)",
     )  # fmt: skip
     args = parser.parse_args()
     if any(args.queries % block_q for block_q in args.block_q):
@@ -223,13 +228,13 @@ def main() -> None:
             query, similarity_chunks(query, bank), maxima, bounds, args.block_q
         )
         int8_figures: dict[tuple[str, int], dict[str, object]] = {}
-        if args.gluon is not None:  # the same candidates test, the bins' bound
-            gluon_bounds = {
-                ("gluon", stride): gluon_bin_bound(query, bank, args.k, stride, args.gluon)
-                for stride in args.strides
-            }
+        if args.bins:  # the same candidates test, the bins' bound
+            bin_bounds = {
+                (f"bins_{config}", stride): bin_bound(query, bank, args.k, stride, config)
+                for config in args.bins for stride in args.strides
+            }  # fmt: skip
             int8_figures.update(candidate_figures(  # type: ignore[arg-type]
-                query, similarity_chunks(query, bank), maxima, gluon_bounds, args.block_q  # type: ignore[arg-type]
+                query, similarity_chunks(query, bank), maxima, bin_bounds, args.block_q  # type: ignore[arg-type]
             ))  # fmt: skip
         if args.int8:
             # Two bounds for the int8 collect pass: from the bound pass reading the bf16 rows
@@ -270,7 +275,7 @@ def main() -> None:
                 f"{values['mean_candidates']:.0f} candidates per query "
                 f"(max {values['max_candidates']}); tiles appended per block of {appended}"
             )
-            for variant in ("int8", "int8_bound_pass", "gluon"):
+            for variant in ("int8", "int8_bound_pass", *(f"bins_{c}" for c in args.bins)):
                 if (variant, stride) not in int8_figures:
                     continue
                 entry[str(stride)][variant] = int8 = int8_figures[variant, stride]

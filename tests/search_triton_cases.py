@@ -474,6 +474,38 @@ def case_bound_from_few_kept_tile_maxima_stays_exact() -> None:
     assert timings["mean_candidates"] > every_maximum["mean_candidates"], (timings, every_maximum)
 
 
+def case_a_bound_pass_of_bins_stays_exact() -> None:
+    """``bound_bins``: each bound-pass program keeps, per query, the largest product at each
+    position of its tiles (bins of disjoint rows). Exact with a ragged query block, a partial
+    last tile shifted back over a skipped tile (s >= 2) or over a read one (s = 1, its repeated
+    rows excluded), leave-one-out with a valid mask, and top rows packed into one bin's
+    positions (several in one bin: a looser bound, never a wrong one); and with the int8 copy
+    read by the bound pass (lower bounds taken on the bins after the loop)."""
+    generator = torch.Generator().manual_seed(12)
+    bins = dataclasses.replace(get_kernel_config(), bound_bins=True)
+    # 6,030 rows: 189 tiles, the last (sampled at s = 4) 14 rows long; 3,000: 94 tiles, s = 1.
+    for batch, rows, dim, k, stride in [(7, 6030, 32, 10, 4), (33, 3000, 20, 5, 1)]:
+        query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+        memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1)
+        memory[5::32][:40] = F.normalize(query[0] + 0.05 * torch.randn(40, dim), dim=1)
+        memory = memory.half()
+        valid = torch.rand(rows, generator=generator) > 0.2
+        ids = torch.randint(0, rows, (batch,), generator=generator)
+        values, indices, overflowed = fused_knn_search(
+            query, memory, k, config=bins, max_tile_stride=stride, query_ids=ids,
+            memory_valid=valid,
+        )  # fmt: skip
+        assert not bool(overflowed.any())
+        scan = knn_search(query, memory, k, backend="torch", query_ids=ids, memory_valid=valid)
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+    both = dataclasses.replace(bins, int8_bound_pass=True)
+    values, indices, _ = fused_knn_search(
+        query, memory, 5, config=both, prefilter=QuantizedRows.from_memory(memory)
+    )
+    assert_same_neighbours(KnnResult(values, indices), knn_search(query, memory, 5, backend="torch"),
+                           atol=1e-6)  # fmt: skip
+
+
 def case_empty_batch() -> None:
     memory = F.normalize(torch.randn(300, 8), dim=1).half()
     result = knn_search(torch.empty(0, 8), memory, 5, backend="triton")

@@ -80,10 +80,10 @@ def test_search_candidates_model_smoke(tmp_path: Path) -> None:
     is reached by k + 1 distinct rows), more with a sparser bound pass, and a larger share of
     appended tiles for larger query blocks. Reading the int8 copy, every query keeps a superset
     of those candidates (upper bounds tested against the bound), and more with the int8 bound
-    pass's looser bound; the Gluon bound pass's bins keep at least k + 1."""
+    pass's looser bound; the bound passes of bins keep at least k + 1."""
     figures = _run_benchmark(
         tmp_path, "search_candidates.py", "--rows", "100000", "--queries", "64", "--k", "20",
-        "--strides", "1", "4", "--block-q", "16", "64", "--int8", "--gluon", "36",
+        "--strides", "1", "4", "--block-q", "16", "64", "--int8", "--bins", "36", "39",
     )  # fmt: skip
     strides = figures["rows"]["100000"]["strides"]
     assert strides["1"]["stride_used"] == 1 and strides["4"]["stride_used"] == 4
@@ -97,28 +97,29 @@ def test_search_candidates_model_smoke(tmp_path: Path) -> None:
         assert exact < int8["mean_candidates"] < both["mean_candidates"]
         assert entry["appended_tile_frac"]["16"] <= int8["appended_tile_frac"]["16"]
         assert int8["appended_tile_frac"]["16"] <= both["appended_tile_frac"]["16"]
-        # The Gluon bound pass's bins: still k + 1 distinct rows at or above the bound.
-        assert entry["gluon"]["mean_candidates"] >= 21
+        # The bound passes of bins (Gluon's, Triton's): still k + 1 rows at or above the bound.
+        assert entry["bins_36"]["mean_candidates"] >= 21 and entry["bins_39"]["mean_candidates"] >= 21
 
 
-def test_the_gluon_bins_bound_is_a_lower_bound_attained_by_k_distinct_rows() -> None:
-    """The Gluon bound pass's rule (look.search_gluon, modelled in PyTorch by
-    search_candidates.gluon_bin_bound): the (k + 1)-th largest of the per-program bins is at
-    most the (k + 1)-th largest similarity, and at least k + 1 rows reach it, at every stride;
-    on rows with a partial last tile."""
+def test_the_bins_bound_is_a_lower_bound_attained_by_k_distinct_rows() -> None:
+    """The rule of the bound passes of bins (look.search_gluon, and the Triton pass with
+    bound_bins; modelled in PyTorch by search_candidates.bin_bound): the (k + 1)-th largest of
+    the per-program bins is at most the (k + 1)-th largest similarity, and at least k + 1 rows
+    reach it, at every stride; on rows with a partial last tile."""
     sys.path.insert(0, str(BENCHMARKS))
     import torch.nn.functional as F
-    from search_candidates import gluon_bin_bound, similarity_chunks
+    from search_candidates import bin_bound, similarity_chunks
 
     generator = torch.Generator().manual_seed(3)
     bank = F.normalize(torch.randn(70_001, 32, generator=generator), dim=1).bfloat16()
     query = F.normalize(torch.randn(64, 32, generator=generator), dim=1).bfloat16().float()
     similarities = torch.cat([chunk for _, chunk in similarity_chunks(query, bank)], dim=1)
     kth = similarities.topk(11, dim=1).values[:, -1]
-    for stride in (1, 2, 4):
-        bound = gluon_bin_bound(query, bank, 10, stride, 36)
-        assert bool((bound <= kth).all())
-        assert int((similarities >= bound[:, None]).sum(dim=1).min()) >= 11
+    for config in (36, 39):
+        for stride in (1, 2, 4):
+            bound = bin_bound(query, bank, 10, stride, config)
+            assert bool((bound <= kth).all())
+            assert int((similarities >= bound[:, None]).sum(dim=1).min()) >= 11
 
 
 def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
@@ -167,11 +168,12 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
         assert "--configs" in result.stdout and "--prefilter" in result.stdout
     session = (BENCHMARKS / "gpu_session.sh").read_text()
     assert "search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8" in session
-    assert "search_tune.py --configs 0 1 29 32 33 34 35" in session
+    assert "search_tune.py --configs 0 1 29 32 33 34 35 39" in session
     # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
     assert "search_tune.py --configs 0 36 37 38 --prefilter none" in session
     assert all(KERNEL_CONFIGS[i].kernel == "gluon" for i in (36, 37, 38))
+    assert KERNEL_CONFIGS[39].bound_bins and KERNEL_CONFIGS[39].kernel == "triton"
     assert KERNEL_CONFIGS[32].tile_stride == 8
     assert KERNEL_CONFIGS[33].loads == KERNEL_CONFIGS[34].loads == "tma"
     assert KERNEL_CONFIGS[35].int8_bound_pass

@@ -42,6 +42,8 @@ def _unique_passes() -> list[tuple[SearchKernelConfig, bool]]:
             )  # fmt: skip
             if collect:
                 key += (config.collect, config.skip_empty_tiles)
+            else:
+                key += (config.bound_bins,)
             if config.kernel == "gluon":  # both passes are Gluon's
                 key += (config.kernel, config.gluon_groups)
             if key not in seen:
@@ -88,9 +90,17 @@ def test_fused_selections_compile_without_spilling(capability: int) -> None:
     over 8 warps; with s = 8 at 14.2M rows, 8,192 over 16 warps) of the default search, as a
     256-query, k = 200 search launches them."""
     stride_8 = next(config for config in KERNEL_CONFIGS if config.tile_stride == 8)
+    bins = next(config for config in KERNEL_CONFIGS if config.bound_bins)
     for compiled in (
         *compile_selection_kernels(capability),
         *compile_selection_kernels(capability, rows=14_197_122, config=stride_8),
+        # The bound pass's bins: 264 programs × 32 columns, a radix select over 16,384 slots
+        # (Hopper only: 14 s of compiling on the CI machine).
+        *(
+            compile_selection_kernels(capability, rows=14_197_122, config=bins)[:1]
+            if capability == 90
+            else ()
+        ),
     ):
         resources = cubin_resources(compiled.asm["cubin"])  # type: ignore[attr-defined]
         assert resources.get("stack", 0) == 0 and resources.get("local", 0) == 0, resources

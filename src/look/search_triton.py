@@ -203,9 +203,12 @@ if triton is not None:
         HAS_VALID: tl.constexpr, COLLECT: tl.constexpr, ATOMIC_PER_CANDIDATE: tl.constexpr,
         SKIP_EMPTY_TILES: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, INT8_ROWS: tl.constexpr,
+        BOUND_BINS: tl.constexpr,
     ):  # fmt: skip
         """One tile's products: the collect pass appends its candidates, the bound pass updates
-        ``kept`` (returned; unchanged by the collect pass).
+        ``kept`` (returned; unchanged by the collect pass): its largest tile maxima, or with
+        ``BOUND_BINS`` the element-wise maxima of the tiles (``kept`` is then ``[BLOCK_Q,
+        BLOCK_N]``).
 
         With ``INT8_ROWS`` (the int8 pre-filter) the exact similarity of query q and row r lies
         within ``‖q‖·e_r + slack_q`` of the approximation (``QuantizedRows``). The bound pass
@@ -262,6 +265,14 @@ if triton is not None:
                     out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
                     BLOCK_Q, BLOCK_N,
                 )  # fmt: skip
+        elif BOUND_BINS:
+            # Per query, the largest product at each position of the tile over this program's
+            # tiles: bins of disjoint rows (an element-wise maximum, no reduction across the
+            # tile; int8 lower bounds are taken once, after the loop).
+            row_ok = _row_ok(
+                valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
+            )
+            kept = tl.maximum(kept, tl.where(row_ok[None, :], similarities, float("-inf")))
         else:
             # A select after the product, not a -inf bias added to it: Triton folds such a bias
             # into the wgmma accumulator's initial value, and with a branch after the product
@@ -321,6 +332,7 @@ if triton is not None:
         EXCLUDE_REPEATS: tl.constexpr,
         QUERY_DTYPE: tl.constexpr = None,
         INT8_ROWS: tl.constexpr = False,
+        BOUND_BINS: tl.constexpr = False,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -423,9 +435,12 @@ if triton is not None:
                 query_factor, query_norm, query_slack, query_gate, row_scale_ptr, row_error_ptr,
                 HAS_VALID, COLLECT,
                 ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE, EXCLUDE_REPEATS,
-                BLOCK_Q, BLOCK_N, INT8_ROWS,
+                BLOCK_Q, BLOCK_N, INT8_ROWS, BOUND_BINS,
             )  # fmt: skip
         if not COLLECT:
+            if BOUND_BINS and INT8_ROWS:  # lower bounds of the bins' scaled products (factor >= 0)
+                kept = tl.where(kept > float("-inf"),
+                                kept * query_factor[:, None] - query_gate[:, None], kept)  # fmt: skip
             columns = pid_n * BOUND_KEEP + keep_slots
             tl.store(
                 tile_max_ptr + offs_q[:, None] * bound_columns + columns[None, :],
@@ -786,6 +801,12 @@ class SearchKernelConfig:
     # pre-filter, the Triton passes run with these tiles). The selections are the same.
     kernel: str = "triton"
     gluon_groups: int = 4
+    # The bound pass's summary per program and query: its largest tile maxima (False), or
+    # (True) the largest product at each of the ``block_n`` positions of its tiles, bins of
+    # disjoint rows as in the Gluon bound pass: an element-wise maximum per tile instead of a
+    # reduction across it and a sorted list (``block_n`` columns per program for the bound's
+    # selection).
+    bound_bins: bool = False
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -865,6 +886,10 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon"),
     SearchKernelConfig(64, 16, 4, 16, "fused", "atomic", kernel="gluon"),
     SearchKernelConfig(64, 64, 4, 4, "fused", "atomic", kernel="gluon", gluon_groups=2),
+    # Session 14: the default with the Gluon bound pass's bins in the Triton bound pass (any
+    # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), ~1-2 % more
+    # candidates (benchmarks/search_candidates.py --gluon).
+    SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
 )
 # What tune_kernel_config tries by default: the configs whose kernels have run on a GPU.
 TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.kernel == "triton")
@@ -1078,6 +1103,8 @@ def _search_plan(
     bound_keep = _next_power_of_two(
         max(4, min(tiles_per_program, triton.cdiv(4 * search_k, bound_programs)))
     )
+    if config.bound_bins:  # one bin per position of the tile
+        bound_keep = config.block_n
     collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
     if capacity is None:
         # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
@@ -1184,6 +1211,7 @@ def _kernel_pass(
             else (tl.int8 if query.dtype == torch.int16 else None)
         ),
         "INT8_ROWS": prefilter is not None,
+        "BOUND_BINS": config.bound_bins and not collect,
     }
     programs = plan.collect_programs if collect else plan.bound_programs
     return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
