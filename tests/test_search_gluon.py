@@ -134,13 +134,13 @@ def test_the_gluon_passes_compile_for_hopper_without_spilling(
 
 
 def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:
-    from look.search_triton import _gluon_passes
+    from look.search_triton import _gluon_applies
 
     queries, memory = torch.randn(8, 16).half(), torch.randn(100, 16).half()
     config = GLUON_CONFIGS[0]
-    assert _gluon_passes(config, queries, memory, None, None) is None  # the interpreter
-    assert _gluon_passes(config, queries, memory, None, 132) is None  # a CPU memory
-    assert _gluon_passes(KERNEL_CONFIGS[0], queries, memory, None, 132) is None  # Triton asked
+    assert not _gluon_applies(config, queries, memory, None, None)  # the interpreter
+    assert not _gluon_applies(config, queries, memory, None, 132)  # a CPU memory
+    assert not _gluon_applies(KERNEL_CONFIGS[0], queries, memory, None, 132)  # Triton asked
 
 
 def test_a_failing_gluon_pass_warns_once_and_leaves_its_work_to_triton(
@@ -155,10 +155,10 @@ def test_a_failing_gluon_pass_warns_once_and_leaves_its_work_to_triton(
     monkeypatch.setattr(search_triton._GLUON_FALLBACK, "failed", False)
     monkeypatch.setattr(search_gluon, "gluon_applies", lambda *a: True)
     queries, memory = torch.randn(8, 16).half(), torch.randn(100, 16).half()
-    assert search_triton._gluon_passes(GLUON_CONFIGS[0], queries, memory, None, 132) is not None
+    assert search_triton._gluon_applies(GLUON_CONFIGS[0], queries, memory, None, 132)
     with pytest.warns(RuntimeWarning, match="Gluon passes.*no Gluon for this Triton"):
         assert not search_triton._launch_gluon(Broken)
     # From then on the Triton passes run: no Gluon, no retry, no second warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert search_triton._gluon_passes(GLUON_CONFIGS[0], queries, memory, None, 132) is None
+        assert not search_triton._gluon_applies(GLUON_CONFIGS[0], queries, memory, None, 132)

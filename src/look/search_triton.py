@@ -887,8 +887,8 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 16, 4, 16, "fused", "atomic", kernel="gluon"),
     SearchKernelConfig(64, 64, 4, 4, "fused", "atomic", kernel="gluon", gluon_groups=2),
     # Session 14: the default with the Gluon bound pass's bins in the Triton bound pass (any
-    # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), ~1-2 % more
-    # candidates (benchmarks/search_candidates.py --gluon).
+    # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), between 1.1 % fewer
+    # and 1.0 % more candidates (benchmarks/search_candidates.py --bins 39).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
 )
 # What tune_kernel_config tries by default: the configs whose kernels have run on a GPU.
@@ -1100,11 +1100,12 @@ def _search_plan(
     # wrong), but at most what the program sees. The selection then sorts ~4k values per query
     # instead of every sampled tile's (111k at 14M rows, s = 4).
     tiles_per_program = triton.cdiv(sampled_tiles, bound_programs)
-    bound_keep = _next_power_of_two(
-        max(4, min(tiles_per_program, triton.cdiv(4 * search_k, bound_programs)))
-    )
     if config.bound_bins:  # one bin per position of the tile
         bound_keep = config.block_n
+    else:
+        bound_keep = _next_power_of_two(
+            max(4, min(tiles_per_program, triton.cdiv(4 * search_k, bound_programs)))
+        )
     collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
     if capacity is None:
         # ~s·k candidates pass a bound from every s-th tile: room for 4× that.
@@ -1305,23 +1306,17 @@ def fused_knn_search(
     )  # fmt: skip
     capacity = plan.capacity
 
-    gluon = _gluon_passes(config, queries, memory, prefilter, multiprocessors)
+    gluon = _gluon_applies(config, queries, memory, prefilter, multiprocessors)
     # Pass 1: tile maxima over every s-th tile (Gluon's: bins of rows over them).
     if plan.has_bound:
         tile_max = None
-        if gluon is not None:
-            tile_max = torch.empty(
-                batch, gluon.bound_columns(batch, plan.sampled_tiles, block_n=config.block_n,
-                                           groups=config.gluon_groups,
-                                           multiprocessors=multiprocessors),
-                dtype=torch.float32, device=device,
-            )  # fmt: skip
-            if not _launch_gluon(lambda: gluon.bound_pass(
-                queries, memory, valid, tile_max, sampled_tiles=plan.sampled_tiles,
-                tile_step=plan.tile_stride, block_n=config.block_n, stages=config.num_stages,
-                groups=config.gluon_groups, multiprocessors=multiprocessors,
+        if gluon:
+            columns = _gluon_bound_columns(batch, plan, config, multiprocessors)
+            tile_max = torch.empty(batch, columns, dtype=torch.float32, device=device)
+            if not _launch_gluon(lambda: _gluon_bound_pass(
+                queries, memory, valid, tile_max, plan, config, multiprocessors
             )):  # fmt: skip
-                gluon, tile_max = None, None
+                gluon, tile_max = False, None
         if tile_max is None:
             tile_max = torch.empty(batch, plan.bound_columns, dtype=torch.float32, device=device)
             _kernel_pass(
@@ -1340,10 +1335,9 @@ def fused_knn_search(
     out_values = torch.empty(batch, capacity, dtype=torch.float32, device=device)
     out_indices = torch.empty(batch, capacity, dtype=torch.int64, device=device)
     counts = torch.zeros(batch, dtype=torch.int32, device=device)
-    if gluon is None or not _launch_gluon(lambda: gluon.collect_pass(
-        queries, memory, valid, bound, out_values, out_indices, counts,
-        block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
-        widen_bound=plan.has_bound, multiprocessors=multiprocessors,
+    if not gluon or not _launch_gluon(lambda: _gluon_collect_pass(
+        queries, memory, valid, bound, out_values, out_indices, counts, plan, config,
+        multiprocessors,
     )):  # fmt: skip
         counts.zero_()  # (a failed Gluon launch wrote nothing; the Triton pass starts afresh)
         _kernel_pass(
@@ -1371,36 +1365,65 @@ _GLUON_FALLBACK = KernelFallback(
 )
 
 
-@dataclass(frozen=True)
-class _GluonPasses:
-    """look.search_gluon's builders, imported only where the Gluon passes apply."""
-
-    bound_columns: Callable[..., int]
-    bound_pass: Callable[..., object]
-    collect_pass: Callable[..., object]
-
-
-def _gluon_passes(
+def _gluon_applies(
     config: SearchKernelConfig,
     queries: Tensor,
     memory: Tensor,
     prefilter: QuantizedRows | None,
     multiprocessors: int | None,
-) -> _GluonPasses | None:
-    """The Gluon passes where ``config`` asks for them and they apply (a Hopper GPU, no int8
-    pre-filter: :func:`look.search_gluon.gluon_applies`; never on CPU, where Triton's
-    interpreter cannot run Gluon), else None: the Triton passes run."""
+) -> bool:
+    """Whether the Gluon passes run: ``config`` asks for them and they apply (a Hopper GPU, no
+    int8 pre-filter: :func:`look.search_gluon.gluon_applies`; never on CPU, where Triton's
+    interpreter cannot run Gluon); else the Triton passes run."""
     if config.kernel != "gluon" or prefilter is not None or _GLUON_FALLBACK.failed:
-        return None
+        return False
     if multiprocessors is None:
-        return None
+        return False
     from look import search_gluon
 
-    if not search_gluon.gluon_applies(queries, memory):
-        return None
-    return _GluonPasses(
-        search_gluon.gluon_bound_columns, search_gluon.gluon_bound_pass,
-        search_gluon.gluon_collect_pass,
+    return search_gluon.gluon_applies(queries, memory)
+
+
+# The Gluon passes of a search, built from its plan and config in one place for the search and
+# compile_kernel (as _kernel_pass builds the Triton passes); look.search_gluon is imported
+# only where they run.
+
+
+def _gluon_bound_columns(
+    batch: int, plan: _SearchPlan, config: SearchKernelConfig, multiprocessors: int
+) -> int:
+    from look import search_gluon
+
+    return search_gluon.gluon_bound_columns(
+        batch, plan.sampled_tiles, block_n=config.block_n, groups=config.gluon_groups,
+        multiprocessors=multiprocessors,
+    )  # fmt: skip
+
+
+def _gluon_bound_pass(
+    queries: Tensor, memory: Tensor, valid: Tensor | None, tile_max: Tensor, plan: _SearchPlan,
+    config: SearchKernelConfig, multiprocessors: int,
+) -> object:  # fmt: skip
+    from look import search_gluon
+
+    return search_gluon.gluon_bound_pass(
+        queries, memory, valid, tile_max, sampled_tiles=plan.sampled_tiles,
+        tile_step=plan.tile_stride, block_n=config.block_n, stages=config.num_stages,
+        groups=config.gluon_groups, multiprocessors=multiprocessors,
+    )  # fmt: skip
+
+
+def _gluon_collect_pass(
+    queries: Tensor, memory: Tensor, valid: Tensor | None, bound: Tensor, out_values: Tensor,
+    out_indices: Tensor, counts: Tensor, plan: _SearchPlan, config: SearchKernelConfig,
+    multiprocessors: int,
+) -> object:  # fmt: skip
+    from look import search_gluon
+
+    return search_gluon.gluon_collect_pass(
+        queries, memory, valid, bound, out_values, out_indices, counts,
+        block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
+        widen_bound=plan.has_bound, multiprocessors=multiprocessors,
     )  # fmt: skip
 
 
@@ -1509,12 +1532,7 @@ def compile_kernel(
     gluon = config.kernel == "gluon" and int8_pass is None and capability // 10 == 9
     bound_columns = plan.bound_columns
     if gluon:
-        from look import search_gluon
-
-        bound_columns = search_gluon.gluon_bound_columns(
-            batch, plan.sampled_tiles, block_n=config.block_n, groups=config.gluon_groups,
-            multiprocessors=multiprocessors,
-        )  # fmt: skip
+        bound_columns = _gluon_bound_columns(batch, plan, config, multiprocessors)
     if collect:
         # The bound is the fused selection's output or a column of PyTorch's, as in
         # fused_knn_search (its stride is an argument that Triton specialises on).
@@ -1525,14 +1543,13 @@ def compile_kernel(
             tile_maxima = torch.empty(batch, bound_columns, device=meta)
             bound = _largest(tile_maxima, k + 1, config.select)[0][:, k]
         if gluon:
-            return search_gluon.gluon_collect_pass(
+            return _gluon_collect_pass(
                 queries, memory, valid, bound,
                 torch.empty(batch, plan.capacity, device=meta),
                 torch.empty(batch, plan.capacity, dtype=torch.int64, device=meta),
-                torch.empty(batch, dtype=torch.int32, device=meta),
-                block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
-                widen_bound=plan.has_bound, multiprocessors=multiprocessors,
-            ).compile(capability)  # fmt: skip
+                torch.empty(batch, dtype=torch.int32, device=meta), plan, config,
+                multiprocessors,
+            ).compile(capability)  # type: ignore[attr-defined]
         kernel_pass = _kernel_pass(
             queries, memory, valid, plan, config,
             bound=bound,
@@ -1542,11 +1559,10 @@ def compile_kernel(
             prefilter=int8_pass,
         )  # fmt: skip
     elif gluon:
-        return search_gluon.gluon_bound_pass(
-            queries, memory, valid, torch.empty(batch, bound_columns, device=meta),
-            sampled_tiles=plan.sampled_tiles, tile_step=plan.tile_stride, block_n=config.block_n,
-            stages=config.num_stages, groups=config.gluon_groups, multiprocessors=multiprocessors,
-        ).compile(capability)  # fmt: skip
+        return _gluon_bound_pass(
+            queries, memory, valid, torch.empty(batch, bound_columns, device=meta), plan, config,
+            multiprocessors,
+        ).compile(capability)  # type: ignore[attr-defined]
     else:
         tile_max = torch.empty(batch, plan.bound_columns, device=meta)
         kernel_pass = _kernel_pass(
