@@ -147,11 +147,10 @@ def main() -> None:
             # Gluon pass: one consumer's loop (4 warps, 64 queries).
             loop = main_loop_instructions(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
             resources["loop_instructions"] = loop
-            tile = (64, config.block_n) if gluon else (min(config.block_q, 256), config.block_n)
+            block_warps, block_q = (4, 64) if gluon else (config.num_warps, min(config.block_q, 256))
             resources["warp_instructions_per_similarity"] = (
-                None if loop is None else round(loop * 4 / (tile[0] * tile[1]), 3) if gluon
-                else round(loop * config.num_warps / (tile[0] * tile[1]), 3)
-            )  # fmt: skip
+                None if loop is None else round(loop * block_warps / (block_q * config.block_n), 3)
+            )
             # Hopper only: ptxas's reason for making each wgmma wait for the one before, if any.
             resources["wgmma_serialized"] = (
                 wgmma_serialization(compiled, args.capability) if args.capability == 90 else None
