@@ -506,6 +506,51 @@ def case_a_bound_pass_of_bins_stays_exact() -> None:
                            atol=1e-6)  # fmt: skip
 
 
+def case_the_search_around_the_gluon_passes_finds_the_scans_neighbours() -> None:
+    """The Gluon passes' host side (their grid on a GPU of 6 SMs, the bins' column count, the
+    k-th largest bin as the bound, the collect pass's widened bound and buffers, the
+    selections), each pass computed by tests/gluon_reference.py since Triton's interpreter
+    cannot run Gluon: the scan's neighbours, with leave-one-out, a valid mask and a partial last
+    tile, for two and four query groups (one and two query blocks) and each Gluon config."""
+    import look.search_gluon as search_gluon
+    import look.search_triton as search_triton
+    from tests.gluon_reference import reference_gluon_pass
+
+    launched: list[bool] = []
+
+    def launch(gluon_pass: search_gluon.GluonPass) -> None:
+        launched.append(bool(gluon_pass.constexprs["COLLECT"]))
+        reference_gluon_pass(gluon_pass)
+
+    saved = (search_triton._multiprocessor_count, search_gluon.gluon_applies,
+             search_gluon.GluonPass.launch)  # fmt: skip
+    search_triton._multiprocessor_count = lambda device: 6
+    search_gluon.gluon_applies = lambda queries, memory: True
+    search_gluon.GluonPass.launch = launch  # type: ignore[method-assign]
+    generator = torch.Generator().manual_seed(13)
+    try:
+        for gluon_config in [c for c in search_triton.KERNEL_CONFIGS if c.kernel == "gluon"]:
+            config = dataclasses.replace(gluon_config, select="sort")
+            for batch, rows, dim, k in [(70, 6030, 32, 10), (300, 3001, 16, 5)]:
+                query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+                memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1).half()
+                valid = torch.rand(rows, generator=generator) > 0.2
+                ids = torch.randint(0, rows, (batch,), generator=generator)
+                launched.clear()
+                values, indices, overflowed = fused_knn_search(
+                    query, memory, k, config=config, query_ids=ids, memory_valid=valid
+                )
+                assert launched == [False, True], launched  # both passes were Gluon's
+                assert not bool(overflowed.any())
+                scan = knn_search(
+                    query, memory, k, backend="torch", query_ids=ids, memory_valid=valid
+                )
+                assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+    finally:
+        (search_triton._multiprocessor_count, search_gluon.gluon_applies,
+         search_gluon.GluonPass.launch) = saved  # fmt: skip
+
+
 def case_empty_batch() -> None:
     memory = F.normalize(torch.randn(300, 8), dim=1).half()
     result = knn_search(torch.empty(0, 8), memory, 5, backend="triton")

@@ -171,6 +171,10 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert "search_tune.py --configs 0 1 29 32 33 34 35 39" in session
     # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
+    # When they fail, each pass alone against the reference: the -k selects a test that exists.
+    assert "-k writes_what_the_reference" in session
+    cuda_tests = (BENCHMARKS.parent / "tests" / "test_search_gluon_cuda.py").read_text()
+    assert "def test_each_gluon_pass_writes_what_the_reference_does(" in cuda_tests
     assert "search_tune.py --configs 0 36 37 38 --prefilter none" in session
     assert all(KERNEL_CONFIGS[i].kernel == "gluon" for i in (36, 37, 38))
     assert KERNEL_CONFIGS[39].bound_bins and KERNEL_CONFIGS[39].kernel == "triton"

@@ -17,6 +17,7 @@ from look.search_gluon import (
     _register_split,
     gluon_available,
     gluon_bound_columns,
+    gluon_bound_pass,
     gluon_collect_pass,
 )
 from look.search_triton import (
@@ -28,6 +29,7 @@ from look.search_triton import (
     cuobjdump,
     ptxas_report,
 )
+from tests.gluon_reference import cdiv, reference_gluon_pass
 
 pytestmark = pytest.mark.skipif(not gluon_available(), reason="Triton's Gluon is not installed")
 
@@ -162,3 +164,72 @@ def test_a_failing_gluon_pass_warns_once_and_leaves_its_work_to_triton(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not search_triton._gluon_applies(GLUON_CONFIGS[0], queries, memory, None, 132)
+
+
+def test_the_reference_bins_are_each_positions_largest_product_over_a_programs_tiles() -> None:
+    """tests/gluon_reference.py, which stands in for the bound pass on CPU and judges it on a
+    GPU, against a plain loop: program p reads sampled tiles p, p + P, … (every
+    ``tile_step``-th tile of the memory); bin j of p holds the largest product at position j
+    of those tiles, over rows inside the memory and valid."""
+    generator = torch.Generator().manual_seed(0)
+    batch, rows, dim, block_n, tile_step = 5, 16 * 60 + 7, 16, 16, 3  # last sampled tile: 7 rows
+    queries = torch.randn(batch, dim, generator=generator).half()
+    memory = torch.randn(rows, dim, generator=generator).half()
+    valid = torch.rand(rows, generator=generator) > 0.3
+    sampled = cdiv(cdiv(rows, block_n), tile_step)
+    columns = gluon_bound_columns(batch, sampled, block_n=block_n, groups=4, multiprocessors=4)
+    tile_max = torch.full((batch, columns), float("nan"))
+    gluon_pass = gluon_bound_pass(
+        queries, memory, valid.view(torch.uint8), tile_max, sampled_tiles=sampled,
+        tile_step=tile_step, block_n=block_n, stages=4, groups=4, multiprocessors=4,
+    )  # fmt: skip
+    reference_gluon_pass(gluon_pass)
+    programs = gluon_pass.grid[1]
+    assert programs == 4 and columns == programs * block_n
+    expected = torch.full((batch, columns), float("-inf"))
+    for query in range(batch):
+        for program in range(programs):
+            for tile in range(program, sampled, programs):
+                for position in range(block_n):
+                    row = tile * tile_step * block_n + position
+                    if row < rows and valid[row]:
+                        product = float(queries[query].double() @ memory[row].double())
+                        column = program * block_n + position
+                        expected[query, column] = max(float(expected[query, column]), product)
+    torch.testing.assert_close(tile_max, expected, rtol=0, atol=1e-5)
+
+
+def test_the_reference_collect_pass_appends_every_valid_row_at_or_above_the_widened_bound() -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch, rows, dim, capacity = 4, 500, 8, 60
+    queries = torch.randn(batch, dim, generator=generator).half()
+    memory = torch.randn(rows, dim, generator=generator).half()
+    valid = torch.rand(rows, generator=generator) > 0.2
+    products = queries.double() @ memory.double().T
+    # A bound per query, held in a column of a wider tensor (the search passes such a view);
+    # query 2's makes it overflow, query 3 has none (-inf: every valid row).
+    sorted_products = products.sort(dim=1, descending=True).values
+    bounds = torch.zeros(batch, 3)
+    bounds[:, 1] = sorted_products[:, 20].float()
+    bounds[2, 1] = sorted_products[2, 100]
+    bounds[3, 1] = float("-inf")
+    counts = torch.zeros(batch, dtype=torch.int32)
+    out_values = torch.full((batch, capacity), float("nan"))
+    out_indices = torch.full((batch, capacity), -1, dtype=torch.int64)
+    gluon_pass = gluon_collect_pass(
+        queries, memory, valid.view(torch.uint8), bounds[:, 1], out_values, out_indices, counts,
+        block_n=16, stages=4, groups=4, widen_bound=True, multiprocessors=4,
+    )  # fmt: skip
+    reference_gluon_pass(gluon_pass)
+    for query in range(batch):
+        bound = float(bounds[query, 1])
+        widened = bound - abs(bound) * 2.0**-20 if bound > float("-inf") else -3.4e38
+        expected = [row for row in range(rows) if valid[row] and products[query, row] >= widened]
+        assert int(counts[query]) == len(expected)
+        stored = min(len(expected), capacity)
+        assert out_indices[query, :stored].tolist() == expected[:stored]
+        torch.testing.assert_close(
+            out_values[query, :stored].double(), products[query, expected[:stored]], atol=1e-5,
+            rtol=0,
+        )  # fmt: skip
+    assert int(counts[2]) > capacity and int(counts[3]) == int(valid.sum())

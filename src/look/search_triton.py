@@ -44,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import Tensor
@@ -746,7 +746,7 @@ def _rescore_candidates(
     """Replace the pre-filter's candidate similarities in ``values`` by exact ones, in place."""
     batch, capacity = values.shape
     # 8 programs per query: ~2 chunks each for the ~1,100 candidates of a 14.2M-row bank
-    programs = max(1, min(8, triton.cdiv(capacity, _RESCORE_BLOCK)))
+    programs = max(1, min(8, _cdiv(capacity, _RESCORE_BLOCK)))
     _rescore_candidates_kernel[(batch, programs)](
         values, indices, counts, queries, memory, capacity, memory.shape[1], queries.stride(0),
         memory.stride(0), BLOCK_C=_RESCORE_BLOCK,
@@ -1021,6 +1021,12 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
+def _cdiv(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded up, on the host (``triton.cdiv`` also serves kernels
+    and costs a few microseconds per host call)."""
+    return -(-numerator // denominator)
+
+
 @dataclass(frozen=True)
 class _KernelPass:
     """One pass of the kernel with its argument values and grid. The launch and
@@ -1074,6 +1080,7 @@ def _programs_per_query_block(
     return max(1, min(num_tiles, 8 * multiprocessors // query_blocks))
 
 
+@lru_cache(maxsize=64)  # a training run searches with a few shapes, every step
 def _search_plan(
     batch: int,
     rows: int,
@@ -1086,25 +1093,25 @@ def _search_plan(
     prefilter: bool = False,
 ) -> _SearchPlan:
     block_q = max(16, min(config.block_q, _next_power_of_two(batch)))
-    query_blocks = triton.cdiv(batch, block_q)
-    total_tiles = triton.cdiv(rows, config.block_n)
+    query_blocks = _cdiv(batch, block_q)
+    total_tiles = _cdiv(rows, config.block_n)
     # s keeps >= 4k sampled tiles so the bound is tight.
     if max_tile_stride is None:
         max_tile_stride = config.tile_stride
     tile_stride = max(1, min(max_tile_stride, total_tiles // (4 * search_k)))
-    sampled_tiles = triton.cdiv(total_tiles, tile_stride)
+    sampled_tiles = _cdiv(total_tiles, tile_stride)
     has_bound = sampled_tiles >= search_k
     bound_programs = _programs_per_query_block(sampled_tiles, query_blocks, multiprocessors)
     # Each program keeps its largest tile maxima: 4× k in all, so that the k largest of the
     # whole pass are almost always among them (if not, the bound is a little looser, never
     # wrong), but at most what the program sees. The selection then sorts ~4k values per query
     # instead of every sampled tile's (111k at 14M rows, s = 4).
-    tiles_per_program = triton.cdiv(sampled_tiles, bound_programs)
+    tiles_per_program = _cdiv(sampled_tiles, bound_programs)
     if config.bound_bins:  # one bin per position of the tile
         bound_keep = config.block_n
     else:
         bound_keep = _next_power_of_two(
-            max(4, min(tiles_per_program, triton.cdiv(4 * search_k, bound_programs)))
+            max(4, min(tiles_per_program, _cdiv(4 * search_k, bound_programs)))
         )
     collect_programs = _programs_per_query_block(total_tiles, query_blocks, multiprocessors)
     if capacity is None:
@@ -1295,11 +1302,7 @@ def fused_knn_search(
     # Leave-one-out costs no work per similarity: bound one neighbour more over every row, then
     # mask each query's own row out of its candidates.
     search_k = k + 1 if query_ids is not None else k
-    multiprocessors = (  # None: Triton's CPU interpreter
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else None
-    )
+    multiprocessors = _multiprocessor_count(device)
     plan = _search_plan(
         batch, memory.shape[0], search_k, config, multiprocessors=multiprocessors,
         max_tile_stride=max_tile_stride, capacity=capacity, prefilter=prefilter is not None,
@@ -1357,6 +1360,14 @@ def fused_knn_search(
         timings["mean_candidates"] = float(counts.float().mean())
         timings["hit_tile_frac"] = _hit_tile_fraction(out_indices, counts, plan, config.block_n)
     return values, indices, counts > capacity
+
+
+def _multiprocessor_count(device: torch.device) -> int | None:
+    """The GPU's streaming multiprocessors (the passes' grids fill them); None on CPU, where
+    Triton's interpreter runs the Triton passes and no Gluon pass runs."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _GLUON_FALLBACK = KernelFallback(
