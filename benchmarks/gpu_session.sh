@@ -14,11 +14,12 @@
 #      (--prefilter-step), timed alternately with CE: session 13's question;
 #   5. if a Gluon config was exact and the fastest at 14.2M rows in stage 3, the LOOK step with
 #      it (gpu_step.py --search-config N).
-# Part 2 (PART=2; capped at 120 + 120 s): the search alone for the configs session 12 left
-#   untimed (s = 8, TMA copies), the default, the int8 bound pass and the Triton bound pass of
-#   bins (config 39, session 14), each reading the bf16 bank and its int8 copy; then Nsight
-#   Compute's view of the default's kernels at 14.2M rows, bf16 and int8, and of the Gluon
-#   config 36 on the bf16 bank.
+# Part 2 (PART=2; capped at 120 + 60 + 2 × 30 + 120 s): the search alone for the configs
+#   session 12 left untimed (s = 8, TMA copies), the default, the int8 bound pass and the Triton bound pass
+#   of bins (config 39, session 14), each reading the bf16 bank and its int8 copy; the default
+#   and config 29 also replayed from a CUDA graph recording (session 15: set_graph_replay), and
+#   the host time of one search with and without it; then Nsight Compute's view of the
+#   default's kernels at 14.2M rows, bf16 and int8, and of the Gluon config 36 on the bf16 bank.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 set -uo pipefail
@@ -75,6 +76,15 @@ else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
   timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 39 \
     --prefilter none int8 --output "$OUT/search_tune.json" 2>&1 | tee "$OUT/search_tune.log"
+
+  echo "== stage 6b: the search replayed from a CUDA graph recording, against launching it"
+  timeout 60 python3 benchmarks/search_tune.py --configs 0 29 --graph-replay \
+    --output "$OUT/search_tune_replay.json" 2>&1 | tee "$OUT/search_tune_replay.log"
+  echo "== stage 6c: host time of one search (1.28M rows), launched and replayed"
+  for replay in "" "--graph-replay"; do
+    timeout 30 python3 benchmarks/search_host_overhead.py --device cuda $replay \
+      --output "$OUT/search_host${replay:+_replay}.json" 2>&1 | tee -a "$OUT/search_host.log"
+  done
 
   echo "== stage 7: Nsight Compute at 14.2M rows: the default, bf16 and int8; Gluon config 36"
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

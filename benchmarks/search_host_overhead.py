@@ -13,6 +13,10 @@ launched shows in the search-alone figure.
   launchers are not), as a figure to compare changes of the host code with.
 
     python benchmarks/search_host_overhead.py --device cpu --output X.json
+    python benchmarks/search_host_overhead.py --device cuda --graph-replay --output X.json
+
+``--graph-replay`` times searches replayed from their CUDA graph recording
+(``look.search_triton.set_graph_replay``): one host call for all the kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--config", type=int, default=None, help="a KERNEL_CONFIGS position")
+    parser.add_argument("--graph-replay", action="store_true",
+                        help="searches recorded once as a CUDA graph and replayed (on CPU: a "
+                        "replay that does nothing, so the host path around it is timed)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -59,13 +66,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         for name in ("_knn_tiles_kernel", "_kth_largest_kernel", "_select_candidates_kernel"):
             setattr(search_triton, name, _NoLaunch())
+        if args.graph_replay:  # a recording whose replay does nothing: the host path around it
+
+            def record(run: object, device: object) -> object:
+                return (lambda: None), run()  # type: ignore[operator]
+
+            search_triton._GRAPH_DEVICE_TYPES = ("cuda", "cpu")
+            search_triton._record_cuda_graph = record  # type: ignore[assignment]
         memory = torch.empty(args.rows, args.dim, dtype=dtype)
     else:
         dtype = torch.bfloat16
         memory = F.normalize(torch.randn(args.rows, args.dim, device=device), dim=1).to(dtype)
+    if args.graph_replay:
+        search_triton.set_graph_replay(True)
     config = None if args.config is None else search_triton.KERNEL_CONFIGS[args.config]
     generator = torch.Generator(device=device).manual_seed(0)
-    query = F.normalize(torch.randn(args.queries, args.dim, device=device, generator=generator), dim=1)
+    query = F.normalize(
+        torch.randn(args.queries, args.dim, device=device, generator=generator), dim=1
+    )
     ids = torch.randint(0, args.rows, (args.queries,), device=device, generator=generator)
 
     def fused() -> object:
@@ -79,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "torch": torch.__version__,
         "args": {key: str(value) for key, value in vars(args).items()},
         "kernels": "no-ops (interpreter path)" if args.device == "cpu" else "real",
+        "graph_replay": args.graph_replay,
     }
     for name, call in (("fused_knn_search_us", fused), ("knn_search_deferred_us", library)):
         for _ in range(10):  # compile, warm the allocator

@@ -14,7 +14,8 @@ records the bank read and every config's figures. ``--prefilter int8`` times eac
 reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-scored from the
 bf16 rows) and records its mean candidates per query next to the exact search's (configs whose
 passes are Gluon's are timed on the bf16 bank only: with the copy the Triton passes run).
-``--fastest-exact ROWS`` prints the position of the fastest exact config at that bank size in
+``--graph-replay`` also times each search recorded once as a CUDA graph and replayed
+(``replayed_ms``: one host call instead of the search's launches). ``--fastest-exact ROWS`` prints the position of the fastest exact config at that bank size in
 a finished ``--output`` file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
 """
 
@@ -32,6 +33,27 @@ from _step_benchmark import random_search_inputs
 import look.search_triton as search_triton
 from look.search import knn_search
 from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search, median_call_ms
+
+
+def replayed_figures(
+    search: partial[object], exact_values: torch.Tensor, repeats: int, device: torch.device
+) -> dict[str, object]:
+    """The same search recorded as a CUDA graph and replayed (``set_graph_replay``): its median
+    time, whether its values are the scan's, and whether recording failed (then the time is
+    the eager search's)."""
+    search_triton.set_graph_replay(True)
+    try:
+        search()  # eager, then recorded
+        values, _, overflowed = search()  # replayed
+        exact = bool(
+            not overflowed.any()
+            and torch.allclose(values, exact_values, rtol=0, atol=1e-5, equal_nan=True)
+        )
+        ms = median_call_ms(search, repeats, device)
+    finally:
+        search_triton.set_graph_replay(False)
+    return {"replayed_ms": ms, "replayed_exact": exact,
+            "graph_failed": search_triton._GRAPH_FALLBACK.failed}  # fmt: skip
 
 
 def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
@@ -64,10 +86,14 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
             # A Gluon pass that failed warned and left its work (and every later Gluon
             # config's) to Triton: its time is then the Triton passes'.
             gluon_failed = config.kernel == "gluon" and search_triton._GLUON_FALLBACK.failed
-            results.append({**about, "ms": ms, "exact": exact_match, "gluon_failed": gluon_failed,
-                            "mean_candidates": phases["mean_candidates"]})  # fmt: skip
+            entry = {**about, "ms": ms, "exact": exact_match, "gluon_failed": gluon_failed,
+                     "mean_candidates": phases["mean_candidates"]}  # fmt: skip
+            if args.graph_replay:
+                entry.update(replayed_figures(search, exact.values, args.repeats, device))
+            results.append(entry)
+            replayed = f", replayed {entry['replayed_ms']:.3f} ms" if "replayed_ms" in entry else ""
             print(f"{rows:>10} rows, config {position:>2} {config} prefilter={prefilter}: "
-                  f"{ms:.3f} ms, {phases['mean_candidates']:.0f} candidates"
+                  f"{ms:.3f} ms{replayed}, {phases['mean_candidates']:.0f} candidates"
                   + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
     timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
     read_ms = median_call_ms(bank.sum, args.repeats, device)
@@ -101,6 +127,9 @@ def main() -> None:
     parser.add_argument("--configs", type=int, nargs="+", help="positions (default: all)")
     parser.add_argument("--prefilter", nargs="+", choices=["none", "int8"], default=["none"],
                         help="time each config reading the bf16 bank (none), its int8 copy, or both")  # fmt: skip
+    parser.add_argument("--graph-replay", action="store_true",
+                        help="also time each config's search recorded as a CUDA graph and "
+                        "replayed (look.search_triton.set_graph_replay)")  # fmt: skip
     parser.add_argument("--fastest-exact", type=int, metavar="ROWS",
                         help="print the fastest exact config of --output at ROWS rows, and exit")  # fmt: skip
     args = parser.parse_args()

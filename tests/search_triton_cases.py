@@ -551,6 +551,92 @@ def case_the_search_around_the_gluon_passes_finds_the_scans_neighbours() -> None
          search_gluon.GluonPass.launch) = saved  # fmt: skip
 
 
+def case_replayed_searches_return_their_own_queries_neighbours() -> None:
+    """set_graph_replay: the first search of a key runs eagerly and is recorded, later ones
+    copy their queries and ids into the recording, replay it and copy its outputs out (a
+    result stays the same after later replays). A recorder that stands in for CUDA graphs
+    (its replay reruns the recorded search into the recorded outputs, as a graph does) lets
+    the interpreter check the host side: keys, copies, the bound on recordings, and that a
+    failing recorder warns once and leaves eager searches. On a GPU,
+    tests/test_search_cuda.py checks real recordings."""
+    import warnings
+
+    import look.search_triton as search_triton
+
+    recorded: list[int] = []
+
+    def record(run, device):  # type: ignore[no-untyped-def]
+        outputs = run()
+        recorded.append(outputs[0].shape[0])
+
+        def replay() -> None:
+            for output, fresh in zip(outputs, run(), strict=True):
+                output.copy_(fresh)
+
+        return replay, outputs
+
+    saved = (search_triton._GRAPH_DEVICE_TYPES, search_triton._record_cuda_graph,
+             search_triton._MAX_RECORDINGS)  # fmt: skip
+    search_triton._GRAPH_DEVICE_TYPES = ("cuda", "cpu")
+    search_triton._MAX_RECORDINGS = 3
+    search_triton._record_cuda_graph = record  # type: ignore[assignment]
+    search_triton.set_graph_replay(True)
+    generator = torch.Generator().manual_seed(14)
+    memory = F.normalize(torch.randn(800, 16, generator=generator), dim=1).half()
+    valid = torch.rand(800, generator=generator) > 0.1
+    config = get_kernel_config()
+
+    def search(batch_queries: torch.Tensor, bank: torch.Tensor = memory):  # type: ignore[no-untyped-def]
+        ids = torch.randint(0, 800, (batch_queries.shape[0],), generator=generator)
+        values, indices, overflowed = fused_knn_search(
+            batch_queries, bank, 7, query_ids=ids, memory_valid=valid, config=config
+        )
+        assert not bool(overflowed.any())
+        scan = knn_search(batch_queries, bank, 7, backend="torch", query_ids=ids,
+                          memory_valid=valid)  # fmt: skip
+        assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
+        return KnnResult(values, indices), scan
+
+    def queries(batch: int) -> torch.Tensor:
+        return F.normalize(torch.randn(batch, 16, generator=generator), dim=1)
+
+    try:
+        search(queries(9))  # eager, then recorded
+        assert recorded == [9]
+        second, second_scan = search(queries(9))  # replayed
+        search(queries(9))  # replayed again: the recording's outputs change
+        assert recorded == [9]
+        assert_same_neighbours(second, second_scan, atol=1e-6)  # (copied out, not a view)
+        search(queries(9), memory.clone())  # another memory: another recording
+        search(queries(5))  # another batch size: another recording
+        assert recorded == [9, 9, 5]
+        for batch in range(10, 10 + search_triton._MAX_RECORDINGS):
+            search(queries(batch))
+        assert len(search_triton._RECORDINGS) == search_triton._MAX_RECORDINGS
+        search_triton.set_graph_replay(False)  # off: recordings dropped, searches eager
+        assert not search_triton._RECORDINGS
+        search(queries(9))
+        assert len(recorded) == 3 + search_triton._MAX_RECORDINGS
+
+        def broken(run, device):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no graphs here")
+
+        search_triton._record_cuda_graph = broken  # type: ignore[assignment]
+        search_triton.set_graph_replay(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            search(queries(9))
+            search(queries(9))
+        messages = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+        assert len(messages) == 1 and "no graphs here" in messages[0], messages
+        assert not search_triton._replays_graphs(torch.device("cpu"))
+    finally:
+        search_triton.set_graph_replay(False)
+        (search_triton._GRAPH_DEVICE_TYPES, search_triton._record_cuda_graph,
+         search_triton._MAX_RECORDINGS) = saved  # fmt: skip
+        search_triton._GRAPH_FALLBACK.failed = False
+
+
 def case_empty_batch() -> None:
     memory = F.normalize(torch.randn(300, 8), dim=1).half()
     result = knn_search(torch.empty(0, 8), memory, 5, backend="triton")

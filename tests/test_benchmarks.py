@@ -75,6 +75,18 @@ def test_in_step_search_times_the_fused_search_the_step_calls(
     assert _in_step_search(lambda: None, 3) == {"calls": 0}
 
 
+@pytest.mark.parametrize("replay", [False, True], ids=["launched", "replayed"])
+def test_search_host_overhead_smoke_on_cpu(tmp_path: Path, replay: bool) -> None:
+    """The host time of a search with no-op kernels (the interpreter path), launched or through
+    a recording whose replay does nothing: figures for both entry points."""
+    figures = _run_benchmark(
+        tmp_path, "search_host_overhead.py", "--device", "cpu", "--rows", "5000", "--calls",
+        "5", *(["--graph-replay"] if replay else []),
+    )  # fmt: skip
+    assert figures["graph_replay"] is replay
+    assert figures["fused_knn_search_us"] > 0 and figures["knn_search_deferred_us"] > 0
+
+
 def test_search_candidates_model_smoke(tmp_path: Path) -> None:
     """The CPU model of the fused search's bound: at least k + 1 candidates per query (the bound
     is reached by k + 1 distinct rows), more with a sparser bound pass, and a larger share of
@@ -169,6 +181,15 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     session = (BENCHMARKS / "gpu_session.sh").read_text()
     assert "search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8" in session
     assert "search_tune.py --configs 0 1 29 32 33 34 35 39" in session
+    # Session 15's CUDA graph replay: timed against launching, and the host time of a search.
+    assert "search_tune.py --configs 0 29 --graph-replay" in session
+    assert "search_host_overhead.py --device cuda" in session
+    for script in ("search_tune.py", "search_host_overhead.py"):
+        usage = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), "--help"],
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        assert "--graph-replay" in usage
     # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
     # When they fail, each pass alone against the reference: the -k selects a test that exists.

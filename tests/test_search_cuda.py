@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from look.losses import look_loss_terms
-from look.search import knn_search
+from look.search import KnnResult, knn_search
 from look.search_triton import QuantizedRows, fused_search_supported, triton_available
 from tests.neighbour_checks import assert_same_neighbours
 
@@ -81,3 +81,55 @@ def test_a_cuda_banks_int8_copy_is_written_by_its_kernel_as_pytorch_would() -> N
     values, scales, errors = QuantizedRows.quantize(bank.features)
     assert torch.equal(copy.values, values) and torch.equal(copy.scales, scales)
     torch.testing.assert_close(copy.errors, errors, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8-copy"])
+def test_replayed_searches_find_what_eager_ones_do(
+    int8: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_graph_replay on a GPU: one recording per key, replayed for new queries and ids, reading
+    the memory's (and its int8 copy's) rows as they are at each replay; a result stays as it
+    was after later replays; the same neighbours as the scan each time."""
+    import look.search_triton as search_triton
+
+    recordings: list[int] = []
+    record = search_triton._record_cuda_graph
+
+    def counted(run, device):  # type: ignore[no-untyped-def]
+        recordings.append(1)
+        return record(run, device)
+
+    monkeypatch.setattr(search_triton, "_record_cuda_graph", counted)
+    monkeypatch.setattr(search_triton._GRAPH_FALLBACK, "failed", False)
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    rows = 300_000
+    memory = F.normalize(torch.randn(rows, 128, device="cuda", generator=generator), dim=1)
+    memory = memory.bfloat16()
+    copy = QuantizedRows.from_memory(memory) if int8 else None
+    valid = torch.rand(rows, device="cuda", generator=generator) > 0.05
+    search_triton.set_graph_replay(True)
+    try:
+        kept = []
+        for _ in range(4):
+            query = F.normalize(torch.randn(256, 128, device="cuda", generator=generator), dim=1)
+            ids = torch.randint(0, rows, (256,), device="cuda", generator=generator)
+            values, indices, overflowed = search_triton.fused_knn_search(
+                query, memory, 200, query_ids=ids, memory_valid=valid, prefilter=copy
+            )
+            scan = knn_search(query, memory, 200, query_ids=ids, memory_valid=valid,
+                              backend="torch")  # fmt: skip
+            assert not bool(overflowed.any())
+            assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-5)
+            kept.append((KnnResult(values, indices), scan))
+            # The next search reads rows written since: near-copies of this step's queries.
+            positions = torch.randint(0, rows, (256,), device="cuda", generator=generator)
+            near = F.normalize(query + 0.01 * torch.randn_like(query), dim=1).bfloat16()
+            memory[positions] = near
+            if copy is not None:
+                copy.write_(positions, near)
+        assert not search_triton._GRAPH_FALLBACK.failed, "recording failed: searches ran eagerly"
+        assert len(recordings) == 1
+        for result, scan in kept:  # each result as it was returned
+            assert_same_neighbours(result, scan, atol=1e-5)
+    finally:
+        search_triton.set_graph_replay(False)

@@ -42,6 +42,7 @@ import os
 import statistics
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -73,8 +74,10 @@ __all__ = [
     "fused_knn_search",
     "fused_search_supported",
     "get_kernel_config",
+    "graph_replay_enabled",
     "ptxas_report",
     "serialization_reason",
+    "set_graph_replay",
     "set_kernel_config",
     "triton_available",
     "tune_kernel_config",
@@ -1248,7 +1251,38 @@ def fused_knn_search(
     each phase (synchronising the GPU between phases: for benchmarks only). ``prefilter``, an
     int8 copy of ``memory`` (:class:`QuantizedRows`), makes both passes read it instead, and the
     candidates are then re-scored from ``memory``: same neighbours, about half the bytes read.
+    With :func:`set_graph_replay` on, a search on a GPU is recorded once per shape and set of
+    buffers as a CUDA graph and replayed after that (the same results, one host call for all of
+    its kernels; see :func:`set_graph_replay`).
     """
+    config = config or _kernel_config
+    if timings is None and query.shape[0] > 0 and _replays_graphs(memory.device):
+        search = partial(
+            _fused_knn_search, k=k, memory_valid=memory_valid, max_tile_stride=max_tile_stride,
+            capacity=capacity, config=config, prefilter=prefilter,
+        )  # fmt: skip
+        return _replayed_search(search, query, memory, query_ids)
+    return _fused_knn_search(
+        query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
+        max_tile_stride=max_tile_stride, capacity=capacity, config=config, timings=timings,
+        prefilter=prefilter,
+    )  # fmt: skip
+
+
+def _fused_knn_search(
+    query: Tensor,
+    memory: Tensor,
+    k: int,
+    *,
+    query_ids: Tensor | None,
+    memory_valid: Tensor | None,
+    max_tile_stride: int | None,
+    capacity: int | None,
+    config: SearchKernelConfig,
+    timings: dict[str, float] | None = None,
+    prefilter: QuantizedRows | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fused_knn_search`, its kernels launched one by one."""
     if not fused_search_supported(query, memory, memory_ids=None):
         raise ValueError("fused_knn_search needs Triton and a CUDA bf16/fp16 memory")
     batch = query.shape[0]
@@ -1259,7 +1293,6 @@ def fused_knn_search(
             torch.empty(0, k, dtype=torch.int64, device=device),
             torch.empty(0, dtype=torch.bool, device=device),
         )
-    config = config or _kernel_config
     if config.query_operand not in ("shared", "registers"):
         raise ValueError(
             f"query_operand must be 'shared' or 'registers', got {config.query_operand!r}"
@@ -1368,6 +1401,143 @@ def _multiprocessor_count(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass(frozen=True)
+class _RecordedSearch:
+    """A recorded search: its input buffers, the replay, and the outputs each replay writes."""
+
+    query: Tensor
+    query_ids: Tensor | None
+    replay: Callable[[], None]
+    outputs: tuple[Tensor, Tensor, Tensor]
+
+
+_graph_replay = False
+_GRAPH_FALLBACK = KernelFallback(
+    "recording the fused search as a CUDA graph",
+    "its kernels are launched one by one for the rest of this process",
+)
+# Recorded searches by key (_recording_key), the most recently used last; at most this many
+# are kept (each holds its own buffers: ~13 MB for 256 queries with 4,096-slot buffers).
+_RECORDINGS: OrderedDict[tuple[object, ...], _RecordedSearch] = OrderedDict()
+_MAX_RECORDINGS = 8
+
+
+def set_graph_replay(enabled: bool) -> None:
+    """Whether :func:`fused_knn_search` on a GPU records a search as a CUDA graph the first
+    time it meets its shapes and buffers, and replays the recording from then on.
+
+    Why: a search is ~6 kernels and a dozen PyTorch operations, and the host spends a few
+    hundred microseconds queuing them; a GPU that finishes a pass before the host has queued the
+    next one waits (at 1.28M rows the H100 ran the passes in ~0.6 ms of a ~1.0 ms search alone,
+    session 12). A replay is one host call. The results are the same: the recording reads the
+    memory's current rows, and a replay's queries and ids are copied into the recording's own
+    input buffers and its outputs are copied out (a result is never overwritten by a later
+    search). A recording is keyed by the memory, valid mask and int8 copy (their addresses,
+    shapes and dtypes), the query shape and dtype, k, the config and the CUDA stream; at most
+    8 are kept. The first search of a key runs eagerly (it compiles the kernels), then is
+    recorded. If recording fails, a warning says so once and searches run eagerly. Off by
+    default: the replay has not been timed on a GPU yet. Turning it off drops the recordings."""
+    global _graph_replay
+    _graph_replay = bool(enabled)
+    if not _graph_replay:
+        _RECORDINGS.clear()
+
+
+def graph_replay_enabled() -> bool:
+    """Whether :func:`set_graph_replay` is on."""
+    return _graph_replay
+
+
+_GRAPH_DEVICE_TYPES = ("cuda",)  # (a CPU test adds "cpu" with a stand-in recorder)
+
+
+def _replays_graphs(device: torch.device) -> bool:
+    """Whether searches on ``device`` are recorded and replayed (CUDA only)."""
+    return _graph_replay and device.type in _GRAPH_DEVICE_TYPES and not _GRAPH_FALLBACK.failed
+
+
+def _tensor_key(tensor: Tensor | None) -> tuple[object, ...] | None:
+    """What a recording depends on of a buffer it reads: where it is and how it is laid out."""
+    if tensor is None:
+        return None
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+
+def _recording_key(
+    search: partial[tuple[Tensor, Tensor, Tensor]], query: Tensor, memory: Tensor,
+    query_ids: Tensor | None,
+) -> tuple[object, ...]:  # fmt: skip
+    options = search.keywords
+    prefilter: QuantizedRows | None = options["prefilter"]
+    prefilter_key = None
+    if prefilter is not None:
+        prefilter_key = tuple(
+            _tensor_key(part)
+            for part in (prefilter.values, prefilter.scales, prefilter.errors,
+                         prefilter.norm_bound, prefilter.error_bound)
+        )  # fmt: skip
+    return (
+        memory.device,
+        torch.cuda.current_stream(memory.device).cuda_stream if memory.is_cuda else None,
+        _tensor_key(memory),
+        _tensor_key(options["memory_valid"]), prefilter_key, tuple(query.shape), query.dtype,
+        query.device, None if query_ids is None else tuple(query_ids.shape), options["k"],
+        options["max_tile_stride"], options["capacity"], options["config"],
+        # a kernel that failed since is not in a newer recording
+        _SELECT_FALLBACK.failed, _GLUON_FALLBACK.failed,
+    )  # fmt: skip
+
+
+def _record_cuda_graph(
+    run: Callable[[], tuple[Tensor, Tensor, Tensor]], device: torch.device
+) -> tuple[Callable[[], None], tuple[Tensor, Tensor, Tensor]]:
+    """Record ``run`` (already run once eagerly with the same arguments: its kernels are
+    compiled and loaded) as a CUDA graph on a side stream: its replay, and the outputs each
+    replay overwrites (held in the graph's own memory pool)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+        outputs = run()
+    return graph.replay, outputs
+
+
+def _replayed_search(
+    search: partial[tuple[Tensor, Tensor, Tensor]], query: Tensor, memory: Tensor,
+    query_ids: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The search of ``query`` by its recording: replayed if there is one, else run eagerly and
+    then recorded (see :func:`set_graph_replay`)."""
+    key = _recording_key(search, query, memory, query_ids)
+    recorded = _RECORDINGS.get(key)
+    if recorded is None:
+        # The recording's own input buffers, searched eagerly first: that compiles and loads
+        # every kernel the recording launches (bad input raises here), and is this result.
+        inputs = query.detach().clone(memory_format=torch.contiguous_format)
+        ids = (
+            None
+            if query_ids is None
+            else query_ids.to(device=memory.device, dtype=torch.int64, copy=True)
+        )
+        run = partial(search, inputs, memory, query_ids=ids)
+        result = run()
+        try:
+            replay, outputs = _record_cuda_graph(run, memory.device)
+        except Exception as error:  # any recording failure: eager searches from now on
+            _GRAPH_FALLBACK.fail(error, stacklevel=4)
+            _RECORDINGS.clear()
+            return result
+        _RECORDINGS[key] = _RecordedSearch(inputs, ids, replay, outputs)
+        while len(_RECORDINGS) > _MAX_RECORDINGS:
+            _RECORDINGS.popitem(last=False)
+        return result
+    _RECORDINGS.move_to_end(key)
+    recorded.query.copy_(query)
+    if recorded.query_ids is not None and query_ids is not None:
+        recorded.query_ids.copy_(query_ids)
+    recorded.replay()
+    values, indices, overflowed = recorded.outputs
+    return values.clone(), indices.clone(), overflowed.clone()
 
 
 _GLUON_FALLBACK = KernelFallback(
