@@ -16,6 +16,8 @@ debug mode; the trainer's finite-loss check is one). The LOOK step is timed in t
 alternate with blocks of a CE step, and ``look_over_ce`` divides by that CE time
 (``ce_step_adjacent_ms``), so a drift in the machine's speed does not skew the ratio. With
 ``--scan-step`` the LOOK step is also timed with the scan forced, the "straightforward" LOOK.
+With ``--graph-replay`` every fused search is replayed from its CUDA graph recording
+(``look.search_triton.set_graph_replay``).
 
 Per rank of a sharded bank over ``--world`` ranks it times the search one rank does: the gathered
 queries of all ranks (``world × batch``) over its ``rows / world`` rows. (The sharded step itself,
@@ -62,6 +64,7 @@ from look.search_triton import (
     QuantizedRows,
     fused_knn_search,
     fused_search_supported,
+    set_graph_replay,
     set_kernel_config,
     tune_kernel_config,
 )
@@ -383,7 +386,15 @@ def main() -> None:
         help="also time the LOOK step and the search reading the bank's int8 copy "
         "(method.search_prefilter=int8: same neighbours, about half the bytes per search)",
     )
+    parser.add_argument(
+        "--graph-replay",
+        action="store_true",
+        help="every fused search (in the LOOK step and alone) replayed from its CUDA graph "
+        "recording (look.search_triton.set_graph_replay: one host call per search)",
+    )
     args = parser.parse_args()
+    if args.graph_replay:
+        set_graph_replay(True)
     if args.search_config is not None:
         if args.tune:
             parser.error("--search-config and --tune both pick the kernel config: pass one")

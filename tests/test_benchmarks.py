@@ -141,9 +141,11 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
         "--world", "4", "--k", "20", "--steps", "1", "--warmup", "1", "--scan-step",
         "--variants", "--compiled-terms", "--trace", str(tmp_path / "trace"),
         "--profile", str(tmp_path / "profile.txt"), "--prefilter-step", "--search-config", "36",
+        "--graph-replay",
     )  # fmt: skip
     # The kernel config asked for is recorded (a CPU search scans: it is not used here).
     assert figures["search_config"]["kernel"] == "gluon"
+    assert figures["args"]["graph_replay"] is True  # (no recording on CPU: searches scan)
     # One profiled pass gives the op table and the traces.
     assert "== look step x2" in (tmp_path / "profile.txt").read_text()
     # The traces are written; a CPU trace holds no GPU kernel to analyse, which is recorded.
