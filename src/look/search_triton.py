@@ -1497,7 +1497,11 @@ def _record_cuda_graph(
     compiled and loaded) as a CUDA graph on a side stream: its replay, and the outputs each
     replay overwrites (held in the graph's own memory pool)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+    # "thread_local": only this thread's CUDA calls are checked while recording; a training
+    # run's other threads (a DataLoader's pinned-memory copies) go on as they would.
+    with torch.cuda.graph(
+        graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"
+    ):
         outputs = run()
     return graph.replay, outputs
 
