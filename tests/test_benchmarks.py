@@ -185,6 +185,10 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert "search_tune.py --configs 0 1 29 32 33 34 35 39" in session
     # Session 15's CUDA graph replay: timed against launching, and the host time of a search.
     assert "search_tune.py --configs 0 29 --graph-replay" in session
+    assert "tests/test_search_cuda.py -k replayed" in session  # its test, in part 2 only
+    assert '-k "not replayed"' in session  # (part 1's CUDA tests)
+    cuda_search_tests = (BENCHMARKS.parent / "tests" / "test_search_cuda.py").read_text()
+    assert "def test_replayed_searches_find_what_eager_ones_do(" in cuda_search_tests
     assert "search_host_overhead.py --device cuda" in session
     for script in ("search_tune.py", "search_host_overhead.py"):
         usage = subprocess.run(
