@@ -610,13 +610,24 @@ def case_replayed_searches_return_their_own_queries_neighbours() -> None:
         search(queries(9), memory.clone())  # another memory: another recording
         search(queries(5))  # another batch size: another recording
         assert recorded == [9, 9, 5]
+        # Replayed searches that overflow: knn_search redoes those queries with the scan from
+        # the replay's copied flags and values, as the LOOK loss does.
+        row = F.normalize(torch.randn(1, 16, generator=generator), dim=1)
+        crowded = torch.cat([row.repeat(1100, 1), F.normalize(torch.randn(200, 16), dim=1)]).half()
+        for _ in range(3):  # eager and recorded, then replayed twice
+            near = row + 0.01 * torch.randn(4, 16, generator=generator)
+            assert bool(fused_knn_search(near, crowded, 5)[2].all())  # 1,024 slots overflowed
+            fused = knn_search(near, crowded, 5, backend="triton")
+            scan = knn_search(near, crowded, 5, backend="torch")
+            torch.testing.assert_close(fused.values, scan.values, rtol=0, atol=0)
+        assert recorded == [9, 9, 5, 4]
         for batch in range(10, 10 + search_triton._MAX_RECORDINGS):
             search(queries(batch))
         assert len(search_triton._RECORDINGS) == search_triton._MAX_RECORDINGS
         search_triton.set_graph_replay(False)  # off: recordings dropped, searches eager
         assert not search_triton._RECORDINGS
         search(queries(9))
-        assert len(recorded) == 3 + search_triton._MAX_RECORDINGS
+        assert len(recorded) == 4 + search_triton._MAX_RECORDINGS
 
         def broken(run, device):  # type: ignore[no-untyped-def]
             raise RuntimeError("no graphs here")
