@@ -5,7 +5,7 @@
 # Part 1 (default; stages capped at 100 + 50 + 80 + 200 + 140 = 570 s, or 100 + 50 + 40 + 200
 # when the Gluon tests fail: stage 2b runs only then, stages 3 and 5 only otherwise):
 #   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
-#      LOOK step);
+#      LOOK step; the graph replay's test runs in part 2);
 #   2. the Gluon passes' CUDA tests (session 14: never run on a GPU before; their own time
 #      limit, in case its barriers deadlock); if they fail (and did not time out), each Gluon
 #      pass alone against tests/gluon_reference.py, to say which pass is wrong;
@@ -14,12 +14,15 @@
 #      (--prefilter-step), timed alternately with CE: session 13's question;
 #   5. if a Gluon config was exact and the fastest at 14.2M rows in stage 3, the LOOK step with
 #      it (gpu_step.py --search-config N).
-# Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s): the search alone for the configs
-#   session 12 left untimed (s = 8, TMA copies), the default, the int8 bound pass and the Triton bound pass
-#   of bins (config 39, session 14), each reading the bf16 bank and its int8 copy; the CUDA
-#   graph replay (session 15: set_graph_replay): its CUDA test, then the default and config 29
-#   timed both ways if it passed, and the host time of one search with and without it; then Nsight Compute's view of the
-#   default's kernels at 14.2M rows, bf16 and int8, and of the Gluon config 36 on the bf16 bank.
+# Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s):
+#   6. the search alone for the configs session 12 left untimed (s = 8, TMA copies), the
+#      default, the int8 bound pass and the Triton bound pass of bins (config 39, session 14),
+#      each reading the bf16 bank and its int8 copy;
+#   6b. the CUDA graph replay (session 15: set_graph_replay): its CUDA test, then the default,
+#      config 29 and the Gluon config 36 timed launched and replayed if the test passed;
+#   6c. the host time of one search, launched and replayed;
+#   7. Nsight Compute's view of the default's kernels at 14.2M rows, bf16 and int8, and of the
+#      Gluon config 36 on the bf16 bank.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 set -uo pipefail
@@ -82,7 +85,7 @@ else
   timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_search_cuda.py -k replayed 2>&1 \
     | tee "$OUT/pytest_replay.txt" | tail -15
   if [ "${PIPESTATUS[0]}" = 0 ]; then
-    timeout 60 python3 benchmarks/search_tune.py --configs 0 29 --graph-replay \
+    timeout 60 python3 benchmarks/search_tune.py --configs 0 29 36 --graph-replay \
       --output "$OUT/search_tune_replay.json" 2>&1 | tee "$OUT/search_tune_replay.log"
   else
     echo "skipped: the replay test failed (see pytest_replay.txt)"

@@ -184,7 +184,7 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert "search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8" in session
     assert "search_tune.py --configs 0 1 29 32 33 34 35 39" in session
     # Session 15's CUDA graph replay: timed against launching, and the host time of a search.
-    assert "search_tune.py --configs 0 29 --graph-replay" in session
+    assert "search_tune.py --configs 0 29 36 --graph-replay" in session
     assert "tests/test_search_cuda.py -k replayed" in session  # its test, in part 2 only
     assert '-k "not replayed"' in session  # (part 1's CUDA tests)
     cuda_search_tests = (BENCHMARKS.parent / "tests" / "test_search_cuda.py").read_text()
