@@ -15,8 +15,9 @@ reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-s
 bf16 rows) and records its mean candidates per query next to the exact search's (configs whose
 passes are Gluon's are timed on the bf16 bank only: with the copy the Triton passes run).
 ``--graph-replay`` also times each search recorded once as a CUDA graph and replayed
-(``replayed_ms``: one host call instead of the search's launches). ``--fastest-exact ROWS`` prints the position of the fastest exact config at that bank size in
-a finished ``--output`` file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
+(``replayed_ms``: one host call instead of the search's launches). ``--fastest-exact ROWS``
+prints the position of the fastest exact config at that bank size in a finished ``--output``
+file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ from look.search import knn_search
 from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search, median_call_ms
 
 
+def exact_search(
+    values: torch.Tensor, overflowed: torch.Tensor, exact_values: torch.Tensor
+) -> bool:
+    """Whether a fused search returned the scan's values without overflowing a buffer."""
+    return bool(
+        not overflowed.any()
+        and torch.allclose(values, exact_values, rtol=0, atol=1e-5, equal_nan=True)
+    )
+
+
 def replayed_figures(
     search: partial[object], exact_values: torch.Tensor, repeats: int, device: torch.device
 ) -> dict[str, object]:
@@ -45,10 +56,7 @@ def replayed_figures(
     try:
         search()  # eager, then recorded
         values, _, overflowed = search()  # replayed
-        exact = bool(
-            not overflowed.any()
-            and torch.allclose(values, exact_values, rtol=0, atol=1e-5, equal_nan=True)
-        )
+        exact = exact_search(values, overflowed, exact_values)
         ms = median_call_ms(search, repeats, device)
     finally:
         search_triton.set_graph_replay(False)
@@ -76,10 +84,7 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
             except Exception as error:  # an unbuildable config is reported, not fatal
                 results.append({**about, "error": repr(error)})
                 continue
-            exact_match = bool(
-                not overflowed.any()
-                and torch.allclose(values, exact.values, rtol=0, atol=1e-5, equal_nan=True)
-            )
+            exact_match = exact_search(values, overflowed, exact.values)
             ms = median_call_ms(search, args.repeats, device)
             phases: dict[str, float] = {}  # (a separate call: this one waits between phases)
             search(timings=phases)

@@ -14,16 +14,12 @@ import torch
 from torch import Tensor
 
 from look.search_gluon import GluonPass
+from look.search_triton import _cdiv
 
 # The collect pass lowers a finite bound by this fraction of itself (WIDEN_BOUND, as the
 # Triton pass), and turns any other into the lowest finite float.
 _WIDEN = 9.5367431640625e-07
 _LOWEST = -3.4028234663852886e38
-
-
-def cdiv(numerator: int, denominator: int) -> int:
-    """``numerator / denominator`` rounded up (tile counts)."""
-    return -(-numerator // denominator)
 
 
 def pass_similarities(gluon_pass: GluonPass) -> Tensor:
@@ -50,7 +46,7 @@ def reference_bins(gluon_pass: GluonPass, similarities: Tensor) -> Tensor:
     block_n = arguments[1].block_shape[0]  # type: ignore[attr-defined]
     programs = gluon_pass.grid[1]
     device = similarities.device
-    tiles_per_program = cdiv(num_tiles, programs)
+    tiles_per_program = _cdiv(num_tiles, programs)
     # tile[p, t] = p + t·P (past the sampled tiles: none)
     tile = torch.arange(programs, device=device)[:, None] + programs * torch.arange(
         tiles_per_program, device=device

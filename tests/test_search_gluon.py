@@ -24,12 +24,13 @@ from look.search_triton import (
     KERNEL_CONFIGS,
     TUNED_CONFIGS,
     SearchKernelConfig,
+    _cdiv,
     compile_kernel,
     cubin_resources,
     cuobjdump,
     ptxas_report,
 )
-from tests.gluon_reference import cdiv, reference_gluon_pass
+from tests.gluon_reference import reference_gluon_pass
 
 pytestmark = pytest.mark.skipif(not gluon_available(), reason="Triton's Gluon is not installed")
 
@@ -176,7 +177,7 @@ def test_the_reference_bins_are_each_positions_largest_product_over_a_programs_t
     queries = torch.randn(batch, dim, generator=generator).half()
     memory = torch.randn(rows, dim, generator=generator).half()
     valid = torch.rand(rows, generator=generator) > 0.3
-    sampled = cdiv(cdiv(rows, block_n), tile_step)
+    sampled = _cdiv(_cdiv(rows, block_n), tile_step)
     columns = gluon_bound_columns(batch, sampled, block_n=block_n, groups=4, multiprocessors=4)
     tile_max = torch.full((batch, columns), float("nan"))
     gluon_pass = gluon_bound_pass(

@@ -20,8 +20,8 @@ from look.search_gluon import (
     gluon_bound_pass,
     gluon_collect_pass,
 )
-from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, fused_knn_search
-from tests.gluon_reference import cdiv, collect_bound, pass_similarities, reference_gluon_pass
+from look.search_triton import KERNEL_CONFIGS, SearchKernelConfig, _cdiv, fused_knn_search
+from tests.gluon_reference import collect_bound, pass_similarities, reference_gluon_pass
 from tests.neighbour_checks import assert_same_neighbours
 
 pytestmark = pytest.mark.skipif(
@@ -141,7 +141,7 @@ def test_each_gluon_pass_writes_what_the_reference_does(
     valid_bytes = valid.view(torch.uint8) if valid is not None else None
     multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
     shape = {"block_n": config.block_n, "stages": config.num_stages, "groups": config.gluon_groups}
-    sampled = cdiv(cdiv(rows, config.block_n), 4)
+    sampled = _cdiv(_cdiv(rows, config.block_n), 4)
     columns = gluon_bound_columns(
         batch, sampled, block_n=config.block_n, groups=config.gluon_groups,
         multiprocessors=multiprocessors,

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from look.search_triton import _cdiv, compile_for_capability
+
 try:  # Gluon ships with Triton 3.4+ (experimental); older or CPU-only installs lack it.
     import triton
     from triton.experimental import gluon
@@ -377,8 +379,6 @@ class GluonPass:
 
     def compile(self, capability: int = 90) -> object:
         """Compile for ``capability`` without a GPU (``arguments`` on the meta device)."""
-        from look.search_triton import compile_for_capability
-
         return compile_for_capability(
             _shared_tiles_kernel, self.arguments, self.constexprs, capability,
             num_warps=4, num_stages=1, maxnreg=self.maxnreg,
@@ -393,7 +393,7 @@ def gluon_grid(batch: int, num_tiles: int, groups: int, multiprocessors: int) ->
         raise ValueError(f"query groups must be 2 or 4, got {groups}")
     # (a batch of at most 128 queries takes two groups, idle ones masked)
     groups = 2 if batch <= 2 * GROUP_QUERIES else groups
-    query_blocks = triton.cdiv(batch, groups * GROUP_QUERIES)
+    query_blocks = _cdiv(batch, groups * GROUP_QUERIES)
     programs = max(1, min(num_tiles, multiprocessors // query_blocks))
     return groups, query_blocks, programs
 
@@ -483,7 +483,7 @@ def gluon_collect_pass(
     fewer are used when the batch has fewer queries. ``bound`` is the k-th largest bin or tile
     maximum per query (a column view: its stride is passed), widened in the kernel with
     ``widen_bound``."""
-    num_tiles = triton.cdiv(memory.shape[0], block_n)
+    num_tiles = _cdiv(memory.shape[0], block_n)
     return _gluon_pass(
         queries, memory, valid, (bound, bound, out_values, out_indices, counts),
         (bound.stride(0), num_tiles, 1, out_values.shape[1], 0),

@@ -1255,18 +1255,13 @@ def fused_knn_search(
     buffers as a CUDA graph and replayed after that (the same results, one host call for all of
     its kernels; see :func:`set_graph_replay`).
     """
-    config = config or _kernel_config
-    if timings is None and query.shape[0] > 0 and _replays_graphs(memory.device):
-        search = partial(
-            _fused_knn_search, k=k, memory_valid=memory_valid, max_tile_stride=max_tile_stride,
-            capacity=capacity, config=config, prefilter=prefilter,
-        )  # fmt: skip
-        return _replayed_search(search, query, memory, query_ids)
-    return _fused_knn_search(
-        query, memory, k, query_ids=query_ids, memory_valid=memory_valid,
-        max_tile_stride=max_tile_stride, capacity=capacity, config=config, timings=timings,
-        prefilter=prefilter,
+    search = partial(
+        _fused_knn_search, k=k, memory_valid=memory_valid, max_tile_stride=max_tile_stride,
+        capacity=capacity, config=config or _kernel_config, prefilter=prefilter,
     )  # fmt: skip
+    if timings is None and query.shape[0] > 0 and _replays_graphs(memory.device):
+        return _replayed_search(search, query, memory, query_ids)
+    return search(query, memory, query_ids=query_ids, timings=timings)
 
 
 def _fused_knn_search(
