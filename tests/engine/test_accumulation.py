@@ -4,6 +4,7 @@ train like the whole batch at once, given a backbone whose outputs do not depend
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,25 @@ def test_micro_batches_train_like_the_whole_batch(tmp_path: Path, method: tuple[
         for name, value in start.items()
         if value.is_floating_point()
     )
+
+
+# The default rules: queries without a neighbour of their class are dropped, so micro-batches
+# average over different numbers of queries (the trainer weights them by their counts).
+LOOK_DROPPING = ("method.memory_init=warmup", "method.head_batch_norm=false", "method.k=2")
+
+
+def test_micro_batches_weigh_their_losses_by_their_valid_queries(tmp_path: Path) -> None:
+    pretrain(tiny_config(*NO_BATCH_NORM, *LOOK_DROPPING), tmp_path / "whole")
+    pretrain(
+        tiny_config(*NO_BATCH_NORM, *LOOK_DROPPING, "optim.grad_accum_steps=2"), tmp_path / "micro"
+    )
+    # Not vacuous: some steps dropped some of their queries, not all.
+    rows = [
+        json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    ]
+    dropped = [row["dropped_frac"] for row in rows if "dropped_frac" in row]
+    assert any(0.0 < fraction < 1.0 for fraction in dropped), dropped
+    _assert_same_training(tmp_path / "whole", tmp_path / "micro")
 
 
 def test_micro_batches_see_the_memory_of_before_the_step(tmp_path: Path) -> None:

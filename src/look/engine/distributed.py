@@ -10,6 +10,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -187,6 +188,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
+class Anchors(NamedTuple):
+    """How many of a loss's items, over all ranks, were valid (``count``, a 0-d int64 tensor on
+    the device) out of how many (``total``): what a mean over the valid items weighs when the
+    means of a step's micro-batches are combined into the mean over all of the step's valid
+    items (``StepOutput.anchors``)."""
+
+    count: torch.Tensor
+    total: int
+
+
 def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_item[valid]`` over *all ranks'* valid items.
 
@@ -194,6 +205,14 @@ def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     the same gradient as one process computing the mean over the global batch. With no valid item
     anywhere it is an exact zero that still carries a graph (never NaN).
     """
+    return global_masked_mean_and_anchors(per_item, valid)[0]
+
+
+def global_masked_mean_and_anchors(
+    per_item: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, Anchors]:
+    """:func:`global_masked_mean` and its :class:`Anchors` (no extra operation: the count is the
+    mean's own denominator)."""
     # No host sync: with no valid item anywhere the local sum is an exact zero and the count is
     # clamped to 1, so the result is 0 with a graph. torch.where keeps an inf/NaN in an invalid
     # item from leaking through a multiplication by zero.
@@ -201,5 +220,8 @@ def global_masked_mean(per_item: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     count = valid.sum()  # int64: exact
     if is_distributed():
         count = all_reduce_sum(count)
+    world_size = get_world_size()
     # (few kernels: on a GPU each op here is one, whatever it computes)
-    return local_sum * (get_world_size() / count.clamp(min=1).to(per_item.dtype))
+    mean = local_sum * (world_size / count.clamp(min=1).to(per_item.dtype))
+    # Every rank holds as many items (batches are padded alike), so the total is the same on all.
+    return mean, Anchors(count, valid.numel() * world_size)

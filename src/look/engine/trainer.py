@@ -583,15 +583,20 @@ class Trainer:
     def _forward_backward(
         self, epoch: int, batch: Batch
     ) -> tuple[dict[str, torch.Tensor], bool, bool]:
-        """Forward and backward of every micro-batch (gradients summed, each loss divided by
-        their number), then one host read, agreed over ranks so that every rank acts alike, of
-        whether any loss was non-finite and whether any step was inexact. Read after the
-        backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
-        host launches the backward's first, small kernels. Returns the metrics, averaged over
-        the micro-batches, and the two flags."""
+        """Forward and backward of every micro-batch (gradients summed), then one host read,
+        agreed over ranks so that every rank acts alike, of whether any loss was non-finite and
+        whether any step was inexact. Read after the backward is queued, the wait keeps the GPU
+        busy instead of leaving it idle while the host launches the backward's first, small
+        kernels. Returns the metrics, averaged over the micro-batches, and the two flags.
+
+        Micro-batches' losses that report their :class:`StepOutput.anchors` are weighted by
+        them: the step's gradient and logged loss are those of the mean over all of its valid
+        items, as in one batch (LOOK drops queries without a neighbour of their class, so its
+        micro-batches average over different numbers). Other losses weigh the same."""
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = batch.split(self.micro_batch)
         outputs: list[StepOutput] = []
+        weights: list[torch.Tensor] = []
         flags = []
         # DDP all-reduces the gradients once, in the last micro-batch's backward.
         no_sync = getattr(self.model, "no_sync", None)
@@ -599,19 +604,38 @@ class Trainer:
             last = position == len(micro_batches) - 1
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 out = self._forward(epoch, micro_batch)
-                self.scaler.scale(out.loss / len(micro_batches)).backward()
+                if len(micro_batches) == 1:
+                    scaled = out.loss
+                elif out.anchors is not None:
+                    # The share of valid items (1 with none dropped): the gradients are divided
+                    # by the shares' sum once all micro-batches are done.
+                    weights.append(out.anchors.count.to(out.loss.dtype) / out.anchors.total)
+                    scaled = out.loss * weights[-1]
+                else:
+                    scaled = out.loss / len(micro_batches)
+                self.scaler.scale(scaled).backward()
             flags.append(step_flags(out))
             outputs.append(out)
-        flag_totals = all_reduce_sum(torch.stack(flags).sum(dim=0))
-        with self._step_errors("writing the memory", step=self.global_step + 1):
-            write_memory_if_step_stands(self.method, flag_totals)
-        totals = flag_totals.tolist()
         metrics = outputs[0].metrics
         if len(outputs) > 1:
             metrics = {
                 name: torch.stack([out.metrics[name].detach().float() for out in outputs]).mean()
                 for name in metrics
             }
+        if weights:
+            if len(weights) != len(outputs):
+                raise RuntimeError("a method reported StepOutput.anchors for some micro-batches only")
+            total_weight = torch.stack(weights).sum()
+            # With no valid item in the whole step every loss and gradient is an exact zero.
+            divisor = torch.where(total_weight > 0, total_weight, 1.0)
+            gradients = [p.grad for p in self.method.parameters() if p.grad is not None]
+            torch._foreach_div_(gradients, divisor)
+            losses = torch.stack([out.loss.detach().float() for out in outputs])
+            metrics["loss"] = (losses * torch.stack(weights).float()).sum() / divisor
+        flag_totals = all_reduce_sum(torch.stack(flags).sum(dim=0))
+        with self._step_errors("writing the memory", step=self.global_step + 1):
+            write_memory_if_step_stands(self.method, flag_totals)
+        totals = flag_totals.tolist()
         return metrics, totals[0] > 0, totals[1] > 0
 
     def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from look.config import ConfigError, dataclass_from_dict
+from look.engine.distributed import Anchors
 
 
 @dataclass
@@ -64,11 +65,18 @@ class StepOutput:
     :attr:`Method.defer_exactness_check` is on: true when this loss came from a search that was
     not exact (LOOK's fused GPU search overflowed its candidate buffer). The caller reads it
     with the loss check and then recomputes the step under :meth:`Method.exact_redo`.
+
+    ``anchors`` (when the loss is one mean over the valid items of the batch, all ranks
+    together, e.g. LOOK's queries that kept a neighbour of their class): how many were valid out
+    of how many. With micro-batches the trainer weights each micro-batch's loss by its count, so
+    that the step's gradient is that of the mean over all of the step's valid items, as without
+    micro-batches. None: the micro-batches' losses weigh the same.
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     inexact: torch.Tensor | None = None
+    anchors: Anchors | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from look.engine.distributed import global_masked_mean
+from look.engine.distributed import global_masked_mean_and_anchors
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
 
 
@@ -44,11 +44,14 @@ class CrossEntropy(Method):
         per_sample = F.cross_entropy(
             logits, batch.labels, reduction="none", label_smoothing=self.options.label_smoothing
         )
-        loss = global_masked_mean(per_sample, torch.ones_like(per_sample, dtype=torch.bool))
+        loss, anchors = global_masked_mean_and_anchors(
+            per_sample, torch.ones_like(per_sample, dtype=torch.bool)
+        )
         return StepOutput(
             loss,
             self.step_metrics(
                 loss,
                 lambda: {"train_acc": (logits.detach().argmax(1) == batch.labels).float().mean()},
             ),
+            anchors=anchors,
         )

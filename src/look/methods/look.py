@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from look.config import ConfigError
-from look.engine.distributed import global_masked_mean
+from look.engine.distributed import global_masked_mean_and_anchors
 from look.host_sync import host_reads_are_free
 from look.losses import look_loss_terms
 from look.memory import build_memory
@@ -273,7 +273,7 @@ class LOOK(Method):
                 check_finite_query=not self.caller_checks_loss,
                 search_prefilter=self.memory.search_prefilter(),
             )
-        loss = global_masked_mean(terms.loss, terms.valid)
+        loss, anchors = global_masked_mean_and_anchors(terms.loss, terms.valid)
         ce = None
         if self.classifier is not None:
             ce = F.cross_entropy(self.classifier(features).float(), batch.labels)
@@ -306,7 +306,10 @@ class LOOK(Method):
             batch.labels,
             later=write_later,
         )
-        return StepOutput(total, metrics, inexact=terms.inexact)
+        # With the auxiliary CE term the loss is no longer one mean over the valid queries.
+        return StepOutput(
+            total, metrics, inexact=terms.inexact, anchors=anchors if ce is None else None
+        )
 
     @contextlib.contextmanager
     def exact_redo(self) -> Iterator[None]:

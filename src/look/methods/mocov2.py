@@ -22,7 +22,7 @@ from look.engine.distributed import (
     gather_rows_and_counts,
     get_rank,
     get_world_size,
-    global_masked_mean,
+    global_masked_mean_and_anchors,
     is_distributed,
 )
 from look.losses import info_nce_loss_terms
@@ -84,7 +84,7 @@ class MoCoV2(Method):
             query, key, self.queue.features.float(), temperature=self.options.temperature,
             negatives_valid=self.queue.search_valid(),
         )  # fmt: skip
-        loss = global_masked_mean(per_sample, valid)
+        loss, anchors = global_masked_mean_and_anchors(per_sample, valid)
         # Labels go into the queue only because the memory stores them; they are never read.
         # With defer_memory_writes the step's other micro-batches see the queue unchanged.
         self.queue_memory_write(
@@ -101,6 +101,7 @@ class MoCoV2(Method):
                 loss,
                 lambda: {"queue_filled_frac": self.queue.valid.sum() / self.queue.valid.numel()},
             ),
+            anchors=anchors,
         )
 
     def _shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:

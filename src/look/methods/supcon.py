@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from look.engine.distributed import gather_no_grad, gather_with_grad, get_rank, global_masked_mean
+from look.engine.distributed import gather_no_grad, gather_with_grad, get_rank, global_masked_mean_and_anchors
 from look.losses import supcon_loss_terms
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
 from look.methods.common import HeadOptions, embed
@@ -53,7 +53,9 @@ class SupCon(Method):
             contrast_labels=contrast_labels,
             anchor_positions=positions,
         )
-        loss = global_masked_mean(per_anchor, valid)
+        loss, anchors = global_masked_mean_and_anchors(per_anchor, valid)
         return StepOutput(
-            loss, self.step_metrics(loss, lambda: {"no_positive_frac": 1.0 - valid.float().mean()})
+            loss,
+            self.step_metrics(loss, lambda: {"no_positive_frac": 1.0 - valid.float().mean()}),
+            anchors=anchors,
         )
