@@ -7,7 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from look.engine.distributed import gather_no_grad, gather_with_grad, get_rank, global_masked_mean_and_anchors
+from look.engine.distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    get_rank,
+    global_masked_mean_and_anchors,
+)
 from look.losses import supcon_loss_terms
 from look.methods.base import Batch, Method, MethodContext, StepOutput, check_options
 from look.methods.common import HeadOptions, embed
