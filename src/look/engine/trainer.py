@@ -624,7 +624,9 @@ class Trainer:
             }
         if weights:
             if len(weights) != len(outputs):
-                raise RuntimeError("a method reported StepOutput.anchors for some micro-batches only")
+                raise RuntimeError(
+                    "a method reported StepOutput.anchors for some micro-batches only"
+                )
             total_weight = torch.stack(weights).sum()
             # With no valid item in the whole step every loss and gradient is an exact zero.
             divisor = torch.where(total_weight > 0, total_weight, 1.0)
