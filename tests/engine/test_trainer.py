@@ -104,6 +104,30 @@ def test_resume_mid_epoch_gives_the_identical_loss_curve(tmp_path: Path, method:
     assert split == full
 
 
+def test_the_training_loader_leaves_torchs_global_generator_alone(tmp_path: Path) -> None:
+    # A run resumed mid-epoch creates one loader iterator more than an uninterrupted run: had it
+    # drawn from the global generator, every later draw (MoCo's shuffled batch norm under DDP,
+    # dropout) would differ from the uninterrupted run's.
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config(), tmp_path / "run")
+    before = torch.get_rng_state()
+    next(iter(trainer._loader(epoch=1, start_step=2)))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_plan_shows_the_k_that_k_fraction_gives(tmp_path: Path) -> None:
+    from look.engine.trainer import Trainer
+
+    # 96 images in 4 classes: a mean class of 24, half of it 12. (k: null, or the default k,
+    # may stand next to k_fraction; another k may not.)
+    trainer = Trainer(tiny_config("method.k=null", "method.k_fraction=0.5"), tmp_path / "run")
+    method = trainer.plan()["method"]
+    assert method["k"] == 12 and method["k_fraction"] == 0.5
+    with pytest.raises(ConfigError, match=r"not both .*--set method\.k_fraction=null"):
+        Trainer(tiny_config("method.k_fraction=0.5"), tmp_path / "other")
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     pretrain(tiny_config("train.max_steps=2"), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"method\.k: checkpoint 5 vs now 6"):

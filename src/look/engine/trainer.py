@@ -10,7 +10,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +400,8 @@ class Trainer:
             "classes": self.data_info.num_classes,
             "backbone": self.cfg.model.backbone,
             "trainable_parameters": parameters,
-            "method": self.resolved["method"],
+            # The options the method runs with (LOOK's k as derived from k_fraction, say).
+            "method": {"name": self.resolved["method"]["name"], **asdict(self.method.options)},
             "memory": None if memory is None else repr(memory),
             "device": str(self.device),
             "amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "none",
@@ -471,6 +472,11 @@ class Trainer:
         self.sampler.set_start_step(start_step)
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
+        # Its own generator: an iterator without one draws its workers' base seed from torch's
+        # global generator, and a run resumed mid-epoch creates one iterator more than an
+        # uninterrupted run, shifting every later global draw (MoCo's shuffled batch norm,
+        # dropout). The workers' seeds matter to nothing: augmentations are seeded per image.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -479,6 +485,7 @@ class Trainer:
             pin_memory=self.device_type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
+            generator=generator,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

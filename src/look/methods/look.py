@@ -67,10 +67,12 @@ class LOOKOptions(HeadOptions):
             f"k_fraction must be in (0, 1] (a fraction of the mean class size), got {self.k_fraction}",
         )
         # k_fraction replaces k: a k set next to it would be silently ignored, so refuse it (the
-        # default k may stay, which is also what a saved run's resolved config holds).
+        # default k may stay, which is also what a saved run's resolved config holds, and null).
         check_options(
-            self.k_fraction is None or self.k == LOOKOptions.k,
-            f"give k or k_fraction, not both (k={self.k}, k_fraction={self.k_fraction})",
+            self.k_fraction is None or self.k in (None, LOOKOptions.k),
+            f"give k or k_fraction, not both (k={self.k}, k_fraction={self.k_fraction}); to "
+            "override a recipe's one with the other, set it to null, e.g. --set method.k=50 "
+            "--set method.k_fraction=null",
         )
         choices = {
             "no_positive": ("drop", "nearest"),
