@@ -128,6 +128,26 @@ def test_the_plan_shows_the_k_that_k_fraction_gives(tmp_path: Path) -> None:
         Trainer(tiny_config("method.k_fraction=0.5"), tmp_path / "other")
 
 
+def test_csv_logs_follow_every_checkpoint_and_log_each_steps_own_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csv
+
+    from look.engine.metrics_log import MetricsLogger
+
+    # A job killed before its end never closes its logger: its CSV files must not depend on it.
+    monkeypatch.setattr(MetricsLogger, "close", lambda self: None)
+    pretrain(tiny_config("optim.warmup_epochs=0", "train.max_steps=8"), tmp_path / "run")
+    with open(tmp_path / "run" / "metrics_train.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["step"]) for row in rows] == list(range(1, 9))
+    # Step 1 trains at the full rate (no warm-up), and every step at a positive one (the
+    # schedule reaches 0 after the last step of its 12).
+    assert float(rows[0]["lr"]) == pytest.approx(0.1)
+    assert all(float(row["lr"]) > 0 for row in rows)
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
     pretrain(tiny_config("train.max_steps=2"), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"method\.k: checkpoint 5 vs now 6"):

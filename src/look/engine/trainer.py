@@ -366,6 +366,10 @@ class Trainer:
                 state,
                 keep_last=self.cfg.train.keep_checkpoints,
             )
+            if self.logger is not None:
+                # The CSV files and TensorBoard follow the log at every checkpoint, not only at
+                # the end: a long job's curves can be watched, and a killed job keeps them.
+                self.logger.flush()
         barrier()
 
     def _resumable_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
@@ -539,7 +543,7 @@ class Trainer:
         return step % self.cfg.train.log_every_steps == 0 or step == self.total_steps
 
     def _queue_train_log(
-        self, metrics: dict[str, torch.Tensor], epoch: int, images_per_s: float
+        self, metrics: dict[str, torch.Tensor], epoch: int, images_per_s: float, lr: float
     ) -> None:
         """Average the step's metrics over ranks (a collective) and start copying them to the
         host; :meth:`_write_train_log` logs them."""
@@ -554,7 +558,7 @@ class Trainer:
             ready.record(torch.cuda.current_stream(stacked.device))
         else:
             values = stacked.to("cpu")
-        host_values = {"lr": self.optimizer.param_groups[0]["lr"], "epoch": epoch}
+        host_values = {"lr": lr, "epoch": epoch}
         self._pending_log = _PendingTrainLog(
             self.global_step, host_values, images_per_s, names, values, ready
         )
@@ -736,6 +740,7 @@ class Trainer:
         for epoch, batch in self._batches():
             # Only the steps that are logged compute the methods' diagnostics.
             self.method.wants_metrics = self._logs_step(self.global_step + 1)
+            step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
             metrics = self._step(epoch, batch)
             self._write_train_log(progress)  # the previous logged step's: on the host by now
             self.scheduler.step()
@@ -745,7 +750,7 @@ class Trainer:
             progress.update(1)
             if metrics is not None and self._logs_step(self.global_step):
                 elapsed = time.perf_counter() - window_start
-                self._queue_train_log(metrics, epoch, window_images / max(elapsed, 1e-9))
+                self._queue_train_log(metrics, epoch, window_images / max(elapsed, 1e-9), step_lr)
                 window_start, window_images = time.perf_counter(), 0
             epoch_done = self.global_step % self.steps_per_epoch == 0
             if epoch_done:
