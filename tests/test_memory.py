@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,6 +253,16 @@ def test_queue_batch_larger_than_capacity_keeps_newest_features() -> None:
     assert torch.allclose(queue.features[1], batch[6])
     assert torch.allclose(queue.features[2], batch[4])
     assert queue.ptr.item() == 2
+
+
+def test_a_queue_shorter_than_the_rows_written_at_once_warns() -> None:
+    # The method knows the per-rank batch: a queue shorter than it keeps part of every batch.
+    with pytest.warns(RuntimeWarning, match="queue of 3 entries is shorter than the 4 rows"):
+        MemoryQueue(3, DIM, rows_per_rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemoryQueue(4, DIM, rows_per_rank=4)
+        MemoryQueue(3, DIM)  # (no batch size known)
 
 
 def test_queue_reset_rewinds_pointer() -> None:

@@ -39,6 +39,7 @@ call ``update`` only after ``backward``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -751,6 +752,16 @@ class MemoryQueue(FeatureMemory):
             rows_per_rank=rows_per_rank,
         )
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
+        written = None if rows_per_rank is None else rows_per_rank * get_world_size()
+        if written is not None and gather_distributed and written > capacity:
+            # Allowed (it is what writing the rows one by one would leave), but rarely meant.
+            warnings.warn(
+                f"a queue of {capacity} entries is shorter than the {written} rows written into "
+                f"it at once (the batch of every rank): only the newest {capacity} of each "
+                "write stay in it; a queue_size of at least the global batch keeps them all",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def capacity(self) -> int:
