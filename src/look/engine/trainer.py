@@ -47,6 +47,7 @@ from look.engine.distributed import (
 from look.engine.metrics_log import MetricsLogger
 from look.engine.monitor import KnnMonitor, build_knn_monitor
 from look.engine.optim import build_lr_scheduler, build_optimizer
+from look.engine.run_lock import RunDirectoryBusyError, RunDirectoryLock
 from look.engine.sampler import GlobalBatchSampler
 from look.methods import (
     Batch,
@@ -706,6 +707,25 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunDirectoryLock(self.output_dir)
+        busy = None
+        if is_main_process():
+            try:
+                lock.acquire()
+            except RunDirectoryBusyError as error:
+                busy = str(error)
+        if is_distributed():  # every rank stops, not rank 0 alone
+            message = [busy]
+            torch.distributed.broadcast_object_list(message, src=0)
+            busy = message[0]
+        if busy is not None:
+            raise RunDirectoryBusyError(busy)
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> TrainResult:
         resumed = self._try_resume()
         self.logger = MetricsLogger(
             self.output_dir, tensorboard=self.cfg.train.tensorboard, enabled=is_main_process()
