@@ -180,12 +180,33 @@ def gather_rows_padded(
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Like :func:`gather_no_grad`, but gradients flow back to each rank's own slice."""
+    """Like :func:`gather_no_grad`, but gradients flow back to each rank's own slice (summed
+    over the ranks whose losses used it). Every rank passes the same shape."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(tensor)
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient of this rank's slice
+    (``torch.distributed.nn.functional.all_gather`` does the same, and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        return gather_no_grad(tensor)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        world_size, rank = get_world_size(), get_rank()
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            own = grad.new_empty((grad.shape[0] // world_size, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(own, grad, op=dist.ReduceOp.SUM)
+            return own
+        # gloo has no reduce-scatter: sum the whole gradient, keep this rank's slice.
+        summed = grad.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.chunk(world_size, dim=0)[rank].contiguous()
 
 
 class Anchors(NamedTuple):
