@@ -140,3 +140,89 @@ def test_errors_raised_in_dataloader_workers_print_their_own_message() -> None:
     assert "Original Traceback" in str(info.value)  # what PyTorch re-raises
     assert error_message(info.value) == "cannot decode image file x.png; remove or replace it"
     assert error_message(ValueError("plain")) == "plain"
+
+
+def test_output_paths_are_checked_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    a_folder = tmp_path / "d.safetensors"
+    a_folder.mkdir()
+    # The data root is missing too: the output error comes first, before the data is read.
+    pretrain = _pretrain_args(a_file, "data.dataset=imagefolder", f"data.root={tmp_path / 'no'}")
+    evaluate = ["evaluate", "--timm", "resnet18", "--dataset", "digits"]
+    cases = [
+        (pretrain, f"--output {a_file} is a file, not a folder"),
+        ([*pretrain, "--dry-run"], f"--output {a_file} is a file, not a folder"),
+        (
+            _pretrain_args(a_file / "sub"),
+            f"--output {a_file / 'sub'}: {a_file} is a file, not a folder",
+        ),
+        ([*evaluate, "--output", str(a_file)], f"--output {a_file} is a file, not a folder"),
+        (
+            [*evaluate, "--output", str(tmp_path / "eval"), "--cache-dir", str(a_file)],
+            f"--cache-dir {a_file} is a file, not a folder",
+        ),
+        (["report", str(tmp_path), "--output", str(a_file)], f"--output {a_file} is a file"),
+        (
+            ["analyze", "--results", str(tmp_path), "--output", str(a_file / "x")],
+            f"--output {a_file / 'x'}: {a_file} is a file, not a folder",
+        ),
+        (["demo", "--output", str(a_file)], f"--output {a_file} is a file, not a folder"),
+        (
+            ["export", "--checkpoint", str(tmp_path), "--output", str(a_folder)],
+            f"--output {a_folder} is a folder, not a file",
+        ),
+        (
+            ["export", "--checkpoint", str(tmp_path), "--output", str(a_file / "b.safetensors")],
+            f"--output {a_file / 'b.safetensors'}: {a_file} is a file, not a folder",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"look: error: {message}") and err.count("\n") == 1, (argv, err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "d.safetensors"]
+    # With --debug the same check raises, with its traceback.
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        main(["--debug", *pretrain])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(13, "Permission denied", "/shared/runs/x"),
+        IsADirectoryError(21, "Is a directory", "out.json"),
+        FileExistsError(17, "File exists", "runs/x"),
+        OSError(28, "No space left on device"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_os_errors_are_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: OSError
+) -> None:
+    def failing(_: object) -> int:
+        raise error
+
+    monkeypatch.setattr("look.cli._run_methods", failing)
+    assert main(["methods"]) == 2
+    assert capsys.readouterr().err == f"look: error: {error}\n"
+
+
+def test_bugs_and_interrupts_are_not_hidden(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def buggy(_: object) -> int:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("look.cli._run_methods", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["methods"])
+
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("look.cli._run_methods", interrupted)
+    assert main(["methods"]) == 130
+    assert "interrupted" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 DESCRIPTION = """\
 LOOK: Leave-One-Out K-Nearest-Neighbour supervised pre-training (Feng et al., ICLR 2022).
@@ -217,6 +218,50 @@ def _run_methods(_: argparse.Namespace) -> int:
     return 0
 
 
+class OutputPath(NamedTuple):
+    """A path a command writes: a folder (created if missing) or a single file."""
+
+    option: str
+    path: Path
+    is_folder: bool
+
+
+def output_paths(args: argparse.Namespace) -> list[OutputPath]:
+    """The paths ``args.command`` will write, to be checked before it does any work."""
+    if args.command == "export":
+        return [OutputPath("--output", Path(args.output), is_folder=False)]
+    if args.command not in ("pretrain", "evaluate", "analyze", "report", "demo"):
+        return []
+    paths = [OutputPath("--output", Path(args.output), is_folder=True)]
+    if args.command == "evaluate" and not args.no_cache and args.cache_dir:
+        paths.append(OutputPath("--cache-dir", Path(args.cache_dir), is_folder=True))
+    return paths
+
+
+def check_output_path(output: OutputPath) -> None:
+    """Fail now, naming the path, when ``output`` cannot be written: otherwise the command meets
+    it only when it writes, possibly after hours of training or evaluation."""
+    path = output.path
+    if output.is_folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{output.option} {path} is a file, not a folder; pass a folder (created if missing)"
+        )
+    if not output.is_folder and path.is_dir():
+        raise IsADirectoryError(
+            f"{output.option} {path} is a folder, not a file; pass a file path such as "
+            f"{path / 'backbone.safetensors'}"
+        )
+    # The nearest existing ancestor decides whether the missing folders can be created.
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(
+                    f"{output.option} {path}: {ancestor} is a file, not a folder, so nothing can "
+                    "be written under it"
+                )
+            break
+
+
 def error_message(exc: BaseException) -> str:
     """The one-line message of ``exc``, also for errors re-raised from a DataLoader worker.
 
@@ -255,13 +300,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     if args.debug or os.environ.get("LOOK_DEBUG"):
+        for output in output_paths(args):
+            check_output_path(output)
         return handlers[args.command](args)
     from look.config import ConfigError
     from look.engine.trainer import TrainingStepError
 
     try:
+        for output in output_paths(args):
+            check_output_path(output)
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError, TrainingStepError, ValueError) as exc:
+    # OSError: a path the user gave that cannot be read or written (permissions, a file where a
+    # folder belongs, a full disk) is a usage error like a missing file, not a bug.
+    except (ConfigError, OSError, TrainingStepError, ValueError) as exc:
         print(f"look: error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,46 @@ def test_index_out_of_range() -> None:
     dataset, _ = build_train_dataset(SYNTHETIC, num_views=1, seed=0)
     with pytest.raises(IndexError):
         dataset[48]
+
+
+# ---- warnings about labels a supervised method cannot learn from well -------------------------
+
+
+def test_well_populated_labels_build_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_train_dataset(SYNTHETIC, num_views=1, seed=0)
+
+
+def test_single_image_classes_are_named(image_folder: Path, make_png) -> None:
+    make_png(image_folder / "train" / "bird" / "0.png", (0, 200, 0))
+    with pytest.warns(UserWarning, match=r"1 training class\(es\) hold a single image: 'bird';"):
+        build_train_dataset(DataSpec("imagefolder", root=str(image_folder)), num_views=1, seed=0)
+    # Many of them: the first ten by name, then a count.
+    spec = DataSpec("synthetic", synthetic_num_samples=120, synthetic_num_classes=12, subset=12)
+    with pytest.warns(UserWarning, match="single image") as caught:
+        build_train_dataset(spec, num_views=1, seed=0)
+    (message,) = [str(w.message) for w in caught if "single image" in str(w.message)]
+    assert "'class_9'" in message and "'class_10'" not in message and "and 2 more" in message
+
+
+def test_a_single_training_class_is_flagged(tmp_path: Path) -> None:
+    path = tmp_path / "one.json"
+    path.write_text('{"fine_to_coarse": {"class_0": "all", "class_1": "all", "class_2": "all"}}')
+    spec = DataSpec(
+        "synthetic", synthetic_num_samples=30, synthetic_num_classes=3, labels=str(path)
+    )
+    with pytest.warns(UserWarning, match="every training image has the same label 'all'"):
+        _, info = build_train_dataset(spec, num_views=1, seed=0)
+    assert info.num_classes == 1  # a warning, not an error: mocov2 ignores the labels
+
+
+def test_label_warnings_come_from_the_first_rank_only(
+    monkeypatch: pytest.MonkeyPatch, image_folder: Path, make_png
+) -> None:
+    make_png(image_folder / "train" / "bird" / "0.png", (0, 200, 0))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_train_dataset(DataSpec("imagefolder", root=str(image_folder)), num_views=1, seed=0)

@@ -192,6 +192,39 @@ def test_val_class_folder_unknown_to_train_is_rejected(image_folder: Path, make_
         read_image_folder(image_folder, "train", "val", corrupt_images="fail")
 
 
+@pytest.mark.parametrize("dataset", ["imagefolder", "fashion_mnist", "cifar10"])
+def test_root_that_is_a_file_is_named_as_such(tmp_path: Path, dataset: str) -> None:
+    a_file = tmp_path / "images.zip"
+    a_file.write_bytes(b"PK")
+    with pytest.raises(ValueError, match=rf"root {re.escape(str(a_file))} is a file, not a folder"):
+        load_source(DataSpec(dataset, root=str(a_file)), "train")
+
+
+def test_hidden_folders_are_not_classes(image_folder: Path, make_png) -> None:
+    for split in ("train", "val"):
+        make_png(image_folder / split / ".ipynb_checkpoints" / "0.png", (9, 9, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train = read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+        val = read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+    assert train.class_names == ("cat", "dog") and (len(train), len(val)) == (6, 2)
+    assert not any(".ipynb_checkpoints" in path for path in (*train.paths, *val.paths))
+    # Also when the root itself is the training split.
+    root_only = read_image_folder(image_folder / "train", "train", "train", corrupt_images="fail")
+    assert root_only.class_names == ("cat", "dog")
+
+
+def test_val_split_lacking_train_classes_warns_naming_them(image_folder: Path, make_png) -> None:
+    birds = [f"bird_{i:02d}" for i in range(12)]
+    for name in birds:
+        make_png(image_folder / "train" / name / "0.png", (0, 200, 0))
+    with pytest.warns(UserWarning, match="lacks 12 of the 14 class folders") as caught:
+        val = read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+    message = str(caught[0].message)
+    assert "'bird_09'" in message and "'bird_10'" not in message and "and 2 more" in message
+    assert val.class_names[:2] == ("bird_00", "bird_01") and len(val) == 2
+
+
 def test_missing_image_folder_root(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent"))):
         load_source(DataSpec("imagefolder", root=str(tmp_path / "absent")), "train")

@@ -12,7 +12,13 @@ import torch
 from torch.utils.data import Dataset
 
 from look.data.groupings import grouping_for_labels
-from look.data.sources import ImageSource, SubsetSource, load_source
+from look.data.sources import (
+    ImageSource,
+    SubsetSource,
+    load_source,
+    name_some,
+    warn_on_first_rank,
+)
 from look.data.spec import DataSpec, resolve_image_size, validate_spec
 from look.data.synthetic import synthetic_coarse_grouping
 from look.data.transforms import build_eval_transform, build_train_transform, resolve_augment
@@ -265,6 +271,27 @@ def _data_info(
     )
 
 
+def warn_about_risky_labels(
+    class_names: tuple[str, ...], targets: torch.Tensor, description: str
+) -> None:
+    """Warn (not fail: a self-supervised method ignores labels) about training labels that a
+    supervised method cannot learn from well."""
+    counts = torch.bincount(targets, minlength=len(class_names)).tolist()
+    populated = [name for name, count in zip(class_names, counts, strict=True) if count > 0]
+    if len(populated) == 1:
+        warn_on_first_rank(
+            f"{description}: every training image has the same label {populated[0]!r}; a "
+            "supervised method (ce, sl_mlp, supcon, nca, look) has nothing to learn from it"
+        )
+    single = [name for name, count in zip(class_names, counts, strict=True) if count == 1]
+    if single:
+        warn_on_first_rank(
+            f"{description}: {len(single)} training class(es) hold a single image: "
+            f"{name_some(single)}; under leave-one-out (look, nca) such an image never has a "
+            "neighbour of its class, so it has no positive"
+        )
+
+
 def build_train_dataset(
     spec: DataSpec, *, num_views: int, seed: int
 ) -> tuple[TrainDataset, DataInfo]:
@@ -276,6 +303,7 @@ def build_train_dataset(
     source, class_names, targets, grouping, fine_to_coarse = _labelled_source(
         spec, spec.split_train, spec.labels
     )
+    warn_about_risky_labels(class_names, targets, f"{source.description} (labels {spec.labels})")
     image_size = resolve_image_size(spec)
     recipe = resolve_augment(spec.augment, image_size, spec.dataset)
     transform = build_train_transform(recipe, image_size, source.native_size, spec.dataset)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms.v2 import functional as TF
 
 from look.data.idx import read_idx
@@ -283,6 +283,29 @@ def _check_split(dataset: str, split: str, available: Sequence[str]) -> None:
         )
 
 
+def _reject_file_root(dataset: str, root: Path) -> None:
+    """A root that is a file would otherwise read as "not found" or "does not exist"."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"{dataset} root {root} is a file, not a folder; pass --set data.root=DIR (or "
+            f"--dataset {dataset}:DIR) with the folder that holds the data"
+        )
+
+
+def warn_on_first_rank(message: str) -> None:
+    """``warnings.warn`` once per job: under DDP every rank builds the same data."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        return
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def name_some(names: Sequence[str], limit: int = 10) -> str:
+    """``names`` quoted and comma-separated, at most ``limit`` of them, then "and N more"."""
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def idx_search_folders(dataset: str, root: Path) -> tuple[Path, ...]:
     """Where IDX files of ``dataset`` are looked for: ``root`` itself, then torchvision's layout."""
     return (root, root / _TORCHVISION_IDX_FOLDER[dataset] / "raw")
@@ -326,6 +349,7 @@ def read_idx_dataset(
 ) -> TensorImageSource:
     """Fashion-MNIST or MNIST from IDX files in ``root`` or ``root/<FashionMNIST|MNIST>/raw``."""
     _check_split(dataset, split, tuple(_IDX_FILE_STEMS))
+    _reject_file_root(dataset, root)
     image_stem, label_stem = _IDX_FILE_STEMS[split]
     paths = [find_idx_file(dataset, root, stem) for stem in (image_stem, label_stem)]
     if None in paths and download:
@@ -360,6 +384,7 @@ def read_cifar(
     from torchvision import datasets
 
     _check_split(dataset, split, ("train", "test"))
+    _reject_file_root(dataset, root)
     dataset_class = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     folder = root / dataset_class.base_folder
     try:
@@ -425,6 +450,7 @@ def read_synthetic(spec: DataSpec, split: str) -> TensorImageSource:
 
 def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path, Path]:
     """(folder defining the classes, folder holding ``split``) for an ImageFolder root."""
+    _reject_file_root("imagefolder", root)
     if not root.is_dir():
         raise FileNotFoundError(
             f"imagefolder root {root} does not exist; pass --set data.root=DIR with one sub-folder "
@@ -453,24 +479,45 @@ def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path
     )
 
 
+def class_folder_names(folder: Path) -> list[str]:
+    """Sorted names of the class sub-folders of ``folder``.
+
+    Hidden folders (``.ipynb_checkpoints``, ``.git``, ``.Trash-1000``, …) are tools' litter, not
+    classes, so names starting with "." are skipped.
+    """
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
 def read_image_folder(
     root: Path, split_train: str, split: str, *, corrupt_images: str
 ) -> ImageFolderSource:
     """An ImageFolder split; class names (and their indices) always come from the training folder."""
     class_folder, split_folder = _image_folder_layout(root, split_train, split)
-    try:
-        class_names, class_to_index = find_classes(str(class_folder))
-    except FileNotFoundError as error:
+    class_names = class_folder_names(class_folder)
+    if not class_names:
         raise FileNotFoundError(
             f"imagefolder: no class sub-folders in {class_folder}; it needs one sub-folder per class "
             "holding that class's images"
-        ) from error
-    present = sorted(entry.name for entry in split_folder.iterdir() if entry.is_dir())
+        )
+    class_to_index = {name: index for index, name in enumerate(class_names)}
+    present = class_folder_names(split_folder)
     unknown = [name for name in present if name not in class_to_index]
     if unknown:
         raise ValueError(
-            f"imagefolder: {split_folder} has class folders {unknown} that the training folder "
-            f"{class_folder} lacks; the splits must use the same class folder names"
+            f"imagefolder: {split_folder} has class folders {name_some(unknown)} that the training "
+            f"folder {class_folder} lacks; the splits must use the same class folder names"
+        )
+    absent = [name for name in class_names if name not in present]
+    if absent:
+        # Legal (a small test set may miss a class), but its per-class figures are then
+        # computed without those classes, which is easy to miss.
+        warn_on_first_rank(
+            f"imagefolder: {split_folder} lacks {len(absent)} of the {len(class_names)} class "
+            f"folders of {class_folder}: {name_some(absent)}"
         )
     samples = make_dataset(
         str(split_folder), class_to_index, extensions=IMG_EXTENSIONS, allow_empty=True
