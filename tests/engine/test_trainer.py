@@ -157,6 +157,35 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
         pretrain(tiny_config("method.k=6", "train.max_steps=1"), tmp_path / "run", resume=False)
 
 
+def test_resume_follows_the_data_not_its_folder(tmp_path: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from tests.engine.test_check_images import image_folder_overrides, write_image_folder
+
+    images, run = tmp_path / "images", tmp_path / "run"
+    write_image_folder(images, broken=0)
+    pretrain(tiny_config(*image_folder_overrides(images, "train.max_steps=1")), run)
+    # The same images copied elsewhere (a node's local disk): the run goes on from there.
+    shutil.copytree(images, tmp_path / "copy")
+    copy = image_folder_overrides(tmp_path / "copy", "train.max_steps=2")
+    assert pretrain(tiny_config(*copy), run).global_step == 2
+    # One image more: the checkpoint's memory rows and sampler positions index another list.
+    Image.new("RGB", (16, 16)).save(tmp_path / "copy" / "train" / "a" / "extra.png")
+    with pytest.raises(
+        ConfigError, match=r"trained on other data .*16 images in 2 classes.*17 images"
+    ):
+        pretrain(tiny_config(*image_folder_overrides(tmp_path / "copy")), run)
+    # Renamed, same count: refused too.
+    (tmp_path / "copy" / "train" / "a" / "extra.png").unlink()
+    (tmp_path / "copy" / "train" / "a" / "00.png").rename(
+        tmp_path / "copy" / "train" / "a" / "x.png"
+    )
+    with pytest.raises(ConfigError, match=r"trained on other data .*16 images.*16 images"):
+        pretrain(tiny_config(*image_folder_overrides(tmp_path / "copy")), run)
+
+
 def test_resume_may_change_the_search_backend_and_chunk_size(tmp_path: Path) -> None:
     # Speed settings only; a run saved before method.search_backend existed must resume too.
     pretrain(tiny_config("train.max_steps=2", "method.search_backend=torch"), tmp_path / "run")

@@ -12,6 +12,7 @@ from look.data.datasets import (
     build_eval_dataset,
     build_train_dataset,
     stratified_subset,
+    training_data_identity,
     view_seed,
 )
 from look.data.groupings import (
@@ -80,6 +81,7 @@ __all__ = [
     "resolve_image_size",
     "stratified_subset",
     "synthetic_coarse_grouping",
+    "training_data_identity",
     "validate_spec",
     "view_seed",
     "write_idx",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -323,3 +327,28 @@ def build_eval_dataset(
     transform = build_eval_transform(resolve_image_size(spec), source.native_size, spec.dataset)
     dataset = EvalDataset(source, targets, transform)
     return dataset, _data_info(spec, source, class_names, targets, grouping, fine_to_coarse)
+
+
+def training_data_identity(dataset: TrainDataset, info: DataInfo) -> dict[str, Any]:
+    """What makes two runs' training data the same, whatever folder it is read from: the image
+    count, the class names, every image's label and, for data read from files, every file's
+    path below its dataset root (no file is opened or stat-ed: cheap for a million images).
+
+    A resumed run compares it with its checkpoint's: its memory rows and sampler positions are
+    indices into this exact list of images. The data may move (``data.root``, a grouping file's
+    path) as long as this stays the same.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps([info.class_names, info.fine_class_names]).encode())
+    digest.update(info.labels.to(torch.int64).numpy().tobytes())
+    paths = dataset.source.file_paths
+    if paths is not None:
+        # Relative to the deepest folder all paths share (the root, or its split folder).
+        base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        for path in paths:
+            digest.update(os.path.relpath(path, base).encode() + b"\n")
+    return {
+        "images": info.num_samples,
+        "classes": len(info.class_names),
+        "sha256": digest.hexdigest(),
+    }

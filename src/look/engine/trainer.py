@@ -27,6 +27,7 @@ from look.data import (
     build_train_dataset,
     describe,
     find_unreadable_images,
+    training_data_identity,
 )
 from look.engine.checkpoint import (
     capture_rng_state,
@@ -71,6 +72,17 @@ _RESUME_MAY_DIFFER = {
     ("method", "chunk_size"),
     ("optim", "grad_accum_steps"),
 }
+
+# Where the training data is read from: may change on resume when the data itself is the same
+# (checked by its identity, :func:`look.data.training_data_identity`).
+_DATA_LOCATION = frozenset({("data", "root"), ("data", "labels")})
+
+
+def _describe_identity(identity: dict[str, Any]) -> str:
+    return (
+        f"{identity['images']} images in {identity['classes']} classes, "
+        f"sha256 {str(identity['sha256'])[:12]}"
+    )
 
 
 class TrainingStepError(RuntimeError):
@@ -117,13 +129,18 @@ def _collate(items: list[tuple[tuple[torch.Tensor, ...], int, int]]) -> Batch:
     return Batch(views=views, labels=labels, indices=indices)
 
 
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def _config_differences(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    may_differ: frozenset[tuple[str, str]] = frozenset(),
+) -> list[str]:
     diffs: list[str] = []
     for section in _RESUME_MUST_MATCH:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(set(old) | set(new)):
-                if (section, key) in _RESUME_MAY_DIFFER:
+                if (section, key) in _RESUME_MAY_DIFFER or (section, key) in may_differ:
                     continue
                 if old.get(key) != new.get(key):
                     diffs.append(
@@ -228,6 +245,7 @@ class Trainer:
         self.dataset, self.data_info = build_train_dataset(
             data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
         )
+        self.data_identity = training_data_identity(self.dataset, self.data_info)
         self.global_batch = cfg.optim.batch_size
         world = get_world_size()
         if self.global_batch > self.data_info.num_samples:
@@ -339,6 +357,7 @@ class Trainer:
             "global_batch_size": self.global_batch,
             "world_size": get_world_size(),
             "config": self.resolved,
+            "data_identity": self.data_identity,
             "look_version": look.__version__,
         }
 
@@ -382,7 +401,22 @@ class Trainer:
         if loaded is None:
             return None
         state, path = loaded
-        diffs = _config_differences(state["config"], self.resolved)
+        saved_identity = state.get("data_identity")  # (checkpoints before it existed: None)
+        if saved_identity is not None and saved_identity != self.data_identity:
+            raise ConfigError(
+                f"{self.output_dir} holds a run trained on other data (checkpoint {path.name}: "
+                f"{_describe_identity(saved_identity)}; now {_describe_identity(self.data_identity)}"
+                "): images were added, removed, renamed or relabelled, and the checkpoint's memory "
+                "and sampler positions index the old list. Restore the data, or use a new "
+                "--output directory (--no-resume starts over there)."
+            )
+        # The same data read from elsewhere (a copy on a node's local disk, a grouping file at
+        # another path) may resume: the identity above vouches for it.
+        diffs = _config_differences(
+            state["config"],
+            self.resolved,
+            may_differ=_DATA_LOCATION if saved_identity is not None else frozenset(),
+        )
         if diffs:
             raise ConfigError(
                 f"{self.output_dir} holds a run with a different configuration (checkpoint "
