@@ -167,7 +167,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             # YAML reads `--set train.channels_last=false` as a boolean; the field spells it.
             return "true" if value else "false"
         if key in _CHOICES:
-            raise ConfigError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}")
+            # YAML 1.1 reads yes/no/on/off as booleans: say so, or "got True" puzzles the user.
+            read_as = " (YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}{read_as}")
         raise ConfigError(f"{key} must be a string, got {value!r}")
     if origin is tuple:
         if isinstance(value, (list, tuple)):
