@@ -46,6 +46,18 @@ def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "k=500 is impossible" in capsys.readouterr().err
 
 
+def test_a_configuration_error_is_printed_by_rank_0_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under torchrun every rank meets it: one message, not one per rank.
+    monkeypatch.setenv("RANK", "1")
+    assert main(_pretrain_args(tmp_path / "r", "method.k=500")) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(_pretrain_args(tmp_path / "r", "method.k=500")) == 2
+    assert "k=500 is impossible" in capsys.readouterr().err
+
+
 def test_dry_run_checks_everything_and_writes_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -313,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OSError: a path the user gave that cannot be read or written (permissions, a file where a
     # folder belongs, a full disk) is a usage error like a missing file, not a bug.
     except (ConfigError, OSError, TrainingStepError, ValueError) as exc:
-        print(f"look: error: {error_message(exc)}", file=sys.stderr)
+        # Under torchrun every rank meets a configuration error alike: rank 0 says it once.
+        if not isinstance(exc, ConfigError) or os.environ.get("RANK", "0") == "0":
+            print(f"look: error: {error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("look: interrupted; the last checkpoint is kept", file=sys.stderr)
