@@ -164,3 +164,22 @@ def test_report_baseline_flag(tmp_path: Path) -> None:
     assert "| look (coarse) | +2.00 (the same on all 2 seeds), no clear difference |" in markdown
     with pytest.raises(ValueError, match="names no row"):
         run_report(parser.parse_args([*common, "--baseline", "supcon"]))
+
+
+def test_report_names_colliding_files_without_python_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.analysis.test_report import write_results
+
+    paths = [
+        write_results(tmp_path / "runs" / name, method="look", seed=0, protocols={"linear": 0.8})
+        for name in ("first", "again")
+    ]
+    args = build_parser().parse_args(
+        ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]
+    )
+    assert run_report(args) == 0
+    errors = capsys.readouterr().err
+    assert errors.startswith("look: warning: 2 inputs give 'look (coarse)' on fashion_mnist seed 0")
+    assert all(str(path.resolve()) in errors for path in paths)
+    assert "warnings.warn" not in errors and "report.py" not in errors

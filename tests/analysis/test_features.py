@@ -174,3 +174,16 @@ def test_feature_sets_from_evaluation_results_and_cache(tmp_path: Path) -> None:
     no_cache.write_text(json.dumps(evaluation_results(cache_path=None)), encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="records no feature cache"):
         feature_sets_from_results([no_cache])
+
+
+def test_cache_rows_of_unreadable_images_are_left_out(tmp_path: Path) -> None:
+    # A cache of `look evaluate --corrupt-images skip`: rows 1 and 4 hold a substitute's features.
+    features, fine = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    cache = tmp_path / "abc.pt"
+    torch.save(
+        {"features": features, "fine_labels": fine, "unreadable": torch.tensor([1, 4]), "meta": {}},
+        cache,
+    )
+    loaded = load_feature_set(cache)
+    torch.testing.assert_close(loaded.features, features[[0, 2, 3, 5]])
+    assert loaded.labels.tolist() == [0, 1, 1, 2]

@@ -6,12 +6,13 @@ import csv
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from look.analysis.report import MISSING, find_report_inputs, write_report
+from look.analysis.report import MISSING, RepeatedSeedWarning, find_report_inputs, write_report
 from tests.analysis.synthetic import evaluation_results
 
 
@@ -261,3 +262,58 @@ def test_report_of_evaluation_format_results(tmp_path: Path) -> None:
     # Evaluated on coarse labels: another column group, its own row.
     assert "fashion_mnist (coarse)<br>linear" in rows["__header__"]
     assert rows["resnet18 (coarse)"][0] == MISSING
+
+
+def _write_imagefolder_evaluation(folder: Path, root: str, *, seed: int = 0) -> Path:
+    content = evaluation_results(seed=seed, dataset="imagefolder")
+    content["dataset"]["root"] = root
+    folder.mkdir(parents=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def test_report_keeps_image_folders_apart(tmp_path: Path) -> None:
+    _write_imagefolder_evaluation(tmp_path / "in" / "a", "/data/pets")
+    _write_imagefolder_evaluation(tmp_path / "in" / "b", "/data/flowers")
+    _write_imagefolder_evaluation(tmp_path / "in" / "c", "/other/pets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one seed per row and dataset: nothing repeats
+        outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    rows = markdown_rows(outputs.markdown.read_text(encoding="utf-8"), "## Transfer accuracy")
+    datasets = list(dict.fromkeys(h.split("<br>")[0] for h in rows["__header__"]))
+    # Two roots named "pets" are told apart by their full path.
+    assert datasets == ["imagefolder:/data/pets", "imagefolder:flowers", "imagefolder:/other/pets"]
+    assert all(cell.endswith("(1 seed)") for cell in rows["look [resnet18] (coarse)"])
+
+
+def test_repeated_seeds_name_the_colliding_files(tmp_path: Path) -> None:
+    first = _write_imagefolder_evaluation(tmp_path / "in" / "a", "/data/pets")
+    second = _write_imagefolder_evaluation(tmp_path / "in" / "b", "/data/pets")
+    with pytest.warns(RepeatedSeedWarning) as caught:
+        write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    assert len(caught) == 1, "one message per row, dataset and seed, not per metric"
+    message = str(caught[0].message)
+    assert "'look [resnet18] (coarse)' on imagefolder:pets seed 0" in message
+    assert str(first.resolve()) in message and str(second.resolve()) in message
+
+
+def test_report_shows_the_k_a_knn_column_really_used(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        content = evaluation_results(seed=seed)
+        content["protocols"]["knn"]["results"][1]["k_effective"] = 54
+        folder = tmp_path / "in" / f"s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(content), encoding="utf-8")
+    outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    row = markdown_rows(markdown, "## Transfer accuracy")["look [resnet18] (coarse)"]
+    assert row[1] == "70.00 ± 0.00 (2 seeds)" and row[2] == "65.00 ± 0.00 (2 seeds, k = 54)"
+    assert "only N neighbours voted" in markdown
+    cells = json.loads(outputs.json.read_text(encoding="utf-8"))["cells"]
+    k200 = next(c for c in cells if c["metric"] == "knn/k200/top1")
+    assert k200["k_effective"] == [54]
+    with outputs.csv.open(encoding="utf-8", newline="") as handle:
+        by_metric = {row["metric"]: row for row in csv.DictReader(handle)}
+    assert by_metric["knn/k200/top1"]["k_effective"] == "54"
+    assert by_metric["knn/k20/top1"]["k_effective"] == ""

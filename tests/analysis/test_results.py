@@ -117,3 +117,22 @@ def test_method_labels() -> None:
         {"method": "supcon"}, content={"protocols": {"knn": {"features": "head"}}, "seed": 4}
     )
     assert method_label(head) == "supcon [head]" and head["seed"] == 4
+
+
+def test_image_folders_are_named_after_their_root_and_clipped_k_is_kept(tmp_path: Path) -> None:
+    content = evaluation_results(dataset="imagefolder")
+    content["dataset"]["root"] = "/data/pets"
+    content["protocols"]["knn"]["results"][1]["k_effective"] = 54
+    result = read_results_file(write(tmp_path / "results.json", content))
+    assert result.dataset == "imagefolder:pets" and result.dataset_root == "/data/pets"
+    assert result.knn_k_effective == {"knn/k200": 54}, "k20 was not clipped"
+    # A built-in dataset keeps its name whatever its root.
+    content = evaluation_results()
+    content["dataset"]["root"] = "/data/fmnist"
+    result = read_results_file(write(tmp_path / "results.json", content))
+    assert result.dataset == "fashion_mnist" and result.dataset_root is None
+    assert result.knn_k_effective == {}
+    # The compact shape names entries by their key.
+    compact = {"model": "m", "dataset": "toy", "protocols": {"knn": {"k200": {"k_effective": 9}}}}
+    result = read_results_file(write(tmp_path / "c.json", compact))
+    assert result.knn_k_effective == {"knn/k200": 9}

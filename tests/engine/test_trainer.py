@@ -86,6 +86,12 @@ def test_tiny_run_writes_everything(tmp_path: Path) -> None:
     assert state["model"]["memory.valid"].all()
     backbone, dim = load_exported_backbone(str(run / "backbone.safetensors"))
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, dim)
+    # The file alone (copied out of the run) still says how the backbone was pre-trained.
+    from safetensors import safe_open
+
+    with safe_open(str(run / "backbone.safetensors"), "pt") as exported:
+        metadata = exported.metadata()
+    assert metadata["dataset"] == "synthetic" and metadata["image_size"] == "16"
 
 
 @pytest.mark.parametrize("method", ["look", "look_sharded_bank", "ce"])

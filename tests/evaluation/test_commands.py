@@ -137,10 +137,11 @@ def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
     ]  # fmt: skip
     with pytest.raises(CorruptImageError, match=r"broken\.png.*--corrupt-images skip"):
         run(build_parser().parse_args(argv))
-    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image .*broken\.png"):
+    with pytest.warns(RuntimeWarning, match=r"left out 1 unreadable image.*broken\.png"):
         assert run(build_parser().parse_args([*argv, "--corrupt-images", "skip"])) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert report["features"]["train"]["num_images"] == 9
+    assert report["features"]["train"]["num_images"] == 8, "left out, not replaced"
+    assert report["features"]["train"]["unreadable_files"] == [str(root / "train/cat/broken.png")]
     assert report["protocols"]["knn"]["results"][0]["k_effective"] == 3
 
 

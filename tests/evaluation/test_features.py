@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 from look.data import DataSpec, EvalDataset, build_eval_dataset
 from look.evaluation import (
     FeatureModel,
+    data_files_fingerprint,
     extract_features,
     feature_cache_key,
     load_or_extract_features,
@@ -136,3 +138,44 @@ def test_feature_model_selects_backbone_or_head() -> None:
 def test_empty_dataset_is_refused() -> None:
     with pytest.raises(ValueError, match="dataset is empty"):
         extract_features(CountingModel(), [], progress=False)
+
+
+def test_files_fingerprint_follows_the_files_not_their_contents(tmp_path: Path) -> None:
+    from tests.data.conftest import write_png, write_tiny_idx_dataset
+
+    write_tiny_idx_dataset(tmp_path / "idx", compress=False)
+    idx_spec = DataSpec(dataset="fashion_mnist", root=str(tmp_path / "idx"))
+    idx_source = build_eval_dataset(idx_spec, "test")[0].source
+    before = data_files_fingerprint(idx_spec, idx_source)
+    assert before is not None and data_files_fingerprint(idx_spec, idx_source) == before
+    write_tiny_idx_dataset(tmp_path / "idx", compress=False, seed=1)  # new images, same sizes
+    images = tmp_path / "idx" / "t10k-images-idx3-ubyte"
+    stat = images.stat()
+    os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert data_files_fingerprint(idx_spec, idx_source) != before
+
+    folder_spec = DataSpec(dataset="imagefolder", root=str(tmp_path / "images"))
+    for name in ("cat", "dog"):
+        write_png(tmp_path / "images" / "train" / name / "0.png", (0, 0, 0))
+    folder_source = build_eval_dataset(folder_spec, "train")[0].source
+    before = data_files_fingerprint(folder_spec, folder_source)
+    write_png(tmp_path / "images" / "train" / "cat" / "0.png", (0, 0, 0), size=24)  # resized
+    assert data_files_fingerprint(folder_spec, folder_source) != before
+    assert data_files_fingerprint(SPEC, build_eval_dataset(SPEC, "train")[0].source) is None
+
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    common = {
+        "weights_fingerprint": state_fingerprint(model),
+        "model_identity": {"backbone": "counting", "small_stem": False},
+        "output": "backbone",
+        "dataset_spec": SPEC,
+        "split": "train",
+        "image_size": 16,
+        "transform": dataset.transform,
+        "fine_labels": fine_labels,
+        "precision": "fp32",
+    }
+    assert feature_cache_key(**common, files_fingerprint="a") != feature_cache_key(
+        **common, files_fingerprint="b"
+    )

@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from look.evaluation import FeatureModel, ModelSource, load_model, state_fingerprint
-from look.models import create_backbone
+from look.engine.export import export_from_checkpoint
+from look.evaluation import FeatureModel, ModelSource, evaluate, load_model, state_fingerprint
+from look.models import create_backbone, export_backbone, read_export_metadata
+from tests.evaluation.conftest import SYNTHETIC_SPEC
 
 
 def test_run_dir_checkpoint_file_and_export_give_the_same_backbone(pretrained_run: Path) -> None:
@@ -86,3 +88,37 @@ def test_model_source_needs_exactly_one_model() -> None:
         ModelSource(checkpoint="run", timm="resnet18")
     with pytest.raises(ValueError, match="go with --timm"):
         ModelSource(checkpoint="run", small_stem=True)
+
+
+def test_export_records_the_pretraining_data_and_old_exports_still_load(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    # Exported away from the run directory: no config.yaml beside it, only its metadata.
+    exported = export_from_checkpoint(pretrained_run, tmp_path / "elsewhere" / "b.safetensors")
+    metadata = read_export_metadata(exported)
+    assert (metadata["dataset"], metadata["labels"], metadata["image_size"]) == (
+        "synthetic",
+        "coarse",
+        "16",
+    )
+    loaded = load_model(ModelSource(checkpoint=exported))
+    assert loaded.pretraining is not None
+    assert loaded.pretraining["image_size"] == 16 and loaded.pretraining["labels"] == "coarse"
+    assert loaded.pretraining["method"] == "look" and loaded.pretraining["seed"] == 0
+    report = evaluate(
+        exported, "digits", "knn", output_dir=tmp_path / "out", cache_dir=None, progress=False
+    )
+    assert report["dataset"]["image_size"] == 16, "the pre-training size, not digits' 32"
+    assert report["labels"]["pretraining"] == "coarse"
+
+    # An export written before these entries existed: it loads, without a pre-training summary.
+    old = export_backbone(
+        loaded.backbone, "look_resnet_tiny", tmp_path / "old" / "b.safetensors", small_stem=False
+    )
+    old_model = load_model(ModelSource(checkpoint=old))
+    assert old_model.pretraining is None
+    assert state_fingerprint(old_model.backbone) == state_fingerprint(loaded.backbone)
+    plain = evaluate(
+        old, SYNTHETIC_SPEC, "knn", output_dir=tmp_path / "old_out", cache_dir=None, progress=False
+    )
+    assert plain["dataset"]["image_size_from"] == "dataset default"

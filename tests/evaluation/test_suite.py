@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,99 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path, count_extractions: li
         )
     assert count_extractions == []
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _write_image_folder(
+    root: Path, *, val_colours: dict[str, tuple[int, int, int]], train: bool = True
+) -> None:
+    """train/{cat,dog}/ with 4 red / blue images each, val/ with 2 per class in ``val_colours``."""
+    from tests.data.conftest import write_png
+
+    train_colours = {"cat": (200, 30, 30), "dog": (30, 30, 200)}
+    for name, colour in train_colours.items():
+        for i in range(4 if train else 0):
+            write_png(root / "train" / name / f"{i}.png", colour)
+        for i in range(2):
+            write_png(root / "val" / name / f"{i}.png", val_colours[name])
+
+
+def test_replaced_image_files_miss_the_feature_cache(
+    tmp_path: Path, count_extractions: list[int]
+) -> None:
+    root = tmp_path / "images"
+    _write_image_folder(root, val_colours={"cat": (200, 30, 30), "dog": (30, 30, 200)})
+
+    def run() -> dict:
+        return evaluate(
+            ModelSource(timm="look_cnn_small"),
+            f"imagefolder:{root}",
+            "knn",
+            output_dir=tmp_path / "out",
+            image_size=16,
+            cache_dir=tmp_path / "cache",
+            **{**FAST, "knn_options": KnnOptions(ks=(3,))},
+        )
+
+    first = run()
+    assert first["protocols"]["knn"]["results"][0]["top1"] == 100.0
+    assert first["dataset"]["test_split"] == "val", "the folder read, not the split's name"
+    assert count_extractions == [8, 4]
+    # Overwrite the val images in place, colours swapped: the same names and count.
+    _write_image_folder(root, val_colours={"cat": (30, 30, 200), "dog": (200, 30, 30)}, train=False)
+    for path in (root / "val").rglob("*.png"):  # a later time, even on a coarse-clock file system
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    second = run()
+    assert count_extractions == [8, 4, 4], "train features still hit, val ones are extracted"
+    assert second["features"]["train"]["from_cache"]
+    assert not second["features"]["test"]["from_cache"]
+    assert second["protocols"]["knn"]["results"][0]["top1"] == 0.0
+
+
+def test_unreadable_evaluation_images_are_left_out_not_duplicated(
+    tmp_path: Path, count_extractions: list[int]
+) -> None:
+    from tests.data.conftest import write_truncated_png
+
+    root = tmp_path / "images"
+    _write_image_folder(root, val_colours={"cat": (200, 30, 30), "dog": (30, 30, 200)})
+    broken = write_truncated_png(root / "val" / "cat" / "broken.png")
+    spec = parse_dataset_spec(f"imagefolder:{root}", corrupt_images="skip")
+    reports = []
+    for _ in range(2):  # extracted, then from the cache: the same images left out
+        with pytest.warns(RuntimeWarning, match=r"left out 1 unreadable image.*broken\.png"):
+            reports.append(
+                evaluate(
+                    ModelSource(timm="look_cnn_small"),
+                    spec,
+                    "knn,finetune",
+                    output_dir=tmp_path / "out",
+                    image_size=16,
+                    cache_dir=tmp_path / "cache",
+                    **{**FAST, "knn_options": KnnOptions(ks=(3,))},
+                )
+            )
+    assert count_extractions == [8, 5]
+    for report in reports:
+        test = report["features"]["test"]
+        assert test["num_images"] == 4, "4 readable val images, no substitute counted twice"
+        assert test["unreadable_files"] == [str(broken)]
+        assert report["protocols"]["knn"]["num_test"] == 4
+        assert report["protocols"]["finetune"]["num_test"] == 4
+        assert report["protocols"]["finetune"]["unreadable_test_files"] == [str(broken)]
+    assert reports[1]["features"]["test"]["from_cache"]
+
+
+def test_messages_say_what_evaluate_can_do(tmp_path: Path) -> None:
+    from tests.data.conftest import write_png
+
+    flat = tmp_path / "flat"  # class folders directly under the root: no train/ nor val/
+    for name in ("cat", "dog"):
+        write_png(flat / name / "0.png", (0, 0, 0))
+    common = {"output_dir": tmp_path / "out", "cache_dir": None, "progress": False}
+    with pytest.raises(FileNotFoundError, match=r"no train/ folder.*move the class folders") as e:
+        evaluate(ModelSource(timm="look_cnn_small"), f"imagefolder:{flat}", "knn", **common)
+    assert "evaluate on the training split" not in str(e.value)
+    with pytest.raises(ValueError, match=r"--labels path/to/grouping\.json") as e:
+        evaluate(ModelSource(timm="look_cnn_small"), "digits", "knn", labels="coarse", **common)
+    assert "--set" not in str(e.value)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from look.analysis.features import FEATURE_FILE_SUFFIX
@@ -50,8 +52,11 @@ Collect evaluation results over methods and seeds into one report.
 
 Inputs are results.json files written by `look evaluate`, multimodality.json files written by
 `look analyze`, or folders searched recursively for both. Runs are grouped by method label
-(model.method, plus [backbone] and (pretrain labels) when recorded) across seeds; each cell is
-mean ± sample std (n seeds), the best mean of a column in bold, — where a protocol was not run.
+(model.method, plus [backbone] and (pretrain labels) when recorded) across seeds, and by dataset
+(an image folder is named after its root: imagefolder:pets); each cell is mean ± sample std
+(n seeds), the best mean of a column in bold, — where a protocol was not run, and "k = N" in a
+kNN cell whose training split allowed only N neighbours. Two inputs with the same row, dataset
+and seed are named in a warning (each still counts as a seed).
 
 Output (--output DIR): REPORT.md (Markdown tables: methods x dataset/protocol, and a
 multi-modality table when present; bar charts and maps embedded by relative links), report.json and
@@ -189,14 +194,24 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """Run ``look report``; returns the exit code."""
-    from look.analysis.report import write_report
+    from look.analysis.report import RepeatedSeedWarning, write_report
 
-    outputs = write_report(
-        args.paths,
-        Path(args.output),
-        title=args.title,
-        plots=not args.no_plots,
-        baseline=args.baseline,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RepeatedSeedWarning)
+        outputs = write_report(
+            args.paths,
+            Path(args.output),
+            title=args.title,
+            plots=not args.no_plots,
+            baseline=args.baseline,
+        )
+    for warning in caught:
+        if issubclass(warning.category, RepeatedSeedWarning):
+            # A message about the inputs, for the user: no Python source line.
+            print(f"look: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     print(f"look: wrote {outputs.markdown}, {outputs.json.name}, {outputs.csv.name}")
     return 0

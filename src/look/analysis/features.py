@@ -19,7 +19,9 @@ grouping (see :mod:`look.data.groupings`) can supply them from ``fine_names``
 (:meth:`FeatureSet.with_grouping`).
 
 ``"fine_labels"`` is accepted for ``"labels"``, so a feature cache file of ``look evaluate``
-(``{"features", "fine_labels", "meta"}``) loads too, without names.
+(``{"features", "fine_labels", "unreadable", "meta"}``) loads too, without names and without the
+rows of the images whose file could not be decoded (``"unreadable"``: their indices), as
+evaluation leaves them out.
 
 This module is also the adapter between evaluation and analysis, and it never imports
 ``look.evaluation``: either whatever extracts features writes them with :func:`save_feature_set`,
@@ -204,11 +206,27 @@ def load_feature_set(path: str | Path) -> FeatureSet:
             f"feature file {path} must hold a dict with at least 'features' and 'labels', got {keys}"
         )
     model = payload.get("model")
+    features, labels, coarse_labels = (
+        payload["features"],
+        payload[labels_key],
+        payload.get("coarse_labels"),
+    )
+    unreadable = payload.get("unreadable")
+    if (
+        isinstance(unreadable, Tensor)
+        and unreadable.numel()
+        and isinstance(features, Tensor)
+        and isinstance(labels, Tensor)
+    ):
+        keep = torch.ones(len(features), dtype=torch.bool)
+        keep[unreadable] = False  # rows of a substitute image, not of the unreadable one
+        features, labels = features[keep], labels[keep]
+        coarse_labels = coarse_labels[keep] if isinstance(coarse_labels, Tensor) else None
     return FeatureSet(
         name=str(payload.get("name") or path.name.removesuffix(FEATURE_FILE_SUFFIX)),
-        features=payload["features"],
-        labels=payload[labels_key],
-        coarse_labels=payload.get("coarse_labels"),
+        features=features,
+        labels=labels,
+        coarse_labels=coarse_labels,
         fine_names=tuple(str(n) for n in payload.get("fine_names") or ()),
         coarse_names=tuple(str(n) for n in payload.get("coarse_names") or ()),
         model=dict(model) if isinstance(model, Mapping) else None,

@@ -11,10 +11,14 @@ Inputs (files, or directories searched recursively):
   rows, and its ``"figures"`` (PNG paths relative to the file) are copied into the report and
   embedded. A ``"multimodality"`` entry inside a ``results.json`` counts too.
 
-Runs are grouped by method label; within a group every input file is one sample (one seed): a cell
-is ``mean ± std (n seeds)``, std being the sample standard deviation (``n − 1``; none for a single
-seed). Headline metrics are the Markdown columns (dataset × protocol, accuracies in %); every metric
-goes to report.json/report.csv, with the same numbers. The best mean of a column with two or more
+Runs are grouped by method label and dataset (image folders by their root: see
+:mod:`look.analysis.results`; two roots with the same folder name are told apart by their full
+path); within a group every input file is one sample (one seed): a cell is ``mean ± std (n
+seeds)``, std being the sample standard deviation (``n − 1``; none for a single seed), with the
+``k`` a kNN column really used when the training split was smaller (``(1 seed, k = 54)``). Two
+files with the same seed in one group are named in a :class:`RepeatedSeedWarning`. Headline
+metrics are the Markdown columns (dataset × protocol, accuracies in %); every metric goes to
+report.json/report.csv, with the same numbers. The best mean of a column with two or more
 methods is bold (for multi-modality: purity, separability and ARI; not the cluster count); a method
 without a value shows ``—``. One bar chart per dataset (``figures/bars_<dataset>.png``: protocols ×
 methods) is embedded by a relative link.
@@ -49,6 +53,7 @@ __all__ = [
     "MULTIMODALITY_FILE_NAME",
     "MULTIMODALITY_METRICS",
     "Cell",
+    "RepeatedSeedWarning",
     "ReportOutputs",
     "aggregate_cells",
     "find_report_inputs",
@@ -82,9 +87,17 @@ _MULTIMODALITY_DIGITS = {"knn_purity": 1, "separability": 1, "cluster_count": 2,
 _CHANCE_METRICS = {"knn_purity": "knn_purity_chance", "separability": "separability_chance"}
 
 
+class RepeatedSeedWarning(UserWarning):
+    """Several input files give one report row the same seed: each still counts as a sample."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One aggregated value: a method's metric on a dataset over its seeds."""
+    """One aggregated value: a method's metric on a dataset over its seeds.
+
+    ``k_effective`` are the neighbour counts a kNN metric really used where the training split
+    was smaller than its ``k`` (empty otherwise).
+    """
 
     table: str  # "transfer" or "multimodality"
     method: str
@@ -95,6 +108,7 @@ class Cell:
     seeds: tuple[int | None, ...]
     headline: bool = True
     best: bool = False
+    k_effective: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
@@ -126,6 +140,7 @@ class Cell:
             "values": list(self.values),
             "headline": self.headline,
             "best": self.best,
+            "k_effective": list(self.k_effective),
         }
 
 
@@ -230,15 +245,57 @@ def _mark_best(cells: list[Cell], larger_is_better: Mapping[str, bool] | None = 
     return marked
 
 
+def _distinct_datasets(runs: Sequence[EvaluationResult]) -> list[EvaluationResult]:
+    """Runs whose dataset name is shared by several roots (two image folders both called
+    ``pets``) renamed after their full root, so that they are not averaged together."""
+    roots: dict[str, set[str]] = {}
+    for run in runs:
+        if run.dataset_root is not None:
+            roots.setdefault(run.dataset, set()).add(run.dataset_root)
+    shared = {name for name, found in roots.items() if len(found) > 1}
+    return [
+        dataclasses.replace(run, dataset=f"{run.dataset.split(':', 1)[0]}:{run.dataset_root}")
+        if run.dataset in shared and run.dataset_root is not None
+        else run
+        for run in runs
+    ]
+
+
+def _warn_repeated_seeds(
+    groups: Mapping[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]],
+) -> None:
+    """One :class:`RepeatedSeedWarning` per (row, dataset, seed) that several inputs share."""
+    repeated: dict[tuple[str, str, int], list[Path]] = {}
+    for (method, dataset, _), samples in groups.items():
+        sources: dict[int, list[Path]] = {}
+        for _, seed, run in samples:
+            if seed is not None:
+                sources.setdefault(seed, []).append(run.source)
+        for seed, paths in sources.items():
+            if len(paths) > 1:
+                repeated.setdefault((method, dataset, seed), paths)
+    for (method, dataset, seed), paths in repeated.items():
+        warnings.warn(
+            RepeatedSeedWarning(
+                f"{len(paths)} inputs give {method!r} on {dataset} seed {seed}, so each counts as "
+                f"one more seed of that row: {', '.join(str(p) for p in paths)}. If they "
+                "evaluate one model twice, or different models that share the row label, "
+                "report only one of them"
+            ),
+            stacklevel=3,
+        )
+
+
 def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
     """Transfer and multi-modality cells: values grouped by (method, dataset, metric) over seeds.
 
     Runs are taken in the given order; methods keep the order of their first appearance.
+    Several inputs with one seed in a group give a :class:`RepeatedSeedWarning` naming them.
     """
     transfer: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
     multimodal: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
     headline_paths: set[str] = set()
-    for run in runs:
+    for run in _distinct_datasets(list(runs)):
         headline_paths.update(run.headline)
         for metric, value in run.metrics.items():
             transfer.setdefault((run.method, run.dataset_label, metric), []).append(
@@ -256,6 +313,10 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
             headline = (
                 metric in headline_paths if table == "transfer" else metric in MULTIMODALITY_METRICS
             )
+            group = metric.rsplit("/", 1)[0]  # "knn/k200/top1" → "knn/k200"
+            clipped = {
+                run.knn_k_effective[group] for _, _, run in samples if group in run.knn_k_effective
+            }
             cells.append(
                 Cell(
                     table=table,
@@ -266,6 +327,7 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
                     values=tuple(v for v, _, _ in samples),
                     seeds=tuple(s for _, s, _ in samples),
                     headline=headline,
+                    k_effective=tuple(sorted(clipped)),
                 )
             )
         return cells
@@ -275,25 +337,19 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
         build("multimodality", multimodal),
         {metric: better for metric, (_, better) in MULTIMODALITY_METRICS.items()},
     )
-    for cell in transfer_cells + multimodal_cells:
-        seeds = [s for s in cell.seeds if s is not None]
-        if len(seeds) != len(set(seeds)):
-            warnings.warn(
-                f"{cell.method} on {cell.dataset}: seeds {list(cell.seeds)} repeat for "
-                f"{cell.metric}; each input file counts as one sample",
-                stacklevel=2,
-            )
-            break
+    _warn_repeated_seeds(transfer)
+    _warn_repeated_seeds(multimodal)
     return transfer_cells + multimodal_cells
 
 
 def format_cell(cell: Cell, *, scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std (n seeds)`` (``mean (1 seed)`` for one) of the values × ``scale``, bold when
-    best."""
+    best; ``(n seeds, k = 54)`` when a kNN column could only use 54 neighbours."""
     text = f"{cell.mean * scale:.{digits}f}"
     if cell.std is not None:
         text += f" ± {cell.std * scale:.{digits}f}"
-    text += f" ({cell.n} seed{'s' if cell.n != 1 else ''})"
+    clipped = f", k = {'/'.join(str(k) for k in cell.k_effective)}" if cell.k_effective else ""
+    text += f" ({cell.n} seed{'s' if cell.n != 1 else ''}{clipped})"
     return f"**{text}**" if cell.best else text
 
 
@@ -353,12 +409,13 @@ def _transfer_section(
     )
     header = {(d, m): f"{d}<br>{metric_header(m)}" for d, m in columns}
     row_methods = [m for m in methods if any(c.method == m for c in headline)]
-    lines = [
-        "## Transfer accuracy",
-        "",
-        "Top-1 accuracy (%) (few-shot: mean episode accuracy).",
-        "",
-    ]
+    note = "Top-1 accuracy (%) (few-shot: mean episode accuracy)."
+    if any(c.k_effective for c in headline):
+        note += (
+            " *k = N* in a kNN cell: the training split has only N images, so only N "
+            "neighbours voted."
+        )
+    lines = ["## Transfer accuracy", "", note, ""]
     lines += _markdown_table(headline, row_methods, columns, header)
     lines.append("")
     figures: list[Path] = []
@@ -546,6 +603,7 @@ _CSV_FIELDS = (
     "values",
     "headline",
     "best",
+    "k_effective",
 )
 
 
@@ -563,6 +621,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                     "labels": row["labels"] or "",
                     "seeds": ";".join("" if s is None else str(s) for s in row["seeds"]),
                     "values": ";".join(repr(v) for v in row["values"]),
+                    "k_effective": ";".join(str(k) for k in row["k_effective"]),
                 }
             )
 

@@ -37,6 +37,12 @@ else its ``mean``/``mean_accuracy``. Accuracies are returned **in percent**: a f
 says percent is taken as is, one that says fraction is scaled by 100, and one without units is
 scaled by 100 when all its accuracies lie in ``[0, 1]``.
 
+**Dataset**: the dataset name; an image folder (``"imagefolder"``, whatever its root) is named
+after its root folder, ``"imagefolder:pets"`` for ``/data/pets``, so that evaluations on
+different folders are not averaged together (:attr:`EvaluationResult.dataset_root` keeps the
+root). **kNN neighbours**: when the training split had fewer images than a kNN ``k``, the ``k``
+actually used (``k_effective``) is kept per metric group (``"knn/k200": 54``).
+
 **Method label** (the row of a report, grouped across seeds): ``model.label`` when given, else the
 method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
 ``[backbone]``, ``(pre-training labels)`` and ``[head]`` for head-embedding features when known,
@@ -60,6 +66,7 @@ __all__ = [
     "EvaluationResult",
     "describe_model",
     "is_number",
+    "knn_k_effective",
     "method_label",
     "protocol_metrics",
     "read_json_object",
@@ -88,7 +95,9 @@ class EvaluationResult:
     columns, ``multimodality`` the numeric summary of a ``"multimodality"`` entry (fractions and
     counts, as written), ``model`` the normalised model description of :func:`describe_model`,
     ``class_names`` the evaluation classes and ``feature_caches`` the feature cache file of each
-    split when the evaluation recorded one.
+    split when the evaluation recorded one. ``dataset_root`` is the root of a dataset named after
+    its folder (an image folder), ``knn_k_effective`` the neighbours a kNN metric group really
+    used where the training split was smaller than its ``k``.
     """
 
     source: Path
@@ -102,6 +111,8 @@ class EvaluationResult:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     feature_caches: dict[str, Path] = dataclasses.field(default_factory=dict)
+    dataset_root: str | None = None
+    knn_k_effective: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def dataset_label(self) -> str:
@@ -226,6 +237,37 @@ def protocol_metrics(protocols: Mapping[str, Any]) -> tuple[dict[str, float], li
     return metrics, headline
 
 
+def knn_k_effective(protocols: Mapping[str, Any]) -> dict[str, int]:
+    """``{"knn/k200": 54}`` for every kNN entry whose ``k_effective`` differs from its ``k``
+    (either shape: a ``"results"`` list of ``{"k", "k_effective"}``, or ``{"k200": {...}}``)."""
+    knn = protocols.get("knn")
+    if not isinstance(knn, Mapping):
+        return {}
+    results = knn.get("results")
+    named = (
+        [(_entry_name(e, i), e) for i, e in enumerate(results) if isinstance(e, Mapping)]
+        if isinstance(results, list)
+        else [(str(key), entry) for key, entry in knn.items()]
+    )
+    return {
+        f"knn/{name}": int(entry["k_effective"])
+        for name, entry in named
+        if isinstance(entry, Mapping)
+        and is_number(entry.get("k_effective"))
+        and name != f"k{int(entry['k_effective'])}"
+    }
+
+
+def _dataset_identity(dataset: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Report name and root of a ``"dataset"`` entry: an image folder is named after its root."""
+    name = str(dataset.get("name") or "unknown")
+    root = dataset.get("root")
+    if name != "imagefolder" or not isinstance(root, str) or not root:
+        return name, None
+    folder = Path(root).name or root  # "/" or "." have no name
+    return f"{name}:{folder}", root
+
+
 def read_json_object(path: Path) -> Mapping[str, Any]:
     """The JSON object in ``path``; ``ValueError`` naming the file when it is not one."""
     try:
@@ -267,10 +309,11 @@ def read_results_file(path: str | Path) -> EvaluationResult:
     scale = _percent_scale(content, metrics)
     dataset = content.get("dataset")
     class_names: tuple[str, ...] = ()
+    dataset_root = None
     if isinstance(dataset, Mapping):
         names = dataset.get("class_names")
         class_names = tuple(str(n) for n in names) if isinstance(names, list) else ()
-        dataset = dataset.get("name")
+        dataset, dataset_root = _dataset_identity(dataset)
     labels = content.get("labels")
     if isinstance(labels, Mapping):
         labels = labels.get("evaluation")
@@ -293,4 +336,6 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         model=model,
         class_names=class_names,
         feature_caches=caches,
+        dataset_root=dataset_root,
+        knn_k_effective=knn_k_effective(protocols if isinstance(protocols, Mapping) else {}),
     )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from look.data import DataSpec, resolve_image_size
 from look.engine.checkpoint import load_checkpoint, load_latest_checkpoint
 from look.models import create_backbone, export_backbone
 
@@ -32,7 +36,31 @@ def backbone_state_from_checkpoint(state: dict) -> dict:
     }
 
 
+def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
+    """Export metadata entries that tell evaluation how the backbone was pre-trained.
+
+    ``dataset`` and ``labels`` (``data.labels``: ``fine``, ``coarse`` or a grouping) of the run,
+    ``image_size`` (the resolved pre-training image size, which evaluation resizes to) and
+    ``seed``; entries the config lacks are left out.
+    """
+    data = config.get("data")
+    if not isinstance(data, Mapping):
+        return {}
+    spec_fields = {field.name for field in dataclasses.fields(DataSpec)}
+    spec = DataSpec(**{key: value for key, value in data.items() if key in spec_fields})
+    metadata = {
+        "dataset": spec.dataset,
+        "labels": spec.labels,
+        "image_size": str(resolve_image_size(spec)),
+    }
+    if isinstance(config.get("seed"), int):
+        metadata["seed"] = str(config["seed"])
+    return metadata
+
+
 def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the backbone of ``checkpoint`` (a run directory or a checkpoint file) to ``output``,
+    with the method, the step and the pre-training data (:func:`pretraining_metadata`)."""
     state = load_checkpoint_from(checkpoint)
     model_cfg = state["config"]["model"]
     backbone, _ = create_backbone(model_cfg["backbone"], small_stem=model_cfg["small_stem"])
@@ -47,6 +75,7 @@ def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         extra_metadata={
             "method": str(state["config"]["method"]["name"]),
             "global_step": str(state["global_step"]),
+            **pretraining_metadata(state["config"]),
         },
     )
     return output

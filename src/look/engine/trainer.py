@@ -45,6 +45,7 @@ from look.engine.distributed import (
     is_main_process,
     wrap_ddp,
 )
+from look.engine.export import pretraining_metadata
 from look.engine.metrics_log import MetricsLogger
 from look.engine.monitor import KnnMonitor, build_knn_monitor
 from look.engine.optim import build_lr_scheduler, build_optimizer
@@ -845,7 +846,10 @@ class Trainer:
                 self.cfg.model.backbone,
                 str(result.backbone_path),
                 small_stem=self.cfg.model.small_stem,
-                extra_metadata={"method": str(self.resolved["method"]["name"])},
+                extra_metadata={
+                    "method": str(self.resolved["method"]["name"]),
+                    **pretraining_metadata(self.resolved),
+                },
             )
         if is_main_process():
             summary = {

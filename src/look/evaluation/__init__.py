@@ -8,10 +8,13 @@ and transform, cached on disk, and gathered in dataset order across ranks.
 from look.evaluation.features import (
     DEFAULT_FEATURE_CACHE_DIR,
     FeatureSet,
+    data_files_fingerprint,
     extract_features,
     feature_cache_key,
     gather_shards,
+    keep_readable,
     load_or_extract_features,
+    unreadable_indices,
 )
 from look.evaluation.fewshot import (
     FEWSHOT_CLASSIFIER,
@@ -67,6 +70,7 @@ __all__ = [
     "LogisticRegressionFit",
     "ModelSource",
     "confidence_interval_95",
+    "data_files_fingerprint",
     "default_finetune_recipe",
     "evaluate",
     "extract_features",
@@ -76,6 +80,7 @@ __all__ = [
     "finetune",
     "fit_logistic_regression",
     "gather_shards",
+    "keep_readable",
     "knn_classify",
     "knn_predict",
     "linear_probe",
@@ -91,4 +96,5 @@ __all__ = [
     "state_fingerprint",
     "stratified_validation_split",
     "top1_accuracy",
+    "unreadable_indices",
 ]

@@ -38,7 +38,8 @@ protocols (--protocol, repeatable or comma-separated; default all):
             mean and 95% confidence interval
 
 Frozen features are the backbone's global-pool output (the projection head's embedding with
---head) and are cached in --cache-dir, keyed by weights, dataset, split, transform and image size.
+--head) and are cached in --cache-dir, keyed by weights, dataset, split, transform, image size
+and the name, size and modification time of every image file (so replaced images are re-read).
 The image size defaults to the pre-training image size recorded with the model (so digits are
 resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
 
@@ -109,7 +110,8 @@ def register(subparsers: Any) -> None:
         default="fail",
         choices=("fail", "skip"),
         help="imagefolder files that cannot be decoded: fail (default, naming the file) or skip "
-        "(each is replaced by another image of its class, with a warning)",
+        "(left out of the evaluation, with a warning naming them; fine-tuning replaces an "
+        "unreadable training image by another image of its class)",
     )
     data.add_argument(
         "--download",

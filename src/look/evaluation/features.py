@@ -1,9 +1,12 @@
 """Frozen-feature extraction: batched, sharded over ranks, gathered in order, cached on disk.
 
 Features are extracted once per (weights, dataset, split, transform, image size, output) and
-stored under a cache key that hashes all of these; labels are not part of the key (the same
-features serve fine, coarse and any grouping), the dataset's fine labels are stored with them as
-a check. Under ``torch.distributed`` every rank extracts one contiguous shard
+stored under a cache key that hashes all of these, with the name, size and modification time of
+every file the images are read from (so replaced images miss the cache); labels are not part of
+the key (the same features serve fine, coarse and any grouping), the dataset's fine labels are
+stored with them as a check, and so are the indices of the images whose file could not be
+decoded (``corrupt_images="skip"``), so that evaluation can leave those rows out. Under
+``torch.distributed`` every rank extracts one contiguous shard
 (:class:`look.engine.sampler.EvalShardSampler`, no padded duplicates) and the shards are gathered
 so that every rank ends with exactly the ``N`` features of the dataset, in dataset order.
 """
@@ -14,7 +17,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from look.atomic import atomic_write_path
-from look.data import DataSpec, normalization_stats
+from look.data import DataSpec, ImageSource, normalization_stats
+from look.data.sources import find_idx_file
+from look.data.spec import resolve_root
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from look.engine.sampler import EvalShardSampler
 
@@ -35,17 +42,31 @@ __all__ = [
     "CACHE_FORMAT",
     "DEFAULT_FEATURE_CACHE_DIR",
     "FeatureSet",
+    "data_files_fingerprint",
     "extract_features",
     "feature_cache_key",
     "gather_shards",
+    "keep_readable",
     "load_or_extract_features",
+    "unreadable_indices",
 ]
 
 DEFAULT_FEATURE_CACHE_DIR = "~/.cache/look/features"
 # Bump when the stored content or the key's meaning changes: old entries then simply miss.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Rows per all_gather round: bounds the extra device memory of a gather to world × rows × d.
 _GATHER_CHUNK_ROWS = 65536
+# The four IDX files of (Fashion-)MNIST; the reader looks for each, gzipped or not.
+_IDX_FILE_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# torchvision keeps each CIFAR's batches in one folder under the root.
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+# Unreadable files named in full in a warning; the rest are counted.
+_NAMED_FILES_MAX = 20
 
 
 @dataclass(eq=False)
@@ -54,6 +75,9 @@ class FeatureSet:
 
     ``from_cache`` says whether they were read from ``cache_path``; ``seconds`` is the wall time of
     the extraction (or the read) and ``images_per_second`` the extraction throughput (None on a hit).
+    ``unreadable`` are the indices of the images whose file could not be decoded: with
+    ``corrupt_images="skip"`` their rows hold the features of a substitute (see
+    :func:`keep_readable`).
     """
 
     features: Tensor
@@ -63,6 +87,7 @@ class FeatureSet:
     from_cache: bool
     seconds: float
     images_per_second: float | None
+    unreadable: tuple[int, ...] = ()
 
 
 def _collective_device() -> torch.device:
@@ -186,6 +211,41 @@ def extract_features(
     return gather_shards(local, num_samples)
 
 
+def _data_files(spec: DataSpec, source: ImageSource) -> list[Path]:
+    """The files ``source``'s images are read from (none for data generated in memory)."""
+    if source.file_paths is not None:
+        return [Path(path) for path in source.file_paths]
+    if spec.dataset in ("fashion_mnist", "mnist"):
+        root = resolve_root(spec)
+        found = (find_idx_file(spec.dataset, root, stem) for stem in _IDX_FILE_STEMS)
+        return [path for path in found if path is not None]
+    if spec.dataset in _CIFAR_FOLDERS:
+        folder = resolve_root(spec) / _CIFAR_FOLDERS[spec.dataset]
+        if not folder.is_dir():
+            return []
+        return sorted(path for path in folder.iterdir() if path.is_file())
+    return []
+
+
+def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
+    """sha256 over the path (relative to the dataset root), size and modification time of every
+    file ``source`` reads its images from; None for data without files (digits, synthetic).
+
+    Only ``stat`` is called, no file is read, so it is cheap even for a large image folder, and
+    an image overwritten under the same name changes it.
+    """
+    files = _data_files(spec, source)
+    if not files:
+        return None
+    root = resolve_root(spec)
+    digest = hashlib.sha256()
+    for path in files:
+        status = path.stat()
+        entry = f"{os.path.relpath(path, root)}|{status.st_size}|{status.st_mtime_ns}\n"
+        digest.update(entry.encode())
+    return digest.hexdigest()
+
+
 def feature_cache_key(
     *,
     weights_fingerprint: str,
@@ -197,14 +257,16 @@ def feature_cache_key(
     transform: object,
     fine_labels: Tensor,
     precision: str,
+    files_fingerprint: str | None = None,
 ) -> str:
     """sha256 naming one feature file; any change of weights, data or transform changes it.
 
     Hashes the weights fingerprint, the architecture (``model_identity``'s backbone name and stem),
     which ``output`` (``"backbone"`` pooled features or ``"head"``), the dataset spec (without the
     label choice and the training-only fields), the split, the image size, ``repr(transform)`` and
-    the normalisation constants, the number of images and their fine labels, and the precision
-    the network ran in (``"fp32"``/``"bf16"``).
+    the normalisation constants, the number of images and their fine labels, the precision
+    the network ran in (``"fp32"``/``"bf16"``) and ``files_fingerprint``
+    (:func:`data_files_fingerprint`: the image files' names, sizes and modification times).
     """
     spec_fields = dataclasses.asdict(dataclasses.replace(dataset_spec, image_size=image_size))
     for irrelevant in ("labels", "download", "augment"):
@@ -228,17 +290,20 @@ def feature_cache_key(
         "num_samples": len(fine_labels),
         "fine_labels": labels_digest,
         "precision": precision,
+        "files": files_fingerprint,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(path: Path, fine_labels: Tensor) -> Tensor | None:
-    """Features stored at ``path``, or None when absent, unreadable or for other labels."""
+def _read_cache(path: Path, fine_labels: Tensor) -> tuple[Tensor, tuple[int, ...]] | None:
+    """Features and unreadable indices stored at ``path``, or None when absent, unreadable or
+    for other labels."""
     if not path.is_file():
         return None
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
         features, labels = stored["features"], stored["fine_labels"]
+        unreadable = stored["unreadable"]
     except Exception:  # a torn or foreign file is a miss, never an error
         return None
     if (
@@ -246,22 +311,77 @@ def _read_cache(path: Path, fine_labels: Tensor) -> Tensor | None:
         or features.ndim != 2
         or len(features) != len(fine_labels)
         or not torch.equal(labels, fine_labels.to(labels.dtype))
+        or not isinstance(unreadable, Tensor)
     ):
         return None
-    return features
+    return features, tuple(unreadable.tolist())
 
 
-def _write_cache(path: Path, features: Tensor, fine_labels: Tensor, meta: dict[str, str]) -> None:
+def _write_cache(
+    path: Path,
+    features: Tensor,
+    fine_labels: Tensor,
+    unreadable: tuple[int, ...],
+    meta: dict[str, str],
+) -> None:
     """Write atomically, readable by everyone: a feature cache may be shared."""
     with atomic_write_path(path, prefix=f".{path.stem}.", file_mode=0o644) as temp:
         torch.save(
             {
                 "features": features.float().contiguous(),
                 "fine_labels": fine_labels.to(torch.int64),
+                "unreadable": torch.tensor(unreadable, dtype=torch.int64),
                 "meta": meta,
             },
             temp,
         )
+
+
+def unreadable_indices(dataset: Dataset) -> tuple[int, ...]:
+    """Indices of the images of ``dataset`` (an :class:`look.data.EvalDataset`) whose file could
+    not be decoded so far, on any rank: with ``corrupt_images="skip"`` a substitute was used.
+
+    A collective under ``torch.distributed``: every rank must call it (each rank only decodes its
+    own shard). Datasets without files give ``()``.
+    """
+    source = getattr(dataset, "source", None)
+    marked = torch.zeros(len(dataset), dtype=torch.int64)  # type: ignore[arg-type]
+    if isinstance(source, ImageSource) and source.file_paths and source.num_skipped_files:
+        position = {path: index for index, path in enumerate(source.file_paths)}
+        for path in source.skipped_files:
+            # A substitute tried from outside a subset is marked in the full source only.
+            if path in position:
+                marked[position[path]] = 1
+    if is_distributed():
+        marked = marked.to(_collective_device())
+        dist.all_reduce(marked, op=dist.ReduceOp.MAX)
+    return tuple(torch.nonzero(marked.cpu()).flatten().tolist())
+
+
+def keep_readable(unreadable: tuple[int, ...], dataset: Dataset, description: str) -> Tensor:
+    """Boolean mask of the rows of ``dataset`` to evaluate: all but the ``unreadable`` ones.
+
+    An evaluation split leaves unreadable images out rather than counting a substitute twice,
+    which would bias the accuracy towards the substitute's class. Warns (on the main process)
+    with the count and the files left out.
+    """
+    keep = torch.ones(len(dataset), dtype=torch.bool)  # type: ignore[arg-type]
+    if not unreadable:
+        return keep
+    keep[list(unreadable)] = False
+    if is_main_process():
+        paths = getattr(getattr(dataset, "source", None), "file_paths", None)
+        names = [paths[i] if paths is not None else f"#{i}" for i in unreadable]
+        listed = ", ".join(names[:_NAMED_FILES_MAX])
+        if len(names) > _NAMED_FILES_MAX:
+            listed += f" and {len(names) - _NAMED_FILES_MAX} more"
+        warnings.warn(
+            f"{description}: left out {len(unreadable)} unreadable image(s) of {len(keep)}, "
+            f"evaluating {int(keep.sum())}: {listed}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return keep
 
 
 def _all_ranks_agree(flag: bool) -> bool:
@@ -290,7 +410,8 @@ def load_or_extract_features(
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache when ``cache_dir/<cache_key>.pt`` matches, else extracted.
 
-    ``fine_labels`` are the dataset's fine labels (stored with the features and checked on a hit).
+    ``fine_labels`` are the dataset's fine labels (stored with the features and checked on a hit),
+    and the indices of unreadable images are stored with them (:func:`unreadable_indices`).
     ``cache_dir=None`` or ``cache_key=None`` disables the cache. A fresh extraction is written by
     rank 0 only, atomically. Every rank takes the same branch (a hit needs a hit on every rank).
     """
@@ -301,14 +422,16 @@ def load_or_extract_features(
     cached = _read_cache(cache_path, fine_labels) if cache_path is not None else None
     if _all_ranks_agree(cached is not None):
         assert cached is not None
+        features, unreadable = cached
         return FeatureSet(
-            features=cached,
+            features=features,
             fine_labels=fine_labels,
             cache_key=cache_key,
             cache_path=cache_path,
             from_cache=True,
             seconds=time.perf_counter() - started,
             images_per_second=None,
+            unreadable=unreadable,
         )
     features = extract_features(
         model,
@@ -325,9 +448,10 @@ def load_or_extract_features(
             f"{description}: the model returned features of shape {tuple(features.shape)}; "
             "expected (N, d) pooled features"
         )
+    unreadable = unreadable_indices(dataset)
     seconds = time.perf_counter() - started
     if cache_path is not None and is_main_process():
-        _write_cache(cache_path, features, fine_labels, dict(meta or {}))
+        _write_cache(cache_path, features, fine_labels, unreadable, dict(meta or {}))
     return FeatureSet(
         features=features,
         fine_labels=fine_labels,
@@ -336,4 +460,5 @@ def load_or_extract_features(
         from_cache=False,
         seconds=seconds,
         images_per_second=len(features) / seconds if seconds > 0 else None,
+        unreadable=unreadable,
     )

@@ -28,7 +28,7 @@ from look.data import DataSpec, build_eval_dataset, build_train_dataset, resolve
 from look.engine.distributed import all_reduce_sum, get_rank, get_world_size, is_distributed
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
-from look.evaluation.features import extract_features
+from look.evaluation.features import extract_features, keep_readable, unreadable_indices
 from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
 
 __all__ = ["FinetuneOptions", "default_finetune_recipe", "finetune"]
@@ -106,8 +106,10 @@ def finetune(
     """Fine-tune a copy of ``backbone`` with a new linear head on ``spec``'s training split.
 
     ``spec.image_size`` should be set to the evaluation image size. Reports test top-1 and mean
-    per-class accuracy (percent) on the ``"test"`` split with the evaluation transform. The
-    caller's ``backbone`` is not modified.
+    per-class accuracy (percent) on the ``"test"`` split with the evaluation transform, leaving
+    out test images whose file cannot be decoded (``corrupt_images="skip"``; unreadable training
+    images are replaced by another of their class, as in pre-training). The caller's ``backbone``
+    is not modified.
     """
     options = options or FinetuneOptions()
     options.validate()
@@ -143,10 +145,11 @@ def finetune(
     model.train()
     train_model: nn.Module = model
     if is_distributed():
-        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-        train_model = DistributedDataParallel(
-            model, device_ids=[cuda_index] if device.type == "cuda" else None
-        )
+        # Only a GPU has a device index: asking CUDA for one on a CPU (gloo) run fails.
+        device_ids = None
+        if device.type == "cuda":
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
     optimizer = build_optimizer(
         model.named_parameters(),
         name="sgd",
@@ -214,7 +217,10 @@ def finetune(
         description="fine-tune test",
         output_fn=lambda logits: logits.argmax(dim=1),
     )
-    test_labels = test_set.labels
+    # Unreadable test images (corrupt_images="skip") are left out, not scored as a substitute.
+    unreadable = unreadable_indices(test_set)
+    keep = keep_readable(unreadable, test_set, "fine-tune test split")
+    predictions, test_labels = predictions[keep], test_set.labels[keep]
     return {
         "model": "whole network fine-tuned, new linear classifier on the pooled features",
         "top1": top1_accuracy(predictions, test_labels),
@@ -230,6 +236,7 @@ def finetune(
         "steps": total_steps,
         "final_epoch_train_loss": last_epoch_loss,
         "num_train": len(train_set),
-        "num_test": len(test_set),
+        "num_test": len(test_labels),
+        "unreadable_test_files": [(test_set.source.file_paths or ())[i] for i in unreadable],
         "num_classes": info.num_classes,
     }

@@ -147,6 +147,22 @@ def _pretraining_summary(config: dict[str, Any] | None) -> dict[str, Any] | None
     }
 
 
+def _pretraining_from_export(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """What an export's metadata says about its pre-training (see
+    :func:`look.engine.export.pretraining_metadata`); None for exports older than those entries."""
+    if not any(key in metadata for key in ("dataset", "labels", "image_size")):
+        return None
+    image_size, seed = metadata.get("image_size", ""), metadata.get("seed", "")
+    return {
+        "dataset": metadata.get("dataset"),
+        "labels": metadata.get("labels"),
+        "image_size": int(image_size) if image_size.isdigit() else None,
+        "subset": None,
+        "method": metadata.get("method"),
+        "seed": int(seed) if seed.isdigit() else None,
+    }
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
     """A checkpoint file, or the newest good one of a run directory: ``(state, file)``."""
     try:
@@ -279,7 +295,8 @@ def _load_export(path: Path, *, use_head: bool) -> LoadedModel:
         backbone_name=metadata["name"],
         small_stem=metadata["small_stem"] == "true",
         identity=identity,
-        pretraining=_pretraining_summary(config),
+        # The run's config when it sits beside the export, else what the export recorded.
+        pretraining=_pretraining_summary(config) or _pretraining_from_export(metadata),
     )
 
 

@@ -22,6 +22,7 @@ import torch
 import look
 from look.atomic import atomic_write_text
 from look.data import (
+    DATASET_COARSE_GROUPING,
     DATASET_NAMES,
     DataInfo,
     DataSpec,
@@ -30,11 +31,14 @@ from look.data import (
     describe,
     resolve_image_size,
 )
+from look.data.spec import resolve_root
 from look.engine.distributed import get_world_size, is_distributed, is_main_process
 from look.evaluation.features import (
     DEFAULT_FEATURE_CACHE_DIR,
     FeatureSet,
+    data_files_fingerprint,
     feature_cache_key,
+    keep_readable,
     load_or_extract_features,
 )
 from look.evaluation.fewshot import FewShotOptions, check_fewshot_feasible, fewshot_evaluate
@@ -175,7 +179,11 @@ def _split_features(
     autocast_dtype: torch.dtype | None,
     progress: bool,
 ) -> tuple[FeatureSet, torch.Tensor, Any]:
-    """Features of ``split`` (cached), its evaluation labels and the dataset's DataInfo."""
+    """Features of ``split`` (cached), its evaluation labels and the dataset's DataInfo.
+
+    Images whose file could not be decoded (``corrupt_images="skip"``) are left out of the
+    features and labels returned (``FeatureSet.unreadable`` still lists them).
+    """
     dataset, info = built
     fine_labels = torch.as_tensor(dataset.fine_labels, dtype=torch.int64)
     key = feature_cache_key(
@@ -188,6 +196,7 @@ def _split_features(
         transform=dataset.transform,
         fine_labels=fine_labels,
         precision="bf16" if autocast_dtype == torch.bfloat16 else "fp32",
+        files_fingerprint=data_files_fingerprint(spec, dataset.source),
     )
     feature_set = load_or_extract_features(
         feature_model,
@@ -203,7 +212,54 @@ def _split_features(
         description=f"{spec.dataset} {split} features",
         meta={"model": json.dumps(loaded.identity), "split": split, "output": output},
     )
-    return feature_set, dataset.labels, info
+    keep = keep_readable(feature_set.unreadable, dataset, f"{spec.dataset} {split} split")
+    readable = dataclasses.replace(
+        feature_set,
+        features=feature_set.features[keep],
+        fine_labels=feature_set.fine_labels[keep],
+    )
+    return readable, dataset.labels[keep], info
+
+
+def _check_evaluation_data(spec: DataSpec, labels: str) -> None:
+    """Refuse, before any work and in evaluate's own terms, data that cannot be evaluated."""
+    # Synthetic data builds its own coarse grouping; other datasets need a shipped one.
+    if (
+        labels == "coarse"
+        and spec.dataset != "synthetic"
+        and spec.dataset not in DATASET_COARSE_GROUPING
+    ):
+        shipped = ", ".join(f"{d}: {g}" for d, g in DATASET_COARSE_GROUPING.items())
+        raise ValueError(
+            f"--labels coarse needs a shipped grouping, and {spec.dataset!r} has none "
+            f"(shipped: {shipped}); pass a grouping JSON mapping each fine class name to a "
+            "coarse class name instead: --labels path/to/grouping.json"
+        )
+    if spec.dataset == "imagefolder" and spec.root is not None:
+        root = resolve_root(spec)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"imagefolder root {root} does not exist; pass --dataset imagefolder:ROOT with "
+                "ROOT holding train/ and val/ (or test/) sub-folders of one folder per class"
+            )
+        if not (root / spec.split_train).is_dir():
+            # Without train/ the data layer would take the root as the training split itself,
+            # and evaluation has no option to test on it.
+            raise FileNotFoundError(
+                f"imagefolder root {root} has no {spec.split_train}/ folder; look evaluate needs "
+                f"the images it learns from in {root / spec.split_train}/<class>/ and the images "
+                f"it tests on in {root / 'val'}/<class>/ (or {root / 'test'}/<class>/): move "
+                "the class folders into such sub-folders"
+            )
+
+
+def _split_folder(spec: DataSpec, dataset: EvalDataset, split: str) -> str:
+    """The folder an image folder's ``split`` was read from (``test`` falls back to ``val/``);
+    ``split`` itself for other datasets."""
+    paths = dataset.source.file_paths
+    if spec.dataset != "imagefolder" or not paths:
+        return split
+    return Path(os.path.relpath(paths[0], resolve_root(spec))).parts[0]
 
 
 def evaluate(
@@ -272,6 +328,7 @@ def evaluate(
         else ModelSource(checkpoint=model_source)
     )
     spec = parse_dataset_spec(dataset_spec) if isinstance(dataset_spec, str) else dataset_spec
+    _check_evaluation_data(spec, labels)
     torch_device = resolve_eval_device(device)
     autocast_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
     if num_workers is None:
@@ -287,6 +344,7 @@ def evaluate(
     features_info: dict[str, Any] = {}
     frozen = [p for p in chosen if p != "finetune"]
     split_data: dict[str, tuple[FeatureSet, torch.Tensor, Any]] = {}
+    datasets: dict[str, tuple[EvalDataset, DataInfo]] = {}
     if frozen:
         feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
         fingerprint = state_fingerprint(feature_model)
@@ -311,8 +369,10 @@ def evaluate(
                 progress=progress,
             )
             feature_set = split_data[split][0]
+            file_paths = datasets[split][0].source.file_paths or ()
             features_info[split] = {
                 "num_images": len(feature_set.features),
+                "unreadable_files": [file_paths[i] for i in feature_set.unreadable],
                 "feature_dim": int(feature_set.features.shape[1]),
                 "from_cache": feature_set.from_cache,
                 "cache_key": feature_set.cache_key,
@@ -377,8 +437,9 @@ def evaluate(
             progress=progress,
         )
         timings["finetune"] = time.perf_counter() - protocol_started
+    test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
     if info is None:
-        _, info = build_eval_dataset(spec, "test", labels)
+        info = test_data[1]
     timings["total"] = time.perf_counter() - started
 
     pretraining_labels = (loaded.pretraining or {}).get("labels")
@@ -399,12 +460,13 @@ def evaluate(
         },
         "dataset": {
             "name": spec.dataset,
-            "root": spec.root,
+            # Absolute, so that reports tell folders apart whatever directory evaluate ran in.
+            "root": str(resolve_root(spec).resolve()) if spec.root is not None else None,
             "description": describe(spec),
             "image_size": size,
             "image_size_from": size_origin,
             "train_split": spec.split_train,
-            "test_split": "test",
+            "test_split": _split_folder(spec, test_data[0], "test"),
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
         },
