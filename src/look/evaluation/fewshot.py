@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from look.evaluation.metrics import check_labelled_features
+
 __all__ = [
     "FEWSHOT_CLASSIFIER",
     "FewShotOptions",
@@ -145,6 +147,7 @@ def fewshot_evaluate(
     """Mean accuracy ± 95 % CI for every shot setting; a JSON-ready dict (percent)."""
     options = options or FewShotOptions()
     options.validate()
+    check_labelled_features(features, labels, "few-shot")
     settings = []
     eligible = 0
     for k_shot in options.shots:

@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
+from look.evaluation.metrics import (
+    check_labelled_features,
+    check_same_feature_dim,
+    mean_per_class_accuracy,
+    top1_accuracy,
+)
 from look.search import check_positive_int, knn_search
 
 __all__ = ["KnnOptions", "knn_classify", "knn_predict"]
@@ -33,8 +38,10 @@ class KnnOptions:
     temperature: float = 0.07
 
     def validate(self) -> None:
-        if not self.ks:
-            raise ValueError("give at least one k for the kNN protocol")
+        if isinstance(self.ks, int) or not self.ks:
+            raise ValueError(
+                f"ks must be a non-empty tuple of ints, e.g. (20, 200), got {self.ks!r}"
+            )
         for k in self.ks:
             check_positive_int(k, "k")
         if not self.temperature > 0:
@@ -101,6 +108,9 @@ def knn_classify(
     options.validate()
     if len(test_features) == 0:
         raise ValueError("kNN needs at least one test image")
+    check_labelled_features(train_features, train_labels, "train")
+    check_labelled_features(test_features, test_labels, "test")
+    check_same_feature_dim(train_features, test_features)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     predictions = knn_predict(
         train_features,

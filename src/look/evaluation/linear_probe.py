@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
+from look.evaluation.metrics import (
+    check_labelled_features,
+    check_same_feature_dim,
+    mean_per_class_accuracy,
+    top1_accuracy,
+)
 from look.search import autocast_disabled
 
 __all__ = [
@@ -238,6 +243,9 @@ def linear_probe(
             f"linear probe needs train and test images, got {len(train_features)} and "
             f"{len(test_features)}"
         )
+    check_labelled_features(train_features, train_labels, "train")
+    check_labelled_features(test_features, test_labels, "test")
+    check_same_feature_dim(train_features, test_features)
     device = torch.device(device)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     train_x, train_y = train_features.to(device, torch.float32), train_labels.to(device)

@@ -39,3 +39,34 @@ def mean_per_class_accuracy(predictions: Tensor, targets: Tensor) -> float:
     """
     recalls = per_class_accuracy(predictions, targets)
     return sum(recalls.values()) / len(recalls)
+
+
+def check_labelled_features(features: Tensor, labels: Tensor, split: str) -> None:
+    """Refuse features a protocol would turn into a plausible but meaningless accuracy: not a
+    (N, D) matrix, labels not N non-negative class indices, or a non-finite value (a NaN row is
+    every query's nearest neighbour in kNN, and L-BFGS fails on it with an unrelated message)."""
+    if features.ndim != 2:
+        raise ValueError(f"{split} features must be (N, D), got shape {tuple(features.shape)}")
+    if labels.ndim != 1 or len(labels) != len(features):
+        raise ValueError(
+            f"{split} labels must be one class index per feature row: {len(features)} rows, "
+            f"labels of shape {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{split} labels must be integer class indices, got {labels.dtype}")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"{split} labels must be >= 0, got {int(labels.min())}")
+    finite = torch.isfinite(features).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().squeeze(1).tolist()
+        shown = ", ".join(map(str, rows[:10])) + (
+            f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        )
+        raise ValueError(f"{split} features hold NaN or Inf in {len(rows)} row(s): {shown}")
+
+
+def check_same_feature_dim(train: Tensor, test: Tensor) -> None:
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"train and test features differ in dimension: {train.shape[1]} vs {test.shape[1]}"
+        )
