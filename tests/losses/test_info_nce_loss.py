@@ -158,3 +158,14 @@ def test_negatives_updated_in_place_before_backward(with_mask: bool) -> None:
         return query.grad  # type: ignore[return-value]
 
     assert torch.equal(grad(update_in_place=True), grad(update_in_place=False))
+
+
+def test_nan_input_is_refused_on_the_cpu() -> None:
+    query, key = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    negatives = F.normalize(torch.randn(16, 8), dim=1)
+    poisoned = negatives.clone()
+    poisoned[5, 1] = float("inf")
+    for loss in (lambda *a: info_nce_loss(*a, temperature=TEMPERATURE), InfoNCELoss(TEMPERATURE)):
+        with pytest.raises(ValueError, match=r"negatives contains NaN or Inf.*InfoNCE"):
+            loss(query, key, poisoned)
+        assert torch.isfinite(loss(query, key, negatives))

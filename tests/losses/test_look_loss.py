@@ -691,3 +691,20 @@ def test_nca_recomputing_backward_equals_autograd_and_keeps_no_b_by_n(
     # recomputing backward keeps only the queries, the rows and per-query results.
     assert kept_saved > 2 * batch * rows
     assert recomputed_saved == 0
+
+
+def test_a_nan_memory_row_is_refused_on_the_cpu_unless_it_is_unused() -> None:
+    # It would be every query's nearest neighbour: a NaN loss with no error.
+    query = F.normalize(torch.randn(4, 3), dim=1)
+    memory = F.normalize(torch.randn(10, 3), dim=1)
+    labels, memory_labels = torch.arange(4) % 2, torch.arange(10) % 2
+    memory[3, 0] = float("nan")
+    for k in (2, None):  # LOOK and NCA
+        with pytest.raises(ValueError, match="memory contains NaN or Inf"):
+            look_loss(query, labels, memory, memory_labels, k=k, temperature=TEMPERATURE)
+    valid = torch.ones(10, dtype=torch.bool)
+    valid[3] = False  # an unwritten row may hold anything
+    loss = look_loss(
+        query, labels, memory, memory_labels, k=2, temperature=TEMPERATURE, memory_valid=valid
+    )
+    assert torch.isfinite(loss)

@@ -258,3 +258,17 @@ def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
     if "temperature" in kwargs:
         with pytest.raises(ValueError, match=message):
             SupConLoss(kwargs["temperature"])  # type: ignore[arg-type]
+
+
+def test_nan_input_is_refused_on_the_cpu() -> None:
+    anchors = F.normalize(torch.randn(6, 4), dim=1)
+    labels = torch.arange(6) % 2
+    poisoned = anchors.clone()
+    poisoned[0, 0] = float("nan")
+    module = SupConLoss(0.1)
+    for loss in (lambda a: supcon_loss(a, labels, temperature=0.1), lambda a: module(a, labels)):
+        with pytest.raises(ValueError, match=r"anchors contains NaN or Inf.*SupCon"):
+            loss(poisoned)
+        assert torch.isfinite(loss(anchors))
+    with pytest.raises(ValueError, match="contrast contains NaN or Inf"):
+        supcon_loss(anchors, labels, temperature=0.1, contrast=poisoned, contrast_labels=labels)

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from look.losses.look_loss import _constant_rows, check_temperature, masked_mean
+from look.losses.look_loss import (
+    _constant_rows,
+    check_temperature,
+    masked_mean,
+    refuse_non_finite_on_host,
+)
 from look.search import autocast_disabled, compute_dtype_for
 
 __all__ = ["InfoNCELoss", "info_nce_loss", "info_nce_loss_terms"]
@@ -86,7 +91,11 @@ def info_nce_loss_terms(
 def info_nce_loss(
     query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperature: float
 ) -> Tensor:
-    """Scalar InfoNCE loss: mean of :func:`info_nce_loss_terms` over the batch."""
+    """Scalar InfoNCE loss: mean of :func:`info_nce_loss_terms` over the batch; NaN/Inf input
+    is refused on the CPU (``ValueError``)."""
+    refuse_non_finite_on_host(
+        "InfoNCE", query=query, positive_key=positive_key, negatives=negatives
+    )
     loss, valid = info_nce_loss_terms(query, positive_key, negatives, temperature=temperature)
     return masked_mean(loss, valid)
 
@@ -105,7 +114,10 @@ class InfoNCELoss(nn.Module):
         return info_nce_loss_terms(query, positive_key, negatives, temperature=self.temperature)
 
     def forward(self, query: Tensor, positive_key: Tensor, negatives: Tensor) -> Tensor:
-        """Scalar loss (mean of :meth:`terms`)."""
+        """Scalar loss (mean of :meth:`terms`); NaN/Inf input is refused on the CPU."""
+        refuse_non_finite_on_host(
+            "InfoNCE", query=query, positive_key=positive_key, negatives=negatives
+        )
         loss, valid = self.terms(query, positive_key, negatives)
         return masked_mean(loss, valid)
 

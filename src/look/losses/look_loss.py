@@ -128,15 +128,24 @@ def _validate_loss_inputs(
     )
     # On an accelerator this check would stall the step; look_loss_terms marks such queries
     # with a NaN loss there instead.
-    if (
-        check_finite_query
-        and host_reads_are_free(query.device)
-        and not bool(torch.isfinite(query).all())
-    ):
-        raise ValueError(
-            "query contains NaN or Inf values; check the encoder output (e.g. a diverged step "
-            "or an fp16 overflow) before computing the LOOK loss"
-        )
+    if check_finite_query:
+        refuse_non_finite_on_host("LOOK", query=query)
+        # A NaN memory row would be every query's nearest neighbour (a MemoryBank refuses such
+        # rows; a tensor passed as the memory is checked here, its unused rows aside).
+        rows = memory if memory_valid is None else memory[memory_valid.to(memory.device)]
+        refuse_non_finite_on_host("LOOK", memory=rows)
+
+
+def refuse_non_finite_on_host(loss_name: str, **inputs: Tensor) -> None:
+    """Raise ``ValueError`` naming the first input holding NaN or Inf, where the host reads the
+    device's values for free (the CPU): for losses used on their own. On an accelerator the
+    check would stall every step; a NaN there reaches the loss, which its caller checks."""
+    for name, tensor in inputs.items():
+        if host_reads_are_free(tensor.device) and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{name} contains NaN or Inf values; check the encoder output (e.g. a diverged "
+                f"step or an fp16 overflow) before computing the {loss_name} loss"
+            )
 
 
 def _empty_memory_terms(queries: Tensor) -> LookLossTerms:

@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from look.losses.look_loss import check_temperature, masked_logsumexp, masked_mean
+from look.losses.look_loss import (
+    check_temperature,
+    masked_logsumexp,
+    masked_mean,
+    refuse_non_finite_on_host,
+)
 from look.search import autocast_disabled, compute_dtype_for
 
 __all__ = ["SupConLoss", "supcon_loss", "supcon_loss_terms"]
@@ -82,7 +87,8 @@ def supcon_loss_terms(
 
     Returns:
         ``(loss, valid)``, both ``(B,)``: loss in fp32 (fp64 for fp64 input), exactly 0 where the
-        anchor has no positive (``valid`` False); never NaN.
+        anchor has no positive (``valid`` False); never NaN for finite, L2-normalised input
+        (:func:`supcon_loss` and :class:`SupConLoss` refuse NaN/Inf input on the CPU).
     """
     temperature = check_temperature(temperature)
     if contrast is None:
@@ -131,7 +137,9 @@ def supcon_loss(
     contrast_labels: Tensor | None = None,
     anchor_positions: Tensor | None = None,
 ) -> Tensor:
-    """Scalar SupCon loss: mean of :func:`supcon_loss_terms` over valid anchors (0 with graph if none)."""
+    """Scalar SupCon loss: mean of :func:`supcon_loss_terms` over valid anchors (0 with graph if
+    none); NaN/Inf input is refused on the CPU (``ValueError``)."""
+    _refuse_non_finite(anchors, contrast)
     loss, valid = supcon_loss_terms(
         anchors,
         anchor_labels,
@@ -141,6 +149,13 @@ def supcon_loss(
         anchor_positions=anchor_positions,
     )
     return masked_mean(loss, valid)
+
+
+def _refuse_non_finite(anchors: Tensor, contrast: Tensor | None) -> None:
+    inputs = (
+        {"anchors": anchors} if contrast is None else {"anchors": anchors, "contrast": contrast}
+    )
+    refuse_non_finite_on_host("SupCon", **inputs)
 
 
 class SupConLoss(nn.Module):
@@ -178,7 +193,9 @@ class SupConLoss(nn.Module):
         contrast_labels: Tensor | None = None,
         anchor_positions: Tensor | None = None,
     ) -> Tensor:
-        """Scalar loss (local masked mean of :meth:`terms`)."""
+        """Scalar loss (local masked mean of :meth:`terms`); NaN/Inf input is refused on the
+        CPU."""
+        _refuse_non_finite(anchors, contrast)
         loss, valid = self.terms(
             anchors,
             anchor_labels,
