@@ -708,3 +708,55 @@ def test_a_nan_memory_row_is_refused_on_the_cpu_unless_it_is_unused() -> None:
         query, labels, memory, memory_labels, k=2, temperature=TEMPERATURE, memory_valid=valid
     )
     assert torch.isfinite(loss)
+
+
+def test_the_module_reads_a_memory_module_as_its_tensors_would_be_passed() -> None:
+    from look.memory import MemoryBank, MemoryQueue
+    from look.sharded import ShardedMemoryBank
+
+    generator = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(4, 8, generator=generator), dim=1)
+    labels = torch.tensor([0, 1, 0, 1])
+    loss = LookLoss(2, TEMPERATURE)
+    # A half-written bank: left without its valid mask, the unwritten zero rows would count.
+    bank = MemoryBank(20, 8)
+    bank.update(
+        torch.arange(6),
+        F.normalize(torch.randn(6, 8, generator=generator), dim=1),
+        torch.arange(6) % 2,
+    )
+    by_tensors = loss(
+        query,
+        labels,
+        bank.features,
+        bank.labels,
+        query_indices=torch.arange(4),
+        memory_valid=bank.search_valid(),
+    )
+    assert torch.equal(loss(query, labels, bank, query_indices=torch.arange(4)), by_tensors)
+    # A queue compares the ids it stores, not row numbers, with the queries' (leave-one-out).
+    queue = MemoryQueue(8, 8)
+    queue.update(
+        torch.tensor([10, 11, 12, 13, 14]),
+        F.normalize(torch.randn(5, 8, generator=generator), dim=1),
+        torch.tensor([0, 1, 0, 1, 0]),
+    )
+    indices = torch.tensor([10, 11, 2, 3])
+    by_tensors = loss.terms(
+        query,
+        labels,
+        queue.features,
+        queue.labels,
+        query_indices=indices,
+        memory_ids=queue.ids,
+        memory_valid=queue.search_valid(),
+    )
+    terms = loss.terms(query, labels, queue, query_indices=indices)
+    assert torch.equal(terms.loss, by_tensors.loss)
+    assert 0 not in terms.neighbour_indices[0].tolist()  # row 0 holds query 0's own id, 10
+    with pytest.raises(ValueError, match="memory_valid: read from the memory module"):
+        loss(query, labels, bank, memory_valid=bank.search_valid())
+    with pytest.raises(ValueError, match="sharded_look_loss_terms"):
+        loss(query, labels, ShardedMemoryBank(20, 8))
+    with pytest.raises(ValueError, match="memory_labels is required"):
+        loss(query, labels, bank.features)

@@ -734,7 +734,22 @@ def look_loss(
 
 class LookLoss(nn.Module):
     """Module form of :func:`look_loss`; holds ``k``, ``temperature``, ``no_positive``,
-    ``chunk_size`` and ``search_backend``."""
+    ``chunk_size`` and ``search_backend``.
+
+    The memory is either a :class:`look.memory.MemoryBank` / :class:`look.memory.MemoryQueue`
+    (its rows, labels, ids, valid mask and int8 search copy are read from it: nothing to
+    unpack or forget), or raw tensors as :func:`look_loss_terms` takes them::
+
+        loss = LookLoss(k=200, temperature=0.07)(z, labels, bank, query_indices=indices)
+        loss = LookLoss(k=200, temperature=0.07)(z, labels, rows, row_labels, memory_valid=m)
+
+    Args:
+        k: neighbours per query (``None``: every row, i.e. NCA).
+        temperature: τ > 0.
+        no_positive: ``"drop"`` or ``"nearest"``, see :func:`look_loss_terms`.
+        chunk_size: memory rows per step of the chunked PyTorch scan.
+        search_backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+    """
 
     def __init__(
         self,
@@ -756,14 +771,21 @@ class LookLoss(nn.Module):
         self,
         query: Tensor,
         query_labels: Tensor,
-        memory: Tensor,
-        memory_labels: Tensor,
+        memory: Tensor | nn.Module,
+        memory_labels: Tensor | None = None,
         *,
         query_indices: Tensor | None = None,
         memory_ids: Tensor | None = None,
         memory_valid: Tensor | None = None,
     ) -> LookLossTerms:
         """Per-query terms, as :func:`look_loss_terms` with this module's settings."""
+        prefilter = None
+        if isinstance(memory, nn.Module):
+            memory, memory_labels, memory_ids, memory_valid, prefilter = _memory_inputs(
+                memory, memory_labels, memory_ids, memory_valid
+            )
+        elif memory_labels is None:
+            raise ValueError("memory_labels is required when the memory is a tensor")
         return look_loss_terms(
             query,
             query_labels,
@@ -777,14 +799,15 @@ class LookLoss(nn.Module):
             no_positive=self.no_positive,
             chunk_size=self.chunk_size,
             search_backend=self.search_backend,
+            search_prefilter=prefilter,
         )
 
     def forward(
         self,
         query: Tensor,
         query_labels: Tensor,
-        memory: Tensor,
-        memory_labels: Tensor,
+        memory: Tensor | nn.Module,
+        memory_labels: Tensor | None = None,
         *,
         query_indices: Tensor | None = None,
         memory_ids: Tensor | None = None,
@@ -807,3 +830,32 @@ class LookLoss(nn.Module):
             f"k={self.k}, temperature={self.temperature}, no_positive={self.no_positive!r}, "
             f"chunk_size={self.chunk_size}, search_backend={self.search_backend!r}"
         )
+
+
+def _memory_inputs(
+    memory: nn.Module,
+    memory_labels: Tensor | None,
+    memory_ids: Tensor | None,
+    memory_valid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, QuantizedRows | None]:
+    """The tensors :func:`look_loss_terms` takes, read from a memory module."""
+    from look.memory import MemoryBank, MemoryQueue
+    from look.sharded import ShardedMemoryBank
+
+    if isinstance(memory, ShardedMemoryBank):
+        raise ValueError(
+            "a ShardedMemoryBank holds this rank's rows only: use "
+            "look.sharded.sharded_look_loss_terms, which searches every rank's shard"
+        )
+    if not isinstance(memory, (MemoryBank, MemoryQueue)):
+        raise ValueError(
+            f"memory must be a tensor, a MemoryBank or a MemoryQueue, got {type(memory).__name__}"
+        )
+    given = [name for name, value in (("memory_labels", memory_labels), ("memory_ids", memory_ids),
+                                      ("memory_valid", memory_valid)) if value is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"{', '.join(given)}: read from the memory module; pass tensors instead")
+    # A bank's row i is dataset image i (leave-one-out compares row numbers); a queue's rows
+    # are compared by the ids they store.
+    ids = memory.ids if isinstance(memory, MemoryQueue) else None
+    return memory.features, memory.labels, ids, memory.search_valid(), memory.search_prefilter()
