@@ -238,3 +238,22 @@ def test_bugs_and_interrupts_are_not_hidden(
     monkeypatch.setattr("look.cli._run_methods", interrupted)
     assert main(["methods"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_the_top_level_help_lists_every_command_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    from look.cli import COMMAND_SUMMARIES, build_parser
+
+    # The stand-in entries say what the full ones say.
+    def help_lines(full: str | None) -> str:
+        return build_parser(full=full).format_help()
+
+    assert help_lines("") == help_lines(None)
+    assert all(summary in help_lines("") for summary in COMMAND_SUMMARIES.values())
+    code = (
+        "import sys; from look.cli import build_parser; build_parser(full='').format_help(); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -144,7 +144,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: str | None = None) -> argparse.ArgumentParser:
+    """The ``look`` parser: every subcommand complete, or with ``full``, that one only (the
+    others listed with their help line; ``full=""`` for none)."""
     parser = argparse.ArgumentParser(
         prog="look", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -156,13 +158,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_export(sub)
     _add_demo(sub)
-    from look.analysis import commands as analysis_commands
-    from look.evaluation import commands as evaluation_commands
+    # evaluate, analyze and report define their options with the protocols' own defaults, whose
+    # modules import torch, scikit-learn and matplotlib (seconds): when another command runs (or
+    # the top-level --help), an entry with their one-line help stands in for them.
+    if full is None or full == "evaluate":
+        from look.evaluation import commands as evaluation_commands
 
-    evaluation_commands.register(sub)
-    analysis_commands.register(sub)
+        evaluation_commands.register(sub)
+    else:
+        sub.add_parser("evaluate", help=COMMAND_SUMMARIES["evaluate"])
+    if full is None or full in ("analyze", "report"):
+        from look.analysis import commands as analysis_commands
+
+        analysis_commands.register(sub)
+    else:
+        for name in ("analyze", "report"):
+            sub.add_parser(name, help=COMMAND_SUMMARIES[name])
     sub.add_parser("methods", help="list methods and their options")
     return parser
+
+
+# The help lines of the commands defined elsewhere (tests/test_cli.py checks they match).
+COMMAND_SUMMARIES = {
+    "evaluate": "transfer evaluation: linear probe, kNN, fine-tuning, few-shot",
+    "analyze": "multi-modality metrics and t-SNE maps of frozen features",
+    "report": "collect results over methods and seeds into REPORT.md/json/csv",
+}
+
+
+def _requested_command(argv: Sequence[str] | None) -> str:
+    """The subcommand named on the command line ('' for none), read without building the
+    parser (the top-level options take no value)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return next((word for word in words if not word.startswith("-")), "")
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -276,23 +304,38 @@ def error_message(exc: BaseException) -> str:
     return last.removeprefix(prefix).removeprefix(f"{type(exc).__qualname__}: ")
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from look.evaluation import commands as evaluation_commands
+
+    return evaluation_commands.run(args)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from look.analysis import commands as analysis_commands
+
+    return analysis_commands.run_analyze(args)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from look.analysis import commands as analysis_commands
+
+    return analysis_commands.run_report(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(full=_requested_command(argv))
     args = parser.parse_args(argv)
     if args.version:
         import look
 
         print(look.__version__)
         return 0
-    from look.analysis import commands as analysis_commands
-    from look.evaluation import commands as evaluation_commands
-
     handlers = {
         "pretrain": _run_pretrain,
         "export": _run_export,
-        "evaluate": evaluation_commands.run,
-        "analyze": analysis_commands.run_analyze,
-        "report": analysis_commands.run_report,
+        "evaluate": _run_evaluate,
+        "analyze": _run_analyze,
+        "report": _run_report,
         "demo": _run_demo,
         "methods": _run_methods,
     }
