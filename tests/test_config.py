@@ -185,3 +185,11 @@ def test_random_set_overrides_give_a_config_or_a_config_error(key: str, raw: str
         assert str(exc)
         return
     assert isinstance(cfg, RunConfig)
+
+
+def test_a_mapping_merges_into_a_section_but_replaces_the_method() -> None:
+    recipe = ["optim.batch_size=1024", "method.k=7", "method.temperature=0.2"]
+    merged = load_config(None, [*recipe, "optim={lr: 0.05}"])
+    assert merged.optim.lr == 0.05 and merged.optim.batch_size == 1024  # the recipe's stays
+    replaced = load_config(None, [*recipe, "method={name: look, k: 9}"])
+    assert replaced.method == {"name": "look", "k": 9}  # the method's options are its own

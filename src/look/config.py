@@ -318,7 +318,13 @@ def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict) and path != ["method"]:
+            # A mapping merges into a section, as a recipe does (`--set "optim={lr: 0.05}"` keeps
+            # the recipe's batch size); only the method section is replaced whole, its options
+            # being the method's own.
+            node[path[-1]] = _deep_merge(node[path[-1]], value)
+        else:
+            node[path[-1]] = value
     return result
 
 
