@@ -78,6 +78,17 @@ def test_dry_run_checks_everything_and_writes_nothing(
     assert "different configuration" in capsys.readouterr().err
 
 
+def test_the_dry_run_rehearses_one_step(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*_pretrain_args(run), "--dry-run"]) == 0
+    assert "rehearsed_step: {'loss': " in capsys.readouterr().out and not run.exists()
+    # Builds fine, fails at its first step: a batch of 16 cannot make 20 batch-norm groups.
+    moco = "method={name: mocov2, bn_splits: 20, queue_size: 64}"
+    assert main([*_pretrain_args(run, moco), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "step 1 " in err and "bn_splits=20" in err and "No checkpoint had been written" in err
+
+
 def test_recipe_names_resolve() -> None:
     assert (
         resolve_config_path("look_cnn-small_fmnist-coarse").name
@@ -117,8 +128,9 @@ def test_check_images_finds_every_broken_file_before_the_first_step(
 ) -> None:
     (broken,) = write_image_folder(tmp_path / "images", broken=1)
     run = tmp_path / "run"
-    # Without the check, the dry run cannot see it: it decodes nothing.
-    assert main([*_image_folder_args(run, tmp_path / "images"), "--dry-run"]) == 0
+    # Without the check, the dry run decodes one batch only (its rehearsed step), so it may or
+    # may not meet the broken file; it never claims to have checked the images.
+    main([*_image_folder_args(run, tmp_path / "images"), "--dry-run"])
     assert "images_checked" not in capsys.readouterr().out
     command = [*_image_folder_args(run, tmp_path / "images"), "--check-images"]
     assert main([*command, "--dry-run"]) == 2

@@ -213,10 +213,12 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         if args.check_images:
             plan["images_checked"], unreadable = trainer.check_images()
             plan["unreadable_images"] = [f"{image.path} ({image.error})" for image in unreadable]
+        # One step, kept nowhere: the errors only a step meets, before the job is queued.
+        plan["rehearsed_step"] = trainer.rehearse_step()
         if is_main_process():
             for key, value in plan.items():
                 print(f"{key}: {value}")
-            print("look: dry run; nothing was trained or written")
+            print("look: dry run; one step rehearsed, nothing was trained or written")
         return 0
     result = pretrain(cfg, args.output, resume=not args.no_resume, check_images=args.check_images)
     if result.backbone_path is not None:

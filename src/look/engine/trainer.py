@@ -372,8 +372,35 @@ class Trainer:
         except (ValueError, RuntimeError) as exc:
             raise TrainingStepError(
                 f"step {self.global_step if step is None else step} failed {stage}: {exc}. "
-                f"The last good checkpoint in {self.checkpoint_dir} is kept."
+                + self._kept_checkpoint()
             ) from exc
+
+    def _kept_checkpoint(self) -> str:
+        """What a failed step leaves to resume from, for its error message."""
+        if any(self.checkpoint_dir.glob("ckpt-*.pt")):
+            return f"The last good checkpoint in {self.checkpoint_dir} is kept."
+        return "No checkpoint had been written yet."
+
+    def rehearse_step(self) -> dict[str, Any]:
+        """One forward and backward pass of the first batch, without an optimizer step (its
+        gradients and batch norm's statistics are dropped; a memory it wrote is this trainer's
+        only, which a dry run then throws away): what a dry run checks beyond building, i.e.
+        errors that only a step meets (an input size the backbone refuses, a batch a method
+        cannot split, a search backend this machine lacks, running out of memory). Returns its
+        loss and seconds (a first step: compiling and warm-up included)."""
+        self.method.train()
+        batch = next(iter(self._loader(epoch=0, start_step=0)))
+        batch = batch.to(self.device, channels_last=self.channels_last)
+        self.running_statistics.save()
+        started = time.perf_counter()
+        try:
+            metrics, _, _ = self._forward_backward(0, batch)
+            loss = float(metrics["loss"])
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.running_statistics.restore()
+            self.method.discard_step()
+        return {"loss": loss, "seconds": round(time.perf_counter() - started, 3)}
 
     def save(self) -> None:
         # The log reaches the checkpoint's step first: a resume truncates it after that step.
@@ -620,11 +647,11 @@ class Trainer:
         try:
             with self._autocast():
                 return self.model(batch)
-        except (ValueError, RuntimeError) as exc:
+        # (AssertionError: a backbone's own input checks, e.g. a ViT given another image size)
+        except (ValueError, RuntimeError, AssertionError) as exc:
             raise TrainingStepError(
                 f"step {self.global_step + 1} (epoch {epoch}, first dataset indices "
-                f"{batch.indices[:8].tolist()}) failed: {exc}. The last good checkpoint in "
-                f"{self.checkpoint_dir} is kept."
+                f"{batch.indices[:8].tolist()}) failed: {exc}. " + self._kept_checkpoint()
             ) from exc
 
     def _forward_backward(
@@ -712,9 +739,8 @@ class Trainer:
                     else f" ({self.consecutive_skips} in a row, more than train.nan_max_consecutive_skips={limit})"
                 )
                 raise TrainingStepError(
-                    message + f"{reason}; stopping. The last good checkpoint in "
-                    f"{self.checkpoint_dir} is kept. Lower optim.lr, enable optim.grad_clip, or "
-                    "set train.nan_policy=skip."
+                    message + f"{reason}; stopping. {self._kept_checkpoint()} Lower optim.lr, "
+                    "enable optim.grad_clip, or set train.nan_policy=skip."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.running_statistics.restore()
