@@ -111,8 +111,44 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
 
     report = run_demo(tmp_path, plan=DemoPlan.quick(), device="cpu")
     text = report.read_text()
-    assert "Verdict" in text and "look (coarse)" in text
+    assert "Verdict" in text and "look (coarse)" in text and "**Smoke run**" in text
     assert (tmp_path / "analysis" / "maps.png").stat().st_size > 10_000
     assert "## Fine-label kNN during pre-training" in text
     assert (tmp_path / "monitor.png").stat().st_size > 5_000
     assert json.loads((tmp_path / "timings.json").read_text())["total"] > 0
+
+
+def test_a_folder_of_another_plan_is_refused_and_seeds_may_be_added(tmp_path: Path) -> None:
+    from dataclasses import asdict, replace
+
+    from look.demo import check_same_plan
+
+    quick = DemoPlan.quick()
+    (tmp_path / "plan.json").write_text(json.dumps(asdict(quick)))
+    check_same_plan(tmp_path, replace(quick, seeds=(0, 1, 2), num_workers=0))
+    with pytest.raises(
+        ValueError, match=r"another plan \(train_subset 2000 then, 10000 now; epochs 1 then, 3 now"
+    ):
+        check_same_plan(tmp_path, DemoPlan.default())
+    # A plan written before a field existed: the field is not compared.
+    older = {k: v for k, v in asdict(quick).items() if k != "smoke"}
+    (tmp_path / "plan.json").write_text(json.dumps(older))
+    check_same_plan(tmp_path, quick)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
+        (["--seeds", "0", "0"], "--seeds must be distinct non-negative integers"),
+    ],
+)
+def test_bad_demo_options_fail_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    from look.cli import main
+
+    assert main(["demo", "--quick", "--output", str(tmp_path / "demo"), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -113,7 +113,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "intra-class multi-modality, draw t-SNE maps and write REPORT.md. Re-running the same "
         "command skips finished stages.",
     )
-    p.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--output", help="output folder (default runs/demo, with --quick runs/demo-quick)"
+    )
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
@@ -134,14 +136,24 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     plan = DemoPlan.quick() if args.quick else DemoPlan.default()
     changes: dict[str, object] = {}
-    if args.seeds:
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
         changes["seeds"] = tuple(args.seeds)
-    if args.epochs:
-        changes["epochs"] = args.epochs
-    if args.train_subset:
-        changes["train_subset"] = args.train_subset
-    run_demo(args.output, plan=replace(plan, **changes), device=args.device)
+    for option, field in (("epochs", "epochs"), ("train_subset", "train_subset")):
+        value = getattr(args, option)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+            changes[field] = value
+    run_demo(_demo_output(args), plan=replace(plan, **changes), device=args.device)
     return 0
+
+
+def _demo_output(args: argparse.Namespace) -> str:
+    # The quick smoke run has its own default folder: its finished stages never stand in for
+    # the full demo's (run_demo refuses a folder of another plan).
+    return args.output or ("runs/demo-quick" if args.quick else "runs/demo")
 
 
 def build_parser(full: str | None = None) -> argparse.ArgumentParser:
@@ -262,7 +274,8 @@ def output_paths(args: argparse.Namespace) -> list[OutputPath]:
         return [OutputPath("--output", Path(args.output), is_folder=False)]
     if args.command not in ("pretrain", "evaluate", "analyze", "report", "demo"):
         return []
-    paths = [OutputPath("--output", Path(args.output), is_folder=True)]
+    output = _demo_output(args) if args.command == "demo" else args.output
+    paths = [OutputPath("--output", Path(output), is_folder=True)]
     if args.command == "evaluate" and not args.no_cache and args.cache_dir:
         paths.append(OutputPath("--cache-dir", Path(args.cache_dir), is_folder=True))
     return paths

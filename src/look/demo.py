@@ -63,6 +63,8 @@ class DemoPlan:
     # Fine-label kNN monitor during pre-training (train.knn_monitor): images per split.
     monitor_images: int = 2000
     analysis_per_coarse: int = 2000  # samples per coarse class for the multi-modality metrics
+    # A smoke run (``quick``): its report says that its numbers check the pipeline only.
+    smoke: bool = False
 
     @classmethod
     def default(cls) -> DemoPlan:
@@ -85,6 +87,7 @@ class DemoPlan:
             map_points=300,
             analysis_per_coarse=400,
             monitor_images=500,
+            smoke=True,
         )
 
 
@@ -185,6 +188,33 @@ def _eval_dataset(plan: DemoPlan, scenario: str) -> DataSpec:
     return DataSpec(dataset="digits")
 
 
+# Plan fields a finished stage does not depend on: seeds may be added to a finished demo, and
+# the loader's workers change only its speed.
+_PLAN_FIELDS_FREE_TO_CHANGE = {"seeds", "num_workers"}
+
+
+def check_same_plan(output_dir: Path, plan: DemoPlan) -> None:
+    """Refuse to reuse ``output_dir``'s finished stages under another plan: its models and
+    results would be reported with settings they were never run with."""
+    path = output_dir / "plan.json"
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(plan)))  # (tuples as JSON lists, like the file's)
+    changed = [
+        f"{name} {earlier.get(name)!r} then, {value!r} now"
+        for name, value in now.items()
+        # (a field the earlier file lacks came later: its run had the default)
+        if name not in _PLAN_FIELDS_FREE_TO_CHANGE and name in earlier and earlier[name] != value
+    ]
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds a demo run with another plan ({'; '.join(changed)}); its "
+            "finished stages would be reported as this plan's. Pass another --output, or "
+            "delete the folder to start over."
+        )
+
+
 def run_demo(
     output_dir: str | Path,
     *,
@@ -200,10 +230,16 @@ def run_demo(
 
     plan = plan or DemoPlan.default()
     output_dir = Path(output_dir)
+    check_same_plan(output_dir, plan)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
     runs = plan_runs(plan)
-    timings: dict[str, float] = {}
+    # A re-run times only the stages it runs: the skipped ones keep their earlier times.
+    timings_path = output_dir / "timings.json"
+    timings: dict[str, float] = (
+        json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    )
+    timings.pop("total", None)
     started = time.perf_counter()
 
     # Stage 1: pre-training (each distinct (method, labels, seed) once).
@@ -282,8 +318,9 @@ def run_demo(
         title="look demo",
         baseline=["ce (coarse)", "ce (fine)"],  # scenario 1's CE, and scenario 2's
     )
-    timings["total"] = time.perf_counter() - started
-    (output_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    timings["this_run"] = time.perf_counter() - started
+    timings["total"] = sum(seconds for stage, seconds in timings.items() if stage != "this_run")
+    timings_path.write_text(json.dumps(timings, indent=2))
     monitored: dict[str, list[Path]] = {}  # scenario 1's models, a run per seed
     for run in runs:
         if run.scenario == SCENARIO_COARSE and run.method is not None:
@@ -479,6 +516,15 @@ def _write_demo_report(
         "training images), weighted kNN (τ=0.07), 5-way few-shot "
         f"({plan.fewshot_episodes} episodes, nearest centroid). Accuracies in %.",
         "",
+    ]
+    if plan.smoke:
+        lines += [
+            "> **Smoke run** (`look demo --quick`): a few minutes of training that checks that "
+            "every stage runs. Its numbers say nothing about which method transfers better; "
+            "run `look demo` (and `--seeds 0 1 2`) for that.",
+            "",
+        ]
+    lines += [
         "## Verdict (computed from the numbers below, not written by hand)",
         "",
         "LOOK against each rival, seed by seed: *beats* or *loses to* only when the 95 % "
@@ -530,8 +576,9 @@ def _write_demo_report(
     lines += [
         "## Time",
         "",
-        f"Total {timings['total'] / 60:.1f} min on this machine "
-        "(per stage in `timings.json`; finished stages are skipped when the demo is re-run).",
+        f"Total {timings['total'] / 60:.1f} min of stages on this machine, "
+        f"{timings['this_run'] / 60:.1f} min in the last run (per stage in `timings.json`; "
+        "finished stages are skipped when the demo is re-run).",
         "",
     ]
     path = output_dir / "REPORT.md"
