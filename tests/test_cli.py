@@ -37,6 +37,16 @@ def test_methods_lists_all(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("look:", "nca:", "ce:", "sl_mlp:", "supcon:", "mocov2:", "temperature"):
         assert name in out
+    assert "memory = 'bank'  (one of bank, queue, sharded_bank)" in out
+
+
+def test_recipe_names_are_looked_up_in_named_folders(tmp_path: Path) -> None:
+    from look.cli import resolve_config_path
+
+    with pytest.raises(
+        FileNotFoundError, match=r"no recipe of that name in /.*configs.*Recipes: \["
+    ):
+        resolve_config_path("no_such_recipe")
 
 
 def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

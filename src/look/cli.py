@@ -31,8 +31,12 @@ Run `look SUBCOMMAND --help` for the options of each subcommand.
 
 
 def _repo_configs_dirs() -> list[Path]:
+    """Where recipe names are looked up: the working directory's configs/, the source tree's
+    (an editable install) and the installed copy (PREFIX/share/look/configs)."""
     here = Path(__file__).resolve()
-    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+    folders = [Path.cwd() / "configs", here.parents[2] / "configs"]
+    folders.append(Path(sys.prefix) / "share" / "look" / "configs")
+    return list(dict.fromkeys(folder.resolve() for folder in folders))
 
 
 def resolve_config_path(name: str) -> Path:
@@ -47,8 +51,10 @@ def resolve_config_path(name: str) -> Path:
     available = sorted(
         {p.stem for d in _repo_configs_dirs() if d.is_dir() for p in d.glob("*.yaml")}
     )
+    folders = ", ".join(str(folder) for folder in _repo_configs_dirs())
     raise FileNotFoundError(
-        f"config {name!r} not found (looked at {name} and configs/). Recipes: {available}"
+        f"config {name!r} not found: not a file, and no recipe of that name in {folders}. "
+        f"Recipes: {available}"
     )
 
 
@@ -254,9 +260,11 @@ def _run_methods(_: argparse.Namespace) -> int:
     for name, cls in METHODS.items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
+        choices = getattr(cls.Options, "CHOICES", {})
         for f in dataclasses.fields(cls.Options):
             default = f.default if f.default is not dataclasses.MISSING else None
-            print(f"    {f.name} = {default!r}")
+            allowed = f"  (one of {', '.join(choices[f.name])})" if f.name in choices else ""
+            print(f"    {f.name} = {default!r}{allowed}")
     return 0
 
 

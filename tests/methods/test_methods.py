@@ -361,8 +361,12 @@ def test_the_int8_search_prefilter_builds_a_bank_with_an_int8_copy() -> None:
     assert method.memory.int8_prefilter and method.memory.search_prefilter() is not None
     first = method(make_batch(16, 1, num_classes=3, seed=0))
     assert torch.isfinite(first.loss)
-    for wrong in ({"memory_dtype": "float32"}, {"memory": "queue"}):
-        with pytest.raises(ConfigError, match="search_prefilter=int8 is a copy of a bf16/fp16"):
+    # Only what is missing is asked for.
+    for wrong, need in (
+        ({"memory_dtype": "float32"}, r"bf16/fp16 bank for the fused search: set memory_dtype"),
+        ({"memory": "queue"}, r"fused search: use memory bank or sharded_bank \(got queue\)$"),
+    ):
+        with pytest.raises(ConfigError, match=need):
             build_method({**cfg, **wrong, **SMALL_HEAD}, TinyBackbone(), 12, CTX)
     with pytest.raises(ConfigError, match="search_prefilter='int4' is not one of"):
         build_method({**cfg, "search_prefilter": "int4"}, TinyBackbone(), 12, CTX)

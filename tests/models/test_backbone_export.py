@@ -157,3 +157,10 @@ def test_compiled_backbone_is_unwrapped(tmp_path: Path) -> None:
         compiled, "look_resnet_tiny", tmp_path / "c.safetensors", small_stem=False
     )
     assert load_file(str(path)).keys() == backbone.state_dict().keys()
+
+
+def test_a_file_of_another_format_is_named_in_a_value_error(tmp_path: Path) -> None:
+    path = tmp_path / "backbone.safetensors"
+    path.write_text("not an export, just text\n" * 10)
+    with pytest.raises(ValueError, match=r"'.*backbone\.safetensors' is not a safetensors file"):
+        load_exported_backbone(path)

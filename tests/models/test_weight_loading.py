@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from look.models import (
     create_backbone,
+    export_backbone,
     load_backbone_weights,
     read_state_dict,
     strip_known_prefixes,
@@ -129,3 +130,106 @@ def test_unreadable_files(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pth")
     with pytest.raises(ValueError, match="not a flat state dict"):
         read_state_dict(tmp_path / "no_weights.pth")
+
+
+def test_files_of_another_format_are_named_in_a_value_error(tmp_path: Path) -> None:
+    # A long text makes safetensors read an absurd header length ("header too large").
+    text_safetensors = tmp_path / "w.safetensors"
+    text_safetensors.write_text("this is a text file, not weights\n" * 10)
+    with pytest.raises(ValueError, match=r"'.*w\.safetensors' is not a safetensors file.*header"):
+        create_backbone("look_resnet_tiny", pretrained_weights=text_safetensors)
+
+    text_pth = tmp_path / "w.pth"
+    text_pth.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"'.*w\.pth' is not a PyTorch weights file"):
+        create_backbone("look_resnet_tiny", pretrained_weights=text_pth)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a PyTorch weights file"):
+        read_state_dict(tmp_path / "empty.pt")
+
+    # The two formats swapped: the message says what the file looks like.
+    torch.save(source_model().state_dict(), tmp_path / "torch.safetensors")
+    with pytest.raises(ValueError, match=r"looks like a torch\.save file: rename it to \.pth"):
+        read_state_dict(tmp_path / "torch.safetensors")
+    save_file(source_model().state_dict(), str(tmp_path / "safetensors.pth"))
+    with pytest.raises(
+        ValueError, match=r"looks like a safetensors file: rename it to \.safetensors"
+    ):
+        read_state_dict(tmp_path / "safetensors.pth")
+
+
+def test_run_directory_is_read_through_its_backbone_file(tmp_path: Path) -> None:
+    source, _ = create_backbone("look_resnet_tiny")
+    run = tmp_path / "runs" / "ce_s0"
+    export_backbone(source, "look_resnet_tiny", run / "backbone.safetensors", small_stem=False)
+
+    backbone, _ = create_backbone("look_resnet_tiny", pretrained_weights=run)
+    assert_same_backbone_weights(source, backbone)
+    assert backbone.pretrained_weights_summary.startswith(
+        f"loaded {len(source.state_dict())} tensors from {run / 'backbone.safetensors'}"
+    )
+
+    unfinished = tmp_path / "runs" / "look_s0"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(
+        FileNotFoundError, match=r"no backbone\.safetensors.*look export --checkpoint"
+    ):
+        create_backbone("look_resnet_tiny", pretrained_weights=unfinished)
+    with pytest.raises(FileNotFoundError, match="is a directory, not a weight file"):
+        create_backbone("look_resnet_tiny", pretrained_weights=tmp_path / "runs")
+
+
+def look_training_checkpoint(online: torch.nn.Module, momentum: torch.nn.Module) -> dict:
+    """What `look pretrain` saves: the method's state dict under "model", and training state."""
+    model_state: dict[str, torch.Tensor] = {}
+    for prefix, module in (("backbone.", online), ("ema_backbone.", momentum)):
+        model_state.update({prefix + k: v for k, v in module.state_dict().items()})
+    model_state["classifier.weight"] = torch.zeros(4, 64)
+    model_state["classifier.bias"] = torch.zeros(4)
+    model_state["head.0.weight"] = torch.zeros(16, 64)
+    return {
+        "model": model_state,
+        "optimizer": {"state": {}, "param_groups": []},
+        "global_step": 40,
+        "config": {"model": {"backbone": "look_resnet_tiny", "small_stem": False}},
+    }
+
+
+def test_look_pretrain_checkpoint_gives_its_online_backbone(tmp_path: Path) -> None:
+    # Built as look pretrain builds them: no fc, so any classifier complaint would come from the
+    # method's own classifier.
+    torch.manual_seed(0)
+    online, _ = create_backbone("look_resnet_tiny")
+    momentum, _ = create_backbone("look_resnet_tiny")
+    path = tmp_path / "checkpoints" / "ckpt-000000040.pt"
+    path.parent.mkdir()
+    torch.save(look_training_checkpoint(online, momentum), path)
+
+    backbone, _ = create_backbone("look_resnet_tiny", pretrained_weights=path)
+    assert_same_backbone_weights(online, backbone)  # not the momentum copy
+    assert backbone.pretrained_weights_summary == (
+        f"loaded {len(backbone.state_dict())} tensors from {path} "
+        "(online backbone of a look pretrain checkpoint, step 40)"
+    )
+
+    without_backbone = look_training_checkpoint(online, momentum)
+    without_backbone["model"] = {"classifier.bias": torch.zeros(4)}
+    torch.save(without_backbone, tmp_path / "no_backbone.pt")
+    with pytest.raises(ValueError, match="look pretrain checkpoint without backbone tensors"):
+        read_state_dict(tmp_path / "no_backbone.pt")
+
+
+def test_summary_says_what_was_loaded(tmp_path: Path) -> None:
+    source = source_model()
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    backbone, _ = create_backbone("look_resnet_tiny", pretrained_weights=path)
+    loaded = len(source.state_dict()) - 2  # all but the classifier
+    assert backbone.pretrained_weights_summary == (
+        f"loaded {loaded} tensors from {path} (ignored: fc.bias, fc.weight)"
+    )
+    assert load_backbone_weights(create_backbone("look_resnet_tiny")[0], path).summary == (
+        backbone.pretrained_weights_summary
+    )
+    # Without pretrained_weights the attribute exists and says nothing was loaded.
+    assert create_backbone("look_resnet_tiny")[0].pretrained_weights_summary is None

@@ -10,7 +10,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,17 @@ class LOOKOptions(HeadOptions):
     search_prefilter: str = "none"
     ce_weight: float = 0.0  # optional auxiliary CE on the pooled features (off in pure LOOK)
 
+    # The values an option may take (also listed by `look methods`).
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "no_positive": ("drop", "nearest"),
+        "memory": ("bank", "queue", "sharded_bank"),
+        "memory_update": ("momentum", "ema_encoder"),
+        "memory_dtype": tuple(_MEMORY_DTYPES),
+        "memory_init": ("mask", "warmup"),
+        "search_backend": SEARCH_BACKENDS,
+        "search_prefilter": ("none", "int8"),
+    }
+
     def validate(self) -> None:
         self.validate_head()
         check_options(self.k is None or self.k >= 1, f"k must be >= 1 or null (NCA), got {self.k}")
@@ -74,16 +85,7 @@ class LOOKOptions(HeadOptions):
             "override a recipe's one with the other, set it to null, e.g. --set method.k=50 "
             "--set method.k_fraction=null",
         )
-        choices = {
-            "no_positive": ("drop", "nearest"),
-            "memory": ("bank", "queue", "sharded_bank"),
-            "memory_update": ("momentum", "ema_encoder"),
-            "memory_dtype": tuple(_MEMORY_DTYPES),
-            "memory_init": ("mask", "warmup"),
-            "search_backend": SEARCH_BACKENDS,
-            "search_prefilter": ("none", "int8"),
-        }
-        for key, allowed in choices.items():
+        for key, allowed in self.CHOICES.items():
             value = getattr(self, key)
             check_options(value in allowed, f"{key}={value!r} is not one of {list(allowed)}")
         check_options(
@@ -102,9 +104,21 @@ class LOOKOptions(HeadOptions):
         check_options(
             self.search_prefilter == "none"
             or (self.memory != "queue" and self.memory_dtype in ("bfloat16", "float16")),
-            "search_prefilter=int8 is a copy of a bf16/fp16 bank for the fused search: set "
-            f"memory_dtype to bfloat16 or float16 (got {self.memory_dtype}) and memory to bank "
-            f"or sharded_bank (got {self.memory})",
+            "search_prefilter=int8 is a copy of a bf16/fp16 bank for the fused search: "
+            + "; ".join(
+                need
+                for need, missing in (
+                    (
+                        f"set memory_dtype to bfloat16 or float16 (got {self.memory_dtype})",
+                        self.memory_dtype not in ("bfloat16", "float16"),
+                    ),
+                    (
+                        f"use memory bank or sharded_bank (got {self.memory})",
+                        self.memory == "queue",
+                    ),
+                )
+                if missing
+            ),
         )
         check_options(self.queue_size >= 2, f"queue_size must be >= 2, got {self.queue_size}")
         check_options(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")

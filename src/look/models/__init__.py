@@ -22,7 +22,9 @@ from look.models.weights import (
     KNOWN_KEY_PREFIXES,
     WeightLoadReport,
     load_backbone_weights,
+    read_safetensors,
     read_state_dict,
+    resolve_weight_file,
     strip_known_prefixes,
     strip_prefix,
 )
@@ -45,7 +47,9 @@ __all__ = [
     "look_cnn_small",
     "look_resnet_tiny",
     "read_export_metadata",
+    "read_safetensors",
     "read_state_dict",
+    "resolve_weight_file",
     "strip_known_prefixes",
     "strip_prefix",
 ]

@@ -9,7 +9,6 @@ local file.
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 
 import timm
@@ -27,8 +26,6 @@ __all__ = [
     "create_backbone",
     "list_backbone_names",
 ]
-
-logger = logging.getLogger(__name__)
 
 TORCHVISION_PREFIX = "tv:"
 # Attributes that hold the classifier of torchvision classification models.
@@ -186,13 +183,17 @@ def create_backbone(
             model name prefixed with ``"tv:"`` (``"tv:resnet18"``). Built without pretrained weights.
         small_stem: replace a ResNet stem by a CIFAR-style one for 28–32 px images
             (see :func:`apply_small_stem`).
-        pretrained_weights: a local ``.safetensors`` or ``.pth``/``.pt`` file, loaded with
-            :func:`look.models.load_backbone_weights` (prefixes ``module.``/``backbone.``/``encoder.``
-            stripped; classifier keys ignored; anything else that does not match raises).
+        pretrained_weights: a local ``.safetensors`` or ``.pth``/``.pt`` file, a ``look pretrain``
+            run directory (its ``backbone.safetensors``) or checkpoint (its online backbone), loaded
+            with :func:`look.models.load_backbone_weights` (prefixes ``module.``/``backbone.``/
+            ``encoder.`` stripped; classifier keys ignored; anything else that does not match
+            raises).
         in_chans: input channels (timm models and small nets only).
 
     Returns:
-        ``(backbone, feature_dim)``; the backbone is in training mode.
+        ``(backbone, feature_dim)``; the backbone is in training mode. Its attribute
+        ``pretrained_weights_summary`` is one line saying what was loaded (``"loaded 62 tensors
+        from FILE (ignored: fc.bias, fc.weight)"``), or None without ``pretrained_weights``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
@@ -204,15 +205,12 @@ def create_backbone(
         model, feature_dim, classifier = _create_timm(name, in_chans=in_chans)
     if small_stem:
         apply_small_stem(model, name)
+    # Recorded on the module (create_backbone returns only it and its width), so callers such as
+    # the trainer's plan can tell the user whether weights were loaded; None means random init.
+    model.pretrained_weights_summary = None
     if pretrained_weights is not None:
         report = load_backbone_weights(model, pretrained_weights, classifier_prefixes=classifier)
-        logger.info(
-            "backbone %s: loaded %d tensors from %s (ignored: %s)",
-            name,
-            len(report.loaded_keys),
-            report.path,
-            ", ".join(report.ignored_keys) or "none",
-        )
+        model.pretrained_weights_summary = report.summary
     return model, feature_dim
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from look import __version__
 from look.atomic import atomic_write_path
 from look.models.backbones import create_backbone
+from look.models.weights import read_safetensors
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -139,8 +140,15 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported backbone {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except SafetensorError as error:
+        # Another file under a .safetensors name gives "header too large": name the file instead.
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file, or a damaged one, so not a look backbone "
+            f"export ({type(error).__name__}: {error})"
+        ) from error
     if metadata.get("format") != EXPORT_FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a look backbone export (metadata format "
@@ -172,7 +180,7 @@ def load_exported_backbone(path: str | Path) -> tuple[nn.Module, int]:
             f"now builds with {feature_dim}; the model definition changed since the export"
         )
     try:
-        backbone.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+        backbone.load_state_dict(read_safetensors(path), strict=True)
     except RuntimeError as error:
         raise ValueError(
             f"weights in {str(path)!r} do not fit {metadata['name']!r}: {error}"

@@ -1,11 +1,13 @@
 """Reading weight files and loading them into backbones, with every key accounted for.
 
 A weight file is a ``.safetensors`` file or a ``.pth``/``.pt`` checkpoint (read with
-``torch.load(weights_only=True)``, so no pickled code runs). Keys written by wrappers (``module.``
-from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``/``encoder.`` from training code) are
-stripped with ``str.removeprefix``. Loading is strict except for the classifier: a file may carry
-classifier weights the backbone has no place for (they are ignored and reported); any other
-difference is an error.
+``torch.load(weights_only=True)``, so no pickled code runs). A ``look pretrain`` run directory
+stands for its ``backbone.safetensors``, and a ``look pretrain`` checkpoint gives its online
+backbone's weights (not the momentum copies, heads or classifiers). Keys written by wrappers
+(``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``/``encoder.`` from
+training code) are stripped with ``str.removeprefix``. Loading is strict except for the
+classifier: a file may carry classifier weights the backbone has no place for (they are ignored
+and reported); any other difference is an error.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,7 +27,9 @@ __all__ = [
     "KNOWN_KEY_PREFIXES",
     "WeightLoadReport",
     "load_backbone_weights",
+    "read_safetensors",
     "read_state_dict",
+    "resolve_weight_file",
     "strip_known_prefixes",
     "strip_prefix",
 ]
@@ -38,6 +44,13 @@ KNOWN_KEY_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.", "en
 _TORCH_SUFFIXES = (".pth", ".pt")
 # Checkpoints often nest the weights one level down under one of these keys.
 _NESTED_STATE_DICT_KEYS = ("state_dict", "model")
+# What `look pretrain` writes: the exported backbone in the run directory, and checkpoints whose
+# "model" entry is the method's state dict, with the online backbone under "backbone.".
+RUN_BACKBONE_FILE = "backbone.safetensors"
+_LOOK_CHECKPOINT_KEYS = ("model", "config", "global_step")
+_LOOK_BACKBONE_PREFIX = "backbone."
+# Longest original error text kept in our messages (SafetensorError / torch errors can be long).
+_DETAIL_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,21 @@ class WeightLoadReport:
     """Classifier keys present in the file that the backbone (classifier removed) does not have."""
     defaulted_keys: tuple[str, ...]
     """``num_batches_tracked`` counters absent from the file; they keep their initial value."""
+    source: str = ""
+    """What the weights were taken from when not the whole file, e.g. a checkpoint's backbone."""
+
+    @property
+    def summary(self) -> str:
+        """One line for users: ``loaded 62 tensors from w.pth (ignored: fc.bias, fc.weight)``."""
+        notes = [self.source] if self.source else []
+        if self.ignored_keys:
+            notes.append("ignored: " + ", ".join(self.ignored_keys))
+        if self.defaulted_keys:
+            notes.append(
+                f"{len(self.defaulted_keys)} num_batches_tracked left at their initial value"
+            )
+        details = f" ({'; '.join(notes)})" if notes else ""
+        return f"loaded {len(self.loaded_keys)} tensors from {self.path}{details}"
 
 
 def strip_prefix(
@@ -100,28 +128,125 @@ def strip_known_prefixes(
     return stripped
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat ``{name: tensor}`` dict from a ``.safetensors`` or ``.pth``/``.pt`` file (CPU).
+def resolve_weight_file(path: str | Path) -> Path:
+    """The file to read for ``path``: itself, or a ``look pretrain`` run directory's backbone file.
 
-    A checkpoint that nests its weights under ``"state_dict"`` or ``"model"`` is unwrapped.
+    Raises ``FileNotFoundError`` for a path that does not exist and for a directory without
+    ``backbone.safetensors`` (a run that has not finished: export one from its checkpoint).
     """
     path = Path(path)
+    if path.is_dir():
+        backbone_file = path / RUN_BACKBONE_FILE
+        if backbone_file.is_file():
+            return backbone_file
+        if not (path / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"{str(path)!r} is a directory, not a weight file nor a look pretrain run "
+                f"directory (it has no {RUN_BACKBONE_FILE} and no checkpoints/)"
+            )
+        raise FileNotFoundError(
+            f"the run directory {str(path)!r} has no {RUN_BACKBONE_FILE} (look pretrain writes "
+            f"it when the run ends); write it with `look export --checkpoint {path} --output "
+            "FILE.safetensors` and pass FILE, or pass one of its checkpoints/ckpt-*.pt"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"weight file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
+    return path
+
+
+def _detail(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 3] + "..."
+
+
+def _sniffed_format(path: Path) -> str | None:
+    """``"safetensors"`` or ``"torch.save"`` when the first bytes look like one, else None."""
+    with path.open("rb") as handle:
+        head = handle.read(10)
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) == 10 and head[8:10] == b'{"':
+        return "safetensors"
+    # torch.save: a zip archive (PyTorch >= 1.6), or a pickle (protocol >= 2 starts with 0x80).
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return "torch.save"
+    return None
+
+
+def _format_hint(path: Path) -> str:
+    sniffed = _sniffed_format(path)
+    if sniffed == "safetensors" and path.suffix != ".safetensors":
+        return "; it looks like a safetensors file: rename it to .safetensors"
+    if sniffed == "torch.save" and path.suffix not in _TORCH_SUFFIXES:
+        return "; it looks like a torch.save file: rename it to .pth"
+    return ""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file on the CPU; a file of another format gives a ``ValueError``."""
+    path = Path(path)
+    try:
         return load_file(str(path), device="cpu")
+    except SafetensorError as error:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file, or a damaged one ({_detail(error)})"
+            f"{_format_hint(path)}"
+        ) from error
+
+
+def _is_look_checkpoint(loaded: object) -> TypeGuard[Mapping[str, Any]]:
+    return (
+        isinstance(loaded, Mapping)
+        and all(key in loaded for key in _LOOK_CHECKPOINT_KEYS)
+        and isinstance(loaded["model"], Mapping)
+    )
+
+
+def _look_checkpoint_backbone(loaded: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The online backbone of a ``look pretrain`` checkpoint, ``backbone.`` removed.
+
+    The same selection as ``look.engine.export.backbone_state_from_checkpoint``, written here
+    because look.engine imports look.models. Momentum copies (``ema_backbone.``,
+    ``key_backbone.``), heads, classifiers and memories are left out.
+    """
+    backbone_state = {
+        key.removeprefix(_LOOK_BACKBONE_PREFIX): value
+        for key, value in loaded["model"].items()
+        if isinstance(key, str) and key.startswith(_LOOK_BACKBONE_PREFIX)
+    }
+    if not backbone_state or not _is_flat_tensor_dict(backbone_state):
+        raise ValueError(
+            f"{str(path)!r} is a look pretrain checkpoint without backbone tensors under "
+            f"'model' (keys starting with {_LOOK_BACKBONE_PREFIX!r})"
+        )
+    return backbone_state
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of an existing file, and a note on where in the file it came from."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path), ""
     if path.suffix not in _TORCH_SUFFIXES:
         raise ValueError(
-            f"weight file {str(path)!r} has suffix {path.suffix!r}; expected .safetensors, .pth or .pt"
+            f"weight file {str(path)!r} has suffix {path.suffix!r}; expected .safetensors, .pth or "
+            f".pt, or a look pretrain run directory{_format_hint(path)}"
         )
     # torch raises UnpicklingError and others for files it refuses; all mean the same to users.
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if _sniffed_format(path) != "torch.save":
+            # A text file gives "KeyError: 101" (its first byte): say what the file is not.
+            raise ValueError(
+                f"{str(path)!r} is not a PyTorch weights file (torch.load: {_detail(error)})"
+                f"{_format_hint(path)}"
+            ) from error
         raise ValueError(
-            f"could not read {str(path)!r} with torch.load(weights_only=True): {error}. "
+            f"could not read {str(path)!r} with torch.load(weights_only=True): {_detail(error)}. "
             "Only plain tensor checkpoints are accepted; convert it to .safetensors"
         ) from error
+    if _is_look_checkpoint(loaded):
+        note = f"online backbone of a look pretrain checkpoint, step {loaded['global_step']}"
+        return _look_checkpoint_backbone(loaded, path), note
     while isinstance(loaded, Mapping) and not _is_flat_tensor_dict(loaded):
         nested_key = next((k for k in _NESTED_STATE_DICT_KEYS if k in loaded), None)
         if nested_key is None:
@@ -132,7 +257,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = loaded[nested_key]
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict")
-    return dict(loaded)
+    return dict(loaded), ""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat ``{name: tensor}`` dict from a ``.safetensors`` or ``.pth``/``.pt`` file (CPU).
+
+    A ``look pretrain`` run directory is read through its ``backbone.safetensors``; a ``look
+    pretrain`` checkpoint gives its online backbone (``backbone.`` removed); another checkpoint
+    that nests its weights under ``"state_dict"`` or ``"model"`` is unwrapped. A file that is not
+    what its suffix says gives a ``ValueError`` naming it.
+    """
+    return _read_weights(resolve_weight_file(path))[0]
 
 
 def _is_flat_tensor_dict(mapping: Mapping[object, object]) -> bool:
@@ -154,13 +290,17 @@ def load_backbone_weights(
 ) -> WeightLoadReport:
     """Load a weight file into ``backbone`` in place; only classifier keys may be left over.
 
+    ``path`` is anything :func:`read_state_dict` reads (a file, a look pretrain run directory or
+    checkpoint). The returned report's ``summary`` is one line saying what was loaded.
+
     Keys are stripped of ``strip_prefixes``. File keys under one of ``classifier_prefixes`` (the
     classifier the backbone was built without, e.g. ``"fc"`` for ResNets) are ignored and reported.
     Raises ``ValueError`` when the backbone has a key the file lacks, the file has a non-classifier
     key the backbone lacks, or a shape differs.
     """
-    path = Path(path)
-    file_state = strip_known_prefixes(read_state_dict(path), strip_prefixes)
+    path = resolve_weight_file(path)
+    raw_state, source = _read_weights(path)
+    file_state = strip_known_prefixes(raw_state, strip_prefixes)
     model_state = backbone.state_dict()
     classifier_prefixes = tuple(classifier_prefixes)
 
@@ -206,11 +346,7 @@ def load_backbone_weights(
         loaded_keys=tuple(sorted(loadable)),
         ignored_keys=tuple(sorted(ignored)),
         defaulted_keys=tuple(sorted(defaulted)),
+        source=source,
     )
-    if ignored:
-        logger.info("loaded %s; ignored classifier keys: %s", path, ", ".join(report.ignored_keys))
-    if defaulted:
-        logger.info(
-            "loaded %s; kept initial values of %d num_batches_tracked", path, len(defaulted)
-        )
+    logger.info("%s", report.summary)
     return report
