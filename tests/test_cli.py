@@ -99,6 +99,18 @@ def test_the_dry_run_rehearses_one_step(capsys: pytest.CaptureFixture[str], tmp_
     assert "step 1 " in err and "bn_splits=20" in err and "No checkpoint had been written" in err
 
 
+def test_the_plan_says_which_weights_the_backbone_starts_from(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main([*_pretrain_args(tmp_path / "first", "train.max_steps=1")]) == 0
+    capsys.readouterr()
+    assert main([*_pretrain_args(tmp_path / "second"), "--dry-run"]) == 0
+    assert "pretrained_weights: none (random initialisation)" in capsys.readouterr().out
+    weights = f"model.pretrained_weights={tmp_path / 'first'}"  # a run directory
+    assert main([*_pretrain_args(tmp_path / "second", weights), "--dry-run"]) == 0
+    assert "pretrained_weights: loaded " in capsys.readouterr().out
+
+
 def test_recipe_names_resolve() -> None:
     assert (
         resolve_config_path("look_cnn-small_fmnist-coarse").name

@@ -466,6 +466,7 @@ class Trainer:
             "train_images": self.data_info.num_samples,
             "classes": self.data_info.num_classes,
             "backbone": self.cfg.model.backbone,
+            "pretrained_weights": self._pretrained_weights() or "none (random initialisation)",
             "trainable_parameters": parameters,
             # The options the method runs with (LOOK's k as derived from k_fraction, say).
             "method": {"name": self.resolved["method"]["name"], **asdict(self.method.options)},
@@ -786,8 +787,14 @@ class Trainer:
         finally:
             lock.release()
 
+    def _pretrained_weights(self) -> str | None:
+        """What ``model.pretrained_weights`` loaded, in one line (None: none given)."""
+        return getattr(self.method.backbone, "pretrained_weights_summary", None)
+
     def _fit(self) -> TrainResult:
         resumed = self._try_resume()
+        if not resumed and self._pretrained_weights() and is_main_process():
+            print(f"look: {self._pretrained_weights()}")
         self.logger = MetricsLogger(
             self.output_dir, tensorboard=self.cfg.train.tensorboard, enabled=is_main_process()
         )
