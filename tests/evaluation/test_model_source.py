@@ -60,12 +60,17 @@ def test_timm_weights_file_is_loaded(tmp_path: Path) -> None:
     assert loaded.identity["weights"] == str(path.resolve())
     with pytest.raises(ValueError, match=r"cannot load --weights .* into 'look_resnet_tiny'"):
         load_model(ModelSource(timm="look_resnet_tiny", weights=path))
+    # A run directory is read through its exported backbone.
+    (tmp_path / "run").mkdir()
+    save_file(backbone.state_dict(), tmp_path / "run" / "backbone.safetensors")
+    from_run = load_model(ModelSource(timm="look_cnn_small", weights=tmp_path / "run"))
+    assert state_fingerprint(from_run.backbone) == state_fingerprint(backbone)
 
 
 def test_missing_or_foreign_files_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(ModelSource(checkpoint=tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="--weights file"):
+    with pytest.raises(FileNotFoundError, match=r"--weights .* does not exist"):
         load_model(ModelSource(timm="look_cnn_small", weights=tmp_path / "missing.pt"))
     empty_run = tmp_path / "empty_run"
     (empty_run / "checkpoints").mkdir(parents=True)

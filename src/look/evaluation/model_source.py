@@ -307,8 +307,9 @@ def _load_timm(source: ModelSource, *, use_head: bool, seed: int) -> LoadedModel
             f"--head needs a look checkpoint with a projection head; {source.timm!r} from "
             "timm/torchvision has none"
         )
-    if source.weights is not None and not Path(source.weights).is_file():
-        raise FileNotFoundError(f"--weights file {str(source.weights)!r} does not exist")
+    # (a file, a run directory or a look checkpoint: create_backbone reads or refuses it by name)
+    if source.weights is not None and not Path(source.weights).exists():
+        raise FileNotFoundError(f"--weights {str(source.weights)!r} does not exist")
     # Random initialisation is drawn from the seed, so a random-init baseline is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
