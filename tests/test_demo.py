@@ -106,6 +106,7 @@ def test_monitor_curves_average_the_seeds_and_make_a_table_and_figure(tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~3 minutes on 2 idle cores; more when they are shared
 def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     from look.demo import run_demo
 
