@@ -128,12 +128,18 @@ def _validate_loss_inputs(
     )
     # On an accelerator this check would stall the step; look_loss_terms marks such queries
     # with a NaN loss there instead.
-    if check_finite_query:
+    if check_finite_query and host_reads_are_free(memory.device):
         refuse_non_finite_on_host("LOOK", query=query)
         # A NaN memory row would be every query's nearest neighbour (a MemoryBank refuses such
         # rows; a tensor passed as the memory is checked here, its unused rows aside).
-        rows = memory if memory_valid is None else memory[memory_valid.to(memory.device)]
-        refuse_non_finite_on_host("LOOK", memory=rows)
+        finite_rows = torch.isfinite(memory).all(dim=1)
+        if memory_valid is not None:
+            finite_rows = finite_rows | ~memory_valid.to(memory.device)
+        if not bool(finite_rows.all()):
+            raise ValueError(
+                "memory contains NaN or Inf values in rows it searches; check what was written "
+                "into it before computing the LOOK loss"
+            )
 
 
 def refuse_non_finite_on_host(loss_name: str, **inputs: Tensor) -> None:
