@@ -136,3 +136,15 @@ def test_image_folders_are_named_after_their_root_and_clipped_k_is_kept(tmp_path
     compact = {"model": "m", "dataset": "toy", "protocols": {"knn": {"k200": {"k_effective": 9}}}}
     result = read_results_file(write(tmp_path / "c.json", compact))
     assert result.knn_k_effective == {"knn/k200": 9}
+
+
+def test_a_value_no_accuracy_can_take_is_refused(tmp_path: Path) -> None:
+    # It would be shown, in bold, as the best result.
+    path = tmp_path / "results.json"
+    content = {"units": "accuracies in percent", "protocols": {"linear": {"top1": 250.0}}}
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"linear/top1 is 250.0, not an accuracy"):
+        read_results_file(path)
+    content["protocols"]["linear"]["top1"] = 97.5
+    path.write_text(json.dumps(content))
+    assert read_results_file(path).metrics["linear/top1"] == 97.5

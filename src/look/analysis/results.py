@@ -307,6 +307,13 @@ def read_results_file(path: str | Path) -> EvaluationResult:
     protocols = content.get("protocols")
     metrics, headline = protocol_metrics(protocols if isinstance(protocols, Mapping) else {})
     scale = _percent_scale(content, metrics)
+    out_of_range = {key: value for key, value in metrics.items() if not 0 <= value * scale <= 100}
+    if out_of_range:
+        key, value = next(iter(out_of_range.items()))
+        raise ValueError(
+            f"results file {path}: {key} is {value}, not an accuracy (percent in [0, 100], or a "
+            "fraction in [0, 1])"
+        )
     dataset = content.get("dataset")
     class_names: tuple[str, ...] = ()
     dataset_root = None
