@@ -3,6 +3,8 @@ still lands in its own image's slot."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -81,3 +83,17 @@ def test_a_batch_too_small_for_its_batch_norm_groups_is_refused() -> None:
 def test_bn_splits_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="bn_splits must be >= 1"):
         _moco(bn_splits=0)
+
+
+def test_bn_splits_that_do_not_divide_the_batch_warn() -> None:
+    from dataclasses import replace
+
+    context = CTX
+    cfg = {"name": "mocov2", "queue_size": 64, **SMALL_HEAD, "bn_splits": 5}
+    with pytest.warns(RuntimeWarning, match=r"they hold \[7, 7, 7, 7, 4\] samples"):
+        build_method(cfg, TinyBackbone(), 12, replace(context, local_batch_size=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_method(
+            {**cfg, "bn_splits": 4}, TinyBackbone(), 12, replace(context, local_batch_size=32)
+        )

@@ -11,6 +11,7 @@ process and ``bn_splits = 1`` the shuffle changes nothing (one group holds every
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,16 @@ class MoCoV2(Method):
         self.queue = MemoryQueue(
             options.queue_size, options.head_out_dim, rows_per_rank=ctx.local_batch_size
         )
+        local = ctx.local_batch_size
+        if local is not None and options.bn_splits > 1 and local % options.bn_splits:
+            sizes = [len(group) for group in torch.arange(local).chunk(options.bn_splits)]
+            warnings.warn(
+                f"mocov2: a batch of {local} per rank does not split evenly into "
+                f"bn_splits={options.bn_splits} batch-norm groups: they hold {sizes} samples; "
+                "pick a bn_splits that divides the per-rank batch",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def forward(self, batch: Batch) -> StepOutput:
         splits = self.options.bn_splits
