@@ -300,10 +300,29 @@ def warn_on_first_rank(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def name_some(names: Sequence[str], limit: int = 10) -> str:
-    """``names`` quoted and comma-separated, at most ``limit`` of them, then "and N more"."""
-    shown = ", ".join(repr(name) for name in names[:limit])
+def name_some(names: Sequence[str], limit: int = 10, *, quote: bool = True) -> str:
+    """``names`` comma-separated (quoted unless ``quote`` is False), at most ``limit`` of them,
+    then "and N more"."""
+    shown = ", ".join(repr(name) if quote else str(name) for name in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def dataset_files(spec: DataSpec) -> list[Path]:
+    """The files (Fashion-)MNIST's or CIFAR's images are read from (both splits, those that
+    exist); none for other datasets (an image folder's are its source's ``file_paths``)."""
+    if spec.dataset in _TORCHVISION_IDX_FOLDER:
+        stems = [stem for pair in _IDX_FILE_STEMS.values() for stem in pair]
+        found = (find_idx_file(spec.dataset, resolve_root(spec), stem) for stem in stems)
+        return [path for path in found if path is not None]
+    if spec.dataset in ("cifar10", "cifar100"):
+        from torchvision import datasets
+
+        dataset_class = datasets.CIFAR10 if spec.dataset == "cifar10" else datasets.CIFAR100
+        folder = resolve_root(spec) / dataset_class.base_folder
+        return (
+            sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+        )
+    return []
 
 
 def idx_search_folders(dataset: str, root: Path) -> tuple[Path, ...]:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from look.atomic import atomic_write_path
 from look.data import DataSpec, ImageSource, normalization_stats
-from look.data.sources import find_idx_file
+from look.data.sources import dataset_files, name_some
 from look.data.spec import resolve_root
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from look.engine.sampler import EvalShardSampler
@@ -56,15 +56,6 @@ DEFAULT_FEATURE_CACHE_DIR = "~/.cache/look/features"
 CACHE_FORMAT = 2
 # Rows per all_gather round: bounds the extra device memory of a gather to world × rows × d.
 _GATHER_CHUNK_ROWS = 65536
-# The four IDX files of (Fashion-)MNIST; the reader looks for each, gzipped or not.
-_IDX_FILE_STEMS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-# torchvision keeps each CIFAR's batches in one folder under the root.
-_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 # Unreadable files named in full in a warning; the rest are counted.
 _NAMED_FILES_MAX = 20
 
@@ -215,16 +206,7 @@ def _data_files(spec: DataSpec, source: ImageSource) -> list[Path]:
     """The files ``source``'s images are read from (none for data generated in memory)."""
     if source.file_paths is not None:
         return [Path(path) for path in source.file_paths]
-    if spec.dataset in ("fashion_mnist", "mnist"):
-        root = resolve_root(spec)
-        found = (find_idx_file(spec.dataset, root, stem) for stem in _IDX_FILE_STEMS)
-        return [path for path in found if path is not None]
-    if spec.dataset in _CIFAR_FOLDERS:
-        folder = resolve_root(spec) / _CIFAR_FOLDERS[spec.dataset]
-        if not folder.is_dir():
-            return []
-        return sorted(path for path in folder.iterdir() if path.is_file())
-    return []
+    return dataset_files(spec)
 
 
 def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
@@ -372,9 +354,7 @@ def keep_readable(unreadable: tuple[int, ...], dataset: Dataset, description: st
     if is_main_process():
         paths = getattr(getattr(dataset, "source", None), "file_paths", None)
         names = [paths[i] if paths is not None else f"#{i}" for i in unreadable]
-        listed = ", ".join(names[:_NAMED_FILES_MAX])
-        if len(names) > _NAMED_FILES_MAX:
-            listed += f" and {len(names) - _NAMED_FILES_MAX} more"
+        listed = name_some(names, _NAMED_FILES_MAX, quote=False)
         warnings.warn(
             f"{description}: left out {len(unreadable)} unreadable image(s) of {len(keep)}, "
             f"evaluating {int(keep.sum())}: {listed}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from look.data.sources import name_some
+
 
 def _check_pair(predictions: Tensor, targets: Tensor) -> None:
     if predictions.ndim != 1 or targets.ndim != 1 or predictions.shape != targets.shape:
@@ -59,9 +61,7 @@ def check_labelled_features(features: Tensor, labels: Tensor, split: str) -> Non
     finite = torch.isfinite(features).all(dim=1)
     if not bool(finite.all()):
         rows = (~finite).nonzero().squeeze(1).tolist()
-        shown = ", ".join(map(str, rows[:10])) + (
-            f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-        )
+        shown = name_some([str(row) for row in rows], quote=False)
         raise ValueError(f"{split} features hold NaN or Inf in {len(rows)} row(s): {shown}")
 
 
