@@ -365,17 +365,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return 0 if args.command is None else 2
-    if args.debug or os.environ.get("LOOK_DEBUG"):
+
+    def run() -> int:
         for output in output_paths(args):
             check_output_path(output)
         return handlers[args.command](args)
+
+    if args.debug or os.environ.get("LOOK_DEBUG"):
+        return run()
     from look.config import ConfigError
     from look.engine.trainer import TrainingStepError
 
     try:
-        for output in output_paths(args):
-            check_output_path(output)
-        return handlers[args.command](args)
+        return run()
     # OSError: a path the user gave that cannot be read or written (permissions, a file where a
     # folder belongs, a full disk) is a usage error like a missing file, not a bug.
     except (ConfigError, OSError, TrainingStepError, ValueError) as exc:

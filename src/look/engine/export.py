@@ -10,8 +10,7 @@ from typing import Any
 from look.data import DataSpec, resolve_image_size
 from look.engine.checkpoint import load_checkpoint, load_latest_checkpoint
 from look.models import create_backbone, export_backbone
-
-_BACKBONE_PREFIX = "backbone."
+from look.models.weights import backbone_state_from_checkpoint
 
 
 def load_checkpoint_from(path: str | Path) -> dict:
@@ -25,15 +24,6 @@ def load_checkpoint_from(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return load_checkpoint(path)
-
-
-def backbone_state_from_checkpoint(state: dict) -> dict:
-    """The online backbone's weights (not the momentum copies) with the method prefix removed."""
-    return {
-        key.removeprefix(_BACKBONE_PREFIX): value
-        for key, value in state["model"].items()
-        if key.startswith(_BACKBONE_PREFIX)
-    }
 
 
 def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
@@ -58,6 +48,15 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     return metadata
 
 
+def export_metadata(config: Mapping[str, Any], *, global_step: int | None = None) -> dict[str, str]:
+    """What an exported backbone file records besides its weights: the method, the step when
+    given, and the pre-training data (:func:`pretraining_metadata`)."""
+    metadata = {"method": str(config["method"]["name"])}
+    if global_step is not None:
+        metadata["global_step"] = str(global_step)
+    return {**metadata, **pretraining_metadata(config)}
+
+
 def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the backbone of ``checkpoint`` (a run directory or a checkpoint file) to ``output``,
     with the method, the step and the pre-training data (:func:`pretraining_metadata`)."""
@@ -72,10 +71,6 @@ def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         model_cfg["backbone"],
         str(output),
         small_stem=model_cfg["small_stem"],
-        extra_metadata={
-            "method": str(state["config"]["method"]["name"]),
-            "global_step": str(state["global_step"]),
-            **pretraining_metadata(state["config"]),
-        },
+        extra_metadata=export_metadata(state["config"], global_step=state["global_step"]),
     )
     return output

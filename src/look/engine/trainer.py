@@ -45,7 +45,7 @@ from look.engine.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from look.engine.export import pretraining_metadata
+from look.engine.export import export_metadata
 from look.engine.metrics_log import MetricsLogger
 from look.engine.monitor import KnnMonitor, build_knn_monitor
 from look.engine.optim import build_lr_scheduler, build_optimizer
@@ -702,13 +702,14 @@ class Trainer:
                 raise RuntimeError(
                     "a method reported StepOutput.anchors for some micro-batches only"
                 )
-            total_weight = torch.stack(weights).sum()
+            shares = torch.stack(weights)
+            total_weight = shares.sum()
             # With no valid item in the whole step every loss and gradient is an exact zero.
             divisor = torch.where(total_weight > 0, total_weight, 1.0)
             gradients = [p.grad for p in self.method.parameters() if p.grad is not None]
             torch._foreach_div_(gradients, divisor)
             losses = torch.stack([out.loss.detach().float() for out in outputs])
-            metrics["loss"] = (losses * torch.stack(weights).float()).sum() / divisor
+            metrics["loss"] = (losses * shares.float()).sum() / divisor
         flag_totals = all_reduce_sum(torch.stack(flags).sum(dim=0))
         with self._step_errors("writing the memory", step=self.global_step + 1):
             write_memory_if_step_stands(self.method, flag_totals)
@@ -879,10 +880,7 @@ class Trainer:
                 self.cfg.model.backbone,
                 str(result.backbone_path),
                 small_stem=self.cfg.model.small_stem,
-                extra_metadata={
-                    "method": str(self.resolved["method"]["name"]),
-                    **pretraining_metadata(self.resolved),
-                },
+                extra_metadata=export_metadata(self.resolved),
             )
         if is_main_process():
             summary = {

@@ -24,13 +24,13 @@ from look.engine.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
 )
-from look.engine.export import backbone_state_from_checkpoint
 from look.models import (
     ProjectionHead,
     create_backbone,
     load_exported_backbone,
     read_export_metadata,
 )
+from look.models.weights import backbone_state_from_checkpoint
 
 __all__ = [
     "FeatureModel",

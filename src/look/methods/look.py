@@ -101,24 +101,16 @@ class LOOKOptions(HeadOptions):
             "memory=sharded_bank needs a finite k (k: null, every row a neighbour, would search "
             "the whole bank on every rank); set k, or use memory=bank for NCA",
         )
+        # The int8 copy is of a bf16/fp16 bank: say which of the two is missing.
+        missing = []
+        if self.memory_dtype not in ("bfloat16", "float16"):
+            missing.append(f"set memory_dtype to bfloat16 or float16 (got {self.memory_dtype})")
+        if self.memory == "queue":
+            missing.append(f"use memory bank or sharded_bank (got {self.memory})")
         check_options(
-            self.search_prefilter == "none"
-            or (self.memory != "queue" and self.memory_dtype in ("bfloat16", "float16")),
+            self.search_prefilter == "none" or not missing,
             "search_prefilter=int8 is a copy of a bf16/fp16 bank for the fused search: "
-            + "; ".join(
-                need
-                for need, missing in (
-                    (
-                        f"set memory_dtype to bfloat16 or float16 (got {self.memory_dtype})",
-                        self.memory_dtype not in ("bfloat16", "float16"),
-                    ),
-                    (
-                        f"use memory bank or sharded_bank (got {self.memory})",
-                        self.memory == "queue",
-                    ),
-                )
-                if missing
-            ),
+            + "; ".join(missing),
         )
         check_options(self.queue_size >= 2, f"queue_size must be >= 2, got {self.queue_size}")
         check_options(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")

@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "KNOWN_KEY_PREFIXES",
     "WeightLoadReport",
+    "backbone_state_from_checkpoint",
     "load_backbone_weights",
     "read_safetensors",
     "read_state_dict",
@@ -201,18 +202,20 @@ def _is_look_checkpoint(loaded: object) -> TypeGuard[Mapping[str, Any]]:
     )
 
 
-def _look_checkpoint_backbone(loaded: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The online backbone of a ``look pretrain`` checkpoint, ``backbone.`` removed.
-
-    The same selection as ``look.engine.export.backbone_state_from_checkpoint``, written here
-    because look.engine imports look.models. Momentum copies (``ema_backbone.``,
-    ``key_backbone.``), heads, classifiers and memories are left out.
-    """
-    backbone_state = {
+def backbone_state_from_checkpoint(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The online backbone's weights of a ``look pretrain`` checkpoint, with the method prefix
+    ``backbone.`` removed; momentum copies (``ema_backbone.``, ``key_backbone.``), heads,
+    classifiers and memories are left out."""
+    return {
         key.removeprefix(_LOOK_BACKBONE_PREFIX): value
-        for key, value in loaded["model"].items()
+        for key, value in state["model"].items()
         if isinstance(key, str) and key.startswith(_LOOK_BACKBONE_PREFIX)
     }
+
+
+def _look_checkpoint_backbone(loaded: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """:func:`backbone_state_from_checkpoint`, refused when it finds no backbone tensors."""
+    backbone_state = backbone_state_from_checkpoint(loaded)
     if not backbone_state or not _is_flat_tensor_dict(backbone_state):
         raise ValueError(
             f"{str(path)!r} is a look pretrain checkpoint without backbone tensors under "
