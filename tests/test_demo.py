@@ -153,3 +153,18 @@ def test_bad_demo_options_fail_before_any_work(
     assert main(["demo", "--quick", "--output", str(tmp_path / "demo"), *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_only_a_finished_evaluation_is_skipped_on_a_rerun(tmp_path: Path) -> None:
+    from look.demo import _finished_evaluation
+
+    path = tmp_path / "results.json"
+    assert not _finished_evaluation(path)
+    path.write_text(json.dumps({"protocols": {"linear": {"top1": 50.0}}, "complete": False}))
+    assert not _finished_evaluation(path), "a partial file must be evaluated again"
+    path.write_text('{"protocols": {')  # cut short
+    assert not _finished_evaluation(path)
+    path.write_text(json.dumps({"protocols": {}, "complete": True}))
+    assert _finished_evaluation(path)
+    path.write_text(json.dumps({"protocols": {}}))  # written before files said whether whole
+    assert _finished_evaluation(path)

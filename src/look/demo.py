@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from look.atomic import atomic_write_text
 from look.config import RunConfig, load_config
 from look.data import DataSpec
 
@@ -264,7 +265,7 @@ def run_demo(
     for run in tqdm(runs, desc="evaluate", position=1, leave=False):
         slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
         out = output_dir / "eval" / run.scenario / f"{slug}_s{run.seed}"
-        if not (out / "results.json").exists():
+        if not _finished_evaluation(out / "results.json"):
             source = (
                 ModelSource(checkpoint=trained[_run_key(run)])
                 if run.method is not None
@@ -320,7 +321,7 @@ def run_demo(
     )
     timings["this_run"] = time.perf_counter() - started
     timings["total"] = sum(seconds for stage, seconds in timings.items() if stage != "this_run")
-    timings_path.write_text(json.dumps(timings, indent=2))
+    atomic_write_text(timings_path, json.dumps(timings, indent=2))
     monitored: dict[str, list[Path]] = {}  # scenario 1's models, a run per seed
     for run in runs:
         if run.scenario == SCENARIO_COARSE and run.method is not None:
@@ -333,13 +334,25 @@ def run_demo(
     return path
 
 
+def _finished_evaluation(path: Path) -> bool:
+    """Whether ``path`` holds a whole evaluation (``look evaluate`` marks partial files, which a
+    re-run must redo, with ``"complete": false``)."""
+    if not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False  # cut short by hand or by a full disk: evaluate again
+    return isinstance(content, dict) and content.get("complete", True) is not False
+
+
 def _label_results(path: Path, run: DemoRun) -> None:
     """Name the model in results.json the way the demo's tables should show it."""
     content = json.loads(path.read_text())
     model = content.setdefault("model", {})
     if model.get("label") != run.name:
         model["label"] = run.name  # the report's row label
-        path.write_text(json.dumps(content, indent=2))
+        atomic_write_text(path, json.dumps(content, indent=2))
 
 
 def _headline(path: Path) -> dict[str, float]:

@@ -183,3 +183,25 @@ def test_report_names_colliding_files_without_python_source(
     assert errors.startswith("look: warning: 2 inputs give 'look (coarse)' on fashion_mnist seed 0")
     assert all(str(path.resolve()) in errors for path in paths)
     assert "warnings.warn" not in errors and "report.py" not in errors
+
+
+def test_report_says_which_inputs_are_incomplete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.analysis.test_report import write_results
+
+    path = write_results(
+        tmp_path / "runs" / "cut",
+        method="look",
+        seed=0,
+        protocols={"linear": 0.8},
+        complete=False,
+        pending_protocols=["finetune"],
+    )
+    args = build_parser().parse_args(
+        ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]
+    )
+    assert run_report(args) == 0
+    errors = capsys.readouterr().err
+    assert errors.startswith(f"look: warning: results file {path.resolve()} is incomplete")
+    assert "finetune did not run" in errors and "warnings.warn" not in errors

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from look.analysis.results import (
+    IncompleteResultsWarning,
+    NonNumericAccuracyWarning,
     describe_model,
     method_label,
     protocol_metrics,
@@ -81,9 +83,10 @@ def test_compact_shape_in_fractions_is_scaled_to_percent(tmp_path: Path) -> None
 
 
 def test_tolerant_reader(tmp_path: Path) -> None:
-    result = read_results_file(
-        write(tmp_path / "results.json", {"model": "timm-resnet", "protocols": {"linear": "x"}})
-    )
+    with pytest.warns(NonNumericAccuracyWarning, match="linear = 'x'"):
+        result = read_results_file(
+            write(tmp_path / "results.json", {"model": "timm-resnet", "protocols": {"linear": "x"}})
+        )
     assert (result.method, result.seed, result.dataset, result.metrics) == (
         "timm-resnet",
         None,
@@ -148,3 +151,42 @@ def test_a_value_no_accuracy_can_take_is_refused(tmp_path: Path) -> None:
     content["protocols"]["linear"]["top1"] = 97.5
     path.write_text(json.dumps(content))
     assert read_results_file(path).metrics["linear/top1"] == 97.5
+
+
+def test_values_that_are_not_numbers_are_blank_and_named(tmp_path: Path) -> None:
+    """A quoted number is a typing slip the reader must not hide; a deliberate blank is quiet."""
+    path = write(
+        tmp_path / "results.json",
+        {
+            "units": "accuracies in percent",
+            "protocols": {
+                "linear": {"top1": "85.3", "mean_per_class": None},
+                "knn": {"k20": {"top1": 71.0}, "k200": {"top1": "n/a"}},
+            },
+        },
+    )
+    with pytest.warns(NonNumericAccuracyWarning) as caught:
+        result = read_results_file(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "linear/top1 = '85.3'" in message and "k200" not in message
+    assert "mean_per_class" not in message
+    assert result.metrics == {"knn/k20/top1": 71.0}
+
+
+def test_an_unfinished_evaluation_is_read_with_a_warning(tmp_path: Path) -> None:
+    content = {
+        "units": "accuracies in percent",
+        "complete": False,
+        "pending_protocols": ["knn", "finetune"],
+        "protocols": {"linear": {"top1": 60.0}},
+    }
+    path = write(tmp_path / "results.json", content)
+    with pytest.warns(IncompleteResultsWarning, match="knn, finetune did not run"):
+        assert read_results_file(path).metrics == {"linear/top1": 60.0}
+    content["complete"] = True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_results_file(write(path, content))

@@ -118,6 +118,45 @@ def test_checkpoint_end_to_end_records_coarse_to_fine(
         assert written["timings_s"][name] >= 0.0
     assert count_extractions == [64, 16], "train and test features, extracted once each"
     assert written["protocol_settings"]["knn"]["ks"] == [5, 200]
+    assert written["complete"] is True and "pending_protocols" not in written
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_a_failing_protocol_keeps_the_finished_ones(
+    pretrained_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    interruption: BaseException,
+) -> None:
+    """Fine-tuning runs last and longest; its failure (or a Ctrl-C) must not lose the
+    frozen-feature results computed before it, and the file must say it is partial."""
+    import look.evaluation.suite as suite
+    from look.analysis.results import IncompleteResultsWarning, read_results_file
+
+    def failing_finetune(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise interruption
+
+    monkeypatch.setattr(suite, "finetune", failing_finetune)
+    with pytest.raises(type(interruption)):
+        evaluate(
+            pretrained_run,
+            SYNTHETIC_SPEC,
+            "linear,knn,finetune",
+            output_dir=tmp_path / "out",
+            cache_dir=None,
+            **FAST,
+        )
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["complete"] is False
+    assert set(written["protocols"]) == {"linear", "knn"}
+    assert written["pending_protocols"] == ["finetune"]
+    assert written["failed_protocol"]["name"] == "finetune"
+    assert type(interruption).__name__ in written["failed_protocol"]["error"]
+    with pytest.warns(IncompleteResultsWarning, match="finetune failed"):
+        result = read_results_file(tmp_path / "out" / "results.json")
+    assert "linear/top1" in result.metrics and not any(
+        key.startswith("finetune") for key in result.metrics
+    )
 
 
 def _accuracies(result: dict) -> list[float]:

@@ -194,10 +194,11 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """Run ``look report``; returns the exit code."""
-    from look.analysis.report import RepeatedSeedWarning, write_report
+    from look.analysis.report import write_report
+    from look.analysis.results import ReportInputWarning
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RepeatedSeedWarning)
+        warnings.simplefilter("always", ReportInputWarning)
         outputs = write_report(
             args.paths,
             Path(args.output),
@@ -206,7 +207,7 @@ def run_report(args: argparse.Namespace) -> int:
             baseline=args.baseline,
         )
     for warning in caught:
-        if issubclass(warning.category, RepeatedSeedWarning):
+        if issubclass(warning.category, ReportInputWarning):
             # A message about the inputs, for the user: no Python source line.
             print(f"look: warning: {warning.message}", file=sys.stderr)
         else:

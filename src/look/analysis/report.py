@@ -42,6 +42,7 @@ from look.analysis.compare import BETTER, WORSE, PairedComparison, compare_with_
 from look.analysis.results import (
     RESULTS_FILE_NAME,
     EvaluationResult,
+    ReportInputWarning,
     describe_model,
     method_label,
     multimodality_summary,
@@ -87,7 +88,7 @@ _MULTIMODALITY_DIGITS = {"knn_purity": 1, "separability": 1, "cluster_count": 2,
 _CHANCE_METRICS = {"knn_purity": "knn_purity_chance", "separability": "separability_chance"}
 
 
-class RepeatedSeedWarning(UserWarning):
+class RepeatedSeedWarning(ReportInputWarning):
     """Several input files give one report row the same seed: each still counts as a sample."""
 
 

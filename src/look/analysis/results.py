@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ __all__ = [
     "HEADLINE_KEYS",
     "RESULTS_FILE_NAME",
     "EvaluationResult",
+    "IncompleteResultsWarning",
+    "NonNumericAccuracyWarning",
+    "ReportInputWarning",
     "describe_model",
     "is_number",
     "knn_k_effective",
@@ -85,6 +89,21 @@ ACCURACY_KEYS = (
 )
 HEADLINE_KEYS = ("top1", "mean", "mean_accuracy")
 _LIST_KEYS = ("results", "settings")
+# Values that say "no result" on purpose: a blank cell without a warning.
+_BLANK_VALUES = frozenset({"", "n/a", "na", "-", "none", "null", "nan"})
+
+
+class ReportInputWarning(UserWarning):
+    """Something about the report's input files the user should know (printed without a
+    Python source line by ``look report``)."""
+
+
+class IncompleteResultsWarning(ReportInputWarning):
+    """A ``results.json`` whose evaluation did not finish: its missing protocols are blank."""
+
+
+class NonNumericAccuracyWarning(ReportInputWarning):
+    """An accuracy given as something other than a number (e.g. the string ``"85.3"``): blank."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +223,14 @@ def _entry_name(entry: Mapping[str, Any], index: int) -> str:
     return str(index)
 
 
-def protocol_metrics(protocols: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
-    """Accuracy metrics (as found, not rescaled) and headline paths of a ``"protocols"`` object."""
+def protocol_metrics(
+    protocols: Mapping[str, Any], *, skipped: dict[str, object] | None = None
+) -> tuple[dict[str, float], list[str]]:
+    """Accuracy metrics (as found, not rescaled) and headline paths of a ``"protocols"`` object.
+
+    Accuracy keys whose value is neither a number nor a deliberate blank (``null``, ``"n/a"``,
+    ...) are added to ``skipped`` (path → value) when given.
+    """
     metrics: dict[str, float] = {}
     headline: list[str] = []
 
@@ -219,6 +244,8 @@ def protocol_metrics(protocols: Mapping[str, Any]) -> tuple[dict[str, float], li
         for key in ACCURACY_KEYS:
             if is_number(node.get(key)):
                 metrics[f"{path}/{key}"] = float(node[key])
+            elif key in node and skipped is not None and not _is_blank(node[key]):
+                skipped[f"{path}/{key}"] = node[key]
         lead = next((key for key in HEADLINE_KEYS if is_number(node.get(key))), None)
         if lead is not None:
             headline.append(f"{path}/{lead}")
@@ -233,8 +260,37 @@ def protocol_metrics(protocols: Mapping[str, Any]) -> tuple[dict[str, float], li
                         walk(entry, f"{path}/{_entry_name(entry, index)}")
 
     for name, subtree in protocols.items():
+        if skipped is not None and not (
+            is_number(subtree) or isinstance(subtree, Mapping) or _is_blank(subtree)
+        ):
+            skipped[str(name)] = subtree  # a protocol given as one value that is no number
         walk(subtree, str(name))
     return metrics, headline
+
+
+def _is_blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _BLANK_VALUES)
+
+
+def _incomplete_reason(content: Mapping[str, Any]) -> str | None:
+    """Why an evaluation's results are partial (``look evaluate`` writes ``"complete": false``
+    after each protocol until the last one finishes), or ``None`` when they are whole."""
+    if content.get("complete", True) is not False:
+        return None
+    reasons = []
+    failed = content.get("failed_protocol")
+    if isinstance(failed, Mapping):
+        reasons.append(f"{failed.get('name')} failed ({failed.get('error')})")
+    pending = content.get("pending_protocols")
+    if isinstance(pending, list):
+        waiting = [
+            str(name)
+            for name in pending
+            if not isinstance(failed, Mapping) or name != failed.get("name")
+        ]
+        if waiting:
+            reasons.append(f"{', '.join(waiting)} did not run")
+    return "; ".join(reasons) or "the evaluation did not finish"
 
 
 def knn_k_effective(protocols: Mapping[str, Any]) -> dict[str, int]:
@@ -305,7 +361,28 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         raise FileNotFoundError(f"results file {path} does not exist")
     content = read_json_object(path)
     protocols = content.get("protocols")
-    metrics, headline = protocol_metrics(protocols if isinstance(protocols, Mapping) else {})
+    skipped: dict[str, object] = {}
+    metrics, headline = protocol_metrics(
+        protocols if isinstance(protocols, Mapping) else {}, skipped=skipped
+    )
+    if skipped:
+        listed = ", ".join(f"{key} = {value!r}" for key, value in skipped.items())
+        warnings.warn(
+            NonNumericAccuracyWarning(
+                f"results file {path}: {listed} is not a number, so its cell is left blank "
+                "(write a JSON number, or null for no result)"
+            ),
+            stacklevel=2,
+        )
+    incomplete = _incomplete_reason(content)
+    if incomplete is not None:
+        warnings.warn(
+            IncompleteResultsWarning(
+                f"results file {path} is incomplete: {incomplete}; its other protocols are "
+                "reported, the missing ones are blank (re-run look evaluate to complete it)"
+            ),
+            stacklevel=2,
+        )
     scale = _percent_scale(content, metrics)
     out_of_range = {key: value for key, value in metrics.items() if not 0 <= value * scale <= 100}
     if out_of_range:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -262,6 +262,129 @@ def _split_folder(spec: DataSpec, dataset: EvalDataset, split: str) -> str:
     return Path(os.path.relpath(paths[0], resolve_root(spec))).parts[0]
 
 
+def _run_protocol(
+    name: str,
+    *,
+    split_data: Mapping[str, tuple[FeatureSet, torch.Tensor, Any]],
+    options: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+    num_classes: int | None,
+    loaded: LoadedModel,
+    spec: DataSpec,
+    labels: str,
+    num_workers: int,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """One protocol's results (frozen-feature protocols read the extracted ``split_data``)."""
+    if name == "finetune":
+        return finetune(
+            loaded.backbone,
+            loaded.feature_dim,
+            spec,
+            labels=labels,
+            options=options["finetune"],
+            seed=seed,
+            device=device,
+            num_workers=num_workers,
+            eval_batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
+            progress=progress,
+        )
+    test_set, test_labels, _ = split_data["test"]
+    if name == "fewshot":
+        return fewshot_evaluate(
+            test_set.features, test_labels, options=options["fewshot"], seed=seed, device=device
+        )
+    train_set, train_labels, _ = split_data["train"]
+    if name == "linear":
+        return linear_probe(
+            train_set.features,
+            train_labels,
+            test_set.features,
+            test_labels,
+            options=options["linear"],
+            seed=seed,
+            device=device,
+            num_classes=num_classes,
+        )
+    return knn_classify(
+        train_set.features,
+        train_labels,
+        test_set.features,
+        test_labels,
+        options=options["knn"],
+        device=device,
+        num_classes=num_classes,
+    )
+
+
+def _report_content(
+    *,
+    loaded: LoadedModel,
+    use_head: bool,
+    spec: DataSpec,
+    size: int,
+    size_origin: str,
+    test_split: str,
+    info: DataInfo,
+    labels: str,
+    results: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    features_info: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    """The ``results.json`` object (see :mod:`look.analysis.results` for the format)."""
+    return {
+        "format": "look-evaluation/1",
+        "look_version": look.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "units": "accuracies in percent",
+        "model": {
+            **loaded.identity,
+            "feature_dim": loaded.feature_dim,
+            "frozen_features": (
+                f"L2-normalised projection head embedding normalize(g(f(x))), dim {loaded.head_dim}"
+                if use_head
+                else "backbone global-pool features f(x)"
+            ),
+            "pretraining": loaded.pretraining,
+        },
+        "dataset": {
+            "name": spec.dataset,
+            # Absolute, so that reports tell folders apart whatever directory evaluate ran in.
+            "root": str(resolve_root(spec).resolve()) if spec.root is not None else None,
+            "description": describe(spec),
+            "image_size": size,
+            "image_size_from": size_origin,
+            "train_split": spec.split_train,
+            "test_split": test_split,
+            "num_classes": info.num_classes,
+            "class_names": list(info.class_names),
+        },
+        "labels": {
+            "evaluation": labels,
+            "evaluation_grouping": info.grouping,
+            "pretraining": (loaded.pretraining or {}).get("labels"),
+            "pretraining_dataset": (loaded.pretraining or {}).get("dataset"),
+        },
+        "protocols": dict(results),
+        "protocol_settings": dict(settings),
+        "features": dict(features_info),
+        "seed": seed,
+        "device": str(device),
+        "precision": "bf16 autocast" if autocast_dtype is not None else "fp32",
+        "world_size": get_world_size(),
+        "distributed": is_distributed(),
+        "timings_s": dict(timings),
+    }
+
+
 def evaluate(
     model_source: ModelSource | str | Path,
     dataset_spec: DataSpec | str,
@@ -385,110 +508,73 @@ def evaluate(
 
     info = next(iter(split_data.values()))[2] if split_data else None
     num_classes = info.num_classes if info is not None else None
-    for name in frozen:
-        protocol_started = time.perf_counter()
-        test_set, test_labels, _ = split_data["test"]
-        if name == "fewshot":
-            results[name] = fewshot_evaluate(
-                test_set.features,
-                test_labels,
-                options=options["fewshot"],  # type: ignore[arg-type]
-                seed=seed,
-                device=torch_device,
-            )
-        else:
-            train_set, train_labels, _ = split_data["train"]
-            if name == "linear":
-                results[name] = linear_probe(
-                    train_set.features,
-                    train_labels,
-                    test_set.features,
-                    test_labels,
-                    options=options["linear"],  # type: ignore[arg-type]
-                    seed=seed,
-                    device=torch_device,
-                    num_classes=num_classes,
-                )
-            else:
-                results[name] = knn_classify(
-                    train_set.features,
-                    train_labels,
-                    test_set.features,
-                    test_labels,
-                    options=options["knn"],  # type: ignore[arg-type]
-                    device=torch_device,
-                    num_classes=num_classes,
-                )
-        results[name]["features"] = output
-        timings[name] = time.perf_counter() - protocol_started
-    if "finetune" in chosen:
-        protocol_started = time.perf_counter()
-        results["finetune"] = finetune(
-            loaded.backbone,
-            loaded.feature_dim,
-            spec,
-            labels=labels,
-            options=options["finetune"],  # type: ignore[arg-type]
-            seed=seed,
-            device=torch_device,
-            num_workers=num_workers,
-            eval_batch_size=batch_size,
-            autocast_dtype=autocast_dtype,
-            progress=progress,
-        )
-        timings["finetune"] = time.perf_counter() - protocol_started
     test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
     if info is None:
         info = test_data[1]
-    timings["total"] = time.perf_counter() - started
 
-    pretraining_labels = (loaded.pretraining or {}).get("labels")
-    report: dict[str, Any] = {
-        "format": "look-evaluation/1",
-        "look_version": look.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "units": "accuracies in percent",
-        "model": {
-            **loaded.identity,
-            "feature_dim": loaded.feature_dim,
-            "frozen_features": (
-                f"L2-normalised projection head embedding normalize(g(f(x))), dim {loaded.head_dim}"
-                if use_head
-                else "backbone global-pool features f(x)"
-            ),
-            "pretraining": loaded.pretraining,
-        },
-        "dataset": {
-            "name": spec.dataset,
-            # Absolute, so that reports tell folders apart whatever directory evaluate ran in.
-            "root": str(resolve_root(spec).resolve()) if spec.root is not None else None,
-            "description": describe(spec),
-            "image_size": size,
-            "image_size_from": size_origin,
-            "train_split": spec.split_train,
-            "test_split": _split_folder(spec, test_data[0], "test"),
-            "num_classes": info.num_classes,
-            "class_names": list(info.class_names),
-        },
-        "labels": {
-            "evaluation": labels,
-            "evaluation_grouping": info.grouping,
-            "pretraining": pretraining_labels,
-            "pretraining_dataset": (loaded.pretraining or {}).get("dataset"),
-        },
-        "protocols": results,
-        "protocol_settings": {
-            name: dataclasses.asdict(options[name])  # type: ignore[call-overload]
-            for name in chosen
-        },
-        "features": features_info,
-        "seed": seed,
-        "device": str(torch_device),
-        "precision": "bf16 autocast" if autocast_dtype is not None else "fp32",
-        "world_size": get_world_size(),
-        "distributed": is_distributed(),
-        "timings_s": timings,
-    }
-    if is_main_process():
-        atomic_write_text(Path(output_dir) / RESULTS_FILE, json.dumps(report, indent=2) + "\n")
+    def write_report(*, pending: Sequence[str], failed: tuple[str, BaseException] | None) -> None:
+        """(Re)write results.json; written after every protocol, so that a later protocol's
+        failure (or a killed job) keeps the finished ones, marked as incomplete."""
+        timings["total"] = time.perf_counter() - started
+        report.clear()
+        report.update(
+            _report_content(
+                loaded=loaded,
+                use_head=use_head,
+                spec=spec,
+                size=size,
+                size_origin=size_origin,
+                test_split=_split_folder(spec, test_data[0], "test"),
+                info=info,
+                labels=labels,
+                results=results,
+                settings={
+                    name: dataclasses.asdict(options[name])  # type: ignore[call-overload]
+                    for name in chosen
+                },
+                features_info=features_info,
+                seed=seed,
+                device=torch_device,
+                autocast_dtype=autocast_dtype,
+                timings=timings,
+            )
+        )
+        report["complete"] = not pending and failed is None
+        if pending:
+            report["pending_protocols"] = list(pending)
+        if failed is not None:
+            name, error = failed
+            report["failed_protocol"] = {"name": name, "error": f"{type(error).__name__}: {error}"}
+        if is_main_process():
+            atomic_write_text(Path(output_dir) / RESULTS_FILE, json.dumps(report, indent=2) + "\n")
+
+    report: dict[str, Any] = {}
+    # Frozen-feature protocols first (cheap once features exist), fine-tuning last.
+    order = [p for p in chosen if p != "finetune"] + [p for p in chosen if p == "finetune"]
+    for position, name in enumerate(order):
+        protocol_started = time.perf_counter()
+        try:
+            results[name] = _run_protocol(
+                name,
+                split_data=split_data,
+                options=options,
+                seed=seed,
+                device=torch_device,
+                num_classes=num_classes,
+                loaded=loaded,
+                spec=spec,
+                labels=labels,
+                num_workers=num_workers,
+                batch_size=batch_size,
+                autocast_dtype=autocast_dtype,
+                progress=progress,
+            )
+        except BaseException as error:  # KeyboardInterrupt too: keep what finished
+            if results:
+                write_report(pending=order[position:], failed=(name, error))
+            raise
+        if name != "finetune":
+            results[name]["features"] = output
+        timings[name] = time.perf_counter() - protocol_started
+        write_report(pending=order[position + 1 :], failed=None)
     return report
