@@ -10,6 +10,7 @@ import pytest
 from look.analysis.maps import (
     fine_class_colours,
     plot_embedding_maps,
+    metric_bars_figure,
     plot_metric_bars,
     select_map_rows,
     tsne_embedding,
@@ -115,3 +116,24 @@ def test_metric_bars(tmp_path: Path) -> None:
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     with pytest.raises(ValueError, match="no rows for metric"):
         plot_metric_bars(table, "fewshot/5way1shot/mean", tmp_path / "none.png")
+
+
+def test_metric_bars_colour_methods_alike_and_skip_error_bars_of_one_seed() -> None:
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    table = [
+        {"method": "look", "dataset": "a", "metric": "m", "mean": 0.8, "std": 0.02},
+        {"method": "look", "dataset": "b", "metric": "m", "mean": 0.6, "std": 0.01},
+        {"method": "ce", "dataset": "a", "metric": "m", "mean": 0.7, "std": None},  # one seed
+    ]
+    figure = metric_bars_figure(table, "m", colors={"ce": "C0", "look": "C3"})
+    axes = figure.axes[0]
+    bars = {c.get_label(): c for c in axes.containers if isinstance(c, BarContainer)}
+    # "look" comes first in this chart, yet keeps the colour the report gave it.
+    assert all(patch.get_facecolor() == to_rgba("C3") for patch in bars["look"].patches)
+    assert bars["ce"].patches[0].get_facecolor() == to_rgba("C0")
+    error_bars = [c for c in axes.containers if isinstance(c, ErrorbarContainer)]
+    assert len(error_bars) == 1, "the single-seed bar has no (zero-length) error bar"
+    segments = error_bars[0].lines[2][0].get_segments()
+    assert sorted(round(abs(s[1][1] - s[0][1]), 6) for s in segments) == [0.02, 0.04]

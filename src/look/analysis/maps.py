@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -26,10 +26,14 @@ from torch import Tensor
 from look.analysis._threads import single_threaded_native_pools
 from look.analysis.features import check_fine_to_coarse
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
     "DEFAULT_MAX_POINTS",
     "EmbeddingMaps",
     "fine_class_colours",
+    "metric_bars_figure",
     "plot_embedding_maps",
     "plot_metric_bars",
     "select_map_rows",
@@ -310,6 +314,7 @@ def plot_metric_bars(
     scale: float = 1.0,
     ylabel: str | None = None,
     title: str | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """Grouped bar chart: a group of bars per ``row[group_by]``, a bar per method, std error bars.
 
@@ -317,8 +322,30 @@ def plot_metric_bars(
     ``{"method": str, "dataset": str, "metric": str, "mean": float, "std": float | None}``. Only
     rows whose ``"metric"`` equals ``metric`` are drawn (all rows when ``metric`` is ``None``, e.g.
     one dataset's protocols with ``group_by="protocol"``); values are multiplied by ``scale`` (100
-    for percentages). ``ValueError`` when nothing is left to draw.
+    for percentages). ``colors`` maps methods to matplotlib colours, so that several charts of
+    one report show a method in one colour (default: by position in this chart). A row without
+    ``"std"`` (one seed) gets no error bar. ``ValueError`` when nothing is left to draw.
     """
+    figure = metric_bars_figure(
+        table, metric, group_by=group_by, scale=scale, ylabel=ylabel, title=title, colors=colors
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=_DPI)
+    return path
+
+
+def metric_bars_figure(
+    table: Sequence[Mapping[str, Any]],
+    metric: str | None,
+    *,
+    group_by: str = "dataset",
+    scale: float = 1.0,
+    ylabel: str | None = None,
+    title: str | None = None,
+    colors: Mapping[str, str] | None = None,
+) -> Figure:
+    """The figure :func:`plot_metric_bars` saves (same arguments, no path)."""
     from matplotlib.figure import Figure
 
     selected = [
@@ -351,16 +378,19 @@ def plot_metric_bars(
                 continue
             xs.append(group_index - 0.4 + width * (position + 0.5))
             heights.append(float(row["mean"]) * scale)
-            errors.append(float(row.get("std") or 0.0) * scale)
+            std = row.get("std")
+            errors.append(float("nan") if std is None else float(std) * scale)
         axes.bar(
             xs,
             heights,
             width=width * 0.92,
-            yerr=errors,
-            capsize=3,
             label=method,
-            color=f"C{position % 10}",
+            color=(colors or {}).get(method, f"C{position % 10}"),
         )
+        spread = [(x, h, e) for x, h, e in zip(xs, heights, errors, strict=True) if e == e]
+        if spread:  # one seed has no spread to show: no zero-length bar with caps
+            x, h, e = zip(*spread, strict=True)
+            axes.errorbar(x, h, yerr=e, fmt="none", ecolor="black", capsize=3, elinewidth=1)
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels(
         groups, rotation=20 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center"
@@ -371,7 +401,4 @@ def plot_metric_bars(
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     figure.legend(loc="outside right upper", fontsize=9, frameon=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=_DPI)
-    return path
+    return figure

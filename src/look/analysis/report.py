@@ -434,6 +434,8 @@ def _transfer_section(
                 group_by="protocol",
                 ylabel="accuracy (%)",
                 title=dataset,
+                # One colour per method over all of the report's charts.
+                colors={method: f"C{i % 10}" for i, method in enumerate(row_methods)},
             )
             figures.append(figure)
             lines.append(f"![{dataset}]({figure.relative_to(output_dir).as_posix()})")
