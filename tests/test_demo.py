@@ -143,12 +143,25 @@ def test_a_folder_of_another_plan_is_refused_and_seeds_may_be_added(tmp_path: Pa
         (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
         (["--seeds", "0", "0"], "--seeds must be distinct non-negative integers"),
+        (
+            ["--train-subset", "70000"],
+            "--train-subset (images to pre-train on) is 70000: it must lie between 10 (the "
+            "Fashion-MNIST classes) and 60000 (its training images)",
+        ),
     ],
 )
 def test_bad_demo_options_fail_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    message: str,
 ) -> None:
+    import look.data
     from look.cli import main
+
+    # Fashion-MNIST's training split as the check sees it (the test needs no dataset files).
+    monkeypatch.setattr(look.data, "load_source", lambda spec, split: [0] * 60000)
 
     assert main(["demo", "--quick", "--output", str(tmp_path / "demo"), *options]) == 2
     assert message in capsys.readouterr().err

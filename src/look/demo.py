@@ -216,6 +216,24 @@ def check_same_plan(output_dir: Path, plan: DemoPlan) -> None:
         )
 
 
+def check_plan_data(plan: DemoPlan) -> None:
+    """Fail before any work, in the demo's own terms, when the plan asks for more (or fewer)
+    Fashion-MNIST training images than there are (or the dataset is missing)."""
+    from look.data import FASHION_MNIST_CLASSES, load_source
+
+    available = len(load_source(DataSpec(dataset="fashion_mnist"), "train"))
+    lowest = len(FASHION_MNIST_CLASSES)  # the fine-label reference run needs every class
+    for what, value in (
+        ("--train-subset (images to pre-train on)", plan.train_subset),
+        ("the linear probe's training subset", plan.probe_train_subset),
+    ):
+        if not lowest <= value <= available:
+            raise ValueError(
+                f"{what} is {value}: it must lie between {lowest} (the Fashion-MNIST classes) "
+                f"and {available} (its training images)"
+            )
+
+
 def run_demo(
     output_dir: str | Path,
     *,
@@ -232,6 +250,7 @@ def run_demo(
     plan = plan or DemoPlan.default()
     output_dir = Path(output_dir)
     check_same_plan(output_dir, plan)
+    check_plan_data(plan)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
     runs = plan_runs(plan)
@@ -246,68 +265,70 @@ def run_demo(
     # Stage 1: pre-training (each distinct (method, labels, seed) once).
     trained: dict[str, Path] = {}
     to_train = {_run_key(r): r for r in runs if r.method is not None}
-    stages = tqdm(total=len(to_train) + 2, desc="demo", unit="stage", position=0)
-    for key, run in to_train.items():
-        stages.set_postfix_str(f"pre-train {key}")
-        run_dir = output_dir / "pretrain" / key
-        if not (run_dir / "summary.json").exists():
-            t0 = time.perf_counter()
-            pretrain(pretrain_config(plan, run.method or "", run.labels, run.seed, device), run_dir)
-            timings[f"pretrain/{key}"] = time.perf_counter() - t0
-        trained[key] = run_dir
+    # Closed on the way out, errors included: a message then starts on a line of its own.
+    with tqdm(total=len(to_train) + 2, desc="demo", unit="stage", position=0) as stages:
+        for key, run in to_train.items():
+            stages.set_postfix_str(f"pre-train {key}")
+            run_dir = output_dir / "pretrain" / key
+            if not (run_dir / "summary.json").exists():
+                t0 = time.perf_counter()
+                pretrain(
+                    pretrain_config(plan, run.method or "", run.labels, run.seed, device), run_dir
+                )
+                timings[f"pretrain/{key}"] = time.perf_counter() - t0
+            trained[key] = run_dir
+            stages.update(1)
+
+        # Stage 2: transfer evaluation (frozen features; fine-tuning is left to `look evaluate`).
+        stages.set_postfix_str("evaluate")
+        fewshot = FewShotOptions(episodes=plan.fewshot_episodes)
+        linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
+        result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
+        for run in tqdm(runs, desc="evaluate", position=1, leave=False):
+            slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
+            out = output_dir / "eval" / run.scenario / f"{slug}_s{run.seed}"
+            if not _finished_evaluation(out / "results.json"):
+                source = (
+                    ModelSource(checkpoint=trained[_run_key(run)])
+                    if run.method is not None
+                    else ModelSource(timm=plan.backbone)
+                )
+                t0 = time.perf_counter()
+                evaluate(
+                    source,
+                    _eval_dataset(plan, run.scenario),
+                    ("linear", "knn", "fewshot"),
+                    labels="fine",
+                    output_dir=out,
+                    image_size=28,
+                    device=device,
+                    cache_dir=output_dir / "cache",
+                    seed=run.seed,
+                    progress=False,
+                    fewshot_options=fewshot,
+                    linear_options=linear,
+                )
+                timings[f"evaluate/{run.scenario}/{slug}_s{run.seed}"] = time.perf_counter() - t0
+            _label_results(out / "results.json", run)
+            result_files[run.scenario].append(out / "results.json")
         stages.update(1)
 
-    # Stage 2: transfer evaluation (frozen features; fine-tuning is left to `look evaluate`).
-    stages.set_postfix_str("evaluate")
-    fewshot = FewShotOptions(episodes=plan.fewshot_episodes)
-    linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
-    result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
-    for run in tqdm(runs, desc="evaluate", position=1, leave=False):
-        slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
-        out = output_dir / "eval" / run.scenario / f"{slug}_s{run.seed}"
-        if not _finished_evaluation(out / "results.json"):
-            source = (
-                ModelSource(checkpoint=trained[_run_key(run)])
-                if run.method is not None
-                else ModelSource(timm=plan.backbone)
-            )
-            t0 = time.perf_counter()
-            evaluate(
-                source,
-                _eval_dataset(plan, run.scenario),
-                ("linear", "knn", "fewshot"),
-                labels="fine",
-                output_dir=out,
-                image_size=28,
-                device=device,
-                cache_dir=output_dir / "cache",
-                seed=run.seed,
-                progress=False,
-                fewshot_options=fewshot,
-                linear_options=linear,
-            )
-            timings[f"evaluate/{run.scenario}/{slug}_s{run.seed}"] = time.perf_counter() - t0
-        _label_results(out / "results.json", run)
-        result_files[run.scenario].append(out / "results.json")
-    stages.update(1)
-
-    # Stage 3: multi-modality inside the coarse classes, and the Figure-1 style maps.
-    stages.set_postfix_str("analyze")
-    analysis_dir = output_dir / "analysis"
-    pairs = feature_sets_from_results(result_files[SCENARIO_COARSE])
-    t0 = time.perf_counter()
-    analysis = analyze_feature_sets(
-        [feature_set for _, feature_set in pairs],
-        analysis_dir,
-        sources=[source for source, _ in pairs],
-        seed=plan.seeds[0],
-        max_points=plan.map_points,
-        max_per_coarse=plan.analysis_per_coarse,
-        title="Fashion-MNIST test set: frozen features, fine classes inside the coarse classes",
-    )
-    timings["analyze"] = time.perf_counter() - t0
-    stages.update(1)
-    stages.close()
+        # Stage 3: multi-modality inside the coarse classes, and the Figure-1 style maps.
+        stages.set_postfix_str("analyze")
+        analysis_dir = output_dir / "analysis"
+        pairs = feature_sets_from_results(result_files[SCENARIO_COARSE])
+        t0 = time.perf_counter()
+        analysis = analyze_feature_sets(
+            [feature_set for _, feature_set in pairs],
+            analysis_dir,
+            sources=[source for source, _ in pairs],
+            seed=plan.seeds[0],
+            max_points=plan.map_points,
+            max_per_coarse=plan.analysis_per_coarse,
+            title="Fashion-MNIST test set: frozen features, fine classes inside the coarse classes",
+        )
+        timings["analyze"] = time.perf_counter() - t0
+        stages.update(1)
 
     report = write_report(
         [
