@@ -89,6 +89,9 @@ class TrainConfig:
     nan_max_consecutive_skips: int = 10
     max_steps: int | None = None
     ddp_timeout_s: float = 600.0
+    # Under torchrun, batch norm normalises with the statistics of the global batch (torch's
+    # SyncBatchNorm, CUDA only), so several ranks train as one process with the whole batch.
+    sync_batchnorm: bool = False
     export_backbone: bool = True
     # kNN transfer monitor (look.engine.monitor): a dataset SPEC as `look evaluate --dataset`
     # takes (null: off), measured before the first step and after every epoch.

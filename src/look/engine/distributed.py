@@ -72,6 +72,25 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataPa
         )
 
 
+def synchronise_batchnorm(module: torch.nn.Module) -> int:
+    """Turn every batch-norm layer below ``module`` into its synchronised form, in place,
+    keeping its parameter and buffer objects (an optimizer built before still holds them);
+    returns how many. timm's norm+activation layers keep their activation (torch's own
+    conversion would drop it). Outside a process group a synchronised layer computes what the
+    plain one does."""
+    from timm.layers import convert_sync_batchnorm
+
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        raise TypeError("synchronise_batchnorm converts the layers below a module, not a norm")
+    count = sum(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, torch.nn.SyncBatchNorm)
+        for m in module.modules()
+    )
+    convert_sync_batchnorm(module)
+    return count
+
+
 def cleanup_distributed() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -43,6 +43,7 @@ from look.engine.distributed import (
     init_distributed,
     is_distributed,
     is_main_process,
+    synchronise_batchnorm,
     wrap_ddp,
 )
 from look.engine.export import export_metadata
@@ -294,6 +295,7 @@ class Trainer:
             local_batch_size=self.micro_batch,
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
+        self.synchronised_norms = self._synchronise_batchnorm()
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
         self.method.caller_checks_loss = True  # _step's flags, then train.nan_policy
         # Memory writes wait for the step's verdict (_forward_backward does them after the last
@@ -455,6 +457,24 @@ class Trainer:
             raise ConfigError("the global batch size changed since the checkpoint")
         return state, path
 
+    def _synchronise_batchnorm(self) -> int:
+        """With ``train.sync_batchnorm`` under several ranks, every batch-norm layer of the
+        method (backbone, head, momentum encoder) becomes a ``SyncBatchNorm`` sharing its
+        parameters and buffers; returns how many. One process already normalises over its whole
+        batch, so nothing changes there."""
+        if not self.cfg.train.sync_batchnorm or get_world_size() == 1:
+            return 0
+        conflict = self.method.sync_batchnorm_conflict()
+        if conflict is not None:
+            raise ConfigError(f"train.sync_batchnorm=true: {conflict}")
+        if self.device.type != "cuda":
+            raise ConfigError(
+                f"train.sync_batchnorm=true needs CUDA devices: torch's SyncBatchNorm has no "
+                f"{self.device.type} implementation. Set train.sync_batchnorm=false (each rank "
+                "then normalises its own share of the batch)"
+            )
+        return synchronise_batchnorm(self.method)
+
     def plan(self) -> dict[str, Any]:
         """What :meth:`fit` would do, for a dry run: data, model, method, memory, schedule and
         where it would start. Everything is built and checked; nothing is trained or written."""
@@ -476,6 +496,13 @@ class Trainer:
             "world_size": get_world_size(),
             "global_batch": self.global_batch,
             "micro_batches_per_step": self.accumulation,
+            "batch_norm": (
+                f"synchronised over the ranks ({self.synchronised_norms} layers)"
+                if self.synchronised_norms
+                else "per rank"
+                if get_world_size() > 1
+                else "per process"
+            ),
             "images_per_forward_per_rank": self.micro_batch,
             "knn_monitor": None if self.knn_monitor is None else self.knn_monitor.description,
             "steps_per_epoch": self.steps_per_epoch,

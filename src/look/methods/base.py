@@ -152,6 +152,11 @@ class Method(nn.Module):
     def needs_warmup_pass(self) -> bool:
         return False
 
+    def sync_batchnorm_conflict(self) -> str | None:
+        """Why batch norm synchronised over the ranks would break this method (``None``: it
+        would not), for ``train.sync_batchnorm``."""
+        return None
+
     def step_metrics(
         self, loss: torch.Tensor, diagnostics: Callable[[], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:

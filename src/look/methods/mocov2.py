@@ -115,6 +115,20 @@ class MoCoV2(Method):
             anchors=anchors,
         )
 
+    def sync_batchnorm_conflict(self) -> str | None:
+        if self.options.shuffle_bn:
+            return (
+                "mocov2's shuffle_bn normalises each key with other samples than its query; "
+                "batch norm synchronised over all ranks sees the whole batch again and undoes "
+                "it. Set method.shuffle_bn=false to accept that, or train.sync_batchnorm=false"
+            )
+        if self.options.bn_splits > 1:
+            return (
+                f"mocov2's bn_splits={self.options.bn_splits} batch-norm groups would each be "
+                "synchronised over the ranks; set method.bn_splits=1"
+            )
+        return None
+
     def _shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:
         """Keys of ``images`` (this rank's batch, in order), encoded in BN groups of a random
         permutation of the global batch (every rank's batch must have the same size, as the
