@@ -219,6 +219,20 @@ def test_look_pretrain_checkpoint_gives_its_online_backbone(tmp_path: Path) -> N
         read_state_dict(tmp_path / "no_backbone.pt")
 
 
+def test_a_look_checkpoint_altered_after_it_was_written_is_refused(tmp_path: Path) -> None:
+    from look.engine.checkpoint import CheckpointCorruptError, save_checkpoint
+
+    online, _ = create_backbone("look_resnet_tiny")
+    momentum, _ = create_backbone("look_resnet_tiny")
+    path = save_checkpoint(tmp_path / "checkpoints", 40, look_training_checkpoint(online, momentum))
+    read_state_dict(path)  # as written: listed in the manifest, and its sha256 agrees
+    content = bytearray(path.read_bytes())
+    content[-100] ^= 0xFF  # one flipped byte that torch.load might not notice
+    path.write_bytes(bytes(content))
+    with pytest.raises(CheckpointCorruptError, match="sha256"):
+        read_state_dict(path)
+
+
 def test_summary_says_what_was_loaded(tmp_path: Path) -> None:
     source = source_model()
     path = tmp_path / "w.pth"

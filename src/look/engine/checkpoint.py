@@ -44,6 +44,7 @@ __all__ = [
     "load_latest_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "verify_listed_checkpoint",
 ]
 
 MANIFEST_NAME = "checkpoints.json"
@@ -283,6 +284,17 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     if entry is not None:
         _verify_against_manifest(path, entry)
     return _torch_load(path, map_location)
+
+
+def verify_listed_checkpoint(path: Path | str) -> bool:
+    """Check ``path`` against its directory's manifest when the manifest lists it (raising
+    :class:`CheckpointCorruptError` on a size or sha256 mismatch); ``False`` when unlisted."""
+    path = Path(path)
+    entry = _manifest_entry_for(path)
+    if entry is None:
+        return False
+    _verify_against_manifest(path, entry)
+    return True
 
 
 def _verify_against_manifest(path: Path, entry: dict[str, Any]) -> None:

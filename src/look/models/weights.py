@@ -233,6 +233,11 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             f"weight file {str(path)!r} has suffix {path.suffix!r}; expected .safetensors, .pth or "
             f".pt, or a look pretrain run directory{_format_hint(path)}"
         )
+    # A look checkpoint is checked against its run's manifest, as resuming from it would be:
+    # a truncated or altered file must not start a pre-training or an evaluation.
+    from look.engine.checkpoint import verify_listed_checkpoint
+
+    verify_listed_checkpoint(path)
     # torch raises UnpicklingError and others for files it refuses; all mean the same to users.
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
