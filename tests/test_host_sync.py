@@ -143,6 +143,16 @@ def test_sharded_loss_marks_a_non_finite_query_with_nan(accelerator_policy: list
     assert torch.isfinite(terms.loss[[0, 2]]).all()
 
 
+def test_an_overwritten_shard_is_reported_one_write_later(accelerator_policy: list[str]) -> None:
+    bank = sharded_module.ShardedMemoryBank(40, 8)
+    bank.shard_range[1] = 20  # as if another rank's range had been copied over this one
+    ids, labels = torch.arange(40), torch.arange(40) % 2
+    bank.update(ids, F.normalize(torch.randn(40, 8), dim=1), labels)
+    assert accelerator_policy == [], "the check waits on nothing at its own write"
+    with pytest.raises(RuntimeError, match=r"holds rows \[0, 20\), not its own \[0, 40\)"):
+        bank.update(ids, F.normalize(torch.randn(40, 8), dim=1), labels)
+
+
 def test_non_finite_query_is_refused_on_the_cpu() -> None:
     query = torch.full((2, 4), float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf"):

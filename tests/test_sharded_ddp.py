@@ -4,6 +4,7 @@ rank exactly what one process with a replicated MemoryBank and the global batch 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +200,52 @@ def test_sharded_bank_and_loss_equal_one_process_with_replicated_bank(
     # The comparison covered real work: queries that kept a loss and ones that needed the rule.
     assert sum(rank_stats["valid"] for rank_stats in stats) > 20
     assert sum(rank_stats["swapped_or_dropped"] for rank_stats in stats) > 0
+
+
+class _BankOwner(torch.nn.Module):
+    """What a library user might write: a model holding a sharded bank, wrapped in plain DDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(DIM, DIM)
+        # Shards of equal size: DDP's broadcast then succeeds, and nothing else would fail.
+        self.bank = ShardedMemoryBank(36, DIM)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.linear(x), dim=1)
+        self.bank.update(ids, z.detach(), labels)
+        return z.sum()
+
+
+def _plain_ddp_worker(rank: int, port: int, out_dir: str, broadcast_buffers: bool) -> None:
+    init_gloo(rank, 2, port)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # torch >= 2.14 deprecates the flag the bank needs
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.nn.parallel.DistributedDataParallel(
+            _BankOwner(), broadcast_buffers=broadcast_buffers
+        )
+    ids = torch.arange(4) + 4 * rank
+    outcome = "trained"
+    try:
+        model(ids, torch.randn(4, DIM), torch.zeros(4, dtype=torch.long)).backward()
+    except RuntimeError as error:
+        outcome = str(error)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+def test_a_shard_copied_over_by_ddp_is_refused(tmp_path: Path, broadcast_buffers: bool) -> None:
+    mp.spawn(
+        _plain_ddp_worker,
+        args=(free_port(), str(tmp_path), broadcast_buffers),
+        nprocs=2,
+        join=True,
+    )
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    if broadcast_buffers:  # DDP's default: rank 0's shard lands on rank 1
+        assert "rank 1's sharded bank holds rows [0, 18), not its own [18, 36)" in rank1
+        assert "broadcast_buffers=False" in rank1  # (rank 0 then fails in its next collective)
+    else:
+        assert (rank0, rank1) == ("trained", "trained")

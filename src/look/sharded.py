@@ -157,6 +157,35 @@ class ShardedMemoryBank(MemoryBank):
         self.register_buffer(
             "shard_range", torch.tensor([start, stop, num_samples], dtype=torch.int64)
         )
+        self._shard_range_checked = False
+
+    def _check_shard_range_once(self) -> None:
+        """At the first write, check that this rank's shard is still its own: a
+        ``DistributedDataParallel`` that broadcasts buffers (its default) copies rank 0's shard
+        over every other rank's, which would then train on wrong neighbours without an error.
+        On an accelerator the check is read one write later (no wait), like the write checks."""
+        if self._shard_range_checked:
+            return
+        self._shard_range_checked = True
+        expected = (self.shard_start, self.shard_stop, self.num_samples)
+        mismatch = (
+            self.shard_range != torch.tensor(expected, device=self.shard_range.device)
+        ).sum()
+        if host_reads_are_free(self.shard_range.device):
+            if int(mismatch):
+                self._report_overwritten_shard([1])
+            return
+        self._deferred_checks.push(mismatch.view(1), self._report_overwritten_shard)
+
+    def _report_overwritten_shard(self, counts: list[int]) -> None:
+        if counts[0]:
+            found = self.shard_range.tolist()
+            raise RuntimeError(
+                f"rank {self.rank}'s sharded bank holds rows [{found[0]}, {found[1]}), not its own "
+                f"[{self.shard_start}, {self.shard_stop}): another rank's shard was copied over "
+                "it. Wrap the model in DistributedDataParallel(..., broadcast_buffers=False) "
+                "(look.engine.distributed.wrap_ddp does), since every rank's shard differs"
+            )
 
     def _ids_in_range(self, ids: Tensor) -> Tensor:
         return (ids >= 0) & (ids < self.num_samples)
@@ -187,6 +216,7 @@ class ShardedMemoryBank(MemoryBank):
         present: Tensor | None = None,  # padding rows are already out of row_ok
         enabled: Tensor | None = None,  # so is every row of a disabled write
     ) -> None:
+        self._check_shard_range_once()
         # MemoryBank._write indexes its buffers by the ids it is given (row == dataset index in a
         # full bank): hand it local rows; _store below puts the dataset index back into `ids`.
         if row_ok is not None:
@@ -211,6 +241,7 @@ class ShardedMemoryBank(MemoryBank):
     @torch.no_grad()
     def fill_(self, ids: Tensor, features: Tensor, labels: Tensor) -> None:
         """Write rows without momentum (warm-up), marking them valid; as ``MemoryBank.fill_``."""
+        self._check_shard_range_once()
         *rows, _ = self._prepare(ids, features, labels)
         owned = self._owned_rows(*rows)
         with self._own_write(rows[0].shape[0]):
