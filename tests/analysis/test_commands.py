@@ -205,3 +205,28 @@ def test_report_says_which_inputs_are_incomplete(
     errors = capsys.readouterr().err
     assert errors.startswith(f"look: warning: results file {path.resolve()} is incomplete")
     assert "finetune did not run" in errors and "warnings.warn" not in errors
+
+
+def test_report_names_mixed_settings_without_python_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.analysis.test_report import write_results
+
+    for seed, grouping in ((0, "/a/groups.json"), (1, "/b/groups.json")):
+        write_results(
+            tmp_path / "runs" / str(seed),
+            method="look",
+            seed=seed,
+            protocols={"linear": 0.8},
+            labels=grouping,
+        )
+    args = build_parser().parse_args(
+        ["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]
+    )
+    assert run_report(args) == 0
+    errors = capsys.readouterr().err
+    assert errors.startswith(
+        "look: warning: 'look (coarse)' on fashion_mnist (groups) averages runs with different "
+        "settings"
+    )
+    assert "warnings.warn" not in errors and "report.py" not in errors

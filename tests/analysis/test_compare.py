@@ -154,3 +154,25 @@ def test_report_compares_the_multimodality_measures_too(tmp_path: Path) -> None:
     assert {row["table"] for row in rows} == {"transfer", "multimodality"}
     separability = next(r for r in rows if r["metric"] == "separability")
     assert separability["mean_difference"] == pytest.approx(0.025)
+
+
+def test_a_repeated_seed_is_one_pair_on_either_side() -> None:
+    """Two runs of one seed are averaged into that seed's value: n counts distinct seeds, and
+    neither side's repeated value is dropped or counted as an extra independent pair."""
+    baseline = _cell("ce", [80.0, 79.0, 81.0], [0, 0, 1])  # seed 0: mean 79.5
+    method = _cell("look", [81.0, 82.0, 82.5], [0, 0, 1])  # seed 0: mean 81.5
+    (comparison,) = compare_with_baseline([baseline, method], ["ce"])
+    assert comparison.n == 2 and comparison.seeds == (0, 1)
+    assert comparison.differences == pytest.approx((81.5 - 79.5, 82.5 - 81.0))
+    mean = (2.0 + 1.5) / 2
+    sd = math.sqrt((2.0 - mean) ** 2 + (1.5 - mean) ** 2)  # n - 1 = 1
+    low, high = comparison.interval  # type: ignore[misc]
+    assert (low, high) == pytest.approx(
+        (mean - T_975[1] * sd / math.sqrt(2), mean + T_975[1] * sd / math.sqrt(2)), abs=1e-3
+    )
+    # The audit's case: seed 0 twice on the method side made 3 "pairs" and a narrow interval
+    # that called +1.0, +1.0, +1.5 better; as 2 seeds (+1.0, +1.5) it is no clear difference.
+    inflated = _cell("look", [81.0, 81.0, 82.5], [0, 0, 1])
+    (comparison,) = compare_with_baseline([_cell("ce", [80.0, 81.0], [0, 1]), inflated], ["ce"])
+    assert comparison.n == 2 and comparison.differences == (1.0, 1.5)
+    assert comparison.verdict == TIE

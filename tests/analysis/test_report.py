@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from look.analysis.report import MISSING, RepeatedSeedWarning, find_report_inputs, write_report
+from look.analysis.report import (
+    MISSING,
+    MixedSettingsWarning,
+    RepeatedSeedWarning,
+    find_report_inputs,
+    write_report,
+)
 from tests.analysis.synthetic import evaluation_results
 
 
@@ -144,7 +150,7 @@ def test_report_aggregates_over_seeds_exactly(runs: Path, tmp_path: Path) -> Non
     assert linear["std"] == pytest.approx(2.0, abs=1e-12)
     assert linear["n"] == 3 and linear["seeds"] == [0, 1, 2] and linear["best"] is True
     # Secondary metrics are in report.json but not in the Markdown table.
-    assert cells[("look (coarse)", "linear/mean_per_class")]["headline"] is False
+    assert cells[("look (coarse)", "linear/mean_per_class_accuracy")]["headline"] is False
     assert cells[("look (coarse)", "fewshot/5way1shot/ci95")]["mean"] == pytest.approx(2.0)
     assert cells[("ce (coarse)", "linear/top1")]["std"] == pytest.approx(math.sqrt(2))
 
@@ -284,7 +290,7 @@ def test_report_keeps_image_folders_apart(tmp_path: Path) -> None:
     datasets = list(dict.fromkeys(h.split("<br>")[0] for h in rows["__header__"]))
     # Two roots named "pets" are told apart by their full path.
     assert datasets == ["imagefolder:/data/pets", "imagefolder:flowers", "imagefolder:/other/pets"]
-    assert all(cell.endswith("(1 seed)") for cell in rows["look [resnet18] (coarse)"])
+    assert all(cell.endswith("1 seed)") for cell in rows["look [resnet18] (coarse)"])
 
 
 def test_repeated_seeds_name_the_colliding_files(tmp_path: Path) -> None:
@@ -317,3 +323,219 @@ def test_report_shows_the_k_a_knn_column_really_used(tmp_path: Path) -> None:
         by_metric = {row["metric"]: row for row in csv.DictReader(handle)}
     assert by_metric["knn/k200/top1"]["k_effective"] == "54"
     assert by_metric["knn/k20/top1"]["k_effective"] == ""
+
+
+def _write_evaluation(folder: Path, content: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    return path.resolve()
+
+
+def _with_settings(content: dict[str, Any]) -> dict[str, Any]:
+    """``content`` with the evaluation image size and protocol settings `look evaluate` records."""
+    content["dataset"]["image_size"] = 28
+    content["protocol_settings"] = {
+        "knn": {"ks": [20, 200], "temperature": 0.07},
+        "fewshot": {"n_way": 5, "shots": [1, 5], "queries": 15, "episodes": 100},
+    }
+    return content
+
+
+def _run_pair(tmp_path: Path, change: Any) -> tuple[Path, Path]:
+    """Two seeds of one row; ``change(content)`` edits the second one's results.json."""
+    first = _write_evaluation(tmp_path / "in" / "a", _with_settings(evaluation_results(seed=0)))
+    content = _with_settings(evaluation_results(seed=1, linear_top1=60.0))
+    change(content)
+    return first, _write_evaluation(tmp_path / "in" / "b", content)
+
+
+def _report_warnings(tmp_path: Path) -> tuple[list[str], str, dict[str, Any]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    mixed = [str(w.message) for w in caught if issubclass(w.category, MixedSettingsWarning)]
+    report = json.loads(outputs.json.read_text(encoding="utf-8"))
+    return mixed, outputs.markdown.read_text(encoding="utf-8"), report
+
+
+def test_a_row_that_mixes_settings_is_warned_about_and_marked(tmp_path: Path) -> None:
+    def other_setting(content: dict[str, Any]) -> None:
+        content["model"]["pretraining"]["dataset"] = "mnist"
+        content["model"]["global_step"] = 5
+        content["dataset"]["image_size"] = 64
+        content["protocol_settings"]["knn"]["temperature"] = 0.5
+
+    first, second = _run_pair(tmp_path, other_setting)
+    mixed, markdown, report = _report_warnings(tmp_path)
+    assert len(mixed) == 1, "one message per row, not per metric"
+    message = mixed[0]
+    assert message.startswith("'look [resnet18] (coarse)' on fashion_mnist averages runs with")
+    for expected in (
+        f'model.pretraining.dataset: "fashion_mnist" in {first} vs "mnist" in {second}',
+        f"model.global_step: 100 in {first} vs 5 in {second}",
+        f"dataset.image_size: 28 in {first} vs 64 in {second}",
+        f"protocol_settings.knn.temperature: 0.07 in {first} vs 0.5 in {second}",
+        str(first),
+        str(second),
+    ):
+        assert expected in message
+    # The reader of REPORT.md sees it too: a Warnings note and a mark on every mixed cell.
+    assert "## Warnings" in markdown
+    note = next(line for line in markdown.splitlines() if line.startswith("- **⚠1**"))
+    assert "`look [resnet18] (coarse)` on fashion_mnist" in note
+    assert '`model.pretraining.dataset`: `"fashion_mnist"`' in note and str(second) in note
+    row = markdown_rows(markdown, "## Transfer accuracy")["look [resnet18] (coarse)"]
+    assert row[0] == "70.62 ± 15.03 (2 seeds) ⚠1"  # linear: 81.25 and 60.0, sd 21.25 / √2
+    assert all(cell.endswith("⚠1") for cell in row)
+    linear = next(c for c in report["cells"] if c["metric"] == "linear/top1")
+    assert "model.pretraining.dataset" in linear["mixed_settings"]
+    assert "protocol_settings.knn.temperature" not in linear["mixed_settings"]  # kNN only
+    knn = next(c for c in report["cells"] if c["metric"] == "knn/k20/top1")
+    assert "protocol_settings.knn.temperature" in knn["mixed_settings"]
+    assert {c["setting"] for c in report["settings_conflicts"]} >= {
+        "model.pretraining.dataset",
+        "protocol_settings.knn.temperature",
+    }
+
+
+def test_what_differs_between_seeds_by_design_is_no_setting(tmp_path: Path) -> None:
+    def another_seed(content: dict[str, Any]) -> None:
+        content["model"]["path"] = "/runs/y/ckpt-100.pt"
+        content["seed"] = 3
+        content["timings_s"] = {"linear": 12.5}
+        content["created"] = "2030-01-01T00:00:00+00:00"
+        content["protocols"]["fewshot"]["seed"] = 3
+
+    _run_pair(tmp_path, another_seed)
+    mixed, markdown, report = _report_warnings(tmp_path)
+    assert mixed == [] and "## Warnings" not in markdown and "⚠" not in markdown
+    assert report["settings_conflicts"] == []
+
+
+@pytest.mark.parametrize("field", ["evaluation", "pretraining"])
+def test_grouping_files_of_one_name_are_told_apart(tmp_path: Path, field: str) -> None:
+    """/a/groups.json and /b/groups.json share the short label but are not one setting."""
+
+    def grouping(path: str) -> Any:
+        def change(content: dict[str, Any]) -> None:
+            if field == "evaluation":
+                content["labels"]["evaluation"] = path
+                content["labels"]["evaluation_grouping"] = "groups"
+            else:
+                content["model"]["pretraining"]["labels"] = path
+                content["labels"]["pretraining"] = path
+
+        return change
+
+    first = evaluation_results(seed=0)
+    grouping("/a/groups.json")(first)
+    _write_evaluation(tmp_path / "in" / "a", first)
+    second = evaluation_results(seed=1)
+    grouping("/b/groups.json")(second)
+    _write_evaluation(tmp_path / "in" / "b", second)
+    mixed, markdown, _ = _report_warnings(tmp_path)
+    assert len(mixed) == 1
+    assert '"/a/groups.json" in' in mixed[0] and '"/b/groups.json" in' in mixed[0]
+    rows = markdown_rows(markdown, "## Transfer accuracy")
+    # The short label stays in the row and column names.
+    if field == "pretraining":
+        assert "look [resnet18] (groups)" in rows
+    else:
+        assert rows["__header__"][0] == "fashion_mnist (groups)<br>linear"
+
+
+def test_rows_evaluated_differently_are_marked_in_their_column(tmp_path: Path) -> None:
+    for method, temperature in (("look", 0.07), ("ce", 0.5)):
+        for seed in (0, 1):
+            content = evaluation_results(method=method, seed=seed)
+            content["protocol_settings"] = {"knn": {"ks": [20, 200], "temperature": temperature}}
+            _write_evaluation(tmp_path / "in" / f"{method}{seed}", content)
+    mixed, markdown, _ = _report_warnings(tmp_path)
+    assert len(mixed) == 1 and mixed[0].startswith("the rows of fashion_mnist were evaluated")
+    assert "look [resnet18] (coarse): " in mixed[0] and "ce [resnet18] (coarse): " in mixed[0]
+    rows = markdown_rows(markdown, "## Transfer accuracy")
+    for method in ("look [resnet18] (coarse)", "ce [resnet18] (coarse)"):
+        linear, knn20 = rows[method][0], rows[method][1]
+        assert "⚠" not in linear and knn20.endswith(" ⚠1")
+
+
+def test_the_compact_shape_compares_only_what_it_records(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_results(
+            tmp_path / "in" / f"s{seed}",
+            method="look",
+            seed=seed,
+            protocols={"linear": {"top1": 0.7}},
+            labels="/a/groups.json" if seed == 0 else "/b/groups.json",
+        )
+    mixed, markdown, _ = _report_warnings(tmp_path)
+    assert len(mixed) == 1 and "labels: " in mixed[0] and "/b/groups.json" in mixed[0]
+    assert "(groups)<br>linear" in markdown
+
+
+def test_a_single_seed_fewshot_cell_shows_its_episode_interval(tmp_path: Path) -> None:
+    content = evaluation_results(seed=0)
+    content["protocols"]["fewshot"]["settings"][0].update(episodes=600, ci95=0.41)
+    _write_evaluation(tmp_path / "in" / "one", content)
+    for seed in (0, 1):
+        content = evaluation_results(method="ce", seed=seed)
+        content["protocols"]["fewshot"]["settings"][0].update(
+            mean_accuracy=30.0 + 2.0 * seed, episodes=600
+        )
+        _write_evaluation(tmp_path / "in" / f"ce{seed}", content)
+    outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Transfer accuracy")
+    header = rows["__header__"]
+    one = rows["look [resnet18] (coarse)"][header.index("fashion_mnist<br>few-shot 5way1shot")]
+    assert one == "**50.00 ± 0.41 (95 % CI over 600 episodes, 1 seed)**"
+    # Several seeds: the ± stays the std over seeds, and says nothing about episodes.
+    several = rows["ce [resnet18] (coarse)"][header.index("fashion_mnist<br>few-shot 5way1shot")]
+    assert several == "31.00 ± 1.41 (2 seeds)"
+    # Not a few-shot cell: a single seed has no ± at all.
+    assert rows["look [resnet18] (coarse)"][0].strip("*") == "81.25 (1 seed)"
+    assert "95 % confidence interval over the episodes" in markdown
+    cells = json.loads(outputs.json.read_text(encoding="utf-8"))["cells"]
+    fewshot = next(
+        c
+        for c in cells
+        if c["metric"] == "fewshot/5way1shot/mean_accuracy" and c["method"].startswith("look")
+    )
+    assert fewshot["std"] is None and fewshot["episode_ci95"] == pytest.approx(0.41)
+    assert fewshot["episodes"] == 600
+
+
+def test_means_that_read_the_same_are_all_bold(tmp_path: Path) -> None:
+    for method, top1 in (("look", 72.004), ("ce", 72.001), ("supcon", 71.0)):
+        write_results(
+            tmp_path / "in" / method,
+            method=method,
+            seed=0,
+            protocols={"linear": {"top1": top1}},
+            units="percent",
+        )
+    outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    rows = markdown_rows(outputs.markdown.read_text(encoding="utf-8"), "## Transfer accuracy")
+    assert rows["look (coarse)"][0] == "**72.00 (1 seed)**"
+    assert rows["ce (coarse)"][0] == "**72.00 (1 seed)**"
+    assert rows["supcon (coarse)"][0] == "71.00 (1 seed)"
+
+
+def test_both_shapes_fill_one_fewshot_column(tmp_path: Path) -> None:
+    """The compact "mean" and the evaluation's "mean_accuracy" are one metric: one column, not
+    two with the same header, and the best is chosen over both rows."""
+    _write_evaluation(tmp_path / "in" / "look", evaluation_results(seed=0))  # 5way1shot: 50 %
+    write_results(
+        tmp_path / "in" / "ce",
+        method="ce",
+        seed=0,
+        protocols={"fewshot": {"5way1shot": {"mean": 0.55, "mean_per_class": 0.5}}},
+    )
+    outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    rows = markdown_rows(outputs.markdown.read_text(encoding="utf-8"), "## Transfer accuracy")
+    header = rows["__header__"]
+    assert header.count("fashion_mnist<br>few-shot 5way1shot") == 1
+    column = header.index("fashion_mnist<br>few-shot 5way1shot")
+    assert rows["ce (coarse)"][column] == "**55.00 (1 seed)**"
+    assert rows["look [resnet18] (coarse)"][column].startswith("50.00 ± 1.50 (95 % CI")

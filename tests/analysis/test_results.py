@@ -73,7 +73,7 @@ def test_compact_shape_in_fractions_is_scaled_to_percent(tmp_path: Path) -> None
     assert result.headline == (
         "linear/top1",
         "knn/k20/top1",
-        "fewshot/5way1shot/mean",
+        "fewshot/5way1shot/mean_accuracy",  # the evaluation format's name: one column
         "other",
     )
     assert result.multimodality == {"knn_purity": 0.9, "cluster_count": 2.0}

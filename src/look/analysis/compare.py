@@ -10,6 +10,11 @@ same difference (a count, such as a number of clusters, often does) the t interv
 that one value and would call any such difference certain; the verdict then comes from the exact
 sign test instead (all n seeds on one side has probability 2 · 0.5^n without a real difference:
 below 5 % from 6 seeds on).
+
+A seed is one pair however many runs give it: when a side has several values for one seed (two
+evaluations under one row label, which ``look report`` also warns about), they are averaged per
+seed first, so ``n`` is the number of distinct shared seeds — a repeated seed neither counts as an
+extra independent pair nor loses all but one of its values.
 """
 
 from __future__ import annotations
@@ -108,6 +113,16 @@ class PairedComparison:
         }
 
 
+def _mean_per_seed(seeds: Sequence[int | None], values: Sequence[float]) -> dict[int, float]:
+    """One value per recorded seed: the mean of the runs that share it (a repeated seed is one
+    sample of the seed-to-seed spread, not several)."""
+    by_seed: dict[int, list[float]] = {}
+    for seed, value in zip(seeds, values, strict=True):
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(value)
+    return {seed: math.fsum(found) / len(found) for seed, found in by_seed.items()}
+
+
 def compare_with_baseline(
     cells: Sequence[Any], baselines: Sequence[str], *, table: str = "transfer"
 ) -> list[PairedComparison]:
@@ -116,9 +131,10 @@ def compare_with_baseline(
 
     ``cells`` are :class:`look.analysis.report.Cell` objects. A dataset's baseline is the first
     label of ``baselines`` with a row on that dataset (``["ce (coarse)", "ce (fine)"]`` picks the
-    coarse-label CE where there is one); datasets without any are left out. Only seeds present in
-    both cells are paired (runs without a recorded seed cannot be). ``ValueError`` when no label
-    of ``baselines`` names a transfer row at all, listing the rows there are.
+    coarse-label CE where there is one); datasets without any are left out. Each side's values
+    are averaged per seed, then only seeds present in both cells are paired (runs without a
+    recorded seed cannot be), so ``n`` counts distinct seeds. ``ValueError`` when no label of
+    ``baselines`` names a transfer row at all, listing the rows there are.
     """
     transfer = [c for c in cells if c.table == table and c.headline]
     labels = list(dict.fromkeys(c.method for c in transfer))
@@ -136,12 +152,9 @@ def compare_with_baseline(
             base = reference.get(cell.metric)
             if cell.method == baseline or base is None:
                 continue
-            theirs = {s: v for s, v in zip(base.seeds, base.values, strict=True) if s is not None}
-            pairs = sorted(
-                (s, v - theirs[s])
-                for s, v in zip(cell.seeds, cell.values, strict=True)
-                if s is not None and s in theirs
-            )
+            theirs = _mean_per_seed(base.seeds, base.values)
+            mine = _mean_per_seed(cell.seeds, cell.values)
+            pairs = sorted((s, v - theirs[s]) for s, v in mine.items() if s in theirs)
             if pairs:
                 seeds, differences = zip(*pairs, strict=True)
                 comparisons.append(

@@ -16,10 +16,22 @@ Runs are grouped by method label and dataset (image folders by their root: see
 path); within a group every input file is one sample (one seed): a cell is ``mean ± std (n
 seeds)``, std being the sample standard deviation (``n − 1``; none for a single seed), with the
 ``k`` a kNN column really used when the training split was smaller (``(1 seed, k = 54)``). Two
-files with the same seed in one group are named in a :class:`RepeatedSeedWarning`. Headline
+files with the same seed in one group are named in a :class:`RepeatedSeedWarning`. A few-shot
+cell with a single seed shows that run's 95 % confidence interval over its episodes instead of a
+std, and says so in the cell (``70.00 ± 0.41 (95 % CI over 600 episodes, 1 seed)``).
+
+**Settings**: the runs averaged into one row must share their settings (:func:`look.analysis.
+results.run_settings`: pre-training data, labels, size and length, evaluation image size and label
+set, protocol settings; never the seed or paths). Where they do not, the row's cells are marked
+``⚠N`` and a *Warnings* section of REPORT.md says which setting differs, with its values and
+files; so does a :class:`MixedSettingsWarning` (and ``report.json``'s ``"settings_conflicts"``).
+Rows of one dataset evaluated with different evaluation settings (another kNN τ, image size or
+grouping file under the same short name) are marked the same way, since their cells, the bold best
+and the paired differences then compare unlike evaluations. Headline
 metrics are the Markdown columns (dataset × protocol, accuracies in %); every metric goes to
 report.json/report.csv, with the same numbers. The best mean of a column with two or more
-methods is bold (for multi-modality: purity, separability and ARI; not the cluster count); a method
+methods is bold, and so is every mean that shows the same digits (for multi-modality: purity,
+separability and ARI; not the cluster count); a method
 without a value shows ``—``. One bar chart per dataset (``figures/bars_<dataset>.png``: protocols ×
 methods) is embedded by a relative link.
 """
@@ -48,16 +60,20 @@ from look.analysis.results import (
     multimodality_summary,
     read_json_object,
     read_results_file,
+    setting_protocol,
 )
 
 __all__ = [
     "MULTIMODALITY_FILE_NAME",
     "MULTIMODALITY_METRICS",
     "Cell",
+    "MixedSettingsWarning",
     "RepeatedSeedWarning",
     "ReportOutputs",
+    "SettingsConflict",
     "aggregate_cells",
     "find_report_inputs",
+    "find_settings_conflicts",
     "format_cell",
     "metric_header",
     "read_multimodality_file",
@@ -92,12 +108,89 @@ class RepeatedSeedWarning(ReportInputWarning):
     """Several input files give one report row the same seed: each still counts as a sample."""
 
 
+class MixedSettingsWarning(ReportInputWarning):
+    """The runs averaged into one report row (or the rows of one dataset) differ in a setting
+    that must agree, such as the pre-training data or a protocol option."""
+
+
+# Settings of the evaluation side, which the rows of one dataset must share to be compared.
+_EVALUATION_SETTING_PREFIXES = ("labels.evaluation", "dataset.", "protocol_settings.", "protocols.")
+_VALUE_CHARS = 60  # a long value (a class-name list) is cut in messages
+_FILES_SHOWN = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingsConflict:
+    """A ``setting`` (a path of :func:`look.analysis.results.run_settings`) with several values
+    among the runs of one report row (``within_row``) or among the rows of one dataset.
+
+    ``values`` maps each value (canonical JSON) to the ``(row label, file)`` of the runs with it.
+    """
+
+    dataset: str
+    setting: str
+    within_row: bool
+    values: tuple[tuple[str, tuple[tuple[str, Path], ...]], ...]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The rows whose runs take part."""
+        return tuple(dict.fromkeys(m for _, runs in self.values for m, _ in runs))
+
+    @property
+    def protocol(self) -> str | None:
+        """The protocol whose cells the setting concerns; ``None`` for all of them."""
+        return setting_protocol(self.setting)
+
+    def concerns(self, cell: Cell) -> bool:
+        """Whether ``cell`` mixes (or is compared across) the runs of this conflict."""
+        if cell.dataset != self.dataset or cell.method not in self.methods:
+            return False
+        if self.protocol is None:
+            return True
+        return cell.table == "transfer" and cell.metric.split("/", 1)[0] == self.protocol
+
+    def describe(self, *, markdown: bool = False) -> str:
+        """``model.pretraining.dataset: "mnist" in a/results.json vs "fmnist" in b/results.json``."""
+        quote = "`" if markdown else ""
+        parts = []
+        for value, runs in self.values:
+            shown = value if len(value) <= _VALUE_CHARS else value[: _VALUE_CHARS - 3] + "..."
+            files = [
+                (f"{method}: " if not self.within_row else "") + f"{quote}{path}{quote}"
+                for method, path in runs[:_FILES_SHOWN]
+            ]
+            if len(runs) > _FILES_SHOWN:
+                files.append(f"{len(runs) - _FILES_SHOWN} more")
+            parts.append(f"{quote}{shown}{quote} in {', '.join(files)}")
+        return f"{quote}{self.setting}{quote}: " + " vs ".join(parts)
+
+    def as_row(self) -> dict[str, Any]:
+        """The conflict as a JSON object."""
+        return {
+            "dataset": self.dataset,
+            "setting": self.setting,
+            "within_row": self.within_row,
+            "methods": list(self.methods),
+            "values": [
+                {
+                    "value": json.loads(value),
+                    "inputs": [{"method": m, "file": str(path)} for m, path in runs],
+                }
+                for value, runs in self.values
+            ],
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One aggregated value: a method's metric on a dataset over its seeds.
 
     ``k_effective`` are the neighbour counts a kNN metric really used where the training split
-    was smaller than its ``k`` (empty otherwise).
+    was smaller than its ``k`` (empty otherwise). ``episode_ci95`` is, for a cell of one run with a
+    recorded ``ci95`` next to it (few-shot), that run's 95 % confidence interval over its
+    ``episodes`` (shown instead of the std a single seed lacks). ``mixed_settings`` are the
+    :class:`SettingsConflict` s the cell's runs take part in.
     """
 
     table: str  # "transfer" or "multimodality"
@@ -110,6 +203,9 @@ class Cell:
     headline: bool = True
     best: bool = False
     k_effective: tuple[int, ...] = ()
+    episode_ci95: float | None = None
+    episodes: int | None = None
+    mixed_settings: tuple[SettingsConflict, ...] = ()
 
     @property
     def n(self) -> int:
@@ -142,6 +238,9 @@ class Cell:
             "headline": self.headline,
             "best": self.best,
             "k_effective": list(self.k_effective),
+            "episode_ci95": self.episode_ci95,
+            "episodes": self.episodes,
+            "mixed_settings": sorted({c.setting for c in self.mixed_settings}),
         }
 
 
@@ -229,6 +328,15 @@ def find_report_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[Pa
     return results, multimodality
 
 
+def _shown_mean(cell: Cell) -> str:
+    """The mean as its table shows it (multi-modality fractions ×100, per-metric digits)."""
+    scale = (
+        100.0 if cell.table == "multimodality" and _MULTIMODALITY_PERCENT.get(cell.metric) else 1
+    )
+    digits = _MULTIMODALITY_DIGITS.get(cell.metric, 2) if cell.table == "multimodality" else 2
+    return f"{cell.mean * scale:.{digits}f}"
+
+
 def _mark_best(cells: list[Cell], larger_is_better: Mapping[str, bool] | None = None) -> list[Cell]:
     by_column: dict[tuple[str, str], list[int]] = {}
     for index, cell in enumerate(cells):
@@ -238,10 +346,11 @@ def _mark_best(cells: list[Cell], larger_is_better: Mapping[str, bool] | None = 
     for (_, metric), indices in by_column.items():
         if len(indices) < 2 or (larger_is_better is not None and not larger_is_better.get(metric)):
             continue
-        best = max(cells[i].mean for i in indices)
+        best = _shown_mean(max((cells[i] for i in indices), key=lambda c: c.mean))
         for i in indices:
-            # Ties (within float noise) are all best.
-            if math.isclose(cells[i].mean, best, rel_tol=1e-12, abs_tol=1e-12):
+            # Every mean that reads as the best is best: bolding one of two equal-looking numbers
+            # would claim a difference the table does not show.
+            if _shown_mean(cells[i]) == best:
                 marked[i] = dataclasses.replace(cells[i], best=True)
     return marked
 
@@ -287,16 +396,117 @@ def _warn_repeated_seeds(
         )
 
 
+def _is_evaluation_setting(setting: str) -> bool:
+    return setting == "labels" or setting.startswith(_EVALUATION_SETTING_PREFIXES)
+
+
+def _uses_protocol(run: EvaluationResult, protocol: str | None) -> bool:
+    """Whether a protocol's settings matter for ``run``: it has a metric of that protocol."""
+    return protocol is None or any(m.split("/", 1)[0] == protocol for m in run.metrics)
+
+
+def _conflicts_among(
+    members: Sequence[EvaluationResult], dataset: str, *, within_row: bool, only_evaluation: bool
+) -> list[SettingsConflict]:
+    found = []
+    names = dict.fromkeys(name for run in members for name in run.settings)
+    for setting in names:
+        if only_evaluation and not _is_evaluation_setting(setting):
+            continue
+        protocol = setting_protocol(setting)
+        values: dict[str, list[tuple[str, Path]]] = {}
+        for run in members:
+            # A run that lacks the field (the compact shape) or the protocol is not compared.
+            if setting in run.settings and _uses_protocol(run, protocol):
+                values.setdefault(run.settings[setting], []).append((run.method, run.source))
+        if len(values) > 1:
+            found.append(
+                SettingsConflict(
+                    dataset,
+                    setting,
+                    within_row,
+                    tuple((value, tuple(runs)) for value, runs in values.items()),
+                )
+            )
+    return found
+
+
+def find_settings_conflicts(runs: Iterable[EvaluationResult]) -> list[SettingsConflict]:
+    """Settings that differ among the runs of one row (method × dataset), then evaluation
+    settings that differ among the rows of one dataset (where each row agrees within itself).
+
+    Runs are taken as :func:`aggregate_cells` groups them (give it the same runs).
+    """
+    rows: dict[tuple[str, str], dict[Path, EvaluationResult]] = {}
+    for run in runs:
+        rows.setdefault((run.method, run.dataset_label), {}).setdefault(run.source, run)
+    conflicts: list[SettingsConflict] = []
+    for (_, dataset), members in rows.items():
+        conflicts += _conflicts_among(
+            list(members.values()), dataset, within_row=True, only_evaluation=False
+        )
+    in_rows = {(c.dataset, c.setting) for c in conflicts}
+    datasets: dict[str, list[EvaluationResult]] = {}
+    for (_, dataset), members in rows.items():
+        datasets.setdefault(dataset, []).extend(members.values())
+    for dataset, members in datasets.items():
+        conflicts += [
+            c
+            for c in _conflicts_among(members, dataset, within_row=False, only_evaluation=True)
+            if (dataset, c.setting) not in in_rows  # already told, row by row
+        ]
+    return conflicts
+
+
+def _warn_mixed_settings(conflicts: Sequence[SettingsConflict]) -> None:
+    """One :class:`MixedSettingsWarning` per row (and per dataset) with differing settings."""
+    groups: dict[tuple[str, str | None], list[SettingsConflict]] = {}
+    for conflict in conflicts:
+        key = (conflict.dataset, conflict.methods[0] if conflict.within_row else None)
+        groups.setdefault(key, []).append(conflict)
+    for (dataset, method), found in groups.items():
+        listed = "; ".join(c.describe() for c in found)
+        if method is not None:
+            text = (
+                f"{method!r} on {dataset} averages runs with different settings, so its mean "
+                f"and std are not a spread over seeds of one setting: {listed}. Report each "
+                "setting on its own (separate folders, or a distinct model.label per setting)"
+            )
+        else:
+            text = (
+                f"the rows of {dataset} were evaluated with different settings, so their cells, "
+                f"the bold best and any paired difference compare unlike evaluations: {listed}. "
+                "Evaluate every row with the same settings"
+            )
+        warnings.warn(MixedSettingsWarning(text), stacklevel=3)
+
+
+def _episode_interval(
+    metric: str, samples: Sequence[tuple[float, int | None, EvaluationResult]]
+) -> tuple[float | None, int | None]:
+    """The 95 % CI over episodes recorded beside a one-run headline metric (few-shot), and the
+    episodes; ``(None, None)`` for several runs, whose spread is the std over seeds."""
+    group, leaf = metric.rsplit("/", 1) if "/" in metric else (metric, "")
+    if len(samples) != 1 or leaf == "ci95":
+        return None, None
+    run = samples[0][2]
+    return run.metrics.get(f"{group}/ci95"), run.fewshot_episodes.get(group)
+
+
 def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
     """Transfer and multi-modality cells: values grouped by (method, dataset, metric) over seeds.
 
     Runs are taken in the given order; methods keep the order of their first appearance.
-    Several inputs with one seed in a group give a :class:`RepeatedSeedWarning` naming them.
+    Several inputs with one seed in a group give a :class:`RepeatedSeedWarning` naming them;
+    runs of a group with differing settings (:func:`find_settings_conflicts`) a
+    :class:`MixedSettingsWarning`, and their cells list the conflicts in ``mixed_settings``.
     """
     transfer: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
     multimodal: dict[tuple[str, str, str], list[tuple[float, int | None, EvaluationResult]]] = {}
     headline_paths: set[str] = set()
-    for run in _distinct_datasets(list(runs)):
+    runs = _distinct_datasets(list(runs))
+    conflicts = find_settings_conflicts(runs)
+    for run in runs:
         headline_paths.update(run.headline)
         for metric, value in run.metrics.items():
             transfer.setdefault((run.method, run.dataset_label, metric), []).append(
@@ -318,19 +528,24 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
             clipped = {
                 run.knn_k_effective[group] for _, _, run in samples if group in run.knn_k_effective
             }
-            cells.append(
-                Cell(
-                    table=table,
-                    method=method,
-                    dataset=dataset,
-                    labels=first.labels,
-                    metric=metric,
-                    values=tuple(v for v, _, _ in samples),
-                    seeds=tuple(s for _, s, _ in samples),
-                    headline=headline,
-                    k_effective=tuple(sorted(clipped)),
-                )
+            episode_ci95, episodes = (
+                _episode_interval(metric, samples) if table == "transfer" else (None, None)
             )
+            cell = Cell(
+                table=table,
+                method=method,
+                dataset=dataset,
+                labels=first.labels,
+                metric=metric,
+                values=tuple(v for v, _, _ in samples),
+                seeds=tuple(s for _, s, _ in samples),
+                headline=headline,
+                k_effective=tuple(sorted(clipped)),
+                episode_ci95=episode_ci95,
+                episodes=episodes,
+            )
+            mixed = tuple(c for c in conflicts if c.concerns(cell))
+            cells.append(dataclasses.replace(cell, mixed_settings=mixed) if mixed else cell)
         return cells
 
     transfer_cells = _mark_best(build("transfer", transfer))
@@ -340,17 +555,25 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
     )
     _warn_repeated_seeds(transfer)
     _warn_repeated_seeds(multimodal)
+    _warn_mixed_settings(conflicts)
     return transfer_cells + multimodal_cells
 
 
 def format_cell(cell: Cell, *, scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std (n seeds)`` (``mean (1 seed)`` for one) of the values × ``scale``, bold when
-    best; ``(n seeds, k = 54)`` when a kNN column could only use 54 neighbours."""
+    best; ``(n seeds, k = 54)`` when a kNN column could only use 54 neighbours. A single run with
+    an episode interval reads ``mean ± ci (95 % CI over 600 episodes, 1 seed)``: the ± is then
+    not a spread over seeds, and the cell says so."""
     text = f"{cell.mean * scale:.{digits}f}"
+    spread = ""
     if cell.std is not None:
         text += f" ± {cell.std * scale:.{digits}f}"
+    elif cell.episode_ci95 is not None:
+        text += f" ± {cell.episode_ci95 * scale:.{digits}f}"
+        over = f"{cell.episodes} episodes" if cell.episodes is not None else "episodes"
+        spread = f"95 % CI over {over}, "
     clipped = f", k = {'/'.join(str(k) for k in cell.k_effective)}" if cell.k_effective else ""
-    text += f" ({cell.n} seed{'s' if cell.n != 1 else ''}{clipped})"
+    text += f" ({spread}{cell.n} seed{'s' if cell.n != 1 else ''}{clipped})"
     return f"**{text}**" if cell.best else text
 
 
@@ -366,8 +589,10 @@ def _markdown_table(
     *,
     percent: Mapping[str, bool] | None = None,
     digits: Mapping[str, int] | None = None,
+    markers: Mapping[tuple[str, str], str] | None = None,
 ) -> list[str]:
     by_key = {(c.method, c.dataset, c.metric): c for c in cells}
+    markers = markers or {}
     percent, digits = percent or {}, digits or {}
     lines = [
         "| method | " + " | ".join(_escape(header[column]) for column in columns) + " |",
@@ -382,9 +607,55 @@ def _markdown_table(
                 MISSING
                 if cell is None
                 else format_cell(cell, scale=scale, digits=digits.get(metric, 2))
+                + _marker(cell, markers)
             )
         lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
     return lines
+
+
+def _conflict_key(conflict: SettingsConflict) -> tuple[str, str | None]:
+    """A conflict's note in REPORT.md: its row (dataset, method), or its dataset for rows that
+    differ from each other."""
+    return conflict.dataset, conflict.methods[0] if conflict.within_row else None
+
+
+def _marker(cell: Cell, numbers: Mapping[tuple[str, str | None], str]) -> str:
+    """`` ⚠1`` (the notes of the Warnings section) for a cell whose runs mix settings."""
+    found = dict.fromkeys(numbers[_conflict_key(c)] for c in cell.mixed_settings)
+    return "".join(f" ⚠{number}" for number in found)
+
+
+def _warnings_section(cells: Sequence[Cell]) -> tuple[list[str], dict[tuple[str, str | None], str]]:
+    """The Warnings section of REPORT.md (one note per row or dataset whose runs differ in a
+    setting) and the number of each note."""
+    groups: dict[tuple[str, str | None], dict[str, SettingsConflict]] = {}
+    for cell in cells:
+        for conflict in cell.mixed_settings:
+            groups.setdefault(_conflict_key(conflict), {})[conflict.setting] = conflict
+    if not groups:
+        return [], {}
+    numbers = {key: str(index) for index, key in enumerate(groups, start=1)}
+    lines = [
+        "## Warnings",
+        "",
+        "Cells marked ⚠N mix runs with different settings (note N); read them with care.",
+        "",
+    ]
+    for (dataset, method), found in groups.items():
+        listed = "; ".join(c.describe(markdown=True) for c in found.values())
+        if method is not None:
+            what = (
+                f"`{_escape(method)}` on {dataset} averages runs with different settings, so its "
+                "mean ± std is not a spread over seeds of one setting"
+            )
+        else:
+            what = (
+                f"The rows of {dataset} were evaluated with different settings, so these cells, "
+                "the bold best and the paired differences compare unlike evaluations"
+            )
+        lines.append(f"- **⚠{numbers[(dataset, method)]}** {what}: {_escape(listed)}.")
+    lines.append("")
+    return lines, numbers
 
 
 def _slug(text: str) -> str:
@@ -398,6 +669,7 @@ def _transfer_section(
     output_dir: Path,
     *,
     plots: bool,
+    markers: Mapping[tuple[str, str | None], str] | None = None,
 ) -> tuple[list[str], list[Path]]:
     from look.analysis.maps import plot_metric_bars
 
@@ -411,13 +683,18 @@ def _transfer_section(
     header = {(d, m): f"{d}<br>{metric_header(m)}" for d, m in columns}
     row_methods = [m for m in methods if any(c.method == m for c in headline)]
     note = "Top-1 accuracy (%) (few-shot: mean episode accuracy)."
+    if any(c.episode_ci95 is not None for c in headline):
+        note += (
+            " A few-shot cell of a single seed shows ± its 95 % confidence interval over the "
+            "episodes, as the cell says; with several seeds ± is the std over seeds."
+        )
     if any(c.k_effective for c in headline):
         note += (
             " *k = N* in a kNN cell: the training split has only N images, so only N "
             "neighbours voted."
         )
     lines = ["## Transfer accuracy", "", note, ""]
-    lines += _markdown_table(headline, row_methods, columns, header)
+    lines += _markdown_table(headline, row_methods, columns, header, markers=markers)
     lines.append("")
     figures: list[Path] = []
     if plots:
@@ -469,16 +746,34 @@ def _comparison_section(
     datasets: Sequence[str],
     *,
     multimodality: bool = False,
+    cells: Sequence[Cell] = (),
+    markers: Mapping[tuple[str, str | None], str] | None = None,
 ) -> list[str]:
     if not comparisons:
         return []
+    table = "multimodality" if multimodality else "transfer"
+    by_key = {(c.method, c.dataset, c.metric): c for c in cells if c.table == table}
+
+    def marks(comparison: PairedComparison) -> str:
+        """The notes of the two cells a difference comes from."""
+        if not markers:
+            return ""
+        found = dict.fromkeys(
+            mark
+            for method in (comparison.method, comparison.baseline)
+            if (cell := by_key.get((method, comparison.dataset, comparison.metric))) is not None
+            for mark in _marker(cell, markers).split()
+        )
+        return "".join(f" {mark}" for mark in found)
+
     if multimodality:
         lines = [
             "## Paired differences in multi-modality",
             "",
             "The multi-modality measures, method − baseline seed by seed: mean difference [95 % "
             "confidence interval, Student's t]; purity and separability in points. *higher* / "
-            "*lower* only when the interval excludes zero.",
+            "*lower* only when the interval excludes zero. Runs that repeat a seed are averaged "
+            "first, so the seed count is the number of distinct seeds.",
             "",
         ]
     else:
@@ -487,7 +782,8 @@ def _comparison_section(
             "",
             "Method − baseline in accuracy points, seed by seed over the seeds both were run "
             "with: mean difference [95 % confidence interval, Student's t]. *better* / *worse* "
-            "only when the interval excludes zero; one shared seed gives no interval.",
+            "only when the interval excludes zero; one shared seed gives no interval. Runs that "
+            "repeat a seed are averaged first, so the seed count is the number of distinct seeds.",
             "",
         ]
     for dataset in datasets:
@@ -510,14 +806,14 @@ def _comparison_section(
 
         def cell(comparison: PairedComparison) -> str:
             if not multimodality:
-                return _format_difference(comparison)
+                return _format_difference(comparison) + marks(comparison)
             metric = comparison.metric
             return _format_difference(
                 comparison,
                 scale=100.0 if _MULTIMODALITY_PERCENT[metric] else 1.0,
                 digits=_MULTIMODALITY_DIGITS[metric],
                 words={BETTER: "higher", WORSE: "lower"},
-            )
+            ) + marks(comparison)
 
         for method in dict.fromkeys(c.method for c in here):  # this dataset's own order
             row = [cell(by_key[(method, m)]) if (method, m) in by_key else MISSING for m in metrics]
@@ -527,7 +823,11 @@ def _comparison_section(
 
 
 def _multimodality_section(
-    cells: Sequence[Cell], methods: Sequence[str], datasets: Sequence[str]
+    cells: Sequence[Cell],
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    *,
+    markers: Mapping[tuple[str, str | None], str] | None = None,
 ) -> list[str]:
     multimodal = [c for c in cells if c.table == "multimodality"]
     headline = [c for c in multimodal if c.headline]
@@ -561,6 +861,7 @@ def _multimodality_section(
         header,
         percent=_MULTIMODALITY_PERCENT,
         digits=_MULTIMODALITY_DIGITS,
+        markers=markers,
     )
     chance_notes = []
     for dataset in dict.fromkeys(d for d, _ in columns):
@@ -607,6 +908,9 @@ _CSV_FIELDS = (
     "headline",
     "best",
     "k_effective",
+    "episode_ci95",
+    "episodes",
+    "mixed_settings",
 )
 
 
@@ -625,6 +929,11 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                     "seeds": ";".join("" if s is None else str(s) for s in row["seeds"]),
                     "values": ";".join(repr(v) for v in row["values"]),
                     "k_effective": ";".join(str(k) for k in row["k_effective"]),
+                    "episode_ci95": ""
+                    if row["episode_ci95"] is None
+                    else repr(row["episode_ci95"]),
+                    "episodes": "" if row["episodes"] is None else row["episodes"],
+                    "mixed_settings": ";".join(row["mixed_settings"]),
                 }
             )
 
@@ -678,18 +987,23 @@ def write_report(
         "",
         f"Collected by `look report` from {len(result_paths)} results file(s) and "
         f"{len(multimodality_paths)} multi-modality file(s). A cell is the mean ± sample standard "
-        "deviation over seeds (number of seeds in brackets); the best mean of a column is in "
-        f"bold; {MISSING} means not evaluated. The same numbers, and every secondary metric, are "
-        "in [report.json](report.json) and [report.csv](report.csv).",
+        "deviation over seeds (number of seeds in brackets; a single-seed few-shot cell says "
+        "when its ± is the confidence interval over episodes instead); the best mean of a column "
+        f"is in bold; {MISSING} means not evaluated. The same numbers, and every secondary metric, "
+        "are in [report.json](report.json) and [report.csv](report.csv).",
         "",
     ]
+    warning_lines, markers = _warnings_section(cells)
+    lines += warning_lines
     transfer_lines, written_figures = _transfer_section(
-        cells, methods, datasets, output_dir, plots=plots
+        cells, methods, datasets, output_dir, plots=plots, markers=markers
     )
     lines += transfer_lines
-    lines += _comparison_section(comparisons, datasets)
-    lines += _multimodality_section(cells, methods, datasets)
-    lines += _comparison_section(multimodal_comparisons, datasets, multimodality=True)
+    lines += _comparison_section(comparisons, datasets, cells=cells, markers=markers)
+    lines += _multimodality_section(cells, methods, datasets, markers=markers)
+    lines += _comparison_section(
+        multimodal_comparisons, datasets, multimodality=True, cells=cells, markers=markers
+    )
     map_lines, copied_maps = _copy_maps(map_figures, output_dir)
     lines += map_lines
     written_figures += copied_maps
@@ -705,6 +1019,10 @@ def write_report(
         "methods": methods,
         "datasets": datasets,
         "cells": rows,
+        "settings_conflicts": [
+            conflict.as_row()
+            for conflict in dict.fromkeys(c for cell in cells for c in cell.mixed_settings)
+        ],
         "comparisons": [
             {"table": table, **comparison.as_row()}
             for table, group in (

@@ -31,7 +31,9 @@ missing, non-numeric values are skipped):
 **Metrics** are the accuracy-valued keys (:data:`ACCURACY_KEYS`: ``top1``, ``mean_per_class[_accuracy]``,
 ``mean[_accuracy]``, ``ci95``, ``top5``) anywhere under a protocol, named by their path: nested dicts
 add their key, list entries of ``"results"``/``"settings"`` add ``k<k>`` or ``<n>way<k>shot``
-(``"knn/k20/top1"``, ``"fewshot/5way1shot/mean_accuracy"``). Other numbers (``best_c``,
+(``"knn/k20/top1"``, ``"fewshot/5way1shot/mean_accuracy"``); the compact ``mean`` and
+``mean_per_class`` are read as ``mean_accuracy`` and ``mean_per_class_accuracy``, so that both
+shapes fill the same report column. Other numbers (``best_c``,
 ``num_train``, ...) are settings, not metrics. The **headline** metric of each group is its ``top1``,
 else its ``mean``/``mean_accuracy``. Accuracies are returned **in percent**: a file whose ``"units"``
 says percent is taken as is, one that says fraction is scaled by 100, and one without units is
@@ -42,6 +44,16 @@ after its root folder, ``"imagefolder:pets"`` for ``/data/pets``, so that evalua
 different folders are not averaged together (:attr:`EvaluationResult.dataset_root` keeps the
 root). **kNN neighbours**: when the training split had fewer images than a kNN ``k``, the ``k``
 actually used (``k_effective``) is kept per metric group (``"knn/k200": 54``).
+
+**Settings** (:func:`run_settings`): what a run was pre-trained and evaluated with that must agree
+between the seeds averaged into one report row — the pre-training record (dataset, labels in full,
+grouping path included, image size, subset, epochs, ...; not its seed), the checkpoint's step and
+stem, the evaluation image size, splits, label set and class names, ``protocol_settings`` and the
+settings each protocol records next to its result (kNN τ, few-shot queries and episodes, the
+fine-tuning recipe, train/test sizes). Keyed by their JSON path (``"protocol_settings.knn.temperature"``);
+seeds, checkpoint paths, devices and timings differ between seeds by design and are not settings.
+A field the file lacks (the compact shape has few) is simply not compared. **Few-shot episodes**:
+the episodes behind each few-shot group (``"fewshot/5way1shot": 600``) when recorded.
 
 **Method label** (the row of a report, grouped across seeds): ``model.label`` when given, else the
 method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
@@ -69,12 +81,15 @@ __all__ = [
     "NonNumericAccuracyWarning",
     "ReportInputWarning",
     "describe_model",
+    "fewshot_episodes",
     "is_number",
     "knn_k_effective",
     "method_label",
     "protocol_metrics",
     "read_json_object",
     "read_results_file",
+    "run_settings",
+    "setting_protocol",
 ]
 
 RESULTS_FILE_NAME = "results.json"
@@ -116,7 +131,9 @@ class EvaluationResult:
     ``class_names`` the evaluation classes and ``feature_caches`` the feature cache file of each
     split when the evaluation recorded one. ``dataset_root`` is the root of a dataset named after
     its folder (an image folder), ``knn_k_effective`` the neighbours a kNN metric group really
-    used where the training split was smaller than its ``k``.
+    used where the training split was smaller than its ``k``. ``settings`` are the run's
+    :func:`run_settings` (path → value as canonical JSON), ``fewshot_episodes`` the episodes of
+    each few-shot group.
     """
 
     source: Path
@@ -132,6 +149,8 @@ class EvaluationResult:
     feature_caches: dict[str, Path] = dataclasses.field(default_factory=dict)
     dataset_root: str | None = None
     knn_k_effective: dict[str, int] = dataclasses.field(default_factory=dict)
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    fewshot_episodes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def dataset_label(self) -> str:
@@ -268,6 +287,17 @@ def protocol_metrics(
     return metrics, headline
 
 
+# The compact shape's short names of the evaluation format's metrics.
+_METRIC_ALIASES = {"mean": "mean_accuracy", "mean_per_class": "mean_per_class_accuracy"}
+
+
+def _canonical_metric(path: str) -> str:
+    """``"fewshot/5way1shot/mean"`` → ``"fewshot/5way1shot/mean_accuracy"``: one name per
+    metric whichever shape gave it (else a mix of shapes splits it over two columns)."""
+    group, _, leaf = path.rpartition("/")
+    return f"{group}/{_METRIC_ALIASES[leaf]}" if group and leaf in _METRIC_ALIASES else path
+
+
 def _is_blank(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in _BLANK_VALUES)
 
@@ -311,6 +341,121 @@ def knn_k_effective(protocols: Mapping[str, Any]) -> dict[str, int]:
         if isinstance(entry, Mapping)
         and is_number(entry.get("k_effective"))
         and name != f"k{int(entry['k_effective'])}"
+    }
+
+
+# Pre-training record entries that legitimately differ between the seeds of one setting.
+_PER_RUN_KEYS = frozenset({"seed", "path", "checkpoint", "created", "timings_s", "look_version"})
+# Settings a protocol records next to its result (older files have no "protocol_settings").
+_PROTOCOL_RESULT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "linear": ("c_selection", "val_fraction", "max_iter", "tolerance", "num_train", "num_test"),
+    "knn": ("temperature", "num_train", "num_test"),
+    "fewshot": ("queries_per_class", "episodes"),
+    "finetune": (
+        "epochs",
+        "lr",
+        "batch_size",
+        "weight_decay",
+        "momentum",
+        "augment",
+        "num_train",
+        "num_test",
+    ),
+}
+# Sizes of the evaluation data: compared even where "protocol_settings" records the options.
+_DATA_SIZE_KEYS = ("num_train", "num_test")
+# Options that only decide which columns exist (k = 20 is the same column whatever else ran).
+_COLUMN_OPTIONS = frozenset({"ks", "shots"})
+_DATASET_SETTINGS = ("image_size", "train_split", "test_split", "num_classes", "class_names")
+
+
+def _canonical(value: object) -> str:
+    """A setting's value as compact, key-sorted JSON: equal settings give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_settings(content: Mapping[str, Any]) -> dict[str, str]:
+    """The settings of one ``results.json`` (either shape) that the seeds averaged into one report
+    row must share: JSON path → canonical JSON value (see the module docstring)."""
+    settings: dict[str, str] = {}
+
+    def put(path: str, value: object) -> None:
+        if value is not None and value != "":
+            settings[path] = _canonical(value)
+
+    model = content.get("model") if isinstance(content.get("model"), Mapping) else {}
+    for key in ("small_stem", "global_step", "pretrain_labels"):
+        put(f"model.{key}", model.get(key))
+    pretraining = model.get("pretraining")
+    if isinstance(pretraining, Mapping):
+        for key, value in pretraining.items():
+            if key not in _PER_RUN_KEYS:
+                put(f"model.pretraining.{key}", value)
+    labels = content.get("labels")
+    if isinstance(labels, Mapping):
+        for key in ("evaluation", "evaluation_grouping"):
+            put(f"labels.{key}", labels.get(key))
+        # Duplicates of the pre-training record: compared only when the model has no record.
+        for key, recorded in (("pretraining", "labels"), ("pretraining_dataset", "dataset")):
+            if f"model.pretraining.{recorded}" not in settings:
+                put(f"labels.{key}", labels.get(key))
+    else:
+        put("labels", labels)  # the compact shape: the full grouping path, not its stem
+    dataset = content.get("dataset")
+    if isinstance(dataset, Mapping):
+        for key in _DATASET_SETTINGS:
+            put(f"dataset.{key}", dataset.get(key))
+    recorded_settings = content.get("protocol_settings")
+    if isinstance(recorded_settings, Mapping):
+        for protocol, options in recorded_settings.items():
+            if isinstance(options, Mapping):
+                for key, value in options.items():
+                    if key not in _COLUMN_OPTIONS:
+                        put(f"protocol_settings.{protocol}.{key}", value)
+    else:
+        recorded_settings = {}
+    protocols = content.get("protocols")
+    if isinstance(protocols, Mapping):
+        for protocol, keys in _PROTOCOL_RESULT_SETTINGS.items():
+            if protocol in recorded_settings:  # the options are compared there already
+                keys = tuple(key for key in keys if key in _DATA_SIZE_KEYS)
+            for path, node in _protocol_nodes(protocols.get(protocol), f"protocols.{protocol}"):
+                for key in keys:
+                    put(f"{path}.{key}", node.get(key))
+    return settings
+
+
+def _protocol_nodes(node: object, path: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """A protocol's result object and its entries (``"settings"``/``"results"`` lists or nested
+    objects such as the compact ``{"5way1shot": {...}}``), each with its path."""
+    if not isinstance(node, Mapping):
+        return []
+    found: list[tuple[str, Mapping[str, Any]]] = [(path, node)]
+    for key, child in node.items():
+        if isinstance(child, Mapping):
+            found += _protocol_nodes(child, f"{path}.{key}")
+        elif key in _LIST_KEYS and isinstance(child, list):
+            for index, entry in enumerate(child):
+                if isinstance(entry, Mapping):
+                    found += _protocol_nodes(entry, f"{path}.{_entry_name(entry, index)}")
+    return found
+
+
+def setting_protocol(setting: str) -> str | None:
+    """The protocol a setting of :func:`run_settings` belongs to (``"knn"`` for
+    ``"protocol_settings.knn.temperature"``), ``None`` for one that concerns every protocol."""
+    parts = setting.split(".")
+    if parts[0] in ("protocol_settings", "protocols") and len(parts) > 2:
+        return parts[1]
+    return None
+
+
+def fewshot_episodes(protocols: Mapping[str, Any]) -> dict[str, int]:
+    """``{"fewshot/5way1shot": 600}``: the episodes of every few-shot entry that records them."""
+    return {
+        path.replace("protocols.", "", 1).replace(".", "/"): int(node["episodes"])
+        for path, node in _protocol_nodes(protocols.get("fewshot"), "protocols.fewshot")[1:]
+        if is_number(node.get("episodes"))
     }
 
 
@@ -414,12 +559,18 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         seed=model["seed"],
         dataset=str(dataset or "unknown"),
         labels=_short_labels(labels),
-        metrics={key: value * scale for key, value in metrics.items()},
-        headline=tuple(headline),
+        # Sorted so that a name given twice (mean and mean_accuracy) keeps the evaluation's own.
+        metrics={
+            _canonical_metric(key): metrics[key] * scale
+            for key in sorted(metrics, key=lambda k: k != _canonical_metric(k), reverse=True)
+        },
+        headline=tuple(dict.fromkeys(_canonical_metric(path) for path in headline)),
         multimodality=multimodality_summary(content.get("multimodality")),
         model=model,
         class_names=class_names,
         feature_caches=caches,
         dataset_root=dataset_root,
         knn_k_effective=knn_k_effective(protocols if isinstance(protocols, Mapping) else {}),
+        settings=run_settings(content),
+        fewshot_episodes=fewshot_episodes(protocols if isinstance(protocols, Mapping) else {}),
     )
