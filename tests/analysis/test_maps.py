@@ -9,8 +9,8 @@ import pytest
 
 from look.analysis.maps import (
     fine_class_colours,
-    plot_embedding_maps,
     metric_bars_figure,
+    plot_embedding_maps,
     plot_metric_bars,
     select_map_rows,
     tsne_embedding,

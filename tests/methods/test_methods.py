@@ -355,6 +355,36 @@ def test_look_with_k_1_warns_that_it_learns_nothing(no_positive: str) -> None:
     assert out.metrics["dropped_frac"].item() < 1.0
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"memory_update": "ema_encoder", "memory_momentum": 0.9}, "memory_momentum=0.9"),
+        ({"encoder_momentum": 0.999}, "encoder_momentum=0.999"),
+        ({"queue_size": 64}, "queue_size=64 (memory=bank is no queue)"),
+        ({"k": None, "no_positive": "nearest"}, "no_positive='nearest'"),
+    ],
+)
+def test_look_options_that_have_no_effect_here_are_named(
+    options: dict[str, object], named: str
+) -> None:
+    with pytest.warns(UserWarning, match="no effect here") as caught:
+        build_method({**METHOD_CFGS["look"], **options}, TinyBackbone(), 12, CTX)
+    assert any(named in str(w.message) for w in caught)
+
+
+def test_look_options_that_take_effect_warn_about_nothing() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in (
+            {"memory_update": "ema_encoder", "encoder_momentum": 0.999},
+            {"memory": "queue", "queue_size": 64},
+            {"memory_momentum": 0.9},
+        ):
+            build_method({**METHOD_CFGS["look"], **options}, TinyBackbone(), 12, CTX)
+
+
 def test_the_int8_search_prefilter_builds_a_bank_with_an_int8_copy() -> None:
     cfg = {"name": "look", "k": 5, "memory_dtype": "bfloat16", "search_prefilter": "int8"}
     method = build_method({**cfg, **SMALL_HEAD}, TinyBackbone(), 12, CTX)

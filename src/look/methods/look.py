@@ -120,6 +120,31 @@ class LOOKOptions(HeadOptions):
             "memory_init=warmup needs memory=bank (a queue fills itself within a few steps)",
         )
 
+    def unused_settings(self) -> list[str]:
+        """Options changed from their default that this combination ignores (e.g. a queue size
+        with a bank): silently accepted, they would suggest an ablation that never ran."""
+        defaults = LOOKOptions()
+        ignored = {
+            "memory_momentum": (
+                self.memory_update == "ema_encoder",
+                "memory_update=ema_encoder writes the EMA encoder's embedding as it is",
+            ),
+            "encoder_momentum": (
+                self.memory_update != "ema_encoder",
+                "only memory_update=ema_encoder has an EMA encoder",
+            ),
+            "queue_size": (self.memory != "queue", f"memory={self.memory} is no queue"),
+            "no_positive": (
+                self.k is None,
+                "with k: null (NCA) every same-class row is a neighbour already",
+            ),
+        }
+        return [
+            f"{name}={getattr(self, name)!r} ({why})"
+            for name, (applies, why) in ignored.items()
+            if applies and getattr(self, name) != getattr(defaults, name)
+        ]
+
 
 # Above this many rows a CUDA bank that the fused search cannot serve is worth a warning: the
 # chunked scan costs 4-10x the fused search at 1.28M-14M rows (docs/results.md).
@@ -169,6 +194,13 @@ class LOOK(Method):
                 "so 1 again), so the loss and its gradient are always 0. Use k >= 2"
                 + (f" (k_fraction={options.k_fraction} gave k=1)" if options.k_fraction else ""),
                 RuntimeWarning,
+                stacklevel=2,
+            )
+        unused = options.unused_settings()
+        if unused:
+            warnings.warn(
+                "LOOK options set to a value that has no effect here: " + "; ".join(unused),
+                UserWarning,
                 stacklevel=2,
             )
         memory_momentum = options.memory_momentum if options.memory_update == "momentum" else 0.0
