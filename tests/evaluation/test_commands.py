@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from look.evaluation.commands import register, run
+from look.evaluation.commands import _print_summary, register, run
+from look.evaluation.fewshot import FewShotEpisodesWarning
+from look.evaluation.linear_probe import LinearProbeConvergenceWarning
 from tests.evaluation.conftest import SYNTHETIC_SPEC
 
 
@@ -108,7 +110,8 @@ def test_run_writes_results_and_prints_a_summary(
             str(tmp_path / "out"),
         ]
     )
-    assert run(args) == 0
+    with pytest.warns(FewShotEpisodesWarning, match="10 episodes.*600"):
+        assert run(args) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(report["protocols"]) == {"linear", "knn", "fewshot"}
     assert report["labels"]["evaluation"] == "coarse" and report["dataset"]["num_classes"] == 2
@@ -118,6 +121,11 @@ def test_run_writes_results_and_prints_a_summary(
     assert list((tmp_path / "cache").glob("*.pt")), "features were cached"
     printed = capsys.readouterr().out
     assert "results.json" in printed and "knn k=3" in printed and "2-way 1-shot" in printed
+    assert "(10 episodes, below the protocol's 600)" in printed
+    linear = report["protocols"]["linear"]
+    assert linear["selection_metric"] in ("top1", "mean_per_class_accuracy")
+    assert isinstance(linear["imbalanced"], bool) and linear["class_count_ratio"] >= 1.0
+    assert report["protocols"]["fewshot"]["episodes_below_spec"] is True
 
 
 def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
@@ -160,3 +168,39 @@ def test_summary_says_when_knn_k_was_clipped_to_the_train_set(
     ]
     assert "whole train set" not in lines[0]
     assert f"(k={train_size}: the whole train set)" in lines[1]
+
+
+def test_summary_says_when_the_linear_probe_did_not_converge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", SYNTHETIC_SPEC, "--protocol",
+        "linear", "--linear-c-grid", "0.1,1", "--linear-max-iter", "1", "--device", "cpu",
+        "--no-cache", "--no-progress", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with pytest.warns(LinearProbeConvergenceWarning, match=r"C=\S+ stopped on max_iter after 1"):
+        assert run(build_parser().parse_args(argv)) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "linear" in line]
+    assert "NOT CONVERGED: refit stopped on max_iter after 1 iterations, 2/2 grid fits" in line
+    linear = json.loads((tmp_path / "out" / "results.json").read_text())["protocols"]["linear"]
+    assert linear["refit_converged"] is False and linear["warnings"]
+
+
+def test_summary_notes_on_linear_choices_and_older_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    linear = {"top1": 80.0, "mean_per_class_accuracy": 70.0, "best_c": 100.0}
+    _print_summary({"protocols": {"linear": linear}}, tmp_path)  # a file from before the notes
+    assert capsys.readouterr().out.splitlines()[1].endswith("(C=100)")
+    linear |= {
+        "selection_metric": "mean_per_class_accuracy",
+        "class_count_ratio": 20.0,
+        "c_at_grid_edge": "largest",
+        "refit_converged": True,
+        "grid_fits_not_converged": 1,
+        "validation_curve": [{"c": 1.0}, {"c": 100.0}],
+    }
+    _print_summary({"protocols": {"linear": linear}}, tmp_path)
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "chosen on mean/class: imbalanced train set, class counts 20.0:1" in line
+    assert "the largest C of the grid" in line and "1/2 grid fits did not converge" in line

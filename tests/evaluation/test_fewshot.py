@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from look.evaluation import (
     fewshot_episode_accuracies,
     fewshot_evaluate,
 )
+from look.evaluation.fewshot import SPEC_MIN_EPISODES, FewShotEpisodesWarning
 
 
 def clustered_features(
@@ -35,7 +38,11 @@ def test_trivially_separable_features_give_perfect_accuracy() -> None:
     labels = torch.arange(6).repeat_interleave(20)
     features = torch.eye(6)[labels] * 3.0  # every class on its own axis
     result = fewshot_evaluate(
-        features, labels, options=FewShotOptions(n_way=5, shots=(1, 5), queries=10, episodes=40)
+        features,
+        labels,
+        options=FewShotOptions(
+            n_way=5, shots=(1, 5), queries=10, episodes=40, warn_few_episodes=False
+        ),
     )
     for setting in result["settings"]:
         assert setting["mean_accuracy"] == 100.0 and setting["ci95"] == 0.0
@@ -81,3 +88,27 @@ def test_bad_options_are_refused() -> None:
     ):
         with pytest.raises(ValueError, match="few-shot"):
             fewshot_evaluate(features, labels, options=options)
+
+
+def test_fewer_episodes_than_the_protocol_warn_once_and_are_recorded() -> None:
+    features, labels = clustered_features(6, 20, noise=0.5)
+    options = FewShotOptions(n_way=3, shots=(1, 5), queries=5, episodes=50)
+    with pytest.warns(FewShotEpisodesWarning) as caught:
+        result = fewshot_evaluate(features, labels, options=options)
+    few = [w for w in caught if w.category is FewShotEpisodesWarning]
+    assert len(few) == 1, "one warning per evaluation, not one per shot setting"
+    assert "50 episodes" in str(few[0].message) and "600" in str(few[0].message)
+    assert result["episodes_below_spec"] is True and result["spec_min_episodes"] == 600
+    # Suppressible for a deliberate smoke run; the result still says so.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewShotEpisodesWarning)
+        quiet = fewshot_evaluate(
+            features, labels, options=dataclasses.replace(options, warn_few_episodes=False)
+        )
+        full = fewshot_evaluate(
+            features,
+            labels,
+            options=FewShotOptions(n_way=3, shots=(1,), queries=5, episodes=SPEC_MIN_EPISODES),
+        )
+    assert quiet["episodes_below_spec"] is True
+    assert full["episodes_below_spec"] is False and SPEC_MIN_EPISODES == 600

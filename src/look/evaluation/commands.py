@@ -31,7 +31,8 @@ dataset SPEC: {DATASET_SPEC_HELP}
 
 protocols (--protocol, repeatable or comma-separated; default all):
   linear    multinomial logistic regression (L-BFGS) on standardised frozen features,
-            C chosen on a stratified validation split of train, refit on all of train
+            C chosen on a stratified validation split of train (on mean per-class accuracy
+            when the training classes are imbalanced), refit on all of train
   knn       weighted kNN on L2-normalised frozen features (cosine, exp(sim/T) votes)
   finetune  whole network + new linear classifier, SGD momentum 0.9, cosine schedule
   fewshot   N-way K-shot episodes on frozen test features, nearest centroid (cosine),
@@ -225,8 +226,32 @@ def register(subparsers: Any) -> None:
         "--fewshot-episodes",
         type=int,
         default=FewShotOptions.episodes,
-        help="episodes per setting (default: 600)",
+        help="episodes per setting (default: 600, the protocol's minimum; fewer warn)",
     )
+
+
+def _linear_notes(r: dict[str, Any]) -> str:
+    """What a reader of the linear line must know before trusting it: how C was chosen on an
+    imbalanced set, a C at the grid's end, fits that ran out of iterations (.get: older files)."""
+    notes = []
+    if r.get("selection_metric") == "mean_per_class_accuracy":
+        notes.append(
+            f"chosen on mean/class: imbalanced train set, class counts "
+            f"{r.get('class_count_ratio', float('nan')):.1f}:1"
+        )
+    if r.get("c_at_grid_edge"):
+        notes.append(f"the {r['c_at_grid_edge']} C of the grid: widen --linear-c-grid")
+    curve = r.get("validation_curve") or []
+    failed = r.get("grid_fits_not_converged", 0)
+    if r.get("refit_converged") is False:
+        grid = f", {failed}/{len(curve)} grid fits too" if curve else ""
+        notes.append(
+            f"NOT CONVERGED: refit stopped on {r.get('refit_stop_reason', 'max_iter')} after "
+            f"{r.get('refit_iterations')} iterations{grid}; raise --linear-max-iter"
+        )
+    elif failed:
+        notes.append(f"{failed}/{len(curve)} grid fits did not converge; raise --linear-max-iter")
+    return "".join(f"; {note}" for note in notes)
 
 
 def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
@@ -236,7 +261,7 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
         r = protocols["linear"]
         lines.append(
             f"  linear    top1 {r['top1']:6.2f}  mean/class {r['mean_per_class_accuracy']:6.2f}"
-            f"  (C={r['best_c']:g})"
+            f"  (C={r['best_c']:g}{_linear_notes(r)})"
         )
     if "knn" in protocols:
         for r in protocols["knn"]["results"]:
@@ -256,10 +281,17 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
             f"  ({r['epochs']} epochs)"
         )
     if "fewshot" in protocols:
-        for r in protocols["fewshot"]["settings"]:
+        fewshot = protocols["fewshot"]
+        for r in fewshot["settings"]:
+            below = (
+                f"  ({r['episodes']} episodes, below the protocol's "
+                f"{fewshot.get('spec_min_episodes')})"
+                if fewshot.get("episodes_below_spec")
+                else ""
+            )
             lines.append(
                 f"  fewshot   {r['n_way']}-way {r['k_shot']}-shot {r['mean_accuracy']:6.2f}"
-                f" ± {r['ci95']:.2f}"
+                f" ± {r['ci95']:.2f}{below}"
             )
     print("\n".join(lines))
 

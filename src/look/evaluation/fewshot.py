@@ -5,11 +5,16 @@ classes, then ``K`` support and ``Q`` query images of each, without replacement.
 L2-normalised; each class prototype is the normalised mean of its support features and a query
 goes to the prototype with the largest cosine similarity. The result is the mean episode
 accuracy ± the 95 % confidence half-width ``1.96 · std / √episodes`` (population std).
+
+The protocol asks for at least :data:`SPEC_MIN_EPISODES` (600) episodes per setting; fewer are run
+when asked (tests, smoke runs), with a :class:`FewShotEpisodesWarning` unless the caller sets
+``FewShotOptions.warn_few_episodes=False``; the result records it either way.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,8 @@ from look.evaluation.metrics import check_labelled_features
 
 __all__ = [
     "FEWSHOT_CLASSIFIER",
+    "SPEC_MIN_EPISODES",
+    "FewShotEpisodesWarning",
     "FewShotOptions",
     "confidence_interval_95",
     "fewshot_episode_accuracies",
@@ -35,16 +42,28 @@ FEWSHOT_CLASSIFIER = (
 )
 # Episodes processed together (bounds memory to chunk × N × (K+Q) × d).
 _EPISODE_CHUNK = 100
+# The transfer protocol's minimum for a reported mean ± 95 % CI (docs/method.md).
+SPEC_MIN_EPISODES = 600
+
+
+class FewShotEpisodesWarning(UserWarning):
+    """Fewer few-shot episodes than the protocol's 600: the 95 % interval is wider than specified."""
 
 
 @dataclass(frozen=True)
 class FewShotOptions:
-    """``n_way`` classes per episode, each of ``shots`` (one setting per value), ``queries`` per class."""
+    """``n_way`` classes per episode, each of ``shots`` (one setting per value), ``queries`` per class.
+
+    ``episodes`` below :data:`SPEC_MIN_EPISODES` are run but warned about once per evaluation;
+    ``warn_few_episodes=False`` silences that warning for a caller that runs fewer on purpose
+    (a smoke run), and the result still records ``episodes_below_spec``.
+    """
 
     n_way: int = 5
     shots: tuple[int, ...] = (1, 5)
     queries: int = 15
-    episodes: int = 600
+    episodes: int = SPEC_MIN_EPISODES
+    warn_few_episodes: bool = True
 
     def validate(self) -> None:
         if self.queries < 1:
@@ -148,6 +167,19 @@ def fewshot_evaluate(
     options = options or FewShotOptions()
     options.validate()
     check_labelled_features(features, labels, "few-shot")
+    below_spec = options.episodes < SPEC_MIN_EPISODES
+    if below_spec and options.warn_few_episodes:
+        # Once per evaluation, not per shot setting; the same text for the same settings lets
+        # Python's default filter show it once per process.
+        warnings.warn(
+            f"few-shot: {options.episodes} episodes per setting, fewer than the {SPEC_MIN_EPISODES} "
+            f"the protocol specifies for its mean ± 95% CI (the interval is about "
+            f"{math.sqrt(SPEC_MIN_EPISODES / options.episodes):.1f}x as wide); raise "
+            "--fewshot-episodes, or pass FewShotOptions(warn_few_episodes=False) for a deliberate "
+            "smoke run",
+            FewShotEpisodesWarning,
+            stacklevel=2,
+        )
     settings = []
     eligible = 0
     for k_shot in options.shots:
@@ -178,5 +210,7 @@ def fewshot_evaluate(
         "split": "test",
         "ci": "1.96 * std / sqrt(episodes), population std over episode accuracies",
         "seed": seed,
+        "spec_min_episodes": SPEC_MIN_EPISODES,
+        "episodes_below_spec": below_spec,
         "settings": settings,
     }
