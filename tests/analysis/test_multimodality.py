@@ -173,3 +173,14 @@ def test_bad_input_is_rejected_with_clear_errors() -> None:
         )
     with pytest.raises(ValueError, match="k must be"):
         multimodality_metrics(features, np.array([0, 0, 1, 1]), k=0)
+
+
+def test_purity_saturates_for_fine_classes_no_larger_than_k_as_documented() -> None:
+    # Three perfectly separated classes of 4 images: each row has only 3 same-label rows, so
+    # with k = 10 its purity is at most (n_f - 1) / k = 0.3, as the docstring states.
+    features = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+    labels = np.repeat([0, 1, 2], 4)
+    assert knn_label_purity(features, labels, k=10) == pytest.approx(3 / 10)
+    assert knn_label_purity(features, labels, k=3) == pytest.approx(1.0)
+    doc = " ".join((knn_label_purity.__doc__ or "").split())
+    assert "(n_f − 1) / k" in doc and "min(k, n_f − 1) / k" in doc

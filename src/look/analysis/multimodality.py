@@ -95,6 +95,12 @@ def knn_label_purity(features: ArrayLike, labels: ArrayLike, *, k: int = DEFAULT
 
     ``k`` is capped at ``N − 1``. Uses :func:`look.search.knn_search` in blocks of queries, so memory
     stays bounded for any ``N``. ``ValueError`` when there are fewer than 2 rows.
+
+    Saturation: a row of a class with ``n_f`` images has at most ``n_f − 1`` same-label
+    neighbours, so its agreement is at most ``min(k, n_f − 1) / k``; a small class (``n_f ≤ k``)
+    reaches at most ``(n_f − 1) / k`` even when perfectly separated, and the purity is at most
+    ``mean_i min(k, n_{y_i} − 1) / k``. Compare sets whose classes have more than ``k`` images, or
+    read the value against that bound.
     """
     k = check_positive_int(k)
     array = _as_numpy_features(features)
