@@ -281,7 +281,8 @@ def run_demo(
 
         # Stage 2: transfer evaluation (frozen features; fine-tuning is left to `look evaluate`).
         stages.set_postfix_str("evaluate")
-        fewshot = FewShotOptions(episodes=plan.fewshot_episodes)
+        # The smoke run's few episodes are deliberate: no warning about the protocol's 600.
+        fewshot = FewShotOptions(episodes=plan.fewshot_episodes, warn_few_episodes=not plan.smoke)
         linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
         result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
         for run in tqdm(runs, desc="evaluate", position=1, leave=False):

@@ -337,7 +337,13 @@ def _with_settings(content: dict[str, Any]) -> dict[str, Any]:
     content["dataset"]["image_size"] = 28
     content["protocol_settings"] = {
         "knn": {"ks": [20, 200], "temperature": 0.07},
-        "fewshot": {"n_way": 5, "shots": [1, 5], "queries": 15, "episodes": 100},
+        "fewshot": {
+            "n_way": 5,
+            "shots": [1, 5],
+            "queries": 15,
+            "episodes": 100,
+            "warn_few_episodes": True,
+        },
     }
     return content
 
@@ -406,6 +412,10 @@ def test_what_differs_between_seeds_by_design_is_no_setting(tmp_path: Path) -> N
         content["timings_s"] = {"linear": 12.5}
         content["created"] = "2030-01-01T00:00:00+00:00"
         content["protocols"]["fewshot"]["seed"] = 3
+        # Whether a short run warned about its episodes is a message, not a setting.
+        content.setdefault("protocol_settings", {}).setdefault("fewshot", {})[
+            "warn_few_episodes"
+        ] = False
 
     _run_pair(tmp_path, another_seed)
     mixed, markdown, report = _report_warnings(tmp_path)

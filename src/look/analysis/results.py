@@ -364,8 +364,9 @@ _PROTOCOL_RESULT_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 # Sizes of the evaluation data: compared even where "protocol_settings" records the options.
 _DATA_SIZE_KEYS = ("num_train", "num_test")
-# Options that only decide which columns exist (k = 20 is the same column whatever else ran).
-_COLUMN_OPTIONS = frozenset({"ks", "shots"})
+# Options that only decide which columns exist (k = 20 is the same column whatever else ran),
+# or only whether a message is printed.
+_COLUMN_OPTIONS = frozenset({"ks", "shots", "warn_few_episodes"})
 _DATASET_SETTINGS = ("image_size", "train_split", "test_split", "num_classes", "class_names")
 
 
