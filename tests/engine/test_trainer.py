@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,25 @@ def test_resume_may_change_the_search_backend_and_chunk_size(tmp_path: Path) -> 
     assert result.global_step == 4
 
 
+@pytest.mark.parametrize(("first", "then"), [("bank", "sharded_bank"), ("sharded_bank", "bank")])
+def test_resume_may_swap_a_bank_for_a_sharded_one(tmp_path: Path, first: str, then: str) -> None:
+    """A sharded bank is the same bank spread over the ranks (its checkpoint holds the whole
+    bank): a run may move to it when it grows past one GPU's memory, or back, and the curve goes
+    on as if it had never changed (up to float rounding)."""
+    whole = train_losses_of(pretrain(tiny_config(f"method.memory={first}"), tmp_path / "whole"))
+    pretrain(tiny_config(f"method.memory={first}", "train.max_steps=5"), tmp_path / "swap")
+    swapped = train_losses_of(pretrain(tiny_config(f"method.memory={then}"), tmp_path / "swap"))
+    # The two memories compute the loss along different paths: equal up to float rounding.
+    assert swapped.keys() == whole.keys()
+    assert swapped == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"method\.memory"):  # a queue is another memory
+        pretrain(tiny_config("method.memory=queue", "method.queue_size=32"), tmp_path / "swap")
+
+
+def train_losses_of(result: Any) -> dict[int, float]:
+    return train_losses(result.output_dir)
+
+
 def test_batch_larger_than_dataset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="larger than the training set"):
         pretrain(tiny_config("optim.batch_size=128"), tmp_path / "run")
@@ -389,3 +409,26 @@ def test_a_logged_step_is_written_after_the_next_steps_host_read(
     ]
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6, 7]
     assert all(r["lr"] > 0 and "saturated_frac" in r for r in rows if r["split"] == "train")
+
+
+def test_steps_whose_loss_counts_no_item_are_counted_and_reported(tmp_path: Path) -> None:
+    """Every class holds one image: LOOK never finds a neighbour of the query's class, so the
+    loss is exactly 0 with no gradient. That must not pass silently for a converged run."""
+    config = tiny_config(
+        "data.synthetic_num_samples=32", "data.synthetic_num_classes=32", "method.k=3"
+    )
+    with pytest.warns(RuntimeWarning, match=r"epoch 0: 2 of 2 steps had no item the loss"):
+        pretrain(config, tmp_path / "run")
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    epochs = [r for r in rows if r.get("split") == "epoch"]
+    assert [r["steps_without_items"] for r in epochs] == [2, 2]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_without_items"] == 4
+
+    # An ordinary run: only its first step, on a memory nothing was written to yet, may count.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pretrain(tiny_config(), tmp_path / "ordinary")
+    summary = json.loads((tmp_path / "ordinary" / "summary.json").read_text())
+    assert summary["steps_without_items"] <= 1

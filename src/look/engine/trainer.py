@@ -75,6 +75,12 @@ _RESUME_MAY_DIFFER = {
     ("optim", "grad_accum_steps"),
 }
 
+# Settings whose values may be swapped on resume within one group: a sharded bank is the same
+# bank spread over the ranks, and its checkpoint holds the whole bank under a bank's keys.
+_RESUME_INTERCHANGEABLE: dict[tuple[str, str], frozenset[Any]] = {
+    ("method", "memory"): frozenset({"bank", "sharded_bank"}),
+}
+
 # Where the training data is read from: may change on resume when the data itself is the same
 # (checked by its identity, :func:`look.data.training_data_identity`).
 _DATA_LOCATION = frozenset({("data", "root"), ("data", "labels")})
@@ -144,6 +150,9 @@ def _config_differences(
             for key in sorted(set(old) | set(new)):
                 if (section, key) in _RESUME_MAY_DIFFER or (section, key) in may_differ:
                     continue
+                group = _RESUME_INTERCHANGEABLE.get((section, key), frozenset())
+                if {old.get(key), new.get(key)} <= group:
+                    continue
                 if old.get(key) != new.get(key):
                     diffs.append(
                         f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}"
@@ -154,11 +163,19 @@ def _config_differences(
 
 
 def step_flags(out: StepOutput) -> torch.Tensor:
-    """``[loss is non-finite, search was inexact]`` of a step's output, as a float tensor on
-    its device (summed over micro-batches and ranks, then read once)."""
+    """``[loss is non-finite, search was inexact, valid items]`` of a step's output, as a float
+    tensor on its device (summed over micro-batches and ranks, then read once). The first two
+    veto the step; the third is 0 only when every item of the step was left out of the loss
+    (LOOK without a neighbour of the query's class: loss 0, no gradient), and is 1 for a loss
+    that does not count its items."""
     non_finite = torch.isfinite(out.loss.detach()).logical_not().float()
     inexact = torch.zeros_like(non_finite) if out.inexact is None else out.inexact.float()
-    return torch.stack([non_finite, inexact])
+    items = (
+        torch.ones_like(non_finite)
+        if out.anchors is None
+        else out.anchors.count.to(non_finite.device, non_finite.dtype)
+    )
+    return torch.stack([non_finite, inexact, items])
 
 
 def write_memory_if_step_stands(method: Method, flag_totals: torch.Tensor) -> None:
@@ -170,7 +187,7 @@ def write_memory_if_step_stands(method: Method, flag_totals: torch.Tensor) -> No
     a step that is then skipped or redone has written nothing. A method with nothing queued
     (CE) costs nothing."""
     if method.has_pending_memory_writes:
-        method.write_pending_memory(enabled=flag_totals.sum() == 0)
+        method.write_pending_memory(enabled=flag_totals[:2].sum() == 0)
 
 
 # Buffers a training forward pass changes in place: normalisation layers' running statistics.
@@ -340,6 +357,9 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.inexact_steps_redone = 0  # this session's steps recomputed with the exact search
+        # Steps whose loss counted no item (all of LOOK's queries dropped): reported per epoch.
+        self.steps_without_items = 0
+        self.epoch_steps_without_items = 0
         self.logger: MetricsLogger | None = None
         self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
@@ -355,6 +375,8 @@ class Trainer:
             "rng": capture_rng_state(),
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "steps_without_items": self.steps_without_items,
+            "epoch_steps_without_items": self.epoch_steps_without_items,
             "epoch": self.global_step // self.steps_per_epoch,
             "step_in_epoch": self.global_step % self.steps_per_epoch,
             "global_batch_size": self.global_batch,
@@ -396,7 +418,7 @@ class Trainer:
         self.running_statistics.save()
         started = time.perf_counter()
         try:
-            metrics, _, _ = self._forward_backward(0, batch)
+            metrics, *_ = self._forward_backward(0, batch)
             loss = float(metrics["loss"])
         finally:
             self.optimizer.zero_grad(set_to_none=True)
@@ -557,6 +579,8 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.steps_without_items = int(state.get("steps_without_items", 0))
+        self.epoch_steps_without_items = int(state.get("epoch_steps_without_items", 0))
         if is_main_process():
             print(f"look: resuming {self.output_dir} from {path.name} (step {self.global_step})")
         return True
@@ -684,12 +708,13 @@ class Trainer:
 
     def _forward_backward(
         self, epoch: int, batch: Batch
-    ) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    ) -> tuple[dict[str, torch.Tensor], bool, bool, bool]:
         """Forward and backward of every micro-batch (gradients summed), then one host read,
-        agreed over ranks so that every rank acts alike, of whether any loss was non-finite and
-        whether any step was inexact. Read after the backward is queued, the wait keeps the GPU
-        busy instead of leaving it idle while the host launches the backward's first, small
-        kernels. Returns the metrics, averaged over the micro-batches, and the two flags.
+        agreed over ranks so that every rank acts alike, of whether any loss was non-finite,
+        whether any step was inexact and whether the losses counted no item at all. Read after
+        the backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
+        host launches the backward's first, small kernels. Returns the metrics, averaged over
+        the micro-batches, and the three flags.
 
         Micro-batches' losses that report their :class:`StepOutput.anchors` are weighted by
         them: the step's gradient and logged loss are those of the mean over all of its valid
@@ -741,18 +766,18 @@ class Trainer:
         with self._step_errors("writing the memory", step=self.global_step + 1):
             write_memory_if_step_stands(self.method, flag_totals)
         totals = flag_totals.tolist()
-        return metrics, totals[0] > 0, totals[1] > 0
+        return metrics, totals[0] > 0, totals[1] > 0, totals[2] == 0
 
     def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
         batch = batch.to(self.device, channels_last=self.channels_last)
         self.running_statistics.save()
-        metrics, non_finite, inexact = self._forward_backward(epoch, batch)
+        metrics, non_finite, inexact, without_items = self._forward_backward(epoch, batch)
         if inexact:
             # Rare: LOOK's fused search overflowed (many near-identical memory rows). The step is
             # recomputed with the exact search on every rank (its gradients replace these).
             self.running_statistics.restore()
             with self.method.exact_redo():
-                metrics, non_finite, _ = self._forward_backward(epoch, batch)
+                metrics, non_finite, _, without_items = self._forward_backward(epoch, batch)
             self.inexact_steps_redone += 1
         if non_finite:
             message = (
@@ -776,6 +801,9 @@ class Trainer:
             self.skipped_steps += 1
             return None
         self.consecutive_skips = 0
+        if without_items:
+            self.steps_without_items += 1
+            self.epoch_steps_without_items += 1
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -785,6 +813,21 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return metrics
+
+    def _warn_about_steps_without_items(self, epoch: int) -> None:
+        """Say when many of an epoch's steps learnt nothing because their loss counted no item:
+        a loss of exactly 0 must not pass for a converged run. (A memory that starts unwritten
+        empties the first step: one step alone is not reported.)"""
+        empty, self.epoch_steps_without_items = self.epoch_steps_without_items, 0
+        if empty > 1 and empty >= 0.1 * self.steps_per_epoch and is_main_process():
+            warnings.warn(
+                f"epoch {epoch}: {empty} of {self.steps_per_epoch} steps had no item the loss "
+                "could use (for LOOK: no query had a neighbour of its own class among its k), "
+                "so they trained on a loss of 0 with no gradient. Raise method.k, use "
+                "method.no_positive=nearest, or check the labels (classes of one image each?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _finish_step(self, *, skipped: bool) -> None:
         """The method's momentum updates (and any memory write still queued) after the optimizer
@@ -874,8 +917,15 @@ class Trainer:
                 seconds = time.perf_counter() - epoch_start
                 epoch_seconds.append(seconds)
                 self.logger.log(
-                    self.global_step, {"epoch": epoch, "epoch_seconds": seconds}, split="epoch"
+                    self.global_step,
+                    {
+                        "epoch": epoch,
+                        "epoch_seconds": seconds,
+                        "steps_without_items": self.epoch_steps_without_items,
+                    },
+                    split="epoch",
                 )
+                self._warn_about_steps_without_items(epoch)
                 monitor_start = time.perf_counter()
                 self._measure_transfer(epochs_trained=epoch + 1)
                 window_start += time.perf_counter() - monitor_start  # not training time
@@ -916,6 +966,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "epoch_seconds_this_session": epoch_seconds,
                 "skipped_steps": self.skipped_steps,
+                "steps_without_items": self.steps_without_items,
                 "inexact_steps_redone_this_session": self.inexact_steps_redone,
                 "world_size": get_world_size(),
                 "device": str(self.device),
