@@ -383,3 +383,29 @@ def test_messages_say_what_evaluate_can_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--labels path/to/grouping\.json") as e:
         evaluate(ModelSource(timm="look_cnn_small"), "digits", "knn", labels="coarse", **common)
     assert "--set" not in str(e.value)
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_protocol_warnings_come_from_the_main_process_only(
+    pretrained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, main_process: bool
+) -> None:
+    """Under torchrun every rank runs the protocols on the same features: one warning, not one
+    per rank."""
+    import warnings
+
+    import look.evaluation.suite as suite
+    from look.evaluation.fewshot import FewShotEpisodesWarning
+
+    monkeypatch.setattr(suite, "is_main_process", lambda: main_process)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(
+            pretrained_run,
+            SYNTHETIC_SPEC,
+            "fewshot",
+            output_dir=tmp_path / "out",
+            cache_dir=None,
+            **FAST,  # 20 episodes: fewer than the protocol's 600
+        )
+    episodes = [w for w in caught if issubclass(w.category, FewShotEpisodesWarning)]
+    assert len(episodes) == (1 if main_process else 0)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -554,21 +555,24 @@ def evaluate(
     for position, name in enumerate(order):
         protocol_started = time.perf_counter()
         try:
-            results[name] = _run_protocol(
-                name,
-                split_data=split_data,
-                options=options,
-                seed=seed,
-                device=torch_device,
-                num_classes=num_classes,
-                loaded=loaded,
-                spec=spec,
-                labels=labels,
-                num_workers=num_workers,
-                batch_size=batch_size,
-                autocast_dtype=autocast_dtype,
-                progress=progress,
-            )
+            with warnings.catch_warnings():
+                if not is_main_process():  # every rank computes the same results: warn once
+                    warnings.simplefilter("ignore")
+                results[name] = _run_protocol(
+                    name,
+                    split_data=split_data,
+                    options=options,
+                    seed=seed,
+                    device=torch_device,
+                    num_classes=num_classes,
+                    loaded=loaded,
+                    spec=spec,
+                    labels=labels,
+                    num_workers=num_workers,
+                    batch_size=batch_size,
+                    autocast_dtype=autocast_dtype,
+                    progress=progress,
+                )
         except BaseException as error:  # KeyboardInterrupt too: keep what finished
             if results:
                 write_report(pending=order[position:], failed=(name, error))
