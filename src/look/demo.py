@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -285,6 +286,7 @@ def run_demo(
         fewshot = FewShotOptions(episodes=plan.fewshot_episodes, warn_few_episodes=not plan.smoke)
         linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
         result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
+        notes: dict[str, None] = {}  # the evaluations' warnings, in order, without repeats
         for run in tqdm(runs, desc="evaluate", position=1, leave=False):
             slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
             out = output_dir / "eval" / run.scenario / f"{slug}_s{run.seed}"
@@ -295,20 +297,25 @@ def run_demo(
                     else ModelSource(timm=plan.backbone)
                 )
                 t0 = time.perf_counter()
-                evaluate(
-                    source,
-                    _eval_dataset(plan, run.scenario),
-                    ("linear", "knn", "fewshot"),
-                    labels="fine",
-                    output_dir=out,
-                    image_size=28,
-                    device=device,
-                    cache_dir=output_dir / "cache",
-                    seed=run.seed,
-                    progress=False,
-                    fewshot_options=fewshot,
-                    linear_options=linear,
-                )
+                # Printed after the stage bars, not through them (and once each).
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    evaluate(
+                        source,
+                        _eval_dataset(plan, run.scenario),
+                        ("linear", "knn", "fewshot"),
+                        labels="fine",
+                        output_dir=out,
+                        image_size=28,
+                        device=device,
+                        cache_dir=output_dir / "cache",
+                        seed=run.seed,
+                        progress=False,
+                        fewshot_options=fewshot,
+                        linear_options=linear,
+                    )
+                for warning in caught:
+                    notes.setdefault(f"{run.name}, seed {run.seed}: {warning.message}", None)
                 timings[f"evaluate/{run.scenario}/{slug}_s{run.seed}"] = time.perf_counter() - t0
             _label_results(out / "results.json", run)
             result_files[run.scenario].append(out / "results.json")
@@ -331,6 +338,8 @@ def run_demo(
         timings["analyze"] = time.perf_counter() - t0
         stages.update(1)
 
+    for note in notes:
+        log(f"look demo: note: {note}")
     report = write_report(
         [
             *result_files[SCENARIO_COARSE],
