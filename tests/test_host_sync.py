@@ -83,7 +83,9 @@ def accelerator_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 def _look_method(memory: str, k: int | None, rows: int = 300) -> Any:
     torch.manual_seed(0)
     backbone, feature_dim = create_backbone("look_cnn_small")
-    options = {"name": "look", "k": k, "temperature": 0.1, "memory": memory, "queue_size": 128}
+    options = {"name": "look", "k": k, "temperature": 0.1, "memory": memory}
+    if memory == "queue":
+        options["queue_size"] = 128
     ctx = MethodContext(num_classes=5, num_samples=rows)
     return build_method(options, backbone, feature_dim, ctx).train()
 

@@ -157,7 +157,7 @@ def test_look_memory_variants(update: str, memory: str, tmp_path: Path) -> None:
         "k": 5,
         "memory": memory,
         "memory_update": update,
-        "queue_size": 32,
+        **({"queue_size": 32} if memory == "queue" else {}),
         **SMALL_HEAD,
     }
     torch.manual_seed(0)
