@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from look.data import DataSpec
 from look.evaluation import FinetuneOptions, default_finetune_recipe, finetune, state_fingerprint
@@ -57,3 +60,70 @@ def test_bad_options_are_refused() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             finetune(backbone, dim, SPEC, options=options, progress=False)
+
+
+def test_a_killed_finetuning_resumes_from_its_last_epoch_with_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    # (look.evaluation.finetune, the attribute, is the function: import the module by name.)
+    finetune_module = importlib.import_module("look.evaluation.finetune")
+
+    options = FinetuneOptions(epochs=3, batch_size=16, lr=0.05)
+
+    def run(backbone: torch.nn.Module, checkpoint_dir: Path | None) -> dict:
+        return finetune(
+            backbone, dim, SPEC, options=options, progress=False, checkpoint_dir=checkpoint_dir
+        )
+
+    torch.manual_seed(0)
+    backbone, dim = create_backbone("look_cnn_small")
+    whole = run(backbone, None)
+
+    saved_epochs: list[int] = []
+    original_save = finetune_module.save_checkpoint
+
+    def save_then_die(directory: Path, step: int, state: dict, **kwargs: object) -> Path:
+        path = original_save(directory, step, state, **kwargs)
+        saved_epochs.append(step)
+        if step == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+        return path
+
+    monkeypatch.setattr(finetune_module, "save_checkpoint", save_then_die)
+    checkpoints = tmp_path / "finetune_checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        run(backbone, checkpoints)
+    assert sorted(p.name for p in checkpoints.glob("ckpt-*.pt")) == ["ckpt-000000001.pt"]
+
+    torch.manual_seed(123)  # the global generator as a fresh process might leave it
+    resumed = run(backbone, checkpoints)
+    assert saved_epochs == [1, 2, 3], "the re-run trained epochs 2 and 3 only"
+    assert resumed["final_epoch_train_loss"] == whole["final_epoch_train_loss"]
+    assert (resumed["top1"], resumed["mean_per_class_accuracy"]) == (
+        whole["top1"],
+        whole["mean_per_class_accuracy"],
+    )
+    assert not checkpoints.exists(), "a finished fine-tuning leaves no checkpoint behind"
+
+
+def test_a_checkpoint_of_another_model_is_set_aside(tmp_path: Path) -> None:
+    options = FinetuneOptions(epochs=1, batch_size=16, lr=0.05)
+    checkpoints = tmp_path / "finetune_checkpoints"
+    torch.manual_seed(0)
+    first, dim = create_backbone("look_cnn_small")
+    second, _ = create_backbone("look_cnn_small")
+    fresh = finetune(second, dim, SPEC, options=options, progress=False)
+
+    from look.engine.checkpoint import save_checkpoint
+
+    # A stale checkpoint (another backbone's), as a re-run into the same folder would find it.
+    stale_state = {"identity": {"backbone_sha256": state_fingerprint(first)}, "epoch": 1}
+    save_checkpoint(checkpoints, 1, stale_state)
+    with pytest.warns(RuntimeWarning, match="fine-tuning checkpoint of another model"):
+        result = finetune(
+            second, dim, SPEC, options=options, progress=False, checkpoint_dir=checkpoints
+        )
+    assert result["top1"] == fresh["top1"]
+    assert result["final_epoch_train_loss"] == fresh["final_epoch_train_loss"]

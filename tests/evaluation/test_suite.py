@@ -119,6 +119,8 @@ def test_checkpoint_end_to_end_records_coarse_to_fine(
     assert count_extractions == [64, 16], "train and test features, extracted once each"
     assert written["protocol_settings"]["knn"]["ks"] == [5, 200]
     assert written["complete"] is True and "pending_protocols" not in written
+    # Fine-tuning checkpointed every epoch into the output folder, and cleared it when done.
+    assert not (tmp_path / "out" / "finetune_checkpoints").exists()
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError("out of memory"), KeyboardInterrupt()])

@@ -6,6 +6,12 @@ norm parameters, and the training augmentation of :mod:`look.data` for the image
 ``torch.distributed`` the model is wrapped in DDP and every rank takes its slice of the same global
 batches (:class:`look.engine.sampler.GlobalBatchSampler`); test predictions are gathered without
 padded duplicates.
+
+With a ``checkpoint_dir`` (``look evaluate`` gives ``OUTPUT/finetune_checkpoints``) the state is
+saved after every epoch (model, optimizer, schedule, random generators) and a re-run resumes
+from the last finished epoch, with the same result as an uninterrupted fine-tuning; a checkpoint
+of another model, dataset or recipe is left aside with a warning. The folder is removed once the
+test accuracy is computed.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import contextlib
 import copy
 import dataclasses
 import math
+import shutil
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,12 +33,32 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from look.data import DataSpec, build_eval_dataset, build_train_dataset, resolve_augment
-from look.engine.distributed import all_reduce_sum, get_rank, get_world_size, is_distributed
+from look.data import (
+    DataSpec,
+    build_eval_dataset,
+    build_train_dataset,
+    describe,
+    resolve_augment,
+)
+from look.engine.checkpoint import (
+    capture_rng_state,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from look.engine.distributed import (
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
 from look.evaluation.features import extract_features, keep_readable, unreadable_indices
 from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
+from look.evaluation.model_source import state_fingerprint
 
 __all__ = ["FinetuneOptions", "default_finetune_recipe", "finetune"]
 
@@ -89,6 +118,35 @@ def _collate(
     return images, labels
 
 
+def _resume(
+    checkpoint_dir: Path,
+    identity: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, float]:
+    """Restore the newest fine-tuning checkpoint of this very fine-tuning (``identity``): the
+    epochs it finished and its last epoch's loss; ``(0, nan)`` when there is none."""
+    found = load_latest_checkpoint(checkpoint_dir)
+    if found is None:
+        return 0, float("nan")
+    state, path = found
+    if state.get("identity") != identity:
+        if is_main_process():
+            warnings.warn(
+                f"{path} is a fine-tuning checkpoint of another model, dataset or recipe; "
+                "fine-tuning starts over (it will be replaced)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return 0, float("nan")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    return int(state["epoch"]), float(state["last_epoch_loss"])
+
+
 def finetune(
     backbone: nn.Module,
     feature_dim: int,
@@ -102,6 +160,7 @@ def finetune(
     eval_batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``backbone`` with a new linear head on ``spec``'s training split.
 
@@ -109,7 +168,8 @@ def finetune(
     per-class accuracy (percent) on the ``"test"`` split with the evaluation transform, leaving
     out test images whose file cannot be decoded (``corrupt_images="skip"``; unreadable training
     images are replaced by another of their class, as in pre-training). The caller's ``backbone``
-    is not modified.
+    is not modified. ``checkpoint_dir``: save every epoch there and resume from it (see the
+    module docstring).
     """
     options = options or FinetuneOptions()
     options.validate()
@@ -167,8 +227,29 @@ def finetune(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    last_epoch_loss = float("nan")
-    for epoch in range(recipe["epochs"]):
+    # What makes a checkpoint this fine-tuning's: a re-run into the same folder with another
+    # model, dataset or recipe must not continue from it.
+    identity = {
+        "backbone_sha256": state_fingerprint(backbone) if checkpoint_dir is not None else None,
+        "data": describe(train_spec),
+        "image_size": info.image_size,
+        "num_train": len(train_set),
+        "num_classes": info.num_classes,
+        "seed": seed,
+        "epochs": recipe["epochs"],
+        "lr": recipe["lr"],
+        "global_batch": global_batch,
+        "weight_decay": recipe["weight_decay"],
+        "momentum": options.momentum,
+        "autocast": str(autocast_dtype),
+    }
+    start_epoch, last_epoch_loss = 0, float("nan")
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        start_epoch, last_epoch_loss = _resume(
+            checkpoint_dir, identity, model, optimizer, scheduler
+        )
+    for epoch in range(start_epoch, recipe["epochs"]):
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         loader = DataLoader(
@@ -205,6 +286,19 @@ def finetune(
             loss_sum += loss.detach().double() * len(targets)
             seen += len(targets)
         last_epoch_loss = float(all_reduce_sum(loss_sum) / all_reduce_sum(seen).clamp_min(1))
+        if checkpoint_dir is not None:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "identity": identity,
+                "epoch": epoch + 1,
+                "last_epoch_loss": last_epoch_loss,
+            }
+            if is_main_process():
+                save_checkpoint(checkpoint_dir, epoch + 1, state, keep_last=1)
+            barrier()  # no rank runs ahead of a checkpoint another rank may resume from
 
     predictions = extract_features(
         model,
@@ -221,6 +315,10 @@ def finetune(
     unreadable = unreadable_indices(test_set)
     keep = keep_readable(unreadable, test_set, "fine-tune test split")
     predictions, test_labels = predictions[keep], test_set.labels[keep]
+    if checkpoint_dir is not None:
+        barrier()  # every rank has read what it needs before the folder goes
+        if is_main_process():
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return {
         "model": "whole network fine-tuned, new linear classifier on the pooled features",
         "top1": top1_accuracy(predictions, test_labels),

@@ -65,6 +65,8 @@ __all__ = [
 
 PROTOCOLS: tuple[str, ...] = ("linear", "knn", "finetune", "fewshot")
 RESULTS_FILE = "results.json"
+# Fine-tuning's per-epoch checkpoints, inside the output folder until it finishes.
+FINETUNE_CHECKPOINT_DIR = "finetune_checkpoints"
 _SYNTHETIC_KEYS = {
     "samples": "synthetic_num_samples",
     "classes": "synthetic_num_classes",
@@ -278,6 +280,7 @@ def _run_protocol(
     batch_size: int,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    output_dir: Path,
 ) -> dict[str, Any]:
     """One protocol's results (frozen-feature protocols read the extracted ``split_data``)."""
     if name == "finetune":
@@ -293,6 +296,8 @@ def _run_protocol(
             eval_batch_size=batch_size,
             autocast_dtype=autocast_dtype,
             progress=progress,
+            # A long fine-tuning that is killed resumes from its last epoch on a re-run.
+            checkpoint_dir=output_dir / FINETUNE_CHECKPOINT_DIR,
         )
     test_set, test_labels, _ = split_data["test"]
     if name == "fewshot":
@@ -572,6 +577,7 @@ def evaluate(
                     batch_size=batch_size,
                     autocast_dtype=autocast_dtype,
                     progress=progress,
+                    output_dir=Path(output_dir),
                 )
         except BaseException as error:  # KeyboardInterrupt too: keep what finished
             if results:
