@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 DESCRIPTION = """\
 LOOK: Leave-One-Out K-Nearest-Neighbour supervised pre-training (Feng et al., ICLR 2022).
@@ -345,6 +347,35 @@ def _run_report(args: argparse.Namespace) -> int:
     return analysis_commands.run_report(args)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show the warnings look's own code raises as ``look: warning: MESSAGE`` lines above any
+    progress bar, without the Python source line a user has no use for; others as usual."""
+    package = str(Path(__file__).resolve().parent)
+    original = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if str(Path(filename).resolve()).startswith(package):
+            from tqdm import tqdm
+
+            tqdm.write(f"look: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(full=_requested_command(argv))
     args = parser.parse_args(argv)
@@ -369,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         for output in output_paths(args):
             check_output_path(output)
-        return handlers[args.command](args)
+        with one_line_warnings():
+            return handlers[args.command](args)
 
     if args.debug or os.environ.get("LOOK_DEBUG"):
         return run()
