@@ -293,30 +293,37 @@ def test_the_top_level_help_lists_every_command_without_importing_torch() -> Non
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_look_warnings_are_one_line_and_others_keep_their_form(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+_WARNING_SCRIPT = """
+import warnings
+from pathlib import Path
+
+import look
+from look.cli import one_line_warnings
+
+inside_look = str(Path(look.__file__).parent / "evaluation" / "fewshot.py")
+with one_line_warnings():
+    warnings.warn_explicit("few-shot: 100 episodes", UserWarning, inside_look, 1)
+    warnings.warn_explicit("from the user's own code", UserWarning, "/elsewhere/mine.py", 7)
+"""
+
+
+def test_look_warnings_are_one_line_and_others_keep_their_form() -> None:
+    # A process of its own: pytest records every warning, which one_line_warnings leaves alone.
+    done = subprocess.run(
+        [sys.executable, "-c", _WARNING_SCRIPT], capture_output=True, text=True, check=True
+    )
+    lines = done.stderr.splitlines()
+    assert lines[0] == "look: warning: few-shot: 100 episodes", "no Python source location"
+    assert lines[1] == "/elsewhere/mine.py:7: UserWarning: from the user's own code"
+
+
+def test_warnings_recorded_around_the_cli_are_still_recorded() -> None:
     import warnings
 
     import look.evaluation.fewshot
     from look.cli import one_line_warnings
 
-    shown_as_usual: list[str] = []
-    monkeypatch.setattr(
-        warnings,
-        "showwarning",
-        lambda message, *args, **kwargs: shown_as_usual.append(str(message)),
-    )
-    usual = warnings.showwarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        with one_line_warnings():
-            # As attributed by look's own code (e.g. the few-shot protocol).
-            warnings.warn_explicit(
-                "few-shot: 100 episodes", UserWarning, look.evaluation.fewshot.__file__, 1
-            )
-            warnings.warn_explicit("from the user's own code", UserWarning, __file__, 1)
-        assert warnings.showwarning is usual, "restored afterwards"
-    errors = capsys.readouterr().err
-    assert errors == "look: warning: few-shot: 100 episodes\n", "no Python source location"
-    assert shown_as_usual == ["from the user's own code"]
+    with pytest.warns(UserWarning, match="few-shot: 100 episodes"), one_line_warnings():
+        warnings.warn_explicit(
+            "few-shot: 100 episodes", UserWarning, look.evaluation.fewshot.__file__, 1
+        )

@@ -362,7 +362,11 @@ def one_line_warnings() -> Iterator[None]:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
-        if str(Path(filename).resolve()).startswith(package):
+        # A warnings.catch_warnings(record=True) around main() (a test, a notebook) records
+        # through warnings' message hook: leave those warnings to it.
+        recording = getattr(warnings, "_showwarnmsg_impl", None)
+        recorded = getattr(recording, "__name__", "_showwarnmsg_impl") != "_showwarnmsg_impl"
+        if str(Path(filename).resolve()).startswith(package) and not recorded:
             from tqdm import tqdm
 
             tqdm.write(f"look: warning: {message}", file=sys.stderr)
