@@ -230,3 +230,50 @@ def test_report_names_mixed_settings_without_python_source(
         "settings"
     )
     assert "warnings.warn" not in errors and "report.py" not in errors
+
+
+def test_analyze_blames_the_max_points_flag(tmp_path: Path) -> None:
+    write_feature_files(tmp_path)
+    args = build_parser().parse_args(
+        [
+            "analyze",
+            "--results",
+            str(tmp_path / "features"),
+            "--output",
+            str(tmp_path / "o"),
+            "--grouping",
+            str(tmp_path / "grouping.json"),
+            "--max-points",
+            "3",
+        ]
+    )
+    with pytest.raises(ValueError, match="--max-points must be at least 4"):
+        run_analyze(args)
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_analyze_finds_a_moved_cache_with_cache_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from look.data import FASHION_MNIST_CLASSES
+    from tests.analysis.synthetic import evaluation_results
+
+    cache = tmp_path / "moved" / "abc.pt"
+    cache.parent.mkdir()
+    fine = torch.arange(10).repeat(20)  # enough rows per coarse class for k = 10
+    torch.save({"features": torch.randn(200, 8), "fine_labels": fine, "meta": {}}, cache)
+    run = tmp_path / "run"
+    run.mkdir()
+    content = evaluation_results(
+        class_names=list(FASHION_MNIST_CLASSES), cache_path="/gone/cache/abc.pt"
+    )
+    (run / "results.json").write_text(json.dumps(content), encoding="utf-8")
+    argv = ["analyze", "--results", str(run), "--output", str(tmp_path / "o"), "--no-maps"]
+    with pytest.raises(FileNotFoundError, match=r"/gone/cache/abc\.pt.*--cache-dir"):
+        run_analyze(build_parser().parse_args(argv))
+    assert run_analyze(build_parser().parse_args([*argv, "--cache-dir", str(cache.parent)])) == 0
+    written = json.loads((tmp_path / "o" / "multimodality.json").read_text(encoding="utf-8"))
+    entry = written["feature_sets"][0]
+    assert entry["source"] == str((run / "results.json").resolve())
+    assert entry["feature_file"] == str(cache.resolve())
+    assert "multimodality.json" in capsys.readouterr().out

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from look.analysis.features import (
+    WHOLE_SET_GROUP,
     FeatureSet,
+    NoCoarseGroupingWarning,
     check_fine_to_coarse,
     collect_feature_sets,
     feature_sets_from_results,
@@ -75,7 +77,7 @@ def test_plain_dict_file_with_nulls_and_defaults(tmp_path: Path) -> None:
     loaded = load_feature_set(path)
     assert loaded.name == "ce"  # from the file name when the file has none
     assert loaded.fine_class_names == ["class 0", "class 1"]
-    assert loaded.coarse_class_names == ["all classes"]
+    assert loaded.coarse_class_names == [WHOLE_SET_GROUP]
 
 
 def test_grouping_supplies_coarse_labels(tmp_path: Path) -> None:
@@ -157,7 +159,8 @@ def test_feature_sets_from_evaluation_results_and_cache(tmp_path: Path) -> None:
     pairs = collect_feature_sets([tmp_path / "runs"])
     assert len(pairs) == 1
     path, feature_set = pairs[0]
-    assert path == cache.resolve()
+    assert path == first.resolve()  # the fine-label evaluation, whatever the order
+    assert feature_set.feature_file == str(cache.resolve())
     assert feature_set.name == "look [resnet18] (coarse) seed 0"
     assert feature_set.dataset == "fashion_mnist"
     assert feature_set.model is not None and feature_set.model["method"] == "look"
@@ -168,7 +171,7 @@ def test_feature_sets_from_evaluation_results_and_cache(tmp_path: Path) -> None:
     assert feature_set.coarse_labels[:10].tolist() == [0, 1, 0, 1, 0, 2, 0, 2, 3, 2]
 
     cache.unlink()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="was not found; tried"):
         feature_sets_from_results([first])
     no_cache = tmp_path / "runs" / "look-0" / "results.json"
     no_cache.write_text(json.dumps(evaluation_results(cache_path=None)), encoding="utf-8")
@@ -187,3 +190,70 @@ def test_cache_rows_of_unreadable_images_are_left_out(tmp_path: Path) -> None:
     loaded = load_feature_set(cache)
     torch.testing.assert_close(loaded.features, features[[0, 2, 3, 5]])
     assert loaded.labels.tolist() == [0, 1, 1, 2]
+
+
+def write_cache(path: Path, rows_per_class: int = 3) -> Path:
+    """A cache file as `look evaluate` writes it: features, fine labels, meta; no names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fine = torch.arange(10).repeat(rows_per_class)
+    torch.save({"features": torch.randn(len(fine), 8), "fine_labels": fine, "meta": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("coarse_first", [True, False])
+def test_the_fine_label_evaluation_wins_over_a_coarse_one_sharing_its_cache(
+    tmp_path: Path, coarse_first: bool
+) -> None:
+    # A coarse evaluation found first used to replace the fine one: no fine names, no grouping,
+    # and the "intra-class" numbers silently covered the whole dataset.
+    cache = write_cache(tmp_path / "cache" / "abc.pt")
+    names = ("a-coarse", "b-fine") if coarse_first else ("a-fine", "b-coarse")
+    coarse = write_evaluation(
+        tmp_path / "runs" / names[0 if coarse_first else 1], cache, seed=0, labels="coarse"
+    )
+    fine = write_evaluation(tmp_path / "runs" / names[1 if coarse_first else 0], cache, seed=0)
+    ordered = [coarse, fine] if coarse_first else [fine, coarse]
+    pairs = feature_sets_from_results(ordered)
+    assert len(pairs) == 1
+    source, feature_set = pairs[0]
+    assert source == fine.resolve()
+    assert feature_set.fine_names == tuple(FASHION_NAMES)
+    assert feature_set.has_coarse_grouping and feature_set.coarse_names[0] == "Tops"
+    assert feature_set.grouping == "fashion_mnist_coarse"
+
+
+def test_only_a_coarse_evaluation_warns_that_no_grouping_applies(tmp_path: Path) -> None:
+    cache = write_cache(tmp_path / "cache" / "abc.pt")
+    coarse = write_evaluation(tmp_path / "runs" / "c", cache, seed=0, labels="coarse")
+    with pytest.warns(NoCoarseGroupingWarning, match="whole set"):
+        ((_, feature_set),) = feature_sets_from_results([coarse])
+    assert not feature_set.has_coarse_grouping
+    assert feature_set.coarse_class_names == [WHOLE_SET_GROUP]
+
+
+def test_a_relative_cache_path_is_found_from_the_results_folder_or_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `look evaluate --cache-dir cache` run in tmp_path/work recorded "cache/abc.pt" as typed;
+    # look analyze runs from another folder.
+    work = tmp_path / "work"
+    write_cache(work / "cache" / "abc.pt")
+    results = write_evaluation(work, Path("cache/abc.pt"), seed=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ((source, feature_set),) = feature_sets_from_results([results])
+    assert source == results.resolve()  # the results file; the cache file is named apart
+    assert feature_set.feature_file == str((work / "cache" / "abc.pt").resolve())
+    # Moved away: the error lists every place tried and names the flag that helps.
+    moved = tmp_path / "moved"
+    (work / "cache").rename(moved)
+    with pytest.raises(FileNotFoundError, match="was not found; tried") as error:
+        feature_sets_from_results([results])
+    message = str(error.value)
+    assert str(elsewhere.resolve() / "cache" / "abc.pt") in message
+    assert str(work.resolve() / "cache" / "abc.pt") in message
+    assert "--cache-dir" in message and "another machine" not in message
+    # --cache-dir finds it by name.
+    ((_, feature_set),) = feature_sets_from_results([results], cache_dir=moved)
+    assert feature_set.feature_file == str((moved / "abc.pt").resolve())

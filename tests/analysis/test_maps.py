@@ -9,6 +9,7 @@ import pytest
 
 from look.analysis.maps import (
     fine_class_colours,
+    fine_class_markers,
     metric_bars_figure,
     plot_embedding_maps,
     plot_metric_bars,
@@ -137,3 +138,27 @@ def test_metric_bars_colour_methods_alike_and_skip_error_bars_of_one_seed() -> N
     assert len(error_bars) == 1, "the single-seed bar has no (zero-length) error bar"
     segments = error_bars[0].lines[2][0].get_segments()
     assert sorted(round(abs(s[1][1] - s[0][1]), 6) for s in segments) == [0.02, 0.04]
+
+
+def test_fine_classes_of_one_coarse_class_differ_in_shape_too() -> None:
+    # Shades of one hue are hard to tell apart as small dots (Coat vs Shirt): shapes differ too.
+    mapping = {int(f): int(c) for f, c in enumerate(FINE_TO_COARSE)}
+    markers = fine_class_markers(mapping)
+    assert markers == fine_class_markers(mapping)  # deterministic
+    for coarse in set(mapping.values()):
+        members = [markers[f] for f, c in mapping.items() if c == coarse]
+        assert len(set(members)) == len(members)
+
+
+def test_maps_draw_shapes_in_the_legend_label_axes_and_caption(tmp_path: Path) -> None:
+    features, fine, coarse = separated_fine_features(20)
+    result = plot_embedding_maps(
+        {"look": (features, fine, coarse)},
+        coarse_classes=[0, 1],
+        coarse_names=COARSE_NAMES,
+        path=tmp_path / "maps.png",
+        max_points=60,
+    )
+    assert result.caption.startswith("t-SNE (perplexity ")
+    assert "60 of 100 points per panel, seed 0, coarse classes: tops, bottoms" in result.caption
+    assert result.available == {"look": 100}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from look.analysis.features import WHOLE_SET_GROUP
 from look.analysis.multimodality import (
     estimate_cluster_count,
     knn_label_purity,
@@ -156,7 +157,7 @@ def test_subsampling_is_seeded_and_capped() -> None:
     assert first == second
     assert first["per_coarse"]["group 0"]["num_samples"] == 50
     everything = multimodality_metrics(features, fine, None, max_per_coarse=None)
-    assert everything["per_coarse"]["all classes"]["num_samples"] == 300
+    assert everything["per_coarse"][WHOLE_SET_GROUP]["num_samples"] == 300
 
 
 def test_bad_input_is_rejected_with_clear_errors() -> None:

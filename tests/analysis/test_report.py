@@ -549,3 +549,127 @@ def test_both_shapes_fill_one_fewshot_column(tmp_path: Path) -> None:
     column = header.index("fashion_mnist<br>few-shot 5way1shot")
     assert rows["ce (coarse)"][column] == "**55.00 (1 seed)**"
     assert rows["look [resnet18] (coarse)"][column].startswith("50.00 ± 1.50 (95 % CI")
+
+
+def write_multimodality(
+    folder: Path,
+    entries: list[dict[str, Any]],
+    *,
+    k: int = 10,
+    max_per_coarse: int | None = 2000,
+) -> Path:
+    """A multimodality.json as look analyze writes it (settings shared by its feature sets)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "k": k,
+        "max_per_coarse": max_per_coarse,
+        "max_clusters": 6,
+        "folds": 3,
+        "silhouette_threshold": 0.25,
+        "pca_dims": 50,
+        "seed": 0,
+        "maps": None,
+    }
+    path = folder / "multimodality.json"
+    path.write_text(
+        json.dumps({"schema_version": 1, "settings": settings, "feature_sets": entries}),
+        encoding="utf-8",
+    )
+    return path
+
+
+def analysed(
+    method: str,
+    seed: int,
+    purity: float,
+    *,
+    chance: float = 0.3,
+    dataset: str = "fashion_mnist",
+    scope: str = "intra-coarse",
+) -> dict[str, Any]:
+    return {
+        "name": f"{method} seed {seed}",
+        "dataset": dataset,
+        "model": {"method": method, "seed": seed, "pretrain_labels": "coarse"},
+        "scope": scope,
+        "grouping": "fashion_mnist_coarse" if scope == "intra-coarse" else None,
+        "summary": {
+            "knn_purity": purity,
+            "knn_purity_chance": chance,
+            "separability": 0.7,
+            "separability_chance": 0.4,
+            "cluster_count": 2.0,
+            "ari": 0.0,
+            "ari_at_fine_count": 0.2,
+        },
+    }
+
+
+def test_multimodality_rows_of_different_analysis_settings_are_warned_about_and_marked(
+    tmp_path: Path,
+) -> None:
+    # Seed 1 of look was analysed with k = 20, and ce with another subsample: neither the row's
+    # mean nor the bold best compares like with like.
+    write_multimodality(tmp_path / "a0", [analysed("look", 0, 0.9), analysed("ce", 0, 0.5)])
+    write_multimodality(tmp_path / "a1", [analysed("look", 1, 0.8, chance=0.2)], k=20)
+    write_multimodality(tmp_path / "a2", [analysed("ce", 1, 0.4)], max_per_coarse=300)
+    with pytest.warns(MixedSettingsWarning) as caught:
+        outputs = write_report([tmp_path], tmp_path / "report", plots=False)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "multimodality.k" in messages and "multimodality.max_per_coarse" in messages
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Intra-class multi-modality")
+    assert "⚠" in rows["look (coarse)"][0]
+    assert "⚠" in rows["ce (coarse)"][0]
+    assert "## Warnings" in markdown and "`multimodality.k`" in markdown
+    # Settings stated per group of rows, and chance levels per row instead of one average.
+    assert "Settings (`look analyze`) differ between rows" in markdown
+    assert "kNN k = 20" in markdown and "at most 300 rows per coarse class" in markdown
+    chance = markdown_rows(markdown, "Chance levels of each row")
+    assert chance["look (coarse)"][0].startswith("25.0 ± 7.1 (2 seeds)")
+    assert chance["ce (coarse)"][0].startswith("30.0 ± 0.0 (2 seeds)")
+    report = json.loads(outputs.json.read_text(encoding="utf-8"))
+    assert {c["setting"] for c in report["settings_conflicts"]} == {
+        "multimodality.k",
+        "multimodality.max_per_coarse",
+    }
+
+
+def test_multimodality_rows_of_one_setting_are_not_marked(tmp_path: Path) -> None:
+    write_multimodality(tmp_path / "a0", [analysed("look", 0, 0.9), analysed("ce", 0, 0.5)])
+    write_multimodality(tmp_path / "a1", [analysed("look", 1, 0.8), analysed("ce", 1, 0.4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedSettingsWarning)
+        outputs = write_report([tmp_path], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    assert "⚠" not in markdown
+    assert "Settings (`look analyze`): kNN k = 10, at most 2000 rows per coarse class" in markdown
+
+
+def test_whole_set_rows_are_not_presented_per_coarse_class(tmp_path: Path) -> None:
+    # digits ships no grouping: its numbers cover the whole set, in columns of their own.
+    write_multimodality(
+        tmp_path / "a",
+        [
+            analysed("look", 0, 0.9),
+            analysed("look", 0, 0.6, dataset="digits", scope="whole-set"),
+        ],
+    )
+    outputs = write_report([tmp_path], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Intra-class multi-modality")
+    header = rows["__header__"]
+    assert "fashion_mnist<br>clusters per coarse class" in header
+    assert "digits (whole set)<br>clusters in the whole set" in header
+    assert not any(h.startswith("digits") and "per coarse class" in h for h in header)
+    assert "**No coarse grouping** in digits (whole set)" in markdown
+
+
+def test_ari_at_fine_count_is_a_column_and_ari_chance_is_stated(tmp_path: Path) -> None:
+    write_multimodality(tmp_path / "a", [analysed("look", 0, 0.9), analysed("ce", 0, 0.5)])
+    outputs = write_report([tmp_path], tmp_path / "report", plots=False)
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    rows = markdown_rows(markdown, "## Intra-class multi-modality")
+    assert rows["__header__"][4] == "ARI at fine count"
+    assert rows["look (coarse)"][4].startswith("**0.200 (1 seed)")
+    assert "the chance level of either ARI is 0" in markdown

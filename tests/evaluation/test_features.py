@@ -179,3 +179,19 @@ def test_files_fingerprint_follows_the_files_not_their_contents(tmp_path: Path) 
     assert feature_cache_key(**common, files_fingerprint="a") != feature_cache_key(
         **common, files_fingerprint="b"
     )
+
+
+def test_a_relative_cache_dir_is_recorded_as_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # results.json records this path; look analyze run from another folder must still find it.
+    monkeypatch.chdir(tmp_path)
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    key = key_for(model)
+    result = load_or_extract_features(
+        model, dataset, fine_labels, cache_key=key, cache_dir="cache", progress=False
+    )
+    assert result.cache_path is not None and result.cache_path.is_absolute()
+    assert result.cache_path == (tmp_path / "cache" / f"{key}.pt").resolve()
+    assert result.cache_path.is_file()

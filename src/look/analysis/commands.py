@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from look.analysis.features import FEATURE_FILE_SUFFIX
+from look.analysis.maps import DEFAULT_PERPLEXITY
 from look.analysis.multimodality import (
     DEFAULT_K,
     DEFAULT_MAX_CLUSTERS,
@@ -37,10 +38,17 @@ Input: feature files, i.e. .pt files saved with torch.save of
 loads too). --results DIR searches DIR recursively for *{FEATURE_FILE_SUFFIX} files and for the
 results.json of `look evaluate`, whose recorded test-split feature cache is then analysed (class
 names, method and seed from the results; the dataset's shipped coarse grouping when it has one).
-Without coarse labels, pass --grouping.
+Without coarse labels, pass --grouping: a feature set without them is measured over the whole set
+as one group (a warning, and ANALYSIS.md says so). Of several results.json sharing one feature cache
+(a model evaluated with --labels fine and --labels coarse) the fine-label one is used. A recorded
+cache path is looked up as recorded, then relative to the results.json's folder; --cache-dir DIR
+looks the cache files up by name in DIR first (a cache moved or made elsewhere).
 
-Output (--output DIR): multimodality.json (read by `look report`), maps.png (one panel per feature
-set; maps_<dataset>.png per dataset when several) and ANALYSIS.md.
+Output (--output DIR): multimodality.json (read by `look report`; its "settings" record k, the
+subsample, folds, silhouette threshold, seed, and the maps' points, perplexity and coarse classes),
+maps.png (one panel per feature set; maps_<dataset>.png per dataset when several; maps of an
+earlier run in DIR are removed) and ANALYSIS.md. The metrics are written before the maps are drawn:
+a map that fails keeps them (re-run with --no-maps to skip the maps).
 
 example:
   look analyze --features runs/look/fmnist.features.pt runs/ce/fmnist.features.pt \\
@@ -96,6 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     analyze.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
     analyze.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="folder holding the feature cache files that results.json files record, looked up "
+        "by file name (a cache moved, or recorded relative to another folder)",
+    )
+    analyze.add_argument(
         "--grouping",
         metavar="NAME_OR_JSON",
         help="class grouping giving the coarse labels from the fine class names (a shipped "
@@ -128,7 +142,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-points",
         type=int,
         default=2000,
-        help="points per map panel, subsampled with --seed (default 2000; 0 = all, slow)",
+        help="points per map panel, subsampled with --seed (default 2000, at least 4; 0 = all, "
+        "slow)",
+    )
+    analyze.add_argument(
+        "--perplexity",
+        type=float,
+        default=DEFAULT_PERPLEXITY,
+        help=f"t-SNE perplexity of the maps (default {DEFAULT_PERPLEXITY:g}; lowered for small "
+        "panels)",
     )
     analyze.add_argument("--no-maps", action="store_true", help="skip the t-SNE maps")
     analyze.add_argument(
@@ -175,7 +197,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     from look.analysis.analyze import analyze_feature_sets
     from look.analysis.features import collect_feature_sets
 
-    pairs = collect_feature_sets(args.features if args.features else args.results)
+    # Flags are checked before any feature file is read or metric computed.
+    max_per_coarse = _non_negative(args.max_per_coarse, "--max-per-coarse")
+    max_points = _non_negative(args.max_points, "--max-points")
+    if not args.no_maps and max_points is not None and max_points < 4:
+        raise ValueError(
+            f"--max-points must be at least 4 (t-SNE needs 4 points per panel), or 0 for all; "
+            f"got {args.max_points}"
+        )
+    if args.perplexity <= 0:
+        raise ValueError(f"--perplexity must be > 0, got {args.perplexity}")
+    pairs = collect_feature_sets(
+        args.features if args.features else args.results, cache_dir=args.cache_dir
+    )
     paths = [path for path, _ in pairs]
     feature_sets = [feature_set for _, feature_set in pairs]
     if args.grouping:
@@ -186,14 +220,19 @@ def run_analyze(args: argparse.Namespace) -> int:
         sources=paths,
         coarse_classes=args.coarse_classes,
         k=args.k,
-        max_per_coarse=_non_negative(args.max_per_coarse, "--max-per-coarse"),
+        max_per_coarse=max_per_coarse,
         max_clusters=args.max_clusters,
         seed=args.seed,
         maps=not args.no_maps,
-        max_points=_non_negative(args.max_points, "--max-points"),
+        max_points=max_points,
+        perplexity=args.perplexity,
         title=args.title,
     )
-    print(f"look: analysed {len(feature_sets)} feature set(s); wrote {outputs.markdown}")
+    written = [outputs.markdown, outputs.multimodality_json, *outputs.figures]
+    print(
+        f"look: analysed {len(feature_sets)} feature set(s); wrote "
+        f"{', '.join(str(p) for p in written)}"
+    )
     return 0
 
 

@@ -34,6 +34,7 @@ By convention feature files are named ``*.features.pt`` (:data:`FEATURE_FILE_SUF
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ from torch import Tensor
 
 __all__ = [
     "FEATURE_FILE_SUFFIX",
+    "WHOLE_SET_GROUP",
     "FeatureSet",
+    "NoCoarseGroupingWarning",
     "check_fine_to_coarse",
     "collect_feature_sets",
     "feature_sets_from_results",
@@ -53,6 +56,13 @@ __all__ = [
 ]
 
 FEATURE_FILE_SUFFIX = ".features.pt"
+# The one group of a feature set without coarse labels: named so that nobody reads its numbers as
+# "inside a coarse class" (they cover every fine class of the dataset together).
+WHOLE_SET_GROUP = "whole set (no coarse grouping)"
+
+
+class NoCoarseGroupingWarning(UserWarning):
+    """A feature set has no coarse labels, so its "intra-class" measures cover the whole set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +77,15 @@ class FeatureSet:
     coarse_names: tuple[str, ...] = ()
     model: Mapping[str, Any] | None = None
     dataset: str | None = None
+    # Where the coarse labels came from (a grouping name or file); None: the feature file's own.
+    grouping: str | None = None
+    # The file the features were read from (a feature file or an evaluation's cache file).
+    feature_file: str | None = None
+
+    @property
+    def has_coarse_grouping(self) -> bool:
+        """Whether coarse labels split the set (else the measures cover the whole set)."""
+        return self.coarse_labels is not None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -113,7 +132,7 @@ class FeatureSet:
         """Name of every coarse label (``"group i"`` where the file gave none; one group without
         coarse labels)."""
         if self.coarse_labels is None:
-            return ["all classes"]
+            return [WHOLE_SET_GROUP]
         count = int(self.coarse_labels.max()) + 1
         return (
             list(self.coarse_names) if self.coarse_names else [f"group {i}" for i in range(count)]
@@ -130,10 +149,14 @@ class FeatureSet:
             )
         grouping = load_grouping(grouping_name_or_path)
         coarse_names, fine_to_coarse = grouping.apply(self.fine_names)
+        text = str(grouping_name_or_path)
+        # A grouping file is recorded by its full path: two files of one name are different.
+        recorded = str(Path(text).expanduser().resolve()) if text.endswith(".json") else text
         return dataclasses.replace(
             self,
             coarse_labels=fine_to_coarse[self.labels],
             coarse_names=tuple(coarse_names),
+            grouping=recorded,
         )
 
 
@@ -182,6 +205,7 @@ def save_feature_set(feature_set: FeatureSet, path: str | Path) -> Path:
         "name": feature_set.name,
         "model": None if feature_set.model is None else dict(feature_set.model),
         "dataset": feature_set.dataset,
+        "grouping": feature_set.grouping,
     }
     torch.save(payload, path)
     return path
@@ -231,44 +255,86 @@ def load_feature_set(path: str | Path) -> FeatureSet:
         coarse_names=tuple(str(n) for n in payload.get("coarse_names") or ()),
         model=dict(model) if isinstance(model, Mapping) else None,
         dataset=payload.get("dataset") if isinstance(payload.get("dataset"), str) else None,
+        grouping=payload.get("grouping") if isinstance(payload.get("grouping"), str) else None,
+        feature_file=str(path.resolve()),
     )
 
 
+def _is_fine_evaluation(labels: str | None) -> bool:
+    return labels in (None, "", "fine")
+
+
+def _cache_candidates(
+    recorded: Path, results_file: Path, cache_dir: str | Path | None
+) -> list[Path]:
+    """Where a recorded cache file may be, in order: in ``cache_dir`` by name (the user's
+    override), the recorded path, and a relative path taken from the results file's folder
+    (``look evaluate`` used to record ``--cache-dir`` as typed, relative to its own cwd)."""
+    recorded = recorded.expanduser()
+    candidates = []
+    if cache_dir is not None:
+        candidates.append(Path(cache_dir).expanduser().resolve() / recorded.name)
+    candidates.append(recorded.resolve())
+    if not recorded.is_absolute():
+        candidates.append((results_file.resolve().parent / recorded).resolve())
+    return list(dict.fromkeys(candidates))
+
+
 def feature_sets_from_results(
-    results_files: Sequence[str | Path], *, split: str = "test"
+    results_files: Sequence[str | Path],
+    *,
+    split: str = "test",
+    cache_dir: str | Path | None = None,
 ) -> list[tuple[Path, FeatureSet]]:
     """Feature sets of evaluations, read from the cache files their ``results.json`` record.
 
-    For each file, ``features.<split>.cache_path`` must exist (``FileNotFoundError`` otherwise:
-    the cache was cleared or lives on another machine). The set is named after the run's method
-    label and seed; fine class names are the evaluation's class names when it used fine labels;
-    coarse labels come from the dataset's shipped coarse grouping when there is one (else pass a
-    grouping, see :meth:`FeatureSet.with_grouping`). Two results that share one cache file give one
-    feature set. Returns ``(cache file, feature set)`` pairs.
+    For each file, ``features.<split>.cache_path`` must exist: it is looked up in ``cache_dir``
+    by file name when given, then at the recorded path, then (a relative path) from the folder of
+    the ``results.json``; ``FileNotFoundError`` lists the places tried. The set is named after
+    the run's method label and seed; fine class names are the evaluation's class names when it
+    used fine labels; coarse labels come from the dataset's shipped coarse grouping when there is
+    one (else pass a grouping, see :meth:`FeatureSet.with_grouping`). Several results that share
+    one cache file (one model evaluated with ``--labels fine`` and ``--labels coarse``) give one
+    feature set, taken from the fine-label evaluation: a coarse one has no fine class names, so
+    no grouping could apply. A set left without coarse labels gets a
+    :class:`NoCoarseGroupingWarning`. Returns ``(results file, feature set)`` pairs; the cache
+    file is the set's ``feature_file``.
     """
     from look.analysis.results import read_results_file
     from look.data.groupings import DATASET_COARSE_GROUPING
 
-    found: dict[Path, FeatureSet] = {}
+    # Read every file first: the choice among results sharing a cache must not depend on order.
+    by_cache: dict[Path, list[tuple[Path, Any]]] = {}
     for results_file in results_files:
+        results_file = Path(results_file)
         result = read_results_file(results_file)
-        cache = result.feature_caches.get(split)
-        if cache is None:
+        recorded = result.feature_caches.get(split)
+        if recorded is None:
             raise FileNotFoundError(
                 f"{results_file} records no feature cache for split {split!r} (features.{split}."
                 "cache_path); re-run look evaluate with a feature cache, or pass feature files"
             )
-        cache = cache.expanduser().resolve()
-        if cache in found:
-            continue
-        if not cache.is_file():
+        tried = _cache_candidates(recorded, results_file, cache_dir)
+        cache = next((c for c in tried if c.is_file()), None)
+        if cache is None:
+            listed = ", ".join(str(c) for c in tried)
             raise FileNotFoundError(
-                f"feature cache {cache} recorded by {results_file} does not exist (cleared, or "
-                "made on another machine); re-run look evaluate to rebuild it"
+                f"feature cache {recorded} recorded by {results_file} was not found; tried "
+                f"{listed}. Pass the folder holding it with --cache-dir (look analyze), or "
+                "re-run look evaluate to rebuild it"
             )
+        by_cache.setdefault(cache, []).append((results_file, result))
+
+    found: list[tuple[Path, FeatureSet]] = []
+    for cache, candidates in by_cache.items():
+        results_file, result = next(
+            ((f, r) for f, r in candidates if _is_fine_evaluation(r.labels)), candidates[0]
+        )
         loaded = load_feature_set(cache)
         fine_names: tuple[str, ...] = ()
-        if result.labels in (None, "fine") and len(result.class_names) > int(loaded.labels.max()):
+        if _is_fine_evaluation(result.labels) and len(result.class_names) > int(
+            loaded.labels.max()
+        ):
             fine_names = result.class_names
         seed = f" seed {result.seed}" if result.seed is not None else ""
         feature_set = dataclasses.replace(
@@ -281,18 +347,30 @@ def feature_sets_from_results(
         grouping = DATASET_COARSE_GROUPING.get(result.dataset)
         if fine_names and grouping is not None:
             feature_set = feature_set.with_grouping(grouping)
-        found[cache] = feature_set
-    return list(found.items())
+        elif not fine_names:
+            warnings.warn(
+                NoCoarseGroupingWarning(
+                    f"{results_file} evaluated with labels {result.labels!r}, so the cache "
+                    f"{cache} has no fine class names and no coarse grouping can apply: "
+                    f"{feature_set.name!r} will be measured over the whole set as one group. "
+                    "Pass the results.json of a --labels fine evaluation"
+                ),
+                stacklevel=2,
+            )
+        found.append((results_file.resolve(), feature_set))
+    return found
 
 
 def collect_feature_sets(
-    paths: Sequence[str | Path], *, split: str = "test"
+    paths: Sequence[str | Path], *, split: str = "test", cache_dir: str | Path | None = None
 ) -> list[tuple[Path, FeatureSet]]:
     """Feature sets from feature files, ``results.json`` files, or folders holding either.
 
     A folder is searched recursively for ``*.features.pt`` files and for ``results.json`` files
     (:func:`feature_sets_from_results`); ``FileNotFoundError`` when a path does not exist or a
-    folder holds neither. Returns ``(source file, feature set)`` pairs.
+    folder holds neither. ``cache_dir`` is where to look for the cache files that results
+    record (:func:`feature_sets_from_results`). Returns ``(source file, feature set)`` pairs: the
+    feature file, or the ``results.json``.
     """
     from look.analysis.results import RESULTS_FILE_NAME
 
@@ -317,6 +395,6 @@ def collect_feature_sets(
             raise FileNotFoundError(f"{path} is neither a feature file nor a directory")
     pairs = [(p, load_feature_set(p)) for p in dict.fromkeys(f.resolve() for f in feature_files)]
     pairs += feature_sets_from_results(
-        list(dict.fromkeys(f.resolve() for f in results_files)), split=split
+        list(dict.fromkeys(f.resolve() for f in results_files)), split=split, cache_dir=cache_dir
     )
     return pairs

@@ -7,7 +7,11 @@ inputs give the same coordinates. Points are coloured by fine label: each coarse
 hue family (blues, oranges, greens, purples, ...) and its fine classes get distinct shades of it, so a method
 that keeps fine structure inside a coarse class shows separate shades, one that collapses the class
 shows them mixed (with a single coarse class, e.g. data without a grouping, fine classes get
-distinct hues). One legend (fine names under their coarse name) serves all panels.
+distinct hues). Shades of one hue are hard to tell apart as small dots (Coat vs Shirt), so the fine
+classes of a coarse class also get distinct marker shapes (circle, square, triangle, ...; same
+order every time). One legend (fine names under their coarse name, with colour and shape) serves
+all panels, and the figure's caption says what was drawn: points per panel out of how many, the
+seed, the perplexity and the coarse classes.
 
 Everything draws on ``matplotlib.figure.Figure`` objects with the Agg canvas: no pyplot state, no
 display needed, and the caller's matplotlib backend is left alone.
@@ -31,8 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_POINTS",
+    "DEFAULT_PERPLEXITY",
     "EmbeddingMaps",
     "fine_class_colours",
+    "fine_class_markers",
     "metric_bars_figure",
     "plot_embedding_maps",
     "plot_metric_bars",
@@ -41,6 +47,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_POINTS = 2000
+DEFAULT_PERPLEXITY = 30.0
 # Without an explicit choice, maps show every coarse class when there are few, else the first few
 # that have several fine classes (a 20-superclass legend of 100 shades is unreadable).
 _DEFAULT_COARSE_LIMIT = 6
@@ -58,6 +65,8 @@ _HUE_FAMILIES = (
     "BuGn",
     "RdPu",
 )
+# Filled shapes that stay distinct at a few points across; cycled within a coarse class.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 _PANEL_INCHES = 4.6
 _DPI = 120
 
@@ -72,11 +81,16 @@ def _to_numpy(values: ArrayLike) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class EmbeddingMaps:
     """Result of :func:`plot_embedding_maps`: the PNG path, and per panel the rows drawn (indices
-    into that panel's ``X``) and their 2-D coordinates."""
+    into that panel's ``X``) and their 2-D coordinates; ``available`` the rows of the drawn
+    coarse classes in each panel (before subsampling), ``coarse_classes`` the coarse labels
+    drawn and ``caption`` the figure's caption."""
 
     path: Path
     rows: dict[str, np.ndarray]
     coordinates: dict[str, np.ndarray]
+    available: dict[str, int] = dataclasses.field(default_factory=dict)
+    coarse_classes: tuple[int, ...] = ()
+    caption: str = ""
 
 
 def tsne_embedding(
@@ -169,6 +183,26 @@ def fine_class_colours(fine_to_coarse: Mapping[int, int]) -> dict[int, tuple[flo
     return colours
 
 
+def fine_class_markers(fine_to_coarse: Mapping[int, int]) -> dict[int, str]:
+    """Matplotlib marker of each fine label: its position among its coarse class's fine labels
+    picks a shape, so neighbouring shades of one hue also differ in shape. With a single coarse
+    class the hues are distinct already, and every class is a circle up to 10 classes."""
+    coarse_order = sorted(set(fine_to_coarse.values()))
+    markers: dict[int, str] = {}
+    if len(coarse_order) == 1:
+        members = sorted(fine_to_coarse)
+        # tab10 covers 10 classes by hue alone; beyond, hues repeat or crowd: shapes tell apart.
+        return {
+            f: "o" if len(members) <= 10 else _MARKERS[i // 10 % len(_MARKERS)]
+            for i, f in enumerate(members)
+        }
+    for coarse_label in coarse_order:
+        members = sorted(f for f, c in fine_to_coarse.items() if c == coarse_label)
+        for position, fine_label in enumerate(members):
+            markers[fine_label] = _MARKERS[position % len(_MARKERS)]
+    return markers
+
+
 def _name(names: Sequence[str] | None, label: int, prefix: str) -> str:
     return names[label] if names is not None and label < len(names) else f"{prefix} {label}"
 
@@ -182,7 +216,7 @@ def plot_embedding_maps(
     path: str | Path,
     seed: int = 0,
     max_points: int | None = DEFAULT_MAX_POINTS,
-    perplexity: float = 30.0,
+    perplexity: float = DEFAULT_PERPLEXITY,
     title: str | None = None,
 ) -> EmbeddingMaps:
     """Draw one t-SNE map per panel, side by side, and save them as one PNG.
@@ -246,6 +280,7 @@ def plot_embedding_maps(
         )
     fine_to_coarse = {f: c for f, c in fine_to_coarse.items() if c in set(coarse_classes)}
     colours = fine_class_colours(fine_to_coarse)
+    shapes = fine_class_markers(fine_to_coarse)
 
     columns = min(len(prepared), 3)
     rows_of_panels = -(-len(prepared) // columns)
@@ -255,11 +290,17 @@ def plot_embedding_maps(
         layout="constrained",
     )
     axes_grid = figure.subplots(rows_of_panels, columns, squeeze=False)
+    if max_points is not None and max_points < 4:
+        raise ValueError(f"max_points must be at least 4 (t-SNE needs 4 rows), got {max_points}")
     drawn_rows: dict[str, np.ndarray] = {}
     coordinates: dict[str, np.ndarray] = {}
+    available: dict[str, int] = {}
     for position, (panel_name, (array, fine, coarse)) in enumerate(prepared.items()):
         axes = axes_grid[position // columns][position % columns]
         rows = select_map_rows(fine, coarse, coarse_classes, max_points=max_points, seed=seed)
+        available[panel_name] = int(
+            select_map_rows(fine, coarse, coarse_classes, max_points=None, seed=seed).size
+        )
         if rows.size < 4:
             raise ValueError(
                 f"panel {panel_name!r}: only {rows.size} rows in coarse classes "
@@ -267,14 +308,24 @@ def plot_embedding_maps(
             )
         points = tsne_embedding(array[rows], seed=seed, perplexity=perplexity)
         drawn_rows[panel_name], coordinates[panel_name] = rows, points
-        point_colours = np.array([colours[label] for label in fine[rows].tolist()])
         marker_size = float(np.clip(4000.0 / rows.size, 3.0, 24.0))
-        axes.scatter(
-            points[:, 0], points[:, 1], c=point_colours, s=marker_size, linewidths=0, alpha=0.85
-        )
+        drawn_fine = fine[rows]
+        for fine_label in sorted(set(drawn_fine.tolist())):
+            mine = drawn_fine == fine_label
+            axes.scatter(
+                points[mine, 0],
+                points[mine, 1],
+                color=colours[fine_label],
+                marker=shapes[fine_label],
+                s=marker_size,
+                linewidths=0,
+                alpha=0.85,
+            )
         axes.set_title(panel_name, fontsize=12)
         axes.set_xticks([])
         axes.set_yticks([])
+        axes.set_xlabel("t-SNE 1", fontsize=9)
+        axes.set_ylabel("t-SNE 2", fontsize=9)
         axes.set_aspect("equal", adjustable="datalim")
     for position in range(len(prepared), rows_of_panels * columns):
         axes_grid[position // columns][position % columns].set_axis_off()
@@ -288,7 +339,14 @@ def plot_embedding_maps(
         labels.append(_name(coarse_names, coarse_label, "group"))
         for fine_label in sorted(f for f, c in fine_to_coarse.items() if c == coarse_label):
             handles.append(
-                Line2D([], [], marker="o", linestyle="none", color=colours[fine_label], ms=8)
+                Line2D(
+                    [],
+                    [],
+                    marker=shapes[fine_label],
+                    linestyle="none",
+                    color=colours[fine_label],
+                    ms=8,
+                )
             )
             labels.append("  " + _name(fine_names, fine_label, "class"))
     legend = figure.legend(
@@ -297,12 +355,56 @@ def plot_embedding_maps(
     for index, text in enumerate(legend.get_texts()):
         if index in header_positions:
             text.set_fontweight("bold")
-    if title:
-        figure.suptitle(title, fontsize=13)
+    caption = _map_caption(
+        drawn_rows,
+        available,
+        seed=seed,
+        perplexity=perplexity,
+        coarse=[_name(coarse_names, c, "group") for c in coarse_classes],
+    )
+    # The caption goes with the figure: a PNG copied into a report still says what it shows.
+    figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=_DPI)
-    return EmbeddingMaps(path=path, rows=drawn_rows, coordinates=coordinates)
+    return EmbeddingMaps(
+        path=path,
+        rows=drawn_rows,
+        coordinates=coordinates,
+        available=available,
+        coarse_classes=tuple(int(c) for c in coarse_classes),
+        caption=caption,
+    )
+
+
+def _span(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _map_caption(
+    rows: Mapping[str, np.ndarray],
+    available: Mapping[str, int],
+    *,
+    seed: int,
+    perplexity: float,
+    coarse: Sequence[str],
+) -> str:
+    """``t-SNE (perplexity 30), 300 of 1000 points per panel, seed 0, coarse classes: a, b``."""
+    drawn = [int(r.size) for r in rows.values()]
+    # The perplexity really used: tsne_embedding lowers it for a small panel.
+    used = [min(perplexity, (n - 1) / 3) for n in drawn]
+    low, high = f"{min(used):.3g}", f"{max(used):.3g}"
+    shown_perplexity = (
+        f"{perplexity:g}"
+        if min(used) == perplexity
+        else f"{low if low == high else f'{low}–{high}'}, lowered from {perplexity:g} for the "
+        "panel size"
+    )
+    return (
+        f"t-SNE (perplexity {shown_perplexity}), {_span(drawn)} of {_span(list(available.values()))} "
+        f"points per panel, seed {seed}, coarse classes: {', '.join(coarse)}"
+    )
 
 
 def plot_metric_bars(

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from look.analysis._threads import single_threaded_native_pools
-from look.analysis.features import check_fine_to_coarse
+from look.analysis.features import WHOLE_SET_GROUP, check_fine_to_coarse
 from look.search import check_positive_int, knn_search
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "PCA_DIMS",
     "SILHOUETTE_THRESHOLD",
     "ClusterEstimate",
+    "SmallSampleWarning",
     "estimate_cluster_count",
     "knn_label_purity",
     "knn_purity_chance",
@@ -68,6 +69,11 @@ _MEMORY_CHUNK = 8192
 ArrayLike = Tensor | np.ndarray
 
 
+class SmallSampleWarning(UserWarning):
+    """A coarse class (or its subsample) is too small for a measure to mean much: ``k`` capped,
+    fine classes lost to the subsample, or too few rows per fine class."""
+
+
 def _as_numpy_features(features: ArrayLike, name: str = "features") -> np.ndarray:
     array = (
         features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
@@ -76,8 +82,15 @@ def _as_numpy_features(features: ArrayLike, name: str = "features") -> np.ndarra
         raise ValueError(
             f"{name} must be a 2-D float array (N, D), got {array.dtype} {array.shape}"
         )
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contain NaN or inf; check the feature extraction")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        shown = ", ".join(str(i) for i in bad_rows[:5].tolist())
+        more = f" and {bad_rows.size - 5} more" if bad_rows.size > 5 else ""
+        raise ValueError(
+            f"{name} contain NaN or inf in {bad_rows.size} of {array.shape[0]} rows (rows "
+            f"{shown}{more}); check the feature extraction"
+        )
     return array.astype(np.float32, copy=False)
 
 
@@ -278,7 +291,8 @@ def _coarse_metrics(
     num_fine = int(np.unique(fine).size)
     metrics: dict[str, Any] = {
         "num_samples": int(fine.size),
-        "num_fine_classes": num_fine,
+        "num_fine_classes_sampled": num_fine,
+        "k_effective": min(k, max(int(fine.size) - 1, 0)),
         "knn_purity": None,
         "knn_purity_chance": None,
         "separability": None,
@@ -312,6 +326,40 @@ def _coarse_metrics(
     return metrics
 
 
+def _small_sample_notes(
+    entry: dict[str, Any], sampled_fine: np.ndarray, *, k: int, folds: int
+) -> list[str]:
+    """Why a coarse class's measures say little: its sample is too small for them."""
+    notes = []
+    if entry["num_fine_classes"] < 2:
+        return notes  # nothing fine-grained is measured there
+    if entry["num_fine_classes_sampled"] < entry["num_fine_classes"]:
+        notes.append(
+            f"the subsample of {entry['num_samples']} of {entry['num_rows']} rows holds "
+            f"{entry['num_fine_classes_sampled']} of its {entry['num_fine_classes']} fine "
+            "classes (raise --max-per-coarse)"
+        )
+    if entry["num_fine_classes_sampled"] < 2:
+        return notes  # nothing was measured: the other notes would not apply
+    if entry["k_effective"] < k:
+        notes.append(
+            f"only {entry['num_samples']} rows measured, so kNN purity used k = "
+            f"{entry['k_effective']} instead of {k}: with every other row a neighbour, purity "
+            "equals its chance level by construction"
+        )
+    _, counts = np.unique(sampled_fine, return_counts=True)
+    if counts.size >= 2 and int(counts.min()) < 2:
+        notes.append(
+            "a fine class has a single row in the sample, so linear separability is undefined"
+        )
+    elif counts.size >= 2 and int(counts.min()) < folds:
+        notes.append(
+            f"the smallest fine class has {int(counts.min())} rows, fewer than the {folds} folds "
+            "of linear separability"
+        )
+    return notes
+
+
 SUMMARY_KEYS = (
     "knn_purity",
     "knn_purity_chance",
@@ -335,6 +383,7 @@ def multimodality_metrics(
     folds: int = DEFAULT_FOLDS,
     silhouette_threshold: float = SILHOUETTE_THRESHOLD,
     seed: int = 0,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """All multi-modality metrics of the module docstring, per coarse class and averaged.
 
@@ -347,25 +396,34 @@ def multimodality_metrics(
         k, folds, max_clusters, silhouette_threshold: see the module docstring.
         max_per_coarse: at most this many rows per coarse class (seeded subsample); ``None``: all.
         seed: seeds the subsample, the CV folds, PCA and KMeans.
+        name: what the features are (a feature set and its file), for error messages and
+            warnings.
 
     Returns:
         ``{"per_coarse": {coarse_name: {metric: float | None, "num_samples": int,
-        "num_fine_classes": int, "coarse_label": int}}, "summary": {metric: float | None,
+        "num_fine_classes": int, "num_rows": int, "num_fine_classes_sampled": int,
+        "k_effective": int, "warnings": [str], "coarse_label": int}}, "summary": {metric: float | None,
         "num_coarse_classes": int, "num_coarse_classes_with_several_fine": int}, "settings": {...}}``
         where the metrics are ``knn_purity``, ``knn_purity_chance``, ``separability``,
         ``separability_chance``, ``cluster_count``, ``cluster_silhouette``, ``ari`` and
         ``ari_at_fine_count``; a summary value is the unweighted mean over the coarse classes that
         hold several fine classes (all coarse classes when none does) where the metric is defined
-        (``None`` when it is nowhere).
+        (``None`` when it is nowhere). ``num_fine_classes``/``num_rows`` count the data,
+        ``num_samples``/``num_fine_classes_sampled`` the (sub)sample measured; ``warnings`` say
+        where the sample is too small for a measure to mean much (also a
+        :class:`SmallSampleWarning`). ``settings["scope"]`` is ``"intra-coarse"``, or
+        ``"whole-set"`` without coarse labels (one group named
+        :data:`look.analysis.features.WHOLE_SET_GROUP`).
     """
     k = check_positive_int(k)
     if max_per_coarse is not None:
         max_per_coarse = check_positive_int(max_per_coarse, "max_per_coarse")
-    array = _as_numpy_features(features)
+    subject = f"features of {name}" if name else "features"
+    array = _as_numpy_features(features, subject)
     fine = _as_numpy_labels(fine_labels, array.shape[0], "fine_labels")
     if coarse_labels is None:
         coarse = np.zeros_like(fine)
-        coarse_names = coarse_names or ["all classes"]
+        coarse_names = coarse_names or [WHOLE_SET_GROUP]
     else:
         coarse = _as_numpy_labels(coarse_labels, array.shape[0], "coarse_labels")
         check_fine_to_coarse(fine, coarse)
@@ -377,10 +435,9 @@ def multimodality_metrics(
 
     per_coarse: dict[str, dict[str, Any]] = {}
     for coarse_label in present.tolist():
-        rows = _subsample(
-            np.flatnonzero(coarse == coarse_label), max_per_coarse, seed, coarse_label
-        )
-        name = coarse_names[coarse_label] if coarse_names is not None else f"group {coarse_label}"
+        members = np.flatnonzero(coarse == coarse_label)
+        rows = _subsample(members, max_per_coarse, seed, coarse_label)
+        group = coarse_names[coarse_label] if coarse_names is not None else f"group {coarse_label}"
         entry = _coarse_metrics(
             array[rows],
             fine[rows],
@@ -390,7 +447,16 @@ def multimodality_metrics(
             silhouette_threshold=silhouette_threshold,
             seed=seed,
         )
-        per_coarse[name] = {"coarse_label": int(coarse_label), **entry}
+        # The data's counts, not the subsample's: a subsample of 1 row per coarse class would
+        # report a single fine class for a coarse class that has several.
+        entry["num_rows"] = int(members.size)
+        entry["num_fine_classes"] = int(np.unique(fine[members]).size)
+        entry["warnings"] = _small_sample_notes(entry, fine[rows], k=k, folds=folds)
+        for note in entry["warnings"]:
+            warnings.warn(
+                SmallSampleWarning(f"{name or 'features'}, {group}: {note}"), stacklevel=2
+            )
+        per_coarse[group] = {"coarse_label": int(coarse_label), **entry}
 
     # Averages cover the coarse classes with fine structure to measure (all when there are none),
     # so that a one-fine-class group (e.g. Fashion-MNIST's "Bags") does not pull cluster counts down.
@@ -403,6 +469,7 @@ def multimodality_metrics(
     summary["num_coarse_classes"] = len(per_coarse)
     summary["num_coarse_classes_with_several_fine"] = len(several_fine)
     settings = {
+        "scope": "whole-set" if coarse_labels is None else "intra-coarse",
         "k": k,
         "max_per_coarse": max_per_coarse,
         "max_clusters": max_clusters,

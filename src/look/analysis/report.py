@@ -87,11 +87,16 @@ _PROTOCOL_ORDER = ("linear", "knn", "fewshot", "finetune")
 _PROTOCOL_NAMES = {"linear": "linear", "knn": "kNN", "fewshot": "few-shot", "finetune": "fine-tune"}
 _HEADLINE_LEAVES = ("top1", "mean", "mean_accuracy")
 # Multi-modality columns: metric key → (header, whether larger means "more fine structure kept").
+# Both ARIs are shown: "ari" scores the silhouette-chosen clustering, so it is 0 by construction
+# whenever one cluster is chosen (no structure found, or structure unrelated to the fine labels
+# read alike); "ari_at_fine_count" (KMeans with k = the number of fine classes) asks whether the
+# fine classes can be found as clusters at all, and is the one to compare methods by.
 MULTIMODALITY_METRICS: dict[str, tuple[str, bool]] = {
     "knn_purity": ("fine kNN purity (%)", True),
     "separability": ("fine linear separability (%)", True),
     "cluster_count": ("clusters per coarse class", False),
-    "ari": ("ARI clusters vs fine", True),
+    "ari": ("ARI chosen clusters vs fine", True),
+    "ari_at_fine_count": ("ARI at fine count", True),
 }
 # Shown ×100 with one decimal (fractions), or as they are.
 _MULTIMODALITY_PERCENT = {
@@ -99,9 +104,29 @@ _MULTIMODALITY_PERCENT = {
     "separability": True,
     "cluster_count": False,
     "ari": False,
+    "ari_at_fine_count": False,
+    "knn_purity_chance": True,
+    "separability_chance": True,
 }
-_MULTIMODALITY_DIGITS = {"knn_purity": 1, "separability": 1, "cluster_count": 2, "ari": 3}
+_MULTIMODALITY_DIGITS = {
+    "knn_purity": 1,
+    "separability": 1,
+    "cluster_count": 2,
+    "ari": 3,
+    "ari_at_fine_count": 3,
+    "knn_purity_chance": 1,
+    "separability_chance": 1,
+}
 _CHANCE_METRICS = {"knn_purity": "knn_purity_chance", "separability": "separability_chance"}
+_CHANCE_HEADERS = {
+    "knn_purity_chance": "fine kNN purity chance (%)",
+    "separability_chance": "fine linear separability chance (%)",
+}
+# Label set of the multi-modality rows of a feature set without coarse labels: their dataset
+# label becomes "digits (whole set)", a column apart from the intra-coarse measures.
+WHOLE_SET_LABELS = "whole set"
+# Prefix of the analysis settings of a multimodality.json row (look analyze's "settings").
+MULTIMODALITY_SETTING = "multimodality."
 
 
 class RepeatedSeedWarning(ReportInputWarning):
@@ -114,7 +139,13 @@ class MixedSettingsWarning(ReportInputWarning):
 
 
 # Settings of the evaluation side, which the rows of one dataset must share to be compared.
-_EVALUATION_SETTING_PREFIXES = ("labels.evaluation", "dataset.", "protocol_settings.", "protocols.")
+_EVALUATION_SETTING_PREFIXES = (
+    "labels.evaluation",
+    "dataset.",
+    "protocol_settings.",
+    "protocols.",
+    MULTIMODALITY_SETTING,
+)
 _VALUE_CHARS = 60  # a long value (a class-name list) is cut in messages
 _FILES_SHOWN = 3
 
@@ -146,6 +177,8 @@ class SettingsConflict:
         """Whether ``cell`` mixes (or is compared across) the runs of this conflict."""
         if cell.dataset != self.dataset or cell.method not in self.methods:
             return False
+        if self.setting.startswith(MULTIMODALITY_SETTING):  # look analyze's own settings
+            return cell.table == "multimodality"
         if self.protocol is None:
             return True
         return cell.table == "transfer" and cell.metric.split("/", 1)[0] == self.protocol
@@ -274,8 +307,40 @@ def metric_header(metric: str) -> str:
     return " ".join(parts)
 
 
+def _is_whole_set(entry: Mapping[str, Any]) -> bool:
+    """Whether a feature set was measured without coarse labels (one group: the whole set).
+    Files written before ``"scope"`` was recorded named that one group ``"all classes"``."""
+    if "scope" in entry:
+        return entry.get("scope") == "whole-set"
+    per_coarse = entry.get("per_coarse")
+    return isinstance(per_coarse, Mapping) and list(per_coarse) == ["all classes"]
+
+
+def multimodality_settings(content: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, str]:
+    """The analysis settings of one ``multimodality.json`` row that must agree for its numbers to
+    be compared (``"multimodality.k"`` → canonical JSON): the file's ``"settings"`` except the
+    maps' (they change no number), and the row's coarse grouping."""
+    found: dict[str, str] = {}
+    settings = content.get("settings")
+    if isinstance(settings, Mapping):
+        for key, value in settings.items():
+            if key != "maps":
+                found[f"{MULTIMODALITY_SETTING}{key}"] = _canonical_json(value)
+    if entry.get("grouping") is not None:
+        found[f"{MULTIMODALITY_SETTING}grouping"] = _canonical_json(entry["grouping"])
+    return found
+
+
+def _canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def read_multimodality_file(path: str | Path) -> tuple[list[EvaluationResult], list[Path]]:
-    """Rows (one per feature set) and the existing figure paths of a ``multimodality.json``."""
+    """Rows (one per feature set) and the existing figure paths of a ``multimodality.json``.
+
+    A row's ``settings`` are :func:`multimodality_settings`; a feature set measured over its
+    whole set (no coarse labels) gets the label set :data:`WHOLE_SET_LABELS`, which keeps it in
+    columns of its own (``"digits (whole set)"``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"multimodality file {path} does not exist")
@@ -291,10 +356,11 @@ def read_multimodality_file(path: str | Path) -> tuple[list[EvaluationResult], l
                 method=method_label(model) if model else str(entry.get("name") or "unknown"),
                 seed=model.get("seed"),
                 dataset=str(entry.get("dataset") or "unknown"),
-                labels=None,
+                labels=WHOLE_SET_LABELS if _is_whole_set(entry) else None,
                 metrics={},
                 multimodality=multimodality_summary(entry),
                 model=model,
+                settings=multimodality_settings(content, entry),
             )
         )
     figures = [path.parent / str(name) for name in content.get("figures") or []]
@@ -822,12 +888,42 @@ def _comparison_section(
     return lines
 
 
+def _multimodality_settings_lines(runs: Sequence[EvaluationResult]) -> list[str]:
+    """One line per distinct analysis settings among the multi-modality rows, naming the rows."""
+    from look.analysis.analyze import settings_line
+
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        values = {
+            key.removeprefix(MULTIMODALITY_SETTING): json.loads(value)
+            for key, value in run.settings.items()
+            if key.startswith(MULTIMODALITY_SETTING)
+        }
+        if not values or "k" not in values:
+            continue  # written before settings were recorded, or not by look analyze
+        text = settings_line(values)  # groupings differ by dataset: ⚠ marks tell within one
+        row = f"{run.method} on {run.dataset_label}"
+        if row not in groups.setdefault(text, []):
+            groups[text].append(row)
+    if not groups:
+        return []
+    if len(groups) == 1:
+        return [f"Settings (`look analyze`): {next(iter(groups))}.", ""]
+    lines = [
+        "Settings (`look analyze`) differ between rows (compare only rows of one setting):",
+        "",
+    ]
+    lines += [f"- {text}: {', '.join(_escape(r) for r in rows)}" for text, rows in groups.items()]
+    return [*lines, ""]
+
+
 def _multimodality_section(
     cells: Sequence[Cell],
     methods: Sequence[str],
     datasets: Sequence[str],
     *,
     markers: Mapping[tuple[str, str | None], str] | None = None,
+    runs: Sequence[EvaluationResult] = (),
 ) -> list[str]:
     multimodal = [c for c in cells if c.table == "multimodality"]
     headline = [c for c in multimodal if c.headline]
@@ -838,22 +934,38 @@ def _multimodality_section(
         {(c.dataset, c.metric) for c in headline},
         key=lambda col: (datasets.index(col[0]), order.index(col[1])),
     )
-    several_datasets = len({d for d, _ in columns}) > 1
-    header = {
-        (d, m): (f"{d}<br>" if several_datasets else "") + MULTIMODALITY_METRICS[m][0]
-        for d, m in columns
-    }
+    whole_set = {c.dataset for c in multimodal if c.labels == WHOLE_SET_LABELS}
+    several_datasets = len({d for d, _ in columns}) > 1 or bool(whole_set)
+
+    def title(dataset: str, metric: str) -> str:
+        name = MULTIMODALITY_METRICS[metric][0]
+        if dataset in whole_set:  # one group: never "per coarse class"
+            name = name.replace("clusters per coarse class", "clusters in the whole set")
+        return (f"{dataset}<br>" if several_datasets else "") + name
+
+    header = {(d, m): title(d, m) for d, m in columns}
     row_methods = [m for m in methods if any(c.method == m for c in headline)]
     lines = [
         "## Intra-class multi-modality",
         "",
         "Inside each coarse class, on frozen features (averaged over the coarse classes with "
         "several fine classes): kNN purity and linear separability of the *fine* labels, the "
-        "number of clusters found (KMeans + silhouette) and its agreement with the fine labels "
-        "(adjusted Rand index). Higher purity/separability/ARI = more fine structure kept; "
-        "definitions in `look.analysis.multimodality`.",
+        "number of clusters found (KMeans + silhouette) and the agreement of clusters with the "
+        "fine labels (adjusted Rand index, chance level 0): *ARI at fine count* clusters with "
+        "KMeans at the number of fine classes and is the one to compare; *ARI chosen clusters* "
+        "scores the silhouette's choice, 0 whenever it chose 1 cluster. Higher "
+        "purity/separability/ARI = more fine structure kept; definitions in "
+        "`look.analysis.multimodality`.",
         "",
     ]
+    if whole_set:
+        listed = ", ".join(sorted(whole_set))
+        lines += [
+            f"**No coarse grouping** in {listed}: these columns measure the whole set as one "
+            "group (every fine class together), not fine classes inside coarse classes.",
+            "",
+        ]
+    lines += _multimodality_settings_lines(runs)
     lines += _markdown_table(
         headline,
         row_methods,
@@ -863,18 +975,35 @@ def _multimodality_section(
         digits=_MULTIMODALITY_DIGITS,
         markers=markers,
     )
-    chance_notes = []
-    for dataset in dict.fromkeys(d for d, _ in columns):
-        for metric, chance_metric in _CHANCE_METRICS.items():
-            chance = [
-                c.mean for c in multimodal if c.dataset == dataset and c.metric == chance_metric
-            ]
-            if chance:
-                chance_notes.append(
-                    f"{dataset} {metric.replace('_', ' ')}: {100 * statistics.fmean(chance):.1f}%"
-                )
-    if chance_notes:
-        lines += ["", "Chance level — " + "; ".join(chance_notes) + "."]
+    # Chance levels row by row: they depend on each row's class balance and subsample, so one
+    # average over rows (of possibly different settings) would describe none of them.
+    chance = [c for c in multimodal if c.metric in _CHANCE_HEADERS]
+    chance_columns = sorted(
+        {(c.dataset, c.metric) for c in chance},
+        key=lambda col: (datasets.index(col[0]), list(_CHANCE_HEADERS).index(col[1])),
+    )
+    if chance_columns:
+        chance_header = {
+            (d, m): (f"{d}<br>" if several_datasets else "") + _CHANCE_HEADERS[m]
+            for d, m in chance_columns
+        }
+        lines += [
+            "",
+            "Chance levels of each row (labels independent of the features; the chance level of "
+            "either ARI is 0):",
+            "",
+        ]
+        lines += _markdown_table(
+            chance,
+            [m for m in row_methods if any(c.method == m for c in chance)],
+            chance_columns,
+            chance_header,
+            percent=_MULTIMODALITY_PERCENT,
+            digits=_MULTIMODALITY_DIGITS,
+            markers=markers,
+        )
+    else:
+        lines += ["", "Chance level of either ARI: 0."]
     lines.append("")
     return lines
 
@@ -1000,7 +1129,13 @@ def write_report(
     )
     lines += transfer_lines
     lines += _comparison_section(comparisons, datasets, cells=cells, markers=markers)
-    lines += _multimodality_section(cells, methods, datasets, markers=markers)
+    lines += _multimodality_section(
+        cells,
+        methods,
+        datasets,
+        markers=markers,
+        runs=[run for run in runs if run.multimodality],
+    )
     lines += _comparison_section(
         multimodal_comparisons, datasets, multimodality=True, cells=cells, markers=markers
     )

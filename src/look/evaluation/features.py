@@ -397,7 +397,8 @@ def load_or_extract_features(
     """
     cache_path = None
     if cache_dir is not None and cache_key is not None:
-        cache_path = Path(cache_dir).expanduser() / f"{cache_key}.pt"
+        # Absolute: results.json records this path, and look analyze may run from elsewhere.
+        cache_path = Path(cache_dir).expanduser().resolve() / f"{cache_key}.pt"
     started = time.perf_counter()
     cached = _read_cache(cache_path, fine_labels) if cache_path is not None else None
     if _all_ranks_agree(cached is not None):
