@@ -54,7 +54,9 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device
     return device
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+def wrap_ddp(
+    module: torch.nn.Module, device: torch.device, *, find_unused_parameters: bool = False
+) -> DistributedDataParallel:
     """``module`` under DDP as a method needs it: buffers are never broadcast from rank 0.
 
     A memory keeps itself identical on every rank through its own gathers, and a sharded bank's
@@ -69,6 +71,7 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> DistributedDataPa
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
         )
 
 

@@ -38,6 +38,7 @@ from look.engine.checkpoint import (
 from look.engine.distributed import (
     all_reduce_sum,
     barrier,
+    gather_no_grad,
     get_rank,
     get_world_size,
     init_distributed,
@@ -60,6 +61,7 @@ from look.methods import (
     build_method,
     get_method_class,
 )
+from look.methods.base import step_output_problem
 from look.models import create_backbone, export_backbone
 
 # Sections of the config that define the optimisation problem: a resumed run must match them.
@@ -360,6 +362,7 @@ class Trainer:
         # Steps whose loss counted no item (all of LOOK's queries dropped): reported per epoch.
         self.steps_without_items = 0
         self.epoch_steps_without_items = 0
+        self._diverging_buffers_reported: set[str] = set()
         self.logger: MetricsLogger | None = None
         self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
@@ -426,9 +429,49 @@ class Trainer:
             self.method.discard_step()
         return {"loss": loss, "seconds": round(time.perf_counter() - started, 3)}
 
+    def _warn_about_buffers_that_differ_between_ranks(self) -> None:
+        """A checkpoint holds rank 0's method state: a buffer that differs between ranks (a
+        method updating state from its own rank's batch alone) would resume differently on the
+        other ranks. One float64 sum per buffer, gathered at checkpoint time only. Batch norm's
+        running statistics (per rank without SyncBatchNorm; used only in eval mode) and a
+        sharded bank's shards (different by design) are left out."""
+        from look.sharded import ShardedMemoryBank
+
+        sharded = {
+            name
+            for name, module in self.method.named_modules()
+            if isinstance(module, ShardedMemoryBank)
+        }
+        names, sums = [], []
+        for name, buffer in self.method.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if leaf in _RUNNING_STATISTICS or owner in sharded:
+                continue
+            names.append(name)
+            sums.append(buffer.sum(dtype=torch.float64))
+        if not names:
+            return
+        every_rank = gather_no_grad(torch.stack(sums)[None]).cpu()  # (world, buffers)
+        differing = [
+            n for i, n in enumerate(names) if not bool((every_rank[:, i] == every_rank[0, i]).all())
+        ]
+        new = [n for n in differing if n not in self._diverging_buffers_reported]
+        self._diverging_buffers_reported.update(new)
+        if new and is_main_process():
+            warnings.warn(
+                f"method {self.method.name!r} holds buffers that differ between ranks at step "
+                f"{self.global_step}: {', '.join(new)}. A checkpoint keeps rank 0's, so a resumed "
+                "run will not continue as this one. Keep method state identical on every rank "
+                "(update it from the batch gathered over ranks).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def save(self) -> None:
         # The log reaches the checkpoint's step first: a resume truncates it after that step.
         self._write_train_log()
+        if is_distributed():
+            self._warn_about_buffers_that_differ_between_ranks()
         # Every rank builds the state (it may be a collective); rank 0 alone writes it.
         state = self.state_dict()
         if is_main_process():
@@ -477,7 +520,33 @@ class Trainer:
             )
         if state["global_batch_size"] != self.global_batch:
             raise ConfigError("the global batch size changed since the checkpoint")
+        self._check_state_layout(state["model"], path)
         return state, path
+
+    def _check_state_layout(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuse, before anything is loaded (and in a dry run), a checkpoint whose method state
+        has other entries or shapes than this method's: its code changed since the run began.
+        The memory's rows are checked by the memory itself (a sharded bank stores them whole)."""
+        own = {k: tuple(v.shape) for k, v in self.method.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        problems = [f"missing {k}" for k in own if k not in theirs]
+        problems += [f"unexpected {k}" for k in theirs if k not in own]
+        problems += [
+            f"{k} has shape {theirs[k]}, the method's is {shape}"
+            for k, shape in own.items()
+            if k in theirs and theirs[k] != shape
+        ]
+        problems = [p for p in problems if not p.split(" ", 1)[1].startswith("memory.")]
+        if problems:
+            shown = "; ".join(problems[:5]) + (
+                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            )
+            raise ConfigError(
+                f"{self.output_dir}'s checkpoint {path.name} does not fit method "
+                f"{self.method.name!r} as its code is now ({shown}): was the method changed "
+                "since the run began? Restore that code, or use a new --output directory "
+                "(--no-resume starts over there)."
+            )
 
     def _synchronise_batchnorm(self) -> int:
         """With ``train.sync_batchnorm`` under several ranks, every batch-norm layer of the
@@ -698,13 +767,27 @@ class Trainer:
     def _forward(self, epoch: int, batch: Batch) -> StepOutput:
         try:
             with self._autocast():
-                return self.model(batch)
+                out = self.model(batch)
         # (AssertionError: a backbone's own input checks, e.g. a ViT given another image size)
         except (ValueError, RuntimeError, AssertionError) as exc:
+            hint = ""
+            if "finished reduction in the prior iteration" in str(exc):
+                # DDP waited for gradients of parameters the previous step's loss did not use.
+                hint = (
+                    f" Method {self.method.name!r} left parameters without a gradient; set "
+                    "its class attribute ddp_find_unused_parameters = True."
+                )
             raise TrainingStepError(
                 f"step {self.global_step + 1} (epoch {epoch}, first dataset indices "
-                f"{batch.indices[:8].tolist()}) failed: {exc}. " + self._kept_checkpoint()
+                f"{batch.indices[:8].tolist()}) failed: {exc}.{hint} " + self._kept_checkpoint()
             ) from exc
+        problem = step_output_problem(out)
+        if problem is not None:
+            raise TrainingStepError(
+                f"method {self.method.name!r} {problem}. Its forward must return "
+                "StepOutput(loss=<0-d float tensor with grad>, metrics={'loss': ..., <tensors>})."
+            )
+        return out
 
     def _forward_backward(
         self, epoch: int, batch: Batch
@@ -792,9 +875,13 @@ class Trainer:
                     if self.cfg.train.nan_policy == "stop"
                     else f" ({self.consecutive_skips} in a row, more than train.nan_max_consecutive_skips={limit})"
                 )
+                advice = (
+                    "Lower optim.lr or enable optim.grad_clip"
+                    if self.cfg.train.nan_policy == "skip"
+                    else "Lower optim.lr, enable optim.grad_clip, or set train.nan_policy=skip"
+                )
                 raise TrainingStepError(
-                    message + f"{reason}; stopping. {self._kept_checkpoint()} Lower optim.lr, "
-                    "enable optim.grad_clip, or set train.nan_policy=skip."
+                    message + f"{reason}; stopping. {self._kept_checkpoint()} {advice}."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.running_statistics.restore()
@@ -879,7 +966,11 @@ class Trainer:
                 self._warmup_memory()
             self._measure_transfer(epochs_trained=0)  # the starting point of the curve
         if is_distributed():
-            self.model = wrap_ddp(self.method, self.device)
+            self.model = wrap_ddp(
+                self.method,
+                self.device,
+                find_unused_parameters=type(self.method).ddp_find_unused_parameters,
+            )
         if self.cfg.train.compile:
             self.method.backbone.compile()
         self.method.train()

@@ -79,6 +79,25 @@ class StepOutput:
     anchors: Anchors | None = None
 
 
+def step_output_problem(out: object) -> str | None:
+    """What is wrong with a method's ``forward`` result for the trainer, or ``None``: checks of
+    types and attributes only (nothing that waits for the device)."""
+    if not isinstance(out, StepOutput):
+        return f"returned a {type(out).__name__}, not a look.methods.StepOutput"
+    loss = out.loss
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        return f"returned a loss of shape/type {shape}; it must be a 0-d floating tensor"
+    if not loss.requires_grad:
+        return "returned a loss that does not require grad (detached, or computed under no_grad)"
+    if not isinstance(out.metrics, dict) or "loss" not in out.metrics:
+        return "returned metrics without a 'loss' entry (Method.step_metrics builds them)"
+    not_tensors = [k for k, v in out.metrics.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        return f"returned metrics that are not tensors: {not_tensors}"
+    return None
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may know about its data: sizes, not samples."""
@@ -103,6 +122,9 @@ class Method(nn.Module):
     name: ClassVar[str] = "base"
     num_views: ClassVar[int] = 1
     uses_labels: ClassVar[bool] = True
+    # True for a method with parameters that some steps leave without a gradient: DDP then
+    # looks for them every step (slower), instead of waiting for their gradients forever.
+    ddp_find_unused_parameters: ClassVar[bool] = False
     Options: ClassVar[type] = object
     # Set by a caller that reads StepOutput.inexact and redoes inexact steps (the trainer):
     # a method may then skip waiting for the device to learn whether its search was exact.
