@@ -138,6 +138,23 @@ def test_valid_mask_equals_selecting_the_valid_negatives() -> None:
         info_nce_loss_terms(key, key, negatives, temperature=0.2, negatives_valid=valid[:3])
 
 
+def test_the_module_and_scalar_take_the_valid_mask_too() -> None:
+    """A queue's unwritten slots may hold anything (NaN here): masked, they neither count nor
+    trip the NaN check."""
+    g = torch.Generator().manual_seed(7)
+    negatives = F.normalize(torch.randn(10, 6, generator=g), dim=1)
+    valid = torch.arange(10) < 6
+    unwritten = negatives.masked_fill(~valid.unsqueeze(1), float("nan"))
+    query = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    key = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    expected = InfoNCELoss(0.2)(query, key, negatives[valid])
+    assert torch.equal(InfoNCELoss(0.2)(query, key, unwritten, negatives_valid=valid), expected)
+    scalar = info_nce_loss(query, key, unwritten, temperature=0.2, negatives_valid=valid)
+    assert torch.equal(scalar, expected)
+    with pytest.raises(ValueError, match="NaN"):
+        InfoNCELoss(0.2)(query, key, unwritten)  # unmasked, the NaN rows are input
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_negatives_updated_in_place_before_backward(with_mask: bool) -> None:
     # MoCo enqueues its keys into the queue after the loss and before backward: the product must

@@ -760,3 +760,24 @@ def test_the_module_reads_a_memory_module_as_its_tensors_would_be_passed() -> No
         loss(query, labels, ShardedMemoryBank(20, 8))
     with pytest.raises(ValueError, match="memory_labels is required"):
         loss(query, labels, bank.features)
+
+
+def test_a_bank_needs_the_queries_indices_in_its_range() -> None:
+    """Without them each query would be its own nearest neighbour (its row is in the bank)."""
+    from look.memory import MemoryBank
+
+    generator = torch.Generator().manual_seed(0)
+    bank = MemoryBank(10, 8)
+    rows = F.normalize(torch.randn(10, 8, generator=generator), dim=1)
+    bank.update(torch.arange(10), rows, torch.arange(10) % 2)
+    loss = LookLoss(2, TEMPERATURE)
+    labels = torch.arange(4) % 2
+    with pytest.raises(ValueError, match="query_indices is required with a MemoryBank"):
+        loss(rows[:4], labels, bank)
+    with pytest.raises(ValueError, match=r"query_indices lie in \[100, 103\], outside \[-1, 10\)"):
+        loss(rows[:4], labels, bank, query_indices=torch.arange(4) + 100)
+    # -1: queries that are not in the bank (their own rows are not there to leave out).
+    outside = loss.terms(rows[:4], labels, bank, query_indices=torch.full((4,), -1))
+    inside = loss.terms(rows[:4], labels, bank, query_indices=torch.arange(4))
+    assert outside.neighbour_indices[:, 0].tolist() == [0, 1, 2, 3], "each finds its own row"
+    assert all(i not in row for i, row in enumerate(inside.neighbour_indices.tolist()))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from look.host_sync import host_reads_are_free
 from look.losses.look_loss import (
     _constant_rows,
     check_temperature,
@@ -88,15 +89,33 @@ def info_nce_loss_terms(
     return loss, valid
 
 
+def _negatives_in_use(negatives: Tensor, negatives_valid: Tensor | None) -> Tensor:
+    """The negatives the NaN check reads: unused slots (a queue's unwritten ones) may hold
+    anything. (Only where host reads are free: the selection reads the mask.)"""
+    if negatives_valid is None or not host_reads_are_free(negatives.device):
+        return negatives
+    return negatives[negatives_valid.to(negatives.device)]
+
+
 def info_nce_loss(
-    query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperature: float
+    query: Tensor,
+    positive_key: Tensor,
+    negatives: Tensor,
+    *,
+    temperature: float,
+    negatives_valid: Tensor | None = None,
 ) -> Tensor:
     """Scalar InfoNCE loss: mean of :func:`info_nce_loss_terms` over the batch; NaN/Inf input
     is refused on the CPU (``ValueError``)."""
     refuse_non_finite_on_host(
-        "InfoNCE", query=query, positive_key=positive_key, negatives=negatives
+        "InfoNCE",
+        query=query,
+        positive_key=positive_key,
+        negatives=_negatives_in_use(negatives, negatives_valid),
     )
-    loss, valid = info_nce_loss_terms(query, positive_key, negatives, temperature=temperature)
+    loss, valid = info_nce_loss_terms(
+        query, positive_key, negatives, temperature=temperature, negatives_valid=negatives_valid
+    )
     return masked_mean(loss, valid)
 
 
@@ -108,17 +127,39 @@ class InfoNCELoss(nn.Module):
         self.temperature = check_temperature(temperature)
 
     def terms(
-        self, query: Tensor, positive_key: Tensor, negatives: Tensor
+        self,
+        query: Tensor,
+        positive_key: Tensor,
+        negatives: Tensor,
+        *,
+        negatives_valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-query ``(loss, valid)``, as :func:`info_nce_loss_terms`."""
-        return info_nce_loss_terms(query, positive_key, negatives, temperature=self.temperature)
-
-    def forward(self, query: Tensor, positive_key: Tensor, negatives: Tensor) -> Tensor:
-        """Scalar loss (mean of :meth:`terms`); NaN/Inf input is refused on the CPU."""
-        refuse_non_finite_on_host(
-            "InfoNCE", query=query, positive_key=positive_key, negatives=negatives
+        return info_nce_loss_terms(
+            query,
+            positive_key,
+            negatives,
+            temperature=self.temperature,
+            negatives_valid=negatives_valid,
         )
-        loss, valid = self.terms(query, positive_key, negatives)
+
+    def forward(
+        self,
+        query: Tensor,
+        positive_key: Tensor,
+        negatives: Tensor,
+        *,
+        negatives_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Scalar loss (mean of :meth:`terms`); NaN/Inf input is refused on the CPU.
+        ``negatives_valid`` masks the negatives that take part (a queue's written slots)."""
+        refuse_non_finite_on_host(
+            "InfoNCE",
+            query=query,
+            positive_key=positive_key,
+            negatives=_negatives_in_use(negatives, negatives_valid),
+        )
+        loss, valid = self.terms(query, positive_key, negatives, negatives_valid=negatives_valid)
         return masked_mean(loss, valid)
 
     def extra_repr(self) -> str:

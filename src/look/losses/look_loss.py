@@ -787,9 +787,11 @@ class LookLoss(nn.Module):
         """Per-query terms, as :func:`look_loss_terms` with this module's settings."""
         prefilter = None
         if isinstance(memory, nn.Module):
+            module = memory
             memory, memory_labels, memory_ids, memory_valid, prefilter = _memory_inputs(
-                memory, memory_labels, memory_ids, memory_valid
+                module, memory_labels, memory_ids, memory_valid
             )
+            _check_bank_query_indices(module, query_indices)
         elif memory_labels is None:
             raise ValueError("memory_labels is required when the memory is a tensor")
         return look_loss_terms(
@@ -836,6 +838,29 @@ class LookLoss(nn.Module):
             f"k={self.k}, temperature={self.temperature}, no_positive={self.no_positive!r}, "
             f"chunk_size={self.chunk_size}, search_backend={self.search_backend!r}"
         )
+
+
+def _check_bank_query_indices(memory: nn.Module, query_indices: Tensor | None) -> None:
+    """A bank's row i is dataset image i: without the queries' indices leave-one-out cannot
+    exclude their own rows (each would be its own nearest neighbour), and an index outside the
+    bank excludes nothing. (-1: a query that is not in the bank.)"""
+    from look.memory import MemoryBank
+
+    if not isinstance(memory, MemoryBank):
+        return
+    if query_indices is None:
+        raise ValueError(
+            "query_indices is required with a MemoryBank: its row i is dataset image i, and "
+            "leave-one-out excludes each query's own row by its index (pass -1 for a query "
+            "that is not in the bank)"
+        )
+    if host_reads_are_free(query_indices.device) and query_indices.numel():
+        low, high = int(query_indices.min()), int(query_indices.max())
+        if low < -1 or high >= memory.size:
+            raise ValueError(
+                f"query_indices lie in [{low}, {high}], outside [-1, {memory.size}) (the bank's "
+                "rows; -1 for a query that is not in it)"
+            )
 
 
 def _memory_inputs(
