@@ -132,7 +132,12 @@ def test_impossible_k_is_a_config_error() -> None:
         ({"name": "look", "no_positive": "zero"}, "no_positive='zero'"),
         ({"name": "look", "memory": "queue", "memory_init": "warmup"}, "needs memory=bank"),
         ({"name": "supcon", "temperature": -1.0}, "temperature must be > 0"),
-        ({"name": "ce", "k": 5}, "unknown config key"),
+        # An option of another method: the section still holds that method's keys.
+        (
+            {"name": "ce", "k": 5},
+            r"method 'ce' has no option 'k' \(an option of look, nca\).*method=\{name: ce\}",
+        ),
+        ({"name": "ce", "kk": 5}, "unknown config key"),
         ({"name": "mocov2", "encoder_momentum": 1.0}, "encoder_momentum"),
         ({"name": "simclr"}, "unknown method"),
     ],

@@ -156,6 +156,25 @@ class Method(nn.Module):
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> Any:
         values = {k: v for k, v in values.items() if k != "name"}
+        own = {f.name for f in dataclasses.fields(cls.Options)}
+        foreign = sorted(set(values) - own)
+        if foreign:
+            from look.methods import METHODS  # (the registry imports this module)
+
+            owners = sorted(
+                name
+                for name, other in METHODS.items()
+                if other is not cls
+                and set(foreign) & {f.name for f in dataclasses.fields(other.Options)}
+            )
+            if owners:
+                # `--set method.name=X` on a recipe of another method keeps that method's keys.
+                raise ConfigError(
+                    f"method {cls.name!r} has no option {', '.join(map(repr, foreign))} (an "
+                    f"option of {', '.join(owners)}): the method section still holds another "
+                    f"method's options. Replace the whole section: --set \"method={{name: "
+                    f'{cls.name}}}" (its options: {", ".join(sorted(own))})'
+                )
         options = dataclass_from_dict(cls.Options, values, f"method({cls.name})")
         validate = getattr(options, "validate", None)
         if validate is not None:
