@@ -257,9 +257,9 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_methods(_: argparse.Namespace) -> int:
     import dataclasses
 
-    from look.methods import METHODS
+    from look.methods import registered_methods
 
-    for name, cls in METHODS.items():
+    for name, cls in registered_methods().items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
         choices = getattr(cls.Options, "CHOICES", {})

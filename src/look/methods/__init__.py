@@ -25,10 +25,42 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+# Methods of other packages register under this entry-point group (in their pyproject.toml:
+# [project.entry-points."look.methods"] my_method = "my_package.my_method:MyMethod"), so that
+# `look pretrain` and `torchrun -m look` find them without an edit of look.
+ENTRY_POINT_GROUP = "look.methods"
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """The built-in methods and those other installed packages register (entry points)."""
+    from importlib.metadata import entry_points
+
+    found = dict(METHODS)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in found:
+            continue  # a built-in (or an earlier registration) keeps its name
+        try:
+            cls = entry.load()
+        except Exception as error:  # a broken plug-in must not stop the built-in methods
+            raise ConfigError(
+                f"method {entry.name!r} registered by entry point {entry.value!r} cannot be "
+                f"loaded: {type(error).__name__}: {error}"
+            ) from error
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(
+                f"entry point {entry.name!r} = {entry.value!r} is not a look.methods.Method"
+            )
+        found[entry.name] = cls
+    return found
+
+
 def get_method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
+    if name in METHODS:
+        return METHODS[name]
+    methods = registered_methods()
+    if name not in methods:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(methods)}")
+    return methods[name]
 
 
 def build_method(
@@ -40,6 +72,7 @@ def build_method(
 
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "METHODS",
     "Batch",
     "Method",
@@ -47,4 +80,5 @@ __all__ = [
     "StepOutput",
     "build_method",
     "get_method_class",
+    "registered_methods",
 ]

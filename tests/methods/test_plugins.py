@@ -1,0 +1,58 @@
+"""Methods of other packages, found through the ``look.methods`` entry-point group."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+from look.config import ConfigError
+from look.methods import ENTRY_POINT_GROUP, get_method_class
+from look.methods.ce import CrossEntropy
+from tests.engine.test_trainer import tiny_config
+
+
+class PluginCE(CrossEntropy):
+    """CE as another package would register it."""
+
+    name = "plugin_ce"
+
+
+def _entry_points(*entries: tuple[str, str]) -> object:
+    points = [importlib.metadata.EntryPoint(n, v, ENTRY_POINT_GROUP) for n, v in entries]
+    return lambda group=None: [p for p in points if group in (None, p.group)]
+
+
+def test_an_installed_package_can_register_a_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from look.cli import main
+    from look.engine.trainer import Trainer
+
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        _entry_points(("plugin_ce", "tests.methods.test_plugins:PluginCE")),
+    )
+    assert get_method_class("plugin_ce") is PluginCE
+    plan = Trainer(tiny_config("method={name: plugin_ce}"), tmp_path / "run").plan()
+    assert plan["method"]["name"] == "plugin_ce"
+    assert main(["methods"]) == 0
+    assert "plugin_ce: " in capsys.readouterr().out
+
+
+def test_a_broken_registration_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def registered(*entries: tuple[str, str]) -> None:
+        monkeypatch.setattr(importlib.metadata, "entry_points", _entry_points(*entries))
+
+    registered(("broken", "tests.methods.no_such_module:Method"))
+    with pytest.raises(ConfigError, match=r"'broken' registered by entry point .* cannot be"):
+        get_method_class("anything")
+    registered(("odd", "pathlib:Path"))
+    with pytest.raises(ConfigError, match=r"is not a look\.methods\.Method"):
+        get_method_class("odd")
+    registered()
+    with pytest.raises(ConfigError, match="unknown method 'simclr'"):
+        get_method_class("simclr")
+    assert get_method_class("look").name == "look"  # built-ins never read the entry points
