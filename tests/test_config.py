@@ -65,7 +65,10 @@ def test_int_is_accepted_for_float_fields() -> None:
     [
         ("optim.lrr=0.1", "did you mean 'lr'"),
         # No near miss: the section's keys are listed instead.
-        ("model.name=resnet18", "valid keys here: backbone, pretrained_weights, small_stem."),
+        (
+            "model.name=resnet18",
+            "valid keys here: backbone, backbone_kwargs, pretrained_weights, small_stem.",
+        ),
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("optim.lr=abc", "optim.lr must be a number"),
         ("optim.lr=.nan", "finite"),

@@ -49,6 +49,9 @@ class ModelConfig:
     backbone: str = "look_cnn_small"
     small_stem: bool = False
     pretrained_weights: str | None = None
+    # More constructor arguments for timm/torchvision, e.g. {img_size: 32, patch_size: 4} for a
+    # ViT on small images; recorded in exports so that the backbone is rebuilt the same way.
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

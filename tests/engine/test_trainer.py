@@ -432,3 +432,44 @@ def test_steps_whose_loss_counts_no_item_are_counted_and_reported(tmp_path: Path
         pretrain(tiny_config(), tmp_path / "ordinary")
     summary = json.loads((tmp_path / "ordinary" / "summary.json").read_text())
     assert summary["steps_without_items"] <= 1
+
+
+def test_a_vit_on_small_images_through_backbone_kwargs(tmp_path: Path) -> None:
+    """timm's ViTs are built for 224 px: model.backbone_kwargs passes their img_size and
+    patch_size, and the export records them, so evaluation rebuilds the same model."""
+    from look.evaluation import ModelSource, load_model
+
+    vit = (
+        "model.backbone=vit_tiny_patch16_224",
+        "model.backbone_kwargs={img_size: 16, patch_size: 4}",
+    )
+    pretrain(tiny_config(*vit, "train.max_steps=2"), tmp_path / "run")
+    exported = load_exported_backbone(tmp_path / "run" / "backbone.safetensors")[0]
+    assert exported.patch_embed.img_size == (16, 16)
+    loaded = load_model(ModelSource(checkpoint=tmp_path / "run"))
+    assert loaded.backbone(torch.randn(2, 3, 16, 16)).shape == (2, loaded.feature_dim)
+    from look.engine.export import export_from_checkpoint
+
+    export_from_checkpoint(tmp_path / "run", tmp_path / "again.safetensors")  # look export
+    assert load_exported_backbone(tmp_path / "again.safetensors")[1] == loaded.feature_dim
+    # Resumed with the same arguments; other arguments are another model.
+    assert pretrain(tiny_config(*vit, "train.max_steps=3"), tmp_path / "run").global_step == 3
+    with pytest.raises(ConfigError, match=r"model\.backbone_kwargs"):
+        pretrain(
+            tiny_config(vit[0], "model.backbone_kwargs={img_size: 16, patch_size: 8}"),
+            tmp_path / "run",
+        )
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes_with_its_default() -> None:
+    from dataclasses import asdict
+
+    from look.engine.trainer import _config_differences
+
+    now = asdict(tiny_config())
+    saved = {**now, "model": {k: v for k, v in now["model"].items() if k != "backbone_kwargs"}}
+    assert _config_differences(saved, now) == []
+    changed = {**now, "model": {**now["model"], "backbone_kwargs": {"img_size": 16}}}
+    assert _config_differences(saved, changed) == [
+        "model.backbone_kwargs: checkpoint {} vs now {'img_size': 16}"
+    ]

@@ -62,7 +62,10 @@ def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     with the method, the step and the pre-training data (:func:`pretraining_metadata`)."""
     state = load_checkpoint_from(checkpoint)
     model_cfg = state["config"]["model"]
-    backbone, _ = create_backbone(model_cfg["backbone"], small_stem=model_cfg["small_stem"])
+    model_kwargs = model_cfg.get("backbone_kwargs") or {}  # (runs before it existed: none)
+    backbone, _ = create_backbone(
+        model_cfg["backbone"], small_stem=model_cfg["small_stem"], model_kwargs=model_kwargs
+    )
     backbone.load_state_dict(backbone_state_from_checkpoint(state))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,7 @@ def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         model_cfg["backbone"],
         str(output),
         small_stem=model_cfg["small_stem"],
+        model_kwargs=model_kwargs,
         extra_metadata=export_metadata(state["config"], global_step=state["global_step"]),
     )
     return output

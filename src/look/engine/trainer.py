@@ -146,19 +146,23 @@ def _config_differences(
     may_differ: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[str]:
     diffs: list[str] = []
+    # A key a checkpoint lacks came later: its run had the default (e.g. model.backbone_kwargs).
+    defaults = asdict(RunConfig())
     for section in _RESUME_MUST_MATCH:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
+            section_defaults = defaults.get(section)
+            section_defaults = section_defaults if isinstance(section_defaults, dict) else {}
             for key in sorted(set(old) | set(new)):
                 if (section, key) in _RESUME_MAY_DIFFER or (section, key) in may_differ:
                     continue
-                group = _RESUME_INTERCHANGEABLE.get((section, key), frozenset())
-                if {old.get(key), new.get(key)} <= group:
+                was = old.get(key, section_defaults.get(key))
+                now = new.get(key, section_defaults.get(key))
+                group = _RESUME_INTERCHANGEABLE.get((section, key))
+                if group is not None and was in group and now in group:
                     continue
-                if old.get(key) != new.get(key):
-                    diffs.append(
-                        f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}"
-                    )
+                if was != now:
+                    diffs.append(f"{section}.{key}: checkpoint {was!r} vs now {now!r}")
         elif old != new:
             diffs.append(f"{section}: checkpoint {old!r} vs now {new!r}")
     return diffs
@@ -307,6 +311,7 @@ class Trainer:
             cfg.model.backbone,
             small_stem=cfg.model.small_stem,
             pretrained_weights=cfg.model.pretrained_weights,
+            model_kwargs=cfg.model.backbone_kwargs,
         )
         ctx = MethodContext(
             num_classes=self.data_info.num_classes,
@@ -1048,6 +1053,7 @@ class Trainer:
                 self.cfg.model.backbone,
                 str(result.backbone_path),
                 small_stem=self.cfg.model.small_stem,
+                model_kwargs=self.cfg.model.backbone_kwargs,
                 extra_metadata=export_metadata(self.resolved),
             )
         if is_main_process():

@@ -225,7 +225,9 @@ def _load_look_checkpoint(path: Path, *, use_head: bool) -> LoadedModel:
         )
     model_cfg = config["model"]
     name, small_stem = str(model_cfg["backbone"]), bool(model_cfg.get("small_stem", False))
-    backbone, feature_dim = create_backbone(name, small_stem=small_stem)
+    backbone, feature_dim = create_backbone(
+        name, small_stem=small_stem, model_kwargs=model_cfg.get("backbone_kwargs") or {}
+    )
     try:
         backbone.load_state_dict(backbone_state_from_checkpoint(state), strict=True)
     except RuntimeError as error:

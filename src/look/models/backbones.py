@@ -9,7 +9,9 @@ local file.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torchvision
@@ -28,6 +30,8 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "tv:"
+# Constructor arguments look sets itself (no downloaded weights, no classifier).
+_RESERVED_MODEL_KWARGS = frozenset({"pretrained", "num_classes", "in_chans", "weights"})
 # Attributes that hold the classifier of torchvision classification models.
 _TORCHVISION_CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 # With weights=None these build auxiliary classifiers whose outputs change forward()'s return type.
@@ -134,7 +138,9 @@ def apply_small_stem(model: nn.Module, name: str = "") -> None:
     model.maxpool = nn.Identity()
 
 
-def _create_torchvision(name: str, *, in_chans: int) -> tuple[nn.Module, int, tuple[str, ...]]:
+def _create_torchvision(
+    name: str, *, in_chans: int, model_kwargs: Mapping[str, Any]
+) -> tuple[nn.Module, int, tuple[str, ...]]:
     tv_name = name.removeprefix(TORCHVISION_PREFIX)
     tv_names = _torchvision_classification_names()
     if tv_name not in tv_names:
@@ -144,14 +150,33 @@ def _create_torchvision(name: str, *, in_chans: int) -> tuple[nn.Module, int, tu
             f"in_chans={in_chans} is not supported for torchvision models ({name!r}); "
             "use a timm name (they take in_chans) or 3-channel images"
         )
-    model = torchvision.models.get_model(
-        tv_name, weights=None, **_TORCHVISION_NO_AUX.get(tv_name, {})
+    model = _construct(
+        name,
+        lambda: torchvision.models.get_model(
+            tv_name, weights=None, **{**_TORCHVISION_NO_AUX.get(tv_name, {}), **model_kwargs}
+        ),
+        model_kwargs,
     )
     feature_dim, classifier_prefix = _remove_torchvision_classifier(model, name)
     return model, feature_dim, (classifier_prefix,)
 
 
-def _create_timm(name: str, *, in_chans: int) -> tuple[nn.Module, int, tuple[str, ...]]:
+def _construct(name: str, build: Any, model_kwargs: Mapping[str, Any]) -> nn.Module:
+    """``build()``, with a constructor's refusal of ``model_kwargs`` said in config terms."""
+    try:
+        return build()
+    except TypeError as error:
+        if not model_kwargs:
+            raise
+        raise ValueError(
+            f"{name!r} does not take the constructor arguments model.backbone_kwargs="
+            f"{dict(model_kwargs)}: {error}"
+        ) from error
+
+
+def _create_timm(
+    name: str, *, in_chans: int, model_kwargs: Mapping[str, Any]
+) -> tuple[nn.Module, int, tuple[str, ...]]:
     if ":" in name:
         raise ValueError(
             f"backbone {name!r} names a hub source; downloads are disabled. Use a plain timm name and "
@@ -160,7 +185,13 @@ def _create_timm(name: str, *, in_chans: int) -> tuple[nn.Module, int, tuple[str
     architecture, _ = split_model_name_tag(name)
     if not timm.is_model(architecture):
         raise _unknown_name_error(name, list_backbone_names())
-    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+    model = _construct(
+        name,
+        lambda: timm.create_model(
+            name, pretrained=False, num_classes=0, in_chans=in_chans, **model_kwargs
+        ),
+        model_kwargs,
+    )
     # Models with a pre-logits layer report its width as head_hidden_size (timm >= 1.0).
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     # The classifier's module path(s), e.g. "fc" or "head.fc", or a tuple for distilled models.
@@ -175,6 +206,7 @@ def create_backbone(
     small_stem: bool = False,
     pretrained_weights: str | Path | None = None,
     in_chans: int = 3,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, int]:
     """Build a backbone mapping ``(B, in_chans, H, W)`` images to pooled ``(B, feature_dim)`` features.
 
@@ -189,6 +221,9 @@ def create_backbone(
             ``encoder.`` stripped; classifier keys ignored; anything else that does not match
             raises).
         in_chans: input channels (timm models and small nets only).
+        model_kwargs: more constructor arguments (``model.backbone_kwargs``), e.g.
+            ``{"img_size": 32, "patch_size": 4}`` for a timm ViT on small images; not
+            ``pretrained``, ``num_classes``, ``in_chans`` nor ``weights``, which look sets.
 
     Returns:
         ``(backbone, feature_dim)``; the backbone is in training mode. Its attribute
@@ -199,10 +234,21 @@ def create_backbone(
         raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    model_kwargs = dict(model_kwargs or {})
+    reserved = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
+    if reserved:
+        raise ValueError(
+            f"model.backbone_kwargs may not set {reserved}: look sets them (weights come from "
+            "model.pretrained_weights, and the classifier is removed)"
+        )
     if name.startswith(TORCHVISION_PREFIX):
-        model, feature_dim, classifier = _create_torchvision(name, in_chans=in_chans)
+        model, feature_dim, classifier = _create_torchvision(
+            name, in_chans=in_chans, model_kwargs=model_kwargs
+        )
     else:
-        model, feature_dim, classifier = _create_timm(name, in_chans=in_chans)
+        model, feature_dim, classifier = _create_timm(
+            name, in_chans=in_chans, model_kwargs=model_kwargs
+        )
     if small_stem:
         apply_small_stem(model, name)
     # Recorded on the module (create_backbone returns only it and its width), so callers such as

@@ -8,7 +8,9 @@ rebuild the backbone: :func:`load_exported_backbone` needs nothing but the file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,16 +34,20 @@ _RESERVED_METADATA = ("format", "name", "small_stem", "in_chans", "feature_dim",
 
 
 def _reference_state_shapes(
-    name: str, *, small_stem: bool, in_chans: int
+    name: str, *, small_stem: bool, in_chans: int, model_kwargs: dict[str, Any]
 ) -> tuple[dict[str, torch.Size], int]:
     """Key → shape of a freshly built backbone, built without allocating weights where possible."""
     try:
         with torch.device("meta"):
-            reference, feature_dim = create_backbone(name, small_stem=small_stem, in_chans=in_chans)
+            reference, feature_dim = create_backbone(
+                name, small_stem=small_stem, in_chans=in_chans, model_kwargs=model_kwargs
+            )
     except Exception:
         # Some initialisers do real computation on meta tensors; retry with a normal (slower) build,
         # which raises the real error if there is one.
-        reference, feature_dim = create_backbone(name, small_stem=small_stem, in_chans=in_chans)
+        reference, feature_dim = create_backbone(
+            name, small_stem=small_stem, in_chans=in_chans, model_kwargs=model_kwargs
+        )
     return {k: v.shape for k, v in reference.state_dict().items()}, feature_dim
 
 
@@ -63,6 +69,7 @@ def export_backbone(
     *,
     small_stem: bool,
     in_chans: int = 3,
+    model_kwargs: dict[str, Any] | None = None,
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``backbone``'s weights to a safetensors file loadable by timm/torchvision and by us.
@@ -73,7 +80,8 @@ def export_backbone(
             wrappers are unwrapped.
         name: the backbone name it was built from.
         path: output file (``.safetensors``); parent folders are created; written atomically.
-        small_stem, in_chans: as passed to ``create_backbone``.
+        small_stem, in_chans, model_kwargs: as passed to ``create_backbone`` (the constructor
+            arguments are recorded as JSON, so :func:`load_exported_backbone` rebuilds with them).
         extra_metadata: more string → string entries (e.g. method, dataset, epoch).
 
     Returns:
@@ -96,13 +104,14 @@ def export_backbone(
         raise ValueError(
             f"extra_metadata must map str to str; offending entries: {bad_entries[:5]}"
         )
-    clashes = sorted(set(extra_metadata) & set(_RESERVED_METADATA))
+    clashes = sorted(set(extra_metadata) & {*_RESERVED_METADATA, "model_kwargs"})
     if clashes:
         raise ValueError(f"extra_metadata may not set the reserved keys {clashes}")
 
+    model_kwargs = dict(model_kwargs or {})
     state = _unwrap(backbone).state_dict()
     expected_shapes, feature_dim = _reference_state_shapes(
-        name, small_stem=small_stem, in_chans=in_chans
+        name, small_stem=small_stem, in_chans=in_chans, model_kwargs=model_kwargs
     )
     missing = sorted(set(expected_shapes) - set(state))
     unexpected = sorted(set(state) - set(expected_shapes))
@@ -127,6 +136,7 @@ def export_backbone(
         "in_chans": str(in_chans),
         "feature_dim": str(feature_dim),
         "look_version": __version__,
+        **({"model_kwargs": json.dumps(model_kwargs, sort_keys=True)} if model_kwargs else {}),
         **extra_metadata,
     }
     # Write beside the target and rename, so an interrupted export never leaves a truncated file.
@@ -173,6 +183,7 @@ def load_exported_backbone(path: str | Path) -> tuple[nn.Module, int]:
         metadata["name"],
         small_stem=metadata["small_stem"] == "true",
         in_chans=int(metadata["in_chans"]),
+        model_kwargs=json.loads(metadata.get("model_kwargs", "{}")),
     )
     if feature_dim != int(metadata["feature_dim"]):
         raise ValueError(
