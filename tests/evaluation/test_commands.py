@@ -28,6 +28,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--timm",
         "--weights",
         "--small-stem",
+        "--timm-kwargs",
         "--dataset",
         "--protocol",
         "--labels",
@@ -204,3 +205,23 @@ def test_summary_notes_on_linear_choices_and_older_files(
     line = capsys.readouterr().out.splitlines()[1]
     assert "chosen on mean/class: imbalanced train set, class counts 20.0:1" in line
     assert "the largest C of the grid" in line and "1/2 grid fits did not converge" in line
+
+
+def test_timm_kwargs_build_a_vit_for_small_images(tmp_path: Path) -> None:
+    common = ["evaluate", "--timm", "vit_tiny_patch16_224", "--dataset"]
+    common += ["synthetic:samples=32,classes=2,size=16", "--protocol", "knn", "--knn-k", "3"]
+    common += ["--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    args = build_parser().parse_args(
+        [*common, "--timm-kwargs", "{img_size: 16, patch_size: 4}", "--output", str(tmp_path / "o")]
+    )
+    assert run(args) == 0
+    written = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert written["model"]["model_kwargs"] == {"img_size": 16, "patch_size": 4}
+    for text, message in (("[1, 2]", "must be a mapping"), ("{a: [", "is not YAML")):
+        bad = build_parser().parse_args([*common, "--timm-kwargs", text, "--output", "x"])
+        with pytest.raises(ValueError, match=f"--timm-kwargs .*{message}|{message}"):
+            run(bad)
+    checkpoint_args = ["evaluate", "--checkpoint", "r", "--dataset", "digits", "--output", "x"]
+    on_checkpoint = build_parser().parse_args([*checkpoint_args, "--timm-kwargs", "{a: 1}"])
+    with pytest.raises(ValueError, match="--timm-kwargs go with --timm"):
+        run(on_checkpoint)

@@ -85,6 +85,12 @@ def register(subparsers: Any) -> None:
         help="with --timm: CIFAR-style ResNet stem (3x3 conv, no max-pool) for 28-32 px images",
     )
     model.add_argument(
+        "--timm-kwargs",
+        metavar="YAML",
+        help="with --timm: more constructor arguments, e.g. '{img_size: 32, patch_size: 4}' for "
+        "a ViT on small images (as model.backbone_kwargs in pre-training)",
+    )
+    model.add_argument(
         "--head",
         action="store_true",
         help="frozen protocols use the projection head's L2-normalised embedding instead of the "
@@ -254,6 +260,21 @@ def _linear_notes(r: dict[str, Any]) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
+def _yaml_mapping(text: str | None, option: str) -> dict[str, Any] | None:
+    """``text`` read as a YAML mapping (``None`` stays ``None``); ``ValueError`` naming ``option``."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{option} {text!r} is not YAML: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a mapping such as '{{img_size: 32}}', got {text!r}")
+    return value
+
+
 def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
     protocols = report["protocols"]
     lines = [f"look: wrote {output_dir / RESULTS_FILE}"]
@@ -313,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         timm=args.timm,
         weights=args.weights,
         small_stem=args.small_stem,
+        model_kwargs=_yaml_mapping(args.timm_kwargs, "--timm-kwargs"),
     )
     spec = parse_dataset_spec(
         args.dataset, download=args.download, corrupt_images=args.corrupt_images

@@ -52,15 +52,17 @@ class ModelSource:
     ``checkpoint`` is a run directory (its newest good checkpoint, or its ``backbone.safetensors``
     when it has no checkpoints), a ``ckpt-*.pt`` file or an exported backbone ``.safetensors``.
     ``timm`` is any name :func:`look.models.create_backbone` accepts (``tv:`` for torchvision);
-    ``weights`` is a local weight file for it (nothing is ever downloaded) and ``small_stem`` adapts
-    a ResNet stem to 28–32 px images. Without ``weights`` the model is randomly initialised from
-    the evaluation seed.
+    ``weights`` is a local weight file for it (nothing is ever downloaded), ``small_stem`` adapts
+    a ResNet stem to 28–32 px images and ``model_kwargs`` are more constructor arguments (as
+    ``model.backbone_kwargs``). Without ``weights`` the model is randomly initialised from the
+    evaluation seed.
     """
 
     checkpoint: str | Path | None = None
     timm: str | None = None
     weights: str | Path | None = None
     small_stem: bool = False
+    model_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.timm is None):
@@ -68,10 +70,12 @@ class ModelSource:
                 "give exactly one model: a checkpoint (--checkpoint PATH) or a timm/torchvision "
                 "name (--timm NAME)"
             )
-        if self.checkpoint is not None and (self.weights is not None or self.small_stem):
+        if self.checkpoint is not None and (
+            self.weights is not None or self.small_stem or self.model_kwargs
+        ):
             raise ValueError(
-                "--weights and --small-stem go with --timm; a checkpoint already records its "
-                "backbone, stem and weights"
+                "--weights, --small-stem and --timm-kwargs go with --timm; a checkpoint already "
+                "records its backbone, its constructor arguments, stem and weights"
             )
 
 
@@ -317,7 +321,10 @@ def _load_timm(source: ModelSource, *, use_head: bool, seed: int) -> LoadedModel
         torch.manual_seed(seed)
         try:
             backbone, feature_dim = create_backbone(
-                source.timm, small_stem=source.small_stem, pretrained_weights=source.weights
+                source.timm,
+                small_stem=source.small_stem,
+                pretrained_weights=source.weights,
+                model_kwargs=source.model_kwargs,
             )
         except ValueError as error:
             if source.weights is None:
@@ -330,6 +337,7 @@ def _load_timm(source: ModelSource, *, use_head: bool, seed: int) -> LoadedModel
         "source": "timm",
         "backbone": source.timm,
         "small_stem": source.small_stem,
+        "model_kwargs": dict(source.model_kwargs or {}),
         "weights": str(Path(source.weights).resolve()) if source.weights is not None else None,
         "initialisation": "weights file" if source.weights is not None else f"random (seed {seed})",
     }
