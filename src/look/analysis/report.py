@@ -55,6 +55,7 @@ from look.analysis.results import (
     RESULTS_FILE_NAME,
     EvaluationResult,
     ReportInputWarning,
+    canonical_setting,
     describe_model,
     method_label,
     multimodality_summary,
@@ -325,14 +326,10 @@ def multimodality_settings(content: Mapping[str, Any], entry: Mapping[str, Any])
     if isinstance(settings, Mapping):
         for key, value in settings.items():
             if key != "maps":
-                found[f"{MULTIMODALITY_SETTING}{key}"] = _canonical_json(value)
+                found[f"{MULTIMODALITY_SETTING}{key}"] = canonical_setting(value)
     if entry.get("grouping") is not None:
-        found[f"{MULTIMODALITY_SETTING}grouping"] = _canonical_json(entry["grouping"])
+        found[f"{MULTIMODALITY_SETTING}grouping"] = canonical_setting(entry["grouping"])
     return found
-
-
-def _canonical_json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def read_multimodality_file(path: str | Path) -> tuple[list[EvaluationResult], list[Path]]:
@@ -528,8 +525,7 @@ def _warn_mixed_settings(conflicts: Sequence[SettingsConflict]) -> None:
     """One :class:`MixedSettingsWarning` per row (and per dataset) with differing settings."""
     groups: dict[tuple[str, str | None], list[SettingsConflict]] = {}
     for conflict in conflicts:
-        key = (conflict.dataset, conflict.methods[0] if conflict.within_row else None)
-        groups.setdefault(key, []).append(conflict)
+        groups.setdefault(_conflict_key(conflict), []).append(conflict)
     for (dataset, method), found in groups.items():
         listed = "; ".join(c.describe() for c in found)
         if method is not None:

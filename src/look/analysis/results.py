@@ -80,6 +80,7 @@ __all__ = [
     "IncompleteResultsWarning",
     "NonNumericAccuracyWarning",
     "ReportInputWarning",
+    "canonical_setting",
     "describe_model",
     "fewshot_episodes",
     "is_number",
@@ -252,38 +253,23 @@ def protocol_metrics(
     """
     metrics: dict[str, float] = {}
     headline: list[str] = []
-
-    def walk(node: Any, path: str) -> None:
-        if is_number(node):  # a protocol given as one number
-            metrics[path] = float(node)
-            headline.append(path)
-            return
-        if not isinstance(node, Mapping):
-            return
-        for key in ACCURACY_KEYS:
-            if is_number(node.get(key)):
-                metrics[f"{path}/{key}"] = float(node[key])
-            elif key in node and skipped is not None and not _is_blank(node[key]):
-                skipped[f"{path}/{key}"] = node[key]
-        lead = next((key for key in HEADLINE_KEYS if is_number(node.get(key))), None)
-        if lead is not None:
-            headline.append(f"{path}/{lead}")
-        for key, child in node.items():
-            if key in ACCURACY_KEYS:
-                continue
-            if isinstance(child, Mapping):
-                walk(child, f"{path}/{key}")
-            elif key in _LIST_KEYS and isinstance(child, list):
-                for index, entry in enumerate(child):
-                    if isinstance(entry, Mapping):
-                        walk(entry, f"{path}/{_entry_name(entry, index)}")
-
     for name, subtree in protocols.items():
-        if skipped is not None and not (
-            is_number(subtree) or isinstance(subtree, Mapping) or _is_blank(subtree)
-        ):
-            skipped[str(name)] = subtree  # a protocol given as one value that is no number
-        walk(subtree, str(name))
+        name = str(name)
+        if is_number(subtree):  # a protocol given as one number
+            metrics[name] = float(subtree)
+            headline.append(name)
+            continue
+        if skipped is not None and not (isinstance(subtree, Mapping) or _is_blank(subtree)):
+            skipped[name] = subtree  # a protocol given as one value that is no number
+        for path, node in _protocol_nodes(subtree, name, sep="/"):
+            for key in ACCURACY_KEYS:
+                if is_number(node.get(key)):
+                    metrics[f"{path}/{key}"] = float(node[key])
+                elif key in node and skipped is not None and not _is_blank(node[key]):
+                    skipped[f"{path}/{key}"] = node[key]
+            lead = next((key for key in HEADLINE_KEYS if is_number(node.get(key))), None)
+            if lead is not None:
+                headline.append(f"{path}/{lead}")
     return metrics, headline
 
 
@@ -370,7 +356,7 @@ _COLUMN_OPTIONS = frozenset({"ks", "shots", "warn_few_episodes"})
 _DATASET_SETTINGS = ("image_size", "train_split", "test_split", "num_classes", "class_names")
 
 
-def _canonical(value: object) -> str:
+def canonical_setting(value: object) -> str:
     """A setting's value as compact, key-sorted JSON: equal settings give equal text."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -382,7 +368,7 @@ def run_settings(content: Mapping[str, Any]) -> dict[str, str]:
 
     def put(path: str, value: object) -> None:
         if value is not None and value != "":
-            settings[path] = _canonical(value)
+            settings[path] = canonical_setting(value)
 
     model = content.get("model") if isinstance(content.get("model"), Mapping) else {}
     for key in ("small_stem", "global_step", "pretrain_labels"):
@@ -426,19 +412,26 @@ def run_settings(content: Mapping[str, Any]) -> dict[str, str]:
     return settings
 
 
-def _protocol_nodes(node: object, path: str) -> list[tuple[str, Mapping[str, Any]]]:
+def _protocol_nodes(
+    node: object, path: str, *, sep: str = "."
+) -> list[tuple[str, Mapping[str, Any]]]:
     """A protocol's result object and its entries (``"settings"``/``"results"`` lists or nested
-    objects such as the compact ``{"5way1shot": {...}}``), each with its path."""
+    objects such as the compact ``{"5way1shot": {...}}``), each with its path (parts joined by
+    ``sep``), depth first. Accuracy keys hold values, not entries: they are not entered."""
     if not isinstance(node, Mapping):
         return []
     found: list[tuple[str, Mapping[str, Any]]] = [(path, node)]
     for key, child in node.items():
+        if key in ACCURACY_KEYS:
+            continue
         if isinstance(child, Mapping):
-            found += _protocol_nodes(child, f"{path}.{key}")
+            found += _protocol_nodes(child, f"{path}{sep}{key}", sep=sep)
         elif key in _LIST_KEYS and isinstance(child, list):
             for index, entry in enumerate(child):
                 if isinstance(entry, Mapping):
-                    found += _protocol_nodes(entry, f"{path}.{_entry_name(entry, index)}")
+                    found += _protocol_nodes(
+                        entry, f"{path}{sep}{_entry_name(entry, index)}", sep=sep
+                    )
     return found
 
 
@@ -454,8 +447,8 @@ def setting_protocol(setting: str) -> str | None:
 def fewshot_episodes(protocols: Mapping[str, Any]) -> dict[str, int]:
     """``{"fewshot/5way1shot": 600}``: the episodes of every few-shot entry that records them."""
     return {
-        path.replace("protocols.", "", 1).replace(".", "/"): int(node["episodes"])
-        for path, node in _protocol_nodes(protocols.get("fewshot"), "protocols.fewshot")[1:]
+        path: int(node["episodes"])
+        for path, node in _protocol_nodes(protocols.get("fewshot"), "fewshot", sep="/")[1:]
         if is_number(node.get("episodes"))
     }
 
@@ -507,10 +500,10 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         raise FileNotFoundError(f"results file {path} does not exist")
     content = read_json_object(path)
     protocols = content.get("protocols")
+    if not isinstance(protocols, Mapping):
+        protocols = {}
     skipped: dict[str, object] = {}
-    metrics, headline = protocol_metrics(
-        protocols if isinstance(protocols, Mapping) else {}, skipped=skipped
-    )
+    metrics, headline = protocol_metrics(protocols, skipped=skipped)
     if skipped:
         listed = ", ".join(f"{key} = {value!r}" for key, value in skipped.items())
         warnings.warn(
@@ -571,7 +564,7 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         class_names=class_names,
         feature_caches=caches,
         dataset_root=dataset_root,
-        knn_k_effective=knn_k_effective(protocols if isinstance(protocols, Mapping) else {}),
+        knn_k_effective=knn_k_effective(protocols),
         settings=run_settings(content),
-        fewshot_episodes=fewshot_episodes(protocols if isinstance(protocols, Mapping) else {}),
+        fewshot_episodes=fewshot_episodes(protocols),
     )

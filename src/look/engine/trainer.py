@@ -532,8 +532,16 @@ class Trainer:
         """Refuse, before anything is loaded (and in a dry run), a checkpoint whose method state
         has other entries or shapes than this method's: its code changed since the run began.
         The memory's rows are checked by the memory itself (a sharded bank stores them whole)."""
-        own = {k: tuple(v.shape) for k, v in self.method.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        own = {
+            k: tuple(v.shape)
+            for k, v in self.method.state_dict().items()
+            if not k.startswith("memory.")
+        }
+        theirs = {
+            k: tuple(v.shape)
+            for k, v in saved.items()
+            if isinstance(v, torch.Tensor) and not k.startswith("memory.")
+        }
         problems = [f"missing {k}" for k in own if k not in theirs]
         problems += [f"unexpected {k}" for k in theirs if k not in own]
         problems += [
@@ -541,7 +549,6 @@ class Trainer:
             for k, shape in own.items()
             if k in theirs and theirs[k] != shape
         ]
-        problems = [p for p in problems if not p.split(" ", 1)[1].startswith("memory.")]
         if problems:
             shown = "; ".join(problems[:5]) + (
                 f"; and {len(problems) - 5} more" if len(problems) > 5 else ""

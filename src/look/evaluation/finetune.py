@@ -227,25 +227,25 @@ def finetune(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    # What makes a checkpoint this fine-tuning's: a re-run into the same folder with another
-    # model, dataset or recipe must not continue from it.
-    identity = {
-        "backbone_sha256": state_fingerprint(backbone) if checkpoint_dir is not None else None,
-        "data": describe(train_spec),
-        "image_size": info.image_size,
-        "num_train": len(train_set),
-        "num_classes": info.num_classes,
-        "seed": seed,
-        "epochs": recipe["epochs"],
-        "lr": recipe["lr"],
-        "global_batch": global_batch,
-        "weight_decay": recipe["weight_decay"],
-        "momentum": options.momentum,
-        "autocast": str(autocast_dtype),
-    }
     start_epoch, last_epoch_loss = 0, float("nan")
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
+        # What makes a checkpoint this fine-tuning's: a re-run into the same folder with another
+        # model, dataset or recipe must not continue from it.
+        identity = {
+            "backbone_sha256": state_fingerprint(backbone),
+            "data": describe(train_spec),
+            "image_size": info.image_size,
+            "num_train": len(train_set),
+            "num_classes": info.num_classes,
+            "seed": seed,
+            "epochs": recipe["epochs"],
+            "lr": recipe["lr"],
+            "global_batch": global_batch,
+            "weight_decay": recipe["weight_decay"],
+            "momentum": options.momentum,
+            "autocast": str(autocast_dtype),
+        }
         start_epoch, last_epoch_loss = _resume(
             checkpoint_dir, identity, model, optimizer, scheduler
         )
