@@ -8,10 +8,13 @@ batches (:class:`look.engine.sampler.GlobalBatchSampler`); test predictions are 
 padded duplicates.
 
 With a ``checkpoint_dir`` (``look evaluate`` gives ``OUTPUT/finetune_checkpoints``) the state is
-saved after every epoch (model, optimizer, schedule, random generators) and a re-run resumes
-from the last finished epoch, with the same result as an uninterrupted fine-tuning; a checkpoint
-of another model, dataset or recipe is left aside with a warning. The folder is removed once the
-test accuracy is computed.
+saved after every epoch (model, optimizer, schedule, every rank's random generators) and a
+re-run resumes from the last finished epoch, with the same result as an uninterrupted fine-tuning;
+a checkpoint of another model, dataset or recipe is left aside with a warning. A re-run with
+another number of processes resumes too, with a warning: every rank then continues from rank 0's
+generators (as a pre-training checkpoint does), so random draws such as dropout do not continue
+as they would have; the data order and the augmentation (seeded per image) are unaffected. The
+folder is removed once the test accuracy is computed.
 """
 
 from __future__ import annotations
@@ -143,8 +146,46 @@ def _resume(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
+    _restore_own_rng_state(state, path)
     return int(state["epoch"]), float(state["last_epoch_loss"])
+
+
+def _capture_every_ranks_rng_state() -> list[dict[str, Any]]:
+    """Every rank's random generators, indexed by rank (a collective: call on every rank).
+
+    Rank 0's state alone is not enough: ranks may draw different numbers (a caller that seeds each
+    rank apart; on GPUs, each rank advances its own device's generator, which rank 0's process
+    never touches), and restoring rank 0's on every rank would put them all on rank 0's stream.
+    """
+    own = capture_rng_state()
+    if not is_distributed():
+        return [own]
+    states: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, own)
+    return states
+
+
+def _restore_own_rng_state(state: dict[str, Any], path: Path) -> None:
+    """Restore this rank's generators from a checkpoint written by as many processes; otherwise
+    every rank takes rank 0's (the pre-training checkpoint's rule), with a warning."""
+    saved = state.get("rng_per_rank")
+    world = get_world_size()
+    if saved is None:  # written before per-rank states: rank 0's alone, of unknown world size
+        saved, written = [state["rng"]], "holds rank 0's random generators only"
+    else:
+        written = f"was written by {len(saved)} process{'es' if len(saved) > 1 else ''}"
+    if len(saved) == world:
+        restore_rng_state(saved[get_rank()])
+        return
+    if is_main_process():
+        warnings.warn(
+            f"{path} {written} and this fine-tuning runs in {world}: every process continues "
+            "from rank 0's random generators, so random draws (dropout and the like) do not "
+            "continue as in the interrupted fine-tuning; the data order and augmentation do",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    restore_rng_state(saved[0])
 
 
 def finetune(
@@ -291,7 +332,7 @@ def finetune(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": capture_rng_state(),
+                "rng_per_rank": _capture_every_ranks_rng_state(),  # (a collective)
                 "identity": identity,
                 "epoch": epoch + 1,
                 "last_epoch_loss": last_epoch_loss,
