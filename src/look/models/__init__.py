@@ -17,6 +17,7 @@ from look.models.export import (
     read_export_metadata,
 )
 from look.models.heads import ProjectionHead, build_projection_head
+from look.models.input_size import InputSizeCheck, check_input_size
 from look.models.small_nets import SmallResNet, look_cnn_small, look_resnet_tiny
 from look.models.weights import (
     KNOWN_KEY_PREFIXES,
@@ -33,11 +34,13 @@ __all__ = [
     "EXPORT_FORMAT",
     "KNOWN_KEY_PREFIXES",
     "TORCHVISION_PREFIX",
+    "InputSizeCheck",
     "ProjectionHead",
     "SmallResNet",
     "WeightLoadReport",
     "apply_small_stem",
     "build_projection_head",
+    "check_input_size",
     "count_parameters",
     "create_backbone",
     "export_backbone",

@@ -18,6 +18,7 @@ import torchvision
 from timm.models import split_model_name_tag
 from torch import nn
 
+from look.models.input_size import InputSizeCheck, check_input_size, install_input_size_check
 from look.models.small_nets import SmallResNet
 from look.models.weights import load_backbone_weights
 
@@ -93,6 +94,24 @@ def _remove_torchvision_classifier(model: nn.Module, name: str) -> tuple[int, st
     )
 
 
+def _small_stem_problem(model: nn.Module, label: str) -> str | None:
+    """Why :func:`apply_small_stem` cannot adapt ``model`` (None: it can)."""
+    stem_conv = getattr(model, "conv1", None)
+    max_pool = getattr(model, "maxpool", None)
+    if not isinstance(stem_conv, nn.Conv2d | nn.Sequential) or not isinstance(max_pool, nn.Module):
+        return (
+            f"small_stem=True needs a ResNet-like stem (a 'conv1' convolution and a 'maxpool'); "
+            f"{label!r} ({type(model).__name__}) has none. Use a ResNet (e.g. 'resnet18', "
+            "'tv:resnet18') or a small net ('look_cnn_small', 'look_resnet_tiny'), or small_stem=False."
+        )
+    if max_pool.state_dict():
+        return (
+            f"small_stem=True cannot remove the max-pool of {label!r}: it is a learned downsampling "
+            "layer. Use a ResNet with a plain max-pool (e.g. 'resnet18') or small_stem=False."
+        )
+    return None
+
+
 def apply_small_stem(model: nn.Module, name: str = "") -> None:
     """Adapt a ResNet-like stem in place for 28–32 px images (CIFAR style).
 
@@ -106,19 +125,10 @@ def apply_small_stem(model: nn.Module, name: str = "") -> None:
     if isinstance(model, SmallResNet):
         return
     label = name or type(model).__name__
-    stem_conv = getattr(model, "conv1", None)
-    max_pool = getattr(model, "maxpool", None)
-    if not isinstance(stem_conv, nn.Conv2d | nn.Sequential) or max_pool is None:
-        raise ValueError(
-            f"small_stem=True needs a ResNet-like stem (a 'conv1' convolution and a 'maxpool'); "
-            f"{label!r} ({type(model).__name__}) has none. Use a ResNet (e.g. 'resnet18', "
-            "'tv:resnet18') or a small net ('look_cnn_small', 'look_resnet_tiny'), or small_stem=False."
-        )
-    if max_pool.state_dict():
-        raise ValueError(
-            f"small_stem=True cannot remove the max-pool of {label!r}: it is a learned downsampling "
-            "layer. Use a ResNet with a plain max-pool (e.g. 'resnet18') or small_stem=False."
-        )
+    problem = _small_stem_problem(model, label)
+    if problem is not None:
+        raise ValueError(problem)
+    stem_conv = model.conv1
     if isinstance(stem_conv, nn.Conv2d):
         small_conv = nn.Conv2d(
             stem_conv.in_channels,
@@ -207,6 +217,7 @@ def create_backbone(
     pretrained_weights: str | Path | None = None,
     in_chans: int = 3,
     model_kwargs: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, int]:
     """Build a backbone mapping ``(B, in_chans, H, W)`` images to pooled ``(B, feature_dim)`` features.
 
@@ -224,11 +235,17 @@ def create_backbone(
         model_kwargs: more constructor arguments (``model.backbone_kwargs``), e.g.
             ``{"img_size": 32, "patch_size": 4}`` for a timm ViT on small images; not
             ``pretrained``, ``num_classes``, ``in_chans`` nor ``weights``, which look sets.
+        image_size: when given, check now that ``image_size`` px images are not too small for
+            the backbone (see below) instead of at its first forward.
 
     Returns:
         ``(backbone, feature_dim)``; the backbone is in training mode. Its attribute
         ``pretrained_weights_summary`` is one line saying what was loaded (``"loaded 62 tensors
         from FILE (ignored: fc.bias, fc.weight)"``), or None without ``pretrained_weights``.
+        Its forward raises ``ValueError`` naming the backbone, the image size and the settings
+        to change when images are too small for it (a probe on the meta device, once per input
+        shape: :class:`look.models.input_size.InputSizeCheck`), instead of torch's error from
+        deep inside a layer.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
@@ -251,6 +268,20 @@ def create_backbone(
         )
     if small_stem:
         apply_small_stem(model, name)
+    install_input_size_check(
+        model,
+        InputSizeCheck(
+            name,
+            # Everything the layers' geometry depends on: probe results are shared by this key.
+            architecture=repr((name, small_stem, in_chans, sorted(model_kwargs.items()))),
+            in_chans=in_chans,
+            small_stem=small_stem,
+            small_stem_supported=not isinstance(model, SmallResNet)
+            and _small_stem_problem(model, name) is None,
+        ),
+    )
+    if image_size is not None:
+        check_input_size(model, image_size, in_chans=in_chans)
     # Recorded on the module (create_backbone returns only it and its width), so callers such as
     # the trainer's plan can tell the user whether weights were loaded; None means random init.
     model.pretrained_weights_summary = None
