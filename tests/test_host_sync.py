@@ -274,14 +274,14 @@ def check_the_memory_is_written_before_the_flag_read(trainer: Any) -> None:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "tolist", snapshot_then_read)
-        assert trainer._step(0, batch) is not None
+        assert trainer._step(0, batch)[0] is not None
     assert rows_at_read == [batch.indices.unique().numel()]  # written before the one read
     assert not trainer.method.has_pending_memory_writes
     trainer._finish_step(skipped=False)
     before = {key: value.clone() for key, value in memory.state_dict().items()}
     poisoned = next(batches)
     poisoned.views[0][:] = float("nan")
-    assert trainer._step(0, poisoned) is None
+    assert trainer._step(0, poisoned)[0] is None
     trainer._finish_step(skipped=True)
     for key, value in memory.state_dict().items():  # settles the checks: nothing to report
         assert torch.equal(value, before[key]), key

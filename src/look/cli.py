@@ -410,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug or os.environ.get("LOOK_DEBUG"):
         return run()
     from look.config import ConfigError
+    from look.engine.stop_signals import EXIT_STOPPED, TrainingStopped
     from look.engine.trainer import TrainingStepError
 
     try:
@@ -421,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, ConfigError) or os.environ.get("RANK", "0") == "0":
             print(f"look: error: {error_message(exc)}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
+            print(f"look: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("look: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130

@@ -96,6 +96,10 @@ class TrainConfig:
     # SyncBatchNorm, CUDA only), so several ranks train as one process with the whole batch.
     sync_batchnorm: bool = False
     export_backbone: bool = True
+    # On the first of these signals the run finishes its step, saves a checkpoint there and exits
+    # with status 75 (look.engine.stop_signals): a cluster's preemption or time limit costs no
+    # step. Empty: signals act as they would without look (SIGTERM kills at once).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # kNN transfer monitor (look.engine.monitor): a dataset SPEC as `look evaluate --dataset`
     # takes (null: off), measured before the first step and after every epoch.
     knn_monitor: str | None = None
@@ -181,6 +185,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)):
             return tuple(value)
         raise ConfigError(f"{key} must be a list, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(element, item, key) for element in value]
+        raise ConfigError(f"{key} must be a list, got {value!r}")
     if origin is dict or annotation is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -260,6 +269,12 @@ def _validate(cfg: RunConfig) -> None:
     }.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be > 0 or null, got {value!r}")
+    from look.engine.stop_signals import signal_numbers
+
+    try:
+        signal_numbers(cfg.train.stop_signals)
+    except ValueError as exc:
+        raise ConfigError(f"train.stop_signals: {exc}") from exc
     _validate_data(cfg.data)
     if not isinstance(cfg.method, dict) or not isinstance(cfg.method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: look, k: 200}")

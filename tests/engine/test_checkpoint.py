@@ -249,3 +249,49 @@ def test_rng_state_survives_weights_only_load_and_reproduces(tmp_path: Path) -> 
 def test_restore_rng_state_rejects_incomplete_state() -> None:
     with pytest.raises(ValueError, match="capture_rng_state"):
         restore_rng_state({"python": {}})
+
+
+def _rng_round_trip_on_rank(rank: int, port: int, directory: str) -> None:
+    """Ranks on different streams save every rank's state; each must get its own back."""
+    import torch.distributed as dist
+
+    from look.engine.checkpoint import (
+        capture_rng_state_of_every_rank,
+        restore_rng_state_of_this_rank,
+    )
+    from tests.ddp import init_gloo
+
+    init_gloo(rank, 2, port)
+    try:
+        torch.manual_seed(100 + rank)
+        states = capture_rng_state_of_every_rank()
+        expected = torch.rand(4)
+        if rank == 0:
+            save_checkpoint(Path(directory), 1, {"rng_per_rank": states})
+        dist.barrier()
+        loaded = load_checkpoint(checkpoint_path(Path(directory), 1))
+        torch.manual_seed(7)  # both ranks alike, as after a restart
+        assert restore_rng_state_of_this_rank(loaded["rng_per_rank"])
+        torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_every_rank_gets_its_own_random_state_back(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.ddp import free_port
+
+    mp.spawn(_rng_round_trip_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+
+
+def test_another_number_of_ranks_takes_rank_0s_random_state() -> None:
+    from look.engine.checkpoint import restore_rng_state_of_this_rank
+
+    torch.manual_seed(1)
+    first = capture_rng_state()
+    expected = torch.rand(2)
+    torch.manual_seed(2)
+    assert not restore_rng_state_of_this_rank([first, capture_rng_state()])
+    torch.testing.assert_close(torch.rand(2), expected, rtol=0, atol=0)

@@ -264,12 +264,12 @@ def test_a_skipped_step_leaves_the_running_statistics_as_they_were(tmp_path: Pat
     before = [tensor.clone() for tensor in statistics]
     poisoned = Batch([view.clone() for view in batch.views], batch.labels, batch.indices)
     poisoned.views[0][0] = float("nan")
-    assert trainer._step(0, poisoned) is None  # skipped
+    assert trainer._step(0, poisoned)[0] is None  # skipped
     assert trainer.skipped_steps == 1
     for now, then in zip(statistics, before, strict=True):
         assert torch.equal(now, then)
     # A good step does move them: the check above is not vacuous.
-    assert trainer._step(0, batch) is not None
+    assert trainer._step(0, batch)[0] is not None
     assert any(not torch.equal(now, then) for now, then in zip(statistics, before, strict=True))
 
 
@@ -306,13 +306,13 @@ def test_a_skipped_step_leaves_no_trace_in_the_memory(tmp_path: Path, method: st
     poisoned.views[0][:] = float("nan")
     if len(poisoned.views) > 1:
         poisoned.views[1][:] = float("nan")  # MoCo's keys come from the second view
-    assert trainer._step(0, poisoned) is None
+    assert trainer._step(0, poisoned)[0] is None
     trainer._finish_step(skipped=True)
     after = _memory_state(trainer)
     for name, value in before.items():
         assert torch.equal(after[name], value), name
     # The same batch, not poisoned, does change the memory: the check above is not vacuous.
-    assert trainer._step(0, batch) is not None
+    assert trainer._step(0, batch)[0] is not None
     trainer._finish_step(skipped=False)
     after = _memory_state(trainer)
     assert any(not torch.equal(after[name], value) for name, value in before.items())

@@ -85,3 +85,45 @@ def test_dead_rank_stops_the_job_and_it_resumes_with_fewer_ranks(tmp_path: Path)
     assert "resuming" in output
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, max(losses) + 1))
+
+
+def test_a_checkpoint_with_rank_0s_random_state_only_still_resumes(tmp_path: Path) -> None:
+    # Checkpoints written before every rank's state was kept hold "rng" (rank 0's) alone.
+    from look.engine.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    pretrain(tiny_config(), tmp_path / "full")
+    run = tmp_path / "run"
+    pretrain(tiny_config("train.max_steps=5"), run)
+    state = load_checkpoint(checkpoint_path(run / "checkpoints", 5))
+    (state["rng"],) = state.pop("rng_per_rank")
+    save_checkpoint(run / "checkpoints", 5, state)
+    pretrain(tiny_config(), run)
+    assert train_losses(run) == train_losses(tmp_path / "full")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path: Path) -> None:
+    # torchrun passes a SIGTERM on to its workers (and SIGKILLs them 30 s later): each worker
+    # finishes the step, the ranks agree on it, rank 0 saves it and each exits with status 75.
+    run = tmp_path / "run"
+    job = _torchrun(run, 2, "optim.epochs=100", "train.checkpoint_every_steps=1000")
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while (
+        time.time() < deadline
+        and job.poll() is None
+        and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+    ):
+        time.sleep(0.05)
+    assert job.poll() is None, job.stdout.read().decode()  # type: ignore[union-attr]
+    started = time.time()
+    os.kill(job.pid, signal.SIGTERM)
+    output = job.communicate(timeout=120)[0].decode()
+    assert time.time() - started < 25, "the workers must stop before torchrun kills them"
+    assert job.returncode != 0, output  # torchrun itself ends with its SignalException
+    stopped = [line for line in output.splitlines() if "stopped on" in line]
+    assert len(stopped) == 1 and "stopped on SIGTERM at step" in stopped[0], output
+    step = int(stopped[0].split(" at step ")[1].split()[0])
+    assert max((run / "checkpoints").glob("ckpt-*.pt")).name == f"ckpt-{step:09d}.pt"
+    assert max(train_losses(run)) == step

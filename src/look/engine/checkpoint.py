@@ -409,8 +409,8 @@ def capture_rng_state() -> dict[str, Any]:
     """State of Python's ``random``, numpy's global and torch's CPU/CUDA generators of this process.
 
     Everything is converted to tensors and plain values, so it can go into :func:`save_checkpoint`
-    and survive ``weights_only=True``. In DDP each rank has its own generators; saving rank 0's is
-    enough for this project because data augmentation is seeded per sample, not from global state.
+    and survive ``weights_only=True``. In DDP each rank has its own generators: checkpoints keep
+    every rank's (:func:`capture_rng_state_of_every_rank`).
     """
     python_version, python_words, python_gauss = random.getstate()
     np_state = np.random.get_state(legacy=True)
@@ -476,3 +476,37 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def capture_rng_state_of_every_rank() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, indexed by rank (a collective: call on every rank).
+
+    Rank 0's state alone is not enough: ranks draw different numbers (on GPUs each rank advances
+    its own device's generator, which rank 0's process never touches; a caller may seed ranks
+    apart), and restoring rank 0's on every rank would put them all on rank 0's stream: a resumed
+    run's dropout would then repeat rank 0's masks or the start of its own stream.
+    """
+    import torch.distributed as dist
+
+    own = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def restore_rng_state_of_this_rank(saved: list[dict[str, Any]]) -> bool:
+    """Restore this rank's generators from :func:`capture_rng_state_of_every_rank` output; with
+    another number of ranks than wrote it, every rank takes rank 0's (the data order and the
+    augmentation, seeded per image, do not depend on them) and False is returned."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    if len(saved) == world:
+        restore_rng_state(saved[rank])
+        return True
+    restore_rng_state(saved[0])
+    return False

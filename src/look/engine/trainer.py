@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from look.data import (
     training_data_identity,
 )
 from look.engine.checkpoint import (
-    capture_rng_state,
+    capture_rng_state_of_every_rank,
     load_latest_checkpoint,
-    restore_rng_state,
+    restore_rng_state_of_this_rank,
     save_checkpoint,
 )
 from look.engine.distributed import (
@@ -53,6 +53,12 @@ from look.engine.monitor import KnnMonitor, build_knn_monitor
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.run_lock import RunDirectoryBusyError, RunDirectoryLock
 from look.engine.sampler import GlobalBatchSampler
+from look.engine.stop_signals import (
+    StopSignals,
+    TrainingStopped,
+    signal_numbers,
+    worker_init_ignoring,
+)
 from look.methods import (
     Batch,
     Method,
@@ -166,6 +172,15 @@ def _config_differences(
         elif old != new:
             diffs.append(f"{section}: checkpoint {old!r} vs now {new!r}")
     return diffs
+
+
+class StepVerdict(NamedTuple):
+    """What every rank agrees on about a step, from one all-reduce of its flags."""
+
+    non_finite: bool  # some loss was NaN or infinite: the step is skipped (or the run stops)
+    inexact: bool  # LOOK's fused search overflowed somewhere: the step is redone exactly
+    without_items: bool  # the losses counted no item at all (nothing to learn from)
+    stop: bool  # some rank received one of train.stop_signals: all stop after this step
 
 
 def step_flags(out: StepOutput) -> torch.Tensor:
@@ -369,6 +384,8 @@ class Trainer:
         self.epoch_steps_without_items = 0
         self._diverging_buffers_reported: set[str] = set()
         self.logger: MetricsLogger | None = None
+        # Catching nothing until fit() installs the handlers (a dry run's step included).
+        self.stop_signals = StopSignals([])
         self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
 
@@ -380,7 +397,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng_per_rank": capture_rng_state_of_every_rank(),  # (a collective)
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "steps_without_items": self.steps_without_items,
@@ -426,7 +443,7 @@ class Trainer:
         self.running_statistics.save()
         started = time.perf_counter()
         try:
-            metrics, *_ = self._forward_backward(0, batch)
+            metrics, _ = self._forward_backward(0, batch)
             loss = float(metrics["loss"])
         finally:
             self.optimizer.zero_grad(set_to_none=True)
@@ -657,7 +674,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        # Each rank its own generators; with another number of ranks (or a checkpoint from
+        # before per-rank states), rank 0's: that run's per-rank batches differ anyway.
+        restore_rng_state_of_this_rank(state.get("rng_per_rank") or [state["rng"]])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_without_items = int(state.get("steps_without_items", 0))
@@ -686,6 +705,11 @@ class Trainer:
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
             generator=generator,
+            worker_init_fn=(
+                worker_init_ignoring(signal_numbers(self.cfg.train.stop_signals))
+                if workers > 0
+                else None
+            ),
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -803,13 +827,13 @@ class Trainer:
 
     def _forward_backward(
         self, epoch: int, batch: Batch
-    ) -> tuple[dict[str, torch.Tensor], bool, bool, bool]:
+    ) -> tuple[dict[str, torch.Tensor], StepVerdict]:
         """Forward and backward of every micro-batch (gradients summed), then one host read,
         agreed over ranks so that every rank acts alike, of whether any loss was non-finite,
-        whether any step was inexact and whether the losses counted no item at all. Read after
-        the backward is queued, the wait keeps the GPU busy instead of leaving it idle while the
-        host launches the backward's first, small kernels. Returns the metrics, averaged over
-        the micro-batches, and the three flags.
+        whether any step was inexact, whether the losses counted no item at all and whether any
+        rank was asked to stop. Read after the backward is queued, the wait keeps the GPU busy
+        instead of leaving it idle while the host launches the backward's first, small kernels.
+        Returns the metrics, averaged over the micro-batches, and the verdict.
 
         Micro-batches' losses that report their :class:`StepOutput.anchors` are weighted by
         them: the step's gradient and logged loss are those of the mean over all of its valid
@@ -857,23 +881,30 @@ class Trainer:
             torch._foreach_div_(gradients, divisor)
             losses = torch.stack([out.loss.detach().float() for out in outputs])
             metrics["loss"] = (losses * shares.float()).sum() / divisor
-        flag_totals = all_reduce_sum(torch.stack(flags).sum(dim=0))
+        local = torch.stack(flags).sum(dim=0)
+        # A fill, not a copy from the host: a step without a signal costs no transfer.
+        stop = local.new_ones(1) if self.stop_signals.received else local.new_zeros(1)
+        flag_totals = all_reduce_sum(torch.cat([local, stop]))
         with self._step_errors("writing the memory", step=self.global_step + 1):
             write_memory_if_step_stands(self.method, flag_totals)
         totals = flag_totals.tolist()
-        return metrics, totals[0] > 0, totals[1] > 0, totals[2] == 0
+        return metrics, StepVerdict(totals[0] > 0, totals[1] > 0, totals[2] == 0, totals[3] > 0)
 
-    def _step(self, epoch: int, batch: Batch) -> dict[str, torch.Tensor] | None:
+    def _step(self, epoch: int, batch: Batch) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """One optimizer step (or a skipped one: None for its metrics) and whether every rank is
+        to stop after it (a stop signal)."""
         batch = batch.to(self.device, channels_last=self.channels_last)
         self.running_statistics.save()
-        metrics, non_finite, inexact, without_items = self._forward_backward(epoch, batch)
-        if inexact:
+        metrics, verdict = self._forward_backward(epoch, batch)
+        if verdict.inexact:
             # Rare: LOOK's fused search overflowed (many near-identical memory rows). The step is
             # recomputed with the exact search on every rank (its gradients replace these).
             self.running_statistics.restore()
             with self.method.exact_redo():
-                metrics, non_finite, _, without_items = self._forward_backward(epoch, batch)
+                metrics, redone = self._forward_backward(epoch, batch)
+            verdict = redone._replace(stop=verdict.stop or redone.stop)
             self.inexact_steps_redone += 1
+        non_finite, without_items = verdict.non_finite, verdict.without_items
         if non_finite:
             message = (
                 f"non-finite loss at step {self.global_step + 1} (epoch {epoch}, first dataset "
@@ -898,7 +929,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.running_statistics.restore()
             self.skipped_steps += 1
-            return None
+            return None, verdict.stop
         self.consecutive_skips = 0
         if without_items:
             self.steps_without_items += 1
@@ -911,7 +942,7 @@ class Trainer:
             metrics["grad_norm"] = grad_norm.detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return metrics
+        return metrics, verdict.stop
 
     def _warn_about_steps_without_items(self, epoch: int) -> None:
         """Say when many of an epoch's steps learnt nothing because their loss counted no item:
@@ -953,8 +984,10 @@ class Trainer:
         if busy is not None:
             raise RunDirectoryBusyError(busy)
         try:
-            return self._fit()
+            with StopSignals(self.cfg.train.stop_signals) as self.stop_signals:
+                return self._fit()
         finally:
+            self.stop_signals = StopSignals([])
             lock.release()
 
     def _pretrained_weights(self) -> str | None:
@@ -999,11 +1032,12 @@ class Trainer:
         epoch_start = time.perf_counter()
         window_start, window_images = time.perf_counter(), 0
         current_epoch = self.global_step // self.steps_per_epoch
+        stop = False
         for epoch, batch in self._batches():
             # Only the steps that are logged compute the methods' diagnostics.
             self.method.wants_metrics = self._logs_step(self.global_step + 1)
             step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
-            metrics = self._step(epoch, batch)
+            metrics, stop = self._step(epoch, batch)
             self._write_train_log(progress)  # the previous logged step's: on the host by now
             self.scheduler.step()
             self.global_step += 1
@@ -1034,15 +1068,29 @@ class Trainer:
                 window_start += time.perf_counter() - monitor_start  # not training time
                 epoch_start = time.perf_counter()
                 current_epoch = epoch + 1
+            stop = stop and self.global_step < self.total_steps  # the last step just finishes
             if (
                 self.global_step % self.cfg.train.checkpoint_every_steps == 0
                 or epoch_done
                 or self.global_step == self.total_steps
+                or stop
             ):
                 with self._step_errors("saving the checkpoint"):
                     self.save()
+            if stop:
+                break
         self._write_train_log(progress)
         progress.close()
+        if stop:
+            # No summary.json and no exported backbone: both say a run is finished.
+            self.logger.close()
+            barrier()
+            raise TrainingStopped(
+                self.stop_signals.received or "a signal another rank received",
+                self.global_step,
+                self.total_steps,
+                str(self.checkpoint_dir),
+            )
         self.method.wants_metrics = True  # for whoever calls the method after training
         if self.global_step == 0 or not self.checkpoint_dir.exists():
             self.save()

@@ -44,9 +44,9 @@ from look.data import (
     resolve_augment,
 )
 from look.engine.checkpoint import (
-    capture_rng_state,
+    capture_rng_state_of_every_rank,
     load_latest_checkpoint,
-    restore_rng_state,
+    restore_rng_state_of_this_rank,
     save_checkpoint,
 )
 from look.engine.distributed import (
@@ -150,42 +150,22 @@ def _resume(
     return int(state["epoch"]), float(state["last_epoch_loss"])
 
 
-def _capture_every_ranks_rng_state() -> list[dict[str, Any]]:
-    """Every rank's random generators, indexed by rank (a collective: call on every rank).
-
-    Rank 0's state alone is not enough: ranks may draw different numbers (a caller that seeds each
-    rank apart; on GPUs, each rank advances its own device's generator, which rank 0's process
-    never touches), and restoring rank 0's on every rank would put them all on rank 0's stream.
-    """
-    own = capture_rng_state()
-    if not is_distributed():
-        return [own]
-    states: list[Any] = [None] * get_world_size()
-    torch.distributed.all_gather_object(states, own)
-    return states
-
-
 def _restore_own_rng_state(state: dict[str, Any], path: Path) -> None:
     """Restore this rank's generators from a checkpoint written by as many processes; otherwise
     every rank takes rank 0's (the pre-training checkpoint's rule), with a warning."""
     saved = state.get("rng_per_rank")
-    world = get_world_size()
     if saved is None:  # written before per-rank states: rank 0's alone, of unknown world size
         saved, written = [state["rng"]], "holds rank 0's random generators only"
     else:
         written = f"was written by {len(saved)} process{'es' if len(saved) > 1 else ''}"
-    if len(saved) == world:
-        restore_rng_state(saved[get_rank()])
-        return
-    if is_main_process():
+    if not restore_rng_state_of_this_rank(saved) and is_main_process():
         warnings.warn(
-            f"{path} {written} and this fine-tuning runs in {world}: every process continues "
-            "from rank 0's random generators, so random draws (dropout and the like) do not "
-            "continue as in the interrupted fine-tuning; the data order and augmentation do",
+            f"{path} {written} and this fine-tuning runs in {get_world_size()}: every process "
+            "continues from rank 0's random generators, so random draws (dropout and the like) "
+            "do not continue as in the interrupted fine-tuning; the data order and augmentation do",
             RuntimeWarning,
             stacklevel=4,
         )
-    restore_rng_state(saved[0])
 
 
 def finetune(
@@ -332,7 +312,7 @@ def finetune(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng_per_rank": _capture_every_ranks_rng_state(),  # (a collective)
+                "rng_per_rank": capture_rng_state_of_every_rank(),  # (a collective)
                 "identity": identity,
                 "epoch": epoch + 1,
                 "last_epoch_loss": last_epoch_loss,

@@ -1,0 +1,120 @@
+"""Stopping a run cleanly on a signal: what a cluster sends before it takes the machine back.
+
+SLURM sends SIGTERM (or, with ``--signal=USR1@120``, SIGUSR1 some time ahead) to every process of
+a job that is preempted or reaches its time limit, then SIGKILL after a grace period (KillWait,
+30 s by default); torchrun passes its own SIGTERM on to its workers the same way. Killed at once,
+a run loses every step since its last checkpoint. With the handlers of :class:`StopSignals` the
+first such signal only asks the training loop to stop: it finishes the step in progress, saves a
+checkpoint there and raises :class:`TrainingStopped`, and running the same command again resumes
+from that step. A second signal of the same kind acts as if no handler were installed (kills),
+for a step that never ends.
+
+Under DDP the ranks may receive the signal at different steps (or only one rank may receive it):
+the request rides in the all-reduce every step already has (``Trainer._forward_backward``), so
+every rank stops after the same step and the checkpoint is whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+import types
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+# Signals a process may catch; SIGKILL and SIGSTOP cannot be, SIGINT is Ctrl-C (KeyboardInterrupt,
+# which the command line already turns into "interrupted; the last checkpoint is kept").
+STOPPABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+# The exit status of a run stopped by a signal after saving its checkpoint: EX_TEMPFAIL, "try
+# again later", which a job script can tell apart from a failure (e.g. to requeue the job).
+EXIT_STOPPED = 75
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on a signal, after saving a checkpoint at ``global_step``; running
+    the same command again resumes from it."""
+
+    def __init__(
+        self, signal_name: str, global_step: int, total_steps: int, checkpoint_dir: str
+    ) -> None:
+        self.signal_name = signal_name
+        self.global_step = global_step
+        self.total_steps = total_steps
+        self.checkpoint_dir = checkpoint_dir
+        super().__init__(
+            f"stopped on {signal_name} at step {global_step} of {total_steps}; the checkpoint "
+            f"of step {global_step} is in {checkpoint_dir}; run the same command to resume"
+        )
+
+
+def signal_numbers(names: Iterable[str]) -> tuple[int, ...]:
+    """The numbers of signal ``names`` (e.g. ``"SIGTERM"``), checked: a ValueError names any
+    that this platform lacks or that cannot be caught."""
+    numbers = []
+    for name in names:
+        if name not in STOPPABLE_SIGNALS:
+            raise ValueError(
+                f"{name!r} is not a signal a run can stop on; choose from {list(STOPPABLE_SIGNALS)}"
+            )
+        number = getattr(signal, name, None)
+        if number is None:
+            raise ValueError(f"signal {name} does not exist on this platform")
+        numbers.append(int(number))
+    return tuple(numbers)
+
+
+def ignore_signals(numbers: Sequence[int], worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: workers leave the stop signals to the main process. A job
+    scheduler signals every process of the job, and a worker killed by SIGTERM would fail the
+    main process's next batch ("DataLoader worker exited unexpectedly") before it can save. A
+    worker whose main process is gone still exits: the loader's workers watch their parent."""
+    del worker_id
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def worker_init_ignoring(numbers: Sequence[int]) -> Callable[[int], None] | None:
+    """:func:`ignore_signals` for ``numbers`` as a picklable ``worker_init_fn`` (None: none)."""
+    return functools.partial(ignore_signals, tuple(numbers)) if numbers else None
+
+
+class StopSignals:
+    """A context that catches ``names`` (signal names) and records the first one received in
+    :attr:`received`; the previous handlers come back on exit. Outside the main thread, where
+    Python cannot install handlers, it warns and catches nothing."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.numbers = signal_numbers(names)
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, number: int, frame: types.FrameType | None) -> None:
+        del frame
+        if self.received is None:
+            self.received = signal.Signals(number).name
+        # A second signal of this kind is not caught: whatever the process did before (usually
+        # die) happens then, e.g. for a step stuck in a collective whose peer is gone.
+        signal.signal(number, self._previous.get(number) or signal.SIG_DFL)
+
+    def __enter__(self) -> StopSignals:
+        if not self.numbers:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn(
+                "train.stop_signals are not caught: training runs outside the main thread, "
+                "where Python cannot install signal handlers",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self
+        for number in self.numbers:
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous or signal.SIG_DFL)
+        self._previous.clear()
