@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from look.config import ConfigError, RunConfig, load_config
-from look.engine.trainer import TrainingStepError, pretrain
+from look.engine.trainer import Trainer, TrainingStepError, pretrain
 from look.methods import Batch
 from look.models import load_exported_backbone
 
@@ -473,3 +473,12 @@ def test_a_run_saved_before_a_config_key_existed_resumes_with_its_default() -> N
     assert _config_differences(saved, changed) == [
         "model.backbone_kwargs: checkpoint {} vs now {'img_size': 16}"
     ]
+
+
+def test_images_too_small_for_the_backbone_are_refused_when_the_trainer_is_built(
+    tmp_path: Path,
+) -> None:
+    # convnext's 4×4 patch stem and three 2×2 downsamplings need 32 px; the message says so
+    # before a batch is read, not torch's error from inside a layer at the first step.
+    with pytest.raises(ValueError, match=r"'convnext_atto' cannot take 16 px images.*at least 32"):
+        Trainer(tiny_config("model.backbone=convnext_atto"), tmp_path / "run")

@@ -411,3 +411,16 @@ def test_protocol_warnings_come_from_the_main_process_only(
         )
     episodes = [w for w in caught if issubclass(w.category, FewShotEpisodesWarning)]
     assert len(episodes) == (1 if main_process else 0)
+
+
+def test_images_too_small_for_the_backbone_are_refused_before_any_data_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import look.evaluation.suite as suite
+
+    def no_data(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the dataset was built before the image size was checked")
+
+    monkeypatch.setattr(suite, "build_eval_dataset", no_data)
+    with pytest.raises(ValueError, match=r"'convnext_atto' cannot take 16 px images.*--image-size"):
+        evaluate(ModelSource(timm="convnext_atto"), SYNTHETIC_SPEC, "knn", output_dir=tmp_path)

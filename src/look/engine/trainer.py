@@ -327,6 +327,8 @@ class Trainer:
             small_stem=cfg.model.small_stem,
             pretrained_weights=cfg.model.pretrained_weights,
             model_kwargs=cfg.model.backbone_kwargs,
+            # Images too small for the backbone: one clear error now, before any data is read.
+            image_size=self.data_info.image_size,
         )
         ctx = MethodContext(
             num_classes=self.data_info.num_classes,

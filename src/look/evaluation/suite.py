@@ -53,6 +53,7 @@ from look.evaluation.model_source import (
     load_model,
     state_fingerprint,
 )
+from look.models import check_input_size
 
 __all__ = [
     "PROTOCOLS",
@@ -465,6 +466,7 @@ def evaluate(
 
     loaded = load_model(source, use_head=use_head, seed=seed)
     size, size_origin = _choose_image_size(image_size, loaded, spec)
+    check_input_size(loaded.backbone, size)  # too small: one clear error before any data is read
     spec = dataclasses.replace(spec, image_size=size, labels=labels)
     output = "head" if use_head else "backbone"
 
