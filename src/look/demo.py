@@ -254,7 +254,7 @@ def run_demo(
     check_same_plan(output_dir, plan)
     check_plan_data(plan)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    atomic_write_text(output_dir / "plan.json", json.dumps(asdict(plan), indent=2))
     runs = plan_runs(plan)
     # A re-run times only the stages it runs: the skipped ones keep their earlier times.
     timings_path = output_dir / "timings.json"
@@ -631,5 +631,5 @@ def _write_demo_report(
         "",
     ]
     path = output_dir / "REPORT.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

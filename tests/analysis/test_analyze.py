@@ -199,3 +199,24 @@ def test_maps_of_an_earlier_run_are_removed(tmp_path: Path) -> None:
     )
     assert [f.name for f in outputs.figures] == ["maps.png"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["maps.png", "notes.png"]
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_analysis_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `look report` reads multimodality.json back: a full disk must not leave half a file.
+    sets = [feature_set("look", True), feature_set("ce", False)]
+    outputs = analyze_feature_sets(sets, tmp_path, maps=False)
+    before = outputs.multimodality_json.read_text(encoding="utf-8")
+
+    def half_then_full_disk(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        with open(self, "w", encoding="utf-8") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        analyze_feature_sets(sets[::-1], tmp_path, maps=False)
+    monkeypatch.undo()
+    assert outputs.multimodality_json.read_text(encoding="utf-8") == before
+    assert not list(tmp_path.glob(".multimodality.json.*"))  # no temporary file left behind

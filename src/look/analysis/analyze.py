@@ -35,6 +35,7 @@ from look.analysis.multimodality import (
     DEFAULT_MAX_PER_COARSE,
     multimodality_metrics,
 )
+from look.atomic import atomic_write_text
 
 __all__ = [
     "ANALYSIS_MARKDOWN",
@@ -288,7 +289,10 @@ def _write_outputs(
     figures: Sequence[Path],
     output_dir: Path,
 ) -> None:
-    json_path.write_text(
+    # Atomic: `look report` reads the JSON back, and a kill or a full disk mid-write must leave
+    # the previous analysis, not half a file.
+    atomic_write_text(
+        json_path,
         json.dumps(
             {
                 "schema_version": SCHEMA_VERSION,
@@ -299,11 +303,8 @@ def _write_outputs(
             indent=2,
         )
         + "\n",
-        encoding="utf-8",
     )
-    markdown_path.write_text(
-        _markdown(title, settings, entries, figures, output_dir), encoding="utf-8"
-    )
+    atomic_write_text(markdown_path, _markdown(title, settings, entries, figures, output_dir))
 
 
 def _draw_maps(

@@ -63,6 +63,7 @@ from look.analysis.results import (
     read_results_file,
     setting_protocol,
 )
+from look.atomic import atomic_write_path, atomic_write_text
 
 __all__ = [
     "MULTIMODALITY_FILE_NAME",
@@ -1040,7 +1041,7 @@ _CSV_FIELDS = (
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=_CSV_FIELDS)
         writer.writeheader()
         for row in rows:
@@ -1141,7 +1142,7 @@ def write_report(
     lines += ["## Inputs", "", *[f"- `{path}`" for path in inputs], ""]
 
     markdown_path = output_dir / "REPORT.md"
-    markdown_path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(markdown_path, "\n".join(lines))
     rows = [cell.as_row() for cell in cells]
     json_path = output_dir / "report.json"
     report = {
@@ -1164,7 +1165,7 @@ def write_report(
         ],
         "figures": [p.relative_to(output_dir).as_posix() for p in written_figures],
     }
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     csv_path = output_dir / "report.csv"
     _write_csv(csv_path, rows)
     return ReportOutputs(
