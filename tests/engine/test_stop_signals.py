@@ -195,3 +195,10 @@ def train_losses_or_none(run: Path) -> dict[int, float]:
         return train_losses(run)
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+def test_a_signal_this_platform_lacks_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from look.engine.stop_signals import signal_numbers
+
+    monkeypatch.delattr(signal, "SIGUSR1")  # as on Windows: the default config must still load
+    assert signal_numbers(["SIGTERM", "SIGUSR1"]) == (int(signal.SIGTERM),)
