@@ -115,7 +115,9 @@ def trainer_step(
         batch = next_batch()
         out = forward_backward(batch)
         if loss_check:
-            flag_tensor = all_reduce_sum(step_flags(out))
+            local = step_flags(out)
+            # The trainer's fourth flag (a stop signal seen on this rank): a fill and a concat.
+            flag_tensor = all_reduce_sum(torch.cat([local, local.new_zeros(1)]))
             if not write_after_optimizer_step:
                 with record_function("step/memory_write"):
                     write_memory_if_step_stands(method, flag_tensor)
