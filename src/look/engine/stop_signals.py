@@ -6,8 +6,11 @@ a job that is preempted or reaches its time limit, then SIGKILL after a grace pe
 a run loses every step since its last checkpoint. With the handlers of :class:`StopSignals` the
 first such signal only asks the training loop to stop: it finishes the step in progress, saves a
 checkpoint there and raises :class:`TrainingStopped`, and running the same command again resumes
-from that step. A second signal of the same kind acts as if no handler were installed (kills),
-for a step that never ends.
+from that step. Later signals change nothing: a worker of a SLURM job under torchrun receives
+SIGTERM twice, from SLURM and from torchrun passing its own on, within milliseconds, and must not
+die of the second. (Nor could a second signal free a step stuck in a collective: Python runs a
+handler only between bytecodes. SIGKILL, which schedulers and torchrun send after their grace
+period, and ``train.ddp_timeout_s`` end such a step.)
 
 Under DDP the ranks may receive the signal at different steps (or only one rank may receive it):
 the request rides in the all-reduce every step already has (``Trainer._forward_backward``), so
@@ -93,11 +96,10 @@ class StopSignals:
 
     def _handle(self, number: int, frame: types.FrameType | None) -> None:
         del frame
-        if self.received is None:
+        if (
+            self.received is None
+        ):  # later ones (the same signal passed on by torchrun) change nothing
             self.received = signal.Signals(number).name
-        # A second signal of this kind is not caught: whatever the process did before (usually
-        # die) happens then, e.g. for a step stuck in a collective whose peer is gone.
-        signal.signal(number, self._previous.get(number) or signal.SIG_DFL)
 
     def __enter__(self) -> StopSignals:
         if not self.numbers:
