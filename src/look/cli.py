@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
+from look.engine.stop_signals import EXIT_STOPPED, TrainingStopped
+
 DESCRIPTION = """\
 LOOK: Leave-One-Out K-Nearest-Neighbour supervised pre-training (Feng et al., ICLR 2022).
 
@@ -380,6 +382,13 @@ def one_line_warnings() -> Iterator[None]:
         warnings.showwarning = original
 
 
+def _report_stop(stopped: TrainingStopped) -> int:
+    """A run stopped by a signal: where to resume from (rank 0 says it), and status 75."""
+    if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
+        print(f"look: {stopped}", file=sys.stderr)
+    return EXIT_STOPPED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(full=_requested_command(argv))
     args = parser.parse_args(argv)
@@ -408,9 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[args.command](args)
 
     if args.debug or os.environ.get("LOOK_DEBUG"):
-        return run()
+        try:
+            return run()
+        except TrainingStopped as stopped:  # not an error: no traceback, the same status
+            return _report_stop(stopped)
     from look.config import ConfigError
-    from look.engine.stop_signals import EXIT_STOPPED, TrainingStopped
     from look.engine.trainer import TrainingStepError
 
     try:
@@ -423,9 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"look: error: {error_message(exc)}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
-            print(f"look: {stopped}", file=sys.stderr)
-        return EXIT_STOPPED
+        return _report_stop(stopped)
     except KeyboardInterrupt:
         print("look: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130

@@ -209,3 +209,183 @@ def test_a_signal_this_platform_lacks_is_left_out(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.delattr(signal, "SIGUSR1")  # as on Windows: the default config must still load
     assert signal_numbers(["SIGTERM", "SIGUSR1"]) == (int(signal.SIGTERM),)
+
+
+_SIGNAL_FROM_THE_MONITOR = """
+import os, signal, sys
+import torch
+import look.engine.monitor as monitor
+from look.cli import main
+
+original = monitor.extract_features
+calls = []
+
+
+class SignalsTheJob(torch.utils.data.Dataset):
+    # Its first item, loaded by a monitor worker, signals the whole job as a scheduler would.
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        if index == 0:
+            os.killpg(0, signal.SIGTERM)
+        return self.inner[index]
+
+
+def extract(model, dataset, **options):
+    calls.append(1)
+    # Calls 1 and 2 measure before the first step; 3 is the end of epoch 1 (step 6).
+    return original(model, SignalsTheJob(dataset) if len(calls) == 3 else dataset, **options)
+
+
+monitor.extract_features = extract
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_the_knn_monitor_loads_images_stops_after_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # The monitor's loader workers ignore the signal too; a worker killed by it used to fail
+    # the measurement (exit status 2) and lose the epoch's checkpoint.
+    run = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("data.num_workers", "optim.epochs"))]
+    overrides += [
+        "data.num_workers=2",
+        "optim.epochs=4",
+        "train.knn_monitor=synthetic:samples=64,classes=4",
+        "train.knn_monitor_images=40",
+    ]
+    command = [sys.executable, "-c", _SIGNAL_FROM_THE_MONITOR, "pretrain", "--output", str(run)]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert job.returncode == EXIT_STOPPED, job.stdout + job.stderr
+    # The signal came after step 6's verdict: the epoch's checkpoint, then one more step.
+    assert "stopped on SIGTERM at step 7 of 24" in job.stderr
+    saved = sorted(path.name for path in (run / "checkpoints").glob("ckpt-*.pt"))
+    assert saved[-2:] == ["ckpt-000000006.pt", "ckpt-000000007.pt"]
+
+
+@pytest.mark.slow  # 10 s: the loader waits 5 s for its workers first (hangs without the fix)
+@pytest.mark.usefixtures("restore_sigterm")
+def test_a_loader_worker_stuck_in_a_read_is_ended_when_the_run_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers ignore SIGTERM, so the loader's own fallback cannot end one stuck in a read; the
+    # process would then wait for it at exit, past the scheduler's grace period.
+    import multiprocessing
+
+    # 60 steps an epoch: the worker is still loading batches ahead when the run stops.
+    trainer = Trainer(
+        tiny_config("data.num_workers=1", "data.synthetic_num_samples=960"), tmp_path / "run"
+    )
+    stuck = tmp_path / "reads_hang_from_now_on"
+    dataset_type = type(trainer.dataset)
+    read = dataset_type.__getitem__
+
+    def hanging_read(self: Any, index: int) -> Any:
+        if stuck.exists():
+            time.sleep(120)
+        return read(self, index)
+
+    monkeypatch.setattr(dataset_type, "__getitem__", hanging_read)
+    step = Trainer._step
+
+    def step_then_signal(self: Trainer, epoch: int, batch: Any) -> Any:
+        if self.global_step + 1 == 3:
+            stuck.touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, epoch, batch)
+
+    monkeypatch.setattr(Trainer, "_step", step_then_signal)
+    started = time.time()
+    with pytest.raises(TrainingStopped):
+        trainer.fit()
+    assert time.time() - started < 60
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.usefixtures("restore_sigterm")
+def test_a_stopped_fresh_start_keeps_no_finished_marks_of_an_older_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    pretrain(tiny_config("train.max_steps=2"), run)  # finished: summary.json and a backbone
+    signal_before_step(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(TrainingStopped):
+        pretrain(tiny_config(), run, resume=False)
+    # The demo takes a run with a summary for finished: an old one must not pass for this one's.
+    assert not (run / "summary.json").exists() and not (run / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+def test_the_command_reports_a_stop_in_one_line_with_status_75(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    debug: list[str],
+) -> None:
+    import look.engine.trainer as trainer_module
+    from look.cli import main
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        raise TrainingStopped("SIGUSR1", 7, 12, "RUN/checkpoints")
+
+    monkeypatch.setattr(trainer_module, "pretrain", stopped)
+    overrides = [argument for o in TINY for argument in ("--set", o)]
+    assert main([*debug, "pretrain", "--output", str(tmp_path), *overrides]) == EXIT_STOPPED
+    assert capsys.readouterr().err == (
+        "look: stopped on SIGUSR1 at step 7 of 12; the checkpoint of step 7 is in "
+        "RUN/checkpoints; run the same command to resume\n"
+    )
+
+
+_SIGNAL_WHILE_WORKERS_START = """
+import os, signal, sys
+import torch
+from torch.utils.data import DataLoader, Dataset
+from look.engine.stop_signals import StopSignals, start_workers, worker_init_ignoring
+
+
+class SignalsTheJob(Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, index):
+        if index == 0:  # the first worker up signals the job while the second may be starting
+            os.killpg(0, signal.SIGTERM)
+        return torch.zeros(2)
+
+
+numbers = (int(signal.SIGTERM),)
+with StopSignals(["SIGTERM"]) as stop:
+    for _ in range(20):
+        loader = DataLoader(
+            SignalsTheJob(), batch_size=4, num_workers=2, worker_init_fn=worker_init_ignoring(numbers)
+        )
+        for _ in start_workers(loader, numbers):
+            pass
+print(stop.received)
+"""
+
+
+def test_a_signal_while_loader_workers_start_kills_none_of_them() -> None:
+    # torch's worker installs its own SIGTERM handler (death, unless the parent sent it) before
+    # the worker_init_fn runs: without the signals blocked across the start, a worker died in
+    # that gap (on the first of these 20 loaders, typically).
+    job = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_WHILE_WORKERS_START],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert job.returncode == 0 and job.stdout == "SIGTERM\n", job.stderr[-2000:]

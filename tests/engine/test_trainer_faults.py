@@ -103,9 +103,14 @@ def test_a_checkpoint_with_rank_0s_random_state_only_still_resumes(tmp_path: Pat
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["SIGTERM"])
+def test_a_signal_to_torchrun_stops_every_rank_at_one_checkpointed_step(
+    tmp_path: Path, name: str
+) -> None:
     # torchrun passes a SIGTERM on to its workers (and SIGKILLs them 30 s later): each worker
     # finishes the step, the ranks agree on it, rank 0 saves it and each exits with status 75.
+    # (Not SIGUSR1: torchrun dies of it, and in this test with TORCHELASTIC_SIGNALS_TO_HANDLE
+    # naming it the workers did not stop either.)
     run = tmp_path / "run"
     job = _torchrun(run, 2, "optim.epochs=100", "train.checkpoint_every_steps=1000")
     metrics = run / "metrics.jsonl"
@@ -118,12 +123,12 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path:
         time.sleep(0.05)
     assert job.poll() is None, job.stdout.read().decode()  # type: ignore[union-attr]
     started = time.time()
-    os.kill(job.pid, signal.SIGTERM)
+    os.kill(job.pid, getattr(signal, name))
     output = job.communicate(timeout=120)[0].decode()
     assert time.time() - started < 25, "the workers must stop before torchrun kills them"
     assert job.returncode != 0, output  # torchrun itself ends with its SignalException
     stopped = [line for line in output.splitlines() if "stopped on" in line]
-    assert len(stopped) == 1 and "stopped on SIGTERM at step" in stopped[0], output
+    assert len(stopped) == 1 and f"stopped on {name} at step" in stopped[0], output
     step = int(stopped[0].split(" at step ")[1].split()[0])
     assert max((run / "checkpoints").glob("ckpt-*.pt")).name == f"ckpt-{step:09d}.pt"
     assert max(train_losses(run)) == step

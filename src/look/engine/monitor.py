@@ -16,6 +16,7 @@ are restored afterwards, so a run gives the same loss curve with and without the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,11 @@ class KnnMonitor:
         autocast_dtype: torch.dtype | None,
         batch_size: int,
         num_workers: int,
+        worker_signals: Sequence[int] = (),
     ) -> dict[str, float]:
         """kNN accuracy (percent) of ``backbone``'s features; a collective under DDP (each rank
-        extracts a shard), with the same result on every rank."""
+        extracts a shard), with the same result on every rank. The loaders' workers leave
+        ``worker_signals`` (the run's stop signals) to this process."""
         # The loaders draw their seeds from the global generator: fork it, so that training
         # (MoCo's shuffle, dropout) draws the same numbers with or without the monitor.
         with torch.random.fork_rng(devices=[]):
@@ -64,6 +67,7 @@ class KnnMonitor:
                     device=device,
                     batch_size=batch_size,
                     num_workers=num_workers,
+                    worker_signals=worker_signals,
                     autocast_dtype=autocast_dtype,
                     progress=False,
                     description=f"kNN monitor {split}",

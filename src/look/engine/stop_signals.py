@@ -24,8 +24,10 @@ import signal
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Signals a process may catch; SIGKILL and SIGSTOP cannot be, SIGINT is Ctrl-C (KeyboardInterrupt,
 # which the command line already turns into "interrupted; the last checkpoint is kept").
@@ -73,15 +75,34 @@ def ignore_signals(numbers: Sequence[int], worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn``: workers leave the stop signals to the main process. A job
     scheduler signals every process of the job, and a worker killed by SIGTERM would fail the
     main process's next batch ("DataLoader worker exited unexpectedly") before it can save. A
-    worker whose main process is gone still exits: the loader's workers watch their parent."""
+    worker whose main process is gone still exits: the loader's workers watch their parent.
+
+    The workers start with the signals blocked (:func:`start_workers`), since torch's worker
+    sets its own SIGTERM handler (death for a signal not from its parent) before this function
+    runs; one arriving in between stays pending, and is dropped once ignored and unblocked."""
     del worker_id
     for number in numbers:
         signal.signal(number, signal.SIG_IGN)
+    if numbers and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
 
 
 def worker_init_ignoring(numbers: Sequence[int]) -> Callable[[int], None] | None:
     """:func:`ignore_signals` for ``numbers`` as a picklable ``worker_init_fn`` (None: none)."""
     return functools.partial(ignore_signals, tuple(numbers)) if numbers else None
+
+
+def start_workers(loader: Iterable[T], numbers: Sequence[int]) -> Iterator[T]:
+    """``iter(loader)``, which starts a DataLoader's workers, with ``numbers`` blocked meanwhile:
+    the workers inherit the mask until :func:`ignore_signals` (their ``worker_init_fn``) ignores
+    and unblocks them. In this process a signal that arrives meanwhile is delayed, not lost."""
+    if not numbers or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopSignals:

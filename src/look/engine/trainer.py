@@ -57,6 +57,7 @@ from look.engine.stop_signals import (
     StopSignals,
     TrainingStopped,
     signal_numbers,
+    start_workers,
     worker_init_ignoring,
 )
 from look.methods import (
@@ -388,6 +389,11 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         # Catching nothing until fit() installs the handlers (a dry run's step included).
         self.stop_signals = StopSignals([])
+        # Every loader's workers (training, warm-up, kNN monitor) leave the stop signals to this
+        # process: a job scheduler signals all of a job's processes.
+        self.worker_signals = signal_numbers(cfg.train.stop_signals)
+        self.worker_init = worker_init_ignoring(self.worker_signals)
+        self._batch_iterator: Iterator[Batch] | None = None
         self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
 
@@ -707,11 +713,7 @@ class Trainer:
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
             generator=generator,
-            worker_init_fn=(
-                worker_init_ignoring(signal_numbers(self.cfg.train.stop_signals))
-                if workers > 0
-                else None
-            ),
+            worker_init_fn=self.worker_init if workers > 0 else None,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -723,8 +725,8 @@ class Trainer:
         """One no-grad pass that writes every row, for methods configured to start from a full
         memory (LOOK's ``memory_init: warmup``)."""
         self.method.train()
-        loader = self._loader(epoch=0, start_step=0)
-        for batch in tqdm(loader, desc="memory warm-up", disable=not self._show_progress()):
+        batches = start_workers(self._loader(epoch=0, start_step=0), self.worker_signals)
+        for batch in tqdm(batches, desc="memory warm-up", disable=not self._show_progress()):
             for micro_batch in batch.split(self.micro_batch):  # the memory's rows per rank
                 with self._autocast():
                     self.method.warmup_step(
@@ -744,6 +746,7 @@ class Trainer:
                 autocast_dtype=self.amp_dtype,
                 batch_size=max(self.micro_batch, 64),
                 num_workers=self.cfg.data.num_workers,
+                worker_signals=self.worker_signals,
             )
         values.update(epochs_trained=epochs_trained, knn_seconds=time.perf_counter() - start)
         assert self.logger is not None
@@ -755,10 +758,28 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[int, Batch]]:
         while self.global_step < self.total_steps:
             epoch = self.global_step // self.steps_per_epoch
-            for batch in self._loader(epoch, self.global_step % self.steps_per_epoch):
+            self._batch_iterator = start_workers(
+                self._loader(epoch, self.global_step % self.steps_per_epoch), self.worker_signals
+            )
+            for batch in self._batch_iterator:
                 yield epoch, batch
                 if self.global_step >= self.total_steps:
                     return
+
+    def _end_loader_workers(self) -> None:
+        """Shut the training loader's workers down now, killing any that does not leave. They
+        ignore the stop signals, so the loader's own fallback (SIGTERM) cannot end a worker stuck
+        in a slow read, and the interpreter's exit would wait for it past the scheduler's grace
+        period, losing exit status 75 to its SIGKILL."""
+        iterator, self._batch_iterator = self._batch_iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's; absent without workers
+        if shutdown is None:
+            return
+        shutdown()  # asks the workers to leave, waits a few seconds, stops watching them
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def _logs_step(self, step: int) -> bool:
         """Whether the metrics of step ``step`` (counted from 1) are logged."""
@@ -1009,6 +1030,10 @@ class Trainer:
             self.logger.truncate_after(-1)  # a fresh start replaces an old run's curve
             if is_main_process():
                 save_yaml(self.resolved, self.output_dir / "config.yaml")
+                # An old run's marks of a finished run, which this one would keep if stopped
+                # (the demo skips a run with a summary).
+                (self.output_dir / "summary.json").unlink(missing_ok=True)
+                (self.output_dir / "backbone.safetensors").unlink(missing_ok=True)
             if self.method.needs_warmup_pass:
                 self._warmup_memory()
             self._measure_transfer(epochs_trained=0)  # the starting point of the curve
@@ -1084,6 +1109,7 @@ class Trainer:
         self._write_train_log(progress)
         progress.close()
         if stop:
+            self._end_loader_workers()
             # No summary.json and no exported backbone: both say a run is finished.
             self.logger.close()
             barrier()
