@@ -24,10 +24,11 @@ import signal
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # torch is not imported for a type: the config and the CLI import this module
+    from torch.utils.data import DataLoader
 
 # Signals a process may catch; SIGKILL and SIGSTOP cannot be, SIGINT is Ctrl-C (KeyboardInterrupt,
 # which the command line already turns into "interrupted; the last checkpoint is kept").
@@ -87,16 +88,18 @@ def ignore_signals(numbers: Sequence[int], worker_id: int = 0) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
 
 
-def worker_init_ignoring(numbers: Sequence[int]) -> Callable[[int], None] | None:
-    """:func:`ignore_signals` for ``numbers`` as a picklable ``worker_init_fn`` (None: none)."""
-    return functools.partial(ignore_signals, tuple(numbers)) if numbers else None
-
-
-def start_workers(loader: Iterable[T], numbers: Sequence[int]) -> Iterator[T]:
-    """``iter(loader)``, which starts a DataLoader's workers, with ``numbers`` blocked meanwhile:
-    the workers inherit the mask until :func:`ignore_signals` (their ``worker_init_fn``) ignores
-    and unblocks them. In this process a signal that arrives meanwhile is delayed, not lost."""
-    if not numbers or not hasattr(signal, "pthread_sigmask"):
+def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
+    """``iter(loader)``, whose workers leave signals ``numbers`` to this process: each ignores
+    them from its ``worker_init_fn`` (:func:`ignore_signals`, set here: the loader must have none
+    of its own), and they are blocked while the workers start, which the workers inherit until
+    that function unblocks them. In this process a signal that arrives meanwhile is delayed, not
+    lost."""
+    if not numbers or loader.num_workers == 0:
+        return iter(loader)
+    if getattr(loader.worker_init_fn, "func", loader.worker_init_fn) not in (None, ignore_signals):
+        raise ValueError("start_workers sets the loader's worker_init_fn; it has one of its own")
+    loader.worker_init_fn = functools.partial(ignore_signals, tuple(numbers))
+    if not hasattr(signal, "pthread_sigmask"):
         return iter(loader)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
     try:

@@ -58,7 +58,6 @@ from look.engine.stop_signals import (
     TrainingStopped,
     signal_numbers,
     start_workers,
-    worker_init_ignoring,
 )
 from look.methods import (
     Batch,
@@ -392,7 +391,6 @@ class Trainer:
         # Every loader's workers (training, warm-up, kNN monitor) leave the stop signals to this
         # process: a job scheduler signals all of a job's processes.
         self.worker_signals = signal_numbers(cfg.train.stop_signals)
-        self.worker_init = worker_init_ignoring(self.worker_signals)
         self._batch_iterator: Iterator[Batch] | None = None
         self._pending_log: _PendingTrainLog | None = None
         self.model: torch.nn.Module = self.method
@@ -713,7 +711,6 @@ class Trainer:
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
             generator=generator,
-            worker_init_fn=self.worker_init if workers > 0 else None,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

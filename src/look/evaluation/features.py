@@ -37,7 +37,7 @@ from look.data.sources import dataset_files, name_some
 from look.data.spec import resolve_root
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from look.engine.sampler import EvalShardSampler
-from look.engine.stop_signals import start_workers, worker_init_ignoring
+from look.engine.stop_signals import start_workers
 
 __all__ = [
     "CACHE_FORMAT",
@@ -165,8 +165,6 @@ def extract_features(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        # Workers that leave these signals to this process (a training run's stop signals).
-        worker_init_fn=worker_init_ignoring(worker_signals) if num_workers > 0 else None,
     )
     was_training = model.training
     model.eval()
@@ -180,7 +178,8 @@ def extract_features(
         leave=False,
     )
     try:
-        for batch in start_workers(loader, worker_signals if num_workers > 0 else ()):
+        # Workers that leave these signals to this process (a training run's stop signals).
+        for batch in start_workers(loader, worker_signals):
             images = batch[0].to(device, non_blocking=True)
             with _autocast(device, autocast_dtype):
                 output = model(images)
