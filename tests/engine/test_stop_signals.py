@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,21 @@ def restore_sigterm() -> Iterator[None]:
 
 
 def signal_before_step(
-    monkeypatch: pytest.MonkeyPatch, step: int, number: int, *, times: int = 1
+    monkeypatch: pytest.MonkeyPatch,
+    step: int,
+    number: int,
+    *,
+    times: int = 1,
+    first: Callable[[], object] | None = None,
 ) -> None:
-    """Make the trainer receive signal ``number`` ``times`` times as it starts step ``step``."""
+    """Make the trainer receive signal ``number`` ``times`` times as it starts step ``step``
+    (after calling ``first``)."""
     original = Trainer._step
 
     def step_then_signal(self: Trainer, epoch: int, batch: Any) -> Any:
         if self.global_step + 1 == step:
+            if first is not None:
+                first()
             for _ in range(times):
                 os.kill(os.getpid(), number)
         return original(self, epoch, batch)
@@ -168,19 +176,28 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Pat
     assert train_losses(run) == train_losses(tmp_path / "full")
 
 
+# One thread per process: the job's processes share the machine's cores.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _pretrain_command(program: list[str], run: Path, *extra: str) -> list[str]:
+    """``program pretrain`` of the tiny run into ``run`` with two loader workers and ``extra``."""
+    overrides = [o for o in TINY if not o.startswith(("data.num_workers", "optim.epochs"))]
+    overrides += ["data.num_workers=2", *extra]
+    command = [*program, "pretrain", "--output", str(run)]
+    return command + [argument for override in overrides for argument in ("--set", override)]
+
+
 def test_the_command_stops_with_status_75_when_the_whole_job_is_signalled(
     tmp_path: Path,
 ) -> None:
     """As a scheduler does it: SIGTERM to every process of the job, DataLoader workers too."""
     run = tmp_path / "run"
-    overrides = [o for o in TINY if not o.startswith(("data.num_workers", "optim.epochs"))]
-    overrides += ["data.num_workers=2", "optim.epochs=200", "train.checkpoint_every_steps=1000"]
-    command = [sys.executable, "-m", "look", "pretrain", "--output", str(run)]
-    for override in overrides:
-        command += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = _pretrain_command(
+        [sys.executable, "-m", "look"], run, "optim.epochs=200", "train.checkpoint_every_steps=1000"
+    )
     job = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        command, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.time() + 120
     while time.time() < deadline and job.poll() is None and len(train_losses_or_none(run)) < 3:
@@ -252,19 +269,15 @@ def test_a_signal_while_the_knn_monitor_loads_images_stops_after_its_checkpoint(
     # The monitor's loader workers ignore the signal too; a worker killed by it used to fail
     # the measurement (exit status 2) and lose the epoch's checkpoint.
     run = tmp_path / "run"
-    overrides = [o for o in TINY if not o.startswith(("data.num_workers", "optim.epochs"))]
-    overrides += [
-        "data.num_workers=2",
+    command = _pretrain_command(
+        [sys.executable, "-c", _SIGNAL_FROM_THE_MONITOR],
+        run,
         "optim.epochs=4",
         "train.knn_monitor=synthetic:samples=64,classes=4",
         "train.knn_monitor_images=40",
-    ]
-    command = [sys.executable, "-c", _SIGNAL_FROM_THE_MONITOR, "pretrain", "--output", str(run)]
-    for override in overrides:
-        command += ["--set", override]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     job = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+        command, env=_ENV, capture_output=True, text=True, timeout=300, start_new_session=True
     )
     assert job.returncode == EXIT_STOPPED, job.stdout + job.stderr
     # The signal came after step 6's verdict: the epoch's checkpoint, then one more step.
@@ -296,15 +309,7 @@ def test_a_loader_worker_stuck_in_a_read_is_ended_when_the_run_stops(
         return read(self, index)
 
     monkeypatch.setattr(dataset_type, "__getitem__", hanging_read)
-    step = Trainer._step
-
-    def step_then_signal(self: Trainer, epoch: int, batch: Any) -> Any:
-        if self.global_step + 1 == 3:
-            stuck.touch()
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, epoch, batch)
-
-    monkeypatch.setattr(Trainer, "_step", step_then_signal)
+    signal_before_step(monkeypatch, 3, signal.SIGTERM, first=stuck.touch)
     started = time.time()
     with pytest.raises(TrainingStopped):
         trainer.fit()
@@ -351,7 +356,7 @@ _SIGNAL_WHILE_WORKERS_START = """
 import os, signal, sys
 import torch
 from torch.utils.data import DataLoader, Dataset
-from look.engine.stop_signals import StopSignals, start_workers, worker_init_ignoring
+from look.engine.stop_signals import StopSignals, start_workers
 
 
 class SignalsTheJob(Dataset):
@@ -367,9 +372,7 @@ class SignalsTheJob(Dataset):
 numbers = (int(signal.SIGTERM),)
 with StopSignals(["SIGTERM"]) as stop:
     for _ in range(20):
-        loader = DataLoader(
-            SignalsTheJob(), batch_size=4, num_workers=2, worker_init_fn=worker_init_ignoring(numbers)
-        )
+        loader = DataLoader(SignalsTheJob(), batch_size=4, num_workers=2)
         for _ in start_workers(loader, numbers):
             pass
 print(stop.received)
@@ -382,7 +385,7 @@ def test_a_signal_while_loader_workers_start_kills_none_of_them() -> None:
     # that gap (on the first of these 20 loaders, typically).
     job = subprocess.run(
         [sys.executable, "-c", _SIGNAL_WHILE_WORKERS_START],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=_ENV,
         capture_output=True,
         text=True,
         timeout=300,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from look.atomic import atomic_write_path
+from look.engine.distributed import get_rank, get_world_size
 
 __all__ = [
     "MANIFEST_NAME",
@@ -486,13 +487,11 @@ def capture_rng_state_of_every_rank() -> list[dict[str, Any]]:
     apart), and restoring rank 0's on every rank would put them all on rank 0's stream: a resumed
     run's dropout would then repeat rank 0's masks or the start of its own stream.
     """
-    import torch.distributed as dist
-
     own = capture_rng_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return [own]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, own)
+    states: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, own)
     return states
 
 
@@ -500,13 +499,8 @@ def restore_rng_state_of_this_rank(saved: list[dict[str, Any]]) -> bool:
     """Restore this rank's generators from :func:`capture_rng_state_of_every_rank` output; with
     another number of ranks than wrote it, every rank takes rank 0's (the data order and the
     augmentation, seeded per image, do not depend on them) and False is returned."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
-    if len(saved) == world:
-        restore_rng_state(saved[rank])
+    if len(saved) == get_world_size():
+        restore_rng_state(saved[get_rank()])
         return True
     restore_rng_state(saved[0])
     return False
