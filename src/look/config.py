@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from look.engine.stop_signals import DEFAULT_STOP_SIGNALS
+
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it and says how to fix it."""
@@ -99,7 +101,7 @@ class TrainConfig:
     # On the first of these signals the run finishes its step, saves a checkpoint there and exits
     # with status 75 (look.engine.stop_signals): a cluster's preemption or time limit costs no
     # step. Empty: signals act as they would without look (SIGTERM kills at once).
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    stop_signals: list[str] = field(default_factory=lambda: list(DEFAULT_STOP_SIGNALS))
     # kNN transfer monitor (look.engine.monitor): a dataset SPEC as `look evaluate --dataset`
     # takes (null: off), measured before the first step and after every epoch.
     knn_monitor: str | None = None

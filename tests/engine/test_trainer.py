@@ -482,3 +482,33 @@ def test_images_too_small_for_the_backbone_are_refused_when_the_trainer_is_built
     # before a batch is read, not torch's error from inside a layer at the first step.
     with pytest.raises(ValueError, match=r"'convnext_atto' cannot take 16 px images.*at least 32"):
         Trainer(tiny_config("model.backbone=convnext_atto"), tmp_path / "run")
+
+
+def _draws_after_building_on_rank(rank: int, port: int, out_dir: str) -> None:
+    """Build a trainer on one of two gloo ranks; write its first parameter and its next draw."""
+    from tests.ddp import set_torchrun_environment
+
+    set_torchrun_environment(rank, 2, port)
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config("train.ddp_timeout_s=60"), Path(out_dir))
+    first_parameter = next(trainer.method.parameters()).detach().clone()
+    torch.save(
+        {"parameter": first_parameter, "draw": torch.rand(8)}, Path(out_dir) / f"rank{rank}.pt"
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_build_the_same_model_then_draw_their_own_masks(tmp_path: Path) -> None:
+    """Dropout and drop-path masks must differ between ranks (their images do), while the model
+    and memory they start from are one."""
+    import torch.multiprocessing as mp
+
+    from tests.ddp import free_port
+
+    mp.spawn(_draws_after_building_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert torch.equal(ranks[0]["parameter"], ranks[1]["parameter"])
+    assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
+    one_process = Trainer(tiny_config(), tmp_path / "one")  # rank 0 draws as one process does
+    assert torch.equal(next(one_process.method.parameters()).detach(), ranks[0]["parameter"])
+    assert torch.equal(torch.rand(8), ranks[0]["draw"])

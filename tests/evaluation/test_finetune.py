@@ -86,8 +86,8 @@ def test_a_killed_finetuning_resumes_from_its_last_epoch_with_the_same_result(
 
     def save_then_die(directory: Path, step: int, state: dict, **kwargs: object) -> Path:
         path = original_save(directory, step, state, **kwargs)
-        saved_epochs.append(step)
-        if step == 1:
+        saved_epochs.append(state["epoch"])  # (files are named by step)
+        if state["epoch"] == 1:
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
         return path
 
@@ -95,7 +95,7 @@ def test_a_killed_finetuning_resumes_from_its_last_epoch_with_the_same_result(
     checkpoints = tmp_path / "finetune_checkpoints"
     with pytest.raises(KeyboardInterrupt):
         run(backbone, checkpoints)
-    assert sorted(p.name for p in checkpoints.glob("ckpt-*.pt")) == ["ckpt-000000001.pt"]
+    assert len(list(checkpoints.glob("ckpt-*.pt"))) == 1
 
     torch.manual_seed(123)  # the global generator as a fresh process might leave it
     resumed = run(backbone, checkpoints)

@@ -1,6 +1,6 @@
 """Two gloo ranks on CPU: a DDP fine-tuning killed after its first epoch and resumed ends with
-exactly the weights of an uninterrupted one, also when the ranks draw different random numbers
-(dropout from each rank's own generator); its checkpoint resumes in one process with a warning."""
+exactly the weights of an uninterrupted one, while the ranks draw different random numbers
+(dropout from each rank's own seed); its checkpoint resumes in one process with a warning."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     init_gloo(rank, WORLD_SIZE, port, timeout_s=120)
     try:
         backbone, dim = _backbone()
-        # Ranks with different random streams, as a script that seeds each rank apart leaves them.
+        # The caller's generators do not matter: fine-tuning seeds its own, each rank apart.
         torch.manual_seed(1000 + rank)
         whole = _finetune(backbone, dim, None, kill_after_first_epoch=False)
 
@@ -115,7 +115,7 @@ def test_a_killed_ddp_finetuning_resumes_each_ranks_random_stream(
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     for rank in range(WORLD_SIZE):
         outcomes = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert outcomes["files"] == ["ckpt-000000001.pt"], "killed after the first epoch"
+        assert outcomes["files"] == ["ckpt-000000004.pt"], "killed after the first epoch (step 4)"
         whole, resumed = outcomes["whole"], outcomes["resumed"]
         assert resumed["weights"] == whole["weights"], f"rank {rank}: other weights after resume"
         assert resumed["final_epoch_train_loss"] == whole["final_epoch_train_loss"]
@@ -142,5 +142,5 @@ def test_a_killed_ddp_finetuning_resumes_each_ranks_random_stream(
             progress=False,
             checkpoint_dir=tmp_path / "left_checkpoints",
         )
-    assert saved == [2], "the single process went on from the 2-rank checkpoint's epoch"
+    assert saved == [8], "the single process went on from the 2-rank checkpoint's epoch"
     assert result["epochs"] == 2 and 0.0 <= result["top1"] <= 100.0

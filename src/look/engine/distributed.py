@@ -33,6 +33,13 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own random draws (dropout, drop-path) once the model is built alike
+    on every rank: rank 0 keeps ``seed``, so a one-process run draws as it always did; the other
+    ranks get seeds far from any small one."""
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % 2**63
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # torch is not imported for a type: the config and the CLI im
 # Signals a process may catch; SIGKILL and SIGSTOP cannot be, SIGINT is Ctrl-C (KeyboardInterrupt,
 # which the command line already turns into "interrupted; the last checkpoint is kept").
 STOPPABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
+# What pre-training (train.stop_signals) and `look evaluate`'s fine-tuning stop on by default.
+DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 # The exit status of a run stopped by a signal after saving its checkpoint: EX_TEMPFAIL, "try
 # again later", which a job script can tell apart from a failure (e.g. to requeue the job).
@@ -106,6 +108,21 @@ def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def end_workers(batches: Iterator[Any] | None) -> None:
+    """Shut the workers of a loader's iterator (from :func:`start_workers`) down now, killing any
+    that does not leave. They ignore the stop signals, so the loader's own fallback (SIGTERM)
+    cannot end a worker stuck in a slow read, and the interpreter's exit would wait for it past
+    the scheduler's grace period, losing exit status 75 to its SIGKILL."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's; absent without workers
+    if shutdown is None:
+        return
+    shutdown()  # asks the workers to leave, waits a few seconds, stops watching them
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 class StopSignals:

@@ -44,6 +44,7 @@ from look.engine.distributed import (
     init_distributed,
     is_distributed,
     is_main_process,
+    rank_seed,
     synchronise_batchnorm,
     wrap_ddp,
 )
@@ -56,6 +57,7 @@ from look.engine.sampler import GlobalBatchSampler
 from look.engine.stop_signals import (
     StopSignals,
     TrainingStopped,
+    end_workers,
     signal_numbers,
     start_workers,
 )
@@ -337,6 +339,10 @@ class Trainer:
         )
         self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
         self.synchronised_norms = self._synchronise_batchnorm()
+        if get_rank() > 0:
+            # Model and memory are built alike on every rank (one seed); from here each rank
+            # draws its own dropout and drop-path masks, as it trains on its own images.
+            seed_everything(rank_seed(cfg.seed, get_rank()))
         self.method.defer_exactness_check = True  # _step reads StepOutput.inexact and redoes
         self.method.caller_checks_loss = True  # _step's flags, then train.nan_policy
         # Memory writes wait for the step's verdict (_forward_backward does them after the last
@@ -764,19 +770,9 @@ class Trainer:
                     return
 
     def _end_loader_workers(self) -> None:
-        """Shut the training loader's workers down now, killing any that does not leave. They
-        ignore the stop signals, so the loader's own fallback (SIGTERM) cannot end a worker stuck
-        in a slow read, and the interpreter's exit would wait for it past the scheduler's grace
-        period, losing exit status 75 to its SIGKILL."""
+        """Shut the training loader's workers down now (:func:`end_workers`)."""
         iterator, self._batch_iterator = self._batch_iterator, None
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's; absent without workers
-        if shutdown is None:
-            return
-        shutdown()  # asks the workers to leave, waits a few seconds, stops watching them
-        for worker in getattr(iterator, "_workers", ()):
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        end_workers(iterator)
 
     def _logs_step(self, step: int) -> bool:
         """Whether the metrics of step ``step`` (counted from 1) are logged."""

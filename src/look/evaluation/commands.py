@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from look.engine.stop_signals import DEFAULT_STOP_SIGNALS, STOPPABLE_SIGNALS
 from look.evaluation.features import DEFAULT_FEATURE_CACHE_DIR
 from look.evaluation.fewshot import FewShotOptions
 from look.evaluation.finetune import FinetuneOptions
@@ -47,6 +48,8 @@ resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
 Coarse-to-fine transfer: evaluate a model pre-trained with coarse labels with --labels fine;
 {RESULTS_FILE} records both the pre-training and the evaluation labels.
 Multi-GPU: torchrun --nproc_per_node N -m look evaluate ... (same numbers as one process).
+Preemption: on SIGTERM or SIGUSR1 (--stop-signals) fine-tuning saves the step in progress and
+the command exits with status 75; the same command resumes it (the other protocols re-run).
 """
 
 
@@ -208,6 +211,16 @@ def register(subparsers: Any) -> None:
     )
     tune.add_argument(
         "--finetune-weight-decay", type=float, help="default: 5e-4 (<= 64 px), 1e-4 (larger)"
+    )
+    tune.add_argument(
+        "--stop-signals",
+        nargs="*",
+        choices=STOPPABLE_SIGNALS,
+        default=list(DEFAULT_STOP_SIGNALS),
+        metavar="SIGNAL",
+        help="signals on which fine-tuning saves its step and exits with status 75 (default: "
+        f"{' '.join(DEFAULT_STOP_SIGNALS)}; none given: catch none); choose from "
+        f"{', '.join(STOPPABLE_SIGNALS)}",
     )
 
     fewshot = parser.add_argument_group("few-shot")
@@ -377,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
                 queries=args.fewshot_queries,
                 episodes=args.fewshot_episodes,
             ),
+            stop_signals=tuple(args.stop_signals),
         )
         if is_main_process():
             _print_summary(report, Path(args.output))

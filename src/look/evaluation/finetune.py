@@ -10,11 +10,19 @@ padded duplicates.
 With a ``checkpoint_dir`` (``look evaluate`` gives ``OUTPUT/finetune_checkpoints``) the state is
 saved after every epoch (model, optimizer, schedule, every rank's random generators) and a
 re-run resumes from the last finished epoch, with the same result as an uninterrupted fine-tuning;
-a checkpoint of another model, dataset or recipe is left aside with a warning. A re-run with
-another number of processes resumes too, with a warning: every rank then continues from rank 0's
-generators (as a pre-training checkpoint does), so random draws such as dropout do not continue
-as they would have; the data order and the augmentation (seeded per image) are unaffected. The
-folder is removed once the test accuracy is computed.
+a checkpoint of another model, dataset or recipe is left aside with a warning. With
+``stop_signals`` too (``look evaluate``: SIGTERM and SIGUSR1, what a cluster sends before it takes
+the machine back; see :mod:`look.engine.stop_signals`) a signal to any rank makes every rank
+finish the step in progress; that step is saved and :class:`TrainingStopped` raised, and a re-run
+resumes mid-epoch, again with the uninterrupted result. A re-run with another number of processes
+resumes too, with a warning: every rank then continues from rank 0's generators (as a
+pre-training checkpoint does), so random draws such as dropout do not continue as they would
+have; the data order and the augmentation (seeded per image) are unaffected. The folder is
+removed once the test accuracy is computed.
+
+Fine-tuning draws from generators of its own, seeded from ``seed`` (the classifier's
+initialisation alike on every rank, dropout and the like from each rank's own seed), and leaves
+the caller's torch generators as they were.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import dataclasses
 import math
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +65,11 @@ from look.engine.distributed import (
     get_world_size,
     is_distributed,
     is_main_process,
+    rank_seed,
 )
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
+from look.engine.stop_signals import StopSignals, TrainingStopped, end_workers, start_workers
 from look.evaluation.features import extract_features, keep_readable, unreadable_indices
 from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
 from look.evaluation.model_source import state_fingerprint
@@ -121,18 +132,30 @@ def _collate(
     return images, labels
 
 
+@dataclass
+class _Progress:
+    """Where a fine-tuning is: the steps it has taken, and the epoch in progress's loss so far
+    (summed over every rank's images)."""
+
+    step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_images: float = 0.0
+    last_epoch_loss: float = float("nan")
+
+
 def _resume(
     checkpoint_dir: Path,
     identity: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-) -> tuple[int, float]:
-    """Restore the newest fine-tuning checkpoint of this very fine-tuning (``identity``): the
-    epochs it finished and its last epoch's loss; ``(0, nan)`` when there is none."""
+    steps_per_epoch: int,
+) -> _Progress:
+    """Restore the newest fine-tuning checkpoint of this very fine-tuning (``identity``) and
+    return where it was; a fresh :class:`_Progress` when there is none."""
     found = load_latest_checkpoint(checkpoint_dir)
     if found is None:
-        return 0, float("nan")
+        return _Progress()
     state, path = found
     if state.get("identity") != identity:
         if is_main_process():
@@ -142,12 +165,21 @@ def _resume(
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return 0, float("nan")
+        return _Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_own_rng_state(state, path)
-    return int(state["epoch"]), float(state["last_epoch_loss"])
+    # Written before fine-tuning could stop mid-epoch: a finished epoch, with no "step".
+    step = int(state.get("step", int(state["epoch"]) * steps_per_epoch))
+    # The loss sums so far count every rank's images: rank 0 carries them on.
+    mine = is_main_process()
+    return _Progress(
+        step=step,
+        epoch_loss_sum=float(state.get("epoch_loss_sum", 0.0)) if mine else 0.0,
+        epoch_images=float(state.get("epoch_images", 0.0)) if mine else 0.0,
+        last_epoch_loss=float(state["last_epoch_loss"]),
+    )
 
 
 def _restore_own_rng_state(state: dict[str, Any], path: Path) -> None:
@@ -168,6 +200,170 @@ def _restore_own_rng_state(state: dict[str, Any], path: Path) -> None:
         )
 
 
+def _device_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (``cuda`` alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _train(
+    model: _Classifier,
+    train_set: Any,
+    *,
+    device: torch.device,
+    recipe: dict[str, Any],
+    global_batch: int,
+    momentum: float,
+    seed: int,
+    num_workers: int,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+    checkpoint_dir: Path | None,
+    identity: dict[str, Any],
+    stop: StopSignals,
+    worker_signals: tuple[int, ...],
+) -> tuple[_Classifier, float, int]:
+    """Train ``model`` with the recipe, from the newest checkpoint of ``checkpoint_dir`` when it
+    is this fine-tuning's (``identity``); return it, its last epoch's mean training loss and the
+    recipe's number of steps.
+
+    Every step all-reduces two flags, read on the host once: a non-finite loss on some rank (every
+    rank then raises, rather than the others waiting in DDP's all-reduce until the timeout) and a
+    stop signal (``stop``) received by some rank: every rank then finishes the step, the state is
+    saved there and :class:`TrainingStopped` is raised.
+    """
+    model = model.to(device)
+    model.train()
+    train_model: nn.Module = model
+    if is_distributed():
+        # Only a GPU has a device index: asking CUDA for one on a CPU (gloo) run fails.
+        device_ids = [_device_index(device)] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = build_optimizer(
+        model.named_parameters(),
+        name="sgd",
+        lr=recipe["lr"],
+        weight_decay=recipe["weight_decay"],
+        momentum=momentum,
+    )
+    sampler = GlobalBatchSampler(
+        len(train_set),
+        global_batch,
+        rank=get_rank(),
+        world_size=get_world_size(),
+        seed=seed,
+        drop_last=True,
+    )
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = recipe["epochs"] * steps_per_epoch
+    scheduler = build_lr_scheduler(optimizer, total_steps=total_steps, warmup_steps=0)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    where = _Progress()
+    if checkpoint_dir is not None:
+        where = _resume(checkpoint_dir, identity, model, optimizer, scheduler, steps_per_epoch)
+    stopping = False
+    while where.step < total_steps and not stopping:
+        epoch, step_in_epoch = divmod(where.step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start_step(step_in_epoch)
+        train_set.set_epoch(epoch)
+        loader = DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            # Its own generator: without one the iterator draws its workers' base seed from the
+            # global one, one draw more in a run resumed mid-epoch (dropout would then differ).
+            # The workers' seeds matter to nothing: augmentations are seeded per image.
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        )
+        # This rank's loss sum and image count in the epoch (rank 0 also carries a resumed
+        # epoch's sums over every rank).
+        sums = torch.tensor(
+            [where.epoch_loss_sum, where.epoch_images], dtype=torch.float64, device=device
+        )
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"fine-tune epoch {epoch + 1}/{recipe['epochs']}",
+            unit="batch",
+            disable=not (progress and get_rank() == 0),
+            leave=False,
+        )
+        batches = start_workers(loader, worker_signals)
+        for images, targets in batches:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                logits = train_model(images)
+            loss = F.cross_entropy(logits.float(), targets)
+            requested = 1.0 if stop.received is not None else 0.0
+            flags = all_reduce_sum(
+                torch.stack(
+                    [
+                        (~torch.isfinite(loss.detach())).double(),
+                        loss.new_tensor(requested, dtype=torch.float64),
+                    ]
+                )
+            )
+            non_finite, stopping = (bool(flag > 0) for flag in flags.tolist())
+            if non_finite:
+                end_workers(batches)
+                raise ValueError(
+                    f"fine-tuning diverged (non-finite loss at epoch {epoch + 1}); lower the "
+                    f"learning rate (now {recipe['lr']})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack(
+                [loss.detach().double() * len(targets), sums.new_tensor(len(targets))]
+            )
+            where.step += 1
+            bar.update(1)
+            # The last step of all just finishes; a stop saves the step it came in.
+            stopping = stopping and where.step < total_steps
+            if stopping:
+                break
+        bar.close()
+        end_workers(batches)
+        totals = all_reduce_sum(sums).tolist()
+        where.epoch_loss_sum, where.epoch_images = 0.0, 0.0  # the next loop starts an epoch
+        epoch_done = where.step % steps_per_epoch == 0
+        if epoch_done:
+            where.last_epoch_loss = totals[0] / max(totals[1], 1.0)
+            totals = [0.0, 0.0]
+        if checkpoint_dir is not None and (epoch_done or stopping):
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_per_rank": capture_rng_state_of_every_rank(),  # (a collective)
+                "identity": identity,
+                "step": where.step,
+                "epoch": where.step // steps_per_epoch,  # finished epochs
+                "epoch_loss_sum": totals[0],
+                "epoch_images": totals[1],
+                "last_epoch_loss": where.last_epoch_loss,
+            }
+            if is_main_process():
+                save_checkpoint(checkpoint_dir, where.step, state, keep_last=1)
+            barrier()  # no rank runs ahead of a checkpoint another rank may resume from
+    if stopping:  # only with a checkpoint folder (finetune catches no signal otherwise)
+        raise TrainingStopped(
+            stop.received or "a signal another rank received",
+            where.step,
+            total_steps,
+            str(checkpoint_dir),
+        )
+    return model, where.last_epoch_loss, total_steps
+
+
 def finetune(
     backbone: nn.Module,
     feature_dim: int,
@@ -182,6 +378,7 @@ def finetune(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    stop_signals: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``backbone`` with a new linear head on ``spec``'s training split.
 
@@ -190,7 +387,8 @@ def finetune(
     out test images whose file cannot be decoded (``corrupt_images="skip"``; unreadable training
     images are replaced by another of their class, as in pre-training). The caller's ``backbone``
     is not modified. ``checkpoint_dir``: save every epoch there and resume from it (see the
-    module docstring).
+    module docstring). ``stop_signals`` (names such as ``"SIGTERM"``; with a ``checkpoint_dir``
+    only): on one of them, save the step in progress and raise :class:`TrainingStopped`.
     """
     options = options or FinetuneOptions()
     options.validate()
@@ -219,108 +417,45 @@ def finetune(
             f"the training split has {len(train_set)} images, fewer than the {world} processes"
         )
 
-    with torch.random.fork_rng(devices=[]):
+    # Fine-tuning draws from generators of its own (the caller's are left as they were): the
+    # classifier's initialisation from ``seed`` on every rank alike, then dropout and the like
+    # from each rank's own seed.
+    rng_devices = [_device_index(device)] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         model = _Classifier(copy.deepcopy(backbone), feature_dim, info.num_classes)
-    model = model.to(device)
-    model.train()
-    train_model: nn.Module = model
-    if is_distributed():
-        # Only a GPU has a device index: asking CUDA for one on a CPU (gloo) run fails.
-        device_ids = None
-        if device.type == "cuda":
-            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = build_optimizer(
-        model.named_parameters(),
-        name="sgd",
-        lr=recipe["lr"],
-        weight_decay=recipe["weight_decay"],
-        momentum=options.momentum,
-    )
-    sampler = GlobalBatchSampler(
-        len(train_set), global_batch, rank=get_rank(), world_size=world, seed=seed, drop_last=True
-    )
-    total_steps = recipe["epochs"] * sampler.steps_per_epoch
-    scheduler = build_lr_scheduler(optimizer, total_steps=total_steps, warmup_steps=0)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    start_epoch, last_epoch_loss = 0, float("nan")
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        # What makes a checkpoint this fine-tuning's: a re-run into the same folder with another
-        # model, dataset or recipe must not continue from it.
-        identity = {
-            "backbone_sha256": state_fingerprint(backbone),
-            "data": describe(train_spec),
-            "image_size": info.image_size,
-            "num_train": len(train_set),
-            "num_classes": info.num_classes,
-            "seed": seed,
-            "epochs": recipe["epochs"],
-            "lr": recipe["lr"],
-            "global_batch": global_batch,
-            "weight_decay": recipe["weight_decay"],
-            "momentum": options.momentum,
-            "autocast": str(autocast_dtype),
-        }
-        start_epoch, last_epoch_loss = _resume(
-            checkpoint_dir, identity, model, optimizer, scheduler
-        )
-    for epoch in range(start_epoch, recipe["epochs"]):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=device.type == "cuda",
-        )
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(
-            loader,
-            desc=f"fine-tune epoch {epoch + 1}/{recipe['epochs']}",
-            unit="batch",
-            disable=not (progress and get_rank() == 0),
-            leave=False,
-        )
-        for images, targets in bar:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with autocast:
-                logits = train_model(images)
-            loss = F.cross_entropy(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"fine-tuning diverged (non-finite loss at epoch {epoch + 1}); lower the "
-                    f"learning rate (now {recipe['lr']})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(targets)
-            seen += len(targets)
-        last_epoch_loss = float(all_reduce_sum(loss_sum) / all_reduce_sum(seen).clamp_min(1))
-        if checkpoint_dir is not None:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng_per_rank": capture_rng_state_of_every_rank(),  # (a collective)
-                "identity": identity,
-                "epoch": epoch + 1,
-                "last_epoch_loss": last_epoch_loss,
-            }
-            if is_main_process():
-                save_checkpoint(checkpoint_dir, epoch + 1, state, keep_last=1)
-            barrier()  # no rank runs ahead of a checkpoint another rank may resume from
-
+        torch.manual_seed(rank_seed(seed, get_rank()))
+        # Stopping is saving: without a checkpoint folder a signal keeps its usual effect.
+        with StopSignals(stop_signals if checkpoint_dir is not None else ()) as stop:
+            model, last_epoch_loss, total_steps = _train(
+                model,
+                train_set,
+                device=device,
+                recipe=recipe,
+                global_batch=global_batch,
+                momentum=options.momentum,
+                seed=seed,
+                num_workers=num_workers,
+                autocast_dtype=autocast_dtype,
+                progress=progress,
+                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+                identity={
+                    "backbone_sha256": state_fingerprint(backbone),
+                    "data": describe(train_spec),
+                    "image_size": info.image_size,
+                    "num_train": len(train_set),
+                    "num_classes": info.num_classes,
+                    "seed": seed,
+                    "epochs": recipe["epochs"],
+                    "lr": recipe["lr"],
+                    "global_batch": global_batch,
+                    "weight_decay": recipe["weight_decay"],
+                    "momentum": options.momentum,
+                    "autocast": str(autocast_dtype),
+                },
+                stop=stop,
+                worker_signals=stop.numbers,
+            )
     predictions = extract_features(
         model,
         test_set,

@@ -34,6 +34,7 @@ from look.data import (
 )
 from look.data.spec import resolve_root
 from look.engine.distributed import get_world_size, is_distributed, is_main_process
+from look.engine.stop_signals import DEFAULT_STOP_SIGNALS, TrainingStopped, signal_numbers
 from look.evaluation.features import (
     DEFAULT_FEATURE_CACHE_DIR,
     FeatureSet,
@@ -282,6 +283,7 @@ def _run_protocol(
     autocast_dtype: torch.dtype | None,
     progress: bool,
     output_dir: Path,
+    stop_signals: Sequence[str],
 ) -> dict[str, Any]:
     """One protocol's results (frozen-feature protocols read the extracted ``split_data``)."""
     if name == "finetune":
@@ -297,8 +299,10 @@ def _run_protocol(
             eval_batch_size=batch_size,
             autocast_dtype=autocast_dtype,
             progress=progress,
-            # A long fine-tuning that is killed resumes from its last epoch on a re-run.
+            # A long fine-tuning that is killed resumes from its last epoch on a re-run; one
+            # stopped by a signal, from the step it stopped at.
             checkpoint_dir=output_dir / FINETUNE_CHECKPOINT_DIR,
+            stop_signals=stop_signals,
         )
     test_set, test_labels, _ = split_data["test"]
     if name == "fewshot":
@@ -411,6 +415,7 @@ def evaluate(
     knn_options: KnnOptions | None = None,
     finetune_options: FinetuneOptions | None = None,
     fewshot_options: FewShotOptions | None = None,
+    stop_signals: Sequence[str] = DEFAULT_STOP_SIGNALS,
 ) -> dict[str, Any]:
     """Evaluate a model with the transfer ``protocols`` and write ``output_dir/results.json``.
 
@@ -430,6 +435,9 @@ def evaluate(
         seed: seeds the validation split, random initialisation, fine-tuning and episodes.
         use_head: frozen-feature protocols use the L2-normalised projection-head embedding
             instead of the pooled backbone features (fine-tuning always uses the backbone).
+        stop_signals: signal names on which fine-tuning saves the step in progress and raises
+            :class:`~look.engine.stop_signals.TrainingStopped` (a re-run resumes; ``()``: the
+            signals keep their usual effect). Other protocols are short and simply re-run.
 
     Returns:
         The dict written to ``results.json`` (accuracies in percent).
@@ -446,6 +454,7 @@ def evaluate(
         options[name].validate()  # type: ignore[attr-defined]
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
+    signal_numbers(stop_signals)  # a name that cannot stop a run fails now
     if seed < 0:
         raise ValueError(f"seed={seed} must be non-negative")
     if not isinstance(labels, str) or not labels:
@@ -580,7 +589,12 @@ def evaluate(
                     autocast_dtype=autocast_dtype,
                     progress=progress,
                     output_dir=Path(output_dir),
+                    stop_signals=stop_signals,
                 )
+        except TrainingStopped:  # not a failure: the same command goes on from the saved step
+            if results:
+                write_report(pending=order[position:], failed=None)
+            raise
         except BaseException as error:  # KeyboardInterrupt too: keep what finished
             if results:
                 write_report(pending=order[position:], failed=(name, error))
