@@ -392,3 +392,23 @@ def test_a_signal_while_loader_workers_start_kills_none_of_them() -> None:
         start_new_session=True,
     )
     assert job.returncode == 0 and job.stdout == "SIGTERM\n", job.stderr[-2000:]
+
+
+@pytest.mark.usefixtures("restore_sigterm")
+def test_a_signal_at_an_epochs_end_saves_before_the_knn_monitor_and_the_resumed_run_measures_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grace period before SIGKILL is for saving; a monitor over a large test set could
+    outlast it. The epoch's measurement then comes first in the resumed run, with the same value."""
+    from .test_monitor import MONITOR, _monitor_rows
+
+    pretrain(tiny_config(*MONITOR), tmp_path / "full")
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        signal_before_step(patch, 6, signal.SIGTERM)  # the last step of epoch 1 (of 2)
+        with pytest.raises(TrainingStopped, match="at step 6 of 12"):
+            pretrain(tiny_config(*MONITOR), run)
+    assert [row["step"] for row in _monitor_rows(run)] == [0], "measured before the save"
+    pretrain(tiny_config(*MONITOR), run)
+    assert _monitor_rows(run) == _monitor_rows(tmp_path / "full")
+    assert train_losses(run) == train_losses(tmp_path / "full")

@@ -390,6 +390,9 @@ class Trainer:
         # Steps whose loss counted no item (all of LOOK's queries dropped): reported per epoch.
         self.steps_without_items = 0
         self.epoch_steps_without_items = 0
+        # Stopped by a signal at an epoch's end, the run saved before the kNN monitor's
+        # measurement of that epoch, which the resumed run then takes first.
+        self.monitor_pending = False
         self._diverging_buffers_reported: set[str] = set()
         self.logger: MetricsLogger | None = None
         # Catching nothing until fit() installs the handlers (a dry run's step included).
@@ -414,6 +417,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "steps_without_items": self.steps_without_items,
             "epoch_steps_without_items": self.epoch_steps_without_items,
+            "monitor_pending": self.monitor_pending,
             "epoch": self.global_step // self.steps_per_epoch,
             "step_in_epoch": self.global_step % self.steps_per_epoch,
             "global_batch_size": self.global_batch,
@@ -693,6 +697,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.steps_without_items = int(state.get("steps_without_items", 0))
         self.epoch_steps_without_items = int(state.get("epoch_steps_without_items", 0))
+        self.monitor_pending = bool(state.get("monitor_pending", False))
         if is_main_process():
             print(f"look: resuming {self.output_dir} from {path.name} (step {self.global_step})")
         return True
@@ -1019,6 +1024,9 @@ class Trainer:
         )
         if resumed:
             self.logger.truncate_after(self.global_step)
+            if self.monitor_pending:
+                self._measure_transfer(epochs_trained=self.global_step // self.steps_per_epoch)
+                self.monitor_pending = False
         else:
             self.logger.truncate_after(-1)  # a fresh start replaces an old run's curve
             if is_main_process():
@@ -1069,6 +1077,7 @@ class Trainer:
                 self._queue_train_log(metrics, epoch, window_images / max(elapsed, 1e-9), step_lr)
                 window_start, window_images = time.perf_counter(), 0
             epoch_done = self.global_step % self.steps_per_epoch == 0
+            stop = stop and self.global_step < self.total_steps  # the last step just finishes
             if epoch_done:
                 self._write_train_log(progress)
                 seconds = time.perf_counter() - epoch_start
@@ -1083,12 +1092,15 @@ class Trainer:
                     split="epoch",
                 )
                 self._warn_about_steps_without_items(epoch)
-                monitor_start = time.perf_counter()
-                self._measure_transfer(epochs_trained=epoch + 1)
-                window_start += time.perf_counter() - monitor_start  # not training time
+                if stop:
+                    # The scheduler's grace period is for saving: the resumed run measures it.
+                    self.monitor_pending = self.knn_monitor is not None
+                else:
+                    monitor_start = time.perf_counter()
+                    self._measure_transfer(epochs_trained=epoch + 1)
+                    window_start += time.perf_counter() - monitor_start  # not training time
                 epoch_start = time.perf_counter()
                 current_epoch = epoch + 1
-            stop = stop and self.global_step < self.total_steps  # the last step just finishes
             if (
                 self.global_step % self.cfg.train.checkpoint_every_steps == 0
                 or epoch_done
