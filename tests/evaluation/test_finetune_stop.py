@@ -17,21 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from look.data import DataSpec
 from look.engine.checkpoint import load_latest_checkpoint
 from look.engine.stop_signals import TrainingStopped
-from look.evaluation import FinetuneOptions, finetune
+from look.evaluation import finetune
 from look.models import create_backbone
 from tests.ddp import free_port, init_gloo
+from tests.evaluation.test_finetune_resume_ddp import OPTIONS, SPEC  # 4 steps per epoch
 
-SPEC = DataSpec(
-    dataset="synthetic",
-    synthetic_num_samples=32,
-    synthetic_num_classes=2,
-    synthetic_image_size=12,
-    image_size=12,
-)
-OPTIONS = FinetuneOptions(epochs=2, batch_size=8, lr=0.05)  # 4 steps per epoch
 WORLD_SIZE = 2
 
 
