@@ -171,6 +171,20 @@ def test_grouping_json_path_as_labels(tmp_path: Path) -> None:
         build_train_dataset(bad, num_views=1, seed=0)
 
 
+def test_evaluation_labels_of_one_class_are_refused(tmp_path: Path) -> None:
+    """Nothing to tell apart: every accuracy would be 100 %. (Pre-training warns only, below.)"""
+    one = DataSpec("synthetic", synthetic_num_samples=20, synthetic_num_classes=1)
+    with pytest.raises(ValueError, match=r"test split of synthetic has 1 class .*at least two"):
+        build_eval_dataset(one, "test")
+    path = tmp_path / "all.json"
+    path.write_text('{"fine_to_coarse": {"class_0": "all", "class_1": "all"}}')
+    grouped = DataSpec("synthetic", synthetic_num_samples=20, synthetic_num_classes=2)
+    with pytest.raises(
+        ValueError, match=r"train split .* 1 class with labels '.*all.json' \(all\)"
+    ):
+        build_eval_dataset(grouped, "train", str(path))
+
+
 def test_digits_through_the_builders() -> None:
     train, info = build_train_dataset(DataSpec("digits"), num_views=2, seed=0)
     test, test_info = build_eval_dataset(DataSpec("digits"), "test")

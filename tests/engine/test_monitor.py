@@ -3,9 +3,13 @@ invisible to the training itself, exact across a resume, refused early when misc
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from look.config import ConfigError
 from look.engine.metrics_log import csv_path, read_metrics
@@ -56,6 +60,32 @@ def test_a_bad_monitor_is_refused_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def _statistics_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of the batch-norm running statistics in a state dict."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if name.endswith(("running_mean", "running_var")):
+            digest.update(name.removeprefix("backbone.").encode())
+            digest.update(state[name].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pretrain_recording_the_measured_model(rank: int, port: int, out_dir: str) -> None:
+    """``pretrain_on_rank``, writing the digest of the statistics each measurement used."""
+    from look.engine.monitor import KnnMonitor
+
+    original = KnnMonitor.measure
+    digests: list[str] = []
+
+    def recording(self: KnnMonitor, backbone: torch.nn.Module, **kwargs: Any) -> Any:
+        digests.append(_statistics_digest(backbone.state_dict()))
+        return original(self, backbone, **kwargs)
+
+    KnnMonitor.measure = recording  # type: ignore[method-assign]
+    pretrain_on_rank(rank, port, str(Path(out_dir) / "run"), MONITOR)
+    (Path(out_dir) / f"measured{rank}.json").write_text(json.dumps(digests))
+
+
 @pytest.mark.ddp
 def test_two_ranks_measure_the_monitor_together(tmp_path: Path) -> None:
     """Each rank extracts a shard of the monitor's images (a collective at every epoch end); the
@@ -65,11 +95,20 @@ def test_two_ranks_measure_the_monitor_together(tmp_path: Path) -> None:
     from tests.ddp import free_port
 
     mp.spawn(
-        pretrain_on_rank, args=(free_port(), str(tmp_path / "run"), MONITOR), nprocs=2, join=True
-    )
+        _pretrain_recording_the_measured_model, args=(free_port(), str(tmp_path)), nprocs=2,
+        join=True,
+    )  # fmt: skip
     rows = _monitor_rows(tmp_path / "run")
     assert [(row["step"], row["epochs_trained"]) for row in rows] == [(0, 0), (6, 1), (12, 2)]
     assert all(0.0 <= row["knn_top1"] <= 100.0 for row in rows)
+    # Every rank measured one model, the one the run saves (rank 0's batch-norm statistics;
+    # without sync_batchnorm each rank's follow its own images).
+    measured = [json.loads((tmp_path / f"measured{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(measured[0]) == 3 and measured[0] == measured[1]
+    saved = torch.load(max((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")))["model"]
+    assert measured[0][-1] == _statistics_digest(
+        {name: tensor for name, tensor in saved.items() if name.startswith("backbone.")}
+    )
 
 
 def test_a_monitor_of_the_training_dataset_reads_the_training_root(tmp_path: Path) -> None:

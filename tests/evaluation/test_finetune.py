@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -127,3 +128,45 @@ def test_a_checkpoint_of_another_model_is_set_aside(tmp_path: Path) -> None:
         )
     assert result["top1"] == fresh["top1"]
     assert result["final_epoch_train_loss"] == fresh["final_epoch_train_loss"]
+
+
+def test_a_checkpoint_of_the_same_weights_built_otherwise_is_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stem stride or a pooling changes the network, not its weights: a fine-tuning of the same
+    weights built with other constructor arguments must not continue from the checkpoint."""
+    import importlib
+
+    finetune_module = importlib.import_module("look.evaluation.finetune")
+    options = FinetuneOptions(epochs=2, batch_size=16, lr=0.05)
+    checkpoints = tmp_path / "finetune_checkpoints"
+
+    def built(**kwargs: Any) -> tuple[torch.nn.Module, int]:
+        torch.manual_seed(0)
+        return create_backbone("look_cnn_small", model_kwargs=kwargs)
+
+    default, dim = built()
+    strided, _ = built(stem_stride=1)
+    assert state_fingerprint(default) == state_fingerprint(strided)
+    original_save = finetune_module.save_checkpoint
+
+    def save_then_die(directory: Path, step: int, state: dict, **kwargs: Any) -> Path:
+        original_save(directory, step, state, **kwargs)
+        raise KeyboardInterrupt  # killed after the first epoch's checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_module, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(
+                default, dim, SPEC, options=options, progress=False, checkpoint_dir=checkpoints
+            )
+    with pytest.warns(RuntimeWarning, match="fine-tuning checkpoint of another model"):
+        finetune(strided, dim, SPEC, options=options, progress=False, checkpoint_dir=checkpoints)
+
+
+def test_a_backbone_holding_nan_is_refused_before_the_first_step() -> None:
+    backbone, dim = create_backbone("look_cnn_small")
+    with torch.no_grad():
+        next(backbone.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match=r"backbone to fine-tune's weights hold NaN or infinite"):
+        finetune(backbone, dim, SPEC, options=FinetuneOptions(epochs=1), progress=False)

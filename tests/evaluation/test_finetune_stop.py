@@ -19,7 +19,7 @@ from torch import nn
 
 from look.engine.checkpoint import load_latest_checkpoint
 from look.engine.stop_signals import TrainingStopped
-from look.evaluation import finetune
+from look.evaluation import finetune, state_fingerprint
 from look.models import create_backbone
 from tests.ddp import free_port, init_gloo
 from tests.evaluation.test_finetune_resume_ddp import OPTIONS, SPEC  # 4 steps per epoch
@@ -59,17 +59,20 @@ def _backbone() -> tuple[nn.Module, int]:
 def _probed_finetune(
     checkpoint_dir: Path | None, **probe: int
 ) -> tuple[dict[str, Any], list[float]]:
-    """The fine-tuning's result and its draws (the probe is deep-copied into the classifier: its
-    draws are read through the trained copy's extract_features call)."""
+    """The fine-tuning's result, with ``tested_sha256`` the fingerprint of the model that made
+    the test predictions, and its draws (the probe is deep-copied into the classifier: its draws
+    are read through the trained copy's extract_features call)."""
     import importlib
 
     module = importlib.import_module("look.evaluation.finetune")
     backbone, dim = _backbone()
     seen: list[list[float]] = []
+    tested: list[str] = []
     original = module.extract_features
 
     def extract(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(list(model.backbone.draws))
+        tested.append(state_fingerprint(model))
         return original(model, *args, **kwargs)
 
     module.extract_features = extract
@@ -85,7 +88,7 @@ def _probed_finetune(
         )
     finally:
         module.extract_features = original
-    return result, seen[0]
+    return {**result, "tested_sha256": tested[0]}, seen[0]
 
 
 def test_a_signal_saves_the_step_in_progress_and_the_rerun_ends_as_an_uninterrupted_run(
@@ -134,12 +137,14 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         checkpoints = Path(out_dir) / "checkpoints"
         whole, outcome["whole_draws"] = _probed_finetune(None)
         outcome["whole"] = whole["final_epoch_train_loss"]
+        outcome["whole_tested"] = whole["tested_sha256"]
         try:  # only rank 1 is signalled, at its 6th step
             _probed_finetune(checkpoints, signal_at=6 if rank == 1 else 0)
         except TrainingStopped as stopped:
             outcome["stopped"] = [stopped.signal_name, stopped.global_step]
         resumed, _ = _probed_finetune(checkpoints)
         outcome["resumed"] = resumed["final_epoch_train_loss"]
+        outcome["resumed_tested"] = resumed["tested_sha256"]
         try:  # a NaN on rank 0 only, at its 2nd step: rank 1 must raise too, not hang
             _probed_finetune(None, nan_at=2 if rank == 0 else 0)
         except ValueError as error:
@@ -159,6 +164,9 @@ def test_under_ddp_one_signalled_rank_stops_every_rank_and_one_nan_fails_every_r
     assert ranks[1]["stopped"] == ["SIGTERM", 6]
     for outcome in ranks:
         assert outcome["resumed"] == outcome["whole"]
+        # Every rank predicts its test shard with one model, rank 0's (whose checkpoints resume).
+        assert outcome["whole_tested"] == ranks[0]["whole_tested"]
+        assert outcome["resumed_tested"] == outcome["whole_tested"]
         assert "non-finite loss at epoch 1" in outcome["diverged"]
     assert ranks[0]["whole_draws"] != ranks[1]["whole_draws"], "ranks drew the same dropout"
 

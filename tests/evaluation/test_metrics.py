@@ -67,6 +67,17 @@ def test_protocols_refuse_features_that_would_give_a_meaningless_accuracy(protoc
             run(features, labels, features[:30, :4])
         with pytest.raises(ValueError, match="test features hold NaN"):
             run(features, labels, poisoned[:30])
+        with pytest.raises(ValueError, match="needs train and test images, got 0 and 30"):
+            run(features[:0], labels[:0], features[:30])
+        # A label past num_classes would be scored as always wrong, not refused.
+        protocol_function = knn_classify if protocol == "knn" else linear_probe
+        options = KnnOptions(ks=(5,)) if protocol == "knn" else LinearProbeOptions(c_grid=(1.0,))
+        with pytest.raises(
+            ValueError, match="test labels must be class indices below num_classes=2, got 2"
+        ):
+            protocol_function(
+                features, labels % 2, features[:30], labels[:30], options=options, num_classes=2
+            )
 
 
 def test_knn_options_say_that_ks_is_a_tuple() -> None:

@@ -127,3 +127,24 @@ def test_export_records_the_pretraining_data_and_old_exports_still_load(
         old, SYNTHETIC_SPEC, "knn", output_dir=tmp_path / "old_out", cache_dir=None, progress=False
     )
     assert plain["dataset"]["image_size_from"] == "dataset default"
+
+
+def test_an_export_beside_another_runs_config_keeps_its_own_record(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    """Copied into another run's folder (same backbone, other labels and image size), an export
+    must not be credited with that run's pre-training: its own metadata wins, with a warning."""
+    import shutil
+
+    import yaml
+
+    elsewhere = tmp_path / "other_run"
+    elsewhere.mkdir()
+    config = yaml.safe_load((pretrained_run / "config.yaml").read_text())
+    config["data"]["labels"], config["data"]["image_size"] = "fine", 12
+    (elsewhere / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copy(pretrained_run / "backbone.safetensors", elsewhere / "b.safetensors")
+    with pytest.warns(RuntimeWarning, match=r"describes another run .*labels: 'fine' vs 'coarse'"):
+        loaded = load_model(ModelSource(checkpoint=elsewhere / "b.safetensors"))
+    assert loaded.pretraining is not None
+    assert (loaded.pretraining["labels"], loaded.pretraining["image_size"]) == ("coarse", 16)

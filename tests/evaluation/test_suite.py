@@ -161,6 +161,43 @@ def test_a_failing_protocol_keeps_the_finished_ones(
     )
 
 
+@pytest.mark.parametrize("stopped", [True, False], ids=["stopped", "failed"])
+def test_an_older_complete_results_file_is_replaced_when_the_first_protocol_ends_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: bool
+) -> None:
+    """Nothing finished yet: the file must still say so, not keep an earlier evaluation's
+    numbers marked complete (which `look report` and the demo would take as this one's)."""
+    import look.evaluation.suite as suite
+    from look.analysis.results import IncompleteResultsWarning, read_results_file
+    from look.engine.stop_signals import TrainingStopped
+
+    def run() -> dict[str, Any]:
+        return evaluate(
+            ModelSource(timm="look_cnn_small"),
+            SYNTHETIC_SPEC,
+            "finetune",
+            output_dir=tmp_path / "out",
+            cache_dir=None,
+            **FAST,
+        )
+
+    run()  # an earlier, finished evaluation into the same folder
+    ending = TrainingStopped("SIGTERM", 2, 4, "x") if stopped else ValueError("diverged")
+
+    def ending_finetune(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise ending
+
+    monkeypatch.setattr(suite, "finetune", ending_finetune)
+    with pytest.raises(type(ending)):
+        run()
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["complete"] is False and written["protocols"] == {}
+    assert written["pending_protocols"] == ["finetune"]
+    assert ("failed_protocol" in written) is not stopped
+    with pytest.warns(IncompleteResultsWarning):
+        read_results_file(tmp_path / "out" / "results.json")
+
+
 def _accuracies(result: dict) -> list[float]:
     if "results" in result:
         return [r["top1"] for r in result["results"]]
@@ -203,9 +240,15 @@ def test_cache_hits_and_invalidation_through_evaluate(
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, weights)
     run(ModelSource(timm="look_cnn_small", weights=weights))
     assert count_extractions == [64, 16, 64, 16, 64, 16]
+    # The same weights built with other constructor arguments (a stem stride, a pooling): other
+    # features, extracted again, then cached under their own key.
+    strided = ModelSource(timm="look_cnn_small", weights=weights, model_kwargs={"stem_stride": 1})
+    assert not run(strided)["features"]["test"]["from_cache"]
+    assert run(strided)["features"]["test"]["from_cache"]
+    assert count_extractions == [64, 16] * 4
     # cache_dir=None never reads nor writes.
     run(ModelSource(timm="look_cnn_small"), cache_dir=None)
-    assert len(count_extractions) == 8
+    assert len(count_extractions) == 10
 
 
 def test_head_features_and_timm_model(pretrained_run: Path, tmp_path: Path) -> None:

@@ -101,6 +101,23 @@ def test_weights_of_another_architecture_give_a_clear_error(tmp_path: Path) -> N
         create_backbone("look_resnet_tiny", pretrained_weights=tmp_path / "cnn_small.safetensors")
 
 
+def test_weights_holding_nan_or_inf_are_refused_by_name(tmp_path: Path) -> None:
+    """A diverged run's weights would make every feature and loss NaN, and the first error
+    would then blame the learning rate or the data."""
+    state = {
+        k: v.clone()
+        for k, v in timm.create_model("look_cnn_small", num_classes=0).state_dict().items()
+    }
+    state["stem.conv.weight"][0, 0, 0, 0] = float("nan")
+    state["stem.bn.running_var"][1] = float("inf")
+    save_file(state, str(tmp_path / "diverged.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match=r"NaN or infinite values in stem\.bn\.running_var, stem\.conv\.weight",
+    ):
+        create_backbone("look_cnn_small", pretrained_weights=tmp_path / "diverged.safetensors")
+
+
 def test_small_stem_weights_into_standard_stem_name_the_option(tmp_path: Path) -> None:
     small, _ = create_backbone("tv:resnet18", small_stem=True)
     save_file(small.state_dict(), str(tmp_path / "small.safetensors"))

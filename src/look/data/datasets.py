@@ -229,6 +229,19 @@ def stratified_subset(labels: torch.Tensor, size: int, *, seed: int = SUBSET_SEE
     return torch.from_numpy(np.sort(np.concatenate(chosen)))
 
 
+def _check_two_classes(
+    spec: DataSpec, split: str, labels: str, class_names: tuple[str, ...]
+) -> None:
+    """One class leaves nothing to tell apart: every accuracy would be 100 %, so evaluation
+    refuses it rather than report it. (Pre-training only warns: MoCo v2 ignores the labels.)"""
+    if len(class_names) < 2:
+        raise ValueError(
+            f"the {split} split of {spec.dataset} has {len(class_names)} class with labels "
+            f"{labels!r} ({', '.join(class_names) or 'none'}): evaluation needs at least two "
+            "classes; check the dataset's class folders or the grouping"
+        )
+
+
 def _labelled_source(
     spec: DataSpec, split: str, labels: str
 ) -> tuple[ImageSource, tuple[str, ...], torch.Tensor, str | None, tuple[int, ...] | None]:
@@ -324,6 +337,7 @@ def build_eval_dataset(
     grouping JSON path). The training split gets the same ``spec.subset`` as the training dataset.
     """
     source, class_names, targets, grouping, fine_to_coarse = _labelled_source(spec, split, labels)
+    _check_two_classes(spec, split, labels, class_names)
     transform = build_eval_transform(resolve_image_size(spec), source.native_size, spec.dataset)
     dataset = EvalDataset(source, targets, transform)
     return dataset, _data_info(spec, source, class_names, targets, grouping, fine_to_coarse)

@@ -82,6 +82,17 @@ def wrap_ddp(
         )
 
 
+def broadcast_buffers_from_rank_0(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (batch-norm running statistics): the ones
+    its checkpoints and exports hold. Without synchronised batch norm each rank's statistics
+    follow its own images, and a rank evaluating its shard in eval mode would measure a model
+    that no rank saves. (A collective; nothing outside a process group.)"""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def synchronise_batchnorm(module: torch.nn.Module) -> int:
     """Turn every batch-norm layer below ``module`` into its synchronised form, in place,
     keeping its parameter and buffer objects (an optimizer built before still holds them);

@@ -38,6 +38,7 @@ from look.engine.checkpoint import (
 from look.engine.distributed import (
     all_reduce_sum,
     barrier,
+    broadcast_buffers_from_rank_0,
     gather_no_grad,
     get_rank,
     get_world_size,
@@ -747,6 +748,9 @@ class Trainer:
         if self.knn_monitor is None:
             return
         start = time.perf_counter()
+        # The model a checkpoint holds: rank 0's running statistics (without sync_batchnorm the
+        # other ranks' follow their own images; training itself never reads them).
+        broadcast_buffers_from_rank_0(self.method.backbone)
         with self._step_errors("measuring the kNN monitor"):
             values: dict[str, Any] = self.knn_monitor.measure(
                 self.method.backbone,

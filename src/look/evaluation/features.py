@@ -246,7 +246,8 @@ def feature_cache_key(
 ) -> str:
     """sha256 naming one feature file; any change of weights, data or transform changes it.
 
-    Hashes the weights fingerprint, the architecture (``model_identity``'s backbone name and stem),
+    Hashes the weights fingerprint, the architecture (``model_identity``'s backbone name, stem
+    and constructor arguments: a ``global_pool`` changes the features, not the weights),
     which ``output`` (``"backbone"`` pooled features or ``"head"``), the dataset spec (without the
     label choice and the training-only fields), the split, the image size, ``repr(transform)`` and
     the normalisation constants, the number of images and their fine labels, the precision
@@ -277,6 +278,9 @@ def feature_cache_key(
         "precision": precision,
         "files": files_fingerprint,
     }
+    model_kwargs = model_identity.get("model_kwargs")
+    if model_kwargs:  # (absent when empty: the keys of models built without any stay as they were)
+        description["model_kwargs"] = model_kwargs
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 

@@ -30,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from look.engine.checkpoint import (
 from look.engine.distributed import (
     all_reduce_sum,
     barrier,
+    broadcast_buffers_from_rank_0,
     get_rank,
     get_world_size,
     is_distributed,
@@ -73,6 +75,7 @@ from look.engine.stop_signals import StopSignals, TrainingStopped, end_workers, 
 from look.evaluation.features import extract_features, keep_readable, unreadable_indices
 from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
 from look.evaluation.model_source import state_fingerprint
+from look.models import check_finite
 
 __all__ = ["FinetuneOptions", "default_finetune_recipe", "finetune"]
 
@@ -354,6 +357,10 @@ def _train(
             if is_main_process():
                 save_checkpoint(checkpoint_dir, where.step, state, keep_last=1)
             barrier()  # no rank runs ahead of a checkpoint another rank may resume from
+    # The test predictions of every rank's shard use rank 0's running statistics: those its
+    # checkpoints hold (DDP here broadcasts them at each forward, then each rank's own batch
+    # moves them), so a fine-tuning resumed after its last checkpoint predicts alike.
+    broadcast_buffers_from_rank_0(model)
     if stopping:  # only with a checkpoint folder (finetune catches no signal otherwise)
         raise TrainingStopped(
             stop.received or "a signal another rank received",
@@ -379,6 +386,7 @@ def finetune(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     stop_signals: Sequence[str] = (),
+    architecture: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a copy of ``backbone`` with a new linear head on ``spec``'s training split.
 
@@ -389,9 +397,14 @@ def finetune(
     is not modified. ``checkpoint_dir``: save every epoch there and resume from it (see the
     module docstring). ``stop_signals`` (names such as ``"SIGTERM"``; with a ``checkpoint_dir``
     only): on one of them, save the step in progress and raise :class:`TrainingStopped`.
+    ``architecture``: what built ``backbone`` (``evaluate`` passes its name, stem and constructor
+    arguments), part of what makes a checkpoint this fine-tuning's, with the weights and the
+    module's printed structure: a pooling or an activation the weights do not show.
     """
     options = options or FinetuneOptions()
     options.validate()
+    # (Otherwise the first step's NaN loss would blame the learning rate.)
+    check_finite(backbone.state_dict(), "the backbone to fine-tune's weights")
     device = torch.device(device)
     train_spec = dataclasses.replace(spec, labels=labels)
     train_set, info = build_train_dataset(train_spec, num_views=1, seed=seed)
@@ -441,6 +454,8 @@ def finetune(
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
                 identity={
                     "backbone_sha256": state_fingerprint(backbone),
+                    "architecture": dict(architecture or {}),
+                    "module_sha256": hashlib.sha256(repr(backbone).encode()).hexdigest(),
                     "data": describe(train_spec),
                     "image_size": info.image_size,
                     "num_train": len(train_set),

@@ -106,10 +106,12 @@ def knn_classify(
     """Test accuracy (percent) of weighted kNN for every ``k``; a JSON-ready dict."""
     options = options or KnnOptions()
     options.validate()
-    if len(test_features) == 0:
-        raise ValueError("kNN needs at least one test image")
-    check_labelled_features(train_features, train_labels, "train")
-    check_labelled_features(test_features, test_labels, "test")
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError(
+            f"kNN needs train and test images, got {len(train_features)} and {len(test_features)}"
+        )
+    check_labelled_features(train_features, train_labels, "train", num_classes)
+    check_labelled_features(test_features, test_labels, "test", num_classes)
     check_same_feature_dim(train_features, test_features)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     predictions = knn_predict(

@@ -402,8 +402,8 @@ def linear_probe(
             f"linear probe needs train and test images, got {len(train_features)} and "
             f"{len(test_features)}"
         )
-    check_labelled_features(train_features, train_labels, "train")
-    check_labelled_features(test_features, test_labels, "test")
+    check_labelled_features(train_features, train_labels, "train", num_classes)
+    check_labelled_features(test_features, test_labels, "test", num_classes)
     check_same_feature_dim(train_features, test_features)
     device = torch.device(device)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1

@@ -43,10 +43,14 @@ def mean_per_class_accuracy(predictions: Tensor, targets: Tensor) -> float:
     return sum(recalls.values()) / len(recalls)
 
 
-def check_labelled_features(features: Tensor, labels: Tensor, split: str) -> None:
+def check_labelled_features(
+    features: Tensor, labels: Tensor, split: str, num_classes: int | None = None
+) -> None:
     """Refuse features a protocol would turn into a plausible but meaningless accuracy: not a
-    (N, D) matrix, labels not N non-negative class indices, or a non-finite value (a NaN row is
-    every query's nearest neighbour in kNN, and L-BFGS fails on it with an unrelated message)."""
+    (N, D) matrix, labels not N class indices in ``[0, num_classes)`` (non-negative when
+    ``num_classes`` is None: a label past the classes would be scored as always wrong), or a
+    non-finite value (a NaN row is every query's nearest neighbour in kNN, and L-BFGS fails on
+    it with an unrelated message)."""
     if features.ndim != 2:
         raise ValueError(f"{split} features must be (N, D), got shape {tuple(features.shape)}")
     if labels.ndim != 1 or len(labels) != len(features):
@@ -58,6 +62,11 @@ def check_labelled_features(features: Tensor, labels: Tensor, split: str) -> Non
         raise ValueError(f"{split} labels must be integer class indices, got {labels.dtype}")
     if len(labels) and int(labels.min()) < 0:
         raise ValueError(f"{split} labels must be >= 0, got {int(labels.min())}")
+    if num_classes is not None and len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"{split} labels must be class indices below num_classes={num_classes}, got "
+            f"{int(labels.max())}"
+        )
     finite = torch.isfinite(features).all(dim=1)
     if not bool(finite.all()):
         rows = (~finite).nonzero().squeeze(1).tolist()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,10 @@ from look.engine.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
 )
+from look.engine.distributed import is_main_process
 from look.models import (
     ProjectionHead,
+    check_finite,
     create_backbone,
     load_exported_backbone,
     read_export_metadata,
@@ -129,6 +134,16 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def architecture_of(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """What built a loaded model's backbone (``LoadedModel.identity``): its name, stem and
+    constructor arguments, some of which (a pooling, an activation) its weights do not show."""
+    return {
+        "backbone": identity.get("backbone"),
+        "small_stem": identity.get("small_stem"),
+        "model_kwargs": dict(identity.get("model_kwargs") or {}),
+    }
+
+
 def _pretraining_summary(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """Dataset, labels and image size of a pre-training config (a resolved ``RunConfig`` dict)."""
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
@@ -165,6 +180,18 @@ def _pretraining_from_export(metadata: dict[str, str]) -> dict[str, Any] | None:
         "method": metadata.get("method"),
         "seed": int(seed) if seed.isdigit() else None,
     }
+
+
+def _disagreements(summary: dict[str, Any] | None, recorded: dict[str, Any] | None) -> list[str]:
+    """Where a config's pre-training summary contradicts an export's record (``key: config's
+    value vs export's``); nothing to compare for an export that recorded none."""
+    if summary is None or recorded is None:
+        return []
+    return [
+        f"{key}: {summary.get(key)!r} vs {recorded[key]!r}"
+        for key in ("dataset", "labels", "image_size", "method", "seed")
+        if recorded.get(key) is not None and summary.get(key) != recorded[key]
+    ]
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
@@ -247,6 +274,7 @@ def _load_look_checkpoint(path: Path, *, use_head: bool) -> LoadedModel:
         "path": str(file.resolve()),
         "backbone": name,
         "small_stem": small_stem,
+        "model_kwargs": dict(model_cfg.get("backbone_kwargs") or {}),
         "method": method_cfg.get("name"),
         "global_step": state.get("global_step"),
         "look_version": state.get("look_version"),
@@ -278,19 +306,32 @@ def _load_export(path: Path, *, use_head: bool) -> LoadedModel:
             "--timm NAME --weights FILE"
         ) from error
     # An export inside a run directory has the run's config next to it; it is used only when
-    # it describes this backbone (a stray config.yaml must not be attributed to the export).
+    # it describes this backbone and agrees with what the export recorded of its pre-training
+    # (a stray config.yaml, another run's, must not be attributed to the export).
+    recorded = _pretraining_from_export(metadata)
     config = None
     config_path = path.parent / "config.yaml"
     if config_path.is_file():
         candidate = yaml.safe_load(config_path.read_text())
         model_cfg = candidate.get("model") if isinstance(candidate, dict) else None
         if isinstance(model_cfg, dict) and model_cfg.get("backbone") == metadata["name"]:
-            config = candidate
+            disagreeing = _disagreements(_pretraining_summary(candidate), recorded)
+            if not disagreeing:
+                config = candidate
+            elif is_main_process():
+                warnings.warn(
+                    f"{config_path} describes another run than the export {path.name} "
+                    f"({'; '.join(disagreeing)}): the export's own record of its pre-training "
+                    "is used",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     identity = {
         "source": "export",
         "path": str(path.resolve()),
         "backbone": metadata["name"],
         "small_stem": metadata["small_stem"] == "true",
+        "model_kwargs": json.loads(metadata.get("model_kwargs", "{}")),
         "method": metadata.get("method"),
         "global_step": int(metadata["global_step"]) if "global_step" in metadata else None,
         "look_version": metadata.get("look_version"),
@@ -302,7 +343,7 @@ def _load_export(path: Path, *, use_head: bool) -> LoadedModel:
         small_stem=metadata["small_stem"] == "true",
         identity=identity,
         # The run's config when it sits beside the export, else what the export recorded.
-        pretraining=_pretraining_summary(config) or _pretraining_from_export(metadata),
+        pretraining=_pretraining_summary(config) or recorded,
     )
 
 
@@ -355,8 +396,18 @@ def load_model(source: ModelSource, *, use_head: bool = False, seed: int = 0) ->
     """Build the backbone (and with ``use_head`` the projection head) that ``source`` names.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` (with the file and the
-    reason) for weights that do not fit the architecture or a head that does not exist.
+    reason) for weights that do not fit the architecture, hold NaN or infinite values, or a head
+    that does not exist.
     """
+    loaded = _load_model(source, use_head=use_head, seed=seed)
+    state = dict(loaded.backbone.state_dict())
+    if loaded.head is not None:
+        state.update({f"head.{k}": v for k, v in loaded.head.state_dict().items()})
+    check_finite(state, f"the weights of {source.checkpoint or source.timm}")
+    return loaded
+
+
+def _load_model(source: ModelSource, *, use_head: bool, seed: int) -> LoadedModel:
     if source.timm is not None:
         return _load_timm(source, use_head=use_head, seed=seed)
     path = Path(source.checkpoint).expanduser()  # type: ignore[arg-type]

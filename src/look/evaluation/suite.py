@@ -51,6 +51,7 @@ from look.evaluation.model_source import (
     FeatureModel,
     LoadedModel,
     ModelSource,
+    architecture_of,
     load_model,
     state_fingerprint,
 )
@@ -303,6 +304,7 @@ def _run_protocol(
             # stopped by a signal, from the step it stopped at.
             checkpoint_dir=output_dir / FINETUNE_CHECKPOINT_DIR,
             stop_signals=stop_signals,
+            architecture=architecture_of(loaded.identity),
         )
     test_set, test_labels, _ = split_data["test"]
     if name == "fewshot":
@@ -591,13 +593,13 @@ def evaluate(
                     output_dir=Path(output_dir),
                     stop_signals=stop_signals,
                 )
+        # Written even when nothing has finished: an older results.json in the folder must not
+        # go on saying it is complete.
         except TrainingStopped:  # not a failure: the same command goes on from the saved step
-            if results:
-                write_report(pending=order[position:], failed=None)
+            write_report(pending=order[position:], failed=None)
             raise
         except BaseException as error:  # KeyboardInterrupt too: keep what finished
-            if results:
-                write_report(pending=order[position:], failed=(name, error))
+            write_report(pending=order[position:], failed=(name, error))
             raise
         if name != "finetune":
             results[name]["features"] = output

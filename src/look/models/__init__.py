@@ -22,6 +22,7 @@ from look.models.small_nets import SmallResNet, look_cnn_small, look_resnet_tiny
 from look.models.weights import (
     KNOWN_KEY_PREFIXES,
     WeightLoadReport,
+    check_finite,
     load_backbone_weights,
     read_safetensors,
     read_state_dict,
@@ -40,6 +41,7 @@ __all__ = [
     "WeightLoadReport",
     "apply_small_stem",
     "build_projection_head",
+    "check_finite",
     "check_input_size",
     "count_parameters",
     "create_backbone",

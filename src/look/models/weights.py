@@ -289,6 +289,24 @@ def _summarise(keys: Iterable[str], limit: int = 8) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the keys of ``state`` (weights of ``what``) whose
+    floating-point tensor holds a NaN or an infinity: weights a diverged run saved, which would
+    make every feature and loss NaN."""
+    non_finite = [
+        key
+        for key, tensor in state.items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if non_finite:
+        raise ValueError(
+            f"{what} hold NaN or infinite values in {_summarise(non_finite)}: saved from a run "
+            "that diverged? Every feature and loss would be NaN"
+        )
+
+
 def load_backbone_weights(
     backbone: nn.Module,
     path: str | Path,
@@ -341,6 +359,7 @@ def load_backbone_weights(
         )
 
     loadable = {k: v for k, v in file_state.items() if k in model_state}
+    check_finite(loadable, f"the weights in {str(path)!r}")
     result = backbone.load_state_dict(loadable, strict=False)
     # Everything was checked above; this guards against a module whose state_dict and
     # load_state_dict disagree.
