@@ -186,6 +186,12 @@ def test_errors_raised_in_dataloader_workers_print_their_own_message() -> None:
     assert "Original Traceback" in str(info.value)  # what PyTorch re-raises
     assert error_message(info.value) == "cannot decode image file x.png; remove or replace it"
     assert error_message(ValueError("plain")) == "plain"
+    # Wrapped by another error (the trainer's step errors): its words stay around the message.
+    wrapped = RuntimeError(f"step 0 failed measuring the kNN monitor: {info.value}. No checkpoint.")
+    assert error_message(wrapped) == (
+        "step 0 failed measuring the kNN monitor: cannot decode image file x.png; remove or "
+        "replace it. No checkpoint."
+    )
 
 
 def test_output_paths_are_checked_before_any_work(

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
+from look.engine.errors import error_message
 from look.engine.stop_signals import EXIT_STOPPED, TrainingStopped
 
 DESCRIPTION = """\
@@ -315,20 +316,6 @@ def check_output_path(output: OutputPath) -> None:
                     "be written under it"
                 )
             break
-
-
-def error_message(exc: BaseException) -> str:
-    """The one-line message of ``exc``, also for errors re-raised from a DataLoader worker.
-
-    PyTorch re-raises a worker's exception as the same type, with the worker's whole traceback as
-    its message; the user needs its last line (our own message), not the traceback.
-    """
-    text = str(exc)
-    if "\nOriginal Traceback" not in text:
-        return text
-    last = text.rstrip().splitlines()[-1]
-    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last.removeprefix(prefix).removeprefix(f"{type(exc).__qualname__}: ")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

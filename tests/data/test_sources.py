@@ -14,6 +14,8 @@ from look.data.sources import (
     DIGITS_CLASSES,
     FASHION_MNIST_CLASSES,
     CorruptImageError,
+    UnsupportedImageError,
+    decode_image_file,
     load_source,
     read_digits,
     read_idx_dataset,
@@ -242,6 +244,32 @@ def test_corrupt_image_fails_naming_the_file(image_folder: Path, make_truncated_
         dataset[1]
 
 
+def test_sixteen_bit_images_are_scaled_and_float_images_refused(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """``convert("RGB")`` clipped every 16-bit value above 255 to white (a microscope's or a
+    scanner's images trained as blank ones); a float image's range is unknown, so it is refused,
+    also where unreadable files are skipped (each such file would be)."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    for suffix in ("png", "tif"):
+        Image.fromarray(ramp).save(tmp_path / f"ramp.{suffix}")
+        decoded = decode_image_file(str(tmp_path / f"ramp.{suffix}"))
+        assert decoded.shape == (3, 16, 16) and decoded.dtype == torch.uint8
+        expected = torch.from_numpy((ramp.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+        assert torch.equal(decoded[0], expected) and torch.equal(decoded[2], expected)
+    assert float(decoded.float().mean()) == pytest.approx(127.5, abs=0.5)
+
+    float_image = image_folder / "train" / "cat" / "1.tif"
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(float_image)
+    spec = DataSpec("imagefolder", root=str(image_folder), image_size=16, corrupt_images="skip")
+    dataset, _ = build_train_dataset(spec, num_views=1, seed=0)
+    index = dataset.source.file_paths.index(str(float_image))
+    with pytest.raises(UnsupportedImageError, match=r"1\.tif has floating-point pixels"):
+        dataset[index]
+
+
 def test_corrupt_image_is_skipped_deterministically_and_counted(
     image_folder: Path, make_truncated_png
 ) -> None:
@@ -278,3 +306,62 @@ def test_whole_class_unreadable_is_an_error(tmp_path: Path, make_truncated_png, 
         warnings.simplefilter("ignore")
         with pytest.raises(CorruptImageError, match="no readable image left in class 'a'"):
             source.load(0)
+
+
+@pytest.mark.parametrize(
+    ("folders", "named"),
+    [
+        (("Train/cat", "Train/dog", "Val/cat", "Val/dog"), "Train/, Val/"),
+        (("Training/cat", "Testing/cat"), "Testing/, Training/"),
+        (("cat", "dog", "val/cat", "val/dog"), "val/"),
+    ],
+)
+def test_split_folders_under_other_names_are_not_taken_for_classes(
+    tmp_path: Path, make_png, folders: tuple[str, ...], named: str
+) -> None:
+    """Without an exact train/, the root's sub-folders are the classes: split folders spelled
+    otherwise would become classes, mixing the test images into training, without a word."""
+    for folder in folders:
+        make_png(tmp_path / "root" / folder / "0.png", (10, 20, 30))
+    spec = DataSpec("imagefolder", root=str(tmp_path / "root"))
+    with pytest.raises(ValueError, match=rf"no train/ folder.*but {re.escape(named)} look like"):
+        build_train_dataset(spec, num_views=1, seed=0)
+
+
+def test_the_listing_keeps_torchvisions_order_and_leaves_out_litter_and_link_loops(
+    tmp_path: Path, make_png
+) -> None:
+    """Hidden files at any depth are tools' litter; a link back up (``cat/up -> ..``) listed
+    every class's images as cats and one into another class mislabelled its images; a broken
+    class link and images Pillow reads under another extension were dropped without a word."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    train = tmp_path / "root" / "train"
+    for name in ("cat", "dog"):
+        for i in range(2):
+            make_png(train / name / f"{i}.png", (10, 20, 30))
+        make_png(train / name / "nested" / "deeper" / "2.PNG", (10, 20, 30))
+    expected = make_dataset(str(train), {"cat": 0, "dog": 1}, extensions=IMG_EXTENSIONS)
+    spec = DataSpec("imagefolder", root=str(tmp_path / "root"))
+
+    def listed() -> list[tuple[str, int]]:
+        source, _ = build_train_dataset(spec, num_views=1, seed=0)
+        return list(zip(source.source.file_paths, source.source.labels.tolist(), strict=True))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert listed() == expected  # the same images in the same order as before
+
+    (train / "cat" / "._0.png").write_bytes(b"macOS metadata")
+    make_png(train / "dog" / ".ipynb_checkpoints" / "0-checkpoint.png", (10, 20, 30))
+    (train / "cat" / "up").symlink_to("..")
+    (train / "cat" / "dogs").symlink_to(train / "dog")
+    (train / "bird").symlink_to(tmp_path / "nowhere")
+    make_png(train / "dog" / "3.png", (10, 20, 30))
+    (train / "dog" / "3.png").rename(train / "dog" / "3.gif")
+    with pytest.warns(UserWarning) as caught:
+        assert listed() == expected
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "bird is a link to nothing" in messages
+    assert "left out 2 linked folder(s)" in messages and "cat/up" in messages
+    assert "left out 1 file(s)" in messages and ".gif: 1" in messages

@@ -126,3 +126,25 @@ def test_a_monitor_of_the_training_dataset_reads_the_training_root(tmp_path: Pat
             f"fashion_mnist:{tmp_path / 'given'}", labels="fine", k=20, images=100,
             image_size=28, training_data=("fashion_mnist", str(missing)),
         )  # fmt: skip
+
+
+def test_the_monitor_follows_the_runs_corrupt_images_setting(tmp_path: Path) -> None:
+    """With data.corrupt_images=skip an undecodable monitor image is replaced as in training;
+    with fail the step error names the file in one line, also from a loader worker."""
+    from look.engine.trainer import TrainingStepError
+    from tests.data.conftest import write_png
+
+    root = tmp_path / "images"
+    for split, count in (("train", 4), ("val", 2)):
+        for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200)}.items():
+            for i in range(count):
+                write_png(root / split / name / f"{i}.png", colour)
+    (root / "train" / "cat" / "1.png").write_bytes(b"not a png")
+    monitor = (f"train.knn_monitor=imagefolder:{root}", "train.knn_monitor_k=3", "optim.epochs=1")
+    pretrain(tiny_config(*monitor, "data.corrupt_images=skip"), tmp_path / "skip")
+    assert len(_monitor_rows(tmp_path / "skip")) == 2
+    with pytest.raises(TrainingStepError) as failed:
+        pretrain(tiny_config(*monitor, "data.num_workers=2"), tmp_path / "fail")
+    message = str(failed.value)
+    assert message.startswith("step 0 failed measuring the kNN monitor: cannot decode image file")
+    assert "1.png" in message and "Traceback" not in message and "\n" not in message

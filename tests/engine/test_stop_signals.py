@@ -412,3 +412,53 @@ def test_a_signal_at_an_epochs_end_saves_before_the_knn_monitor_and_the_resumed_
     pretrain(tiny_config(*MONITOR), run)
     assert _monitor_rows(run) == _monitor_rows(tmp_path / "full")
     assert train_losses(run) == train_losses(tmp_path / "full")
+
+
+def test_a_run_failing_on_an_error_in_a_loader_worker_exits_at_once(tmp_path: Path) -> None:
+    """The workers ignore SIGTERM, the signal multiprocessing ends a process's workers with at
+    exit before waiting for them: a run failing on an undecodable image with two workers (the
+    defaults) waited forever for its workers, a cluster job holding its GPUs to its time limit."""
+    from tests.data.conftest import write_png
+
+    root = tmp_path / "images"
+    for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200)}.items():
+        for i in range(8):
+            write_png(root / "train" / name / f"{i}.png", colour)
+    (root / "train" / "cat" / "3.png").write_bytes(b"not a png")
+    command = [
+        sys.executable, "-m", "look", "pretrain", "--output", str(tmp_path / "run"),
+        "--set", "data.dataset=imagefolder", "--set", f"data.root={root}",
+        "--set", "data.num_workers=2", "--set", "data.image_size=16",
+        "--set", "model.backbone=look_resnet_tiny", "--set", "method.k=4",
+        "--set", "optim.batch_size=8", "--set", "optim.epochs=1", "--set", "train.device=cpu",
+        "--set", "train.progress=false", "--set", "train.tensorboard=false",
+    ]  # fmt: skip
+    finished = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2, finished.stdout + finished.stderr
+    assert "cannot decode image file" in finished.stderr and "3.png" in finished.stderr
+
+
+def test_a_worker_ignores_a_schedulers_sigterm_but_ends_on_its_parents() -> None:
+    """The loader's last resort for a worker that does not leave (after a worker's error, say)
+    is SIGTERM from this process, and so is multiprocessing's at exit, before it waits for its
+    children: workers that ignored every SIGTERM kept such a process from ever exiting. A
+    scheduler's SIGTERM (from another process) must still leave them running."""
+    from look.engine.stop_signals import start_workers
+
+    loader = torch.utils.data.DataLoader(torch.zeros(64, 2), batch_size=4, num_workers=2)
+    batches = start_workers(loader, (signal.SIGTERM, signal.SIGUSR1))
+    next(batches)
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    for worker in workers:  # from another process, as a scheduler sends it
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    time.sleep(1.0)
+    assert all(worker.is_alive() for worker in workers)
+    for worker in workers:
+        worker.terminate()  # from the parent
+    deadline = time.time() + 10
+    while any(worker.is_alive() for worker in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(worker.is_alive() for worker in workers)
+    from look.engine.stop_signals import end_workers
+
+    end_workers(batches)

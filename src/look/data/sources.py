@@ -8,6 +8,7 @@ ImageFolder decodes files on demand and applies the corrupt-image policy.
 from __future__ import annotations
 
 import abc
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
 from look.data.idx import read_idx
@@ -61,10 +62,42 @@ class CorruptImageError(ValueError):
     """An image file could not be decoded (and ``corrupt_images='fail'``, or no substitute exists)."""
 
 
+class UnsupportedImageError(ValueError):
+    """A readable image whose pixels cannot be mapped to 8 bits without guessing their range (a
+    float image): an error even with ``corrupt_images='skip'``, since every such file would be."""
+
+
+# Pillow's modes of one 16-bit channel (little-, big- and native-endian).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _sixteen_bit_to_rgb(image: Image.Image, path: str) -> torch.Tensor:
+    """A 16-bit grey image (a PNG or TIFF from a microscope or a scanner) as 8-bit RGB, scaled
+    over the whole 16-bit range. ``convert("RGB")`` would clip every value above 255 to white."""
+    values = np.asarray(image).astype(np.int64)  # forces the full decode
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise UnsupportedImageError(
+            f"image file {path} has 32-bit integer pixels ({values.min()} to {values.max()}), "
+            "beyond 16 bits: convert it to an 8- or 16-bit PNG"
+        )
+    grey = torch.from_numpy(((values * 255 + 32767) // 65535).astype(np.uint8))
+    return grey.unsqueeze(0).expand(3, *grey.shape).clone()
+
+
 def decode_image_file(path: str) -> torch.Tensor:
     """The image file at ``path`` as a uint8 RGB tensor ``(3, H, W)``; raises one of
-    ``DECODE_ERRORS`` when the file is not a readable image."""
+    ``DECODE_ERRORS`` when the file is not a readable image, :class:`UnsupportedImageError` for a
+    float image. 16-bit grey images are scaled to 8 bits over their whole range (0 and 65535 give
+    0 and 255)."""
     with Image.open(path) as image:
+        # "I": 32-bit integers, as Pillow opens some 16-bit PNGs and TIFFs.
+        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+            return _sixteen_bit_to_rgb(image, path)
+        if image.mode == "F":
+            raise UnsupportedImageError(
+                f"image file {path} has floating-point pixels (mode F), whose range look cannot "
+                "know (0 to 1? 0 to 255?): convert the images to 8- or 16-bit PNGs"
+            )
         rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
     return TF.pil_to_tensor(rgb)
 
@@ -212,6 +245,8 @@ class ImageFolderSource(ImageSource):
     def load(self, index: int) -> torch.Tensor:
         try:
             return self._decode(index)
+        except UnsupportedImageError:
+            raise  # not a damaged file: a substitute would be one of the same kind
         except DECODE_ERRORS as error:
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
@@ -229,6 +264,8 @@ class ImageFolderSource(ImageSource):
                 continue
             try:
                 return self._decode(candidate)
+            except UnsupportedImageError:
+                raise
             except DECODE_ERRORS as error:
                 self._mark_unreadable(candidate, error)
         class_name = self.class_names[int(self.labels[index])]
@@ -467,6 +504,12 @@ def read_synthetic(spec: DataSpec, split: str) -> TensorImageSource:
     )
 
 
+# Folder names that mean a split, not a class (compared in lower case).
+_SPLIT_FOLDER_NAMES = frozenset(
+    {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
+)
+
+
 def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path, Path]:
     """(folder defining the classes, folder holding ``split``) for an ImageFolder root."""
     _reject_file_root("imagefolder", root)
@@ -478,6 +521,18 @@ def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path
     split_folders = [root / name for name in (split_train, "val", "test") if (root / name).is_dir()]
     if not (root / split_train).is_dir():
         # No split sub-folders: the root itself is the (training) dataset.
+        looking_like_splits = [
+            name for name in class_folder_names(root) if name.lower() in _SPLIT_FOLDER_NAMES
+        ]
+        if looking_like_splits:
+            # Train/ and Val/, Training/ and Testing/, or cat/ dog/ val/: taken as classes, the
+            # split folders would mix the splits' images into one training set.
+            raise ValueError(
+                f"imagefolder root {root} has no {split_train}/ folder, so its sub-folders would "
+                f"be the classes, but {', '.join(f'{n}/' for n in looking_like_splits)} look like "
+                f"splits: name the training split {split_train}/ and the test split val/ (or "
+                f"test/), each with one sub-folder per class"
+            )
         if split != split_train:
             raise FileNotFoundError(
                 f"imagefolder root {root} has no {split_train}/ folder, so it is used as the training "
@@ -496,6 +551,77 @@ def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path
         f"imagefolder split {split!r} not found: looked for {', '.join(str(root / n) for n in fallbacks)} "
         f"(existing split folders: {', '.join(str(f) for f in split_folders)})"
     )
+
+
+def _list_images(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image below ``split_folder``'s class folders, in
+    torchvision's ImageFolder order (folders walked in sorted order, files sorted in each).
+
+    Unlike torchvision's listing: hidden files and folders at any depth (``._0.png`` from macOS,
+    ``.ipynb_checkpoints/``) are tools' litter and left out; a linked folder that leads into
+    another class, to a folder already listed or above the split (``cat/up -> ..`` listed every
+    class's images as cats) is left out with a warning, as is a class folder that is a broken
+    link; and files
+    Pillow could read but whose extension is not an image extension torchvision lists (``.gif``,
+    ``.jfif``) are counted in a warning rather than dropped without a word.
+    """
+    split_real = split_folder.resolve()
+    seen_folders: set[Path] = set()
+    looping: list[str] = []
+    other_extensions: dict[str, int] = {}
+    readable_by_pillow = {e.lower() for e in Image.registered_extensions()}
+    samples: list[tuple[str, int]] = []
+    for entry in sorted(split_folder.iterdir()):
+        if entry.is_symlink() and not entry.exists() and not entry.name.startswith("."):
+            warn_on_first_rank(f"imagefolder: {entry} is a link to nothing; left out")
+    class_reals = {
+        name: (split_folder / name).resolve()
+        for name in class_to_index
+        if (split_folder / name).is_dir()
+    }
+    for name in sorted(class_to_index):
+        class_folder = split_folder / name
+        if name not in class_reals:
+            continue
+        others = [real for other, real in class_reals.items() if other != name]
+        walked = []
+        for folder, subfolders, files in os.walk(class_folder, followlinks=True):
+            real = Path(folder).resolve()
+            # Only a link can lead elsewhere: into another class, above the split, in a loop.
+            linked = os.path.islink(folder)
+            if (
+                real in seen_folders
+                or real == split_real
+                or real in split_real.parents
+                or (linked and any(real == c or c in real.parents for c in others))
+            ):
+                looping.append(folder)
+                subfolders[:] = []
+                continue
+            seen_folders.add(real)
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            walked.append((folder, [f for f in files if not f.startswith(".")]))
+        for folder, files in sorted(walked):
+            for file in sorted(files):
+                extension = os.path.splitext(file)[1].lower()
+                if extension in IMG_EXTENSIONS:
+                    samples.append((os.path.join(folder, file), class_to_index[name]))
+                elif extension in readable_by_pillow:
+                    other_extensions[extension] = other_extensions.get(extension, 0) + 1
+    if looping:
+        warn_on_first_rank(
+            f"imagefolder: left out {len(looping)} linked folder(s) of {split_folder} that lead "
+            f"to another class, to a folder already listed or above the split (a link loop): "
+            f"{name_some(looping)}"
+        )
+    if other_extensions:
+        counts = ", ".join(f"{ext}: {n}" for ext, n in sorted(other_extensions.items()))
+        warn_on_first_rank(
+            f"imagefolder: left out {sum(other_extensions.values())} file(s) of {split_folder} "
+            f"whose extension is not one look reads ({counts}); convert them to one of "
+            f"{', '.join(IMG_EXTENSIONS)} to use them"
+        )
+    return samples
 
 
 def class_folder_names(folder: Path) -> list[str]:
@@ -538,9 +664,7 @@ def read_image_folder(
             f"imagefolder: {split_folder} lacks {len(absent)} of the {len(class_names)} class "
             f"folders of {class_folder}: {name_some(absent)}"
         )
-    samples = make_dataset(
-        str(split_folder), class_to_index, extensions=IMG_EXTENSIONS, allow_empty=True
-    )
+    samples = _list_images(split_folder, class_to_index)
     counts = np.bincount([label for _, label in samples], minlength=len(class_names))
     empty = [str(split_folder / name) for name in present if counts[class_to_index[name]] == 0]
     if empty:

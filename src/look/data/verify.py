@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from look.data.sources import DECODE_ERRORS, ImageSource, decode_image_file
+from look.data.sources import (
+    DECODE_ERRORS,
+    ImageSource,
+    UnsupportedImageError,
+    decode_image_file,
+)
 
 # Files per DataLoader item: large enough that inter-process traffic is negligible, small enough
 # that the progress bar moves.
@@ -44,6 +49,8 @@ class _DecodeProbe(Dataset):
         for path in chunk:
             try:
                 decode_image_file(path)
+            except UnsupportedImageError:
+                raise  # the same for every such file: one error, not a list of them
             except DECODE_ERRORS as error:
                 failures.append(UnreadableImage(path, f"{type(error).__name__}: {error}"))
         return len(chunk), failures

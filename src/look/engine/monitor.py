@@ -97,14 +97,20 @@ def build_knn_monitor(
     images: int | None,
     image_size: int,
     training_data: tuple[str, str | None] = ("", None),
+    corrupt_images: str = "fail",
 ) -> KnnMonitor:
     """The monitor of ``dataset_spec`` (see :data:`look.evaluation.suite.DATASET_SPEC_HELP`),
     labelled by ``labels``, at the run's ``image_size``, on stratified subsets of at most
     ``images`` images per split (``None``: every image). ``training_data`` is the run's
     ``(dataset, root)``: a spec of the same dataset without a root reads the training root.
+    ``corrupt_images`` is the run's ``data.corrupt_images``: with ``"skip"`` an undecodable image
+    is replaced by another of its class, as in training (the monitor is a diagnostic: a
+    substitute counts once more, where ``look evaluate`` leaves it out).
     Raises ``ValueError`` naming what is wrong (unknown dataset, missing files, a subset
     smaller than the number of classes)."""
-    spec = dataclasses.replace(parse_dataset_spec(dataset_spec), image_size=image_size)
+    spec = dataclasses.replace(
+        parse_dataset_spec(dataset_spec, corrupt_images=corrupt_images), image_size=image_size
+    )
     if spec.root is None and spec.dataset == training_data[0]:
         spec = dataclasses.replace(spec, root=training_data[1])
     sets = []

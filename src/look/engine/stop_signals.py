@@ -19,11 +19,14 @@ every rank stops after the same step and the checkpoint is whole.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import signal
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -74,20 +77,67 @@ def signal_numbers(names: Iterable[str]) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+def _leave_on_the_parents_sigterm(parent: int) -> None:
+    """A worker's thread: wait for SIGTERM (blocked in every thread of the worker) and leave
+    when the parent process sent it; a SIGTERM from anyone else (a job scheduler) is dropped."""
+    while True:
+        received = signal.sigwaitinfo({signal.SIGTERM})
+        if received.si_pid == parent:
+            os._exit(0)  # what torch's own worker does on its parent's SIGTERM
+
+
 def ignore_signals(numbers: Sequence[int], worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn``: workers leave the stop signals to the main process. A job
     scheduler signals every process of the job, and a worker killed by SIGTERM would fail the
     main process's next batch ("DataLoader worker exited unexpectedly") before it can save. A
     worker whose main process is gone still exits: the loader's workers watch their parent.
 
+    SIGTERM from the worker's own parent still ends it: that is how the loader ends a worker that
+    does not leave when asked, and how multiprocessing ends its children when the main process
+    exits (a worker ignoring it kept a run that failed on an error from ever exiting). Python's
+    handlers cannot see a signal's sender, so SIGTERM stays blocked and a thread of the worker
+    takes it with ``sigwaitinfo``, which can (where it exists: Linux; elsewhere it is ignored
+    like the others, and :func:`end_workers` and an exit hook kill workers left over).
+
     The workers start with the signals blocked (:func:`start_workers`), since torch's worker
-    sets its own SIGTERM handler (death for a signal not from its parent) before this function
-    runs; one arriving in between stays pending, and is dropped once ignored and unblocked."""
+    sets its own SIGTERM handler (death for any SIGTERM) before this function runs; one arriving
+    in between stays pending: dropped once ignored and unblocked, or taken by the thread."""
     del worker_id
-    for number in numbers:
+    sender_aware = signal.SIGTERM in numbers and hasattr(signal, "sigwaitinfo")
+    others = [number for number in numbers if not (sender_aware and number == signal.SIGTERM)]
+    for number in others:
         signal.signal(number, signal.SIG_IGN)
-    if numbers and hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
+    if sender_aware:
+        threading.Thread(
+            target=_leave_on_the_parents_sigterm, args=(os.getppid(),), daemon=True
+        ).start()
+    if others and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
+
+
+# Iterators of loaders started by start_workers. Where a worker cannot tell its parent's SIGTERM
+# from a scheduler's (no sigwaitinfo) it ignores both, and multiprocessing, which ends a
+# process's children at exit with SIGTERM and then waits for them, would wait forever:
+# _end_workers_left_at_exit ends them first.
+_BATCHES_IGNORING_SIGNALS: weakref.WeakSet[Any] = weakref.WeakSet()
+_EXIT_HOOK_REGISTERED = False
+
+
+def _end_workers_left_at_exit() -> None:
+    for batches in list(_BATCHES_IGNORING_SIGNALS):
+        end_workers(batches)
+
+
+def _watch_for_exit(batches: Iterator[Any]) -> Iterator[Any]:
+    """Remember ``batches`` for :func:`_end_workers_left_at_exit`."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        # Registered now, after the loader has imported multiprocessing (whose own exit
+        # function was registered at its import): exit functions run last-registered first.
+        atexit.register(_end_workers_left_at_exit)
+        _EXIT_HOOK_REGISTERED = True
+    _BATCHES_IGNORING_SIGNALS.add(batches)
+    return batches
 
 
 def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
@@ -95,17 +145,18 @@ def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
     them from its ``worker_init_fn`` (:func:`ignore_signals`, set here: the loader must have none
     of its own), and they are blocked while the workers start, which the workers inherit until
     that function unblocks them. In this process a signal that arrives meanwhile is delayed, not
-    lost."""
+    lost. Workers still alive when this process exits are killed (they ignore the SIGTERM that
+    multiprocessing would end them with)."""
     if not numbers or loader.num_workers == 0:
         return iter(loader)
     if getattr(loader.worker_init_fn, "func", loader.worker_init_fn) not in (None, ignore_signals):
         raise ValueError("start_workers sets the loader's worker_init_fn; it has one of its own")
     loader.worker_init_fn = functools.partial(ignore_signals, tuple(numbers))
     if not hasattr(signal, "pthread_sigmask"):
-        return iter(loader)
+        return _watch_for_exit(iter(loader))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
     try:
-        return iter(loader)
+        return _watch_for_exit(iter(loader))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

@@ -49,6 +49,7 @@ from look.engine.distributed import (
     synchronise_batchnorm,
     wrap_ddp,
 )
+from look.engine.errors import error_message
 from look.engine.export import export_metadata
 from look.engine.metrics_log import MetricsLogger
 from look.engine.monitor import KnnMonitor, build_knn_monitor
@@ -320,6 +321,7 @@ class Trainer:
                     images=cfg.train.knn_monitor_images,
                     image_size=self.data_info.image_size,
                     training_data=(cfg.data.dataset, cfg.data.root),
+                    corrupt_images=cfg.data.corrupt_images,
                 )
             except (ValueError, FileNotFoundError) as error:
                 raise ConfigError(
@@ -437,8 +439,8 @@ class Trainer:
             yield
         except (ValueError, RuntimeError) as exc:
             raise TrainingStepError(
-                f"step {self.global_step if step is None else step} failed {stage}: {exc}. "
-                + self._kept_checkpoint()
+                f"step {self.global_step if step is None else step} failed {stage}: "
+                f"{error_message(exc).rstrip('.')}. {self._kept_checkpoint()}"
             ) from exc
 
     def _kept_checkpoint(self) -> str:
@@ -1012,6 +1014,9 @@ class Trainer:
             with StopSignals(self.cfg.train.stop_signals) as self.stop_signals:
                 return self._fit()
         finally:
+            # On an error too: the loader's workers ignore SIGTERM, and a process holding
+            # live workers could not exit (multiprocessing waits for them).
+            self._end_loader_workers()
             self.stop_signals = StopSignals([])
             lock.release()
 
