@@ -224,7 +224,14 @@ def test_a_plain_mapping_is_a_grouping_named_after_its_file(tmp_path: Path) -> N
     [
         ("{not json", "not valid JSON"),
         ("{}", "must be a JSON object mapping fine class names"),
-        ('{"a": "x", "b": 2}', "must be a JSON object mapping fine class names"),
+        # The plain form with a bad value says what is wrong with it, not that the form is.
+        ('{"a": "x", "b": 2}', r"coarse class names must be non-empty strings, got \{'b': 2\}"),
+        ('{"cat": 0}', r"non-empty strings, got \{'cat': 0\}"),
+        ('{"cat": null}', "non-empty strings"),
+        (
+            '{"fine_to_coarse": {"a": "x"}, "coarse_class": ["x"]}',
+            r"unknown key\(s\) \['coarse_class'\]",
+        ),
         ('["a", "x"]', "must be a JSON object mapping fine class names"),
         ('{"name": "x"}', "fine_to_coarse"),
         ('{"fine_to_coarse": {}}', "empty"),
@@ -250,3 +257,9 @@ def test_coarse_labels_need_a_shipped_grouping() -> None:
     assert grouping_for_labels("cifar100", "coarse").name == "cifar100_coarse"
     with pytest.raises(ValueError, match="'mnist' has none"):
         grouping_for_labels("mnist", "coarse")
+
+
+def test_a_class_named_name_is_a_class_in_the_plain_form(tmp_path: Path) -> None:
+    path = tmp_path / "odd.json"
+    path.write_text('{"name": "tag", "cat": "animal"}')
+    assert load_grouping(path).coarse_names == ("tag", "animal")

@@ -109,13 +109,22 @@ def parse_grouping(text: str, *, source: str, default_name: str | None = None) -
         content = json.loads(text, object_pairs_hook=reject_duplicates)
     except json.JSONDecodeError as error:
         raise ValueError(f"{source} is not valid JSON: {error}") from error
+    described = {"name", "coarse_classes", "description"}  # what may stand beside the mapping
     if (
         isinstance(content, dict)
-        and content
-        and not {"fine_to_coarse", "name", "coarse_classes"} & content.keys()
-        and all(isinstance(value, str) for value in content.values())
+        and "fine_to_coarse" not in content
+        and not set(content) <= described
     ):
-        content = {"fine_to_coarse": content}  # the plain form: {"cat": "animal", ...}
+        # The plain form, {"cat": "animal", ...}: every key is a class (one named "name" too),
+        # so a bad value gets the message about values below.
+        content = {"fine_to_coarse": content}
+    elif isinstance(content, dict) and "fine_to_coarse" in content:
+        unknown = sorted(set(content) - described - {"fine_to_coarse"})
+        if unknown:
+            raise ValueError(
+                f'{source}: unknown key(s) {unknown} beside "fine_to_coarse"; the others allowed '
+                f"are {sorted(described)}"
+            )
     if not isinstance(content, dict) or not isinstance(content.get("fine_to_coarse"), dict):
         raise ValueError(
             f"{source} must be a JSON object mapping fine class names to coarse class names, "
