@@ -145,8 +145,8 @@ def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
     them from its ``worker_init_fn`` (:func:`ignore_signals`, set here: the loader must have none
     of its own), and they are blocked while the workers start, which the workers inherit until
     that function unblocks them. In this process a signal that arrives meanwhile is delayed, not
-    lost. Workers still alive when this process exits are killed (they ignore the SIGTERM that
-    multiprocessing would end them with)."""
+    lost. The workers still end on SIGTERM from this process (see :func:`ignore_signals`), and
+    an exit hook ends any left where they cannot tell it from a scheduler's."""
     if not numbers or loader.num_workers == 0:
         return iter(loader)
     if getattr(loader.worker_init_fn, "func", loader.worker_init_fn) not in (None, ignore_signals):
@@ -163,9 +163,9 @@ def start_workers(loader: DataLoader, numbers: Sequence[int]) -> Iterator[Any]:
 
 def end_workers(batches: Iterator[Any] | None) -> None:
     """Shut the workers of a loader's iterator (from :func:`start_workers`) down now, killing any
-    that does not leave. They ignore the stop signals, so the loader's own fallback (SIGTERM)
-    cannot end a worker stuck in a slow read, and the interpreter's exit would wait for it past
-    the scheduler's grace period, losing exit status 75 to its SIGKILL."""
+    that does not leave: a worker stuck in a slow read, where it ignores every SIGTERM (the
+    loader's own fallback), would keep the interpreter's exit waiting past the scheduler's grace
+    period, losing exit status 75 to its SIGKILL."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # torch's; absent without workers
     if shutdown is None:
         return
