@@ -148,3 +148,19 @@ def test_the_monitor_follows_the_runs_corrupt_images_setting(tmp_path: Path) -> 
     message = str(failed.value)
     assert message.startswith("step 0 failed measuring the kNN monitor: cannot decode image file")
     assert "1.png" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_an_imagefolder_monitor_without_a_root_reads_the_training_folder(tmp_path: Path) -> None:
+    from look.engine.monitor import build_knn_monitor
+    from tests.data.conftest import write_png
+
+    root = tmp_path / "images"
+    for split, count in (("train", 3), ("val", 2)):
+        for name in ("cat", "dog"):
+            for i in range(count):
+                write_png(root / split / name / f"{i}.png", (10, 20, 30))
+    monitor = build_knn_monitor(
+        "imagefolder", labels="fine", k=3, images=None, image_size=16,
+        training_data=("imagefolder", str(root)),
+    )  # fmt: skip
+    assert (len(monitor.memory_labels), len(monitor.query_labels)) == (6, 4)

@@ -108,11 +108,15 @@ def build_knn_monitor(
     substitute counts once more, where ``look evaluate`` leaves it out).
     Raises ``ValueError`` naming what is wrong (unknown dataset, missing files, a subset
     smaller than the number of classes)."""
+    dataset, root = training_data
+    if dataset_spec.strip().lower() == dataset == "imagefolder" and root is not None:
+        # The training folder's own test split: a root-less imagefolder spec would be refused.
+        dataset_spec = f"imagefolder:{root}"
     spec = dataclasses.replace(
         parse_dataset_spec(dataset_spec, corrupt_images=corrupt_images), image_size=image_size
     )
-    if spec.root is None and spec.dataset == training_data[0]:
-        spec = dataclasses.replace(spec, root=training_data[1])
+    if spec.root is None and spec.dataset == dataset:
+        spec = dataclasses.replace(spec, root=root)
     sets = []
     for split in ("train", "test"):
         dataset, info = build_eval_dataset(spec, split, labels)
