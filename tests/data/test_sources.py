@@ -365,3 +365,25 @@ def test_the_listing_keeps_torchvisions_order_and_leaves_out_litter_and_link_loo
     assert "bird is a link to nothing" in messages
     assert "left out 2 linked folder(s)" in messages and "cat/up" in messages
     assert "left out 1 file(s)" in messages and ".gif: 1" in messages
+
+
+def test_class_names_in_another_unicode_form_are_the_same_class(tmp_path: Path, make_png) -> None:
+    """macOS tools write names decomposed (NFD); a grouping typed by hand, or another split, has
+    them composed (NFC). They look identical, and were reported as missing and unknown at once."""
+    import unicodedata
+
+    composed = unicodedata.normalize("NFC", "crème_brûlée")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    root = tmp_path / "root"
+    for split, name in (("train", decomposed), ("val", composed)):
+        for other in (name, "tart"):
+            make_png(root / split / other / "0.png", (10, 20, 30))
+    grouping = tmp_path / "desserts.json"
+    grouping.write_text(f'{{"{composed}": "cream", "tart": "pastry"}}', encoding="utf-8")
+    spec = DataSpec("imagefolder", root=str(root), labels=str(grouping))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no split "lacks" the class
+        test, info = build_eval_dataset(spec, "val", str(grouping))
+    assert info.fine_class_names == (decomposed, "tart")  # the training folder's names
+    assert info.class_names == ("cream", "pastry") and test.labels.tolist() == [0, 1]

@@ -9,6 +9,7 @@ groupings live in ``look/data/groupings/`` and are named by their file stem.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -39,9 +40,16 @@ class ClassGrouping:
         ``len(fine_class_names)``. Raises ``ValueError`` listing the dataset classes the grouping
         does not map and the grouping's keys that are not classes of the dataset.
         """
-        fine_set = set(fine_class_names)
-        unmapped = [name for name in fine_class_names if name not in self.fine_to_coarse]
-        unknown = [name for name in self.fine_to_coarse if name not in fine_set]
+        # Names compared in Unicode's composed form (NFC): a folder name written decomposed
+        # (NFD, as macOS tools write it) and a grouping typed composed look the same and are.
+        by_form = {_composed(key): coarse for key, coarse in self.fine_to_coarse.items()}
+        if len(by_form) != len(self.fine_to_coarse):
+            raise ValueError(
+                f"class grouping {self.name!r} has keys that differ only in their Unicode form"
+            )
+        fine_set = {_composed(name) for name in fine_class_names}
+        unmapped = [name for name in fine_class_names if _composed(name) not in by_form]
+        unknown = [name for name in self.fine_to_coarse if _composed(name) not in fine_set]
         if unmapped or unknown:
             problems = []
             if unmapped:
@@ -54,10 +62,14 @@ class ClassGrouping:
             )
         coarse_index = {name: i for i, name in enumerate(self.coarse_names)}
         mapping = torch.tensor(
-            [coarse_index[self.fine_to_coarse[name]] for name in fine_class_names],
+            [coarse_index[by_form[_composed(name)]] for name in fine_class_names],
             dtype=torch.int64,
         )
         return self.coarse_names, mapping
+
+
+def _composed(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def builtin_grouping_names() -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -649,14 +650,23 @@ def read_image_folder(
             "holding that class's images"
         )
     class_to_index = {name: index for index, name in enumerate(class_names)}
+    # Folder names compared in Unicode's composed form (NFC): a split copied through macOS may
+    # spell a class decomposed (NFD); the same-looking names are the same class.
+    index_of_form = {unicodedata.normalize("NFC", n): i for n, i in class_to_index.items()}
     present = class_folder_names(split_folder)
-    unknown = [name for name in present if name not in class_to_index]
+    present_to_index = {
+        name: index_of_form[unicodedata.normalize("NFC", name)]
+        for name in present
+        if unicodedata.normalize("NFC", name) in index_of_form
+    }
+    unknown = [name for name in present if name not in present_to_index]
     if unknown:
         raise ValueError(
             f"imagefolder: {split_folder} has class folders {name_some(unknown)} that the training "
             f"folder {class_folder} lacks; the splits must use the same class folder names"
         )
-    absent = [name for name in class_names if name not in present]
+    found = set(present_to_index.values())
+    absent = [name for name in class_names if class_to_index[name] not in found]
     if absent:
         # Legal (a small test set may miss a class), but its per-class figures are then
         # computed without those classes, which is easy to miss.
@@ -664,9 +674,9 @@ def read_image_folder(
             f"imagefolder: {split_folder} lacks {len(absent)} of the {len(class_names)} class "
             f"folders of {class_folder}: {name_some(absent)}"
         )
-    samples = _list_images(split_folder, class_to_index)
+    samples = _list_images(split_folder, present_to_index)
     counts = np.bincount([label for _, label in samples], minlength=len(class_names))
-    empty = [str(split_folder / name) for name in present if counts[class_to_index[name]] == 0]
+    empty = [str(split_folder / name) for name in present if counts[present_to_index[name]] == 0]
     if empty:
         raise FileNotFoundError(
             f"imagefolder: empty class folder(s) {', '.join(empty)}: no file with an image extension "
