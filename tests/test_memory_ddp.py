@@ -115,6 +115,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         errors = _nan_row_on_rank_1(memories, rank)
         state = {name: memory.state_dict() for name, memory in memories.items()}
         torch.save({"state": state, "errors": errors}, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank destroying its group while the
+        # other still talked to it died once of "terminate called without an active exception".
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -212,6 +215,7 @@ def _padded_worker(rank: int, port: int, out_dir: str) -> None:
                 "syncs": syncs,
             }
         torch.save(results, Path(out_dir) / f"padded_rank{rank}.pt")
+        dist.barrier()  # (as in _worker)
     finally:
         dist.destroy_process_group()
 
