@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU session (the `device` tool lends an H100 for ~15 minutes, at most 600 s per
-# command), in two parts so that each fits one command; results go to $OUT.
+# One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
+# 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
 # Part 1 (default; stages capped at 100 + 50 + 80 + 200 + 140 = 570 s, or 100 + 50 + 40 + 200
 # when the Gluon tests fail: stage 2b runs only then, stages 3 and 5 only otherwise):

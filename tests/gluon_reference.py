@@ -31,7 +31,7 @@ def pass_similarities(gluon_pass: GluonPass) -> Tensor:
 
 def _written_rows(gluon_pass: GluonPass, num_rows: int, device: torch.device) -> Tensor:
     """Rows a pass may count: inside the memory, and marked valid when there is a mask."""
-    if not gluon_pass.constexprs["HAS_VALID"]:
+    if not gluon_pass.has_valid:
         return torch.ones(num_rows, dtype=torch.bool, device=device)
     return gluon_pass.arguments[2].bool()  # type: ignore[union-attr]
 

@@ -80,7 +80,9 @@ def test_a_cuda_banks_int8_copy_is_written_by_its_kernel_as_pytorch_would() -> N
     assert bank.search_prefilter() is copy
     values, scales, errors = QuantizedRows.quantize(bank.features)
     assert torch.equal(copy.values, values) and torch.equal(copy.scales, scales)
-    torch.testing.assert_close(copy.errors, errors, rtol=1e-6, atol=0)
+    # The kernel sums the error's squares in another order: fp32 over 128 dimensions, within
+    # ~128 ulp (1.7e-6 relative seen on an H200), far inside the 2**-8 margin both carry.
+    torch.testing.assert_close(copy.errors, errors, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8-copy"])

@@ -285,14 +285,16 @@ if gluon is not None:
     def _shared_tiles_kernel(
         query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
         out_indices_ptr, counts_ptr, num_queries, num_rows, dim, stride_query, stride_bound,
-        num_tiles, tile_step, capacity, bound_columns,
-        COLLECT: gl.constexpr, HAS_VALID: gl.constexpr, WIDEN_BOUND: gl.constexpr,
+        num_tiles, tile_step, capacity, bound_columns, has_valid,
+        COLLECT: gl.constexpr, WIDEN_BOUND: gl.constexpr,
         GROUPS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
     ):  # fmt: skip
         """Program (q, p): queries [q·GROUPS·64, …) against the pass's tiles p, p + P, … (so
         the programs of all query blocks read the same tile at about the same time). The
         bound pass (``COLLECT`` False) writes each consumer's bins, the collect pass appends
-        candidates."""
+        candidates. ``has_valid`` (1: read the valid mask) is a runtime argument: as a
+        constexpr 0 it left ``valid_ptr`` unused in every partition, and Triton 3.6 (the lent
+        GPU machine's) then failed an LLVM assertion lowering the specialised region."""
         block_n: gl.constexpr = memory_desc.block_type.shape[0]
         block_d: gl.constexpr = memory_desc.block_type.shape[1]
         tiles = gl.allocate_shared_memory(
@@ -308,7 +310,6 @@ if gluon is not None:
                   stride_query, stride_bound, num_tiles, tile_step, capacity,
                   bound_columns)  # fmt: skip
         first = gl.program_id(0) * GROUPS * 64
-        has_valid = 1 if HAS_VALID else 0
         widen_bound = 1 if WIDEN_BOUND else 0
         # One argument tuple per consumer (its first query differs); the default partition is
         # consumer 0, the workers the other consumers and the producer (one warp). (Tuples
@@ -372,6 +373,11 @@ class GluonPass:
     grid: tuple[int, int]
     maxnreg: int
 
+    @property
+    def has_valid(self) -> bool:
+        """Whether the pass reads a valid mask (its last argument, a runtime flag)."""
+        return bool(self.arguments[-1])
+
     def launch(self) -> None:
         _shared_tiles_kernel[self.grid](
             *self.arguments, **self.constexprs, num_warps=4, maxnreg=self.maxnreg
@@ -423,11 +429,10 @@ def _gluon_pass(
     launch_registers, consumer_registers = _register_split(groups)
     arguments = (
         queries, descriptor, valid if valid is not None else queries, *pointers, batch,
-        memory.shape[0], dim, queries.stride(0), *sizes,
+        memory.shape[0], dim, queries.stride(0), *sizes, int(valid is not None),
     )  # fmt: skip
     constexprs: dict[str, object] = {
         "COLLECT": collect,
-        "HAS_VALID": valid is not None,
         "WIDEN_BOUND": widen_bound,
         "GROUPS": groups,
         "STAGES": stages,
