@@ -22,7 +22,7 @@ from look.search_triton import (
     set_kernel_config,
     tune_kernel_config,
 )
-from tests.interpreter_cases import run_cases
+from tests.interpreter_cases import run_cases, slow_case
 from tests.neighbour_checks import assert_same_neighbours, overflowing_look_step
 
 # The interpreter runs the fused selections' in-register sort one program at a time, far slower
@@ -339,6 +339,7 @@ def case_deferred_overflow_is_flagged_and_the_exact_redo_matches_the_scan() -> N
             module.host_reads_are_free = original  # type: ignore[attr-defined]
 
 
+@slow_case
 def case_tune_kernel_config_sets_the_fastest() -> None:
     memory = F.normalize(torch.randn(5000, 16), dim=1).half()
     query = F.normalize(torch.randn(8, 16), dim=1)
@@ -357,6 +358,7 @@ def case_tune_kernel_config_sets_the_fastest() -> None:
         set_kernel_config(default)
 
 
+@slow_case
 def case_tuner_skips_a_config_that_returns_wrong_neighbours() -> None:
     import warnings
 
@@ -386,6 +388,7 @@ def case_tuner_skips_a_config_that_returns_wrong_neighbours() -> None:
         set_kernel_config(default)
 
 
+@slow_case
 def case_collect_variants_match_scan() -> None:
     """The collect variants number and filter candidates differently, never change them; nor
     with the int8 copy (its row scales and errors loaded under row-end masks with bulk copies,
@@ -551,6 +554,7 @@ def case_the_search_around_the_gluon_passes_finds_the_scans_neighbours() -> None
          search_gluon.GluonPass.launch) = saved  # fmt: skip
 
 
+@slow_case
 def case_replayed_searches_return_their_own_queries_neighbours() -> None:
     """set_graph_replay: the first search of a key runs eagerly and is recorded, later ones
     copy their queries and ids into the recording, replay it and copy its outputs out (a
@@ -702,6 +706,7 @@ def case_sharded_loss_uses_fused_search_with_same_terms() -> None:
     assert not torch.equal(deferred.neighbour_indices, exact.neighbour_indices)
 
 
+@slow_case
 def case_int8_prefilter_matches_scan() -> None:
     """Reading an int8 copy (QuantizedRows) the search still finds the exact neighbours: ragged
     query blocks, a dim that is not a power of two, leave-one-out with a valid mask, a memory

@@ -578,8 +578,8 @@ def test_issue_targets_read_session_8s_h100_figures() -> None:
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_compile_with_triton_compiles_every_kernel_with_the_given_triton(tmp_path: Path) -> None:
     """Pointed at an unpacked Triton (here the installed one), the script compiles the passes
-    with and without the int8 copy, the selections and the copy's helpers, and says which
-    Triton; a directory without Triton is refused."""
+    with and without the int8 copy and with and without the valid mask, the selections and the
+    copy's helpers, and says which Triton; a directory without Triton is refused."""
     import triton
 
     site = str(Path(triton.__file__).resolve().parents[1])
@@ -590,7 +590,8 @@ def test_compile_with_triton_compiles_every_kernel_with_the_given_triton(tmp_pat
     assert report["triton"] == triton.__version__ and report["failed"] == 0
     names = {row["kernel"] for row in report["kernels"]}
     assert "config 0 collect pass int8" in names and "int8 write" in names
-    assert len(names) == 8
+    assert "config 0 collect pass int8 no valid" in names and "config 0 bound pass" in names
+    assert len(names) == 2 * 2 * 2 + 4  # passes × int8 copy × valid mask, and four helpers
     refused = subprocess.run(
         [sys.executable, str(BENCHMARKS / "compile_with_triton.py"), "--triton-dir",
          str(tmp_path), "--output", str(tmp_path / "x.json")],

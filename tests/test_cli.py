@@ -192,6 +192,12 @@ def test_errors_raised_in_dataloader_workers_print_their_own_message() -> None:
         "step 0 failed measuring the kNN monitor: cannot decode image file x.png; remove or "
         "replace it. No checkpoint."
     )
+    # The worker's own words are kept as they are (a " . " inside them is not the wrapper's).
+    worker = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nValueError: file a . b is odd'
+    )
+    assert error_message(worker) == "file a . b is odd"
 
 
 def test_output_paths_are_checked_before_any_work(

@@ -32,4 +32,6 @@ def error_message(exc: BaseException) -> str:
     after = " ".join(line.strip() for line in lines[last + 1 :])
     # The wrapper's text before the worker's ("step 3 failed …: Caught … in DataLoader worker").
     prefix = before.rsplit("Caught ", 1)[0] if "Caught " in before else ""
-    return f"{prefix}{worker}{(' ' + after) if after else ''}".replace(" . ", ". ").strip()
+    if after:  # the wrapper's words go on after the worker's: no space before its full stop
+        worker += after if after[0] in ".,;:" else " " + after
+    return f"{prefix}{worker}".strip()
