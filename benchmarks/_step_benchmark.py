@@ -49,6 +49,25 @@ def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.d
     return statistics.median(times) * 1000.0
 
 
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, steps: int = 10) -> float:
+    """The device's matrix-product rate in TFLOP/s: the median time of one ``size``³ product of
+    random ``dtype`` matrices (after three warm-ups). With the search's FLOP count it gives the
+    floor its products set (at 14.2M rows on an H200 they take longer than the bank read)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    left = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    right = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    ms = median_ms(lambda: left @ right, steps, 3, device)
+    return 2.0 * size**3 / (ms / 1000.0) / 1e12
+
+
+def search_flops(queries: int, rows: int, dim: int, bound_tile_stride: int | None) -> float:
+    """Multiply-adds × 2 of one search: every query against every row, plus, for the fused
+    search, its bound pass over every ``bound_tile_stride``-th tile (None: the scan's one
+    product)."""
+    products = 2.0 * queries * rows * dim
+    return products * (1.0 + (1.0 / bound_tile_stride if bound_tile_stride else 0.0))
+
+
 def interleaved_median_ms(
     first: Callable[[], object],
     second: Callable[[], object],

@@ -43,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from _step_benchmark import (
     interleaved_median_ms,
+    matmul_tflops,
     median_ms,
     random_search_inputs,
+    search_flops,
     trainer_step,
 )
 from _trace_gaps import (
@@ -64,6 +66,7 @@ from look.search_triton import (
     QuantizedRows,
     fused_knn_search,
     fused_search_supported,
+    get_kernel_config,
     set_graph_replay,
     set_kernel_config,
     tune_kernel_config,
@@ -421,6 +424,13 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
+    # The rate at which the device multiplies (the search's other floor, beside the bank read)
+    matmul_size = 8192 if cuda else 512
+    matmul_dtype = getattr(torch, args.memory_dtype) if cuda else torch.float32
+    figures["matmul_tflops"] = matmul_tflops(device, matmul_dtype, matmul_size)
+    figures["matmul"] = {"size": matmul_size, "dtype": str(matmul_dtype)}
+    print(f"matrix products: {figures['matmul_tflops']:.0f} TFLOP/s ({matmul_size}^3, {matmul_dtype})")
+
     reset_peak()
     ce_step = _step_fn({"name": "ce"}, args, 1, device)
     ce_ms = measure(ce_step, args.steps, args.warmup)
@@ -495,11 +505,17 @@ def main() -> None:
                     print(entry["search_int8_error"])
         read_ms = measure(lambda: bank.sum(), args.steps, args.warmup)
         best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
+        stride = get_kernel_config().tile_stride if fused_applies else None
+        flops = search_flops(queries, rows, bank.shape[1], stride)
+        products_ms = flops / (figures["matmul_tflops"] * 1e12) * 1000.0  # type: ignore[operator]
         entry.update(
             queries=queries,
             search_ms=best,
             bank_read_ms=read_ms,
             search_over_read=best / read_ms,  # type: ignore[operator]
+            search_tflop=flops / 1e12,
+            products_floor_ms=products_ms,
+            search_over_products_floor=best / products_ms,  # type: ignore[operator]
             **(
                 {"search_int8_over_read": entry["search_int8_ms"] / read_ms}  # type: ignore[operator]
                 if "search_int8_ms" in entry
@@ -510,7 +526,8 @@ def main() -> None:
         searches = ", ".join(f"{b} {entry[f'search_{b}_ms']:.3f} ms" for b in backends)
         print(
             f"{rows:>10} rows, {queries} queries: search {searches} "
-            f"(best {best / read_ms:.1f}x bank read, {read_ms:.3f} ms)"  # type: ignore[operator]
+            f"(best {best / read_ms:.1f}x bank read, {read_ms:.3f} ms; "  # type: ignore[operator]
+            f"{best / products_ms:.1f}x its products at the measured rate, {products_ms:.3f} ms)"
         )
         return entry
 

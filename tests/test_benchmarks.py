@@ -168,6 +168,22 @@ def test_gpu_step_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     # One rank of 4 of a sharded bank: all ranks' queries over a quarter of the rows.
     shard = figures["shards"]["2048"]
     assert shard["rows_per_rank"] == 512 and shard["queries"] == 32 and shard["search_ms"] > 0
+    # The products' floor: the scan's one product of 8 queries × 2048 rows × 128 dims, at the
+    # measured rate (on CPU the fused search does not apply: no bound pass counted).
+    assert figures["matmul_tflops"] > 0 and entry["search_tflop"] == 2 * 8 * 2048 * 128 / 1e12
+    floor_ms = entry["search_tflop"] / figures["matmul_tflops"] * 1000
+    assert entry["products_floor_ms"] == pytest.approx(floor_ms)
+    assert entry["search_over_products_floor"] == pytest.approx(entry["search_ms"] / floor_ms)
+
+
+def test_search_flops_count_the_bound_pass_over_every_stride_th_tile() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from _step_benchmark import search_flops
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert search_flops(256, 1000, 128, None) == 2 * 256 * 1000 * 128
+    assert search_flops(256, 1000, 128, 4) == 2 * 256 * 1000 * 128 * 1.25
 
 
 def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
