@@ -22,6 +22,7 @@ from look.config import ConfigError, load_config
 from look.engine.stop_signals import EXIT_STOPPED, StopSignals, TrainingStopped
 from look.engine.trainer import Trainer, pretrain
 from tests.ddp import free_port
+from tests.jobs import terminate_job_when
 
 from .test_trainer import TINY, tiny_config, train_losses
 
@@ -196,16 +197,8 @@ def test_the_command_stops_with_status_75_when_the_whole_job_is_signalled(
     command = _pretrain_command(
         [sys.executable, "-m", "look"], run, "optim.epochs=200", "train.checkpoint_every_steps=1000"
     )
-    job = subprocess.Popen(
-        command, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and job.poll() is None and len(train_losses_or_none(run)) < 3:
-        time.sleep(0.05)
-    assert job.poll() is None, job.communicate()[0].decode()
-    os.killpg(job.pid, signal.SIGTERM)
-    output = job.communicate(timeout=120)[0].decode()
-    assert job.returncode == EXIT_STOPPED, output
+    status, output = terminate_job_when(command, _ENV, lambda: len(train_losses_or_none(run)) >= 3)
+    assert status == EXIT_STOPPED, output
     assert "stopped on SIGTERM at step" in output and "run the same command to resume" in output
     assert "DataLoader worker" not in output
     step = int(re.search(r"stopped on SIGTERM at step (\d+) of 1200", output)[1])  # type: ignore[index]

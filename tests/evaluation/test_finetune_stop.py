@@ -23,6 +23,7 @@ from look.evaluation import finetune, state_fingerprint
 from look.models import create_backbone
 from tests.ddp import free_port, init_gloo
 from tests.evaluation.test_finetune_resume_ddp import OPTIONS, SPEC  # 4 steps per epoch
+from tests.jobs import terminate_job_when
 
 WORLD_SIZE = 2
 
@@ -179,7 +180,6 @@ def test_look_evaluate_stops_with_status_75_and_the_same_command_finishes(tmp_pa
     fine-tuning runs; results.json keeps the finished kNN and marks fine-tuning pending."""
     import subprocess
     import sys
-    import time
 
     from look.engine.stop_signals import EXIT_STOPPED
 
@@ -192,21 +192,11 @@ def test_look_evaluate_stops_with_status_75_and_the_same_command_finishes(tmp_pa
         "--output", str(output),
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(
-        command,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     checkpoints = output / "finetune_checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and job.poll() is None and not any(checkpoints.glob("*.pt")):
-        time.sleep(0.05)
-    assert job.poll() is None, job.communicate()[0].decode()
-    os.killpg(job.pid, signal.SIGTERM)
-    printed = job.communicate(timeout=120)[0].decode()
-    assert job.returncode == EXIT_STOPPED, printed
+    status, printed = terminate_job_when(
+        command, environment, lambda: any(checkpoints.glob("*.pt"))
+    )
+    assert status == EXIT_STOPPED, printed
     assert "stopped on SIGTERM at step" in printed and "run the same command" in printed
     assert "DataLoader worker" not in printed and "Traceback" not in printed
     report = json.loads((output / "results.json").read_text())
