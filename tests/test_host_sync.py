@@ -189,6 +189,30 @@ def test_a_caller_that_checks_the_loss_gets_a_nan_term_on_the_cpu_too() -> None:
     assert torch.isnan(terms.loss[1]) and torch.isfinite(terms.loss[[0, 2]]).all()
 
 
+def test_a_nan_query_without_a_same_label_neighbour_is_marked_not_dropped_on_the_cpu() -> None:
+    # A NaN query's neighbours are arbitrary; with no row of its label among them it would be
+    # left out as "no positive" (loss 0) while its gradient is NaN: the caller's loss check
+    # would never see it. It must count, with a NaN loss, on both paths.
+    memory = F.normalize(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    memory_labels = torch.tensor([0] * 9 + [1])  # one row of label 1
+    query = F.normalize(torch.randn(2, 4), dim=1)
+    query[0] = float("nan")
+    query_labels = torch.tensor([1, 0])
+    for backend in ("auto", "torch"):
+        terms = look_loss_terms(
+            query, query_labels, memory, memory_labels, k=2, temperature=0.1,
+            check_finite_query=False, search_backend=backend,
+        )  # fmt: skip
+        assert torch.isnan(terms.loss[0]) and bool(terms.valid[0]), backend
+    bank = sharded_module.ShardedMemoryBank(10, 4)
+    bank.update(torch.arange(10), memory, memory_labels)
+    terms = sharded_module.sharded_look_loss_terms(
+        query, query_labels, bank, k=2, temperature=0.1, query_indices=None,
+        check_finite_query=False,
+    )  # fmt: skip
+    assert torch.isnan(terms.loss[0]) and bool(terms.valid[0])
+
+
 def _unit(rows: int, dim: int = 4, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
 

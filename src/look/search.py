@@ -160,6 +160,14 @@ def validate_search_inputs(
             raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
 
 
+def widen_integer_ids(tensor: Tensor | None) -> Tensor | None:
+    """Ids or labels of a narrow integer dtype (int8, uint8, int16, …) as int64: indexing and
+    ``gather`` take int32/int64 only. int32 and int64 tensors are returned as they are."""
+    if tensor is None or tensor.dtype in (torch.int32, torch.int64):
+        return tensor
+    return tensor.long()
+
+
 def exclude_own_rows_(similarities: Tensor, query_ids: Tensor, *, first_row: int = 0) -> None:
     """Set ``similarities[i, query_ids[i] - first_row]`` to ``-inf`` where that column exists.
 
@@ -306,6 +314,8 @@ def knn_search_deferred(
     )
     if (query_labels is None) != (memory_labels is None):
         raise ValueError("query_labels and memory_labels must be given together (or neither)")
+    query_ids, memory_ids = widen_integer_ids(query_ids), widen_integer_ids(memory_ids)
+    query_labels, memory_labels = widen_integer_ids(query_labels), widen_integer_ids(memory_labels)
     check_search_backend(backend)
     fused = query_labels is None and fused_search_supported(query, memory, memory_ids=memory_ids)
     if backend == "triton" and not fused:

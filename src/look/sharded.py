@@ -699,7 +699,7 @@ def sharded_look_loss_terms(
             direction = partial.view(world_size, mine, memory.dim)[:, :batch].sum(dim=0)
             loss = _QueryGradient.apply(queries, loss, direction)
         valid = neighbours.valid
-        if not host_reads_are_free(device):
+        if not (host_reads_are_free(device) and check_finite_query):  # as look_loss_terms
             loss, valid = mark_non_finite_queries(loss, valid, queries)
     return LookLossTerms(
         loss=loss,

@@ -781,3 +781,37 @@ def test_a_bank_needs_the_queries_indices_in_its_range() -> None:
     inside = loss.terms(rows[:4], labels, bank, query_indices=torch.arange(4))
     assert outside.neighbour_indices[:, 0].tolist() == [0, 1, 2, 3], "each finds its own row"
     assert all(i not in row for i, row in enumerate(inside.neighbour_indices.tolist()))
+
+
+def test_a_queue_needs_the_queries_indices_and_says_so() -> None:
+    # (it once said "memory_ids was given without query_ids", ids the user never passed)
+    from look.memory import MemoryQueue
+
+    queue = MemoryQueue(8, 3)
+    queue.update(torch.arange(4), torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    query = F.normalize(torch.randn(2, 3), dim=1)
+    with pytest.raises(ValueError, match="query_indices is required with a MemoryQueue"):
+        LookLoss(2, TEMPERATURE)(query, torch.tensor([0, 1]), queue)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+@pytest.mark.parametrize("k", [3, 9, None])
+def test_narrow_integer_ids_and_labels_give_the_int64_loss(
+    dtype: torch.dtype, k: int | None
+) -> None:
+    # gather and indexing take int32/int64 only: narrower ids once crashed inside the search.
+    generator = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(4, 3, generator=generator), dim=1)
+    memory = F.normalize(torch.randn(10, 3, generator=generator), dim=1)
+    query_labels = torch.randint(0, 2, (4,), generator=generator)
+    memory_labels = torch.randint(0, 2, (10,), generator=generator)
+    ids = torch.arange(4)
+    expected = look_loss_terms(
+        query, query_labels, memory, memory_labels, k=k, temperature=0.1, query_indices=ids
+    )
+    narrow = look_loss_terms(
+        query, query_labels.to(dtype), memory, memory_labels.to(dtype), k=k, temperature=0.1,
+        query_indices=ids.to(dtype),
+    )  # fmt: skip
+    torch.testing.assert_close(narrow.loss, expected.loss)
+    assert torch.equal(narrow.valid, expected.valid)

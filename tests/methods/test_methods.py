@@ -364,6 +364,7 @@ def test_look_with_k_1_warns_that_it_learns_nothing(no_positive: str) -> None:
     ("options", "named"),
     [
         ({"memory_update": "ema_encoder", "memory_momentum": 0.9}, "memory_momentum=0.9"),
+        ({"memory": "queue", "memory_momentum": 0.9}, "memory_momentum=0.9 (a queue stores"),
         ({"encoder_momentum": 0.999}, "encoder_momentum=0.999"),
         ({"queue_size": 64}, "queue_size=64 (memory=bank is no queue)"),
         ({"k": None, "no_positive": "nearest"}, "no_positive='nearest'"),

@@ -31,6 +31,7 @@ from look.search import (
     knn_search_deferred,
     nearest_positive,
     validate_search_inputs,
+    widen_integer_ids,
 )
 from look.search_triton import QuantizedRows
 
@@ -631,17 +632,20 @@ def look_loss_terms(
 
     device = memory.device
     dtype = compute_dtype_for(query, memory)
-    query_labels = query_labels.to(device)
-    memory_labels = memory_labels.to(device)
+    # (narrow integer dtypes as int64: the search and the gathers index with them)
+    query_labels = widen_integer_ids(query_labels.to(device))
+    memory_labels = widen_integer_ids(memory_labels.to(device))
     if query_indices is not None:
-        query_indices = query_indices.to(device)
+        query_indices = widen_integer_ids(query_indices.to(device))
     if memory_ids is not None:
-        memory_ids = memory_ids.to(device)
+        memory_ids = widen_integer_ids(memory_ids.to(device))
     if memory_valid is not None:
         memory_valid = memory_valid.to(device)
 
-    # On an accelerator a non-finite query gets a NaN loss term instead of a host check.
-    mark_non_finite = not host_reads_are_free(device)
+    # On an accelerator a non-finite query gets a NaN loss term instead of a host check; so it
+    # does on the CPU when the caller checks the loss (else, with no same-label row among its
+    # arbitrary neighbours, it would be dropped with loss 0 and a NaN gradient).
+    mark_non_finite = not (host_reads_are_free(device) and check_finite_query)
     with autocast_disabled(device):
         queries = query.to(dtype)
         if memory.shape[0] == 0:
@@ -843,9 +847,16 @@ class LookLoss(nn.Module):
 def _check_bank_query_indices(memory: nn.Module, query_indices: Tensor | None) -> None:
     """A bank's row i is dataset image i: without the queries' indices leave-one-out cannot
     exclude their own rows (each would be its own nearest neighbour), and an index outside the
-    bank excludes nothing. (-1: a query that is not in the bank.)"""
-    from look.memory import MemoryBank
+    bank excludes nothing. A queue compares the ids it stores with them. (-1: a query that is
+    not in the memory.)"""
+    from look.memory import MemoryBank, MemoryQueue
 
+    if isinstance(memory, MemoryQueue) and query_indices is None:
+        raise ValueError(
+            "query_indices is required with a MemoryQueue: leave-one-out excludes the queue's "
+            "entries of each query's own image by the dataset index stored with them (pass -1 "
+            "for a query that is not in the dataset)"
+        )
     if not isinstance(memory, MemoryBank):
         return
     if query_indices is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from look.host_sync import host_reads_are_free
 from look.losses.look_loss import (
     check_temperature,
     masked_logsumexp,
@@ -54,7 +55,13 @@ def _validate_supcon_inputs(
             raise ValueError(f"{name} must have shape ({rows},) to match {rows_name}, got {shape}")
         if tensor.is_floating_point() or tensor.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
-    if anchor_positions is not None and anchor_positions.numel() > 0:
+    # (read on the host only where that is free: on a GPU it would wait for the device every
+    # step; the method builds its positions itself)
+    if (
+        anchor_positions is not None
+        and anchor_positions.numel() > 0
+        and host_reads_are_free(anchor_positions.device)
+    ):
         low, high = int(anchor_positions.min()), int(anchor_positions.max())
         if low < -1 or high >= contrast.shape[0]:
             raise ValueError(

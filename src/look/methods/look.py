@@ -126,8 +126,10 @@ class LOOKOptions(HeadOptions):
         defaults = LOOKOptions()
         ignored = {
             "memory_momentum": (
-                self.memory_update == "ema_encoder",
-                "memory_update=ema_encoder writes the EMA encoder's embedding as it is",
+                self.memory_update == "ema_encoder" or self.memory == "queue",
+                "memory_update=ema_encoder writes the EMA encoder's embedding as it is"
+                if self.memory_update == "ema_encoder"
+                else "a queue stores each embedding as it is (no row is written twice)",
             ),
             "encoder_momentum": (
                 self.memory_update != "ema_encoder",
