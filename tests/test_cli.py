@@ -141,6 +141,18 @@ def test_exported_backbone_loads_into_timm_and_torchvision(
     assert torch.equal(model.state_dict()["conv1.weight"], state["model"]["backbone.conv1.weight"])
 
 
+def test_export_of_a_file_that_is_no_checkpoint_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    not_a_checkpoint = tmp_path / "config.yaml"
+    not_a_checkpoint.write_text("method: {name: look}\n")
+    output = tmp_path / "e.safetensors"
+    assert main(["export", "--checkpoint", str(not_a_checkpoint), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("look: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert str(not_a_checkpoint) in err and not output.exists()
+
+
 def _image_folder_args(run: Path, root: Path, *extra: str) -> list[str]:
     return _pretrain_args(run, *image_folder_overrides(root, *extra))
 

@@ -409,13 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TrainingStopped as stopped:  # not an error: no traceback, the same status
             return _report_stop(stopped)
     from look.config import ConfigError
+    from look.engine.checkpoint import CheckpointCorruptError
     from look.engine.trainer import TrainingStepError
 
     try:
         return run()
     # OSError: a path the user gave that cannot be read or written (permissions, a file where a
-    # folder belongs, a full disk) is a usage error like a missing file, not a bug.
-    except (ConfigError, OSError, TrainingStepError, ValueError) as exc:
+    # folder belongs, a full disk) is a usage error like a missing file, not a bug; so is a
+    # checkpoint that is no checkpoint (e.g. `look export --checkpoint config.yaml`).
+    except (CheckpointCorruptError, ConfigError, OSError, TrainingStepError, ValueError) as exc:
         # Under torchrun every rank meets a configuration error alike: rank 0 says it once.
         if not isinstance(exc, ConfigError) or os.environ.get("RANK", "0") == "0":
             print(f"look: error: {error_message(exc)}", file=sys.stderr)

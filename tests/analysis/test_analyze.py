@@ -201,6 +201,22 @@ def test_maps_of_an_earlier_run_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["maps.png", "notes.png"]
 
 
+def test_a_rerun_into_a_relative_folder_replaces_its_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder's glob and multimodality.json's list once named the same map twice (relative
+    # and absolute): the re-run removed it twice and failed, as `look demo` run again did.
+    monkeypatch.chdir(tmp_path)
+    relative = Path("analysis")
+    sets = [feature_set("look", True)]
+    for _ in range(2):
+        outputs = analyze_feature_sets(
+            sets, relative, max_points=40, coarse_classes=["tops"], max_clusters=3
+        )
+        assert [f.name for f in outputs.figures] == ["maps.png"]
+        assert (tmp_path / "analysis" / "maps.png").is_file()
+
+
 def test_a_write_that_fails_midway_leaves_the_previous_analysis_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -131,7 +131,13 @@ def _map_groups(
 def _owned_figures(output_dir: Path) -> list[Path]:
     """Maps an earlier ``look analyze`` wrote here: those its multimodality.json lists, and the
     ``maps*.png`` names this command gives its figures."""
-    owned = set(output_dir.glob("maps.png")) | set(output_dir.glob("maps_*.png"))
+    # Resolved paths: a relative folder's glob and the listed names must meet as one file (a
+    # re-run into a relative --output unlinked it twice and failed).
+    owned = {
+        path.resolve()
+        for pattern in ("maps.png", "maps_*.png")
+        for path in output_dir.glob(pattern)
+    }
     previous = output_dir / "multimodality.json"
     if previous.is_file():
         try:
@@ -244,7 +250,7 @@ def analyze_feature_sets(
 
     stale = _owned_figures(output_dir)
     for path in stale:
-        path.unlink()
+        path.unlink(missing_ok=True)
     json_path = output_dir / "multimodality.json"
     markdown_path = output_dir / ANALYSIS_MARKDOWN
     # Metrics first: a map that fails afterwards keeps them.

@@ -320,9 +320,12 @@ def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[st
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for torn zips and bad pickles
+        # The first sentence of torch's message: the rest advises weights_only=False, which a
+        # file that is not this library's checkpoint (or a damaged one) must not be loaded with.
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise CheckpointCorruptError(
-            f"checkpoint {path} cannot be read by torch.load(weights_only=True): "
-            f"{type(error).__name__}: {error}"
+            f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
+            f"({type(error).__name__}: {first}); is it a look checkpoint, and whole?"
         ) from error
     if not isinstance(state, dict):
         raise CheckpointCorruptError(
