@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from look.analysis.compare import BETTER, NO_INTERVAL, TIE, WORSE, compare_with_baseline
+from look.analysis.compare import (
+    BETTER,
+    NO_INTERVAL,
+    TIE,
+    WORSE,
+    UnpairedSeedsWarning,
+    compare_with_baseline,
+)
 from look.analysis.report import Cell, write_report
 from tests.analysis.test_report import write_results
 
@@ -62,14 +69,22 @@ def test_only_shared_seeds_are_paired() -> None:
     baseline = _cell("ce", [10.0, 20.0, 30.0], [0, 1, 2])
     # Seed 5 has no partner and a run without a seed cannot be paired.
     method = _cell("look", [12.0, 99.0, 31.0, 50.0], [2, 5, 0, None])
-    (comparison,) = compare_with_baseline([baseline, method], ["ce"])
+    with pytest.warns(
+        UnpairedSeedsWarning,
+        match=r"seeds \[0, 2, 5\], its baseline 'ce' \[0, 1, 2\]: compared on seeds \[0, 2\] only",
+    ):
+        (comparison,) = compare_with_baseline([baseline, method], ["ce"])
     assert comparison.seeds == (0, 2) and comparison.differences == (21.0, -18.0)
     low, high = comparison.interval  # type: ignore[misc]
     sd = math.sqrt((21.0 - 1.5) ** 2 + (-18.0 - 1.5) ** 2)  # n - 1 = 1
     assert (high - low) / 2 == pytest.approx(T_975[1] * sd / math.sqrt(2), rel=1e-4)
-    (single,) = compare_with_baseline([baseline, _cell("look", [12.0], [1])], ["ce"])
+    with pytest.warns(UnpairedSeedsWarning, match=r"compared on seeds \[1\] only"):
+        (single,) = compare_with_baseline([baseline, _cell("look", [12.0], [1])], ["ce"])
     assert single.interval is None and single.verdict == NO_INTERVAL
-    assert compare_with_baseline([baseline, _cell("look", [12.0], [None])], ["ce"]) == []
+    with pytest.warns(UnpairedSeedsWarning, match="no paired comparison is possible"):
+        assert compare_with_baseline([baseline, _cell("look", [12.0], [None])], ["ce"]) == []
+    with pytest.warns(UnpairedSeedsWarning, match=r"'look' on .* has seeds \[7\], .*no paired"):
+        assert compare_with_baseline([baseline, _cell("look", [12.0], [7])], ["ce"]) == []
 
 
 def test_each_dataset_takes_the_first_baseline_it_has() -> None:
@@ -91,13 +106,30 @@ def test_each_dataset_takes_the_first_baseline_it_has() -> None:
         compare_with_baseline(cells, ["supcon"])
 
 
+def test_a_baseline_without_the_backbone_names_the_one_row_of_that_method() -> None:
+    # Row labels carry the backbone ("ce [resnet18] (coarse)"); the README's "ce (coarse)"
+    # finds it when the report holds one such row, and no row when it holds several.
+    ce, look = (
+        _cell("ce [resnet18] (coarse)", [1.0], [0]),
+        _cell("look [resnet18] (coarse)", [2.0], [0]),
+    )
+    (comparison,) = compare_with_baseline([ce, look], ["ce (coarse)"])
+    assert comparison.baseline == "ce [resnet18] (coarse)" and comparison.differences == (1.0,)
+    other = _cell("ce [resnet50] (coarse)", [3.0], [0])
+    with pytest.raises(ValueError, match="names no row"):
+        compare_with_baseline([ce, other, look], ["ce (coarse)"])
+    (exact,) = compare_with_baseline([ce, other, look], ["ce [resnet50] (coarse)"])[-1:]
+    assert exact.baseline == "ce [resnet50] (coarse)"
+
+
 def test_report_writes_the_comparison(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for method, linear, knn in (("look", [0.70, 0.74, 0.72], 0.50), ("ce", [0.60, 0.62], 0.55)):
         for seed, top1 in enumerate(linear):
             protocols = {"linear": {"top1": top1}, "knn": {"k20": {"top1": knn}}}
             write_results(runs / f"{method}-{seed}", method=method, seed=seed, protocols=protocols)
-    outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
+    with pytest.warns(UnpairedSeedsWarning, match=r"compared on seeds \[0, 1\] only"):
+        outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
     markdown = outputs.markdown.read_text()
     section = markdown.split("## Paired differences with the baseline", 1)[1]
     assert "baseline: ce (coarse)" in section
@@ -108,15 +140,18 @@ def test_report_writes_the_comparison(tmp_path: Path) -> None:
     # kNN k=20: 50 vs 55 on both seeds: a constant difference, whose t interval would have
     # width zero; 2 seeds on one side is no evidence (sign test).
     assert "-5.00 (the same on all 2 seeds), no clear difference |" in row
-    outputs = write_report(
-        [runs / "look-2", runs / "ce-0"], tmp_path / "one", plots=False, baseline=["ce (coarse)"]
-    )
+    with pytest.warns(UnpairedSeedsWarning, match="no paired comparison is possible"):
+        outputs = write_report(
+            [runs / "look-2", runs / "ce-0"], tmp_path / "one", plots=False,
+            baseline=["ce (coarse)"],
+        )  # fmt: skip
     assert "## Paired differences" not in outputs.markdown.read_text()  # seeds 2 and 0: no pair
     outputs = write_report(
         [runs / "look-0", runs / "ce-0"], tmp_path / "one", plots=False, baseline=["ce (coarse)"]
     )
     assert "| look (coarse) | +10.00 (1 seed) | -5.00 (1 seed) |" in outputs.markdown.read_text()
-    outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
+    with pytest.warns(UnpairedSeedsWarning):
+        outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
     rows = json.loads(outputs.json.read_text())["comparisons"]
     linear = next(r for r in rows if r["metric"] == "linear/top1")
     assert linear["seeds"] == [0, 1] and linear["mean_difference"] == pytest.approx(11.0)

@@ -180,9 +180,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ROW_LABEL",
-        help="compare every method with this row (e.g. 'ce (coarse)'), seed by seed: mean "
-        "difference with a 95%% confidence interval; repeatable, the first label present on a "
-        "dataset is its baseline",
+        help="compare every method with this row (e.g. 'ce [resnet18] (coarse)', or 'ce "
+        "(coarse)' when one backbone has such a row), seed by seed: mean difference with a 95%% "
+        "confidence interval; repeatable, the first label present on a dataset is its baseline",
     )
 
 

@@ -21,13 +21,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from scipy import stats
 
-__all__ = ["BETTER", "NO_INTERVAL", "TIE", "WORSE", "PairedComparison", "compare_with_baseline"]
+__all__ = [
+    "BETTER",
+    "NO_INTERVAL",
+    "TIE",
+    "WORSE",
+    "PairedComparison",
+    "UnpairedSeedsWarning",
+    "compare_with_baseline",
+]
+
+
+class UnpairedSeedsWarning(UserWarning):
+    """A method and its baseline do not share all their seeds: the comparison uses the shared
+    ones only, or is left out when there are none."""
+
 
 BETTER = "better"
 WORSE = "worse"
@@ -123,6 +139,20 @@ def _mean_per_seed(seeds: Sequence[int | None], values: Sequence[float]) -> dict
     return {seed: math.fsum(found) / len(found) for seed, found in by_seed.items()}
 
 
+_BACKBONE_IN_LABEL = re.compile(r" \[[^\]]+\]")
+
+
+def _matching(label: str, present: Iterable[str]) -> str | None:
+    """The row ``label`` names among ``present``: itself, or else the one row that is ``label``
+    once its backbone (`` [resnet18]``) is left out, so that ``"ce (coarse)"`` finds
+    ``"ce [resnet18] (coarse)"`` when a report holds one backbone; None if none or several."""
+    present = list(present)
+    if label in present:
+        return label
+    found = [row for row in present if _BACKBONE_IN_LABEL.sub("", row, count=1) == label]
+    return found[0] if len(found) == 1 else None
+
+
 def compare_with_baseline(
     cells: Sequence[Any], baselines: Sequence[str], *, table: str = "transfer"
 ) -> list[PairedComparison]:
@@ -138,13 +168,16 @@ def compare_with_baseline(
     """
     transfer = [c for c in cells if c.table == table and c.headline]
     labels = list(dict.fromkeys(c.method for c in transfer))
-    if table == "transfer" and not any(label in labels for label in baselines):
+    if table == "transfer" and not any(_matching(label, labels) for label in baselines):
         raise ValueError(f"baseline {list(baselines)} names no row of the report; rows: {labels}")
     comparisons = []
+    unpaired: dict[tuple[str, str, str], tuple[list[int], list[int]]] = {}
     for dataset in dict.fromkeys(c.dataset for c in transfer):
         here = [c for c in transfer if c.dataset == dataset]
         present = {c.method for c in here}
-        baseline = next((label for label in baselines if label in present), None)
+        baseline = next(
+            (found for label in baselines if (found := _matching(label, present))), None
+        )
         if baseline is None:
             continue
         reference = {c.metric: c for c in here if c.method == baseline}
@@ -155,6 +188,8 @@ def compare_with_baseline(
             theirs = _mean_per_seed(base.seeds, base.values)
             mine = _mean_per_seed(cell.seeds, cell.values)
             pairs = sorted((s, v - theirs[s]) for s, v in mine.items() if s in theirs)
+            if set(mine) != set(theirs):
+                unpaired[(str(dataset), cell.method, baseline)] = (sorted(mine), sorted(theirs))
             if pairs:
                 seeds, differences = zip(*pairs, strict=True)
                 comparisons.append(
@@ -162,4 +197,16 @@ def compare_with_baseline(
                         dataset, cell.metric, cell.method, baseline, seeds, differences
                     )
                 )
+    for (dataset, method, baseline), (mine_seeds, base_seeds) in unpaired.items():
+        shared = sorted(set(mine_seeds) & set(base_seeds))
+        outcome = (
+            f"compared on seeds {shared} only" if shared else "no paired comparison is possible"
+        )
+        warnings.warn(
+            UnpairedSeedsWarning(
+                f"{method!r} on {dataset} has seeds {mine_seeds}, its baseline {baseline!r} "
+                f"{base_seeds}: {outcome} (runs without a recorded seed cannot be paired)"
+            ),
+            stacklevel=2,
+        )
     return comparisons
