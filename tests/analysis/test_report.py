@@ -673,3 +673,45 @@ def test_ari_at_fine_count_is_a_column_and_ari_chance_is_stated(tmp_path: Path) 
     assert rows["__header__"][4] == "ARI at fine count"
     assert rows["look (coarse)"][4].startswith("**0.200 (1 seed)")
     assert "the chance level of either ARI is 0" in markdown
+
+
+def test_seeds_of_different_pretraining_recipes_are_warned_about_and_marked(
+    tmp_path: Path,
+) -> None:
+    # A k = 5 run and a k = 50 run under one label are not two seeds of one thing; a speed-only
+    # option (chunk_size) is not recorded, so it never splits a row.
+    def model(seed: int, k: int) -> dict[str, Any]:
+        training = {"method_options": {"k": k, "temperature": 0.1}, "optim": {"lr": 0.1}}
+        pretraining = {"dataset": "fashion_mnist", "labels": "coarse", "method": "look",
+                       "seed": seed, "training": training}  # fmt: skip
+        return {"method": "look", "seed": seed, "pretrain_labels": "coarse",
+                "pretraining": pretraining}  # fmt: skip
+
+    protocols = {"linear": {"top1": 0.7}}
+    for seed, k in ((0, 5), (1, 50)):
+        write_results(tmp_path / f"r{seed}", method="look", seed=seed, protocols=protocols,
+                      model=model(seed, k))  # fmt: skip
+    with pytest.warns(MixedSettingsWarning) as caught:
+        outputs = write_report([tmp_path], tmp_path / "report", plots=False)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "model.pretraining.training.method_options.k" in messages
+    assert "temperature" not in messages  # the options that agree are not named
+    assert "⚠" in outputs.markdown.read_text(encoding="utf-8")
+    write_results(tmp_path / "r1", method="look", seed=1, protocols=protocols, model=model(1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedSettingsWarning)
+        write_report([tmp_path], tmp_path / "report", plots=False)
+
+
+def test_training_settings_leave_out_speed_only_options() -> None:
+    from look.engine.export import training_settings
+
+    config = {
+        "method": {"name": "look", "k": 5, "chunk_size": 4096, "search_backend": "torch"},
+        "optim": {"lr": 0.1, "grad_accum_steps": 4},
+        "data": {"augment": "auto", "num_workers": 8, "root": "/data"},
+        "model": {"backbone": "resnet18", "backbone_kwargs": {}, "pretrained_weights": None},
+    }
+    assert training_settings(config) == {
+        "method_options": {"k": 5}, "optim": {"lr": 0.1}, "augment": "auto",
+    }  # fmt: skip

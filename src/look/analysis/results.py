@@ -373,11 +373,21 @@ def run_settings(content: Mapping[str, Any]) -> dict[str, str]:
     model = content.get("model") if isinstance(content.get("model"), Mapping) else {}
     for key in ("small_stem", "global_step", "pretrain_labels"):
         put(f"model.{key}", model.get(key))
+
+    def put_flat(path: str, value: object) -> None:
+        # A recipe's nested settings one path each, so that a conflict names the option
+        # (model.pretraining.training.method_options.k), not the whole section.
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                put_flat(f"{path}.{key}", inner)
+        else:
+            put(path, value)
+
     pretraining = model.get("pretraining")
     if isinstance(pretraining, Mapping):
         for key, value in pretraining.items():
             if key not in _PER_RUN_KEYS:
-                put(f"model.pretraining.{key}", value)
+                put_flat(f"model.pretraining.{key}", value)
     labels = content.get("labels")
     if isinstance(labels, Mapping):
         for key in ("evaluation", "evaluation_grouping"):

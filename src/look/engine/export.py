@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,45 @@ def load_checkpoint_from(path: str | Path) -> dict:
     return load_checkpoint(path)
 
 
+# Options that change how fast a run goes, not what it learns (the same neighbours, the same
+# global batch): left out of training_settings, so runs differing in them still average.
+_SPEED_ONLY_METHOD_OPTIONS = frozenset({"chunk_size", "search_backend", "search_prefilter"})
+_SPEED_ONLY_OPTIM_OPTIONS = frozenset({"grad_accum_steps"})
+
+
+def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a pre-training run's recipe decides beyond its data and seed: the method's options
+    and the optimiser's, the augmentation, the backbone's arguments and initial weights.
+
+    ``look report`` averages the seeds of a row only when these agree (a k = 5 run and a k = 50
+    run under one label are not two seeds of one thing). Speed-only options are left out.
+    """
+    method = config.get("method") if isinstance(config.get("method"), Mapping) else {}
+    optim = config.get("optim") if isinstance(config.get("optim"), Mapping) else {}
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
+    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    settings: dict[str, Any] = {
+        "method_options": {
+            key: value for key, value in method.items()
+            if key != "name" and key not in _SPEED_ONLY_METHOD_OPTIONS
+        },
+        "optim": {
+            key: value for key, value in optim.items() if key not in _SPEED_ONLY_OPTIM_OPTIONS
+        },
+        "augment": data.get("augment"),
+        "backbone_kwargs": dict(model.get("backbone_kwargs") or {}),
+        "pretrained_weights": model.get("pretrained_weights"),
+    }  # fmt: skip
+    return {key: value for key, value in settings.items() if value not in (None, {})}
+
+
 def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     """Export metadata entries that tell evaluation how the backbone was pre-trained.
 
     ``dataset`` and ``labels`` (``data.labels``: ``fine``, ``coarse`` or a grouping) of the run,
-    ``image_size`` (the resolved pre-training image size, which evaluation resizes to) and
-    ``seed``; entries the config lacks are left out.
+    ``image_size`` (the resolved pre-training image size, which evaluation resizes to),
+    ``seed``, and ``training`` (:func:`training_settings` as JSON); entries the config lacks
+    are left out.
     """
     data = config.get("data")
     if not isinstance(data, Mapping):
@@ -45,6 +79,9 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     }
     if isinstance(config.get("seed"), int):
         metadata["seed"] = str(config["seed"])
+    training = training_settings(config)
+    if training:
+        metadata["training"] = json.dumps(training, sort_keys=True, default=str)
     return metadata
 
 

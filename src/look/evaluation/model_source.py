@@ -28,6 +28,7 @@ from look.engine.checkpoint import (
     load_latest_checkpoint,
 )
 from look.engine.distributed import is_main_process
+from look.engine.export import training_settings
 from look.models import (
     ProjectionHead,
     check_finite,
@@ -163,6 +164,7 @@ def _pretraining_summary(config: dict[str, Any] | None) -> dict[str, Any] | None
         "subset": data.get("subset"),
         "method": method.get("name"),
         "seed": config.get("seed"),
+        "training": training_settings(config),
     }
 
 
@@ -172,6 +174,10 @@ def _pretraining_from_export(metadata: dict[str, str]) -> dict[str, Any] | None:
     if not any(key in metadata for key in ("dataset", "labels", "image_size")):
         return None
     image_size, seed = metadata.get("image_size", ""), metadata.get("seed", "")
+    try:  # (exports older than session 20 have no "training" entry)
+        training = json.loads(metadata["training"]) if "training" in metadata else None
+    except ValueError:
+        training = None
     return {
         "dataset": metadata.get("dataset"),
         "labels": metadata.get("labels"),
@@ -179,6 +185,7 @@ def _pretraining_from_export(metadata: dict[str, str]) -> dict[str, Any] | None:
         "subset": None,
         "method": metadata.get("method"),
         "seed": int(seed) if seed.isdigit() else None,
+        "training": training if isinstance(training, dict) else None,
     }
 
 
@@ -189,7 +196,7 @@ def _disagreements(summary: dict[str, Any] | None, recorded: dict[str, Any] | No
         return []
     return [
         f"{key}: {summary.get(key)!r} vs {recorded[key]!r}"
-        for key in ("dataset", "labels", "image_size", "method", "seed")
+        for key in ("dataset", "labels", "image_size", "method", "seed", "training")
         if recorded.get(key) is not None and summary.get(key) != recorded[key]
     ]
 
