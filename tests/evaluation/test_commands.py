@@ -44,6 +44,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--finetune-epochs",
         "--fewshot-shots",
         "--corrupt-images",
+        "--label",
         "imagefolder:ROOT",
     ):
         assert option in text
@@ -107,6 +108,8 @@ def test_run_writes_results_and_prints_a_summary(
             "--device",
             "cpu",
             "--no-progress",
+            "--label",
+            "cnn k=7",
             "--output",
             str(tmp_path / "out"),
         ]
@@ -114,6 +117,7 @@ def test_run_writes_results_and_prints_a_summary(
     with pytest.warns(FewShotEpisodesWarning, match="10 episodes.*600"):
         assert run(args) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["model"]["label"] == "cnn k=7"  # the row label look report gives it
     assert set(report["protocols"]) == {"linear", "knn", "fewshot"}
     assert report["labels"]["evaluation"] == "coarse" and report["dataset"]["num_classes"] == 2
     assert [r["k"] for r in report["protocols"]["knn"]["results"]] == [3, 7]

@@ -533,7 +533,7 @@ def _warn_mixed_settings(conflicts: Sequence[SettingsConflict]) -> None:
             text = (
                 f"{method!r} on {dataset} averages runs with different settings, so its mean "
                 f"and std are not a spread over seeds of one setting: {listed}. Report each "
-                "setting on its own (separate folders, or a distinct model.label per setting)"
+                "setting on its own (separate folders, or `look evaluate --label` per setting)"
             )
         else:
             text = (

@@ -159,6 +159,12 @@ def register(subparsers: Any) -> None:
         "--seed", type=int, default=0, help="seed of splits, episodes, fine-tuning"
     )
     run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run_group.add_argument(
+        "--label",
+        metavar="TEXT",
+        help="this model's row in `look report` (default: method [backbone] (pre-training "
+        "labels)); e.g. 'look k=50' to keep two recipes of one method apart",
+    )
 
     linear = parser.add_argument_group("linear probe")
     linear.add_argument(
@@ -391,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
                 episodes=args.fewshot_episodes,
             ),
             stop_signals=tuple(args.stop_signals),
+            label=args.label,
         )
         if is_main_process():
             _print_summary(report, Path(args.output))

@@ -351,6 +351,7 @@ def _report_content(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     timings: Mapping[str, float],
+    label: str | None,
 ) -> dict[str, Any]:
     """The ``results.json`` object (see :mod:`look.analysis.results` for the format)."""
     return {
@@ -360,6 +361,7 @@ def _report_content(
         "units": "accuracies in percent",
         "model": {
             **loaded.identity,
+            **({"label": label} if label else {}),  # the report's row label, when given
             "feature_dim": loaded.feature_dim,
             "frozen_features": (
                 f"L2-normalised projection head embedding normalize(g(f(x))), dim {loaded.head_dim}"
@@ -418,6 +420,7 @@ def evaluate(
     finetune_options: FinetuneOptions | None = None,
     fewshot_options: FewShotOptions | None = None,
     stop_signals: Sequence[str] = DEFAULT_STOP_SIGNALS,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model with the transfer ``protocols`` and write ``output_dir/results.json``.
 
@@ -440,6 +443,9 @@ def evaluate(
         stop_signals: signal names on which fine-tuning saves the step in progress and raises
             :class:`~look.engine.stop_signals.TrainingStopped` (a re-run resumes; ``()``: the
             signals keep their usual effect). Other protocols are short and simply re-run.
+        label: the row this model takes in ``look report`` (``model.label``; default: its
+            method, backbone and pre-training labels), e.g. to keep two recipes of one method
+            apart.
 
     Returns:
         The dict written to ``results.json`` (accuracies in percent).
@@ -459,6 +465,8 @@ def evaluate(
     signal_numbers(stop_signals)  # a name that cannot stop a run fails now
     if seed < 0:
         raise ValueError(f"seed={seed} must be non-negative")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise ValueError(f"label={label!r}: give a non-empty row label, or none")
     if not isinstance(labels, str) or not labels:
         raise ValueError("labels must be 'fine', 'coarse' or a path to a grouping JSON")
     if labels.endswith(".json") and not Path(labels).expanduser().is_file():
@@ -556,6 +564,7 @@ def evaluate(
                 device=torch_device,
                 autocast_dtype=autocast_dtype,
                 timings=timings,
+                label=label,
             )
         )
         report["complete"] = not pending and failed is None
