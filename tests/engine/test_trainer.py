@@ -200,6 +200,22 @@ def test_resume_may_change_the_search_backend_and_chunk_size(tmp_path: Path) -> 
     assert result.global_step == 4
 
 
+def test_resume_with_another_precision_goes_on_and_warns_that_the_curve_leaves_the_old_one(
+    tmp_path: Path,
+) -> None:
+    # Other hardware may need another precision; the run goes on, but not as the same curve.
+    pretrain(tiny_config("train.max_steps=2", "train.amp=none"), tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match=r"train\.amp: checkpoint 'none' vs now 'bf16'"):
+        result = pretrain(tiny_config("train.max_steps=3", "train.amp=bf16"), tmp_path / "run")
+    assert result.global_step == 3
+    with warnings.catch_warnings():  # logging, checkpointing and the like change nothing learnt
+        warnings.filterwarnings("error", message="resuming")
+        pretrain(
+            tiny_config("train.max_steps=4", "train.amp=bf16", "train.log_every_steps=3"),
+            tmp_path / "run",
+        )
+
+
 @pytest.mark.parametrize(("first", "then"), [("bank", "sharded_bank"), ("sharded_bank", "bank")])
 def test_resume_may_swap_a_bank_for_a_sharded_one(tmp_path: Path, first: str, then: str) -> None:
     """A sharded bank is the same bank spread over the ranks (its checkpoint holds the whole

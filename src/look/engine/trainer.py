@@ -87,6 +87,12 @@ _RESUME_MAY_DIFFER = {
     ("optim", "grad_accum_steps"),
 }
 
+# Train settings that change what a step computes (precision, batch-norm statistics): a resumed
+# run may change them (other hardware may need another precision), with a warning that its
+# curve then leaves the uninterrupted run's. Other train settings (logging, checkpoints, the
+# monitor, stop signals, layout, compile, max_steps) change nothing that is learnt.
+_RESUME_WARN_IF_CHANGED = (("train", "amp"), ("train", "sync_batchnorm"))
+
 # Settings whose values may be swapped on resume within one group: a sharded bank is the same
 # bank spread over the ranks, and its checkpoint holds the whole bank under a bank's keys.
 _RESUME_INTERCHANGEABLE: dict[tuple[str, str], frozenset[Any]] = {
@@ -558,6 +564,21 @@ class Trainer:
                 f"{self.output_dir} holds a run with a different configuration (checkpoint "
                 f"{path.name}): " + "; ".join(diffs) + ". Use a new --output directory, or "
                 "--no-resume to start over there."
+            )
+        changed = [
+            f"{section}.{key}: checkpoint {was!r} vs now {now!r}"
+            for section, key in _RESUME_WARN_IF_CHANGED
+            if (was := (state["config"].get(section) or {}).get(key))
+            != (now := self.resolved[section][key])
+            and was is not None
+        ]
+        if changed and is_main_process():
+            warnings.warn(
+                f"resuming {self.output_dir} with " + "; ".join(changed) + ": from here on the "
+                "run computes its steps differently, so its curve is not the uninterrupted "
+                "run's",
+                RuntimeWarning,
+                stacklevel=2,
             )
         if state["global_batch_size"] != self.global_batch:
             raise ConfigError("the global batch size changed since the checkpoint")
