@@ -387,3 +387,27 @@ def test_class_names_in_another_unicode_form_are_the_same_class(tmp_path: Path, 
         test, info = build_eval_dataset(spec, "val", str(grouping))
     assert info.fine_class_names == (decomposed, "tart")  # the training folder's names
     assert info.class_names == ("cream", "pastry") and test.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(("dataset", "brightness", "warned"), [
+    ("mnist", 73, True), ("fashion_mnist", 73, False), ("fashion_mnist", 33, True),
+    ("mnist", 33, False),
+])  # fmt: skip
+def test_official_size_idx_files_that_look_like_the_other_dataset_are_warned_about(
+    tmp_path: Path, dataset: str, brightness: int, warned: bool
+) -> None:
+    # MNIST and Fashion-MNIST ship files of the same names: a root of one read as the other
+    # would train on the wrong images under the wrong class names. Mean intensities: 0.13, 0.29.
+    from look.data.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 2 * brightness + 1, size=(10_000, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", (np.arange(10_000) % 10).astype(np.uint8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_idx_dataset(dataset, tmp_path, "test")
+    messages = [str(w.message) for w in caught if "look like" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert f"is read as {dataset}" in messages[0] and "check data.root" in messages[0]

@@ -401,6 +401,29 @@ def _download_idx(dataset: str, root: Path) -> None:
         download_class(str(root), train=train, download=True)
 
 
+# Mean pixel intensity (0-1) of the official files: MNIST's digits are mostly black background,
+# Fashion-MNIST's garments fill more of the frame. Their file names are the same, so a
+# data.root of one read as the other would train on the wrong images under the wrong names.
+_IDX_MEAN_INTENSITY = {"mnist": 0.131, "fashion_mnist": 0.286}
+_OFFICIAL_IDX_SIZES = (60_000, 10_000)
+
+
+def _warn_if_the_other_dataset(dataset: str, images: np.ndarray, path: Path) -> None:
+    """Warn when official-size IDX images read as ``dataset`` look like the other one's."""
+    if len(images) not in _OFFICIAL_IDX_SIZES or dataset not in _IDX_MEAN_INTENSITY:
+        return  # a custom dataset in IDX files: nothing to compare with
+    mean = float(images[:5000].mean()) / 255.0
+    other = "fashion_mnist" if dataset == "mnist" else "mnist"
+    if abs(mean - _IDX_MEAN_INTENSITY[other]) < abs(mean - _IDX_MEAN_INTENSITY[dataset]):
+        warnings.warn(
+            f"{path} is read as {dataset}, but its images look like {other}'s (mean intensity "
+            f"{mean:.3f}; {dataset}'s is {_IDX_MEAN_INTENSITY[dataset]:.3f}, {other}'s "
+            f"{_IDX_MEAN_INTENSITY[other]:.3f}): check data.root / the dataset SPEC",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def read_idx_dataset(
     dataset: str, root: Path, split: str, *, download: bool = False
 ) -> TensorImageSource:
@@ -425,6 +448,7 @@ def read_idx_dataset(
         )
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{label_path}: expected {len(images)} labels, got shape {labels.shape}")
+    _warn_if_the_other_dataset(dataset, images, image_path)
     class_names = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else MNIST_CLASSES
     return TensorImageSource(
         torch.from_numpy(images).unsqueeze(1),
