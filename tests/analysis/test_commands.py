@@ -144,6 +144,17 @@ def test_analyze_errors_are_clear(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="--max-points must be >= 0"):
         run_analyze(args)
+    # Checked before any file is read: the features named here do not exist.
+    for flag, value, message in (
+        ("--k", "0", "--k must be at least 1"),
+        ("--max-clusters", "1", "--max-clusters must be at least 2"),
+    ):
+        args = parser.parse_args(
+            ["analyze", "--features", str(tmp_path / "none.pt"), "--output",
+             str(tmp_path / "o"), flag, value]
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run_analyze(args)
 
 
 def test_report_baseline_flag(tmp_path: Path) -> None:

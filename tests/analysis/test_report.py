@@ -237,6 +237,11 @@ def test_report_multimodality_table_and_maps(tmp_path: Path) -> None:
         and c["method"] == "look (coarse)"
     ]
     assert purity[0]["mean"] == pytest.approx(0.85) and purity[0]["n"] == 2
+    # Again without the analysis: its copied map goes (another report's), a user's file stays.
+    (outputs.markdown.parent / "figures" / "mine.png").write_bytes(b"x")
+    outputs = write_report([root], tmp_path / "report", plots=False)
+    figures = sorted(p.name for p in (outputs.markdown.parent / "figures").iterdir())
+    assert figures == ["mine.png"]
 
 
 def test_report_without_numbers_is_an_error(tmp_path: Path) -> None:

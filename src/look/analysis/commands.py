@@ -207,6 +207,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
     if args.perplexity <= 0:
         raise ValueError(f"--perplexity must be > 0, got {args.perplexity}")
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    if args.max_clusters < 2:
+        raise ValueError(
+            f"--max-clusters must be at least 2 (the count is chosen among 2..N by silhouette, "
+            f"else 1), got {args.max_clusters}"
+        )
     pairs = collect_feature_sets(
         args.features if args.features else args.results, cache_dir=args.cache_dir
     )

@@ -239,6 +239,8 @@ def estimate_cluster_count(
     from sklearn.metrics import silhouette_score
 
     max_clusters = check_positive_int(max_clusters, "max_clusters")
+    if max_clusters < 2:  # no count to choose: every class would read as one cluster
+        raise ValueError(f"max_clusters must be at least 2, got {max_clusters}")
     array = _as_numpy_features(features)
     rows = array.shape[0]
     single = np.zeros(rows, dtype=np.int64)

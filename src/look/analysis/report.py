@@ -1005,6 +1005,16 @@ def _multimodality_section(
     return lines
 
 
+def _remove_stale_figures(output_dir: Path, written: Sequence[Path]) -> None:
+    """Remove the figures an earlier report wrote here that this one did not (other inputs,
+    ``--no-plots``): only files named as this command names its figures, so others stay."""
+    kept = {path.resolve() for path in written}
+    for pattern in ("bars_*.png", "map_*.png"):
+        for figure in (output_dir / "figures").glob(pattern):
+            if figure.resolve() not in kept:
+                figure.unlink(missing_ok=True)
+
+
 def _copy_maps(map_figures: Sequence[Path], output_dir: Path) -> tuple[list[str], list[Path]]:
     if not map_figures:
         return [], []
@@ -1168,6 +1178,7 @@ def write_report(
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     csv_path = output_dir / "report.csv"
     _write_csv(csv_path, rows)
+    _remove_stale_figures(output_dir, written_figures)
     return ReportOutputs(
         markdown=markdown_path,
         json=json_path,
