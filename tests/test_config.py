@@ -196,3 +196,18 @@ def test_a_mapping_merges_into_a_section_but_replaces_the_method() -> None:
     assert merged.optim.lr == 0.05 and merged.optim.batch_size == 1024  # the recipe's stays
     replaced = load_config(None, [*recipe, "method={name: look, k: 9}"])
     assert replaced.method == {"name": "look", "k": 9}  # the method's options are its own
+
+
+def test_yaml_and_list_errors_are_one_line_that_says_where_and_how(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method:\n  k: [5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(broken, [])
+    assert "\n" not in str(caught.value) and "at line 3, column 1" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["method.k=[1"])
+    assert "\n" not in str(caught.value) and "at line 1, column 3" in str(caught.value)
+    with pytest.raises(
+        ConfigError, match=r"got 'SIGTERM' \(e\.g\. --set train\.stop_signals=\[SIGTERM\]\)"
+    ):
+        load_config(None, ["train.stop_signals=SIGTERM"])

@@ -135,6 +135,20 @@ def _suggest(name: str, options: typing.Iterable[str]) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line (``(at line L, column C: problem)``): the parser's own
+    message spans several, with a caret under the spot."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
+    return f"({where}{problem})"
+
+
+def _list_example(key: str, value: object) -> str:
+    """How to write a one-element list on the command line, for a value given bare."""
+    return f" (e.g. --set {key}=[{value}])" if isinstance(value, (str, int, float)) else ""
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a dataclass field annotation, converting ints to floats."""
     origin = typing.get_origin(annotation)
@@ -186,12 +200,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(value)
-        raise ConfigError(f"{key} must be a list, got {value!r}")
+        raise ConfigError(f"{key} must be a list, got {value!r}{_list_example(key, value)}")
     if origin is list:
         (item,) = typing.get_args(annotation) or (Any,)
         if isinstance(value, (list, tuple)):
             return [_coerce(element, item, key) for element in value]
-        raise ConfigError(f"{key} must be a list, got {value!r}")
+        raise ConfigError(f"{key} must be a list, got {value!r}{_list_example(key, value)}")
     if origin is dict or annotation is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -323,7 +337,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(
+            f"override {text!r}: value is not valid YAML {yaml_problem(exc)}"
+        ) from exc
     return key.split("."), value
 
 
@@ -358,7 +374,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML {yaml_problem(exc)}"
+        ) from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

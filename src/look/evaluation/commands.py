@@ -285,10 +285,12 @@ def _yaml_mapping(text: str | None, option: str) -> dict[str, Any] | None:
         return None
     import yaml
 
+    from look.config import yaml_problem
+
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{option} {text!r} is not YAML: {error}") from error
+        raise ValueError(f"{option} {text!r} is not YAML {yaml_problem(error)}") from error
     if not isinstance(value, dict):
         raise ValueError(f"{option} must be a mapping such as '{{img_size: 32}}', got {text!r}")
     return value

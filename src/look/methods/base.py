@@ -178,7 +178,13 @@ class Method(nn.Module):
         options = dataclass_from_dict(cls.Options, values, f"method({cls.name})")
         validate = getattr(options, "validate", None)
         if validate is not None:
-            validate()
+            try:
+                validate()
+            except ConfigError as error:  # say which section, as the type checks above do
+                prefix = f"method({cls.name})"
+                if str(error).startswith(prefix):
+                    raise
+                raise ConfigError(f"{prefix}.{error}") from error
         return options
 
     @classmethod
