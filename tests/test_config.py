@@ -211,3 +211,9 @@ def test_yaml_and_list_errors_are_one_line_that_says_where_and_how(tmp_path: Pat
         ConfigError, match=r"got 'SIGTERM' \(e\.g\. --set train\.stop_signals=\[SIGTERM\]\)"
     ):
         load_config(None, ["train.stop_signals=SIGTERM"])
+
+
+def test_knn_monitor_labels_are_checked_with_the_monitor_off() -> None:
+    with pytest.raises(ConfigError, match="knn_monitor_labels must be fine, coarse or a grouping"):
+        load_config(None, ["train.knn_monitor_labels=bogus"])
+    assert load_config(None, ["train.knn_monitor_labels=groups.json"]).train.knn_monitor_labels

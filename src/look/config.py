@@ -291,6 +291,12 @@ def _validate(cfg: RunConfig) -> None:
         signal_numbers(cfg.train.stop_signals)
     except ValueError as exc:
         raise ConfigError(f"train.stop_signals: {exc}") from exc
+    labels = cfg.train.knn_monitor_labels
+    if labels not in ("fine", "coarse") and not str(labels).endswith(".json"):
+        # (checked with the monitor off too: a typo must not wait for the day it is turned on)
+        raise ConfigError(
+            f"train.knn_monitor_labels must be fine, coarse or a grouping .json, got {labels!r}"
+        )
     _validate_data(cfg.data)
     if not isinstance(cfg.method, dict) or not isinstance(cfg.method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name' key, e.g. {name: look, k: 200}")
