@@ -127,7 +127,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", help="output folder (default runs/demo, with --quick runs/demo-quick)"
     )
-    p.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    p.add_argument("--quick", action="store_true", help="a smoke version of a few minutes on 2 CPU cores")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--seeds",
