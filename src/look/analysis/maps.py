@@ -349,8 +349,9 @@ def plot_embedding_maps(
                 )
             )
             labels.append("  " + _name(fine_names, fine_label, "class"))
+    # Centred on the right: at the top it met the end of a long caption line.
     legend = figure.legend(
-        handles, labels, loc="outside right upper", frameon=False, fontsize=10, handletextpad=0.3
+        handles, labels, loc="outside right center", frameon=False, fontsize=10, handletextpad=0.3
     )
     for index, text in enumerate(legend.get_texts()):
         if index in header_positions:
