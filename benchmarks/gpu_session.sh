@@ -2,18 +2,20 @@
 # One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
 # 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
-# Part 1 (default; stages capped at 100 + 50 + 80 + 200 + 140 = 570 s, or 100 + 50 + 40 + 200
-# when the Gluon tests fail: stage 2b runs only then, stages 3 and 5 only otherwise):
+# Part 1 (default; stages capped at 100 + 50 + 80 + 200 + 120 = 550 s, or 100 + 50 + 40 + 200
+# + 120 when the Gluon tests fail: stage 2b runs only then, stage 3 only otherwise):
 #   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
 #      LOOK step; the graph replay's test runs in part 2);
-#   2. the Gluon passes' CUDA tests (session 14: never run on a GPU before; their own time
-#      limit, in case its barriers deadlock); if they fail (and did not time out), each Gluon
-#      pass alone against tests/gluon_reference.py, to say which pass is wrong;
+#   2. the Gluon passes' CUDA tests (session 14; first passed in session 20, on an H200; their
+#      own time limit, in case its barriers deadlock); if they fail (and did not time out), each
+#      Gluon pass alone against tests/gluon_reference.py, to say which pass is wrong;
 #   3. the search alone, default against the Gluon configs 36-38, bf16 bank (search_tune.py);
-#   4. the step/search benchmark of issue 5 with the LOOK step also reading the int8 copy
-#      (--prefilter-step), timed alternately with CE: session 13's question;
-#   5. if a Gluon config was exact and the fastest at 14.2M rows in stage 3, the LOOK step with
-#      it (gpu_step.py --search-config N).
+#   4. the step/search benchmark of issue 5, timed alternately with CE, with the search against
+#      both its floors (the bank read, and its products at the measured matmul rate); the int8
+#      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
+#   5. Nsight Compute at 14.2M rows, bf16 bank: the default and the Gluon config 36 (session
+#      20: 9 % faster alone, no faster in the step): is the collect pass held by the tensor pipe
+#      or by its per-tile barriers? (Session 20 timed config 36's step: no stage for it here.)
 # Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s):
 #   6. the search alone for the configs session 12 left untimed (s = 8, TMA copies), the
 #      default, the int8 bound pass and the Triton bound pass of bins (config 39, session 14),
@@ -25,6 +27,9 @@
 #      Gluon config 36 on the bf16 bank.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
+# The device tool returns at most 8 files from its $OUT: write to another folder and pack it, as
+# session 20 did (one command):
+#   OUT=/tmp/o timeout 578 bash benchmarks/gpu_session.sh; tar -czf $OUT/part1.tar.gz -C /tmp/o .
 set -uo pipefail
 OUT=${OUT:-/tmp/look_gpu}
 PART=${PART:-1}
@@ -60,21 +65,21 @@ if [ "$PART" = 1 ]; then
     echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"
   fi
 
-  echo "== stage 4: gpu_step benchmark (LOOK with and without the int8 copy, alternating with CE)"
-  timeout 200 python3 benchmarks/gpu_step.py --prefilter-step \
+  echo "== stage 4: gpu_step benchmark (LOOK alternating with CE; the search against its floors)"
+  timeout 200 python3 benchmarks/gpu_step.py \
     --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
 
-  echo "== stage 5: the LOOK step with the fastest Gluon config, if one won stage 3"
-  best=""
-  if [ -f "$OUT/search_tune_gluon.json" ]; then
-    best=$(python3 benchmarks/search_tune.py --output "$OUT/search_tune_gluon.json" \
-      --fastest-exact 14197122)
-  fi
-  if [ -n "$best" ] && [ "$best" != 0 ]; then
-    timeout 140 python3 benchmarks/gpu_step.py --search-config "$best" \
-      --output "$OUT/gpu_step_config$best.json" 2>&1 | tee "$OUT/gpu_step_config$best.log"
+  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the default and the Gluon config 36"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$ncu_bin" ]; then
+    timeout 120 "$ncu_bin" --profile-from-start off --clock-control none --csv \
+      --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section SchedulerStats --section WarpStateStats \
+      python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none \
+      > "$OUT/ncu_search_part1.csv" 2> "$OUT/ncu_search_part1.log"
+    echo "ncu exit $?"; grep "^config" "$OUT/ncu_search_part1.csv"; tail -5 "$OUT/ncu_search_part1.log"
   else
-    echo "no Gluon config was exact and faster than the default (best: '${best}')"
+    echo "no ncu on this machine"
   fi
 else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
