@@ -45,6 +45,7 @@ def write_results(
         "dataset": dataset,
         "labels": labels,
         "protocols": protocols,
+        "units": "accuracies as fractions",  # (files without units: see test_results.py)
         **extra,
     }
     path.write_text(json.dumps(content), encoding="utf-8")

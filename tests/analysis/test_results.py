@@ -65,7 +65,11 @@ def test_compact_shape_in_fractions_is_scaled_to_percent(tmp_path: Path) -> None
         },
         "multimodality": {"summary": {"knn_purity": 0.9, "cluster_count": 2}},
     }
-    result = read_results_file(write(tmp_path / "results.json", content))
+    # Without units, values all in [0, 1] are a guess (fractions), and the reader says so.
+    with pytest.warns(
+        RuntimeWarning, match=r"no units .* read as fractions .*accuracies in percent"
+    ):
+        result = read_results_file(write(tmp_path / "results.json", content))
     assert result.method == "ce (groups)"  # a grouping path is shown by its stem
     assert result.dataset_label == "cifar100 (coarse)"
     assert result.metrics["linear/top1"] == 50.0

@@ -37,7 +37,8 @@ shapes fill the same report column. Other numbers (``best_c``,
 ``num_train``, ...) are settings, not metrics. The **headline** metric of each group is its ``top1``,
 else its ``mean``/``mean_accuracy``. Accuracies are returned **in percent**: a file whose ``"units"``
 says percent is taken as is, one that says fraction is scaled by 100, and one without units is
-scaled by 100 when all its accuracies lie in ``[0, 1]``.
+scaled by 100 when all its accuracies lie in ``[0, 1]``, with a warning (percents all below 1
+would be misread).
 
 **Dataset**: the dataset name; an image folder (``"imagefolder"``, whatever its root) is named
 after its root folder, ``"imagefolder:pets"`` for ``/data/pets``, so that evaluations on
@@ -533,6 +534,16 @@ def read_results_file(path: str | Path) -> EvaluationResult:
             stacklevel=2,
         )
     scale = _percent_scale(content, metrics)
+    if scale == 100.0 and "fraction" not in str(content.get("units") or "").lower():
+        # A guess (another tool's file): say so, since percents all below 1 (a model at chance
+        # on 1000 classes) would be read as fractions.
+        warnings.warn(
+            f"results file {path} records no units and its accuracies all lie in [0, 1]: they "
+            "are read as fractions (x100). If they are percents, add \"units\": \"accuracies "
+            "in percent\" to the file",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     out_of_range = {key: value for key, value in metrics.items() if not 0 <= value * scale <= 100}
     if out_of_range:
         key, value = next(iter(out_of_range.items()))
