@@ -42,14 +42,14 @@ class ClassGrouping:
         """
         # Names compared in Unicode's composed form (NFC): a folder name written decomposed
         # (NFD, as macOS tools write it) and a grouping typed composed look the same and are.
-        by_form = {_composed(key): coarse for key, coarse in self.fine_to_coarse.items()}
+        by_form = {composed_name(key): coarse for key, coarse in self.fine_to_coarse.items()}
         if len(by_form) != len(self.fine_to_coarse):
             raise ValueError(
                 f"class grouping {self.name!r} has keys that differ only in their Unicode form"
             )
-        fine_set = {_composed(name) for name in fine_class_names}
-        unmapped = [name for name in fine_class_names if _composed(name) not in by_form]
-        unknown = [name for name in self.fine_to_coarse if _composed(name) not in fine_set]
+        fine_set = {composed_name(name) for name in fine_class_names}
+        unmapped = [name for name in fine_class_names if composed_name(name) not in by_form]
+        unknown = [name for name in self.fine_to_coarse if composed_name(name) not in fine_set]
         if unmapped or unknown:
             problems = []
             if unmapped:
@@ -62,13 +62,15 @@ class ClassGrouping:
             )
         coarse_index = {name: i for i, name in enumerate(self.coarse_names)}
         mapping = torch.tensor(
-            [coarse_index[by_form[_composed(name)]] for name in fine_class_names],
+            [coarse_index[by_form[composed_name(name)]] for name in fine_class_names],
             dtype=torch.int64,
         )
         return self.coarse_names, mapping
 
 
-def _composed(name: str) -> str:
+def composed_name(name: str) -> str:
+    """A class name in Unicode's composed form (NFC), the form names are compared in: a folder
+    written decomposed (NFD, as macOS tools write it) names the same class."""
     return unicodedata.normalize("NFC", name)
 
 

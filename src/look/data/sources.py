@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import os
-import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
+from look.data.groupings import composed_name
 from look.data.idx import read_idx
 from look.data.spec import DEBIAN_FASHION_MNIST_ROOT, DataSpec, resolve_image_size, resolve_root
 from look.data.synthetic import make_synthetic_images, synthetic_class_names
@@ -676,12 +676,12 @@ def read_image_folder(
     class_to_index = {name: index for index, name in enumerate(class_names)}
     # Folder names compared in Unicode's composed form (NFC): a split copied through macOS may
     # spell a class decomposed (NFD); the same-looking names are the same class.
-    index_of_form = {unicodedata.normalize("NFC", n): i for n, i in class_to_index.items()}
+    index_of_form = {composed_name(n): i for n, i in class_to_index.items()}
     present = class_folder_names(split_folder)
     present_to_index = {
-        name: index_of_form[unicodedata.normalize("NFC", name)]
+        name: index_of_form[composed_name(name)]
         for name in present
-        if unicodedata.normalize("NFC", name) in index_of_form
+        if composed_name(name) in index_of_form
     }
     unknown = [name for name in present if name not in present_to_index]
     if unknown:
