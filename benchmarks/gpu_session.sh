@@ -35,6 +35,21 @@ OUT=${OUT:-/tmp/look_gpu}
 PART=${PART:-1}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+
+# Nsight Compute's view of a command's kernels (at most 120 s): $OUT/NAME.csv and NAME.log.
+nsight_compute() {
+  local name=$1; shift
+  local ncu_bin
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -z "$ncu_bin" ]; then
+    echo "no ncu on this machine"; return
+  fi
+  timeout 120 "$ncu_bin" --profile-from-start off --clock-control none --csv \
+    --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section SchedulerStats --section WarpStateStats \
+    "$@" > "$OUT/$name.csv" 2> "$OUT/$name.log"
+  echo "ncu exit $?"; grep "^config" "$OUT/$name.csv"; tail -5 "$OUT/$name.log"
+}
 {
   date -u; nvidia-smi -L
   python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
@@ -70,17 +85,8 @@ if [ "$PART" = 1 ]; then
     --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
 
   echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the default and the Gluon config 36"
-  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [ -n "$ncu_bin" ]; then
-    timeout 120 "$ncu_bin" --profile-from-start off --clock-control none --csv \
-      --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section Occupancy --section SchedulerStats --section WarpStateStats \
-      python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none \
-      > "$OUT/ncu_search_part1.csv" 2> "$OUT/ncu_search_part1.log"
-    echo "ncu exit $?"; grep "^config" "$OUT/ncu_search_part1.csv"; tail -5 "$OUT/ncu_search_part1.log"
-  else
-    echo "no ncu on this machine"
-  fi
+  nsight_compute ncu_search_part1 \
+    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none
 else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
   timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 39 \
@@ -102,16 +108,7 @@ else
   done
 
   echo "== stage 7: Nsight Compute at 14.2M rows: the default, bf16 and int8; Gluon config 36"
-  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  if [ -n "$ncu_bin" ]; then
-    timeout 120 "$ncu_bin" --profile-from-start off --clock-control none --csv \
-      --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section Occupancy --section SchedulerStats --section WarpStateStats \
-      python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8 \
-      > "$OUT/ncu_search.csv" 2> "$OUT/ncu_search.log"
-    echo "ncu exit $?"; grep "^config" "$OUT/ncu_search.csv"; tail -5 "$OUT/ncu_search.log"
-  else
-    echo "no ncu on this machine"
-  fi
+  nsight_compute ncu_search \
+    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none int8
 fi
 echo "== done"; date -u
