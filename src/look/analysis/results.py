@@ -485,13 +485,24 @@ def read_json_object(path: Path) -> Mapping[str, Any]:
     return content
 
 
-def _percent_scale(content: Mapping[str, Any], metrics: Mapping[str, float]) -> float:
+def _percent_scale(content: Mapping[str, Any], metrics: Mapping[str, float], path: Path) -> float:
     units = str(content.get("units") or "").lower()
     if "percent" in units:
         return 1.0
     if "fraction" in units:
         return 100.0
-    return 100.0 if all(0.0 <= v <= 1.0 for v in metrics.values()) else 1.0
+    if not all(0.0 <= v <= 1.0 for v in metrics.values()):
+        return 1.0
+    # A guess (another tool's file): say so, since percents all below 1 (a model at chance on
+    # 1000 classes) would be read as fractions.
+    warnings.warn(
+        f"results file {path} records no units and its accuracies all lie in [0, 1]: they are "
+        'read as fractions (x100). If they are percents, add "units": "accuracies in percent" '
+        "to the file",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return 100.0
 
 
 def multimodality_summary(value: object) -> dict[str, float]:
@@ -533,17 +544,7 @@ def read_results_file(path: str | Path) -> EvaluationResult:
             ),
             stacklevel=2,
         )
-    scale = _percent_scale(content, metrics)
-    if scale == 100.0 and "fraction" not in str(content.get("units") or "").lower():
-        # A guess (another tool's file): say so, since percents all below 1 (a model at chance
-        # on 1000 classes) would be read as fractions.
-        warnings.warn(
-            f"results file {path} records no units and its accuracies all lie in [0, 1]: they "
-            "are read as fractions (x100). If they are percents, add \"units\": \"accuracies "
-            "in percent\" to the file",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    scale = _percent_scale(content, metrics, path)
     out_of_range = {key: value for key, value in metrics.items() if not 0 <= value * scale <= 100}
     if out_of_range:
         key, value = next(iter(out_of_range.items()))
