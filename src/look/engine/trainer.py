@@ -565,13 +565,12 @@ class Trainer:
                 f"{path.name}): " + "; ".join(diffs) + ". Use a new --output directory, or "
                 "--no-resume to start over there."
             )
-        changed = [
-            f"{section}.{key}: checkpoint {was!r} vs now {now!r}"
-            for section, key in _RESUME_WARN_IF_CHANGED
-            if (was := (state["config"].get(section) or {}).get(key))
-            != (now := self.resolved[section][key])
-            and was is not None
-        ]
+        changed = []
+        for section, key in _RESUME_WARN_IF_CHANGED:
+            was = (state["config"].get(section) or {}).get(key)  # None: saved before the key
+            now = self.resolved[section][key]
+            if was is not None and was != now:
+                changed.append(f"{section}.{key}: checkpoint {was!r} vs now {now!r}")
         if changed and is_main_process():
             warnings.warn(
                 f"resuming {self.output_dir} with " + "; ".join(changed) + ": from here on the "
