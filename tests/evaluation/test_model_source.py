@@ -82,8 +82,9 @@ def test_missing_or_foreign_files_fail_clearly(tmp_path: Path) -> None:
         load_model(ModelSource(checkpoint=plain))
     plain_safetensors = tmp_path / "plain.safetensors"
     save_file({"conv.weight": torch.zeros(1)}, plain_safetensors)
-    with pytest.raises(ValueError, match="--timm NAME --weights FILE"):
+    with pytest.raises(ValueError, match="--timm NAME --weights FILE") as caught:
         load_model(ModelSource(checkpoint=plain_safetensors))
+    assert ".." not in str(caught.value) and "create_backbone" not in str(caught.value)
 
 
 def test_model_source_needs_exactly_one_model() -> None:

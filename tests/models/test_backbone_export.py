@@ -143,8 +143,11 @@ def test_export_argument_checks(tmp_path: Path) -> None:
 def test_loading_a_plain_file_points_to_pretrained_weights(tmp_path: Path) -> None:
     backbone, _ = create_backbone("look_resnet_tiny")
     save_file(backbone.state_dict(), str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="pretrained_weights"):
+    with pytest.raises(ValueError, match="pretrained_weights") as caught:
         load_exported_backbone(tmp_path / "plain.safetensors")
+    # One sentence for the command line, not the Python API.
+    assert "look evaluate --timm NAME --weights FILE" in str(caught.value)
+    assert "create_backbone" not in str(caught.value)
     with pytest.raises(FileNotFoundError):
         load_exported_backbone(tmp_path / "absent.safetensors")
 
@@ -164,3 +167,14 @@ def test_a_file_of_another_format_is_named_in_a_value_error(tmp_path: Path) -> N
     path.write_text("not an export, just text\n" * 10)
     with pytest.raises(ValueError, match=r"'.*backbone\.safetensors' is not a safetensors file"):
         load_exported_backbone(path)
+
+
+def test_export_refuses_weights_holding_nan_by_name(tmp_path: Path) -> None:
+    """A diverged run's export would be refused by every later evaluation: refused here."""
+    backbone, _ = create_backbone("look_cnn_small")
+    with torch.no_grad():
+        backbone.stem.conv.weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    with pytest.raises(ValueError, match=r"NaN or infinite values in stem\.conv\.weight"):
+        export_backbone(backbone, "look_cnn_small", path, small_stem=False)
+    assert not path.exists()

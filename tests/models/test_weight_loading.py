@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from look.models import (
     create_backbone,
+    describe_torch_load_error,
     export_backbone,
     load_backbone_weights,
     read_state_dict,
@@ -264,3 +266,93 @@ def test_summary_says_what_was_loaded(tmp_path: Path) -> None:
     )
     # Without pretrained_weights the attribute exists and says nothing was loaded.
     assert create_backbone("look_resnet_tiny")[0].pretrained_weights_summary is None
+
+
+@pytest.mark.parametrize("prefix", ["model.", "module.encoder_q."])
+def test_a_prefix_every_key_shares_is_removed_when_the_rest_fits(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Lightning saves its module as `model.`, MoCo its query encoder as `module.encoder_q.`."""
+    source = source_model()
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {prefix + k: v for k, v in source.state_dict().items()}}, path)
+    backbone, _ = create_backbone("look_resnet_tiny", pretrained_weights=path)
+    assert_same_backbone_weights(source, backbone)
+    removed = prefix.removeprefix("module.")  # ("module." is a known wrapper prefix)
+    assert f"prefix {removed!r} removed" in backbone.pretrained_weights_summary
+
+
+def test_two_backbones_under_prefixes_are_named_not_chosen_between(tmp_path: Path) -> None:
+    """A whole MoCo checkpoint holds the query and the key encoder, and the queue."""
+    state = source_model().state_dict()
+    wrapped = {f"module.encoder_{q}.{k}": v for q in "qk" for k, v in state.items()}
+    wrapped["module.queue"] = torch.zeros(16, 8)
+    torch.save({"state_dict": wrapped}, tmp_path / "moco.pth")
+    with pytest.raises(
+        ValueError,
+        match=r"keys under 'encoder_k\.' and 'encoder_q\.' hold this backbone beside other "
+        r"weights: save them without that prefix",
+    ):
+        create_backbone("look_resnet_tiny", pretrained_weights=tmp_path / "moco.pth")
+
+
+def test_a_one_channel_first_conv_is_spread_over_the_three_channels_look_feeds(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    grey = timm.create_model("look_resnet_tiny", in_chans=1, num_classes=0).eval()
+    save_file(grey.state_dict(), str(tmp_path / "grey.safetensors"))
+    backbone, _ = create_backbone(
+        "look_resnet_tiny", pretrained_weights=tmp_path / "grey.safetensors"
+    )
+    assert "stem.conv.weight: 1 input channel spread over 3" in backbone.pretrained_weights_summary
+    # A grey image as look feeds it (its channel repeated) gives the 1-channel model's features.
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(
+            backbone.eval()(images.repeat(1, 3, 1, 1)), grey(images), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_a_first_conv_of_other_channels_is_explained_without_in_chans(tmp_path: Path) -> None:
+    """look's commands have no in_chans: the message says what look feeds instead."""
+    two_channels = timm.create_model("look_resnet_tiny", in_chans=2, num_classes=0)
+    save_file(two_channels.state_dict(), str(tmp_path / "two.safetensors"))
+    with pytest.raises(ValueError) as caught:
+        create_backbone("look_resnet_tiny", pretrained_weights=tmp_path / "two.safetensors")
+    message = str(caught.value)
+    assert "stem.conv.weight takes 2 input channels, the model's 3: look feeds every image" in (
+        message
+    )
+    assert "in_chans" not in message
+
+
+def test_a_file_weights_only_refuses_is_one_line_naming_what_it_refused(tmp_path: Path) -> None:
+    """timm's train.py saves its argparse arguments beside the weights; torch's message is two
+    lines of advice with terminal colour codes and names the refused class only at its end."""
+    import argparse
+
+    path = tmp_path / "timm_train.pth"
+    torch.save(
+        {"state_dict": source_model().state_dict(), "args": argparse.Namespace(lr=0.1)}, path
+    )
+    with pytest.raises(ValueError) as caught:
+        create_backbone("look_resnet_tiny", pretrained_weights=path)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only=False" not in message
+    assert "Weights only load failed (unsupported global: argparse.Namespace)" in message
+    assert "its 'state_dict' entry" in message and "safetensors.torch.save_file" in message
+
+
+def test_describe_torch_load_error_keeps_one_clean_line() -> None:
+    error = pickle.UnpicklingError(
+        "Weights only load failed. This file can still be loaded, \x1b[1mdo those steps only if "
+        "you trust the source\x1b[0m. \n\t(1) advice\n\tWeightsUnpickler error: Unsupported "
+        "operand 149. More text\n\nCheck the documentation"
+    )
+    assert describe_torch_load_error(error) == (
+        "UnpicklingError: Weights only load failed (Unsupported operand 149)"
+    )
+    torn = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
+    assert describe_torch_load_error(torn) == f"RuntimeError: {torn}"

@@ -33,6 +33,7 @@ from look.models import (
     ProjectionHead,
     check_finite,
     create_backbone,
+    load_backbone_state,
     load_exported_backbone,
     read_export_metadata,
 )
@@ -267,7 +268,7 @@ def _load_look_checkpoint(path: Path, *, use_head: bool) -> LoadedModel:
         name, small_stem=small_stem, model_kwargs=model_cfg.get("backbone_kwargs") or {}
     )
     try:
-        backbone.load_state_dict(backbone_state_from_checkpoint(state), strict=True)
+        load_backbone_state(backbone, backbone_state_from_checkpoint(state), strict=True)
     except RuntimeError as error:
         raise ValueError(
             f"backbone weights in {file} do not fit {name!r} (small_stem={small_stem}): {error}"
@@ -308,10 +309,7 @@ def _load_export(path: Path, *, use_head: bool) -> LoadedModel:
         metadata = read_export_metadata(path)
         backbone, feature_dim = load_exported_backbone(path)
     except ValueError as error:
-        raise ValueError(
-            f"cannot load {path} as a look export: {error}. For plain weights use "
-            "--timm NAME --weights FILE"
-        ) from error
+        raise ValueError(f"cannot load {path} as a look export: {error}") from error
     # An export inside a run directory has the run's config next to it; it is used only when
     # it describes this backbone and agrees with what the export recorded of its pre-training
     # (a stray config.yaml, another run's, must not be attributed to the export).

@@ -40,6 +40,12 @@ _TORCHVISION_NO_AUX: dict[str, dict[str, bool]] = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
+# The auxiliary classifiers those leave out, which torchvision's published weights carry: a weight
+# file's keys under them are ignored like the final classifier's.
+_TORCHVISION_AUX_CLASSIFIERS: dict[str, tuple[str, ...]] = {
+    "googlenet": ("aux1", "aux2"),
+    "inception_v3": ("AuxLogits",),
+}
 
 
 def _torchvision_classification_names() -> list[str]:
@@ -168,7 +174,7 @@ def _create_torchvision(
         model_kwargs,
     )
     feature_dim, classifier_prefix = _remove_torchvision_classifier(model, name)
-    return model, feature_dim, (classifier_prefix,)
+    return model, feature_dim, (classifier_prefix, *_TORCHVISION_AUX_CLASSIFIERS.get(tv_name, ()))
 
 
 def _construct(name: str, build: Any, model_kwargs: Mapping[str, Any]) -> nn.Module:
@@ -229,8 +235,9 @@ def create_backbone(
         pretrained_weights: a local ``.safetensors`` or ``.pth``/``.pt`` file, a ``look pretrain``
             run directory (its ``backbone.safetensors``) or checkpoint (its online backbone), loaded
             with :func:`look.models.load_backbone_weights` (prefixes ``module.``/``backbone.``/
-            ``encoder.`` stripped; classifier keys ignored; anything else that does not match
-            raises).
+            ``encoder.`` stripped where a key does not fit as it is; classifier keys, and the
+            auxiliary classifiers of ``tv:googlenet``/``tv:inception_v3``, ignored; anything else
+            that does not match raises).
         in_chans: input channels (timm models and small nets only).
         model_kwargs: more constructor arguments (``model.backbone_kwargs``), e.g.
             ``{"img_size": 32, "patch_size": 4}`` for a timm ViT on small images; not

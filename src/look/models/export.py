@@ -2,7 +2,8 @@
 
 The file's keys are exactly those of ``timm.create_model(name)`` (or the torchvision model for
 ``tv:`` names) minus the classifier, so ``model.load_state_dict(load_file(path), strict=False)``
-reports only the classifier as missing. Its safetensors metadata (string → string) records how to
+reports only the classifier as missing (torchvision's MNASNet also wants the layout version a
+plain dict lacks: :func:`look.models.load_backbone_state` supplies it). Its safetensors metadata (string → string) records how to
 rebuild the backbone: :func:`load_exported_backbone` needs nothing but the file.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 from look import __version__
 from look.atomic import atomic_write_path
 from look.models.backbones import create_backbone
-from look.models.weights import read_safetensors
+from look.models.weights import check_finite, load_backbone_state, read_safetensors
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -87,9 +88,13 @@ def export_backbone(
     Returns:
         The path written.
 
-    Only ``name``, ``small_stem`` and ``in_chans`` are recorded for rebuilding: a module built with
-    other constructor arguments (say ``SmallResNet(stem_stride=1)``) has the same keys and shapes
-    and passes the check, but :func:`load_exported_backbone` rebuilds the named default.
+    Raises ``ValueError`` for a backbone whose keys or shapes differ from the fresh build's, and
+    for weights holding NaN or infinite values (a diverged run's), naming the tensors.
+
+    Only ``name``, ``small_stem``, ``in_chans`` and ``model_kwargs`` are recorded for rebuilding:
+    a module built with other arguments than those (say a ``SmallResNet(stem_stride=1)`` built
+    by hand) has the same keys and shapes and passes the check, but
+    :func:`load_exported_backbone` rebuilds what the recorded arguments build.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -127,6 +132,9 @@ def export_backbone(
             f"shape mismatches {mismatched[:5]}"
         )
 
+    # An export is what evaluations and other runs start from: refuse a diverged run's weights
+    # here, as loading them would, rather than write a file every later step fails on.
+    check_finite(state, f"the weights of the {name!r} backbone to export to {str(path)!r}")
     # safetensors refuses tensors that share storage (tied weights, views): give each its own copy.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     metadata = {
@@ -162,8 +170,9 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     if metadata.get("format") != EXPORT_FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a look backbone export (metadata format "
-            f"{metadata.get('format')!r}, expected {EXPORT_FORMAT!r}). To load plain weights, use "
-            "create_backbone(name, pretrained_weights=path)."
+            f"{metadata.get('format')!r}, expected {EXPORT_FORMAT!r}); plain weights load into a "
+            "named backbone: look evaluate --timm NAME --weights FILE, or "
+            "model.pretrained_weights"
         )
     absent = [k for k in _RESERVED_METADATA if k not in metadata]
     if absent:
@@ -191,7 +200,7 @@ def load_exported_backbone(path: str | Path) -> tuple[nn.Module, int]:
             f"now builds with {feature_dim}; the model definition changed since the export"
         )
     try:
-        backbone.load_state_dict(read_safetensors(path), strict=True)
+        load_backbone_state(backbone, read_safetensors(path), strict=True)
     except RuntimeError as error:
         raise ValueError(
             f"weights in {str(path)!r} do not fit {metadata['name']!r}: {error}"

@@ -5,15 +5,21 @@ A weight file is a ``.safetensors`` file or a ``.pth``/``.pt`` checkpoint (read 
 stands for its ``backbone.safetensors``, and a ``look pretrain`` checkpoint gives its online
 backbone's weights (not the momentum copies, heads or classifiers). Keys written by wrappers
 (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``backbone.``/``encoder.`` from
-training code) are stripped with ``str.removeprefix``. Loading is strict except for the
-classifier: a file may carry classifier weights the backbone has no place for (they are ignored
-and reported); any other difference is an error.
+training code) are stripped with ``str.removeprefix``, from each key only until it names a
+tensor of the backbone (torchvision's ViT keeps its own ``encoder.``). When every key of the file
+shares one other prefix (Lightning's ``model.``, MoCo's ``encoder_q.``) and removing it makes the
+file fit exactly, it is removed too. Loading is strict except for the classifier: a file may carry
+classifier weights the backbone has no place for (they are ignored and reported); any other
+difference is an error, except a 1-channel first convolution, which is spread over the 3 input
+channels look feeds (see :func:`load_backbone_weights`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -22,11 +28,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = [
     "KNOWN_KEY_PREFIXES",
     "WeightLoadReport",
     "backbone_state_from_checkpoint",
+    "check_finite",
+    "describe_torch_load_error",
+    "load_backbone_state",
     "load_backbone_weights",
     "read_safetensors",
     "read_state_dict",
@@ -39,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 # Prefixes that wrappers put in front of backbone keys: DDP, torch.compile, and training code that
 # stores the encoder as an attribute. Stripped repeatedly: "module.backbone.conv1.weight" becomes
-# "conv1.weight".
+# "conv1.weight", but a key that already names a tensor of the model keeps the rest
+# ("encoder.layers.0..." of torchvision's ViT is its own).
 KNOWN_KEY_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.", "encoder.")
 
 _TORCH_SUFFIXES = (".pth", ".pt")
@@ -52,6 +63,11 @@ _LOOK_CHECKPOINT_KEYS = ("model", "config", "global_step")
 _LOOK_BACKBONE_PREFIX = "backbone."
 # Longest original error text kept in our messages (SafetensorError / torch errors can be long).
 _DETAIL_LIMIT = 200
+# Terminal colour codes, which torch puts in its weights_only advice.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# What weights_only refused, in torch's message: "Unsupported global: GLOBAL argparse.Namespace".
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: ([^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -72,13 +88,25 @@ class WeightLoadReport:
         """One line for users: ``loaded 62 tensors from w.pth (ignored: fc.bias, fc.weight)``."""
         notes = [self.source] if self.source else []
         if self.ignored_keys:
-            notes.append("ignored: " + ", ".join(self.ignored_keys))
+            notes.append("ignored: " + _grouped(self.ignored_keys))
         if self.defaulted_keys:
             notes.append(
                 f"{len(self.defaulted_keys)} num_batches_tracked left at their initial value"
             )
         details = f" ({'; '.join(notes)})" if notes else ""
         return f"loaded {len(self.loaded_keys)} tensors from {self.path}{details}"
+
+
+def _grouped(keys: Iterable[str]) -> str:
+    """``fc.bias, fc.weight``, with a module of more than two keys as one entry: ``aux1.* (10)``
+    (torchvision's GoogLeNet file carries two auxiliary classifiers)."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(
+        ", ".join(members) if len(members) <= 2 else f"{module}.* ({len(members)})"
+        for module, members in groups.items()
+    )
 
 
 def strip_prefix(
@@ -106,20 +134,29 @@ def strip_prefix(
 
 
 def strip_known_prefixes(
-    state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str] = KNOWN_KEY_PREFIXES
+    state_dict: Mapping[str, torch.Tensor],
+    prefixes: Iterable[str] = KNOWN_KEY_PREFIXES,
+    *,
+    fits: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Strip any of ``prefixes`` from the front of each key, repeatedly, until none applies."""
+    """Strip any of ``prefixes`` from the front of each key, repeatedly, until none applies.
+
+    With ``fits``, a key is left as it is as soon as ``fits(key)`` holds: a model may name its own
+    submodule like a wrapper (torchvision's ViT has ``encoder.layers...``), and those keys must
+    keep their prefix while a DDP copy's ``module.encoder.layers...`` loses only ``module.``.
+    """
     prefixes = tuple(prefixes)
     stripped: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         new_key = key
         changed = True
-        while changed:
+        while changed and not (fits is not None and fits(new_key)):
             changed = False
             for prefix in prefixes:
                 if new_key.startswith(prefix):
                     new_key = new_key.removeprefix(prefix)
                     changed = True
+                    break  # check fits() again before the next prefix
         if new_key in stripped:
             raise ValueError(
                 f"key {key!r} becomes {new_key!r} after stripping {list(prefixes)}, which another key "
@@ -158,6 +195,26 @@ def resolve_weight_file(path: str | Path) -> Path:
 def _detail(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 3] + "..."
+
+
+def describe_torch_load_error(error: BaseException) -> str:
+    """One line for an error of ``torch.load``: its type and first sentence, without colour codes,
+    plus what ``weights_only=True`` refused when torch says so, e.g. ``"UnpicklingError: Weights
+    only load failed (unsupported global: argparse.Namespace)"``.
+
+    torch's own message spans lines, advises ``weights_only=False`` (which runs the file's pickled
+    code) and names the refused class only at its end, where a cut-off message loses it.
+    """
+    text = _ANSI_ESCAPE.sub("", str(error)).strip()
+    first_line = (text.splitlines() or [""])[0]
+    first = first_line.split(". ")[0].rstrip(". ")[:160]
+    detail = ""
+    unsupported = _UNSUPPORTED_GLOBAL.search(text)
+    if unsupported is not None:
+        detail = f" (unsupported global: {unsupported.group(1)})"
+    elif (unpickler := _UNPICKLER_ERROR.search(text)) is not None:
+        detail = f" ({unpickler.group(1).split('. ')[0].rstrip('. ')[:160]})"
+    return f"{type(error).__name__}: {first}{detail}"
 
 
 def _sniffed_format(path: Path) -> str | None:
@@ -248,9 +305,19 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
                 f"{str(path)!r} is not a PyTorch weights file (torch.load: {_detail(error)})"
                 f"{_format_hint(path)}"
             ) from error
+        if "Weights only load failed" in str(error):
+            # A timm train.py checkpoint (argparse args beside the weights), a whole pickled
+            # model: the tensors are there, but reading them would run the file's pickled code.
+            hint = (
+                "it pickles Python objects besides tensors: where you trust it, load it in "
+                "Python and save its state dict (its 'state_dict' entry, or model.state_dict()) "
+                "with safetensors.torch.save_file, then pass that .safetensors file"
+            )
+        else:
+            hint = "is the file whole? Only plain tensor checkpoints are accepted"
         raise ValueError(
-            f"could not read {str(path)!r} with torch.load(weights_only=True): {_detail(error)}. "
-            "Only plain tensor checkpoints are accepted; convert it to .safetensors"
+            f"could not read {str(path)!r} with torch.load(weights_only=True): "
+            f"{describe_torch_load_error(error)}; {hint}"
         ) from error
     if _is_look_checkpoint(loaded):
         note = f"online backbone of a look pretrain checkpoint, step {loaded['global_step']}"
@@ -307,6 +374,131 @@ def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
         )
 
 
+def load_backbone_state(
+    module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> _IncompatibleKeys:
+    """``module.load_state_dict(state, strict=strict)``, with ``module``'s own layout versions
+    when ``state`` carries none.
+
+    ``state_dict()`` records each submodule's layout version in a ``_metadata`` attribute, which
+    safetensors files and dicts built from other dicts lack. Most modules then assume their
+    current layout, but torchvision's MNASNet raises ``ValueError: version should be set to 1 or
+    2 instead of None``. ``state`` is taken to be in the layout ``module`` was built with (true
+    of look's exports and checkpoints); a ``state`` with its own ``_metadata`` keeps it. As for
+    ``module.state_dict()`` itself, a BatchNorm's ``num_batches_tracked`` is then a key like any
+    other (without versions BatchNorm fills in an absent one). Raises what ``load_state_dict``
+    raises (``RuntimeError`` for keys or shapes that do not fit).
+    """
+    if getattr(state, "_metadata", None) is None:
+        versioned: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+        versioned._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+        state = versioned
+    return module.load_state_dict(state, strict=strict)
+
+
+@dataclass(frozen=True)
+class _KeyFit:
+    """How a file's (stripped) keys compare with the backbone's."""
+
+    ignored: list[str]
+    unexpected: list[str]
+    defaulted: list[str]
+    missing: list[str]
+    mismatched: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def _fit_keys(
+    file_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    is_classifier_key: Callable[[str], bool],
+) -> _KeyFit:
+    extra = [k for k in file_state if k not in model_state]
+    absent = [k for k in model_state if k not in file_state]
+    return _KeyFit(
+        ignored=[k for k in extra if is_classifier_key(k)],
+        unexpected=[k for k in extra if not is_classifier_key(k)],
+        defaulted=[k for k in absent if k.endswith("num_batches_tracked")],
+        missing=[k for k in absent if not k.endswith("num_batches_tracked")],
+        mismatched=[
+            k
+            for k in model_state
+            if k in file_state and file_state[k].shape != model_state[k].shape
+        ],
+    )
+
+
+def _spread_single_channel(
+    file_state: dict[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], fit: _KeyFit
+) -> str | None:
+    """Adapt a 1-channel first convolution (a model trained on grey images) to the model's input
+    channels, in ``file_state``, when it is all that differs; returns a note, or None.
+
+    look feeds every image as 3 channels (grey ones repeated), so each channel gets the weight
+    divided by 3, as timm's ``adapt_input_conv`` does: on a grey image the features are exactly
+    the 1-channel model's, on a colour image those of its channel mean.
+    """
+    if fit.missing or fit.unexpected or len(fit.mismatched) != 1:
+        return None
+    key = fit.mismatched[0]
+    # Only the first convolution (the stem, a ViT's patch embedding) sees the image channels.
+    first_conv = next((k for k, v in model_state.items() if v.dim() == 4), None)
+    weight, target = file_state[key], model_state[key]
+    if key != first_conv or weight.dim() != 4 or weight.shape[1] != 1 or target.shape[1] == 1:
+        return None
+    if (weight.shape[0], *weight.shape[2:]) != (target.shape[0], *target.shape[2:]):
+        return None
+    channels = target.shape[1]
+    file_state[key] = weight.repeat(1, channels, 1, 1) / channels
+    return f"{key}: 1 input channel spread over {channels}, each weight / {channels}"
+
+
+def _common_prefixes(keys: Iterable[str]) -> list[str]:
+    """The dotted prefixes every key shares, shortest first: ``["model.", "model.net."]``."""
+    common: list[str] | None = None
+    for key in keys:
+        parts = key.split(".")[:-1]
+        if common is None:
+            common = parts
+        else:
+            length = next(
+                (i for i, (a, b) in enumerate(zip(common, parts, strict=False)) if a != b),
+                min(len(common), len(parts)),
+            )
+            common = common[:length]
+        if not common:
+            return []
+    return [".".join(common[:n]) + "." for n in range(1, len(common or []) + 1)]
+
+
+def _prefixes_holding_the_backbone(
+    file_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    is_classifier_key: Callable[[str], bool],
+    strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> list[str]:
+    """Prefixes of file keys under which a whole backbone lies beside other weights (MoCo's
+    ``encoder_q.`` and ``encoder_k.``): named in the error, not chosen between."""
+    candidates: Counter[str] = Counter()
+    for key in file_state:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in model_state:
+                candidates[".".join(parts[:i]) + "."] += 1
+    fitting = []
+    for prefix, _ in candidates.most_common(4):
+        try:
+            part = strip(strip_prefix(file_state, prefix, keep_unmatched=False))
+        except ValueError:  # two keys become one: not a backbone's copy
+            continue
+        if _fit_keys(part, model_state, is_classifier_key).fits:
+            fitting.append(prefix)
+    return sorted(fitting)
+
+
 def load_backbone_weights(
     backbone: nn.Module,
     path: str | Path,
@@ -319,51 +511,72 @@ def load_backbone_weights(
     ``path`` is anything :func:`read_state_dict` reads (a file, a look pretrain run directory or
     checkpoint). The returned report's ``summary`` is one line saying what was loaded.
 
-    Keys are stripped of ``strip_prefixes``. File keys under one of ``classifier_prefixes`` (the
-    classifier the backbone was built without, e.g. ``"fc"`` for ResNets) are ignored and reported.
-    Raises ``ValueError`` when the backbone has a key the file lacks, the file has a non-classifier
-    key the backbone lacks, or a shape differs.
+    Each key is stripped of ``strip_prefixes`` until it names a tensor of the backbone (or of its
+    classifier). When the file still does not fit but every key shares one more prefix
+    (Lightning's ``model.``, a MoCo encoder's ``encoder_q.``) whose removal makes the file fit
+    exactly, it is removed and the report says so. File keys under one of
+    ``classifier_prefixes`` (the classifier the backbone was built without, e.g. ``"fc"`` for
+    ResNets) are ignored and reported. A 1-channel first convolution (weights of a model trained
+    on grey images) is spread over the backbone's input channels, each weight divided by their
+    number: look feeds grey images as 3 equal channels, so the features are the 1-channel
+    model's. Raises ``ValueError`` when the backbone has a key the file lacks, the file has a
+    non-classifier key the backbone lacks, or another shape differs.
     """
     path = resolve_weight_file(path)
     raw_state, source = _read_weights(path)
-    file_state = strip_known_prefixes(raw_state, strip_prefixes)
     model_state = backbone.state_dict()
     classifier_prefixes = tuple(classifier_prefixes)
+    strip_prefixes = tuple(strip_prefixes)
 
     def is_classifier_key(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in classifier_prefixes)
 
-    extra = [k for k in file_state if k not in model_state]
-    ignored = [k for k in extra if is_classifier_key(k)]
-    unexpected = [k for k in extra if not is_classifier_key(k)]
-    absent = [k for k in model_state if k not in file_state]
-    defaulted = [k for k in absent if k.endswith("num_batches_tracked")]
-    missing = [k for k in absent if not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(model_state[k].shape)}"
-        for k in model_state
-        if k in file_state and file_state[k].shape != model_state[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing from the file: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {_summarise(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_summarise(mismatched, limit=4)}")
-    if problems:
+    def strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return strip_known_prefixes(
+            state, strip_prefixes, fits=lambda k: k in model_state or is_classifier_key(k)
+        )
+
+    file_state = strip(raw_state)
+    notes = [source] if source else []
+    fit = _fit_keys(file_state, model_state, is_classifier_key)
+    if not fit.fits:
+        for prefix in _common_prefixes(file_state):
+            try:
+                candidate = strip(strip_prefix(file_state, prefix))
+            except ValueError:
+                continue
+            candidate_fit = _fit_keys(candidate, model_state, is_classifier_key)
+            # Exactly the backbone (and its classifier) under the prefix: nothing is guessed.
+            if candidate_fit.fits or _spread_single_channel(
+                dict(candidate), model_state, candidate_fit
+            ):
+                file_state, fit = candidate, candidate_fit
+                notes.append(f"prefix {prefix!r} removed")
+                break
+    adapted = _spread_single_channel(file_state, model_state, fit)
+    if adapted is not None:
+        fit = _fit_keys(file_state, model_state, is_classifier_key)
+        notes.append(adapted)
+    if not fit.fits:
         raise ValueError(
-            f"weights in {str(path)!r} do not fit this {type(backbone).__name__} backbone "
-            f"(after stripping prefixes {list(strip_prefixes)}): " + "; ".join(problems) + ". "
-            "Check the backbone name, small_stem (it changes conv1) and in_chans."
+            _misfit_message(
+                backbone,
+                path,
+                strip_prefixes,
+                file_state,
+                model_state,
+                fit,
+                is_classifier_key,
+                strip,
+            )
         )
 
     loadable = {k: v for k, v in file_state.items() if k in model_state}
     check_finite(loadable, f"the weights in {str(path)!r}")
-    result = backbone.load_state_dict(loadable, strict=False)
+    result = load_backbone_state(backbone, loadable, strict=False)
     # Everything was checked above; this guards against a module whose state_dict and
     # load_state_dict disagree.
-    if result.unexpected_keys or set(result.missing_keys) - set(defaulted):
+    if result.unexpected_keys or set(result.missing_keys) - set(fit.defaulted):
         raise ValueError(
             f"loading {str(path)!r} left keys unmatched: missing {result.missing_keys}, "
             f"unexpected {result.unexpected_keys}"
@@ -371,9 +584,58 @@ def load_backbone_weights(
     report = WeightLoadReport(
         path=path,
         loaded_keys=tuple(sorted(loadable)),
-        ignored_keys=tuple(sorted(ignored)),
-        defaulted_keys=tuple(sorted(defaulted)),
-        source=source,
+        ignored_keys=tuple(sorted(fit.ignored)),
+        defaulted_keys=tuple(sorted(fit.defaulted)),
+        source="; ".join(notes),
     )
     logger.info("%s", report.summary)
     return report
+
+
+def _misfit_message(
+    backbone: nn.Module,
+    path: Path,
+    strip_prefixes: tuple[str, ...],
+    file_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    fit: _KeyFit,
+    is_classifier_key: Callable[[str], bool],
+    strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> str:
+    problems = []
+    if fit.missing:
+        problems.append(f"missing from the file: {_summarise(fit.missing)}")
+    if fit.unexpected:
+        problems.append(f"not in the model: {_summarise(fit.unexpected)}")
+    if fit.mismatched:
+        shapes = [
+            f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(model_state[k].shape)}"
+            for k in fit.mismatched
+        ]
+        problems.append(f"shape mismatch: {_summarise(shapes, limit=4)}")
+    hints = []
+    holding = _prefixes_holding_the_backbone(file_state, model_state, is_classifier_key, strip)
+    if holding:
+        hints.append(
+            f"The keys under {' and '.join(map(repr, holding))} hold this backbone beside other "
+            "weights: save them without that prefix to a .safetensors file and pass that"
+        )
+    first_conv = next((k for k, v in model_state.items() if v.dim() == 4), None)
+    if first_conv in fit.mismatched:
+        file_shape, model_shape = file_state[first_conv].shape, model_state[first_conv].shape
+        if len(file_shape) == 4 and (
+            (file_shape[0], *file_shape[2:]) == (model_shape[0], *model_shape[2:])
+        ):
+            hints.append(
+                f"{first_conv} takes {file_shape[1]} input channels, the model's "
+                f"{model_shape[1]}: look feeds every image as 3 channels (grey ones repeated)"
+            )
+    hints.append("Check the backbone name and small_stem (it changes conv1)")
+    return (
+        f"weights in {str(path)!r} do not fit this {type(backbone).__name__} backbone "
+        f"(after stripping prefixes {list(strip_prefixes)}): "
+        + "; ".join(problems)
+        + ". "
+        + ". ".join(hints)
+        + "."
+    )
