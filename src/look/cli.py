@@ -418,9 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # folder belongs, a full disk) is a usage error like a missing file, not a bug; so is a
     # checkpoint that is no checkpoint (e.g. `look export --checkpoint config.yaml`).
     except (CheckpointCorruptError, ConfigError, OSError, TrainingStepError, ValueError) as exc:
-        # Under torchrun every rank meets a configuration error alike: rank 0 says it once.
-        if not isinstance(exc, ConfigError) or os.environ.get("RANK", "0") == "0":
-            print(f"look: error: {error_message(exc)}", file=sys.stderr)
+        # Under torchrun every rank says what stopped it, the others naming their rank: a
+        # problem of one node (its copy of the data, a missing file) must not go unsaid when
+        # rank 0 is stopped by torchrun instead of by the error itself.
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"look: error{where}: {error_message(exc)}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
         return _report_stop(stopped)

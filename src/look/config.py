@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from look.atomic import atomic_write_text
 from look.engine.stop_signals import DEFAULT_STOP_SIGNALS
 
 
@@ -413,4 +414,5 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_yaml(values: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+    # Atomic: a run's config.yaml is rewritten on resume, and a reader must never see half.
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

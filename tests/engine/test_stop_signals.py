@@ -455,3 +455,29 @@ def test_a_worker_ignores_a_schedulers_sigterm_but_ends_on_its_parents() -> None
     from look.engine.stop_signals import end_workers
 
     end_workers(batches)
+
+
+def test_a_signal_during_the_memory_warm_up_stops_after_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sigterm: None
+) -> None:
+    # The warm-up is a pass over the whole data (ImageNet: 1.28M forwards): waiting for its end
+    # outlasts a scheduler's grace period, and the job is killed instead of stopped.
+    from look.methods.look import LOOK
+
+    warmed: list[int] = []
+    original = LOOK.warmup_step
+
+    def warm_then_signal(self: LOOK, batch: Any) -> None:
+        warmed.append(len(batch.labels))
+        original(self, batch)
+        if len(warmed) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(LOOK, "warmup_step", warm_then_signal)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="stopped on SIGTERM at step 0 of 12"):
+        pretrain(tiny_config("method.memory_init=warmup"), run)
+    assert len(warmed) == 1  # of the pass's 6 batches
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(LOOK, "warmup_step", original)
+    assert pretrain(tiny_config("method.memory_init=warmup"), run).global_step == 12

@@ -130,6 +130,26 @@ def test_a_checkpoint_of_another_model_is_set_aside(tmp_path: Path) -> None:
     assert result["final_epoch_train_loss"] == fresh["final_epoch_train_loss"]
 
 
+def test_unreadable_checkpoints_are_set_aside_and_leftovers_removed(tmp_path: Path) -> None:
+    # look evaluate has no option to start over: unreadable fine-tuning checkpoints (a torn
+    # write, a full disk) must not block it for good.
+    options = FinetuneOptions(epochs=1, batch_size=16, lr=0.05)
+    checkpoints = tmp_path / "finetune_checkpoints"
+    torch.manual_seed(0)
+    backbone, dim = create_backbone("look_cnn_small")
+    fresh = finetune(backbone, dim, SPEC, options=options, progress=False)
+    checkpoints.mkdir()
+    (checkpoints / "ckpt-000000001.pt").write_bytes(b"torn")
+    leftover = checkpoints / ".ckpt-crashed.tmp"
+    leftover.write_bytes(b"partial")
+    with pytest.warns(RuntimeWarning, match="cannot be read; fine-tuning starts over"):
+        result = finetune(
+            backbone, dim, SPEC, options=options, progress=False, checkpoint_dir=checkpoints
+        )
+    assert result["top1"] == fresh["top1"]
+    assert not leftover.exists()
+
+
 def test_a_checkpoint_of_the_same_weights_built_otherwise_is_set_aside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -252,9 +252,11 @@ class ImageFolderSource(ImageSource):
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
                     f"cannot decode image file {self.paths[index]} ({type(error).__name__}: {error}); "
-                    "remove or replace it, or have unreadable files replaced by another image "
-                    "of the same class (`look pretrain --set data.corrupt_images=skip`, "
-                    "`look evaluate --corrupt-images skip`)"
+                    "replace it by a readable image of the same name, or have unreadable files "
+                    "replaced by another image of the same class (`look pretrain --set "
+                    "data.corrupt_images=skip`, `look evaluate --corrupt-images skip`); both keep "
+                    "a run in progress resumable, removing the file does not (the image list "
+                    "changes)"
                 ) from error
             self._mark_unreadable(index, error)
         members = self._class_members[int(self.labels[index])]

@@ -21,8 +21,10 @@ import contextlib
 import datetime
 import hashlib
 import json
+import os
 import random
 import re
+import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from look.atomic import atomic_write_path
+from look.atomic import atomic_write_path, fsync_directory
 from look.engine.distributed import get_rank, get_world_size
 
 __all__ = [
@@ -40,9 +42,13 @@ __all__ = [
     "CheckpointCorruptError",
     "capture_rng_state",
     "checkpoint_path",
+    "discard_checkpoints",
+    "find_checkpoint_files",
     "find_latest_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",
+    "remove_leftover_temp_files",
+    "require_look_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
     "verify_listed_checkpoint",
@@ -115,8 +121,9 @@ def save_checkpoint(
     superseded = [e for e in existing if e["step"] > step]
     if superseded:
         warnings.warn(
-            f"saving step {step} in {directory} removes checkpoints of later steps from an "
-            f"earlier run: {', '.join(e['file'] for e in superseded)}",
+            f"saving step {step} in {directory} removes checkpoints of later steps, which this "
+            f"run did not resume from (unreadable, or of an abandoned run): "
+            f"{', '.join(e['file'] for e in superseded)}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -224,8 +231,9 @@ def _write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
         temp.write_text(payload, encoding="utf-8")
 
 
-def _scan_checkpoint_files(directory: Path) -> dict[str, int]:
+def find_checkpoint_files(directory: Path | str) -> dict[str, int]:
     """``{file name: step}`` of every ``ckpt-*.pt`` file present in ``directory``."""
+    directory = Path(directory)
     found: dict[str, int] = {}
     if not directory.is_dir():
         return found
@@ -242,7 +250,7 @@ def _manifest_entries_merged_with_disk(directory: Path) -> list[dict[str, Any]]:
     A stale or missing manifest (crash between a checkpoint's rename and the manifest update, or a
     manifest deleted by hand) therefore never hides a checkpoint.
     """
-    on_disk = _scan_checkpoint_files(directory)
+    on_disk = find_checkpoint_files(directory)
     listed = {e["file"]: e for e in (_read_manifest(directory) or []) if e["file"] in on_disk}
     for name, step in on_disk.items():
         if name not in listed:
@@ -257,14 +265,35 @@ def _manifest_entry_for(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _remove_leftover_temp_files(directory: Path) -> None:
-    """Delete temp files of interrupted writes. Call only while no save is in progress."""
+def remove_leftover_temp_files(directory: Path | str) -> None:
+    """Delete temp files of interrupted writes. Only the writer of ``directory`` may call it,
+    holding its run lock: a reader (``look export``, ``look evaluate``, a dry run) that removed
+    them would delete the checkpoint a live job is writing, and that job would fail."""
+    directory = Path(directory)
     if not directory.is_dir():
         return
     for path in directory.iterdir():
         if path.name.startswith(_TEMP_PREFIXES) and path.name.endswith(_TEMP_SUFFIX):
-            with contextlib.suppress(OSError):  # another rank may have removed it already
+            with contextlib.suppress(OSError):  # already gone
                 path.unlink()
+
+
+def discard_checkpoints(directory: Path | str) -> int:
+    """Delete every checkpoint of ``directory`` (and its manifest): a run that starts over in
+    its folder (``--no-resume``) must not leave the old run's checkpoints, which a later plain
+    re-run would resume from. Returns how many there were. The folder is first renamed (one
+    atomic step), so a crash part-way leaves no old checkpoint where the run looks for them;
+    a renamed folder left by such a crash is removed by the next call."""
+    directory = Path(directory)
+    for leftover in directory.parent.glob(f".{directory.name}-discarded-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    count = len(find_checkpoint_files(directory))
+    if directory.is_dir():
+        discarded = directory.with_name(f".{directory.name}-discarded-{os.getpid()}")
+        directory.rename(discarded)
+        fsync_directory(directory.parent)
+        shutil.rmtree(discarded, ignore_errors=True)
+    return count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,12 +349,14 @@ def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[st
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for torn zips and bad pickles
-        # The first sentence of torch's message: the rest advises weights_only=False, which a
-        # file that is not this library's checkpoint (or a damaged one) must not be loaded with.
-        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        # One line of torch's message, with what it refused: the rest advises weights_only=False,
+        # which a file that is not this library's checkpoint (or a damaged one) must not be
+        # loaded with. (Imported here: look.models is heavy, and only a failure needs it.)
+        from look.models.weights import describe_torch_load_error
+
         raise CheckpointCorruptError(
             f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
-            f"({type(error).__name__}: {first}); is it a look checkpoint, and whole?"
+            f"({describe_torch_load_error(error)}); is it a look checkpoint, and whole?"
         ) from error
     if not isinstance(state, dict):
         raise CheckpointCorruptError(
@@ -334,9 +365,32 @@ def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[st
     return state
 
 
-def _candidates_newest_first(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    for entry in reversed(_manifest_entries_merged_with_disk(directory)):
-        yield directory / entry["file"], entry
+# What every `look pretrain` checkpoint holds (older ones too).
+_LOOK_CHECKPOINT_KEYS = ("config", "model", "global_step")
+
+
+def require_look_checkpoint(state: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """``state`` if it is a `look pretrain` checkpoint; else :class:`CheckpointCorruptError`
+    naming the file and what it seems to be (a state dict, an export, another tool's file)."""
+    missing = [key for key in _LOOK_CHECKPOINT_KEYS if key not in state]
+    if not missing and isinstance(state["config"], dict) and isinstance(state["model"], dict):
+        return state
+    if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        what = "plain weights (a state dict or an exported backbone)"
+    else:
+        what = f"a dict without {', '.join(repr(key) for key in missing) or 'a config'}"
+    raise CheckpointCorruptError(
+        f"{path} is not a `look pretrain` checkpoint: it holds {what}; pass a run directory or "
+        "one of its checkpoints/ckpt-*.pt files (plain weights go to `look evaluate --timm NAME "
+        "--weights FILE` or model.pretrained_weights)"
+    )
+
+
+def _candidates_newest_first(directory: Path) -> Iterator[tuple[Path, dict[str, Any], bool]]:
+    """``(path, manifest entry, whether an older one follows)``, newest first."""
+    entries = list(reversed(_manifest_entries_merged_with_disk(directory)))
+    for index, entry in enumerate(entries):
+        yield directory / entry["file"], entry, index + 1 < len(entries)
 
 
 def find_latest_checkpoint(directory: Path | str) -> Path | None:
@@ -344,13 +398,13 @@ def find_latest_checkpoint(directory: Path | str) -> Path | None:
 
     A newest checkpoint that fails (checksum mismatch; for files the manifest does not list, a
     ``torch.load`` failure) is reported with ``warnings.warn`` and the next older one is tried.
-    Leftover temp files of interrupted writes are removed. Raises :class:`CheckpointCorruptError`
-    when checkpoints exist but none is usable (starting from scratch silently would be worse).
+    Temp files (an interrupted write, or one in progress) are ignored. Raises
+    :class:`CheckpointCorruptError` when checkpoints exist but none is usable (starting from
+    scratch silently would be worse).
     """
     directory = Path(directory)
-    _remove_leftover_temp_files(directory)
     failures: list[str] = []
-    for path, entry in _candidates_newest_first(directory):
+    for path, entry, older_follows in _candidates_newest_first(directory):
         try:
             if isinstance(entry.get("sha256"), str):
                 _verify_against_manifest(path, entry)
@@ -358,7 +412,7 @@ def find_latest_checkpoint(directory: Path | str) -> Path | None:
                 # No checksum to compare: a full (memory-mapped, so cheap) load is the check.
                 _torch_load(path, "cpu", mmap=True)
         except (CheckpointCorruptError, OSError) as error:
-            _warn_skipped(path, error)
+            _warn_skipped(path, error, older_follows)
             failures.append(str(error))
             continue
         return path
@@ -373,25 +427,26 @@ def load_latest_checkpoint(
 
     Corrupt, truncated or tampered checkpoints are skipped with a warning naming them, falling back
     to the next older one. Works without a manifest (unverified files are checked by loading them).
-    Raises :class:`CheckpointCorruptError` when checkpoints exist but none can be loaded.
+    Raises :class:`CheckpointCorruptError` when checkpoints exist but none can be loaded. Temp
+    files are ignored (:func:`remove_leftover_temp_files` is the writer's to call).
     """
     directory = Path(directory)
-    _remove_leftover_temp_files(directory)
     failures: list[str] = []
-    for path, entry in _candidates_newest_first(directory):
+    for path, entry, older_follows in _candidates_newest_first(directory):
         try:
             _verify_against_manifest(path, entry)
             return _torch_load(path, map_location), path
         except (CheckpointCorruptError, OSError) as error:
-            _warn_skipped(path, error)
+            _warn_skipped(path, error, older_follows)
             failures.append(str(error))
     _raise_if_all_failed(directory, failures)
     return None
 
 
-def _warn_skipped(path: Path, error: BaseException) -> None:
+def _warn_skipped(path: Path, error: BaseException, older_follows: bool) -> None:
+    then = "trying the next older checkpoint" if older_follows else "no older checkpoint is left"
     warnings.warn(
-        f"skipping checkpoint {path}: {error}; trying the next older checkpoint",
+        f"skipping checkpoint {path}: {error}; {then}",
         RuntimeWarning,
         stacklevel=3,
     )

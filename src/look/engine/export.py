@@ -9,28 +9,50 @@ from pathlib import Path
 from typing import Any
 
 from look.data import DataSpec, resolve_image_size
-from look.engine.checkpoint import load_checkpoint, load_latest_checkpoint
+from look.engine.checkpoint import (
+    find_checkpoint_files,
+    load_checkpoint,
+    load_latest_checkpoint,
+    require_look_checkpoint,
+)
 from look.models import create_backbone, export_backbone
-from look.models.weights import backbone_state_from_checkpoint
+from look.models.weights import backbone_state_from_checkpoint, load_backbone_state
 
 
 def load_checkpoint_from(path: str | Path) -> dict:
-    """A run directory (its newest good checkpoint) or one checkpoint file."""
+    """A run directory (its newest good checkpoint), its ``checkpoints`` folder, or one
+    checkpoint file; anything that is not a `look pretrain` checkpoint is refused by name."""
     path = Path(path)
     if path.is_dir():
-        loaded = load_latest_checkpoint(path / "checkpoints")
+        # The run directory, or its checkpoints folder itself.
+        folder = path if find_checkpoint_files(path) else path / "checkpoints"
+        loaded = load_latest_checkpoint(folder)
         if loaded is None:
-            raise FileNotFoundError(f"no checkpoint found in {path / 'checkpoints'}")
-        return loaded[0]
+            raise FileNotFoundError(
+                f"no checkpoint found in {folder}; pass a run directory of `look pretrain` or "
+                "one of its checkpoints/ckpt-*.pt files"
+            )
+        return require_look_checkpoint(*loaded)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return load_checkpoint(path)
+    return require_look_checkpoint(load_checkpoint(path), path)
 
 
 # Options that change how fast a run goes, not what it learns (the same neighbours, the same
 # global batch): left out of training_settings, so runs differing in them still average.
 _SPEED_ONLY_METHOD_OPTIONS = frozenset({"chunk_size", "search_backend", "search_prefilter"})
 _SPEED_ONLY_OPTIM_OPTIONS = frozenset({"grad_accum_steps"})
+
+
+def _couples_batch_items(method: Mapping[str, Any]) -> bool:
+    """Whether the named method's loss couples the items of a micro-batch (unknown: no)."""
+    from look.config import ConfigError
+    from look.methods import get_method_class  # (the methods import the engine)
+
+    try:
+        return get_method_class(str(method.get("name"))).loss_couples_batch_items
+    except ConfigError:
+        return False
 
 
 def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,14 +66,14 @@ def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     optim = config.get("optim") if isinstance(config.get("optim"), Mapping) else {}
     data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
     model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    # A method whose loss couples the items of a micro-batch learns differently with another A.
+    speed_only_optim = frozenset() if _couples_batch_items(method) else _SPEED_ONLY_OPTIM_OPTIONS
     settings: dict[str, Any] = {
         "method_options": {
             key: value for key, value in method.items()
             if key != "name" and key not in _SPEED_ONLY_METHOD_OPTIONS
         },
-        "optim": {
-            key: value for key, value in optim.items() if key not in _SPEED_ONLY_OPTIM_OPTIONS
-        },
+        "optim": {key: value for key, value in optim.items() if key not in speed_only_optim},
         "augment": data.get("augment"),
         "backbone_kwargs": dict(model.get("backbone_kwargs") or {}),
         "pretrained_weights": model.get("pretrained_weights"),
@@ -103,7 +125,7 @@ def export_from_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     backbone, _ = create_backbone(
         model_cfg["backbone"], small_stem=model_cfg["small_stem"], model_kwargs=model_kwargs
     )
-    backbone.load_state_dict(backbone_state_from_checkpoint(state))
+    load_backbone_state(backbone, backbone_state_from_checkpoint(state))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     export_backbone(

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import look
+from look.atomic import atomic_write_text
 from look.config import ConfigError, RunConfig, data_spec_from_config, save_yaml, to_dict
 from look.data import (
     CorruptImageError,
@@ -30,8 +31,13 @@ from look.data import (
     training_data_identity,
 )
 from look.engine.checkpoint import (
+    CheckpointCorruptError,
     capture_rng_state_of_every_rank,
+    discard_checkpoints,
+    find_checkpoint_files,
+    load_checkpoint,
     load_latest_checkpoint,
+    remove_leftover_temp_files,
     restore_rng_state_of_this_rank,
     save_checkpoint,
 )
@@ -85,6 +91,14 @@ _RESUME_MAY_DIFFER = {
     ("method", "search_prefilter"),
     ("method", "chunk_size"),
     ("optim", "grad_accum_steps"),
+    # Used before the first step only: the checkpoint holds what the initial weights became
+    # (the file may have moved, or been a checkpoint since rotated away), and whether a missing
+    # dataset could be downloaded (the data's identity is checked on its own).
+    ("model", "pretrained_weights"),
+    ("data", "download"),
+    # What happens at the next unreadable image (stop, or substitute one of its class): the
+    # mid-run corrupt-image error advises switching to skip, which must keep the run.
+    ("data", "corrupt_images"),
 }
 
 # Train settings that change what a step computes (precision, batch-norm statistics): a resumed
@@ -155,6 +169,17 @@ def _collate(items: list[tuple[tuple[torch.Tensor, ...], int, int]]) -> Batch:
     return Batch(views=views, labels=labels, indices=indices)
 
 
+def _method_defaults(method: Any) -> dict[str, Any]:
+    """Every option of the method a saved ``method`` section names, at its default (empty for
+    an unknown method: its keys are then compared as saved)."""
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        return {}
+    try:
+        return get_method_class(method["name"]).resolved_options({"name": method["name"]})
+    except ConfigError:
+        return {}
+
+
 def _config_differences(
     saved: dict[str, Any],
     current: dict[str, Any],
@@ -162,8 +187,10 @@ def _config_differences(
     may_differ: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[str]:
     diffs: list[str] = []
-    # A key a checkpoint lacks came later: its run had the default (e.g. model.backbone_kwargs).
+    # A key a checkpoint lacks came later: its run had the default (e.g. model.backbone_kwargs,
+    # or a method option added since: the saved method's own defaults).
     defaults = asdict(RunConfig())
+    defaults["method"] = _method_defaults(saved.get("method"))
     for section in _RESUME_MUST_MATCH:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
@@ -333,10 +360,14 @@ class Trainer:
                 raise ConfigError(
                     f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
                 ) from error
+        # A run that will resume takes its weights from the checkpoint: the initial weights'
+        # file is not read (it may have moved since step 0).
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        resuming = resume and bool(find_checkpoint_files(self.checkpoint_dir))
         backbone, feature_dim = create_backbone(
             cfg.model.backbone,
             small_stem=cfg.model.small_stem,
-            pretrained_weights=cfg.model.pretrained_weights,
+            pretrained_weights=None if resuming else cfg.model.pretrained_weights,
             model_kwargs=cfg.model.backbone_kwargs,
             # Images too small for the backbone: one clear error now, before any data is read.
             image_size=self.data_info.image_size,
@@ -391,7 +422,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device_type, enabled=self.amp_dtype == torch.float16
         )
-        self.checkpoint_dir = self.output_dir / "checkpoints"
         self.global_step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -424,6 +454,8 @@ class Trainer:
             "rng_per_rank": capture_rng_state_of_every_rank(),  # (a collective)
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            # (train.nan_max_consecutive_skips counts across a resume too)
+            "consecutive_skips": self.consecutive_skips,
             "steps_without_items": self.steps_without_items,
             "epoch_steps_without_items": self.epoch_steps_without_items,
             "monitor_pending": self.monitor_pending,
@@ -437,13 +469,15 @@ class Trainer:
         }
 
     @contextlib.contextmanager
-    def _step_errors(self, stage: str, *, step: int | None = None) -> Iterator[None]:
+    def _step_errors(
+        self, stage: str, *, step: int | None = None, also: tuple[type[Exception], ...] = ()
+    ) -> Iterator[None]:
         """A method's error (e.g. a memory write refused for NaN rows, reported late on an
-        accelerator) as a step error that names the step (default: the last one counted) and
-        the kept checkpoint."""
+        accelerator), or one of ``also``, as a step error that names the step (default: the
+        last one counted) and the kept checkpoint."""
         try:
             yield
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, *also) as exc:
             raise TrainingStepError(
                 f"step {self.global_step if step is None else step} failed {stage}: "
                 f"{error_message(exc).rstrip('.')}. {self._kept_checkpoint()}"
@@ -451,7 +485,7 @@ class Trainer:
 
     def _kept_checkpoint(self) -> str:
         """What a failed step leaves to resume from, for its error message."""
-        if any(self.checkpoint_dir.glob("ckpt-*.pt")):
+        if find_checkpoint_files(self.checkpoint_dir):
             return f"The last good checkpoint in {self.checkpoint_dir} is kept."
         return "No checkpoint had been written yet."
 
@@ -522,12 +556,14 @@ class Trainer:
         # Every rank builds the state (it may be a collective); rank 0 alone writes it.
         state = self.state_dict()
         if is_main_process():
-            save_checkpoint(
-                self.checkpoint_dir,
-                self.global_step,
-                state,
-                keep_last=self.cfg.train.keep_checkpoints,
-            )
+            # A full disk or a lost mount: one line that names the step and what is kept.
+            with self._step_errors("saving its checkpoint", also=(OSError,)):
+                save_checkpoint(
+                    self.checkpoint_dir,
+                    self.global_step,
+                    state,
+                    keep_last=self.cfg.train.keep_checkpoints,
+                )
             if self.logger is not None:
                 # The CSV files and TensorBoard follow the log at every checkpoint, not only at
                 # the end: a long job's curves can be watched, and a killed job keeps them.
@@ -539,7 +575,7 @@ class Trainer:
         it was written for this configuration."""
         if not self.resume:
             return None
-        loaded = load_latest_checkpoint(self.checkpoint_dir, map_location=self.device)
+        loaded = self._load_newest_checkpoint()
         if loaded is None:
             return None
         state, path = loaded
@@ -566,7 +602,10 @@ class Trainer:
                 "--no-resume to start over there."
             )
         changed = []
-        for section, key in _RESUME_WARN_IF_CHANGED:
+        warn_if_changed = list(_RESUME_WARN_IF_CHANGED)
+        if type(self.method).loss_couples_batch_items:  # then micro-batches change the loss
+            warn_if_changed.append(("optim", "grad_accum_steps"))
+        for section, key in warn_if_changed:
             was = (state["config"].get(section) or {}).get(key)  # None: saved before the key
             now = self.resolved[section][key]
             if was is not None and was != now:
@@ -583,6 +622,41 @@ class Trainer:
             raise ConfigError("the global batch size changed since the checkpoint")
         self._check_state_layout(state["model"], path)
         return state, path
+
+    def _load_newest_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest good checkpoint, the same file on every rank: rank 0 picks it and every
+        other rank loads that file (a rank with a stale view of a shared file system would
+        otherwise resume from another step, and the ranks would train on mismatched states
+        until a collective timed out). A rank that cannot read it stops every rank, named."""
+        if not is_distributed():
+            return load_latest_checkpoint(self.checkpoint_dir, map_location=self.device)
+        loaded = None
+        choice: list[Any] = [None]  # rank 0's: ("file", name), ("none",) or ("error", message)
+        if is_main_process():
+            try:
+                loaded = load_latest_checkpoint(self.checkpoint_dir, map_location=self.device)
+                choice = [("none",) if loaded is None else ("file", loaded[1].name)]
+            except CheckpointCorruptError as error:
+                choice = [("error", str(error))]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        kind, *detail = choice[0]
+        if kind == "error":
+            raise CheckpointCorruptError(detail[0])
+        problem = None
+        if kind == "file" and not is_main_process():
+            path = self.checkpoint_dir / detail[0]
+            try:
+                loaded = load_checkpoint(path, map_location=self.device), path
+            except (CheckpointCorruptError, OSError) as error:
+                problem = (
+                    f"rank {get_rank()} cannot read {path}, which rank 0 resumes from: {error}"
+                )
+        problems: list[Any] = [None] * get_world_size()
+        torch.distributed.all_gather_object(problems, problem)
+        failed = [message for message in problems if message is not None]
+        if failed:
+            raise CheckpointCorruptError("; ".join(failed))
+        return loaded
 
     def _check_state_layout(self, saved: dict[str, Any], path: Path) -> None:
         """Refuse, before anything is loaded (and in a dry run), a checkpoint whose method state
@@ -645,7 +719,8 @@ class Trainer:
             "train_images": self.data_info.num_samples,
             "classes": self.data_info.num_classes,
             "backbone": self.cfg.model.backbone,
-            "pretrained_weights": self._pretrained_weights() or "none (random initialisation)",
+            "pretrained_weights": self._pretrained_weights()
+            or ("held by the checkpoint" if resumable else "none (random initialisation)"),
             "trainable_parameters": parameters,
             # The options the method runs with (LOOK's k as derived from k_fraction, say).
             "method": {"name": self.resolved["method"]["name"], **asdict(self.method.options)},
@@ -670,6 +745,11 @@ class Trainer:
                 "step 0 (fresh run)"
                 if resumable is None
                 else f"step {int(resumable[0]['global_step'])} ({resumable[1].name})"
+                + (
+                    ": finished, nothing to train"
+                    if int(resumable[0]["global_step"]) >= self.total_steps
+                    else ""
+                )
             ),
         }
 
@@ -718,6 +798,7 @@ class Trainer:
         restore_rng_state_of_this_rank(state.get("rng_per_rank") or [state["rng"]])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.steps_without_items = int(state.get("steps_without_items", 0))
         self.epoch_steps_without_items = int(state.get("epoch_steps_without_items", 0))
         self.monitor_pending = bool(state.get("monitor_pending", False))
@@ -756,13 +837,35 @@ class Trainer:
         """One no-grad pass that writes every row, for methods configured to start from a full
         memory (LOOK's ``memory_init: warmup``)."""
         self.method.train()
-        batches = start_workers(self._loader(epoch=0, start_step=0), self.worker_signals)
-        for batch in tqdm(batches, desc="memory warm-up", disable=not self._show_progress()):
+        # Kept where fit's exit ends it: a stopped warm-up must not leave its workers behind.
+        self._batch_iterator = start_workers(
+            self._loader(epoch=0, start_step=0), self.worker_signals
+        )
+        warmup = tqdm(
+            self._batch_iterator, desc="memory warm-up", disable=not self._show_progress()
+        )
+        for batch in warmup:
             for micro_batch in batch.split(self.micro_batch):  # the memory's rows per rank
                 with self._autocast():
                     self.method.warmup_step(
                         micro_batch.to(self.device, channels_last=self.channels_last)
                     )
+            # A whole pass over the data (ImageNet: 1.28M forwards) outlasts a scheduler's
+            # grace period: a stop signal ends it after the batch in progress, on every rank
+            # (nothing is saved: the re-run warms up again).
+            stop = torch.ones(1) if self.stop_signals.received else torch.zeros(1)
+            if is_distributed():
+                stop = all_reduce_sum(stop.to(self.device)).cpu()
+            if stop.item() > 0:
+                warmup.close()
+                self._end_loader_workers()
+                raise TrainingStopped(
+                    self.stop_signals.received or "a signal another rank received",
+                    self.global_step,
+                    self.total_steps,
+                    str(self.checkpoint_dir),
+                )
+        self._batch_iterator = None
 
     def _measure_transfer(self, epochs_trained: int) -> None:
         """The kNN monitor's accuracy of the current backbone, logged as the ``monitor`` split
@@ -1030,6 +1133,8 @@ class Trainer:
             busy = message[0]
         if busy is not None:
             raise RunDirectoryBusyError(busy)
+        if is_main_process():  # the lock's holder is the only writer: no save is in progress
+            remove_leftover_temp_files(self.checkpoint_dir)
         try:
             with StopSignals(self.cfg.train.stop_signals) as self.stop_signals:
                 return self._fit()
@@ -1051,14 +1156,32 @@ class Trainer:
         self.logger = MetricsLogger(
             self.output_dir, tensorboard=self.cfg.train.tensorboard, enabled=is_main_process()
         )
+        session_start_step = self.global_step
         if resumed:
             self.logger.truncate_after(self.global_step)
+            if is_main_process():
+                # What the run trains with from here on (a resume may change the train
+                # section, speed settings and where the data is).
+                save_yaml(self.resolved, self.output_dir / "config.yaml")
+                if self.global_step < self.total_steps:
+                    # Not finished until it has trained the rest: a job script (or the demo)
+                    # that reads these as "finished" must not while it runs or if it stops.
+                    (self.output_dir / "summary.json").unlink(missing_ok=True)
+                    (self.output_dir / "backbone.safetensors").unlink(missing_ok=True)
             if self.monitor_pending:
                 self._measure_transfer(epochs_trained=self.global_step // self.steps_per_epoch)
                 self.monitor_pending = False
         else:
             self.logger.truncate_after(-1)  # a fresh start replaces an old run's curve
             if is_main_process():
+                # --no-resume: the old run's checkpoints go too, or a later plain re-run of
+                # this command would resume that run under this one's log and config.
+                discarded = discard_checkpoints(self.checkpoint_dir)
+                if discarded:
+                    print(
+                        f"look: starting over in {self.output_dir}: removed the {discarded} "
+                        "checkpoint(s) of the run it held"
+                    )
                 save_yaml(self.resolved, self.output_dir / "config.yaml")
                 # An old run's marks of a finished run, which this one would keep if stopped
                 # (the demo skips a run with a summary).
@@ -1163,17 +1286,25 @@ class Trainer:
             epoch_seconds=epoch_seconds,
             skipped_steps=self.skipped_steps,
         )
+        # A finished run run again trains nothing: its summary (with the timings of the session
+        # that trained) and backbone stay as they are.
+        finished_before = (
+            self.global_step == session_start_step and (self.output_dir / "summary.json").is_file()
+        )
         if self.cfg.train.export_backbone and is_main_process():
             result.backbone_path = self.output_dir / "backbone.safetensors"
+        if result.backbone_path is not None and not (
+            finished_before and result.backbone_path.is_file()
+        ):
             export_backbone(
                 self.method.backbone,
                 self.cfg.model.backbone,
                 str(result.backbone_path),
                 small_stem=self.cfg.model.small_stem,
                 model_kwargs=self.cfg.model.backbone_kwargs,
-                extra_metadata=export_metadata(self.resolved),
+                extra_metadata=export_metadata(self.resolved, global_step=self.global_step),
             )
-        if is_main_process():
+        if is_main_process() and not finished_before:
             summary = {
                 "global_step": self.global_step,
                 "total_steps": self.total_steps,
@@ -1187,7 +1318,7 @@ class Trainer:
                 "num_samples": self.data_info.num_samples,
                 "num_classes": self.data_info.num_classes,
             }
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         barrier()
         return result

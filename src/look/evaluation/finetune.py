@@ -54,8 +54,10 @@ from look.data import (
     resolve_augment,
 )
 from look.engine.checkpoint import (
+    CheckpointCorruptError,
     capture_rng_state_of_every_rank,
     load_latest_checkpoint,
+    remove_leftover_temp_files,
     restore_rng_state_of_this_rank,
     save_checkpoint,
 )
@@ -156,7 +158,21 @@ def _resume(
 ) -> _Progress:
     """Restore the newest fine-tuning checkpoint of this very fine-tuning (``identity``) and
     return where it was; a fresh :class:`_Progress` when there is none."""
-    found = load_latest_checkpoint(checkpoint_dir)
+    if is_main_process():  # the job's own folder: a crash's temp files are leftovers
+        remove_leftover_temp_files(checkpoint_dir)
+    try:
+        found = load_latest_checkpoint(checkpoint_dir)
+    except CheckpointCorruptError as error:
+        # Fine-tuning checkpoints are this evaluation's scratch (look evaluate has no option
+        # to start over): unreadable ones are set aside as another model's are.
+        if is_main_process():
+            warnings.warn(
+                f"fine-tuning checkpoints in {checkpoint_dir} cannot be read; fine-tuning starts "
+                f"over (they will be replaced): {error}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _Progress()
     if found is None:
         return _Progress()
     state, path = found

@@ -125,6 +125,10 @@ class Method(nn.Module):
     # True for a method with parameters that some steps leave without a gradient: DDP then
     # looks for them every step (slower), instead of waiting for their gradients forever.
     ddp_find_unused_parameters: ClassVar[bool] = False
+    # True for a loss whose items depend on the other items of their (micro-)batch (SupCon's
+    # in-batch contrast): gradient accumulation then changes what is learnt, not only the
+    # speed, so a resume that changes it warns and look report keeps runs of other A apart.
+    loss_couples_batch_items: ClassVar[bool] = False
     Options: ClassVar[type] = object
     # Set by a caller that reads StepOutput.inexact and redoes inexact steps (the trainer):
     # a method may then skip waiting for the device to learn whether its search was exact.

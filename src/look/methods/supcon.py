@@ -33,6 +33,7 @@ class SupCon(Method):
     name = "supcon"
     num_views = 2
     Options = SupConOptions
+    loss_couples_batch_items = True  # each micro-batch is contrasted on its own
 
     def __init__(
         self, options: SupConOptions, backbone: nn.Module, feature_dim: int, ctx: MethodContext
