@@ -84,9 +84,10 @@ def test_dry_run_checks_everything_and_writes_nothing(
     assert main(_pretrain_args(run, "train.max_steps=2")) == 0
     capsys.readouterr()
     assert main([*_pretrain_args(run, "train.max_steps=2"), "--dry-run"]) == 0
-    assert "starts_at: step 2 (ckpt-000000002.pt): finished, nothing to train" in (
-        capsys.readouterr().out
-    )
+    plan = capsys.readouterr().out
+    assert "starts_at: step 2 (ckpt-000000002.pt): finished, nothing to train" in plan
+    # The rehearsed step runs on the model it would resume, not on a fresh one.
+    assert "'model': 'ckpt-000000002.pt (step 2)'" in plan
     assert main([*_pretrain_args(run, "train.max_steps=2", "method.k=4"), "--dry-run"]) == 2
     assert "different configuration" in capsys.readouterr().err
 

@@ -423,6 +423,8 @@ class Trainer:
             self.device_type, enabled=self.amp_dtype == torch.float16
         )
         self.global_step = 0
+        # The checkpoint a dry run's plan found (its rehearsed step runs on that model).
+        self._planned_resume: tuple[dict[str, Any], Path] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.inexact_steps_redone = 0  # this session's steps recomputed with the exact search
@@ -494,8 +496,15 @@ class Trainer:
         gradients and batch norm's statistics are dropped; a memory it wrote is this trainer's
         only, which a dry run then throws away): what a dry run checks beyond building, i.e.
         errors that only a step meets (an input size the backbone refuses, a batch a method
-        cannot split, a search backend this machine lacks, running out of memory). Returns its
-        loss and seconds (a first step: compiling and warm-up included)."""
+        cannot split, a search backend this machine lacks, running out of memory). After
+        :meth:`plan` found a checkpoint to resume from, the step runs on that checkpoint's model
+        and memory, so its loss is the resumed run's scale. Returns its loss, seconds (a first
+        step: compiling and warm-up included) and the model it ran on."""
+        model = "initial"
+        if self._planned_resume is not None:
+            state, path = self._planned_resume
+            self.method.load_checkpoint_state(state["model"])
+            model = f"{path.name} (step {int(state['global_step'])})"
         self.method.train()
         batch = next(iter(self._loader(epoch=0, start_step=0)))
         batch = batch.to(self.device, channels_last=self.channels_last)
@@ -508,7 +517,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.running_statistics.restore()
             self.method.discard_step()
-        return {"loss": loss, "seconds": round(time.perf_counter() - started, 3)}
+        return {"loss": loss, "seconds": round(time.perf_counter() - started, 3), "model": model}
 
     def _warn_about_buffers_that_differ_between_ranks(self) -> None:
         """A checkpoint holds rank 0's method state: a buffer that differs between ranks (a
@@ -711,7 +720,7 @@ class Trainer:
     def plan(self) -> dict[str, Any]:
         """What :meth:`fit` would do, for a dry run: data, model, method, memory, schedule and
         where it would start. Everything is built and checked; nothing is trained or written."""
-        resumable = self._resumable_checkpoint()
+        resumable = self._planned_resume = self._resumable_checkpoint()
         parameters = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
         memory = getattr(self.method, "memory", None)
         return {
