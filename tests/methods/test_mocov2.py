@@ -97,3 +97,15 @@ def test_bn_splits_that_do_not_divide_the_batch_warn() -> None:
         build_method(
             {**cfg, "bn_splits": 4}, TinyBackbone(), 12, replace(context, local_batch_size=32)
         )
+
+
+def test_the_logged_queue_fill_does_not_depend_on_when_the_write_happens() -> None:
+    # The trainer defers the write under some settings (nan_policy, accumulation) and not under
+    # others: the logged fill is the queue as the step read it, either way.
+    fills = []
+    for deferred in (False, True):
+        method = _moco()
+        method.defer_memory_writes = deferred
+        batch = make_batch(16, 2, num_classes=3, seed=0)
+        fills.append(float(method(batch).metrics["queue_filled_frac"]))
+    assert fills == [0.0, 0.0]

@@ -96,6 +96,13 @@ class MoCoV2(Method):
             negatives_valid=self.queue.search_valid(),
         )  # fmt: skip
         loss, anchors = global_masked_mean_and_anchors(per_sample, valid)
+        # The queue's fill as this step read it, before its own write: the write is immediate
+        # or deferred by the trainer's settings (nan_policy, accumulation), which must not
+        # shift the logged column. (A sum over the bools: .float().mean() would first write a
+        # float copy of the mask.)
+        metrics = self.step_metrics(
+            loss, lambda: {"queue_filled_frac": self.queue.valid.sum() / self.queue.valid.numel()}
+        )
         # Labels go into the queue only because the memory stores them; they are never read.
         # With defer_memory_writes the step's other micro-batches see the queue unchanged.
         self.queue_memory_write(
@@ -105,15 +112,7 @@ class MoCoV2(Method):
             torch.zeros_like(batch.labels),
             later=self.defer_memory_writes,
         )
-        # (a sum over the bools: .float().mean() would first write a float copy of the mask)
-        return StepOutput(
-            loss,
-            self.step_metrics(
-                loss,
-                lambda: {"queue_filled_frac": self.queue.valid.sum() / self.queue.valid.numel()},
-            ),
-            anchors=anchors,
-        )
+        return StepOutput(loss, metrics, anchors=anchors)
 
     def sync_batchnorm_conflict(self) -> str | None:
         if self.options.shuffle_bn:
