@@ -151,53 +151,52 @@ def test_a_run_from_initial_weights_resumes_after_the_file_moved(tmp_path: Path)
     )
 
 
-def _resume_on_rank(
-    rank: int, port: int, run: str, results: str, stale_rank_1: bool, unreadable_rank_1: bool
-) -> None:
-    """Resume ``run`` on one of two gloo ranks; write the step it resumes from or its error.
-    Rank 1 may see an older newest checkpoint (a stale view of a shared file system) or fail
-    to read the one rank 0 picked."""
+def _resume_on_rank(rank: int, port: int, run: str, results: str) -> None:
+    """Resume ``run`` twice on one of two gloo ranks, writing the step each resumes from or its
+    error: first with rank 1 seeing an older newest checkpoint (a stale view of a shared file
+    system), then with rank 1 unable to read the file rank 0 picked."""
     import look.engine.trainer as trainer_module
     from tests.ddp import set_torchrun_environment
 
     set_torchrun_environment(rank, 2, port)
     torch.set_num_threads(1)
-    if rank == 1 and stale_rank_1:
-        checkpoints = Path(run) / "checkpoints"
-        stale = checkpoints / "ckpt-000000004.pt"
-        real_load = trainer_module.load_checkpoint
+    real_load = trainer_module.load_checkpoint
+    if rank == 1:
+        stale = Path(run) / "checkpoints" / "ckpt-000000004.pt"
         trainer_module.load_latest_checkpoint = lambda *a, **k: (real_load(stale), stale)
-    if rank == 1 and unreadable_rank_1:
+    outcomes: list[Any] = []
+    for unreadable_on_rank_1 in (False, True):
+        if rank == 1 and unreadable_on_rank_1:
 
-        def unreadable(path: Path, **kwargs: Any) -> Any:
-            raise CheckpointCorruptError(f"checkpoint {path} cannot be read (stale handle)")
+            def unreadable(path: Path, **kwargs: Any) -> Any:
+                raise CheckpointCorruptError(f"checkpoint {path} cannot be read (stale handle)")
 
-        trainer_module.load_checkpoint = unreadable
-    trainer = Trainer(tiny_config("train.ddp_timeout_s=60"), Path(run))
-    try:
-        outcome: Any = trainer._try_resume() and trainer.global_step
-    except CheckpointCorruptError as error:
-        outcome = str(error)
-    Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
+            trainer_module.load_checkpoint = unreadable
+        trainer = Trainer(tiny_config("train.ddp_timeout_s=60"), Path(run))
+        try:
+            outcomes.append(trainer._try_resume() and trainer.global_step)
+        except CheckpointCorruptError as error:
+            outcomes.append(str(error))
+    Path(results, f"rank{rank}.json").write_text(json.dumps(outcomes))
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("problem", ["stale", "unreadable"])
-def test_every_rank_resumes_from_the_checkpoint_rank_0_picked(tmp_path: Path, problem: str) -> None:
+def test_every_rank_resumes_from_the_checkpoint_rank_0_picked(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
     from tests.ddp import free_port
 
     run = tmp_path / "run"
     pretrain(tiny_config("train.max_steps=8"), run)  # checkpoints at steps 4, 6 and 8
-    arguments = (str(run), str(tmp_path), problem == "stale", problem == "unreadable")
-    mp.spawn(_resume_on_rank, args=(free_port(), *arguments), nprocs=2, join=True)
-    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    if problem == "stale":
-        assert outcomes == [8, 8]  # rank 1 loads rank 0's file, not what it would have found
-    else:  # every rank stops, naming the rank that could not read it
-        assert outcomes[0] == outcomes[1]
-        assert "rank 1 cannot read" in outcomes[0] and "ckpt-000000008.pt" in outcomes[0]
+    mp.spawn(_resume_on_rank, args=(free_port(), str(run), str(tmp_path)), nprocs=2, join=True)
+    (stale_0, unreadable_0), (stale_1, unreadable_1) = (
+        json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)
+    )
+    # Rank 1 loads rank 0's file, not the older one it would have found itself.
+    assert stale_0 == stale_1 == 8
+    # A rank that cannot read it stops every rank, named.
+    assert unreadable_0 == unreadable_1
+    assert "rank 1 cannot read" in unreadable_0 and "ckpt-000000008.pt" in unreadable_0
 
 
 def test_a_run_resumes_after_the_corrupt_image_errors_advice(tmp_path: Path) -> None:
