@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from look.analysis.compare import (
     NO_INTERVAL,
     TIE,
     WORSE,
+    PairedComparison,
     UnpairedSeedsWarning,
     compare_with_baseline,
 )
@@ -211,3 +213,32 @@ def test_a_repeated_seed_is_one_pair_on_either_side() -> None:
     (comparison,) = compare_with_baseline([_cell("ce", [80.0, 81.0], [0, 1]), inflated], ["ce"])
     assert comparison.n == 2 and comparison.differences == (1.0, 1.5)
     assert comparison.verdict == TIE
+
+
+def test_a_difference_the_same_on_every_seed_up_to_rounding_is_judged_by_the_sign_test() -> None:
+    # One test image more of 1,000 on each of 3 seeds: 100·c/n rounds the differences apart by
+    # ~1e-14, which made a point interval and a "better" the exact sign test does not give.
+    differences = (100 * 501 / 1000 - 100 * 500 / 1000, 100 * 601 / 1000 - 100 * 600 / 1000,
+                   100 * 901 / 1000 - 100 * 900 / 1000)  # fmt: skip
+    assert len(set(differences)) > 1
+    comparison = PairedComparison("d", "linear", "look", "ce", (0, 1, 2), differences)
+    assert comparison.same_on_every_seed
+    assert comparison.verdict == TIE  # 2 · 0.5³ = 0.25: no clear difference
+    assert "(the same on all 3 seeds)" in comparison.difference_text()
+
+
+def test_unpaired_seeds_are_named_per_metric_and_in_the_report(tmp_path: Path) -> None:
+    # LOOK's seed 2 lacks kNN only: linear is paired on 3 seeds, kNN on 2.
+    runs = tmp_path / "runs"
+    for method in ("look", "ce"):
+        for seed in range(3):
+            protocols: dict[str, Any] = {"linear": {"top1": 0.6 + 0.01 * seed}}
+            if not (method == "look" and seed == 2):
+                protocols["knn"] = {"k20": {"top1": 0.5}}
+            write_results(runs / f"{method}-{seed}", method=method, seed=seed, protocols=protocols)
+    with pytest.warns(UnpairedSeedsWarning) as caught:
+        outputs = write_report([runs], tmp_path / "report", plots=False, baseline=["ce (coarse)"])
+    (message,) = [str(w.message) for w in caught if w.category is UnpairedSeedsWarning]
+    assert "(knn/k20/top1) has seeds [0, 1]" in message and "linear" not in message
+    markdown = outputs.markdown.read_text()
+    assert "Seeds that could not be paired" in markdown and "knn/k20/top1" in markdown

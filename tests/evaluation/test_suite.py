@@ -467,3 +467,23 @@ def test_images_too_small_for_the_backbone_are_refused_before_any_data_is_read(
     monkeypatch.setattr(suite, "build_eval_dataset", no_data)
     with pytest.raises(ValueError, match=r"'convnext_atto' cannot take 16 px images.*--image-size"):
         evaluate(ModelSource(timm="convnext_atto"), SYNTHETIC_SPEC, "knn", output_dir=tmp_path)
+
+
+def test_imbalanced_test_classes_are_recorded_and_report_mean_per_class(tmp_path: Path) -> None:
+    # Three fine classes in one group, one in the other: test counts 12 and 4 (ratio 3 > 2).
+    from look.analysis.report import write_report
+
+    grouping = tmp_path / "grouping.json"
+    grouping.write_text(json.dumps({"name": "3-1", "fine_to_coarse": {
+        "class_0": "a", "class_1": "a", "class_2": "a", "class_3": "b"}}))  # fmt: skip
+    for folder, labels in (("imbalanced", str(grouping)), ("balanced", "fine")):
+        evaluate(ModelSource(timm="look_cnn_small"), SYNTHETIC_SPEC, "knn", labels=labels,
+                 output_dir=tmp_path / folder, **FAST)  # fmt: skip
+    written = json.loads((tmp_path / "imbalanced" / "results.json").read_text())
+    assert written["dataset"]["imbalanced"] and written["dataset"]["test_class_count_ratio"] == 3
+    assert not json.loads((tmp_path / "balanced" / "results.json").read_text())["dataset"][
+        "imbalanced"
+    ]
+    markdown = write_report([tmp_path / "imbalanced"], tmp_path / "report", plots=False)
+    table = markdown.markdown.read_text()
+    assert "kNN k5 (mean/class)" in table and "mean per-class accuracy" in table

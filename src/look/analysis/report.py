@@ -50,7 +50,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from look.analysis.compare import BETTER, WORSE, PairedComparison, compare_with_baseline
+from look.analysis.compare import (
+    BETTER,
+    WORSE,
+    PairedComparison,
+    UnpairedSeedsWarning,
+    compare_with_baseline,
+)
 from look.analysis.results import (
     RESULTS_FILE_NAME,
     EvaluationResult,
@@ -303,10 +309,11 @@ def _metric_order(metric: str) -> tuple[int, list[Any]]:
 def metric_header(metric: str) -> str:
     """Column name of a headline metric: the protocol path without its ``top1``/``mean`` leaf."""
     parts = metric.split("/")
-    if len(parts) > 1 and parts[-1] in _HEADLINE_LEAVES:
+    per_class = len(parts) > 1 and parts[-1] == "mean_per_class_accuracy"
+    if len(parts) > 1 and (parts[-1] in _HEADLINE_LEAVES or per_class):
         parts = parts[:-1]
     parts[0] = _PROTOCOL_NAMES.get(parts[0], parts[0])
-    return " ".join(parts)
+    return " ".join(parts) + (" (mean/class)" if per_class else "")
 
 
 def _is_whole_set(entry: Mapping[str, Any]) -> bool:
@@ -746,6 +753,13 @@ def _transfer_section(
     header = {(d, m): f"{d}<br>{metric_header(m)}" for d, m in columns}
     row_methods = [m for m in methods if any(c.method == m for c in headline)]
     note = "Top-1 accuracy (%) (few-shot: mean episode accuracy)."
+    if any(c.metric.endswith("/mean_per_class_accuracy") for c in headline):
+        note += (
+            " A column marked *(mean/class)* gives mean per-class accuracy: that dataset's "
+            "test classes are imbalanced (largest over smallest count above the linear probe's "
+            "imbalance_ratio, 2 by default; results.json records it), where the protocol "
+            "reports it instead of top-1."
+        )
     if any(c.episode_ci95 is not None for c in headline):
         note += (
             " A few-shot cell of a single seed shows ± its 95 % confidence interval over the "
@@ -1109,10 +1123,16 @@ def write_report(
             "numbers; see look.analysis.results for the keys that are read"
         )
     cells = aggregate_cells(runs)
-    comparisons = compare_with_baseline(cells, baseline) if baseline else []
-    multimodal_comparisons = (
-        compare_with_baseline(cells, baseline, table="multimodality") if baseline else []
-    )
+    # The unpaired-seeds warnings go to REPORT.md too, not to the terminal alone.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comparisons = compare_with_baseline(cells, baseline) if baseline else []
+        multimodal_comparisons = (
+            compare_with_baseline(cells, baseline, table="multimodality") if baseline else []
+        )
+    for found in caught:
+        warnings.warn_explicit(found.message, found.category, found.filename, found.lineno)
+    unpaired = [str(w.message) for w in caught if issubclass(w.category, UnpairedSeedsWarning)]
     output_dir.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(c.method for c in cells))
     datasets = list(dict.fromkeys(c.dataset for c in cells))
@@ -1136,6 +1156,9 @@ def write_report(
     )
     lines += transfer_lines
     lines += _comparison_section(comparisons, datasets, cells=cells, markers=markers)
+    if unpaired:
+        lines += ["Seeds that could not be paired:", ""]
+        lines += [f"- {_escape(note)}." for note in unpaired] + [""]
     lines += _multimodality_section(
         cells,
         methods,

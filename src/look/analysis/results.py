@@ -35,7 +35,9 @@ add their key, list entries of ``"results"``/``"settings"`` add ``k<k>`` or ``<n
 ``mean_per_class`` are read as ``mean_accuracy`` and ``mean_per_class_accuracy``, so that both
 shapes fill the same report column. Other numbers (``best_c``,
 ``num_train``, ...) are settings, not metrics. The **headline** metric of each group is its ``top1``,
-else its ``mean``/``mean_accuracy``. Accuracies are returned **in percent**: a file whose ``"units"``
+else its ``mean``/``mean_accuracy``; on a dataset whose test classes are imbalanced (``"dataset":
+{"imbalanced": true}``, which ``look evaluate`` records) it is the group's mean per-class
+accuracy where it has one, as the evaluation protocol asks. Accuracies are returned **in percent**: a file whose ``"units"``
 says percent is taken as is, one that says fraction is scaled by 100, and one without units is
 scaled by 100 when all its accuracies lie in ``[0, 1]``, with a warning (percents all below 1
 would be misread).
@@ -76,6 +78,7 @@ from typing import Any
 __all__ = [
     "ACCURACY_KEYS",
     "HEADLINE_KEYS",
+    "IMBALANCED_HEADLINE_KEYS",
     "RESULTS_FILE_NAME",
     "EvaluationResult",
     "IncompleteResultsWarning",
@@ -105,6 +108,9 @@ ACCURACY_KEYS = (
     "ci95",
 )
 HEADLINE_KEYS = ("top1", "mean", "mean_accuracy")
+# The headline on a dataset whose test classes are imbalanced (results.json's
+# ``dataset.imbalanced``), as the evaluation protocol asks; few-shot keeps its mean accuracy.
+IMBALANCED_HEADLINE_KEYS = ("mean_per_class_accuracy", "mean_per_class")
 _LIST_KEYS = ("results", "settings")
 # Values that say "no result" on purpose: a blank cell without a warning.
 _BLANK_VALUES = frozenset({"", "n/a", "na", "-", "none", "null", "nan"})
@@ -245,13 +251,18 @@ def _entry_name(entry: Mapping[str, Any], index: int) -> str:
 
 
 def protocol_metrics(
-    protocols: Mapping[str, Any], *, skipped: dict[str, object] | None = None
+    protocols: Mapping[str, Any],
+    *,
+    skipped: dict[str, object] | None = None,
+    imbalanced: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
     """Accuracy metrics (as found, not rescaled) and headline paths of a ``"protocols"`` object.
 
     Accuracy keys whose value is neither a number nor a deliberate blank (``null``, ``"n/a"``,
-    ...) are added to ``skipped`` (path → value) when given.
+    ...) are added to ``skipped`` (path → value) when given. With ``imbalanced`` (test classes
+    of imbalanced counts) a group's headline is its mean per-class accuracy where it has one.
     """
+    leads = (*IMBALANCED_HEADLINE_KEYS, *HEADLINE_KEYS) if imbalanced else HEADLINE_KEYS
     metrics: dict[str, float] = {}
     headline: list[str] = []
     for name, subtree in protocols.items():
@@ -268,7 +279,7 @@ def protocol_metrics(
                     metrics[f"{path}/{key}"] = float(node[key])
                 elif key in node and skipped is not None and not _is_blank(node[key]):
                     skipped[f"{path}/{key}"] = node[key]
-            lead = next((key for key in HEADLINE_KEYS if is_number(node.get(key))), None)
+            lead = next((key for key in leads if is_number(node.get(key))), None)
             if lead is not None:
                 headline.append(f"{path}/{lead}")
     return metrics, headline
@@ -525,7 +536,9 @@ def read_results_file(path: str | Path) -> EvaluationResult:
     if not isinstance(protocols, Mapping):
         protocols = {}
     skipped: dict[str, object] = {}
-    metrics, headline = protocol_metrics(protocols, skipped=skipped)
+    dataset_entry = content.get("dataset")
+    imbalanced = isinstance(dataset_entry, Mapping) and dataset_entry.get("imbalanced") is True
+    metrics, headline = protocol_metrics(protocols, skipped=skipped, imbalanced=imbalanced)
     if skipped:
         listed = ", ".join(f"{key} = {value!r}" for key, value in skipped.items())
         warnings.warn(

@@ -46,7 +46,7 @@ from look.evaluation.features import (
 from look.evaluation.fewshot import FewShotOptions, check_fewshot_feasible, fewshot_evaluate
 from look.evaluation.finetune import FinetuneOptions, finetune
 from look.evaluation.knn import KnnOptions, knn_classify
-from look.evaluation.linear_probe import LinearProbeOptions, linear_probe
+from look.evaluation.linear_probe import LinearProbeOptions, class_count_ratio, linear_probe
 from look.evaluation.model_source import (
     FeatureModel,
     LoadedModel,
@@ -352,6 +352,7 @@ def _report_content(
     autocast_dtype: torch.dtype | None,
     timings: Mapping[str, float],
     label: str | None,
+    test_balance: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The ``results.json`` object (see :mod:`look.analysis.results` for the format)."""
     return {
@@ -381,6 +382,9 @@ def _report_content(
             "test_split": test_split,
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
+            # The protocol reports mean per-class accuracy where the test classes are
+            # imbalanced: look report then makes it the headline of every protocol.
+            **test_balance,
         },
         "labels": {
             "evaluation": labels,
@@ -538,6 +542,11 @@ def evaluate(
     test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
     if info is None:
         info = test_data[1]
+    test_ratio = class_count_ratio(torch.as_tensor(test_data[0].labels))
+    test_balance = {
+        "test_class_count_ratio": test_ratio,
+        "imbalanced": test_ratio > options["linear"].imbalance_ratio,  # type: ignore[attr-defined]
+    }
 
     def write_report(*, pending: Sequence[str], failed: tuple[str, BaseException] | None) -> None:
         """(Re)write results.json; written after every protocol, so that a later protocol's
@@ -565,6 +574,7 @@ def evaluate(
                 autocast_dtype=autocast_dtype,
                 timings=timings,
                 label=label,
+                test_balance=test_balance,
             )
         )
         report["complete"] = not pending and failed is None
