@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,15 @@ def test_files_fingerprint_follows_the_files_not_their_contents(tmp_path: Path) 
     stat = images.stat()
     os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert data_files_fingerprint(idx_spec, idx_source) != before
+    # New images of the same size with the old modification time put back (cp -p, rsync -a,
+    # touch -r): the status change time still tells.
+    before = data_files_fingerprint(idx_spec, idx_source)
+    stat = images.stat()
+    time.sleep(0.01)
+    write_tiny_idx_dataset(tmp_path / "idx", compress=False, seed=2)
+    os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert images.stat().st_size == stat.st_size
+    assert data_files_fingerprint(idx_spec, idx_source) != before
 
     folder_spec = DataSpec(dataset="imagefolder", root=str(tmp_path / "images"))
     for name in ("cat", "dog"):
@@ -179,6 +189,16 @@ def test_files_fingerprint_follows_the_files_not_their_contents(tmp_path: Path) 
     assert feature_cache_key(**common, files_fingerprint="a") != feature_cache_key(
         **common, files_fingerprint="b"
     )
+    # Another version of the code that computes the features: another key.
+    import look
+
+    before = feature_cache_key(**common)
+    real_version = look.__version__
+    try:
+        look.__version__ = real_version + ".post1"
+        assert feature_cache_key(**common) != before
+    finally:
+        look.__version__ = real_version
 
 
 def test_a_relative_cache_dir_is_recorded_as_an_absolute_path(

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import look
 from look.atomic import atomic_write_path
 from look.data import DataSpec, ImageSource, normalization_stats
 from look.data.sources import dataset_files, name_some
@@ -213,11 +214,13 @@ def _data_files(spec: DataSpec, source: ImageSource) -> list[Path]:
 
 
 def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
-    """sha256 over the path (relative to the dataset root), size and modification time of every
-    file ``source`` reads its images from; None for data without files (digits, synthetic).
+    """sha256 over the path (relative to the dataset root), size, modification time and status
+    change time of every file ``source`` reads its images from; None for data without files
+    (digits, synthetic).
 
     Only ``stat`` is called, no file is read, so it is cheap even for a large image folder, and
-    an image overwritten under the same name changes it.
+    an image overwritten under the same name changes it, also when its modification time is
+    set back (``cp -p``, ``rsync -a``, ``touch -r``): no user tool sets the change time back.
     """
     files = _data_files(spec, source)
     if not files:
@@ -226,9 +229,24 @@ def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
     digest = hashlib.sha256()
     for path in files:
         status = path.stat()
-        entry = f"{os.path.relpath(path, root)}|{status.st_size}|{status.st_mtime_ns}\n"
+        entry = (
+            f"{os.path.relpath(path, root)}|{status.st_size}|{status.st_mtime_ns}|"
+            f"{status.st_ctime_ns}\n"
+        )
         digest.update(entry.encode())
     return digest.hexdigest()
+
+
+def _code_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "look": look.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
 
 
 def feature_cache_key(
@@ -252,7 +270,8 @@ def feature_cache_key(
     label choice and the training-only fields), the split, the image size, ``repr(transform)`` and
     the normalisation constants, the number of images and their fine labels, the precision
     the network ran in (``"fp32"``/``"bf16"``) and ``files_fingerprint``
-    (:func:`data_files_fingerprint`: the image files' names, sizes and modification times).
+    (:func:`data_files_fingerprint`: the image files' names, sizes and modification times),
+    and the versions of look, torch, torchvision and timm.
     """
     spec_fields = dataclasses.asdict(dataclasses.replace(dataset_spec, image_size=image_size))
     for irrelevant in ("labels", "download", "augment"):
@@ -277,6 +296,9 @@ def feature_cache_key(
         "fine_labels": labels_digest,
         "precision": precision,
         "files": files_fingerprint,
+        # The code that computed them: a backbone's forward or a transform may change between
+        # versions without changing a name or a repr above.
+        "code": _code_versions(),
     }
     model_kwargs = model_identity.get("model_kwargs")
     if model_kwargs:  # (absent when empty: the keys of models built without any stay as they were)
