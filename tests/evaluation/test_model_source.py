@@ -149,3 +149,31 @@ def test_an_export_beside_another_runs_config_keeps_its_own_record(
         loaded = load_model(ModelSource(checkpoint=elsewhere / "b.safetensors"))
     assert loaded.pretraining is not None
     assert (loaded.pretraining["labels"], loaded.pretraining["image_size"]) == ("coarse", 16)
+
+
+def test_a_finished_run_whose_final_checkpoint_cannot_be_read_is_not_evaluated_at_an_older_step(
+    pretrained_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
+    newest = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    older = torch.load(newest, weights_only=True)
+    older["global_step"] = 1
+    torch.save(older, run / "checkpoints" / "ckpt-000000001.pt")  # an earlier step's
+    newest.write_bytes(newest.read_bytes()[:-100])  # torn
+    with (
+        pytest.warns(RuntimeWarning, match="skipping checkpoint"),
+        pytest.raises(ValueError, match=r"finished at step \d+, but its newest readable.*step 1"),
+    ):
+        load_model(ModelSource(checkpoint=run))
+    # With no readable checkpoint at all, the message points to the finished backbone.
+    (run / "checkpoints" / "ckpt-000000001.pt").unlink()
+    with (
+        pytest.warns(RuntimeWarning, match="skipping checkpoint"),
+        pytest.raises(ValueError, match=r"can be loaded.*backbone\.safetensors"),
+    ):
+        load_model(ModelSource(checkpoint=run))
+    # The finished backbone, named, is what to evaluate instead.
+    assert load_model(ModelSource(checkpoint=run / "backbone.safetensors")).feature_dim > 0

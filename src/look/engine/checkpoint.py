@@ -456,7 +456,7 @@ def _raise_if_all_failed(directory: Path, failures: list[str]) -> None:
     if failures:
         raise CheckpointCorruptError(
             f"none of the {len(failures)} checkpoints in {directory} can be loaded; delete or "
-            f"repair them, or start without resuming: " + "; ".join(failures)
+            f"repair them (a training run may also start over: --no-resume): " + "; ".join(failures)
         )
 
 

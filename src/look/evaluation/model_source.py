@@ -213,10 +213,35 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
                     "pass a run directory of `look pretrain`, a ckpt-*.pt file or an exported "
                     "backbone .safetensors"
                 )
+            _refuse_an_older_step_of_a_finished_run(path, loaded)
             return loaded
         return load_checkpoint(path), path
     except CheckpointCorruptError as error:
-        raise ValueError(f"cannot use checkpoint {path}: {error}") from error
+        export = path / "backbone.safetensors"
+        instead = (
+            f"; its finished backbone, {export}, can be evaluated instead"
+            if path.is_dir() and export.is_file()
+            else ""
+        )
+        raise ValueError(f"cannot use checkpoint {path}: {error}{instead}") from error
+
+
+def _refuse_an_older_step_of_a_finished_run(run: Path, loaded: tuple[dict[str, Any], Path]) -> None:
+    """A finished run (its summary.json) whose final checkpoints cannot be read: the newest good
+    one is an earlier step, which must not be evaluated as if it were the run's result."""
+    try:
+        finished = json.loads((run / "summary.json").read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not finished, or no summary to tell
+    state, file = loaded
+    step = state.get("global_step")
+    if isinstance(finished, int) and isinstance(step, int) and step < finished:
+        raise ValueError(
+            f"{run} finished at step {finished}, but its newest readable checkpoint is "
+            f"{file.name} (step {step}): the later ones cannot be read (see the warnings). "
+            f"Evaluate the finished backbone, {run / 'backbone.safetensors'}, or that "
+            "checkpoint file by name if an earlier step is what you want"
+        )
 
 
 def _head_from_checkpoint(
