@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -186,6 +187,19 @@ def test_empty_class_folder_is_named(image_folder: Path) -> None:
     (empty / "notes.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
         read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+
+
+def test_an_empty_class_folder_of_another_split_is_warned_about_like_a_missing_one(
+    image_folder: Path,
+) -> None:
+    # A small validation set may lack a class: an empty folder there says the same.
+    classes = read_image_folder(image_folder, "train", "train", corrupt_images="fail").class_names
+    empty = image_folder / "val" / classes[0]
+    shutil.rmtree(empty, ignore_errors=True)
+    empty.mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r"1 empty class folder"):
+        source = read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+    assert 0 not in source.labels.tolist()
 
 
 def test_val_class_folder_unknown_to_train_is_rejected(image_folder: Path, make_png) -> None:
@@ -411,3 +425,33 @@ def test_official_size_idx_files_that_look_like_the_other_dataset_are_warned_abo
     assert bool(messages) == warned, messages
     if warned:
         assert f"is read as {dataset}" in messages[0] and "check data.root" in messages[0]
+
+
+def test_class_members_are_each_classs_indices_in_order() -> None:
+    from look.data.sources import class_members
+
+    labels = np.random.default_rng(0).integers(0, 7, size=500)
+    labels[labels == 3] = 4  # class 3 absent
+    members = class_members(labels, 8)  # class 7 beyond the labels
+    assert len(members) == 8
+    for c in range(8):
+        assert np.array_equal(members[c], np.flatnonzero(labels == c))
+
+
+def test_a_file_name_that_is_no_valid_utf8_is_listed_identified_and_fingerprinted(
+    image_folder: Path,
+) -> None:
+    # Names copied from an old Windows or Samba share keep latin-1 bytes: the whole dataset
+    # used to be refused by an encode error that named no file.
+    import os
+
+    from look.data import training_data_identity
+    from look.evaluation.features import data_files_fingerprint
+
+    odd = os.fsdecode(bytes(image_folder / "train" / "cat") + b"/caf\xe9.png")
+    shutil.copy(image_folder / "train" / "cat" / "0.png", odd)
+    spec = DataSpec(dataset="imagefolder", root=str(image_folder))
+    train, info = build_train_dataset(spec, num_views=1, seed=0)
+    assert odd in train.source.file_paths
+    assert len(training_data_identity(train, info)["sha256"]) == 64
+    assert data_files_fingerprint(spec, train.source) is not None

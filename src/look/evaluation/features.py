@@ -34,6 +34,7 @@ from tqdm import tqdm
 import look
 from look.atomic import atomic_write_path
 from look.data import DataSpec, ImageSource, normalization_stats
+from look.data.datasets import paths_below
 from look.data.sources import dataset_files, name_some
 from look.data.spec import resolve_root
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
@@ -206,11 +207,11 @@ def extract_features(
     return gather_shards(local, num_samples)
 
 
-def _data_files(spec: DataSpec, source: ImageSource) -> list[Path]:
+def _data_files(spec: DataSpec, source: ImageSource) -> list[str]:
     """The files ``source``'s images are read from (none for data generated in memory)."""
     if source.file_paths is not None:
-        return [Path(path) for path in source.file_paths]
-    return dataset_files(spec)
+        return list(source.file_paths)
+    return [str(path) for path in dataset_files(spec)]
 
 
 def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
@@ -225,15 +226,11 @@ def data_files_fingerprint(spec: DataSpec, source: ImageSource) -> str | None:
     files = _data_files(spec, source)
     if not files:
         return None
-    root = resolve_root(spec)
     digest = hashlib.sha256()
-    for path in files:
-        status = path.stat()
-        entry = (
-            f"{os.path.relpath(path, root)}|{status.st_size}|{status.st_mtime_ns}|"
-            f"{status.st_ctime_ns}\n"
-        )
-        digest.update(entry.encode())
+    for path, relative in zip(files, paths_below(files, str(resolve_root(spec))), strict=True):
+        status = os.stat(path)
+        digest.update(relative)
+        digest.update(f"|{status.st_size}|{status.st_mtime_ns}|{status.st_ctime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from look.data.sources import class_members
 from look.evaluation.metrics import check_labelled_features
 
 __all__ = [
@@ -133,7 +134,8 @@ def fewshot_episode_accuracies(
     per_class = k_shot + queries
     label_array = labels.cpu().numpy()
     eligible = eligible_classes(labels, n_way=n_way, k_shot=k_shot, queries=queries)
-    members = {int(c): np.flatnonzero(label_array == c) for c in eligible}
+    each_class = class_members(label_array, int(label_array.max()) + 1)
+    members = {int(c): each_class[int(c)] for c in eligible}
     rng = _episode_generator(seed, n_way, k_shot)
     # Draw every episode's indices first (deterministic for the seed), then classify in chunks.
     episode_indices = np.empty((episodes, n_way, per_class), dtype=np.int64)

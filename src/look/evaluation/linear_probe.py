@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from look.data.sources import class_members
 from look.evaluation.metrics import (
     check_labelled_features,
     check_same_feature_dim,
@@ -147,8 +148,9 @@ def stratified_validation_split(
     label_array = labels.cpu().numpy()
     rng = np.random.default_rng(seed)
     val_parts = []
+    each_class = class_members(label_array, int(label_array.max()) + 1 if len(label_array) else 0)
     for cls in np.unique(label_array):
-        members = np.flatnonzero(label_array == cls)
+        members = each_class[cls]
         if len(members) < 2:
             continue
         count = min(max(round(fraction * len(members)), 1), len(members) - 1)
