@@ -219,6 +219,8 @@ def _split_features(
         meta={"model": json.dumps(loaded.identity), "split": split, "output": output},
     )
     keep = keep_readable(feature_set.unreadable, dataset, f"{spec.dataset} {split} split")
+    if not feature_set.unreadable:  # no copy of the whole matrix (1M × 2048 floats: 8 GB)
+        return feature_set, dataset.labels, info
     readable = dataclasses.replace(
         feature_set,
         features=feature_set.features[keep],
