@@ -16,6 +16,7 @@ from look.engine.checkpoint import (
     CheckpointCorruptError,
     capture_rng_state,
     checkpoint_path,
+    discard_checkpoints,
     find_latest_checkpoint,
     load_checkpoint,
     load_latest_checkpoint,
@@ -298,3 +299,19 @@ def test_another_number_of_ranks_takes_rank_0s_random_state() -> None:
     torch.manual_seed(2)
     assert not restore_rng_state_of_this_rank([first, capture_rng_state()])
     torch.testing.assert_close(torch.rand(2), expected, rtol=0, atol=0)
+
+
+def test_discarding_removes_every_checkpoint_and_a_crashed_discards_leftover(
+    tmp_path: Path,
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2):
+        save_checkpoint(checkpoints, step, _state(step))
+    # A discard that crashed between its rename and its delete left this behind.
+    leftover = tmp_path / ".checkpoints-discarded-999"
+    leftover.mkdir()
+    (leftover / "ckpt-000000007.pt").write_bytes(b"old")
+    assert discard_checkpoints(checkpoints) == 2
+    assert not checkpoints.exists() and not leftover.exists()
+    assert find_latest_checkpoint(checkpoints) is None  # a fresh start finds nothing
+    assert discard_checkpoints(checkpoints) == 0  # nothing there: nothing to do
