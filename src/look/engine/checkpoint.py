@@ -27,9 +27,9 @@ import re
 import shutil
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -42,9 +42,11 @@ __all__ = [
     "CheckpointCorruptError",
     "capture_rng_state",
     "checkpoint_path",
+    "describe_torch_load_error",
     "discard_checkpoints",
     "find_checkpoint_files",
     "find_latest_checkpoint",
+    "is_look_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",
     "remove_leftover_temp_files",
@@ -351,9 +353,7 @@ def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[st
     except Exception as error:  # torch raises many types for torn zips and bad pickles
         # One line of torch's message, with what it refused: the rest advises weights_only=False,
         # which a file that is not this library's checkpoint (or a damaged one) must not be
-        # loaded with. (Imported here: look.models is heavy, and only a failure needs it.)
-        from look.models.weights import describe_torch_load_error
-
+        # loaded with.
         raise CheckpointCorruptError(
             f"checkpoint {path} cannot be read by torch.load(weights_only=True) "
             f"({describe_torch_load_error(error)}); is it a look checkpoint, and whole?"
@@ -367,13 +367,50 @@ def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[st
 
 # What every `look pretrain` checkpoint holds (older ones too).
 _LOOK_CHECKPOINT_KEYS = ("config", "model", "global_step")
+# Terminal colour codes, which torch puts in its weights_only advice.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# What weights_only refused, in torch's message: "Unsupported global: GLOBAL argparse.Namespace".
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+
+
+def describe_torch_load_error(error: BaseException) -> str:
+    """One line for an error of ``torch.load``: its type and first sentence, without colour codes,
+    plus what ``weights_only=True`` refused when torch says so, e.g. ``"UnpicklingError: Weights
+    only load failed (unsupported global: argparse.Namespace)"``.
+
+    torch's own message spans lines, advises ``weights_only=False`` (which runs the file's pickled
+    code) and names the refused class only at its end, where a cut-off message loses it.
+    """
+    text = _ANSI_ESCAPE.sub("", str(error)).strip()
+    first_line = (text.splitlines() or [""])[0]
+    first = first_line.split(". ")[0].rstrip(". ")[:160]
+    detail = ""
+    unsupported = _UNSUPPORTED_GLOBAL.search(text)
+    if unsupported is not None:
+        detail = f" (unsupported global: {unsupported.group(1)})"
+    elif (unpickler := _UNPICKLER_ERROR.search(text)) is not None:
+        detail = f" ({unpickler.group(1).split('. ')[0].rstrip('. ')[:160]})"
+    return f"{type(error).__name__}: {first}{detail}"
+
+
+def is_look_checkpoint(loaded: object) -> TypeGuard[Mapping[str, Any]]:
+    """Whether ``loaded`` (what ``torch.load`` read) is a `look pretrain` checkpoint: its
+    config, method state (``model``) and step."""
+    return (
+        isinstance(loaded, Mapping)
+        and all(key in loaded for key in _LOOK_CHECKPOINT_KEYS)
+        and isinstance(loaded["model"], Mapping)
+    )
 
 
 def require_look_checkpoint(state: dict[str, Any], path: Path | str) -> dict[str, Any]:
-    """``state`` if it is a `look pretrain` checkpoint; else :class:`CheckpointCorruptError`
-    naming the file and what it seems to be (a state dict, an export, another tool's file)."""
+    """``state`` if it is a `look pretrain` checkpoint whose config names its model; else
+    :class:`CheckpointCorruptError` naming the file and what it seems to be (a state dict, an
+    export, another tool's file)."""
     missing = [key for key in _LOOK_CHECKPOINT_KEYS if key not in state]
-    if not missing and isinstance(state["config"], dict) and isinstance(state["model"], dict):
+    config = state.get("config")
+    if is_look_checkpoint(state) and isinstance(config, Mapping) and "model" in config:
         return state
     if state and all(isinstance(value, torch.Tensor) for value in state.values()):
         what = "plain weights (a state dict or an exported backbone)"

@@ -26,6 +26,7 @@ from look.engine.checkpoint import (
     CheckpointCorruptError,
     load_checkpoint,
     load_latest_checkpoint,
+    require_look_checkpoint,
 )
 from look.engine.distributed import is_main_process
 from look.engine.export import training_settings
@@ -214,8 +215,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Path]:
                     "backbone .safetensors"
                 )
             _refuse_an_older_step_of_a_finished_run(path, loaded)
-            return loaded
-        return load_checkpoint(path), path
+            return require_look_checkpoint(*loaded), loaded[1]
+        return require_look_checkpoint(load_checkpoint(path), path), path
     except CheckpointCorruptError as error:
         export = path / "backbone.safetensors"
         instead = (
@@ -281,12 +282,7 @@ def _head_from_checkpoint(
 
 def _load_look_checkpoint(path: Path, *, use_head: bool) -> LoadedModel:
     state, file = _read_checkpoint(path)
-    config = state.get("config")
-    if not isinstance(config, dict) or "model" not in config or "model" not in state:
-        raise ValueError(
-            f"{file} is not a `look pretrain` checkpoint (no 'config'/'model' entries). For plain "
-            "timm/torchvision weights use --timm NAME --weights FILE"
-        )
+    config = state["config"]
     model_cfg = config["model"]
     name, small_stem = str(model_cfg["backbone"]), bool(model_cfg.get("small_stem", False))
     backbone, feature_dim = create_backbone(

@@ -17,18 +17,19 @@ channels look feeds (see :func:`load_backbone_weights`).
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
+
+from look.engine.checkpoint import describe_torch_load_error, is_look_checkpoint
 
 __all__ = [
     "KNOWN_KEY_PREFIXES",
@@ -59,15 +60,9 @@ _NESTED_STATE_DICT_KEYS = ("state_dict", "model")
 # What `look pretrain` writes: the exported backbone in the run directory, and checkpoints whose
 # "model" entry is the method's state dict, with the online backbone under "backbone.".
 RUN_BACKBONE_FILE = "backbone.safetensors"
-_LOOK_CHECKPOINT_KEYS = ("model", "config", "global_step")
 _LOOK_BACKBONE_PREFIX = "backbone."
 # Longest original error text kept in our messages (SafetensorError / torch errors can be long).
 _DETAIL_LIMIT = 200
-# Terminal colour codes, which torch puts in its weights_only advice.
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# What weights_only refused, in torch's message: "Unsupported global: GLOBAL argparse.Namespace".
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: ([^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -197,26 +192,6 @@ def _detail(error: BaseException) -> str:
     return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 3] + "..."
 
 
-def describe_torch_load_error(error: BaseException) -> str:
-    """One line for an error of ``torch.load``: its type and first sentence, without colour codes,
-    plus what ``weights_only=True`` refused when torch says so, e.g. ``"UnpicklingError: Weights
-    only load failed (unsupported global: argparse.Namespace)"``.
-
-    torch's own message spans lines, advises ``weights_only=False`` (which runs the file's pickled
-    code) and names the refused class only at its end, where a cut-off message loses it.
-    """
-    text = _ANSI_ESCAPE.sub("", str(error)).strip()
-    first_line = (text.splitlines() or [""])[0]
-    first = first_line.split(". ")[0].rstrip(". ")[:160]
-    detail = ""
-    unsupported = _UNSUPPORTED_GLOBAL.search(text)
-    if unsupported is not None:
-        detail = f" (unsupported global: {unsupported.group(1)})"
-    elif (unpickler := _UNPICKLER_ERROR.search(text)) is not None:
-        detail = f" ({unpickler.group(1).split('. ')[0].rstrip('. ')[:160]})"
-    return f"{type(error).__name__}: {first}{detail}"
-
-
 def _sniffed_format(path: Path) -> str | None:
     """``"safetensors"`` or ``"torch.save"`` when the first bytes look like one, else None."""
     with path.open("rb") as handle:
@@ -249,14 +224,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             f"{str(path)!r} is not a safetensors file, or a damaged one ({_detail(error)})"
             f"{_format_hint(path)}"
         ) from error
-
-
-def _is_look_checkpoint(loaded: object) -> TypeGuard[Mapping[str, Any]]:
-    return (
-        isinstance(loaded, Mapping)
-        and all(key in loaded for key in _LOOK_CHECKPOINT_KEYS)
-        and isinstance(loaded["model"], Mapping)
-    )
 
 
 def backbone_state_from_checkpoint(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -319,7 +286,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             f"could not read {str(path)!r} with torch.load(weights_only=True): "
             f"{describe_torch_load_error(error)}; {hint}"
         ) from error
-    if _is_look_checkpoint(loaded):
+    if is_look_checkpoint(loaded):
         note = f"online backbone of a look pretrain checkpoint, step {loaded['global_step']}"
         return _look_checkpoint_backbone(loaded, path), note
     while isinstance(loaded, Mapping) and not _is_flat_tensor_dict(loaded):
