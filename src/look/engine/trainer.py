@@ -868,12 +868,7 @@ class Trainer:
             if stop.item() > 0:
                 warmup.close()
                 self._end_loader_workers()
-                raise TrainingStopped(
-                    self.stop_signals.received or "a signal another rank received",
-                    self.global_step,
-                    self.total_steps,
-                    str(self.checkpoint_dir),
-                )
+                raise self._stopped()
         self._batch_iterator = None
 
     def _measure_transfer(self, epochs_trained: int) -> None:
@@ -911,6 +906,15 @@ class Trainer:
                 yield epoch, batch
                 if self.global_step >= self.total_steps:
                     return
+
+    def _stopped(self) -> TrainingStopped:
+        """The stop every rank agreed on (from this rank's signal or another's), at this step."""
+        return TrainingStopped(
+            self.stop_signals.received or "a signal another rank received",
+            self.global_step,
+            self.total_steps,
+            str(self.checkpoint_dir),
+        )
 
     def _end_loader_workers(self) -> None:
         """Shut the training loader's workers down now (:func:`end_workers`)."""
@@ -1166,23 +1170,10 @@ class Trainer:
             self.output_dir, tensorboard=self.cfg.train.tensorboard, enabled=is_main_process()
         )
         session_start_step = self.global_step
-        if resumed:
-            self.logger.truncate_after(self.global_step)
-            if is_main_process():
-                # What the run trains with from here on (a resume may change the train
-                # section, speed settings and where the data is).
-                save_yaml(self.resolved, self.output_dir / "config.yaml")
-                if self.global_step < self.total_steps:
-                    # Not finished until it has trained the rest: a job script (or the demo)
-                    # that reads these as "finished" must not while it runs or if it stops.
-                    (self.output_dir / "summary.json").unlink(missing_ok=True)
-                    (self.output_dir / "backbone.safetensors").unlink(missing_ok=True)
-            if self.monitor_pending:
-                self._measure_transfer(epochs_trained=self.global_step // self.steps_per_epoch)
-                self.monitor_pending = False
-        else:
-            self.logger.truncate_after(-1)  # a fresh start replaces an old run's curve
-            if is_main_process():
+        # A fresh start replaces an old run's curve; a resumed run's goes on from its step.
+        self.logger.truncate_after(self.global_step if resumed else -1)
+        if is_main_process():
+            if not resumed:
                 # --no-resume: the old run's checkpoints go too, or a later plain re-run of
                 # this command would resume that run under this one's log and config.
                 discarded = discard_checkpoints(self.checkpoint_dir)
@@ -1191,11 +1182,20 @@ class Trainer:
                         f"look: starting over in {self.output_dir}: removed the {discarded} "
                         "checkpoint(s) of the run it held"
                     )
-                save_yaml(self.resolved, self.output_dir / "config.yaml")
-                # An old run's marks of a finished run, which this one would keep if stopped
-                # (the demo skips a run with a summary).
+            # What the run trains with from here on (a resume may change the train section,
+            # speed settings and where the data is).
+            save_yaml(self.resolved, self.output_dir / "config.yaml")
+            if self.global_step < self.total_steps:
+                # Not finished until it has trained the rest: a job script (or the demo, which
+                # skips a run with a summary) must not read an older session's marks of a
+                # finished run as this one's, while it runs or if it stops.
                 (self.output_dir / "summary.json").unlink(missing_ok=True)
                 (self.output_dir / "backbone.safetensors").unlink(missing_ok=True)
+        if resumed:
+            if self.monitor_pending:
+                self._measure_transfer(epochs_trained=self.global_step // self.steps_per_epoch)
+                self.monitor_pending = False
+        else:
             if self.method.needs_warmup_pass:
                 self._warmup_memory()
             self._measure_transfer(epochs_trained=0)  # the starting point of the curve
@@ -1279,12 +1279,7 @@ class Trainer:
             # No summary.json and no exported backbone: both say a run is finished.
             self.logger.close()
             barrier()
-            raise TrainingStopped(
-                self.stop_signals.received or "a signal another rank received",
-                self.global_step,
-                self.total_steps,
-                str(self.checkpoint_dir),
-            )
+            raise self._stopped()
         self.method.wants_metrics = True  # for whoever calls the method after training
         if self.global_step == 0 or not self.checkpoint_dir.exists():
             self.save()
