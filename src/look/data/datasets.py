@@ -223,7 +223,7 @@ def stratified_subset(labels: torch.Tensor, size: int, *, seed: int = SUBSET_SEE
         quota[int(np.argmax(quota))] -= 1
         quota[int(np.flatnonzero(quota == 0)[0])] += 1
     rng = np.random.default_rng(seed)
-    members = class_members(label_array, int(label_array.max()) + 1)
+    members = class_members(label_array)
     chosen = [
         rng.choice(members[c], size=int(q), replace=False)
         for c, q in zip(classes, quota, strict=True)

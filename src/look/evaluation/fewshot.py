@@ -134,7 +134,7 @@ def fewshot_episode_accuracies(
     per_class = k_shot + queries
     label_array = labels.cpu().numpy()
     eligible = eligible_classes(labels, n_way=n_way, k_shot=k_shot, queries=queries)
-    each_class = class_members(label_array, int(label_array.max()) + 1)
+    each_class = class_members(label_array)
     members = {int(c): each_class[int(c)] for c in eligible}
     rng = _episode_generator(seed, n_way, k_shot)
     # Draw every episode's indices first (deterministic for the seed), then classify in chunks.

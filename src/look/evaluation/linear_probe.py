@@ -148,7 +148,7 @@ def stratified_validation_split(
     label_array = labels.cpu().numpy()
     rng = np.random.default_rng(seed)
     val_parts = []
-    each_class = class_members(label_array, int(label_array.max()) + 1 if len(label_array) else 0)
+    each_class = class_members(label_array)
     for cls in np.unique(label_array):
         members = each_class[cls]
         if len(members) < 2:
