@@ -61,6 +61,7 @@ if [ "$PART" = 1 ]; then
 
   echo "== stage 2: the search alone: the default, Gluon config 36 and session 22's configs"
   timeout 150 python3 benchmarks/search_tune.py --configs 0 36 40 41 42 43 44 45 46 47 48 \
+    --rows 14197122 1281167 \
     --prefilter none --output "$OUT/search_tune.json" 2>&1 | tee "$OUT/search_tune.log"
   best=$(python3 benchmarks/search_tune.py --output "$OUT/search_tune.json" \
     --fastest-exact 14197122 2>/dev/null)
