@@ -867,6 +867,9 @@ class SearchKernelConfig:
     # 37 % of 64 × 128), so the append path runs on more of them. (The int8 pre-filter keeps
     # the queries-by-rows products.)
     product: str = "queries_by_rows"
+    # Gluon's collect pass: each consumer starts the next tile's product before testing this
+    # one's (True), instead of waiting for each product (False).
+    gluon_overlap: bool = False
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -965,6 +968,13 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(128, 64, 8, 3, "fused", "rounds", product="rows_by_queries"),
     SearchKernelConfig(256, 64, 8, 2, "fused", "rounds", product="rows_by_queries"),
     SearchKernelConfig(64, 128, 8, 3, "fused", "rounds", product="rows_by_queries"),
+    # Session 22: Gluon config 36 with each consumer's next product started before this
+    # tile's test (the same run's Nsight Compute: config 36's collect pass latency-bound,
+    # under 1 eligible warp per scheduler), and with 2 groups (2 blocks per SM fit).
+    SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_overlap=True),
+    SearchKernelConfig(
+        64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_groups=2, gluon_overlap=True
+    ),
 )
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
 # session 20, on an H200: faster alone only at 14.2M rows, and no faster in the step.)
@@ -1684,6 +1694,7 @@ def _gluon_collect_pass(
         queries, memory, valid, bound, out_values, out_indices, counts,
         block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
         widen_bound=plan.has_bound, multiprocessors=multiprocessors,
+        overlap=config.gluon_overlap,
     )  # fmt: skip
 
 
