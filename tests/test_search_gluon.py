@@ -38,7 +38,7 @@ GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"
 
 
 def test_the_gluon_configs_are_tuned_only_on_request() -> None:
-    assert len(GLUON_CONFIGS) == 3
+    assert len(GLUON_CONFIGS) == 5
     assert all(config.kernel == "triton" for config in TUNED_CONFIGS)
     assert len(TUNED_CONFIGS) + len(GLUON_CONFIGS) == len(KERNEL_CONFIGS)
 
