@@ -415,50 +415,6 @@ def case_collect_variants_match_scan() -> None:
         set_kernel_config(default)
 
 
-def case_rows_by_queries_products_and_appends_in_rounds_match_scan() -> None:
-    """The products with the memory rows as M (``product="rows_by_queries"``) and the append in
-    rounds (``collect="rounds"``: each query's largest remaining candidate per round) change
-    neither the bound nor the candidates: exact with a ragged query block, a partial last tile
-    shifted back, leave-one-out with a valid mask, several candidates of one query in one tile
-    (near copies of it packed in consecutive rows: several rounds) and tied ones (exact
-    duplicate rows: one round each, none dropped, none twice), with tile maxima or bins in the
-    bound pass, pointer or bulk loads."""
-    generator = torch.Generator().manual_seed(21)
-    batch, rows, dim = 21, 6030, 32  # 94 tiles of 64 rows, the last 14 rows long
-    query = F.normalize(torch.randn(batch, dim, generator=generator), dim=1)
-    memory = F.normalize(torch.randn(rows, dim, generator=generator), dim=1)
-    memory[640:652] = F.normalize(
-        query[3] + 0.05 * torch.randn(12, dim, generator=generator), dim=1
-    )
-    memory[700:704] = memory[641]  # four ties of a near copy, in one tile
-    memory[6020:6030] = F.normalize(
-        query[5] + 0.05 * torch.randn(10, dim, generator=generator), dim=1
-    )
-    memory = memory.half()
-    valid = torch.rand(rows, generator=generator) > 0.1
-    valid[640:652] = True
-    ids = torch.randint(0, rows, (batch,), generator=generator)
-    base = dataclasses.replace(get_kernel_config(), select="sort")
-    for config in (
-        dataclasses.replace(base, collect="rounds"),
-        dataclasses.replace(base, block_q=32, block_n=64, product="rows_by_queries"),
-        dataclasses.replace(base, block_q=32, block_n=64, product="rows_by_queries", collect="rounds"),
-        dataclasses.replace(base, block_q=32, block_n=64, product="rows_by_queries", collect="rounds",
-                            bound_bins=True, loads="tma"),
-    ):  # fmt: skip
-        for k, kwargs in [(20, {}), (10, {"query_ids": ids, "memory_valid": valid})]:
-            values, indices, overflowed = fused_knn_search(
-                query, memory, k, config=config, **kwargs
-            )
-            assert not bool(overflowed.any()), config
-            scan = knn_search(query, memory, k, backend="torch", **kwargs)  # type: ignore[arg-type]
-            assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-6)
-            if not kwargs:  # query 3's nearest are the packed rows and their ties, each once
-                nearest = indices[3].tolist()
-                assert set(range(640, 652)) | set(range(700, 704)) <= set(nearest), config
-                assert len(set(nearest)) == k
-
-
 def case_queries_rounded_in_the_kernel_match_queries_rounded_by_torch() -> None:
     """query_operand "registers" passes fp32 queries and rounds them in the kernel: the same
     values and rows as rounding them first (queries that are not
@@ -789,7 +745,9 @@ def case_int8_prefilter_matches_scan() -> None:
     # keep the k rows of largest *approximate* similarity, other rows than the exact search's.
     tiles, k = 300, 60
     memory = -F.normalize(torch.randn(tiles * 32, 16, generator=generator), dim=1) * 0.1
-    memory[::32] = F.normalize(query[1] + 0.05 * torch.randn(tiles, 16, generator=generator), dim=1)
+    memory[::32] = F.normalize(
+        query[1] + 0.05 * torch.randn(tiles, 16, generator=generator), dim=1
+    )
     memory = memory.half()
     scan = knn_search(query[1:2], memory, k, backend="torch")
     # The bound pass reading the fp16 rows (the default) or the int8 copy too.
@@ -861,7 +819,7 @@ def case_the_int8_copys_write_kernel_writes_what_pytorch_does() -> None:
     torch.testing.assert_close(written.errors, expected.errors, rtol=1e-6, atol=0)
     torch.testing.assert_close(written.norm_bound, expected.norm_bound, rtol=1e-6, atol=0)
     torch.testing.assert_close(written.error_bound, expected.error_bound, rtol=1e-6, atol=0)
-    exact = memory.double() - written.values.double() * written.scales.double()[:, None]
+    exact = (memory.double() - written.values.double() * written.scales.double()[:, None])
     assert (exact.norm(dim=1) <= written.errors.double()).all()
     before = written.norm_bound.clone()
     _write_quantized_rows(written, positions[:5], rows[:5] / 100)  # smaller rows

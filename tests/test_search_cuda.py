@@ -9,13 +9,7 @@ import torch.nn.functional as F
 
 from look.losses import look_loss_terms
 from look.search import KnnResult, knn_search
-from look.search_triton import (
-    KERNEL_CONFIGS,
-    QuantizedRows,
-    fused_knn_search,
-    fused_search_supported,
-    triton_available,
-)
+from look.search_triton import QuantizedRows, fused_search_supported, triton_available
 from tests.neighbour_checks import assert_same_neighbours
 
 pytestmark = pytest.mark.skipif(
@@ -44,36 +38,6 @@ def test_fused_equals_scan_on_gpu(
     int8 = knn_search(query, memory, k, query_ids=ids, memory_valid=valid, backend="triton",
                       prefilter=QuantizedRows.from_memory(memory))  # fmt: skip
     assert_same_neighbours(int8, scan, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "position",
-    [
-        i
-        for i, c in enumerate(KERNEL_CONFIGS)
-        if c.collect == "rounds" or c.product != "queries_by_rows"
-    ],
-)
-def test_rows_by_queries_products_and_rounds_equal_scan_on_gpu(position: int) -> None:
-    """Session 22's configs (appends in rounds, rows as wgmma's M) on the tensor cores: bf16
-    rows, a valid mask, leave-one-out, and a cluster of near copies of one query so that
-    several of its candidates share a tile."""
-    config = KERNEL_CONFIGS[position]
-    generator = torch.Generator(device="cuda").manual_seed(position)
-    rows = 300_000
-    memory = F.normalize(torch.randn(rows, 128, device="cuda", generator=generator), dim=1)
-    query = F.normalize(torch.randn(256, 128, device="cuda", generator=generator), dim=1)
-    memory[1000:1300] = F.normalize(query[7] + 0.1 * torch.randn(300, 128, device="cuda",
-                                                                 generator=generator), dim=1)  # fmt: skip
-    memory = memory.bfloat16()
-    valid = torch.rand(rows, device="cuda", generator=generator) > 0.05
-    ids = torch.randint(0, rows, (256,), device="cuda", generator=generator)
-    values, indices, overflowed = fused_knn_search(
-        query, memory, 200, query_ids=ids, memory_valid=valid, config=config
-    )
-    assert not bool(overflowed.any())
-    scan = knn_search(query, memory, 200, query_ids=ids, memory_valid=valid, backend="torch")
-    assert_same_neighbours(KnnResult(values, indices), scan, atol=1e-5)
 
 
 def test_overflow_falls_back_on_gpu() -> None:

@@ -166,19 +166,6 @@ if gluon is not None:
         return similarities
 
     @gluon.jit
-    def _issue_product(query, tiles, ready, i, products):
-        """Wait for the ``i``-th tile of this program and start its product (asynchronous: the
-        caller waits for it, then frees the buffer)."""
-        stages: gl.constexpr = tiles.type.shape[0]
-        block_n: gl.constexpr = tiles.type.shape[1]
-        slot = i % stages
-        mbarrier.wait(ready.index(slot), (i // stages) & 1)
-        accumulator = gl.zeros([64, block_n], gl.float32, products)  # (ignored: use_acc=False)
-        return warpgroup_mma(
-            query, tiles.index(slot).permute((1, 0)), accumulator, use_acc=False, is_async=True
-        )
-
-    @gluon.jit
     def _append(values, keep, query_of, indices, counts_ptr, out_values_ptr, out_indices_ptr,
                 capacity):  # fmt: skip
         """Append the ``keep`` entries to their queries' buffers: one relaxed atomic per
@@ -189,55 +176,6 @@ if gluon is not None:
         destination = query_of * capacity + slots
         gl.store(out_values_ptr + destination, values, mask=store)
         gl.store(out_indices_ptr + destination, indices.to(gl.int64), mask=store)
-
-    @gluon.jit
-    def _widened_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound):
-        """A collect consumer's bounds. With ``widen_bound``, as the Triton collect pass
-        (WIDEN_BOUND): lowered by 2**-20 of itself for the two passes' rounding; fewer than k
-        sampled candidates (-inf) take the lowest finite value; padding queries keep +inf
-        (never append)."""
-        q_mask = offs_q < num_queries
-        bound = gl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
-        if widen_bound != 0:
-            finite = gl.abs(bound) < float("inf")
-            finite_bound = gl.where(finite, bound, 0.0)
-            widened = gl.where(finite, finite_bound - gl.abs(finite_bound) * 9.5367431640625e-07,
-                               -3.4028234663852886e38)  # fmt: skip
-            bound = gl.where(q_mask, widened, float("inf"))
-        return bound
-
-    @gluon.jit
-    def _collect_tile(
-        similarities, tile, bound, offs_q, tile_rows, num_rows, valid_ptr, has_valid,
-        counts_ptr, out_values_ptr, out_indices_ptr, capacity,
-    ):  # fmt: skip
-        """Append one tile's similarities ``>=`` the bound to their queries' buffers."""
-        block_n: gl.constexpr = similarities.shape[1]
-        products: gl.constexpr = similarities.type.layout
-        keep = similarities >= bound[:, None]
-        # Most tiles of a large memory hold no candidate of any of these queries: one
-        # reduction over the warpgroup decides whether to number and store anything.
-        if gl.max(gl.max(keep.to(gl.int32), axis=1), axis=0) > 0:
-            offs_n = tile * block_n + tile_rows
-            row_ok = offs_n < num_rows  # the last tile's rows past the end are zeros
-            if has_valid != 0:
-                written = gl.load(valid_ptr + offs_n, mask=row_ok, other=0)
-                row_ok = row_ok & (written != 0)
-            keep = keep & row_ok[None, :]
-            # One relaxed atomic per candidate numbers it in its query's buffer. The even
-            # and the odd columns (each thread holds column pairs) go one after the other:
-            # half the addresses live at once (48 bytes spilled otherwise).
-            query_of = offs_q[:, None] + gl.zeros([64, block_n], gl.int32, products)
-            indices = offs_n[None, :] + gl.zeros([64, block_n], gl.int32, products)
-            pairs: gl.constexpr = [64, block_n // 2, 2]
-            values_even, values_odd = similarities.reshape(pairs).split()
-            keep_even, keep_odd = keep.reshape(pairs).split()
-            query_even, query_odd = query_of.reshape(pairs).split()
-            index_even, index_odd = indices.reshape(pairs).split()
-            _append(values_even, keep_even, query_even, index_even, counts_ptr,
-                    out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
-            _append(values_odd, keep_odd, query_odd, index_odd, counts_ptr,
-                    out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
 
     @gluon.jit
     def _collect_partition(
@@ -257,61 +195,46 @@ if gluon is not None:
             query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
         )
         offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
-        bound = _widened_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound)
+        q_mask = offs_q < num_queries
+        bound = gl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
+        if widen_bound != 0:
+            # As the Triton collect pass (WIDEN_BOUND): lowered by 2**-20 of itself for the
+            # two passes' rounding; fewer than k sampled candidates (-inf) take the lowest
+            # finite value; padding queries keep +inf (never append).
+            finite = gl.abs(bound) < float("inf")
+            finite_bound = gl.where(finite, bound, 0.0)
+            widened = gl.where(finite, finite_bound - gl.abs(finite_bound) * 9.5367431640625e-07,
+                               -3.4028234663852886e38)  # fmt: skip
+            bound = gl.where(q_mask, widened, float("inf"))
         tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
         i = 0
         for tile in range(gl.program_id(1), num_tiles, gl.num_programs(1)):
             similarities = _product(query, tiles, ready, empty, i, products)
             i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
-            _collect_tile(similarities, tile, bound, offs_q, tile_rows, num_rows, valid_ptr,
-                          has_valid, counts_ptr, out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
-
-    @gluon.jit
-    def _overlapped_collect_partition(
-        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
-        out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
-        stride_query, stride_bound, num_tiles, tile_step, capacity, bound_columns, first_query,
-        has_valid, widen_bound,
-    ):  # fmt: skip
-        """:func:`_collect_partition` with the next tile's product started before this
-        tile's append test: the tensor cores work while the warpgroup compares, reduces and
-        appends (session 22's Nsight Compute run: the plain consumer waits for each product,
-        and its pass was latency-bound, under 1 eligible warp per scheduler). Two products
-        in flight: two buffers held until the older one's product is done."""
-        block_n: gl.constexpr = tiles.type.shape[1]
-        stages: gl.constexpr = tiles.type.shape[0]
-        products: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_n, 16]
-        )
-        query = _query_operand(
-            query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
-        )
-        offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
-        bound = _widened_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound)
-        tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
-        first_tile = gl.program_id(1)
-        programs = gl.num_programs(1)
-        mine = (num_tiles - first_tile + programs - 1) // programs  # >= 1: programs <= tiles
-        for j in range(0, mine - 1, 2):  # tiles in pairs: no product in flight across iterations
-            first = _issue_product(query, tiles, ready, j, products)
-            second = _issue_product(query, tiles, ready, j + 1, products)
-            done = warpgroup_mma_wait(num_outstanding=1, deps=(first,))
-            mbarrier.arrive(empty.index(j % stages), count=1)
-            _collect_tile(done, first_tile + j * programs, bound, offs_q, tile_rows, num_rows,
-                          valid_ptr, has_valid, counts_ptr, out_values_ptr, out_indices_ptr,
-                          capacity)  # fmt: skip
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(second,))
-            mbarrier.arrive(empty.index((j + 1) % stages), count=1)
-            _collect_tile(done, first_tile + (j + 1) * programs, bound, offs_q, tile_rows,
-                          num_rows, valid_ptr, has_valid, counts_ptr, out_values_ptr,
-                          out_indices_ptr, capacity)  # fmt: skip
-        if mine % 2 == 1:
-            last = _issue_product(query, tiles, ready, mine - 1, products)
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(last,))
-            mbarrier.arrive(empty.index((mine - 1) % stages), count=1)
-            _collect_tile(done, first_tile + (mine - 1) * programs, bound, offs_q, tile_rows,
-                          num_rows, valid_ptr, has_valid, counts_ptr, out_values_ptr,
-                          out_indices_ptr, capacity)  # fmt: skip
+            keep = similarities >= bound[:, None]
+            # Most tiles of a large memory hold no candidate of any of these queries: one
+            # reduction over the warpgroup decides whether to number and store anything.
+            if gl.max(gl.max(keep.to(gl.int32), axis=1), axis=0) > 0:
+                offs_n = tile * block_n + tile_rows
+                row_ok = offs_n < num_rows  # the last tile's rows past the end are zeros
+                if has_valid != 0:
+                    written = gl.load(valid_ptr + offs_n, mask=row_ok, other=0)
+                    row_ok = row_ok & (written != 0)
+                keep = keep & row_ok[None, :]
+                # One relaxed atomic per candidate numbers it in its query's buffer. The even
+                # and the odd columns (each thread holds column pairs) go one after the other:
+                # half the addresses live at once (48 bytes spilled otherwise).
+                query_of = offs_q[:, None] + gl.zeros([64, block_n], gl.int32, products)
+                indices = offs_n[None, :] + gl.zeros([64, block_n], gl.int32, products)
+                pairs: gl.constexpr = [64, block_n // 2, 2]
+                values_even, values_odd = similarities.reshape(pairs).split()
+                keep_even, keep_odd = keep.reshape(pairs).split()
+                query_even, query_odd = query_of.reshape(pairs).split()
+                index_even, index_odd = indices.reshape(pairs).split()
+                _append(values_even, keep_even, query_even, index_even, counts_ptr,
+                        out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
+                _append(values_odd, keep_odd, query_odd, index_odd, counts_ptr,
+                        out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
 
     @gluon.jit
     def _bound_partition(
@@ -365,7 +288,6 @@ if gluon is not None:
         num_tiles, tile_step, capacity, bound_columns, has_valid,
         COLLECT: gl.constexpr, WIDEN_BOUND: gl.constexpr,
         GROUPS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-        OVERLAP: gl.constexpr = False,
     ):  # fmt: skip
         """Program (q, p): queries [q·GROUPS·64, …) against the pass's tiles p, p + P, … (so
         the programs of all query blocks read the same tile at about the same time). The
@@ -398,23 +320,7 @@ if gluon is not None:
         group_3 = shared + (first + 192, has_valid, widen_bound)  # noqa: RUF005
         # (each partition list names its function: the JIT passes no function as a value)
         gl.static_assert((GROUPS == 2) | (GROUPS == 4), "GROUPS must be 2 or 4")
-        if COLLECT and OVERLAP:
-            if GROUPS == 2:
-                gl.warp_specialize(
-                    [(_overlapped_collect_partition, group_0),
-                     (_overlapped_collect_partition, group_1), (_producer_partition, group_0)],
-                    [4, 1], [CONSUMER_REGISTERS, 24],
-                )  # fmt: skip
-            else:
-                gl.warp_specialize(
-                    [(_overlapped_collect_partition, group_0),
-                     (_overlapped_collect_partition, group_1),
-                     (_overlapped_collect_partition, group_2),
-                     (_overlapped_collect_partition, group_3), (_producer_partition, group_0)],
-                    [4, 4, 4, 1],
-                    [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS, 24],
-                )  # fmt: skip
-        elif COLLECT:
+        if COLLECT:
             if GROUPS == 2:
                 gl.warp_specialize(
                     [(_collect_partition, group_0), (_collect_partition, group_1),
@@ -508,7 +414,7 @@ def gluon_bound_columns(
 def _gluon_pass(
     queries: Tensor, memory: Tensor, valid: Tensor | None, pointers: tuple[Tensor, ...],
     sizes: tuple[int, ...], *, collect: bool, widen_bound: bool, num_tiles: int, block_n: int,
-    stages: int, groups: int, multiprocessors: int, overlap: bool = False,
+    stages: int, groups: int, multiprocessors: int,
 ) -> GluonPass:  # fmt: skip
     if gluon is None:
         raise RuntimeError("Triton's Gluon front end is not installed")
@@ -531,7 +437,6 @@ def _gluon_pass(
         "GROUPS": groups,
         "STAGES": stages,
         "CONSUMER_REGISTERS": consumer_registers,
-        "OVERLAP": overlap,
     }
     return GluonPass(arguments, constexprs, (query_blocks, programs), launch_registers)
 
@@ -576,19 +481,17 @@ def gluon_collect_pass(
     groups: int,
     widen_bound: bool,
     multiprocessors: int,
-    overlap: bool = False,
 ) -> GluonPass:
     """The collect pass of :func:`look.search_triton.fused_knn_search` over every tile of
     ``block_n`` rows: its outputs ``out_values``/``out_indices`` (rows of ``capacity`` slots)
     and ``counts``. ``groups`` (1, 2 or 4) consumer warpgroups of 64 queries share each tile;
     fewer are used when the batch has fewer queries. ``bound`` is the k-th largest bin or tile
     maximum per query (a column view: its stride is passed), widened in the kernel with
-    ``widen_bound``. With ``overlap`` each consumer starts the next tile's product before
-    testing this one's (:func:`_overlapped_collect_partition`)."""
+    ``widen_bound``."""
     num_tiles = _cdiv(memory.shape[0], block_n)
     return _gluon_pass(
         queries, memory, valid, (bound, bound, out_values, out_indices, counts),
         (bound.stride(0), num_tiles, 1, out_values.shape[1], 0),
         collect=True, widen_bound=widen_bound, num_tiles=num_tiles, block_n=block_n,
-        stages=stages, groups=groups, multiprocessors=multiprocessors, overlap=overlap,
+        stages=stages, groups=groups, multiprocessors=multiprocessors,
     )  # fmt: skip

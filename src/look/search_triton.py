@@ -161,30 +161,6 @@ if triton is not None:
             tl.store(out_indices_ptr + destination, indices, mask=store)
 
     @triton.jit
-    def _append_rounds(
-        similarities, keep, offs_q, row_start, counts_ptr, out_values_ptr, out_indices_ptr,
-        capacity, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        """Append the ``keep`` entries of a tile in rounds: each round appends every query's
-        largest remaining one (a reduction along the tile's rows, one relaxed atomic per query)
-        and drops it, for as many rounds as the fullest query holds (at 14.2M rows almost
-        always one). The tile stays in its matrix-product layout: no flattened copies of it,
-        whose layout change cost the larger tiles' append path registers and spills."""
-        positions = tl.arange(0, BLOCK_N)
-        rounds = tl.max(tl.sum(keep.to(tl.int32), axis=1), axis=0)
-        for _ in range(rounds):
-            remaining = tl.where(keep, similarities, float("-inf"))
-            best = tl.max(remaining, axis=1)
-            position = tl.argmax(remaining, axis=1)
-            found = tl.max(keep.to(tl.int32), axis=1) > 0
-            slot = tl.atomic_add(counts_ptr + offs_q, 1, mask=found, sem="relaxed")
-            store = found & (slot < capacity)
-            destination = offs_q * capacity + slot
-            tl.store(out_values_ptr + destination, best, mask=store)
-            tl.store(out_indices_ptr + destination, row_start + position, mask=store)
-            keep = keep & (positions[None, :] != position[:, None])
-
-    @triton.jit
     def _row_ok(
         valid_ptr, offs_n, first_row, num_rows,
         HAS_VALID: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
@@ -230,7 +206,7 @@ if triton is not None:
         HAS_VALID: tl.constexpr, COLLECT: tl.constexpr, ATOMIC_PER_CANDIDATE: tl.constexpr,
         SKIP_EMPTY_TILES: tl.constexpr, MASK_ROWS: tl.constexpr, EXCLUDE_REPEATS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, INT8_ROWS: tl.constexpr,
-        BOUND_BINS: tl.constexpr, ROWS_BY_QUERIES: tl.constexpr, APPEND_ROUNDS: tl.constexpr,
+        BOUND_BINS: tl.constexpr,
     ):  # fmt: skip
         """One tile's products: the collect pass appends its candidates, the bound pass updates
         ``kept`` (returned; unchanged by the collect pass): its largest tile maxima, or with
@@ -250,12 +226,6 @@ if triton is not None:
             similarities = _int8_scaled_products(
                 query, query_low, rows, offs_n, num_rows, row_scale_ptr, MASK_ROWS
             )
-        elif ROWS_BY_QUERIES:
-            # The memory rows as wgmma's M (64 per warpgroup) and the queries as its N (up to
-            # 256 in one instruction): fewer shared-memory bytes per product than 64 queries
-            # by a 32-row tile. Transposed back as a layout, not a copy: the epilogue below
-            # indexes [query, row] either way.
-            similarities = tl.trans(tl.dot(rows, tl.trans(query)))
         else:
             similarities = tl.dot(query, tl.trans(rows))  # fp32 accumulation
         # Excluded rows (repeated, past the end, unwritten) must never be kept. Row masks are
@@ -274,8 +244,6 @@ if triton is not None:
                 if INT8_ROWS:  # each query's largest scaled product against its gate
                     passes = tl.max(similarities, axis=1) >= query_gate
                     append = tl.max(passes.to(tl.int32), axis=0) > 0
-                elif ROWS_BY_QUERIES:  # across the queries (wgmma's N: in-warp) first
-                    append = tl.max(tl.max(keep.to(tl.int32), axis=0), axis=0) > 0
                 else:
                     append = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
@@ -295,20 +263,11 @@ if triton is not None:
                         query_norm[:, None] * row_error[None, :] + query_slack[:, None]
                     )
                     keep = upper >= bound[:, None]
-                if APPEND_ROUNDS:
-                    row_start = first_row  # the tile's first row (shifted back if it is the last)
-                    if not MASK_ROWS:
-                        row_start = tl.minimum(first_row, num_rows - BLOCK_N)
-                    _append_rounds(
-                        similarities, keep & row_ok[None, :], offs_q, row_start, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity, BLOCK_N,
-                    )  # fmt: skip
-                else:
-                    _append_candidates(
-                        similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
-                        BLOCK_Q, BLOCK_N,
-                    )  # fmt: skip
+                _append_candidates(
+                    similarities, keep & row_ok[None, :], offs_q, offs_n, counts_ptr,
+                    out_values_ptr, out_indices_ptr, capacity, ATOMIC_PER_CANDIDATE,
+                    BLOCK_Q, BLOCK_N,
+                )  # fmt: skip
         elif BOUND_BINS:
             # Per query, the largest product at each position of the tile over this program's
             # tiles: bins of disjoint rows (an element-wise maximum, no reduction across the
@@ -377,8 +336,6 @@ if triton is not None:
         QUERY_DTYPE: tl.constexpr = None,
         INT8_ROWS: tl.constexpr = False,
         BOUND_BINS: tl.constexpr = False,
-        ROWS_BY_QUERIES: tl.constexpr = False,
-        APPEND_ROUNDS: tl.constexpr = False,
     ):
         # Program (q, p) owns queries [q*BLOCK_Q, ...) and tiles p, p + P, p + 2P, ... so that the
         # programs of all query blocks read the same memory tile at about the same time (L2 hits).
@@ -481,7 +438,7 @@ if triton is not None:
                 query_factor, query_norm, query_slack, query_gate, row_scale_ptr, row_error_ptr,
                 HAS_VALID, COLLECT,
                 ATOMIC_PER_CANDIDATE, SKIP_EMPTY_TILES, not SHIFT_LAST_TILE, EXCLUDE_REPEATS,
-                BLOCK_Q, BLOCK_N, INT8_ROWS, BOUND_BINS, ROWS_BY_QUERIES, APPEND_ROUNDS,
+                BLOCK_Q, BLOCK_N, INT8_ROWS, BOUND_BINS,
             )  # fmt: skip
         if not COLLECT:
             if BOUND_BINS and INT8_ROWS:  # lower bounds of the bins' scaled products (factor >= 0)
@@ -858,18 +815,6 @@ class SearchKernelConfig:
     # reduction across it and a sorted list (``block_n`` columns per program for the bound's
     # selection).
     bound_bins: bool = False
-    # The product's operand order: "queries_by_rows" (wgmma's M = ``block_q`` queries, N =
-    # ``block_n`` rows: the 64 × 32 default reads the 64 × d query block from shared memory
-    # for every 32-row tile, 0.0625 bytes per flop, over the tensor pipe's ~0.031) or
-    # "rows_by_queries" (M = ``block_n`` rows, 64 per warpgroup, N = ``block_q`` queries: a
-    # 64-row tile by 128 queries reads 0.031 bytes per flop, 256 queries 0.023). Larger tiles
-    # hold a candidate more often (at 14.2M rows, ~5.7e-5 per pair: 11 % of 64 × 32 tiles,
-    # 37 % of 64 × 128), so the append path runs on more of them. (The int8 pre-filter keeps
-    # the queries-by-rows products.)
-    product: str = "queries_by_rows"
-    # Gluon's collect pass: each consumer starts the next tile's product before testing this
-    # one's (True), instead of waiting for each product (False).
-    gluon_overlap: bool = False
 
 
 # Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
@@ -953,28 +898,6 @@ KERNEL_CONFIGS = (
     # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), between 1.1 % fewer
     # and 1.0 % more candidates (benchmarks/search_candidates.py --bins 39).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
-    # Session 22 (CPU only; a GPU is to time them): at 14.2M rows every config above takes
-    # 3.9-4.3 ms alone on the H200, the collect pass ~2.6x its products' floor, and session 12's
-    # Nsight Compute found L1/shared memory the busiest unit. The appends in rounds keep the
-    # tile in its product layout (the default's collect pass: 101 registers instead of 123),
-    # and the memory rows as wgmma's M read fewer shared-memory bytes per product (64 rows by
-    # 64 or 128 queries; more registers: 180 and more, 2 blocks per SM).
-    SearchKernelConfig(64, 32, 4, 4, "fused", "rounds"),
-    SearchKernelConfig(64, 32, 4, 4, "fused", "rounds", tile_stride=2),
-    SearchKernelConfig(64, 64, 4, 3, "fused", "rounds"),
-    SearchKernelConfig(64, 64, 4, 3, "fused", "rounds", product="rows_by_queries"),
-    SearchKernelConfig(64, 64, 4, 3, "fused", "atomic", product="rows_by_queries"),
-    SearchKernelConfig(64, 64, 4, 3, "fused", "rounds", tile_stride=2, product="rows_by_queries"),
-    SearchKernelConfig(128, 64, 8, 3, "fused", "rounds", product="rows_by_queries"),
-    SearchKernelConfig(256, 64, 8, 2, "fused", "rounds", product="rows_by_queries"),
-    SearchKernelConfig(64, 128, 8, 3, "fused", "rounds", product="rows_by_queries"),
-    # Session 22: Gluon config 36 with each consumer's next product started before this
-    # tile's test (the same run's Nsight Compute: config 36's collect pass latency-bound,
-    # under 1 eligible warp per scheduler), and with 2 groups (2 blocks per SM fit).
-    SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_overlap=True),
-    SearchKernelConfig(
-        64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_groups=2, gluon_overlap=True
-    ),
 )
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
 # session 20, on an H200: faster alone only at 14.2M rows, and no faster in the step.)
@@ -1241,10 +1164,6 @@ def _kernel_pass(
     block_d = max(16, _next_power_of_two(dim))
     if config.loads not in ("pointer", "tma"):
         raise ValueError(f"loads must be 'pointer' or 'tma', got {config.loads!r}")
-    if config.product not in ("queries_by_rows", "rows_by_queries"):
-        raise ValueError(
-            f"product must be 'queries_by_rows' or 'rows_by_queries', got {config.product!r}"
-        )
     # A descriptor needs 16-byte aligned rows (e.g. not 20-d fp16 rows): pointer loads there.
     tma_loads = (
         config.loads == "tma"
@@ -1310,9 +1229,6 @@ def _kernel_pass(
         ),
         "INT8_ROWS": prefilter is not None,
         "BOUND_BINS": config.bound_bins and not collect,
-        "ROWS_BY_QUERIES": config.product == "rows_by_queries" and prefilter is None,
-        # (the int8 pre-filter's append re-tests each row against its own error bound first)
-        "APPEND_ROUNDS": config.collect == "rounds" and prefilter is None,
     }
     programs = plan.collect_programs if collect else plan.bound_programs
     return _KernelPass(arguments, constexprs, config, (plan.query_blocks, programs))
@@ -1412,8 +1328,8 @@ def _fused_knn_search(
         if memory_valid is not None
         else None
     )
-    if config.collect not in ("scan", "atomic", "rounds"):
-        raise ValueError(f"collect must be 'scan', 'atomic' or 'rounds', got {config.collect!r}")
+    if config.collect not in ("scan", "atomic"):
+        raise ValueError(f"collect must be 'scan' or 'atomic', got {config.collect!r}")
     if config.kernel not in ("triton", "gluon"):
         raise ValueError(f"kernel must be 'triton' or 'gluon', got {config.kernel!r}")
     clock = _PhaseClock(device, timings)
@@ -1694,7 +1610,6 @@ def _gluon_collect_pass(
         queries, memory, valid, bound, out_values, out_indices, counts,
         block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
         widen_bound=plan.has_bound, multiprocessors=multiprocessors,
-        overlap=config.gluon_overlap,
     )  # fmt: skip
 
 
