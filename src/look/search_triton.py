@@ -233,7 +233,6 @@ if triton is not None:
         # queries need no mask (their bound is +inf and their stores are masked). A query's own
         # row is not excluded here: fused_knn_search bounds one neighbour more and masks it after.
         if COLLECT:
-            keep = similarities >= bound[:, None]  # (int8: replaced on the append path)
             if SKIP_EMPTY_TILES:
                 # Most tiles of a large memory hold no candidate of any query of the block (at
                 # 14M rows ~89 %, at 1.28M only ~27 %: docs/results.md): one block-wide
@@ -245,10 +244,17 @@ if triton is not None:
                     passes = tl.max(similarities, axis=1) >= query_gate
                     append = tl.max(passes.to(tl.int32), axis=0) > 0
                 else:
-                    append = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0
+                    # Each query's largest product against its bound: a maximum per element
+                    # and one compare per query, where testing every product first took a
+                    # compare, a select and an integer maximum per element (the ALU pipe is the
+                    # Gluon collect pass's busiest: session 22). (tl.max ignores NaN, as the
+                    # per-element test does.)
+                    passes = tl.max(similarities, axis=1) >= bound
+                    append = tl.max(passes.to(tl.int32), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
                 append = True
             if append:
+                keep = similarities >= bound[:, None]  # (int8: replaced below)
                 row_ok = _row_ok(
                     valid_ptr, offs_n, first_row, num_rows, HAS_VALID, MASK_ROWS, EXCLUDE_REPEATS
                 )
