@@ -25,8 +25,9 @@
 #   6c. the host time of one search, launched and replayed;
 #   7. Nsight Compute's view of the default's kernels at 14.2M rows, bf16 and int8, and of the
 #      Gluon config 36 on the bf16 bank.
-# (Session 22 ran stage 5's profile and timed two new collect passes instead: docs/results.md,
-# "Session 22". Part 1 as it stands re-measures; bring a new candidate to time first.)
+# (Session 22 ran stage 5's profile, then changed config 36's collect pass and made it the
+# default on Hopper, so stage 4 now times config 36 there: docs/results.md, "Session 22". Part 1
+# as it stands re-measures; bring a new candidate to time first.)
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 # The device tool returns at most 8 files from its $OUT: write to another folder and pack it, as

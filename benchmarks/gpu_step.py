@@ -505,7 +505,7 @@ def main() -> None:
                     print(entry["search_int8_error"])
         read_ms = measure(lambda: bank.sum(), args.steps, args.warmup)
         best = min(entry[f"search_{b}_ms"] for b in backends)  # type: ignore[type-var]
-        stride = get_kernel_config().tile_stride if fused_applies else None
+        stride = get_kernel_config(bank.device).tile_stride if fused_applies else None
         flops = search_flops(queries, rows, bank.shape[1], stride)
         products_ms = flops / (figures["matmul_tflops"] * 1e12) * 1000.0  # type: ignore[operator]
         entry.update(

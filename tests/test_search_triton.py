@@ -158,3 +158,36 @@ def test_an_int8_copy_written_row_by_row_equals_one_built_at_once() -> None:
     copy.write_(positions, rows / 10)
     assert torch.equal(copy.norm_bound, whole.norm_bound)
 
+
+
+def test_the_default_config_is_gluons_on_a_hopper_gpu_and_the_triton_passes_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from look import search_gluon, search_triton
+    from look.search_triton import HOPPER_CONFIG, KERNEL_CONFIGS, get_kernel_config
+
+    capability = {"value": (9, 0)}
+    gluon = {"value": True}
+    monkeypatch.setattr(search_triton, "_kernel_config", None)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: capability["value"]
+    )
+    monkeypatch.setattr(search_gluon, "gluon_available", lambda: bool(gluon["value"]))
+    gpu = torch.device("cuda", 0)
+    try:
+        search_triton._hopper_with_gluon.cache_clear()
+        assert HOPPER_CONFIG.kernel == "gluon"
+        assert get_kernel_config(gpu) is HOPPER_CONFIG
+        assert get_kernel_config(torch.device("cpu")) is KERNEL_CONFIGS[0]
+        assert get_kernel_config() is KERNEL_CONFIGS[0]
+        for capability["value"], gluon["value"] in [((8, 0), True), ((10, 0), True), ((9, 0), 0)]:
+            search_triton._hopper_with_gluon.cache_clear()
+            assert get_kernel_config(gpu) is KERNEL_CONFIGS[0], (capability, gluon)
+        # A config set by hand (or by the tuner) holds on every device, until None restores
+        # the choice by device.
+        search_triton.set_kernel_config(KERNEL_CONFIGS[1])
+        assert get_kernel_config(gpu) is get_kernel_config() is KERNEL_CONFIGS[1]
+        search_triton.set_kernel_config(None)
+        assert get_kernel_config() is KERNEL_CONFIGS[0]
+    finally:
+        search_triton._hopper_with_gluon.cache_clear()

@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "FUSED_DTYPES",
+    "HOPPER_CONFIG",
     "KERNEL_CONFIGS",
     "TUNED_CONFIGS",
     "QuantizedRows",
@@ -908,16 +909,35 @@ KERNEL_CONFIGS = (
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
 # session 20, on an H200: faster alone only at 14.2M rows, and no faster in the step.)
 TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.kernel == "triton")
-_kernel_config = KERNEL_CONFIGS[0]
+# The default on a Hopper GPU with Gluon: config 36's warp-specialised passes. Since session
+# 22's one verdict per warp in its collect pass, the H200 ran it faster than config 0 alone
+# (2.61 against 3.92 ms at 14.2M rows, 0.81 against 0.91 at 1.28M) and in the step (1.056 and
+# 1.012 x CE, docs/results.md). Elsewhere config 0 (the Triton passes).
+HOPPER_CONFIG = KERNEL_CONFIGS[36]
+_kernel_config: SearchKernelConfig | None = None  # None: by device (get_kernel_config)
 
 
-def get_kernel_config() -> SearchKernelConfig:
-    """The configuration :func:`fused_knn_search` uses when none is passed."""
-    return _kernel_config
+def get_kernel_config(device: torch.device | None = None) -> SearchKernelConfig:
+    """The configuration :func:`fused_knn_search` uses when none is passed: the one given to
+    :func:`set_kernel_config`, else :data:`HOPPER_CONFIG` for a memory on a Hopper GPU whose
+    Triton has Gluon, and ``KERNEL_CONFIGS[0]`` elsewhere (``device`` None: not a GPU)."""
+    if _kernel_config is not None:
+        return _kernel_config
+    if device is not None and device.type == "cuda" and _hopper_with_gluon(device):
+        return HOPPER_CONFIG
+    return KERNEL_CONFIGS[0]
 
 
-def set_kernel_config(config: SearchKernelConfig) -> None:
-    """Make ``config`` the process-wide default (e.g. the result of :func:`tune_kernel_config`)."""
+@lru_cache(maxsize=16)
+def _hopper_with_gluon(device: torch.device) -> bool:
+    from look.search_gluon import gluon_available
+
+    return gluon_available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def set_kernel_config(config: SearchKernelConfig | None) -> None:
+    """Make ``config`` the process-wide default (e.g. the result of :func:`tune_kernel_config`);
+    None restores the choice by device (:func:`get_kernel_config`)."""
     global _kernel_config
     _kernel_config = config
 
@@ -1269,7 +1289,7 @@ def fused_knn_search(
     """
     search = partial(
         _fused_knn_search, k=k, memory_valid=memory_valid, max_tile_stride=max_tile_stride,
-        capacity=capacity, config=config or _kernel_config, prefilter=prefilter,
+        capacity=capacity, config=config or get_kernel_config(memory.device), prefilter=prefilter,
     )  # fmt: skip
     if timings is None and query.shape[0] > 0 and _replays_graphs(memory.device):
         return _replayed_search(search, query, memory, query_ids)
