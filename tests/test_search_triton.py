@@ -159,7 +159,6 @@ def test_an_int8_copy_written_row_by_row_equals_one_built_at_once() -> None:
     assert torch.equal(copy.norm_bound, whole.norm_bound)
 
 
-
 def test_the_default_config_is_gluons_on_a_hopper_gpu_and_the_triton_passes_elsewhere(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
