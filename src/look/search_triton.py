@@ -246,10 +246,10 @@ if triton is not None:
                     append = tl.max(passes.to(tl.int32), axis=0) > 0
                 else:
                     # Each query's largest product against its bound: a maximum per element
-                    # and one compare per query, where testing every product first took a
-                    # compare, a select and an integer maximum per element (the ALU pipe is the
-                    # Gluon collect pass's busiest: session 22). (tl.max ignores NaN, as the
-                    # per-element test does.)
+                    # and one compare per query. (Triton 3.8 turns a test of every product into
+                    # this itself; Triton 3.6 kept a compare, a select and an integer maximum
+                    # per element in the Gluon pass: session 22.) (tl.max ignores NaN, as a
+                    # test per product does.)
                     passes = tl.max(similarities, axis=1) >= bound
                     append = tl.max(passes.to(tl.int32), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
@@ -824,8 +824,9 @@ class SearchKernelConfig:
     bound_bins: bool = False
 
 
-# Candidates tried by tune_kernel_config; the default is the first. Session 12's second H100
-# run (docs/results.md), with the candidates' sort over a quarter of the buffer: the default's
+# Candidates tried by tune_kernel_config; the default off Hopper is the first (on Hopper,
+# HOPPER_CONFIG below). Session 12's second H100 run (docs/results.md), with the candidates'
+# sort over a quarter of the buffer: the default's
 # tiles with s = 4 were the fastest at 1.28M and 14.2M rows (0.99 and 4.04 ms, against 1.01 and
 # 4.23 with s = 2; the traced step's two passes took 0.55 ms against s = 2's 0.62 in the first
 # run); s = 2 was the fastest for a sharded rank of 1.77M rows and 2,048 queries. Pointer loads
@@ -907,7 +908,7 @@ KERNEL_CONFIGS = (
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
 )
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
-# session 20, on an H200: faster alone only at 14.2M rows, and no faster in the step.)
+# session 20, on an H200; config 36 is the default on Hopper since session 22: HOPPER_CONFIG.)
 TUNED_CONFIGS = tuple(config for config in KERNEL_CONFIGS if config.kernel == "triton")
 # The default on a Hopper GPU with Gluon: config 36's warp-specialised passes. Since session
 # 22's one verdict per warp in its collect pass, the H200 ran it faster than config 0 alone
