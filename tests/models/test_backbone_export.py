@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +181,28 @@ def test_export_refuses_weights_holding_nan_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"NaN or infinite values in stem\.conv\.weight"):
         export_backbone(backbone, "look_cnn_small", path, small_stem=False)
     assert not path.exists()
+
+
+def test_the_same_backbone_exported_by_two_processes_gives_the_same_bytes(tmp_path: Path) -> None:
+    """safetensors orders the metadata as a Rust hash map does, differently in every process;
+    the export sorts it, so an export's checksum identifies its weights and metadata."""
+    script = (
+        "import sys, torch\n"
+        "from look.models import create_backbone, export_backbone\n"
+        "torch.manual_seed(0)\n"
+        "backbone, _ = create_backbone('look_resnet_tiny', in_chans=1)\n"
+        "extra = {f'entry_{i}': str(i) for i in range(8)}\n"
+        "export_backbone(backbone, 'look_resnet_tiny', sys.argv[1], small_stem=False, in_chans=1,\n"
+        "                extra_metadata=extra)\n"
+    )
+    paths = [tmp_path / f"export_{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    raw = paths[0].read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    metadata = read_export_metadata(paths[0])  # safetensors still reads the rewritten header
+    assert [metadata[f"entry_{i}"] for i in range(8)] == [str(i) for i in range(8)]
+    reloaded, _ = load_exported_backbone(paths[0])
+    assert reloaded is not None

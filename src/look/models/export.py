@@ -150,7 +150,30 @@ def export_backbone(
     # Write beside the target and rename, so an interrupted export never leaves a truncated file.
     with atomic_write_path(path, suffix=".safetensors.tmp") as temp:
         save_file(tensors, str(temp), metadata=metadata)
+        _sort_header_metadata(temp)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata entries in key order, in place.
+
+    safetensors writes the metadata in the order of a Rust hash map, which differs from one
+    process to the next, so the same backbone exported twice gave files that differed in their
+    first bytes. The header is JSON after its 8-byte length and padded with spaces: the same
+    entries in another order take the same bytes, and the tensors after it stay where they are.
+    (A header that would not fit, which a reordering never makes, is left as written.)"""
+    with path.open("r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            return
+        ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def read_export_metadata(path: str | Path) -> dict[str, str]:
