@@ -2,14 +2,17 @@
 # One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
 # 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
-# Part 1 (default; stages capped at 100 + 50 + 80 + 200 + 120 = 550 s, or 100 + 50 + 40 + 200
-# + 120 when the Gluon tests fail: stage 2b runs only then, stage 3 only otherwise):
+# Part 1 (default; stages capped at 100 + 50 + 110 + 200 + 120 = 580 s, or 100 + 50 + 40 + 200
+# + 120 when the Gluon tests fail: stage 2b runs only then, stage 3 only otherwise; session 22's
+# whole part 1 took 193 s):
 #   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
 #      LOOK step; the graph replay's test runs in part 2);
 #   2. the Gluon passes' CUDA tests (session 14; first passed in session 20, on an H200; their
 #      own time limit, in case its barriers deadlock); if they fail (and did not time out), each
 #      Gluon pass alone against tests/gluon_reference.py, to say which pass is wrong;
-#   3. the search alone, default against the Gluon configs 36-38, bf16 bank (search_tune.py);
+#   3. the search alone, config 0 against the Gluon configs 36-38, bf16 bank (search_tune.py),
+#      and config 36 with every 8th tile in its bound pass (fewer products, more candidates)
+#      and with 4 or 12 buffers in its ring (session 22's idea list, docs/results.md);
 #   4. the step/search benchmark of issue 5, timed alternately with CE, with the search against
 #      both its floors (the bank read, and its products at the measured matmul rate); the int8
 #      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
@@ -77,7 +80,8 @@ if [ "$PART" = 1 ]; then
 
   echo "== stage 3: the search alone, the default against the Gluon configs"
   if [ "$gluon_tests" = 0 ]; then
-    timeout 80 python3 benchmarks/search_tune.py --configs 0 36 37 38 --prefilter none \
+    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 --prefilter none \
+      --variant 36:tile_stride=8 --variant 36:num_stages=4 --variant 36:num_stages=12 \
       --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
   else
     echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"

@@ -15,7 +15,10 @@ reading the bank's int8 copy (``QuantizedRows``: half the bytes, candidates re-s
 bf16 rows) and records its mean candidates per query next to the exact search's (configs whose
 passes are Gluon's are timed on the bf16 bank only: with the copy the Triton passes run).
 ``--graph-replay`` also times each search recorded once as a CUDA graph and replayed
-(``replayed_ms``: one host call instead of the search's launches). ``--fastest-exact ROWS``
+(``replayed_ms``: one host call instead of the search's launches). ``--variant
+36:tile_stride=8,num_stages=4`` (repeatable) also times a config with some fields replaced,
+reported under its position with a ``variant`` label, so that a GPU session can try settings
+that are no config of the list. ``--fastest-exact ROWS``
 prints the position of the fastest exact config at that bank size in a finished ``--output``
 file and exits (for benchmarks/gpu_session.sh). Needs CUDA and Triton.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +36,13 @@ from _step_benchmark import random_search_inputs
 
 import look.search_triton as search_triton
 from look.search import knn_search
-from look.search_triton import KERNEL_CONFIGS, QuantizedRows, fused_knn_search, median_call_ms
+from look.search_triton import (
+    KERNEL_CONFIGS,
+    QuantizedRows,
+    SearchKernelConfig,
+    fused_knn_search,
+    median_call_ms,
+)
 
 
 def exact_search(
@@ -64,21 +73,67 @@ def replayed_figures(
             "graph_failed": search_triton._GRAPH_FALLBACK.failed}  # fmt: skip
 
 
-def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict[str, object]:
-    """Every config's median search time over ``rows`` rows, fastest first, with the bank read."""
+def parse_variant(text: str) -> tuple[int, str, SearchKernelConfig]:
+    """``POSITION:FIELD=VALUE[,FIELD=VALUE…]`` (e.g. ``36:tile_stride=8,num_stages=4``): the
+    config at that position of ``KERNEL_CONFIGS`` with those fields replaced (ints, booleans as
+    true/false, strings), and the ``FIELD=VALUE…`` label it is reported under."""
+    position_text, _, changes = text.partition(":")
+    if not position_text.isdigit() or not changes:
+        raise argparse.ArgumentTypeError(
+            f"a variant is POSITION:FIELD=VALUE[,FIELD=VALUE...], got {text!r}"
+        )
+    position = int(position_text)
+    if position >= len(KERNEL_CONFIGS):
+        raise argparse.ArgumentTypeError(
+            f"no config at position {position} (KERNEL_CONFIGS has {len(KERNEL_CONFIGS)})"
+        )
+    types = {field.name: str(field.type) for field in fields(SearchKernelConfig)}
+    replaced: dict[str, object] = {}
+    for change in changes.split(","):
+        name, _, value = change.partition("=")
+        if name not in types or not value:
+            raise argparse.ArgumentTypeError(
+                f"{change!r} in {text!r}: a SearchKernelConfig field and a value, one of "
+                f"{sorted(types)}"
+            )
+        if types[name] == "int":
+            if not value.isdigit():
+                raise argparse.ArgumentTypeError(f"{name} takes an integer, got {value!r}")
+            replaced[name] = int(value)
+        elif types[name] == "bool":
+            if value not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
+            replaced[name] = value == "true"
+        else:
+            replaced[name] = value
+    return position, changes, replace(KERNEL_CONFIGS[position], **replaced)
+
+
+def tune_size(
+    rows: int,
+    args: argparse.Namespace,
+    positions: list[int],
+    variants: list[tuple[int, str, SearchKernelConfig]] | None = None,
+) -> dict[str, object]:
+    """Every config's median search time over ``rows`` rows, fastest first, with the bank read;
+    ``variants`` (:func:`parse_variant`) are timed after them, reported with their position and
+    a ``variant`` label."""
     device = torch.device("cuda")
     bank, query, ids = random_search_inputs(rows, args.queries, device)
     exact = knn_search(query, bank, args.k, query_ids=ids, backend="torch")
     copies = {"none": None, "int8": QuantizedRows.from_memory(bank)}
     results: list[dict[str, object]] = []
-    for position in positions:
-        config = KERNEL_CONFIGS[position]
+    runs = [(position, None, KERNEL_CONFIGS[position]) for position in positions]
+    runs += variants or []
+    for position, variant, config in runs:
         for prefilter in args.prefilter:
             if prefilter != "none" and config.kernel == "gluon":
                 continue  # with the int8 copy the Triton passes run: another config's figure
             search = partial(fused_knn_search, query, bank, args.k, query_ids=ids, config=config,
                              prefilter=copies[prefilter])  # fmt: skip
             about = {"position": position, **asdict(config), "prefilter": prefilter}
+            if variant is not None:
+                about["variant"] = variant
             try:
                 values, _, overflowed = search()
             except Exception as error:  # an unbuildable config is reported, not fatal
@@ -97,7 +152,8 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
                 entry.update(replayed_figures(search, exact.values, args.repeats, device))
             results.append(entry)
             replayed = f", replayed {entry['replayed_ms']:.3f} ms" if "replayed_ms" in entry else ""
-            print(f"{rows:>10} rows, config {position:>2} {config} prefilter={prefilter}: "
+            name = f"{position:>2}" + (f" [{variant}]" if variant else "")
+            print(f"{rows:>10} rows, config {name} {config} prefilter={prefilter}: "
                   f"{ms:.3f} ms{replayed}, {phases['mean_candidates']:.0f} candidates"
                   + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
     timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
@@ -116,11 +172,13 @@ def tune_size(rows: int, args: argparse.Namespace, positions: list[int]) -> dict
 
 def fastest_exact(figures: dict, rows: int) -> int | str:  # type: ignore[type-arg]
     """The position of the fastest config that was exact on the bf16 bank at ``rows`` rows
-    (and, if Gluon's, ran its own kernel); "" if none."""
+    (and, if Gluon's, ran its own kernel); "" if none. Variants are left out: a position names
+    the config as it is."""
     timed = figures["rows"].get(str(rows), {}).get("configs", [])
     exact = [
         entry for entry in timed
         if entry["exact"] and entry["prefilter"] == "none" and not entry.get("gluon_failed")
+        and "variant" not in entry
     ]  # fmt: skip
     return min(exact, key=lambda entry: entry["ms"])["position"] if exact else ""
 
@@ -138,21 +196,26 @@ def main() -> None:
     parser.add_argument("--graph-replay", action="store_true",
                         help="also time each config's search recorded as a CUDA graph and "
                         "replayed (look.search_triton.set_graph_replay)")  # fmt: skip
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        metavar="POSITION:FIELD=VALUE[,...]",
+                        help="also time the config at POSITION with these fields replaced, e.g. "
+                        "36:tile_stride=8 (repeatable)")  # fmt: skip
     parser.add_argument("--fastest-exact", type=int, metavar="ROWS",
                         help="print the fastest exact config of --output at ROWS rows, and exit")  # fmt: skip
     args = parser.parse_args()
     if args.fastest_exact is not None:
         print(fastest_exact(json.loads(Path(args.output).read_text()), args.fastest_exact))
         return
-    positions = args.configs if args.configs else list(range(len(KERNEL_CONFIGS)))
+    # (no --configs: every config, unless variants alone are asked for)
+    positions = args.configs or ([] if args.variant else list(range(len(KERNEL_CONFIGS))))
     figures: dict[str, object] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "args": vars(args),
+        "args": {**vars(args), "variant": [f"{p}:{label}" for p, label, _ in args.variant]},
         "rows": {},
     }
     for rows in args.rows:
-        figures["rows"][str(rows)] = tune_size(rows, args, positions)  # type: ignore[index]
+        figures["rows"][str(rows)] = tune_size(rows, args, positions, args.variant)  # type: ignore[index]
         Path(args.output).write_text(json.dumps(figures, indent=2))  # (a later size may fail)
 
 

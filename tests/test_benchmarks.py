@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -232,9 +234,35 @@ def test_the_fastest_exact_config_is_read_from_search_tune_figures() -> None:
     figures = {"rows": {"100": {"configs": [
         entry(0, 4.0), entry(36, 2.0, gluon_failed=True),  # the Triton pass's time, not Gluon's
         entry(37, 3.0, exact=False), entry(1, 1.0, prefilter="int8"), entry(38, 3.5),
+        entry(0, 0.5, variant="tile_stride=8"),  # a variant is no config of the list
     ]}}}  # fmt: skip
     assert fastest_exact(figures, 100) == 38
     assert fastest_exact(figures, 200) == ""
+
+
+def test_search_tune_variants_replace_fields_of_a_listed_config() -> None:
+    import argparse
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from search_tune import parse_variant
+
+    position, label, config = parse_variant("36:tile_stride=8,num_stages=4,skip_empty_tiles=false")
+    assert (position, label) == (36, "tile_stride=8,num_stages=4,skip_empty_tiles=false")
+    assert config == dataclasses.replace(
+        KERNEL_CONFIGS[36], tile_stride=8, num_stages=4, skip_empty_tiles=False
+    )
+    assert parse_variant("0:loads=tma")[2].loads == "tma"
+    for wrong, says in [
+        ("36", "POSITION:FIELD=VALUE"), ("x:tile_stride=8", "POSITION:FIELD=VALUE"),
+        ("999:tile_stride=8", "no config at position 999"), ("36:stride=8", "'stride=8'"),
+        ("36:tile_stride=eight", "takes an integer"), ("36:bound_bins=yes", "true or false"),
+    ]:  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            parse_variant(wrong)
+    # The variants gpu_session.sh times parse (a typo there would cost a GPU session's stage).
+    session = (BENCHMARKS / "gpu_session.sh").read_text()
+    variants = re.findall(r"--variant (\S+)", session)
+    assert len(variants) == 3 and all(parse_variant(v)[0] == 36 for v in variants)
 
 
 def test_ncu_summary_keeps_each_launchs_metrics(tmp_path: Path) -> None:
