@@ -87,26 +87,31 @@ def parse_variant(text: str) -> tuple[int, str, SearchKernelConfig]:
         raise argparse.ArgumentTypeError(
             f"no config at position {position} (KERNEL_CONFIGS has {len(KERNEL_CONFIGS)})"
         )
-    types = {field.name: str(field.type) for field in fields(SearchKernelConfig)}
+    base = KERNEL_CONFIGS[position]
+    names = [field.name for field in fields(SearchKernelConfig)]
     replaced: dict[str, object] = {}
     for change in changes.split(","):
         name, _, value = change.partition("=")
-        if name not in types or not value:
+        if name not in names or not value:
             raise argparse.ArgumentTypeError(
                 f"{change!r} in {text!r}: a SearchKernelConfig field and a value, one of "
-                f"{sorted(types)}"
+                f"{sorted(names)}"
             )
-        if types[name] == "int":
-            if not value.isdigit():
-                raise argparse.ArgumentTypeError(f"{name} takes an integer, got {value!r}")
-            replaced[name] = int(value)
-        elif types[name] == "bool":
+        current = getattr(base, name)  # (the field's type: every field has a value of it)
+        if isinstance(current, bool):
             if value not in ("true", "false"):
                 raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
             replaced[name] = value == "true"
+        elif isinstance(current, int):
+            try:
+                replaced[name] = int(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{name} takes an integer, got {value!r}"
+                ) from None
         else:
             replaced[name] = value
-    return position, changes, replace(KERNEL_CONFIGS[position], **replaced)
+    return position, changes, replace(base, **replaced)
 
 
 def tune_size(
@@ -162,8 +167,10 @@ def tune_size(
     # ran 8x slower than the bank read on an H200, for half the bytes).
     int8_values = copies["int8"].values  # type: ignore[union-attr]
     int8_read_ms = median_call_ms(int8_values.view(torch.bfloat16).sum, args.repeats, device)
+    fastest = (f"{timed[0]['position']}" + (f" [{timed[0]['variant']}]" if "variant" in timed[0]
+                                            else "")) if timed else None  # fmt: skip
     print(f"{rows:>10} rows: bank read {read_ms:.3f} ms (int8 copy {int8_read_ms:.3f} ms); "
-          f"fastest config {timed[0]['position'] if timed else None}")  # fmt: skip
+          f"fastest config {fastest}")  # fmt: skip
     return {
         "bank_read_ms": read_ms, "int8_copy_read_ms": int8_read_ms, "configs": timed,
         "errors": [r for r in results if "error" in r],

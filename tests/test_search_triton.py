@@ -179,9 +179,19 @@ def test_the_default_config_is_gluons_on_a_hopper_gpu_and_the_triton_passes_else
         assert get_kernel_config(gpu) is HOPPER_CONFIG
         assert get_kernel_config(torch.device("cpu")) is KERNEL_CONFIGS[0]
         assert get_kernel_config() is KERNEL_CONFIGS[0]
+        # After a Gluon pass failed in this process its work goes to the Triton passes: config
+        # 0's tiles then.
+        monkeypatch.setattr(search_triton._GLUON_FALLBACK, "failed", True)
+        assert get_kernel_config(gpu) is KERNEL_CONFIGS[0]
+        monkeypatch.setattr(search_triton._GLUON_FALLBACK, "failed", False)
         for capability["value"], gluon["value"] in [((8, 0), True), ((10, 0), True), ((9, 0), 0)]:
             search_triton._hopper_with_gluon.cache_clear()
             assert get_kernel_config(gpu) is KERNEL_CONFIGS[0], (capability, gluon)
+        # A Gluon that cannot even be asked (another Triton release) leaves the Triton passes.
+        monkeypatch.setattr(search_gluon, "gluon_available", lambda: 1 / 0)
+        capability["value"] = (9, 0)
+        search_triton._hopper_with_gluon.cache_clear()
+        assert get_kernel_config(gpu) is KERNEL_CONFIGS[0]
         # A config set by hand (or by the tuner) holds on every device, until None restores
         # the choice by device.
         search_triton.set_kernel_config(KERNEL_CONFIGS[1])
@@ -190,3 +200,28 @@ def test_the_default_config_is_gluons_on_a_hopper_gpu_and_the_triton_passes_else
         assert get_kernel_config() is KERNEL_CONFIGS[0]
     finally:
         search_triton._hopper_with_gluon.cache_clear()
+
+
+def test_the_tuner_also_times_the_devices_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Hopper the default is the Gluon config, which TUNED_CONFIGS leave out: a tuning that
+    timed the Triton configs alone would replace it with a slower one."""
+    from look import search_triton
+    from look.search import knn_search
+    from look.search_triton import HOPPER_CONFIG, TUNED_CONFIGS, tune_kernel_config
+
+    memory = torch.nn.functional.normalize(torch.randn(500, 8), dim=1)
+    query = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    exact = knn_search(query, memory, 3, backend="torch")
+    timed: list[object] = []
+
+    def search(query, memory, k, *, config):  # type: ignore[no-untyped-def]
+        timed.append(config)
+        return exact.values, exact.indices, torch.zeros(4, dtype=torch.bool)
+
+    monkeypatch.setattr(search_triton, "fused_knn_search", search)
+    monkeypatch.setattr(search_triton, "median_call_ms", lambda call, repeats, device: 1.0)
+    monkeypatch.setattr(search_triton, "_device_default_config", lambda device: HOPPER_CONFIG)
+    monkeypatch.setattr(search_triton, "_kernel_config", None)
+    results = tune_kernel_config(query, memory, 3, repeats=1)
+    assert HOPPER_CONFIG in timed and set(TUNED_CONFIGS) <= set(timed)
+    assert len(results) == len(TUNED_CONFIGS) + 1

@@ -15,8 +15,9 @@ Here one thread block serves ``groups`` × 64 queries (4 × 64 = a 256-query bat
 - ``groups`` **consumer** warpgroups, each holding its 64 queries in registers (wgmma's A
   operand: no shared-memory read of them per tile) and computing its 64 × ``block_n`` products
   from the shared tile. Each consumer frees a buffer for the producer (an mbarrier arrival,
-  ``groups`` of them per buffer) right after its product, so the consumers drift apart by up
-  to the ring's depth instead of meeting at a barrier.
+  ``groups`` of them per buffer) once it is done with it (the bound pass right after its
+  product, the collect pass after the tile's verdict), so the consumers drift apart by up to
+  the ring's depth instead of meeting at a barrier.
 
 So the memory is read once per ``groups`` × 64 queries, through one copy engine.
 

@@ -924,16 +924,31 @@ def get_kernel_config(device: torch.device | None = None) -> SearchKernelConfig:
     Triton has Gluon, and ``KERNEL_CONFIGS[0]`` elsewhere (``device`` None: not a GPU)."""
     if _kernel_config is not None:
         return _kernel_config
-    if device is not None and device.type == "cuda" and _hopper_with_gluon(device):
+    return _device_default_config(device)
+
+
+def _device_default_config(device: torch.device | None) -> SearchKernelConfig:
+    """:data:`HOPPER_CONFIG` on a Hopper GPU with Gluon, unless a Gluon pass has failed in this
+    process (its work then goes to the Triton passes, which config 0's tiles suit better);
+    ``KERNEL_CONFIGS[0]`` elsewhere."""
+    if (
+        device is not None
+        and device.type == "cuda"
+        and not _GLUON_FALLBACK.failed
+        and _hopper_with_gluon(device)
+    ):
         return HOPPER_CONFIG
     return KERNEL_CONFIGS[0]
 
 
 @lru_cache(maxsize=16)
 def _hopper_with_gluon(device: torch.device) -> bool:
-    from look.search_gluon import gluon_available
+    try:  # a Triton whose Gluon differs must not break the search: the Triton passes run then
+        from look.search_gluon import gluon_available
 
-    return gluon_available() and torch.cuda.get_device_capability(device)[0] == 9
+        return gluon_available() and torch.cuda.get_device_capability(device)[0] == 9
+    except Exception:
+        return False
 
 
 def set_kernel_config(config: SearchKernelConfig | None) -> None:
@@ -1742,7 +1757,8 @@ def compile_kernel(
         )
         int8_pass = (copy, torch.empty_like(queries), torch.empty(4, batch, device=meta))
     # The Gluon passes where the search runs them: Hopper, no int8 copy.
-    gluon = config.kernel == "gluon" and int8_pass is None and capability // 10 == 9
+    # (with an int8 copy both passes are Triton's, the bound pass too: _gluon_applies)
+    gluon = config.kernel == "gluon" and not prefilter and capability // 10 == 9
     bound_columns = plan.bound_columns
     if gluon:
         bound_columns = _gluon_bound_columns(batch, plan, config, multiprocessors)
@@ -1999,11 +2015,14 @@ def tune_kernel_config(
     memory: Tensor,
     k: int,
     *,
-    configs: tuple[SearchKernelConfig, ...] = TUNED_CONFIGS,
+    configs: tuple[SearchKernelConfig, ...] | None = None,
     repeats: int = 10,
 ) -> list[tuple[SearchKernelConfig, float]]:
     """Time :func:`fused_knn_search` with each config on these inputs, make the fastest the
     default (:func:`set_kernel_config`) and return ``(config, milliseconds)`` fastest first.
+    ``configs`` None: :data:`TUNED_CONFIGS` and the memory's device default (on Hopper the
+    Gluon :data:`HOPPER_CONFIG`, which a tuning of the Triton configs alone would replace with
+    a slower one).
 
     Each config's time is the median of ``repeats`` whole searches, its kernels queued back to
     back as in a training step: on CUDA timed by events (a host wait after each phase, as
@@ -2018,6 +2037,9 @@ def tune_kernel_config(
     from look.search import knn_search  # look.search imports this module
 
     exact = knn_search(query, memory, k, backend="torch").values
+    if configs is None:
+        device_default = _device_default_config(memory.device)
+        configs = TUNED_CONFIGS + ((device_default,) if device_default not in TUNED_CONFIGS else ())
     results: list[tuple[SearchKernelConfig, float]] = []
     for config in configs:
         try:
