@@ -114,6 +114,11 @@ def parse_variant(text: str) -> tuple[int, str, SearchKernelConfig]:
     return position, changes, replace(base, **replaced)
 
 
+def config_label(position: int, variant: str | None) -> str:
+    """How a timed config is named in the log: its position, and a variant's replaced fields."""
+    return f"{position:>2}" + (f" [{variant}]" if variant else "")
+
+
 def tune_size(
     rows: int,
     args: argparse.Namespace,
@@ -157,8 +162,8 @@ def tune_size(
                 entry.update(replayed_figures(search, exact.values, args.repeats, device))
             results.append(entry)
             replayed = f", replayed {entry['replayed_ms']:.3f} ms" if "replayed_ms" in entry else ""
-            name = f"{position:>2}" + (f" [{variant}]" if variant else "")
-            print(f"{rows:>10} rows, config {name} {config} prefilter={prefilter}: "
+            print(f"{rows:>10} rows, config {config_label(position, variant)} {config} "
+                  f"prefilter={prefilter}: "
                   f"{ms:.3f} ms{replayed}, {phases['mean_candidates']:.0f} candidates"
                   + ("" if exact_match else " (NOT EXACT)"))  # fmt: skip
     timed = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])  # type: ignore[arg-type, return-value]
@@ -167,8 +172,7 @@ def tune_size(
     # ran 8x slower than the bank read on an H200, for half the bytes).
     int8_values = copies["int8"].values  # type: ignore[union-attr]
     int8_read_ms = median_call_ms(int8_values.view(torch.bfloat16).sum, args.repeats, device)
-    fastest = (f"{timed[0]['position']}" + (f" [{timed[0]['variant']}]" if "variant" in timed[0]
-                                            else "")) if timed else None  # fmt: skip
+    fastest = config_label(timed[0]["position"], timed[0].get("variant")) if timed else None  # type: ignore[arg-type]
     print(f"{rows:>10} rows: bank read {read_ms:.3f} ms (int8 copy {int8_read_ms:.3f} ms); "
           f"fastest config {fastest}")  # fmt: skip
     return {

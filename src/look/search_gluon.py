@@ -73,6 +73,7 @@ __all__ = [
     "gluon_bound_pass",
     "gluon_collect_pass",
     "gluon_grid",
+    "gluon_runs_on",
 ]
 
 GROUP_QUERIES = 64  # queries per consumer warpgroup: the M of one wgmma
@@ -85,14 +86,21 @@ def gluon_available() -> bool:
     return gluon is not None
 
 
+def gluon_runs_on(device: torch.device) -> bool:
+    """Whether the Gluon passes can run on ``device``: Gluon importable and a Hopper GPU (wgmma
+    and bulk copies; sm_100 has other matrix instructions)."""
+    return (
+        gluon_available()
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] == 9
+    )
+
+
 def gluon_applies(queries: Tensor, memory: Tensor) -> bool:
-    """Whether the Gluon passes handle this search: Gluon, a CUDA memory on a Hopper
-    GPU (wgmma and bulk copies; sm_100 has other matrix instructions), bf16/fp16 rows of at most
-    256 dims whose rows and base are 16-byte aligned (a bulk-copy descriptor needs it), and
-    queries in the memory's dtype."""
-    if gluon is None or not memory.is_cuda or memory.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.cuda.get_device_capability(memory.device)[0] != 9:
+    """Whether the Gluon passes handle this search: a memory where they run
+    (:func:`gluon_runs_on`), bf16/fp16 rows of at most 256 dims whose rows and base are 16-byte
+    aligned (a bulk-copy descriptor needs it), and queries in the memory's dtype."""
+    if memory.dtype not in (torch.bfloat16, torch.float16) or not gluon_runs_on(memory.device):
         return False
     return (
         queries.dtype == memory.dtype

@@ -241,17 +241,16 @@ if triton is not None:
                 # products: the row mask is loaded and applied only on a tile that passes,
                 # which takes its loads and selects off the path every other tile runs
                 # (benchmarks/kernel_resources.py).
-                if INT8_ROWS:  # each query's largest scaled product against its gate
-                    passes = tl.max(similarities, axis=1) >= query_gate
-                    append = tl.max(passes.to(tl.int32), axis=0) > 0
-                else:
-                    # Each query's largest product against its bound: a maximum per element
-                    # and one compare per query. (Triton 3.8 turns a test of every product into
-                    # this itself; Triton 3.6 kept a compare, a select and an integer maximum
-                    # per element in the Gluon pass: session 22.) (tl.max ignores NaN, as a
-                    # test per product does.)
-                    passes = tl.max(similarities, axis=1) >= bound
-                    append = tl.max(passes.to(tl.int32), axis=0) > 0
+                # Each query's largest product against its bound (int8: its largest scaled
+                # product against its gate): a maximum per element and one compare per query.
+                # (Triton 3.8 turns a test of every product into this itself; Triton 3.6 kept
+                # a compare, a select and an integer maximum per element in the Gluon pass:
+                # session 22.) (tl.max ignores NaN, as a test per product does.)
+                gate = bound
+                if INT8_ROWS:
+                    gate = query_gate
+                passes = tl.max(similarities, axis=1) >= gate
+                append = tl.max(passes.to(tl.int32), axis=0) > 0
             else:  # masked-off atomics and stores cost no memory traffic: skip the reduction
                 append = True
             if append:
@@ -931,12 +930,7 @@ def _device_default_config(device: torch.device | None) -> SearchKernelConfig:
     """:data:`HOPPER_CONFIG` on a Hopper GPU with Gluon, unless a Gluon pass has failed in this
     process (its work then goes to the Triton passes, which config 0's tiles suit better);
     ``KERNEL_CONFIGS[0]`` elsewhere."""
-    if (
-        device is not None
-        and device.type == "cuda"
-        and not _GLUON_FALLBACK.failed
-        and _hopper_with_gluon(device)
-    ):
+    if device is not None and not _GLUON_FALLBACK.failed and _hopper_with_gluon(device):
         return HOPPER_CONFIG
     return KERNEL_CONFIGS[0]
 
@@ -944,9 +938,9 @@ def _device_default_config(device: torch.device | None) -> SearchKernelConfig:
 @lru_cache(maxsize=16)
 def _hopper_with_gluon(device: torch.device) -> bool:
     try:  # a Triton whose Gluon differs must not break the search: the Triton passes run then
-        from look.search_gluon import gluon_available
+        from look.search_gluon import gluon_runs_on
 
-        return gluon_available() and torch.cuda.get_device_capability(device)[0] == 9
+        return gluon_runs_on(device)
     except Exception:
         return False
 
