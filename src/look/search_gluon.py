@@ -203,8 +203,8 @@ if gluon is not None:
         product's row layout). Each warp reduces its own 16 queries (shuffles within it),
         stores its verdict, and after one barrier of the warpgroup every thread reads the four:
         the reduction across warps that ``gl.max`` generates took three barriers and two
-        chains of shuffles per tile, a third of this pass's time at 14.2M rows (session 22's
-        Nsight Compute source view). The verdicts alternate between two buffers (``slot``):
+        chains of shuffles per tile, a third of the sampled stalls of the path every tile runs
+        at 14.2M rows (session 22's Nsight Compute source view). The verdicts alternate between two buffers (``slot``):
         a warp can run at most one tile ahead of another (the barrier), so it never writes a
         buffer that another is still to read."""
         per_warp = gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1)
