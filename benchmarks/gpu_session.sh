@@ -2,23 +2,26 @@
 # One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
 # 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
-# Part 1 (default; stages capped at 100 + 50 + 110 + 200 + 120 = 580 s, or 100 + 50 + 40 + 200
-# + 120 when the Gluon tests fail: stage 2b runs only then, stage 3 only otherwise; session 22's
-# whole part 1 took 193 s):
+# Part 1 (default; stages capped at 100 + 50 + 110 + 200 + 90 + 120 s, or 100 + 50 + 40 + 200
+# + 120 when the Gluon tests fail: stage 2b runs only then, stages 3 and 4b only otherwise;
+# session 22's whole part 1 took 193 s, and the command's own timeout of 578 s below cuts the
+# last stage short if the others ever run to their caps):
 #   1. the CUDA tests (fused search with and without the int8 copy, fused loss terms, sync-free
 #      LOOK step; the graph replay's test runs in part 2);
 #   2. the Gluon passes' CUDA tests (session 14; first passed in session 20, on an H200; their
 #      own time limit, in case its barriers deadlock); if they fail (and did not time out), each
 #      Gluon pass alone against tests/gluon_reference.py, to say which pass is wrong;
-#   3. the search alone, config 0 against the Gluon configs 36-38, bf16 bank (search_tune.py),
-#      and config 36 with every 8th tile in its bound pass (fewer products, more candidates)
-#      and with 4 or 12 buffers in its ring (session 22's idea list, docs/results.md);
+#   3. the search alone, config 0 against the Gluon configs 36-38 and 40 (session 23: config
+#      36's collect pass with its tiles in pairs, a warpgroup barrier fewer per tile), bf16
+#      bank (search_tune.py), and config 36 with every 8th tile in its bound pass (fewer
+#      products, more candidates) and with 4 or 12 buffers in its ring (session 22's idea
+#      list, docs/results.md);
 #   4. the step/search benchmark of issue 5, timed alternately with CE, with the search against
 #      both its floors (the bank read, and its products at the measured matmul rate); the int8
 #      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
-#   5. Nsight Compute at 14.2M rows, bf16 bank: the default and the Gluon config 36 (session
-#      20: 9 % faster alone, no faster in the step): is the collect pass held by the tensor pipe
-#      or by its per-tile barriers? (Session 20 timed config 36's step: no stage for it here.)
+#   4b. the step at 14.2M rows with config 40's search (Hopper's default is config 36);
+#   5. Nsight Compute at 14.2M rows, bf16 bank: config 0 and the Gluon configs 36 and 40: is
+#      the collect pass still held at its barriers?
 # Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s):
 #   6. the search alone for the configs session 12 left untimed (s = 8, TMA copies), the
 #      default, the int8 bound pass and the Triton bound pass of bins (config 39, session 14),
@@ -29,8 +32,8 @@
 #   7. Nsight Compute's view of the default's kernels at 14.2M rows, bf16 and int8, and of the
 #      Gluon config 36 on the bf16 bank.
 # (Session 22 ran stage 5's profile, then changed config 36's collect pass and made it the
-# default on Hopper, so stage 4 now times config 36 there: docs/results.md, "Session 22". Part 1
-# as it stands re-measures; bring a new candidate to time first.)
+# default on Hopper, so stage 4 now times config 36 there: docs/results.md, "Session 22".
+# Session 23's candidate, config 40, is timed in stages 3, 4b and 5.)
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 # The device tool returns at most 8 files from its $OUT: write to another folder and pack it, as
@@ -80,7 +83,7 @@ if [ "$PART" = 1 ]; then
 
   echo "== stage 3: the search alone, the default against the Gluon configs"
   if [ "$gluon_tests" = 0 ]; then
-    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 --prefilter none \
+    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 --prefilter none \
       --variant 36:tile_stride=8 --variant 36:num_stages=4 --variant 36:num_stages=12 \
       --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
   else
@@ -91,9 +94,17 @@ if [ "$PART" = 1 ]; then
   timeout 200 python3 benchmarks/gpu_step.py \
     --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
 
-  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the default and the Gluon config 36"
+  echo "== stage 4b: the step at 14.2M rows with config 40's search (tiles in pairs)"
+  if [ "$gluon_tests" = 0 ]; then
+    timeout 90 python3 benchmarks/gpu_step.py --rows 14197122 --search-config 40 \
+      --output "$OUT/gpu_step_config40.json" 2>&1 | tee "$OUT/gpu_step_config40.log"
+  else
+    echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"
+  fi
+
+  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the default and the Gluon configs 36, 40"
   nsight_compute ncu_search_part1 \
-    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 --prefilter none
+    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 40 --prefilter none
 else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
   timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 39 \

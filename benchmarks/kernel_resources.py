@@ -12,7 +12,8 @@ bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per t
 ``wgmma`` instructions (each waits for the one before) and why. From the SASS (``cuobjdump
 -sass``) it counts the instructions of one iteration of the tile loop on its common path (a tile
 without candidates) and reports them per similarity of the tile, counted in warp instructions:
-a static proxy for issue slots, next to the tensor cores' share. No speed is measured: this says
+a static proxy for issue slots, next to the tensor cores' share; and the barriers (``BAR.SYNC``)
+a thread waits at per tile on that path. No speed is measured: this says
 which configs spill, fit fewer thread blocks per SM, serialise their matrix product or spend more
 instructions per similarity, to read next to the GPU tuning of ``benchmarks/gpu_step.py
 --tune``.
@@ -57,13 +58,13 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(address, 16), text.strip()) for address, text in _INSTRUCTION.findall(listing)]
 
 
-def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
-    """Instructions one iteration of the tile loop issues (per thread), on its common path: the
-    loop is the (predicated) backward branch around the matrix-product instructions
-    (``HGMMA``/``HMMA``, or ``IGMMA``/``IMMA`` for the int8 copy's);
-    a forward branch that lands inside the loop is taken (it skips the append of a tile without
-    candidates), one that leaves it is not (a slow path, e.g. waiting for a TMA barrier). None
-    if there is no such loop."""
+def main_loop_path(instructions: list[tuple[int, str]]) -> list[str] | None:
+    """The instructions one iteration of the tile loop issues (per thread), on its common path:
+    the loop is the (predicated) backward branch around the matrix-product instructions
+    (``HGMMA``/``HMMA``, or ``IGMMA``/``IMMA`` for the int8 copy's); a forward branch that
+    lands inside the loop is taken (it skips the append of a tile without candidates) unless
+    it skips a matrix product, one that leaves it is not (a slow path, e.g. waiting for a TMA
+    barrier). None if there is no such loop."""
     products = [
         address for address, text in instructions
         if any(name in text for name in ("HGMMA", "HMMA", "IGMMA", "IMMA"))
@@ -88,11 +89,15 @@ def main_loop_instructions(instructions: list[tuple[int, str]]) -> int | None:
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
     skipped: set[int] = set()
     for address, target in branches:
-        if start <= address < target <= end:
+        # (a branch over a matrix product is not taken: it guards a pair's second tile, which
+        # every turn but an odd count's last runs)
+        if start <= address < target <= end and not any(
+            address < product < target for product in products
+        ):
             skipped.update(a for a, _ in instructions if address < a < target)
-    return sum(
-        1 for address, _ in instructions if start <= address <= end and address not in skipped
-    )
+    return [
+        text for address, text in instructions if start <= address <= end and address not in skipped
+    ]
 
 
 def blocks_per_sm(registers: int, shared: int, num_warps: int, capability: int) -> int | None:
@@ -145,11 +150,21 @@ def main() -> None:
             # Issue slots per similarity: the loop's instructions per thread, times the warps,
             # over the similarities of a tile (a static proxy; no speed is measured). For a
             # Gluon pass: one consumer's loop (4 warps, 64 queries).
-            loop = main_loop_instructions(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
+            path = main_loop_path(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
+            loop = None if path is None else len(path)
             resources["loop_instructions"] = loop
             block_warps, block_q = (4, 64) if gluon else (config.num_warps, min(config.block_q, 256))
+            # (a collect pass with its tiles in pairs runs two tiles per turn of the loop)
+            tiles = 2 if gluon and collect and config.gluon_tile_pairs else 1
             resources["warp_instructions_per_similarity"] = (
-                None if loop is None else round(loop * block_warps / (block_q * config.block_n), 3)
+                None
+                if loop is None
+                else round(loop * block_warps / (block_q * config.block_n * tiles), 3)
+            )
+            # Barriers a thread waits at per tile on that path (BAR.SYNC: the block's or, with
+            # a thread count, its warpgroup's in a Gluon partition).
+            resources["barriers_per_tile"] = (
+                None if path is None else sum("BAR.SYNC" in text for text in path) / tiles
             )
             # Hopper only: ptxas's reason for making each wgmma wait for the one before, if any.
             resources["wgmma_serialized"] = (
@@ -165,7 +180,8 @@ def main() -> None:
                 f"{rows[-1]['pass']:<7} registers {resources.get('reg')}, spill stack "
                 f"{resources.get('stack')} B, shared {resources['dynamic_shared']} B, "
                 f"{resources['blocks_per_sm']} blocks per SM, "
-                f"{resources['warp_instructions_per_similarity']} warp instructions per similarity"
+                f"{resources['warp_instructions_per_similarity']} warp instructions per similarity, "
+                f"{resources['barriers_per_tile']} barriers per tile"
                 + (", wgmma serialized" if resources["wgmma_serialized"] else "")
             )
     # The fused loss terms (one program per query, 256 queries × k = 200 of 128-d bf16 rows).

@@ -212,11 +212,16 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert "--graph-replay" in usage["search_tune.py"]
     # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
+    # Session 23's candidate: config 36 with its collect pass's tiles in pairs, timed alone, in
+    # the step and under Nsight Compute (a config list shifted by one would time another).
+    assert KERNEL_CONFIGS[40] == dataclasses.replace(KERNEL_CONFIGS[36], gluon_tile_pairs=True)
+    assert "search_tune.py --configs 0 36 37 38 40 --prefilter none" in session
+    assert "gpu_step.py --rows 14197122 --search-config 40" in session
+    assert "search_ncu.py --rows 14197122 --configs 0 36 40 --prefilter none" in session
     # When they fail, each pass alone against the reference: the -k selects a test that exists.
     assert "-k writes_what_the_reference" in session
     cuda_tests = (BENCHMARKS.parent / "tests" / "test_search_gluon_cuda.py").read_text()
     assert "def test_each_gluon_pass_writes_what_the_reference_does(" in cuda_tests
-    assert "search_tune.py --configs 0 36 37 38 --prefilter none" in session
     assert all(KERNEL_CONFIGS[i].kernel == "gluon" for i in (36, 37, 38))
     assert KERNEL_CONFIGS[39].bound_bins and KERNEL_CONFIGS[39].kernel == "triton"
     assert KERNEL_CONFIGS[32].tile_stride == 8
@@ -427,6 +432,36 @@ def test_kernel_resources_benchmark_reads_registers_and_loop_instructions(tmp_pa
     assert {kernel["kernel"] for kernel in report["loss_terms_kernels"]} == {
         "terms_forward", "terms_backward",
     }  # fmt: skip
+
+
+def test_the_loop_path_skips_appends_but_not_a_pairs_second_tile() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from kernel_resources import main_loop_path
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # A loop over two tiles: each waits for its product, meets a warpgroup barrier and may
+    # skip its append; the second tile is guarded (the last turn of an odd count skips it).
+    listing = [
+        (0x00, "HGMMA.64x32x16.F32.BF16 R24, R68, gdesc[UR8], RZ, !UPT"),
+        (0x10, "BAR.SYNC.DEFER_BLOCKING 0x2, 0x80"),
+        (0x20, "@!P0 BRA 0x40"),  # no candidate: the append is skipped
+        (0x30, "ATOMG.E.ADD.STRONG.GPU PT, R2, desc[UR4][R4.64], R5"),
+        (0x40, "@P1 BRA 0x90"),  # an odd count's last turn: the second tile is skipped
+        (0x50, "HGMMA.64x32x16.F32.BF16 R24, R68, gdesc[UR8], RZ, !UPT"),
+        (0x60, "BAR.SYNC.DEFER_BLOCKING 0x2, 0x80"),
+        (0x70, "ATOMG.E.ADD.STRONG.GPU PT, R2, desc[UR4][R4.64], R5"),
+        (0x80, "BRA 0xa0"),  # past the other path's barrier
+        (0x90, "BAR.SYNC.DEFER_BLOCKING 0x2, 0x80"),
+        (0xA0, "@P2 BRA 0x0"),  # the loop's latch
+        (0xB0, "EXIT"),
+    ]
+    path = main_loop_path(listing)
+    assert path is not None
+    assert [text for text in path if "ATOMG" in text] == [listing[7][1]]  # only the 2nd append
+    assert sum("HGMMA" in text for text in path) == 2
+    assert sum("BAR.SYNC" in text for text in path) == 2
+    assert main_loop_path(listing[1:4]) is None  # no product, no loop
 
 
 def test_blocks_per_sm_is_bounded_by_registers_or_shared_memory() -> None:

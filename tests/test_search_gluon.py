@@ -6,6 +6,7 @@ interpreter does not run Gluon kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
@@ -38,7 +39,7 @@ GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"
 
 
 def test_the_gluon_configs_are_tuned_only_on_request() -> None:
-    assert len(GLUON_CONFIGS) == 3
+    assert len(GLUON_CONFIGS) == 4
     assert all(config.kernel == "triton" for config in TUNED_CONFIGS)
     assert len(TUNED_CONFIGS) + len(GLUON_CONFIGS) == len(KERNEL_CONFIGS)
 
@@ -134,6 +135,22 @@ def test_the_gluon_passes_compile_for_hopper_without_spilling(
     # instructions in flight together (no C7520); no other warning either.
     report = ptxas_report(compiled)
     assert "warning" not in report.lower() and "C75" not in report, report
+
+
+def test_a_config_with_tile_pairs_compiles_two_products_per_turn() -> None:
+    """Config 40 is config 36 with its collect pass's tiles in pairs: the search's compile
+    path hands the flag to the kernel (two products per turn of each consumer's loop, so
+    twice the wgmma instructions), and the bound pass is config 36's."""
+    single, paired = KERNEL_CONFIGS[36], KERNEL_CONFIGS[40]
+    assert paired == dataclasses.replace(single, gluon_tile_pairs=True)
+
+    def products(config: SearchKernelConfig, collect: bool) -> int:
+        compiled = compile_kernel(config, collect=collect, capability=90, has_valid=False)
+        sass = cuobjdump(compiled.asm["cubin"], "-sass")  # type: ignore[attr-defined]
+        return sass.count(f"HGMMA.64x{config.block_n}x16.F32.BF16")
+
+    assert products(paired, True) == 2 * products(single, True)
+    assert products(paired, False) == products(single, False)
 
 
 def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:

@@ -167,7 +167,8 @@ def test_each_gluon_pass_writes_what_the_reference_does(
     def collect_pass(values: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):  # type: ignore[no-untyped-def]
         return gluon_collect_pass(
             queries, memory, valid_bytes, bounds[:, -1], values, indices, counts,
-            widen_bound=True, multiprocessors=multiprocessors, **shape,
+            widen_bound=True, multiprocessors=multiprocessors,
+            tile_pairs=config.gluon_tile_pairs, **shape,
         )  # fmt: skip
 
     values = torch.full((batch, capacity), float("nan"), device="cuda")

@@ -31,6 +31,9 @@ So the memory is read once per ``groups`` × 64 queries, through one copy engine
 - **Collect pass** (every tile): the similarities ``>=`` the widened bound go to the candidate
   buffers exactly as the Triton collect pass appends them (one relaxed atomic per candidate),
   and the selections and the overflow rule are the Triton search's.
+  With ``tile_pairs`` (``SearchKernelConfig.gluon_tile_pairs``) each consumer takes its tiles
+  two per turn of its loop, which leaves Triton's barrier analysis a barrier fewer to place
+  per tile (:func:`_collect_pairs_partition`); the candidates are the same.
 
 Rows past the end come back from the bulk copy as zeros and are masked (the bound pass's last
 tile, the collect pass's append path); columns past ``dim`` are zeros on both sides.
@@ -214,6 +217,22 @@ if gluon is not None:
         return gl.max(buffer.load(_EVERY_FLAG), axis=0) > 0
 
     @gluon.jit
+    def _collect_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound):
+        """The consumer's queries' bounds (+inf for padding queries: they never append)."""
+        q_mask = offs_q < num_queries
+        bound = gl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
+        if widen_bound != 0:
+            # As the Triton collect pass (WIDEN_BOUND): lowered by 2**-20 of itself for the
+            # two passes' rounding; fewer than k sampled candidates (-inf) take the lowest
+            # finite value; padding queries keep +inf (never append).
+            finite = gl.abs(bound) < float("inf")
+            finite_bound = gl.where(finite, bound, 0.0)
+            widened = gl.where(finite, finite_bound - gl.abs(finite_bound) * 9.5367431640625e-07,
+                               -3.4028234663852886e38)  # fmt: skip
+            bound = gl.where(q_mask, widened, float("inf"))
+        return bound
+
+    @gluon.jit
     def _collect_partition(
         query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
         out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
@@ -231,17 +250,7 @@ if gluon is not None:
             query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
         )
         offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
-        q_mask = offs_q < num_queries
-        bound = gl.load(bound_ptr + offs_q * stride_bound, mask=q_mask, other=float("inf"))
-        if widen_bound != 0:
-            # As the Triton collect pass (WIDEN_BOUND): lowered by 2**-20 of itself for the
-            # two passes' rounding; fewer than k sampled candidates (-inf) take the lowest
-            # finite value; padding queries keep +inf (never append).
-            finite = gl.abs(bound) < float("inf")
-            finite_bound = gl.where(finite, bound, 0.0)
-            widened = gl.where(finite, finite_bound - gl.abs(finite_bound) * 9.5367431640625e-07,
-                               -3.4028234663852886e38)  # fmt: skip
-            bound = gl.where(q_mask, widened, float("inf"))
+        bound = _collect_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound)
         tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
         # Each warp's verdict on a tile, in two buffers used in turn (_any_in_warpgroup).
         flags = gl.allocate_shared_memory(gl.int32, [2, 4], _FLAGS_LAYOUT)
@@ -258,27 +267,102 @@ if gluon is not None:
             mbarrier.arrive(empty.index(i % stages), count=1)
             i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
             if append:
-                keep = similarities >= bound[:, None]
-                offs_n = tile * block_n + tile_rows
-                row_ok = offs_n < num_rows  # the last tile's rows past the end are zeros
-                if has_valid != 0:
-                    written = gl.load(valid_ptr + offs_n, mask=row_ok, other=0)
-                    row_ok = row_ok & (written != 0)
-                keep = keep & row_ok[None, :]
-                # One relaxed atomic per candidate numbers it in its query's buffer. The even
-                # and the odd columns (each thread holds column pairs) go one after the other:
-                # half the addresses live at once (48 bytes spilled otherwise).
-                query_of = offs_q[:, None] + gl.zeros([64, block_n], gl.int32, products)
-                indices = offs_n[None, :] + gl.zeros([64, block_n], gl.int32, products)
-                pairs: gl.constexpr = [64, block_n // 2, 2]
-                values_even, values_odd = similarities.reshape(pairs).split()
-                keep_even, keep_odd = keep.reshape(pairs).split()
-                query_even, query_odd = query_of.reshape(pairs).split()
-                index_even, index_odd = indices.reshape(pairs).split()
-                _append(values_even, keep_even, query_even, index_even, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
-                _append(values_odd, keep_odd, query_odd, index_odd, counts_ptr,
-                        out_values_ptr, out_indices_ptr, capacity)  # fmt: skip
+                _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr,
+                                   counts_ptr, out_values_ptr, out_indices_ptr, num_rows,
+                                   capacity, has_valid, products)  # fmt: skip
+
+    @gluon.jit
+    def _collect_tile(query, tiles, ready, empty, flags, i, tile, bound, offs_q, tile_rows,
+                      valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, num_rows,
+                      capacity, has_valid, products: gl.constexpr):  # fmt: skip
+        """The ``i``-th tile of a collect-pass consumer of :func:`_collect_pairs_partition`:
+        its product, the warpgroup's verdict in ``flags`` (one of two separate buffers), the
+        tile's buffer freed, and the append if any query has a candidate. The buffer is freed
+        right after the verdict's barrier: every warp's product is done by then, and nothing
+        read from shared memory since then is pending (Triton's barrier analysis would put a
+        barrier before the arrival otherwise, as it puts one after it)."""
+        similarities = _held_product(query, tiles, ready, i, products)
+        passes = gl.max(similarities, axis=1) >= bound
+        flags.store(gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1))
+        _partition_barrier()
+        mbarrier.arrive(empty.index(i % tiles.type.shape[0]), count=1)
+        if gl.max(flags.load(_EVERY_FLAG), axis=0) > 0:
+            _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr,
+                               counts_ptr, out_values_ptr, out_indices_ptr, num_rows, capacity,
+                               has_valid, products)  # fmt: skip
+
+    @gluon.jit
+    def _collect_pairs_partition(
+        query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
+        out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
+        stride_query, stride_bound, num_tiles, tile_step, capacity, bound_columns, first_query,
+        has_valid, widen_bound,
+    ):  # fmt: skip
+        """:func:`_collect_partition` two tiles per turn of its loop (an odd count's last turn
+        runs one), their verdicts in two separate shared allocations: Triton's barrier
+        analysis tells allocations apart, not indices into one, so no barrier guards a
+        verdict's store against the other tile's reads. Under Triton 3.6 (the lent GPU
+        machine's) each tile then waits at two warpgroup barriers instead of three (session
+        23, docs/results.md). A warp can run at most one tile ahead of another (the
+        barriers), so it never writes a buffer that another is still to read."""
+        block_n: gl.constexpr = tiles.type.shape[1]
+        products: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_n, 16]
+        )
+        query = _query_operand(
+            query_ptr, first_query, num_queries, stride_query, dim, products, tiles.type.shape[2]
+        )
+        offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
+        bound = _collect_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound)
+        tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
+        flags_even = gl.allocate_shared_memory(gl.int32, [4], _FLAGS_LAYOUT)
+        flags_odd = gl.allocate_shared_memory(gl.int32, [4], _FLAGS_LAYOUT)
+        first = gl.program_id(1)
+        step = gl.num_programs(1)
+        mine = (num_tiles - first + step - 1) // step  # this program's tiles
+        for pair in range(0, (mine + 1) // 2):
+            tile = first + 2 * pair * step
+            _collect_tile(query, tiles, ready, empty, flags_even, 2 * pair, tile, bound, offs_q,
+                          tile_rows, valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr,
+                          num_rows, capacity, has_valid, products)  # fmt: skip
+            if 2 * pair + 1 < mine:
+                _collect_tile(query, tiles, ready, empty, flags_odd, 2 * pair + 1, tile + step,
+                              bound, offs_q, tile_rows, valid_ptr, counts_ptr, out_values_ptr,
+                              out_indices_ptr, num_rows, capacity, has_valid, products)  # fmt: skip
+            else:
+                # (the last turn of an odd count: without a barrier on this path, the even
+                # buffer's reads would still be pending at the loop's head, and the analysis
+                # would put a barrier before every even verdict's store)
+                _partition_barrier()
+
+    @gluon.jit
+    def _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr, counts_ptr,
+                           out_values_ptr, out_indices_ptr, num_rows, capacity, has_valid,
+                           products: gl.constexpr):  # fmt: skip
+        """Append the tile's similarities ``>=`` their query's bound (rows past the end and,
+        with a valid mask, unwritten rows left out) to the queries' buffers."""
+        block_n: gl.constexpr = similarities.type.shape[1]
+        keep = similarities >= bound[:, None]
+        offs_n = tile * block_n + tile_rows
+        row_ok = offs_n < num_rows  # the last tile's rows past the end are zeros
+        if has_valid != 0:
+            written = gl.load(valid_ptr + offs_n, mask=row_ok, other=0)
+            row_ok = row_ok & (written != 0)
+        keep = keep & row_ok[None, :]
+        # One relaxed atomic per candidate numbers it in its query's buffer. The even and the
+        # odd columns (each thread holds column pairs) go one after the other: half the
+        # addresses live at once (48 bytes spilled otherwise).
+        query_of = offs_q[:, None] + gl.zeros([64, block_n], gl.int32, products)
+        indices = offs_n[None, :] + gl.zeros([64, block_n], gl.int32, products)
+        pairs: gl.constexpr = [64, block_n // 2, 2]
+        values_even, values_odd = similarities.reshape(pairs).split()
+        keep_even, keep_odd = keep.reshape(pairs).split()
+        query_even, query_odd = query_of.reshape(pairs).split()
+        index_even, index_odd = indices.reshape(pairs).split()
+        _append(values_even, keep_even, query_even, index_even, counts_ptr, out_values_ptr,
+                out_indices_ptr, capacity)  # fmt: skip
+        _append(values_odd, keep_odd, query_odd, index_odd, counts_ptr, out_values_ptr,
+                out_indices_ptr, capacity)  # fmt: skip
 
     @gluon.jit
     def _bound_partition(
@@ -332,11 +416,13 @@ if gluon is not None:
         num_tiles, tile_step, capacity, bound_columns, has_valid,
         COLLECT: gl.constexpr, WIDEN_BOUND: gl.constexpr,
         GROUPS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+        PAIRS: gl.constexpr,
     ):  # fmt: skip
         """Program (q, p): queries [q·GROUPS·64, …) against the pass's tiles p, p + P, … (so
         the programs of all query blocks read the same tile at about the same time). The
         bound pass (``COLLECT`` False) writes each consumer's bins, the collect pass appends
-        candidates. ``has_valid`` (1: read the valid mask) is a runtime argument: as a
+        candidates, one tile per turn of its loop or (``PAIRS``) two. ``has_valid`` (1: read
+        the valid mask) is a runtime argument: as a
         constexpr 0 it left ``valid_ptr`` unused in every partition, and Triton 3.6 (the lent
         GPU machine's) then failed an LLVM assertion lowering the specialised region."""
         block_n: gl.constexpr = memory_desc.block_type.shape[0]
@@ -364,7 +450,22 @@ if gluon is not None:
         group_3 = shared + (first + 192, has_valid, widen_bound)  # noqa: RUF005
         # (each partition list names its function: the JIT passes no function as a value)
         gl.static_assert((GROUPS == 2) | (GROUPS == 4), "GROUPS must be 2 or 4")
-        if COLLECT:
+        if COLLECT and PAIRS:
+            if GROUPS == 2:
+                gl.warp_specialize(
+                    [(_collect_pairs_partition, group_0), (_collect_pairs_partition, group_1),
+                     (_producer_partition, group_0)],
+                    [4, 1], [CONSUMER_REGISTERS, 24],
+                )  # fmt: skip
+            else:
+                gl.warp_specialize(
+                    [(_collect_pairs_partition, group_0), (_collect_pairs_partition, group_1),
+                     (_collect_pairs_partition, group_2), (_collect_pairs_partition, group_3),
+                     (_producer_partition, group_0)],
+                    [4, 4, 4, 1],
+                    [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS, 24],
+                )  # fmt: skip
+        elif COLLECT:
             if GROUPS == 2:
                 gl.warp_specialize(
                     [(_collect_partition, group_0), (_collect_partition, group_1),
@@ -458,7 +559,7 @@ def gluon_bound_columns(
 def _gluon_pass(
     queries: Tensor, memory: Tensor, valid: Tensor | None, pointers: tuple[Tensor, ...],
     sizes: tuple[int, ...], *, collect: bool, widen_bound: bool, num_tiles: int, block_n: int,
-    stages: int, groups: int, multiprocessors: int,
+    stages: int, groups: int, multiprocessors: int, tile_pairs: bool = False,
 ) -> GluonPass:  # fmt: skip
     if gluon is None:
         raise RuntimeError("Triton's Gluon front end is not installed")
@@ -481,6 +582,7 @@ def _gluon_pass(
         "GROUPS": groups,
         "STAGES": stages,
         "CONSUMER_REGISTERS": consumer_registers,
+        "PAIRS": tile_pairs,
     }
     return GluonPass(arguments, constexprs, (query_blocks, programs), launch_registers)
 
@@ -525,17 +627,19 @@ def gluon_collect_pass(
     groups: int,
     widen_bound: bool,
     multiprocessors: int,
+    tile_pairs: bool = False,
 ) -> GluonPass:
     """The collect pass of :func:`look.search_triton.fused_knn_search` over every tile of
     ``block_n`` rows: its outputs ``out_values``/``out_indices`` (rows of ``capacity`` slots)
     and ``counts``. ``groups`` (1, 2 or 4) consumer warpgroups of 64 queries share each tile;
     fewer are used when the batch has fewer queries. ``bound`` is the k-th largest bin or tile
     maximum per query (a column view: its stride is passed), widened in the kernel with
-    ``widen_bound``."""
+    ``widen_bound``. ``tile_pairs``: two tiles per turn of each consumer's loop
+    (:func:`_collect_pairs_partition`: a barrier fewer per tile), the same candidates."""
     num_tiles = _cdiv(memory.shape[0], block_n)
     return _gluon_pass(
         queries, memory, valid, (bound, bound, out_values, out_indices, counts),
         (bound.stride(0), num_tiles, 1, out_values.shape[1], 0),
         collect=True, widen_bound=widen_bound, num_tiles=num_tiles, block_n=block_n,
-        stages=stages, groups=groups, multiprocessors=multiprocessors,
+        stages=stages, groups=groups, multiprocessors=multiprocessors, tile_pairs=tile_pairs,
     )  # fmt: skip

@@ -815,6 +815,11 @@ class SearchKernelConfig:
     # pre-filter, the Triton passes run with these tiles). The selections are the same.
     kernel: str = "triton"
     gluon_groups: int = 4
+    # The Gluon collect pass's consumers take their tiles in pairs (two per turn of the loop,
+    # each verdict in its own shared allocation): Triton's barrier analysis then leaves two
+    # warpgroup barriers per tile instead of three (the SASS under Triton 3.6, session 23).
+    # The same candidates; not yet timed on a GPU.
+    gluon_tile_pairs: bool = False
     # The bound pass's summary per program and query: its largest tile maxima (False), or
     # (True) the largest product at each of the ``block_n`` positions of its tiles, bins of
     # disjoint rows as in the Gluon bound pass: an element-wise maximum per tile instead of a
@@ -905,6 +910,8 @@ KERNEL_CONFIGS = (
     # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), between 1.1 % fewer
     # and 1.0 % more candidates (benchmarks/search_candidates.py --bins 39).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
+    # Session 23: config 36 with its collect pass's tiles in pairs (a barrier fewer per tile).
+    SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_tile_pairs=True),
 )
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
 # session 20, on an H200; config 36 is the default on Hopper since session 22: HOPPER_CONFIG.)
@@ -1646,6 +1653,7 @@ def _gluon_collect_pass(
         queries, memory, valid, bound, out_values, out_indices, counts,
         block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
         widen_bound=plan.has_bound, multiprocessors=multiprocessors,
+        tile_pairs=config.gluon_tile_pairs,
     )  # fmt: skip
 
 
