@@ -8,7 +8,10 @@ each: listing never opens them) and times ``read_image_folder`` on it, once with
 folders and once with every class folder a symbolic link to a folder elsewhere (a "view" of a
 dataset; the case that checks each link against the other classes). For each path count it
 times the training-data identity's path part (:func:`look.data.datasets.paths_below` and the
-sha256 over it) and :func:`look.data.sources.class_members` for 1,000 and 10,000 classes.
+sha256 over it), :func:`look.data.sources.class_members` for 1,000 and 10,000 classes, and
+what rank 0's listing costs to send under ``torchrun`` (``folders_listed_by_first_rank``): the
+payload pickled as ``broadcast_object_list`` pickles it, its size, and the other side's
+unpickling and source construction (no process group: the transfer itself is not timed).
 Prints one line per measurement and writes them all as JSON.
 """
 
@@ -18,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from look.data.datasets import paths_below
-from look.data.sources import class_members, read_image_folder
+from look.data.sources import (
+    ImageFolderSource,
+    class_members,
+    listing_payload,
+    read_image_folder,
+    source_from_listing,
+)
 
 
 def _write_folder(root: Path, classes: int, *, linked: bool) -> None:
@@ -53,13 +63,33 @@ def time_listing(classes: int, *, linked: bool) -> float:
     return seconds
 
 
+def _paths(count: int) -> list[str]:
+    return [f"/data/images/train/class_{i % 21000:05d}/{i:08d}.JPEG" for i in range(count)]
+
+
 def time_identity(count: int) -> float:
-    paths = [f"/data/images/train/class_{i % 21000:05d}/{i:08d}.JPEG" for i in range(count)]
+    paths = _paths(count)
     started = time.perf_counter()
     digest = hashlib.sha256()
     for relative in paths_below(paths):
         digest.update(relative + b"\n")
     return time.perf_counter() - started
+
+
+def time_listing_broadcast(count: int) -> dict[str, float]:
+    """Seconds to pickle rank 0's payload and to rebuild the source from it, and its MB."""
+    classes = [f"class_{c:05d}" for c in range(21000)]
+    samples = [(path, i % 21000) for i, path in enumerate(_paths(count))]
+    source = ImageFolderSource(samples, classes, corrupt_images="fail", description="benchmark")
+    started = time.perf_counter()
+    sent = pickle.dumps(("listing", listing_payload(source)))
+    pickled = time.perf_counter() - started
+    started = time.perf_counter()
+    _, payload = pickle.loads(sent)
+    received = source_from_listing(payload, corrupt_images="fail")
+    rebuilt = time.perf_counter() - started
+    assert received.paths == source.paths
+    return {"send_s": pickled, "receive_s": rebuilt, "mb": len(sent) / 1e6}
 
 
 def time_members(count: int, classes: int) -> float:
@@ -86,6 +116,12 @@ def main() -> None:
         seconds = time_identity(count)
         print(f"identity over {count} paths: {seconds:.2f} s")
         rows.append({"what": "identity_paths", "paths": count, "s": seconds})
+        sent = time_listing_broadcast(count)
+        print(
+            f"listing of {count} paths sent by rank 0: {sent['mb']:.1f} MB pickled in "
+            f"{sent['send_s']:.2f} s, rebuilt in {sent['receive_s']:.2f} s"
+        )
+        rows.append({"what": "listing_broadcast", "paths": count, **sent})
         for classes in (1000, 10000):
             seconds = time_members(count, classes)
             print(f"class members of {count} labels in {classes} classes: {seconds:.3f} s")

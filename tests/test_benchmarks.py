@@ -398,6 +398,19 @@ def test_nca_memory_benchmark_smoke(tmp_path: Path) -> None:
     assert report["kept"]["seconds"] > 0 and report["recomputed"]["seconds"] > 0
 
 
+def test_data_listing_benchmark_times_each_step_at_a_small_size(tmp_path: Path) -> None:
+    report = _run_benchmark(
+        tmp_path, "data_listing.py", "--classes", "20", "--paths", "2000", timeout=300
+    )
+    steps = {row["what"] for row in report["rows"]}
+    assert steps == {"listing", "identity_paths", "listing_broadcast", "class_members"}
+    (sent,) = [row for row in report["rows"] if row["what"] == "listing_broadcast"]
+    # 2,000 paths of ~45 bytes, 21,000 class names of ~12 and 8-byte labels: one buffer each
+    # (~0.4 MB), not a pickled object per path.
+    assert sent["paths"] == 2000 and 0.3 < sent["mb"] < 0.6
+    assert sent["send_s"] >= 0 and sent["receive_s"] >= 0
+
+
 def test_kernel_resources_benchmark_reads_registers_and_loop_instructions(tmp_path: Path) -> None:
     pytest.importorskip("triton")
     # The default, a 128 x 64 tile with pointer and with TMA loads (every config's compile and

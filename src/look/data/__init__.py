@@ -27,6 +27,7 @@ from look.data.sources import (
     MNIST_CLASSES,
     CorruptImageError,
     ImageSource,
+    folders_listed_by_first_rank,
     load_source,
 )
 from look.data.spec import (
@@ -71,6 +72,7 @@ __all__ = [
     "builtin_grouping_names",
     "describe",
     "find_unreadable_images",
+    "folders_listed_by_first_rank",
     "infer_default_root",
     "load_grouping",
     "load_source",

@@ -8,9 +8,11 @@ ImageFolder decodes files on demand and applies the corrupt-image policy.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -681,10 +683,94 @@ def class_folder_names(folder: Path) -> list[str]:
     )
 
 
+_listing_on_first_rank = False
+
+
+@contextlib.contextmanager
+def folders_listed_by_first_rank() -> Iterator[None]:
+    """Within it, under a process group of several ranks, an image folder's split is listed by
+    rank 0 alone and sent to the other ranks (:func:`read_image_folder`): one walk of the
+    folder per job instead of one per rank, which on a shared file system is every rank of
+    every node reading a million files' metadata at once. A listing error on rank 0 is raised
+    on every rank, with its message.
+
+    Each split read inside it is one collective: every rank must read the same splits in the
+    same order, as every rank of a training job builds the same datasets. Outside it (code that
+    one rank runs alone) each process lists for itself."""
+    global _listing_on_first_rank
+    previous, _listing_on_first_rank = _listing_on_first_rank, True
+    try:
+        yield
+    finally:
+        _listing_on_first_rank = previous
+
+
+def _sendable(error: Exception) -> Exception:
+    """``error``, or a RuntimeError with its type and message where it does not pickle (the
+    other ranks must get an error, not hang in the broadcast)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _image_folder_from_first_rank(
+    root: Path, split_train: str, split: str, *, corrupt_images: str
+) -> ImageFolderSource:
+    """:func:`read_image_folder` listed by rank 0 and broadcast (:func:`folders_listed_by_first_rank`)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        try:
+            source = _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
+        except Exception as error:
+            dist.broadcast_object_list([("error", _sendable(error))], src=0)
+            raise
+        dist.broadcast_object_list([("listing", listing_payload(source))], src=0)
+        return source
+    received: list[object] = [None]
+    dist.broadcast_object_list(received, src=0)
+    kind, payload = received[0]  # type: ignore[misc]
+    if kind == "error":
+        raise payload
+    return source_from_listing(payload, corrupt_images=corrupt_images)
+
+
+def listing_payload(source: ImageFolderSource) -> tuple[object, ...]:
+    """What rank 0 sends of an image folder's listing: the class names, the paths as one
+    buffer (a name holds no NUL; ``surrogateescape`` keeps one that is not UTF-8 as it is on
+    disk), the labels as one array and the description: no pickled object per image."""
+    paths = "\0".join(source.paths).encode("utf-8", "surrogateescape")
+    return source.class_names, paths, source.labels.numpy(), source.description
+
+
+def source_from_listing(payload: tuple[object, ...], *, corrupt_images: str) -> ImageFolderSource:
+    """The :class:`ImageFolderSource` of a :func:`listing_payload`."""
+    class_names, paths, labels, description = payload
+    names = paths.decode("utf-8", "surrogateescape").split("\0")  # type: ignore[attr-defined]
+    samples = list(zip(names, labels.tolist(), strict=True))  # type: ignore[attr-defined]
+    return ImageFolderSource(
+        samples, class_names, corrupt_images=corrupt_images, description=str(description)
+    )
+
+
 def read_image_folder(
     root: Path, split_train: str, split: str, *, corrupt_images: str
 ) -> ImageFolderSource:
-    """An ImageFolder split; class names (and their indices) always come from the training folder."""
+    """An ImageFolder split; class names (and their indices) always come from the training
+    folder. Inside :func:`folders_listed_by_first_rank` under several ranks, rank 0 lists it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if _listing_on_first_rank and distributed and torch.distributed.get_world_size() > 1:
+        return _image_folder_from_first_rank(
+            root, split_train, split, corrupt_images=corrupt_images
+        )
+    return _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
+
+
+def _list_image_folder(
+    root: Path, split_train: str, split: str, *, corrupt_images: str
+) -> ImageFolderSource:
     class_folder, split_folder = _image_folder_layout(root, split_train, split)
     class_names = class_folder_names(class_folder)
     if not class_names:

@@ -28,6 +28,7 @@ from look.data import (
     build_train_dataset,
     describe,
     find_unreadable_images,
+    folders_listed_by_first_rank,
     training_data_identity,
 )
 from look.engine.checkpoint import (
@@ -319,9 +320,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed)
 
-        self.dataset, self.data_info = build_train_dataset(
-            data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
-        )
+        # Every rank builds the same data; under torchrun rank 0 alone lists an image folder.
+        with folders_listed_by_first_rank():
+            self.dataset, self.data_info = build_train_dataset(
+                data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
+            )
         self.data_identity = training_data_identity(self.dataset, self.data_info)
         self.global_batch = cfg.optim.batch_size
         world = get_world_size()
@@ -347,15 +350,16 @@ class Trainer:
         self.knn_monitor: KnnMonitor | None = None
         if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
             try:
-                self.knn_monitor = build_knn_monitor(
-                    cfg.train.knn_monitor,
-                    labels=cfg.train.knn_monitor_labels,
-                    k=cfg.train.knn_monitor_k,
-                    images=cfg.train.knn_monitor_images,
-                    image_size=self.data_info.image_size,
-                    training_data=(cfg.data.dataset, cfg.data.root),
-                    corrupt_images=cfg.data.corrupt_images,
-                )
+                with folders_listed_by_first_rank():  # (on every rank, as the training data)
+                    self.knn_monitor = build_knn_monitor(
+                        cfg.train.knn_monitor,
+                        labels=cfg.train.knn_monitor_labels,
+                        k=cfg.train.knn_monitor_k,
+                        images=cfg.train.knn_monitor_images,
+                        image_size=self.data_info.image_size,
+                        training_data=(cfg.data.dataset, cfg.data.root),
+                        corrupt_images=cfg.data.corrupt_images,
+                    )
             except (ValueError, FileNotFoundError) as error:
                 raise ConfigError(
                     f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
