@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import warnings
@@ -455,3 +456,25 @@ def test_a_file_name_that_is_no_valid_utf8_is_listed_identified_and_fingerprinte
     assert odd in train.source.file_paths
     assert len(training_data_identity(train, info)["sha256"]) == 64
     assert data_files_fingerprint(spec, train.source) is not None
+
+
+def test_an_image_folders_paths_are_one_buffer_read_back_exactly() -> None:
+    """The paths live in one NUL-separated buffer (no object per image for forked workers to
+    copy): each comes back as it was given, a name that is not UTF-8 included."""
+    from look.data.sources import ImageFolderSource
+
+    odd = "/data/train/cat/" + os.fsdecode(b"caf\xe9.png")
+    samples = [("/data/train/cat/0.png", 0), (odd, 0), ("/data/train/dog/é 1.png", 1)]
+    source = ImageFolderSource(samples, ["cat", "dog"], corrupt_images="fail", description="t")
+    assert source.paths == tuple(path for path, _ in samples) == source.file_paths
+    assert [source.path(i) for i in range(3)] == [path for path, _ in samples]
+    assert source.labels.tolist() == [0, 0, 1]
+    rebuilt = ImageFolderSource.from_encoded_paths(
+        source.encoded_paths, source.labels, source.class_names, corrupt_images="skip",
+        description="t",
+    )  # fmt: skip
+    assert rebuilt.paths == source.paths and rebuilt.corrupt_images == "skip"
+    empty = ImageFolderSource([], ["cat"], corrupt_images="fail", description="t")
+    assert len(empty) == 0 and empty.paths == () and empty.skipped_files == ()
+    with pytest.raises(ValueError, match="NUL"):
+        ImageFolderSource([("a\0b.png", 0)], ["cat"], corrupt_images="fail", description="t")

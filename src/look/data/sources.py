@@ -239,20 +239,91 @@ class ImageFolderSource(ImageSource):
         corrupt_images: str,
         description: str,
     ) -> None:
+        self._setup(
+            "\0".join(path for path, _ in samples).encode("utf-8", "surrogateescape"),
+            torch.tensor([label for _, label in samples], dtype=torch.int64),
+            class_names,
+            corrupt_images=corrupt_images,
+            description=description,
+        )
+
+    @classmethod
+    def from_encoded_paths(
+        cls,
+        encoded_paths: bytes,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        *,
+        corrupt_images: str,
+        description: str,
+    ) -> ImageFolderSource:
+        """The source of paths already in one buffer (:attr:`encoded_paths`: what rank 0
+        sends of its listing) and their labels."""
+        source = cls.__new__(cls)
+        source._setup(
+            encoded_paths, labels, class_names, corrupt_images=corrupt_images,
+            description=description,
+        )  # fmt: skip
+        return source
+
+    def _setup(
+        self,
+        encoded_paths: bytes,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        *,
+        corrupt_images: str,
+        description: str,
+    ) -> None:
         if corrupt_images not in ("fail", "skip"):
             raise ValueError(f"corrupt_images={corrupt_images!r}; choose 'fail' or 'skip'")
-        self.paths = tuple(path for path, _ in samples)
-        self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        self._set_paths(encoded_paths)
+        self.labels = labels
+        if len(self.labels) != len(self._path_starts) - 1:
+            raise ValueError(
+                f"{len(self.labels)} labels for {len(self._path_starts) - 1} paths: an image "
+                "path holds a NUL character"
+            )
         self.class_names = tuple(class_names)
         self.native_size = None
         self.description = description
         self.corrupt_images = corrupt_images
         self._class_members = class_members(self.labels.numpy(), len(self.class_names))
         # Shared memory: DataLoader workers mark files here and the main process can count them.
-        self._unreadable = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        self._unreadable = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
+
+    def _set_paths(self, encoded: bytes) -> None:
+        """Keep the paths as one buffer (NUL-separated; ``surrogateescape`` keeps a name that is
+        not UTF-8 as it is on disk) with each one's start in an array. A tuple of strings would
+        be a million objects whose reference counts every forked DataLoader worker writes as
+        it reads them: each worker would end up with its own copy of every page holding them
+        (~90 MB per million paths; benchmarks/loader_memory.py)."""
+        self._path_buffer = encoded
+        separators = np.flatnonzero(np.frombuffer(encoded, dtype=np.uint8) == 0)
+        # Path i runs from starts[i] to starts[i + 1] - 1 (its NUL, or one past the end).
+        self._path_starts = np.concatenate(([0], separators + 1, [len(encoded) + 1]))
+        if not encoded:  # no image at all: no path either
+            self._path_starts = np.zeros(1, dtype=np.int64)
+
+    def path(self, index: int) -> str:
+        """The file of image ``index``."""
+        start, end = self._path_starts[index], self._path_starts[index + 1] - 1
+        return self._path_buffer[start:end].decode("utf-8", "surrogateescape")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every image's file, in index order (decoded from the buffer at each call)."""
+        if len(self.labels) == 0:
+            return ()
+        return tuple(self._path_buffer.decode("utf-8", "surrogateescape").split("\0"))
+
+    @property
+    def encoded_paths(self) -> bytes:
+        """The paths as the one NUL-separated buffer they are kept in."""
+        return self._path_buffer
 
     def _decode(self, index: int) -> torch.Tensor:
-        return decode_image_file(self.paths[index])
+        return decode_image_file(self.path(index))
 
     def load(self, index: int) -> torch.Tensor:
         try:
@@ -262,7 +333,7 @@ class ImageFolderSource(ImageSource):
         except DECODE_ERRORS as error:
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
-                    f"cannot decode image file {self.paths[index]} ({type(error).__name__}: {error}); "
+                    f"cannot decode image file {self.path(index)} ({type(error).__name__}: {error}); "
                     "replace it by a readable image of the same name, or have unreadable files "
                     "replaced by another image of the same class (`look pretrain --set "
                     "data.corrupt_images=skip`, `look evaluate --corrupt-images skip`); both keep "
@@ -284,7 +355,7 @@ class ImageFolderSource(ImageSource):
                 self._mark_unreadable(candidate, error)
         class_name = self.class_names[int(self.labels[index])]
         raise CorruptImageError(
-            f"no readable image left in class {class_name!r} (last tried: {self.paths[index]}); "
+            f"no readable image left in class {class_name!r} (last tried: {self.path(index)}); "
             "every file of that class failed to decode"
         )
 
@@ -292,7 +363,7 @@ class ImageFolderSource(ImageSource):
         if not self._unreadable[index]:
             self._unreadable[index] = True
             warnings.warn(
-                f"skipping unreadable image {self.paths[index]} ({type(error).__name__}: {error})",
+                f"skipping unreadable image {self.path(index)} ({type(error).__name__}: {error})",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -312,7 +383,7 @@ class ImageFolderSource(ImageSource):
 
     @property
     def skipped_files(self) -> tuple[str, ...]:
-        return tuple(self.paths[i] for i in torch.nonzero(self._unreadable).flatten().tolist())
+        return tuple(self.path(i) for i in torch.nonzero(self._unreadable).flatten().tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,21 +809,19 @@ def _image_folder_from_first_rank(
 
 
 def listing_payload(source: ImageFolderSource) -> tuple[object, ...]:
-    """What rank 0 sends of an image folder's listing: the class names, the paths as one
-    buffer (a name holds no NUL; ``surrogateescape`` keeps one that is not UTF-8 as it is on
-    disk), the labels as one array and the description: no pickled object per image."""
-    paths = "\0".join(source.paths).encode("utf-8", "surrogateescape")
-    return source.class_names, paths, source.labels.numpy(), source.description
+    """What rank 0 sends of an image folder's listing: the class names, the paths in the one
+    buffer the source keeps them in, the labels as one array and the description: no pickled
+    object per image."""
+    return source.class_names, source.encoded_paths, source.labels.numpy(), source.description
 
 
 def source_from_listing(payload: tuple[object, ...], *, corrupt_images: str) -> ImageFolderSource:
     """The :class:`ImageFolderSource` of a :func:`listing_payload`."""
     class_names, paths, labels, description = payload
-    names = paths.decode("utf-8", "surrogateescape").split("\0")  # type: ignore[attr-defined]
-    samples = list(zip(names, labels.tolist(), strict=True))  # type: ignore[attr-defined]
-    return ImageFolderSource(
-        samples, class_names, corrupt_images=corrupt_images, description=str(description)
-    )
+    return ImageFolderSource.from_encoded_paths(
+        paths, torch.from_numpy(labels), class_names,  # type: ignore[arg-type]
+        corrupt_images=corrupt_images, description=str(description),
+    )  # fmt: skip
 
 
 def read_image_folder(

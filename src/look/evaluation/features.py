@@ -354,8 +354,12 @@ def unreadable_indices(dataset: Dataset) -> tuple[int, ...]:
     """
     source = getattr(dataset, "source", None)
     marked = torch.zeros(len(dataset), dtype=torch.int64)  # type: ignore[arg-type]
-    if isinstance(source, ImageSource) and source.file_paths and source.num_skipped_files:
-        position = {path: index for index, path in enumerate(source.file_paths)}
+    # (the skip count first: an image folder decodes its paths from one buffer at each call)
+    paths = (
+        source.file_paths if isinstance(source, ImageSource) and source.num_skipped_files else None
+    )
+    if paths:
+        position = {path: index for index, path in enumerate(paths)}
         for path in source.skipped_files:
             # A substitute tried from outside a subset is marked in the full source only.
             if path in position:

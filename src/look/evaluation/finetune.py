@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from look.data import (
     DataSpec,
+    ImageSource,
     build_eval_dataset,
     build_train_dataset,
     describe,
@@ -522,6 +523,14 @@ def finetune(
         "final_epoch_train_loss": last_epoch_loss,
         "num_train": len(train_set),
         "num_test": len(test_labels),
-        "unreadable_test_files": [(test_set.source.file_paths or ())[i] for i in unreadable],
+        "unreadable_test_files": _files_at(test_set.source, unreadable),
         "num_classes": info.num_classes,
     }
+
+
+def _files_at(source: ImageSource, indices: Sequence[int]) -> list[str]:
+    """The files of ``source``'s images at ``indices`` (none for images held in memory)."""
+    if not indices:
+        return []
+    paths = source.file_paths or ()  # (decoded at each call: once here)
+    return [paths[i] for i in indices] if paths else []
