@@ -9,7 +9,7 @@ folders and once with every class folder a symbolic link to a folder elsewhere (
 dataset; the case that checks each link against the other classes). For each path count it
 times the training-data identity's path part (:func:`look.data.datasets.paths_below` and the
 sha256 over it), :func:`look.data.sources.class_members` for 1,000 and 10,000 classes, and
-what rank 0's listing costs to send under ``torchrun`` (``folders_listed_by_first_rank``): the
+what rank 0's listing costs to send under ``torchrun`` (``each_folder_listed_once``): the
 payload pickled as ``broadcast_object_list`` pickles it, its size, and the other side's
 unpickling and source construction (no process group: the transfer itself is not timed).
 Prints one line per measurement and writes them all as JSON.

@@ -478,3 +478,33 @@ def test_an_image_folders_paths_are_one_buffer_read_back_exactly() -> None:
     assert len(empty) == 0 and empty.paths == () and empty.skipped_files == ()
     with pytest.raises(ValueError, match="NUL"):
         ImageFolderSource([("a\0b.png", 0)], ["cat"], corrupt_images="fail", description="t")
+
+
+def test_inside_each_folder_listed_once_a_split_read_again_reuses_its_listing(
+    image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from look.data import sources
+    from look.data.sources import each_folder_listed_once
+
+    listed: list[str] = []
+    list_images = sources._list_images
+
+    def counted(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
+        listed.append(Path(split_folder).name)
+        return list_images(split_folder, class_to_index)
+
+    monkeypatch.setattr(sources, "_list_images", counted)
+    with each_folder_listed_once():
+        first = read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+        with each_folder_listed_once():  # nested: the outer scope's listings
+            again = read_image_folder(image_folder, "train", "train", corrupt_images="skip")
+        read_image_folder(image_folder, "train", "val", corrupt_images="fail")
+    assert listed == ["train", "val"]
+    # Its own source: its policy, and unreadable files of its own.
+    assert again is not first and again.paths == first.paths and again.corrupt_images == "skip"
+    assert torch.equal(again.labels, first.labels) and again.labels is not first.labels
+    again.record_unreadable([again.paths[0]])
+    assert again.num_skipped_files == 1 and first.num_skipped_files == 0
+    # Outside: every read lists (the folder may have changed since).
+    read_image_folder(image_folder, "train", "train", corrupt_images="fail")
+    assert listed == ["train", "val", "train"]

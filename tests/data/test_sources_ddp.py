@@ -1,4 +1,4 @@
-"""Two gloo ranks: inside ``folders_listed_by_first_rank`` an image folder is listed by rank 0
+"""Two gloo ranks: inside ``each_folder_listed_once`` an image folder is listed by rank 0
 alone, and the other rank gets the same source, or rank 0's listing error; outside it each rank
 lists for itself, with no collective."""
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from look.data import sources
-from look.data.sources import _sendable, folders_listed_by_first_rank, read_image_folder
+from look.data.sources import _sendable, each_folder_listed_once, read_image_folder
 from tests.ddp import free_port, init_gloo
 
 pytestmark = pytest.mark.ddp
@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, root: str, out_dir: str) -> None:
 
             sources._list_images = refuse
         result: dict[str, object] = {}
-        with folders_listed_by_first_rank():
+        with each_folder_listed_once():
             train = read_image_folder(Path(root), "train", "train", corrupt_images="skip")
             val = read_image_folder(Path(root), "train", "val", corrupt_images="fail")
             try:

@@ -415,6 +415,37 @@ def test_unreadable_evaluation_images_are_left_out_not_duplicated(
     assert reports[1]["features"]["test"]["from_cache"]
 
 
+def test_each_image_folder_split_is_listed_once_per_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fine-tuning reads the splits the frozen protocols read: it reuses their listings; a
+    second evaluation lists again (the folder may have changed between commands)."""
+    from look.data import sources
+
+    root = tmp_path / "images"
+    _write_image_folder(root, val_colours={"cat": (200, 30, 30), "dog": (30, 30, 200)})
+    listed: list[str] = []
+    list_images = sources._list_images
+
+    def counted(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
+        listed.append(Path(split_folder).name)
+        return list_images(split_folder, class_to_index)
+
+    monkeypatch.setattr(sources, "_list_images", counted)
+    for _ in range(2):
+        report = evaluate(
+            ModelSource(timm="look_cnn_small"),
+            parse_dataset_spec(f"imagefolder:{root}"),
+            "knn,finetune",
+            output_dir=tmp_path / "out",
+            image_size=16,
+            cache_dir=None,
+            **{**FAST, "knn_options": KnnOptions(ks=(3,))},
+        )
+        assert report["protocols"]["finetune"]["num_train"] == 8
+    assert sorted(listed) == ["train", "train", "val", "val"]
+
+
 def test_messages_say_what_evaluate_can_do(tmp_path: Path) -> None:
     from tests.data.conftest import write_png
 

@@ -27,7 +27,7 @@ from look.data.sources import (
     MNIST_CLASSES,
     CorruptImageError,
     ImageSource,
-    folders_listed_by_first_rank,
+    each_folder_listed_once,
     load_source,
 )
 from look.data.spec import (
@@ -71,8 +71,8 @@ __all__ = [
     "build_train_transform",
     "builtin_grouping_names",
     "describe",
+    "each_folder_listed_once",
     "find_unreadable_images",
-    "folders_listed_by_first_rank",
     "infer_default_root",
     "load_grouping",
     "load_source",

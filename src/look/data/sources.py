@@ -754,26 +754,34 @@ def class_folder_names(folder: Path) -> list[str]:
     )
 
 
-_listing_on_first_rank = False
+# Inside each_folder_listed_once(): the splits listed so far, by (root, training split, split).
+_listings: dict[tuple[str, str, str], ImageFolderSource] | None = None
 
 
 @contextlib.contextmanager
-def folders_listed_by_first_rank() -> Iterator[None]:
-    """Within it, under a process group of several ranks, an image folder's split is listed by
-    rank 0 alone and sent to the other ranks (:func:`read_image_folder`): one walk of the
-    folder per job instead of one per rank, which on a shared file system is every rank of
-    every node reading a million files' metadata at once. A listing error on rank 0 is raised
-    on every rank, with its message.
+def each_folder_listed_once() -> Iterator[None]:
+    """Within it each image folder split is listed once (:func:`read_image_folder`), for one
+    command's data building (its folders are taken not to change meanwhile):
 
-    Each split read inside it is one collective: every rank must read the same splits in the
-    same order, as every rank of a training job builds the same datasets. Outside it (code that
-    one rank runs alone) each process lists for itself."""
-    global _listing_on_first_rank
-    previous, _listing_on_first_rank = _listing_on_first_rank, True
+    - read again (the kNN monitor's training split, fine-tuning's splits after the frozen
+      protocols'), a split reuses its listing, as a source of its own (its unreadable files
+      are its own);
+    - under a process group of several ranks, rank 0 alone lists it and sends it to the other
+      ranks: one walk of the folder per job instead of one per rank, which on a shared file
+      system is every rank of every node reading a million files' metadata at once. A listing
+      error on rank 0 is raised on every rank, with its message.
+
+    Each split listed inside it under several ranks is one collective: every rank must read the
+    same splits in the same order, as every rank of a training job or of ``look evaluate``
+    builds the same datasets. Outside it (code that one rank runs alone) each process lists for
+    itself, at each read. Also a decorator."""
+    global _listings
+    outer = _listings
+    _listings = {} if outer is None else outer  # (nested: the outer scope's listings)
     try:
         yield
     finally:
-        _listing_on_first_rank = previous
+        _listings = outer
 
 
 def _sendable(error: Exception) -> Exception:
@@ -789,7 +797,7 @@ def _sendable(error: Exception) -> Exception:
 def _image_folder_from_first_rank(
     root: Path, split_train: str, split: str, *, corrupt_images: str
 ) -> ImageFolderSource:
-    """:func:`read_image_folder` listed by rank 0 and broadcast (:func:`folders_listed_by_first_rank`)."""
+    """:func:`read_image_folder` listed by rank 0 and broadcast (:func:`each_folder_listed_once`)."""
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -828,13 +836,26 @@ def read_image_folder(
     root: Path, split_train: str, split: str, *, corrupt_images: str
 ) -> ImageFolderSource:
     """An ImageFolder split; class names (and their indices) always come from the training
-    folder. Inside :func:`folders_listed_by_first_rank` under several ranks, rank 0 lists it."""
+    folder. Inside :func:`each_folder_listed_once` a split is listed once, by rank 0 under
+    several ranks."""
+    if _listings is None:
+        return _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
+    key = (str(Path(root).resolve()), split_train, split)
+    listed = _listings.get(key)
+    if listed is not None:
+        return ImageFolderSource.from_encoded_paths(
+            listed.encoded_paths, listed.labels.clone(), listed.class_names,
+            corrupt_images=corrupt_images, description=listed.description,
+        )  # fmt: skip
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if _listing_on_first_rank and distributed and torch.distributed.get_world_size() > 1:
-        return _image_folder_from_first_rank(
+    if distributed and torch.distributed.get_world_size() > 1:
+        listed = _image_folder_from_first_rank(
             root, split_train, split, corrupt_images=corrupt_images
         )
-    return _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
+    else:
+        listed = _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
+    _listings[key] = listed
+    return listed
 
 
 def _list_image_folder(

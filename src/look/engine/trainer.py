@@ -27,8 +27,8 @@ from look.data import (
     UnreadableImage,
     build_train_dataset,
     describe,
+    each_folder_listed_once,
     find_unreadable_images,
-    folders_listed_by_first_rank,
     training_data_identity,
 )
 from look.engine.checkpoint import (
@@ -320,37 +320,37 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed)
 
-        # Every rank builds the same data; under torchrun rank 0 alone lists an image folder.
-        with folders_listed_by_first_rank():
+        # Every rank builds the same data and kNN monitor: each image folder split is listed
+        # once (by rank 0 under torchrun), and the monitor's training split reuses the listing.
+        with each_folder_listed_once():
             self.dataset, self.data_info = build_train_dataset(
                 data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
             )
-        self.data_identity = training_data_identity(self.dataset, self.data_info)
-        self.global_batch = cfg.optim.batch_size
-        world = get_world_size()
-        if self.global_batch > self.data_info.num_samples:
-            raise ConfigError(
-                f"optim.batch_size={self.global_batch} is larger than the training set "
-                f"({self.data_info.num_samples} images); lower the batch size."
-            )
-        if self.global_batch % world:
-            raise ConfigError(
-                f"optim.batch_size={self.global_batch} (global) is not divisible by the "
-                f"{world} ranks; pick a multiple of {world}."
-            )
-        self.accumulation = cfg.optim.grad_accum_steps
-        if self.global_batch % (world * self.accumulation):
-            raise ConfigError(
-                f"optim.batch_size={self.global_batch} (global) over {world} rank(s) is not "
-                f"divisible into optim.grad_accum_steps={self.accumulation} micro-batches; pick "
-                f"a multiple of {world * self.accumulation}."
-            )
-        # Images one rank passes through the model at a time.
-        self.micro_batch = self.global_batch // (world * self.accumulation)
-        self.knn_monitor: KnnMonitor | None = None
-        if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
-            try:
-                with folders_listed_by_first_rank():  # (on every rank, as the training data)
+            self.data_identity = training_data_identity(self.dataset, self.data_info)
+            self.global_batch = cfg.optim.batch_size
+            world = get_world_size()
+            if self.global_batch > self.data_info.num_samples:
+                raise ConfigError(
+                    f"optim.batch_size={self.global_batch} is larger than the training set "
+                    f"({self.data_info.num_samples} images); lower the batch size."
+                )
+            if self.global_batch % world:
+                raise ConfigError(
+                    f"optim.batch_size={self.global_batch} (global) is not divisible by the "
+                    f"{world} ranks; pick a multiple of {world}."
+                )
+            self.accumulation = cfg.optim.grad_accum_steps
+            if self.global_batch % (world * self.accumulation):
+                raise ConfigError(
+                    f"optim.batch_size={self.global_batch} (global) over {world} rank(s) is not "
+                    f"divisible into optim.grad_accum_steps={self.accumulation} micro-batches; pick "
+                    f"a multiple of {world * self.accumulation}."
+                )
+            # Images one rank passes through the model at a time.
+            self.micro_batch = self.global_batch // (world * self.accumulation)
+            self.knn_monitor: KnnMonitor | None = None
+            if cfg.train.knn_monitor is not None:  # built now: a bad spec fails before training
+                try:
                     self.knn_monitor = build_knn_monitor(
                         cfg.train.knn_monitor,
                         labels=cfg.train.knn_monitor_labels,
@@ -360,10 +360,10 @@ class Trainer:
                         training_data=(cfg.data.dataset, cfg.data.root),
                         corrupt_images=cfg.data.corrupt_images,
                     )
-            except (ValueError, FileNotFoundError) as error:
-                raise ConfigError(
-                    f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
-                ) from error
+                except (ValueError, FileNotFoundError) as error:
+                    raise ConfigError(
+                        f"train.knn_monitor={cfg.train.knn_monitor!r}: {error}"
+                    ) from error
         # A run that will resume takes its weights from the checkpoint: the initial weights'
         # file is not read (it may have moved since step 0).
         self.checkpoint_dir = self.output_dir / "checkpoints"

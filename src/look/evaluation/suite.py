@@ -30,6 +30,7 @@ from look.data import (
     EvalDataset,
     build_eval_dataset,
     describe,
+    each_folder_listed_once,
     resolve_image_size,
 )
 from look.data.spec import resolve_root
@@ -406,6 +407,9 @@ def _report_content(
     }
 
 
+# (each image folder split listed once: by rank 0 under torchrun, and fine-tuning's splits
+# reuse the frozen protocols' listings)
+@each_folder_listed_once()
 def evaluate(
     model_source: ModelSource | str | Path,
     dataset_spec: DataSpec | str,
