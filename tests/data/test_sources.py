@@ -508,3 +508,22 @@ def test_inside_each_folder_listed_once_a_split_read_again_reuses_its_listing(
     # Outside: every read lists (the folder may have changed since).
     read_image_folder(image_folder, "train", "train", corrupt_images="fail")
     assert listed == ["train", "val", "train"]
+
+
+def test_packed_paths_read_back_as_a_sequence_of_strings() -> None:
+    from look.data.sources import PackedPaths
+
+    names = ["/a/0.png", "/a/" + os.fsdecode(b"caf\xe9.png"), "/b/é 1.png"]
+    packed = PackedPaths(names)
+    assert len(packed) == 3 and list(packed) == names and packed.as_tuple() == tuple(names)
+    assert packed[-1] == names[-1] and packed[1:] == tuple(names[1:]) and packed[::2] == (
+        names[0], names[2],
+    )  # fmt: skip
+    assert PackedPaths(packed.encoded).as_tuple() == tuple(names)
+    with pytest.raises(IndexError):
+        packed[3]
+    assert (
+        len(PackedPaths([])) == 0
+        and PackedPaths([]).as_tuple() == ()
+        and list(PackedPaths([])) == []
+    )

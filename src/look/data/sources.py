@@ -12,8 +12,9 @@ import contextlib
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -115,6 +116,51 @@ def decode_image_file(path: str) -> torch.Tensor:
             )
         rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
     return TF.pil_to_tensor(rgb)
+
+
+class PackedPaths(Sequence[str]):
+    """File paths kept as one buffer (NUL-separated; ``surrogateescape`` keeps a name that is
+    not UTF-8 as it is on disk) with each one's start in an array.
+
+    Why: a tuple of strings is one object per path, and a forked DataLoader worker writes the
+    reference count of every string it reads: each worker ends up with its own copy of every
+    page holding them (~90 MB per million paths, times the workers of every rank;
+    ``benchmarks/loader_memory.py``). Here a worker reads the buffer and the array without
+    writing them."""
+
+    def __init__(self, paths: Iterable[str] | bytes) -> None:
+        encoded = (
+            paths if isinstance(paths, bytes)
+            else "\0".join(paths).encode("utf-8", "surrogateescape")
+        )  # fmt: skip
+        self.encoded = encoded
+        separators = np.flatnonzero(np.frombuffer(encoded, dtype=np.uint8) == 0)
+        # Path i runs from starts[i] to starts[i + 1] - 1 (its NUL, or one past the end).
+        self._starts = np.concatenate(([0], separators + 1, [len(encoded) + 1]))
+        if not encoded:  # no path at all (an empty one cannot be told from none)
+            self._starts = np.zeros(1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"path {index} of {len(self)}")
+        index %= len(self)
+        start, end = self._starts[index], self._starts[index + 1] - 1
+        return self.encoded[start:end].decode("utf-8", "surrogateescape")
+
+    def as_tuple(self) -> tuple[str, ...]:
+        """Every path, decoded at once (faster than one by one)."""
+        if not len(self):
+            return ()
+        return tuple(self.encoded.decode("utf-8", "surrogateescape").split("\0"))
 
 
 class ImageSource(abc.ABC):
@@ -240,7 +286,7 @@ class ImageFolderSource(ImageSource):
         description: str,
     ) -> None:
         self._setup(
-            "\0".join(path for path, _ in samples).encode("utf-8", "surrogateescape"),
+            PackedPaths(path for path, _ in samples).encoded,
             torch.tensor([label for _, label in samples], dtype=torch.int64),
             class_names,
             corrupt_images=corrupt_images,
@@ -277,12 +323,12 @@ class ImageFolderSource(ImageSource):
     ) -> None:
         if corrupt_images not in ("fail", "skip"):
             raise ValueError(f"corrupt_images={corrupt_images!r}; choose 'fail' or 'skip'")
-        self._set_paths(encoded_paths)
+        self._paths = PackedPaths(encoded_paths)
         self.labels = labels
-        if len(self.labels) != len(self._path_starts) - 1:
+        if len(self.labels) != len(self._paths):
             raise ValueError(
-                f"{len(self.labels)} labels for {len(self._path_starts) - 1} paths: an image "
-                "path holds a NUL character"
+                f"{len(self.labels)} labels for {len(self._paths)} paths: an image path holds "
+                "a NUL character"
             )
         self.class_names = tuple(class_names)
         self.native_size = None
@@ -292,35 +338,20 @@ class ImageFolderSource(ImageSource):
         # Shared memory: DataLoader workers mark files here and the main process can count them.
         self._unreadable = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
 
-    def _set_paths(self, encoded: bytes) -> None:
-        """Keep the paths as one buffer (NUL-separated; ``surrogateescape`` keeps a name that is
-        not UTF-8 as it is on disk) with each one's start in an array. A tuple of strings would
-        be a million objects whose reference counts every forked DataLoader worker writes as
-        it reads them: each worker would end up with its own copy of every page holding them
-        (~90 MB per million paths; benchmarks/loader_memory.py)."""
-        self._path_buffer = encoded
-        separators = np.flatnonzero(np.frombuffer(encoded, dtype=np.uint8) == 0)
-        # Path i runs from starts[i] to starts[i + 1] - 1 (its NUL, or one past the end).
-        self._path_starts = np.concatenate(([0], separators + 1, [len(encoded) + 1]))
-        if not encoded:  # no image at all: no path either
-            self._path_starts = np.zeros(1, dtype=np.int64)
-
     def path(self, index: int) -> str:
         """The file of image ``index``."""
-        start, end = self._path_starts[index], self._path_starts[index + 1] - 1
-        return self._path_buffer[start:end].decode("utf-8", "surrogateescape")
+        return self._paths[index]
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """Every image's file, in index order (decoded from the buffer at each call)."""
-        if len(self.labels) == 0:
-            return ()
-        return tuple(self._path_buffer.decode("utf-8", "surrogateescape").split("\0"))
+        """Every image's file, in index order (decoded from one buffer at each call: the
+        source keeps them as :class:`PackedPaths`)."""
+        return self._paths.as_tuple()
 
     @property
     def encoded_paths(self) -> bytes:
         """The paths as the one NUL-separated buffer they are kept in."""
-        return self._path_buffer
+        return self._paths.encoded
 
     def _decode(self, index: int) -> torch.Tensor:
         return decode_image_file(self.path(index))

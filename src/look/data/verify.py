@@ -17,6 +17,7 @@ from tqdm import tqdm
 from look.data.sources import (
     DECODE_ERRORS,
     ImageSource,
+    PackedPaths,
     UnsupportedImageError,
     decode_image_file,
 )
@@ -38,7 +39,7 @@ class _DecodeProbe(Dataset):
     """Item ``i`` decodes files ``[i·F, (i+1)·F)`` and returns ``(count, failures)``."""
 
     def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = paths
+        self.paths = PackedPaths(paths)  # (read by forked workers: no object per path)
 
     def __len__(self) -> int:
         return -(-len(self.paths) // _FILES_PER_ITEM)
