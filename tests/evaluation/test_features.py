@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,82 @@ def test_a_relative_cache_dir_is_recorded_as_an_absolute_path(
     assert result.cache_path is not None and result.cache_path.is_absolute()
     assert result.cache_path == (tmp_path / "cache" / f"{key}.pt").resolve()
     assert result.cache_path.is_file()
+
+
+def _cache_file(folder: Path, name: str, size: int, age_s: float) -> Path:
+    path = folder / name
+    path.write_bytes(b"x" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_trimming_the_cache_deletes_its_least_recently_used_files_only(tmp_path: Path) -> None:
+    from look.evaluation.features import trim_feature_cache
+
+    oldest, old, kept, newest = (
+        _cache_file(tmp_path, f"{c * 64}.pt", 1000, age)
+        for c, age in (("a", 400), ("b", 300), ("c", 200), ("d", 100))
+    )
+    foreign = _cache_file(tmp_path, "notes.pt", 5000, 900)  # not a key's name: never touched
+    assert trim_feature_cache(tmp_path, 4000) == []  # 4 × 1000 bytes: within the limit
+    # Oldest first; a file to keep is passed over, so a newer one goes instead.
+    assert trim_feature_cache(tmp_path, 1500, keep=[kept]) == [oldest, old, newest]
+    assert kept.exists() and foreign.exists()
+    assert trim_feature_cache(tmp_path, 500, keep=[kept]) == []  # nothing else left to delete
+
+
+def test_a_size_limit_trims_after_a_write_and_keeps_what_this_process_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from look.evaluation import features
+
+    monkeypatch.setattr(features, "_used_cache_files", set())
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    key = key_for(model)
+    stale = [_cache_file(tmp_path, f"{c * 64}.pt", 50_000, 1000) for c in "ab"]
+    kwargs = {"cache_key": key, "cache_dir": tmp_path, "progress": False}
+    # A hit touches its file: it becomes the most recently used.
+    first = load_or_extract_features(model, dataset, fine_labels, **kwargs)
+    written = tmp_path / f"{key}.pt"
+    os.utime(written, (time.time() - 5000, time.time() - 5000))
+    assert load_or_extract_features(model, dataset, fine_labels, **kwargs).from_cache
+    assert written.stat().st_mtime > time.time() - 60
+    # Another model's features written under a limit below the whole cache: the stale files
+    # go, both files this process used stay.
+    other = CountingModel()
+    with torch.no_grad():
+        other.scale.mul_(2)
+    second = load_or_extract_features(
+        other, dataset, fine_labels, cache_key=key_for(other), cache_dir=tmp_path,
+        progress=False, cache_max_bytes=written.stat().st_size * 2 + 10,
+    )  # fmt: skip
+    assert not first.from_cache and not second.from_cache
+    assert not any(path.exists() for path in stale)
+    assert written.exists() and (tmp_path / f"{key_for(other)}.pt").exists()
+
+
+def test_an_unlimited_cache_past_its_warning_size_is_warned_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from look.evaluation import features
+
+    monkeypatch.setattr(features, "FEATURE_CACHE_WARN_BYTES", 10_000)
+    monkeypatch.setattr(features, "_warned_cache_size", False)
+    _cache_file(tmp_path, f"{'a' * 64}.pt", 20_000, 100)
+    model = CountingModel()
+    dataset, fine_labels = dataset_and_labels()
+    with pytest.warns(UserWarning, match=r"feature cache .* holds 0 GB in 2 files.*--cache-max-gb"):
+        load_or_extract_features(
+            model, dataset, fine_labels, cache_key=key_for(model), cache_dir=tmp_path,
+            progress=False,
+        )  # fmt: skip
+    with torch.no_grad():
+        model.scale.mul_(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        load_or_extract_features(
+            model, dataset, fine_labels, cache_key=key_for(model), cache_dir=tmp_path,
+            progress=False,
+        )  # fmt: skip

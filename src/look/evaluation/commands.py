@@ -156,6 +156,13 @@ def register(subparsers: Any) -> None:
         "--no-cache", action="store_true", help="neither read nor write the cache"
     )
     run_group.add_argument(
+        "--cache-max-gb",
+        type=float,
+        metavar="GB",
+        help="after writing features, delete the cache's least recently used files until it "
+        "takes at most GB (default: no limit; a warning once it passes 50 GB)",
+    )
+    run_group.add_argument(
         "--seed", type=int, default=0, help="seed of splits, episodes, fine-tuning"
     )
     run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -376,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             cache_dir=None if args.no_cache else args.cache_dir,
+            cache_max_gb=args.cache_max_gb,
             seed=args.seed,
             use_head=args.head,
             progress=not args.no_progress,

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ __all__ = [
     "gather_shards",
     "keep_readable",
     "load_or_extract_features",
+    "trim_feature_cache",
     "unreadable_indices",
 ]
 
@@ -61,6 +63,15 @@ CACHE_FORMAT = 2
 _GATHER_CHUNK_ROWS = 65536
 # Unreadable files named in full in a warning; the rest are counted.
 _NAMED_FILES_MAX = 20
+# Without a size limit, a cache past this size is warned about (once per process): an ImageNet
+# training split's features alone take ~10 GB per model (1.28M × 2048 floats).
+FEATURE_CACHE_WARN_BYTES = 50 * 10**9
+# The cache's own files (a key and .pt); anything else in the folder is never touched.
+_CACHE_FILE = re.compile(r"[0-9a-f]{64}\.pt")
+_warned_cache_size = False
+# The cache files this process has read or written: a size limit never deletes them (an
+# evaluation's test split must not push out its training split's features).
+_used_cache_files: set[Path] = set()
 
 
 @dataclass(eq=False)
@@ -345,6 +356,68 @@ def _write_cache(
         )
 
 
+def _cache_files(cache_dir: Path) -> list[tuple[Path, os.stat_result]]:
+    """The cache's files in ``cache_dir`` (names of a key and ``.pt``) with their status."""
+    files = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(cache_dir):
+            if _CACHE_FILE.fullmatch(entry.name):
+                with contextlib.suppress(OSError):  # (removed meanwhile by another process)
+                    files.append((Path(entry.path), entry.stat()))
+    return files
+
+
+def trim_feature_cache(
+    cache_dir: str | Path, max_bytes: int, *, keep: Sequence[Path] = ()
+) -> list[Path]:
+    """Delete the least recently used feature files of ``cache_dir`` (by modification time: a
+    cache hit touches its file) until the cache's files take at most ``max_bytes``; the files
+    in ``keep`` stay. Only the cache's own files (a key's name and ``.pt``) are counted or
+    deleted. Returns the deleted files; one that cannot be deleted (a shared cache of another
+    user) is passed over."""
+    files = sorted(_cache_files(Path(cache_dir)), key=lambda item: item[1].st_mtime_ns)
+    total = sum(status.st_size for _, status in files)
+    kept = {Path(path).resolve() for path in keep}
+    removed = []
+    for path, status in files:
+        if total <= max_bytes:
+            break
+        if path.resolve() in kept:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        total -= status.st_size
+        removed.append(path)
+    return removed
+
+
+def _mind_cache_size(cache_path: Path, max_bytes: int | None) -> None:
+    """After a write: keep the cache under ``max_bytes`` (the files this process used stay),
+    or, without a limit, warn (once per process) when it has grown past
+    :data:`FEATURE_CACHE_WARN_BYTES`."""
+    global _warned_cache_size
+    if max_bytes is not None:
+        trim_feature_cache(cache_path.parent, max_bytes, keep=tuple(_used_cache_files))
+        return
+    if _warned_cache_size:
+        return
+    files = _cache_files(cache_path.parent)
+    total = sum(status.st_size for _, status in files)
+    if total > FEATURE_CACHE_WARN_BYTES:
+        _warned_cache_size = True
+        warnings.warn(
+            f"the feature cache {cache_path.parent} holds {total / 1e9:.0f} GB in {len(files)} "
+            "files; keep it smaller with `look evaluate --cache-max-gb GB` (its least recently "
+            "used files are deleted), or delete files there",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def unreadable_indices(dataset: Dataset) -> tuple[int, ...]:
     """Indices of the images of ``dataset`` (an :class:`look.data.EvalDataset`) whose file could
     not be decoded so far, on any rank: with ``corrupt_images="skip"`` a substitute was used.
@@ -417,6 +490,7 @@ def load_or_extract_features(
     progress: bool = True,
     description: str = "features",
     meta: dict[str, str] | None = None,
+    cache_max_bytes: int | None = None,
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache when ``cache_dir/<cache_key>.pt`` matches, else extracted.
 
@@ -424,6 +498,9 @@ def load_or_extract_features(
     and the indices of unreadable images are stored with them (:func:`unreadable_indices`).
     ``cache_dir=None`` or ``cache_key=None`` disables the cache. A fresh extraction is written by
     rank 0 only, atomically. Every rank takes the same branch (a hit needs a hit on every rank).
+    A hit touches its file (the cache's recency); after a write, ``cache_max_bytes`` keeps the
+    cache under that size (:func:`trim_feature_cache`; what this process read or wrote stays),
+    and without it a cache past :data:`FEATURE_CACHE_WARN_BYTES` is warned about.
     """
     cache_path = None
     if cache_dir is not None and cache_key is not None:
@@ -434,6 +511,10 @@ def load_or_extract_features(
     if _all_ranks_agree(cached is not None):
         assert cached is not None
         features, unreadable = cached
+        if is_main_process() and cache_path is not None:
+            _used_cache_files.add(cache_path)
+            with contextlib.suppress(OSError):  # (a read-only shared cache keeps its times)
+                os.utime(cache_path)
         return FeatureSet(
             features=features,
             fine_labels=fine_labels,
@@ -463,6 +544,8 @@ def load_or_extract_features(
     seconds = time.perf_counter() - started
     if cache_path is not None and is_main_process():
         _write_cache(cache_path, features, fine_labels, unreadable, dict(meta or {}))
+        _used_cache_files.add(cache_path)
+        _mind_cache_size(cache_path, cache_max_bytes)
     return FeatureSet(
         features=features,
         fine_labels=fine_labels,

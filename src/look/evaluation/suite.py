@@ -180,6 +180,7 @@ def _split_features(
     loaded: LoadedModel,
     output: str,
     cache_dir: str | Path | None,
+    cache_max_bytes: int | None,
     device: torch.device,
     batch_size: int,
     num_workers: int,
@@ -211,6 +212,7 @@ def _split_features(
         fine_labels,
         cache_key=key,
         cache_dir=cache_dir,
+        cache_max_bytes=cache_max_bytes,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -422,6 +424,7 @@ def evaluate(
     batch_size: int = 256,
     num_workers: int | None = None,
     cache_dir: str | Path | None = DEFAULT_FEATURE_CACHE_DIR,
+    cache_max_gb: float | None = None,
     seed: int = 0,
     use_head: bool = False,
     progress: bool = True,
@@ -447,6 +450,9 @@ def evaluate(
         batch_size: images per forward pass during feature extraction.
         num_workers: DataLoader workers; ``None``: 0 on CPU, up to 8 on CUDA.
         cache_dir: feature cache folder; ``None`` disables the cache.
+        cache_max_gb: after writing features, delete the cache's least recently used files
+            until it takes at most this many GB (what this process used stays); ``None``: no
+            limit (a warning once it passes 50 GB).
         seed: seeds the validation split, random initialisation, fine-tuning and episodes.
         use_head: frozen-feature protocols use the L2-normalised projection-head embedding
             instead of the pooled backbone features (fine-tuning always uses the backbone).
@@ -472,6 +478,8 @@ def evaluate(
         options[name].validate()  # type: ignore[attr-defined]
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if cache_max_gb is not None and not cache_max_gb > 0:  # (NaN too)
+        raise ValueError(f"cache_max_gb={cache_max_gb} must be a positive number of GB")
     signal_numbers(stop_signals)  # a name that cannot stop a run fails now
     if seed < 0:
         raise ValueError(f"seed={seed} must be non-negative")
@@ -522,6 +530,7 @@ def evaluate(
                 loaded=loaded,
                 output=output,
                 cache_dir=cache_dir,
+                cache_max_bytes=None if cache_max_gb is None else int(cache_max_gb * 1e9),
                 device=torch_device,
                 batch_size=batch_size,
                 num_workers=num_workers,
