@@ -11,17 +11,19 @@
 #   2. the Gluon passes' CUDA tests (session 14; first passed in session 20, on an H200; their
 #      own time limit, in case its barriers deadlock); if they fail (and did not time out), each
 #      Gluon pass alone against tests/gluon_reference.py, to say which pass is wrong;
-#   3. the search alone, config 0 against the Gluon configs 36-38 and 40 (session 23: config
-#      36's collect pass with its tiles in pairs, a warpgroup barrier fewer per tile), bf16
-#      bank (search_tune.py), and config 36 with every 8th tile in its bound pass (fewer
-#      products, more candidates) and with 4 or 12 buffers in its ring (session 22's idea
-#      list, docs/results.md);
+#   3. the search alone, config 0 against the Gluon configs 36-38, 40 and 41 (session 23:
+#      config 36's collect pass with its tiles in pairs, 2 warpgroup barriers per tile instead
+#      of 3, and with its buffers also freed a pair at a time, 1.5), bf16 bank
+#      (search_tune.py), and config 36 with every 8th tile in its bound pass (fewer products,
+#      more candidates) and with 4 or 12 buffers in its ring (session 22's idea list,
+#      docs/results.md);
 #   4. the step/search benchmark of issue 5, timed alternately with CE, with the search against
 #      both its floors (the bank read, and its products at the measured matmul rate); the int8
 #      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
-#   4b. the step at 14.2M rows with config 40's search (Hopper's default is config 36);
-#   5. Nsight Compute at 14.2M rows, bf16 bank: config 0 and the Gluon configs 36 and 40: is
-#      the collect pass still held at its barriers?
+#   4b. the step at 14.2M rows with the search of the config stage 3 found fastest there, if
+#      it is not Hopper's default (config 36, timed in stage 4);
+#   5. Nsight Compute at 14.2M rows, bf16 bank: config 0 and the Gluon configs 36, 40 and
+#      41: is the collect pass still held at its barriers?
 # Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s):
 #   6. the search alone for the configs session 12 left untimed (s = 8, TMA copies), the
 #      default, the int8 bound pass and the Triton bound pass of bins (config 39, session 14),
@@ -33,7 +35,7 @@
 #      Gluon config 36 on the bf16 bank.
 # (Session 22 ran stage 5's profile, then changed config 36's collect pass and made it the
 # default on Hopper, so stage 4 now times config 36 there: docs/results.md, "Session 22".
-# Session 23's candidate, config 40, is timed in stages 3, 4b and 5.)
+# Session 23's candidates, configs 40 and 41, are timed in stages 3, 4b and 5.)
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # part 1
 #   OUT=/tmp/out PART=2 bash benchmarks/gpu_session.sh     # part 2
 # The device tool returns at most 8 files from its $OUT: write to another folder and pack it, as
@@ -83,7 +85,7 @@ if [ "$PART" = 1 ]; then
 
   echo "== stage 3: the search alone, the default against the Gluon configs"
   if [ "$gluon_tests" = 0 ]; then
-    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 --prefilter none \
+    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 41 --prefilter none \
       --variant 36:tile_stride=8 --variant 36:num_stages=4 --variant 36:num_stages=12 \
       --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
   else
@@ -94,17 +96,19 @@ if [ "$PART" = 1 ]; then
   timeout 200 python3 benchmarks/gpu_step.py \
     --output "$OUT/gpu_step.json" 2>&1 | tee "$OUT/gpu_step.log"
 
-  echo "== stage 4b: the step at 14.2M rows with config 40's search (tiles in pairs)"
-  if [ "$gluon_tests" = 0 ]; then
-    timeout 90 python3 benchmarks/gpu_step.py --rows 14197122 --search-config 40 \
-      --output "$OUT/gpu_step_config40.json" 2>&1 | tee "$OUT/gpu_step_config40.log"
+  echo "== stage 4b: the step at 14.2M rows with stage 3's fastest config, if not the default"
+  fastest=$(python3 benchmarks/search_tune.py --output "$OUT/search_tune_gluon.json" \
+    --fastest-exact 14197122 2>/dev/null)
+  if [ -n "$fastest" ] && [ "$fastest" != 36 ]; then
+    timeout 90 python3 benchmarks/gpu_step.py --rows 14197122 --search-config "$fastest" \
+      --output "$OUT/gpu_step_fastest.json" 2>&1 | tee "$OUT/gpu_step_fastest.log"
   else
-    echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"
+    echo "skipped: stage 3's fastest at 14.2M rows is '${fastest:-none}' (36: stage 4 timed it)"
   fi
 
-  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the default and the Gluon configs 36, 40"
+  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: config 0, the Gluon configs 36, 40, 41"
   nsight_compute ncu_search_part1 \
-    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 40 --prefilter none
+    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 40 41 --prefilter none
 else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
   timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 39 \

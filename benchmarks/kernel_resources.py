@@ -13,7 +13,8 @@ bundled ``ptxas``; ``cuobjdump --dump-resource-usage`` reads the registers per t
 -sass``) it counts the instructions of one iteration of the tile loop on its common path (a tile
 without candidates) and reports them per similarity of the tile, counted in warp instructions:
 a static proxy for issue slots, next to the tensor cores' share; and the barriers (``BAR.SYNC``)
-a thread waits at per tile on that path. No speed is measured: this says
+a thread waits at per tile on a loop's common path, the most of any loop (a Gluon pass has one
+loop per consumer warpgroup). No speed is measured: this says
 which configs spill, fit fewer thread blocks per SM, serialise their matrix product or spend more
 instructions per similarity, to read next to the GPU tuning of ``benchmarks/gpu_step.py
 --tune``.
@@ -58,13 +59,13 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(address, 16), text.strip()) for address, text in _INSTRUCTION.findall(listing)]
 
 
-def main_loop_path(instructions: list[tuple[int, str]]) -> list[str] | None:
-    """The instructions one iteration of the tile loop issues (per thread), on its common path:
-    the loop is the (predicated) backward branch around the matrix-product instructions
-    (``HGMMA``/``HMMA``, or ``IGMMA``/``IMMA`` for the int8 copy's); a forward branch that
-    lands inside the loop is taken (it skips the append of a tile without candidates) unless
-    it skips a matrix product, one that leaves it is not (a slow path, e.g. waiting for a TMA
-    barrier). None if there is no such loop."""
+def loop_paths(instructions: list[tuple[int, str]]) -> list[list[str]]:
+    """The instructions one iteration of each tile loop issues (per thread), on its common
+    path, longest loop first: a loop is a (predicated) backward branch around
+    matrix-product instructions (``HGMMA``/``HMMA``, or ``IGMMA``/``IMMA`` for the int8
+    copy's; a Gluon pass has one per consumer warpgroup); a forward branch that lands inside
+    the loop is taken (it skips the append of a tile without candidates) unless it skips a
+    matrix product, one that leaves it is not (a slow path, e.g. waiting for a TMA barrier)."""
     products = [
         address for address, text in instructions
         if any(name in text for name in ("HGMMA", "HMMA", "IGMMA", "IMMA"))
@@ -84,20 +85,27 @@ def main_loop_path(instructions: list[tuple[int, str]]) -> list[str] | None:
         and address in latches
         and any(target <= product <= address for product in products)
     ]
-    if not loops:
-        return None
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    skipped: set[int] = set()
-    for address, target in branches:
-        # (a branch over a matrix product is not taken: it guards a pair's second tile, which
-        # every turn but an odd count's last runs)
-        if start <= address < target <= end and not any(
-            address < product < target for product in products
-        ):
-            skipped.update(a for a, _ in instructions if address < a < target)
-    return [
-        text for address, text in instructions if start <= address <= end and address not in skipped
-    ]
+    paths = []
+    for start, end in sorted(loops, key=lambda loop: loop[0] - loop[1]):
+        skipped: set[int] = set()
+        for address, target in branches:
+            # (a branch over a matrix product is not taken: it guards a pair's second tile,
+            # which every turn but an odd count's last runs)
+            if start <= address < target <= end and not any(
+                address < product < target for product in products
+            ):
+                skipped.update(a for a, _ in instructions if address < a < target)
+        paths.append([
+            text for address, text in instructions
+            if start <= address <= end and address not in skipped
+        ])  # fmt: skip
+    return paths
+
+
+def main_loop_path(instructions: list[tuple[int, str]]) -> list[str] | None:
+    """The common path of the longest tile loop (:func:`loop_paths`); None if there is none."""
+    paths = loop_paths(instructions)
+    return paths[0] if paths else None
 
 
 def blocks_per_sm(registers: int, shared: int, num_warps: int, capability: int) -> int | None:
@@ -150,8 +158,8 @@ def main() -> None:
             # Issue slots per similarity: the loop's instructions per thread, times the warps,
             # over the similarities of a tile (a static proxy; no speed is measured). For a
             # Gluon pass: one consumer's loop (4 warps, 64 queries).
-            path = main_loop_path(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
-            loop = None if path is None else len(path)
+            paths = loop_paths(sass_instructions(compiled.asm["cubin"]))  # type: ignore[attr-defined]
+            loop = len(paths[0]) if paths else None
             resources["loop_instructions"] = loop
             block_warps, block_q = (4, 64) if gluon else (config.num_warps, min(config.block_q, 256))
             # (a collect pass with its tiles in pairs runs two tiles per turn of the loop)
@@ -161,10 +169,14 @@ def main() -> None:
                 if loop is None
                 else round(loop * block_warps / (block_q * config.block_n * tiles), 3)
             )
-            # Barriers a thread waits at per tile on that path (BAR.SYNC: the block's or, with
-            # a thread count, its warpgroup's in a Gluon partition).
+            # Barriers a thread waits at per tile on a loop's common path (BAR.SYNC: the block's
+            # or, with a thread count, its warpgroup's in a Gluon partition), the most of any
+            # loop: each consumer warpgroup of a Gluon pass has its own, and the analysis that
+            # places barriers may treat the default partition's apart.
             resources["barriers_per_tile"] = (
-                None if path is None else sum("BAR.SYNC" in text for text in path) / tiles
+                max(sum("BAR.SYNC" in text for text in path) for path in paths) / tiles
+                if paths
+                else None
             )
             # Hopper only: ptxas's reason for making each wgmma wait for the one before, if any.
             resources["wgmma_serialized"] = (

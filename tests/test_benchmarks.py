@@ -212,12 +212,14 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert "--graph-replay" in usage["search_tune.py"]
     # Session 14's Gluon passes: their CUDA tests and timings in part 1.
     assert "tests/test_search_gluon_cuda.py" in session
-    # Session 23's candidate: config 36 with its collect pass's tiles in pairs, timed alone, in
-    # the step and under Nsight Compute (a config list shifted by one would time another).
+    # Session 23's candidates: config 36 with its collect pass's tiles in pairs, and also
+    # freeing its buffers a pair at a time, timed alone, in the step (the fastest) and under
+    # Nsight Compute (a config list shifted by one would time another).
     assert KERNEL_CONFIGS[40] == dataclasses.replace(KERNEL_CONFIGS[36], gluon_tile_pairs=True)
-    assert "search_tune.py --configs 0 36 37 38 40 --prefilter none" in session
-    assert "gpu_step.py --rows 14197122 --search-config 40" in session
-    assert "search_ncu.py --rows 14197122 --configs 0 36 40 --prefilter none" in session
+    assert KERNEL_CONFIGS[41] == dataclasses.replace(KERNEL_CONFIGS[40], gluon_pair_release=True)
+    assert "search_tune.py --configs 0 36 37 38 40 41 --prefilter none" in session
+    assert '--fastest-exact 14197122' in session and '--search-config "$fastest"' in session
+    assert "search_ncu.py --rows 14197122 --configs 0 36 40 41 --prefilter none" in session
     # When they fail, each pass alone against the reference: the -k selects a test that exists.
     assert "-k writes_what_the_reference" in session
     cuda_tests = (BENCHMARKS.parent / "tests" / "test_search_gluon_cuda.py").read_text()

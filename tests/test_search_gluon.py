@@ -39,7 +39,7 @@ GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"
 
 
 def test_the_gluon_configs_are_tuned_only_on_request() -> None:
-    assert len(GLUON_CONFIGS) == 4
+    assert len(GLUON_CONFIGS) == 5
     assert all(config.kernel == "triton" for config in TUNED_CONFIGS)
     assert len(TUNED_CONFIGS) + len(GLUON_CONFIGS) == len(KERNEL_CONFIGS)
 
@@ -137,20 +137,48 @@ def test_the_gluon_passes_compile_for_hopper_without_spilling(
     assert "warning" not in report.lower() and "C75" not in report, report
 
 
-def test_a_config_with_tile_pairs_compiles_two_products_per_turn() -> None:
-    """Config 40 is config 36 with its collect pass's tiles in pairs: the search's compile
-    path hands the flag to the kernel (two products per turn of each consumer's loop, so
-    twice the wgmma instructions), and the bound pass is config 36's."""
-    single, paired = KERNEL_CONFIGS[36], KERNEL_CONFIGS[40]
+def test_configs_with_tile_pairs_compile_two_products_per_turn() -> None:
+    """Configs 40 and 41 are config 36 with its collect pass's tiles in pairs (41: its buffers
+    freed a pair at a time): the search's compile path hands the flags to the kernel (two
+    products per turn of each consumer's loop, so twice the wgmma instructions; 41 half the
+    `empty` barriers, so half their initialisations), and the bound pass is config 36's."""
+    single, paired, released = KERNEL_CONFIGS[36], KERNEL_CONFIGS[40], KERNEL_CONFIGS[41]
     assert paired == dataclasses.replace(single, gluon_tile_pairs=True)
+    assert released == dataclasses.replace(paired, gluon_pair_release=True)
 
-    def products(config: SearchKernelConfig, collect: bool) -> int:
+    def ptx_and_sass(config: SearchKernelConfig, collect: bool) -> tuple[str, str]:
         compiled = compile_kernel(config, collect=collect, capability=90, has_valid=False)
         sass = cuobjdump(compiled.asm["cubin"], "-sass")  # type: ignore[attr-defined]
-        return sass.count(f"HGMMA.64x{config.block_n}x16.F32.BF16")
+        return compiled.asm["ptx"], sass  # type: ignore[attr-defined]
 
-    assert products(paired, True) == 2 * products(single, True)
-    assert products(paired, False) == products(single, False)
+    def products(config: SearchKernelConfig, collect: bool) -> int:
+        return ptx_and_sass(config, collect)[1].count(f"HGMMA.64x{config.block_n}x16.F32.BF16")
+
+    def barrier_inits(config: SearchKernelConfig) -> int:
+        return len(re.findall(r"mbarrier\.init\S*\s", ptx_and_sass(config, True)[0]))
+
+    for config in (paired, released):
+        assert products(config, True) == 2 * products(single, True)
+        assert products(config, False) == products(single, False)
+    # ready and empty, one each per buffer; with pair releases, one empty per two buffers.
+    stages = single.num_stages
+    assert barrier_inits(single) == barrier_inits(paired) == 2 * stages
+    assert barrier_inits(released) == stages + stages // 2
+
+
+def test_pair_releases_need_tile_pairs_and_an_even_ring() -> None:
+    meta = torch.device("meta")
+    for pairs, stages in ((False, 8), (True, 7)):
+        with pytest.raises(ValueError, match="pair_release frees the ring's buffers a pair"):
+            gluon_collect_pass(
+                torch.empty(256, 128, dtype=torch.bfloat16, device=meta),
+                torch.empty(1000, 128, dtype=torch.bfloat16, device=meta), None,
+                torch.empty(256, device=meta), torch.empty(256, 64, device=meta),
+                torch.empty(256, 64, dtype=torch.int64, device=meta),
+                torch.empty(256, dtype=torch.int32, device=meta), block_n=32, stages=stages,
+                groups=4, widen_bound=True, multiprocessors=132, tile_pairs=pairs,
+                pair_release=True,
+            )  # fmt: skip
 
 
 def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:

@@ -168,7 +168,8 @@ def test_each_gluon_pass_writes_what_the_reference_does(
         return gluon_collect_pass(
             queries, memory, valid_bytes, bounds[:, -1], values, indices, counts,
             widen_bound=True, multiprocessors=multiprocessors,
-            tile_pairs=config.gluon_tile_pairs, **shape,
+            tile_pairs=config.gluon_tile_pairs, pair_release=config.gluon_pair_release,
+            **shape,
         )  # fmt: skip
 
     values = torch.full((batch, capacity), float("nan"), device="cuda")

@@ -129,15 +129,21 @@ if gluon is not None:
     ):  # fmt: skip
         """Bulk-copy this program's tiles (every ``tile_step``-th tile of ``block_n`` rows:
         tiles p, p + P, … of the pass) into the ring: wait until every consumer has freed a
-        buffer, then copy the next tile there; the copy itself completes ``ready``."""
+        buffer, then copy the next tile there; the copy itself completes ``ready``. With half
+        as many ``empty`` barriers as buffers (a collect pass that frees its buffers a pair at
+        a time), each covers two neighbouring buffers: one wait before each pair."""
         stages: gl.constexpr = tiles.type.shape[0]
         block_n: gl.constexpr = tiles.type.shape[1]
+        per_release: gl.constexpr = stages // empty.type.shape[0]
         i = 0
         for tile in range(gl.program_id(1), num_tiles, gl.num_programs(1)):
             slot = i % stages
             # A fresh mbarrier counts as having completed the phase before its first: the
             # first pass over the ring does not wait.
-            mbarrier.wait(empty.index(slot), ((i // stages) & 1) ^ 1)
+            if per_release == 1:
+                mbarrier.wait(empty.index(slot), ((i // stages) & 1) ^ 1)
+            elif i % 2 == 0:
+                mbarrier.wait(empty.index(slot // 2), ((i // stages) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), memory_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(
                 memory_desc, [tile * tile_step * block_n, 0], ready.index(slot),
@@ -274,18 +280,21 @@ if gluon is not None:
     @gluon.jit
     def _collect_tile(query, tiles, ready, empty, flags, i, tile, bound, offs_q, tile_rows,
                       valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr, num_rows,
-                      capacity, has_valid, products: gl.constexpr):  # fmt: skip
+                      capacity, has_valid, products: gl.constexpr, release_slot,
+                      RELEASE: gl.constexpr):  # fmt: skip
         """The ``i``-th tile of a collect-pass consumer of :func:`_collect_pairs_partition`:
-        its product, the warpgroup's verdict in ``flags`` (one of two separate buffers), the
-        tile's buffer freed, and the append if any query has a candidate. The buffer is freed
-        right after the verdict's barrier: every warp's product is done by then, and nothing
-        read from shared memory since then is pending (Triton's barrier analysis would put a
-        barrier before the arrival otherwise, as it puts one after it)."""
+        its product, the warpgroup's verdict in ``flags`` (one of two separate buffers), with
+        ``RELEASE`` an arrival on ``empty[release_slot]``, and the append if any query has a
+        candidate. The arrival comes right after the verdict's barrier: every warp's product
+        is done by then, and nothing read from shared memory since then is pending (Triton's
+        barrier analysis would put a barrier before the arrival otherwise, as it puts one
+        after it)."""
         similarities = _held_product(query, tiles, ready, i, products)
         passes = gl.max(similarities, axis=1) >= bound
         flags.store(gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1))
         _partition_barrier()
-        mbarrier.arrive(empty.index(i % tiles.type.shape[0]), count=1)
+        if RELEASE:
+            mbarrier.arrive(empty.index(release_slot), count=1)
         if gl.max(flags.load(_EVERY_FLAG), axis=0) > 0:
             _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr,
                                counts_ptr, out_values_ptr, out_indices_ptr, num_rows, capacity,
@@ -304,7 +313,11 @@ if gluon is not None:
         verdict's store against the other tile's reads. Under Triton 3.6 (the lent GPU
         machine's) each tile then waits at two warpgroup barriers instead of three (session
         23, docs/results.md). A warp can run at most one tile ahead of another (the
-        barriers), so it never writes a buffer that another is still to read."""
+        barriers), so it never writes a buffer that another is still to read.
+
+        With half as many ``empty`` barriers as buffers the pair's two buffers are freed
+        together, by one arrival after the second tile's verdict (the analysis puts a barrier
+        after each arrival): one and a half barriers per tile."""
         block_n: gl.constexpr = tiles.type.shape[1]
         products: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_n, 16]
@@ -320,20 +333,31 @@ if gluon is not None:
         first = gl.program_id(1)
         step = gl.num_programs(1)
         mine = (num_tiles - first + step - 1) // step  # this program's tiles
+        stages: gl.constexpr = tiles.type.shape[0]
+        paired: gl.constexpr = empty.type.shape[0] < stages
+        # (the default partition, consumer 0, enters with the ring's initialisation pending in
+        # the analysis, which does not see the barriers around the specialised region: without
+        # one here it would put a barrier at the head of the loop, run every turn)
+        _partition_barrier()
         for pair in range(0, (mine + 1) // 2):
             tile = first + 2 * pair * step
+            slot = (2 * pair) % stages
             _collect_tile(query, tiles, ready, empty, flags_even, 2 * pair, tile, bound, offs_q,
                           tile_rows, valid_ptr, counts_ptr, out_values_ptr, out_indices_ptr,
-                          num_rows, capacity, has_valid, products)  # fmt: skip
+                          num_rows, capacity, has_valid, products, slot, not paired)  # fmt: skip
             if 2 * pair + 1 < mine:
                 _collect_tile(query, tiles, ready, empty, flags_odd, 2 * pair + 1, tile + step,
                               bound, offs_q, tile_rows, valid_ptr, counts_ptr, out_values_ptr,
-                              out_indices_ptr, num_rows, capacity, has_valid, products)  # fmt: skip
+                              out_indices_ptr, num_rows, capacity, has_valid, products,
+                              slot // 2 if paired else slot + 1, True)  # fmt: skip
             else:
-                # (the last turn of an odd count: without a barrier on this path, the even
-                # buffer's reads would still be pending at the loop's head, and the analysis
-                # would put a barrier before every even verdict's store)
+                # (an odd count's last turn: without a barrier on this path, the reads of the
+                # even buffer, and an arrival, would still be pending at the loop's head, and
+                # the analysis would put a barrier before every even tile's store or wait)
                 _partition_barrier()
+                if paired:
+                    mbarrier.arrive(empty.index(slot // 2), count=1)
+                    _partition_barrier()
 
     @gluon.jit
     def _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr, counts_ptr,
@@ -421,7 +445,8 @@ if gluon is not None:
         """Program (q, p): queries [q·GROUPS·64, …) against the pass's tiles p, p + P, … (so
         the programs of all query blocks read the same tile at about the same time). The
         bound pass (``COLLECT`` False) writes each consumer's bins, the collect pass appends
-        candidates, one tile per turn of its loop or (``PAIRS``) two. ``has_valid`` (1: read
+        candidates, one tile per turn of its loop or (``PAIRS`` 1) two, freeing the ring's
+        buffers one at a time or (``PAIRS`` 2) a pair at a time. ``has_valid`` (1: read
         the valid mask) is a runtime argument: as a
         constexpr 0 it left ``valid_ptr`` unused in every partition, and Triton 3.6 (the lent
         GPU machine's) then failed an LLVM assertion lowering the specialised region."""
@@ -431,10 +456,13 @@ if gluon is not None:
             memory_desc.dtype, [STAGES, block_n, block_d], memory_desc.layout
         )
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # (PAIRS 2: a collect pass freeing its buffers a pair at a time)
+        releases: gl.constexpr = STAGES // 2 if COLLECT and PAIRS == 2 else STAGES
+        empty = gl.allocate_shared_memory(gl.int64, [releases, 1], mbarrier.MBarrierLayout())
         for stage in gl.static_range(STAGES):
             mbarrier.init(ready.index(stage), count=1)  # completed by the copy's bytes
-            mbarrier.init(empty.index(stage), count=GROUPS)  # one arrival per consumer
+            if stage < releases:
+                mbarrier.init(empty.index(stage), count=GROUPS)  # one arrival per consumer
         shared = (query_ptr, memory_desc, valid_ptr, bound_ptr, tile_max_ptr, out_values_ptr,
                   out_indices_ptr, counts_ptr, tiles, ready, empty, num_queries, num_rows, dim,
                   stride_query, stride_bound, num_tiles, tile_step, capacity,
@@ -560,6 +588,7 @@ def _gluon_pass(
     queries: Tensor, memory: Tensor, valid: Tensor | None, pointers: tuple[Tensor, ...],
     sizes: tuple[int, ...], *, collect: bool, widen_bound: bool, num_tiles: int, block_n: int,
     stages: int, groups: int, multiprocessors: int, tile_pairs: bool = False,
+    pair_release: bool = False,
 ) -> GluonPass:  # fmt: skip
     if gluon is None:
         raise RuntimeError("Triton's Gluon front end is not installed")
@@ -582,7 +611,7 @@ def _gluon_pass(
         "GROUPS": groups,
         "STAGES": stages,
         "CONSUMER_REGISTERS": consumer_registers,
-        "PAIRS": tile_pairs,
+        "PAIRS": (2 if pair_release else 1) if tile_pairs else 0,
     }
     return GluonPass(arguments, constexprs, (query_blocks, programs), launch_registers)
 
@@ -628,6 +657,7 @@ def gluon_collect_pass(
     widen_bound: bool,
     multiprocessors: int,
     tile_pairs: bool = False,
+    pair_release: bool = False,
 ) -> GluonPass:
     """The collect pass of :func:`look.search_triton.fused_knn_search` over every tile of
     ``block_n`` rows: its outputs ``out_values``/``out_indices`` (rows of ``capacity`` slots)
@@ -635,11 +665,19 @@ def gluon_collect_pass(
     fewer are used when the batch has fewer queries. ``bound`` is the k-th largest bin or tile
     maximum per query (a column view: its stride is passed), widened in the kernel with
     ``widen_bound``. ``tile_pairs``: two tiles per turn of each consumer's loop
-    (:func:`_collect_pairs_partition`: a barrier fewer per tile), the same candidates."""
+    (:func:`_collect_pairs_partition`: a barrier fewer per tile), and with ``pair_release``
+    the ring's buffers freed a pair at a time (half a barrier fewer again); the same
+    candidates."""
+    if pair_release and (not tile_pairs or stages % 2):
+        raise ValueError(
+            "pair_release frees the ring's buffers a pair at a time: it needs tile_pairs and an "
+            f"even number of buffers, got tile_pairs={tile_pairs}, stages={stages}"
+        )
     num_tiles = _cdiv(memory.shape[0], block_n)
     return _gluon_pass(
         queries, memory, valid, (bound, bound, out_values, out_indices, counts),
         (bound.stride(0), num_tiles, 1, out_values.shape[1], 0),
         collect=True, widen_bound=widen_bound, num_tiles=num_tiles, block_n=block_n,
         stages=stages, groups=groups, multiprocessors=multiprocessors, tile_pairs=tile_pairs,
+        pair_release=pair_release,
     )  # fmt: skip

@@ -820,6 +820,9 @@ class SearchKernelConfig:
     # warpgroup barriers per tile instead of three (the SASS under Triton 3.6, session 23).
     # The same candidates; not yet timed on a GPU.
     gluon_tile_pairs: bool = False
+    # With tiles in pairs: the ring's buffers freed a pair at a time (one arrival per pair, and
+    # the barrier the analysis puts after it): 1.5 barriers per tile under Triton 3.6.
+    gluon_pair_release: bool = False
     # The bound pass's summary per program and query: its largest tile maxima (False), or
     # (True) the largest product at each of the ``block_n`` positions of its tiles, bins of
     # disjoint rows as in the Gluon bound pass: an element-wise maximum per tile instead of a
@@ -910,8 +913,20 @@ KERNEL_CONFIGS = (
     # GPU): fewer instructions per tile (benchmarks/kernel_resources.py), between 1.1 % fewer
     # and 1.0 % more candidates (benchmarks/search_candidates.py --bins 39).
     SearchKernelConfig(64, 32, 4, 4, "fused", "atomic", bound_bins=True),
-    # Session 23: config 36 with its collect pass's tiles in pairs (a barrier fewer per tile).
+    # Session 23: config 36 with its collect pass's tiles in pairs (a barrier fewer per tile),
+    # and with its buffers also freed a pair at a time (half a barrier fewer again).
     SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", kernel="gluon", gluon_tile_pairs=True),
+    SearchKernelConfig(
+        64,
+        32,
+        4,
+        8,
+        "fused",
+        "atomic",
+        kernel="gluon",
+        gluon_tile_pairs=True,
+        gluon_pair_release=True,
+    ),
 )
 # What tune_kernel_config tries by default: the Triton configs. (The Gluon ones first ran in
 # session 20, on an H200; config 36 is the default on Hopper since session 22: HOPPER_CONFIG.)
@@ -1653,7 +1668,7 @@ def _gluon_collect_pass(
         queries, memory, valid, bound, out_values, out_indices, counts,
         block_n=config.block_n, stages=config.num_stages, groups=config.gluon_groups,
         widen_bound=plan.has_bound, multiprocessors=multiprocessors,
-        tile_pairs=config.gluon_tile_pairs,
+        tile_pairs=config.gluon_tile_pairs, pair_release=config.gluon_pair_release,
     )  # fmt: skip
 
 
