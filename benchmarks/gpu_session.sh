@@ -2,7 +2,7 @@
 # One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
 # 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
-# Part 1 (default; stages capped at 100 + 50 + 110 + 200 + 90 + 120 s, or 100 + 50 + 40 + 200
+# Part 1 (default; stages capped at 100 + 90 + 110 + 200 + 90 + 120 s, or 100 + 90 + 40 + 200
 # + 120 when the Gluon tests fail: stage 2b runs only then, stages 3 and 4b only otherwise;
 # session 22's whole part 1 took 193 s, and the command's own timeout of 578 s below cuts the
 # last stage short if the others ever run to their caps):
@@ -74,7 +74,8 @@ if [ "$PART" = 1 ]; then
     -k "not replayed" 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
   echo "== stage 2: the Gluon passes' CUDA tests"
-  timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_search_gluon_cuda.py \
+  # (5 Gluon configs since session 23, 3 before: 90 s, not 50, before a time-out skips stage 3)
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_search_gluon_cuda.py \
     -k "not writes_what_the_reference" 2>&1 | tee "$OUT/pytest_gluon.txt" | tail -15
   gluon_tests=${PIPESTATUS[0]}  # 0: every Gluon test passed; 124: timed out (a deadlock?)
   if [ "$gluon_tests" != 0 ] && [ "$gluon_tests" != 124 ]; then
