@@ -2,7 +2,7 @@
 # One prepared GPU session (the `device` tool lends an H100 or an H200 for ~15 minutes, at most
 # 600 s per command), in two parts so that each fits one command; results go to $OUT.
 #
-# Part 1 (default; stages capped at 100 + 90 + 110 + 200 + 90 + 120 s, or 100 + 90 + 40 + 200
+# Part 1 (default; stages capped at 100 + 90 + 150 + 200 + 90 + 120 s, or 100 + 90 + 40 + 200
 # + 120 when the Gluon tests fail: stage 2b runs only then, stages 3 and 4b only otherwise;
 # session 22's whole part 1 took 193 s, and the command's own timeout of 578 s below cuts the
 # last stage short if the others ever run to their caps):
@@ -86,8 +86,10 @@ if [ "$PART" = 1 ]; then
 
   echo "== stage 3: the search alone, the default against the Gluon configs"
   if [ "$gluon_tests" = 0 ]; then
-    timeout 110 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 41 --prefilter none \
+    # (14.2M rows first: the JSON is written after each size, and that one is issue 5's)
+    timeout 150 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 41 --prefilter none \
       --variant 36:tile_stride=8 --variant 36:num_stages=4 --variant 36:num_stages=12 \
+      --rows 14197122 1281167 \
       --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
   else
     echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"
