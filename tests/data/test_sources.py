@@ -483,17 +483,10 @@ def test_an_image_folders_paths_are_one_buffer_read_back_exactly() -> None:
 def test_inside_each_folder_listed_once_a_split_read_again_reuses_its_listing(
     image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from look.data import sources
     from look.data.sources import each_folder_listed_once
+    from tests.listing import count_listings
 
-    listed: list[str] = []
-    list_images = sources._list_images
-
-    def counted(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
-        listed.append(Path(split_folder).name)
-        return list_images(split_folder, class_to_index)
-
-    monkeypatch.setattr(sources, "_list_images", counted)
+    listed = count_listings(monkeypatch)
     with each_folder_listed_once():
         first = read_image_folder(image_folder, "train", "train", corrupt_images="fail")
         with each_folder_listed_once():  # nested: the outer scope's listings

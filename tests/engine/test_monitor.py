@@ -171,22 +171,15 @@ def test_a_monitor_of_the_training_folder_reuses_its_listing(
 ) -> None:
     """The training data and the monitor's training split are the same folder: it is listed
     once for both, and the monitor's test split once."""
-    from look.data import sources
     from tests.data.conftest import write_png
+    from tests.listing import count_listings
 
     root = tmp_path / "images"
     for split, count in (("train", 4), ("val", 2)):
         for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200)}.items():
             for i in range(count):
                 write_png(root / split / name / f"{i}.png", colour)
-    listed: list[str] = []
-    list_images = sources._list_images
-
-    def counted(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
-        listed.append(Path(split_folder).name)
-        return list_images(split_folder, class_to_index)
-
-    monkeypatch.setattr(sources, "_list_images", counted)
+    listed = count_listings(monkeypatch)
     trainer = Trainer(
         tiny_config(
             "data.dataset=imagefolder", f"data.root={root}", "data.image_size=16",

@@ -420,18 +420,11 @@ def test_each_image_folder_split_is_listed_once_per_evaluation(
 ) -> None:
     """Fine-tuning reads the splits the frozen protocols read: it reuses their listings; a
     second evaluation lists again (the folder may have changed between commands)."""
-    from look.data import sources
+    from tests.listing import count_listings
 
     root = tmp_path / "images"
     _write_image_folder(root, val_colours={"cat": (200, 30, 30), "dog": (30, 30, 200)})
-    listed: list[str] = []
-    list_images = sources._list_images
-
-    def counted(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
-        listed.append(Path(split_folder).name)
-        return list_images(split_folder, class_to_index)
-
-    monkeypatch.setattr(sources, "_list_images", counted)
+    listed = count_listings(monkeypatch)
     for _ in range(2):
         report = evaluate(
             ModelSource(timm="look_cnn_small"),
