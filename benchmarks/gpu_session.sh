@@ -22,8 +22,8 @@
 #      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
 #   4b. the step at 14.2M rows with the search of the config stage 3 found fastest there, if
 #      it is not Hopper's default (config 36, timed in stage 4);
-#   5. Nsight Compute at 14.2M rows, bf16 bank: config 0 and the Gluon configs 36, 40 and
-#      41: is the collect pass still held at its barriers?
+#   5. Nsight Compute at 14.2M rows, bf16 bank: the Gluon configs 36, 40 and 41 (config 0's
+#      profile is session 22's): is the collect pass still held at its barriers?
 # Part 2 (PART=2; capped at 120 + 40 + 60 + 2 × 30 + 120 s):
 #   6. the search alone for the configs session 12 left untimed (s = 8, TMA copies), the
 #      default, the int8 bound pass and the Triton bound pass of bins (config 39, session 14),
@@ -109,9 +109,9 @@ if [ "$PART" = 1 ]; then
     echo "skipped: stage 3's fastest at 14.2M rows is '${fastest:-none}' (36: stage 4 timed it)"
   fi
 
-  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: config 0, the Gluon configs 36, 40, 41"
+  echo "== stage 5: Nsight Compute at 14.2M rows, bf16: the Gluon configs 36, 40, 41"
   nsight_compute ncu_search_part1 \
-    python3 benchmarks/search_ncu.py --rows 14197122 --configs 0 36 40 41 --prefilter none
+    python3 benchmarks/search_ncu.py --rows 14197122 --configs 36 40 41 --prefilter none
 else
   echo "== stage 6: the search alone, bf16 bank and int8 copy"
   timeout 120 python3 benchmarks/search_tune.py --configs 0 1 29 32 33 34 35 39 \

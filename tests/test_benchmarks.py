@@ -219,7 +219,7 @@ def test_search_ncu_target_names_the_configs_it_can_profile() -> None:
     assert KERNEL_CONFIGS[41] == dataclasses.replace(KERNEL_CONFIGS[40], gluon_pair_release=True)
     assert "search_tune.py --configs 0 36 37 38 40 41 --prefilter none" in session
     assert '--fastest-exact 14197122' in session and '--search-config "$fastest"' in session
-    assert "search_ncu.py --rows 14197122 --configs 0 36 40 41 --prefilter none" in session
+    assert "search_ncu.py --rows 14197122 --configs 36 40 41 --prefilter none" in session
     # When they fail, each pass alone against the reference: the -k selects a test that exists.
     assert "-k writes_what_the_reference" in session
     cuda_tests = (BENCHMARKS.parent / "tests" / "test_search_gluon_cuda.py").read_text()

@@ -349,7 +349,7 @@ if gluon is not None:
                 _collect_tile(query, tiles, ready, empty, flags_odd, 2 * pair + 1, tile + step,
                               bound, offs_q, tile_rows, valid_ptr, counts_ptr, out_values_ptr,
                               out_indices_ptr, num_rows, capacity, has_valid, products,
-                              slot // 2 if paired else slot + 1, True)  # fmt: skip
+                              slot // 2 if paired else (2 * pair + 1) % stages, True)  # fmt: skip
             else:
                 # (an odd count's last turn: without a barrier on this path, the reads of the
                 # even buffer, and an arrival, would still be pending at the loop's head, and

@@ -823,6 +823,17 @@ class SearchKernelConfig:
     # With tiles in pairs: the ring's buffers freed a pair at a time (one arrival per pair, and
     # the barrier the analysis puts after it): 1.5 barriers per tile under Triton 3.6.
     gluon_pair_release: bool = False
+
+    def __post_init__(self) -> None:
+        # Refused when the config is made, not at its first search on a Hopper GPU.
+        if (self.gluon_tile_pairs or self.gluon_pair_release) and self.kernel != "gluon":
+            raise ValueError("gluon_tile_pairs and gluon_pair_release apply to kernel='gluon'")
+        if self.gluon_pair_release and (not self.gluon_tile_pairs or self.num_stages % 2):
+            raise ValueError(
+                "gluon_pair_release frees the ring's buffers a pair at a time: it needs "
+                f"gluon_tile_pairs and an even num_stages, got gluon_tile_pairs="
+                f"{self.gluon_tile_pairs}, num_stages={self.num_stages}"
+            )
     # The bound pass's summary per program and query: its largest tile maxima (False), or
     # (True) the largest product at each of the ``block_n`` positions of its tiles, bins of
     # disjoint rows as in the Gluon bound pass: an element-wise maximum per tile instead of a

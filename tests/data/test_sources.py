@@ -478,6 +478,10 @@ def test_an_image_folders_paths_are_one_buffer_read_back_exactly() -> None:
     assert len(empty) == 0 and empty.paths == () and empty.skipped_files == ()
     with pytest.raises(ValueError, match="NUL"):
         ImageFolderSource([("a\0b.png", 0)], ["cat"], corrupt_images="fail", description="t")
+    with pytest.raises(ValueError, match="2 labels for 1 image paths"):
+        ImageFolderSource.from_encoded_paths(
+            b"a.png", torch.tensor([0, 0]), ["cat"], corrupt_images="fail", description="t"
+        )
 
 
 def test_inside_each_folder_listed_once_a_split_read_again_reuses_its_listing(
@@ -515,6 +519,9 @@ def test_packed_paths_read_back_as_a_sequence_of_strings() -> None:
     assert PackedPaths(packed.encoded).as_tuple() == tuple(names)
     with pytest.raises(IndexError):
         packed[3]
+    for bad in ([""], ["a.png", "b\0c.png"]):
+        with pytest.raises(ValueError, match="a path is empty or holds a NUL character"):
+            PackedPaths(bad)
     assert (
         len(PackedPaths([])) == 0
         and PackedPaths([]).as_tuple() == ()

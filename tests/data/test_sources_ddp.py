@@ -97,3 +97,33 @@ def test_an_error_that_does_not_pickle_is_sent_by_type_and_message() -> None:
     assert _sendable(plain) is plain
     sent = _sendable(_TwoArgumentError("bad listing", "/data"))  # unpickling calls it with 1 arg
     assert isinstance(sent, RuntimeError) and str(sent) == "_TwoArgumentError: bad listing"
+
+
+def _slow_worker(rank: int, port: int, root: str, out_dir: str) -> None:
+    # A group that times out after 3 s, and a walk of 5 s: rank 1 waits in heartbeats of 0.5 s.
+    import time
+
+    init_gloo(rank, 2, port, timeout_s=3)
+    sources._LISTING_HEARTBEAT_S = 0.5
+    listed = sources._list_image_folder
+
+    def slow(*args: object, **kwargs: object) -> sources.ImageFolderSource:
+        time.sleep(5)
+        return listed(*args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        sources._list_image_folder = slow  # type: ignore[assignment]
+        with each_folder_listed_once():
+            train = read_image_folder(Path(root), "train", "train", corrupt_images="fail")
+        Path(out_dir, f"slow{rank}.json").write_text(json.dumps(_described(train)))
+    finally:
+        sources._list_image_folder = listed
+        dist.destroy_process_group()
+
+
+def test_a_listing_longer_than_the_groups_timeout_keeps_the_other_ranks_waiting(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    mp.spawn(_slow_worker, args=(free_port(), str(image_folder), str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"slow{r}.json").read_text()) for r in (0, 1))
+    assert first == second and len(first["paths"]) == 6

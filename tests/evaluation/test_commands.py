@@ -37,6 +37,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--batch-size",
         "--num-workers",
         "--cache-dir",
+        "--cache-max-gb",
         "--seed",
         "--head",
         "--output",
@@ -70,6 +71,18 @@ def test_model_options_are_exclusive_and_required(capsys: pytest.CaptureFixture[
             parser.parse_args(argv)
         assert exit_info.value.code == 2
     capsys.readouterr()
+
+
+def test_a_cache_limit_without_a_cache_is_refused(tmp_path: Path) -> None:
+    from look.evaluation.commands import run
+
+    args = build_parser().parse_args(
+        ["evaluate", "--timm", "look_cnn_small", "--dataset", "digits", "--output",
+         str(tmp_path / "out"), "--no-cache", "--cache-max-gb", "3"]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"--cache-max-gb .* --no-cache .* give one of them"):
+        run(args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_writes_results_and_prints_a_summary(

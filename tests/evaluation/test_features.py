@@ -241,35 +241,45 @@ def test_trimming_the_cache_deletes_its_least_recently_used_files_only(tmp_path:
     assert trim_feature_cache(tmp_path, 500, keep=[kept]) == []  # nothing else left to delete
 
 
-def test_a_size_limit_trims_after_a_write_and_keeps_what_this_process_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_size_limit_trims_after_a_write_and_keeps_what_the_evaluation_uses(
+    tmp_path: Path,
 ) -> None:
-    from look.evaluation import features
-
-    monkeypatch.setattr(features, "_used_cache_files", set())
     model = CountingModel()
     dataset, fine_labels = dataset_and_labels()
     key = key_for(model)
     stale = [_cache_file(tmp_path, f"{c * 64}.pt", 50_000, 1000) for c in "ab"]
-    kwargs = {"cache_key": key, "cache_dir": tmp_path, "progress": False}
+    in_use: set[Path] = set()
+    kwargs = {"cache_key": key, "cache_dir": tmp_path, "progress": False, "cache_in_use": in_use}
     # A hit touches its file: it becomes the most recently used.
     first = load_or_extract_features(model, dataset, fine_labels, **kwargs)
     written = tmp_path / f"{key}.pt"
     os.utime(written, (time.time() - 5000, time.time() - 5000))
     assert load_or_extract_features(model, dataset, fine_labels, **kwargs).from_cache
-    assert written.stat().st_mtime > time.time() - 60
+    assert written.stat().st_mtime > time.time() - 60 and in_use == {written}
     # Another model's features written under a limit below the whole cache: the stale files
-    # go, both files this process used stay.
+    # go, both files of this evaluation stay (the first is older than the stale ones' limit).
     other = CountingModel()
     with torch.no_grad():
         other.scale.mul_(2)
+    limit = written.stat().st_size * 2 + 10
     second = load_or_extract_features(
         other, dataset, fine_labels, cache_key=key_for(other), cache_dir=tmp_path,
-        progress=False, cache_max_bytes=written.stat().st_size * 2 + 10,
+        progress=False, cache_max_bytes=limit, cache_in_use=in_use,
     )  # fmt: skip
     assert not first.from_cache and not second.from_cache
     assert not any(path.exists() for path in stale)
     assert written.exists() and (tmp_path / f"{key_for(other)}.pt").exists()
+    # Outside that evaluation, under a limit of one file: the least recently used goes; and
+    # when the files in use alone are over the limit, a warning says so.
+    third = CountingModel()
+    with torch.no_grad():
+        third.scale.mul_(3)
+    with pytest.warns(UserWarning, match=r"over its limit of 0\.0 GB"):
+        load_or_extract_features(
+            third, dataset, fine_labels, cache_key=key_for(third), cache_dir=tmp_path,
+            progress=False, cache_max_bytes=10,
+        )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [f"{key_for(third)}.pt"]
 
 
 def test_an_unlimited_cache_past_its_warning_size_is_warned_about_once(

@@ -452,7 +452,7 @@ def test_messages_say_what_evaluate_can_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--labels path/to/grouping\.json") as e:
         evaluate(ModelSource(timm="look_cnn_small"), "digits", "knn", labels="coarse", **common)
     assert "--set" not in str(e.value)
-    for limit in (0, -1.0, float("nan")):
+    for limit in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"cache_max_gb=.* must be a positive number of GB"):
             evaluate(
                 ModelSource(timm="look_cnn_small"), "digits", "knn", cache_max_gb=limit, **common

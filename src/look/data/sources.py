@@ -11,6 +11,7 @@ import abc
 import contextlib
 import os
 import pickle
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -129,16 +130,22 @@ class PackedPaths(Sequence[str]):
     writing them."""
 
     def __init__(self, paths: Iterable[str] | bytes) -> None:
+        names = None if isinstance(paths, bytes) else list(paths)
         encoded = (
-            paths if isinstance(paths, bytes)
-            else "\0".join(paths).encode("utf-8", "surrogateescape")
+            paths if names is None
+            else "\0".join(names).encode("utf-8", "surrogateescape")
         )  # fmt: skip
-        self.encoded = encoded
+        self.encoded: bytes = encoded  # type: ignore[assignment]
         separators = np.flatnonzero(np.frombuffer(encoded, dtype=np.uint8) == 0)
         # Path i runs from starts[i] to starts[i + 1] - 1 (its NUL, or one past the end).
         self._starts = np.concatenate(([0], separators + 1, [len(encoded) + 1]))
         if not encoded:  # no path at all (an empty one cannot be told from none)
             self._starts = np.zeros(1, dtype=np.int64)
+        if names is not None and len(self) != len(names):
+            raise ValueError(
+                f"{len(names)} paths read back as {len(self)}: a path is empty or holds a NUL "
+                "character"
+            )
 
     def __len__(self) -> int:
         return len(self._starts) - 1
@@ -286,7 +293,7 @@ class ImageFolderSource(ImageSource):
         description: str,
     ) -> None:
         self._setup(
-            PackedPaths(path for path, _ in samples).encoded,
+            PackedPaths(path for path, _ in samples),
             torch.tensor([label for _, label in samples], dtype=torch.int64),
             class_names,
             corrupt_images=corrupt_images,
@@ -307,14 +314,14 @@ class ImageFolderSource(ImageSource):
         sends of its listing) and their labels."""
         source = cls.__new__(cls)
         source._setup(
-            encoded_paths, labels, class_names, corrupt_images=corrupt_images,
+            PackedPaths(encoded_paths), labels, class_names, corrupt_images=corrupt_images,
             description=description,
         )  # fmt: skip
         return source
 
     def _setup(
         self,
-        encoded_paths: bytes,
+        paths: PackedPaths,
         labels: torch.Tensor,
         class_names: Sequence[str],
         *,
@@ -323,13 +330,10 @@ class ImageFolderSource(ImageSource):
     ) -> None:
         if corrupt_images not in ("fail", "skip"):
             raise ValueError(f"corrupt_images={corrupt_images!r}; choose 'fail' or 'skip'")
-        self._paths = PackedPaths(encoded_paths)
+        self._paths = paths
         self.labels = labels
         if len(self.labels) != len(self._paths):
-            raise ValueError(
-                f"{len(self.labels)} labels for {len(self._paths)} paths: an image path holds "
-                "a NUL character"
-            )
+            raise ValueError(f"{len(self.labels)} labels for {len(self._paths)} image paths")
         self.class_names = tuple(class_names)
         self.native_size = None
         self.description = description
@@ -815,9 +819,11 @@ def each_folder_listed_once() -> Iterator[None]:
         _listings = outer
 
 
-def _sendable(error: Exception) -> Exception:
-    """``error``, or a RuntimeError with its type and message where it does not pickle (the
-    other ranks must get an error, not hang in the broadcast)."""
+def _sendable(error: BaseException) -> Exception:
+    """``error``, or a RuntimeError with its type and message where it does not pickle or is
+    no ``Exception`` (a KeyboardInterrupt): the other ranks must get an error, not hang."""
+    if not isinstance(error, Exception):
+        return RuntimeError(f"rank 0 stopped listing the image folder: {type(error).__name__}")
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:
@@ -825,26 +831,64 @@ def _sendable(error: Exception) -> Exception:
     return error
 
 
+# While rank 0 lists, it tells the other ranks so this often: each waits in one collective at a
+# time, well within the process group's timeout (train.ddp_timeout_s, 600 s by default), however
+# long the walk of a large folder on a shared file system takes.
+_LISTING_HEARTBEAT_S = 10.0
+
+
 def _image_folder_from_first_rank(
     root: Path, split_train: str, split: str, *, corrupt_images: str
 ) -> ImageFolderSource:
-    """:func:`read_image_folder` listed by rank 0 and broadcast (:func:`each_folder_listed_once`)."""
+    """:func:`read_image_folder` listed by rank 0 and broadcast (:func:`each_folder_listed_once`).
+
+    Rank 0 walks the folder in a thread and, every :data:`_LISTING_HEARTBEAT_S` until it is
+    done, broadcasts that it is still listing; then the listing, or the error every rank then
+    raises (the same one on rank 0, so that callers catching by type agree)."""
     import torch.distributed as dist
 
+    def send(message: tuple[str, object]) -> None:
+        dist.broadcast_object_list([message], src=0)
+
     if dist.get_rank() == 0:
+        outcome: dict[str, object] = {}
+
+        def list_folder() -> None:
+            try:
+                outcome["source"] = _list_image_folder(
+                    root, split_train, split, corrupt_images=corrupt_images
+                )
+            except BaseException as error:  # handed to the main thread, and sent
+                outcome["error"] = error
+
+        walker = threading.Thread(target=list_folder, name="look-listing", daemon=True)
+        walker.start()
         try:
-            source = _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
-        except Exception as error:
-            dist.broadcast_object_list([("error", _sendable(error))], src=0)
+            walker.join(_LISTING_HEARTBEAT_S)
+            while walker.is_alive():
+                send(("listing", None))
+                walker.join(_LISTING_HEARTBEAT_S)
+        except BaseException as error:  # (a KeyboardInterrupt while waiting)
+            send(("error", _sendable(error)))
             raise
-        dist.broadcast_object_list([("listing", listing_payload(source))], src=0)
-        return source
-    received: list[object] = [None]
-    dist.broadcast_object_list(received, src=0)
-    kind, payload = received[0]  # type: ignore[misc]
-    if kind == "error":
-        raise payload
-    return source_from_listing(payload, corrupt_images=corrupt_images)
+        if "error" in outcome:
+            error = outcome["error"]
+            sent = _sendable(error)  # type: ignore[arg-type]
+            send(("error", sent))
+            if sent is error or not isinstance(error, Exception):
+                raise error  # type: ignore[misc]
+            raise sent from error  # type: ignore[misc]
+        source = outcome["source"]
+        send(("listed", listing_payload(source)))  # type: ignore[arg-type]
+        return source  # type: ignore[return-value]
+    while True:
+        received: list[object] = [None]
+        dist.broadcast_object_list(received, src=0)
+        kind, payload = received[0]  # type: ignore[misc]
+        if kind == "error":
+            raise payload
+        if kind == "listed":
+            return source_from_listing(payload, corrupt_images=corrupt_images)
 
 
 def listing_payload(source: ImageFolderSource) -> tuple[object, ...]:
@@ -871,7 +915,8 @@ def read_image_folder(
     several ranks."""
     if _listings is None:
         return _list_image_folder(root, split_train, split, corrupt_images=corrupt_images)
-    key = (str(Path(root).resolve()), split_train, split)
+    # (the root as spelt, made absolute: a link to it is listed again, under its own spelling)
+    key = (os.path.abspath(root), split_train, split)
     listed = _listings.get(key)
     if listed is not None:
         return ImageFolderSource.from_encoded_paths(

@@ -357,6 +357,11 @@ def run(args: argparse.Namespace) -> int:
     from look.evaluation.model_source import ModelSource
     from look.evaluation.suite import evaluate, parse_dataset_spec, resolve_eval_device
 
+    if args.no_cache and args.cache_max_gb is not None:
+        raise ValueError(
+            "--cache-max-gb limits the feature cache's size and --no-cache turns the cache off: "
+            "give one of them"
+        )
     source = ModelSource(
         checkpoint=args.checkpoint,
         timm=args.timm,

@@ -69,9 +69,6 @@ FEATURE_CACHE_WARN_BYTES = 50 * 10**9
 # The cache's own files (a key and .pt); anything else in the folder is never touched.
 _CACHE_FILE = re.compile(r"[0-9a-f]{64}\.pt")
 _warned_cache_size = False
-# The cache files this process has read or written: a size limit never deletes them (an
-# evaluation's test split must not push out its training split's features).
-_used_cache_files: set[Path] = set()
 
 
 @dataclass(eq=False)
@@ -220,8 +217,9 @@ def extract_features(
 
 def _data_files(spec: DataSpec, source: ImageSource) -> list[str]:
     """The files ``source``'s images are read from (none for data generated in memory)."""
-    if source.file_paths is not None:
-        return list(source.file_paths)
+    paths = source.file_paths  # (an image folder decodes them at each call: once here)
+    if paths is not None:
+        return list(paths)
     return [str(path) for path in dataset_files(spec)]
 
 
@@ -395,13 +393,23 @@ def trim_feature_cache(
     return removed
 
 
-def _mind_cache_size(cache_path: Path, max_bytes: int | None) -> None:
-    """After a write: keep the cache under ``max_bytes`` (the files this process used stay),
-    or, without a limit, warn (once per process) when it has grown past
-    :data:`FEATURE_CACHE_WARN_BYTES`."""
+def _mind_cache_size(cache_path: Path, max_bytes: int | None, in_use: set[Path]) -> None:
+    """After a write: keep the cache under ``max_bytes`` (the files in ``in_use`` stay), and
+    warn if they alone are over it; without a limit, warn (once per process) when the cache has
+    grown past :data:`FEATURE_CACHE_WARN_BYTES`."""
     global _warned_cache_size
     if max_bytes is not None:
-        trim_feature_cache(cache_path.parent, max_bytes, keep=tuple(_used_cache_files))
+        trim_feature_cache(cache_path.parent, max_bytes, keep=tuple(in_use))
+        total = sum(status.st_size for _, status in _cache_files(cache_path.parent))
+        if total > max_bytes:
+            warnings.warn(
+                f"the feature cache {cache_path.parent} holds {total / 1e9:.1f} GB, over its "
+                f"limit of {max_bytes / 1e9:.1f} GB: the features this evaluation uses take "
+                "that much (or another user's files could not be deleted); raise the limit "
+                "(`--cache-max-gb`) to keep them all",
+                UserWarning,
+                stacklevel=3,
+            )
         return
     if _warned_cache_size:
         return
@@ -491,6 +499,7 @@ def load_or_extract_features(
     description: str = "features",
     meta: dict[str, str] | None = None,
     cache_max_bytes: int | None = None,
+    cache_in_use: set[Path] | None = None,
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache when ``cache_dir/<cache_key>.pt`` matches, else extracted.
 
@@ -499,8 +508,10 @@ def load_or_extract_features(
     ``cache_dir=None`` or ``cache_key=None`` disables the cache. A fresh extraction is written by
     rank 0 only, atomically. Every rank takes the same branch (a hit needs a hit on every rank).
     A hit touches its file (the cache's recency); after a write, ``cache_max_bytes`` keeps the
-    cache under that size (:func:`trim_feature_cache`; what this process read or wrote stays),
-    and without it a cache past :data:`FEATURE_CACHE_WARN_BYTES` is warned about.
+    cache under that size (:func:`trim_feature_cache`), and without it a cache past
+    :data:`FEATURE_CACHE_WARN_BYTES` is warned about. The file read or written is added to
+    ``cache_in_use`` (one evaluation's files: a limit never deletes them, so that its test
+    split's features do not push out its training split's); the file written always stays.
     """
     cache_path = None
     if cache_dir is not None and cache_key is not None:
@@ -512,7 +523,8 @@ def load_or_extract_features(
         assert cached is not None
         features, unreadable = cached
         if is_main_process() and cache_path is not None:
-            _used_cache_files.add(cache_path)
+            if cache_in_use is not None:
+                cache_in_use.add(cache_path)
             with contextlib.suppress(OSError):  # (a read-only shared cache keeps its times)
                 os.utime(cache_path)
         return FeatureSet(
@@ -544,8 +556,9 @@ def load_or_extract_features(
     seconds = time.perf_counter() - started
     if cache_path is not None and is_main_process():
         _write_cache(cache_path, features, fine_labels, unreadable, dict(meta or {}))
-        _used_cache_files.add(cache_path)
-        _mind_cache_size(cache_path, cache_max_bytes)
+        in_use = cache_in_use if cache_in_use is not None else set()
+        in_use.add(cache_path)
+        _mind_cache_size(cache_path, cache_max_bytes, in_use)
     return FeatureSet(
         features=features,
         fine_labels=fine_labels,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -181,6 +182,7 @@ def _split_features(
     output: str,
     cache_dir: str | Path | None,
     cache_max_bytes: int | None,
+    cache_in_use: set[Path],
     device: torch.device,
     batch_size: int,
     num_workers: int,
@@ -213,6 +215,7 @@ def _split_features(
         cache_key=key,
         cache_dir=cache_dir,
         cache_max_bytes=cache_max_bytes,
+        cache_in_use=cache_in_use,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -478,7 +481,7 @@ def evaluate(
         options[name].validate()  # type: ignore[attr-defined]
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if cache_max_gb is not None and not cache_max_gb > 0:  # (NaN too)
+    if cache_max_gb is not None and not 0 < cache_max_gb < math.inf:  # (NaN too)
         raise ValueError(f"cache_max_gb={cache_max_gb} must be a positive number of GB")
     signal_numbers(stop_signals)  # a name that cannot stop a run fails now
     if seed < 0:
@@ -517,6 +520,7 @@ def evaluate(
         feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
         fingerprint = state_fingerprint(feature_model)
         splits = ["test"] if frozen == ["fewshot"] else ["train", "test"]
+        cache_in_use: set[Path] = set()  # (this evaluation's cache files: a limit keeps them)
         datasets = {split: build_eval_dataset(spec, split, labels) for split in splits}
         if "fewshot" in frozen:  # too few test images per class fails before any extraction
             check_fewshot_feasible(datasets["test"][0].labels, options["fewshot"])  # type: ignore[arg-type]
@@ -531,6 +535,7 @@ def evaluate(
                 output=output,
                 cache_dir=cache_dir,
                 cache_max_bytes=None if cache_max_gb is None else int(cache_max_gb * 1e9),
+                cache_in_use=cache_in_use,
                 device=torch_device,
                 batch_size=batch_size,
                 num_workers=num_workers,
@@ -538,7 +543,10 @@ def evaluate(
                 progress=progress,
             )
             feature_set = split_data[split][0]
-            file_paths = datasets[split][0].source.file_paths or ()
+            # (an image folder decodes its paths at each call: only when some are needed)
+            file_paths = (
+                datasets[split][0].source.file_paths or () if feature_set.unreadable else ()
+            )
             features_info[split] = {
                 "num_images": len(feature_set.features),
                 "unreadable_files": [file_paths[i] for i in feature_set.unreadable],
@@ -563,6 +571,8 @@ def evaluate(
         "imbalanced": test_ratio > options["linear"].imbalance_ratio,  # type: ignore[attr-defined]
     }
 
+    test_split = _split_folder(spec, test_data[0], "test")  # (once: not at every report)
+
     def write_report(*, pending: Sequence[str], failed: tuple[str, BaseException] | None) -> None:
         """(Re)write results.json; written after every protocol, so that a later protocol's
         failure (or a killed job) keeps the finished ones, marked as incomplete."""
@@ -575,7 +585,7 @@ def evaluate(
                 spec=spec,
                 size=size,
                 size_origin=size_origin,
-                test_split=_split_folder(spec, test_data[0], "test"),
+                test_split=test_split,
                 info=info,
                 labels=labels,
                 results=results,
