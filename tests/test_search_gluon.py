@@ -102,7 +102,9 @@ def test_query_groups_other_than_two_or_four_are_refused() -> None:
 @pytest.mark.parametrize(
     ("config", "collect", "has_valid"),
     [(config, collect, True) for config in GLUON_CONFIGS for collect in (False, True)]
-    + [(GLUON_CONFIGS[0], True, False)],  # a full bank: no valid mask
+    + [(GLUON_CONFIGS[0], True, False)]  # a full bank: no valid mask
+    # tiles in pairs over a ring of an odd size (its CUDA test: tests/test_search_gluon_cuda.py)
+    + [(dataclasses.replace(KERNEL_CONFIGS[40], num_stages=7), True, True)],
     ids=lambda value: str(value) if isinstance(value, bool) else "-",
 )
 def test_the_gluon_passes_compile_for_hopper_without_spilling(

@@ -7,6 +7,8 @@ whose barriers deadlock would hang here, not in the other CUDA tests."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 GLUON_CONFIGS = [config for config in KERNEL_CONFIGS if config.kernel == "gluon"]
+# Tiles in pairs over a ring of an odd size: a pair's tiles then straddle the ring's end.
+ODD_RING = dataclasses.replace(KERNEL_CONFIGS[40], num_stages=7)
 
 
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda config: "-")
+@pytest.mark.parametrize("config", [*GLUON_CONFIGS, ODD_RING], ids=lambda config: "-")
 @pytest.mark.parametrize(
     ("batch", "rows", "dim", "k", "dtype", "masked"),
     [
