@@ -207,19 +207,20 @@ if gluon is not None:
     _EVERY_FLAG = gl.BlockedLayout([4], [32], [4], [0])
 
     @gluon.jit
-    def _any_in_warpgroup(passes, flags, slot):
-        """Whether any of a consumer's 64 queries passes (``passes``: one per query, in the
-        product's row layout). Each warp reduces its own 16 queries (shuffles within it),
-        stores its verdict, and after one barrier of the warpgroup every thread reads the four:
-        the reduction across warps that ``gl.max`` generates took three barriers and two
-        chains of shuffles per tile, a third of the sampled stalls of the path every tile runs
-        at 14.2M rows (session 22's Nsight Compute source view). The verdicts alternate between two buffers (``slot``):
-        a warp can run at most one tile ahead of another (the barrier), so it never writes a
-        buffer that another is still to read."""
-        per_warp = gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1)
-        buffer = flags.index(slot)
-        buffer.store(per_warp)
-        _partition_barrier()
+    def _store_verdicts(similarities, bound, buffer):
+        """Store in ``buffer`` each warp's verdict on a tile: whether any of its 16 queries'
+        largest product reaches the query's bound (shuffles within the warp; gl.max ignores
+        NaN, as a test per product does). Read after a barrier of the warpgroup by
+        :func:`_any_verdict`: the reduction across warps that ``gl.max`` generates took three
+        barriers and two chains of shuffles per tile, a third of the sampled stalls of the path
+        every tile runs at 14.2M rows (session 22's Nsight Compute source view)."""
+        passes = gl.max(similarities, axis=1) >= bound
+        buffer.store(gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1))
+
+    @gluon.jit
+    def _any_verdict(buffer):
+        """Whether any warp of the warpgroup stored a passing verdict in ``buffer``: every
+        thread reads the four in one load."""
         return gl.max(buffer.load(_EVERY_FLAG), axis=0) > 0
 
     @gluon.jit
@@ -258,7 +259,7 @@ if gluon is not None:
         offs_q = first_query + gl.arange(0, 64, layout=gl.SliceLayout(1, products))
         bound = _collect_bound(bound_ptr, offs_q, num_queries, stride_bound, widen_bound)
         tile_rows = gl.arange(0, block_n, layout=gl.SliceLayout(0, products))
-        # Each warp's verdict on a tile, in two buffers used in turn (_any_in_warpgroup).
+        # Each warp's verdict on a tile, in two buffers used in turn.
         flags = gl.allocate_shared_memory(gl.int32, [2, 4], _FLAGS_LAYOUT)
         i = 0
         stages: gl.constexpr = tiles.type.shape[0]
@@ -266,9 +267,13 @@ if gluon is not None:
             similarities = _held_product(query, tiles, ready, i, products)
             # Most tiles of a large memory hold no candidate of any of these queries: whether
             # any query's largest product reaches its bound decides, for the warpgroup, whether
-            # to number and store anything. (gl.max ignores NaN, as a test per product does.)
-            passes = gl.max(similarities, axis=1) >= bound
-            append = _any_in_warpgroup(passes, flags, i % 2)
+            # to number and store anything. The verdicts alternate between two buffers: a warp
+            # can run at most one tile ahead of another (the barrier), so it never writes a
+            # buffer that another is still to read.
+            buffer = flags.index(i % 2)
+            _store_verdicts(similarities, bound, buffer)
+            _partition_barrier()
+            append = _any_verdict(buffer)
             # The buffer is freed after the verdict: every warp's product is done by then.
             mbarrier.arrive(empty.index(i % stages), count=1)
             i += 1  # noqa: SIM113 (the JIT's loops have no enumerate)
@@ -290,12 +295,11 @@ if gluon is not None:
         barrier analysis would put a barrier before the arrival otherwise, as it puts one
         after it)."""
         similarities = _held_product(query, tiles, ready, i, products)
-        passes = gl.max(similarities, axis=1) >= bound
-        flags.store(gl.max(passes.to(gl.int32).reshape([4, 16]), axis=1))
+        _store_verdicts(similarities, bound, flags)
         _partition_barrier()
         if RELEASE:
             mbarrier.arrive(empty.index(release_slot), count=1)
-        if gl.max(flags.load(_EVERY_FLAG), axis=0) > 0:
+        if _any_verdict(flags):
             _append_candidates(similarities, bound, tile, tile_rows, offs_q, valid_ptr,
                                counts_ptr, out_values_ptr, out_indices_ptr, num_rows, capacity,
                                has_valid, products)  # fmt: skip
