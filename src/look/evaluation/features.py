@@ -49,6 +49,7 @@ __all__ = [
     "data_files_fingerprint",
     "extract_features",
     "feature_cache_key",
+    "files_at",
     "gather_shards",
     "keep_readable",
     "load_or_extract_features",
@@ -424,6 +425,16 @@ def _mind_cache_size(cache_path: Path, max_bytes: int | None, in_use: set[Path])
             UserWarning,
             stacklevel=3,
         )
+
+
+def files_at(source: ImageSource, indices: Sequence[int]) -> list[str]:
+    """The files of ``source``'s images at ``indices`` (none for images held in memory); the
+    paths are read only when some are asked for (an image folder decodes them all at each
+    read)."""
+    if not indices:
+        return []
+    paths = source.file_paths or ()
+    return [paths[i] for i in indices] if paths else []
 
 
 def unreadable_indices(dataset: Dataset) -> tuple[int, ...]:

@@ -48,7 +48,6 @@ from tqdm import tqdm
 
 from look.data import (
     DataSpec,
-    ImageSource,
     build_eval_dataset,
     build_train_dataset,
     describe,
@@ -75,7 +74,12 @@ from look.engine.distributed import (
 from look.engine.optim import build_lr_scheduler, build_optimizer
 from look.engine.sampler import GlobalBatchSampler
 from look.engine.stop_signals import StopSignals, TrainingStopped, end_workers, start_workers
-from look.evaluation.features import extract_features, keep_readable, unreadable_indices
+from look.evaluation.features import (
+    extract_features,
+    files_at,
+    keep_readable,
+    unreadable_indices,
+)
 from look.evaluation.metrics import mean_per_class_accuracy, top1_accuracy
 from look.evaluation.model_source import state_fingerprint
 from look.models import check_finite
@@ -523,14 +527,6 @@ def finetune(
         "final_epoch_train_loss": last_epoch_loss,
         "num_train": len(train_set),
         "num_test": len(test_labels),
-        "unreadable_test_files": _files_at(test_set.source, unreadable),
+        "unreadable_test_files": files_at(test_set.source, unreadable),
         "num_classes": info.num_classes,
     }
-
-
-def _files_at(source: ImageSource, indices: Sequence[int]) -> list[str]:
-    """The files of ``source``'s images at ``indices`` (none for images held in memory)."""
-    if not indices:
-        return []
-    paths = source.file_paths or ()  # (decoded at each call: once here)
-    return [paths[i] for i in indices] if paths else []

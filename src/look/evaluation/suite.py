@@ -42,6 +42,7 @@ from look.evaluation.features import (
     FeatureSet,
     data_files_fingerprint,
     feature_cache_key,
+    files_at,
     keep_readable,
     load_or_extract_features,
 )
@@ -543,13 +544,9 @@ def evaluate(
                 progress=progress,
             )
             feature_set = split_data[split][0]
-            # (an image folder decodes its paths at each call: only when some are needed)
-            file_paths = (
-                datasets[split][0].source.file_paths or () if feature_set.unreadable else ()
-            )
             features_info[split] = {
                 "num_images": len(feature_set.features),
-                "unreadable_files": [file_paths[i] for i in feature_set.unreadable],
+                "unreadable_files": files_at(datasets[split][0].source, feature_set.unreadable),
                 "feature_dim": int(feature_set.features.shape[1]),
                 "from_cache": feature_set.from_cache,
                 "cache_key": feature_set.cache_key,
