@@ -374,7 +374,12 @@ def trim_feature_cache(
     in ``keep`` stay. Only the cache's own files (a key's name and ``.pt``) are counted or
     deleted. Returns the deleted files; one that cannot be deleted (a shared cache of another
     user) is passed over."""
-    files = sorted(_cache_files(Path(cache_dir)), key=lambda item: item[1].st_mtime_ns)
+    return _trim(Path(cache_dir), max_bytes, keep)[0]
+
+
+def _trim(cache_dir: Path, max_bytes: int, keep: Sequence[Path]) -> tuple[list[Path], int]:
+    """:func:`trim_feature_cache`'s deleted files, and the bytes the cache's files take after."""
+    files = sorted(_cache_files(cache_dir), key=lambda item: item[1].st_mtime_ns)
     total = sum(status.st_size for _, status in files)
     kept = {Path(path).resolve() for path in keep}
     removed = []
@@ -391,7 +396,7 @@ def trim_feature_cache(
             continue
         total -= status.st_size
         removed.append(path)
-    return removed
+    return removed, total
 
 
 def _mind_cache_size(cache_path: Path, max_bytes: int | None, in_use: set[Path]) -> None:
@@ -400,8 +405,7 @@ def _mind_cache_size(cache_path: Path, max_bytes: int | None, in_use: set[Path])
     grown past :data:`FEATURE_CACHE_WARN_BYTES`."""
     global _warned_cache_size
     if max_bytes is not None:
-        trim_feature_cache(cache_path.parent, max_bytes, keep=tuple(in_use))
-        total = sum(status.st_size for _, status in _cache_files(cache_path.parent))
+        total = _trim(cache_path.parent, max_bytes, tuple(in_use))[1]
         if total > max_bytes:
             warnings.warn(
                 f"the feature cache {cache_path.parent} holds {total / 1e9:.1f} GB, over its "
