@@ -15,8 +15,9 @@
 #      config 36's collect pass with its tiles in pairs, 2 warpgroup barriers per tile instead
 #      of 3, and with its buffers also freed a pair at a time, 1.5), bf16 bank
 #      (search_tune.py), and configs 36 and 41 with every 8th tile in their bound pass (fewer
-#      products, more candidates) and 36 with 4 or 12 buffers in its ring (session 22's idea
-#      list, docs/results.md);
+#      products, more candidates), 36 with every 2nd (at 1.28M rows 73 % of its collect pass's
+#      tiles append; half the candidates would cut that) and 36 with 4 or 12 buffers in its
+#      ring (session 22's idea list, docs/results.md);
 #   4. the step/search benchmark of issue 5, timed alternately with CE, with the search against
 #      both its floors (the bank read, and its products at the measured matmul rate); the int8
 #      copy's step (--prefilter-step) was slower in session 20 and is no longer timed here;
@@ -89,7 +90,7 @@ if [ "$PART" = 1 ]; then
     # (14.2M rows first: the JSON is written after each size, and that one is issue 5's)
     timeout 150 python3 benchmarks/search_tune.py --configs 0 36 37 38 40 41 --prefilter none \
       --variant 36:tile_stride=8 --variant 36:num_stages=4 --variant 36:num_stages=12 \
-      --variant 41:tile_stride=8 --rows 14197122 1281167 \
+      --variant 41:tile_stride=8 --variant 36:tile_stride=2 --rows 14197122 1281167 \
       --output "$OUT/search_tune_gluon.json" 2>&1 | tee "$OUT/search_tune_gluon.log"
   else
     echo "skipped: the Gluon tests exited with $gluon_tests (see pytest_gluon.txt)"

@@ -269,7 +269,7 @@ def test_search_tune_variants_replace_fields_of_a_listed_config() -> None:
     # The variants gpu_session.sh times parse (a typo there would cost a GPU session's stage).
     session = (BENCHMARKS / "gpu_session.sh").read_text()
     variants = re.findall(r"--variant (\S+)", session)
-    assert len(variants) == 4 and {parse_variant(v)[0] for v in variants} == {36, 41}
+    assert len(variants) == 5 and {parse_variant(v)[0] for v in variants} == {36, 41}
 
 
 def test_ncu_summary_keeps_each_launchs_metrics(tmp_path: Path) -> None:
