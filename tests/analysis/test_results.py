@@ -126,6 +126,22 @@ def test_method_labels() -> None:
     assert method_label(head) == "supcon [head]" and head["seed"] == 4
 
 
+def test_a_random_network_and_the_same_one_with_weights_are_two_rows(tmp_path: Path) -> None:
+    # (look evaluate --timm NAME [--weights FILE]: what its results.json records)
+    external = {"source": "timm", "backbone": "resnet50", "pretraining": None}
+    random_init = {**external, "weights": None, "initialisation": "random (seed 1)"}
+    loaded = {**external, "weights": "/w/resnet50.safetensors", "initialisation": "weights file"}
+    labels = []
+    for index, model in enumerate((random_init, loaded)):
+        content = {**evaluation_results(seed=index), "model": model}
+        content["labels"] = {"evaluation": "fine"}
+        labels.append(read_results_file(write(tmp_path / f"{index}.json", content)).method)
+        assert method_label(model) == labels[-1]
+    assert labels == ["resnet50 (random init)", "resnet50 [resnet50.safetensors]"]
+    # a look checkpoint's row is named by its pre-training, as before
+    assert method_label({"method": "look", "backbone": "resnet50"}) == "look [resnet50]"
+
+
 def test_image_folders_are_named_after_their_root_and_clipped_k_is_kept(tmp_path: Path) -> None:
     content = evaluation_results(dataset="imagefolder")
     content["dataset"]["root"] = "/data/pets"

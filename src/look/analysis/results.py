@@ -61,7 +61,9 @@ the episodes behind each few-shot group (``"fewshot/5way1shot": 600``) when reco
 **Method label** (the row of a report, grouped across seeds): ``model.label`` when given, else the
 method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
 ``[backbone]``, ``(pre-training labels)`` and ``[head]`` for head-embedding features when known,
-e.g. ``"look [resnet18] (coarse)"``. **Seed**: ``model.seed``, else the pre-training seed, else
+e.g. ``"look [resnet18] (coarse)"``; an external model gets ``(random init)`` or its weights
+file's name, ``"resnet50 [resnet50.safetensors]"``, so that a random network and the same
+architecture with weights are never averaged as seeds of one row. **Seed**: ``model.seed``, else the pre-training seed, else
 the top-level evaluation ``seed``.
 """
 
@@ -211,7 +213,24 @@ def describe_model(model: object, *, content: Mapping[str, Any] | None = None) -
         "backbone": raw.get("backbone"),
         "label": raw.get("label"),
         "output": raw.get("output") or ("head" if "head" in outputs else None),
+        "initialisation": _initialisation(raw),
     }
+
+
+def _initialisation(model: Mapping[str, Any]) -> str | None:
+    """How an external (timm/torchvision) model's weights were set, for its row label:
+    ``"random init"``, or the weights file's name; None for a look checkpoint or an unknown
+    source. A random network and the same architecture loaded from a file are two rows, never
+    two seeds of one."""
+    initialisation = model.get("initialisation")
+    if not isinstance(initialisation, str) or not initialisation:
+        return None
+    if initialisation.startswith("random"):  # (look evaluate writes "random (seed 0)")
+        return "random init"
+    if initialisation != "weights file":  # (already a describe_model entry's)
+        return initialisation
+    weights = model.get("weights")
+    return Path(str(weights)).name if weights else None
 
 
 def method_label(model: Mapping[str, Any] | str | None) -> str:
@@ -239,6 +258,9 @@ def method_label(model: Mapping[str, Any] | str | None) -> str:
         label += f" ({pretrain_labels})"
     if model.get("output") == "head":
         label += " [head]"
+    initialisation = _initialisation(model)
+    if initialisation:
+        label += f" ({initialisation})" if initialisation == "random init" else f" [{initialisation}]"
     return label
 
 
