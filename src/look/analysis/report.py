@@ -25,6 +25,8 @@ results.run_settings`: pre-training data, labels, size and length, evaluation im
 set, protocol settings; never the seed or paths). Where they do not, the row's cells are marked
 ``⚠N`` and a *Warnings* section of REPORT.md says which setting differs, with its values and
 files; so does a :class:`MixedSettingsWarning` (and ``report.json``'s ``"settings_conflicts"``).
+A linear-probe cell whose fit ``look evaluate`` warned about (iterations run out, C at an end of
+its grid) is marked ``†``, with the files and problems under *Linear-probe fits*.
 Rows of one dataset evaluated with different evaluation settings (another kNN τ, image size or
 grouping file under the same short name) are marked the same way, since their cells, the bold best
 and the paired differences then compare unlike evaluations. Headline
@@ -231,7 +233,9 @@ class Cell:
     was smaller than its ``k`` (empty otherwise). ``episode_ci95`` is, for a cell of one run with a
     recorded ``ci95`` next to it (few-shot), that run's 95 % confidence interval over its
     ``episodes`` (shown instead of the std a single seed lacks). ``mixed_settings`` are the
-    :class:`SettingsConflict` s the cell's runs take part in.
+    :class:`SettingsConflict` s the cell's runs take part in, ``fit_problems`` the ``(file,
+    problem)`` of a linear-probe cell's runs whose fit is doubtful
+    (:func:`look.analysis.results.linear_fit_problems`).
     """
 
     table: str  # "transfer" or "multimodality"
@@ -247,6 +251,7 @@ class Cell:
     episode_ci95: float | None = None
     episodes: int | None = None
     mixed_settings: tuple[SettingsConflict, ...] = ()
+    fit_problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def n(self) -> int:
@@ -282,6 +287,7 @@ class Cell:
             "episode_ci95": self.episode_ci95,
             "episodes": self.episodes,
             "mixed_settings": sorted({c.setting for c in self.mixed_settings}),
+            "fit_problems": [f"{path}: {problem}" for path, problem in self.fit_problems],
         }
 
 
@@ -601,6 +607,12 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
             episode_ci95, episodes = (
                 _episode_interval(metric, samples) if table == "transfer" else (None, None)
             )
+            fit_problems = tuple(
+                (str(run.source), problem)
+                for _, _, run in samples
+                if table == "transfer" and metric.startswith("linear/")
+                for problem in run.linear_fit_problems
+            )
             cell = Cell(
                 table=table,
                 method=method,
@@ -613,6 +625,7 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
                 k_effective=tuple(sorted(clipped)),
                 episode_ci95=episode_ci95,
                 episodes=episodes,
+                fit_problems=fit_problems,
             )
             mixed = tuple(c for c in conflicts if c.concerns(cell))
             cells.append(dataclasses.replace(cell, mixed_settings=mixed) if mixed else cell)
@@ -678,6 +691,7 @@ def _markdown_table(
                 if cell is None
                 else format_cell(cell, scale=scale, digits=digits.get(metric, 2))
                 + _marker(cell, markers)
+                + (" †" if cell.fit_problems else "")
             )
         lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
     return lines
@@ -726,6 +740,26 @@ def _warnings_section(cells: Sequence[Cell]) -> tuple[list[str], dict[tuple[str,
         lines.append(f"- **⚠{numbers[(dataset, method)]}** {what}: {_escape(listed)}.")
     lines.append("")
     return lines, numbers
+
+
+def _fit_problems_section(cells: Sequence[Cell]) -> list[str]:
+    """REPORT.md's note on the cells marked † (a linear probe whose fit is doubtful), by file."""
+    found: dict[str, dict[str, None]] = {}
+    for cell in cells:
+        for path, problem in cell.fit_problems:
+            found.setdefault(path, {})[problem] = None
+    if not found:
+        return []
+    lines = [
+        "## Linear-probe fits",
+        "",
+        "Cells marked † include a linear probe whose fit `look evaluate` warned about: its "
+        "accuracy may be below what the features allow (raise `--linear-max-iter`, or widen "
+        "`--linear-c-grid`).",
+        "",
+    ]
+    lines += [f"- `{_escape(path)}`: {'; '.join(problems)}." for path, problems in found.items()]
+    return [*lines, ""]
 
 
 def _slug(text: str) -> str:
@@ -1061,6 +1095,7 @@ _CSV_FIELDS = (
     "episode_ci95",
     "episodes",
     "mixed_settings",
+    "fit_problems",
 )
 
 
@@ -1084,6 +1119,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                     else repr(row["episode_ci95"]),
                     "episodes": "" if row["episodes"] is None else row["episodes"],
                     "mixed_settings": ";".join(row["mixed_settings"]),
+                    "fit_problems": ";".join(row["fit_problems"]),
                 }
             )
 
@@ -1150,7 +1186,7 @@ def write_report(
         "",
     ]
     warning_lines, markers = _warnings_section(cells)
-    lines += warning_lines
+    lines += warning_lines + _fit_problems_section(cells)
     transfer_lines, written_figures = _transfer_section(
         cells, methods, datasets, output_dir, plots=plots, markers=markers
     )

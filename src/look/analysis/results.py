@@ -143,7 +143,8 @@ class EvaluationResult:
     its folder (an image folder), ``knn_k_effective`` the neighbours a kNN metric group really
     used where the training split was smaller than its ``k``. ``settings`` are the run's
     :func:`run_settings` (path → value as canonical JSON), ``fewshot_episodes`` the episodes of
-    each few-shot group.
+    each few-shot group, ``linear_fit_problems`` what makes its linear probe's figure doubtful
+    (:func:`linear_fit_problems`).
     """
 
     source: Path
@@ -161,6 +162,7 @@ class EvaluationResult:
     knn_k_effective: dict[str, int] = dataclasses.field(default_factory=dict)
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
     fewshot_episodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    linear_fit_problems: tuple[str, ...] = ()
 
     @property
     def dataset_label(self) -> str:
@@ -260,7 +262,9 @@ def method_label(model: Mapping[str, Any] | str | None) -> str:
         label += " [head]"
     initialisation = _initialisation(model)
     if initialisation:
-        label += f" ({initialisation})" if initialisation == "random init" else f" [{initialisation}]"
+        label += (
+            f" ({initialisation})" if initialisation == "random init" else f" [{initialisation}]"
+        )
     return label
 
 
@@ -488,6 +492,29 @@ def setting_protocol(setting: str) -> str | None:
     return None
 
 
+def linear_fit_problems(protocols: Mapping[str, Any]) -> tuple[str, ...]:
+    """What ``look evaluate`` recorded against its linear probe: a refit or grid fits stopped
+    on their iteration limit, a C chosen at an end of its grid (the best may lie beyond). Empty
+    for a probe without them, or a file that does not record them."""
+    linear = protocols.get("linear")
+    if not isinstance(linear, Mapping):
+        return ()
+    problems = []
+    if linear.get("refit_converged") is False:
+        problems.append(
+            f"the refit did not converge (stopped on {linear.get('refit_stop_reason', 'max_iter')})"
+        )
+    curve = linear.get("validation_curve")
+    failed = linear.get("grid_fits_not_converged")
+    if is_number(failed) and failed > 0:
+        total = f"/{len(curve)}" if isinstance(curve, list) else ""
+        problems.append(f"{int(failed)}{total} fits of the C grid did not converge")
+    edge = linear.get("c_at_grid_edge")
+    if edge:
+        problems.append(f"C was chosen at the {edge} end of its grid")
+    return tuple(problems)
+
+
 def fewshot_episodes(protocols: Mapping[str, Any]) -> dict[str, int]:
     """``{"fewshot/5way1shot": 600}``: the episodes of every few-shot entry that records them."""
     return {
@@ -624,4 +651,5 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         knn_k_effective=knn_k_effective(protocols),
         settings=run_settings(content),
         fewshot_episodes=fewshot_episodes(protocols),
+        linear_fit_problems=linear_fit_problems(protocols),
     )
