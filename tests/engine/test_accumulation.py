@@ -86,6 +86,16 @@ def test_micro_batches_weigh_their_losses_by_their_valid_queries(tmp_path: Path)
     dropped = [row["dropped_frac"] for row in rows if "dropped_frac" in row]
     assert any(0.0 < fraction < 1.0 for fraction in dropped), dropped
     _assert_same_training(tmp_path / "whole", tmp_path / "micro")
+    # The logged look_loss is the loss (no CE term) in both: weighted like it, not a plain mean
+    # of the micro-batches' means.
+    for run in ("whole", "micro"):
+        logged = [
+            json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        pairs = [(row["look_loss"], row["loss"]) for row in logged if "look_loss" in row]
+        assert len(pairs) == 4, run
+        look_losses, losses = (torch.tensor(column) for column in zip(*pairs, strict=True))
+        torch.testing.assert_close(look_losses, losses, **TOLERANCE, msg=run)
 
 
 def test_micro_batches_see_the_memory_of_before_the_step(tmp_path: Path) -> None:

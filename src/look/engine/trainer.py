@@ -1048,6 +1048,11 @@ class Trainer:
             torch._foreach_div_(gradients, divisor)
             losses = torch.stack([out.loss.detach().float() for out in outputs])
             metrics["loss"] = (losses * shares.float()).sum() / divisor
+            # The metrics that are means over the same items, as in one batch too.
+            for name in outputs[0].anchor_metrics:
+                if name in metrics:
+                    means = torch.stack([out.metrics[name].detach().float() for out in outputs])
+                    metrics[name] = (means * shares.float()).sum() / divisor
         local = torch.stack(flags).sum(dim=0)
         # A fill, not a copy from the host: a step without a signal costs no transfer.
         stop = local.new_ones(1) if self.stop_signals.received else local.new_zeros(1)

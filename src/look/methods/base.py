@@ -70,13 +70,16 @@ class StepOutput:
     together, e.g. LOOK's queries that kept a neighbour of their class): how many were valid out
     of how many. With micro-batches the trainer weights each micro-batch's loss by its count, so
     that the step's gradient is that of the mean over all of the step's valid items, as without
-    micro-batches. None: the micro-batches' losses weigh the same.
+    micro-batches. None: the micro-batches' losses weigh the same. ``anchor_metrics`` name the
+    metrics that, like the loss, are means over those valid items (LOOK's ``look_loss``): the
+    trainer combines them as it combines the loss.
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     inexact: torch.Tensor | None = None
     anchors: Anchors | None = None
+    anchor_metrics: tuple[str, ...] = ()
 
 
 def step_output_problem(out: object) -> str | None:

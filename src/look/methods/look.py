@@ -350,7 +350,11 @@ class LOOK(Method):
         )
         # With the auxiliary CE term the loss is no longer one mean over the valid queries.
         return StepOutput(
-            total, metrics, inexact=terms.inexact, anchors=anchors if ce is None else None
+            total,
+            metrics,
+            inexact=terms.inexact,
+            anchors=anchors if ce is None else None,
+            anchor_metrics=("look_loss",),
         )
 
     @contextlib.contextmanager
