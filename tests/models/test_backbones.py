@@ -118,6 +118,21 @@ def test_hub_names_and_empty_names_are_refused() -> None:
         create_backbone("")
 
 
+def test_a_constructor_argument_without_a_value_is_refused_not_dropped() -> None:
+    import yaml
+
+    # "{drop_rate:0.5}" (no space): YAML's key "drop_rate:0.5" with a null value, which timm
+    # would drop unread.
+    slipped = yaml.safe_load("{drop_rate:0.5}")
+    assert slipped == {"drop_rate:0.5": None}
+    for name in ("look_cnn_small", "tv:resnet18"):
+        with pytest.raises(ValueError, match=r"no value to \['drop_rate:0\.5'\].*a space"):
+            create_backbone(name, model_kwargs=slipped)
+    # With its value the argument reaches the model.
+    backbone, _ = create_backbone("resnet18", model_kwargs=yaml.safe_load("{drop_rate: 0.5}"))
+    assert backbone.drop_rate == 0.5
+
+
 def test_count_parameters() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     assert count_parameters(model) == (3 * 4 + 4) + (4 * 2 + 2)

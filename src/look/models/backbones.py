@@ -259,6 +259,16 @@ def create_backbone(
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     model_kwargs = dict(model_kwargs or {})
+    # timm drops null arguments unread, and YAML reads `{drop_rate:0.5}` (no space) as the key
+    # "drop_rate:0.5" with a null value: the model would silently be built without it.
+    nulls = sorted(str(key) for key, value in model_kwargs.items() if value is None)
+    if nulls:
+        raise ValueError(
+            f"model.backbone_kwargs (look evaluate: --timm-kwargs) gives no value to {nulls}: "
+            "a null argument is not passed "
+            "to the constructor (YAML reads '{drop_rate:0.5}' as a key 'drop_rate:0.5' without "
+            "a value; write '{drop_rate: 0.5}', with a space after the colon)"
+        )
     reserved = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
     if reserved:
         raise ValueError(
