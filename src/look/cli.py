@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import NamedTuple, TextIO
 
 from look.engine.errors import error_message
-from look.engine.stop_signals import EXIT_STOPPED, TrainingStopped
+from look.engine.stop_signals import (
+    EXIT_STOPPED,
+    TrainingStopped,
+    ignore_stop_signals_until_exit,
+)
 
 DESCRIPTION = """\
 LOOK: Leave-One-Out K-Nearest-Neighbour supervised pre-training (Feng et al., ICLR 2022).
@@ -127,7 +131,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", help="output folder (default runs/demo, with --quick runs/demo-quick)"
     )
-    p.add_argument("--quick", action="store_true", help="a smoke version of a few minutes on 2 CPU cores")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke version of a few minutes on 2 CPU cores"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--seeds",
@@ -373,6 +379,7 @@ def _report_stop(stopped: TrainingStopped) -> int:
     """A run stopped by a signal: where to resume from (rank 0 says it), and status 75."""
     if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
         print(f"look: {stopped}", file=sys.stderr)
+    ignore_stop_signals_until_exit()  # (the checkpoint is saved: exit with 75, not the signal)
     return EXIT_STOPPED
 
 

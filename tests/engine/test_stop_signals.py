@@ -19,7 +19,13 @@ import torch
 import torch.multiprocessing as mp
 
 from look.config import ConfigError, load_config
-from look.engine.stop_signals import EXIT_STOPPED, StopSignals, TrainingStopped
+from look.engine.stop_signals import (
+    EXIT_STOPPED,
+    STOPPABLE_SIGNALS,
+    StopSignals,
+    TrainingStopped,
+    signal_numbers,
+)
 from look.engine.trainer import Trainer, pretrain
 from tests.ddp import free_port
 from tests.jobs import terminate_job_when
@@ -338,7 +344,15 @@ def test_the_command_reports_a_stop_in_one_line_with_status_75(
 
     monkeypatch.setattr(trainer_module, "pretrain", stopped)
     overrides = [argument for o in TINY for argument in ("--set", o)]
-    assert main([*debug, "pretrain", "--output", str(tmp_path), *overrides]) == EXIT_STOPPED
+    handlers = {number: signal.getsignal(number) for number in signal_numbers(STOPPABLE_SIGNALS)}
+    try:
+        assert main([*debug, "pretrain", "--output", str(tmp_path), *overrides]) == EXIT_STOPPED
+        # Until the process exits, a stop signal (torchrun's SIGTERM once another rank has
+        # left) no longer kills it: its status stays 75.
+        assert {signal.getsignal(number) for number in handlers} == {signal.SIG_IGN}
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     assert capsys.readouterr().err == (
         "look: stopped on SIGUSR1 at step 7 of 12; the checkpoint of step 7 is in "
         "RUN/checkpoints; run the same command to resume\n"

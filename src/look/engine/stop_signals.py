@@ -176,6 +176,18 @@ def end_workers(batches: Iterator[Any] | None) -> None:
             worker.join()
 
 
+def ignore_stop_signals_until_exit() -> None:
+    """Ignore every stoppable signal from now on: for a command that has saved its checkpoint
+    on a stop signal and is about to exit with :data:`EXIT_STOPPED`. Under torchrun a rank that
+    exits first makes torchrun send SIGTERM to the others, which may still be leaving (their
+    handlers already restored): death by that signal would replace their status 75. SIGKILL,
+    which torchrun and schedulers send last, still ends the process."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in signal_numbers(STOPPABLE_SIGNALS):
+        signal.signal(number, signal.SIG_IGN)
+
+
 class StopSignals:
     """A context that catches ``names`` (signal names) and records the first one received in
     :attr:`received`; the previous handlers come back on exit. Outside the main thread, where
