@@ -190,6 +190,21 @@ def test_random_set_overrides_give_a_config_or_a_config_error(key: str, raw: str
     assert isinstance(cfg, RunConfig)
 
 
+def test_a_k_set_on_a_recipe_with_k_fraction_is_refused_even_the_default_one(
+    tmp_path: Path,
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    # What a run's saved config.yaml holds: the default k next to k_fraction. It loads.
+    recipe.write_text("method: {name: look, k: 200, k_fraction: 0.5}\n", encoding="utf-8")
+    assert load_config(recipe).method["k_fraction"] == 0.5
+    for overrides in (["method.k=200"], ["method={name: look, k: 200, k_fraction: 0.5}"]):
+        with pytest.raises(ConfigError, match=r"k or k_fraction, not both \(k=200 from --set"):
+            load_config(recipe, overrides)
+    # Either one set to null first, and the other applies.
+    assert load_config(recipe, ["method.k=200", "method.k_fraction=null"]).method["k"] == 200
+    assert load_config(recipe, ["method.k=null"]).method["k_fraction"] == 0.5
+
+
 def test_a_mapping_merges_into_a_section_but_replaces_the_method() -> None:
     recipe = ["optim.batch_size=1024", "method.k=7", "method.temperature=0.2"]
     merged = load_config(None, [*recipe, "optim={lr: 0.05}"])

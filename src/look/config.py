@@ -397,7 +397,35 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         values = _deep_merge(values, load_yaml(path))
     values = apply_overrides(values, overrides)
+    _refuse_k_set_next_to_k_fraction(values, overrides)
     return config_from_dict(values)
+
+
+def _refuse_k_set_next_to_k_fraction(
+    values: dict[str, Any], overrides: typing.Sequence[str]
+) -> None:
+    """``--set method.k=200`` on a recipe with ``k_fraction``: the options' own check cannot tell
+    that k from the default one (which a saved run's config also holds next to its
+    k_fraction), and k_fraction would silently win."""
+    given: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["method"] and isinstance(value, dict):
+            given.update(value)
+        elif len(path) == 2 and path[0] == "method":
+            given.add(path[1])
+    method = values.get("method")
+    if (
+        "k" in given
+        and isinstance(method, dict)
+        and method.get("k") is not None
+        and method.get("k_fraction") is not None
+    ):
+        raise ConfigError(
+            f"method: give k or k_fraction, not both (k={method['k']} from --set, "
+            f"k_fraction={method['k_fraction']}); to override a recipe's one with the other, "
+            "set it to null, e.g. --set method.k=50 --set method.k_fraction=null"
+        )
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -413,6 +441,7 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def save_yaml(values: dict[str, Any], path: str | Path) -> None:
+def save_yaml(values: dict[str, Any], path: str | Path, *, header: str = "") -> None:
+    """``values`` as YAML, after ``header`` (comment lines, each starting with ``#``)."""
     # Atomic: a run's config.yaml is rewritten on resume, and a reader must never see half.
-    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(values, sort_keys=False))

@@ -135,6 +135,31 @@ def test_the_plan_shows_the_k_that_k_fraction_gives(tmp_path: Path) -> None:
         Trainer(tiny_config("method.k_fraction=0.5"), tmp_path / "other")
 
 
+def test_a_run_records_the_k_that_k_fraction_gave_and_not_the_unused_k(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    pretrain(tiny_config("method.k=null", "method.k_fraction=0.5", "train.max_steps=1"), run)
+    assert "the method derived from the data: method.k=12" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["derived_method_options"] == {"k": 12}
+    config_text = (run / "config.yaml").read_text()
+    assert config_text.startswith("# derived from the data at the start: method.k=12\n")
+    assert load_config(run / "config.yaml").method["k_fraction"] == 0.5  # (still a recipe)
+    with safe_open(str(run / "backbone.safetensors"), "pt") as exported:
+        training = json.loads(exported.metadata()["training"])
+    assert training["method_options"]["k_fraction"] == 0.5
+    assert "k" not in training["method_options"]  # not the k the run never used
+    # A run that sets k itself derives nothing.
+    pretrain(tiny_config("train.max_steps=1"), tmp_path / "plain")
+    assert (
+        json.loads((tmp_path / "plain" / "summary.json").read_text())["derived_method_options"]
+        == {}
+    )
+    assert not (tmp_path / "plain" / "config.yaml").read_text().startswith("#")
+
+
 def test_csv_logs_follow_every_checkpoint_and_log_each_steps_own_rate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

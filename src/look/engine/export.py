@@ -68,10 +68,12 @@ def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     # A method whose loss couples the items of a micro-batch learns differently with another A.
     speed_only_optim = frozenset() if _couples_batch_items(method) else _SPEED_ONLY_OPTIM_OPTIONS
+    # With k_fraction LOOK derives k from the data: the config's k (the default) is not used.
+    unused = {"k"} if method.get("k_fraction") is not None else set()
     settings: dict[str, Any] = {
         "method_options": {
             key: value for key, value in method.items()
-            if key != "name" and key not in _SPEED_ONLY_METHOD_OPTIONS
+            if key != "name" and key not in _SPEED_ONLY_METHOD_OPTIONS and key not in unused
         },
         "optim": {key: value for key, value in optim.items() if key not in speed_only_optim},
         "augment": data.get("augment"),

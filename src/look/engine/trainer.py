@@ -1167,6 +1167,17 @@ class Trainer:
             self.stop_signals = StopSignals([])
             lock.release()
 
+    @property
+    def derived_method_options(self) -> dict[str, Any]:
+        """The method's options that it set from the data, not as configured: LOOK's ``k`` from
+        ``k_fraction`` (config.yaml keeps the options as given, which a resume compares)."""
+        configured = self.resolved["method"]
+        return {
+            key: value
+            for key, value in asdict(self.method.options).items()
+            if key in configured and configured[key] != value
+        }
+
     def _pretrained_weights(self) -> str | None:
         """What ``model.pretrained_weights`` loaded, in one line (None: none given)."""
         return getattr(self.method.backbone, "pretrained_weights_summary", None)
@@ -1193,7 +1204,11 @@ class Trainer:
                     )
             # What the run trains with from here on (a resume may change the train section,
             # speed settings and where the data is).
-            save_yaml(self.resolved, self.output_dir / "config.yaml")
+            derived = ", ".join(f"method.{k}={v}" for k, v in self.derived_method_options.items())
+            if derived and not resumed:
+                print(f"look: the method derived from the data: {derived}")
+            header = f"# derived from the data at the start: {derived}\n" if derived else ""
+            save_yaml(self.resolved, self.output_dir / "config.yaml", header=header)
             if self.global_step < self.total_steps:
                 # Not finished until it has trained the rest: a job script (or the demo, which
                 # skips a run with a summary) must not read an older session's marks of a
@@ -1330,6 +1345,7 @@ class Trainer:
                 "device": str(self.device),
                 "num_samples": self.data_info.num_samples,
                 "num_classes": self.data_info.num_classes,
+                "derived_method_options": self.derived_method_options,
             }
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
