@@ -88,6 +88,7 @@ def test_dry_run_checks_everything_and_writes_nothing(
     assert "starts_at: step 2 (ckpt-000000002.pt): finished, nothing to train" in plan
     # The rehearsed step runs on the model it would resume, not on a fresh one.
     assert "'model': 'ckpt-000000002.pt (step 2)'" in plan
+    assert "held no written row" not in plan  # the resumed memory is written
     assert main([*_pretrain_args(run, "train.max_steps=2", "method.k=4"), "--dry-run"]) == 2
     assert "different configuration" in capsys.readouterr().err
 
@@ -95,7 +96,10 @@ def test_dry_run_checks_everything_and_writes_nothing(
 def test_the_dry_run_rehearses_one_step(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main([*_pretrain_args(run), "--dry-run"]) == 0
-    assert "rehearsed_step: {'loss': " in capsys.readouterr().out and not run.exists()
+    plan = capsys.readouterr().out
+    assert "rehearsed_step: {'loss': " in plan and not run.exists()
+    # A fresh LOOK run's first step finds no neighbour in its empty memory: the plan says so.
+    assert "'note': \"the step's memory held no written row yet" in plan
     # Builds fine, fails at its first step: a batch of 16 cannot make 20 batch-norm groups.
     moco = "method={name: mocov2, bn_splits: 20, queue_size: 64}"
     assert main([*_pretrain_args(run, moco), "--dry-run"]) == 2

@@ -70,6 +70,7 @@ from look.engine.stop_signals import (
     signal_numbers,
     start_workers,
 )
+from look.memory import FeatureMemory
 from look.methods import (
     Batch,
     Method,
@@ -510,6 +511,12 @@ class Trainer:
             self.method.load_checkpoint_state(state["model"])
             model = f"{path.name} (step {int(state['global_step'])})"
         self.method.train()
+        # (before the step, which writes its batch's rows)
+        empty = [
+            name
+            for name, module in self.method.named_modules()
+            if isinstance(module, FeatureMemory) and not bool(module.valid.any())
+        ]
         batch = next(iter(self._loader(epoch=0, start_step=0)))
         batch = batch.to(self.device, channels_last=self.channels_last)
         self.running_statistics.save()
@@ -521,7 +528,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.running_statistics.restore()
             self.method.discard_step()
-        return {"loss": loss, "seconds": round(time.perf_counter() - started, 3), "model": model}
+        rehearsed = {
+            "loss": loss, "seconds": round(time.perf_counter() - started, 3), "model": model
+        }  # fmt: skip
+        if empty:
+            # A fresh run's first step meets a memory without a written row: its loss (0 for
+            # LOOK and NCA, which find no neighbour) is not the scale of later steps.
+            rehearsed["note"] = (
+                f"the step's {', '.join(empty)} held no written row yet (a fresh start), so "
+                "its loss is not that of later steps"
+            )
+        return rehearsed
 
     def _warn_about_buffers_that_differ_between_ranks(self) -> None:
         """A checkpoint holds rank 0's method state: a buffer that differs between ranks (a
