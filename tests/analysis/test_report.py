@@ -522,7 +522,7 @@ def test_a_single_seed_fewshot_cell_shows_its_episode_interval(tmp_path: Path) -
     assert fewshot["episodes"] == 600
 
 
-def test_a_linear_probe_that_look_evaluate_warned_about_is_marked(tmp_path: Path) -> None:
+def test_results_that_look_evaluate_warned_about_are_marked(tmp_path: Path) -> None:
     doubtful = evaluation_results(seed=0)
     doubtful["protocols"]["linear"].update(
         refit_converged=False, refit_stop_reason="max_iter", grid_fits_not_converged=1,
@@ -530,6 +530,9 @@ def test_a_linear_probe_that_look_evaluate_warned_about_is_marked(tmp_path: Path
     )  # fmt: skip
     _write_evaluation(tmp_path / "in" / "look0", doubtful)
     _write_evaluation(tmp_path / "in" / "look1", evaluation_results(seed=1))
+    few_episodes = evaluation_results(method="ce", seed=1)
+    few_episodes["protocols"]["fewshot"].update(episodes_below_spec=True, spec_min_episodes=600)
+    _write_evaluation(tmp_path / "in" / "ce1", few_episodes)
     _write_evaluation(tmp_path / "in" / "ce0", evaluation_results(method="ce", seed=0))
     outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
     markdown = outputs.markdown.read_text(encoding="utf-8")
@@ -540,16 +543,20 @@ def test_a_linear_probe_that_look_evaluate_warned_about_is_marked(tmp_path: Path
     assert rows["look [resnet18] (coarse)"][linear].endswith(" †")
     assert not rows["look [resnet18] (coarse)"][linear + 1].endswith("†")
     assert not rows["ce [resnet18] (coarse)"][linear].endswith("†")
-    note = markdown.split("## Linear-probe fits", 1)[1].split("##", 1)[0]
-    assert "look0" in note and "look1" not in note and "ce0" not in note
+    fewshot = header.index("fashion_mnist<br>few-shot 5way1shot")
+    assert rows["ce [resnet18] (coarse)"][fewshot].endswith(" †")
+    assert not rows["look [resnet18] (coarse)"][fewshot].endswith("†")
+    note = markdown.split("## Evaluation warnings", 1)[1].split("##", 1)[0]
+    assert "look0" in note and "ce1" in note and "look1" not in note and "ce0" not in note
     for problem in ("did not converge (stopped on max_iter)", "1/1 fits of the C grid",
-                    "largest end of its grid"):  # fmt: skip
+                    "largest end of its grid", "minimum of 600"):  # fmt: skip
         assert problem in note
     cells = json.loads(outputs.json.read_text(encoding="utf-8"))["cells"]
-    marked = {(c["method"], c["metric"]) for c in cells if c["fit_problems"]}
+    marked = {(c["method"], c["metric"]) for c in cells if c["problems"]}
     assert marked == {
         ("look [resnet18] (coarse)", "linear/top1"),
         ("look [resnet18] (coarse)", "linear/mean_per_class_accuracy"),
+        *(("ce [resnet18] (coarse)", c["metric"]) for c in cells if "fewshot/" in c["metric"]),
     }
     # Without such a fit, no mark and no section.
     clean = write_report([tmp_path / "in" / "ce0"], tmp_path / "clean", plots=False)

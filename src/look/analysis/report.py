@@ -25,8 +25,9 @@ results.run_settings`: pre-training data, labels, size and length, evaluation im
 set, protocol settings; never the seed or paths). Where they do not, the row's cells are marked
 ``⚠N`` and a *Warnings* section of REPORT.md says which setting differs, with its values and
 files; so does a :class:`MixedSettingsWarning` (and ``report.json``'s ``"settings_conflicts"``).
-A linear-probe cell whose fit ``look evaluate`` warned about (iterations run out, C at an end of
-its grid) is marked ``†``, with the files and problems under *Linear-probe fits*.
+A cell holding a result ``look evaluate`` warned about (a linear probe's iterations run out or its
+C at an end of the grid, few-shot episodes below the protocol's 600) is marked ``†``, with the
+files and problems under *Evaluation warnings*.
 Rows of one dataset evaluated with different evaluation settings (another kNN τ, image size or
 grouping file under the same short name) are marked the same way, since their cells, the bold best
 and the paired differences then compare unlike evaluations. Headline
@@ -233,9 +234,9 @@ class Cell:
     was smaller than its ``k`` (empty otherwise). ``episode_ci95`` is, for a cell of one run with a
     recorded ``ci95`` next to it (few-shot), that run's 95 % confidence interval over its
     ``episodes`` (shown instead of the std a single seed lacks). ``mixed_settings`` are the
-    :class:`SettingsConflict` s the cell's runs take part in, ``fit_problems`` the ``(file,
-    problem)`` of a linear-probe cell's runs whose fit is doubtful
-    (:func:`look.analysis.results.linear_fit_problems`).
+    :class:`SettingsConflict` s the cell's runs take part in, ``problems`` the ``(file,
+    problem)`` of its runs whose protocol ``look evaluate`` warned about
+    (:func:`look.analysis.results.protocol_problems`).
     """
 
     table: str  # "transfer" or "multimodality"
@@ -251,7 +252,7 @@ class Cell:
     episode_ci95: float | None = None
     episodes: int | None = None
     mixed_settings: tuple[SettingsConflict, ...] = ()
-    fit_problems: tuple[tuple[str, str], ...] = ()
+    problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def n(self) -> int:
@@ -287,7 +288,7 @@ class Cell:
             "episode_ci95": self.episode_ci95,
             "episodes": self.episodes,
             "mixed_settings": sorted({c.setting for c in self.mixed_settings}),
-            "fit_problems": [f"{path}: {problem}" for path, problem in self.fit_problems],
+            "problems": [f"{path}: {problem}" for path, problem in self.problems],
         }
 
 
@@ -607,11 +608,12 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
             episode_ci95, episodes = (
                 _episode_interval(metric, samples) if table == "transfer" else (None, None)
             )
-            fit_problems = tuple(
+            protocol = metric.split("/", 1)[0]
+            problems = tuple(
                 (str(run.source), problem)
                 for _, _, run in samples
-                if table == "transfer" and metric.startswith("linear/")
-                for problem in run.linear_fit_problems
+                if table == "transfer"
+                for problem in run.protocol_problems.get(protocol, ())
             )
             cell = Cell(
                 table=table,
@@ -625,7 +627,7 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
                 k_effective=tuple(sorted(clipped)),
                 episode_ci95=episode_ci95,
                 episodes=episodes,
-                fit_problems=fit_problems,
+                problems=problems,
             )
             mixed = tuple(c for c in conflicts if c.concerns(cell))
             cells.append(dataclasses.replace(cell, mixed_settings=mixed) if mixed else cell)
@@ -691,7 +693,7 @@ def _markdown_table(
                 if cell is None
                 else format_cell(cell, scale=scale, digits=digits.get(metric, 2))
                 + _marker(cell, markers)
-                + (" †" if cell.fit_problems else "")
+                + (" †" if cell.problems else "")
             )
         lines.append(f"| {_escape(method)} | " + " | ".join(row) + " |")
     return lines
@@ -742,20 +744,21 @@ def _warnings_section(cells: Sequence[Cell]) -> tuple[list[str], dict[tuple[str,
     return lines, numbers
 
 
-def _fit_problems_section(cells: Sequence[Cell]) -> list[str]:
-    """REPORT.md's note on the cells marked † (a linear probe whose fit is doubtful), by file."""
+def _problems_section(cells: Sequence[Cell]) -> list[str]:
+    """REPORT.md's note on the cells marked † (a result ``look evaluate`` warned about), by
+    file."""
     found: dict[str, dict[str, None]] = {}
     for cell in cells:
-        for path, problem in cell.fit_problems:
+        for path, problem in cell.problems:
             found.setdefault(path, {})[problem] = None
     if not found:
         return []
     lines = [
-        "## Linear-probe fits",
+        "## Evaluation warnings",
         "",
-        "Cells marked † include a linear probe whose fit `look evaluate` warned about: its "
-        "accuracy may be below what the features allow (raise `--linear-max-iter`, or widen "
-        "`--linear-c-grid`).",
+        "Cells marked † include a result that `look evaluate` warned about: a linear probe "
+        "whose fit may be below what the features allow (raise `--linear-max-iter`, or widen "
+        "`--linear-c-grid`), or few-shot figures from fewer episodes than the protocol asks.",
         "",
     ]
     lines += [f"- `{_escape(path)}`: {'; '.join(problems)}." for path, problems in found.items()]
@@ -1095,7 +1098,7 @@ _CSV_FIELDS = (
     "episode_ci95",
     "episodes",
     "mixed_settings",
-    "fit_problems",
+    "problems",
 )
 
 
@@ -1119,7 +1122,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                     else repr(row["episode_ci95"]),
                     "episodes": "" if row["episodes"] is None else row["episodes"],
                     "mixed_settings": ";".join(row["mixed_settings"]),
-                    "fit_problems": ";".join(row["fit_problems"]),
+                    "problems": ";".join(row["problems"]),
                 }
             )
 
@@ -1186,7 +1189,7 @@ def write_report(
         "",
     ]
     warning_lines, markers = _warnings_section(cells)
-    lines += warning_lines + _fit_problems_section(cells)
+    lines += warning_lines + _problems_section(cells)
     transfer_lines, written_figures = _transfer_section(
         cells, methods, datasets, output_dir, plots=plots, markers=markers
     )

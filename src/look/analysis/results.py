@@ -143,8 +143,8 @@ class EvaluationResult:
     its folder (an image folder), ``knn_k_effective`` the neighbours a kNN metric group really
     used where the training split was smaller than its ``k``. ``settings`` are the run's
     :func:`run_settings` (path → value as canonical JSON), ``fewshot_episodes`` the episodes of
-    each few-shot group, ``linear_fit_problems`` what makes its linear probe's figure doubtful
-    (:func:`linear_fit_problems`).
+    each few-shot group, ``protocol_problems`` what makes a protocol's figures doubtful, by
+    protocol (:func:`protocol_problems`).
     """
 
     source: Path
@@ -162,7 +162,7 @@ class EvaluationResult:
     knn_k_effective: dict[str, int] = dataclasses.field(default_factory=dict)
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
     fewshot_episodes: dict[str, int] = dataclasses.field(default_factory=dict)
-    linear_fit_problems: tuple[str, ...] = ()
+    protocol_problems: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def dataset_label(self) -> str:
@@ -492,11 +492,24 @@ def setting_protocol(setting: str) -> str | None:
     return None
 
 
-def linear_fit_problems(protocols: Mapping[str, Any]) -> tuple[str, ...]:
-    """What ``look evaluate`` recorded against its linear probe: a refit or grid fits stopped
-    on their iteration limit, a C chosen at an end of its grid (the best may lie beyond). Empty
-    for a probe without them, or a file that does not record them."""
-    linear = protocols.get("linear")
+def protocol_problems(protocols: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """What ``look evaluate`` recorded against a protocol's figures, by protocol: a linear probe
+    whose refit or grid fits stopped on their iteration limit, or whose C was chosen at an end of
+    its grid (the best may lie beyond); few-shot settings run with fewer episodes than the
+    protocol's minimum. A protocol without them, or a file that does not record them, is
+    left out."""
+    found = {"linear": _linear_problems(protocols.get("linear"))}
+    fewshot = protocols.get("fewshot")
+    if isinstance(fewshot, Mapping) and fewshot.get("episodes_below_spec"):
+        minimum = fewshot.get("spec_min_episodes")
+        found["fewshot"] = (
+            "fewer episodes than the protocol's minimum"
+            + (f" of {int(minimum)}" if is_number(minimum) else ""),
+        )
+    return {protocol: problems for protocol, problems in found.items() if problems}
+
+
+def _linear_problems(linear: object) -> tuple[str, ...]:
     if not isinstance(linear, Mapping):
         return ()
     problems = []
@@ -651,5 +664,5 @@ def read_results_file(path: str | Path) -> EvaluationResult:
         knn_k_effective=knn_k_effective(protocols),
         settings=run_settings(content),
         fewshot_episodes=fewshot_episodes(protocols),
-        linear_fit_problems=linear_fit_problems(protocols),
+        protocol_problems=protocol_problems(protocols),
     )
