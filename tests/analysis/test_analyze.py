@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,18 @@ def test_a_small_subsample_reports_the_data_and_warns(tmp_path: Path) -> None:
             [feature_set("look", True)], tmp_path, maps=False, max_per_coarse=6
         )
     assert outputs.metrics["look"]["per_coarse"]["tops"]["k_effective"] == 5
+
+
+def test_fine_classes_of_at_most_k_rows_state_the_purity_they_allow(tmp_path: Path) -> None:
+    # 20 rows per fine class and k = 25: a row has at most 19 neighbours of its class.
+    with pytest.warns(SmallSampleWarning, match=r"cannot exceed 76\.0 %"):
+        outputs = analyze_feature_sets([feature_set("look", True)], tmp_path, maps=False, k=25)
+    tops = outputs.metrics["look"]["per_coarse"]["tops"]
+    assert tops["k_effective"] == 25 and tops["knn_purity"] <= 19 / 25 + 1e-12
+    # With k below the class size there is no such ceiling, and no note.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallSampleWarning)
+        analyze_feature_sets([feature_set("look", True)], tmp_path / "k10", maps=False, k=10)
 
 
 def test_bad_map_arguments_fail_before_any_metric(

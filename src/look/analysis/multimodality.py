@@ -350,6 +350,15 @@ def _small_sample_notes(
             "equals its chance level by construction"
         )
     _, counts = np.unique(sampled_fine, return_counts=True)
+    k_used = entry["k_effective"]
+    if k_used == k and int(counts.min()) <= k:
+        # A row has at most n_f − 1 neighbours of its class: knn_label_purity's own bound.
+        ceiling = float(np.sum(counts * np.minimum(k, counts - 1)) / (k * counts.sum()))
+        notes.append(
+            f"the smallest fine class has {int(counts.min())} rows, not more than k = {k}, so "
+            f"kNN purity cannot exceed {100 * ceiling:.1f} % here even for perfectly separated "
+            "classes (lower --k, or raise --max-per-coarse)"
+        )
     if counts.size >= 2 and int(counts.min()) < 2:
         notes.append(
             "a fine class has a single row in the sample, so linear separability is undefined"
