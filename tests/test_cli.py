@@ -105,6 +105,11 @@ def test_the_dry_run_rehearses_one_step(capsys: pytest.CaptureFixture[str], tmp_
     assert main([*_pretrain_args(run, moco), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "step 1 " in err and "bn_splits=20" in err and "No checkpoint had been written" in err
+    # One image per forward pass: batch norm's refusal names the settings that gave it.
+    assert main([*_pretrain_args(run, "optim.batch_size=1"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Expected more than 1 value per channel" in err and "optim.batch_size=1 over" in err
+    assert "method.head_batch_norm=false" in err and ".." not in err
 
 
 def test_the_plan_says_which_weights_the_backbone_starts_from(

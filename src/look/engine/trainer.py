@@ -997,9 +997,19 @@ class Trainer:
                     f" Method {self.method.name!r} left parameters without a gradient; set "
                     "its class attribute ddp_find_unused_parameters = True."
                 )
+            elif "Expected more than 1 value per channel when training" in str(exc):
+                # torch's batch norm given one image: say which settings gave it one.
+                hint = (
+                    f" Each forward pass gets {self.micro_batch} image(s) per rank "
+                    f"(optim.batch_size={self.cfg.optim.batch_size} over {get_world_size()} "
+                    f"rank(s) and optim.grad_accum_steps={self.accumulation}), and batch norm "
+                    "needs 2 or more in training: use a larger batch, fewer micro-batches, or a "
+                    "model without it (e.g. method.head_batch_norm=false)."
+                )
             raise TrainingStepError(
                 f"step {self.global_step + 1} (epoch {epoch}, first dataset indices "
-                f"{batch.indices[:8].tolist()}) failed: {exc}.{hint} " + self._kept_checkpoint()
+                f"{batch.indices[:8].tolist()}) failed: {str(exc).rstrip('.')}.{hint} "
+                + self._kept_checkpoint()
             ) from exc
         problem = step_output_problem(out)
         if problem is not None:
