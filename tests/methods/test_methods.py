@@ -119,6 +119,10 @@ def test_impossible_k_is_a_config_error() -> None:
     # A sharded bank needs a finite k: NCA is not offered as the way out.
     with pytest.raises(ConfigError, match=r"Use k <= 63\.$"):
         build_method({"name": "look", "k": 64, "memory": "sharded_bank"}, TinyBackbone(), 12, CTX)
+    # A k from k_fraction says where it came from (one class: its mean is the whole bank).
+    one_class = dataclasses.replace(CTX, num_classes=1)
+    with pytest.raises(ConfigError, match=r"k=64 \(k_fraction=1\.0 × a mean class of 64 images"):
+        build_method({"name": "look", "k_fraction": 1.0}, TinyBackbone(), 12, one_class)
     with pytest.raises(ConfigError, match="k must be >= 1"):
         build_method({"name": "look", "k": 0}, TinyBackbone(), 12, CTX)
     with pytest.raises(ConfigError, match="k must be null"):

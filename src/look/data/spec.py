@@ -83,9 +83,13 @@ def validate_spec(spec: DataSpec) -> None:
             f"data.corrupt_images={spec.corrupt_images!r} is not supported; choose 'fail' or 'skip'"
         )
     if spec.image_size is not None and spec.image_size < 8:
-        raise ValueError(f"data.image_size={spec.image_size} is too small; use 8 or more (or None)")
+        raise ValueError(
+            f"data.image_size={spec.image_size} is too small; use 8 or more (or null: the dataset's own)"
+        )
     if spec.subset is not None and spec.subset < 1:
-        raise ValueError(f"data.subset={spec.subset} must be a positive number of images (or None)")
+        raise ValueError(
+            f"data.subset={spec.subset} must be a positive number of images (or null: all)"
+        )
     if not spec.labels:
         raise ValueError("data.labels is empty; use 'fine', 'coarse' or a path to a grouping JSON")
     if spec.dataset == "synthetic":

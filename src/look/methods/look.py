@@ -173,8 +173,8 @@ class LOOK(Method):
     def __init__(
         self, options: LOOKOptions, backbone: nn.Module, feature_dim: int, ctx: MethodContext
     ) -> None:
+        mean_class_size = ctx.num_samples / max(1, ctx.num_classes)
         if options.k_fraction is not None:
-            mean_class_size = ctx.num_samples / max(1, ctx.num_classes)
             options = replace(options, k=max(1, round(options.k_fraction * mean_class_size)))
         super().__init__(options, backbone, feature_dim, ctx)
         self.head = options.build_head(feature_dim)
@@ -183,8 +183,13 @@ class LOOK(Method):
             # Leave-one-out leaves at most N-1 candidates: k >= N is not a valid LOOK setting.
             # NCA (k: null) is no way out with a sharded bank, which needs a finite k.
             nca = "" if options.memory == "sharded_bank" else ", or k: null for NCA (all rows)"
+            derived = (
+                f" (k_fraction={options.k_fraction} × a mean class of {mean_class_size:g} images)"
+                if options.k_fraction is not None
+                else ""
+            )
             raise ConfigError(
-                f"k={options.k} is impossible with a {options.memory} of {memory_rows} rows: "
+                f"k={options.k}{derived} is impossible with a {options.memory} of {memory_rows} rows: "
                 f"leave-one-out leaves at most {memory_rows - 1} neighbours. Use "
                 f"k <= {memory_rows - 1}{nca}."
             )
