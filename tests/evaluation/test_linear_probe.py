@@ -102,6 +102,14 @@ def test_probe_chooses_c_on_validation_and_reports_the_curve() -> None:
     assert result["top1"] > 60.0 and 0.0 <= result["mean_per_class_accuracy"] <= 100.0
     fixed = linear_probe(train_x, train_y, test_x, test_y, options=LinearProbeOptions(c=0.1))
     assert fixed["best_c"] == 0.1 and fixed["validation_curve"] == []
+    # Narrow integer labels choose and score alike (the C search's cross-entropy once refused
+    # them).
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        narrow = linear_probe(
+            train_x, train_y.to(dtype), test_x, test_y.to(dtype),
+            options=LinearProbeOptions(c_grid=grid), seed=0,
+        )  # fmt: skip
+        assert narrow["best_c"] == result["best_c"] and narrow["top1"] == result["top1"], dtype
 
 
 def test_bad_inputs_are_refused() -> None:

@@ -407,6 +407,8 @@ def linear_probe(
     check_labelled_features(train_features, train_labels, "train", num_classes)
     check_labelled_features(test_features, test_labels, "test", num_classes)
     check_same_feature_dim(train_features, test_features)
+    # (cross-entropy takes int64 targets only: narrower labels, int32 say, are widened here)
+    train_labels, test_labels = train_labels.long(), test_labels.long()
     device = torch.device(device)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     train_x, train_y = train_features.to(device, torch.float32), train_labels.to(device)
