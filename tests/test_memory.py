@@ -387,6 +387,16 @@ def test_bank_constructor_validation(kwargs: dict, message: str) -> None:
         MemoryBank(**kwargs)
 
 
+def test_sizes_may_be_any_integer_type_but_not_a_float_or_bool() -> None:
+    import numpy as np
+
+    bank = MemoryBank(np.int64(10), np.int32(DIM))
+    assert bank.features.shape == (10, DIM) and type(bank.features.shape[0]) is int
+    for size in (10.0, True):
+        with pytest.raises(ValueError, match="size must be a positive int"):
+            MemoryBank(size, DIM)
+
+
 # ---------------------------------------------------------------- factory, repr, bytes
 
 

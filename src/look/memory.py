@@ -52,6 +52,7 @@ from look.engine.distributed import (
     is_distributed,
 )
 from look.host_sync import DeferredChecks, host_reads_are_free
+from look.search import check_positive_int
 from look.search_triton import FUSED_DTYPES, QuantizedRows
 
 __all__ = ["FeatureMemory", "MemoryBank", "MemoryQueue", "build_memory"]
@@ -141,10 +142,14 @@ class FeatureMemory(nn.Module):
         int8_prefilter: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
-            raise ValueError(f"memory size must be a positive int, got {num_rows!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"memory dim must be a positive int, got {dim!r}")
+        try:  # (any integer, a numpy one included; not a bool or a float)
+            num_rows = check_positive_int(num_rows, "memory size")
+        except ValueError:
+            raise ValueError(f"memory size must be a positive int, got {num_rows!r}") from None
+        try:
+            dim = check_positive_int(dim, "memory dim")
+        except ValueError:
+            raise ValueError(f"memory dim must be a positive int, got {dim!r}") from None
         if rows_per_rank is not None and (
             isinstance(rows_per_rank, bool)
             or not isinstance(rows_per_rank, int)

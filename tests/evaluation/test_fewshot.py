@@ -85,6 +85,9 @@ def test_bad_options_are_refused() -> None:
         FewShotOptions(shots=(0,)),
         FewShotOptions(queries=0),
         FewShotOptions(episodes=0),
+        FewShotOptions(shots=1),  # type: ignore[arg-type]  # (a bare int, not a tuple)
+        FewShotOptions(episodes=2.5),  # type: ignore[arg-type]
+        FewShotOptions(n_way=True),  # type: ignore[arg-type]
     ):
         with pytest.raises(ValueError, match="few-shot"):
             fewshot_evaluate(features, labels, options=options)

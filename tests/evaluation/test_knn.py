@@ -72,3 +72,17 @@ def test_bad_options_are_refused() -> None:
         knn_classify(features, labels, features, labels, options=KnnOptions(temperature=0.0))
     with pytest.raises(ValueError, match="at least one training image"):
         knn_predict(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), features, [1])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        KnnOptions(temperature=float("inf")).validate()
+    # knn_predict, public too, checks its inputs as knn_classify does.
+    nan_queries = torch.full((2, 3), float("nan"))
+    for wrong, message in (
+        ({"test_features": nan_queries}, "test features hold NaN"),
+        ({"ks": 5}, "non-empty tuple of ints"),
+        ({"num_classes": 1}, "below num_classes=1"),
+        ({"test_features": torch.randn(2, 4)}, "dimension|dim"),
+    ):
+        arguments = {"train_features": features, "train_labels": labels,
+                     "test_features": features, "ks": (1,), **wrong}  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            knn_predict(**arguments)  # type: ignore[arg-type]

@@ -244,6 +244,7 @@ def test_module_and_scalar_agree() -> None:
             r"anchor_positions must lie in \[0, 4\)",
         ),
         ({"anchor_positions": torch.arange(3)}, r"anchor_positions must have shape \(4,\)"),
+        ({"anchor_labels": None}, "anchor_labels must be given"),
     ],
 )
 def test_validation_errors(kwargs: dict[str, object], message: str) -> None:

@@ -18,6 +18,7 @@ from look.evaluation.features import (
 )
 from look.evaluation.fewshot import (
     FEWSHOT_CLASSIFIER,
+    FewShotEpisodesWarning,
     FewShotOptions,
     confidence_interval_95,
     fewshot_episode_accuracies,
@@ -27,6 +28,8 @@ from look.evaluation.finetune import FinetuneOptions, default_finetune_recipe, f
 from look.evaluation.knn import KnnOptions, knn_classify, knn_predict
 from look.evaluation.linear_probe import (
     DEFAULT_C_GRID,
+    LinearProbeConvergenceWarning,
+    LinearProbeGridWarning,
     LinearProbeOptions,
     LogisticRegressionFit,
     fit_logistic_regression,
@@ -62,9 +65,12 @@ __all__ = [
     "RESULTS_FILE",
     "FeatureModel",
     "FeatureSet",
+    "FewShotEpisodesWarning",
     "FewShotOptions",
     "FinetuneOptions",
     "KnnOptions",
+    "LinearProbeConvergenceWarning",
+    "LinearProbeGridWarning",
     "LinearProbeOptions",
     "LoadedModel",
     "LogisticRegressionFit",

@@ -14,6 +14,7 @@ when asked (tests, smoke runs), with a :class:`FewShotEpisodesWarning` unless th
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,14 +68,23 @@ class FewShotOptions:
     warn_few_episodes: bool = True
 
     def validate(self) -> None:
-        if self.queries < 1:
-            raise ValueError(f"few-shot queries={self.queries} must be at least 1")
-        if self.n_way < 2:
-            raise ValueError(f"few-shot n_way={self.n_way} must be at least 2")
-        if not self.shots or any(k < 1 for k in self.shots):
-            raise ValueError(f"few-shot shots={list(self.shots)} must be integers >= 1")
-        if self.episodes < 1:
-            raise ValueError(f"few-shot episodes={self.episodes} must be at least 1")
+        for name, value, least in (
+            ("queries", self.queries, 1), ("n_way", self.n_way, 2), ("episodes", self.episodes, 1)
+        ):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"few-shot {name}={value!r} must be an integer >= {least}")
+        if (
+            isinstance(self.shots, (int, str))
+            or not self.shots
+            or any(
+                isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1
+                for k in self.shots
+            )
+        ):
+            raise ValueError(
+                f"few-shot shots={self.shots!r} must be a non-empty tuple of integers >= 1, "
+                "e.g. (1, 5)"
+            )
 
 
 def confidence_interval_95(accuracies: Sequence[float] | np.ndarray) -> float:

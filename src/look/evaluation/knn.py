@@ -8,6 +8,7 @@ over the memory and over the queries, so no test × train matrix is ever built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from look.evaluation.metrics import (
+    check_features,
     check_labelled_features,
     check_same_feature_dim,
     mean_per_class_accuracy,
@@ -44,8 +46,8 @@ class KnnOptions:
             )
         for k in self.ks:
             check_positive_int(k, "k")
-        if not self.temperature > 0:
-            raise ValueError(f"kNN temperature={self.temperature} must be > 0")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"kNN temperature={self.temperature} must be finite and > 0")
 
 
 @torch.no_grad()
@@ -62,13 +64,31 @@ def knn_predict(
     """Weighted-kNN predictions ``(num_test,)`` for each ``k`` in ``ks`` (cosine, weight exp(s/τ)).
 
     ``k`` larger than the training set is clipped to its size (the key stays the requested ``k``).
+    The inputs are checked as :func:`knn_classify` checks them (``ValueError``).
     """
-    for k in ks:
-        check_positive_int(k, "k")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+    KnnOptions(ks if isinstance(ks, int) else tuple(ks), temperature).validate()
     if len(train_features) == 0:
         raise ValueError("kNN needs at least one training image in the memory")
+    check_labelled_features(train_features, train_labels, "train", num_classes)
+    check_features(test_features, "test")
+    check_same_feature_dim(train_features, test_features)
+    return _weighted_votes(
+        train_features, train_labels, test_features, tuple(ks),
+        temperature=temperature, num_classes=num_classes, device=device,
+    )  # fmt: skip
+
+
+def _weighted_votes(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: tuple[int, ...],
+    *,
+    temperature: float,
+    num_classes: int | None,
+    device: torch.device | str,
+) -> dict[int, Tensor]:
+    """:func:`knn_predict` on checked inputs."""
     device = torch.device(device)
     memory = F.normalize(train_features.to(device, torch.float32), dim=1)
     memory_labels = train_labels.to(device, torch.int64)
@@ -114,11 +134,11 @@ def knn_classify(
     check_labelled_features(test_features, test_labels, "test", num_classes)
     check_same_feature_dim(train_features, test_features)
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    predictions = knn_predict(
+    predictions = _weighted_votes(
         train_features,
         train_labels,
         test_features,
-        options.ks,
+        tuple(options.ks),
         temperature=options.temperature,
         num_classes=classes,
         device=device,

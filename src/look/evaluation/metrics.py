@@ -51,8 +51,7 @@ def check_labelled_features(
     ``num_classes`` is None: a label past the classes would be scored as always wrong), or a
     non-finite value (a NaN row is every query's nearest neighbour in kNN, and L-BFGS fails on
     it with an unrelated message)."""
-    if features.ndim != 2:
-        raise ValueError(f"{split} features must be (N, D), got shape {tuple(features.shape)}")
+    check_features(features, split)
     if labels.ndim != 1 or len(labels) != len(features):
         raise ValueError(
             f"{split} labels must be one class index per feature row: {len(features)} rows, "
@@ -67,6 +66,13 @@ def check_labelled_features(
             f"{split} labels must be class indices below num_classes={num_classes}, got "
             f"{int(labels.max())}"
         )
+
+
+def check_features(features: Tensor, split: str) -> None:
+    """Refuse features that are not an (N, D) matrix or hold a non-finite value (the part of
+    :func:`check_labelled_features` that needs no labels: a kNN's queries)."""
+    if features.ndim != 2:
+        raise ValueError(f"{split} features must be (N, D), got shape {tuple(features.shape)}")
     finite = torch.isfinite(features).all(dim=1)
     if not bool(finite.all()):
         rows = (~finite).nonzero().squeeze(1).tolist()

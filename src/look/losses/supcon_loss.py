@@ -49,6 +49,8 @@ def _validate_supcon_inputs(
         ("anchor_positions", anchor_positions, anchors.shape[0], "anchors"),
     ):
         if tensor is None:
+            if name == "anchor_labels":  # (the others may be left out)
+                raise ValueError("anchor_labels must be given: SupCon's positives share a label")
             continue
         if not isinstance(tensor, Tensor) or tensor.shape != (rows,):
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
