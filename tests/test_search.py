@@ -232,6 +232,23 @@ def test_all_rows_invalid_and_empty_memory() -> None:
     assert (empty.indices == -1).all()
 
 
+def test_non_finite_queries_and_candidate_rows_are_refused_on_the_cpu() -> None:
+    query, memory = torch.randn(3, 4), torch.randn(6, 4)
+    bad_query = query.clone()
+    bad_query[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"query holds NaN or Inf in 1 row.*first row 1"):
+        knn_search(bad_query, memory, 2)
+    bad_memory = memory.clone()
+    bad_memory[4] = float("inf")
+    with pytest.raises(ValueError, match=r"memory holds NaN or Inf .*first row 4"):
+        knn_search(query, bad_memory, 2)
+    # A row the valid mask leaves out (an unwritten one) may hold anything.
+    valid = torch.ones(6, dtype=torch.bool)
+    valid[4] = False
+    result = knn_search(query, bad_memory, 2, memory_valid=valid)
+    assert not (result.indices == 4).any() and torch.isfinite(result.values).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

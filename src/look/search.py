@@ -250,13 +250,47 @@ def knn_search(
         :class:`KnnResult` with ``values``/``indices`` of shape ``(B, k)`` sorted descending;
         ``-inf``/``-1`` where a query has fewer than ``k`` candidates. Values are fp32 (fp64 when
         an input is fp64). Nothing carries gradient.
+
+    Where reading the device is free (the CPU) a non-finite query or candidate row is refused
+    (``ValueError``): a NaN row would be every query's nearest neighbour. On a GPU that check
+    would wait for the device, so it is left to the caller (the losses and memories check
+    their inputs on the device).
     """
+    if host_reads_are_free(query.device):
+        _refuse_non_finite(query, memory, memory_valid)
     search = knn_search_deferred(
         query, memory, k, query_ids=query_ids, memory_ids=memory_ids, memory_valid=memory_valid,
         chunk_size=chunk_size, query_labels=query_labels, memory_labels=memory_labels,
         backend=backend, prefilter=prefilter,
     )  # fmt: skip
     return search.finish()
+
+
+def _refuse_non_finite(query: Tensor, memory: Tensor, memory_valid: Tensor | None) -> None:
+    """``ValueError`` naming the first non-finite query, or candidate memory row (a row that
+    ``memory_valid`` leaves out may hold anything: an unwritten row). Inputs of the wrong shape
+    are left to :func:`validate_search_inputs`, which names them."""
+    if not (isinstance(query, Tensor) and isinstance(memory, Tensor)):
+        return
+    if query.dim() != 2 or memory.dim() != 2:
+        return
+    if memory_valid is not None and tuple(memory_valid.shape) != (memory.shape[0],):
+        return
+    bad_queries = ~torch.isfinite(query).all(dim=1)
+    if bool(bad_queries.any()):
+        first = int(bad_queries.nonzero()[0])
+        raise ValueError(
+            f"query holds NaN or Inf in {int(bad_queries.sum())} row(s), the first row {first}"
+        )
+    bad_rows = ~torch.isfinite(memory).all(dim=1)
+    if memory_valid is not None:
+        bad_rows &= memory_valid.to(bad_rows.device, torch.bool)
+    if bool(bad_rows.any()):
+        first = int(bad_rows.nonzero()[0])
+        raise ValueError(
+            f"memory holds NaN or Inf in {int(bad_rows.sum())} candidate row(s), the first row "
+            f"{first}: such a row would be every query's nearest neighbour"
+        )
 
 
 class DeferredKnnResult(NamedTuple):
