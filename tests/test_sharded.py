@@ -240,6 +240,14 @@ def test_loss_rejects_nca_wrong_memory_and_bad_queries() -> None:
         sharded_look_loss_terms(
             query[:, :3], labels, sharded, k=3, temperature=0.1, query_indices=ids
         )
+    # Indices past the bank would exclude nothing (as look_loss_terms refuses them too).
+    for wrong in (-5, sharded.num_samples):
+        outside = ids.clone()
+        outside[0] = wrong
+        with pytest.raises(ValueError, match=r"query_indices lie in .* outside \[-1, "):
+            sharded_look_loss_terms(
+                query, labels, sharded, k=3, temperature=0.1, query_indices=outside
+            )
 
 
 def test_merge_breaks_ties_by_lower_id_whatever_the_order() -> None:
