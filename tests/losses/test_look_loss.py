@@ -815,3 +815,25 @@ def test_narrow_integer_ids_and_labels_give_the_int64_loss(
     )  # fmt: skip
     torch.testing.assert_close(narrow.loss, expected.loss)
     assert torch.equal(narrow.valid, expected.valid)
+
+
+def test_loss_modules_warn_about_rows_that_are_not_unit_vectors() -> None:
+    import warnings
+
+    from look.losses import NotUnitNormWarning, SupConLoss
+
+    generator = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(8, 4, generator=generator), dim=1)
+    labels = torch.arange(8) % 2
+    memory = F.normalize(torch.randn(20, 4, generator=generator), dim=1)
+    memory_labels = torch.arange(20) % 2
+    look, supcon = LookLoss(k=5, temperature=0.1), SupConLoss(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotUnitNormWarning)  # unit rows: silent
+        look(z, labels, memory, memory_labels)
+        supcon(z, labels)
+    # A forgotten normalize: the loss would read a norm of 3 as a temperature 3 times smaller.
+    with pytest.warns(NotUnitNormWarning, match=r"LookLoss: the rows of query .*normalize"):
+        look(3 * z, labels, memory, memory_labels)
+    with pytest.warns(NotUnitNormWarning, match=r"SupConLoss: the rows of anchors"):
+        supcon(3 * z, labels)

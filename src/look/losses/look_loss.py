@@ -13,6 +13,7 @@ not differentiated). ``k=None`` uses every candidate row, which is NCA.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -35,7 +36,14 @@ from look.search import (
 )
 from look.search_triton import QuantizedRows
 
-__all__ = ["NO_POSITIVE_RULES", "LookLoss", "LookLossTerms", "look_loss", "look_loss_terms"]
+__all__ = [
+    "NO_POSITIVE_RULES",
+    "LookLoss",
+    "LookLossTerms",
+    "NotUnitNormWarning",
+    "look_loss",
+    "look_loss_terms",
+]
 
 NoPositiveRule = Literal["drop", "nearest"]
 NO_POSITIVE_RULES: tuple[str, ...] = ("drop", "nearest")
@@ -152,6 +160,40 @@ def refuse_non_finite_on_host(loss_name: str, **inputs: Tensor) -> None:
             raise ValueError(
                 f"{name} contains NaN or Inf values; check the encoder output (e.g. a diverged "
                 f"step or an fp16 overflow) before computing the {loss_name} loss"
+            )
+
+
+class NotUnitNormWarning(UserWarning):
+    """Embeddings given to a loss module that are not L2-normalised: the losses take
+    ``z · m / τ`` as a cosine similarity, so a norm of 3 acts as a temperature 3 times smaller."""
+
+
+# Rows whose norm is off 1 by more than this are not normalised (bf16 rounding stays below 1e-2).
+_UNIT_NORM_TOLERANCE = 1e-2
+
+
+def warn_unless_unit_rows(module: nn.Module, loss_name: str, **inputs: Tensor | None) -> None:
+    """Warn (:class:`NotUnitNormWarning`) when an input's rows are not unit vectors: at every
+    call on the CPU, at the module's first only on an accelerator (the host read it costs is
+    paid once there)."""
+    for name, tensor in inputs.items():
+        if not isinstance(tensor, Tensor) or tensor.dim() != 2 or tensor.numel() == 0:
+            continue
+        if not host_reads_are_free(tensor.device):
+            if getattr(module, "_unit_rows_checked", False):
+                continue
+            module._unit_rows_checked = True  # type: ignore[assignment]
+        norms = torch.linalg.vector_norm(tensor.detach().float(), dim=1)
+        off = float((norms - 1.0).abs().max())
+        if off > _UNIT_NORM_TOLERANCE:  # (NaN compares False: refused elsewhere)
+            warnings.warn(
+                NotUnitNormWarning(
+                    f"{loss_name}: the rows of {name} are not L2-normalised (norms from "
+                    f"{float(norms.min()):.3g} to {float(norms.max()):.3g}); the loss reads their "
+                    "products as cosine similarities, so normalise them first "
+                    "(torch.nn.functional.normalize(z, dim=1))"
+                ),
+                stacklevel=3,
             )
 
 
@@ -789,6 +831,7 @@ class LookLoss(nn.Module):
         memory_valid: Tensor | None = None,
     ) -> LookLossTerms:
         """Per-query terms, as :func:`look_loss_terms` with this module's settings."""
+        warn_unless_unit_rows(self, "LookLoss", query=query)
         prefilter = None
         if isinstance(memory, nn.Module):
             module = memory

@@ -21,6 +21,7 @@ from look.losses.look_loss import (
     masked_logsumexp,
     masked_mean,
     refuse_non_finite_on_host,
+    warn_unless_unit_rows,
 )
 from look.search import autocast_disabled, compute_dtype_for
 
@@ -184,6 +185,7 @@ class SupConLoss(nn.Module):
         anchor_positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-anchor ``(loss, valid)``, as :func:`supcon_loss_terms`."""
+        warn_unless_unit_rows(self, "SupConLoss", anchors=anchors, contrast=contrast)
         return supcon_loss_terms(
             anchors,
             anchor_labels,
