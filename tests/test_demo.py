@@ -145,9 +145,12 @@ def test_a_folder_of_another_plan_is_refused_and_seeds_may_be_added(tmp_path: Pa
         (["--seeds", "0", "0"], "--seeds must be distinct non-negative integers"),
         (
             ["--train-subset", "70000"],
-            "--train-subset (images to pre-train on) is 70000: it must lie between 10 (the "
-            "Fashion-MNIST classes) and 60000 (its training images)",
+            "--train-subset (images to pre-train on) is 70000: it must lie between 128 (the "
+            "demo's batch of 128 images) and 60000 (its training images)",
         ),
+        # Fewer images than one batch once passed this check and failed in pre-training, with
+        # advice (lower the batch size) that look demo offers no option for.
+        (["--train-subset", "50"], "is 50: it must lie between 128 (the demo's batch"),
     ],
 )
 def test_bad_demo_options_fail_before_any_work(

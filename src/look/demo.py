@@ -217,20 +217,36 @@ def check_same_plan(output_dir: Path, plan: DemoPlan) -> None:
         )
 
 
+# Said in the titles of a smoke run's report and analysis, as in its REPORT.md.
+_SMOKE_TITLE = " (smoke run, look demo --quick: checks that every stage runs, not a result)"
+
+
+def _schedule_text(plan: DemoPlan) -> str:
+    """The learning-rate schedule pretrain_config gives, in words."""
+    warmup = min(1, plan.epochs)
+    if warmup == plan.epochs:  # (a one-epoch plan warms up all the way)
+        return f"{plan.epochs} epoch, SGD lr {plan.lr} warmed up linearly over it"
+    return (
+        f"{plan.epochs} epochs, SGD lr {plan.lr} with {warmup} epoch of warm-up, then cosine decay"
+    )
+
+
 def check_plan_data(plan: DemoPlan) -> None:
     """Fail before any work, in the demo's own terms, when the plan asks for more (or fewer)
     Fashion-MNIST training images than there are (or the dataset is missing)."""
     from look.data import FASHION_MNIST_CLASSES, load_source
 
     available = len(load_source(DataSpec(dataset="fashion_mnist"), "train"))
-    lowest = len(FASHION_MNIST_CLASSES)  # the fine-label reference run needs every class
-    for what, value in (
-        ("--train-subset (images to pre-train on)", plan.train_subset),
-        ("the linear probe's training subset", plan.probe_train_subset),
-    ):
+    classes = len(FASHION_MNIST_CLASSES)  # the fine-label reference run needs every class
+    for what, value, lowest, why in (
+        ("--train-subset (images to pre-train on)", plan.train_subset,
+         max(classes, plan.batch_size), f"the demo's batch of {plan.batch_size} images"),
+        ("the linear probe's training subset", plan.probe_train_subset, classes,
+         "the Fashion-MNIST classes"),
+    ):  # fmt: skip
         if not lowest <= value <= available:
             raise ValueError(
-                f"{what} is {value}: it must lie between {lowest} (the Fashion-MNIST classes) "
+                f"{what} is {value}: it must lie between {lowest} ({why}) "
                 f"and {available} (its training images)"
             )
 
@@ -247,7 +263,6 @@ def run_demo(
     from look.analysis.features import feature_sets_from_results
     from look.engine.trainer import pretrain
     from look.evaluation import FewShotOptions, LinearProbeOptions, ModelSource, evaluate
-    from look.evaluation.linear_probe import LinearProbeGridWarning
 
     plan = plan or DemoPlan.default()
     output_dir = Path(output_dir)
@@ -285,7 +300,13 @@ def run_demo(
         stages.set_postfix_str("evaluate")
         # The smoke run's few episodes are deliberate: no warning about the protocol's 600.
         fewshot = FewShotOptions(episodes=plan.fewshot_episodes, warn_few_episodes=not plan.smoke)
-        linear = LinearProbeOptions(c_grid=plan.probe_c_grid) if plan.probe_c_grid else None
+        # (the smoke run's 3-value C grid is deliberately narrow, as its episodes are few: that
+        # its best C lies on an edge is expected, not news)
+        linear = (
+            LinearProbeOptions(c_grid=plan.probe_c_grid, warn_grid_edge=not plan.smoke)
+            if plan.probe_c_grid
+            else None
+        )
         result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
         notes: dict[str, None] = {}  # the evaluations' warnings, in order, without repeats
         for run in tqdm(runs, desc="evaluate", position=1, leave=False):
@@ -316,10 +337,6 @@ def run_demo(
                         linear_options=linear,
                     )
                 for warning in caught:
-                    # The smoke run's 3-value C grid is deliberately narrow (as its episodes
-                    # are few): that its best C lies on an edge is expected, not news.
-                    if plan.smoke and issubclass(warning.category, LinearProbeGridWarning):
-                        continue
                     notes.setdefault(f"{run.name}, seed {run.seed}: {warning.message}", None)
                 timings[f"evaluate/{run.scenario}/{slug}_s{run.seed}"] = time.perf_counter() - t0
             _label_results(out / "results.json", run)
@@ -338,7 +355,8 @@ def run_demo(
             seed=plan.seeds[0],
             max_points=plan.map_points,
             max_per_coarse=plan.analysis_per_coarse,
-            title="Fashion-MNIST test set: frozen features, fine classes inside the coarse classes",
+            title="Fashion-MNIST test set: frozen features, fine classes inside the coarse classes"
+            + _SMOKE_TITLE * plan.smoke,
         )
         timings["analyze"] = time.perf_counter() - t0
         stages.update(1)
@@ -352,7 +370,7 @@ def run_demo(
             analysis.multimodality_json,
         ],
         output_dir / "report",
-        title="look demo",
+        title="look demo" + _SMOKE_TITLE * plan.smoke,
         baseline=["ce (coarse)", "ce (fine)"],  # scenario 1's CE, and scenario 2's
     )
     timings["this_run"] = time.perf_counter() - started
@@ -557,8 +575,8 @@ def _write_demo_report(
         "# look demo: does LOOK transfer better?",
         "",
         f"Backbone `{plan.backbone}`, {plan.train_subset} Fashion-MNIST training images "
-        f"(stratified subset), {plan.epochs} epochs, batch {plan.batch_size}, SGD lr {plan.lr} "
-        f"with warm-up and cosine decay, seeds {list(plan.seeds)}. LOOK {_look_k_text(plan)}, "
+        f"(stratified subset), batch {plan.batch_size}, {_schedule_text(plan)}, "
+        f"seeds {list(plan.seeds)}. LOOK {_look_k_text(plan)}, "
         f"τ={plan.look_temperature} (NCA too; SupCon τ={plan.supcon_temperature}). "
         "Frozen-feature protocols on the *fine* labels: linear probe "
         f"(L-BFGS logistic regression, C chosen on a validation split, {plan.probe_train_subset} "
@@ -627,7 +645,8 @@ def _write_demo_report(
         "",
         f"Total {timings['total'] / 60:.1f} min of stages on this machine, "
         f"{timings['this_run'] / 60:.1f} min in the last run (per stage in `timings.json`; "
-        "finished stages are skipped when the demo is re-run).",
+        "a re-run skips the finished pre-training runs and evaluations, and redoes the "
+        "analysis and the reports).",
         "",
     ]
     path = output_dir / "REPORT.md"

@@ -558,9 +558,16 @@ def test_results_that_look_evaluate_warned_about_are_marked(tmp_path: Path) -> N
         ("look [resnet18] (coarse)", "linear/mean_per_class_accuracy"),
         *(("ce [resnet18] (coarse)", c["metric"]) for c in cells if "fewshot/" in c["metric"]),
     }
-    # Without such a fit, no mark and no section.
+    # Without such a fit, no mark and no section; nor for what look evaluate was told not to
+    # warn about (a smoke run's narrow grid and few episodes).
     clean = write_report([tmp_path / "in" / "ce0"], tmp_path / "clean", plots=False)
     assert "†" not in clean.markdown.read_text(encoding="utf-8")
+    deliberate = evaluation_results(seed=2)
+    deliberate["protocols"]["linear"].update(c_at_grid_edge="largest", grid_edge_warned=False)
+    deliberate["protocols"]["fewshot"].update(episodes_below_spec=True, few_episodes_warned=False)
+    _write_evaluation(tmp_path / "smoke" / "look2", deliberate)
+    smoke = write_report([tmp_path / "smoke"], tmp_path / "smoke_report", plots=False)
+    assert "†" not in smoke.markdown.read_text(encoding="utf-8")
 
 
 def test_means_that_read_the_same_are_all_bold(tmp_path: Path) -> None:

@@ -256,3 +256,11 @@ def test_a_c_on_the_edge_of_the_grid_is_warned_about() -> None:
         fixed = linear_probe(x, y, x, y, options=LinearProbeOptions(c=1e-2))
         single = linear_probe(x, y, x, y, options=LinearProbeOptions(c_grid=(1e-2,)))
     assert fixed["c_at_grid_edge"] is None and single["c_at_grid_edge"] is None
+    assert result["grid_edge_warned"] and not fixed["grid_edge_warned"]
+    # A deliberately narrow grid (a smoke run): recorded, not warned about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LinearProbeGridWarning)
+        quiet = linear_probe(
+            x, y, x, y, options=LinearProbeOptions(c_grid=(1e-4, 1e-3, 1e-2), warn_grid_edge=False)
+        )
+    assert quiet["c_at_grid_edge"] == "largest" and not quiet["grid_edge_warned"]

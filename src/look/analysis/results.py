@@ -496,11 +496,16 @@ def protocol_problems(protocols: Mapping[str, Any]) -> dict[str, tuple[str, ...]
     """What ``look evaluate`` recorded against a protocol's figures, by protocol: a linear probe
     whose refit or grid fits stopped on their iteration limit, or whose C was chosen at an end of
     its grid (the best may lie beyond); few-shot settings run with fewer episodes than the
-    protocol's minimum. A protocol without them, or a file that does not record them, is
-    left out."""
+    protocol's minimum. What ``look evaluate`` was told not to warn about (a smoke run's narrow
+    grid and few episodes) is left out, and so is a protocol without problems."""
     found = {"linear": _linear_problems(protocols.get("linear"))}
     fewshot = protocols.get("fewshot")
-    if isinstance(fewshot, Mapping) and fewshot.get("episodes_below_spec"):
+    # (a deliberate smoke run's few episodes were not warned about: older files lack the key)
+    if (
+        isinstance(fewshot, Mapping)
+        and fewshot.get("episodes_below_spec")
+        and fewshot.get("few_episodes_warned", True)
+    ):
         minimum = fewshot.get("spec_min_episodes")
         found["fewshot"] = (
             "fewer episodes than the protocol's minimum"
@@ -523,7 +528,7 @@ def _linear_problems(linear: object) -> tuple[str, ...]:
         total = f"/{len(curve)}" if isinstance(curve, list) else ""
         problems.append(f"{int(failed)}{total} fits of the C grid did not converge")
     edge = linear.get("c_at_grid_edge")
-    if edge:
+    if edge and linear.get("grid_edge_warned", True):  # (not when deliberately narrow)
         problems.append(f"C was chosen at the {edge} end of its grid")
     return tuple(problems)
 

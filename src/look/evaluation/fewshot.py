@@ -224,5 +224,6 @@ def fewshot_evaluate(
         "seed": seed,
         "spec_min_episodes": SPEC_MIN_EPISODES,
         "episodes_below_spec": below_spec,
+        "few_episodes_warned": below_spec and options.warn_few_episodes,
         "settings": settings,
     }

@@ -77,7 +77,10 @@ class LinearProbeOptions:
     every class's training images form the validation split. L-BFGS stops after ``max_iter``
     iterations (``2·max_iter`` function evaluations) or when the largest gradient entry falls below
     ``tolerance``. Training labels whose largest/smallest class count exceeds ``imbalance_ratio``
-    are imbalanced: C is then chosen on validation mean per-class accuracy.
+    are imbalanced: C is then chosen on validation mean per-class accuracy. ``warn_grid_edge=False``
+    does not warn about a C chosen at an end of the grid, for a caller that searches a narrow grid
+    on purpose (a smoke run); the result still records ``c_at_grid_edge``, and that it was not
+    warned about (``grid_edge_warned``).
     """
 
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
@@ -87,6 +90,7 @@ class LinearProbeOptions:
     tolerance: float = 1e-6
     history_size: int = 10
     imbalance_ratio: float = DEFAULT_IMBALANCE_RATIO
+    warn_grid_edge: bool = True
 
     def validate(self) -> None:
         grid = (self.c,) if self.c is not None else self.c_grid
@@ -484,7 +488,7 @@ def linear_probe(
     if message is not None:
         warnings.warn(message, LinearProbeConvergenceWarning, stacklevel=2)
         issued.append(message)
-    if edge is not None:
+    if edge is not None and options.warn_grid_edge:
         grid = sorted(options.c_grid)
         message = (
             f"linear probe: the chosen C={best_c:g} is the {edge} value of the grid searched "
@@ -511,6 +515,7 @@ def linear_probe(
             + "cross-entropy, then smaller C"
         ),
         "c_at_grid_edge": edge,
+        "grid_edge_warned": edge is not None and options.warn_grid_edge,
         "imbalanced": imbalanced,
         "class_count_ratio": ratio,
         "imbalance_ratio_threshold": options.imbalance_ratio,
