@@ -41,7 +41,8 @@ protocols (--protocol, repeatable or comma-separated; default all):
 
 Frozen features are the backbone's global-pool output (the projection head's embedding with
 --head) and are cached in --cache-dir, keyed by weights, dataset, split, transform, image size
-and the name, size and modification time of every image file (so replaced images are re-read).
+and the name, size, modification and status-change times of every image file (so replaced
+images are re-read, even ones copied with their old modification time).
 The image size defaults to the pre-training image size recorded with the model (so digits are
 resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
 

@@ -1,10 +1,10 @@
 """Frozen-feature extraction: batched, sharded over ranks, gathered in order, cached on disk.
 
 Features are extracted once per (weights, dataset, split, transform, image size, output) and
-stored under a cache key that hashes all of these, with the name, size and modification time of
-every file the images are read from (so replaced images miss the cache); labels are not part of
-the key (the same features serve fine, coarse and any grouping), the dataset's fine labels are
-stored with them as a check, and so are the indices of the images whose file could not be
+stored under a cache key that hashes all of these, with the name, size, modification and
+status-change times of every file the images are read from (so replaced images miss the cache);
+labels are not part of the key (the same features serve fine, coarse and any grouping), the
+dataset's fine labels are stored with them as a check, and so are the indices of the images whose file could not be
 decoded (``corrupt_images="skip"``), so that evaluation can leave those rows out. Under
 ``torch.distributed`` every rank extracts one contiguous shard
 (:class:`look.engine.sampler.EvalShardSampler`, no padded duplicates) and the shards are gathered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from look.methods.base import check_options
 from look.methods.look import LOOK, LOOKOptions
@@ -11,6 +12,11 @@ from look.methods.look import LOOK, LOOKOptions
 @dataclass
 class NCAOptions(LOOKOptions):
     k: int | None = None
+    # A sharded bank needs a finite k (LOOKOptions.validate says so): not one of NCA's memories.
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **LOOKOptions.CHOICES,
+        "memory": ("bank", "queue"),
+    }
 
     def validate(self) -> None:
         check_options(self.k is None, f"nca uses every memory row; k must be null, got {self.k}")
