@@ -118,6 +118,9 @@ def test_method_labels() -> None:
     assert method_label({"method": None, "backbone": "resnet18"}) == "resnet18"
     assert method_label({"method": "ce", "backbone": "resnet50"}) == "ce [resnet50]"
     assert method_label({"method": "ce", "label": "CE baseline"}) == "CE baseline"
+    # MoCo v2 reads no label: the label set of its data says nothing of it.
+    moco = {"method": "mocov2", "backbone": "resnet18", "pretrain_labels": "coarse"}
+    assert method_label(moco) == "mocov2 [resnet18] (no labels)"
     assert method_label("my-model") == "my-model"
     assert method_label(None) == "unknown"
     head = describe_model(

@@ -61,10 +61,11 @@ the episodes behind each few-shot group (``"fewshot/5way1shot": 600``) when reco
 **Method label** (the row of a report, grouped across seeds): ``model.label`` when given, else the
 method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
 ``[backbone]``, ``(pre-training labels)`` and ``[head]`` for head-embedding features when known,
-e.g. ``"look [resnet18] (coarse)"``; an external model gets ``(random init)`` or its weights
-file's name, ``"resnet50 [resnet50.safetensors]"``, so that a random network and the same
-architecture with weights are never averaged as seeds of one row. **Seed**: ``model.seed``, else the pre-training seed, else
-the top-level evaluation ``seed``.
+e.g. ``"look [resnet18] (coarse)"`` (``(no labels)`` for a method that reads none, MoCo v2's);
+an external model gets ``(random init)`` or its weights file's name,
+``"resnet50 [resnet50.safetensors]"``, so that a random network and the same architecture with
+weights are never averaged as seeds of one row. **Seed**: ``model.seed``, else the pre-training
+seed, else the top-level evaluation ``seed``.
 """
 
 from __future__ import annotations
@@ -256,6 +257,8 @@ def method_label(model: Mapping[str, Any] | str | None) -> str:
     if backbone and str(backbone) != base:
         label += f" [{backbone}]"
     pretrain_labels = _short_labels(model.get("pretrain_labels") or pretraining.get("labels"))
+    if pretrain_labels and not _reads_labels(base):
+        pretrain_labels = "no labels"  # (MoCo v2: its data's label set never reached it)
     if pretrain_labels:
         label += f" ({pretrain_labels})"
     if model.get("output") == "head":
@@ -266,6 +269,17 @@ def method_label(model: Mapping[str, Any] | str | None) -> str:
             f" ({initialisation})" if initialisation == "random init" else f" [{initialisation}]"
         )
     return label
+
+
+def _reads_labels(method: str) -> bool:
+    """Whether pre-training method ``method`` reads labels (unknown names are taken to)."""
+    from look.config import ConfigError
+    from look.methods import get_method_class
+
+    try:
+        return bool(get_method_class(method).uses_labels)
+    except ConfigError:
+        return True
 
 
 def _entry_name(entry: Mapping[str, Any], index: int) -> str:
