@@ -134,13 +134,22 @@ def test_a_random_network_and_the_same_one_with_weights_are_two_rows(tmp_path: P
     external = {"source": "timm", "backbone": "resnet50", "pretraining": None}
     random_init = {**external, "weights": None, "initialisation": "random (seed 1)"}
     loaded = {**external, "weights": "/w/resnet50.safetensors", "initialisation": "weights file"}
+    # Every run exports a backbone.safetensors: the weights' fingerprint tells two apart.
+    other = {**loaded, "weights": "/v/resnet50.safetensors"}
     labels = []
-    for index, model in enumerate((random_init, loaded)):
+    for index, (model, fingerprint) in enumerate(
+        ((random_init, "0" * 64), (loaded, "1f0c9a2b" + "0" * 56), (other, "77aa" + "1" * 60))
+    ):
         content = {**evaluation_results(seed=index), "model": model}
         content["labels"] = {"evaluation": "fine"}
+        content["features"] = {"weights_sha256": fingerprint}
         labels.append(read_results_file(write(tmp_path / f"{index}.json", content)).method)
-        assert method_label(model) == labels[-1]
-    assert labels == ["resnet50 (random init)", "resnet50 [resnet50.safetensors]"]
+    assert labels == [
+        "resnet50 (random init)",
+        "resnet50 [resnet50.safetensors 1f0c9a2b]",
+        "resnet50 [resnet50.safetensors 77aa1111]",
+    ]
+    assert method_label(loaded) == "resnet50 [resnet50.safetensors]"  # (no fingerprint given)
     # a look checkpoint's row is named by its pre-training, as before
     assert method_label({"method": "look", "backbone": "resnet50"}) == "look [resnet50]"
 

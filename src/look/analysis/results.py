@@ -62,9 +62,10 @@ the episodes behind each few-shot group (``"fewshot/5way1shot": 600``) when reco
 method (``model.method`` or ``model.pretraining.method``, else the model name or backbone), then
 ``[backbone]``, ``(pre-training labels)`` and ``[head]`` for head-embedding features when known,
 e.g. ``"look [resnet18] (coarse)"`` (``(no labels)`` for a method that reads none, MoCo v2's);
-an external model gets ``(random init)`` or its weights file's name,
-``"resnet50 [resnet50.safetensors]"``, so that a random network and the same architecture with
-weights are never averaged as seeds of one row. **Seed**: ``model.seed``, else the pre-training
+an external model gets ``(random init)`` or its weights file's name and the first digits of the
+weights' SHA-256, ``"resnet50 [resnet50.safetensors 1f0c9a2b]"``, so that a random network, the
+same architecture with weights, and two different weights files are never averaged as seeds of one
+row (``look evaluate --label`` groups them deliberately). **Seed**: ``model.seed``, else the pre-training
 seed, else the top-level evaluation ``seed``.
 """
 
@@ -216,15 +217,23 @@ def describe_model(model: object, *, content: Mapping[str, Any] | None = None) -
         "backbone": raw.get("backbone"),
         "label": raw.get("label"),
         "output": raw.get("output") or ("head" if "head" in outputs else None),
-        "initialisation": _initialisation(raw),
+        "initialisation": _initialisation(raw, _weights_fingerprint(content)),
     }
 
 
-def _initialisation(model: Mapping[str, Any]) -> str | None:
+def _weights_fingerprint(content: Mapping[str, Any]) -> str | None:
+    """The SHA-256 of the evaluated weights that ``look evaluate`` records with the features."""
+    features = content.get("features")
+    fingerprint = features.get("weights_sha256") if isinstance(features, Mapping) else None
+    return fingerprint if isinstance(fingerprint, str) and fingerprint else None
+
+
+def _initialisation(model: Mapping[str, Any], fingerprint: str | None = None) -> str | None:
     """How an external (timm/torchvision) model's weights were set, for its row label:
-    ``"random init"``, or the weights file's name; None for a look checkpoint or an unknown
-    source. A random network and the same architecture loaded from a file are two rows, never
-    two seeds of one."""
+    ``"random init"``, or the weights file's name with the first 8 digits of the weights'
+    SHA-256 where known (every run names its export ``backbone.safetensors``); None for a look
+    checkpoint or an unknown source. A random network and the same architecture loaded from a
+    file are two rows, and so are two different weights files, never seeds of one row."""
     initialisation = model.get("initialisation")
     if not isinstance(initialisation, str) or not initialisation:
         return None
@@ -233,7 +242,10 @@ def _initialisation(model: Mapping[str, Any]) -> str | None:
     if initialisation != "weights file":  # (already a describe_model entry's)
         return initialisation
     weights = model.get("weights")
-    return Path(str(weights)).name if weights else None
+    if not weights:
+        return None
+    name = Path(str(weights)).name
+    return f"{name} {fingerprint[:8]}" if fingerprint else name
 
 
 def method_label(model: Mapping[str, Any] | str | None) -> str:
