@@ -177,3 +177,29 @@ def test_a_finished_run_whose_final_checkpoint_cannot_be_read_is_not_evaluated_a
         load_model(ModelSource(checkpoint=run))
     # The finished backbone, named, is what to evaluate instead.
     assert load_model(ModelSource(checkpoint=run / "backbone.safetensors")).feature_dim > 0
+
+
+def test_an_exports_record_keeps_the_training_subset() -> None:
+    # Copied away from its run folder, an export on 512 images and one on 1024 must not read
+    # as seeds of one setting (look report compares the subset).
+    from look.engine.export import pretraining_metadata
+    from look.evaluation.model_source import _pretraining_from_export
+
+    config = {"data": {"dataset": "fashion_mnist", "labels": "coarse", "subset": 512}, "seed": 3}
+    metadata = pretraining_metadata(config)
+    assert metadata["subset"] == "512"
+    assert _pretraining_from_export(metadata)["subset"] == 512  # type: ignore[index]
+    del config["data"]["subset"]  # type: ignore[attr-defined]
+    assert "subset" not in pretraining_metadata(config)
+
+
+def test_initial_weights_are_a_setting_by_name_not_by_folder() -> None:
+    # Each node may read its own copy of the initial weights: the folder is no setting.
+    from look.engine.export import training_settings
+
+    def settings(path: str | None) -> object:
+        return training_settings({"model": {"pretrained_weights": path}, "method": {"name": "ce"}})
+
+    assert settings("/nodeA/init.safetensors") == settings("/nodeB/init.safetensors")
+    assert settings("/nodeA/init.safetensors") != settings("/nodeA/other.safetensors")
+    assert settings(None) != settings("/nodeA/init.safetensors")

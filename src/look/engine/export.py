@@ -78,9 +78,15 @@ def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         "optim": {key: value for key, value in optim.items() if key not in speed_only_optim},
         "augment": data.get("augment"),
         "backbone_kwargs": dict(model.get("backbone_kwargs") or {}),
-        "pretrained_weights": model.get("pretrained_weights"),
+        "pretrained_weights": initial_weights_name(model.get("pretrained_weights")),
     }  # fmt: skip
     return {key: value for key, value in settings.items() if value not in (None, {})}
+
+
+def initial_weights_name(path: object) -> str | None:
+    """``model.pretrained_weights`` as the runs of one recipe share it: the file's name, not its
+    folder (each node may read its own copy; the path is not a setting)."""
+    return Path(str(path)).name if path else None
 
 
 def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
@@ -88,7 +94,7 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
 
     ``dataset`` and ``labels`` (``data.labels``: ``fine``, ``coarse`` or a grouping) of the run,
     ``image_size`` (the resolved pre-training image size, which evaluation resizes to),
-    ``seed``, and ``training`` (:func:`training_settings` as JSON); entries the config lacks
+    ``seed``, ``subset`` (when the run trained on one), and ``training`` (:func:`training_settings` as JSON); entries the config lacks
     are left out.
     """
     data = config.get("data")
@@ -103,6 +109,8 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     }
     if isinstance(config.get("seed"), int):
         metadata["seed"] = str(config["seed"])
+    if spec.subset is not None:  # (runs on 512 and on 1024 images are not seeds of one thing)
+        metadata["subset"] = str(spec.subset)
     training = training_settings(config)
     if training:
         metadata["training"] = json.dumps(training, sort_keys=True, default=str)

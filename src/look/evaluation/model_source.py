@@ -29,7 +29,7 @@ from look.engine.checkpoint import (
     require_look_checkpoint,
 )
 from look.engine.distributed import is_main_process
-from look.engine.export import training_settings
+from look.engine.export import initial_weights_name, training_settings
 from look.models import (
     ProjectionHead,
     check_finite,
@@ -176,15 +176,19 @@ def _pretraining_from_export(metadata: dict[str, str]) -> dict[str, Any] | None:
     if not any(key in metadata for key in ("dataset", "labels", "image_size")):
         return None
     image_size, seed = metadata.get("image_size", ""), metadata.get("seed", "")
+    subset = metadata.get("subset", "")  # (absent: all of the data, or an older export)
     try:  # (exports older than session 20 have no "training" entry)
         training = json.loads(metadata["training"]) if "training" in metadata else None
     except ValueError:
         training = None
+    if isinstance(training, dict) and "pretrained_weights" in training:
+        # (older exports recorded the whole path; a config read now gives the file's name)
+        training["pretrained_weights"] = initial_weights_name(training["pretrained_weights"])
     return {
         "dataset": metadata.get("dataset"),
         "labels": metadata.get("labels"),
         "image_size": int(image_size) if image_size.isdigit() else None,
-        "subset": None,
+        "subset": int(subset) if subset.isdigit() else None,
         "method": metadata.get("method"),
         "seed": int(seed) if seed.isdigit() else None,
         "training": training if isinstance(training, dict) else None,
