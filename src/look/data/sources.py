@@ -369,11 +369,11 @@ class ImageFolderSource(ImageSource):
             if self.corrupt_images == "fail":
                 raise CorruptImageError(
                     f"cannot decode image file {self.path(index)} ({type(error).__name__}: {error}); "
-                    "replace it by a readable image of the same name, or have unreadable files "
-                    "replaced by another image of the same class (`look pretrain --set "
-                    "data.corrupt_images=skip`, `look evaluate --corrupt-images skip`); both keep "
-                    "a run in progress resumable, removing the file does not (the image list "
-                    "changes)"
+                    "replace it by a readable image of the same name; or, in pre-training, have "
+                    "unreadable files replaced by another image of their class (`look pretrain "
+                    "--set data.corrupt_images=skip`: a run in progress stays resumable, which "
+                    "removing the file would not allow, the image list changing), and in "
+                    "evaluation left out (`look evaluate --corrupt-images skip`)"
                 ) from error
             self._mark_unreadable(index, error)
         members = self._class_members[int(self.labels[index])]
@@ -398,7 +398,8 @@ class ImageFolderSource(ImageSource):
         if not self._unreadable[index]:
             self._unreadable[index] = True
             warnings.warn(
-                f"skipping unreadable image {self.path(index)} ({type(error).__name__}: {error})",
+                f"unreadable image {self.path(index)} ({type(error).__name__}: {error}): "
+                "another image of its class takes its place",
                 RuntimeWarning,
                 stacklevel=3,
             )
