@@ -140,6 +140,10 @@ def test_run_writes_results_and_prints_a_summary(
     printed = capsys.readouterr().out
     assert "results.json" in printed and "knn k=3" in printed and "2-way 1-shot" in printed
     assert "(10 episodes, below the protocol's 600)" in printed
+    assert "features: train extracted, test extracted" in printed
+    with pytest.warns(FewShotEpisodesWarning):  # the same again: the features are cached
+        assert run(args) == 0
+    assert "features: train from the cache, test from the cache" in capsys.readouterr().out
     linear = report["protocols"]["linear"]
     assert linear["selection_metric"] in ("top1", "mean_per_class_accuracy")
     assert isinstance(linear["imbalanced"], bool) and linear["class_count_ratio"] >= 1.0

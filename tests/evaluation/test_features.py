@@ -274,7 +274,7 @@ def test_a_size_limit_trims_after_a_write_and_keeps_what_the_evaluation_uses(
     third = CountingModel()
     with torch.no_grad():
         third.scale.mul_(3)
-    with pytest.warns(UserWarning, match=r"over its limit of 0\.0 GB"):
+    with pytest.warns(UserWarning, match=r"over its limit of 1e-08 GB"):
         load_or_extract_features(
             third, dataset, fine_labels, cache_key=key_for(third), cache_dir=tmp_path,
             progress=False, cache_max_bytes=10,

@@ -343,6 +343,16 @@ def _print_summary(report: dict[str, Any], output_dir: Path) -> None:
                 f"  fewshot   {r['n_way']}-way {r['k_shot']}-shot {r['mean_accuracy']:6.2f}"
                 f" ± {r['ci95']:.2f}{below}"
             )
+    features = report.get("features")
+    if isinstance(features, dict):
+        # Whether each split's frozen features came from the cache (a hit shows nowhere else).
+        sources = [
+            f"{split} {'from the cache' if info.get('from_cache') else 'extracted'}"
+            for split, info in features.items()
+            if isinstance(info, dict) and "from_cache" in info
+        ]
+        if sources:
+            lines.append(f"  features: {', '.join(sources)}")
     print("\n".join(lines))
 
 

@@ -366,6 +366,11 @@ def _cache_files(cache_dir: Path) -> list[tuple[Path, os.stat_result]]:
     return files
 
 
+def _gigabytes(size: float) -> str:
+    """A byte count in GB with the digits a small limit needs (0.0001 GB is not "0.0 GB")."""
+    return f"{size / 1e9:.3g} GB"
+
+
 def trim_feature_cache(
     cache_dir: str | Path, max_bytes: int, *, keep: Sequence[Path] = ()
 ) -> list[Path]:
@@ -408,8 +413,8 @@ def _mind_cache_size(cache_path: Path, max_bytes: int | None, in_use: set[Path])
         total = _trim(cache_path.parent, max_bytes, tuple(in_use))[1]
         if total > max_bytes:
             warnings.warn(
-                f"the feature cache {cache_path.parent} holds {total / 1e9:.1f} GB, over its "
-                f"limit of {max_bytes / 1e9:.1f} GB: the features this evaluation uses take "
+                f"the feature cache {cache_path.parent} holds {_gigabytes(total)}, over its "
+                f"limit of {_gigabytes(max_bytes)}: the features this evaluation uses take "
                 "that much (or another user's files could not be deleted); raise the limit "
                 "(`--cache-max-gb`) to keep them all",
                 UserWarning,
