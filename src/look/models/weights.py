@@ -597,7 +597,11 @@ def _misfit_message(
                 f"{first_conv} takes {file_shape[1]} input channels, the model's "
                 f"{model_shape[1]}: look feeds every image as 3 channels (grey ones repeated)"
             )
-    hints.append("Check the backbone name and small_stem (it changes conv1)")
+    hints.append(
+        "Check the backbone name, its constructor arguments (model.backbone_kwargs, "
+        "--timm-kwargs) and small_stem (it changes a ResNet's conv1); a look export or "
+        "checkpoint rebuilds its own model from its record with look evaluate --checkpoint FILE"
+    )
     return (
         f"weights in {str(path)!r} do not fit this {type(backbone).__name__} backbone "
         f"(after stripping prefixes {list(strip_prefixes)}): "
