@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,9 @@ def test_an_exports_record_keeps_the_training_subset() -> None:
     config = {"data": {"dataset": "fashion_mnist", "labels": "coarse", "subset": 512}, "seed": 3}
     metadata = pretraining_metadata(config)
     assert metadata["subset"] == "512"
+    # what a user outside look normalises the backbone's inputs with
+    assert json.loads(metadata["normalize_mean"]) == [0.2860] * 3
+    assert json.loads(metadata["normalize_std"]) == [0.3530] * 3
     assert _pretraining_from_export(metadata)["subset"] == 512  # type: ignore[index]
     del config["data"]["subset"]  # type: ignore[attr-defined]
     assert "subset" not in pretraining_metadata(config)

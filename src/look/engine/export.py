@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from look.data import DataSpec, resolve_image_size
+from look.data.transforms import NORMALIZATION
 from look.engine.checkpoint import (
     find_checkpoint_files,
     load_checkpoint,
@@ -94,7 +95,8 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
 
     ``dataset`` and ``labels`` (``data.labels``: ``fine``, ``coarse`` or a grouping) of the run,
     ``image_size`` (the resolved pre-training image size, which evaluation resizes to),
-    ``seed``, ``subset`` (when the run trained on one), and ``training`` (:func:`training_settings` as JSON); entries the config lacks
+    ``seed``, ``subset`` (when the run trained on one), ``normalize_mean`` and ``normalize_std``
+    (JSON lists: the per-channel statistics its images were normalised with), and ``training`` (:func:`training_settings` as JSON); entries the config lacks
     are left out.
     """
     data = config.get("data")
@@ -111,6 +113,11 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
         metadata["seed"] = str(config["seed"])
     if spec.subset is not None:  # (runs on 512 and on 1024 images are not seeds of one thing)
         metadata["subset"] = str(spec.subset)
+    if spec.dataset in NORMALIZATION:
+        # What the backbone's inputs were normalised with: a user outside look needs it.
+        mean, std = NORMALIZATION[spec.dataset]
+        metadata["normalize_mean"] = json.dumps(list(mean))
+        metadata["normalize_std"] = json.dumps(list(std))
     training = training_settings(config)
     if training:
         metadata["training"] = json.dumps(training, sort_keys=True, default=str)
