@@ -219,6 +219,7 @@ def knn_search(
     memory_labels: Tensor | None = None,
     backend: SearchBackend = "auto",
     prefilter: QuantizedRows | None = None,
+    check_finite: bool = True,
 ) -> KnnResult:
     """Exact top-``k`` memory rows by inner product ``query @ memory.T``, scanned in chunks.
 
@@ -254,9 +255,11 @@ def knn_search(
     Where reading the device is free (the CPU) a non-finite query or candidate row is refused
     (``ValueError``): a NaN row would be every query's nearest neighbour. On a GPU that check
     would wait for the device, so it is left to the caller (the losses and memories check
-    their inputs on the device).
+    their inputs on the device). ``check_finite=False`` skips it for a caller that checked its
+    inputs once and searches one memory block of queries by block (it would scan the memory
+    again for every block).
     """
-    if host_reads_are_free(query.device):
+    if check_finite and host_reads_are_free(query.device):
         _refuse_non_finite(query, memory, memory_valid)
     search = knn_search_deferred(
         query, memory, k, query_ids=query_ids, memory_ids=memory_ids, memory_valid=memory_valid,

@@ -133,6 +133,7 @@ def knn_label_purity(features: ArrayLike, labels: ArrayLike, *, k: int = DEFAULT
             k,
             query_ids=torch.arange(start, stop),  # leave-one-out: a row is not its own neighbour
             chunk_size=_MEMORY_CHUNK,
+            check_finite=False,  # (_as_numpy_features refused non-finite rows once)
         )
         neighbour_labels = label_tensor[result.indices]
         same = neighbour_labels == label_tensor[start:stop].unsqueeze(1)

@@ -97,7 +97,10 @@ def _weighted_votes(
     predictions: dict[int, list[Tensor]] = {k: [] for k in ks}
     for queries in test_features.split(_QUERY_CHUNK):
         queries = F.normalize(queries.to(device, torch.float32), dim=1)
-        result = knn_search(queries, memory, largest_k, chunk_size=_MEMORY_CHUNK)
+        # (the features were checked finite once, by the caller)
+        result = knn_search(
+            queries, memory, largest_k, chunk_size=_MEMORY_CHUNK, check_finite=False
+        )
         neighbour_labels = memory_labels[result.indices]  # indices are never -1: k <= N
         for k in ks:
             used = min(k, len(memory))
