@@ -50,6 +50,7 @@ from look.host_sync import host_reads_are_free
 from look.losses.look_loss import (
     LookLossTerms,
     _check_no_positive,
+    check_query_indices_in_bank,
     check_temperature,
     gathered_row_products,
     mark_non_finite_queries,
@@ -546,15 +547,8 @@ def sharded_look_loss_terms(
         query_labels=query_labels,
         memory_labels=memory.labels,
     )
-    # As look_loss_terms checks a replicated bank's: an index past the bank would leave a query's
-    # own row among its neighbours.
-    if query_indices is not None and query_indices.numel() and host_reads_are_free(query.device):
-        low, high = int(query_indices.min()), int(query_indices.max())
-        if low < -1 or high >= memory.num_samples:
-            raise ValueError(
-                f"query_indices lie in [{low}, {high}], outside [-1, {memory.num_samples}) (the "
-                "bank's rows over every rank; -1 for a query that is not in it)"
-            )
+    if query_indices is not None:  # (as LookLoss checks a replicated bank's)
+        check_query_indices_in_bank(query_indices, memory.num_samples, where=" over every rank")
 
     device = memory.features.device
     dtype = compute_dtype_for(query, memory.features)

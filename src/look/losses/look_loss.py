@@ -908,12 +908,19 @@ def _check_bank_query_indices(memory: nn.Module, query_indices: Tensor | None) -
             "leave-one-out excludes each query's own row by its index (pass -1 for a query "
             "that is not in the bank)"
         )
+    check_query_indices_in_bank(query_indices, memory.size)
+
+
+def check_query_indices_in_bank(query_indices: Tensor, rows: int, *, where: str = "") -> None:
+    """``ValueError`` unless every index lies in ``[-1, rows)`` (a bank's rows, -1 for a query
+    that is not in it): an index past the bank excludes nothing, leaving a query's own row among
+    its neighbours. Checked where reading the device is free (the CPU)."""
     if host_reads_are_free(query_indices.device) and query_indices.numel():
         low, high = int(query_indices.min()), int(query_indices.max())
-        if low < -1 or high >= memory.size:
+        if low < -1 or high >= rows:
             raise ValueError(
-                f"query_indices lie in [{low}, {high}], outside [-1, {memory.size}) (the bank's "
-                "rows; -1 for a query that is not in it)"
+                f"query_indices lie in [{low}, {high}], outside [-1, {rows}) (the bank's "
+                f"rows{where}; -1 for a query that is not in it)"
             )
 
 
