@@ -65,8 +65,8 @@ e.g. ``"look [resnet18] (coarse)"`` (``(no labels)`` for a method that reads non
 an external model gets ``(random init)`` or its weights file's name and the first digits of the
 weights' SHA-256, ``"resnet50 [resnet50.safetensors 1f0c9a2b]"``, so that a random network, the
 same architecture with weights, and two different weights files are never averaged as seeds of one
-row (``look evaluate --label`` groups them deliberately). **Seed**: ``model.seed``, else the pre-training
-seed, else the top-level evaluation ``seed``.
+row (``look evaluate --label`` groups them deliberately). **Seed**: ``model.seed``, else the
+pre-training seed, else the top-level evaluation ``seed``.
 """
 
 from __future__ import annotations

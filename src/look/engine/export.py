@@ -96,8 +96,8 @@ def pretraining_metadata(config: Mapping[str, Any]) -> dict[str, str]:
     ``dataset`` and ``labels`` (``data.labels``: ``fine``, ``coarse`` or a grouping) of the run,
     ``image_size`` (the resolved pre-training image size, which evaluation resizes to),
     ``seed``, ``subset`` (when the run trained on one), ``normalize_mean`` and ``normalize_std``
-    (JSON lists: the per-channel statistics its images were normalised with), and ``training`` (:func:`training_settings` as JSON); entries the config lacks
-    are left out.
+    (JSON lists: the per-channel statistics its images were normalised with), and ``training``
+    (:func:`training_settings` as JSON); entries the config lacks are left out.
     """
     data = config.get("data")
     if not isinstance(data, Mapping):

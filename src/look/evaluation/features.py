@@ -4,9 +4,9 @@ Features are extracted once per (weights, dataset, split, transform, image size,
 stored under a cache key that hashes all of these, with the name, size, modification and
 status-change times of every file the images are read from (so replaced images miss the cache);
 labels are not part of the key (the same features serve fine, coarse and any grouping), the
-dataset's fine labels are stored with them as a check, and so are the indices of the images whose file could not be
-decoded (``corrupt_images="skip"``), so that evaluation can leave those rows out. Under
-``torch.distributed`` every rank extracts one contiguous shard
+dataset's fine labels are stored with them as a check, and so are the indices of the images
+whose file could not be decoded (``corrupt_images="skip"``), so that evaluation can leave those
+rows out. Under ``torch.distributed`` every rank extracts one contiguous shard
 (:class:`look.engine.sampler.EvalShardSampler`, no padded duplicates) and the shards are gathered
 so that every rank ends with exactly the ``N`` features of the dataset, in dataset order.
 """
