@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from look.search_triton import _cdiv, compile_for_capability
+from look.search_triton import _cdiv, check_pair_release, compile_for_capability
 
 try:  # Gluon ships with Triton 3.4+ (experimental); older or CPU-only installs lack it.
     import triton
@@ -672,11 +672,7 @@ def gluon_collect_pass(
     (:func:`_collect_pairs_partition`: a barrier fewer per tile), and with ``pair_release``
     the ring's buffers freed a pair at a time (half a barrier fewer again); the same
     candidates."""
-    if pair_release and (not tile_pairs or stages % 2):
-        raise ValueError(
-            "pair_release frees the ring's buffers a pair at a time: it needs tile_pairs and an "
-            f"even number of buffers, got tile_pairs={tile_pairs}, stages={stages}"
-        )
+    check_pair_release(tile_pairs, pair_release, stages)
     num_tiles = _cdiv(memory.shape[0], block_n)
     return _gluon_pass(
         queries, memory, valid, (bound, bound, out_values, out_indices, counts),

@@ -768,6 +768,18 @@ def _rescore_candidates(
     )  # fmt: skip
 
 
+def check_pair_release(tile_pairs: bool, pair_release: bool, stages: int) -> None:
+    """``ValueError`` unless a Gluon collect pass that frees its ring's buffers a pair at a time
+    also takes its tiles in pairs over an even ring (a config's fields, or
+    :func:`look.search_gluon.gluon_collect_pass`'s arguments)."""
+    if pair_release and (not tile_pairs or stages % 2):
+        raise ValueError(
+            "pair_release frees the ring's buffers a pair at a time (a config's "
+            "gluon_pair_release): it needs tile pairs (gluon_tile_pairs) and an even number of "
+            f"buffers (num_stages), got tile pairs {tile_pairs}, {stages} buffers"
+        )
+
+
 @dataclass(frozen=True)
 class SearchKernelConfig:
     """Tile sizes and launch settings of the search kernel (``block_q`` is capped by the batch)."""
@@ -828,12 +840,7 @@ class SearchKernelConfig:
         # Refused when the config is made, not at its first search on a Hopper GPU.
         if (self.gluon_tile_pairs or self.gluon_pair_release) and self.kernel != "gluon":
             raise ValueError("gluon_tile_pairs and gluon_pair_release apply to kernel='gluon'")
-        if self.gluon_pair_release and (not self.gluon_tile_pairs or self.num_stages % 2):
-            raise ValueError(
-                "gluon_pair_release frees the ring's buffers a pair at a time: it needs "
-                f"gluon_tile_pairs and an even num_stages, got gluon_tile_pairs="
-                f"{self.gluon_tile_pairs}, num_stages={self.num_stages}"
-            )
+        check_pair_release(self.gluon_tile_pairs, self.gluon_pair_release, self.num_stages)
     # The bound pass's summary per program and query: its largest tile maxima (False), or
     # (True) the largest product at each of the ``block_n`` positions of its tiles, bins of
     # disjoint rows as in the Gluon bound pass: an element-wise maximum per tile instead of a
