@@ -181,6 +181,14 @@ def test_pair_releases_need_tile_pairs_and_an_even_ring() -> None:
                 groups=4, widen_bound=True, multiprocessors=132, tile_pairs=pairs,
                 pair_release=True,
             )  # fmt: skip
+        # The same rule when the config is made, before any search.
+        with pytest.raises(ValueError, match="pair_release frees the ring's buffers a pair"):
+            SearchKernelConfig(
+                64, 32, 4, stages, "fused", "atomic", kernel="gluon", gluon_tile_pairs=pairs,
+                gluon_pair_release=True,
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="apply to kernel='gluon'"):
+        SearchKernelConfig(64, 32, 4, 8, "fused", "atomic", gluon_tile_pairs=True)
 
 
 def test_the_search_leaves_the_passes_to_triton_where_gluon_does_not_apply() -> None:
