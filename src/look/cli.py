@@ -14,7 +14,7 @@ from typing import NamedTuple, TextIO
 from look.engine.errors import error_message
 from look.engine.stop_signals import (
     EXIT_STOPPED,
-    TrainingStopped,
+    RunStopped,
     ignore_stop_signals_until_exit,
 )
 
@@ -375,8 +375,8 @@ def one_line_warnings() -> Iterator[None]:
         warnings.showwarning = original
 
 
-def _report_stop(stopped: TrainingStopped) -> int:
-    """A run stopped by a signal: where to resume from (rank 0 says it), and status 75."""
+def _report_stop(stopped: RunStopped) -> int:
+    """A run stopped by a signal: how to go on (rank 0 says it), and status 75."""
     if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
         print(f"look: {stopped}", file=sys.stderr)
     ignore_stop_signals_until_exit()  # (the checkpoint is saved: exit with 75, not the signal)
@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug or os.environ.get("LOOK_DEBUG"):
         try:
             return run()
-        except TrainingStopped as stopped:  # not an error: no traceback, the same status
+        except RunStopped as stopped:  # not an error: no traceback, the same status
             return _report_stop(stopped)
     from look.config import ConfigError
     from look.engine.checkpoint import CheckpointCorruptError
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "" if rank == "0" else f" (rank {rank})"
         print(f"look: error{where}: {error_message(exc)}", file=sys.stderr)
         return 2
-    except TrainingStopped as stopped:
+    except RunStopped as stopped:
         return _report_stop(stopped)
     except KeyboardInterrupt:
         print("look: interrupted; the last checkpoint is kept", file=sys.stderr)

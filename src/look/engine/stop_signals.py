@@ -44,20 +44,45 @@ DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 EXIT_STOPPED = 75
 
 
-class TrainingStopped(Exception):
+class RunStopped(Exception):
+    """A command stopped early on stop signal ``signal_name``, with what it had finished kept:
+    running the same command again goes on (the command line exits with :data:`EXIT_STOPPED`)."""
+
+    def __init__(self, signal_name: str, message: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(message)
+
+
+class TrainingStopped(RunStopped):
     """Training stopped early on a signal, after saving a checkpoint at ``global_step``; running
     the same command again resumes from it."""
 
     def __init__(
         self, signal_name: str, global_step: int, total_steps: int, checkpoint_dir: str
     ) -> None:
-        self.signal_name = signal_name
         self.global_step = global_step
         self.total_steps = total_steps
         self.checkpoint_dir = checkpoint_dir
         super().__init__(
+            signal_name,
             f"stopped on {signal_name} at step {global_step} of {total_steps}; the checkpoint "
-            f"of step {global_step} is in {checkpoint_dir}; run the same command to resume"
+            f"of step {global_step} is in {checkpoint_dir}; run the same command to resume",
+        )
+
+
+class EvaluationStopped(RunStopped):
+    """``look evaluate`` stopped on a signal between two batches of a feature extraction or
+    before a protocol (``during`` says which). Nothing is lost that a re-run cannot reuse: the
+    finished protocols are in ``results.json`` (marked incomplete), the finished feature sets in
+    the cache."""
+
+    def __init__(self, signal_name: str, during: str) -> None:
+        self.during = during
+        super().__init__(
+            signal_name,
+            f"stopped on {signal_name} during {during}; the finished protocols are in "
+            "results.json and the finished feature sets in the feature cache; run the same "
+            "command to go on",
         )
 
 
@@ -210,8 +235,9 @@ class StopSignals:
             return self
         if threading.current_thread() is not threading.main_thread():
             warnings.warn(
-                "train.stop_signals are not caught: training runs outside the main thread, "
-                "where Python cannot install signal handlers",
+                f"stop signals {[signal.Signals(n).name for n in self.numbers]} are not "
+                "caught: this runs outside the main "
+                "thread, where Python cannot install signal handlers",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -49,8 +49,10 @@ resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
 Coarse-to-fine transfer: evaluate a model pre-trained with coarse labels with --labels fine;
 {RESULTS_FILE} records both the pre-training and the evaluation labels.
 Multi-GPU: torchrun --nproc_per_node N -m look evaluate ... (same numbers as one process).
-Preemption: on SIGTERM or SIGUSR1 (--stop-signals) fine-tuning saves the step in progress and
-the command exits with status 75; the same command resumes it (the other protocols re-run).
+Preemption: on SIGTERM or SIGUSR1 (--stop-signals) the command exits with status 75 and the same
+command goes on: fine-tuning saves the step in progress and resumes it; a feature extraction
+stops after its batch in progress, a frozen protocol before the next one (they re-run from the
+cached features).
 """
 
 
@@ -232,7 +234,8 @@ def register(subparsers: Any) -> None:
         choices=STOPPABLE_SIGNALS,
         default=list(DEFAULT_STOP_SIGNALS),
         metavar="SIGNAL",
-        help="signals on which fine-tuning saves its step and exits with status 75 (default: "
+        help="signals on which the evaluation stops (fine-tuning saves its step) and exits "
+        "with status 75 (default: "
         f"{' '.join(DEFAULT_STOP_SIGNALS)}; none given: catch none); choose from "
         f"{', '.join(STOPPABLE_SIGNALS)}",
     )

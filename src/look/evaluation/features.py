@@ -40,7 +40,12 @@ from look.data.sources import dataset_files, name_some
 from look.data.spec import resolve_root
 from look.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from look.engine.sampler import EvalShardSampler
-from look.engine.stop_signals import start_workers
+from look.engine.stop_signals import (
+    EvaluationStopped,
+    StopSignals,
+    end_workers,
+    start_workers,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -100,6 +105,31 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def stop_requested_on_any_rank(stop: StopSignals) -> str | None:
+    """The stop signal ``stop`` received, on this rank or (under ``torch.distributed``, as
+    ``"a signal another rank received"``) on any other; ``None`` when none did. A collective
+    under ``torch.distributed``: every rank must call it at the same point."""
+    if not is_distributed():
+        return stop.received
+    flag = torch.tensor(
+        [0 if stop.received is None else 1], dtype=torch.int64, device=_collective_device()
+    )
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    return stop.received or "a signal another rank received"
+
+
+def check_stop(stop: StopSignals | None, during: str) -> None:
+    """Raise :class:`EvaluationStopped` when any rank received a signal of ``stop`` (a
+    collective under ``torch.distributed`` when ``stop`` catches any signal)."""
+    if stop is None or not stop.numbers:
+        return
+    received = stop_requested_on_any_rank(stop)
+    if received is not None:
+        raise EvaluationStopped(received, during)
+
+
 def gather_shards(local: Tensor, num_samples: int) -> Tensor:
     """Concatenate every rank's :class:`EvalShardSampler` shard in rank order (on CPU).
 
@@ -154,6 +184,7 @@ def extract_features(
     description: str = "features",
     output_fn: Callable[[Tensor], Tensor] | None = None,
     worker_signals: Sequence[int] = (),
+    stop: StopSignals | None = None,
 ) -> Tensor:
     """Run ``model`` in eval mode over ``dataset`` (items ``(image, label, ...)``), without grad.
 
@@ -161,6 +192,11 @@ def extract_features(
     up from autocast's bf16), or whatever ``output_fn`` makes of each batch (e.g. an argmax).
     Each rank runs its contiguous shard and the shards are gathered, so every rank returns all
     ``N`` rows. The model's train/eval mode is restored afterwards.
+
+    With ``stop`` (a :class:`StopSignals` in force), a signal it catches on any rank raises
+    :class:`EvaluationStopped` on every rank after the batch in progress (the workers leave
+    its signals to this process). Under ``torch.distributed`` the ranks then agree after every
+    batch, in as many rounds as the largest shard has batches.
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{description}: the dataset is empty; nothing to extract")
@@ -188,18 +224,32 @@ def extract_features(
         disable=not (progress and is_main_process()),
         leave=False,
     )
+    stopping = stop is not None and bool(stop.numbers)
+    if stopping:
+        assert stop is not None
+        worker_signals = tuple(dict.fromkeys((*worker_signals, *stop.numbers)))
+    # Rank 0's shard is the largest: every rank agrees on a stop that many times.
+    largest_shard = len(EvalShardSampler(num_samples, 0, get_world_size()))
+    rounds = -(-largest_shard // batch_size) if stopping else len(loader)
+    batches = None
     try:
         # Workers that leave these signals to this process (a training run's stop signals).
-        for batch in start_workers(loader, worker_signals):
-            images = batch[0].to(device, non_blocking=True)
-            with _autocast(device, autocast_dtype):
-                output = model(images)
-            output = output.float() if output.is_floating_point() else output
-            if output_fn is not None:
-                output = output_fn(output)
-            chunks.append(output.cpu())
-            bar.update(len(images))
+        batches = start_workers(loader, worker_signals)
+        for round_index in range(rounds):
+            if round_index < len(loader):
+                images = next(batches)[0].to(device, non_blocking=True)
+                with _autocast(device, autocast_dtype):
+                    output = model(images)
+                output = output.float() if output.is_floating_point() else output
+                if output_fn is not None:
+                    output = output_fn(output)
+                chunks.append(output.cpu())
+                bar.update(len(images))
+            if stopping:
+                check_stop(stop, f"{description} (batch {round_index + 1} of {rounds})")
     finally:
+        if stopping:  # a worker stuck in a read must not hold the exit past the grace period
+            end_workers(batches)
         bar.close()
         model.train(was_training)
     if chunks:
@@ -520,6 +570,7 @@ def load_or_extract_features(
     meta: dict[str, str] | None = None,
     cache_max_bytes: int | None = None,
     cache_in_use: set[Path] | None = None,
+    stop: StopSignals | None = None,
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache when ``cache_dir/<cache_key>.pt`` matches, else extracted.
 
@@ -532,6 +583,7 @@ def load_or_extract_features(
     :data:`FEATURE_CACHE_WARN_BYTES` is warned about. The file read or written is added to
     ``cache_in_use`` (one evaluation's files: a limit never deletes them, so that its test
     split's features do not push out its training split's); the file written always stays.
+    ``stop``: see :func:`extract_features` (a stopped extraction writes nothing).
     """
     cache_path = None
     if cache_dir is not None and cache_key is not None:
@@ -566,6 +618,7 @@ def load_or_extract_features(
         autocast_dtype=autocast_dtype,
         progress=progress,
         description=description,
+        stop=stop,
     )
     if features.ndim != 2:
         raise ValueError(

@@ -36,10 +36,16 @@ from look.data import (
 )
 from look.data.spec import resolve_root
 from look.engine.distributed import get_world_size, is_distributed, is_main_process
-from look.engine.stop_signals import DEFAULT_STOP_SIGNALS, TrainingStopped, signal_numbers
+from look.engine.stop_signals import (
+    DEFAULT_STOP_SIGNALS,
+    RunStopped,
+    StopSignals,
+    signal_numbers,
+)
 from look.evaluation.features import (
     DEFAULT_FEATURE_CACHE_DIR,
     FeatureSet,
+    check_stop,
     data_files_fingerprint,
     feature_cache_key,
     files_at,
@@ -189,6 +195,7 @@ def _split_features(
     num_workers: int,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    stop: StopSignals,
 ) -> tuple[FeatureSet, torch.Tensor, Any]:
     """Features of ``split`` (cached), its evaluation labels and the dataset's DataInfo.
 
@@ -224,6 +231,7 @@ def _split_features(
         progress=progress,
         description=f"{spec.dataset} {split} features",
         meta={"model": json.dumps(loaded.identity), "split": split, "output": output},
+        stop=stop,
     )
     keep = keep_readable(feature_set.unreadable, dataset, f"{spec.dataset} {split} split")
     if not feature_set.unreadable:  # no copy of the whole matrix (1M × 2048 floats: 8 GB)
@@ -460,9 +468,13 @@ def evaluate(
         seed: seeds the validation split, random initialisation, fine-tuning and episodes.
         use_head: frozen-feature protocols use the L2-normalised projection-head embedding
             instead of the pooled backbone features (fine-tuning always uses the backbone).
-        stop_signals: signal names on which fine-tuning saves the step in progress and raises
-            :class:`~look.engine.stop_signals.TrainingStopped` (a re-run resumes; ``()``: the
-            signals keep their usual effect). Other protocols are short and simply re-run.
+        stop_signals: signal names that stop the evaluation (``()``: the signals keep their
+            usual effect): fine-tuning saves the step in progress and raises
+            :class:`~look.engine.stop_signals.TrainingStopped`, a re-run resumes it; a feature
+            extraction stops after its batch in progress, and a signal during a frozen
+            protocol stops the evaluation before the next protocol, raising
+            :class:`~look.engine.stop_signals.EvaluationStopped` (a re-run reuses the cached
+            features; the frozen protocols are short and simply re-run).
         label: the row this model takes in ``look report`` (``model.label``; default: its
             method, backbone and pre-training labels), e.g. to keep two recipes of one method
             apart.
@@ -511,139 +523,152 @@ def evaluate(
     spec = dataclasses.replace(spec, image_size=size, labels=labels)
     output = "head" if use_head else "backbone"
 
-    timings: dict[str, float] = {}
-    results: dict[str, Any] = {}
-    features_info: dict[str, Any] = {}
-    frozen = [p for p in chosen if p != "finetune"]
-    split_data: dict[str, tuple[FeatureSet, torch.Tensor, Any]] = {}
-    datasets: dict[str, tuple[EvalDataset, DataInfo]] = {}
-    if frozen:
-        feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
-        fingerprint = state_fingerprint(feature_model)
-        splits = ["test"] if frozen == ["fewshot"] else ["train", "test"]
-        cache_in_use: set[Path] = set()  # (this evaluation's cache files: a limit keeps them)
-        datasets = {split: build_eval_dataset(spec, split, labels) for split in splits}
-        if "fewshot" in frozen:  # too few test images per class fails before any extraction
-            check_fewshot_feasible(datasets["test"][0].labels, options["fewshot"])  # type: ignore[arg-type]
-        for split in splits:
-            split_data[split] = _split_features(
-                split,
-                spec,
-                datasets[split],
-                feature_model=feature_model,
-                fingerprint=fingerprint,
-                loaded=loaded,
-                output=output,
-                cache_dir=cache_dir,
-                cache_max_bytes=None if cache_max_gb is None else int(cache_max_gb * 1e9),
-                cache_in_use=cache_in_use,
-                device=torch_device,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                autocast_dtype=autocast_dtype,
-                progress=progress,
-            )
-            feature_set = split_data[split][0]
-            features_info[split] = {
-                "num_images": len(feature_set.features),
-                "unreadable_files": files_at(datasets[split][0].source, feature_set.unreadable),
-                "feature_dim": int(feature_set.features.shape[1]),
-                "from_cache": feature_set.from_cache,
-                "cache_key": feature_set.cache_key,
-                "cache_path": str(feature_set.cache_path) if feature_set.cache_path else None,
-                "seconds": feature_set.seconds,
-                "images_per_second": feature_set.images_per_second,
-            }
-        timings["features"] = sum(split_data[s][0].seconds for s in splits)
-        features_info["weights_sha256"] = fingerprint
-
-    info = next(iter(split_data.values()))[2] if split_data else None
-    num_classes = info.num_classes if info is not None else None
-    test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
-    if info is None:
-        info = test_data[1]
-    test_ratio = class_count_ratio(torch.as_tensor(test_data[0].labels))
-    test_balance = {
-        "test_class_count_ratio": test_ratio,
-        "imbalanced": test_ratio > options["linear"].imbalance_ratio,  # type: ignore[attr-defined]
-    }
-
-    test_split = _split_folder(spec, test_data[0], "test")  # (once: not at every report)
-
-    def write_report(*, pending: Sequence[str], failed: tuple[str, BaseException] | None) -> None:
-        """(Re)write results.json; written after every protocol, so that a later protocol's
-        failure (or a killed job) keeps the finished ones, marked as incomplete."""
-        timings["total"] = time.perf_counter() - started
-        report.clear()
-        report.update(
-            _report_content(
-                loaded=loaded,
-                use_head=use_head,
-                spec=spec,
-                size=size,
-                size_origin=size_origin,
-                test_split=test_split,
-                info=info,
-                labels=labels,
-                results=results,
-                settings={
-                    name: dataclasses.asdict(options[name])  # type: ignore[call-overload]
-                    for name in chosen
-                },
-                features_info=features_info,
-                seed=seed,
-                device=torch_device,
-                autocast_dtype=autocast_dtype,
-                timings=timings,
-                label=label,
-                test_balance=test_balance,
-            )
-        )
-        report["complete"] = not pending and failed is None
-        if pending:
-            report["pending_protocols"] = list(pending)
-        if failed is not None:
-            name, error = failed
-            report["failed_protocol"] = {"name": name, "error": f"{type(error).__name__}: {error}"}
-        if is_main_process():
-            atomic_write_text(Path(output_dir) / RESULTS_FILE, json.dumps(report, indent=2) + "\n")
-
-    report: dict[str, Any] = {}
-    # Frozen-feature protocols first (cheap once features exist), fine-tuning last.
-    order = [p for p in chosen if p != "finetune"] + [p for p in chosen if p == "finetune"]
-    for position, name in enumerate(order):
-        protocol_started = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                if not is_main_process():  # every rank computes the same results: warn once
-                    warnings.simplefilter("ignore")
-                results[name] = _run_protocol(
-                    name,
-                    split_data=split_data,
-                    options=options,
-                    seed=seed,
-                    device=torch_device,
-                    num_classes=num_classes,
+    # Stop signals end the evaluation between two batches of an extraction or before a
+    # protocol (fine-tuning catches its own, to save the step in progress).
+    with StopSignals(stop_signals) as stop:
+        timings: dict[str, float] = {}
+        results: dict[str, Any] = {}
+        features_info: dict[str, Any] = {}
+        frozen = [p for p in chosen if p != "finetune"]
+        split_data: dict[str, tuple[FeatureSet, torch.Tensor, Any]] = {}
+        datasets: dict[str, tuple[EvalDataset, DataInfo]] = {}
+        if frozen:
+            feature_model = FeatureModel(loaded.backbone, loaded.head).to(torch_device)
+            fingerprint = state_fingerprint(feature_model)
+            splits = ["test"] if frozen == ["fewshot"] else ["train", "test"]
+            cache_in_use: set[Path] = set()  # (this evaluation's cache files: a limit keeps them)
+            datasets = {split: build_eval_dataset(spec, split, labels) for split in splits}
+            if "fewshot" in frozen:  # too few test images per class fails before any extraction
+                check_fewshot_feasible(datasets["test"][0].labels, options["fewshot"])  # type: ignore[arg-type]
+            for split in splits:
+                split_data[split] = _split_features(
+                    split,
+                    spec,
+                    datasets[split],
+                    feature_model=feature_model,
+                    fingerprint=fingerprint,
                     loaded=loaded,
-                    spec=spec,
-                    labels=labels,
-                    num_workers=num_workers,
+                    output=output,
+                    cache_dir=cache_dir,
+                    cache_max_bytes=None if cache_max_gb is None else int(cache_max_gb * 1e9),
+                    cache_in_use=cache_in_use,
+                    device=torch_device,
                     batch_size=batch_size,
+                    num_workers=num_workers,
                     autocast_dtype=autocast_dtype,
                     progress=progress,
-                    output_dir=Path(output_dir),
-                    stop_signals=stop_signals,
+                    stop=stop,
                 )
-        # Written even when nothing has finished: an older results.json in the folder must not
-        # go on saying it is complete.
-        except TrainingStopped:  # not a failure: the same command goes on from the saved step
-            write_report(pending=order[position:], failed=None)
-            raise
-        except BaseException as error:  # KeyboardInterrupt too: keep what finished
-            write_report(pending=order[position:], failed=(name, error))
-            raise
-        if name != "finetune":
-            results[name]["features"] = output
-        timings[name] = time.perf_counter() - protocol_started
-        write_report(pending=order[position + 1 :], failed=None)
-    return report
+                feature_set = split_data[split][0]
+                features_info[split] = {
+                    "num_images": len(feature_set.features),
+                    "unreadable_files": files_at(datasets[split][0].source, feature_set.unreadable),
+                    "feature_dim": int(feature_set.features.shape[1]),
+                    "from_cache": feature_set.from_cache,
+                    "cache_key": feature_set.cache_key,
+                    "cache_path": str(feature_set.cache_path) if feature_set.cache_path else None,
+                    "seconds": feature_set.seconds,
+                    "images_per_second": feature_set.images_per_second,
+                }
+            timings["features"] = sum(split_data[s][0].seconds for s in splits)
+            features_info["weights_sha256"] = fingerprint
+
+        info = next(iter(split_data.values()))[2] if split_data else None
+        num_classes = info.num_classes if info is not None else None
+        test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
+        if info is None:
+            info = test_data[1]
+        test_ratio = class_count_ratio(torch.as_tensor(test_data[0].labels))
+        test_balance = {
+            "test_class_count_ratio": test_ratio,
+            "imbalanced": test_ratio > options["linear"].imbalance_ratio,  # type: ignore[attr-defined]
+        }
+
+        test_split = _split_folder(spec, test_data[0], "test")  # (once: not at every report)
+
+        def write_report(
+            *, pending: Sequence[str], failed: tuple[str, BaseException] | None
+        ) -> None:
+            """(Re)write results.json; written after every protocol, so that a later protocol's
+            failure (or a killed job) keeps the finished ones, marked as incomplete."""
+            timings["total"] = time.perf_counter() - started
+            report.clear()
+            report.update(
+                _report_content(
+                    loaded=loaded,
+                    use_head=use_head,
+                    spec=spec,
+                    size=size,
+                    size_origin=size_origin,
+                    test_split=test_split,
+                    info=info,
+                    labels=labels,
+                    results=results,
+                    settings={
+                        name: dataclasses.asdict(options[name])  # type: ignore[call-overload]
+                        for name in chosen
+                    },
+                    features_info=features_info,
+                    seed=seed,
+                    device=torch_device,
+                    autocast_dtype=autocast_dtype,
+                    timings=timings,
+                    label=label,
+                    test_balance=test_balance,
+                )
+            )
+            report["complete"] = not pending and failed is None
+            if pending:
+                report["pending_protocols"] = list(pending)
+            if failed is not None:
+                name, error = failed
+                report["failed_protocol"] = {
+                    "name": name,
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            if is_main_process():
+                atomic_write_text(
+                    Path(output_dir) / RESULTS_FILE, json.dumps(report, indent=2) + "\n"
+                )
+
+        report: dict[str, Any] = {}
+        # Frozen-feature protocols first (cheap once features exist), fine-tuning last.
+        order = [p for p in chosen if p != "finetune"] + [p for p in chosen if p == "finetune"]
+        for position, name in enumerate(order):
+            protocol_started = time.perf_counter()
+            try:
+                check_stop(stop, f"the evaluation, before its {name} protocol")
+                with warnings.catch_warnings():
+                    if not is_main_process():  # every rank computes the same results: warn once
+                        warnings.simplefilter("ignore")
+                    results[name] = _run_protocol(
+                        name,
+                        split_data=split_data,
+                        options=options,
+                        seed=seed,
+                        device=torch_device,
+                        num_classes=num_classes,
+                        loaded=loaded,
+                        spec=spec,
+                        labels=labels,
+                        num_workers=num_workers,
+                        batch_size=batch_size,
+                        autocast_dtype=autocast_dtype,
+                        progress=progress,
+                        output_dir=Path(output_dir),
+                        stop_signals=stop_signals,
+                    )
+            # Written even when nothing has finished: an older results.json in the folder must not
+            # go on saying it is complete.
+            # Not a failure: the same command goes on (fine-tuning from its saved step).
+            except RunStopped:
+                write_report(pending=order[position:], failed=None)
+                raise
+            except BaseException as error:  # KeyboardInterrupt too: keep what finished
+                write_report(pending=order[position:], failed=(name, error))
+                raise
+            if name != "finetune":
+                results[name]["features"] = output
+            timings[name] = time.perf_counter() - protocol_started
+            write_report(pending=order[position + 1 :], failed=None)
+        return report
