@@ -61,6 +61,8 @@ def test_fused_normalisation_matches_torchvision() -> None:
         ("crop_flip_jitter", 32, None, (3, 50, 41)),
         ("resized_crop", 96, None, (3, 120, 90)),
         ("resized_crop", 96, None, (1, 120, 90)),
+        ("resized_crop_blur", 28, 28, (1, 28, 28)),
+        ("resized_crop_blur", 224, None, (3, 300, 260)),
         ("none", 28, 28, (1, 28, 28)),
     ],
 )
@@ -100,6 +102,21 @@ def test_eval_transform_is_deterministic_and_fits_size() -> None:
 def test_transforms_do_not_modify_the_source_image() -> None:
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     original = image.clone()
-    for recipe in ("crop_flip", "crop_flip_jitter", "resized_crop", "none"):
+    for recipe in ("crop_flip", "crop_flip_jitter", "resized_crop", "resized_crop_blur", "none"):
         build_train_transform(recipe, 28, 28, "fashion_mnist")(image)
     assert torch.equal(image, original)
+
+
+@pytest.mark.parametrize(("image_size", "kernel"), [(28, 3), (32, 3), (96, 9), (224, 23)])
+def test_moco_v2s_recipe_blurs_with_a_tenth_of_the_image_side(image_size: int, kernel: int) -> None:
+    transform = build_train_transform("resized_crop_blur", image_size, None, "imagefolder")
+    blurs = [
+        step
+        for apply in transform.transforms
+        if isinstance(apply, v2.RandomApply)
+        for step in apply.transforms
+        if isinstance(step, v2.GaussianBlur)
+    ]
+    assert len(blurs) == 1 and list(blurs[0].kernel_size) == [kernel, kernel]
+    assert tuple(blurs[0].sigma) == (0.1, 2.0)
+    assert resolve_augment("resized_crop_blur", image_size, "mnist") == "resized_crop_blur"

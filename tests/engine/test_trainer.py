@@ -62,6 +62,25 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     }
 
 
+def test_the_memory_warm_up_writes_every_row_and_leaves_the_running_statistics(
+    tmp_path: Path,
+) -> None:
+    from look.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_config("method.memory_init=warmup"), tmp_path / "r")
+    statistics = {
+        name: buffer.clone()
+        for name, buffer in trainer.method.named_buffers()
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+    assert statistics, "the tiny backbone has batch norm"
+    trainer._warmup_memory()
+    assert bool(trainer.method.memory.valid.all()), "every row written"
+    for name, buffer in trainer.method.named_buffers():
+        if name in statistics:
+            assert torch.equal(buffer, statistics[name]), f"the warm-up moved {name}"
+
+
 def test_the_memory_knows_the_per_rank_batch(tmp_path: Path) -> None:
     # Under DDP this lets the memory gather without reading row counts on the host.
     from look.engine.trainer import Trainer

@@ -109,3 +109,17 @@ def test_the_logged_queue_fill_does_not_depend_on_when_the_write_happens() -> No
         batch = make_batch(16, 2, num_classes=3, seed=0)
         fills.append(float(method(batch).metrics["queue_filled_frac"]))
     assert fills == [0.0, 0.0]
+
+
+def test_one_process_with_one_bn_group_warns_that_the_shuffle_does_nothing() -> None:
+    from dataclasses import replace
+
+    trainer_context = replace(CTX, local_batch_size=32)
+    cfg = {"name": "mocov2", "queue_size": 64, **SMALL_HEAD}
+    with pytest.warns(RuntimeWarning, match=r"shuffles nothing.*set method.bn_splits"):
+        build_method(cfg, TinyBackbone(), 12, trainer_context)
+    with warnings.catch_warnings():  # groups to shuffle, or no shuffle asked for: no warning
+        warnings.simplefilter("error")
+        build_method({**cfg, "bn_splits": 4}, TinyBackbone(), 12, trainer_context)
+        build_method({**cfg, "shuffle_bn": False}, TinyBackbone(), 12, trainer_context)
+        build_method(cfg, TinyBackbone(), 12, CTX)  # a model built to evaluate, not to train

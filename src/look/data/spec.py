@@ -26,6 +26,7 @@ AUGMENT_CHOICES: tuple[str, ...] = (
     "crop_flip",
     "crop_flip_jitter",
     "resized_crop",
+    "resized_crop_blur",
 )
 CORRUPT_IMAGE_POLICIES: tuple[str, ...] = ("fail", "skip")
 

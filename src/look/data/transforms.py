@@ -8,10 +8,14 @@ Recipes:
 - ``crop_flip_jitter``: ``crop_flip`` + light colour jitter — 32-px images such as CIFAR.
 - ``resized_crop``: RandomResizedCrop(scale 0.2–1) + flip + colour jitter (p 0.8) + grayscale (p 0.2),
   the SupCon / MoCo v2 recipe for 224-px images (without MoCo's blur).
+- ``resized_crop_blur``: ``resized_crop`` + Gaussian blur (p 0.5, σ 0.1–2, a kernel of ~10 % of
+  the image side: 23 px at 224), MoCo v2's own recipe (SimCLR's augmentation), at any size.
 - ``none``: the evaluation transform.
 
-``auto`` picks by image size: below 32 px ``crop_flip``, below 96 px ``crop_flip_jitter``, else
-``resized_crop``; MNIST-like digit datasets use ``crop`` below 96 px.
+``auto`` picks by image size, the same for every method (a comparison of methods then changes
+only the loss): below 32 px ``crop_flip``, below 96 px ``crop_flip_jitter``, else
+``resized_crop``; MNIST-like digit datasets use ``crop`` below 96 px. The two-view methods'
+papers (SupCon, MoCo v2) use the stronger ``resized_crop`` / ``resized_crop_blur`` at every size.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
+
+from look.data.spec import AUGMENT_CHOICES
 
 # Per-dataset channel mean/std of the [0, 1] pixels (grayscale values repeated for 3 channels).
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -51,10 +57,9 @@ def normalization_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, .
 def resolve_augment(augment: str, image_size: int, dataset: str) -> str:
     """The concrete recipe name for ``augment`` (``"auto"`` picks one by image size and dataset)."""
     if augment != "auto":
-        if augment not in ("none", "crop", "crop_flip", "crop_flip_jitter", "resized_crop"):
+        if augment not in AUGMENT_CHOICES:
             raise ValueError(
-                f"augment={augment!r} is not a recipe; choose auto, none, crop, crop_flip, "
-                "crop_flip_jitter or resized_crop"
+                f"augment={augment!r} is not a recipe; choose {', '.join(AUGMENT_CHOICES)}"
             )
         return augment
     if image_size >= _LARGE_IMAGE_SIZE:
@@ -130,13 +135,16 @@ def build_train_transform(
     # Geometric and colour steps run on the source's channels (1 for grayscale: cheaper, and
     # ColorJitter/RandomGrayscale accept it); ToNormalizedFloat makes 3 channels at the end.
     steps: list[torch.nn.Module] = []
-    if recipe == "resized_crop":
+    if recipe in ("resized_crop", "resized_crop_blur"):
         steps += [
             v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ]
+        if recipe == "resized_crop_blur":
+            kernel = max(3, int(0.1 * image_size) | 1)  # odd: 23 px at 224, 3 px at 28
+            steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     elif recipe in ("crop", "crop_flip", "crop_flip_jitter"):
         padding = max(2, image_size // 8)
         steps += [

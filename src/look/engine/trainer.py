@@ -865,8 +865,11 @@ class Trainer:
 
     def _warmup_memory(self) -> None:
         """One no-grad pass that writes every row, for methods configured to start from a full
-        memory (LOOK's ``memory_init: warmup``)."""
+        memory (LOOK's ``memory_init: warmup``). It runs in training mode, as the steps that
+        read the rows will, and leaves no other trace: batch norm's running statistics are put
+        back as they were (the kNN monitor's starting point is the initial model's)."""
         self.method.train()
+        statistics = RunningStatistics(self.method)
         # Kept where fit's exit ends it: a stopped warm-up must not leave its workers behind.
         self._batch_iterator = start_workers(
             self._loader(epoch=0, start_step=0), self.worker_signals
@@ -891,6 +894,7 @@ class Trainer:
                 self._end_loader_workers()
                 raise self._stopped()
         self._batch_iterator = None
+        statistics.restore()
 
     def _measure_transfer(self, epochs_trained: int) -> None:
         """The kNN monitor's accuracy of the current backbone, logged as the ``monitor`` split

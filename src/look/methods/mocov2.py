@@ -69,6 +69,18 @@ class MoCoV2(Method):
             options.queue_size, options.head_out_dim, rows_per_rank=ctx.local_batch_size
         )
         local = ctx.local_batch_size
+        # (Only a trainer's context knows the per-rank batch: not a model built to evaluate.)
+        one_group = options.shuffle_bn and options.bn_splits == 1 and get_world_size() == 1
+        if local is not None and one_group:
+            warnings.warn(
+                "mocov2: shuffle_bn on one process with bn_splits=1 shuffles nothing: each "
+                "query and its own key are normalised over the same batch, the leak MoCo's "
+                "shuffled batch norm guards against; set method.bn_splits to a divisor of "
+                f"the batch of {local} (e.g. 4: a device's share of MoCo's 4-GPU groups), "
+                "or train on several ranks",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if local is not None and options.bn_splits > 1 and local % options.bn_splits:
             sizes = [len(group) for group in torch.arange(local).chunk(options.bn_splits)]
             warnings.warn(
