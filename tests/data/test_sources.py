@@ -527,3 +527,28 @@ def test_packed_paths_read_back_as_a_sequence_of_strings() -> None:
         and PackedPaths([]).as_tuple() == ()
         and list(PackedPaths([])) == []
     )
+
+
+def test_a_listing_moves_below_another_root_only_at_the_start_of_each_path() -> None:
+    from look.data.sources import PackedPaths, rerooted_listing
+
+    latin_1 = os.fsdecode(b"caf\xe9.png")
+    paths = [
+        "/data/a/train/cat/1.png",
+        f"/data/a/train/dog/{latin_1}",
+        "/data/a/train/dog/data/a/2.png",
+    ]
+    payload = (
+        "classes",
+        PackedPaths(paths).encoded,
+        "labels",
+        "imagefolder train from /data/a/train",
+    )
+    moved = rerooted_listing(payload, "/data/a", "/local/copy")
+    assert PackedPaths(moved[1]).as_tuple() == (
+        "/local/copy/train/cat/1.png",
+        f"/local/copy/train/dog/{latin_1}",
+        "/local/copy/train/dog/data/a/2.png",
+    )
+    assert moved[3] == "imagefolder train from /local/copy/train"
+    assert rerooted_listing(payload, "/data/a", "/data/a") is payload

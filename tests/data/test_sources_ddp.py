@@ -127,3 +127,37 @@ def test_a_listing_longer_than_the_groups_timeout_keeps_the_other_ranks_waiting(
     mp.spawn(_slow_worker, args=(free_port(), str(image_folder), str(tmp_path)), nprocs=2)
     first, second = (json.loads((tmp_path / f"slow{r}.json").read_text()) for r in (0, 1))
     assert first == second and len(first["paths"]) == 6
+
+
+def _own_copy_worker(rank: int, port: int, roots: list[str], out_dir: str) -> None:
+    init_gloo(rank, 2, port, timeout_s=60)
+    try:
+        with each_folder_listed_once():  # each rank names its own copy of the data
+            train = read_image_folder(Path(roots[rank]), "train", "train", corrupt_images="fail")
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps({**_described(train), "first_image": train.load(0).sum().item()})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_reads_rank_0s_listing_from_its_own_copy_of_the_folder(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    # A node's copy on its local disk: rank 0's paths, moved below that rank's data.root (they
+    # once pointed into rank 0's folder, which another node may not see, or see stale).
+    import shutil
+
+    copy = tmp_path / "node-local" / "images"
+    shutil.copytree(image_folder, copy)
+    mp.spawn(
+        _own_copy_worker,
+        args=(free_port(), [str(image_folder), str(copy)], str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    expected = _described(read_image_folder(copy, "train", "train", corrupt_images="fail"))
+    assert second["paths"] == expected["paths"] and second["labels"] == expected["labels"]
+    assert second["description"] == expected["description"]
+    assert first["paths"] != second["paths"] and first["first_image"] == second["first_image"]

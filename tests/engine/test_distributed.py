@@ -1,4 +1,5 @@
-"""look.engine.distributed in one process: the masked mean every contrastive method reduces with."""
+"""look.engine.distributed in one process: the masked mean every contrastive method reduces with,
+and the job the environment describes."""
 
 from __future__ import annotations
 
@@ -25,3 +26,51 @@ def test_global_masked_mean_without_valid_items_is_an_exact_zero_with_a_graph() 
     assert float(mean.detach()) == 0.0 and mean.requires_grad
     (grad,) = torch.autograd.grad(mean, per_item)
     assert not grad.any()
+
+
+_LAUNCH = {
+    "RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_RANK": "1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, False),
+        (_LAUNCH, True),
+        ({**_LAUNCH, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, True),  # torchrun, 1 proc
+        ({"MASTER_ADDR": "node1", "MASTER_PORT": "29500"}, False),  # a cluster's defaults alone
+        ({"WORLD_SIZE": "1", "RANK": "0"}, False),
+    ],
+)
+def test_a_job_of_several_processes_is_recognised_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: bool
+) -> None:
+    from look.engine.distributed import launched_by_torchrun
+
+    for name in _LAUNCH:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert launched_by_torchrun() is expected
+
+
+def test_a_launcher_that_sets_only_some_variables_is_refused_naming_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An srun script exporting RANK and WORLD_SIZE without LOCAL_RANK: each process used to
+    # train alone, as a job of its own, into the same folder.
+    from look.engine.distributed import launched_by_torchrun
+
+    for name, value in _LAUNCH.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(
+        ValueError,
+        match=r"sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT but not LOCAL_RANK.*SLURM_LOCALID",
+    ):
+        launched_by_torchrun()

@@ -880,7 +880,7 @@ def _image_folder_from_first_rank(
                 raise error  # type: ignore[misc]
             raise sent from error  # type: ignore[misc]
         source = outcome["source"]
-        send(("listed", listing_payload(source)))  # type: ignore[arg-type]
+        send(("listed", (str(root), listing_payload(source))))  # type: ignore[arg-type]
         return source  # type: ignore[return-value]
     while True:
         received: list[object] = [None]
@@ -889,7 +889,27 @@ def _image_folder_from_first_rank(
         if kind == "error":
             raise payload
         if kind == "listed":
-            return source_from_listing(payload, corrupt_images=corrupt_images)
+            listed_root, listing = payload  # type: ignore[misc]
+            listing = rerooted_listing(listing, str(listed_root), str(root))
+            return source_from_listing(listing, corrupt_images=corrupt_images)
+
+
+def rerooted_listing(
+    payload: tuple[object, ...], listed_root: str, own_root: str
+) -> tuple[object, ...]:
+    """A :func:`listing_payload` of the folder ``listed_root`` (as rank 0 spelt its
+    ``data.root``), its paths moved below ``own_root`` (this rank's): a node may read its own
+    copy of the data (a node-local disk) from another path. Every listed path starts with the
+    listed root, so one replacement in the NUL-separated buffer moves them all."""
+    if own_root == listed_root:
+        return payload
+    class_names, paths, labels, description = payload
+    old, new = (
+        (root.rstrip(os.sep) + os.sep).encode("utf-8", "surrogateescape")
+        for root in (listed_root, own_root)
+    )
+    moved = (b"\0" + paths).replace(b"\0" + old, b"\0" + new)[1:]  # type: ignore[operator]
+    return class_names, moved, labels, str(description).replace(listed_root, own_root, 1)
 
 
 def listing_payload(source: ImageFolderSource) -> tuple[object, ...]:

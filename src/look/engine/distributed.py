@@ -40,8 +40,27 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % 2**63
 
 
+# What torchrun sets for every worker; init_process_group's env:// reads the last two.
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    """True when the environment describes a process of a multi-process job (as ``torchrun``
+    sets it). A launcher that sets only some of the variables (an ``srun`` script exporting
+    ``RANK`` and ``WORLD_SIZE`` but not ``LOCAL_RANK``) gets a ValueError naming the missing
+    ones: each process would otherwise train alone, as a job of its own."""
+    missing = [name for name in _LAUNCH_VARIABLES if name not in os.environ]
+    if not missing:
+        return True
+    if os.environ.get("WORLD_SIZE", "1").strip() == "1":
+        return False  # no job of several processes is described (MASTER_* alone are not one)
+    present = [name for name in _LAUNCH_VARIABLES if name in os.environ]
+    raise ValueError(
+        f"the environment sets {', '.join(present)} but not {', '.join(missing)}: a "
+        "multi-process job needs all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+        "MASTER_PORT (torchrun sets them; under srun without torchrun, export e.g. "
+        "LOCAL_RANK=$SLURM_LOCALID, RANK=$SLURM_PROCID and WORLD_SIZE=$SLURM_NTASKS)"
+    )
 
 
 def init_distributed(device_type: str, timeout_s: float = 600.0) -> torch.device:
