@@ -36,7 +36,9 @@ def image_folder_overrides(root: Path, *extra: str) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def test_fail_names_the_first_ten_and_counts_the_rest(tmp_path: Path) -> None:
+def test_fail_names_the_first_ten_counts_the_rest_and_lists_every_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = write_image_folder(tmp_path / "images", broken=12, per_class=14)
     trainer = Trainer(tiny_config(*image_folder_overrides(tmp_path / "images")), tmp_path / "r")
     with pytest.raises(CorruptImageError) as info:
@@ -44,7 +46,22 @@ def test_fail_names_the_first_ten_and_counts_the_rest(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith("12 of 28 training images cannot be decoded: ")
     assert all(str(path) in message for path in bad[:10]) and str(bad[10]) not in message
-    assert "and 2 more" in message and "data.corrupt_images=skip" in message
+    assert "and 2 more (every one is listed above)" in message
+    assert "data.corrupt_images=skip" in message
+    listed = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in listed] == [
+        f"look: unreadable training image {path}" for path in bad
+    ]
+
+
+def test_a_class_left_without_a_readable_image_fails_even_with_skip(tmp_path: Path) -> None:
+    # Every file of class b unreadable (Git LFS pointers saved as .png): skip has nothing to
+    # put in their place, and the run used to stop at the first batch holding class b.
+    write_image_folder(tmp_path / "images", broken=8)
+    overrides = image_folder_overrides(tmp_path / "images", "data.corrupt_images=skip")
+    trainer = Trainer(tiny_config(*overrides), tmp_path / "r")
+    with pytest.raises(CorruptImageError, match="no training image of class\\(es\\) 'b' can be"):
+        trainer.check_images()
 
 
 def test_skip_returns_every_unreadable_file(tmp_path: Path) -> None:

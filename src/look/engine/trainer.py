@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,12 +121,73 @@ _RESUME_INTERCHANGEABLE: dict[tuple[str, str], frozenset[Any]] = {
 # (checked by its identity, :func:`look.data.training_data_identity`).
 _DATA_LOCATION = frozenset({("data", "root"), ("data", "labels")})
 
+# Settings the ranks of one job may be given differently: where a node reads its own copy of
+# the data, initial weights or grouping file from (the data's identity is compared on its
+# own), how many loader workers its CPUs allow, and what only rank 0 shows.
+_RANKS_MAY_DIFFER = frozenset(
+    {
+        *_DATA_LOCATION,
+        ("data", "num_workers"),
+        ("data", "download"),
+        ("model", "pretrained_weights"),
+        ("train", "progress"),
+    }
+)
+
+
+def _flat_settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``{"section.key": value}`` of a resolved config (a top-level value under its own name)."""
+    flat: dict[str, Any] = {}
+    for section, values in resolved.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if (section, key) not in _RANKS_MAY_DIFFER:
+                    flat[f"{section}.{key}"] = value
+        else:
+            flat[section] = values
+    return flat
+
+
+def check_every_rank_agrees(what: str, value: Any, advice: str) -> None:
+    """Raise a ConfigError on every rank unless every rank holds the same ``value`` (a dict of
+    settings is compared key by key, and the differing keys are named with each rank's value).
+    A collective under torch.distributed; nothing otherwise."""
+    if not is_distributed():
+        return
+    gathered: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    differences: list[str] = []
+    for rank, other in enumerate(gathered[1:], start=1):
+        if isinstance(value, dict) and isinstance(other, dict):
+            first = gathered[0]
+            for key in sorted(set(first) | set(other)):
+                if first.get(key) != other.get(key):
+                    differences.append(
+                        f"{key}: rank 0 {first.get(key)!r} vs rank {rank} {other.get(key)!r}"
+                    )
+        elif other != gathered[0]:
+            differences.append(f"rank 0 {gathered[0]!r} vs rank {rank} {other!r}")
+    if differences:
+        shown = "; ".join(differences[:10])
+        more = f"; and {len(differences) - 10} more" if len(differences) > 10 else ""
+        raise ConfigError(f"the ranks of this job differ in {what}: {shown}{more}. {advice}")
+
 
 def _describe_identity(identity: dict[str, Any]) -> str:
     return (
         f"{identity['images']} images in {identity['classes']} classes, "
         f"sha256 {str(identity['sha256'])[:12]}"
     )
+
+
+def _indexed(
+    paths: Sequence[str], images: Sequence[UnreadableImage]
+) -> list[tuple[int, UnreadableImage]]:
+    """``(index in paths, image)`` of each unreadable image (found by its path)."""
+    if not images:
+        return []
+    position = {path: index for index, path in enumerate(paths)}
+    return [(position[image.path], image) for image in images]
 
 
 class TrainingStepError(RuntimeError):
@@ -312,6 +375,15 @@ class Trainer:
         method_cls = get_method_class(str(cfg.method.get("name")))
         self.resolved = to_dict(cfg)
         self.resolved["method"] = method_cls.resolved_options(cfg.method)
+        # A node started with other settings (its own --set) would train another problem, or
+        # hang in a collective its peers never enter: every rank stops instead, naming them.
+        check_every_rank_agrees(
+            "their configuration",
+            _flat_settings(self.resolved),
+            "Every rank of a job must get the same --config and --set (only where a node "
+            "reads its data, grouping file and initial weights from, data.num_workers and "
+            "train.progress may differ).",
+        )
 
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -328,6 +400,12 @@ class Trainer:
                 data_spec_from_config(cfg.data), num_views=method_cls.num_views, seed=cfg.seed
             )
             self.data_identity = training_data_identity(self.dataset, self.data_info)
+            check_every_rank_agrees(
+                "their training data (image count, classes, labels and file names)",
+                self.data_identity,
+                "Each node's copy of the data (data.root) and grouping file (data.labels) "
+                "must hold the same images and labels.",
+            )
             self.global_batch = cfg.optim.batch_size
             world = get_world_size()
             if self.global_batch > self.data_info.num_samples:
@@ -790,23 +868,71 @@ class Trainer:
         ``data.corrupt_images='fail'`` any unreadable file raises :class:`CorruptImageError`
         naming them all, so a run (or a dry run) stops before its first step, not hours into it.
         """
+        share = (get_rank(), get_world_size())
+        roots: list[Any] = [self.cfg.data.root]
+        if is_distributed():
+            roots = [None] * get_world_size()
+            torch.distributed.all_gather_object(roots, self.cfg.data.root)
+        own_copies = len({str(root) for root in roots}) > 1
+        if own_copies:  # a node reads its own copy: its ranks check every file of it
+            local = (
+                int(os.environ.get("LOCAL_RANK", "0")),
+                int(os.environ.get("LOCAL_WORLD_SIZE", "0")),
+            )
+            # (without torchrun's LOCAL_WORLD_SIZE, every rank checks every file)
+            share = local if 0 <= local[0] < local[1] else (0, 1)
         checked, unreadable = find_unreadable_images(
             self.dataset.source,
             num_workers=self.cfg.data.num_workers,
             progress=self._show_progress(),
-            share=(get_rank(), get_world_size()),
+            share=share,
         )
+        paths = self.dataset.source.file_paths or ()
+        # By image index: each node's paths start with its own data.root.
+        found = {index: image for index, image in _indexed(paths, unreadable)}
         if is_distributed():
             shares: list[Any] = [None] * get_world_size()
-            torch.distributed.all_gather_object(shares, (checked, unreadable))
-            checked = sum(count for count, _ in shares)
-            unreadable = [image for _, images in shares for image in images]
-        unreadable.sort(key=lambda image: image.path)  # the same order for any number of ranks
-        # Reported here once; the loader then replaces them without warning again.
-        self.dataset.source.record_unreadable([image.path for image in unreadable])
+            torch.distributed.all_gather_object(shares, (checked, found))
+            checked = len(paths) if own_copies else sum(count for count, _ in shares)
+            found = {}
+            for _, images in shares:
+                for index, image in images.items():
+                    found.setdefault(index, image)
+        # The same order for any number of ranks; reported here once, the loader then
+        # replaces them without warning again.
+        unreadable = [found[index] for index in sorted(found)]
+        self.dataset.source.record_unreadable([paths[index] for index in sorted(found)])
+        if len(unreadable) > 10 and is_main_process():  # the messages below name 10
+            for image in unreadable:
+                print(
+                    f"look: unreadable training image {image.path} ({image.error})", file=sys.stderr
+                )
+        if found:  # whatever the policy: skip would have no image to put in their place
+            labels = self.dataset.source.labels
+            marked = torch.zeros(len(labels), dtype=torch.bool)
+            marked[sorted(found)] = True
+            total = torch.bincount(labels, minlength=len(self.dataset.source.class_names))
+            lost = torch.bincount(labels[marked], minlength=len(total))
+            dead = [
+                self.dataset.source.class_names[c]
+                for c in range(len(total))
+                if total[c] > 0 and lost[c] == total[c]
+            ]
+            if dead:
+                raise CorruptImageError(
+                    f"no training image of class(es) {', '.join(map(repr, dead))} can be "
+                    f"decoded ({len(unreadable)} unreadable files in all, e.g. "
+                    f"{unreadable[0].path}: {unreadable[0].error}); the run could not train on "
+                    "them, even with data.corrupt_images=skip. Replace the files (Git LFS "
+                    "pointers instead of images?) or remove the class folders."
+                )
         if unreadable and self.cfg.data.corrupt_images == "fail":
             shown = "; ".join(f"{image.path} ({image.error})" for image in unreadable[:10])
-            more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            more = (
+                f" and {len(unreadable) - 10} more (every one is listed above)"
+                if len(unreadable) > 10
+                else ""
+            )
             raise CorruptImageError(
                 f"{len(unreadable)} of {checked} training images cannot be decoded: {shown}{more}. "
                 "Remove or replace them, or set data.corrupt_images=skip to replace each by "
@@ -1400,7 +1526,7 @@ def pretrain(
                 f"{len(unreadable)} of {checked} training images cannot be decoded; each is "
                 f"replaced by another image of its class (data.corrupt_images=skip): "
                 + ", ".join(image.path for image in unreadable[:10])
-                + (" …" if len(unreadable) > 10 else ""),
+                + (" … (every one is listed above)" if len(unreadable) > 10 else ""),
                 RuntimeWarning,
                 stacklevel=2,
             )
