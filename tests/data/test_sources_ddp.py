@@ -161,3 +161,39 @@ def test_a_rank_reads_rank_0s_listing_from_its_own_copy_of_the_folder(
     assert second["paths"] == expected["paths"] and second["labels"] == expected["labels"]
     assert second["description"] == expected["description"]
     assert first["paths"] != second["paths"] and first["first_image"] == second["first_image"]
+
+
+def _turns_worker(rank: int, port: int, out_dir: str) -> None:
+    import time
+
+    from look.data.sources import one_rank_at_a_time
+
+    init_gloo(rank, 2, port, timeout_s=60)
+    busy = Path(out_dir, "downloading")
+    log = Path(out_dir, f"turns{rank}.json")
+
+    def download() -> None:  # fails if another rank is downloading at the same time
+        if busy.exists():
+            raise AssertionError("two ranks downloaded at once")
+        busy.touch()
+        time.sleep(0.3)
+        busy.unlink()
+        if rank == 0:
+            raise OSError("rank 0's download failed")
+
+    outcome: dict[str, object] = {}
+    try:
+        one_rank_at_a_time(download)
+        outcome["finished"] = True
+    except OSError as error:
+        outcome["error"] = str(error)
+    finally:
+        log.write_text(json.dumps(outcome))
+        dist.destroy_process_group()
+
+
+def test_downloads_take_turns_and_a_failure_keeps_no_rank_waiting(tmp_path: Path) -> None:
+    # Under torchrun every rank once downloaded CIFAR or MNIST into one folder at the same time.
+    mp.spawn(_turns_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"turns{r}.json").read_text()) for r in (0, 1))
+    assert first == {"error": "rank 0's download failed"} and second == {"finished": True}

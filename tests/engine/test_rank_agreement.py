@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,11 @@ def _worker(
     outcome: dict[str, object] = {}
     try:
         cfg = load_config(None, [*TINY, "train.ddp_timeout_s=60", *per_rank[rank]])
-        trainer = Trainer(cfg, Path(out_dir) / "run")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = Trainer(cfg, Path(out_dir) / "run")
         outcome["built"] = trainer.data_identity["sha256"]
+        outcome["warned"] = [str(warning.message) for warning in caught]
         if check:
             checked, unreadable = trainer.check_images()
             outcome["checked"] = [checked, [image.path for image in unreadable]]
@@ -71,22 +75,6 @@ def test_ranks_started_with_different_settings_stop_naming_them(tmp_path: Path) 
     assert not (tmp_path / "run").exists(), "nothing written"
 
 
-def test_a_node_may_read_its_own_copy_of_the_data_with_its_own_workers(
-    tmp_path: Path, image_folder: Path
-) -> None:
-    copy = tmp_path / "node-local" / "images"
-    shutil.copytree(image_folder, copy)
-    shared = ["data.dataset=imagefolder", "optim.batch_size=2"]
-    outcomes = _run(
-        tmp_path,
-        [
-            [*shared, f"data.root={image_folder}"],
-            [*shared, f"data.root={copy}", "data.num_workers=1", "train.progress=true"],
-        ],
-    )
-    assert outcomes[0] == outcomes[1] and "built" in outcomes[0], outcomes
-
-
 def test_nodes_whose_grouping_files_differ_stop_naming_the_data(
     tmp_path: Path, image_folder: Path
 ) -> None:
@@ -102,19 +90,30 @@ def test_nodes_whose_grouping_files_differ_stop_naming_the_data(
         assert "differ in their training data" in outcome.get("error", ""), outcome
 
 
-def test_each_node_checks_every_image_of_its_own_copy(tmp_path: Path, image_folder: Path) -> None:
-    # Rank 0's share of the files would leave a file only rank 1's copy lacks unchecked.
+def test_nodes_may_read_their_own_copies_each_checking_every_image_and_rank_0_warns(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    # A node's copy on its local disk, read with its own loader workers. Each node checks every
+    # file of its copy (rank 0's share would leave a file only rank 1's copy lacks unchecked),
+    # and a warning of the method's is said once, by rank 0.
     copy = tmp_path / "node-local" / "images"
     shutil.copytree(image_folder, copy)
     broken = copy / "train" / "cat" / "0.png"
     broken.write_bytes(b"not a png")
     shared = ["data.dataset=imagefolder", "optim.batch_size=2", "data.corrupt_images=skip"]
+    shared.append("method.k=1")  # (a warning: LOOK with k = 1 learns nothing)
     outcomes = _run(
         tmp_path,
-        [[*shared, f"data.root={image_folder}"], [*shared, f"data.root={copy}"]],
+        [
+            [*shared, f"data.root={image_folder}"],
+            [*shared, f"data.root={copy}", "data.num_workers=1", "train.progress=true"],
+        ],
         check=True,
     )
+    assert outcomes[0]["built"] == outcomes[1]["built"], outcomes
     for rank, outcome in enumerate(outcomes):
         assert outcome["checked"] == [6, [str(broken)]], outcome
         own = image_folder if rank == 0 else copy
         assert outcome["skipped"] == [str(own / "train" / "cat" / "0.png")]
+    assert any("learns nothing" in message for message in outcomes[0]["warned"]), outcomes
+    assert not any("learns nothing" in message for message in outcomes[1]["warned"]), outcomes

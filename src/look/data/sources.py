@@ -13,7 +13,7 @@ import os
 import pickle
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import overload
 
@@ -513,12 +513,44 @@ def _missing_idx_error(dataset: str, root: Path, stem: str) -> FileNotFoundError
     )
 
 
-def _download_idx(dataset: str, root: Path) -> None:
+def one_rank_at_a_time(work: Callable[[], object]) -> None:
+    """Run ``work`` (a download) on each rank in turn under ``torch.distributed``, else once.
+
+    Ranks that share a file system find what the first one fetched (torchvision skips files
+    already there) and no two write one file at once; ranks of other nodes fetch their own
+    copy. An error is raised after every rank's turn, so that no rank waits for it forever.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        work()
+        return
+    failure: Exception | None = None
+    for turn in range(dist.get_world_size()):
+        if dist.get_rank() == turn:
+            try:
+                work()
+            except Exception as error:  # raised below, once every rank has had its turn
+                failure = error
+        dist.barrier()
+    if failure is not None:
+        raise failure
+
+
+def _download_idx(dataset: str, root: Path, stems: Sequence[str]) -> None:
+    """Download ``dataset`` into ``root`` on each rank in turn where a file of ``stems`` is
+    missing (a rank finds those another rank of its file system fetched)."""
     from torchvision import datasets
 
     download_class = datasets.FashionMNIST if dataset == "fashion_mnist" else datasets.MNIST
-    for train in (True, False):
-        download_class(str(root), train=train, download=True)
+
+    def download() -> None:
+        if all(find_idx_file(dataset, root, stem) is not None for stem in stems):
+            return
+        for train in (True, False):
+            download_class(str(root), train=train, download=True)
+
+    one_rank_at_a_time(download)
 
 
 # Mean pixel intensity (0-1) of the official files: MNIST's digits are mostly black background,
@@ -552,8 +584,8 @@ def read_idx_dataset(
     _reject_file_root(dataset, root)
     image_stem, label_stem = _IDX_FILE_STEMS[split]
     paths = [find_idx_file(dataset, root, stem) for stem in (image_stem, label_stem)]
-    if None in paths and download:
-        _download_idx(dataset, root)
+    if download:  # (on every rank, whether or not its files are there: a collective)
+        _download_idx(dataset, root, (image_stem, label_stem))
         paths = [find_idx_file(dataset, root, stem) for stem in (image_stem, label_stem)]
     for path, stem in zip(paths, (image_stem, label_stem), strict=True):
         if path is None:
@@ -589,7 +621,11 @@ def read_cifar(
     dataset_class = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     folder = root / dataset_class.base_folder
     try:
-        cifar = dataset_class(str(root), train=split == "train", download=download)
+        if download:  # each rank in turn: under torchrun they would write one folder at once
+            one_rank_at_a_time(
+                lambda: dataset_class(str(root), train=split == "train", download=True)
+            )
+        cifar = dataset_class(str(root), train=split == "train", download=False)
     except RuntimeError as error:
         if "not found" not in str(error).lower():
             raise

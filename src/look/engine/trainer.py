@@ -128,7 +128,6 @@ _RANKS_MAY_DIFFER = frozenset(
     {
         *_DATA_LOCATION,
         ("data", "num_workers"),
-        ("data", "download"),
         ("model", "pretrained_weights"),
         ("train", "progress"),
     }
@@ -460,7 +459,11 @@ class Trainer:
             num_samples=self.data_info.num_samples,
             local_batch_size=self.micro_batch,
         )
-        self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx).to(self.device)
+        with warnings.catch_warnings():
+            if get_rank() > 0:  # every rank builds the same method: its warnings are said once
+                warnings.simplefilter("ignore")
+            self.method: Method = build_method(cfg.method, backbone, feature_dim, ctx)
+        self.method.to(self.device)
         self.synchronised_norms = self._synchronise_batchnorm()
         if get_rank() > 0:
             # Model and memory are built alike on every rank (one seed); from here each rank
