@@ -232,3 +232,27 @@ def test_knn_monitor_labels_are_checked_with_the_monitor_off() -> None:
     with pytest.raises(ConfigError, match="knn_monitor_labels must be fine, coarse or a grouping"):
         load_config(None, ["train.knn_monitor_labels=bogus"])
     assert load_config(None, ["train.knn_monitor_labels=groups.json"]).train.knn_monitor_labels
+
+
+@pytest.mark.parametrize(
+    "text", ["data.root=batch #3", "data.labels=groups #2.json", "optim.lr=0.1 # a note"]
+)
+def test_a_value_cut_short_by_a_yaml_comment_is_refused_with_the_quoting(text: str) -> None:
+    # `--set "data.root=batch #3"` trained on the folder `batch`, without a word.
+    key, _, raw = text.partition("=")
+    with pytest.raises(
+        ConfigError, match=f"quote the value to keep its '#': --set '{key}=\"{raw}\"'"
+    ):
+        parse_override(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('data.root="batch #3"', "batch #3"),
+        ("data.root='batch #3'", "batch #3"),
+        ("data.root=batch#3", "batch#3"),  # (no space before it: no comment)
+    ],
+)
+def test_a_hash_that_is_no_comment_is_kept(text: str, value: str) -> None:
+    assert parse_override(text)[1] == value

@@ -347,7 +347,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(
             f"override {text!r}: value is not valid YAML {yaml_problem(exc)}"
         ) from exc
+    if "#" in raw and _without_comment_marks(raw) != value:
+        # `data.root=batch #3` read as `batch` plus a comment: another folder, silently.
+        raise ConfigError(
+            f"override {text!r}: YAML reads ' #' as the start of a comment, so the value would "
+            f"be {value!r}; quote the value to keep its '#': --set '{key}=\"{raw.strip()}\"'"
+        )
     return key.split("."), value
+
+
+# A character YAML reads as a plain one, standing in for '#' to read a value as if it held no
+# comment (a private-use code point: no value a user types holds it).
+_HASH_STAND_IN = "\ue000"
+
+
+def _without_comment_marks(raw: str) -> Any:
+    """``raw`` read as YAML with every '#' taken literally (``None`` where that is no YAML)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(_HASH_STAND_IN, "#")
+        if isinstance(value, list):
+            return [restore(item) for item in value]
+        if isinstance(value, dict):
+            return {restore(k): restore(v) for k, v in value.items()}
+        return value
+
+    try:
+        return restore(yaml.safe_load(raw.replace("#", _HASH_STAND_IN)))
+    except yaml.YAMLError:
+        return None
 
 
 def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
