@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,36 @@ def test_repeated_seeds_name_the_colliding_files(tmp_path: Path) -> None:
     message = str(caught[0].message)
     assert "'look [resnet18] (coarse)' on imagefolder:pets seed 0" in message
     assert str(first.resolve()) in message and str(second.resolve()) in message
+
+
+def test_a_seed_evaluated_twice_is_one_seed_of_its_runs_mean(tmp_path: Path) -> None:
+    # A checkpoint evaluated into two folders once read as "2 seeds" with a spread of 0.
+    for folder, seed, top1 in (("a", 0, 0.70), ("a-again", 0, 0.74), ("b", 1, 0.60)):
+        write_results(
+            tmp_path / "in" / folder, method="look", seed=seed, protocols={"linear": {"top1": top1}}
+        )
+    with pytest.warns(RepeatedSeedWarning):
+        outputs = write_report([tmp_path / "in"], tmp_path / "report", plots=False)
+    cell = next(
+        c for c in json.loads(outputs.json.read_text())["cells"] if c["metric"] == "linear/top1"
+    )
+    assert (cell["n"], cell["runs"], cell["seeds"]) == (2, 3, [0, 0, 1])
+    assert cell["mean"] == pytest.approx(100 * (0.72 + 0.60) / 2)
+    assert cell["std"] == pytest.approx(statistics.stdev([72.0, 60.0]))
+    row = markdown_rows(outputs.markdown.read_text(encoding="utf-8"), "## Transfer accuracy")
+    assert row["look (coarse)"][0] == "66.00 ± 8.49 (3 runs of 2 seeds)"
+
+
+def test_a_bar_chart_says_what_its_whiskers_are_and_the_seeds_behind_them(
+    runs: Path, tmp_path: Path
+) -> None:
+    outputs = write_report([runs], tmp_path / "report")
+    markdown = outputs.markdown.read_text(encoding="utf-8")
+    caption = (
+        "*Bars: mean over seeds; whiskers: sample standard deviation over seeds; a bar without "
+        "one has a single seed. Seeds per method: ce (coarse) 2, look (coarse) 3.*"
+    )
+    assert f"![fashion_mnist](figures/bars_fashion_mnist.png)\n\n{caption}" in markdown
 
 
 def test_report_shows_the_k_a_knn_column_really_used(tmp_path: Path) -> None:

@@ -418,6 +418,7 @@ def plot_metric_bars(
     ylabel: str | None = None,
     title: str | None = None,
     colors: Mapping[str, str] | None = None,
+    caption: str | None = None,
 ) -> Path:
     """Grouped bar chart: a group of bars per ``row[group_by]``, a bar per method, std error bars.
 
@@ -427,10 +428,18 @@ def plot_metric_bars(
     one dataset's protocols with ``group_by="protocol"``); values are multiplied by ``scale`` (100
     for percentages). ``colors`` maps methods to matplotlib colours, so that several charts of
     one report show a method in one colour (default: by position in this chart). A row without
-    ``"std"`` (one seed) gets no error bar. ``ValueError`` when nothing is left to draw.
+    ``"std"`` (one seed) gets no error bar. ``caption`` is written under the axes (e.g. what the
+    error bars are). ``ValueError`` when nothing is left to draw.
     """
     figure = metric_bars_figure(
-        table, metric, group_by=group_by, scale=scale, ylabel=ylabel, title=title, colors=colors
+        table,
+        metric,
+        group_by=group_by,
+        scale=scale,
+        ylabel=ylabel,
+        title=title,
+        colors=colors,
+        caption=caption,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,6 +456,7 @@ def metric_bars_figure(
     ylabel: str | None = None,
     title: str | None = None,
     colors: Mapping[str, str] | None = None,
+    caption: str | None = None,
 ) -> Figure:
     """The figure :func:`plot_metric_bars` saves (same arguments, no path)."""
     from matplotlib.figure import Figure
@@ -504,4 +514,6 @@ def metric_bars_figure(
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     figure.legend(loc="outside right upper", fontsize=9, frameon=False)
+    if caption:  # what the whiskers are, inside the figure (it travels without REPORT.md)
+        figure.supxlabel(caption, fontsize=8, wrap=True)
     return figure

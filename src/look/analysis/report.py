@@ -255,19 +255,44 @@ class Cell:
     problems: tuple[tuple[str, str], ...] = ()
 
     @property
+    def samples(self) -> tuple[float, ...]:
+        """One value per seed: the mean of the runs that share a seed (a model evaluated twice
+        is one sample of the seed-to-seed spread, not two), in order of first appearance; a
+        run without a recorded seed is a sample of its own."""
+        by_seed: dict[int, list[float]] = {}
+        samples: list[float | list[float]] = []
+        for seed, value in zip(self.seeds, self.values, strict=True):
+            if seed is None:
+                samples.append(value)
+            elif seed in by_seed:
+                by_seed[seed].append(value)
+            else:
+                by_seed[seed] = [value]
+                samples.append(by_seed[seed])
+        return tuple(
+            math.fsum(sample) / len(sample) if isinstance(sample, list) else sample
+            for sample in samples
+        )
+
+    @property
     def n(self) -> int:
         """Number of samples (seeds)."""
+        return len(self.samples)
+
+    @property
+    def runs(self) -> int:
+        """Number of runs (results files) behind the samples."""
         return len(self.values)
 
     @property
     def mean(self) -> float:
         """Mean over the samples."""
-        return math.fsum(self.values) / len(self.values)
+        return math.fsum(self.samples) / self.n
 
     @property
     def std(self) -> float | None:
-        """Sample standard deviation (``n − 1``), ``None`` for a single sample."""
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
+        """Sample standard deviation (``n − 1``) over seeds, ``None`` for a single seed."""
+        return statistics.stdev(self.samples) if self.n > 1 else None
 
     def as_row(self) -> dict[str, Any]:
         """The cell as a JSON/CSV row."""
@@ -280,6 +305,7 @@ class Cell:
             "mean": self.mean,
             "std": self.std,
             "n": self.n,
+            "runs": self.runs,
             "seeds": list(self.seeds),
             "values": list(self.values),
             "headline": self.headline,
@@ -646,7 +672,8 @@ def aggregate_cells(runs: Iterable[EvaluationResult]) -> list[Cell]:
 
 def format_cell(cell: Cell, *, scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std (n seeds)`` (``mean (1 seed)`` for one) of the values × ``scale``, bold when
-    best; ``(n seeds, k = 54)`` when a kNN column could only use 54 neighbours. A single run with
+    best; ``(n seeds, k = 54)`` when a kNN column could only use 54 neighbours; ``(3 runs of 2
+    seeds)`` when a seed was evaluated more than once (its runs are averaged first). A single run with
     an episode interval reads ``mean ± ci (95 % CI over 600 episodes, 1 seed)``: the ± is then
     not a spread over seeds, and the cell says so."""
     text = f"{cell.mean * scale:.{digits}f}"
@@ -658,7 +685,10 @@ def format_cell(cell: Cell, *, scale: float = 1.0, digits: int = 2) -> str:
         over = f"{cell.episodes} episodes" if cell.episodes is not None else "episodes"
         spread = f"95 % CI over {over}, "
     clipped = f", k = {'/'.join(str(k) for k in cell.k_effective)}" if cell.k_effective else ""
-    text += f" ({spread}{cell.n} seed{'s' if cell.n != 1 else ''}{clipped})"
+    counted = f"{cell.n} seed{'s' if cell.n != 1 else ''}"
+    if cell.runs > cell.n:  # a seed evaluated more than once: its runs are averaged first
+        counted = f"{cell.runs} runs of {counted}"
+    text += f" ({spread}{counted}{clipped})"
     return f"**{text}**" if cell.best else text
 
 
@@ -818,6 +848,7 @@ def _transfer_section(
                 (c for c in headline if c.dataset == dataset), key=lambda c: _metric_order(c.metric)
             )
             rows = [{**c.as_row(), "protocol": metric_header(c.metric)} for c in dataset_cells]
+            caption = _bars_caption(dataset_cells, row_methods)
             figure = plot_metric_bars(
                 rows,
                 None,
@@ -827,11 +858,28 @@ def _transfer_section(
                 title=dataset,
                 # One colour per method over all of the report's charts.
                 colors={method: f"C{i % 10}" for i, method in enumerate(row_methods)},
+                caption=caption,
             )
             figures.append(figure)
             lines.append(f"![{dataset}]({figure.relative_to(output_dir).as_posix()})")
+            lines += ["", f"*{caption}*", ""]
         lines.append("")
     return lines, figures
+
+
+def _bars_caption(cells: Sequence[Cell], methods: Sequence[str]) -> str:
+    """What a dataset's bar chart shows: the bar, the whisker, and how many seeds each method
+    has (a bar without a whisker is one seed, not one without spread)."""
+    counts = []
+    for method in methods:
+        seeds = sorted({c.n for c in cells if c.method == method})
+        if seeds:
+            shown = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+            counts.append(f"{method} {shown}")
+    return (
+        "Bars: mean over seeds; whiskers: sample standard deviation over seeds; a bar without "
+        f"one has a single seed. Seeds per method: {', '.join(counts)}."
+    )
 
 
 def _format_difference(
@@ -1090,6 +1138,7 @@ _CSV_FIELDS = (
     "mean",
     "std",
     "n",
+    "runs",
     "seeds",
     "values",
     "headline",
