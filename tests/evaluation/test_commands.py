@@ -45,6 +45,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--finetune-epochs",
         "--fewshot-shots",
         "--corrupt-images",
+        "--train-subset",
         "--label",
         "imagefolder:ROOT",
     ):
@@ -173,6 +174,19 @@ def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
     assert report["features"]["train"]["num_images"] == 8, "left out, not replaced"
     assert report["features"]["train"]["unreadable_files"] == [str(root / "train/cat/broken.png")]
     assert report["protocols"]["knn"]["results"][0]["k_effective"] == 3
+
+
+def test_a_training_subset_is_used_and_recorded(tmp_path: Path) -> None:
+    # A small study on a large dataset, from the command line (only the library had it).
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", "synthetic:samples=40,classes=4,size=12",
+        "--protocol", "knn", "--knn-k", "3", "--device", "cpu", "--no-cache", "--no-progress",
+        "--train-subset", "12", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert run(build_parser().parse_args(argv)) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["features"]["train"]["num_images"] == 12
+    assert "subset=12" in report["dataset"]["description"]
 
 
 def test_summary_says_when_knn_k_was_clipped_to_the_train_set(

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,14 @@ def register(subparsers: Any) -> None:
         help="imagefolder files that cannot be decoded: fail (default, naming the file) or skip "
         "(left out of the evaluation, with a warning naming them; fine-tuning replaces an "
         "unreadable training image by another image of its class)",
+    )
+    data.add_argument(
+        "--train-subset",
+        type=int,
+        metavar="N",
+        help="use a stratified subset of N training images (the same N images for every model "
+        "and seed; results.json records it); default: the whole training split. The test split "
+        "is always whole",
     )
     data.add_argument(
         "--download",
@@ -386,6 +395,8 @@ def run(args: argparse.Namespace) -> int:
     spec = parse_dataset_spec(
         args.dataset, download=args.download, corrupt_images=args.corrupt_images
     )
+    if args.train_subset is not None:
+        spec = dataclasses.replace(spec, subset=args.train_subset)
     started_group = False
     if launched_by_torchrun() and not is_distributed():
         init_distributed(resolve_eval_device(args.device).type)
