@@ -256,3 +256,42 @@ def test_a_value_cut_short_by_a_yaml_comment_is_refused_with_the_quoting(text: s
 )
 def test_a_hash_that_is_no_comment_is_kept(text: str, value: str) -> None:
     assert parse_override(text)[1] == value
+
+
+def test_recipes_are_found_by_name_from_any_folder_and_by_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from look.config import load_config, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)  # not the repository: its configs/ is not the working folder's
+    found = resolve_recipe("configs/look_cnn-small_fmnist-coarse.yaml")  # as `look --help` spelt it
+    assert found.name == "look_cnn-small_fmnist-coarse.yaml" and found.is_absolute()
+    assert load_config("look_cnn-small_fmnist-coarse").method["name"] == "look"
+
+
+def test_recipes_installed_under_any_install_scheme_are_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pip puts data files under the scheme's data folder: /usr/local on Debian, ~/.local with
+    # --user, DIR with --target or --prefix; only sys.prefix was looked in.
+    import sysconfig
+
+    from look.config import resolve_recipe
+
+    recipes = tmp_path / "usr-local" / "share" / "look" / "configs"
+    recipes.mkdir(parents=True)
+    (recipes / "company_recipe.yaml").write_text("optim: {epochs: 3}\n")
+    scheme = sysconfig.get_scheme_names()[0]
+    original = sysconfig.get_path
+    monkeypatch.setattr(
+        sysconfig,
+        "get_path",
+        lambda name, scheme_name=None, *a, **k: (
+            str(tmp_path / "usr-local")
+            if (name, scheme_name) == ("data", scheme)
+            else original(name, scheme_name, *a, **k)
+        ),
+    )
+    assert resolve_recipe("company_recipe") == (recipes / "company_recipe.yaml").resolve()
+    with pytest.raises(FileNotFoundError, match=r"'no_such_recipe' not found.*company_recipe"):
+        resolve_recipe("no_such_recipe")

@@ -34,37 +34,16 @@ subcommands:
   methods    list the pre-training methods and their options with defaults
 
 Multi-GPU / multi-node: launch `look pretrain` with torchrun, e.g.
-  torchrun --nproc_per_node 8 -m look pretrain --config configs/look_resnet50_imagenet.yaml ...
+  torchrun --nproc_per_node 8 -m look pretrain --config look_resnet50_imagenet ...
 Run `look SUBCOMMAND --help` for the options of each subcommand.
 """
 
 
-def _repo_configs_dirs() -> list[Path]:
-    """Where recipe names are looked up: the working directory's configs/, the source tree's
-    (an editable install) and the installed copy (PREFIX/share/look/configs)."""
-    here = Path(__file__).resolve()
-    folders = [Path.cwd() / "configs", here.parents[2] / "configs"]
-    folders.append(Path(sys.prefix) / "share" / "look" / "configs")
-    return list(dict.fromkeys(folder.resolve() for folder in folders))
-
-
 def resolve_config_path(name: str) -> Path:
-    """A path, or a recipe name from ``configs/`` (with or without ``.yaml``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    candidates = [d / n for d in _repo_configs_dirs() for n in (name, f"{name}.yaml")]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    available = sorted(
-        {p.stem for d in _repo_configs_dirs() if d.is_dir() for p in d.glob("*.yaml")}
-    )
-    folders = ", ".join(str(folder) for folder in _repo_configs_dirs())
-    raise FileNotFoundError(
-        f"config {name!r} not found: not a file, and no recipe of that name in {folders}. "
-        f"Recipes: {available}"
-    )
+    """A path, or a recipe name (:func:`look.config.resolve_recipe`)."""
+    from look.config import resolve_recipe
+
+    return resolve_recipe(name)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:

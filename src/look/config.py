@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -420,11 +421,60 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def recipe_folders() -> list[Path]:
+    """Where recipe names are looked up, in order: the working directory's ``configs/``, the
+    source tree's (a checkout or an editable install), then ``share/look/configs`` below every
+    place pip may have put the package's data files: beside the package itself (``pip install
+    --target DIR``), and each install scheme's data folder (a virtual environment's prefix,
+    ``--user``, Debian's ``/usr/local``, ``--prefix``)."""
+    import sysconfig
+
+    package = Path(__file__).resolve().parent
+    folders = [Path.cwd() / "configs"]
+    source_tree = package.parents[1]
+    if (source_tree / "pyproject.toml").is_file():  # src/look/ in a checkout
+        folders.append(source_tree / "configs")
+    data_roots = [package.parent, Path(sys.prefix)]
+    for scheme in sysconfig.get_scheme_names():
+        with contextlib.suppress(KeyError, ValueError):
+            data_roots.append(Path(sysconfig.get_path("data", scheme)))
+    folders += [root / "share" / "look" / "configs" for root in data_roots]
+    return list(dict.fromkeys(folder.resolve() for folder in folders))
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """A YAML file's path as given, or a recipe name (``look_cnn-small_fmnist-coarse``, with or
+    without ``.yaml``, or ``configs/NAME.yaml`` as the repository spells it) found in
+    :func:`recipe_folders`; a FileNotFoundError lists the folders and the recipes found."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    names = dict.fromkeys((str(name), f"{name}.yaml", path.name, f"{path.name}.yaml"))
+    for folder in recipe_folders():
+        for candidate in names:
+            if (folder / candidate).is_file():
+                return folder / candidate
+    available = sorted(
+        {
+            found.stem
+            for folder in recipe_folders()
+            if folder.is_dir()
+            for found in folder.glob("*.yaml")
+        }
+    )
+    folders = ", ".join(str(folder) for folder in recipe_folders())
+    raise FileNotFoundError(
+        f"config {str(name)!r} not found: not a file, and no recipe of that name in {folders}. "
+        f"Recipes: {available}"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Defaults ← YAML recipe ← ``--set`` overrides, validated."""
+    """Defaults ← YAML recipe (a file, or a recipe name: :func:`resolve_recipe`) ← ``--set``
+    overrides, validated."""
     values = to_dict(RunConfig())
     if path is not None:
-        values = _deep_merge(values, load_yaml(path))
+        values = _deep_merge(values, load_yaml(resolve_recipe(path)))
     values = apply_overrides(values, overrides)
     _refuse_k_set_next_to_k_fraction(values, overrides)
     return config_from_dict(values)
