@@ -308,7 +308,30 @@ def test_bugs_and_interrupts_are_not_hidden(
 
     monkeypatch.setattr("look.cli._run_methods", interrupted)
     assert main(["methods"]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    assert capsys.readouterr().err == "look: interrupted\n", "no checkpoint to speak of"
+
+
+def test_an_interrupted_pretraining_says_which_checkpoint_it_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import look.engine.trainer as trainer_module
+    from tests.engine.test_trainer import TINY
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "pretrain", interrupted)
+    command = ["pretrain", "--output", str(tmp_path), *(a for o in TINY for a in ("--set", o))]
+    assert main(command) == 130
+    assert capsys.readouterr().err == "look: interrupted; no checkpoint had been written yet\n"
+    (tmp_path / "checkpoints").mkdir()
+    for step in (4, 8):
+        (tmp_path / "checkpoints" / f"ckpt-{step:09d}.pt").write_bytes(b"")
+    assert main(command) == 130
+    assert capsys.readouterr().err == (
+        "look: interrupted; the last checkpoint, ckpt-000000008.pt, is kept: run the same "
+        "command to resume\n"
+    )
 
 
 def test_the_top_level_help_lists_every_command_without_importing_torch() -> None:

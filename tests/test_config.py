@@ -52,8 +52,11 @@ def test_channels_last_takes_yaml_booleans(spelled: str, stored: str) -> None:
 def test_a_boolean_for_a_string_field_without_true_false_choices_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"train.amp must be one of \['auto', 'none'"):
         load_config(None, ["train.amp=false"])
-    with pytest.raises(ConfigError, match=r"got True \(YAML reads yes/no/on/off as true/false\)"):
+    with pytest.raises(ConfigError, match=r"got True \(YAML reads yes/no/on/off as true/false"):
         load_config(None, ["train.amp=yes"])
+    # A free string field says it too: `data.augment=no` once read "must be a string, got False".
+    with pytest.raises(ConfigError, match=r"got False \(YAML reads yes/no/on/off as true/false"):
+        load_config(None, ["data.labels=no"])
 
 
 def test_int_is_accepted_for_float_fields() -> None:

@@ -354,6 +354,20 @@ def one_line_warnings() -> Iterator[None]:
         warnings.showwarning = original
 
 
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves to resume from: for pre-training, its newest
+    checkpoint, if it had written one."""
+    if args.command != "pretrain" or getattr(args, "dry_run", False):
+        return ""
+    from look.engine.checkpoint import find_checkpoint_files
+
+    found = find_checkpoint_files(Path(args.output) / "checkpoints")
+    if not found:
+        return "; no checkpoint had been written yet"
+    newest = max(found, key=found.__getitem__)
+    return f"; the last checkpoint, {newest}, is kept: run the same command to resume"
+
+
 def _report_stop(stopped: RunStopped) -> int:
     """A run stopped by a signal: how to go on (rank 0 says it), and status 75."""
     if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one message
@@ -414,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as stopped:
         return _report_stop(stopped)
     except KeyboardInterrupt:
-        print("look: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print(f"look: interrupted{_what_is_kept(args)}", file=sys.stderr)
         return 130
 
 

@@ -194,11 +194,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool) and {"true", "false"} <= set(_CHOICES.get(key, ())):
             # YAML reads `--set train.channels_last=false` as a boolean; the field spells it.
             return "true" if value else "false"
+        # YAML 1.1 reads yes/no/on/off as booleans: say so, or "got False" puzzles the user who
+        # typed `data.augment=no` (quote it to keep the word: `data.augment="no"`).
+        read_as = (
+            " (YAML reads yes/no/on/off as true/false: quote a word meant as text)"
+            if isinstance(value, bool)
+            else ""
+        )
         if key in _CHOICES:
-            # YAML 1.1 reads yes/no/on/off as booleans: say so, or "got True" puzzles the user.
-            read_as = " (YAML reads yes/no/on/off as true/false)" if isinstance(value, bool) else ""
             raise ConfigError(f"{key} must be one of {list(_CHOICES[key])}, got {value!r}{read_as}")
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {value!r}{read_as}")
     if origin is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(value)
