@@ -38,6 +38,16 @@ def test_methods_lists_all(capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("look:", "nca:", "ce:", "sl_mlp:", "supcon:", "mocov2:", "temperature"):
         assert name in out
     assert "memory = 'bank'  (one of bank, queue, sharded_bank)" in out
+    nca = out[out.index("nca:") : out.index("\n", out.index("k_fraction", out.index("nca:")))]
+    assert "k = None  (fixed: nca uses every memory row)" in nca
+
+
+def test_an_unknown_option_shows_its_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--output", "x", "--bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: look pretrain") and "unrecognized arguments: --bogus" in err
 
 
 def test_recipe_names_are_looked_up_in_named_folders(tmp_path: Path) -> None:

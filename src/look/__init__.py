@@ -25,11 +25,14 @@ _SUBMODULES = (
     "search",
     "sharded",
 )
+# The GPU search kernels (README: look.search_triton.HOPPER_CONFIG): loaded on first use like
+# the others, but left out of ``from look import *``, which would import Triton.
+_KERNEL_MODULES = ("search_triton", "search_gluon")
 __all__ = ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> ModuleType:
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or name in _KERNEL_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -78,7 +78,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "workers; under torchrun each rank a share) and list the unreadable files; with "
         "data.corrupt_images=fail any of them stops the run (or dry run) here",
     )
-    p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda)")
+    p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda, mps)")
     p.add_argument(
         "--download",
         action="store_true",
@@ -251,9 +251,12 @@ def _run_methods(_: argparse.Namespace) -> int:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
         choices = getattr(cls.Options, "CHOICES", {})
+        fixed = getattr(cls.Options, "FIXED", {})
         for f in dataclasses.fields(cls.Options):
             default = f.default if f.default is not dataclasses.MISSING else None
             allowed = f"  (one of {', '.join(choices[f.name])})" if f.name in choices else ""
+            if f.name in fixed:
+                allowed = f"  (fixed: {fixed[f.name]})"
             print(f"    {f.name} = {default!r}{allowed}")
     return 0
 
@@ -378,7 +381,13 @@ def _report_stop(stopped: RunStopped) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(full=_requested_command(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser: its usage, not the top level's
+        commands = next(
+            action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+        )
+        command_parser = commands.choices.get(args.command) if args.command else None
+        (command_parser or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         import look
 

@@ -73,11 +73,17 @@ def build_method(
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LOOK",
     "METHODS",
+    "NCA",
     "Batch",
+    "CrossEntropy",
     "Method",
     "MethodContext",
+    "MoCoV2",
     "StepOutput",
+    "SupCon",
+    "SupervisedMLP",
     "build_method",
     "get_method_class",
     "registered_methods",

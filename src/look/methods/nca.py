@@ -17,6 +17,11 @@ class NCAOptions(LOOKOptions):
         **LOOKOptions.CHOICES,
         "memory": ("bank", "queue"),
     }
+    # Options of LOOK's that NCA inherits but may not set (`look methods` says so).
+    FIXED: ClassVar[dict[str, str]] = {
+        "k": "nca uses every memory row",
+        "k_fraction": "nca uses every memory row",
+    }
 
     def validate(self) -> None:
         check_options(self.k is None, f"nca uses every memory row; k must be null, got {self.k}")
