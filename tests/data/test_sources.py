@@ -404,6 +404,26 @@ def test_class_names_in_another_unicode_form_are_the_same_class(tmp_path: Path, 
     assert info.class_names == ("cream", "pastry") and test.labels.tolist() == [0, 1]
 
 
+def test_two_class_folders_of_one_name_in_two_unicode_forms_are_refused(
+    tmp_path: Path, make_png
+) -> None:
+    # Merged, they made one class of both folders' images and an empty class beside it, under
+    # the same-looking name twice.
+    import unicodedata
+
+    composed = unicodedata.normalize("NFC", "café")
+    decomposed = unicodedata.normalize("NFD", composed)
+    root = tmp_path / "root"
+    for name in (composed, decomposed, "tea"):
+        make_png(root / "train" / name / "0.png", (10, 20, 30))
+    if len({p.name for p in (root / "train").iterdir()}) < 3:
+        pytest.skip("this file system stores one Unicode form of a name")
+    with pytest.raises(
+        ValueError, match=r"differ only in their Unicode form.*'cafe\\u0301' and 'caf\\xe9'"
+    ):
+        build_train_dataset(DataSpec("imagefolder", root=str(root)), num_views=1, seed=0)
+
+
 @pytest.mark.parametrize(("dataset", "brightness", "warned"), [
     ("mnist", 73, True), ("fashion_mnist", 73, False), ("fashion_mnist", 33, True),
     ("mnist", 33, False),

@@ -1005,6 +1005,19 @@ def _list_image_folder(
     # Folder names compared in Unicode's composed form (NFC): a split copied through macOS may
     # spell a class decomposed (NFD); the same-looking names are the same class.
     index_of_form = {composed_name(n): i for n, i in class_to_index.items()}
+    if len(index_of_form) < len(class_to_index):
+        # Two folders whose names differ only in that form: one class or two? Merged, the one
+        # would be an empty class under a duplicated name.
+        spellings: dict[str, list[str]] = {}
+        for name in class_names:
+            spellings.setdefault(composed_name(name), []).append(name)
+        clashes = [names for names in spellings.values() if len(names) > 1]
+        shown = "; ".join(" and ".join(ascii(name) for name in names) for names in clashes)
+        raise ValueError(
+            f"imagefolder: class folders of {class_folder} whose names differ only in their "
+            f"Unicode form (composed or decomposed accents, as a copy through macOS leaves): "
+            f"{shown}; merge each pair into one folder, or rename one"
+        )
     present = class_folder_names(split_folder)
     present_to_index = {
         name: index_of_form[composed_name(name)]
