@@ -572,3 +572,18 @@ def test_a_listing_moves_below_another_root_only_at_the_start_of_each_path() -> 
     )
     assert moved[3] == "imagefolder train from /local/copy/train"
     assert rerooted_listing(payload, "/data/a", "/data/a") is payload
+
+
+def test_an_image_past_pillows_size_guard_is_unsupported_not_corrupt(
+    tmp_path: Path, make_png, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reported as corrupt, with the advice to skip it: every large image of a folder would then
+    # have been swapped for another image of its class.
+    from PIL import Image
+
+    from look.data.sources import UnsupportedImageError, decode_image_file
+
+    path = make_png(tmp_path / "big.png", (10, 20, 30), size=20)  # 400 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the error comes past twice that
+    with pytest.raises(UnsupportedImageError, match=r"big\.png is not decoded.*resize it"):
+        decode_image_file(str(path))

@@ -60,7 +60,7 @@ DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0
 
 # Decoding failures that mean "this file is not a readable image".
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def class_members(labels: np.ndarray, num_classes: int | None = None) -> list[np.ndarray]:
@@ -80,8 +80,10 @@ class CorruptImageError(ValueError):
 
 
 class UnsupportedImageError(ValueError):
-    """A readable image whose pixels cannot be mapped to 8 bits without guessing their range (a
-    float image): an error even with ``corrupt_images='skip'``, since every such file would be."""
+    """A readable image that look does not decode: pixels that cannot be mapped to 8 bits without
+    guessing their range (a float image), or more pixels than Pillow decodes safely. An error
+    even with ``corrupt_images='skip'``: the file is not damaged, and replacing it by another
+    image of its class (every such file, for a folder of them) would train on other data."""
 
 
 # Pillow's modes of one 16-bit channel (little-, big- and native-endian).
@@ -106,16 +108,24 @@ def decode_image_file(path: str) -> torch.Tensor:
     ``DECODE_ERRORS`` when the file is not a readable image, :class:`UnsupportedImageError` for a
     float image. 16-bit grey images are scaled to 8 bits over their whole range (0 and 65535 give
     0 and 255)."""
-    with Image.open(path) as image:
-        # "I": 32-bit integers, as Pillow opens some 16-bit PNGs and TIFFs.
-        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
-            return _sixteen_bit_to_rgb(image, path)
-        if image.mode == "F":
-            raise UnsupportedImageError(
-                f"image file {path} has floating-point pixels (mode F), whose range look cannot "
-                "know (0 to 1? 0 to 255?): convert the images to 8- or 16-bit PNGs"
-            )
-        rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
+    try:
+        with Image.open(path) as image:
+            # "I": 32-bit integers, as Pillow opens some 16-bit PNGs and TIFFs.
+            if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+                return _sixteen_bit_to_rgb(image, path)
+            if image.mode == "F":
+                raise UnsupportedImageError(
+                    f"image file {path} has floating-point pixels (mode F), whose range look "
+                    "cannot know (0 to 1? 0 to 255?): convert the images to 8- or 16-bit PNGs"
+                )
+            rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
+    except Image.DecompressionBombError as error:
+        raise UnsupportedImageError(
+            f"image file {path} is not decoded: {error} (Pillow's guard, at "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels). It is no damaged file: resize it "
+            "(look resizes every image to data.image_size anyway), e.g. with Pillow's "
+            "Image.thumbnail"
+        ) from error
     return TF.pil_to_tensor(rgb)
 
 
