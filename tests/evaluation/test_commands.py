@@ -168,8 +168,10 @@ def test_corrupt_images_option_skips_unreadable_files(tmp_path: Path) -> None:
     ]  # fmt: skip
     with pytest.raises(CorruptImageError, match=r"broken\.png.*--corrupt-images skip"):
         run(build_parser().parse_args(argv))
-    with pytest.warns(RuntimeWarning, match=r"left out 1 unreadable image.*broken\.png"):
+    with pytest.warns(RuntimeWarning, match=r"left out 1 unreadable image.*broken\.png") as caught:
         assert run(build_parser().parse_args([*argv, "--corrupt-images", "skip"])) == 0
+    # Left out, not replaced: no pre-training "another image takes its place" warning.
+    assert not [w for w in caught if "takes its place" in str(w.message)]
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["features"]["train"]["num_images"] == 8, "left out, not replaced"
     assert report["features"]["train"]["unreadable_files"] == [str(root / "train/cat/broken.png")]
@@ -187,6 +189,29 @@ def test_a_training_subset_is_used_and_recorded(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["features"]["train"]["num_images"] == 12
     assert "subset=12" in report["dataset"]["description"]
+
+
+def test_a_class_whose_every_image_is_unreadable_is_left_out_not_fatal(tmp_path: Path) -> None:
+    # skip in evaluation leaves unreadable images out; it once looked for a substitute in the
+    # class, and stopped with "no readable image left in class" when there was none.
+    from tests.data.conftest import write_png
+
+    root = tmp_path / "images"
+    for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200), "owl": (9, 9, 9)}.items():
+        for i in range(3):
+            write_png(root / "train" / name / f"{i}.png", colour)
+            write_png(root / "val" / name / f"{i}.png", colour)
+    for i in range(3):
+        (root / "train" / "owl" / f"{i}.png").write_bytes(b"not a png")
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", f"imagefolder:{root}",
+        "--protocol", "knn", "--knn-k", "3", "--image-size", "16", "--device", "cpu",
+        "--no-cache", "--no-progress", "--corrupt-images", "skip", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="left out 3 unreadable image"):
+        assert run(build_parser().parse_args(argv)) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["features"]["train"]["num_images"] == 6
 
 
 def test_summary_says_when_knn_k_was_clipped_to_the_train_set(

@@ -187,11 +187,12 @@ class EvalDataset(Dataset):
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
-        return self.transform(self.source.load(index)), int(self.labels[index])
+        # Unreadable images are left out of an evaluation, not replaced (keep_readable).
+        return self.transform(self.source.load_for_evaluation(index)), int(self.labels[index])
 
     @property
     def num_skipped_files(self) -> int:
-        """Unreadable image files replaced so far (ImageFolder with ``corrupt_images='skip'``)."""
+        """Unreadable image files found so far (ImageFolder with ``corrupt_images='skip'``)."""
         return self.source.num_skipped_files
 
     @property

@@ -196,6 +196,13 @@ class ImageSource(abc.ABC):
     def load(self, index: int) -> torch.Tensor:
         """The image at ``index`` as a uint8 tensor ``(C, H, W)``, C in {1, 3}."""
 
+    def load_for_evaluation(self, index: int) -> torch.Tensor:
+        """:meth:`load`, for an evaluation that leaves unreadable images out: a file source marks
+        one unreadable (``corrupt_images='skip'``) and returns a stand-in, whose output the
+        caller drops (``look.evaluation.features.keep_readable``), instead of decoding another
+        image of the class in its place."""
+        return self.load(index)
+
     @property
     def num_skipped_files(self) -> int:
         """How many unreadable files are known: replaced so far, or found by a check of the whole
@@ -266,6 +273,9 @@ class SubsetSource(ImageSource):
 
     def load(self, index: int) -> torch.Tensor:
         return self.base.load(int(self.indices[index]))
+
+    def load_for_evaluation(self, index: int) -> torch.Tensor:
+        return self.base.load_for_evaluation(int(self.indices[index]))
 
     @property
     def num_skipped_files(self) -> int:
@@ -403,6 +413,18 @@ class ImageFolderSource(ImageSource):
             f"no readable image left in class {class_name!r} (last tried: {self.path(index)}); "
             "every file of that class failed to decode"
         )
+
+    def load_for_evaluation(self, index: int) -> torch.Tensor:
+        if self.corrupt_images == "fail" or not self._unreadable[index]:
+            try:
+                return self._decode(index)
+            except UnsupportedImageError:
+                raise
+            except DECODE_ERRORS:
+                if self.corrupt_images == "fail":
+                    return self.load(index)  # (its error names the file and the way out)
+                self._unreadable[index] = True  # (left out: the caller's warning names it)
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)  # the stand-in the caller drops
 
     def _mark_unreadable(self, index: int, error: BaseException) -> None:
         if not self._unreadable[index]:
