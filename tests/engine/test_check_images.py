@@ -97,3 +97,19 @@ def test_two_ranks_share_the_work_and_agree(tmp_path: Path) -> None:
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     expected = {"checked": 16, "unreadable": sorted(str(p) for p in bad)}
     assert results == [expected, expected]
+
+
+def test_a_run_counts_the_images_it_replaced_in_its_summary(tmp_path: Path) -> None:
+    # reliability.md says replaced images are counted: only the log's warnings said so.
+    from look.engine.trainer import pretrain
+
+    bad = write_image_folder(tmp_path / "images", broken=2)
+    overrides = image_folder_overrides(
+        tmp_path / "images", "data.corrupt_images=skip", "train.max_steps=2"
+    )
+    with pytest.warns(RuntimeWarning, match="another image of its class takes its place"):
+        pretrain(tiny_config(*overrides), tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    replaced = summary["unreadable_images_replaced_examples"]
+    assert summary["unreadable_images_replaced_this_session"] == len(replaced) >= 1
+    assert set(replaced) <= {str(path) for path in bad}

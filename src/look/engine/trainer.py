@@ -1492,6 +1492,13 @@ class Trainer:
                 model_kwargs=self.cfg.model.backbone_kwargs,
                 extra_metadata=export_metadata(self.resolved, global_step=self.global_step),
             )
+        # Unreadable images replaced this session (data.corrupt_images=skip), found by any
+        # rank's loader (each rank reads its own images: a collective).
+        replaced: list[str] = list(self.dataset.source.skipped_files)
+        if is_distributed():
+            found: list[Any] = [None] * get_world_size()
+            torch.distributed.all_gather_object(found, replaced)
+            replaced = sorted({path for paths in found for path in paths})
         if is_main_process() and not finished_before:
             summary = {
                 "global_step": self.global_step,
@@ -1506,6 +1513,8 @@ class Trainer:
                 "num_samples": self.data_info.num_samples,
                 "num_classes": self.data_info.num_classes,
                 "derived_method_options": self.derived_method_options,
+                "unreadable_images_replaced_this_session": len(replaced),
+                "unreadable_images_replaced_examples": replaced[:20],
             }
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
