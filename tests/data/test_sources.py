@@ -587,3 +587,30 @@ def test_an_image_past_pillows_size_guard_is_unsupported_not_corrupt(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the error comes past twice that
     with pytest.raises(UnsupportedImageError, match=r"big\.png is not decoded.*resize it"):
         decode_image_file(str(path))
+
+
+def test_a_photo_with_an_exif_orientation_comes_out_upright(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from look.data.sources import decode_image_file
+
+    stored = Image.new("RGB", (48, 16), (200, 30, 30))  # stored sideways, as a phone does
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    stored.save(tmp_path / "photo.jpg", exif=exif)
+    assert tuple(decode_image_file(str(tmp_path / "photo.jpg")).shape) == (3, 48, 16)
+
+
+def test_images_beside_the_class_folders_and_camera_formats_are_named_not_dropped(
+    tmp_path: Path, make_png
+) -> None:
+    root = tmp_path / "root"
+    for name in ("cat", "dog"):
+        make_png(root / "train" / name / "0.png", (10, 20, 30))
+    make_png(root / "train" / "stray.png", (10, 20, 30))
+    (root / "train" / "cat" / "IMG_0001.HEIC").write_bytes(b"\0" * 16)
+    with pytest.warns(UserWarning) as caught:
+        build_train_dataset(DataSpec("imagefolder", root=str(root)), num_views=1, seed=0)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "left out 1 image(s) lying in" in messages and "stray.png" in messages
+    assert ".heic: 1" in messages

@@ -20,7 +20,7 @@ from typing import overload
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
@@ -107,7 +107,8 @@ def decode_image_file(path: str) -> torch.Tensor:
     """The image file at ``path`` as a uint8 RGB tensor ``(3, H, W)``; raises one of
     ``DECODE_ERRORS`` when the file is not a readable image, :class:`UnsupportedImageError` for a
     float image. 16-bit grey images are scaled to 8 bits over their whole range (0 and 65535 give
-    0 and 255)."""
+    0 and 255). An EXIF orientation tag is applied (a phone's photo comes out upright); an alpha
+    channel is dropped (transparent pixels keep their colour values)."""
     try:
         with Image.open(path) as image:
             # "I": 32-bit integers, as Pillow opens some 16-bit PNGs and TIFFs.
@@ -118,7 +119,9 @@ def decode_image_file(path: str) -> torch.Tensor:
                     f"image file {path} has floating-point pixels (mode F), whose range look "
                     "cannot know (0 to 1? 0 to 255?): convert the images to 8- or 16-bit PNGs"
                 )
-            rgb = image.convert("RGB")  # forces the full decode, so truncation shows up here
+            # A phone's photo is stored sideways with an EXIF orientation tag that every viewer
+            # applies: upright, as the labeller saw it.
+            rgb = ImageOps.exif_transpose(image).convert("RGB")  # forces the full decode
     except Image.DecompressionBombError as error:
         raise UnsupportedImageError(
             f"image file {path} is not decoded: {error} (Pillow's guard, at "
@@ -766,6 +769,11 @@ def _image_folder_layout(root: Path, split_train: str, split: str) -> tuple[Path
     )
 
 
+# Image formats of phones and cameras that Pillow reads only with a plug-in: counted in the
+# warning about left-out extensions, not dropped without a word.
+_CAMERA_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".dng", ".cr2", ".nef", ".arw"})
+
+
 def _list_images(split_folder: Path, class_to_index: dict[str, int]) -> list[tuple[str, int]]:
     """``(path, class index)`` of every image below ``split_folder``'s class folders, in
     torchvision's ImageFolder order (folders walked in sorted order, files sorted in each).
@@ -776,7 +784,9 @@ def _list_images(split_folder: Path, class_to_index: dict[str, int]) -> list[tup
     class's images as cats) is left out with a warning, as is a class folder that is a broken
     link; and files
     Pillow could read but whose extension is not an image extension torchvision lists (``.gif``,
-    ``.jfif``) are counted in a warning rather than dropped without a word.
+    ``.jfif``), or a camera format Pillow needs a plug-in for (``.heic``), and images lying in the
+    split folder beside the class folders, are counted in a warning rather than dropped without
+    a word.
     """
     split_real = split_folder.resolve()
     seen_folders: set[Path] = set()
@@ -784,9 +794,17 @@ def _list_images(split_folder: Path, class_to_index: dict[str, int]) -> list[tup
     other_extensions: dict[str, int] = {}
     readable_by_pillow = {e.lower() for e in Image.registered_extensions()}
     samples: list[tuple[str, int]] = []
+    loose: list[str] = []  # images beside the class folders: in no class
     for entry in sorted(split_folder.iterdir()):
         if entry.is_symlink() and not entry.exists() and not entry.name.startswith("."):
             warn_on_first_rank(f"imagefolder: {entry} is a link to nothing; left out")
+        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS:
+            loose.append(entry.name)
+    if loose:
+        warn_on_first_rank(
+            f"imagefolder: left out {len(loose)} image(s) lying in {split_folder} itself, "
+            f"outside every class folder: {name_some(loose)}; move each into its class's folder"
+        )
     class_reals = {
         name: (split_folder / name).resolve()
         for name in class_to_index
@@ -827,7 +845,7 @@ def _list_images(split_folder: Path, class_to_index: dict[str, int]) -> list[tup
                 extension = os.path.splitext(file)[1].lower()
                 if extension in IMG_EXTENSIONS:
                     samples.append((os.path.join(folder, file), class_to_index[name]))
-                elif extension in readable_by_pillow:
+                elif extension in readable_by_pillow or extension in _CAMERA_EXTENSIONS:
                     other_extensions[extension] = other_extensions.get(extension, 0) + 1
     if looping:
         warn_on_first_rank(
