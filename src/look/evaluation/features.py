@@ -64,7 +64,7 @@ __all__ = [
 
 DEFAULT_FEATURE_CACHE_DIR = "~/.cache/look/features"
 # Bump when the stored content or the key's meaning changes: old entries then simply miss.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: images decoded upright by their EXIF orientation
 # Rows per all_gather round: bounds the extra device memory of a gather to world × rows × d.
 _GATHER_CHUNK_ROWS = 65536
 # Unreadable files named in full in a warning; the rest are counted.
