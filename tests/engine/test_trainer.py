@@ -574,3 +574,14 @@ def test_ranks_build_the_same_model_then_draw_their_own_masks(tmp_path: Path) ->
     one_process = Trainer(tiny_config(), tmp_path / "one")  # rank 0 draws as one process does
     assert torch.equal(next(one_process.method.parameters()).detach(), ranks[0]["parameter"])
     assert torch.equal(torch.rand(8), ranks[0]["draw"])
+
+
+def test_progress_in_a_log_that_is_no_terminal_is_whole_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A SLURM .out file: tqdm's carriage returns made one endless line of the whole run.
+    pretrain(tiny_config("train.progress=true", "train.max_steps=6"), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "look: step" in line]
+    assert lines[0].startswith("look: step 1/6 (16.7 %), loss ") and "img/s, about" in lines[0]
+    assert lines[-1].startswith("look: step 6/6 (100.0 %)") and lines[-1].endswith("0:00:00 left")
+    assert len(lines) == 2, "one line per 30 s in between"

@@ -5,6 +5,7 @@ logging, checkpoints that resume exactly, export)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -358,6 +359,34 @@ class _PendingTrainLog:
     ready: torch.cuda.Event | None
 
 
+class _ProgressLines:
+    """Progress as whole lines on stderr, for a log that is no terminal: the first logged step,
+    then one every :attr:`interval_s` seconds, and the last step."""
+
+    interval_s = 30.0
+
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.start_step, self.started = start_step, time.perf_counter()
+        self.last_shown: float | None = None
+
+    def show(self, step: int, loss: float, images_per_s: float) -> None:
+        now = time.perf_counter()
+        due = self.last_shown is None or now - self.last_shown >= self.interval_s
+        if not (due or step >= self.total_steps):
+            return
+        self.last_shown = now
+        done = step - self.start_step
+        remaining = (now - self.started) / done * (self.total_steps - step) if done else 0.0
+        print(
+            f"look: step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f} %), "
+            f"loss {loss:.4f}, {images_per_s:.0f} img/s, about "
+            f"{datetime.timedelta(seconds=round(remaining))} left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 class Trainer:
     """One pre-training run in ``output_dir``; re-running it resumes from the last good checkpoint."""
 
@@ -374,6 +403,7 @@ class Trainer:
         method_cls = get_method_class(str(cfg.method.get("name")))
         self.resolved = to_dict(cfg)
         self.resolved["method"] = method_cls.resolved_options(cfg.method)
+        self._progress_lines: _ProgressLines | None = None  # (fit's, in a log that is no terminal)
         # A node started with other settings (its own --set) would train another problem, or
         # hang in a collective its peers never enter: every rank stops instead, naming them.
         check_every_rank_agrees(
@@ -1116,6 +1146,8 @@ class Trainer:
             progress.set_postfix(
                 loss=f"{values['loss']:.4f}", img_s=f"{pending.images_per_s:.0f}", refresh=False
             )
+        if self._progress_lines is not None:
+            self._progress_lines.show(pending.step, values["loss"], pending.images_per_s)
 
     def _forward(self, epoch: int, batch: Batch) -> StepOutput:
         try:
@@ -1394,12 +1426,16 @@ class Trainer:
         self.method.train()
 
         epoch_seconds: list[float] = []
+        # A batch job's log (SLURM's .out file) is no terminal: a bar redrawn with carriage
+        # returns would be one endless line there, so it gets a line of its own now and then.
+        if self._show_progress() and not sys.stderr.isatty():
+            self._progress_lines = _ProgressLines(self.global_step, self.total_steps)
         progress = tqdm(
             total=self.total_steps,
             initial=self.global_step,
             desc=f"pretrain {self.resolved['method']['name']}",
             unit="step",
-            disable=not self._show_progress(),
+            disable=not self._show_progress() or self._progress_lines is not None,
             dynamic_ncols=True,
         )
         epoch_start = time.perf_counter()
