@@ -61,7 +61,7 @@ def test_recipe_names_are_looked_up_in_named_folders(tmp_path: Path) -> None:
 
 def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["pretrain", "--config", "no_such_recipe", "--output", str(tmp_path)]) == 2
-    assert "config 'no_such_recipe' not found" in capsys.readouterr().err
+    assert "config 'no_such_recipe' does not exist" in capsys.readouterr().err
     assert main(_pretrain_args(tmp_path / "r", "method.k=500")) == 2
     assert "k=500 is impossible" in capsys.readouterr().err
 

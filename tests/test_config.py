@@ -296,5 +296,5 @@ def test_recipes_installed_under_any_install_scheme_are_found(
         ),
     )
     assert resolve_recipe("company_recipe") == (recipes / "company_recipe.yaml").resolve()
-    with pytest.raises(FileNotFoundError, match=r"'no_such_recipe' not found.*company_recipe"):
+    with pytest.raises(FileNotFoundError, match=r"'no_such_recipe' does not exist.*company_recipe"):
         resolve_recipe("no_such_recipe")

@@ -469,7 +469,7 @@ def resolve_recipe(name: str | Path) -> Path:
     )
     folders = ", ".join(str(folder) for folder in recipe_folders())
     raise FileNotFoundError(
-        f"config {str(name)!r} not found: not a file, and no recipe of that name in {folders}. "
+        f"config {str(name)!r} does not exist: not a file, and no recipe of that name in {folders}. "
         f"Recipes: {available}"
     )
 
@@ -479,7 +479,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     overrides, validated."""
     values = to_dict(RunConfig())
     if path is not None:
-        values = _deep_merge(values, load_yaml(resolve_recipe(path)))
+        try:
+            path = resolve_recipe(path)
+        except FileNotFoundError as error:
+            # (a ConfigError, like every other problem of a recipe)
+            raise ConfigError(str(error)) from error
+        values = _deep_merge(values, load_yaml(path))
     values = apply_overrides(values, overrides)
     _refuse_k_set_next_to_k_fraction(values, overrides)
     return config_from_dict(values)
