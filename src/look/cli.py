@@ -245,10 +245,14 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_methods(_: argparse.Namespace) -> int:
     import dataclasses
 
-    from look.methods import registered_methods
+    from look.methods import METHODS, registered_methods
 
-    for name, cls in registered_methods().items():
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    broken: list[str] = []
+    for name, cls in registered_methods(broken=broken).items():
+        module_doc = sys.modules[cls.__module__].__doc__ or ""
+        # A plug-in's own class docstring: several methods of one module tell themselves apart.
+        own = "" if name in METHODS else cls.__dict__.get("__doc__") or ""
+        doc = (own or module_doc).strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
         choices = getattr(cls.Options, "CHOICES", {})
         fixed = getattr(cls.Options, "FIXED", {})
@@ -258,6 +262,8 @@ def _run_methods(_: argparse.Namespace) -> int:
             if f.name in fixed:
                 allowed = f"  (fixed: {fixed[f.name]})"
             print(f"    {f.name} = {default!r}{allowed}")
+    for problem in broken:
+        print(f"look: warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -238,6 +238,19 @@ def dataclass_from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = dataclass_from_dict(annotation, value, full)
         else:
             kwargs[key] = _coerce(value, annotation, full)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:  # (a plug-in method's option without a default: a TypeError otherwise)
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{', '.join(repr(where + name) for name in required)} must be given: no default"
+        )
     return cls(**kwargs)
 
 

@@ -31,36 +31,75 @@ METHODS: dict[str, type[Method]] = {
 ENTRY_POINT_GROUP = "look.methods"
 
 
-def registered_methods() -> dict[str, type[Method]]:
-    """The built-in methods and those other installed packages register (entry points)."""
+def _load_plugin(entry: Any) -> type[Method]:
+    """The method class an entry point names, checked: a ConfigError names what is wrong."""
+    import dataclasses
+
+    try:
+        cls = entry.load()
+    except Exception as error:
+        raise ConfigError(
+            f"method {entry.name!r} registered by entry point {entry.value!r} cannot be "
+            f"loaded: {type(error).__name__}: {error}"
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            f"entry point {entry.name!r} = {entry.value!r} is not a look.methods.Method"
+        )
+    if cls.name != entry.name:
+        # Runs record the class's name: another one could not be trained again from config.yaml.
+        raise ConfigError(
+            f"method class {entry.value!r} has name {cls.name!r} but is registered as "
+            f"{entry.name!r}: set name = {entry.name!r} on the class"
+        )
+    if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
+        raise ConfigError(
+            f"method {entry.name!r} ({entry.value}) has no Options dataclass: set "
+            "Options = a @dataclass of its options, each with a default (an empty one if none)"
+        )
+    return cls
+
+
+def registered_methods(*, broken: list[str] | None = None) -> dict[str, type[Method]]:
+    """The built-in methods and those other installed packages register (entry points).
+
+    A plug-in that cannot be loaded is left out, its error appended to ``broken`` (raised
+    instead when ``broken`` is None), so that one broken package stops none of the others; a
+    plug-in registered under a built-in's name is left out with a warning."""
+    import warnings
     from importlib.metadata import entry_points
 
     found = dict(METHODS)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in found:
-            continue  # a built-in (or an earlier registration) keeps its name
-        try:
-            cls = entry.load()
-        except Exception as error:  # a broken plug-in must not stop the built-in methods
-            raise ConfigError(
-                f"method {entry.name!r} registered by entry point {entry.value!r} cannot be "
-                f"loaded: {type(error).__name__}: {error}"
-            ) from error
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ConfigError(
-                f"entry point {entry.name!r} = {entry.value!r} is not a look.methods.Method"
+            warnings.warn(
+                f"entry point {entry.name!r} = {entry.value!r} is left out: the name is taken "
+                "by a built-in method (or an earlier registration)",
+                RuntimeWarning,
+                stacklevel=2,
             )
-        found[entry.name] = cls
+            continue
+        try:
+            found[entry.name] = _load_plugin(entry)
+        except ConfigError as error:
+            if broken is None:
+                raise
+            broken.append(str(error))
     return found
 
 
 def get_method_class(name: str) -> type[Method]:
     if name in METHODS:
         return METHODS[name]
-    methods = registered_methods()
-    if name not in methods:
-        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(methods)}")
-    return methods[name]
+    from importlib.metadata import entry_points
+
+    # Only the requested plug-in is loaded: another, broken one must not stop it.
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return _load_plugin(entry)
+    broken: list[str] = []
+    methods = registered_methods(broken=broken)
+    unloadable = f"; plug-ins that could not be loaded: {'; '.join(broken)}" if broken else ""
+    raise ConfigError(f"unknown method {name!r}; choose one of {sorted(methods)}{unloadable}")
 
 
 def build_method(

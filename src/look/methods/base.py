@@ -114,12 +114,16 @@ class MethodContext:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``Options`` (a dataclass), ``num_views`` and implement forward.
+    """Base class. Subclasses set ``name`` (the registry's), ``Options`` (a dataclass whose fields
+    all have defaults), ``num_views`` and implement forward.
 
-    The training loop calls only :meth:`forward` (through DDP when distributed),
-    :meth:`after_optimizer_step`, :meth:`checkpoint_state` / :meth:`load_checkpoint_state` (on
-    every rank), :meth:`exact_redo` when a step's output says it was inexact, and, on a fresh
-    run, :meth:`warmup_step` for every batch of one pass when :attr:`needs_warmup_pass` is true.
+    The training loop calls :meth:`forward` (through DDP when distributed),
+    :meth:`after_optimizer_step`, or :meth:`discard_step` for a skipped step,
+    :meth:`write_pending_memory` (the writes :meth:`queue_memory_write` queued),
+    :meth:`checkpoint_state` / :meth:`load_checkpoint_state` (on every rank),
+    :meth:`sync_batchnorm_conflict` once, :meth:`exact_redo` when a step's output says it was
+    inexact, and, on a fresh run, :meth:`warmup_step` for every batch of one pass when
+    :attr:`needs_warmup_pass` is true.
     """
 
     name: ClassVar[str] = "base"
