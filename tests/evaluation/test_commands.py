@@ -214,6 +214,28 @@ def test_a_class_whose_every_image_is_unreadable_is_left_out_not_fatal(tmp_path:
     assert report["features"]["train"]["num_images"] == 6
 
 
+def test_small_images_enlarged_to_an_image_folders_default_size_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    # 20-px images evaluated at 224 px took minutes, without a word.
+    from tests.data.conftest import write_png
+
+    root = tmp_path / "images"
+    for name, colour in {"cat": (200, 30, 30), "dog": (30, 30, 200)}.items():
+        for i in range(3):
+            write_png(root / "train" / name / f"{i}.png", colour)
+            write_png(root / "val" / name / f"{i}.png", colour)
+    argv = [
+        "evaluate", "--timm", "look_cnn_small", "--dataset", f"imagefolder:{root}",
+        "--protocol", "knn", "--knn-k", "3", "--device", "cpu", "--no-cache", "--no-progress",
+        "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"evaluated at 224 px.*is 20x20\): pass --image-size"):
+        assert run(build_parser().parse_args(argv)) == 0
+    model = json.loads((tmp_path / "out" / "results.json").read_text())["model"]
+    assert model["frozen_feature_dim"] == model["feature_dim"]  # (the head's with --head)
+
+
 def test_summary_says_when_knn_k_was_clipped_to_the_train_set(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,7 +45,8 @@ Frozen features are the backbone's global-pool output (the projection head's emb
 and the name, size, modification and status-change times of every image file (so replaced
 images are re-read, even ones copied with their old modification time).
 The image size defaults to the pre-training image size recorded with the model (so digits are
-resized to 28 px for a Fashion-MNIST model), else the dataset's own size.
+resized to 28 px for a Fashion-MNIST model), else the dataset's own size (224 px for an image
+folder, whatever its images' size: a warning says when they are much smaller; --image-size).
 
 Coarse-to-fine transfer: evaluate a model pre-trained with coarse labels with --labels fine;
 {RESULTS_FILE} records both the pre-training and the evaluation labels.
@@ -117,7 +118,8 @@ def register(subparsers: Any) -> None:
         "--image-size",
         type=int,
         metavar="N",
-        help="evaluation image size (default: the pre-training image size, else the dataset's)",
+        help="evaluation image size (default: the pre-training image size, else the dataset's: "
+        "224 for an image folder)",
     )
     data.add_argument(
         "--corrupt-images",

@@ -244,6 +244,29 @@ def _split_features(
     return readable, dataset.labels[keep], info
 
 
+def _warn_if_enlarged(dataset: EvalDataset, size: int) -> None:
+    """Warn when an image folder's first image is under half the evaluation size it gets by
+    default (224 px): 20-px images enlarged 11 times, slowly, without a word."""
+    paths = dataset.source.file_paths
+    if not paths:
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(paths[0]) as image:  # (its header only)
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError):
+        return  # an unreadable file is reported where it is decoded
+    if 2 * max(width, height) <= size:
+        warnings.warn(
+            f"the images are evaluated at {size} px, an image folder's default, but they are "
+            f"small ({paths[0]} is {width}x{height}): pass --image-size (image_size) to evaluate "
+            "them nearer their own size, at a fraction of the cost",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_evaluation_data(spec: DataSpec, labels: str) -> None:
     """Refuse, before any work and in evaluate's own terms, data that cannot be evaluated."""
     # Synthetic data builds its own coarse grouping; other datasets need a shipped one.
@@ -380,7 +403,10 @@ def _report_content(
         "model": {
             **loaded.identity,
             **({"label": label} if label else {}),  # the report's row label, when given
+            # The backbone's; the frozen protocols' own size is features.*.feature_dim (the
+            # head's with --head).
             "feature_dim": loaded.feature_dim,
+            "frozen_feature_dim": loaded.head_dim if use_head else loaded.feature_dim,
             "frozen_features": (
                 f"L2-normalised projection head embedding normalize(g(f(x))), dim {loaded.head_dim}"
                 if use_head
@@ -578,6 +604,8 @@ def evaluate(
         test_data = datasets.get("test") or build_eval_dataset(spec, "test", labels)
         if info is None:
             info = test_data[1]
+        if size_origin == "dataset default":
+            _warn_if_enlarged(test_data[0], size)
         test_ratio = class_count_ratio(torch.as_tensor(test_data[0].labels))
         test_balance = {
             "test_class_count_ratio": test_ratio,
