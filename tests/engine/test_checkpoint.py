@@ -315,3 +315,37 @@ def test_discarding_removes_every_checkpoint_and_a_crashed_discards_leftover(
     assert not checkpoints.exists() and not leftover.exists()
     assert find_latest_checkpoint(checkpoints) is None  # a fresh start finds nothing
     assert discard_checkpoints(checkpoints) == 0  # nothing there: nothing to do
+
+
+def test_a_short_write_says_the_disk_may_be_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's writer says "unexpected pos 7104768 vs 7104656" when the disk fills up.
+    import look.engine.checkpoint as checkpoint_module
+
+    def short_write(state: object, path: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 96 vs 64")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", short_write)
+    with pytest.raises(
+        OSError, match=r"ckpt-000000003.pt came up short .* the disk is full \(\d+ MB free"
+    ):
+        save_checkpoint(tmp_path, 3, {"x": 1})
+    assert not list(tmp_path.iterdir()), "no temporary file left"
+
+
+def test_without_a_manifest_checksum_a_damaged_record_is_caught_by_its_crc(tmp_path: Path) -> None:
+    # torch.load reads a tensor whose bytes were flipped without complaint: with the manifest
+    # gone, the damaged newest checkpoint was loaded.
+    save_checkpoint(tmp_path, 4, {"weights": torch.arange(1000, dtype=torch.float32)})
+    save_checkpoint(tmp_path, 5, {"weights": torch.arange(1000, dtype=torch.float32) + 1})
+    newest = tmp_path / "ckpt-000000005.pt"
+    data = bytearray(newest.read_bytes())
+    start = data.index(torch.tensor([7.0]).numpy().tobytes())  # inside the tensor's record
+    data[start : start + 8] = b"\xff" * 8
+    newest.write_bytes(bytes(data))
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.warns(RuntimeWarning) as caught:
+        state, path = load_latest_checkpoint(tmp_path)  # type: ignore[misc]
+    assert path.name == "ckpt-000000004.pt" and state["weights"][7] == 7
+    assert any("fails its CRC-32 check" in str(w.message) for w in caught)

@@ -123,9 +123,10 @@ def test_a_failed_save_is_a_step_error_that_keeps_the_last_checkpoint(
     with pytest.raises(
         TrainingStepError,
         match=r"step 6 failed saving its checkpoint: .*No space left on device.*"
-        r"The last good checkpoint in .* is kept",
-    ):
+        r"The last good checkpoint, ckpt-000000004.pt in .*, is kept",
+    ) as failed:
         pretrain(tiny_config(), tmp_path / "run")
+    assert str(failed.value).count("failed saving") == 1, "said once, not wrapped twice"
     assert find_checkpoint_files(tmp_path / "run" / "checkpoints") == {"ckpt-000000004.pt": 4}
 
 

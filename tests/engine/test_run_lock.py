@@ -77,3 +77,36 @@ def test_every_rank_stops_when_rank_0_finds_the_directory_busy(tmp_path: Path) -
         mp.spawn(_pretrain_expecting_busy, args=(free_port(), str(run)), nprocs=2)
     for rank in (0, 1):  # rank 1 did not wait for rank 0 in a collective
         assert "in use by another" in (run / f"rank{rank}.stopped").read_text()
+
+
+def test_a_run_whose_folder_was_removed_stops_instead_of_sharing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder deleted mid-run: a second job locked a new lock file there and both trained
+    # into one folder.
+    import shutil
+
+    from look.engine.trainer import Trainer, TrainingStepError
+
+    run = tmp_path / "run"
+    lock = RunDirectoryLock(run)
+    lock.acquire()
+    (run / LOCK_NAME).unlink()
+    assert not lock.held(), "the file at the path is no longer the locked one"
+    second = RunDirectoryLock(run)
+    second.acquire()  # (what a second job now could do)
+    assert second.held()
+    second.release()
+    lock.release()
+
+    original = Trainer._finish_step
+
+    def remove_the_folder_at_step_2(self: Trainer, *, skipped: bool) -> None:
+        original(self, skipped=skipped)
+        if self.global_step == 1:  # (counted after this call: step 2 is in progress next)
+            shutil.rmtree(run)
+
+    monkeypatch.setattr(Trainer, "_finish_step", remove_the_folder_at_step_2)
+    with pytest.raises(TrainingStepError, match=r"was removed or replaced while this job trained"):
+        pretrain(tiny_config(), run)
+    assert not (run / "checkpoints").exists(), "nothing saved into the folder another job may use"

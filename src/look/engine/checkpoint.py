@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -133,7 +134,18 @@ def save_checkpoint(
             (directory / stale["file"]).unlink(missing_ok=True)
 
     with atomic_write_path(final_path, prefix=".ckpt-", suffix=_TEMP_SUFFIX, durable=True) as temp:
-        torch.save(state, temp)
+        try:
+            torch.save(state, temp)
+        except RuntimeError as error:
+            if "unexpected pos" not in str(error) and "failed writing" not in str(error):
+                raise
+            # torch's writer reports a short write (a full disk, a file-size limit) in terms of
+            # its zip stream: say what it means.
+            free = shutil.disk_usage(directory).free
+            raise OSError(
+                f"writing {final_path.name} came up short ({error}): the disk is full "
+                f"({free / 1e6:.0f} MB free in {directory}) or a file-size limit was reached"
+            ) from error
     entry = {
         "file": final_path.name,
         "step": step,
@@ -345,6 +357,18 @@ def _verify_against_manifest(path: Path, entry: dict[str, Any]) -> None:
                 f"checkpoint {path} has sha256 {actual_sha} but the manifest recorded "
                 f"{expected_sha} (the file was modified after it was written)"
             )
+        return
+    # No checksum of ours (an unreadable manifest, or a file it does not list): the CRC-32 of
+    # every record of torch's zip, which torch.load itself does not check.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointCorruptError(f"checkpoint {path} is no whole zip file ({error})") from error
+    if damaged is not None:
+        raise CheckpointCorruptError(
+            f"checkpoint {path} is damaged: its record {damaged!r} fails its CRC-32 check"
+        )
 
 
 def _torch_load(path: Path, map_location: Any, *, mmap: bool = False) -> dict[str, Any]:
@@ -443,10 +467,9 @@ def find_latest_checkpoint(directory: Path | str) -> Path | None:
     failures: list[str] = []
     for path, entry, older_follows in _candidates_newest_first(directory):
         try:
-            if isinstance(entry.get("sha256"), str):
-                _verify_against_manifest(path, entry)
-            else:
-                # No checksum to compare: a full (memory-mapped, so cheap) load is the check.
+            _verify_against_manifest(path, entry)
+            if not isinstance(entry.get("sha256"), str):
+                # No checksum of ours: the load (memory-mapped, so cheap) is checked too.
                 _torch_load(path, "cpu", mmap=True)
         except (CheckpointCorruptError, OSError) as error:
             _warn_skipped(path, error, older_follows)

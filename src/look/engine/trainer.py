@@ -508,6 +508,7 @@ class Trainer:
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.running_statistics = RunningStatistics(self.method)
+        self._lock: RunDirectoryLock | None = None  # fit's, on rank 0
         self.optimizer = build_optimizer(
             ((n, p) for n, p in self.method.named_parameters() if p.requires_grad),
             name=cfg.optim.name,
@@ -595,6 +596,8 @@ class Trainer:
         last one counted) and the kept checkpoint."""
         try:
             yield
+        except TrainingStepError:
+            raise  # (already one: said once)
         except (ValueError, RuntimeError, *also) as exc:
             raise TrainingStepError(
                 f"step {self.global_step if step is None else step} failed {stage}: "
@@ -603,8 +606,10 @@ class Trainer:
 
     def _kept_checkpoint(self) -> str:
         """What a failed step leaves to resume from, for its error message."""
-        if find_checkpoint_files(self.checkpoint_dir):
-            return f"The last good checkpoint in {self.checkpoint_dir} is kept."
+        found = find_checkpoint_files(self.checkpoint_dir)
+        if found:
+            newest = max(found, key=found.__getitem__)
+            return f"The last good checkpoint, {newest} in {self.checkpoint_dir}, is kept."
         return "No checkpoint had been written yet."
 
     def rehearse_step(self) -> dict[str, Any]:
@@ -697,6 +702,16 @@ class Trainer:
         # Every rank builds the state (it may be a collective); rank 0 alone writes it.
         state = self.state_dict()
         if is_main_process():
+            lock = self._lock
+            if lock is not None and not lock.held():
+                # Removed or replaced since the job locked it: another job may be training there
+                # now, and the two would write one run. (Nothing is saved over its files.)
+                raise TrainingStepError(
+                    f"step {self.global_step}: the run folder {self.output_dir} was removed or "
+                    f"replaced while this job trained (its {lock.path.name} is not the file "
+                    "this job locked), so another job may now be training there; stopped "
+                    "without saving. Re-run into a folder of its own."
+                )
             # A full disk or a lost mount: one line that names the step and what is kept.
             with self._step_errors("saving its checkpoint", also=(OSError,)):
                 save_checkpoint(
@@ -1334,7 +1349,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunDirectoryLock(self.output_dir)
+        lock = self._lock = RunDirectoryLock(self.output_dir)
         busy = None
         if is_main_process():
             try:
