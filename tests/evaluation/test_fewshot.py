@@ -72,7 +72,7 @@ def test_only_classes_with_enough_images_are_sampled() -> None:
         features, labels, n_way=3, k_shot=1, queries=5, episodes=5, seed=0
     )
     assert eligible == 3
-    with pytest.raises(ValueError, match="only 3 of 6 classes qualify"):
+    with pytest.raises(ValueError, match="only 3 of the 6 classes present in the test split qualify"):
         fewshot_episode_accuracies(
             features, labels, n_way=4, k_shot=1, queries=5, episodes=5, seed=0
         )

@@ -312,7 +312,7 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path, count_extractions: li
         evaluate(
             ModelSource(timm="look_cnn_small"), SYNTHETIC_SPEC, "knn", labels="nope.json", **common
         )
-    with pytest.raises(ValueError, match="only 4 of 4 classes qualify"):
+    with pytest.raises(ValueError, match="only 4 of the 4 classes present in the test split qualify"):
         evaluate(
             ModelSource(timm="look_cnn_small"),
             SYNTHETIC_SPEC,

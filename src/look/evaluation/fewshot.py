@@ -109,8 +109,8 @@ def eligible_classes(labels: Tensor, *, n_way: int, k_shot: int, queries: int) -
     if len(eligible) < n_way:
         raise ValueError(
             f"{n_way}-way {k_shot}-shot episodes with {queries} queries need {n_way} classes with "
-            f"at least {per_class} test images each; only {len(eligible)} of {len(classes)} classes "
-            "qualify. Lower n_way, shots or queries (`look evaluate --fewshot-ways, "
+            f"at least {per_class} test images each; only {len(eligible)} of the {len(classes)} "
+            "classes present in the test split qualify. Lower n_way, shots or queries (`look evaluate --fewshot-ways, "
             "--fewshot-shots, --fewshot-queries`), or leave fewshot out of --protocol"
         )
     return eligible
