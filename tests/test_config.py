@@ -249,6 +249,11 @@ def test_a_value_cut_short_by_a_yaml_comment_is_refused_with_the_quoting(text: s
         parse_override(text)
 
 
+def test_a_mapping_cut_short_by_a_comment_is_told_to_drop_it() -> None:
+    with pytest.raises(ConfigError, match="drop the comment, or quote the text inside"):
+        parse_override("optim={lr: 0.05, epochs: 20} # x")
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [

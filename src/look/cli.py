@@ -54,7 +54,11 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "The resolved config, metrics (CSV/JSONL/TensorBoard), checkpoints and the exported "
         "backbone go to --output; re-running with the same --output resumes exactly.",
     )
-    p.add_argument("--config", help="YAML recipe: a path or a name in configs/")
+    p.add_argument(
+        "--config",
+        help="YAML recipe: a path, or a recipe name (found in the working folder's configs/, "
+        "the source tree's, or the installed share/look/configs)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -220,6 +224,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         plan = trainer.plan()
         if args.check_images:
             plan["images_checked"], unreadable = trainer.check_images()
+            if not trainer.dataset.source.file_paths:
+                plan["images_checked"] = "none: the dataset is held in memory, with no files"
             plan["unreadable_images"] = [f"{image.path} ({image.error})" for image in unreadable]
         # One step, kept nowhere: the errors only a step meets, before the job is queued.
         plan["rehearsed_step"] = trainer.rehearse_step()

@@ -368,9 +368,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         ) from exc
     if "#" in raw and _without_comment_marks(raw) != value:
         # `data.root=batch #3` read as `batch` plus a comment: another folder, silently.
+        fix = (
+            "drop the comment, or quote the text inside that holds the '#'"
+            if isinstance(value, (dict, list))
+            else f"quote the value to keep its '#': --set '{key}=\"{raw.strip()}\"'"
+        )
         raise ConfigError(
             f"override {text!r}: YAML reads ' #' as the start of a comment, so the value would "
-            f"be {value!r}; quote the value to keep its '#': --set '{key}=\"{raw.strip()}\"'"
+            f"be {value!r}; {fix}"
         )
     return key.split("."), value
 

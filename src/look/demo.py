@@ -283,7 +283,10 @@ def run_demo(
     trained: dict[str, Path] = {}
     to_train = {_run_key(r): r for r in runs if r.method is not None}
     # Closed on the way out, errors included: a message then starts on a line of its own.
-    with tqdm(total=len(to_train) + 2, desc="demo", unit="stage", position=0) as stages:
+    # (disable=None: the bars are drawn on a terminal only, not into a redirected log)
+    with tqdm(
+        total=len(to_train) + 2, desc="demo", unit="stage", position=0, disable=None
+    ) as stages:
         for key, run in to_train.items():
             stages.set_postfix_str(f"pre-train {key}")
             run_dir = output_dir / "pretrain" / key
@@ -309,7 +312,7 @@ def run_demo(
         )
         result_files: dict[str, list[Path]] = {SCENARIO_COARSE: [], SCENARIO_DIGITS: []}
         notes: dict[str, None] = {}  # the evaluations' warnings, in order, without repeats
-        for run in tqdm(runs, desc="evaluate", position=1, leave=False):
+        for run in tqdm(runs, desc="evaluate", position=1, leave=False, disable=None):
             slug = run.name.split(" ")[0] + ("" if run.method is None else f"_{run.labels}")
             out = output_dir / "eval" / run.scenario / f"{slug}_s{run.seed}"
             if not _finished_evaluation(out / "results.json"):

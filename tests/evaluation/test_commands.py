@@ -189,6 +189,14 @@ def test_a_training_subset_is_used_and_recorded(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["features"]["train"]["num_images"] == 12
     assert "subset=12" in report["dataset"]["description"]
+    assert report["dataset"]["train_subset"] == 12
+    # Another subset re-reads the training split only: the test split's features are shared.
+    cached = [a for a in argv[:-2] if a != "--no-cache"] + ["--cache-dir", str(tmp_path / "cache")]
+    for subset in ("12", "16"):
+        cached[cached.index("--train-subset") + 1] = subset
+        assert run(build_parser().parse_args([*cached, "--output", str(tmp_path / subset)])) == 0
+    features = json.loads((tmp_path / "16" / "results.json").read_text())["features"]
+    assert (features["train"]["from_cache"], features["test"]["from_cache"]) == (False, True)
 
 
 def test_a_class_whose_every_image_is_unreadable_is_left_out_not_fatal(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ Inputs are results.json files written by `look evaluate`, multimodality.json fil
 (n seeds), the best mean of a column in bold, — where a protocol was not run, and "k = N" in a
 kNN cell whose training split allowed only N neighbours; a one-seed few-shot cell shows its 95%
 CI over episodes and says so. Two inputs with the same row, dataset and seed are named in a
-warning (each still counts as a seed). Runs of one row that differ in a setting (pre-training
+warning and averaged into one seed (the cell says "3 runs of 2 seeds"). Runs of one row that differ in a setting (pre-training
 data, labels or grouping file, size or length; evaluation image size, grouping, protocol
 settings; never the seed or paths), and rows of one dataset evaluated differently, are named in a
 warning with the values and files, and their cells are marked in REPORT.md (a Warnings section).

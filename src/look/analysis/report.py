@@ -491,10 +491,10 @@ def _warn_repeated_seeds(
     for (method, dataset, seed), paths in repeated.items():
         warnings.warn(
             RepeatedSeedWarning(
-                f"{len(paths)} inputs give {method!r} on {dataset} seed {seed}, so each counts as "
-                f"one more seed of that row: {', '.join(str(p) for p in paths)}. If they "
-                "evaluate one model twice, or different models that share the row label, "
-                "report only one of them"
+                f"{len(paths)} inputs give {method!r} on {dataset} seed {seed}; they are "
+                f"averaged into one seed of that row (its cells say 'N runs of M seeds'): "
+                f"{', '.join(str(p) for p in paths)}. If they are different models that share "
+                "the row label, give them labels of their own (look evaluate --label)"
             ),
             stacklevel=3,
         )
@@ -1231,7 +1231,8 @@ def write_report(
         "",
         f"Collected by `look report` from {len(result_paths)} results file(s) and "
         f"{len(multimodality_paths)} multi-modality file(s). A cell is the mean ± sample standard "
-        "deviation over seeds (number of seeds in brackets; a single-seed few-shot cell says "
+        "deviation over seeds (number of seeds in brackets, and of runs where a seed was "
+        "evaluated more than once: its runs are averaged first; a single-seed few-shot cell says "
         "when its ± is the confidence interval over episodes instead); the best mean of a column "
         f"is in bold; {MISSING} means not evaluated. The same numbers, and every secondary metric, "
         "are in [report.json](report.json) and [report.csv](report.csv).",

@@ -211,8 +211,9 @@ def stratified_subset(labels: torch.Tensor, size: int, *, seed: int = SUBSET_SEE
     classes, counts = np.unique(label_array, return_counts=True)
     if not len(classes) <= size <= total:
         raise ValueError(
-            f"data.subset={size} must lie between the number of classes ({len(classes)}) and the "
-            f"number of training images ({total})"
+            f"a training subset of {size} images (data.subset; look evaluate --train-subset) "
+            f"must lie between the number of classes ({len(classes)}) and the number of training "
+            f"images ({total})"
         )
     exact = counts * size / total
     quota = np.floor(exact).astype(np.int64)

@@ -88,7 +88,9 @@ def find_unreadable_images(
     )
     checked = 0
     unreadable: list[UnreadableImage] = []
-    with tqdm(total=len(paths), desc="check images", unit="img", disable=not progress) as bar:
+    # (disable=None: no bar where stderr is no terminal, a batch log it would fill with one line)
+    shown = None if progress else True
+    with tqdm(total=len(paths), desc="check images", unit="img", disable=shown) as bar:
         for count, failures in loader:
             checked += count
             unreadable.extend(failures)

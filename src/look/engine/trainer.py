@@ -1048,8 +1048,10 @@ class Trainer:
         self._batch_iterator = start_workers(
             self._loader(epoch=0, start_step=0), self.worker_signals
         )
-        warmup = tqdm(
-            self._batch_iterator, desc="memory warm-up", disable=not self._show_progress()
+        warmup = tqdm(  # (disable=None: on a terminal only)
+            self._batch_iterator,
+            desc="memory warm-up",
+            disable=None if self._show_progress() else True,
         )
         for batch in warmup:
             for micro_batch in batch.split(self.micro_batch):  # the memory's rows per rank

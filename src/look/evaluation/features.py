@@ -221,7 +221,8 @@ def extract_features(
         desc=description,
         unit="img",
         unit_scale=True,
-        disable=not (progress and is_main_process()),
+        # (None: no bar where stderr is no terminal: a batch job's log)
+        disable=None if progress and is_main_process() else True,
         leave=False,
     )
     stopping = stop is not None and bool(stop.numbers)

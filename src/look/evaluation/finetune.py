@@ -315,7 +315,7 @@ def _train(
             initial=step_in_epoch,
             desc=f"fine-tune epoch {epoch + 1}/{recipe['epochs']}",
             unit="batch",
-            disable=not (progress and get_rank() == 0),
+            disable=None if progress and get_rank() == 0 else True,  # (None: a terminal only)
             leave=False,
         )
         batches = start_workers(loader, worker_signals)

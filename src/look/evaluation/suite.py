@@ -208,7 +208,8 @@ def _split_features(
         weights_fingerprint=fingerprint,
         model_identity=loaded.identity,
         output=output,
-        dataset_spec=spec,
+        # The training subset does not change the test split: its features are shared.
+        dataset_spec=spec if split == spec.split_train else dataclasses.replace(spec, subset=None),
         split=split,
         image_size=info.image_size,
         transform=dataset.transform,
@@ -422,6 +423,7 @@ def _report_content(
             "image_size": size,
             "image_size_from": size_origin,
             "train_split": spec.split_train,
+            "train_subset": spec.subset,  # (look evaluate --train-subset; None: the whole split)
             "test_split": test_split,
             "num_classes": info.num_classes,
             "class_names": list(info.class_names),
