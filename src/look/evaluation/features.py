@@ -249,8 +249,9 @@ def extract_features(
             if stopping:
                 check_stop(stop, f"{description} (batch {round_index + 1} of {rounds})")
     finally:
-        if stopping:  # a worker stuck in a read must not hold the exit past the grace period
-            end_workers(batches)
+        # Now, not when the iterator is collected (its last batch was taken, not its end): a
+        # worker stuck in a read must not hold a stopped command past the grace period.
+        end_workers(batches)
         bar.close()
         model.train(was_training)
     if chunks:
