@@ -390,14 +390,7 @@ class ImageFolderSource(ImageSource):
             raise  # not a damaged file: a substitute would be one of the same kind
         except DECODE_ERRORS as error:
             if self.corrupt_images == "fail":
-                raise CorruptImageError(
-                    f"cannot decode image file {self.path(index)} ({type(error).__name__}: {error}); "
-                    "replace it by a readable image of the same name; or, in pre-training, have "
-                    "unreadable files replaced by another image of their class (`look pretrain "
-                    "--set data.corrupt_images=skip`: a run in progress stays resumable, which "
-                    "removing the file would not allow, the image list changing), and in "
-                    "evaluation left out (`look evaluate --corrupt-images skip`)"
-                ) from error
+                raise self._corrupt_error(index, error) from error
             self._mark_unreadable(index, error)
         members = self._class_members[int(self.labels[index])]
         start = int(np.searchsorted(members, index))
@@ -418,16 +411,28 @@ class ImageFolderSource(ImageSource):
         )
 
     def load_for_evaluation(self, index: int) -> torch.Tensor:
-        if self.corrupt_images == "fail" or not self._unreadable[index]:
+        if not self._unreadable[index]:
             try:
                 return self._decode(index)
             except UnsupportedImageError:
                 raise
-            except DECODE_ERRORS:
+            except DECODE_ERRORS as error:
                 if self.corrupt_images == "fail":
-                    return self.load(index)  # (its error names the file and the way out)
+                    raise self._corrupt_error(index, error) from error
                 self._unreadable[index] = True  # (left out: the caller's warning names it)
         return torch.zeros(3, 8, 8, dtype=torch.uint8)  # the stand-in the caller drops
+
+    def _corrupt_error(self, index: int, error: BaseException) -> CorruptImageError:
+        """The error for file ``index`` that failed to decode under ``corrupt_images='fail'``:
+        the file and each command's way on."""
+        return CorruptImageError(
+            f"cannot decode image file {self.path(index)} ({type(error).__name__}: {error}); "
+            "replace it by a readable image of the same name; or, in pre-training, have "
+            "unreadable files replaced by another image of their class (`look pretrain "
+            "--set data.corrupt_images=skip`: a run in progress stays resumable, which "
+            "removing the file would not allow, the image list changing), and in "
+            "evaluation left out (`look evaluate --corrupt-images skip`)"
+        )
 
     def _mark_unreadable(self, index: int, error: BaseException) -> None:
         if not self._unreadable[index]:
