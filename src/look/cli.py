@@ -374,12 +374,11 @@ def _what_is_kept(args: argparse.Namespace) -> str:
     checkpoint, if it had written one."""
     if args.command != "pretrain" or getattr(args, "dry_run", False):
         return ""
-    from look.engine.checkpoint import find_checkpoint_files
+    from look.engine.checkpoint import newest_checkpoint_file
 
-    found = find_checkpoint_files(Path(args.output) / "checkpoints")
-    if not found:
+    newest = newest_checkpoint_file(Path(args.output) / "checkpoints")
+    if newest is None:
         return "; no checkpoint had been written yet"
-    newest = max(found, key=found.__getitem__)
     return f"; the last checkpoint, {newest}, is kept: run the same command to resume"
 
 

@@ -473,19 +473,15 @@ def resolve_recipe(name: str | Path) -> Path:
     if path.is_file():
         return path
     names = dict.fromkeys((str(name), f"{name}.yaml", path.name, f"{path.name}.yaml"))
-    for folder in recipe_folders():
+    searched = recipe_folders()
+    for folder in searched:
         for candidate in names:
             if (folder / candidate).is_file():
                 return folder / candidate
     available = sorted(
-        {
-            found.stem
-            for folder in recipe_folders()
-            if folder.is_dir()
-            for found in folder.glob("*.yaml")
-        }
+        {found.stem for folder in searched if folder.is_dir() for found in folder.glob("*.yaml")}
     )
-    folders = ", ".join(str(folder) for folder in recipe_folders())
+    folders = ", ".join(str(folder) for folder in searched)
     raise FileNotFoundError(
         f"config {str(name)!r} does not exist: not a file, and no recipe of that name in {folders}. "
         f"Recipes: {available}"

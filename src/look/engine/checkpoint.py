@@ -50,6 +50,7 @@ __all__ = [
     "is_look_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",
+    "newest_checkpoint_file",
     "remove_leftover_temp_files",
     "require_look_checkpoint",
     "restore_rng_state",
@@ -243,6 +244,13 @@ def _write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
         manifest, prefix=f".{MANIFEST_NAME}.", suffix=_TEMP_SUFFIX, durable=True
     ) as temp:
         temp.write_text(payload, encoding="utf-8")
+
+
+def newest_checkpoint_file(directory: Path | str) -> str | None:
+    """The name of the ``ckpt-*.pt`` file of the latest step in ``directory`` (unverified), for
+    a message saying what is kept; ``None`` when there is none."""
+    found = find_checkpoint_files(directory)
+    return max(found, key=found.__getitem__) if found else None
 
 
 def find_checkpoint_files(directory: Path | str) -> dict[str, int]:

@@ -41,6 +41,7 @@ from look.engine.checkpoint import (
     find_checkpoint_files,
     load_checkpoint,
     load_latest_checkpoint,
+    newest_checkpoint_file,
     remove_leftover_temp_files,
     restore_rng_state_of_this_rank,
     save_checkpoint,
@@ -606,9 +607,8 @@ class Trainer:
 
     def _kept_checkpoint(self) -> str:
         """What a failed step leaves to resume from, for its error message."""
-        found = find_checkpoint_files(self.checkpoint_dir)
-        if found:
-            newest = max(found, key=found.__getitem__)
+        newest = newest_checkpoint_file(self.checkpoint_dir)
+        if newest is not None:
             return f"The last good checkpoint, {newest} in {self.checkpoint_dir}, is kept."
         return "No checkpoint had been written yet."
 
