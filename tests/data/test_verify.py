@@ -39,6 +39,9 @@ def test_shares_split_the_files_without_overlap(image_folder: Path, make_truncat
     assert [checked for checked, _ in results] == [2, 2, 1, 1]
     found = sorted(image.path for _, images in results for image in images)
     assert found == sorted([str(truncated), str(garbage)])
+    # Each names its index in the whole source, whichever share found it.
+    for _, images in results:
+        assert all(source.path(image.index) == image.path for image in images)
     with pytest.raises(ValueError, match="rank must be in"):
         find_unreadable_images(source, share=(4, 4))
 
@@ -49,6 +52,7 @@ def test_a_subset_checks_only_its_own_files(image_folder: Path, make_truncated_p
     subset = SubsetSource(source, torch.tensor([0, 1, 3]))  # cat/0, cat/1 (bad), dog/0
     checked, unreadable = find_unreadable_images(subset)
     assert checked == 3 and [image.path for image in unreadable] == [str(truncated)]
+    assert unreadable[0].index == 1  # (in the subset's own order)
 
 
 def test_images_held_in_memory_have_nothing_to_check() -> None:

@@ -29,31 +29,36 @@ _FILES_PER_ITEM = 64
 
 @dataclass(frozen=True)
 class UnreadableImage:
-    """A file that failed to decode, with the decoder's error."""
+    """A file that failed to decode, with the decoder's error and its index in the source."""
 
     path: str
     error: str
+    index: int
 
 
 class _DecodeProbe(Dataset):
-    """Item ``i`` decodes files ``[i·F, (i+1)·F)`` and returns ``(count, failures)``."""
+    """Item ``i`` decodes files ``[i·F, (i+1)·F)`` of ``paths`` (the source's files ``first``,
+    ``first + step``, …) and returns ``(count, failures)``."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], first: int = 0, step: int = 1) -> None:
         self.paths = PackedPaths(paths)  # (read by forked workers: no object per path)
+        self.first, self.step = first, step
 
     def __len__(self) -> int:
         return -(-len(self.paths) // _FILES_PER_ITEM)
 
     def __getitem__(self, item: int) -> tuple[int, list[UnreadableImage]]:
-        chunk = self.paths[item * _FILES_PER_ITEM : (item + 1) * _FILES_PER_ITEM]
+        start = item * _FILES_PER_ITEM
+        chunk = self.paths[start : start + _FILES_PER_ITEM]
         failures = []
-        for path in chunk:
+        for position, path in enumerate(chunk, start=start):
             try:
                 decode_image_file(path)
             except UnsupportedImageError:
                 raise  # the same for every such file: one error, not a list of them
             except DECODE_ERRORS as error:
-                failures.append(UnreadableImage(path, f"{type(error).__name__}: {error}"))
+                index = self.first + position * self.step
+                failures.append(UnreadableImage(path, f"{type(error).__name__}: {error}", index))
         return len(chunk), failures
 
 
@@ -81,7 +86,7 @@ def find_unreadable_images(
         return 0, []
     paths = paths[rank::world]
     loader = DataLoader(
-        _DecodeProbe(paths),
+        _DecodeProbe(paths, rank, world),
         batch_size=1,
         collate_fn=_first,
         num_workers=num_workers,

@@ -12,7 +12,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -179,16 +179,6 @@ def _describe_identity(identity: dict[str, Any]) -> str:
         f"{identity['images']} images in {identity['classes']} classes, "
         f"sha256 {str(identity['sha256'])[:12]}"
     )
-
-
-def _indexed(
-    paths: Sequence[str], images: Sequence[UnreadableImage]
-) -> list[tuple[int, UnreadableImage]]:
-    """``(index in paths, image)`` of each unreadable image (found by its path)."""
-    if not images:
-        return []
-    position = {path: index for index, path in enumerate(paths)}
-    return [(position[image.path], image) for image in images]
 
 
 class TrainingStepError(RuntimeError):
@@ -937,7 +927,7 @@ class Trainer:
         )
         paths = self.dataset.source.file_paths or ()
         # By image index: each node's paths start with its own data.root.
-        found = {index: image for index, image in _indexed(paths, unreadable)}
+        found = {image.index: image for image in unreadable}
         if is_distributed():
             shares: list[Any] = [None] * get_world_size()
             torch.distributed.all_gather_object(shares, (checked, found))
