@@ -138,7 +138,7 @@ class PairedComparison:
         }
 
 
-def _mean_per_seed(seeds: Sequence[int | None], values: Sequence[float]) -> dict[int, float]:
+def mean_per_seed(seeds: Sequence[int | None], values: Sequence[float]) -> dict[int, float]:
     """One value per recorded seed: the mean of the runs that share it (a repeated seed is one
     sample of the seed-to-seed spread, not several)."""
     by_seed: dict[int, list[float]] = {}
@@ -197,8 +197,8 @@ def compare_with_baseline(
             base = reference.get(cell.metric)
             if cell.method == baseline or base is None:
                 continue
-            theirs = _mean_per_seed(base.seeds, base.values)
-            mine = _mean_per_seed(cell.seeds, cell.values)
+            theirs = mean_per_seed(base.seeds, base.values)
+            mine = mean_per_seed(cell.seeds, cell.values)
             pairs = sorted((s, v - theirs[s]) for s, v in mine.items() if s in theirs)
             if set(mine) != set(theirs):
                 seed_sets = (tuple(sorted(mine)), tuple(sorted(theirs)))

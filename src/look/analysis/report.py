@@ -59,6 +59,7 @@ from look.analysis.compare import (
     PairedComparison,
     UnpairedSeedsWarning,
     compare_with_baseline,
+    mean_per_seed,
 )
 from look.analysis.results import (
     RESULTS_FILE_NAME,
@@ -259,20 +260,9 @@ class Cell:
         """One value per seed: the mean of the runs that share a seed (a model evaluated twice
         is one sample of the seed-to-seed spread, not two), in order of first appearance; a
         run without a recorded seed is a sample of its own."""
-        by_seed: dict[int, list[float]] = {}
-        samples: list[float | list[float]] = []
-        for seed, value in zip(self.seeds, self.values, strict=True):
-            if seed is None:
-                samples.append(value)
-            elif seed in by_seed:
-                by_seed[seed].append(value)
-            else:
-                by_seed[seed] = [value]
-                samples.append(by_seed[seed])
-        return tuple(
-            math.fsum(sample) / len(sample) if isinstance(sample, list) else sample
-            for sample in samples
-        )
+        per_seed = mean_per_seed(self.seeds, self.values)
+        unseeded = [v for s, v in zip(self.seeds, self.values, strict=True) if s is None]
+        return (*per_seed.values(), *unseeded)
 
     @property
     def n(self) -> int:
