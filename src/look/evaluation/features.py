@@ -109,13 +109,7 @@ def stop_requested_on_any_rank(stop: StopSignals) -> str | None:
     """The stop signal ``stop`` received, on this rank or (under ``torch.distributed``, as
     ``"a signal another rank received"``) on any other; ``None`` when none did. A collective
     under ``torch.distributed``: every rank must call it at the same point."""
-    if not is_distributed():
-        return stop.received
-    flag = torch.tensor(
-        [0 if stop.received is None else 1], dtype=torch.int64, device=_collective_device()
-    )
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
+    if _all_ranks_agree(stop.received is None):
         return None
     return stop.received or "a signal another rank received"
 
